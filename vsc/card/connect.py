@@ -1,0 +1,70 @@
+"""The card's side of the channel: connect to a server endpoint and handshake."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import clientFromString
+
+from vsc import crypto
+from vsc.net.channel import ChannelFactory, ChannelProtocol
+from vsc.protocol.channel import card_channel
+from vsc.protocol.suites import ChannelConfig
+from vsc.wire import Message
+
+
+class CardProtocol(ChannelProtocol):
+    """A card-side channel that hands received messages to waiting requests, in order."""
+
+    def __init__(self, channel, clock):
+        super().__init__(channel, clock)
+        self._waiting: list[Deferred] = []
+        self._unclaimed: list[Message] = []
+
+    def messageReceived(self, msg: Message) -> None:
+        if self._waiting:
+            self._waiting.pop(0).callback(msg)
+        else:
+            self._unclaimed.append(msg)
+
+    def channelClosed(self, code, reason, byPeer) -> None:
+        from vsc.net.channel import ChannelClosedError
+
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(ChannelClosedError(code, reason))
+
+    def nextMessage(self) -> Deferred:
+        """Fires with the next inner message the server sends."""
+        if self._unclaimed:
+            from twisted.internet.defer import succeed
+
+            return succeed(self._unclaimed.pop(0))
+        if self.channel.closed:
+            from twisted.internet.defer import fail
+            from vsc.net.channel import ChannelClosedError
+
+            return fail(ChannelClosedError(self.closeCode, self.closeReason))
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def request(self, msg: Message) -> Deferred:
+        """Send ``msg`` and fire with the server's next message."""
+        d = self.nextMessage()
+        self.sendMessage(msg)
+        return d
+
+
+@inlineCallbacks
+def connect(
+    reactor,
+    endpoint: str,
+    server_fingerprint: str,
+    config: ChannelConfig = ChannelConfig(),
+    rand: crypto.RandomBytes = crypto.system_random,
+):
+    """Connect and complete the handshake; fires with the established CardProtocol."""
+    factory = ChannelFactory(lambda: card_channel(config, server_fingerprint, rand), reactor, CardProtocol)
+    proto = yield clientFromString(reactor, endpoint).connect(factory)
+    yield proto.whenEstablished()
+    return proto

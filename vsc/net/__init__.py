@@ -1,0 +1,1 @@
+"""Twisted glue shared by the server and the card: framing and the channel protocol."""

@@ -1,0 +1,208 @@
+"""
+Twisted glue around the sans-IO channel (vsc.protocol.channel): carries out
+its effects on a transport and a clock, and offers subclasses three hooks:
+``channelEstablished``, ``messageReceived`` and ``channelClosed``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from vsc.net.framing import FrameReceiver
+from vsc.protocol.channel import (
+    CancelTimer,
+    Channel,
+    ChannelInfo,
+    Closed,
+    Effect,
+    Established,
+    Received,
+    Send,
+    SetTimer,
+)
+from vsc.wire import ErrorCode, Message, WireError
+
+
+def peer_name(transport) -> str:
+    try:
+        peer = transport.getPeer()
+    except Exception:  # noqa: BLE001 - some test transports have no peer
+        return "?"
+    host = getattr(peer, "host", None)
+    port = getattr(peer, "port", None)
+    if host is not None:
+        return f"{host}:{port}"
+    return str(getattr(peer, "name", peer))
+
+
+class ChannelProtocol(FrameReceiver):
+    """One end of a protected channel over any stream transport."""
+
+    log = Logger()
+
+    def __init__(self, channel: Channel, clock: IReactorTime):
+        self.channel = channel
+        self.clock = clock
+        self.info: ChannelInfo | None = None
+        self.peer = "?"
+        self.closeCode: ErrorCode | None = None
+        self.closeReason = ""
+        self._timer: IDelayedCall | None = None
+        self._established: list[Deferred] = []
+        self._closed: list[Deferred] = []
+        self.MAX_LENGTH = channel.max_frame_body()
+
+    # -- API for subclasses and users
+    def whenEstablished(self) -> Deferred:
+        """Fires with ChannelInfo once established, or fails if the channel closes first."""
+        d: Deferred = Deferred()
+        if self.info is not None and not self.channel.closed:
+            d.callback(self.info)
+        elif self.channel.closed:
+            d.errback(ChannelClosedError(self.closeCode or ErrorCode.CLOSE_NOTIFY, self.closeReason))
+        else:
+            self._established.append(d)
+        return d
+
+    def whenClosed(self) -> Deferred:
+        """Fires with (code, reason) once the channel is over."""
+        d: Deferred = Deferred()
+        if self.channel.closed:
+            d.callback((self.closeCode, self.closeReason))
+        else:
+            self._closed.append(d)
+        return d
+
+    def sendMessage(self, msg: Message) -> None:
+        self._run(self.channel.send(msg))
+
+    def closeChannel(self, code: ErrorCode = ErrorCode.CLOSE_NOTIFY) -> None:
+        self._run(self.channel.close(code))
+
+    # -- hooks
+    def channelEstablished(self, info: ChannelInfo) -> None:
+        pass
+
+    def messageReceived(self, msg: Message) -> None:
+        pass
+
+    def channelClosed(self, code: ErrorCode, reason: str, byPeer: bool) -> None:
+        pass
+
+    # -- Twisted side
+    def connectionMade(self) -> None:
+        self.peer = peer_name(self.transport)
+        self._run(self.channel.start())
+
+    def frameReceived(self, frame: bytes) -> None:
+        self._run(self.channel.receive_frame(frame))
+        self.MAX_LENGTH = self.channel.max_frame_body()
+
+    def frameError(self, error: WireError) -> None:
+        self._run(self.channel.frame_error(error))
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._run(self.channel.connection_lost())
+        self._cancel_timer()
+
+    def _timeout(self) -> None:
+        self._timer = None
+        self._run(self.channel.timeout())
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _run(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Send):
+                self.transport.write(effect.data)
+            elif isinstance(effect, SetTimer):
+                self._cancel_timer()
+                self._timer = self.clock.callLater(effect.seconds, self._timeout)
+            elif isinstance(effect, CancelTimer):
+                self._cancel_timer()
+            elif isinstance(effect, Established):
+                self._on_established(effect.info)
+            elif isinstance(effect, Received):
+                self._deliver(effect.message)
+            elif isinstance(effect, Closed):
+                self._on_closed(effect)
+
+    def _on_established(self, info: ChannelInfo) -> None:
+        self.info = info
+        if info.insecure:
+            self.log.warn(
+                "channel with {peer} uses the INSECURE suite {suite} (DES + MD5, patent conformance only)",
+                peer=self.peer,
+                suite=info.suite.label,
+            )
+        else:
+            self.log.debug("channel with {peer} established: {suite}", peer=self.peer, suite=info.suite.label)
+        waiting, self._established = self._established, []
+        for d in waiting:
+            d.callback(info)
+        self._guard(lambda: self.channelEstablished(info))
+
+    def _deliver(self, msg: Message) -> None:
+        self._guard(lambda: self.messageReceived(msg))
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            self.log.failure("handler failed on the channel with {peer}", peer=self.peer)
+            if not self.channel.closed:
+                self._run(self.channel.close(ErrorCode.INTERNAL_ERROR))
+
+    def _on_closed(self, effect: Closed) -> None:
+        self.closeCode, self.closeReason = effect.code, effect.reason
+        if effect.code is not ErrorCode.CLOSE_NOTIFY:
+            self.log.info(
+                "channel with {peer} closed: {code} ({reason}){by}",
+                peer=self.peer,
+                code=effect.code.name,
+                reason=effect.reason,
+                by=" reported by the peer" if effect.by_peer else "",
+            )
+        self.transport.loseConnection()
+        err = ChannelClosedError(effect.code, effect.reason)
+        waiting, self._established = self._established, []
+        for d in waiting:
+            d.errback(err)
+        closed, self._closed = self._closed, []
+        for d in closed:
+            d.callback((effect.code, effect.reason))
+        self._guard(lambda: self.channelClosed(effect.code, effect.reason, effect.by_peer))
+
+
+class ChannelClosedError(Exception):
+    def __init__(self, code: ErrorCode, reason: str):
+        super().__init__(f"{code.name}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class ChannelFactory(Factory):
+    """Builds one ChannelProtocol per connection with a fresh sans-IO channel."""
+
+    protocol = ChannelProtocol
+    noisy = False
+
+    def __init__(self, make_channel: Callable[[], Channel], clock: IReactorTime, protocol_class=None):
+        self.make_channel = make_channel
+        self.clock = clock
+        if protocol_class is not None:
+            self.protocol = protocol_class
+
+    def buildProtocol(self, addr):
+        p = self.protocol(self.make_channel(), self.clock)
+        p.factory = self
+        return p

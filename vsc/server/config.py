@@ -1,0 +1,116 @@
+"""
+The server's data directory: its config file, its RSA key pair, and (by
+default) its SQLite database.
+
+    DIR/vsc-server.ini      settings (listen endpoint, database, channel policy)
+    DIR/server-key.pem      the server's private key, mode 0600
+    DIR/vsc.sqlite3         the embedded database (when not PostgreSQL)
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from pathlib import Path
+
+import attrs
+
+from vsc import crypto
+from vsc.protocol.suites import DEFAULT_SUITES, ChannelConfig, ForwardSecrecy, parse_suites
+
+CONFIG_NAME = "vsc-server.ini"
+KEY_NAME = "server-key.pem"
+SQLITE_NAME = "vsc.sqlite3"
+DEFAULT_LISTEN = "tcp:7390:interface=127.0.0.1"
+
+
+class ConfigError(Exception):
+    """The data directory or its config is missing or invalid (message is for the user)."""
+
+
+@attrs.frozen
+class ServerConfig:
+    data_dir: Path
+    listen: str = DEFAULT_LISTEN
+    database: str = ""
+    channel: ChannelConfig = ChannelConfig()
+    settings: dict = attrs.field(factory=dict)
+
+    @property
+    def key_path(self) -> Path:
+        return self.data_dir / KEY_NAME
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{self.data_dir / SQLITE_NAME}"
+
+    def load_key(self) -> crypto.RSAPrivateKey:
+        try:
+            return crypto.RSAPrivateKey.from_pem(self.key_path.read_bytes())
+        except FileNotFoundError:
+            raise ConfigError(f"{self.key_path} is missing: run 'vsc admin --data-dir {self.data_dir} init'") from None
+        except ValueError as e:
+            raise ConfigError(f"{self.key_path} is not a usable private key: {e}") from None
+
+
+def channel_config_from(section) -> ChannelConfig:
+    try:
+        suites = parse_suites(section.get("suites", ",".join(s.label for s in DEFAULT_SUITES)))
+        return ChannelConfig(
+            suites=suites,
+            allow_insecure=section.getboolean("allow_insecure", False),
+            forward_secrecy=ForwardSecrecy(section.get("forward_secrecy", "prefer")),
+            handshake_timeout=section.getfloat("handshake_timeout", 30.0),
+        )
+    except ValueError as e:
+        raise ConfigError(f"invalid channel setting: {e}") from None
+
+
+def load(data_dir: str | os.PathLike) -> ServerConfig:
+    data_dir = Path(data_dir).absolute()
+    path = data_dir / CONFIG_NAME
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run 'vsc admin --data-dir {data_dir} init' first")
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path)
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not parser.has_section("server"):
+        raise ConfigError(f"{path} has no [server] section")
+    section = parser["server"]
+    return ServerConfig(
+        data_dir=data_dir,
+        listen=section.get("listen", DEFAULT_LISTEN),
+        database=section.get("database", ""),
+        channel=channel_config_from(section),
+        settings=dict(section),
+    )
+
+
+def init(data_dir: str | os.PathLike, database: str = "", key_bits: int = 3072, listen: str = DEFAULT_LISTEN) -> ServerConfig:
+    """Create the data dir, config file and key pair. Refuses to overwrite a key."""
+    data_dir = Path(data_dir).absolute()
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_path = data_dir / KEY_NAME
+    if key_path.exists():
+        raise ConfigError(f"{key_path} already exists; refusing to replace the server key cards have pinned")
+    if key_bits not in (2048, 3072, 4096):
+        raise ConfigError("--key-bits must be 2048, 3072 or 4096")
+    key = crypto.RSAPrivateKey.generate(key_bits)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.to_pem())
+    parser = configparser.ConfigParser()
+    parser["server"] = {
+        "listen": listen,
+        "database": database,
+        "suites": ",".join(s.label for s in DEFAULT_SUITES),
+        "allow_insecure": "false",
+        "forward_secrecy": "prefer",
+        "handshake_timeout": "30",
+    }
+    with open(data_dir / CONFIG_NAME, "w") as f:
+        f.write("# vsc server settings; see docs/admin.md\n")
+        parser.write(f)
+    return load(data_dir)

@@ -1,0 +1,334 @@
+"""
+The codec core: strict construct building blocks, the frame header, the
+message registry, and encode/decode between attrs values and bytes.
+
+Pitfalls handled here once for every message:
+
+* ``Struct.parse`` ignores trailing bytes: every schema ends in ``Terminated``.
+* ``Enum`` lets unknown integers through: ``StrictEnum`` rejects them.
+* Short input raises ``StreamError``: callers deliver whole frames (the
+  ``Deframer``) and every construct error becomes one ``WireError``.
+* Variable-length fields have explicit maxima (``Bounded``), checked both when
+  parsing and when building.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, ClassVar, Iterator, TypeVar
+
+import attrs
+import construct as c
+
+from vsc.wire.errors import ErrorCode, WireError
+
+MAGIC = b"VS"
+PROTOCOL_VERSION = 1
+HEADER_SIZE = 8
+#: Largest frame body anyone may send (1 MiB): protected information with
+#: several keys, certificates and data objects fits with room to spare.
+MAX_FRAME_BODY = 1 << 20
+#: Largest frame body accepted before the channel is established.
+MAX_HANDSHAKE_BODY = 4096
+
+
+class MessageType(enum.IntEnum):
+    """The message-type registry (docs/protocol.md, "Message types")."""
+
+    # plaintext handshake frames
+    HELLO = 0x01
+    KEY_TRANSPORT = 0x02
+    SERVER_FINISHED = 0x03
+    CLIENT_FINISHED = 0x04
+    ALERT = 0x05
+    RECORD = 0x10
+    # inner messages, only inside a sealed RECORD
+    CLOSE = 0x20
+    ECHO_REQUEST = 0x21
+    ECHO_REPLY = 0x22
+    # 0x30-0x6F: card/server operations (vsc.wire.ops)
+    REQUEST = 0x30
+    CHALLENGE = 0x31
+    RESPONSE = 0x32
+    RESULT = 0x33
+
+
+class _StrictEnum(c.Adapter):
+    def __init__(self, subcon: c.Construct, enum_type: type[enum.IntEnum]):
+        super().__init__(subcon)
+        self.enum_type = enum_type
+
+    def _decode(self, obj: int, context: Any, path: str) -> enum.IntEnum:
+        try:
+            return self.enum_type(obj)
+        except ValueError:
+            raise c.ValidationError(
+                f"unknown {self.enum_type.__name__} value {obj:#x}", path=path
+            ) from None
+
+    def _encode(self, obj: Any, context: Any, path: str) -> int:
+        try:
+            return int(self.enum_type(obj))
+        except ValueError:
+            raise c.ValidationError(f"unknown {self.enum_type.__name__} value {obj!r}", path=path) from None
+
+
+def StrictEnum(subcon: c.Construct, enum_type: type[enum.IntEnum]) -> c.Construct:
+    """An integer field that only accepts the members of ``enum_type``."""
+    return _StrictEnum(subcon, enum_type)
+
+
+class _Bounded(c.Adapter):
+    def __init__(self, subcon: c.Construct, minimum: int, maximum: int, what: str):
+        super().__init__(subcon)
+        self.minimum, self.maximum, self.what = minimum, maximum, what
+
+    def _check(self, obj: Any, path: str) -> None:
+        n = len(obj)
+        if not self.minimum <= n <= self.maximum:
+            raise c.ValidationError(
+                f"{self.what} has {n} items/bytes, allowed {self.minimum}..{self.maximum}",
+                path=path,
+            )
+
+    def _decode(self, obj: Any, context: Any, path: str) -> Any:
+        self._check(obj, path)
+        if isinstance(obj, list):
+            return tuple(obj)
+        return obj
+
+    def _encode(self, obj: Any, context: Any, path: str) -> Any:
+        self._check(obj, path)
+        return list(obj) if isinstance(obj, tuple) else obj
+
+
+def Bytes(lenfield: c.Construct, maximum: int, minimum: int = 0, what: str = "field") -> c.Construct:
+    """Length-prefixed bytes with an explicit maximum (and minimum)."""
+    return _Bounded(c.Prefixed(lenfield, c.GreedyBytes), minimum, maximum, what)
+
+
+def Array(countfield: c.Construct, item: c.Construct, maximum: int, minimum: int = 0, what: str = "list") -> c.Construct:
+    """A counted array with an explicit maximum number of items."""
+    return _Bounded(c.PrefixedArray(countfield, item), minimum, maximum, what)
+
+
+class _Utf8(c.Adapter):
+    def _decode(self, obj: bytes, context: Any, path: str) -> str:
+        try:
+            return obj.decode("utf-8")
+        except UnicodeDecodeError:
+            raise c.ValidationError("text is not valid UTF-8", path=path) from None
+
+    def _encode(self, obj: str, context: Any, path: str) -> bytes:
+        return obj.encode("utf-8")
+
+
+def Text(lenfield: c.Construct, maximum: int, minimum: int = 0, what: str = "text") -> c.Construct:
+    """Length-prefixed UTF-8 text, at most ``maximum`` bytes once encoded."""
+    return _Utf8(Bytes(lenfield, maximum, minimum, what))
+
+
+Flag = c.Flag
+U8, U16, U32, U64 = c.Int8ub, c.Int16ub, c.Int32ub, c.Int64ub
+
+
+# ---------------------------------------------------------------- frames
+
+FrameHeaderSchema = c.Struct(
+    "magic" / c.Bytes(2),
+    "version" / U8,
+    "type" / U8,
+    "length" / U32,
+)
+
+
+@attrs.frozen
+class FrameHeader:
+    type: int
+    length: int
+    version: int = PROTOCOL_VERSION
+
+
+def parse_header(data: bytes) -> FrameHeader:
+    """Parse the 8-byte frame header and check magic and version (not type)."""
+    if len(data) < HEADER_SIZE:
+        raise WireError(ErrorCode.MALFORMED, f"frame header needs {HEADER_SIZE} bytes, got {len(data)}")
+    h = FrameHeaderSchema.parse(data[:HEADER_SIZE])
+    if h.magic != MAGIC:
+        raise WireError(ErrorCode.MALFORMED, f"bad magic {h.magic!r}, expected {MAGIC!r}")
+    if h.version != PROTOCOL_VERSION:
+        raise WireError(
+            ErrorCode.PROTOCOL_VERSION,
+            f"protocol version {h.version}, this implementation speaks {PROTOCOL_VERSION}",
+        )
+    return FrameHeader(type=h.type, length=h.length, version=h.version)
+
+
+def build_header(msg_type: int, length: int) -> bytes:
+    if length > MAX_FRAME_BODY:
+        raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame body of {length} bytes exceeds {MAX_FRAME_BODY}")
+    return FrameHeaderSchema.build(dict(magic=MAGIC, version=PROTOCOL_VERSION, type=msg_type, length=length))
+
+
+class Deframer:
+    """
+    Sans-IO frame splitter: feed any chunking of a byte stream, get whole
+    frames (header + body) back. Raises WireError on a bad header or a length
+    above ``max_body`` (which the owner may lower, e.g. during a handshake).
+    """
+
+    def __init__(self, max_body: int = MAX_FRAME_BODY):
+        self.max_body = max_body
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        self._buffer += data
+        while len(self._buffer) >= HEADER_SIZE:
+            header = parse_header(bytes(self._buffer[:HEADER_SIZE]))
+            if header.length > self.max_body:
+                raise WireError(
+                    ErrorCode.FRAME_TOO_LARGE,
+                    f"frame body of {header.length} bytes exceeds the limit of {self.max_body}",
+                )
+            end = HEADER_SIZE + header.length
+            if len(self._buffer) < end:
+                return
+            frame = bytes(self._buffer[:end])
+            del self._buffer[:end]
+            yield frame
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+# ---------------------------------------------------------------- messages
+
+M = TypeVar("M", bound="Message")
+
+_REGISTRY: dict[MessageType, type["Message"]] = {}
+
+
+class Message:
+    """
+    Base of every message: an attrs class with ``TYPE`` and ``SCHEMA`` (a
+    construct Struct whose field names match the attrs fields).
+    ``INNER`` says whether it travels only inside a sealed record.
+    """
+
+    TYPE: ClassVar[MessageType]
+    SCHEMA: ClassVar[c.Construct]
+    INNER: ClassVar[bool] = False
+
+
+def register(cls: type[M]) -> type[M]:
+    if cls.TYPE in _REGISTRY:
+        raise RuntimeError(f"message type {cls.TYPE!r} registered twice")
+    cls._TERMINATED = c.Struct(*cls.SCHEMA.subcons, c.Terminated)  # type: ignore[attr-defined]
+    _REGISTRY[cls.TYPE] = cls
+    return cls
+
+
+def registry() -> dict[MessageType, type[Message]]:
+    return dict(_REGISTRY)
+
+
+def _fields(msg: Message) -> dict[str, Any]:
+    return {f.name: getattr(msg, f.name) for f in attrs.fields(type(msg))}
+
+
+def encode_body(msg: Message) -> bytes:
+    try:
+        return type(msg)._TERMINATED.build(_fields(msg))  # type: ignore[attr-defined]
+    except c.ConstructError as e:
+        raise WireError(ErrorCode.MALFORMED, f"cannot encode {type(msg).__name__}: {_explain(e)}") from None
+
+
+def decode_body(msg_type: int, body: bytes) -> Message:
+    try:
+        mt = MessageType(msg_type)
+        cls = _REGISTRY[mt]
+    except (ValueError, KeyError):
+        raise WireError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type:#04x}") from None
+    try:
+        parsed = cls._TERMINATED.parse(body)  # type: ignore[attr-defined]
+    except c.TerminatedError:
+        raise WireError(ErrorCode.MALFORMED, f"{cls.__name__}: trailing bytes after the last field") from None
+    except c.StreamError:
+        raise WireError(ErrorCode.MALFORMED, f"{cls.__name__}: truncated ({len(body)} bytes)") from None
+    except c.ConstructError as e:
+        raise WireError(ErrorCode.MALFORMED, f"{cls.__name__}: {_explain(e)}") from None
+    try:
+        return cls(**{f.name: parsed[f.name] for f in attrs.fields(cls)})  # type: ignore[call-arg]
+    except (TypeError, ValueError) as e:
+        raise WireError(ErrorCode.MALFORMED, f"{cls.__name__}: {e}") from None
+
+
+def _explain(e: c.ConstructError) -> str:
+    text = str(e)
+    # construct prefixes "Error in path (parsing) -> field"; keep it short
+    return text.replace("\n", " ").strip()
+
+
+def encode_frame(msg: Message) -> bytes:
+    """A whole frame: header then body."""
+    body = encode_body(msg)
+    return build_header(msg.TYPE, len(body)) + body
+
+
+def decode_frame(frame: bytes, max_body: int = MAX_FRAME_BODY) -> Message:
+    """Decode exactly one whole frame (as produced by ``Deframer``)."""
+    header = parse_header(frame)
+    if header.length > max_body:
+        raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame body of {header.length} bytes exceeds {max_body}")
+    if len(frame) != HEADER_SIZE + header.length:
+        raise WireError(
+            ErrorCode.MALFORMED,
+            f"frame length field says {header.length} body bytes, frame has {len(frame) - HEADER_SIZE}",
+        )
+    msg = decode_body(header.type, frame[HEADER_SIZE:])
+    if msg.INNER:
+        raise WireError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} is only valid inside a sealed record")
+    return msg
+
+
+# Inner plaintext of a sealed record: one type byte, then the message body.
+InnerSchema = c.Struct("type" / U8, "body" / c.GreedyBytes)
+
+
+def encode_inner(msg: Message) -> bytes:
+    if not msg.INNER:
+        raise WireError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} cannot travel inside a record")
+    return InnerSchema.build(dict(type=msg.TYPE, body=encode_body(msg)))
+
+
+def decode_inner(plaintext: bytes) -> Message:
+    if not plaintext:
+        raise WireError(ErrorCode.MALFORMED, "empty record plaintext")
+    inner = InnerSchema.parse(plaintext)
+    msg = decode_body(inner.type, inner.body)
+    if not msg.INNER:
+        raise WireError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} is not valid inside a record")
+    return msg
+
+
+RecordAADSchema = c.Struct(
+    "magic" / c.Const(MAGIC),
+    "version" / c.Const(PROTOCOL_VERSION, U8),
+    "type" / c.Const(int(MessageType.RECORD), U8),
+    "direction" / U8,
+    "seq" / U64,
+)
+
+#: Record directions, authenticated in every record's AAD.
+CARD_TO_SERVER = 0
+SERVER_TO_CARD = 1
+
+
+def record_aad(direction: int, seq: int) -> bytes:
+    return RecordAADSchema.build(dict(direction=direction, seq=seq))
+
+
+def seq_bytes(seq: int) -> bytes:
+    """The 8-byte big-endian sequence number used in AEAD nonces."""
+    return U64.build(seq)
