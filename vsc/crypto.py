@@ -317,3 +317,13 @@ class LegacyDESMD5RecordCipher(RecordCipher):
         if not 1 <= pad <= 8 or data[-pad:] != bytes([pad]) * pad:
             raise CryptoError("record padding invalid")
         return data[:-pad]
+
+
+# ---------------------------------------------------------------- password KDF
+
+
+def scrypt(password: bytes, salt: bytes, log2_n: int, r: int, p: int, length: int) -> bytes:
+    """scrypt (RFC 7914) through OpenSSL."""
+    if not 10 <= log2_n <= 22:
+        raise ValueError("scrypt cost log2(N) must be 10..22")
+    return hashlib.scrypt(password, salt=salt, n=1 << log2_n, r=r, p=p, maxmem=256 * 1024 * 1024, dklen=length)

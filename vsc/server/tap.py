@@ -11,16 +11,18 @@ from vsc.server import config as server_config
 
 
 class Options(usage.Options):
-    synopsis = "--data-dir DIR [--listen ENDPOINT]"
+    synopsis = "--data-dir DIR [--listen ENDPOINT] [--threads N]"
     longdesc = (
         "Run the VSC Server: it keeps every card's protected information (encrypted under "
-        "its owner's password) and mediates insert, remove, recover and destroy. "
-        "Create DIR first with 'vsc admin --data-dir DIR init'."
+        "its owner's password) and mediates enrol, insert, sync, remove, recover and destroy. "
+        "Create DIR first with 'vsc admin --data-dir DIR init'. JSON logs: twistd --logger "
+        "vsc.server.tap.json_logger -n vsc-server ..."
     )
     optParameters = [
         ["data-dir", "d", None, "The server's data directory (created by 'vsc admin init')."],
         ["listen", "l", None, "Twisted server endpoint; default from the config file, else "
          f"{server_config.DEFAULT_LISTEN}. 'ssl:' endpoints give the TLS variant of [0079]."],
+        ["threads", "t", None, "Database worker threads (default 8)."],
     ]
 
     def postOptions(self) -> None:
@@ -28,19 +30,60 @@ class Options(usage.Options):
             raise usage.UsageError("--data-dir is required")
 
 
+class PoolService(service.Service):
+    """Starts and stops the database thread pool with the application; closes the store."""
+
+    def __init__(self, pool, store):
+        self.pool = pool
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+        self.store.close()
+
+
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
+    from twisted.python.threadpool import ThreadPool
 
-    from vsc.server.service import server_factory
+    from vsc.protocol.auth import load_master_key
+    from vsc.server.policy import Policy
+    from vsc.server.service import Backend, server_factory
+    from vsc.server.store import Store, StoreError, instance_owner
 
     try:
         cfg = server_config.load(options["data-dir"])
         key = cfg.load_key()
-    except server_config.ConfigError as e:
+        policy = Policy.from_settings(cfg.settings)
+        master = load_master_key(cfg.settings.get("master_key_file") or None)
+        store = Store(cfg.database_url, reactor.seconds, policy.lockout)
+        store.migrate()
+        store.clear_dead_leases()
+        store.close()
+    except (server_config.ConfigError, StoreError, ValueError, OSError) as e:
         sys.stderr.write(f"vsc-server: {e}\n")
         raise SystemExit(2)
+    except Exception as e:  # a database that cannot be reached, for one
+        sys.stderr.write(f"vsc-server: cannot open the database {cfg.database_url}: {e}\n")
+        raise SystemExit(2)
     listen = options["listen"] or cfg.listen
+    threads = int(options["threads"] or cfg.settings.get("threads", 8))
     top = service.MultiService()
-    factory = server_factory(cfg.channel, key, reactor)
+    pool = ThreadPool(minthreads=1, maxthreads=threads, name="vsc-db")
+    PoolService(pool, store).setServiceParent(top)
+    backend = Backend(reactor, store, pool, policy.lease_ttl, instance_owner())
+    factory = server_factory(cfg.channel, key, reactor, backend=backend, ops_policy=policy.ops(), master=master)
     strports.service(listen, factory).setServiceParent(top)
     return top
+
+
+def json_logger():
+    """A twistd --logger factory writing one JSON object per line to stdout."""
+    from twisted.logger import jsonFileLogObserver
+
+    return jsonFileLogObserver(sys.stdout)

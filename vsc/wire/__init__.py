@@ -23,6 +23,7 @@ from vsc.wire.codec import (
 )
 from vsc.wire.errors import ErrorCode, WireError
 from vsc.wire import messages as _messages  # noqa: F401  (registers the channel messages)
+from vsc.wire import ops as _ops  # noqa: F401  (registers the operation messages)
 
 __all__ = [
     "HEADER_SIZE",

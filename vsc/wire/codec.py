@@ -46,11 +46,12 @@ class MessageType(enum.IntEnum):
     CLOSE = 0x20
     ECHO_REQUEST = 0x21
     ECHO_REPLY = 0x22
-    # 0x30-0x6F: card/server operations (vsc.wire.ops)
-    REQUEST = 0x30
-    CHALLENGE = 0x31
-    RESPONSE = 0x32
-    RESULT = 0x33
+    # 0x30-0x6F: card/server operations (vsc.wire.ops), inner only
+    ENROL_REQUEST = 0x30
+    OP_REQUEST = 0x31
+    AUTH_CHALLENGE = 0x32
+    AUTH_RESPONSE = 0x33
+    OP_RESULT = 0x34
 
 
 class _StrictEnum(c.Adapter):
@@ -107,6 +108,18 @@ def Bytes(lenfield: c.Construct, maximum: int, minimum: int = 0, what: str = "fi
     return _Bounded(c.Prefixed(lenfield, c.GreedyBytes), minimum, maximum, what)
 
 
+class _EmptyOrExact(_Bounded):
+    def _check(self, obj: Any, path: str) -> None:
+        n = len(obj)
+        if n not in (0, self.maximum):
+            raise c.ValidationError(f"{self.what} has {n} bytes, allowed 0 or {self.maximum}", path=path)
+
+
+def EmptyOr(lenfield: c.Construct, size: int, what: str = "field") -> c.Construct:
+    """Length-prefixed bytes that are either absent (length 0) or exactly ``size`` bytes."""
+    return _EmptyOrExact(c.Prefixed(lenfield, c.GreedyBytes), 0, size, what)
+
+
 def Array(countfield: c.Construct, item: c.Construct, maximum: int, minimum: int = 0, what: str = "list") -> c.Construct:
     """A counted array with an explicit maximum number of items."""
     return _Bounded(c.PrefixedArray(countfield, item), minimum, maximum, what)
@@ -128,7 +141,39 @@ def Text(lenfield: c.Construct, maximum: int, minimum: int = 0, what: str = "tex
     return _Utf8(Bytes(lenfield, maximum, minimum, what))
 
 
-Flag = c.Flag
+class _Nested(c.Adapter):
+    def __init__(self, cls: type, subcon: c.Construct):
+        super().__init__(subcon)
+        self.cls = cls
+
+    def _decode(self, obj: Any, context: Any, path: str) -> Any:
+        return self.cls(**{f.name: obj[f.name] for f in attrs.fields(self.cls)})
+
+    def _encode(self, obj: Any, context: Any, path: str) -> dict:
+        return {f.name: getattr(obj, f.name) for f in attrs.fields(self.cls)}
+
+
+def Nested(cls: type, *fields: c.Construct) -> c.Construct:
+    """A struct inside a message, with an attrs value ``cls`` in and out."""
+    return _Nested(cls, c.Struct(*fields))
+
+
+class _StrictFlag(c.Adapter):
+    """A boolean byte that must be 0 or 1 (``c.Flag`` reads any non-zero as
+    true, so two encodings would decode to the same value)."""
+
+    def _decode(self, obj: int, context: Any, path: str) -> bool:
+        if obj not in (0, 1):
+            raise c.ValidationError(f"flag byte {obj:#04x} is neither 0 nor 1", path=path)
+        return bool(obj)
+
+    def _encode(self, obj: Any, context: Any, path: str) -> int:
+        if obj not in (0, 1):
+            raise c.ValidationError(f"flag must be a bool, not {obj!r}", path=path)
+        return int(obj)
+
+
+Flag = _StrictFlag(c.Int8ub)
 U8, U16, U32, U64 = c.Int8ub, c.Int16ub, c.Int32ub, c.Int64ub
 
 
@@ -182,7 +227,14 @@ class Deframer:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> Iterator[bytes]:
+        # Buffer now, not on the first next(): a caller that expects no whole
+        # frame yet (and does not iterate) must not lose the partial data.
         self._buffer += data
+        return self._frames()
+
+    def _frames(self) -> Iterator[bytes]:
+        # ``max_body`` is read before each frame, so the owner may raise it
+        # between frames (e.g. once the handshake completes).
         while len(self._buffer) >= HEADER_SIZE:
             header = parse_header(bytes(self._buffer[:HEADER_SIZE]))
             if header.length > self.max_body:
