@@ -136,6 +136,7 @@ class _Core:
     keys: SessionKeys | None = None
     send_seq: int = 0
     recv_seq: int = 0
+    confirmed: bool = False  # both finished MACs checked; set with the Established effect
     closed: bool = False
     hello_frame: bytes = b""
     key_transport_frame: bytes = b""
@@ -151,7 +152,9 @@ class _Core:
 
     @property
     def established(self) -> bool:
-        return self.keys is not None and not self.closed
+        # Not merely "keys derived": the server derives them before the card's
+        # ClientFinished confirms them.
+        return self.confirmed and self.keys is not None and not self.closed
 
     def emit(self, effect: Effect) -> None:
         self.outbox.append(effect)
@@ -193,7 +196,7 @@ class _Core:
             return
         if notify:
             try:
-                if self.keys is not None and sealed_dir is not None:
+                if self.established and sealed_dir is not None:
                     self.seal(Close(code), sealed_dir)
                 else:
                     self.send_frame(Alert(code))
@@ -400,6 +403,7 @@ def _build_server():
             return
         core.emit(CancelTimer())
         assert core.private_key is not None
+        core.confirmed = True
         core.emit(
             Established(
                 ChannelInfo(
@@ -488,6 +492,7 @@ def _build_card():
             inputs.fail(ErrorCode.KEY_CONFIRMATION_FAILED, "server finished MAC mismatch (tampering, downgrade or wrong key)")
             return
         core.keys = keys
+        core.confirmed = True
         core.send_frame(ClientFinished(mac=keys.client_mac()))
         core.emit(CancelTimer())
         core.emit(Established(ChannelInfo(keys.suite, keys.forward_secret, core.server_fingerprint)))
@@ -544,10 +549,12 @@ class Channel:
         """Feed any chunk of the byte stream (the pure-Python framing path)."""
         effects: list[Effect] = []
         try:
+            self._deframer.max_body = self.max_frame_body()
             for frame in self._deframer.feed(data):
                 effects += self.receive_frame(frame)
                 if self._core.closed:
                     break
+                self._deframer.max_body = self.max_frame_body()
         except WireError as e:
             effects += self._fire(lambda: self._machine.fail(e.code, str(e)))
         return effects
@@ -556,7 +563,7 @@ class Channel:
         """Feed exactly one whole frame (header + body)."""
         if self._core.closed:
             return []
-        limit = MAX_FRAME_BODY if self._core.keys is not None else MAX_HANDSHAKE_BODY
+        limit = self.max_frame_body()
         try:
             msg = decode_frame(frame, max_body=limit)
         except WireError as e:
@@ -598,7 +605,7 @@ class Channel:
         return self._fire(self._machine.connection_lost)
 
     def max_frame_body(self) -> int:
-        return MAX_FRAME_BODY if self._core.keys is not None else MAX_HANDSHAKE_BODY
+        return MAX_FRAME_BODY if self._core.established else MAX_HANDSHAKE_BODY
 
 
 def server_channel(

@@ -17,6 +17,8 @@ from vsc.wire.codec import (
     U64,
     Array,
     Bytes,
+    EmptyOr,
+    Flag,
     Message,
     MessageType,
     StrictEnum,
@@ -82,7 +84,7 @@ class Hello(Message):
     SCHEMA = c.Struct(
         "r1" / c.Bytes(RANDOM_SIZE),
         "server_key" / Bytes(U16, MAX_SPKI, 1, "server_key"),
-        "fs_public" / Bytes(U8, X25519_SIZE, 0, "fs_public"),
+        "fs_public" / EmptyOr(U8, X25519_SIZE, "fs_public"),
     )
     r1: bytes = attrs.field(validator=_fixed(RANDOM_SIZE))
     server_key: bytes = attrs.field()
@@ -99,7 +101,7 @@ class KeyTransport(Message):
     SCHEMA = c.Struct(
         "r2" / c.Bytes(RANDOM_SIZE),
         "suites" / Array(U8, _SuiteField, MAX_SUITES, 1, "suites"),
-        "fs_public" / Bytes(U8, X25519_SIZE, 0, "fs_public"),
+        "fs_public" / EmptyOr(U8, X25519_SIZE, "fs_public"),
         "ciphertext" / Bytes(U16, MAX_KEY_TRANSPORT, 1, "ciphertext"),
     )
     r2: bytes = attrs.field(validator=_fixed(RANDOM_SIZE))
@@ -127,7 +129,7 @@ class ServerFinished(Message):
     TYPE = MessageType.SERVER_FINISHED
     SCHEMA = c.Struct(
         "suite" / _SuiteField,
-        "forward_secret" / c.Flag,
+        "forward_secret" / Flag,
         "mac" / c.Bytes(MAC_SIZE),
     )
     suite: Suite
@@ -235,7 +237,7 @@ FinishedInputSchema = c.Struct(
     "label" / c.PascalString(U8, "ascii"),
     "transcript" / c.Bytes(32),
     "suite" / U8,
-    "forward_secret" / c.Flag,
+    "forward_secret" / Flag,
 )
 
 

@@ -1,0 +1,527 @@
+"""
+The wire codec (vsc.wire): frames, the channel's messages, inner messages,
+strict parsing (trailing bytes, truncation, unknown types and enum values,
+field bounds on both encode and decode), the frame header and the Deframer.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from vsc.wire import (
+    HEADER_SIZE,
+    MAX_FRAME_BODY,
+    PROTOCOL_VERSION,
+    Deframer,
+    ErrorCode,
+    MessageType,
+    WireError,
+    decode_frame,
+    decode_inner,
+    encode_frame,
+    encode_inner,
+    record_aad,
+    registry,
+    seq_bytes,
+)
+from vsc.wire import messages as m
+from vsc.wire.codec import build_header, decode_body, encode_body, parse_header
+from vsc.wire.messages import (
+    MAX_ECHO,
+    MAX_KEY_TRANSPORT,
+    MAX_SPKI,
+    MAX_SUITES,
+    Alert,
+    ClientFinished,
+    Close,
+    EchoReply,
+    EchoRequest,
+    Hello,
+    KeyTransport,
+    Record,
+    ServerFinished,
+    SessionSecrets,
+    Suite,
+    finished_input,
+    key_info,
+)
+
+from tests.vectors.support import fixed_key
+
+SPKI = fixed_key().public_key().spki_der
+R = bytes(range(32))
+X = bytes(range(100, 132))
+
+
+def header(mtype: int, length: int, magic: bytes = b"VS", version: int = PROTOCOL_VERSION) -> bytes:
+    return struct.pack(">2sBBI", magic, version, mtype, length)
+
+
+def framed(mtype: int, body: bytes) -> bytes:
+    return header(mtype, len(body)) + body
+
+
+def raises(code: ErrorCode, *fragments: str):
+    """Context manager: a WireError with ``code`` whose message contains every fragment."""
+
+    class _Check:
+        def __enter__(self):
+            self.ctx = pytest.raises(WireError)
+            self.info = self.ctx.__enter__()
+            return self.info
+
+        def __exit__(self, *exc):
+            handled = self.ctx.__exit__(*exc)
+            err = self.info.value
+            assert err.code is code, f"expected {code.name}, got {err}"
+            for f in fragments:
+                assert f in err.message, f"{f!r} not in {err.message!r}"
+            assert str(err).startswith(f"{code.name}: ")
+            return handled
+
+    return _Check()
+
+
+FRAME_SAMPLES = [
+    Hello(r1=R, server_key=SPKI, fs_public=X),
+    Hello(r1=R, server_key=b"\x30"),
+    Hello(r1=R, server_key=b"k" * MAX_SPKI, fs_public=X),
+    KeyTransport(r2=R, suites=list(Suite), fs_public=X, ciphertext=b"\xaa" * 256),
+    KeyTransport(r2=R, suites=(Suite.AES256_GCM,), ciphertext=b"\x01"),
+    KeyTransport(r2=R, suites=(Suite.CHACHA20_POLY1305,) * MAX_SUITES, ciphertext=b"\xff" * MAX_KEY_TRANSPORT),
+    ServerFinished(suite=Suite.AES256_GCM, forward_secret=True, mac=X),
+    ServerFinished(suite=Suite.DES_CBC_MD5, forward_secret=False, mac=R),
+    ClientFinished(mac=X),
+    *[Alert(code) for code in ErrorCode],
+    Record(seq=0, sealed=b""),
+    Record(seq=7, sealed=b"sealed bytes"),
+    Record(seq=(1 << 64) - 1, sealed=b"\x00" * 1000),
+]
+
+INNER_SAMPLES = [
+    Close(),
+    *[Close(code) for code in ErrorCode],
+    EchoRequest(),
+    EchoRequest(b"ping"),
+    EchoRequest(b"\x00" * MAX_ECHO),
+    EchoReply(),
+    EchoReply(b"pong" * 100),
+    EchoReply(b"\xff" * MAX_ECHO),
+]
+
+
+def sample_id(msg) -> str:
+    return type(msg).__name__
+
+
+# ---------------------------------------------------------------- round trips
+
+
+def test_samples_cover_every_channel_message_type():
+    """The round-trip samples include every message class vsc.wire.messages registers."""
+    channel_classes = {cls for cls in registry().values() if cls.__module__ == m.__name__}
+    covered = {type(x) for x in FRAME_SAMPLES + INNER_SAMPLES}
+    assert channel_classes == covered
+    assert {cls.TYPE for cls in channel_classes} == {
+        MessageType.HELLO, MessageType.KEY_TRANSPORT, MessageType.SERVER_FINISHED,
+        MessageType.CLIENT_FINISHED, MessageType.ALERT, MessageType.RECORD,
+        MessageType.CLOSE, MessageType.ECHO_REQUEST, MessageType.ECHO_REPLY,
+    }
+
+
+@pytest.mark.parametrize("msg", FRAME_SAMPLES, ids=sample_id)
+def test_frame_round_trip(msg):
+    """encode_frame then decode_frame gives the same value, and re-encoding gives the same bytes (canonical)."""
+    data = encode_frame(msg)
+    magic, version, mtype, length = struct.unpack(">2sBBI", data[:HEADER_SIZE])
+    assert (magic, version, mtype, length) == (b"VS", 1, int(msg.TYPE), len(data) - HEADER_SIZE)
+    back = decode_frame(data)
+    assert back == msg and type(back) is type(msg)
+    assert encode_frame(back) == data
+
+
+@pytest.mark.parametrize("msg", INNER_SAMPLES, ids=sample_id)
+def test_inner_round_trip(msg):
+    """encode_inner then decode_inner gives the same value; the plaintext is type byte || body."""
+    data = encode_inner(msg)
+    assert data[0] == msg.TYPE and data[1:] == encode_body(msg)
+    back = decode_inner(data)
+    assert back == msg and encode_inner(back) == data
+
+
+def test_known_layouts():
+    """A few encodings spelled out byte by byte, as docs/protocol.md describes them."""
+    assert encode_frame(Alert(ErrorCode.HANDSHAKE_FAILED)) == b"VS\x01\x05\x00\x00\x00\x02\x00\x06"
+    assert encode_frame(ClientFinished(mac=X)) == b"VS\x01\x04\x00\x00\x00\x20" + X
+    assert encode_frame(ServerFinished(suite=Suite.AES256_CBC_HMAC_SHA256, forward_secret=True, mac=R)) == (
+        b"VS\x01\x03\x00\x00\x00\x22\x03\x01" + R
+    )
+    assert encode_frame(Hello(r1=R, server_key=b"\x30\x00", fs_public=X)) == (
+        b"VS\x01\x01" + struct.pack(">I", 32 + 2 + 2 + 1 + 32) + R + b"\x00\x02\x30\x00\x20" + X
+    )
+    assert encode_frame(KeyTransport(r2=R, suites=(Suite.CHACHA20_POLY1305, Suite.DES_CBC_MD5), ciphertext=b"\xcc")) == (
+        b"VS\x01\x02" + struct.pack(">I", 32 + 3 + 1 + 3) + R + b"\x02\x02\x80\x00\x00\x01\xcc"
+    )
+    assert encode_frame(Record(seq=258, sealed=b"ab")) == b"VS\x01\x10\x00\x00\x00\x0a" + bytes(6) + b"\x01\x02ab"
+    assert encode_inner(Close()) == b"\x20\x00\x00"
+    assert encode_inner(EchoRequest(b"hi")) == b"\x21\x00\x00\x00\x02hi"
+    assert encode_inner(EchoReply(b"")) == b"\x22\x00\x00\x00\x00"
+
+
+def test_record_aad_and_sequence_layout():
+    """Record AAD is "VS" || version || 0x10 || direction || seq (8 bytes BE); seq_bytes is the 8-byte BE seq."""
+    assert record_aad(0, 1) == b"VS\x01\x10\x00" + b"\x00" * 7 + b"\x01"
+    assert record_aad(1, (1 << 64) - 1) == b"VS\x01\x10\x01" + b"\xff" * 8
+    assert seq_bytes(0x0102030405060708) == bytes(range(1, 9))
+
+
+def test_key_schedule_input_layouts():
+    """key_info and finished_input are the fixed layouts the key schedule documents."""
+    th = bytes(range(32))
+    assert key_info("c2s key", 1, th) == b"vsc1 \x07c2s key\x01" + th
+    assert finished_input("server finished", th, 0x80, True) == b"\x0fserver finished" + th + b"\x80\x01"
+    assert finished_input("client finished", th, 2, False) == b"\x0fclient finished" + th + b"\x02\x00"
+
+
+def test_session_secrets_plaintext():
+    """The key-transport plaintext is exactly r1 || r2 || s1 || s2 (128 bytes); any other length is HANDSHAKE_FAILED."""
+    s = SessionSecrets(r1=b"\x01" * 32, r2=b"\x02" * 32, s1=b"\x03" * 32, s2=b"\x04" * 32)
+    data = s.encode()
+    assert data == b"\x01" * 32 + b"\x02" * 32 + b"\x03" * 32 + b"\x04" * 32
+    assert SessionSecrets.decode(data) == s
+    for bad in (data[:-1], data + b"\x00", b""):
+        with raises(ErrorCode.HANDSHAKE_FAILED, "expected 128"):
+            SessionSecrets.decode(bad)
+
+
+# ---------------------------------------------------------------- strictness
+
+
+@pytest.mark.parametrize("msg", [x for x in FRAME_SAMPLES if not isinstance(x, Record)], ids=sample_id)
+def test_trailing_bytes_rejected(msg):
+    """A body with bytes after its last field is MALFORMED, even when the header length covers them."""
+    body = encode_body(msg) + b"\x00"
+    with raises(ErrorCode.MALFORMED, type(msg).__name__, "trailing bytes"):
+        decode_frame(framed(msg.TYPE, body))
+
+
+@pytest.mark.parametrize("msg", [Close(), EchoRequest(b"x"), EchoReply(b"")], ids=sample_id)
+def test_inner_trailing_bytes_rejected(msg):
+    """Trailing bytes after an inner message inside a record plaintext are MALFORMED."""
+    with raises(ErrorCode.MALFORMED, "trailing bytes"):
+        decode_inner(encode_inner(msg) + b"!")
+
+
+@pytest.mark.parametrize("msg", FRAME_SAMPLES[:9] + [FRAME_SAMPLES[-1]], ids=sample_id)
+def test_truncated_bodies_rejected(msg):
+    """Every proper prefix of a body (with a matching header) is MALFORMED "truncated" (Record: below its 8-byte seq)."""
+    body = encode_body(msg)
+    cuts = range(8) if isinstance(msg, Record) else range(len(body))
+    for n in cuts:
+        with raises(ErrorCode.MALFORMED, type(msg).__name__, "truncated", f"({n} bytes)"):
+            decode_frame(framed(msg.TYPE, body[:n]))
+
+
+def test_truncated_inner_rejected():
+    """Every proper prefix of an inner message is MALFORMED; the empty plaintext has its own message."""
+    data = encode_inner(EchoRequest(b"abcdef"))
+    with raises(ErrorCode.MALFORMED, "empty record plaintext"):
+        decode_inner(b"")
+    for n in range(1, len(data)):
+        with raises(ErrorCode.MALFORMED, "truncated"):
+            decode_inner(data[:n])
+
+
+UNREGISTERED = [t for t in range(256) if t not in {int(k) for k in registry()}]
+
+
+def test_unknown_message_type():
+    """A frame or inner type outside the registry is UNKNOWN_TYPE, naming the type in hex."""
+    assert 0x00 in UNREGISTERED and 0xFF in UNREGISTERED
+    for t in UNREGISTERED:
+        with raises(ErrorCode.UNKNOWN_TYPE, f"unknown message type {t:#04x}"):
+            decode_frame(framed(t, b""))
+        with raises(ErrorCode.UNKNOWN_TYPE, f"{t:#04x}"):
+            decode_inner(bytes([t]))
+
+
+def test_inner_and_outer_types_do_not_mix():
+    """Inner messages framed in the clear, and frame messages inside a record, are UNEXPECTED_MESSAGE."""
+    for msg in (Close(), EchoRequest(b"x"), EchoReply(b"y")):
+        with raises(ErrorCode.UNEXPECTED_MESSAGE, type(msg).__name__, "only valid inside a sealed record"):
+            decode_frame(framed(msg.TYPE, encode_body(msg)))
+    for msg in (Alert(ErrorCode.CLOSE_NOTIFY), ClientFinished(mac=X), Record(seq=1, sealed=b"")):
+        with raises(ErrorCode.UNEXPECTED_MESSAGE, type(msg).__name__, "not valid inside a record"):
+            decode_inner(bytes([msg.TYPE]) + encode_body(msg))
+        with raises(ErrorCode.UNEXPECTED_MESSAGE, "cannot travel inside a record"):
+            encode_inner(msg)
+
+
+@pytest.mark.parametrize("value", [0x00, 0x04, 0x7F, 0x81, 0xFF])
+def test_unknown_suite_rejected(value):
+    """A suite byte that is not a Suite is MALFORMED in KeyTransport and ServerFinished, and cannot be encoded."""
+    kt = R + bytes([2, Suite.AES256_GCM, value]) + b"\x00" + b"\x00\x01\xcc"
+    with raises(ErrorCode.MALFORMED, "KeyTransport", f"unknown Suite value {value:#x}"):
+        decode_frame(framed(MessageType.KEY_TRANSPORT, kt))
+    sf = bytes([value, 0]) + X
+    with raises(ErrorCode.MALFORMED, "ServerFinished", "unknown Suite value"):
+        decode_frame(framed(MessageType.SERVER_FINISHED, sf))
+    with raises(ErrorCode.MALFORMED, "cannot encode KeyTransport", "unknown Suite value"):
+        encode_frame(KeyTransport(r2=R, suites=(value,), ciphertext=b"\x01"))
+    with raises(ErrorCode.MALFORMED, "cannot encode ServerFinished", "unknown Suite value"):
+        encode_frame(ServerFinished(suite=value, forward_secret=False, mac=X))
+
+
+@pytest.mark.parametrize("value", [19, 63, 999, 0xFFFF])
+def test_unknown_error_code_rejected(value):
+    """An error code outside ErrorCode is MALFORMED in Alert and Close, and cannot be encoded."""
+    body = struct.pack(">H", value)
+    with raises(ErrorCode.MALFORMED, "Alert", f"unknown ErrorCode value {value:#x}"):
+        decode_frame(framed(MessageType.ALERT, body))
+    with raises(ErrorCode.MALFORMED, "Close", "unknown ErrorCode value"):
+        decode_inner(bytes([MessageType.CLOSE]) + body)
+    with raises(ErrorCode.MALFORMED, "cannot encode Alert", "unknown ErrorCode value"):
+        encode_frame(Alert(value))
+    with raises(ErrorCode.MALFORMED, "cannot encode Close"):
+        encode_inner(Close(value))
+
+
+def test_flag_byte_must_be_zero_or_one():
+    """ServerFinished.forward_secret accepts only 0 and 1, so every value has one encoding."""
+    for flag in (0, 1):
+        assert decode_frame(framed(MessageType.SERVER_FINISHED, bytes([1, flag]) + X)).forward_secret is bool(flag)
+    for flag in (2, 0x80, 0xFF):
+        with raises(ErrorCode.MALFORMED, "ServerFinished", "forward_secret", f"{flag:#04x} is neither 0 nor 1"):
+            decode_frame(framed(MessageType.SERVER_FINISHED, bytes([1, flag]) + X))
+    with raises(ErrorCode.MALFORMED, "flag must be a bool"):
+        encode_frame(ServerFinished(suite=Suite.AES256_GCM, forward_secret=2, mac=X))
+
+
+def hello_body(server_key: bytes = b"\x30", fs: bytes = b"") -> bytes:
+    return R + struct.pack(">H", len(server_key)) + server_key + bytes([len(fs)]) + fs
+
+
+def kt_body(suites=(1,), fs: bytes = b"", ct: bytes = b"\x01") -> bytes:
+    return R + bytes([len(suites), *suites]) + bytes([len(fs)]) + fs + struct.pack(">H", len(ct)) + ct
+
+
+def test_hello_field_bounds_on_decode_and_encode():
+    """server_key must be 1..MAX_SPKI bytes and fs_public 0 or 32 bytes, whether parsing or building."""
+    assert decode_frame(framed(1, hello_body(b"k" * MAX_SPKI, X))).server_key == b"k" * MAX_SPKI
+    for key in (b"", b"k" * (MAX_SPKI + 1)):
+        with raises(ErrorCode.MALFORMED, "Hello", "server_key", f"has {len(key)} items/bytes, allowed 1..{MAX_SPKI}"):
+            decode_frame(framed(1, hello_body(key)))
+        with raises(ErrorCode.MALFORMED, "cannot encode Hello", "server_key"):
+            encode_frame(Hello(r1=R, server_key=key))
+    for n in (1, 31, 33, 255):
+        with raises(ErrorCode.MALFORMED, "Hello", f"fs_public has {n} bytes, allowed 0 or 32"):
+            decode_frame(framed(1, hello_body(fs=b"\x09" * n)))
+        with raises(ErrorCode.MALFORMED, "cannot encode Hello", "fs_public"):
+            encode_frame(Hello(r1=R, server_key=b"\x30", fs_public=b"\x09" * n))
+    with pytest.raises(ValueError, match="r1 must be 32 bytes"):
+        Hello(r1=b"short", server_key=b"\x30")
+    with raises(ErrorCode.MALFORMED, "Hello", "truncated"):
+        decode_frame(framed(1, R[:31]))
+
+
+def test_key_transport_field_bounds_on_decode_and_encode():
+    """suites must be 1..MAX_SUITES, fs_public 0 or 32 bytes, ciphertext 1..MAX_KEY_TRANSPORT bytes, both ways."""
+    assert len(decode_frame(framed(2, kt_body(suites=(1,) * MAX_SUITES))).suites) == MAX_SUITES
+    for suites in ((), (1,) * (MAX_SUITES + 1)):
+        with raises(ErrorCode.MALFORMED, "KeyTransport", f"suites has {len(suites)} items/bytes, allowed 1..{MAX_SUITES}"):
+            decode_frame(framed(2, kt_body(suites=suites)))
+        with raises(ErrorCode.MALFORMED, "cannot encode KeyTransport", "suites"):
+            encode_frame(KeyTransport(r2=R, suites=suites, ciphertext=b"\x01"))
+    for n in (31, 33):
+        with raises(ErrorCode.MALFORMED, "KeyTransport", f"fs_public has {n} bytes, allowed 0 or 32"):
+            decode_frame(framed(2, kt_body(fs=b"\x01" * n)))
+        with raises(ErrorCode.MALFORMED, "cannot encode KeyTransport", "fs_public"):
+            encode_frame(KeyTransport(r2=R, suites=(1,), fs_public=b"\x01" * n, ciphertext=b"\x01"))
+    for ct in (b"", b"\x01" * (MAX_KEY_TRANSPORT + 1)):
+        with raises(ErrorCode.MALFORMED, "KeyTransport", "ciphertext", f"allowed 1..{MAX_KEY_TRANSPORT}"):
+            decode_frame(framed(2, kt_body(ct=ct)))
+        with raises(ErrorCode.MALFORMED, "cannot encode KeyTransport", "ciphertext"):
+            encode_frame(KeyTransport(r2=R, suites=(1,), ciphertext=ct))
+
+
+def test_echo_data_bounds_on_decode_and_encode():
+    """Echo data above MAX_ECHO is refused when building and when parsing, for request and reply."""
+    for cls in (EchoRequest, EchoReply):
+        big = b"e" * (MAX_ECHO + 1)
+        with raises(ErrorCode.MALFORMED, f"cannot encode {cls.__name__}", "data", f"allowed 0..{MAX_ECHO}"):
+            encode_inner(cls(big))
+        with raises(ErrorCode.MALFORMED, cls.__name__, f"data has {MAX_ECHO + 1} items/bytes"):
+            decode_inner(bytes([cls.TYPE]) + struct.pack(">I", len(big)) + big)
+        # a length prefix promising more than is present is truncation, not an allocation
+        with raises(ErrorCode.MALFORMED, cls.__name__, "truncated"):
+            decode_inner(bytes([cls.TYPE]) + struct.pack(">I", 0xFFFFFFFF) + b"abc")
+
+
+def test_fixed_size_fields():
+    """MACs are exactly 32 bytes: shorter or longer bodies fail to parse, and the attrs validators refuse them."""
+    with raises(ErrorCode.MALFORMED, "ClientFinished", "truncated"):
+        decode_frame(framed(MessageType.CLIENT_FINISHED, X[:31]))
+    with raises(ErrorCode.MALFORMED, "ClientFinished", "trailing"):
+        decode_frame(framed(MessageType.CLIENT_FINISHED, X + b"\x00"))
+    with pytest.raises(ValueError, match="mac must be 32 bytes"):
+        ClientFinished(mac=b"\x00" * 33)
+    with pytest.raises(ValueError, match="mac must be 32 bytes"):
+        ServerFinished(suite=Suite.AES256_GCM, forward_secret=True, mac=b"")
+
+
+# ---------------------------------------------------------------- the header
+
+
+def test_bad_magic():
+    """A header not starting with "VS" is MALFORMED, quoting what arrived."""
+    for magic in (b"VT", b"\x00\x00", b"SV"):
+        with raises(ErrorCode.MALFORMED, "bad magic", repr(magic)):
+            decode_frame(header(MessageType.ALERT, 2, magic=magic) + b"\x00\x00")
+        with raises(ErrorCode.MALFORMED, "bad magic"):
+            parse_header(header(1, 0, magic=magic))
+
+
+def test_wrong_version():
+    """Any version but 1 is PROTOCOL_VERSION, naming both versions."""
+    for version in (0, 2, 0xFF):
+        with raises(ErrorCode.PROTOCOL_VERSION, f"protocol version {version}", f"speaks {PROTOCOL_VERSION}"):
+            decode_frame(header(MessageType.ALERT, 2, version=version) + b"\x00\x00")
+
+
+def test_length_field_mismatch():
+    """A frame whose length field disagrees with its size is MALFORMED, with both numbers."""
+    good = encode_frame(Alert(ErrorCode.CLOSE_NOTIFY))
+    with raises(ErrorCode.MALFORMED, "length field says 2 body bytes, frame has 3"):
+        decode_frame(good + b"\x00")
+    with raises(ErrorCode.MALFORMED, "length field says 2 body bytes, frame has 1"):
+        decode_frame(good[:-1])
+    with raises(ErrorCode.MALFORMED, "frame header needs 8 bytes, got 5"):
+        decode_frame(good[:5])
+    with raises(ErrorCode.MALFORMED, "frame header needs 8 bytes, got 0"):
+        decode_frame(b"")
+
+
+def test_frame_too_large():
+    """Lengths above the limit are FRAME_TOO_LARGE when decoding, building a header, or encoding."""
+    frame = encode_frame(Record(seq=1, sealed=b"x" * 100))
+    assert decode_frame(frame, max_body=108) == Record(seq=1, sealed=b"x" * 100)
+    with raises(ErrorCode.FRAME_TOO_LARGE, "108 bytes exceeds 107"):
+        decode_frame(frame, max_body=107)
+    with raises(ErrorCode.FRAME_TOO_LARGE, f"exceeds {MAX_FRAME_BODY}"):
+        decode_frame(header(MessageType.RECORD, MAX_FRAME_BODY + 1))
+    with raises(ErrorCode.FRAME_TOO_LARGE, f"{MAX_FRAME_BODY + 1} bytes"):
+        build_header(MessageType.RECORD, MAX_FRAME_BODY + 1)
+    with raises(ErrorCode.FRAME_TOO_LARGE):
+        encode_frame(Record(seq=0, sealed=b"\x00" * (MAX_FRAME_BODY - 7)))
+    assert len(encode_frame(Record(seq=0, sealed=b"\x00" * (MAX_FRAME_BODY - 8)))) == HEADER_SIZE + MAX_FRAME_BODY
+
+
+def test_decode_body_unknown_type():
+    """decode_body refuses a type byte it has no class for, including MessageType gaps."""
+    with raises(ErrorCode.UNKNOWN_TYPE, "0x06"):
+        decode_body(0x06, b"")
+
+
+# ---------------------------------------------------------------- the Deframer
+
+
+STREAM_MESSAGES = [
+    Hello(r1=R, server_key=SPKI, fs_public=X),
+    Alert(ErrorCode.CLOSE_NOTIFY),
+    Record(seq=0, sealed=b""),
+    ClientFinished(mac=R),
+    Record(seq=1, sealed=b"z" * 40),
+]
+STREAM_FRAMES = [encode_frame(x) for x in STREAM_MESSAGES]
+STREAM = b"".join(STREAM_FRAMES)
+
+
+def test_deframer_whole_stream():
+    """Fed a stream of several frames at once, the Deframer returns each whole frame, in order."""
+    d = Deframer()
+    assert list(d.feed(STREAM)) == STREAM_FRAMES
+    assert d.buffered == 0
+
+
+def test_deframer_split_at_every_offset():
+    """Split into two chunks at every offset, the stream yields exactly the same frames, nothing left over."""
+    for i in range(len(STREAM) + 1):
+        d = Deframer()
+        out = list(d.feed(STREAM[:i])) + list(d.feed(STREAM[i:]))
+        assert out == STREAM_FRAMES, f"split at {i}"
+        assert d.buffered == 0
+
+
+def test_deframer_three_chunks_at_every_pair_of_offsets():
+    """Split into three chunks at every pair of offsets (over a shorter stream), the frames are the same."""
+    frames = STREAM_FRAMES[1:]
+    stream = b"".join(frames)
+    for i in range(len(stream) + 1):
+        for j in range(i, len(stream) + 1):
+            d = Deframer()
+            out = list(d.feed(stream[:i])) + list(d.feed(stream[i:j])) + list(d.feed(stream[j:]))
+            assert out == frames, (i, j)
+
+
+def test_deframer_byte_at_a_time():
+    """One byte per feed call yields each frame exactly when its last byte arrives."""
+    d = Deframer()
+    ends = {sum(map(len, STREAM_FRAMES[: k + 1])) for k in range(len(STREAM_FRAMES))}
+    out = []
+    for pos in range(len(STREAM)):
+        got = list(d.feed(STREAM[pos : pos + 1]))
+        assert bool(got) == (pos + 1 in ends)
+        out += got
+    assert out == STREAM_FRAMES
+
+
+def test_deframer_keeps_data_fed_without_iterating():
+    """feed() buffers immediately: a caller that does not iterate (no whole frame expected) loses nothing."""
+    d = Deframer()
+    d.feed(STREAM[:5])  # result deliberately ignored
+    assert d.buffered == 5
+    assert list(d.feed(STREAM[5:])) == STREAM_FRAMES
+
+
+def test_deframer_frame_too_large_before_body():
+    """A header announcing more than max_body raises FRAME_TOO_LARGE as soon as the header is complete."""
+    d = Deframer(max_body=100)
+    big = header(MessageType.RECORD, 101)
+    assert list(d.feed(big[:7])) == []
+    with raises(ErrorCode.FRAME_TOO_LARGE, "101 bytes exceeds the limit of 100"):
+        list(d.feed(big[7:]))
+    d = Deframer()
+    with raises(ErrorCode.FRAME_TOO_LARGE, f"limit of {MAX_FRAME_BODY}"):
+        list(d.feed(header(MessageType.RECORD, MAX_FRAME_BODY + 1)))
+
+
+def test_deframer_limit_may_change_between_frames():
+    """The owner can raise max_body between frames of one chunk (e.g. when the handshake completes)."""
+    small = encode_frame(Alert(ErrorCode.CLOSE_NOTIFY))
+    large = encode_frame(Record(seq=0, sealed=b"L" * 500))
+    d = Deframer(max_body=10)
+    out = []
+    for frame in d.feed(small + large):
+        out.append(frame)
+        d.max_body = 1000
+    assert out == [small, large]
+
+
+def test_deframer_rejects_bad_headers_mid_stream():
+    """Good frames before a bad header are delivered; the bad header raises its own code."""
+    d = Deframer()
+    it = d.feed(STREAM_FRAMES[1] + header(1, 0, magic=b"XX"))
+    assert next(it) == STREAM_FRAMES[1]
+    with raises(ErrorCode.MALFORMED, "bad magic"):
+        next(it)
+    d = Deframer()
+    with raises(ErrorCode.PROTOCOL_VERSION):
+        list(d.feed(header(1, 0, version=9)))
+
+
+def test_wire_error_shape():
+    """WireError carries a code and a message, and prints as "CODE: message"."""
+    e = WireError(ErrorCode.BAD_RECORD, "record 3: tag mismatch")
+    assert (e.code, e.message, str(e)) == (ErrorCode.BAD_RECORD, "record 3: tag mismatch", "BAD_RECORD: record 3: tag mismatch")
