@@ -434,9 +434,12 @@ class Store:
         authentication) is kept in it. False: refused (no valid code).
         """
         now = self.now()
+        lock = " FOR UPDATE" if self.kind == "postgresql" else ""
         with self._txn() as cur:
+            # FOR UPDATE: a concurrent enrolment with the same code waits, then finds it consumed
+            # (without it both pass the check and the second dies on the cards primary key)
             row = self._x(
-                cur, "SELECT code_hash, expires, auth_info FROM enrolment_codes WHERE serial = ?", (serial,)
+                cur, f"SELECT code_hash, expires, auth_info FROM enrolment_codes WHERE serial = ?{lock}", (serial,)
             ).fetchone()
             if row is None or bytes(row[0]) != code_hash or row[1] < now or self._get_for_update(cur, serial):
                 self._history(cur, serial, "enrol", "refused", peer, detail="no valid enrolment code")
@@ -551,7 +554,9 @@ class Store:
                 self._history(cur, serial, "remove", "refused", peer, detail="no such card or destroyed")
                 return "refused", 0
             if card.state is CardState.IDLE:
-                if card.last_session == session:
+                # only the identical remove retried is answered "ok": same session, and its bytes are
+                # what is stored (a late remove after a recover, or other bytes, were never stored)
+                if card.last_session == session and protected == card.protected and version == card.version - 1:
                     self._history(cur, serial, "remove", "repeat", peer, detail="already removed")
                     return "ok", card.version
                 self._history(cur, serial, "remove", "refused", peer, detail="not in use")
@@ -594,7 +599,7 @@ class Store:
                 return "muk-mismatch"
             self._x(
                 cur,
-                "UPDATE cards SET state = 'idle', muk = NULL, channel_info = NULL, updated = ? "
+                "UPDATE cards SET state = 'idle', muk = NULL, channel_info = NULL, last_session = NULL, updated = ? "
                 "WHERE serial = ? AND state = 'in-use'",
                 (now, serial),
             )
@@ -634,6 +639,8 @@ class Store:
                 raise StoreError(f"card {serial} is destroyed; its information is gone")
             if self._get_for_update(cur, new_serial) is not None:
                 raise StoreError(f"card {new_serial} already exists")
+            if self._x(cur, "SELECT 1 FROM enrolment_codes WHERE serial = ?", (new_serial,)).fetchone():
+                raise StoreError(f"serial {new_serial} has a pending enrolment code")
             self._x(
                 cur,
                 f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES (?, 'idle', NULL, ?, NULL, ?, ?, ?, ?, 0, 0, ?, ?, NULL)",

@@ -1,0 +1,405 @@
+"""
+``vsc admin --data-dir DIR ACTION``: the VSC Server administrator's commands
+on the card database of [0034].
+
+    issue SERIAL [--ttl S]          a one-time enrolment code for a new card (printed once)
+    list                            every card, and serials issued but not yet enrolled
+    show SERIAL                     one card's record (never its protected information)
+    history SERIAL                  the append-only history of one serial
+    destroy SERIAL                  Figure 4's destroy 107: terminal, the information is wiped
+    duplicate SERIAL NEW            [0102]: a second card with a copy of the same information
+    replace SERIAL [--policy ...]   [0062]: a lost card; an exact copy (default) or a fresh card
+    unlock SERIAL                   clear a lockout after failed authentications
+
+Every action takes ``--json``. Failures are one line on stderr and a
+non-zero exit (vsc.cli.CommandError). ``admin init`` also creates the
+database schema through the hook registered here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import sqlite3
+import time
+from typing import Iterator
+from urllib.parse import urlparse, urlunparse
+
+from vsc import cli
+from vsc.cli import EXIT_OK, EXIT_USAGE, CommandError, emit
+
+REPLACE_POLICIES = ("duplicate", "fresh")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or e.__class__.__name__
+
+
+def _redact(url: str) -> str:
+    """The URL without a password, for messages."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.rsplit("@", 1)
+    return urlunparse(parsed._replace(netloc=f"{parsed.username}:***@{netloc[-1]}"))
+
+
+def _when(t: float | None) -> str:
+    if not t:
+        return "-"
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+    try:
+        import psycopg
+    except ImportError:
+        return errors
+    return errors + (psycopg.Error,)
+
+
+def _check_serial(serial: str) -> str:
+    from vsc.wire.ops import MAX_SERIAL
+
+    if not serial or not serial.isprintable() or serial != serial.strip():
+        raise CommandError(f"invalid serial {serial!r}: printable text without leading or trailing spaces", EXIT_USAGE)
+    if len(serial.encode("utf-8")) > MAX_SERIAL:
+        raise CommandError(f"invalid serial {serial!r}: at most {MAX_SERIAL} bytes", EXIT_USAGE)
+    return serial
+
+
+def _ttl(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+def open_store(url: str, policy):
+    """A Store on ``url`` with its schema created or migrated; CommandError when that fails."""
+    from vsc.server.store import Store, StoreError
+
+    try:
+        store = Store(url, time.time, policy.lockout)  # clock-ok
+    except StoreError as e:
+        raise CommandError(str(e)) from None
+    try:
+        store.migrate()
+    except StoreError as e:
+        store.close()
+        raise CommandError(str(e)) from None
+    except _database_errors() as e:
+        store.close()
+        raise CommandError(f"cannot open the database {_redact(url)}: {_one_line(e)}") from None
+    return store
+
+
+@contextlib.contextmanager
+def _database(args) -> Iterator[tuple]:
+    """(config, policy, store) for ``args.data_dir``; store errors become one-line CommandErrors."""
+    from vsc.server import config
+    from vsc.server.policy import Policy
+    from vsc.server.store import StoreError
+
+    try:
+        cfg = config.load(args.data_dir)
+    except config.ConfigError as e:
+        raise CommandError(str(e)) from None
+    try:
+        policy = Policy.from_settings(cfg.settings)
+    except ValueError as e:
+        raise CommandError(f"{cfg.data_dir / config.CONFIG_NAME}: {e}") from None
+    store = open_store(cfg.database_url, policy)
+    try:
+        yield cfg, policy, store
+    except StoreError as e:
+        raise CommandError(str(e)) from None
+    except _database_errors() as e:
+        raise CommandError(f"database {_redact(cfg.database_url)}: {_one_line(e)}") from None
+    finally:
+        store.close()
+
+
+def _card(store, serial: str):
+    card = store.get(serial)
+    if card is None:
+        pending = store.enrolment(serial)
+        if pending is not None:
+            raise CommandError(f"card {serial} is issued but not enrolled yet (code valid until {_when(pending[2])})")
+        raise CommandError(f"no card {serial}")
+    return card
+
+
+def _is_free(store, serial: str) -> bool:
+    return store.get(serial) is None and store.enrolment(serial) is None
+
+
+def _new_code(store, policy, serial: str, ttl: float) -> tuple[str, float]:
+    from vsc.server.policy import code_hash, new_enrolment_code
+
+    code = new_enrolment_code()
+    store.issue(serial, code_hash(code), policy.initial_auth_info(), ttl)
+    expires = store.enrolment(serial)[2]
+    return code, expires
+
+
+def _code_text(serial: str, code: str, expires: float) -> str:
+    return (
+        f"enrolment code for card {serial} (shown only now; valid until {_when(expires)}):\n\n"
+        f"    {code}\n\n"
+        "give it to the card's owner, who enrols the card with it; it works once"
+    )
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_issue(args) -> int:
+    serial = _check_serial(args.serial)
+    with _database(args) as (_cfg, policy, store):
+        if store.get(serial) is not None:
+            raise CommandError(f"card {serial} already exists")
+        replaced = store.enrolment(serial) is not None
+        code, expires = _new_code(store, policy, serial, args.ttl if args.ttl is not None else policy.code_ttl)
+    text = _code_text(serial, code, expires)
+    if replaced:
+        text += "\n(the earlier code for this serial no longer works)"
+    emit(args, {"serial": serial, "code": code, "expires": expires, "replaced": replaced}, text)
+    return EXIT_OK
+
+
+def cmd_list(args) -> int:
+    with _database(args) as (_cfg, _policy, store):
+        now = store.now()
+        cards = [
+            {"serial": c.serial, "state": c.state.value, "version": c.version, "locked_out": c.locked_out(now)}
+            for c in store.list()
+        ]
+        pending = [
+            {"serial": s, "state": "issued", "version": None, "locked_out": False, "expires": exp, "expired": exp < now}
+            for s, exp in store.pending()
+        ]
+    rows = sorted(cards + pending, key=lambda r: r["serial"])
+    if not rows:
+        text = "no cards"
+    else:
+        width = max(6, *(len(r["serial"]) for r in rows))
+        lines = [f"{'SERIAL':<{width}}  {'STATE':<9}  {'VERSION':>7}  LOCKED"]
+        for r in rows:
+            if r["state"] == "issued":
+                note = f"code {'expired' if r['expired'] else 'valid until'} {_when(r['expires'])}"
+                lines.append(f"{r['serial']:<{width}}  {'issued':<9}  {'-':>7}  -       ({note})")
+            else:
+                locked = "yes" if r["locked_out"] else "no"
+                lines.append(f"{r['serial']:<{width}}  {r['state']:<9}  {r['version']:>7}  {locked}")
+        text = "\n".join(lines)
+    emit(args, {"cards": rows}, text)
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    serial = _check_serial(args.serial)
+    with _database(args) as (_cfg, _policy, store):
+        now = store.now()
+        card = store.get(serial)
+        if card is None:
+            pending = store.enrolment(serial)
+            if pending is None:
+                raise CommandError(f"no card {serial}")
+            info = {
+                "serial": serial, "state": "issued", "muk": None, "locked_out": False, "version": None,
+                "expires": pending[2], "expired": pending[2] < now,
+                "auth": json.loads(pending[1] or "{}").get("methods", []),
+            }
+        else:
+            info = card.summary(now)
+    lines = [f"serial:      {info['serial']}", f"state:       {info['state']}"]
+    if info["state"] == "issued":
+        lines.append(f"code:        {'expired' if info['expired'] else 'valid until'} {_when(info['expires'])}")
+    else:
+        lines += [
+            f"version:     {info['version']}",
+            f"muk:         {info['muk'] or '-'}",
+            f"locked out:  {'until ' + _when(info['locked_until']) if info['locked_out'] else 'no'}"
+            f" ({info['failures']} consecutive failures)",
+            f"protected:   {info['protected_bytes']} bytes",
+        ]
+        if info["channel"]:
+            ch = info["channel"]
+            lines.append(
+                f"in use:      since {_when(ch.get('since'))}"
+                + "".join(f", {k} {ch[k]}" for k in sorted(ch) if k not in ("since", "session"))
+            )
+        lines += [f"created:     {_when(info['created'])}", f"updated:     {_when(info['updated'])}"]
+    lines.append(f"auth:        {', '.join(info['auth']) or '-'}")
+    emit(args, info, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_history(args) -> int:
+    serial = _check_serial(args.serial)
+    with _database(args) as (_cfg, _policy, store):
+        entries = [e.as_dict() for e in store.history(serial)]
+        if not entries and store.get(serial) is None:
+            raise CommandError(f"no card {serial} and no history for it")
+    lines = []
+    for e in entries:
+        muk = f"  muk {e['muk'][:16]}" if e["muk"] else ""
+        peer = f"  by {e['peer']}" if e["peer"] else ""
+        detail = f"  ({e['detail']})" if e["detail"] else ""
+        lines.append(f"{_when(e['at'])}  {e['op']:<9} {e['result']:<12}{peer}{muk}{detail}")
+    emit(args, {"serial": serial, "history": entries}, "\n".join(lines) or f"no history for {serial}")
+    return EXIT_OK
+
+
+def _destroy(store, serial: str) -> str:
+    result = store.destroy(serial, peer="admin")
+    if result == "refused":
+        raise CommandError(f"no card {serial}")
+    if result == "destroyed":
+        raise CommandError(f"card {serial} is already destroyed")
+    return result
+
+
+def cmd_destroy(args) -> int:
+    serial = _check_serial(args.serial)
+    with _database(args) as (_cfg, _policy, store):
+        before = _card(store, serial).state.value
+        _destroy(store, serial)
+    emit(
+        args,
+        {"serial": serial, "state": "destroyed", "was": before},
+        f"card {serial} destroyed (was {before}); this is final: its protected information is wiped",
+    )
+    return EXIT_OK
+
+
+def cmd_duplicate(args) -> int:
+    serial, new = _check_serial(args.serial), _check_serial(args.new_serial)
+    with _database(args) as (_cfg, _policy, store):
+        store.duplicate(serial, new, peer="admin")
+        copy = store.get(new)
+    emit(
+        args,
+        {"serial": serial, "new_serial": new, "state": copy.state.value, "version": copy.version},
+        f"card {new} is a copy of {serial} (idle, version {copy.version}); "
+        "its owner inserts it with the same password",
+    )
+    return EXIT_OK
+
+
+def cmd_replace(args) -> int:
+    serial = _check_serial(args.serial)
+    with _database(args) as (_cfg, policy, store):
+        card = _card(store, serial)
+        if args.new_serial:
+            new = _check_serial(args.new_serial)
+            if not _is_free(store, new):
+                raise CommandError(f"serial {new} is already in use (a card or a pending enrolment)")
+        else:
+            n = 1
+            while not _is_free(store, f"{serial}-r{n}"):
+                n += 1
+            new = _check_serial(f"{serial}-r{n}")
+        data = {"serial": serial, "new_serial": new, "policy": args.policy}
+        if args.policy == "duplicate":
+            from vsc.server.store import CardState
+
+            if card.state is CardState.DESTROYED:
+                raise CommandError(
+                    f"card {serial} is destroyed and its information is gone: use --policy fresh"
+                )
+            # copy first (the copy of a destroyed card would be empty), then destroy the lost card
+            store.duplicate(serial, new, peer="admin")
+            _destroy(store, serial)
+            copy = store.get(new)
+            data.update(version=copy.version, state=copy.state.value)
+            text = (
+                f"card {serial} destroyed; {new} is an exact copy of it (idle, version {copy.version}): "
+                "the owner inserts it with the same password"
+            )
+        else:
+            from vsc.server.store import CardState
+
+            if card.state is not CardState.DESTROYED:
+                _destroy(store, serial)
+            code, expires = _new_code(store, policy, new, args.ttl if args.ttl is not None else policy.code_ttl)
+            data.update(code=code, expires=expires, state="issued")
+            text = f"card {serial} destroyed; its replacement {new} starts afresh.\n" + _code_text(new, code, expires)
+    emit(args, data, text)
+    return EXIT_OK
+
+
+def cmd_unlock(args) -> int:
+    serial = _check_serial(args.serial)
+    with _database(args) as (_cfg, _policy, store):
+        was = _card(store, serial).failures
+        store.unlock(serial, peer="admin")
+    emit(
+        args,
+        {"serial": serial, "locked_out": False, "failures": 0, "failures_cleared": was},
+        f"card {serial} unlocked ({was} failed authentications cleared)",
+    )
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- registration
+
+
+def add_commands(asub) -> None:
+    """Add the card-database actions to ``vsc admin`` (vsc.cli._PARSER_EXTENSIONS["admin"])."""
+
+    def action(name: str, func, help: str, *serials: str) -> argparse.ArgumentParser:
+        a = asub.add_parser(name, help=help, description=help)
+        for s in serials:
+            a.add_argument(s, metavar=s.upper())
+        a.add_argument("--json", action="store_true", help="machine-readable output")
+        a.set_defaults(func=func)
+        return a
+
+    a = action("issue", cmd_issue, "issue a one-time enrolment code for a new card", "serial")
+    a.add_argument("--ttl", type=_ttl, metavar="SECONDS", help="code validity (default: code_ttl, 7 days)")
+    action("list", cmd_list, "list every card and pending enrolment")
+    action("show", cmd_show, "show one card's record", "serial")
+    action("history", cmd_history, "show the history of one serial", "serial")
+    action("destroy", cmd_destroy, "destroy a card (final; its information is wiped)", "serial")
+    action("duplicate", cmd_duplicate, "make a new card with a copy of a card's information ([0102])",
+           "serial", "new_serial")
+    a = action("replace", cmd_replace, "replace a lost card ([0062]): destroy it and issue a replacement", "serial")
+    a.add_argument("--policy", choices=REPLACE_POLICIES, default="duplicate",
+                   help="duplicate: an exact copy the owner inserts with the same password (default); "
+                        "fresh: a new card with a new enrolment code")
+    a.add_argument("--new-serial", metavar="NEW", help="the replacement's serial (default: SERIAL-rN, first free N)")
+    a.add_argument("--ttl", type=_ttl, metavar="SECONDS", help="with --policy fresh: the code's validity")
+    action("unlock", cmd_unlock, "clear a card's lockout after failed authentications", "serial")
+
+
+def init_hook(cfg) -> None:
+    """After ``admin init`` wrote the config and key: create the schema (vsc.cli._ADMIN_INIT_HOOKS)."""
+    from vsc.server.config import CONFIG_NAME
+    from vsc.server.policy import Policy
+
+    try:
+        open_store(cfg.database_url, Policy.from_settings(cfg.settings)).close()
+    except CommandError as e:
+        # The key was created by this very command (init refuses to replace one) and nobody has
+        # pinned it yet: remove it and the config so that init can simply be run again.
+        for path in (cfg.key_path, cfg.data_dir / CONFIG_NAME):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise CommandError(f"{e} (nothing was initialised)") from None
+
+
+if add_commands not in cli._PARSER_EXTENSIONS["admin"]:
+    cli._PARSER_EXTENSIONS["admin"].append(add_commands)
+if init_hook not in cli._ADMIN_INIT_HOOKS:
+    cli._ADMIN_INIT_HOOKS.append(init_hook)
