@@ -1,0 +1,338 @@
+"""
+``vsc card --home HOME ACTION``: enroll, recover and destroy run on their
+own; every other action talks to the running card daemon over its control
+socket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from vsc import cli as vcli
+from vsc.cli import CommandError, emit
+
+SLOT_KEYS = {"9a": "rsa2048", "9c": "p256", "9d": "rsa2048", "9e": "p256"}
+
+
+def _home(args) -> Path:
+    from vsc.card.config import default_home
+
+    return Path(args.home) if args.home else default_home()
+
+
+def _react(fn) -> None:
+    from twisted.internet.task import react
+
+    vcli._react(react, fn)
+
+
+def _explain(e: Exception) -> str:
+    from vsc.card.session import explain
+
+    return explain(e)
+
+
+# ---------------------------------------------------------------- enroll / recover / destroy
+
+
+def cmd_enroll(args) -> int:
+    from vsc import crypto
+    from vsc.card import config as cc
+    from vsc.card import ops
+    from vsc.card.connect import connect
+    from vsc.card.protected import PlainItem, seal_envelope
+    from vsc.wire.protected import ItemKind, KeyAlg
+
+    home = _home(args)
+    if (home / cc.CARD_INI).exists() and not args.force:
+        raise CommandError(f"{home} already holds a card ({home / cc.CARD_INI}); use another --home")
+    channel = vcli._channel_config(args)
+    password = cc.read_password(args.password_file, "New card password: ", confirm=True)
+    rand = crypto.system_random
+    kdf = ops.new_kdf(rand, legacy=args.legacy_kdf, log2_n=args.scrypt_log2n)
+    keys = ops.derive_keys(password, kdf)
+    items = []
+    slots = {}
+    for slot, kind in SLOT_KEYS.items():
+        der = crypto.generate_private_der(kind)
+        public = crypto.public_der_of(der)
+        alg = KeyAlg.RSA2048 if kind == "rsa2048" else KeyAlg.P256
+        items.append(PlainItem(ItemKind.KEY, slot, der, alg, public))
+        slots[slot] = kind
+        del der
+    envelope = seal_envelope(args.serial, keys.protection_key, items, rand)
+    items.clear()
+    result: dict = {}
+
+    async def run(reactor):
+        proto = await connect(reactor, args.server, args.server_key, channel)
+        try:
+            await ops.enrol(proto, args.serial, args.code, keys, kdf, envelope)
+        except ops.OperationRefused as e:
+            raise CommandError(f"enrolment refused ({e.status.name}): check the serial and the one-time code")
+        proto.closeChannel()
+        result.update(serial=args.serial, server=args.server, slots=slots, kdf=kdf.alg.name.lower())
+
+    try:
+        _react(run)
+    except CommandError as e:
+        if "ChannelClosed" in str(e) or "connect" in str(e):
+            raise
+        raise
+    values = dict(server=args.server, server_key=args.server_key, serial=args.serial)
+    if args.suites:
+        values["suites"] = args.suites
+    if args.forward_secrecy:
+        values["forward_secrecy"] = args.forward_secrecy
+    if args.allow_insecure:
+        values["allow_insecure"] = "true"
+    cc.save(home, **values)
+    emit(args, dict(result, home=str(home)),
+         f"card {args.serial} enrolled at {args.server}; settings in {home / cc.CARD_INI}\n"
+         f"keys: " + ", ".join(f"{s} {k}" for s, k in slots.items()) + "\n"
+         f"insert it with: twistd -n vsc-card --home {home}")
+    return 0
+
+
+def _offline(args, op: str) -> int:
+    from vsc import crypto
+    from vsc.card import config as cc
+    from vsc.card import ops
+    from vsc.card.connect import connect
+    from vsc.card.machine import MachineLock, MachineLockHeld, compute_muk
+    from vsc.protocol.auth import load_master_key
+
+    cfg = cc.load(_home(args))
+    password = cc.read_password(args.password_file)
+    master = load_master_key(os.environ.get("VSC_MASTER_KEY_FILE"))
+    lock = MachineLock()
+    if op == "recover":
+        try:
+            lock.acquire()  # [0059]-[0060]: no other copy may run here while recovering
+        except MachineLockHeld as e:
+            raise CommandError(f"recover refused: {e}")
+    muk = compute_muk()
+
+    async def run(reactor):
+        proto = await connect(reactor, cfg.server, cfg.server_key, cfg.channel)
+        try:
+            if op == "recover":
+                await ops.recover(proto, cfg.serial, password, muk, master, crypto.system_random)
+            else:
+                await ops.destroy(proto, cfg.serial, password, master, muk, crypto.system_random)
+        except ops.OperationRefused as e:
+            raise CommandError(f"{op} refused: {_explain(e)}")
+        finally:
+            proto.closeChannel()
+
+    try:
+        _react(run)
+    finally:
+        lock.release()
+    state = "idle" if op == "recover" else "destroyed"
+    emit(args, {"serial": cfg.serial, "state": state}, f"card {cfg.serial} is now {state}")
+    return 0
+
+
+def cmd_recover(args) -> int:
+    return _offline(args, "recover")
+
+
+def cmd_destroy(args) -> int:
+    if not args.yes and sys.stdin.isatty():
+        answer = input("Destroying a card is final: every later operation on it is refused. Type 'destroy': ")
+        if answer.strip() != "destroy":
+            raise CommandError("not destroyed")
+    return _offline(args, "destroy")
+
+
+# ---------------------------------------------------------------- daemon commands
+
+
+def _call(args, command, **kwargs):
+    """One AMP call to the running daemon; returns the response dict."""
+    from twisted.internet.endpoints import UNIXClientEndpoint
+    from twisted.internet.protocol import Factory
+    from twisted.protocols import amp
+
+    from vsc.card.config import control_socket_for
+
+    sock = control_socket_for(_home(args))
+    if not sock.exists():
+        raise CommandError(f"no card daemon is running for {_home(args)} (start it: twistd -n vsc-card --home {_home(args)})")
+    out: dict = {}
+
+    async def run(reactor):
+        proto = await UNIXClientEndpoint(reactor, str(sock), timeout=10).connect(Factory.forProtocol(amp.AMP))
+        try:
+            out.update(await proto.callRemote(command, **kwargs))
+        except Exception as e:  # noqa: BLE001
+            from vsc.card.session import CardError
+
+            if isinstance(e, CardError) or e.__class__.__name__ == "CardError":
+                raise CommandError(str(e))
+            raise CommandError(_explain(e))
+        finally:
+            proto.transport.loseConnection()
+
+    _react(run)
+    return out
+
+
+def _read_in(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _write_out(path: str, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror}") from None
+
+
+def cmd_status(args) -> int:
+    from vsc.card import control
+
+    status = json.loads(_call(args, control.Status)["json"])
+    slots = ", ".join(f"{k} {v['algorithm']}" for k, v in sorted(status["slots"].items()))
+    emit(args, status,
+         f"card {status['serial']}: {status['state']} (version {status['version']}, suite {status['suite']})\n"
+         f"slots: {slots or 'none'}\ncounters: {', '.join(status['counters']) or 'none'}\n"
+         f"data objects: {', '.join(status['data']) or 'none'}\nmemory locked: {status['memory_locked']}")
+    return 0
+
+
+def cmd_public_key(args) -> int:
+    from vsc.card import control
+
+    pem = _call(args, control.PublicKey, slot=args.slot)["pem"]
+    emit(args, {"slot": args.slot, "pem": pem.decode()}, pem.decode().rstrip())
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from vsc.card import control
+
+    digest = hashlib.sha256(_read_in(args.input)).digest()
+    sig = _call(args, control.SignDigest, slot=args.slot, digest=digest)["signature"]
+    _write_out(args.output, sig)
+    emit(args, {"slot": args.slot, "signature_bytes": len(sig), "out": args.output},
+         f"signed with slot {args.slot}: {len(sig)} bytes written to {args.output}")
+    return 0
+
+
+def cmd_decrypt(args) -> int:
+    from vsc.card import control
+
+    plain = _call(args, control.Decrypt, slot=args.slot, ciphertext=_read_in(args.input), padding=args.padding)["plaintext"]
+    _write_out(args.output, plain)
+    emit(args, {"slot": args.slot, "bytes": len(plain), "out": args.output},
+         f"decrypted with slot {args.slot}: {len(plain)} bytes written to {args.output}")
+    return 0
+
+
+def cmd_counter(args) -> int:
+    from vsc.card import control
+
+    delta = (args.add or 0) - (args.sub or 0)
+    value = _call(args, control.Counter, name=args.name, delta=delta)["value"]
+    emit(args, {"name": args.name, "value": value}, f"{args.name} = {value}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from vsc.card import control
+
+    if args.data_action == "put":
+        _call(args, control.DataPut, name=args.name, value=_read_in(args.input))
+        emit(args, {"name": args.name, "stored": True}, f"data object {args.name} stored (synced to the server)")
+    else:
+        value = _call(args, control.DataGet, name=args.name)["value"]
+        _write_out(args.output, value)
+        emit(args, {"name": args.name, "bytes": len(value), "out": args.output},
+             f"data object {args.name}: {len(value)} bytes written to {args.output}")
+    return 0
+
+
+def cmd_remove(args) -> int:
+    from vsc.card import control
+
+    _call(args, control.Remove)
+    emit(args, {"state": "idle"}, "card removed")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def extend(sub) -> None:
+    card = sub.add_parser("card", help="use a Virtual Smart Card (enroll, status, sign, remove, ...)")
+    card.add_argument("--home", help="the card's home (default $VSC_HOME or ~/.config/vsc)")
+    csub = card.add_subparsers(dest="card_command", required=True, metavar="ACTION")
+
+    def add(name, func, help_):
+        p = csub.add_parser(name, help=help_)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("enroll", cmd_enroll, "create the card's keys locally and enrol it with a server")
+    p.add_argument("--server", required=True, help="server endpoint, e.g. tcp:127.0.0.1:7390")
+    p.add_argument("--server-key", required=True, help="the server key fingerprint to pin (SHA256:...)")
+    p.add_argument("--serial", required=True)
+    p.add_argument("--code", required=True, help="the one-time enrolment code from 'vsc admin issue'")
+    p.add_argument("--password-file", help="read the new password from this file or fd:N")
+    p.add_argument("--legacy-kdf", action="store_true", help="the patent's MD5+SALT derivation (conformance only)")
+    p.add_argument("--scrypt-log2n", type=int, default=15, help="scrypt cost, log2(N) (default 15)")
+    p.add_argument("--force", action="store_true", help="overwrite the settings of a card already in HOME")
+    vcli._add_channel_options(p)
+
+    for name, func, help_ in (("recover", cmd_recover, "free a card lost in a crash (only on the same machine)"),
+                              ("destroy", cmd_destroy, "destroy the card for good")):
+        p = add(name, func, help_)
+        p.add_argument("--password-file")
+        if name == "destroy":
+            p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    add("status", cmd_status, "state, serial, slots, counters")
+    p = add("public-key", cmd_public_key, "print a slot's public key (PEM)")
+    p.add_argument("--slot", required=True, choices=sorted(SLOT_KEYS))
+    p = add("sign", cmd_sign, "sign a file (SHA-256), as openssl dgst -sha256 -sign")
+    p.add_argument("--slot", required=True, choices=sorted(SLOT_KEYS))
+    p.add_argument("--in", dest="input", required=True)
+    p.add_argument("--out", dest="output", required=True)
+    p = add("decrypt", cmd_decrypt, "decrypt a file with a slot's RSA key")
+    p.add_argument("--slot", required=True, choices=sorted(SLOT_KEYS))
+    p.add_argument("--in", dest="input", required=True)
+    p.add_argument("--out", dest="output", required=True)
+    p.add_argument("--padding", choices=("pkcs1", "oaep"), default="pkcs1",
+                   help="pkcs1 (openssl pkeyutl -encrypt default) or oaep (SHA-256)")
+    p = add("counter", cmd_counter, "read or step a counter (synced before it is acknowledged)")
+    p.add_argument("name")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--add", type=int)
+    g.add_argument("--sub", type=int)
+    p = add("data", cmd_data, "store or read a confidential data object")
+    dsub = p.add_subparsers(dest="data_action", required=True)
+    dp = dsub.add_parser("put")
+    dp.add_argument("name")
+    dp.add_argument("--in", dest="input", required=True)
+    dp.add_argument("--json", action="store_true")
+    dg = dsub.add_parser("get")
+    dg.add_argument("name")
+    dg.add_argument("--out", dest="output", required=True)
+    dg.add_argument("--json", action="store_true")
+    add("remove", cmd_remove, "remove the card: upload, set idle, stop the daemon")
+
+
+vcli._PARSER_EXTENSIONS["top"].append(extend)

@@ -1,0 +1,250 @@
+"""
+The card's protected information, at rest and in use.
+
+At rest (on the server, or a dongle) it is an Envelope (vsc.wire.protected):
+a random data key wrapped under the password's protection key, and the
+index of items sealed under the data key, each item's secret value sealed
+on its own.
+
+In use ([0027]-[0028], [0099]-[0100], Figure 13) CardMemory keeps every item
+sealed under a fresh temporary key, in locked memory (vsc.card.memory); an
+operation opens ONE item into a locked buffer, and the buffer is zeroed as
+soon as the operation is done. The data key is kept the same way, so remove
+and sync can re-seal without the password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import attrs
+
+from vsc import crypto
+from vsc.card.memory import LockedBuffer, random_into
+from vsc.wire.protected import (
+    Item,
+    ItemKind,
+    KeyAlg,
+    SealedValue,
+    aad,
+    decode_envelope,
+    decode_index,
+    encode_envelope,
+    encode_index,
+)
+
+DATA_KEY = 32
+
+
+def wrapping_key(protection_key: bytes) -> bytes:
+    """A 256-bit AES key from the protection key (64-bit legacy keys included)."""
+    return crypto.hkdf_extract_expand(b"vsc protection wrap", protection_key, b"vsc1 wrap", 32)
+
+
+@attrs.frozen
+class PlainItem:
+    """An item with its plaintext value, used only by the enrolment process."""
+
+    kind: ItemKind
+    name: str
+    value: bytes = attrs.field(repr=False)
+    alg: KeyAlg = KeyAlg.NONE
+    public: bytes = b""
+
+
+def seal_envelope(serial: str, protection_key: bytes, items: list[PlainItem], rand: crypto.RandomBytes) -> bytes:
+    """Build the protected information for enrolment (a short-lived process)."""
+    with LockedBuffer(DATA_KEY) as dk:
+        random_into(dk.view)
+        sealed = []
+        for it in items:
+            out = bytearray(len(it.value) + 16)
+            nonce = rand(12)
+            tag = crypto.gcm_seal_into(dk.view, nonce, it.value, out, aad("item", serial, it.kind, it.name))
+            sealed.append(Item(it.kind, it.name, it.alg, it.public, SealedValue(nonce, bytes(out[: len(it.value)]), tag)))
+        return _envelope(serial, protection_key, dk.view, sealed, rand)
+
+
+def _envelope(serial: str, protection_key: bytes, data_key, sealed: list[Item], rand) -> bytes:
+    index = encode_index(sealed)
+    out = bytearray(len(index) + 16)
+    nonce = rand(12)
+    tag = crypto.gcm_seal_into(data_key, nonce, index, out, aad("index", serial))
+    index_sealed = SealedValue(nonce, bytes(out[: len(index)]), tag)
+    wk = wrapping_key(protection_key)
+    wout = bytearray(DATA_KEY + 16)
+    wnonce = rand(12)
+    wtag = crypto.gcm_seal_into(wk, wnonce, data_key, wout, aad("wrap", serial))
+    return encode_envelope(SealedValue(wnonce, bytes(wout[:DATA_KEY]), wtag), index_sealed)
+
+
+def rewrap(serial: str, envelope: bytes, old_protection_key: bytes, new_protection_key: bytes, rand) -> bytes:
+    """Password change: re-wrap only the data key; the items are untouched."""
+    wrap, index = decode_envelope(envelope)
+    with LockedBuffer(DATA_KEY) as dk:
+        crypto.gcm_open_into(wrapping_key(old_protection_key), wrap.nonce, wrap.ciphertext, wrap.tag, dk.view, aad("wrap", serial))
+        wk = wrapping_key(new_protection_key)
+        wout = bytearray(DATA_KEY + 16)
+        wnonce = rand(12)
+        wtag = crypto.gcm_seal_into(wk, wnonce, dk.view, wout, aad("wrap", serial))
+    from vsc.wire.protected import encode_envelope as _enc
+
+    return _enc(SealedValue(wnonce, bytes(wout[:DATA_KEY]), wtag), index)
+
+
+@attrs.define
+class _Held:
+    """One item sealed under the temporary key, in locked memory."""
+
+    kind: ItemKind
+    name: str
+    alg: KeyAlg
+    public: bytes
+    nonce: bytes
+    tag: bytes
+    length: int
+    buf: LockedBuffer
+
+
+class CardMemory:
+    """The protected information of an inserted card, under a temporary key."""
+
+    def __init__(self, serial: str, rand: crypto.RandomBytes = crypto.system_random):
+        self.serial = serial
+        self.rand = rand
+        self._temp = LockedBuffer(32)
+        random_into(self._temp.view)
+        self._items: dict[tuple[ItemKind, str], _Held] = {}
+        self._data_key: _Held | None = None
+        self._wrap: SealedValue | None = None
+        self.wiped = False
+
+    # -- loading (insert) and exporting (sync, remove)
+
+    @classmethod
+    def load(cls, serial: str, envelope: bytes, protection_key: bytes, rand=crypto.system_random) -> "CardMemory":
+        """Figure 13, 1002-1006: decrypt with the protection key, re-encrypt under temp, zero the plaintext."""
+        mem = cls(serial, rand)
+        try:
+            wrap, index = decode_envelope(envelope)
+            mem._wrap = wrap
+            with LockedBuffer(DATA_KEY) as dk:
+                crypto.gcm_open_into(
+                    wrapping_key(protection_key), wrap.nonce, wrap.ciphertext, wrap.tag, dk.view, aad("wrap", serial)
+                )
+                mem._data_key = mem._seal(ItemKind.DATA, "\x00data-key", KeyAlg.NONE, b"", dk.view)
+                idx = bytearray(len(index.ciphertext) + 16)
+                n = crypto.gcm_open_into(dk.view, index.nonce, index.ciphertext, index.tag, idx, aad("index", serial))
+                items = decode_index(memoryview(idx)[:n])
+                for it in items:
+                    with LockedBuffer(len(it.value.ciphertext)) as plain:
+                        crypto.gcm_open_into(
+                            dk.view, it.value.nonce, it.value.ciphertext, it.value.tag, plain.view,
+                            aad("item", serial, it.kind, it.name),
+                        )
+                        mem._items[(it.kind, it.name)] = mem._seal(it.kind, it.name, it.alg, it.public, plain.view)
+        except BaseException:
+            mem.wipe()
+            raise
+        return mem
+
+    def export(self) -> bytes:
+        """
+        The envelope to upload: every item re-sealed under the data key with
+        fresh nonces. The data key's wrap under the protection key is reused
+        as downloaded (it is ciphertext), so no password is needed.
+        """
+        if self._data_key is None or self._wrap is None:
+            raise RuntimeError("no data key")
+        with self._open(self._data_key) as dk:
+            sealed = []
+            for held in self._items.values():
+                with self._open(held) as plain:
+                    out = bytearray(held.length + 16)
+                    nonce = self.rand(12)
+                    tag = crypto.gcm_seal_into(dk, nonce, plain, out, aad("item", self.serial, held.kind, held.name))
+                    sealed.append(Item(held.kind, held.name, held.alg, held.public,
+                                       SealedValue(nonce, bytes(out[: held.length]), tag)))
+            index = encode_index(sealed)
+            out = bytearray(len(index) + 16)
+            nonce = self.rand(12)
+            tag = crypto.gcm_seal_into(dk, nonce, index, out, aad("index", self.serial))
+            return encode_envelope(self._wrap, SealedValue(nonce, bytes(out[: len(index)]), tag))
+
+    # -- the temporary-key layer
+
+    def _seal(self, kind, name, alg, public, plaintext) -> _Held:
+        buf = LockedBuffer(len(plaintext) + 16)
+        nonce = self.rand(12)
+        tag = crypto.gcm_seal_into(self._temp.view, nonce, plaintext, buf.view, aad("temp", self.serial, kind, name))
+        return _Held(kind, name, alg, public, nonce, tag, len(plaintext), buf)
+
+    @contextlib.contextmanager
+    def _open(self, held: _Held) -> Iterator[memoryview]:
+        if self.wiped:
+            raise RuntimeError("the card has been removed")
+        plain = LockedBuffer(held.length)
+        try:
+            crypto.gcm_open_into(
+                self._temp.view, held.nonce, held.buf.view[: held.length], held.tag, plain.view,
+                aad("temp", self.serial, held.kind, held.name),
+            )
+            yield plain.view
+        finally:
+            plain.free()
+
+    # -- what operations use
+
+    def items(self) -> list[tuple[ItemKind, str, KeyAlg, bytes]]:
+        return [(h.kind, h.name, h.alg, h.public) for h in self._items.values()]
+
+    def has(self, kind: ItemKind, name: str) -> bool:
+        return (kind, name) in self._items
+
+    @contextlib.contextmanager
+    def open(self, kind: ItemKind, name: str) -> Iterator[memoryview]:
+        """Decrypt one item into locked memory for one operation; zeroed on exit."""
+        held = self._items.get((kind, name))
+        if held is None:
+            raise KeyError(f"no {kind.name.lower()} {name!r}")
+        with self._open(held) as view:
+            yield view
+
+    def put(self, kind: ItemKind, name: str, value, alg: KeyAlg = KeyAlg.NONE, public: bytes = b"") -> "_Held | None":
+        """
+        Replace or add an item (its new value is sealed under temp at once).
+        Returns the previous sealed item: pass it to ``discard`` once the change
+        is synced, or to ``revert`` if the sync failed.
+        """
+        old = self._items.get((kind, name))
+        if old is not None and not public:
+            alg, public = old.alg, old.public
+        self._items[(kind, name)] = self._seal(kind, name, alg, public, value)
+        return old
+
+    def discard(self, old: "_Held | None") -> None:
+        if old is not None:
+            old.buf.free()
+
+    def revert(self, kind: ItemKind, name: str, old: "_Held | None") -> None:
+        new = self._items.pop((kind, name), None)
+        if new is not None:
+            new.buf.free()
+        if old is not None:
+            self._items[(kind, name)] = old
+
+    def wipe(self) -> None:
+        """Zero and unmap everything ([0029])."""
+        for held in self._items.values():
+            held.buf.free()
+        self._items.clear()
+        if self._data_key is not None:
+            self._data_key.buf.free()
+            self._data_key = None
+        self._temp.free()
+        self.wiped = True
+
+    @property
+    def locked(self) -> bool:
+        return self._temp.locked and all(h.buf.locked for h in self._items.values())

@@ -1,0 +1,111 @@
+"""``twistd vsc-card``: options and makeService (the plugin file only points here)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.application import service
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+from twisted.python import usage
+
+from vsc.card import config as card_config
+
+
+class Options(usage.Options):
+    synopsis = "--home HOME [--password-file F]"
+    longdesc = (
+        "Insert the Virtual Smart Card enrolled in HOME and serve it while it is in use: "
+        "the local control socket for 'vsc card ...' commands. SIGTERM removes the card, "
+        "then exits. A refused insert exits non-zero with one line on stderr."
+    )
+    optParameters = [
+        ["home", "H", None, "The card's home (default $VSC_HOME or ~/.config/vsc)."],
+        ["password-file", "p", None, "Read the password from this file or fd:N (default: the terminal)."],
+    ]
+
+
+class CardDaemon(service.Service):
+    log = Logger()
+
+    def __init__(self, reactor, cfg, password: str, master: bytes):
+        self.reactor = reactor
+        self.cfg = cfg
+        self._password = password
+        self.master = master
+        self.session = None
+        self.port = None
+        self.exit_code = 0
+
+    def startService(self) -> None:
+        super().startService()
+        from vsc.card.session import CardSession
+
+        self.session = CardSession(self.cfg, self.reactor, self.master, on_exit=self.exit)
+        d = ensureDeferred(self._start())
+        d.addErrback(lambda f: self.log.failure("card start failed", f) or self.exit(1, "internal error"))
+
+    async def _start(self) -> None:
+        from twisted.internet.endpoints import UNIXServerEndpoint
+
+        from vsc.card.control import ControlFactory, prepare_socket_path
+        from vsc.card.session import explain
+
+        try:
+            sock = self.cfg.control_socket
+            prepare_socket_path(sock)
+            password, self._password = self._password, ""
+            await self.session.insert(password)
+        except Exception as e:  # noqa: BLE001 - one clear line, non-zero exit
+            self.exit(1, f"insert refused: {explain(e)}")
+            return
+        factory = ControlFactory(self.session, on_remove=lambda: self.exit(0, ""))
+        self.port = await UNIXServerEndpoint(self.reactor, str(sock), mode=0o600).listen(factory)
+        self.log.info("card {serial} in use; control socket {sock}", serial=self.cfg.serial, sock=str(sock))
+        print(f"vsc-card: card {self.cfg.serial} inserted; control socket {sock}", file=sys.stderr, flush=True)
+
+    def exit(self, code: int, why: str) -> None:
+        if why:
+            print(f"vsc-card: {why}", file=sys.stderr, flush=True)
+        self.exit_code = code
+        if code:
+            # twistd has no exit status of its own: leave with ours once shut down
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, code)
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    def stopService(self):
+        super().stopService()
+        d = ensureDeferred(self._stop())
+        return d
+
+    async def _stop(self) -> None:
+        if self.port is not None:
+            await self.port.stopListening()
+        if self.session is not None and self.session.state == "in-use":
+            try:
+                await self.session.remove("the card process is stopping")
+                print(f"vsc-card: card {self.cfg.serial} removed", file=sys.stderr, flush=True)
+            except Exception as e:  # noqa: BLE001
+                from vsc.card.session import explain
+
+                print(f"vsc-card: remove failed: {explain(e)}; recover from this machine later", file=sys.stderr, flush=True)
+                self.session._wipe()
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    from vsc.protocol.auth import load_master_key
+
+    try:
+        cfg = card_config.load(options["home"])
+        master = load_master_key(os.environ.get("VSC_MASTER_KEY_FILE"))
+        password = card_config.read_password(options["password-file"])
+    except (card_config.CardConfigError, ValueError, OSError) as e:
+        sys.stderr.write(f"vsc-card: {e}\n")
+        raise SystemExit(2)
+    return CardDaemon(reactor, cfg, password, master)

@@ -1,0 +1,127 @@
+"""
+The layout of a card's protected information ([0025]) as the server stores
+it — opaque to the server, which never has the keys:
+
+    Envelope: magic "VSCP", format 1, the data key wrapped under the
+              password's protection key (AES-256-GCM), then the Index sealed
+              under the data key (AES-256-GCM).
+    Index:    the items; each item's secret value is sealed on its own under
+              the data key, so a card process can open one item for one
+              operation without ever holding the whole plaintext.
+
+A password change re-wraps only the data key.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+import construct as c
+
+from vsc.wire.codec import U8, U16, U32, Array, Bytes, StrictEnum, Text
+from vsc.wire.errors import ErrorCode, WireError
+
+MAX_ITEMS = 256
+MAX_VALUE = 256 * 1024
+
+
+class ItemKind(enum.IntEnum):
+    KEY = 1  # a private key (PKCS#8 DER); name = PIV slot, e.g. "9a"
+    COUNTER = 2  # a signed 64-bit counter ([0025]: software rental)
+    DATA = 3  # a confidential data object
+    PIN = 4  # PIN / PUK state (PIV)
+    CERT = 5  # a certificate (not secret, kept with its key)
+
+
+class KeyAlg(enum.IntEnum):
+    NONE = 0
+    RSA2048 = 1
+    P256 = 2
+
+
+@attrs.frozen
+class SealedValue:
+    nonce: bytes
+    ciphertext: bytes = attrs.field(repr=False)
+    tag: bytes
+
+
+@attrs.frozen
+class Item:
+    kind: ItemKind
+    name: str
+    alg: KeyAlg
+    public: bytes  # public key DER for KEY items; empty otherwise
+    value: SealedValue
+
+
+_Sealed = c.Struct("nonce" / c.Bytes(12), "ciphertext" / Bytes(U32, MAX_VALUE, 0, "item value"), "tag" / c.Bytes(16))
+
+_Item = c.Struct(
+    "kind" / StrictEnum(U8, ItemKind),
+    "name" / Text(U8, 64, 1, "item name"),
+    "alg" / StrictEnum(U8, KeyAlg),
+    "public" / Bytes(U16, 4096, 0, "public key"),
+    "value" / _Sealed,
+)
+
+IndexSchema = c.Struct(
+    "format" / c.Const(1, U8),
+    "items" / Array(U16, _Item, MAX_ITEMS, 0, "items"),
+    c.Terminated,
+)
+
+EnvelopeSchema = c.Struct(
+    "magic" / c.Const(b"VSCP"),
+    "format" / c.Const(1, U8),
+    "wrap" / _Sealed,
+    "index" / _Sealed,
+    c.Terminated,
+)
+
+AadSchema = c.Struct("label" / c.PascalString(U8, "ascii"), "serial" / Text(U8, 64, 1, "serial"),
+                     "kind" / U8, "name" / Text(U8, 64, 0, "name"))
+CounterSchema = c.Int64sb
+
+
+def aad(label: str, serial: str, kind: int = 0, name: str = "") -> bytes:
+    return AadSchema.build(dict(label=label, serial=serial, kind=kind, name=name))
+
+
+def _sealed(v) -> SealedValue:
+    return SealedValue(nonce=v.nonce, ciphertext=v.ciphertext, tag=v.tag)
+
+
+def encode_index(items: list[Item]) -> bytes:
+    return IndexSchema.build(
+        dict(items=[dict(kind=i.kind, name=i.name, alg=i.alg, public=i.public, value=attrs.asdict(i.value)) for i in items])
+    )
+
+
+def decode_index(data) -> list[Item]:
+    try:
+        parsed = IndexSchema.parse(bytes(data))
+    except c.ConstructError as e:
+        raise WireError(ErrorCode.MALFORMED, f"protected information index: {str(e).strip()}") from None
+    return [Item(kind=i.kind, name=i.name, alg=i.alg, public=i.public, value=_sealed(i.value)) for i in parsed["items"]]
+
+
+def encode_envelope(wrap: SealedValue, index: SealedValue) -> bytes:
+    return EnvelopeSchema.build(dict(wrap=attrs.asdict(wrap), index=attrs.asdict(index)))
+
+
+def decode_envelope(data: bytes) -> tuple[SealedValue, SealedValue]:
+    try:
+        parsed = EnvelopeSchema.parse(data)
+    except c.ConstructError as e:
+        raise WireError(ErrorCode.MALFORMED, f"protected information envelope: {str(e).strip()}") from None
+    return _sealed(parsed.wrap), _sealed(parsed.index)
+
+
+def encode_counter(value: int) -> bytes:
+    return CounterSchema.build(value)
+
+
+def decode_counter(data) -> int:
+    return CounterSchema.parse(bytes(data))
