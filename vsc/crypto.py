@@ -327,3 +327,161 @@ def scrypt(password: bytes, salt: bytes, log2_n: int, r: int, p: int, length: in
     if not 10 <= log2_n <= 22:
         raise ValueError("scrypt cost log2(N) must be 10..22")
     return hashlib.scrypt(password, salt=salt, n=1 << log2_n, r=r, p=p, maxmem=256 * 1024 * 1024, dklen=length)
+
+
+# ---------------------------------------------------------------- in-place AEAD (for locked memory)
+
+GCM_NONCE = 12
+GCM_TAG = 16
+
+
+def gcm_seal_into(key, nonce: bytes, plaintext, out, aad: bytes = b"") -> bytes:
+    """
+    AES-256-GCM encrypt ``plaintext`` (any buffer) into the writable buffer
+    ``out`` (len(plaintext) + 15 bytes at least); returns the tag. ``key`` may
+    be a memoryview into locked memory: no copy of it or of the plaintext is
+    made on the Python heap.
+    """
+    enc = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+    if aad:
+        enc.authenticate_additional_data(aad)
+    enc.update_into(plaintext, out)
+    enc.finalize()
+    return enc.tag
+
+
+def gcm_open_into(key, nonce: bytes, ciphertext, tag: bytes, out, aad: bytes = b"") -> int:
+    """AES-256-GCM decrypt into ``out``; raises CryptoError (never swallowed) on a bad tag."""
+    dec = Cipher(algorithms.AES(key), modes.GCM(nonce, tag)).decryptor()
+    if aad:
+        dec.authenticate_additional_data(aad)
+    n = dec.update_into(ciphertext, out)
+    try:
+        dec.finalize()
+    except InvalidTag as e:
+        raise CryptoError("protected information failed authentication (wrong key or tampered)") from e
+    return n
+
+
+# ---------------------------------------------------------------- card key pairs
+
+from cryptography.hazmat.primitives.asymmetric import ec as _ec  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import utils as _autils  # noqa: E402
+
+KEY_RSA2048 = "rsa2048"
+KEY_P256 = "p256"
+
+
+def generate_private_der(kind: str) -> bytes:
+    """A new key pair as PKCS#8 DER (used by the short-lived enrolment process)."""
+    if kind == KEY_RSA2048:
+        key = _rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    elif kind == KEY_P256:
+        key = _ec.generate_private_key(_ec.SECP256R1())
+    else:
+        raise ValueError(f"unknown key kind {kind!r}")
+    return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def public_der_of(private_der) -> bytes:
+    key = serialization.load_der_private_key(private_der, password=None)
+    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def public_pem(public_der: bytes) -> bytes:
+    key = serialization.load_der_public_key(public_der)
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def public_kind(public_der: bytes) -> str:
+    key = serialization.load_der_public_key(public_der)
+    if isinstance(key, _rsa.RSAPublicKey):
+        return f"rsa{key.key_size}"
+    if isinstance(key, _ec.EllipticCurvePublicKey):
+        return {"secp256r1": KEY_P256}.get(key.curve.name, key.curve.name)
+    return "unknown"
+
+
+class PrivateKeyHandle:
+    """
+    A private key loaded from a buffer for ONE operation. The key lives in
+    OpenSSL memory, which OpenSSL cleanses when this object is freed; use it
+    as a context manager and drop it right after.
+    """
+
+    def __init__(self, der_buffer):
+        self._key = serialization.load_der_private_key(der_buffer, password=None)
+
+    def __enter__(self) -> "PrivateKeyHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._key = None
+
+    def sign_sha256(self, data: bytes) -> bytes:
+        """What ``openssl dgst -sha256 -sign`` gives: PKCS#1 v1.5 for RSA, DER ECDSA for EC."""
+        if isinstance(self._key, _rsa.RSAPrivateKey):
+            return self._key.sign(data, _apadding.PKCS1v15(), hashes.SHA256())
+        return self._key.sign(data, _ec.ECDSA(hashes.SHA256()))
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """
+        Sign a precomputed SHA-256 digest: the same signature ``sign_sha256``
+        gives over the data (PKCS#1 v1.5 for RSA, DER ECDSA for EC).
+        """
+        if len(digest) != 32:
+            raise CryptoError("a SHA-256 digest is 32 bytes")
+        if isinstance(self._key, _rsa.RSAPrivateKey):
+            return self._key.sign(digest, _apadding.PKCS1v15(), _autils.Prehashed(hashes.SHA256()))
+        return self._key.sign(digest, _ec.ECDSA(_autils.Prehashed(hashes.SHA256())))
+
+    def decrypt(self, ciphertext: bytes, padding_name: str = "pkcs1") -> bytes:
+        if not isinstance(self._key, _rsa.RSAPrivateKey):
+            raise CryptoError("decryption needs an RSA key")
+        if padding_name == "oaep":
+            pad = _apadding.OAEP(mgf=_apadding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+        else:
+            pad = _apadding.PKCS1v15()
+        try:
+            return self._key.decrypt(ciphertext, pad)
+        except ValueError as e:
+            raise CryptoError("decryption failed") from e
+
+    def raw_rsa(self, block: bytes) -> bytes:
+        """The raw RSA private operation m^d mod n on an already padded block (PIV)."""
+        if not isinstance(self._key, _rsa.RSAPrivateKey):
+            raise CryptoError("raw RSA needs an RSA key")
+        nums = self._key.private_numbers()
+        n = nums.public_numbers.n
+        m = int.from_bytes(block, "big")
+        if m >= n:
+            raise CryptoError("block is not smaller than the modulus")
+        size = (n.bit_length() + 7) // 8
+        return pow(m, nums.d, n).to_bytes(size, "big")
+
+    def ecdh(self, peer_point: bytes) -> bytes:
+        if not isinstance(self._key, _ec.EllipticCurvePrivateKey):
+            raise CryptoError("ECDH needs an EC key")
+        peer = _ec.EllipticCurvePublicKey.from_encoded_point(self._key.curve, peer_point)
+        return self._key.exchange(_ec.ECDH(), peer)
+
+
+def verify_sha256(public_der: bytes, data: bytes, signature: bytes) -> bool:
+    key = serialization.load_der_public_key(public_der)
+    try:
+        if isinstance(key, _rsa.RSAPublicKey):
+            key.verify(signature, data, _apadding.PKCS1v15(), hashes.SHA256())
+        else:
+            key.verify(signature, data, _ec.ECDSA(hashes.SHA256()))
+    except Exception:  # noqa: BLE001 - InvalidSignature or a malformed signature
+        return False
+    return True
+
+
+def rsa_encrypt(public_der: bytes, plaintext: bytes, padding_name: str = "pkcs1") -> bytes:
+    key = serialization.load_der_public_key(public_der)
+    if padding_name == "oaep":
+        pad = _apadding.OAEP(mgf=_apadding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    else:
+        pad = _apadding.PKCS1v15()
+    return key.encrypt(plaintext, pad)
