@@ -151,7 +151,8 @@ def test_handshake_every_suite_and_forward_secrecy_policy(suite, server_fs, card
     fs = server_fs is not OFF and card_fs is not OFF
     (s_up,) = only(p.server_log, Established)
     (c_up,) = only(p.card_log, Established)
-    assert s_up.info == c_up.info == ChannelInfo(suite, fs, fixed_fingerprint())
+    # des-cbc-md5 mixes X25519 only into key confirmation: never reported forward secret
+    assert s_up.info == c_up.info == ChannelInfo(suite, fs and suite is not Suite.DES_CBC_MD5, fixed_fingerprint())
     assert c_up.info.insecure is (suite is DES)
     assert p.server.established and p.card.established
     # the handshake timer was set at start and cancelled on establishment, on both ends

@@ -79,23 +79,32 @@ def transcript_hash(hello_frame: bytes, key_transport_frame: bytes) -> bytes:
 @attrs.frozen
 class SessionKeys:
     suite: Suite
-    forward_secret: bool
+    x25519: bool  # an X25519 secret was mixed into the key schedule
     card_to_server: crypto.RecordCipher
     server_to_card: crypto.RecordCipher
     server_finished_key: bytes = attrs.field(repr=False)
     client_finished_key: bytes = attrs.field(repr=False)
     transcript: bytes
 
+    @property
+    def forward_secret(self) -> bool:
+        """
+        Whether recorded traffic stays safe if the server key leaks later. The
+        legacy suite's record keys are s1 and s2 themselves (RSA-transported),
+        so mixing X25519 in only protects its key confirmation: not forward secret.
+        """
+        return self.x25519 and self.suite not in INSECURE_SUITES
+
     def server_mac(self) -> bytes:
         return crypto.hmac_sha256(
             self.server_finished_key,
-            finished_input("server finished", self.transcript, self.suite, self.forward_secret),
+            finished_input("server finished", self.transcript, self.suite, self.x25519),
         )
 
     def client_mac(self) -> bytes:
         return crypto.hmac_sha256(
             self.client_finished_key,
-            finished_input("client finished", self.transcript, self.suite, self.forward_secret),
+            finished_input("client finished", self.transcript, self.suite, self.x25519),
         )
 
 
@@ -130,7 +139,7 @@ def derive_keys(
         raise ValueError(suite)
     return SessionKeys(
         suite=suite,
-        forward_secret=bool(dh_shared),
+        x25519=bool(dh_shared),
         card_to_server=c2s,
         server_to_card=s2c,
         server_finished_key=expand("server finished", 32),

