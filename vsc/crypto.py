@@ -485,3 +485,49 @@ def rsa_encrypt(public_der: bytes, plaintext: bytes, padding_name: str = "pkcs1"
     else:
         pad = _apadding.PKCS1v15()
     return key.encrypt(plaintext, pad)
+
+
+# ---------------------------------------------------------------- vendor keys (licence keyfiles)
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: E402
+    Ed25519PrivateKey as _Ed25519PrivateKey,
+    Ed25519PublicKey as _Ed25519PublicKey,
+)
+
+
+def vendor_keygen() -> tuple[bytes, bytes]:
+    """A software vendor's Ed25519 signing key: (private PKCS#8 PEM, public SPKI PEM)."""
+    key = _Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, public
+
+
+def vendor_sign(private_pem: bytes, data: bytes) -> bytes:
+    key = serialization.load_pem_private_key(private_pem, password=None)
+    if not isinstance(key, _Ed25519PrivateKey):
+        raise CryptoError("the vendor key must be an Ed25519 private key (vsc license keygen)")
+    return key.sign(data)
+
+
+def vendor_public_der(public_pem: bytes) -> bytes:
+    key = serialization.load_pem_public_key(public_pem)
+    if not isinstance(key, _Ed25519PublicKey):
+        raise CryptoError("the vendor public key must be Ed25519")
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def vendor_verify(public_pem: bytes, data: bytes, signature: bytes) -> bool:
+    key = serialization.load_pem_public_key(public_pem)
+    if not isinstance(key, _Ed25519PublicKey):
+        raise CryptoError("the vendor public key must be Ed25519")
+    try:
+        key.verify(signature, data)
+    except Exception:  # noqa: BLE001 - InvalidSignature
+        return False
+    return True
+
+
+def public_der_from_pem(pem: bytes) -> bytes:
+    key = serialization.load_pem_public_key(pem)
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

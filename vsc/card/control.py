@@ -61,6 +61,14 @@ class DataGet(amp.Command):
     errors = {CardError: b"CARD_ERROR"}
 
 
+class LicenseFund(amp.Command):
+    """Create a licence counter with ``amount`` units if it does not exist yet (once per grant)."""
+
+    arguments = [(b"name", amp.Unicode()), (b"amount", amp.Integer())]
+    response = [(b"value", amp.Integer())]
+    errors = {CardError: b"CARD_ERROR"}
+
+
 class Remove(amp.Command):
     arguments = []
     response = []
@@ -129,6 +137,13 @@ class ControlProtocol(amp.AMP):
     def data_get(self, name):
         async def run():
             return {"value": await self.session.data_get(name)}
+
+        return _guard(run)()
+
+    @LicenseFund.responder
+    def license_fund(self, name, amount):
+        async def run():
+            return {"value": await self.session.fund_counter(name, amount)}
 
         return _guard(run)()
 

@@ -26,6 +26,7 @@ from vsc.wire.protected import ItemKind, KeyAlg, decode_counter, encode_counter
 
 SLOTS = ("9a", "9c", "9d", "9e")
 MAX_DATA = 60000
+LICENCE_PREFIX = "lic:"
 
 
 class CardError(Exception):
@@ -248,11 +249,30 @@ class CardSession:
                 if not exists:
                     raise CardError(f"no counter {name!r}")
                 return value
+            if delta > 0 and name.startswith(LICENCE_PREFIX):
+                raise CardError(f"licence counters are funded by keyfiles only; {name!r} cannot be increased")
             new = value + delta
             if new < 0:
                 raise CardError(f"counter {name!r} is {value}; it cannot go below zero")
             await self._modify(ItemKind.COUNTER, name, encode_counter(new))
             return new
+
+        return await self._locked(run)
+
+    async def fund_counter(self, name: str, amount: int) -> int:
+        """A licence grant funds its counter once: created with ``amount`` units if absent, never topped up."""
+
+        async def run():
+            mem = self._require_in_use()
+            if not name.startswith(LICENCE_PREFIX):
+                raise CardError("only licence counters (lic:...) are funded by keyfiles")
+            if mem.has(ItemKind.COUNTER, name):
+                with mem.open(ItemKind.COUNTER, name) as v:
+                    return decode_counter(v)
+            if amount < 0:
+                raise CardError("a grant cannot be negative")
+            await self._modify(ItemKind.COUNTER, name, encode_counter(amount))
+            return amount
 
         return await self._locked(run)
 

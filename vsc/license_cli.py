@@ -1,0 +1,260 @@
+"""
+``vsc license keygen|issue|show|check`` (the vendor's keyfile generator and
+the customer's check) and ``vsc run`` (the digital ignition key).
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from vsc import cli as vcli
+from vsc import lcp
+from vsc.cli import CommandError, emit
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _parse_date(text: str) -> int:
+    """YYYY-MM-DD (UTC midnight) or seconds since the epoch."""
+    if text.isdigit():
+        return int(text)
+    try:
+        return calendar.timegm(time.strptime(text, "%Y-%m-%d"))
+    except ValueError:
+        raise CommandError(f"--expires {text!r}: use YYYY-MM-DD or seconds since the epoch") from None
+
+
+def cmd_keygen(args) -> int:
+    from vsc import crypto
+
+    private, public = crypto.vendor_keygen()
+    for path, data, mode in ((args.private, private, 0o600), (args.public, public, 0o644)):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            raise CommandError(f"{path} exists; refusing to overwrite a vendor key") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    emit(args, {"private": args.private, "public": args.public},
+         f"vendor signing key: {args.private} (keep it secret)\nvendor public key: {args.public} (ship it with the program)")
+    return 0
+
+
+def cmd_issue(args) -> int:
+    from vsc import crypto
+    from vsc.wire.license import License
+
+    try:
+        card_key = crypto.public_der_from_pem(_read(args.card_key))
+    except ValueError as e:
+        raise CommandError(f"{args.card_key}: not a PEM public key ({e})") from None
+    lic = License(
+        product=args.product,
+        license_id=os.urandom(16),
+        card_key=card_key,
+        slot=args.slot,
+        issued=int(time.time()),  # clock-ok: the vendor's tool stamps the issue date
+        expires=_parse_date(args.expires) if args.expires else 0,
+        runs=args.runs or 0,
+        counter=args.counter or "",
+        cost=args.cost,
+        features=tuple(f.strip() for f in (args.features or "").split(",") if f.strip()),
+        vendor=args.vendor or "",
+    )
+    try:
+        text = lcp.issue(_read(args.vendor_key), lic)
+    except (crypto.CryptoError, ValueError) as e:
+        raise CommandError(f"cannot sign with {args.vendor_key}: {e}") from None
+    Path(args.out).write_text(text)
+    emit(args, {"out": args.out, "product": lic.product, "license_id": lic.license_id.hex()},
+         f"keyfile for {lic.product} written to {args.out} (licence {lic.license_id.hex()})")
+    return 0
+
+
+def _describe(lic) -> dict:
+    return {
+        "product": lic.product,
+        "license_id": lic.license_id.hex(),
+        "slot": lic.slot,
+        "card_key_sha256": hashlib.sha256(lic.card_key).hexdigest(),
+        "issued": lic.issued,
+        "expires": lic.expires or None,
+        "runs": lic.runs or None,
+        "counter": lcp.counter_name(lic) if (lic.runs or lic.counter) else None,
+        "cost": lic.cost,
+        "features": list(lic.features),
+        "vendor": lic.vendor,
+    }
+
+
+def _load(args):
+    try:
+        lic = lcp.load(args.license, _read(args.vendor_key))
+        lcp.check_limits(lic, time.time(), getattr(args, "feature", None))  # clock-ok: CLI-level expiry check
+    except lcp.LicenseError as e:
+        raise CommandError(str(e)) from None
+    return lic
+
+
+def cmd_show(args) -> int:
+    lic = _load(args)
+    d = _describe(lic)
+    emit(args, d, "\n".join(f"{k}: {v}" for k, v in d.items()))
+    return 0
+
+
+# ---------------------------------------------------------------- talking to the card
+
+
+async def prove(reactor, home: Path, lic) -> None:
+    """The inserted card signs a fresh challenge with the key the keyfile names."""
+    from vsc.card import control
+
+    nonce = os.urandom(32)
+    digest = hashlib.sha256(lcp.proof_challenge(lic, nonce)).digest()
+    resp = await _call(reactor, home, control.SignDigest, slot=lic.slot, digest=digest)
+    if not lcp.verify_proof(lic, nonce, resp["signature"]):
+        raise lcp.LicenseError("the inserted card does not hold the key this licence was issued to")
+
+
+async def charge(reactor, home: Path, lic) -> int:
+    """Take ``cost`` units from the licence's counter (funded once per grant); synced before it returns."""
+    from vsc.card import control
+
+    name = lcp.counter_name(lic)
+    if lic.runs:
+        await _call(reactor, home, control.LicenseFund, name=name, amount=lic.runs)
+    try:
+        resp = await _call(reactor, home, control.Counter, name=name, delta=-lic.cost)
+    except lcp.LicenseError as e:
+        if "below zero" in str(e) or "no counter" in str(e):
+            raise lcp.LicenseError(f"no runs left on the licence for {lic.product} (counter {name})") from None
+        raise
+    return resp["value"]
+
+
+async def _call(reactor, home: Path, command, **kwargs) -> dict:
+    from twisted.internet.endpoints import UNIXClientEndpoint
+    from twisted.internet.protocol import Factory
+    from twisted.protocols import amp
+
+    from vsc.card.config import control_socket_for
+
+    sock = control_socket_for(home)
+    if not sock.exists():
+        raise lcp.LicenseError(f"no card is inserted (no card daemon for {home})")
+    try:
+        proto = await UNIXClientEndpoint(reactor, str(sock), timeout=10).connect(Factory.forProtocol(amp.AMP))
+    except Exception:  # noqa: BLE001
+        raise lcp.LicenseError(f"no card is inserted (cannot reach the card daemon for {home})") from None
+    try:
+        return await proto.callRemote(command, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the card's one-line reason
+        raise lcp.LicenseError(f"the card refused: {e}") from None
+    finally:
+        proto.transport.loseConnection()
+
+
+def _home(args) -> Path:
+    from vsc.card.config import default_home
+
+    return Path(args.home) if args.home else default_home()
+
+
+def cmd_check(args) -> int:
+    from twisted.internet.task import react
+
+    lic = _load(args)
+    out: dict = {}
+
+    async def run(reactor):
+        try:
+            await prove(reactor, _home(args), lic)
+            if args.charge and (lic.runs or lic.counter):
+                out["remaining"] = await charge(reactor, _home(args), lic)
+        except lcp.LicenseError as e:
+            raise CommandError(str(e)) from None
+
+    vcli._react(react, run)
+    emit(args, dict(_describe(lic), ok=True, **out), f"licence for {lic.product}: valid, card present"
+         + (f", {out['remaining']} runs left" if "remaining" in out else ""))
+    return 0
+
+
+# ---------------------------------------------------------------- vsc run
+
+
+def cmd_run(args) -> int:
+    from twisted.internet import reactor
+
+    from vsc.lcp_run import IgnitionKey
+
+    if not args.program:
+        raise CommandError("no program given: vsc run --license K --vendor-key V -- PROGRAM ARGS")
+    program = args.program[1:] if args.program[0] == "--" else args.program
+    lic = _load(args)
+    key = IgnitionKey(reactor, _home(args), lic, program, interval=args.interval, grace=args.grace,
+                      prove=prove, charge=charge)
+    reactor.callWhenRunning(key.start)
+    reactor.run()
+    if key.refusal:
+        print(f"vsc: {key.refusal}", file=sys.stderr)
+    return key.exit_code
+
+
+def extend(sub) -> None:
+    lic = sub.add_parser("license", help="licence keyfiles: the vendor's generator and the customer's check")
+    lsub = lic.add_subparsers(dest="license_command", required=True, metavar="ACTION")
+    p = lsub.add_parser("keygen", help="create a vendor signing key (Ed25519)")
+    p.add_argument("--private", required=True, help="where to write the private key (0600)")
+    p.add_argument("--public", required=True, help="where to write the public key (ship it with the program)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keygen)
+    p = lsub.add_parser("issue", help="sign a keyfile binding a product to a customer card's key")
+    p.add_argument("--vendor-key", required=True, help="the vendor's private signing key (PEM)")
+    p.add_argument("--product", required=True)
+    p.add_argument("--card-key", required=True, help="the customer card's public key (PEM, from 'vsc card public-key')")
+    p.add_argument("--slot", default="9c", help="the card slot holding that key (default 9c)")
+    p.add_argument("--expires", help="YYYY-MM-DD or epoch seconds (default: never)")
+    p.add_argument("--runs", type=int, help="a rental grant: this many runs, counted on the card")
+    p.add_argument("--counter", help="charge runs to this named card counter instead of one per grant")
+    p.add_argument("--cost", type=int, default=1, help="units per run (default 1)")
+    p.add_argument("--features", help="comma-separated features (try-before-buy tiers)")
+    p.add_argument("--vendor", help="vendor name to record")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_issue)
+    for name, func, help_ in (("show", cmd_show, "verify and print a keyfile"),
+                              ("check", cmd_check, "verify a keyfile and have the inserted card prove it")):
+        p = lsub.add_parser(name, help=help_)
+        p.add_argument("--license", required=True)
+        p.add_argument("--vendor-key", required=True, help="the vendor's public key (PEM)")
+        p.add_argument("--feature", help="also require this feature")
+        p.add_argument("--home", help="the card's home (default $VSC_HOME or ~/.config/vsc)")
+        p.add_argument("--json", action="store_true")
+        if name == "check":
+            p.add_argument("--charge", action="store_true", help="take one run from a rental counter")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("run", help="run a program only while the licensed card is inserted (digital ignition key)")
+    p.add_argument("--license", required=True)
+    p.add_argument("--vendor-key", required=True, help="the vendor's public key (PEM)")
+    p.add_argument("--home", help="the card's home (default $VSC_HOME or ~/.config/vsc)")
+    p.add_argument("--feature", help="require this feature")
+    p.add_argument("--interval", type=float, default=5.0, help="re-prove every N seconds (default 5)")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL (default 5)")
+    p.add_argument("program", nargs="*", help="-- PROGRAM ARGS")
+    p.set_defaults(func=cmd_run)
+
+
+vcli._PARSER_EXTENSIONS["top"].append(extend)
