@@ -6,8 +6,9 @@ deadline timers. The glue (vsc.server.service) runs store calls on a thread
 pool and feeds their results back.
 
     idle --request--> leasing --granted--> working --loaded--> challenged
-      ^                  |busy                |stored              |answer/deadline
-      +------------------+--------------------+<------ working <---+
+      ^                  |busy: log it, then   |stored              |answer/deadline
+      |                  +--> working (BUSY)   |                    |
+      +----------------------------------------+<------ working <---+
 
 Mediation follows the patent: insert (Figure 6, 8) authenticates every
 configured method (all must pass, [0084]) before the check-out; remove
@@ -190,9 +191,22 @@ def _build():
         core.serial, core.op, core.request = req.serial, req.op, req
         core.emit(AcquireLease(req.serial))
 
-    @leasing.upon(OpsInputs.lease_busy).to(idle)
+    @leasing.upon(OpsInputs.lease_busy).to(working)
     def busy(m: OpsInputs, core: _Core) -> None:
-        core.reply(Status.BUSY)
+        # [0081]: refused; logged like every other refusal, then answered BUSY (no lease to release)
+        core.forced = Status.BUSY
+        core.emit(
+            StoreCall(
+                "refused",
+                dict(serial=core.serial, op=core.op.name.lower() if core.op is not None else "enrol", result="busy",
+                     peer=core.peer, detail="another operation on this serial is running"),
+            )
+        )
+
+    @leasing.upon(OpsInputs.store_failed).to(idle)
+    def lease_failed(m: OpsInputs, core: _Core, reason: str) -> None:
+        # taking the lease failed (database down): nothing was changed and no lease is held
+        core.reply(Status.INTERNAL)
         core.finish()
 
     @leasing.upon(OpsInputs.lease_granted).to(working)
@@ -248,7 +262,8 @@ def _build():
         req = core.request
         ok, why = _verify(core, resp)
         if not ok:
-            core.emit(StoreCall("auth_failed", dict(serial=core.serial, op=req.op.name.lower(), peer=core.peer, detail=why)))
+            core.emit(StoreCall("auth_failed", dict(serial=core.serial, op=req.op.name.lower(), peer=core.peer, detail=why,
+                                                   muk=resp.muk or None)))
             return
         muk = resp.muk
         if req.op is Op.INSERT:
@@ -293,7 +308,8 @@ def _build():
 
     @working.upon(OpsInputs.store_failed).to(idle)
     def failed(m: OpsInputs, core: _Core, reason: str) -> None:
-        core.reply(Status.INTERNAL)
+        # a refusal whose log line failed is still that refusal (nothing was changed)
+        core.reply(core.forced if core.forced is not None else Status.INTERNAL)
         core.finish()
 
     # ---- protocol violations and loss

@@ -89,7 +89,20 @@ class ServerProtocol(ChannelProtocol):
     # -- carrying out the operations machine's effects
 
     def _effects(self, effects: list) -> None:
+        # The lease goes back BEFORE the card hears the result: a card that starts its next
+        # operation as soon as it has the answer (on this channel or another) must not find
+        # its own finished operation still holding the serial (a spurious BUSY).
+        release = next((e for e in effects if isinstance(e, ReleaseLease)), None)
+        if release is not None and any(isinstance(e, Reply) for e in effects):
+            rest = [e for e in effects if e is not release]
+            self._do_effects([release]).addBoth(lambda _: self._do_effects(rest))
+            return
+        self._do_effects(effects)
+
+    def _do_effects(self, effects: list) -> Deferred | None:
+        """Carry out ``effects`` in order; returns the release's Deferred (never failing) if there is one."""
         backend: Backend = self.factory.backend
+        released = None
         for e in effects:
             if isinstance(e, Reply):
                 if not self.channel.closed:
@@ -103,8 +116,8 @@ class ServerProtocol(ChannelProtocol):
                 d.addCallbacks(lambda granted: self._effects(self.ops.lease(bool(granted))), self._store_error)
             elif isinstance(e, ReleaseLease):
                 self._lease_serial = None
-                backend.call("release", e.serial, backend.owner).addErrback(
-                    lambda f: self.log.failure("releasing the lease on {serial}", f, serial=e.serial)
+                released = backend.call("release", e.serial, backend.owner).addErrback(
+                    lambda f, serial=e.serial: self.log.failure("releasing the lease on {serial}", f, serial=serial)
                 )
             elif isinstance(e, LoadCard):
                 backend.call("get", e.serial).addCallbacks(lambda card: self._effects(self.ops.loaded(card)), self._store_error)
@@ -121,6 +134,7 @@ class ServerProtocol(ChannelProtocol):
                 self.log.info("{peer} broke the operation protocol: {reason}", peer=self.peer, reason=e.reason)
                 if not self.channel.closed:
                     self.closeChannel(ErrorCode.UNEXPECTED_MESSAGE)
+        return released
 
     def _store_error(self, failure: Failure) -> None:
         self.log.failure("database call failed for {peer}", failure, peer=self.peer)

@@ -458,7 +458,7 @@ class Store:
 
     # ------------------------------------------------------------ authentication bookkeeping
 
-    def auth_failed(self, serial: str, op: str, peer: str, detail: str) -> None:
+    def auth_failed(self, serial: str, op: str, peer: str, detail: str, muk: bytes | None = None) -> None:
         """Count a failed authentication (lockout with growing delays) and log the refusal."""
         now = self.now()
         with self._txn() as cur:
@@ -473,7 +473,7 @@ class Store:
                 )
                 if until:
                     detail += f"; locked out until {until:.0f} after {failures} failures"
-            self._history(cur, serial, op, "refused", peer, detail=detail)
+            self._history(cur, serial, op, "refused", peer, muk, detail=detail)
 
     def refused(self, serial: str, op: str, result: str, peer: str, muk: bytes | None = None, detail: str = "") -> None:
         """Log a refusal that changes nothing."""

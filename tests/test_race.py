@@ -1,0 +1,178 @@
+"""
+The acceptance test for exclusion and mediation [0081] under real
+concurrency: many machines insert the SAME card at the same moment, through
+several real ``twistd -n vsc-server`` processes sharing one database.
+
+Every round, 50 simulated machines (distinct MUKs and insert secrets) open
+fresh protected channels concurrently, alternating between the servers, and
+all send insert for one serial at once. Exactly one insert may succeed
+(Figure 6, [0077]: idle → in-use); every other machine must be told BUSY
+(the serial's lease was taken) or IN_USE (it was already checked out). The
+winner then removes (Figure 11, [0095]) uploading a new version, and the next
+round starts; the next winner must download exactly what the last one
+uploaded, whichever server each went through.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+
+from tests.servers import init_data_dir, open_store, servers  # noqa: F401  (servers is a fixture)
+from vsc import crypto
+from vsc.card import ops
+from vsc.card.connect import connect
+from vsc.protocol.auth import DEFAULT_MASTER_KEY, code_hash
+from vsc.server.policy import Policy, new_enrolment_code
+from vsc.wire.ops import Status
+
+pytestmark = pytest.mark.integration
+
+MACHINES = 50
+SERIAL = "shared-card"
+PASSWORD = "race password"
+STEP = 30.0  # bound on one round's network step
+
+
+def within(d, seconds: float = STEP) -> Deferred:
+    from twisted.internet import reactor
+
+    if not isinstance(d, Deferred):
+        d = ensureDeferred(d)
+    return d.addTimeout(seconds, reactor)
+
+
+async def enrol_shared_card(endpoint: str, fingerprint: str, data_dir) -> ops.PasswordKeys:
+    from twisted.internet import reactor
+
+    code = new_enrolment_code()
+    store = open_store(data_dir)
+    try:
+        store.issue(SERIAL, code_hash(code), Policy().initial_auth_info(), 3600)
+    finally:
+        store.close()
+    kdf = ops.new_kdf(crypto.system_random, log2_n=10)
+    keys = ops.derive_keys(PASSWORD, kdf)
+    p = await within(connect(reactor, endpoint, fingerprint))
+    try:
+        assert (await within(ops.enrol(p, SERIAL, code, keys, kdf, b"round 0"))).status is Status.OK
+    finally:
+        p.transport.loseConnection()
+    return keys
+
+
+async def attempt(proto, muk: bytes, secret: bytes, keys: ops.PasswordKeys):
+    """One machine's insert: (status, OpResult or None)."""
+    try:
+        result, _ = await ops.insert(proto, SERIAL, PASSWORD, muk, secret, DEFAULT_MASTER_KEY, keys=keys)
+        return result.status, result
+    except ops.OperationRefused as e:
+        return e.status, None
+
+
+async def race(endpoints: list[str], fingerprint: str, keys: ops.PasswordKeys, rounds: int) -> list[dict]:
+    """Run the rounds; returns one summary per round (winner, counts of each status)."""
+    from twisted.internet import reactor
+
+    muks = [crypto.sha256(f"machine {i}".encode()) for i in range(MACHINES)]
+    expected_download = b"round 0"
+    summaries = []
+    for rnd in range(1, rounds + 1):
+        protos = await within(gatherResults(
+            [ensureDeferred(_connect(reactor, endpoints[i % len(endpoints)], fingerprint)) for i in range(MACHINES)]))
+        try:
+            secrets = [os.urandom(32) for _ in range(MACHINES)]
+            outcomes = await within(gatherResults(
+                [ensureDeferred(attempt(protos[i], muks[i], secrets[i], keys)) for i in range(MACHINES)]))
+            statuses = collections.Counter(status.name for status, _ in outcomes)
+            winners = [i for i, (status, _) in enumerate(outcomes) if status is Status.OK]
+            summaries.append({"round": rnd, "winners": winners, "statuses": dict(statuses),
+                              "server": [w % len(endpoints) for w in winners]})
+            assert len(winners) == 1, f"round {rnd}: {len(winners)} winners: {dict(statuses)}"
+            assert set(statuses) <= {"OK", "BUSY", "IN_USE"}, f"round {rnd}: {dict(statuses)}"
+            w = winners[0]
+            won = outcomes[w][1]
+            # what the previous winner uploaded, through whichever server it went
+            assert won.protected == expected_download, f"round {rnd}"
+            expected_download = f"round {rnd}".encode()
+            removed = await within(ops.remove(protos[w], SERIAL, secrets[w], won.version, expected_download))
+            assert removed.status is Status.OK and removed.version == won.version + 1
+        finally:
+            for p in protos:
+                p.transport.loseConnection()
+    return summaries
+
+
+async def _connect(reactor, endpoint, fingerprint):
+    return await connect(reactor, endpoint, fingerprint)
+
+
+def check_history(data_dir, rounds: int, summaries: list[dict]) -> None:
+    store = open_store(data_dir)
+    try:
+        history = store.history(SERIAL)
+        card = store.get(SERIAL)
+    finally:
+        store.close()
+    counts = collections.Counter((h.op, h.result) for h in history)
+    assert counts[("insert", "ok")] == rounds
+    assert counts[("remove", "ok")] == rounds
+    # every refusal the machines saw is in the history too (BUSY as "busy", IN_USE as "in-use")
+    seen = collections.Counter()
+    for s in summaries:
+        seen.update(s["statuses"])
+    assert counts[("insert", "busy")] == seen["BUSY"]
+    assert counts[("insert", "in-use")] == seen["IN_USE"]
+    # check-outs and check-ins alternate strictly
+    transitions = [h.op for h in history if h.result == "ok" and h.op in ("insert", "remove")]
+    assert transitions == ["insert", "remove"] * rounds
+    assert card.state.value == "idle" and card.version == 1 + rounds and card.protected == f"round {rounds}".encode()
+
+
+def report(name: str, summaries: list[dict], elapsed: float) -> None:
+    totals = collections.Counter()
+    for s in summaries:
+        totals.update(s["statuses"])
+    winners_per_round = [len(s["winners"]) for s in summaries]
+    by_server = collections.Counter(x for s in summaries for x in s["server"])
+    print(f"\n{name}: {len(summaries)} rounds x {MACHINES} machines in {elapsed:.1f} s; "
+          f"winners per round: {dict(collections.Counter(winners_per_round))} (rounds won through server #: "
+          f"{dict(sorted(by_server.items()))}); all answers: {dict(totals)}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_race_two_servers_one_postgresql(tmp_path, pg_database_url, servers):  # noqa: F811
+    """2 server processes, 1 PostgreSQL database, 50 machines, 100 rounds: exactly one insert wins every round (the rest BUSY or IN_USE), and the history shows exactly 100 check-outs."""
+    rounds = 100
+    data_dir = tmp_path / "server"
+    info = init_data_dir(data_dir, pg_database_url)
+    pair = servers.start_many(data_dir, 2)
+    t0 = time.monotonic()
+    keys = await enrol_shared_card(pair[0].endpoint, info["fingerprint"], data_dir)
+    summaries = await race([s.endpoint for s in pair], info["fingerprint"], keys, rounds)
+    elapsed = time.monotonic() - t0
+    report("PostgreSQL, 2 servers", summaries, elapsed)
+    check_history(data_dir, rounds, summaries)
+    assert all(s.running() for s in pair)
+    assert elapsed < 120
+
+
+@pytest_twisted.ensureDeferred
+async def test_race_one_server_sqlite(tmp_path, servers):  # noqa: F811
+    """1 server process on SQLite, 50 machines, 20 rounds: exactly one insert wins every round."""
+    rounds = 20
+    data_dir = tmp_path / "server"
+    info = init_data_dir(data_dir)
+    server = servers.start(data_dir)
+    t0 = time.monotonic()
+    keys = await enrol_shared_card(server.endpoint, info["fingerprint"], data_dir)
+    summaries = await race([server.endpoint], info["fingerprint"], keys, rounds)
+    elapsed = time.monotonic() - t0
+    report("SQLite, 1 server", summaries, elapsed)
+    check_history(data_dir, rounds, summaries)
+    assert elapsed < 60
