@@ -228,7 +228,7 @@ _PARSER_EXTENSIONS: dict[str, list[Callable]] = {"admin": [], "top": []}
 def _load_extensions() -> None:
     import importlib
 
-    for mod in ("vsc.server.admin", "vsc.demo", "vsc.card.cli", "vsc.license_cli"):
+    for mod in ("vsc.server.admin", "vsc.demo", "vsc.card.cli", "vsc.license_cli", "vsc.dongle.cli"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

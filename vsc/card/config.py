@@ -76,8 +76,8 @@ def load(home: str | os.PathLike | None) -> CardConfig:
         )
         return CardConfig(
             home=home.absolute(),
-            server=s["server"],
-            server_key=s["server_key"],
+            server=s.get("server", "") if s.get("mode") == "dongle" else s["server"],
+            server_key=s.get("server_key", "") if s.get("mode") == "dongle" else s["server_key"],
             serial=s["serial"],
             channel=channel,
             muk_poll=s.getfloat("muk_poll", 60.0),

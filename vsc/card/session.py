@@ -318,6 +318,11 @@ class CardSession:
         assert self.memory is not None
         envelope = self.memory.export()
         last: Exception | None = None
+        await self._store(envelope)
+
+    async def _store(self, envelope: bytes) -> None:
+        """Where a modification goes before it is acknowledged: the VSC Server (a dongle overrides this)."""
+        last: Exception | None = None
         for _ in range(2):  # once on the live channel, once more on a fresh one
             try:
                 proto = await self._channel()
@@ -342,10 +347,7 @@ class CardSession:
 
         async def run():
             assert self.memory is not None
-            envelope = self.memory.export()
-            proto = await self._channel()
-            result = await ops.remove(proto, self.config.serial, self._secret, self.version, envelope)
-            self.version = result.version
+            await self._checkin(self.memory.export())
 
         try:
             await self._oplock.run(lambda: ensureDeferred(run()))
@@ -357,6 +359,12 @@ class CardSession:
         self.log.info("card {serial} removed ({reason})", serial=self.config.serial, reason=reason)
         if self._proto is not None and not self._proto.channel.closed:
             self._proto.closeChannel()
+
+    async def _checkin(self, envelope: bytes) -> None:
+        """Remove's upload 804 and set-idle 806 (a dongle overrides this)."""
+        proto = await self._channel()
+        result = await ops.remove(proto, self.config.serial, self._secret, self.version, envelope)
+        self.version = result.version
 
     def _wipe(self) -> None:
         if self.memory is not None:

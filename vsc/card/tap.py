@@ -23,11 +23,16 @@ class Options(usage.Options):
     optParameters = [
         ["home", "H", None, "The card's home (default $VSC_HOME or ~/.config/vsc)."],
         ["password-file", "p", None, "Read the password from this file or fd:N (default: the terminal)."],
+        ["dongle", None, None, "Run from a PKCS#11 token instead of a server (claim 10): pkcs11:token=LABEL;"
+         "module-path=LIB (default: the token in HOME's card.ini when it was enrolled with 'vsc dongle enroll')."],
+        ["token-pin-file", None, None, "Read the token PIN from this file (dongle mode)."],
     ]
 
 
 class CardDaemon(service.Service):
     log = Logger()
+
+    dongle = None  # (TokenRef, ChallengeTable, poll seconds) in dongle mode
 
     def __init__(self, reactor, cfg, password: str, master: bytes):
         self.reactor = reactor
@@ -42,7 +47,13 @@ class CardDaemon(service.Service):
         super().startService()
         from vsc.card.session import CardSession
 
-        self.session = CardSession(self.cfg, self.reactor, self.master, on_exit=self.exit)
+        if self.dongle is not None:
+            from vsc.dongle.session import DongleSession
+
+            token, table, poll = self.dongle
+            self.session = DongleSession(self.cfg, self.reactor, token, table, poll, on_exit=self.exit)
+        else:
+            self.session = CardSession(self.cfg, self.reactor, self.master, on_exit=self.exit)
         d = ensureDeferred(self._start())
         d.addErrback(lambda f: self.log.failure("card start failed", f) or self.exit(1, "internal error"))
 
@@ -108,4 +119,13 @@ def makeService(options: Options) -> service.IService:
     except (card_config.CardConfigError, ValueError, OSError) as e:
         sys.stderr.write(f"vsc-card: {e}\n")
         raise SystemExit(2)
-    return CardDaemon(reactor, cfg, password, master)
+    daemon = CardDaemon(reactor, cfg, password, master)
+    if options["dongle"] or cfg.settings.get("mode") == "dongle":
+        from vsc.dongle.cli import dongle_setup
+
+        try:
+            daemon.dongle = dongle_setup(cfg, options["dongle"], options["token-pin-file"])
+        except Exception as e:  # noqa: BLE001 - one line for the user
+            sys.stderr.write(f"vsc-card: {e}\n")
+            raise SystemExit(2)
+    return daemon

@@ -1,0 +1,244 @@
+"""
+``vsc dongle provision|enroll|replace|check``: putting a card on a PKCS#11
+token (claim 10, Figures 14 and 15).
+
+* provision (the issuer): a fresh DongleKey on the token (generated there,
+  non-extractable) and the challenge table of Figure 14 (1201-1203); the
+  issuer keeps a record of the card for replacement.
+* enroll (the owner): keys generated locally, the protected information
+  sealed under the owner's password key and written to the token.
+* replace (the issuer, [0107]): a lost token → a new token with a new
+  DongleKey and table, loaded from the issuer's records.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+
+from vsc import cli as vcli
+from vsc.cli import CommandError, emit
+
+TABLE_NAME = "dongle-table"
+
+
+def _pin(args_pin_file: str | None) -> str | None:
+    if not args_pin_file:
+        return None
+    from vsc.card.config import read_password
+
+    return read_password(args_pin_file)
+
+
+def _ref(uri: str, pin_file: str | None):
+    from vsc.dongle.token import TokenError, TokenRef
+
+    try:
+        return TokenRef.parse(uri, _pin(pin_file))
+    except TokenError as e:
+        raise CommandError(str(e)) from None
+
+
+def _new_table(ref, serial: str, entries: int):
+    from vsc.dongle.token import Token, TokenError
+    from vsc.wire.dongle import ChallengeTable
+
+    rows = []
+    try:
+        with Token(ref, rw=True) as tok:
+            tok.create_dongle_key()
+            for _ in range(entries):
+                challenge = os.urandom(16)
+                rows.append((challenge, tok.respond(challenge)))
+    except TokenError as e:
+        raise CommandError(str(e)) from None
+    return ChallengeTable(serial=serial, entries=tuple(rows))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _issuer_record(issuer_dir: str | None, serial: str) -> Path | None:
+    if not issuer_dir:
+        return None
+    d = Path(issuer_dir)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return d / f"{serial}.json"
+
+
+def cmd_provision(args) -> int:
+    from vsc.wire.dongle import encode_table
+
+    ref = _ref(args.token, args.token_pin_file)
+    if args.entries < 8:
+        raise CommandError("--entries must be at least 8")
+    table = _new_table(ref, args.serial, args.entries)
+    _write_private(Path(args.table), encode_table(table))
+    record = _issuer_record(args.issuer_dir, args.serial)
+    if record is not None:
+        record.write_text(json.dumps({"serial": args.serial, "token": ref.token_label,
+                                      "table": base64.b64encode(encode_table(table)).decode()}, indent=2))
+    emit(args, {"serial": args.serial, "token": ref.token_label, "entries": len(table.entries), "table": args.table},
+         f"token {ref.token_label}: DongleKey generated on the token (non-extractable); "
+         f"{len(table.entries)} challenges written to {args.table}")
+    return 0
+
+
+def cmd_enroll(args) -> int:
+    from vsc import crypto
+    from vsc.card import config as cc
+    from vsc.card import ops
+    from vsc.card.cli import SLOT_KEYS
+    from vsc.card.protected import PlainItem, seal_envelope
+    from vsc.dongle.token import KDF_LABEL, PROTECTED_LABEL, Token, TokenError
+    from vsc.wire.dongle import decode_table
+    from vsc.wire.protected import ItemKind, KeyAlg
+
+    home = Path(args.home) if args.home else cc.default_home()
+    if (home / cc.CARD_INI).exists() and not args.force:
+        raise CommandError(f"{home} already holds a card; use another --home")
+    table_bytes = Path(args.table).read_bytes()
+    try:
+        table = decode_table(table_bytes)
+    except Exception as e:  # noqa: BLE001 - WireError
+        raise CommandError(f"{args.table}: {e}") from None
+    ref = _ref(args.token, args.token_pin_file)
+    password = cc.read_password(args.password_file, "New card password: ", confirm=True)
+    kdf = ops.new_kdf(crypto.system_random, log2_n=args.scrypt_log2n)
+    keys = ops.derive_keys(password, kdf)
+    items = []
+    for slot, kind in SLOT_KEYS.items():
+        der = crypto.generate_private_der(kind)
+        alg = KeyAlg.RSA2048 if kind == "rsa2048" else KeyAlg.P256
+        items.append(PlainItem(ItemKind.KEY, slot, der, alg, crypto.public_der_of(der)))
+    envelope = seal_envelope(table.serial, keys.protection_key, items, crypto.system_random)
+    items.clear()
+    from vsc.dongle.session import token_check
+
+    try:
+        if not token_check(ref, table, int.from_bytes(os.urandom(4), "big")):
+            raise CommandError("this token does not match the challenge table (wrong token?)")
+        with Token(ref, rw=True) as tok:
+            tok.write(KDF_LABEL, kdf.encode())
+            tok.write(PROTECTED_LABEL, envelope)
+    except TokenError as e:
+        raise CommandError(str(e)) from None
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write_private(home / TABLE_NAME, table_bytes)
+    token_uri = args.token if args.keep_pin_in_uri else _strip_pin(args.token)
+    cc.save(home, mode="dongle", serial=table.serial, token=token_uri, table=str(home / TABLE_NAME),
+            dongle_poll=str(args.poll))
+    record = _issuer_record(args.issuer_dir, table.serial)
+    if record is not None:
+        data = json.loads(record.read_text()) if record.exists() else {"serial": table.serial}
+        data.update(envelope=base64.b64encode(envelope).decode(), kdf=base64.b64encode(kdf.encode()).decode())
+        record.write_text(json.dumps(data, indent=2))
+    emit(args, {"serial": table.serial, "home": str(home), "token": ref.token_label},
+         f"card {table.serial} enrolled on the token {ref.token_label}; settings in {home / cc.CARD_INI}\n"
+         f"insert it with: twistd -n vsc-card --home {home} --token-pin-file PINFILE")
+    return 0
+
+
+def _strip_pin(uri: str) -> str:
+    return ";".join(p for p in uri.split(";") if not p.startswith("pin-value="))
+
+
+def cmd_replace(args) -> int:
+    from vsc.dongle.token import KDF_LABEL, PROTECTED_LABEL, Token, TokenError
+    from vsc.wire.dongle import encode_table
+
+    record = _issuer_record(args.issuer_dir, args.serial)
+    if record is None or not record.exists():
+        raise CommandError(f"no issuer record for {args.serial} in {args.issuer_dir}")
+    data = json.loads(record.read_text())
+    if "envelope" not in data:
+        raise CommandError(f"the issuer record for {args.serial} holds no enrolled card")
+    ref = _ref(args.token, args.token_pin_file)
+    table = _new_table(ref, args.serial, args.entries)
+    try:
+        with Token(ref, rw=True) as tok:
+            tok.write(KDF_LABEL, base64.b64decode(data["kdf"]))
+            tok.write(PROTECTED_LABEL, base64.b64decode(data["envelope"]))
+    except TokenError as e:
+        raise CommandError(str(e)) from None
+    _write_private(Path(args.table), encode_table(table))
+    data.update(token=ref.token_label, table=base64.b64encode(encode_table(table)).decode())
+    record.write_text(json.dumps(data, indent=2))
+    if args.home:
+        from vsc.card import config as cc
+
+        home = Path(args.home)
+        shutil.copyfile(args.table, home / TABLE_NAME)
+        cfg = cc.load(home)
+        values = {k: v for k, v in cfg.settings.items()}
+        values["token"] = _strip_pin(args.token)
+        cc.save(home, **values)
+    emit(args, {"serial": args.serial, "token": ref.token_label, "table": args.table},
+         f"card {args.serial} restored onto the token {ref.token_label} from the issuer's records; "
+         f"the old token's DongleKey no longer matches (new table {args.table})")
+    return 0
+
+
+def dongle_setup(cfg, uri: str | None, pin_file: str | None):
+    """For twistd vsc-card: (TokenRef, ChallengeTable, poll) from options and card.ini."""
+    from vsc.dongle.token import TokenRef
+    from vsc.wire.dongle import decode_table
+
+    uri = uri or cfg.settings.get("token")
+    if not uri:
+        raise ValueError("dongle mode needs --dongle pkcs11:token=...;module-path=...")
+    table_path = cfg.settings.get("table") or str(cfg.home / TABLE_NAME)
+    try:
+        table = decode_table(Path(table_path).read_bytes())
+    except OSError as e:
+        raise ValueError(f"cannot read the challenge table {table_path}: {e.strerror}") from None
+    ref = TokenRef.parse(uri, _pin(pin_file))
+    return ref, table, float(cfg.settings.get("dongle_poll", 60))
+
+
+def extend(sub) -> None:
+    d = sub.add_parser("dongle", help="a card on a PKCS#11 token instead of a server (claim 10)")
+    dsub = d.add_subparsers(dest="dongle_command", required=True, metavar="ACTION")
+
+    def token_opts(p):
+        p.add_argument("--token", required=True, help="pkcs11:token=LABEL;module-path=/path/to/lib.so[;pin-value=PIN]")
+        p.add_argument("--token-pin-file", help="read the token's user PIN from this file")
+        p.add_argument("--json", action="store_true")
+
+    p = dsub.add_parser("provision", help="issuer: DongleKey on the token and the Figure 14 challenge table")
+    token_opts(p)
+    p.add_argument("--serial", required=True)
+    p.add_argument("--table", required=True, help="where to write the challenge table")
+    p.add_argument("--entries", type=int, default=64)
+    p.add_argument("--issuer-dir", help="keep the issuer's record of this card here (for replace)")
+    p.set_defaults(func=cmd_provision)
+
+    p = dsub.add_parser("enroll", help="owner: create the card's keys and store them on the token")
+    token_opts(p)
+    p.add_argument("--home", help="the card's home (default $VSC_HOME or ~/.config/vsc)")
+    p.add_argument("--table", required=True, help="the challenge table from provision")
+    p.add_argument("--password-file")
+    p.add_argument("--scrypt-log2n", type=int, default=15)
+    p.add_argument("--poll", type=float, default=60.0, help="repeat the token check every N seconds (default 60)")
+    p.add_argument("--issuer-dir", help="update the issuer's record (the sealed card, for replace)")
+    p.add_argument("--keep-pin-in-uri", action="store_true", help="store pin-value= in card.ini (automation only)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_enroll)
+
+    p = dsub.add_parser("replace", help="issuer: a lost token → a new token from the issuer's records ([0107])")
+    token_opts(p)
+    p.add_argument("--serial", required=True)
+    p.add_argument("--issuer-dir", required=True)
+    p.add_argument("--table", required=True, help="where to write the new challenge table")
+    p.add_argument("--entries", type=int, default=64)
+    p.add_argument("--home", help="also point this card home at the new token and table")
+    p.set_defaults(func=cmd_replace)
+
+
+vcli._PARSER_EXTENSIONS["top"].append(extend)
