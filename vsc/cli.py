@@ -80,6 +80,8 @@ def _channel_config(args):
         kwargs["allow_insecure"] = True
     if getattr(args, "forward_secrecy", None):
         kwargs["forward_secrecy"] = ForwardSecrecy(args.forward_secrecy)
+    if getattr(args, "handshake_timeout", None):
+        kwargs["handshake_timeout"] = args.handshake_timeout
     try:
         return ChannelConfig(**kwargs)
     except ValueError as e:
@@ -219,6 +221,7 @@ def _add_channel_options(a: argparse.ArgumentParser) -> None:
     a.add_argument("--suites", help="comma-separated suites in preference order")
     a.add_argument("--allow-insecure", action="store_true", help="permit the patent's des-cbc-md5 suite")
     a.add_argument("--forward-secrecy", choices=("off", "prefer", "require"))
+    a.add_argument("--handshake-timeout", type=float, help="seconds to wait for the handshake (default 30)")
 
 
 #: Other modules add subcommands here: {"admin": [fn(subparsers)], "top": [fn(subparsers)]}.
@@ -228,7 +231,7 @@ _PARSER_EXTENSIONS: dict[str, list[Callable]] = {"admin": [], "top": []}
 def _load_extensions() -> None:
     import importlib
 
-    for mod in ("vsc.server.admin", "vsc.demo", "vsc.card.cli", "vsc.license_cli", "vsc.dongle.cli"):
+    for mod in ("vsc.server.admin", "vsc.demo", "vsc.card.cli", "vsc.license_cli", "vsc.dongle.cli", "vsc.conformance"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
