@@ -531,3 +531,50 @@ def vendor_verify(public_pem: bytes, data: bytes, signature: bytes) -> bool:
 def public_der_from_pem(pem: bytes) -> bytes:
     key = serialization.load_pem_public_key(pem)
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# ---------------------------------------------------------------- ssh-agent (vsc.card.sshagent)
+
+_PKCS1_HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+
+
+def _handle_sign_pkcs1(self: PrivateKeyHandle, data: bytes, hash_name: str) -> bytes:
+    """
+    RSA PKCS#1 v1.5 over ``hash_name`` (sha256, sha384, sha512) of ``data``:
+    rsa-sha2-256 / rsa-sha2-512 (RFC 8332). SHA-1 is deliberately not offered.
+    """
+    if not isinstance(self._key, _rsa.RSAPrivateKey):
+        raise CryptoError("PKCS#1 v1.5 signing needs an RSA key")
+    try:
+        algorithm = _PKCS1_HASHES[hash_name]()
+    except KeyError:
+        raise CryptoError(f"unsupported PKCS#1 v1.5 hash {hash_name!r}") from None
+    return self._key.sign(data, _apadding.PKCS1v15(), algorithm)
+
+
+PrivateKeyHandle.sign_pkcs1 = _handle_sign_pkcs1  # type: ignore[attr-defined]
+
+
+def ecdsa_der_to_rs(signature: bytes) -> tuple[int, int]:
+    """A DER ECDSA signature (as ``sign_digest`` gives) → (r, s)."""
+    try:
+        return _autils.decode_dss_signature(signature)
+    except ValueError as e:
+        raise CryptoError("not a DER ECDSA signature") from e
+
+
+def ssh_public_parts(public_der: bytes) -> tuple:
+    """
+    The numbers of an OpenSSH public key blob (RFC 4253 6.6, RFC 5656 3.1):
+    ``("rsa", e, n)`` for RSA, ``("nistp256", uncompressed point)`` for P-256.
+    """
+    try:
+        key = serialization.load_der_public_key(public_der)
+    except ValueError as e:
+        raise CryptoError("not a public key (SubjectPublicKeyInfo DER)") from e
+    if isinstance(key, _rsa.RSAPublicKey):
+        nums = key.public_numbers()
+        return ("rsa", nums.e, nums.n)
+    if isinstance(key, _ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1":
+        return ("nistp256", key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint))
+    raise CryptoError("no OpenSSH form for this public key (RSA and P-256 only)")

@@ -272,6 +272,73 @@ def cmd_remove(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- ssh (vsc.card.sshagent)
+
+
+def _public_keys(args, slots: list[str]) -> dict:
+    """The PEM public key of each slot, over ONE control connection; a slot without a key is left out."""
+    from twisted.internet.endpoints import UNIXClientEndpoint
+    from twisted.internet.protocol import Factory
+    from twisted.protocols import amp
+
+    from vsc.card import control
+    from vsc.card.config import control_socket_for
+    from vsc.card.session import CardError
+
+    sock = control_socket_for(_home(args))
+    if not sock.exists():
+        raise CommandError(f"no card daemon is running for {_home(args)} (start it: twistd -n vsc-card --home {_home(args)})")
+    out: dict = {}
+    errors: list[str] = []
+
+    async def run(reactor):
+        proto = await UNIXClientEndpoint(reactor, str(sock), timeout=10).connect(Factory.forProtocol(amp.AMP))
+        try:
+            for slot in slots:
+                try:
+                    out[slot] = (await proto.callRemote(control.PublicKey, slot=slot))["pem"]
+                except CardError as e:
+                    errors.append(str(e))
+        finally:
+            proto.transport.loseConnection()
+
+    _react(run)
+    if not out:
+        raise CommandError(errors[0] if errors else "the card has no keys")
+    return out
+
+
+def cmd_ssh_pubkey(args) -> int:
+    from vsc import crypto
+    from vsc.card import config as cc
+    from vsc.card.sshagent import key_comment, openssh_line
+
+    try:
+        cfg = cc.load(_home(args))
+    except cc.CardConfigError as e:
+        raise CommandError(str(e)) from None
+    pems = _public_keys(args, [args.slot] if args.slot else sorted(SLOT_KEYS))
+    keys = []
+    for slot, pem in sorted(pems.items()):
+        line = openssh_line(crypto.public_der_from_pem(pem), key_comment(cfg.serial, slot))
+        keys.append({"slot": slot, "algorithm": line.split()[0], "line": line})
+    emit(args, {"serial": cfg.serial, "keys": keys}, "\n".join(k["line"] for k in keys))
+    return 0
+
+
+def cmd_ssh_agent_env(args) -> int:
+    import shlex
+
+    from vsc.card.sshagent import agent_socket_for
+
+    path = agent_socket_for(_home(args))
+    if not path.exists():
+        raise CommandError(f"no ssh-agent socket at {path}: is the card daemon for {_home(args)} running "
+                           f"(it serves one unless started with --no-ssh-agent or --ssh-agent PATH)?")
+    emit(args, {"SSH_AUTH_SOCK": str(path)}, f"SSH_AUTH_SOCK={shlex.quote(str(path))}; export SSH_AUTH_SOCK;")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -333,6 +400,10 @@ def extend(sub) -> None:
     dg.add_argument("--out", dest="output", required=True)
     dg.add_argument("--json", action="store_true")
     add("remove", cmd_remove, "remove the card: upload, set idle, stop the daemon")
+    p = add("ssh-pubkey", cmd_ssh_pubkey, "print the card's keys as authorized_keys lines (ssh-rsa, ecdsa-sha2-nistp256)")
+    p.add_argument("--slot", choices=sorted(SLOT_KEYS), help="only this slot (default: every slot)")
+    add("ssh-agent-env", cmd_ssh_agent_env, "print SSH_AUTH_SOCK=... for the card's ssh-agent (eval \"$(vsc card ssh-agent-env)\")")
+
 
 
 vcli._PARSER_EXTENSIONS["top"].append(extend)

@@ -17,7 +17,8 @@ class Options(usage.Options):
     synopsis = "--home HOME [--password-file F]"
     longdesc = (
         "Insert the Virtual Smart Card enrolled in HOME and serve it while it is in use: "
-        "the local control socket for 'vsc card ...' commands. SIGTERM removes the card, "
+        "the local control socket for 'vsc card ...' commands, and an ssh-agent (see --ssh-agent). "
+        "SIGTERM removes the card, "
         "then exits. A refused insert exits non-zero with one line on stderr."
     )
     optParameters = [
@@ -26,6 +27,12 @@ class Options(usage.Options):
         ["dongle", None, None, "Run from a PKCS#11 token instead of a server (claim 10): pkcs11:token=LABEL;"
          "module-path=LIB (default: the token in HOME's card.ini when it was enrolled with 'vsc dongle enroll')."],
         ["token-pin-file", None, None, "Read the token PIN from this file (dongle mode)."],
+        ["ssh-agent", None, None, "Serve the card's ssh-agent on this UNIX socket (default: the runtime dir, "
+         "next to the control socket; 'vsc card ssh-agent-env' prints it)."],
+        ["ssh-agent-slots", None, None, "Offer only these slots through the ssh-agent, e.g. 9a,9c (default: all)."],
+    ]
+    optFlags = [
+        ["no-ssh-agent", None, "Do not serve an ssh-agent."],
     ]
 
 
@@ -33,6 +40,8 @@ class CardDaemon(service.Service):
     log = Logger()
 
     dongle = None  # (TokenRef, ChallengeTable, poll seconds) in dongle mode
+    ssh_agent = None  # (socket path, slots or None) to serve the card's ssh-agent (vsc.card.sshagent)
+    agent_port = None
 
     def __init__(self, reactor, cfg, password: str, master: bytes):
         self.reactor = reactor
@@ -75,6 +84,23 @@ class CardDaemon(service.Service):
         self.port = await UNIXServerEndpoint(self.reactor, str(sock), mode=0o600).listen(factory)
         self.log.info("card {serial} in use; control socket {sock}", serial=self.cfg.serial, sock=str(sock))
         print(f"vsc-card: card {self.cfg.serial} inserted; control socket {sock}", file=sys.stderr, flush=True)
+        if self.ssh_agent is not None:
+            await self._start_ssh_agent(*self.ssh_agent)
+
+    async def _start_ssh_agent(self, path, slots) -> None:
+        """The ssh-agent is a convenience: if its socket cannot be served, the card stays in use without it."""
+        from vsc.card import sshagent
+        from vsc.card.session import explain
+
+        try:
+            self.agent_port = await sshagent.listen(self.reactor, self.session, path, slots)
+        except Exception as e:  # noqa: BLE001 - one line for the user
+            self.log.warn("ssh-agent not started on {path}: {why}", path=str(path), why=explain(e))
+            print(f"vsc-card: ssh-agent not started on {path}: {explain(e)}", file=sys.stderr, flush=True)
+            return
+        self.log.info("ssh-agent on {path} (slots {slots})", path=str(path), slots=",".join(slots or ()) or "all")
+        print(f"vsc-card: ssh-agent on {path}; use it with: export SSH_AUTH_SOCK={path}", file=sys.stderr, flush=True)
+
 
     def exit(self, code: int, why: str) -> None:
         if why:
@@ -94,6 +120,8 @@ class CardDaemon(service.Service):
         return d
 
     async def _stop(self) -> None:
+        if self.agent_port is not None:
+            await self.agent_port.stopListening()
         if self.port is not None:
             await self.port.stopListening()
         if self.session is not None and self.session.state == "in-use":
@@ -128,4 +156,16 @@ def makeService(options: Options) -> service.IService:
         except Exception as e:  # noqa: BLE001 - one line for the user
             sys.stderr.write(f"vsc-card: {e}\n")
             raise SystemExit(2)
+    if not options["no-ssh-agent"]:
+        from pathlib import Path
+
+        from vsc.card import sshagent
+
+        try:
+            slots = sshagent.parse_slots(options["ssh-agent-slots"])
+        except ValueError as e:
+            sys.stderr.write(f"vsc-card: --ssh-agent-slots: {e}\n")
+            raise SystemExit(2)
+        path = Path(options["ssh-agent"]).absolute() if options["ssh-agent"] else sshagent.agent_socket_for(cfg.home)
+        daemon.ssh_agent = (path, slots)
     return daemon
