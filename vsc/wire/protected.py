@@ -75,6 +75,9 @@ IndexSchema = c.Struct(
 EnvelopeSchema = c.Struct(
     "magic" / c.Const(b"VSCP"),
     "format" / c.Const(1, U8),
+    # the serial the card was enrolled as: every seal's AAD names it, so a
+    # duplicate ([0102]) or replacement ([0062]) under a new serial still opens
+    "card_id" / Text(U8, 64, 1, "card id"),
     "wrap" / _Sealed,
     "index" / _Sealed,
     c.Terminated,
@@ -107,8 +110,15 @@ def decode_index(data) -> list[Item]:
     return [Item(kind=i.kind, name=i.name, alg=i.alg, public=i.public, value=_sealed(i.value)) for i in parsed["items"]]
 
 
-def encode_envelope(wrap: SealedValue, index: SealedValue) -> bytes:
-    return EnvelopeSchema.build(dict(wrap=attrs.asdict(wrap), index=attrs.asdict(index)))
+def encode_envelope(wrap: SealedValue, index: SealedValue, card_id: str) -> bytes:
+    return EnvelopeSchema.build(dict(card_id=card_id, wrap=attrs.asdict(wrap), index=attrs.asdict(index)))
+
+
+def envelope_card_id(data: bytes) -> str:
+    try:
+        return EnvelopeSchema.parse(data).card_id
+    except c.ConstructError as e:
+        raise WireError(ErrorCode.MALFORMED, f"protected information envelope: {str(e).strip()}") from None
 
 
 def decode_envelope(data: bytes) -> tuple[SealedValue, SealedValue]:
