@@ -29,6 +29,7 @@ from vsc.wire.protected import (
     SealedValue,
     aad,
     decode_envelope,
+    envelope_card_id,
     decode_index,
     encode_envelope,
     encode_index,
@@ -76,12 +77,13 @@ def _envelope(serial: str, protection_key: bytes, data_key, sealed: list[Item], 
     wout = bytearray(DATA_KEY + 16)
     wnonce = rand(12)
     wtag = crypto.gcm_seal_into(wk, wnonce, data_key, wout, aad("wrap", serial))
-    return encode_envelope(SealedValue(wnonce, bytes(wout[:DATA_KEY]), wtag), index_sealed)
+    return encode_envelope(SealedValue(wnonce, bytes(wout[:DATA_KEY]), wtag), index_sealed, serial)
 
 
 def rewrap(serial: str, envelope: bytes, old_protection_key: bytes, new_protection_key: bytes, rand) -> bytes:
     """Password change: re-wrap only the data key; the items are untouched."""
     wrap, index = decode_envelope(envelope)
+    serial = envelope_card_id(envelope)  # the AADs name the enrolment serial, whatever the card is called now
     with LockedBuffer(DATA_KEY) as dk:
         crypto.gcm_open_into(wrapping_key(old_protection_key), wrap.nonce, wrap.ciphertext, wrap.tag, dk.view, aad("wrap", serial))
         wk = wrapping_key(new_protection_key)
@@ -90,7 +92,7 @@ def rewrap(serial: str, envelope: bytes, old_protection_key: bytes, new_protecti
         wtag = crypto.gcm_seal_into(wk, wnonce, dk.view, wout, aad("wrap", serial))
     from vsc.wire.protected import encode_envelope as _enc
 
-    return _enc(SealedValue(wnonce, bytes(wout[:DATA_KEY]), wtag), index)
+    return _enc(SealedValue(wnonce, bytes(wout[:DATA_KEY]), wtag), index, serial)
 
 
 @attrs.define
@@ -124,7 +126,12 @@ class CardMemory:
 
     @classmethod
     def load(cls, serial: str, envelope: bytes, protection_key: bytes, rand=crypto.system_random) -> "CardMemory":
-        """Figure 13, 1002-1006: decrypt with the protection key, re-encrypt under temp, zero the plaintext."""
+        """
+        Figure 13, 1002-1006: decrypt with the protection key, re-encrypt under
+        temp, zero the plaintext. ``serial`` is the card's current name; the
+        seals name the serial it was enrolled as (the same unless duplicated).
+        """
+        serial = envelope_card_id(envelope)
         mem = cls(serial, rand)
         try:
             wrap, index = decode_envelope(envelope)
@@ -170,7 +177,16 @@ class CardMemory:
             out = bytearray(len(index) + 16)
             nonce = self.rand(12)
             tag = crypto.gcm_seal_into(dk, nonce, index, out, aad("index", self.serial))
-            return encode_envelope(self._wrap, SealedValue(nonce, bytes(out[: len(index)]), tag))
+            return encode_envelope(self._wrap, SealedValue(nonce, bytes(out[: len(index)]), tag), self.serial)
+
+    def adopt_wrap(self, envelope: bytes) -> None:
+        """
+        After a password change: keep the data key's new wrap (under the new
+        protection key) from ``envelope`` (made by ``rewrap`` from this memory's
+        export), so later syncs and the remove upload it. The data key itself is unchanged.
+        """
+        wrap, _index = decode_envelope(envelope)
+        self._wrap = wrap
 
     # -- the temporary-key layer
 
