@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.application import service, strports
@@ -60,7 +61,7 @@ def makeService(options: Options) -> service.IService:
         cfg = server_config.load(options["data-dir"])
         key = cfg.load_key()
         policy = Policy.from_settings(cfg.settings)
-        master = load_master_key(cfg.settings.get("master_key_file") or None)
+        master = load_master_key(cfg.settings.get("master_key_file") or os.environ.get("VSC_MASTER_KEY_FILE") or None)
         store = Store(cfg.database_url, reactor.seconds, policy.lockout)
         store.migrate()
         store.clear_dead_leases()
