@@ -8,6 +8,7 @@ from __future__ import annotations
 import calendar
 import hashlib
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,13 @@ def cmd_issue(args) -> int:
         card_key = crypto.public_der_from_pem(_read(args.card_key))
     except ValueError as e:
         raise CommandError(f"{args.card_key}: not a PEM public key ({e})") from None
+    if args.runs is not None and args.runs < 1:
+        raise CommandError("--runs must be at least 1 (leave it out for unlimited runs)")
+    if args.cost < 1:
+        raise CommandError("--cost must be at least 1")
+    if args.counter and not args.counter.startswith(lcp.LICENCE_PREFIX):
+        raise CommandError(f"--counter must start with {lcp.LICENCE_PREFIX!r}: only such counters are funded by "
+                           "keyfiles and cannot be increased by the user")
     lic = License(
         product=args.product,
         license_id=os.urandom(16),
@@ -71,10 +79,13 @@ def cmd_issue(args) -> int:
         features=tuple(f.strip() for f in (args.features or "").split(",") if f.strip()),
         vendor=args.vendor or "",
     )
+    vendor_key = _read(args.vendor_key)
     try:
-        text = lcp.issue(_read(args.vendor_key), lic)
-    except (crypto.CryptoError, ValueError) as e:
+        text = lcp.issue(vendor_key, lic)
+    except crypto.CryptoError as e:
         raise CommandError(f"cannot sign with {args.vendor_key}: {e}") from None
+    except ValueError as e:
+        raise CommandError(f"cannot issue this keyfile: {e}") from None
     Path(args.out).write_text(text)
     emit(args, {"out": args.out, "product": lic.product, "license_id": lic.license_id.hex()},
          f"keyfile for {lic.product} written to {args.out} (licence {lic.license_id.hex()})")
@@ -90,26 +101,38 @@ def _describe(lic) -> dict:
         "issued": lic.issued,
         "expires": lic.expires or None,
         "runs": lic.runs or None,
-        "counter": lcp.counter_name(lic) if (lic.runs or lic.counter) else None,
+        "counter": lcp.counter_name(lic) if lcp.is_rental(lic) else None,
         "cost": lic.cost,
         "features": list(lic.features),
         "vendor": lic.vendor,
     }
 
 
-def _load(args):
+def _load(args, limits: bool = True):
+    """The verified keyfile; a licence refusal exits with EXIT_LICENSE (75)."""
     try:
         lic = lcp.load(args.license, _read(args.vendor_key))
-        lcp.check_limits(lic, time.time(), getattr(args, "feature", None))  # clock-ok: CLI-level expiry check
+        if limits:
+            lcp.check_limits(lic, time.time(), getattr(args, "feature", None))  # clock-ok: CLI-level expiry check
     except lcp.LicenseError as e:
-        raise CommandError(str(e)) from None
+        raise CommandError(str(e), lcp.EXIT_LICENSE) from None
     return lic
 
 
 def cmd_show(args) -> int:
-    lic = _load(args)
+    """Verify the signature and print the keyfile, also when it expired (then exit 75 after printing)."""
+    lic = _load(args, limits=False)
     d = _describe(lic)
+    try:
+        lcp.check_limits(lic, time.time(), args.feature)  # clock-ok: CLI-level expiry check
+        problem = ""
+    except lcp.LicenseError as e:
+        problem = str(e)
+    d["valid"] = not problem
     emit(args, d, "\n".join(f"{k}: {v}" for k, v in d.items()))
+    if problem:
+        print(f"vsc: {problem}", file=sys.stderr)
+        return lcp.EXIT_LICENSE
     return 0
 
 
@@ -137,9 +160,7 @@ async def charge(reactor, home: Path, lic) -> int:
     try:
         resp = await _call(reactor, home, control.Counter, name=name, delta=-lic.cost)
     except lcp.LicenseError as e:
-        if "below zero" in str(e) or "no counter" in str(e):
-            raise lcp.LicenseError(f"no runs left on the licence for {lic.product} (counter {name})") from None
-        raise
+        raise lcp.no_runs_left(lic, str(e)) or e from None
     return resp["value"]
 
 
@@ -180,10 +201,10 @@ def cmd_check(args) -> int:
     async def run(reactor):
         try:
             await prove(reactor, _home(args), lic)
-            if args.charge and (lic.runs or lic.counter):
+            if args.charge and lcp.is_rental(lic):
                 out["remaining"] = await charge(reactor, _home(args), lic)
         except lcp.LicenseError as e:
-            raise CommandError(str(e)) from None
+            raise CommandError(str(e), lcp.EXIT_LICENSE) from None
 
     vcli._react(react, run)
     emit(args, dict(_describe(lic), ok=True, **out), f"licence for {lic.product}: valid, card present"
@@ -202,7 +223,14 @@ def cmd_run(args) -> int:
     if not args.program:
         raise CommandError("no program given: vsc run --license K --vendor-key V -- PROGRAM ARGS")
     program = args.program[1:] if args.program[0] == "--" else args.program
+    if not program:
+        raise CommandError("no program given: vsc run --license K --vendor-key V -- PROGRAM ARGS")
     lic = _load(args)
+    # before the card is asked (and a rental unit charged): a typo must not cost a run
+    if shutil.which(program[0]) is None:
+        raise CommandError(f"cannot start {program[0]}: no such executable", 127)
+    if args.interval <= 0 or args.grace < 0:
+        raise CommandError("--interval must be positive and --grace not negative")
     key = IgnitionKey(reactor, _home(args), lic, program, interval=args.interval, grace=args.grace,
                       prove=prove, charge=charge)
     reactor.callWhenRunning(key.start)
@@ -224,7 +252,8 @@ def extend(sub) -> None:
     p.add_argument("--vendor-key", required=True, help="the vendor's private signing key (PEM)")
     p.add_argument("--product", required=True)
     p.add_argument("--card-key", required=True, help="the customer card's public key (PEM, from 'vsc card public-key')")
-    p.add_argument("--slot", default="9c", help="the card slot holding that key (default 9c)")
+    p.add_argument("--slot", default="9c", choices=("9a", "9c", "9d", "9e"),
+                   help="the card slot holding that key (default 9c)")
     p.add_argument("--expires", help="YYYY-MM-DD or epoch seconds (default: never)")
     p.add_argument("--runs", type=int, help="a rental grant: this many runs, counted on the card")
     p.add_argument("--counter", help="charge runs to this named card counter instead of one per grant")

@@ -67,15 +67,27 @@ ChallengeSchema = c.Struct(
 )
 
 
+def _one_line(what: str, e: Exception) -> str:
+    """A construct error as one line: "what: field: reason" (user-facing messages are one line)."""
+    lines = str(e).strip().splitlines() or ["invalid"]
+    path = getattr(e, "path", None) or ""
+    field = path.rsplit("->", 1)[-1].strip() if "->" in path else ""
+    return f"{what}: {field}: {lines[-1]}" if field else f"{what}: {lines[-1]}"
+
+
 def encode_body(lic: License) -> bytes:
-    return _LicenseBody.build(attrs.asdict(lic))
+    """WireError for a licence that does not fit the format (a field too long, a negative number...)."""
+    try:
+        return _LicenseBody.build(attrs.asdict(lic))
+    except (c.ConstructError, ValueError, TypeError) as e:
+        raise WireError(ErrorCode.MALFORMED, _one_line("licence", e)) from None
 
 
 def decode_body(data: bytes) -> License:
     try:
         p = _LicenseBody.parse(data)
     except c.ConstructError as e:
-        raise WireError(ErrorCode.MALFORMED, f"licence: {str(e).strip()}") from None
+        raise WireError(ErrorCode.MALFORMED, _one_line("licence", e)) from None
     return License(**{f.name: p[f.name] for f in attrs.fields(License)})
 
 
@@ -92,12 +104,15 @@ def dearmor(text: str) -> tuple[bytes, bytes]:
     if not lines or lines[0] != ARMOR_BEGIN or lines[-1] != ARMOR_END:
         raise WireError(ErrorCode.MALFORMED, "not a vsc keyfile (missing BEGIN/END VSC KEYFILE lines)")
     try:
-        raw = base64.b64decode("".join(lines[1:-1]), validate=True)
+        payload = "".join(lines[1:-1])
+        raw = base64.b64decode(payload, validate=True)
+        if base64.b64encode(raw).decode("ascii") != payload:  # canonical only: one keyfile, one text
+            raise ValueError("non-canonical base64")
         parsed = KeyfileSchema.parse(raw)
     except (binascii.Error, ValueError):
         raise WireError(ErrorCode.MALFORMED, "keyfile is not valid base64") from None
     except c.ConstructError as e:
-        raise WireError(ErrorCode.MALFORMED, f"keyfile: {str(e).strip()}") from None
+        raise WireError(ErrorCode.MALFORMED, _one_line("keyfile", e)) from None
     return parsed.body, parsed.signature
 
 
