@@ -195,13 +195,21 @@ def test_proof_verifies_only_with_the_licensed_card_key(card_key):
     assert not lcp.verify_proof(attrs.evolve(lic, card_key=b"not a key"), nonce, good)
 
 
-def test_counter_name_per_grant_or_explicit(card_key):
-    """A rental grant gets its own ``lic:`` counter (so each grant funds once); ``--counter`` names one explicitly."""
+def test_counter_name_per_grant_or_explicit(card_key, vendor):
+    """
+    A rental grant gets its own ``lic:`` counter (so each grant funds once);
+    ``--counter`` names one explicitly; either is qualified by the vendor key,
+    so a keyfile signed with another key can never touch the real vendor's counter.
+    """
+    pub = vendor[1]
+    other_pub = crypto.vendor_keygen()[1]
+    tag = crypto.sha256(crypto.vendor_public_der(pub)).hex()[:12]
     a = make_license(card_key[1], runs=3)
     b = make_license(card_key[1], runs=3)
-    assert lcp.counter_name(a) == f"lic:editor:{a.license_id.hex()[:16]}"
-    assert lcp.counter_name(a) != lcp.counter_name(b)
-    assert lcp.counter_name(make_license(card_key[1], counter="lic:editor-pool")) == "lic:editor-pool"
+    assert lcp.counter_name(a, pub) == f"lic:editor:{a.license_id.hex()[:16]}:{tag}"
+    assert lcp.counter_name(a, pub) != lcp.counter_name(b, pub)
+    assert lcp.counter_name(a, pub) != lcp.counter_name(a, other_pub)
+    assert lcp.counter_name(make_license(card_key[1], counter="lic:editor-pool"), pub) == f"lic:editor-pool:{tag}"
     assert lcp.is_rental(a) and lcp.is_rental(make_license(card_key[1], counter="lic:x"))
     assert not lcp.is_rental(make_license(card_key[1]))
 
@@ -974,8 +982,9 @@ def test_rental_counter_survives_kills_and_restarts(card):
     assert funded.returncode != 0 and "funded by keyfiles only" in funded.stderr
     with pytest.raises(lcp._Refused):  # a raw control-socket request cannot step it up either
         lcp._amp_call(card.home, b"Counter", {b"name": name.encode(), b"delta": b"5"}, 10)
-    again = lcp._amp_call(card.home, b"LicenseFund", {b"name": name.encode(), b"amount": b"3"}, 10)
-    assert int(again[b"value"]) == 0  # a grant funds its counter once: no refill
+    again = lcp._amp_call(card.home, b"LicenseFund", {b"keyfile": keyfile.read_bytes(),
+                                                     b"vendor_key": card.vendor_pub.read_bytes()}, 10)
+    assert int(again[b"value"]) == 0 and again[b"name"].decode() == name  # a grant funds its counter once: no refill
     assert card.counter(name) == 0
     check = card.vsc("license", "check", "--home", str(card.home), "--license", str(keyfile), "--vendor-key",
                      str(card.vendor_pub), "--charge", check=False)
@@ -995,19 +1004,29 @@ def test_user_cannot_fund_a_licence_counter(card):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="known hole: the card daemon's LicenseFund takes any lic: name and amount "
-                   "without a keyfile, so a local user can create a grant's counter before its first run")
-def test_a_grant_counter_cannot_be_prefunded_by_hand(card):
-    """A user who reads the counter name from a fresh keyfile must not be able to create it with more units."""
+def test_a_grant_counter_cannot_be_prefunded_by_hand(card, tmp_path):
+    """
+    The card funds a rental counter only from a keyfile whose vendor signature
+    verifies and that names its own key: a forged grant (signed with the
+    user's own vendor key) cannot fund the real vendor's counter, and a
+    keyfile for another card is refused.
+    """
     keyfile = card.issue("prefund.key", "--runs", "1")
     lic = lcp.load(keyfile, card.vendor_pub.read_bytes())
-    try:
-        lcp._amp_call(card.home, b"LicenseFund", {b"name": lcp.counter_name(lic).encode(), b"amount": b"1000"}, 10)
-    except lcp._Refused:
-        return
+    real_name = lcp.counter_name(lic, card.vendor_pub.read_bytes())
+    # the user's own vendor key signs a 1000-run copy of the grant
+    my_key, my_pub = crypto.vendor_keygen()
+    forged = lcp.issue(my_key, attrs.evolve(lic, runs=1000))
+    resp = lcp._amp_call(card.home, b"LicenseFund", {b"keyfile": forged.encode(), b"vendor_key": my_pub}, 10)
+    assert resp[b"name"].decode() != real_name  # a different counter: the real one is untouched
+    with pytest.raises(lcp._Refused, match="does not verify"):  # a forgery presented with the real vendor key
+        lcp._amp_call(card.home, b"LicenseFund", {b"keyfile": forged.encode(), b"vendor_key": card.vendor_pub.read_bytes()}, 10)
+    other = lcp.issue(my_key, attrs.evolve(lic, card_key=crypto.public_der_of(crypto.generate_private_der("p256"))))
+    with pytest.raises(lcp._Refused, match="not issued to this card"):
+        lcp._amp_call(card.home, b"LicenseFund", {b"keyfile": other.encode(), b"vendor_key": my_pub}, 10)
     marker = card.root / "prefund"
     assert card.run(keyfile, *marker_program(marker)).returncode == 0
-    assert card.peek(lcp.counter_name(lic)) == 0  # fails today: 999
+    assert card.peek(real_name) == 0
 
 
 PROTECTED_PROGRAM = '''

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import struct
 import threading
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Callable
 
 from vsc import crypto
 from vsc.wire import WireError
+from vsc.wire.ampbox import Incomplete, decode_box, encode_box
 from vsc.wire.license import License, challenge, decode_body, dearmor
 
 EXIT_LICENSE = 75  # EX_TEMPFAIL: what `vsc run` exits with when the licence refuses or stops the program
@@ -91,11 +91,16 @@ def is_rental(lic: License) -> bool:
     return bool(lic.runs or lic.counter)
 
 
-def counter_name(lic: License) -> str:
-    """The card counter a run costs: the keyfile's own, or one per rental grant."""
+def counter_name(lic: License, vendor_public_pem: bytes) -> str:
+    """
+    The card counter a run costs: the keyfile's own, or one per rental grant —
+    always qualified by the vendor key, so a keyfile signed with some other
+    key (the user's own, say) can never fund or drain the real vendor's counter.
+    """
+    vendor = crypto.sha256(crypto.vendor_public_der(vendor_public_pem)).hex()[:12]
     if lic.counter:
-        return lic.counter
-    return f"{LICENCE_PREFIX}{lic.product}:{lic.license_id.hex()[:16]}"
+        return f"{lic.counter}:{vendor}"
+    return f"{LICENCE_PREFIX}{lic.product}:{lic.license_id.hex()[:16]}:{vendor}"
 
 
 def proof_challenge(lic: License, nonce: bytes) -> bytes:
@@ -110,11 +115,26 @@ def verify_proof(lic: License, nonce: bytes, signature: bytes) -> bool:
         return False
 
 
-def no_runs_left(lic: License, reason: str) -> LicenseError | None:
+def no_runs_left(lic: License, reason: str, name: str = "") -> LicenseError | None:
     """The user-facing error for a counter refusal that means "the rental is used up", else None."""
     if "below zero" in reason or "no counter" in reason:
-        return LicenseError(f"no runs left on the licence for {lic.product} (counter {counter_name(lic)})")
+        return LicenseError(f"no runs left on the licence for {lic.product}" + (f" (counter {name})" if name else ""))
     return None
+
+
+def fund_request(keyfile_text: str, vendor_public_pem: bytes, card_public_keys: dict[str, bytes]) -> tuple[str, int]:
+    """
+    What the CARD checks before it creates a rental counter: the keyfile's
+    vendor signature, that it names one of this card's own keys, and that it
+    is a rental; the counter's name and funding come from the signed keyfile,
+    never from the caller.
+    """
+    lic = loads(keyfile_text, vendor_public_pem)
+    if card_public_keys.get(lic.slot) != lic.card_key:
+        raise LicenseError(f"the keyfile for {lic.product} was not issued to this card's slot {lic.slot}")
+    if not lic.runs:
+        raise LicenseError(f"the keyfile for {lic.product} grants no runs")
+    return counter_name(lic, vendor_public_pem), lic.runs
 
 
 def issue(vendor_private_pem: bytes, lic: License) -> str:
@@ -167,12 +187,15 @@ def _amp_call(home: Path, command: bytes, args: dict[bytes, bytes], timeout: flo
         except OSError:
             raise LicenseError(f"no card is inserted (cannot reach the card daemon for {home})") from None
         box = {b"_command": command, b"_ask": b"1", **args}
-        request = b"".join(struct.pack("!H", len(k)) + k + struct.pack("!H", len(v)) + v for k, v in box.items())
         buf = b""
-
-        def take(n: int) -> bytes:
-            nonlocal buf
-            while len(buf) < n:
+        try:
+            s.sendall(encode_box(box))
+            while True:
+                try:
+                    answer, _ = decode_box(buf)
+                    break
+                except Incomplete:
+                    pass
                 left = deadline - time.monotonic()  # clock-ok
                 if left <= 0:
                     raise socket.timeout
@@ -181,19 +204,6 @@ def _amp_call(home: Path, command: bytes, args: dict[bytes, bytes], timeout: flo
                 if not chunk:
                     raise LicenseError("the card daemon closed the connection (the card was removed)")
                 buf += chunk
-            out, buf = buf[:n], buf[n:]
-            return out
-
-        answer: dict[bytes, bytes] = {}
-        try:
-            s.sendall(request + b"\x00\x00")
-            while True:
-                (klen,) = struct.unpack("!H", take(2))
-                if klen == 0:
-                    break
-                key = take(klen)
-                (vlen,) = struct.unpack("!H", take(2))
-                answer[key] = take(vlen)
         except (socket.timeout, TimeoutError):
             raise LicenseError("the card did not answer in time") from None
         except OSError as e:
@@ -217,16 +227,17 @@ def prove_sync(lic: License, home=None, timeout: float = 30.0) -> None:
         raise LicenseError("the inserted card does not hold the key this licence was issued to")
 
 
-def charge_sync(lic: License, home=None, timeout: float = 60.0) -> int:
-    """Fund the grant's counter (once) and take ``cost`` units; the card syncs before it answers."""
-    name = counter_name(lic)
+def charge_sync(lic: License, keyfile_text: str, vendor_pem: bytes, home=None, timeout: float = 60.0) -> int:
+    """Have the card fund the grant's counter (once, from the signed keyfile) and take ``cost`` units; synced first."""
+    name = counter_name(lic, vendor_pem)
     h = _home(home)
     try:
         if lic.runs:
-            _amp_call(h, b"LicenseFund", {b"name": name.encode(), b"amount": str(lic.runs).encode()}, timeout)
+            resp = _amp_call(h, b"LicenseFund", {b"keyfile": keyfile_text.encode(), b"vendor_key": vendor_pem}, timeout)
+            name = resp[b"name"].decode()
         resp = _amp_call(h, b"Counter", {b"name": name.encode(), b"delta": str(-lic.cost).encode()}, timeout)
     except _Refused as e:
-        raise no_runs_left(lic, str(e)) or LicenseError(f"the card refused: {e}") from None
+        raise no_runs_left(lic, str(e), name) or LicenseError(f"the card refused: {e}") from None
     return int(resp[b"value"])
 
 
@@ -239,11 +250,12 @@ def check(keyfile: str, vendor_public_key, home: str | None = None, feature: str
     ``charge``, a rental keyfile also takes one run from its counter. Returns
     the licence; raises LicenseError with a one-line reason otherwise.
     """
-    lic = load(keyfile, _vendor_pem(vendor_public_key))
+    vendor_pem = _vendor_pem(vendor_public_key)
+    lic = load(keyfile, vendor_pem)
     check_limits(lic, time.time(), feature, product)  # clock-ok: the program checks expiry against its clock
     prove_sync(lic, home, timeout)
     if charge and is_rental(lic):
-        charge_sync(lic, home, timeout)
+        charge_sync(lic, Path(keyfile).read_text(), vendor_pem, home, timeout)
     return lic
 
 

@@ -92,7 +92,7 @@ def cmd_issue(args) -> int:
     return 0
 
 
-def _describe(lic) -> dict:
+def _describe(lic, vendor_pem: bytes) -> dict:
     return {
         "product": lic.product,
         "license_id": lic.license_id.hex(),
@@ -101,7 +101,7 @@ def _describe(lic) -> dict:
         "issued": lic.issued,
         "expires": lic.expires or None,
         "runs": lic.runs or None,
-        "counter": lcp.counter_name(lic) if lcp.is_rental(lic) else None,
+        "counter": lcp.counter_name(lic, vendor_pem) if lcp.is_rental(lic) else None,
         "cost": lic.cost,
         "features": list(lic.features),
         "vendor": lic.vendor,
@@ -122,7 +122,7 @@ def _load(args, limits: bool = True):
 def cmd_show(args) -> int:
     """Verify the signature and print the keyfile, also when it expired (then exit 75 after printing)."""
     lic = _load(args, limits=False)
-    d = _describe(lic)
+    d = _describe(lic, _read(args.vendor_key))
     try:
         lcp.check_limits(lic, time.time(), args.feature)  # clock-ok: CLI-level expiry check
         problem = ""
@@ -150,18 +150,27 @@ async def prove(reactor, home: Path, lic) -> None:
         raise lcp.LicenseError("the inserted card does not hold the key this licence was issued to")
 
 
-async def charge(reactor, home: Path, lic) -> int:
-    """Take ``cost`` units from the licence's counter (funded once per grant); synced before it returns."""
-    from vsc.card import control
+def charger(keyfile_text: str, vendor_pem: bytes):
+    """
+    ``charge(reactor, home, lic)`` for this keyfile: the card funds the grant's
+    counter itself from the signed keyfile (once), then one run is taken;
+    the card syncs before it answers.
+    """
 
-    name = lcp.counter_name(lic)
-    if lic.runs:
-        await _call(reactor, home, control.LicenseFund, name=name, amount=lic.runs)
-    try:
-        resp = await _call(reactor, home, control.Counter, name=name, delta=-lic.cost)
-    except lcp.LicenseError as e:
-        raise lcp.no_runs_left(lic, str(e)) or e from None
-    return resp["value"]
+    async def charge(reactor, home: Path, lic) -> int:
+        from vsc.card import control
+
+        name = lcp.counter_name(lic, vendor_pem)
+        try:
+            if lic.runs:
+                resp = await _call(reactor, home, control.LicenseFund, keyfile=keyfile_text, vendor_key=vendor_pem)
+                name = resp["name"]
+            resp = await _call(reactor, home, control.Counter, name=name, delta=-lic.cost)
+        except lcp.LicenseError as e:
+            raise lcp.no_runs_left(lic, str(e), name) or e from None
+        return resp["value"]
+
+    return charge
 
 
 async def _call(reactor, home: Path, command, **kwargs) -> dict:
@@ -202,12 +211,13 @@ def cmd_check(args) -> int:
         try:
             await prove(reactor, _home(args), lic)
             if args.charge and lcp.is_rental(lic):
-                out["remaining"] = await charge(reactor, _home(args), lic)
+                out["remaining"] = await charger(_read(args.license).decode(), _read(args.vendor_key))(
+                    reactor, _home(args), lic)
         except lcp.LicenseError as e:
             raise CommandError(str(e), lcp.EXIT_LICENSE) from None
 
     vcli._react(react, run)
-    emit(args, dict(_describe(lic), ok=True, **out), f"licence for {lic.product}: valid, card present"
+    emit(args, dict(_describe(lic, _read(args.vendor_key)), ok=True, **out), f"licence for {lic.product}: valid, card present"
          + (f", {out['remaining']} runs left" if "remaining" in out else ""))
     return 0
 
@@ -232,7 +242,7 @@ def cmd_run(args) -> int:
     if args.interval <= 0 or args.grace < 0:
         raise CommandError("--interval must be positive and --grace not negative")
     key = IgnitionKey(reactor, _home(args), lic, program, interval=args.interval, grace=args.grace,
-                      prove=prove, charge=charge)
+                      prove=prove, charge=charger(_read(args.license).decode(), _read(args.vendor_key)))
     reactor.callWhenRunning(key.start)
     reactor.run()
     if key.refusal:

@@ -62,10 +62,14 @@ class DataGet(amp.Command):
 
 
 class LicenseFund(amp.Command):
-    """Create a licence counter with ``amount`` units if it does not exist yet (once per grant)."""
+    """
+    Fund a rental grant's counter once: the card verifies the keyfile's vendor
+    signature and that it names this card's own key, and takes the counter's
+    name and units from the signed keyfile — never from the caller.
+    """
 
-    arguments = [(b"name", amp.Unicode()), (b"amount", amp.Integer())]
-    response = [(b"value", amp.Integer())]
+    arguments = [(b"keyfile", amp.Unicode()), (b"vendor_key", amp.String())]
+    response = [(b"name", amp.Unicode()), (b"value", amp.Integer())]
     errors = {CardError: b"CARD_ERROR"}
 
 
@@ -141,9 +145,10 @@ class ControlProtocol(amp.AMP):
         return _guard(run)()
 
     @LicenseFund.responder
-    def license_fund(self, name, amount):
+    def license_fund(self, keyfile, vendor_key):
         async def run():
-            return {"value": await self.session.fund_counter(name, amount)}
+            name, value = await self.session.fund_counter(keyfile, vendor_key)
+            return {"name": name, "value": value}
 
         return _guard(run)()
 

@@ -20,6 +20,7 @@ from vsc.card.config import CardConfig
 from vsc.card.connect import connect
 from vsc.card.machine import MachineLock, MachineLockHeld, compute_muk
 from vsc.card.protected import CardMemory
+from vsc.protocol import auth, implauth
 from vsc.net.channel import ChannelClosedError
 from vsc.wire.ops import Status
 from vsc.wire.protected import ItemKind, KeyAlg, decode_counter, encode_counter
@@ -49,7 +50,10 @@ REFUSAL_TEXT = {
 
 def explain(e: Exception) -> str:
     if isinstance(e, ops.OperationRefused):
-        return REFUSAL_TEXT.get(e.status, e.status.name)
+        text = REFUSAL_TEXT.get(e.status, e.status.name)
+        if getattr(e, "notes", ()):
+            text += " (this card could not answer: " + "; ".join(e.notes) + ")"
+        return text
     if isinstance(e, ChannelClosedError):
         from vsc.cli import describe_error
 
@@ -76,8 +80,11 @@ class CardSession:
         pid: Callable[[], int] = os.getpid,
         lock: MachineLock | None = None,
         on_exit: Callable[[int, str], None] = lambda code, why: None,
+        totp: Callable[[], str] | None = None,
     ):
         self.config = config
+        self.totp = totp  # where TOTP codes come from, when the server asks for one
+        self.kdf = None  # the KdfParams of this insert (a password change derives the old keys with them)
         self.reactor = reactor
         self.master = master
         self.rand = rand
@@ -131,12 +138,16 @@ class CardSession:
             self.pid = self._pid_fn()
             self._secret = self.rand(32)
             proto = await self._channel()
-            result, keys = await ops.insert(proto, self.config.serial, password, self.muk, self._secret, self.master, self.rand)
+            creds = self.credentials()
+            result, keys = await ops.insert(proto, self.config.serial, password, self.muk, self._secret, self.master,
+                                            self.rand, creds=creds)
             try:
                 self.memory = CardMemory.load(self.config.serial, result.protected, keys.protection_key, self.rand)
             except crypto.CryptoError:
                 raise CardError("the protected information does not decrypt with this password's key")
+            self.kdf = keys.kdf
             del keys
+            self._settle_keyfile(creds)
             self.version = result.version
         except BaseException:
             self.lock.release()
@@ -145,6 +156,27 @@ class CardSession:
         self.inserted_at = self.reactor.seconds()
         self.log.info("card {serial} inserted (version {version})", serial=self.config.serial, version=self.version)
         self._start_polling()
+
+    def credentials(self) -> ops.Credentials:
+        """The keyfile(s) in HOME, the pinned server key, and the TOTP source, for implementation challenges."""
+        from vsc.card.config import load_keyfiles
+
+        return ops.Credentials(keyfiles=load_keyfiles(self.config.home), server_key=self.config.server_key,
+                               totp=self.totp)
+
+    def _settle_keyfile(self, creds: ops.Credentials) -> None:
+        """After an interrupted password change, keep the keyfile that opened with the password the server accepted."""
+        from vsc.card import config as cc
+
+        pending = cc.keyfile_path(self.config.home, pending=True)
+        if creds.keyfile_used is None or not pending.exists():
+            return
+        if creds.keyfiles[creds.keyfile_used] == pending.read_bytes():
+            cc.commit_pending_keyfile(self.config.home)
+            self.log.info("finished an interrupted password change: the re-sealed keyfile is now the keyfile")
+        else:
+            cc.discard_pending_keyfile(self.config.home)
+            self.log.info("discarded the keyfile of a password change the server never stored")
 
     # ------------------------------------------------------------ services
 
@@ -259,20 +291,27 @@ class CardSession:
 
         return await self._locked(run)
 
-    async def fund_counter(self, name: str, amount: int) -> int:
-        """A licence grant funds its counter once: created with ``amount`` units if absent, never topped up."""
+    async def fund_counter(self, keyfile_text: str, vendor_pem: bytes) -> tuple[str, int]:
+        """
+        A rental keyfile funds its counter once: the card checks the vendor's
+        signature and that the keyfile names one of its own keys, and creates
+        the counter (name and units from the signed keyfile) if it is absent.
+        Never topped up. Returns (counter name, current value).
+        """
+        from vsc import lcp
 
         async def run():
             mem = self._require_in_use()
-            if not name.startswith(LICENCE_PREFIX):
-                raise CardError("only licence counters (lic:...) are funded by keyfiles")
+            own = {name: public for kind, name, alg, public in mem.items() if kind is ItemKind.KEY}
+            try:
+                name, amount = lcp.fund_request(keyfile_text, vendor_pem, own)
+            except lcp.LicenseError as e:
+                raise CardError(str(e)) from None
             if mem.has(ItemKind.COUNTER, name):
                 with mem.open(ItemKind.COUNTER, name) as v:
-                    return decode_counter(v)
-            if amount < 0:
-                raise CardError("a grant cannot be negative")
+                    return name, decode_counter(v)
             await self._modify(ItemKind.COUNTER, name, encode_counter(amount))
-            return amount
+            return name, amount
 
         return await self._locked(run)
 
@@ -335,6 +374,88 @@ class CardSession:
             except ops.OperationRefused as e:
                 raise CardError(f"sync refused: {explain(e)}") from None
         raise CardError(f"could not store the change on the server: {explain(last)}")
+
+    # ------------------------------------------------------------ password change
+
+    async def change_password(self, old: str, new: str) -> int:
+        """
+        Change the owner's password while in use: check the old one by
+        unwrapping the data key, derive new keys with a fresh salt, re-wrap
+        only the data key (the items are untouched), re-seal the keyfile, and
+        have the server store the new verifier, KDF parameters and protected
+        information atomically (Op.PASSWORD). Neither password leaves this
+        process. Returns the new version.
+        """
+        from vsc.card import config as cc
+        from vsc.card.protected import rewrap
+        from vsc.wire.ops import KdfAlg
+
+        if not new:
+            raise CardError("the new password is empty")
+
+        async def run():
+            mem = self._require_in_use()
+            if self.kdf is None:
+                raise CardError("a password change is not available for this card")
+            old_keys = ops.derive_keys(old, self.kdf)
+            legacy = self.kdf.alg is KdfAlg.LEGACY_MD5
+            new_kdf = ops.new_kdf(self.rand, legacy=legacy, log2_n=self.kdf.log2_n if not legacy else 15)
+            new_keys = ops.derive_keys(new, new_kdf)
+            try:
+                envelope = rewrap(self.config.serial, mem.export(), old_keys.protection_key, new_keys.protection_key,
+                                  self.rand)
+            except crypto.CryptoError:
+                raise CardError("the current password is wrong") from None
+            resealed = False
+            keyfiles = cc.load_keyfiles(self.config.home)
+            if keyfiles:
+                try:
+                    sealed = implauth.reseal_keyfile(keyfiles[0], self.config.serial, old_keys.protection_key,
+                                                     new_keys.protection_key, self.rand)
+                except implauth.KeyfileError as e:
+                    raise CardError(f"cannot re-seal the keyfile for the new password: {e}") from None
+                cc.save_keyfile(self.config.home, sealed, pending=True)
+                resealed = True
+            verifier = auth.verifier_for(new_keys.auth_key, new_kdf.alg)
+            del old_keys, new_keys
+            try:
+                result = await self._send_password_change(verifier, new_kdf, envelope)
+            except ops.OperationRefused as e:
+                # refused: nothing changed on the server; the old password stays
+                if resealed:
+                    cc.discard_pending_keyfile(self.config.home)
+                raise CardError(f"password change refused: {explain(e)}") from None
+            except Exception as e:  # noqa: BLE001 - the connection failed: reported as one line
+                # unknown whether the server stored it: keep both keyfiles (the next insert keeps the one
+                # that opens with the password the server accepts) and the old wrap (a stale upload is
+                # refused as a version conflict, never stored over the new password)
+                raise CardError(
+                    f"the connection failed during the password change ({explain(e)}); it may or may not have "
+                    f"been stored: remove the card (if remove is refused, recover it on this machine), then "
+                    f"insert it with the new password, or the old one if the new one is refused"
+                ) from None
+            mem.adopt_wrap(envelope)
+            self.kdf = new_kdf
+            self.version = result.version
+            if resealed:
+                cc.commit_pending_keyfile(self.config.home)
+            self.log.info("password of card {serial} changed (version {version})", serial=self.config.serial,
+                          version=self.version)
+            return self.version
+
+        return await self._locked(run)
+
+    async def _send_password_change(self, verifier: bytes, kdf, envelope: bytes):
+        """Once on the live channel, once more on a fresh one (the server answers the identical retry "ok")."""
+        for attempt in range(2):
+            try:
+                proto = await self._channel()
+                return await ops.change_password(proto, self.config.serial, self._secret, self.version, verifier, kdf,
+                                                 envelope)
+            except ChannelClosedError:
+                self._proto = None
+                if attempt:
+                    raise
 
     # ------------------------------------------------------------ remove
 
