@@ -73,6 +73,20 @@ class LicenseFund(amp.Command):
     errors = {CardError: b"CARD_ERROR"}
 
 
+class CertPut(amp.Command):
+    """A slot's X.509 certificate (DER), stored and synced (vsc card cert --import; vsc.card.vpcd)."""
+
+    arguments = [(b"slot", amp.Unicode()), (b"der", amp.String())]
+    response = []
+    errors = {CardError: b"CARD_ERROR"}
+
+
+class CertGet(amp.Command):
+    arguments = [(b"slot", amp.Unicode())]
+    response = [(b"der", amp.String())]
+    errors = {CardError: b"CARD_ERROR"}
+
+
 class Remove(amp.Command):
     arguments = []
     response = []
@@ -151,6 +165,22 @@ class ControlProtocol(amp.AMP):
             return {"name": name, "value": value}
 
         return _guard(run)()
+
+    @CertPut.responder
+    def cert_put(self, slot, der):
+        async def run():
+            from vsc.card.vpcd import put_certificate
+
+            await put_certificate(self.session, slot, der)
+            return {}
+
+        return _guard(run)()
+
+    @CertGet.responder
+    def cert_get(self, slot):
+        from vsc.card.vpcd import get_certificate
+
+        return {"der": get_certificate(self.session, slot)}
 
     @Remove.responder
     def remove(self):

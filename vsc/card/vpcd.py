@@ -1,0 +1,286 @@
+"""
+The card in a PC/SC reader: a TCP link to vsmartcard's vpcd (the virtual
+reader driver pcscd loads), with the card as the client — the reader
+driver / resource manager / service provider chain of the patent
+([0023]-[0024]) then serves the card to OpenSC, NSS, ssh, yubico-piv-tool.
+
+* The link connects once the card is inserted and is dropped when it is
+  removed, so PC/SC sees the card come and go with it; if vpcd is not up
+  (pcscd not started yet, or restarted) it reconnects with backoff.
+* Framing (vsc.wire.apdu): 2-byte big-endian length both ways; a 1-byte
+  message from vpcd is control (00 power off, 01 power on, 02 reset: no
+  reply; 04 get ATR: reply the ATR), anything else is a command APDU
+  answered with the response APDU. Messages are answered strictly in order.
+* TCP_QUICKACK is set after every read: Debian's vpcd (vsmartcard 0.8)
+  writes the length and the payload in two sends, and with Nagle on its
+  side and delayed ACKs on ours every APDU would otherwise cost ~44 ms.
+* The PIV application (vsc.protocol.piv) is sans-IO; ``PivCard`` performs
+  its effects on the CardSession: items are read from the locked card
+  memory, every change goes through ``CardSession.put_item`` (synced to the
+  server before the APDU is answered), private-key operations through
+  ``CardSession.with_key``.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import DeferredLock
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from vsc import crypto
+from vsc.protocol import piv
+from vsc.wire import apdu
+from vsc.wire.protected import ItemKind, KeyAlg
+
+#: 3B 8C 01 | 80 (compact TLV) 67 "vsc-piv" (pre-issuing data) 82 90 00 (status) | TCK — T=1 only
+HISTORICAL = bytes.fromhex("80") + bytes.fromhex("67") + b"vsc-piv" + bytes.fromhex("829000")
+ATR = apdu.build_atr(HISTORICAL)
+DEFAULT_ENDPOINT = "tcp:127.0.0.1:35963"
+
+_KIND = {KeyAlg.RSA2048: crypto.KEY_RSA2048, KeyAlg.P256: crypto.KEY_P256}
+
+
+class PivCard:
+    """The PIV application of one inserted card: APDU in, APDU out, effects on the session."""
+
+    log = Logger()
+
+    def __init__(self, session, rand: crypto.RandomBytes = crypto.system_random):
+        self.session = session
+        self.rand = rand
+        self.applet = piv.PivApplet(session.config.serial, rand)
+
+    def reset(self) -> None:
+        self.applet.reset()
+
+    async def transmit(self, raw: bytes) -> bytes:
+        gen = self.applet.process(raw)
+        send = None
+        throw: BaseException | None = None
+        while True:
+            try:
+                effect = gen.throw(throw) if throw is not None else gen.send(send)
+            except StopIteration as stop:
+                return stop.value
+            send, throw = None, None
+            try:
+                send = await self._perform(effect)
+            except piv.EffectFailed as e:
+                throw = e
+
+    # -- effects
+
+    def _memory(self):
+        mem = self.session.memory
+        if self.session.state != "in-use" or mem is None or mem.wiped:
+            raise piv.EffectFailed("the card is not inserted")
+        return mem
+
+    async def _perform(self, effect):
+        if isinstance(effect, piv.Load):
+            mem = self._memory()
+            if not mem.has(effect.kind, effect.name):
+                return None
+            with mem.open(effect.kind, effect.name) as view:
+                return bytes(view)
+        if isinstance(effect, piv.KeyInfo):
+            for kind, name, alg, public in self._memory().items():
+                if kind is ItemKind.KEY and name == effect.slot:
+                    return alg, public
+            return None
+        if isinstance(effect, piv.Store):
+            try:
+                await self.session.put_item(effect.kind, effect.name, effect.value, effect.alg, effect.public)
+            except Exception as e:  # noqa: BLE001 - the APDU fails; the session undid the change
+                raise piv.EffectFailed(f"not stored: {e}", piv.SW_MEMORY_FAILURE) from None
+            return None
+        if isinstance(effect, piv.PrivateOp):
+            return await self._private_op(effect)
+        if isinstance(effect, piv.Generate):
+            return await self._generate(effect)
+        if isinstance(effect, piv.Notice):
+            self.log.info("PIV {event} {fields}", event=effect.event, fields=effect.fields)
+            return None
+        raise piv.EffectFailed(f"unknown effect {effect!r}")
+
+    async def _private_op(self, effect: piv.PrivateOp) -> bytes:
+        rand = self.rand
+
+        def run(key: crypto.PrivateKeyHandle) -> bytes:
+            if effect.op == "rsa":
+                return crypto.rsa_raw_private(key, effect.data, rand)
+            if effect.op == "ecdsa":
+                return crypto.ecdsa_sign_hash(key, effect.data)
+            if effect.op == "ecdh":
+                return key.ecdh(effect.data)
+            raise crypto.CryptoError(f"unknown operation {effect.op}")
+
+        try:
+            return await self.session.with_key(effect.slot, run)
+        except crypto.CryptoError as e:
+            raise piv.EffectFailed(str(e), piv.SW_WRONG_DATA) from None
+        except ValueError as e:  # e.g. a point not on the curve
+            raise piv.EffectFailed(str(e), piv.SW_WRONG_DATA) from None
+        except Exception as e:  # noqa: BLE001 - card removed, no key
+            raise piv.EffectFailed(str(e)) from None
+
+    async def _generate(self, effect: piv.Generate) -> bytes:
+        """
+        A new key pair for a slot. Its PKCS#8 DER necessarily exists in this
+        process: it is copied into a bytearray that is zeroed right after it
+        was sealed into the card memory (the immutable bytes object the
+        library returned is only dropped, not zeroed).
+        """
+        der = bytearray(crypto.generate_private_der(_KIND[effect.alg]))
+        try:
+            public = crypto.public_der_of(der)
+            try:
+                await self.session.put_item(ItemKind.KEY, effect.slot, der, effect.alg, public)
+            except Exception as e:  # noqa: BLE001
+                raise piv.EffectFailed(f"not stored: {e}", piv.SW_MEMORY_FAILURE) from None
+            return public
+        finally:
+            der[:] = bytes(len(der))
+
+
+class VpcdProtocol(Protocol):
+    """One connection to vpcd = the card in the reader."""
+
+    log = Logger()
+
+    def __init__(self, card: PivCard, atr: bytes = ATR):
+        self.card = card
+        self.atr = atr
+        self.deframer = apdu.VpcdDeframer()
+        self._lock = DeferredLock()
+        self.apdus = 0
+
+    def _quickack(self) -> None:
+        try:
+            self.transport.getHandle().setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except (AttributeError, OSError):
+            pass  # not a TCP socket (tests use in-memory transports)
+
+    def connectionMade(self) -> None:
+        self._quickack()
+        self.card.reset()  # a new connection is a freshly inserted card
+        self.log.info("card presented to PC/SC (vpcd {peer})", peer=str(self.transport.getPeer()))
+
+    def dataReceived(self, data: bytes) -> None:
+        self._quickack()
+        for payload in self.deframer.feed(data):
+            self._lock.run(self._handle, payload).addErrback(self._failed)
+
+    def _failed(self, failure) -> None:
+        self.log.failure("vpcd message failed", failure)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    async def _answer(self, payload: bytes) -> None:
+        try:
+            response = await self.card.transmit(payload)
+        except Exception:  # noqa: BLE001 - a bug: answer 6F00 rather than leave the host waiting
+            self.log.failure("APDU processing failed")
+            response = apdu.build_response(b"", piv.SW_UNKNOWN)
+        self.apdus += 1
+        self.transport.write(apdu.encode_vpcd(response))
+
+    def _handle(self, payload: bytes):
+        from twisted.internet.defer import ensureDeferred, succeed
+
+        ctl = apdu.control_of(payload)
+        if ctl is apdu.VpcdControl.GET_ATR:
+            self.transport.write(apdu.encode_vpcd(self.atr))
+            return succeed(None)
+        if ctl is not None:  # power off, power on, reset: volatile state cleared, no reply
+            self.card.reset()
+            return succeed(None)
+        return ensureDeferred(self._answer(payload))
+
+    def connectionLost(self, reason) -> None:
+        self.card.reset()
+
+
+class VpcdFactory(Factory):
+    noisy = False
+
+    def __init__(self, card: PivCard, atr: bytes = ATR):
+        self.card = card
+        self.atr = atr
+
+    def buildProtocol(self, addr):
+        p = VpcdProtocol(self.card, self.atr)
+        p.factory = self
+        return p
+
+
+class PcscLink:
+    """Keep the card connected to vpcd while it is inserted (reconnecting with backoff)."""
+
+    log = Logger()
+
+    def __init__(self, reactor, session, endpoint: str = DEFAULT_ENDPOINT,
+                 rand: crypto.RandomBytes = crypto.system_random):
+        from twisted.internet.endpoints import clientFromString
+
+        self.reactor = reactor
+        self.endpoint_text = endpoint
+        self.card = PivCard(session, rand)
+        self.service = ClientService(
+            clientFromString(reactor, endpoint), VpcdFactory(self.card),
+            retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=1.6), clock=reactor,
+        )
+
+    def start(self) -> None:
+        self.log.info("presenting the card to PC/SC through vpcd at {endpoint}", endpoint=self.endpoint_text)
+        self.service.startService()
+
+    def stop(self):
+        """Disconnect (PC/SC sees the card removed); returns a Deferred."""
+        if not self.service.running:
+            from twisted.internet.defer import succeed
+
+            return succeed(None)
+        self.card.reset()
+        return self.service.stopService()
+
+
+# ---------------------------------------------------------------- certificates through the control socket (vsc card cert)
+
+
+def _slot_public(session, slot: str) -> bytes:
+    from vsc.card.session import CardError
+
+    mem = session.memory
+    if session.state != "in-use" or mem is None or mem.wiped:
+        raise CardError("the card is not inserted")
+    for kind, name, _alg, public in mem.items():
+        if kind is ItemKind.KEY and name == slot:
+            return public
+    raise CardError(f"no key in slot {slot}")
+
+
+async def put_certificate(session, slot: str, der: bytes) -> None:
+    """Store a slot's certificate (stored and synced before this returns); its public key must be the slot's."""
+    from vsc.card.session import CardError
+
+    try:
+        cert_public = crypto.certificate_public_der(der)
+    except ValueError as e:
+        raise CardError(f"not an X.509 certificate: {e}") from None
+    if cert_public != _slot_public(session, slot):
+        raise CardError(f"the certificate's public key is not the key in slot {slot}")
+    await session.put_item(ItemKind.CERT, slot, der)
+
+
+def get_certificate(session, slot: str) -> bytes:
+    """A slot's certificate (DER), or b"" if it has none."""
+    _slot_public(session, slot)
+    mem = session.memory
+    if not mem.has(ItemKind.CERT, slot):
+        return b""
+    with mem.open(ItemKind.CERT, slot) as view:
+        return bytes(view)

@@ -1,0 +1,780 @@
+"""
+The PIV card application (NIST SP 800-73-4 part 2) of a Virtual Smart Card,
+sans-IO: the reader driver / resource manager / service provider of the
+patent ([0023]-[0024]) reach the card through PC/SC, so that "any smart
+card-aware application can seamlessly inter-operate" ([0011]) — OpenSC's
+PIV driver, yubico-piv-tool, NSS, ssh.
+
+``PivApplet.process(apdu)`` is a generator: it yields *effects* (load or
+store an item of the protected information, run a private-key operation,
+generate a key pair, report an event) and receives their results; it
+returns the response APDU. The glue (vsc.card.vpcd) performs the effects on
+the CardSession — every store is synced to the server before the response
+is sent — and tests drive it with a dictionary (``run_sync``).
+
+What the applet keeps in memory is volatile security status only: the
+selection, whether the PIN was verified, the management-key
+authentication (an Automat machine), the command-chaining buffer and the
+GET RESPONSE buffer. Power off and reset clear all of it. PIN, PUK, retry
+counters, management key, keys and certificates live in the protected
+information and are read per command.
+
+Instructions: SELECT (A4), GET DATA (CB), VERIFY (20), CHANGE REFERENCE
+DATA (24), RESET RETRY COUNTER (2C), GENERAL AUTHENTICATE (87), GENERATE
+ASYMMETRIC KEY PAIR (47), PUT DATA (DB), GET RESPONSE (C0); and three
+YubiKey extensions yubico-piv-tool uses: GET VERSION (FD), GET SERIAL (F8),
+SET MANAGEMENT KEY (FF).
+
+Anti-hammering: VERIFY, CHANGE REFERENCE DATA and RESET RETRY COUNTER store
+the decremented counter BEFORE comparing; only a match stores the reset
+counter. A store that fails (server unreachable) answers 6581 without
+having compared anything, so cutting the network gives an attacker no
+free guesses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Generator, Protocol
+
+import attrs
+from automat import TypeMachineBuilder
+
+from vsc import crypto
+from vsc.wire import apdu, tlv
+from vsc.wire.apdu import ApduError, Command, ManagementKeyRecord, SecretRecord
+from vsc.wire.errors import WireError
+from vsc.wire.protected import ItemKind, KeyAlg
+
+# ---------------------------------------------------------------- constants
+
+PIV_AID = bytes.fromhex("a000000308000010000100")
+PIV_PIX = bytes.fromhex("000010000100")
+MIN_AID_PREFIX = 5  # yubico-piv-tool selects with the RID only (A0 00 00 03 08)
+APP_LABEL = b"VSC PIV (EP 0 936 530)"
+
+SW_OK = 0x9000
+SW_WRONG_LENGTH = 0x6700
+SW_MEMORY_FAILURE = 0x6581
+SW_SECURITY = 0x6982
+SW_BLOCKED = 0x6983
+SW_CONDITIONS = 0x6985
+SW_WRONG_DATA = 0x6A80
+SW_NOT_FOUND = 0x6A82
+SW_NO_MEMORY = 0x6A84
+SW_WRONG_P1P2 = 0x6A86
+SW_REF_NOT_FOUND = 0x6A88
+SW_CHAIN_UNSUPPORTED = 0x6884
+SW_INS = 0x6D00
+SW_CLA = 0x6E00
+SW_UNKNOWN = 0x6F00
+
+INS_SELECT = 0xA4
+INS_GET_DATA = 0xCB
+INS_VERIFY = 0x20
+INS_CHANGE = 0x24
+INS_RESET_RETRY = 0x2C
+INS_GENERAL_AUTH = 0x87
+INS_GENERATE = 0x47
+INS_PUT_DATA = 0xDB
+INS_GET_RESPONSE = 0xC0
+INS_GET_VERSION = 0xFD
+INS_GET_SERIAL = 0xF8
+INS_SET_MGMT = 0xFF
+
+CHAINABLE = frozenset({INS_GET_DATA, INS_VERIFY, INS_CHANGE, INS_RESET_RETRY, INS_GENERAL_AUTH, INS_GENERATE,
+                       INS_PUT_DATA, INS_SET_MGMT})
+MAX_CHAIN = 16 * 1024  # a certificate object of a few kB, with room to spare
+MAX_OBJECT = 12 * 1024
+
+PIN_REF = 0x80
+PUK_REF = 0x81
+MGMT_REF = 0x9B
+PIN_ITEM = {PIN_REF: "piv-pin", PUK_REF: "piv-puk"}
+MGMT_ITEM = "piv-mgmt"
+DEFAULT_PIN = b"123456"
+DEFAULT_PUK = b"12345678"
+DEFAULT_TRIES = 3
+DEFAULT_MGMT = ManagementKeyRecord(crypto.PIV_MGMT_3DES, bytes.fromhex("010203040506070801020304050607080102030405060708"))
+
+ALG_RSA2048 = 0x07
+ALG_P256 = 0x11
+PIV_ALG = {KeyAlg.RSA2048: ALG_RSA2048, KeyAlg.P256: ALG_P256}
+KEY_ALG = {v: k for k, v in PIV_ALG.items()}
+
+#: slot (key reference) -> certificate object tag, and whether the key needs the PIN
+SLOTS = {0x9A: 0x5FC105, 0x9C: 0x5FC10A, 0x9D: 0x5FC10B, 0x9E: 0x5FC101}
+CERT_SLOT = {tag: slot for slot, tag in SLOTS.items()}
+NEEDS_PIN = {0x9A: True, 0x9C: True, 0x9D: True, 0x9E: False}
+
+TAG_DISCOVERY = 0x7E
+TAG_CHUID = 0x5FC102
+TAG_CCC = 0x5FC107
+#: objects whose read needs the PIN (SP 800-73-4 table 2): fingerprints, facial image, printed info, iris
+PIN_OBJECTS = frozenset({0x5FC103, 0x5FC108, 0x5FC109, 0x5FC121})
+
+
+def slot_name(ref: int) -> str:
+    return f"{ref:02x}"
+
+
+def object_name(tag: int) -> str:
+    return f"piv-{tag:x}"
+
+
+def valid_object_tag(tag: int) -> bool:
+    return 0x5FC101 <= tag <= 0x5FC123 or tag in (0x7F61, TAG_DISCOVERY)
+
+
+# ---------------------------------------------------------------- effects
+
+
+@attrs.frozen
+class Load:
+    """Read an item of the protected information; the result is its value (bytes) or None."""
+
+    kind: ItemKind
+    name: str
+
+
+@attrs.frozen
+class Store:
+    """Replace an item and sync it to the server before answering; result None, or EffectFailed."""
+
+    kind: ItemKind
+    name: str
+    value: bytes = attrs.field(repr=False)
+    alg: KeyAlg = KeyAlg.NONE
+    public: bytes = b""
+
+
+@attrs.frozen
+class KeyInfo:
+    """The algorithm and public key (SubjectPublicKeyInfo DER) of a slot's key, or None."""
+
+    slot: str
+
+
+@attrs.frozen
+class PrivateOp:
+    """A private-key operation on a slot's key: "rsa" (raw), "ecdsa" (a hash), "ecdh" (a peer point)."""
+
+    slot: str
+    op: str
+    data: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class Generate:
+    """Generate a key pair into a slot, stored and synced; the result is the public key DER."""
+
+    slot: str
+    alg: KeyAlg
+
+
+@attrs.frozen
+class Notice:
+    """Something worth a log line (the glue logs ``event`` with ``fields``); result None."""
+
+    event: str
+    fields: dict = attrs.field(factory=dict)
+
+
+class EffectFailed(Exception):
+    """The glue could not perform an effect; ``sw`` is what the card answers."""
+
+    def __init__(self, message: str, sw: int = SW_UNKNOWN):
+        super().__init__(message)
+        self.sw = sw
+
+
+Effect = Load | Store | KeyInfo | PrivateOp | Generate | Notice
+Step = Generator[Effect, Any, tuple[bytes, int]]
+
+
+def run_sync(gen: Generator, perform: Callable[[Effect], Any]) -> bytes:
+    """Drive ``process`` synchronously (tests, tools): ``perform`` returns a result or raises EffectFailed."""
+    send: Any = None
+    throw: BaseException | None = None
+    while True:
+        try:
+            effect = gen.throw(throw) if throw is not None else gen.send(send)
+        except StopIteration as stop:
+            return stop.value
+        send, throw = None, None
+        try:
+            send = perform(effect)
+        except EffectFailed as e:
+            throw = e
+
+
+# ---------------------------------------------------------------- management-key authentication (Automat)
+
+
+class MgmtInputs(Protocol):
+    def witness_sent(self, witness: bytes) -> None:
+        "The card sent E(K, witness) and waits for the witness back (yubico-piv-tool, SP 800-73-4 A.1)."
+
+    def challenge_sent(self, challenge: bytes) -> None:
+        "The card sent a plain challenge and waits for E(K, challenge) (OpenSC piv-tool -A)."
+
+    def accept(self) -> bool:
+        "The host's answer matched: authenticated if a witness or challenge was outstanding."
+
+    def reset(self) -> None:
+        "Power off, reset, a wrong answer: back to unauthenticated."
+
+    def authenticated(self) -> bool:
+        "Whether PUT DATA / GENERATE / SET MANAGEMENT KEY are allowed."
+
+    def pending(self) -> tuple[str, bytes] | None:
+        "The outstanding witness or challenge."
+
+
+@attrs.define
+class _MgmtCore:
+    kind: str = ""
+    value: bytes = b""
+
+
+def _build_mgmt():
+    b = TypeMachineBuilder(MgmtInputs, _MgmtCore)
+    none = b.state("unauthenticated")
+    witness = b.state("witness_sent")
+    challenge = b.state("challenge_sent")
+    done = b.state("authenticated")
+
+    for state in (none, witness, challenge, done):
+
+        @state.upon(MgmtInputs.witness_sent).to(witness)
+        def send_witness(m: MgmtInputs, core: _MgmtCore, w: bytes) -> None:
+            core.kind, core.value = "witness", w
+
+        @state.upon(MgmtInputs.challenge_sent).to(challenge)
+        def send_challenge(m: MgmtInputs, core: _MgmtCore, c: bytes) -> None:
+            core.kind, core.value = "challenge", c
+
+        @state.upon(MgmtInputs.reset).to(none)
+        def reset(m: MgmtInputs, core: _MgmtCore) -> None:
+            core.kind, core.value = "", b""
+
+    for state in (witness, challenge):
+
+        @state.upon(MgmtInputs.accept).to(done)
+        def accept(m: MgmtInputs, core: _MgmtCore) -> bool:
+            core.kind, core.value = "", b""
+            return True
+
+        @state.upon(MgmtInputs.pending).loop()
+        def outstanding(m: MgmtInputs, core: _MgmtCore) -> tuple[str, bytes] | None:
+            return core.kind, core.value
+
+        state.upon(MgmtInputs.authenticated).loop().returns(False)
+
+    none.upon(MgmtInputs.accept).loop().returns(False)
+    done.upon(MgmtInputs.accept).to(none).returns(False)  # an answer nobody asked for drops the status
+    none.upon(MgmtInputs.pending).loop().returns(None)
+    done.upon(MgmtInputs.pending).loop().returns(None)
+    none.upon(MgmtInputs.authenticated).loop().returns(False)
+    done.upon(MgmtInputs.authenticated).loop().returns(True)
+    return b.build()
+
+
+_MgmtMachine = _build_mgmt()
+
+
+# ---------------------------------------------------------------- the applet
+
+
+class PivApplet:
+    """One card's PIV application: a dispatcher over the instructions, volatile state only."""
+
+    def __init__(self, serial: str, rand: crypto.RandomBytes = crypto.system_random,
+                 version: tuple[int, int, int] = (5, 4, 3)):
+        self.serial = serial
+        self.rand = rand
+        self.version = version
+        self.mgmt = _MgmtMachine(_MgmtCore())
+        self.selected = False
+        self.pin_verified = False
+        self._chain: tuple[tuple[int, int, int], bytearray] | None = None
+        self._out: bytes = b""
+        self._out_pos = 0
+
+    # -- volatile state
+
+    def reset(self) -> None:
+        """Power off, power on, warm reset: every security status and buffer is cleared ([SP 800-73-4 3.1])."""
+        self.selected = False
+        self.pin_verified = False
+        self.mgmt.reset()
+        self._chain = None
+        self._out, self._out_pos = b"", 0
+
+    # -- entry point
+
+    def process(self, raw: bytes) -> Generator[Effect, Any, bytes]:
+        """One command APDU in, one response APDU out (a generator of effects)."""
+        try:
+            cmd = apdu.parse_command(raw)
+        except ApduError as e:
+            self._chain = None
+            self._out, self._out_pos = b"", 0
+            return apdu.build_response(b"", e.sw)
+        if cmd.cla & ~0x10:
+            self._chain = None
+            return apdu.build_response(b"", SW_CLA)
+        if cmd.ins == INS_GET_RESPONSE and not cmd.chained:
+            return self._get_response(cmd)
+        self._out, self._out_pos = b"", 0
+        header = (cmd.ins, cmd.p1, cmd.p2)
+        if self._chain is not None and self._chain[0] != header:
+            self._chain = None  # a different command abandons the chain
+        if cmd.chained:
+            if cmd.ins not in CHAINABLE:
+                self._chain = None
+                return apdu.build_response(b"", SW_CHAIN_UNSUPPORTED)
+            if self._chain is None:
+                self._chain = (header, bytearray())
+            self._chain[1].extend(cmd.data)
+            if len(self._chain[1]) > MAX_CHAIN:
+                self._chain = None
+                return apdu.build_response(b"", SW_NO_MEMORY)
+            return apdu.build_response(b"", SW_OK)
+        data = cmd.data
+        if self._chain is not None:
+            buf = self._chain[1]
+            buf.extend(cmd.data)
+            if len(buf) > MAX_CHAIN:
+                self._chain = None
+                return apdu.build_response(b"", SW_NO_MEMORY)
+            data = bytes(buf)
+            self._chain = None
+        try:
+            body, sw = yield from self._dispatch(cmd, data)
+        except ApduError as e:
+            body, sw = b"", e.sw
+        except WireError:
+            body, sw = b"", SW_WRONG_DATA
+        except EffectFailed as e:
+            yield Notice("effect-failed", {"ins": cmd.ins, "why": str(e), "sw": e.sw})
+            body, sw = b"", e.sw
+        if sw != SW_OK or not body:
+            return apdu.build_response(b"", sw)
+        return self._respond(body, cmd)
+
+    # -- response buffering (61xx / GET RESPONSE)
+
+    def _respond(self, body: bytes, cmd: Command) -> bytes:
+        limit = cmd.le if cmd.le is not None else (65536 if cmd.extended else 256)
+        if len(body) <= limit:
+            return apdu.build_response(body, SW_OK)
+        self._out, self._out_pos = body, limit
+        return apdu.build_response(body[:limit], self._more_sw())
+
+    def _more_sw(self) -> int:
+        left = len(self._out) - self._out_pos
+        return 0x6100 | (left if left < 256 else 0)
+
+    def _get_response(self, cmd: Command) -> bytes:
+        if cmd.p1 or cmd.p2:
+            return apdu.build_response(b"", SW_WRONG_P1P2)
+        if not self._out or self._out_pos >= len(self._out):
+            self._out, self._out_pos = b"", 0
+            return apdu.build_response(b"", SW_CONDITIONS)
+        n = cmd.le if cmd.le is not None else 256
+        chunk = self._out[self._out_pos : self._out_pos + n]
+        self._out_pos += len(chunk)
+        if self._out_pos >= len(self._out):
+            self._out, self._out_pos = b"", 0
+            return apdu.build_response(chunk, SW_OK)
+        return apdu.build_response(chunk, self._more_sw())
+
+    # -- dispatch
+
+    def _dispatch(self, cmd: Command, data: bytes) -> Step:
+        if cmd.ins == INS_SELECT:
+            return (yield from self._select(cmd, data))
+        if not self.selected:
+            return b"", SW_INS  # nothing but SELECT before the application is selected
+        handler = {
+            INS_GET_DATA: self._get_data,
+            INS_VERIFY: self._verify,
+            INS_CHANGE: self._change,
+            INS_RESET_RETRY: self._reset_retry,
+            INS_GENERAL_AUTH: self._general_authenticate,
+            INS_GENERATE: self._generate,
+            INS_PUT_DATA: self._put_data,
+            INS_GET_VERSION: self._get_version,
+            INS_GET_SERIAL: self._get_serial,
+            INS_SET_MGMT: self._set_mgmt,
+        }.get(cmd.ins)
+        if handler is None:
+            return b"", SW_INS
+        return (yield from handler(cmd, data))
+
+    # ---------------------------------------------------------------- SELECT
+
+    def _select(self, cmd: Command, data: bytes) -> Step:
+        yield from ()
+        if cmd.p1 != 0x04 or cmd.p2 not in (0x00, 0x0C):
+            return b"", SW_WRONG_P1P2
+        if not (MIN_AID_PREFIX <= len(data) <= len(PIV_AID) and PIV_AID.startswith(data)):
+            return b"", SW_NOT_FOUND  # the current selection is unchanged (ISO 7816-4 7.1.1)
+        if not self.selected:
+            # selecting the PIV application again keeps its security status (SP 800-73-4 3.1.1)
+            self.selected = True
+            self.pin_verified = False
+            self.mgmt.reset()
+        if cmd.p2 == 0x0C:
+            return b"", SW_OK
+        return self.application_property_template(), SW_OK
+
+    @staticmethod
+    def application_property_template() -> bytes:
+        algs = [(0x80, bytes([a])) for a in (crypto.PIV_MGMT_3DES, crypto.PIV_MGMT_AES128, crypto.PIV_MGMT_AES192,
+                                             crypto.PIV_MGMT_AES256, ALG_RSA2048, ALG_P256)]
+        return tlv.encode(0x61, tlv.encode_many([
+            (0x4F, PIV_PIX),
+            (0x79, tlv.encode(0x4F, PIV_AID)),
+            (0x50, APP_LABEL),
+            (0xAC, tlv.encode_many(algs + [(0x06, b"")])),
+        ]))
+
+    # ---------------------------------------------------------------- GET DATA / PUT DATA
+
+    @staticmethod
+    def _object_tag(cmd: Command, data: bytes) -> tuple[int, bytes]:
+        if (cmd.p1, cmd.p2) != (0x3F, 0xFF):
+            raise ApduError(SW_WRONG_P1P2)
+        items = tlv.decode(data)
+        if not items or items[0].tag != 0x5C:
+            raise ApduError(SW_WRONG_DATA, "no tag list")
+        tag = tlv.parse_tag(items[0].value)
+        rest = tlv.encode_many(items[1:])
+        return tag, rest
+
+    def _get_data(self, cmd: Command, data: bytes) -> Step:
+        tag, rest = self._object_tag(cmd, data)
+        if rest:
+            return b"", SW_WRONG_DATA
+        if tag == TAG_DISCOVERY:
+            return self.discovery(), SW_OK
+        if not valid_object_tag(tag):
+            return b"", SW_NOT_FOUND
+        if tag in PIN_OBJECTS and not self.pin_verified:
+            return b"", SW_SECURITY
+        if tag in CERT_SLOT:
+            cert = yield Load(ItemKind.CERT, slot_name(CERT_SLOT[tag]))
+            if not cert:
+                return b"", SW_NOT_FOUND
+            return self.certificate_object(bytes(cert)), SW_OK
+        stored = yield Load(ItemKind.DATA, object_name(tag))
+        if stored:
+            return tlv.encode(0x53, bytes(stored)), SW_OK
+        if tag == TAG_CHUID:
+            return tlv.encode(0x53, self.chuid()), SW_OK
+        if tag == TAG_CCC:
+            return tlv.encode(0x53, self.ccc()), SW_OK
+        return b"", SW_NOT_FOUND
+
+    @staticmethod
+    def certificate_object(cert_der: bytes) -> bytes:
+        """53 { 70 certificate, 71 CertInfo (00: not compressed), FE error detection code }."""
+        return tlv.encode(0x53, tlv.encode_many([(0x70, cert_der), (0x71, b"\x00"), (0xFE, b"")]))
+
+    @staticmethod
+    def discovery() -> bytes:
+        """7E { 4F PIV AID, 5F2F PIN usage policy 40 00: the application PIN only }."""
+        return tlv.encode(TAG_DISCOVERY, tlv.encode_many([(0x4F, PIV_AID), (0x5F2F, b"\x40\x00")]))
+
+    def _id_bytes(self, label: bytes, n: int) -> bytes:
+        return crypto.sha256(b"vsc piv " + label + b"\x00" + self.serial.encode())[:n]
+
+    def guid(self) -> bytes:
+        """An RFC 4122 version-8 style GUID derived from the serial (OpenSC's serial number of the card)."""
+        g = bytearray(self._id_bytes(b"guid", 16))
+        g[6] = (g[6] & 0x0F) | 0x80
+        g[8] = (g[8] & 0x3F) | 0x80
+        return bytes(g)
+
+    def fascn(self) -> bytes:
+        """A non-federal FASC-N (agency code 9999) whose credential and person identifier follow the serial."""
+        digits = str(int.from_bytes(self._id_bytes(b"fascn", 8), "big")).rjust(16, "0")[-16:]
+        return apdu.encode_fascn("9999", "9999", digits[:6], "0", "1", digits[6:16], "1", "0000", "1")
+
+    def chuid(self) -> bytes:
+        """CHUID content: FASC-N, GUID, expiration date, an empty issuer signature, error detection code."""
+        return tlv.encode_many([(0x30, self.fascn()), (0x34, self.guid()), (0x35, b"20991231"), (0x3E, b""),
+                                (0xFE, b"")])
+
+    def ccc(self) -> bytes:
+        """Card Capability Container (the layout YubiKeys use; card identifier from the serial)."""
+        card_id = bytes.fromhex("a000000116ff02") + self._id_bytes(b"ccc", 14)
+        return tlv.encode_many([
+            (0xF0, card_id), (0xF1, b"\x21"), (0xF2, b"\x21"), (0xF3, b""), (0xF4, b"\x00"), (0xF5, b"\x10"),
+            (0xF6, b""), (0xF7, b""), (0xFA, b""), (0xFB, b""), (0xFC, b""), (0xFD, b""), (0xFE, b""),
+        ])
+
+    def _put_data(self, cmd: Command, data: bytes) -> Step:
+        tag, rest = self._object_tag(cmd, data)
+        if not self.mgmt.authenticated():
+            return b"", SW_SECURITY
+        items = tlv.decode(rest)
+        if len(items) != 1 or items[0].tag != 0x53:
+            return b"", SW_WRONG_DATA
+        content = items[0].value
+        if len(content) > MAX_OBJECT:
+            return b"", SW_NO_MEMORY
+        if tag == TAG_DISCOVERY or not valid_object_tag(tag):
+            return b"", SW_WRONG_DATA
+        if tag in CERT_SLOT:
+            cert = b""
+            if content:
+                fields = tlv.to_dict(content, allowed=(0x70, 0x71, 0xFE))
+                if 0x70 not in fields or fields.get(0x71, b"\x00") not in (b"\x00", b""):
+                    return b"", SW_WRONG_DATA  # compressed certificates are not supported
+                cert = fields[0x70]
+            yield Store(ItemKind.CERT, slot_name(CERT_SLOT[tag]), cert)
+            yield Notice("certificate-stored", {"slot": slot_name(CERT_SLOT[tag]), "bytes": len(cert)})
+            return b"", SW_OK
+        yield Store(ItemKind.DATA, object_name(tag), content)
+        return b"", SW_OK
+
+    # ---------------------------------------------------------------- PIN and PUK
+
+    def _load_secret(self, ref: int) -> Generator[Effect, Any, SecretRecord]:
+        raw = yield Load(ItemKind.PIN, PIN_ITEM[ref])
+        if not raw:
+            return SecretRecord(apdu.pad_pin(DEFAULT_PIN if ref == PIN_REF else DEFAULT_PUK), DEFAULT_TRIES,
+                                DEFAULT_TRIES)
+        return apdu.decode_secret(raw)
+
+    def _store_secret(self, ref: int, rec: SecretRecord) -> Step:
+        try:
+            yield Store(ItemKind.PIN, PIN_ITEM[ref], apdu.encode_secret(rec))
+        except EffectFailed as e:
+            raise EffectFailed(str(e), SW_MEMORY_FAILURE) from None
+        return b"", SW_OK
+
+    def _check_secret(self, ref: int, block: bytes) -> Generator[Effect, Any, SecretRecord | int]:
+        """
+        Compare ``block`` with the PIN or PUK, the counter decremented and
+        stored first. Returns the record (match, counter stored back at its
+        maximum) or the status word to answer (63Cx, 6983).
+        """
+        rec = yield from self._load_secret(ref)
+        if rec.tries_left == 0:
+            return SW_BLOCKED
+        left = rec.tries_left - 1
+        yield from self._store_secret(ref, attrs.evolve(rec, tries_left=left))
+        if crypto.constant_time_equal(bytes(block), rec.value):
+            if left != rec.max_tries:
+                yield from self._store_secret(ref, attrs.evolve(rec, tries_left=rec.max_tries))
+            return rec
+        yield Notice("wrong-pin" if ref == PIN_REF else "wrong-puk", {"tries_left": left})
+        if left == 0:
+            yield Notice("pin-blocked" if ref == PIN_REF else "puk-blocked", {})
+        return 0x63C0 | left
+
+    @staticmethod
+    def _new_value(block: bytes) -> bytes:
+        """A new PIN or PUK block: 6 to 8 bytes, FF padded."""
+        try:
+            value = apdu.unpad_pin(block)
+        except WireError:
+            raise ApduError(SW_WRONG_DATA, "not an FF-padded 8-byte block") from None
+        if len(value) < 6:
+            raise ApduError(SW_WRONG_DATA, "a PIN or PUK has 6 to 8 characters")
+        return bytes(block)
+
+    def _verify(self, cmd: Command, data: bytes) -> Step:
+        if cmd.p1 == 0xFF:  # reset the verification status (SP 800-73-4 3.2.1)
+            if data:
+                return b"", SW_WRONG_DATA
+            if cmd.p2 == PIN_REF:
+                self.pin_verified = False
+            return b"", SW_OK
+        if cmd.p1 != 0x00 or cmd.p2 not in (PIN_REF, PUK_REF):
+            return b"", SW_REF_NOT_FOUND if cmd.p1 == 0x00 else SW_WRONG_P1P2
+        if not data:  # status: verified, or tries left
+            if cmd.p2 == PIN_REF and self.pin_verified:
+                return b"", SW_OK
+            rec = yield from self._load_secret(cmd.p2)
+            return b"", SW_BLOCKED if rec.tries_left == 0 else 0x63C0 | min(rec.tries_left, 15)
+        if len(data) != 8:
+            return b"", SW_WRONG_DATA
+        if cmd.p2 == PIN_REF:
+            self.pin_verified = False
+        result = yield from self._check_secret(cmd.p2, data)
+        if isinstance(result, int):
+            return b"", result
+        if cmd.p2 == PIN_REF:
+            self.pin_verified = True
+        return b"", SW_OK
+
+    def _change(self, cmd: Command, data: bytes) -> Step:
+        if cmd.p1 != 0x00 or cmd.p2 not in (PIN_REF, PUK_REF):
+            return b"", SW_REF_NOT_FOUND if cmd.p1 == 0x00 else SW_WRONG_P1P2
+        if len(data) != 16:
+            return b"", SW_WRONG_DATA
+        new = self._new_value(data[8:])
+        result = yield from self._check_secret(cmd.p2, data[:8])
+        if isinstance(result, int):
+            if cmd.p2 == PIN_REF:
+                self.pin_verified = False
+            return b"", result
+        yield from self._store_secret(cmd.p2, SecretRecord(new, result.max_tries, result.max_tries))
+        yield Notice("pin-changed" if cmd.p2 == PIN_REF else "puk-changed", {})
+        if cmd.p2 == PIN_REF:
+            self.pin_verified = True
+        return b"", SW_OK
+
+    def _reset_retry(self, cmd: Command, data: bytes) -> Step:
+        if cmd.p1 != 0x00 or cmd.p2 != PIN_REF:
+            return b"", SW_REF_NOT_FOUND if cmd.p1 == 0x00 else SW_WRONG_P1P2
+        if len(data) != 16:
+            return b"", SW_WRONG_DATA
+        new = self._new_value(data[8:])
+        result = yield from self._check_secret(PUK_REF, data[:8])
+        if isinstance(result, int):
+            return b"", result
+        pin = yield from self._load_secret(PIN_REF)
+        yield from self._store_secret(PIN_REF, SecretRecord(new, pin.max_tries, pin.max_tries))
+        yield Notice("pin-unblocked", {})
+        self.pin_verified = False
+        return b"", SW_OK
+
+    # ---------------------------------------------------------------- management key
+
+    def _load_mgmt(self) -> Generator[Effect, Any, ManagementKeyRecord]:
+        raw = yield Load(ItemKind.PIN, MGMT_ITEM)
+        return apdu.decode_mgmt(raw) if raw else DEFAULT_MGMT
+
+    def _mgmt_authenticate(self, cmd: Command, fields: dict[int, bytes]) -> Step:
+        rec = yield from self._load_mgmt()
+        if cmd.p1 != rec.alg:
+            self.mgmt.reset()
+            return b"", SW_WRONG_P1P2
+        bs = crypto.mgmt_block_size(rec.alg)
+        witness, challenge, response = fields.get(0x80), fields.get(0x81), fields.get(0x82)
+        if witness == b"" and challenge is None and response is None:
+            w = self.rand(bs)
+            self.mgmt.witness_sent(w)
+            return tlv.encode(0x7C, tlv.encode(0x80, crypto.mgmt_cipher(rec.alg, rec.key, w, True))), SW_OK
+        if challenge == b"" and witness is None and response is None:
+            c = self.rand(bs)
+            self.mgmt.challenge_sent(c)
+            return tlv.encode(0x7C, tlv.encode(0x81, c)), SW_OK
+        pending = self.mgmt.pending()
+        if witness is not None and challenge is not None and response in (None, b""):
+            ok = (pending is not None and pending[0] == "witness" and len(witness) == bs and len(challenge) == bs
+                  and crypto.constant_time_equal(witness, pending[1]))
+            if not ok or not self.mgmt.accept():
+                self.mgmt.reset()
+                yield Notice("management-key-refused", {})
+                return b"", SW_SECURITY
+            return tlv.encode(0x7C, tlv.encode(0x82, crypto.mgmt_cipher(rec.alg, rec.key, challenge, True))), SW_OK
+        if response and witness is None and challenge is None:
+            ok = (pending is not None and pending[0] == "challenge" and len(response) == bs
+                  and crypto.constant_time_equal(response, crypto.mgmt_cipher(rec.alg, rec.key, pending[1], True)))
+            if not ok or not self.mgmt.accept():
+                self.mgmt.reset()
+                yield Notice("management-key-refused", {})
+                return b"", SW_SECURITY
+            return b"", SW_OK
+        self.mgmt.reset()
+        return b"", SW_WRONG_DATA
+
+    def _set_mgmt(self, cmd: Command, data: bytes) -> Step:
+        """YubiKey SET MANAGEMENT KEY: ``00 FF FF FF|FE  alg 9B len key``."""
+        if cmd.p1 != 0xFF or cmd.p2 not in (0xFF, 0xFE):
+            return b"", SW_WRONG_P1P2
+        if not self.mgmt.authenticated():
+            return b"", SW_SECURITY
+        if len(data) < 3 or data[1] != MGMT_REF or data[2] != len(data) - 3:
+            return b"", SW_WRONG_DATA
+        alg, key = data[0], data[3:]
+        try:
+            if len(key) != crypto.mgmt_key_size(alg):
+                return b"", SW_WRONG_DATA
+        except crypto.CryptoError:
+            return b"", SW_WRONG_DATA
+        yield Store(ItemKind.PIN, MGMT_ITEM, apdu.encode_mgmt(ManagementKeyRecord(alg, key)))
+        yield Notice("management-key-changed", {"alg": alg})
+        return b"", SW_OK
+
+    # ---------------------------------------------------------------- GENERAL AUTHENTICATE
+
+    def _general_authenticate(self, cmd: Command, data: bytes) -> Step:
+        try:
+            fields = tlv.to_dict(tlv.decode_one(data, 0x7C), allowed=(0x80, 0x81, 0x82, 0x85))
+        except WireError:
+            return b"", SW_WRONG_DATA
+        if cmd.p2 == MGMT_REF:
+            return (yield from self._mgmt_authenticate(cmd, fields))
+        if cmd.p2 not in SLOTS:
+            return b"", SW_REF_NOT_FOUND
+        slot = slot_name(cmd.p2)
+        info = yield KeyInfo(slot)
+        if info is None:
+            return b"", SW_REF_NOT_FOUND
+        alg, _public = info
+        if PIV_ALG.get(alg) != cmd.p1:
+            return b"", SW_WRONG_P1P2
+        if fields.get(0x82, None) != b"":
+            return b"", SW_WRONG_DATA
+        challenge, point = fields.get(0x81), fields.get(0x85)
+        if (challenge is None) == (point is None) or fields.get(0x80) is not None:
+            return b"", SW_WRONG_DATA
+        if NEEDS_PIN[cmd.p2] and not self.pin_verified:
+            return b"", SW_SECURITY
+        if alg is KeyAlg.RSA2048:
+            if point is not None or len(challenge) != 256:
+                return b"", SW_WRONG_DATA
+            op, arg = "rsa", challenge
+        elif point is not None:
+            if len(point) != 65 or point[0] != 0x04:
+                return b"", SW_WRONG_DATA
+            op, arg = "ecdh", point
+        else:
+            if not 1 <= len(challenge) <= 64:
+                return b"", SW_WRONG_DATA
+            op, arg = "ecdsa", challenge
+        result = yield PrivateOp(slot, op, arg)
+        return tlv.encode(0x7C, tlv.encode(0x82, result)), SW_OK
+
+    # ---------------------------------------------------------------- GENERATE ASYMMETRIC KEY PAIR
+
+    def _generate(self, cmd: Command, data: bytes) -> Step:
+        if cmd.p1 != 0x00 or cmd.p2 not in SLOTS:
+            return b"", SW_WRONG_P1P2 if cmd.p1 else SW_REF_NOT_FOUND
+        if not self.mgmt.authenticated():
+            return b"", SW_SECURITY
+        try:
+            template = tlv.to_dict(tlv.decode_one(data, 0xAC), allowed=(0x80, 0x81, 0xAA, 0xAB))
+        except WireError:
+            return b"", SW_WRONG_DATA
+        alg = KEY_ALG.get(int.from_bytes(template.get(0x80, b""), "big") if len(template.get(0x80, b"")) == 1 else -1)
+        if alg is None:
+            return b"", SW_WRONG_DATA
+        slot = slot_name(cmd.p2)
+        public = yield Generate(slot, alg)
+        yield Notice("key-generated", {"slot": slot, "alg": alg.name.lower()})
+        nums = crypto.public_numbers(public)
+        if "rsa" in nums:
+            n, e = nums["rsa"]
+            body = tlv.encode_many([(0x81, n), (0x82, e)])
+        else:
+            body = tlv.encode(0x86, nums["ec"])
+        return tlv.encode(0x7F49, body), SW_OK
+
+    # ---------------------------------------------------------------- YubiKey extensions
+
+    def _get_version(self, cmd: Command, data: bytes) -> Step:
+        yield from ()
+        return apdu.Version.build(dict(major=self.version[0], minor=self.version[1], patch=self.version[2])), SW_OK
+
+    def _get_serial(self, cmd: Command, data: bytes) -> Step:
+        yield from ()
+        number = int.from_bytes(self._id_bytes(b"serial", 4), "big") & 0x7FFFFFFF
+        return apdu.Serial32.build(number), SW_OK
