@@ -606,11 +606,14 @@ def test_verify_lengths_and_references(card):
     assert card.verify(None) == 0x63C3
 
 
-def test_verify_reset_and_power_clear_the_pin(card):
-    """VERIFY P1=FF, power off/reset and re-selection after reset all leave the PIN unverified; re-SELECT keeps it."""
+def test_verify_reset_select_and_power_clear_the_pin(card):
+    """VERIFY P1=FF, a new SELECT (YubiKey behaviour, what yubico-piv-tool relies on) and power off/reset clear the PIN."""
     assert card.verify(PIN) == 0x9000
     card.select()
-    assert card.verify(None) == 0x9000  # selecting the PIV application again keeps the status
+    assert card.verify(None) == 0x63C3
+    assert card.verify(PIN) == 0x9000
+    assert card.send(0xA4, 0x04, 0x00, bytes.fromhex("d27600012401"))[1] == 0x6A82  # a failed SELECT changes nothing
+    assert card.verify(None) == 0x9000
     assert card.send(0x20, 0xFF, 0x80) == (b"", 0x9000)
     assert card.verify(None) == 0x63C3
     assert card.verify(PIN) == 0x9000

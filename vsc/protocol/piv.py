@@ -420,11 +420,13 @@ class PivApplet:
             return b"", SW_WRONG_P1P2
         if not (MIN_AID_PREFIX <= len(data) <= len(PIV_AID) and PIV_AID.startswith(data)):
             return b"", SW_NOT_FOUND  # the current selection is unchanged (ISO 7816-4 7.1.1)
-        if not self.selected:
-            # selecting the PIV application again keeps its security status (SP 800-73-4 3.1.1)
-            self.selected = True
-            self.pin_verified = False
-            self.mgmt.reset()
+        # Every successful SELECT starts a fresh security status, as a YubiKey does: yubico-piv-tool relies on
+        # it to read the PIN retry counter, and every PC/SC client (each OpenSC process selects the AID when it
+        # connects) starts unauthenticated. SP 800-73-4 3.1.1 would keep the status on re-selection; OpenSC
+        # re-verifies from its PIN cache when a card answers 6982, so nothing breaks either way.
+        self.selected = True
+        self.pin_verified = False
+        self.mgmt.reset()
         if cmd.p2 == 0x0C:
             return b"", SW_OK
         return self.application_property_template(), SW_OK

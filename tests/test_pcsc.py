@@ -1,0 +1,380 @@
+"""
+The card in the real PC/SC stack: pcscd with vsmartcard's vpcd reader, a
+real ``twistd vsc-server``, a real ``twistd vsc-card --pcsc``, and the stock
+tools — OpenSC (opensc-tool, pkcs11-tool with opensc-pkcs11.so),
+yubico-piv-tool, openssl — as any smart card-aware application ([0011]).
+
+One card for the whole module (enrolment, RSA generation and insert are the
+slow part); the tests run in file order and each leaves the card as it found
+it, except the last two (the PIN lock across a restart, then remove). pcscd
+is started here unless one is already running (as root; stopped with
+SIGTERM afterwards). When pcscd, vpcd or OpenSC are missing the tests skip
+locally and fail under VSC_REQUIRE_INTEGRATION=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration import missing
+
+pytestmark = pytest.mark.integration
+
+VPCD_ENDPOINT = "tcp:127.0.0.1:35963"
+READER = "Virtual PCD 00 00"
+VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
+VPCD_CONF = Path("/etc/reader.conf.d/vpcd")
+PKCS11 = next((p for p in ("/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so", "/usr/lib/opensc-pkcs11.so",
+                           "/usr/lib/aarch64-linux-gnu/opensc-pkcs11.so") if os.path.exists(p)), None)
+PCSCD_SOCKET = Path("/run/pcscd/pcscd.comm")
+SERIAL = "pcsc-card-1"
+PIN = "246810"
+PUK = "13579135"
+TOOL_TIMEOUT = 60.0
+APPEAR_TIMEOUT = 20.0
+
+
+def _run(argv, check: bool = True, timeout: float = TOOL_TIMEOUT, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in argv], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, argv))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _readers() -> dict[str, bool]:
+    """``opensc-tool -l``: reader name -> card present."""
+    out = _run(["opensc-tool", "-l"], check=False, timeout=20).stdout
+    found = {}
+    for line in out.splitlines():
+        m = re.match(r"^\s*(\d+)\s+(Yes|No)\s+.*?(Virtual PCD \d\d \d\d)\s*$", line)
+        if m:
+            found[m.group(3)] = m.group(2) == "Yes"
+    return found
+
+
+def _reader_index() -> str:
+    out = _run(["opensc-tool", "-l"], timeout=20).stdout
+    for line in out.splitlines():
+        if line.rstrip().endswith(READER):
+            return line.split()[0]
+    raise AssertionError(f"no reader {READER!r} in:\n{out}")
+
+
+def _wait_card(present: bool, timeout: float = APPEAR_TIMEOUT) -> float:
+    """Poll until the card is (or is not) in the reader; the seconds it took."""
+    start = time.monotonic()
+    while _readers().get(READER) is not present:
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"the card did not {'appear in' if present else 'leave'} {READER} within {timeout:g} s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def _prerequisites() -> None:
+    for program in ("pcscd", "opensc-tool", "pkcs11-tool", "yubico-piv-tool", "openssl"):
+        if shutil.which(program) is None:
+            missing(f"{program} is not installed (apt-get install pcscd vsmartcard-vpcd opensc yubico-piv-tool)")
+    if not VPCD_DRIVER.exists() or not VPCD_CONF.exists():
+        missing("vsmartcard-vpcd is not installed (the virtual reader pcscd loads)")
+    if PKCS11 is None:
+        missing("opensc-pkcs11.so is not installed (apt-get install opensc-pkcs11)")
+
+
+class Pcscd:
+    """The pcscd this module uses: one already running, or ``pcscd -f`` started (and stopped) here."""
+
+    def __init__(self, log: Path):
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def running(self) -> bool:
+        return PCSCD_SOCKET.exists() and _port_open(35963)
+
+    def start(self) -> None:
+        if self.running():
+            return
+        if os.geteuid() != 0:
+            missing("pcscd is not running and starting it needs root")
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(["pcscd", "-f"], stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while not self.running():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"pcscd did not start:\n{self.log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+
+    @property
+    def ours(self) -> bool:
+        return self.proc is not None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """pcscd + a real server + an enrolled card (PIN/PUK from files) inserted with --pcsc; all stopped at the end."""
+    _prerequisites()
+    from tests.cards import Cards
+    from tests.servers import Servers, admin, init_data_dir
+
+    root = tmp_path_factory.mktemp("pcsc")
+    pcscd = Pcscd(root / "pcscd.log")
+    pcscd.start()
+    servers = Servers(root / "logs")
+    cards = Cards(root / "cards")
+    try:
+        if _readers().get(READER):
+            missing(f"another card is already in {READER} (vpcd takes one card per reader); remove it first")
+        data_dir = root / "server"
+        fingerprint = init_data_dir(data_dir)["fingerprint"]
+        server = servers.start(data_dir)
+        code = admin(data_dir, "issue", SERIAL)["code"]
+        home = root / "home"
+        pw = cards.password_file("pw", "pcsc password 1")
+        pin_file, puk_file = root / "pin", root / "puk"
+        pin_file.write_text(PIN + "\n")
+        puk_file.write_text(PUK + "\n")
+        cards.card(home, "enroll", "--server", server.endpoint, "--server-key", fingerprint, "--serial", SERIAL,
+                   "--code", code, "--password-file", str(pw), "--pin-file", str(pin_file),
+                   "--puk-file", str(puk_file), "--scrypt-log2n", "10")
+
+        def start_card():
+            d = cards.start(home, pw, extra=("--pcsc", VPCD_ENDPOINT))
+            _wait_card(True)
+            return d
+
+        daemon = start_card()
+        yield dict(cards=cards, home=home, daemon=daemon, start_card=start_card, tmp=root, pcscd=pcscd,
+                   env=cards.env())
+    finally:
+        cards.close()
+        servers.close()
+        pcscd.stop()
+
+
+def _pkcs11(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run(["pkcs11-tool", "--module", PKCS11, *args], check=check)
+
+
+def _cert_public_pem(stack, obj_id: str) -> Path:
+    """The public key of the certificate object ``obj_id`` read through PKCS#11, as a PEM file."""
+    der = stack["tmp"] / f"cert{obj_id}.der"
+    _pkcs11("--read-object", "--type", "cert", "--id", obj_id, "-o", str(der))
+    pem = stack["tmp"] / f"pub{obj_id}.pem"
+    pem.write_text(_run(["openssl", "x509", "-inform", "der", "-in", der, "-pubkey", "-noout"]).stdout)
+    return pem
+
+
+def _apdus(*hex_apdus: str) -> list[str]:
+    """Send raw APDUs with ``opensc-tool -s`` (after SELECT of the PIV AID); the SW of each, as 'SW1SW2'."""
+    argv = ["opensc-tool", "-r", _reader_index(), "-s", "00:A4:04:00:09:A0:00:00:03:08:00:00:10:00:00"]
+    for a in hex_apdus:
+        argv += ["-s", a]
+    out = _run(argv).stdout
+    sws = re.findall(r"Received \(SW1=0x([0-9A-Fa-f]{2}), SW2=0x([0-9A-Fa-f]{2})\)", out)
+    return [(a + b).upper() for a, b in sws][1:]
+
+
+def _verify_apdu(pin: str | None) -> str:
+    if pin is None:
+        return "00:20:00:80"
+    block = pin.encode().ljust(8, b"\xff")
+    return "00:20:00:80:08:" + ":".join(f"{b:02X}" for b in block)
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def test_opensc_sees_a_piv_card(stack):
+    """opensc-tool -l lists the card in 'Virtual PCD 00 00'; -a prints our ATR; -n names OpenSC's PIV driver."""
+    from vsc.card.vpcd import ATR
+
+    assert _readers().get(READER) is True
+    r = _reader_index()
+    atr = _run(["opensc-tool", "-r", r, "-a"]).stdout.strip().splitlines()[-1]
+    assert bytes.fromhex(atr.replace(":", "")) == ATR
+    assert "Personal Identity Verification Card" in _run(["opensc-tool", "-r", r, "-n"]).stdout
+
+
+def test_pkcs11_lists_certificates_and_keys(stack):
+    """pkcs11-tool -O: a certificate (CN=serial slot) and public key per slot; after login a private key per slot."""
+    out = _pkcs11("-O").stdout
+    for slot in ("9a", "9c", "9d", "9e"):
+        assert f"CN={SERIAL} {slot}" in out
+    assert out.count("Certificate Object") == 4
+    assert out.count("Public Key Object") == 4
+    logged = _pkcs11("-O", "--login", "--pin", PIN).stdout
+    private = re.findall(r"Private Key Object; (RSA|EC).*?ID:\s+(\d\d)", logged, re.S)
+    assert sorted(private) == [("EC", "02"), ("EC", "04"), ("RSA", "01"), ("RSA", "03")]
+
+
+# ---------------------------------------------------------------- private-key operations through OpenSC
+
+
+def test_rsa_signature_verifies_with_openssl(stack):
+    """pkcs11-tool --sign -m SHA256-RSA-PKCS with the PIV authentication key; openssl verifies it with the certificate."""
+    data = stack["tmp"] / "data.txt"
+    data.write_bytes(b"signed through PC/SC by a virtual smart card\n")
+    sig = stack["tmp"] / "sig.rsa"
+    _pkcs11("--login", "--pin", PIN, "--sign", "--id", "01", "-m", "SHA256-RSA-PKCS", "-i", str(data), "-o", str(sig))
+    pub = _cert_public_pem(stack, "01")
+    assert "Verified OK" in _run(["openssl", "dgst", "-sha256", "-verify", pub, "-signature", sig, data]).stdout
+
+
+@pytest.mark.parametrize("obj_id", ["02", "04"])
+def test_ecdsa_signature_verifies_with_openssl(stack, obj_id):
+    """pkcs11-tool -m ECDSA-SHA256 (9C digital signature, 9E card authentication) in DER; openssl verifies it."""
+    data = stack["tmp"] / "data-ec.txt"
+    data.write_bytes(b"P-256 through PC/SC\n")
+    sig = stack["tmp"] / f"sig.ec{obj_id}"
+    _pkcs11("--login", "--pin", PIN, "--sign", "--id", obj_id, "-m", "ECDSA-SHA256", "--signature-format", "openssl",
+            "-i", str(data), "-o", str(sig))
+    pub = _cert_public_pem(stack, obj_id)
+    assert "Verified OK" in _run(["openssl", "dgst", "-sha256", "-verify", pub, "-signature", sig, data]).stdout
+
+
+def test_rsa_decrypt_round_trip(stack):
+    """openssl encrypts to the key-management certificate (RSA PKCS#1 v1.5); pkcs11-tool --decrypt gets it back."""
+    pub = _cert_public_pem(stack, "03")
+    plain = stack["tmp"] / "plain.txt"
+    plain.write_bytes(b"a session key, say\n")
+    enc = stack["tmp"] / "enc.bin"
+    _run(["openssl", "pkeyutl", "-encrypt", "-pubin", "-inkey", pub, "-in", plain, "-out", enc])
+    out = stack["tmp"] / "dec.txt"
+    _pkcs11("--login", "--pin", PIN, "--decrypt", "--id", "03", "-m", "RSA-PKCS", "-i", str(enc), "-o", str(out))
+    assert out.read_bytes() == plain.read_bytes()
+
+
+def test_private_key_needs_the_pin(stack):
+    """Without login no private key of 9A is visible; a wrong PIN is refused (and restored by the right one)."""
+    assert "Private Key Object; RSA" not in _pkcs11("-O").stdout
+    bad = _pkcs11("--login", "--pin", "000000", "-O", check=False)
+    assert bad.returncode != 0
+    assert _apdus(_verify_apdu(None)) == ["63C2"]
+    assert _apdus(_verify_apdu(PIN), _verify_apdu(None)) == ["9000", "9000"]
+
+
+# ---------------------------------------------------------------- yubico-piv-tool and provisioning
+
+
+def test_yubico_piv_tool_status(stack):
+    """yubico-piv-tool -r 'Virtual PCD 00 00' -a status: CHUID, CCC, each slot's certificate, PIN tries."""
+    out = _run(["yubico-piv-tool", "-r", READER, "-a", "status"]).stdout
+    assert "CHUID:" in out and "CCC:" in out
+    for slot in ("9a", "9c", "9d", "9e"):
+        assert f"Subject DN:\tCN={SERIAL} {slot}" in out
+    assert "PIN tries left:\t3" in out
+
+
+def test_provisioning_generate_csr_import(stack):
+    """
+    yubico-piv-tool generates a new 9D key behind the default management
+    key; 'vsc card cert --csr' gets a request signed by that key through the
+    daemon; a test CA signs it; yubico-piv-tool imports the certificate (PUT
+    DATA); OpenSC then decrypts with the new key what openssl encrypted to
+    the new certificate. A certificate for another key is refused by
+    'vsc card cert --import'.
+    """
+    cards, home, tmp = stack["cards"], stack["home"], stack["tmp"]
+    pub = tmp / "gen9d.pem"
+    _run(["yubico-piv-tool", "-r", READER, "-a", "generate", "-s", "9d", "-A", "RSA2048", "-o", pub])
+    req = tmp / "req9d.csr"
+    cards.card(home, "cert", "--slot", "9d", "--csr", "--subject", "/CN=provisioned/O=vsc tests", "--out", str(req))
+    verified = _run(["openssl", "req", "-in", req, "-noout", "-verify", "-pubkey"])
+    assert verified.stdout.split() == Path(pub).read_text().split()  # the CSR carries the generated key
+    ca_key, ca = tmp / "ca.key", tmp / "ca.pem"
+    _run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+          "-subj", "/CN=vsc test CA", "-days", "2"])
+    cert = tmp / "cert9d.pem"
+    _run(["openssl", "x509", "-req", "-in", req, "-CA", ca, "-CAkey", ca_key, "-set_serial", "7", "-days", "2",
+          "-out", cert])
+    _run(["yubico-piv-tool", "-r", READER, "-a", "import-certificate", "-s", "9d", "-i", cert])
+    status = _run(["yubico-piv-tool", "-r", READER, "-a", "status"]).stdout
+    assert "Subject DN:\tCN=provisioned, O=vsc tests" in status and "Issuer DN:\tCN=vsc test CA" in status
+    plain, enc, dec = tmp / "plain9d.txt", tmp / "enc9d.bin", tmp / "dec9d.txt"
+    plain.write_bytes(b"after provisioning\n")
+    _run(["openssl", "pkeyutl", "-encrypt", "-pubin", "-inkey", _cert_public_pem(stack, "03"), "-in", plain,
+          "-out", enc])
+    _pkcs11("--login", "--pin", PIN, "--decrypt", "--id", "03", "-m", "RSA-PKCS", "-i", str(enc), "-o", str(dec))
+    assert dec.read_bytes() == plain.read_bytes()
+    refused = cards.card(home, "cert", "--slot", "9a", "--import", str(cert), json_out=False, check=False)
+    assert refused.returncode != 0 and "not the key in slot 9a" in refused.stderr
+    back = cards.card(home, "cert", "--slot", "9d").json()
+    assert back["subject"] == "O=vsc tests,CN=provisioned"
+
+
+def test_wrong_management_key_cannot_provision(stack):
+    """yubico-piv-tool with a wrong management key cannot generate: the card refuses the authentication."""
+    out = _run(["yubico-piv-tool", "-r", READER, "-k", "0102030405060708010203040506070801020304050607FF",
+                "-a", "generate", "-s", "9c", "-A", "ECCP256"], check=False)
+    assert out.returncode != 0
+    assert f"CN={SERIAL} 9c" in _pkcs11("-O").stdout
+
+
+# ---------------------------------------------------------------- PIN lock across a restart, then remove
+
+
+def test_pin_lock_survives_restarting_the_card(stack):
+    """
+    Wrong PINs answer 63C2, 63C1, 63C0, then 6983; the counter lives in the
+    protected information (synced before each answer), so after restarting
+    the card daemon the PIN is still blocked; the PUK unblocks it.
+    """
+    assert _apdus(_verify_apdu("000000"), _verify_apdu("000000"), _verify_apdu("000000"),
+                  _verify_apdu(PIN), _verify_apdu(None)) == ["63C2", "63C1", "63C0", "6983", "6983"]
+    daemon = stack["daemon"]
+    daemon.kill(signal.SIGTERM)  # remove (uploads), exit
+    _wait_card(False)
+    stack["daemon"] = stack["start_card"]()
+    assert _apdus(_verify_apdu(PIN), _verify_apdu(None)) == ["6983", "6983"]
+    assert "PIN tries left:\t0" in _run(["yubico-piv-tool", "-r", READER, "-a", "status"]).stdout
+    _run(["yubico-piv-tool", "-r", READER, "-a", "unblock-pin", "-P", PUK, "-N", PIN])
+    assert _apdus(_verify_apdu(None), _verify_apdu(PIN)) == ["63C3", "9000"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="restarting pcscd needs root")
+def test_card_reconnects_when_pcscd_restarts(stack):
+    """When vpcd goes away (pcscd restarted) the card reconnects with backoff and is back in the reader."""
+    pcscd = stack["pcscd"]
+    if not pcscd.ours:
+        pytest.skip("pcscd was already running before these tests; not restarting someone else's pcscd")
+    pcscd.stop()
+    time.sleep(0.5)
+    pcscd.start()
+    _wait_card(True, timeout=30)
+    assert _apdus(_verify_apdu(None)) == ["63C3"]
+
+
+def test_card_leaves_pcsc_within_a_second_of_remove(stack):
+    """'vsc card remove' disconnects from vpcd: the reader is empty within a second, and the daemon exits 0."""
+    cards, home = stack["cards"], stack["home"]
+    cards.card(home, "remove")
+    took = _wait_card(False, timeout=5)
+    assert took < 1.0, f"the card left PC/SC {took:.2f} s after remove returned"
+    assert stack["daemon"].wait_exit() == 0
