@@ -52,6 +52,7 @@ def cmd_enroll(args) -> int:
         raise CommandError(f"{home} already holds a card ({home / cc.CARD_INI}); use another --home")
     channel = vcli._channel_config(args)
     password = cc.read_password(args.password_file, "New card password: ", confirm=True)
+    piv_items, piv_note = _piv_secrets(args)
     rand = crypto.system_random
     kdf = ops.new_kdf(rand, legacy=args.legacy_kdf, log2_n=args.scrypt_log2n)
     keys = ops.derive_keys(password, kdf)
@@ -62,8 +63,10 @@ def cmd_enroll(args) -> int:
         public = crypto.public_der_of(der)
         alg = KeyAlg.RSA2048 if kind == "rsa2048" else KeyAlg.P256
         items.append(PlainItem(ItemKind.KEY, slot, der, alg, public))
+        items.append(PlainItem(ItemKind.CERT, slot, _self_signed(der, args.serial, slot)))
         slots[slot] = kind
         del der
+    items.extend(PlainItem(kind, name, value) for kind, name, value in piv_items)
     envelope = seal_envelope(args.serial, keys.protection_key, items, rand)
     items.clear()
     result: dict = {}
@@ -93,7 +96,8 @@ def cmd_enroll(args) -> int:
     cc.save(home, **values)
     emit(args, dict(result, home=str(home)),
          f"card {args.serial} enrolled at {args.server}; settings in {home / cc.CARD_INI}\n"
-         f"keys: " + ", ".join(f"{s} {k}" for s, k in slots.items()) + "\n"
+         f"keys: " + ", ".join(f"{s} {k}" for s, k in slots.items()) + " (each with a self-signed certificate)\n"
+         f"{piv_note}\n"
          f"insert it with: twistd -n vsc-card --home {home}")
     return 0
 
@@ -339,6 +343,134 @@ def cmd_ssh_agent_env(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- PIV: PIN, PUK, certificates (vsc.protocol.piv)
+
+
+def _piv_secrets(args) -> tuple[list, str]:
+    """
+    The PIV PIN and PUK for enrolment (--pin-file / --puk-file, else the
+    terminal; without a terminal the PIV defaults 123456 / 12345678, to be
+    changed with yubico-piv-tool -a change-pin / change-puk), and the default
+    management key. Returns (kind, name, value) items and a line for the user.
+    """
+    from vsc.card import config as cc
+    from vsc.protocol import piv
+    from vsc.wire import apdu
+    from vsc.wire.protected import ItemKind
+
+    def read(source, what, default):
+        if not source and not sys.stdin.isatty():
+            return default, True
+        value = cc.read_password(source, f"New PIV {what} (6-8 characters): ", confirm=True).encode()
+        if not 6 <= len(value) <= 8 or b"\xff" in value:
+            raise CommandError(f"the PIV {what} must have 6 to 8 characters")
+        return value, False
+
+    pin, pin_default = read(args.pin_file, "PIN", piv.DEFAULT_PIN)
+    puk, puk_default = read(args.puk_file, "PUK", piv.DEFAULT_PUK)
+    tries = piv.DEFAULT_TRIES
+    items = [
+        (ItemKind.PIN, piv.PIN_ITEM[piv.PIN_REF], apdu.encode_secret(apdu.SecretRecord(apdu.pad_pin(pin), tries, tries))),
+        (ItemKind.PIN, piv.PIN_ITEM[piv.PUK_REF], apdu.encode_secret(apdu.SecretRecord(apdu.pad_pin(puk), tries, tries))),
+        (ItemKind.PIN, piv.MGMT_ITEM, apdu.encode_mgmt(piv.DEFAULT_MGMT)),
+    ]
+    defaults = [w for w, d in (("PIN 123456", pin_default), ("PUK 12345678", puk_default)) if d]
+    note = "PIV: PIN and PUK set (3 tries each); management key: the PIV default (change it with yubico-piv-tool)"
+    if defaults:
+        note += f"; no terminal and no file, so the default {' and '.join(defaults)}: change them"
+    return items, note
+
+
+def _self_signed(private_der, serial: str, slot: str) -> bytes:
+    """A self-signed certificate for a slot key, CN = "<serial> <slot>" (stored as a CERT item, not secret)."""
+    import time
+
+    from vsc import crypto
+
+    return crypto.self_signed_certificate(private_der, f"{serial} {slot}", time.time(), crypto.system_random)
+
+
+def _control_session(args, fn) -> None:
+    """Run ``await fn(amp_protocol)`` on one control connection to the daemon (several calls, one reactor run)."""
+    from twisted.internet.endpoints import UNIXClientEndpoint
+    from twisted.internet.protocol import Factory
+    from twisted.protocols import amp
+
+    from vsc.card.config import control_socket_for
+
+    sock = control_socket_for(_home(args))
+    if not sock.exists():
+        raise CommandError(f"no card daemon is running for {_home(args)} (start it: twistd -n vsc-card --home {_home(args)})")
+
+    async def run(reactor):
+        proto = await UNIXClientEndpoint(reactor, str(sock), timeout=10).connect(Factory.forProtocol(amp.AMP))
+        try:
+            await fn(proto)
+        except CommandError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if e.__class__.__name__ == "CardError":
+                raise CommandError(str(e))
+            raise CommandError(_explain(e))
+        finally:
+            proto.transport.loseConnection()
+
+    _react(run)
+
+
+def cmd_cert(args) -> int:
+    """Import a slot's certificate, export it, or make a CSR signed by the slot's key (through the daemon)."""
+    from vsc import crypto
+    from vsc.card import control
+    from vsc.wire import tlv
+
+    if args.import_file:
+        try:
+            der = crypto.certificate_der(_read_in(args.import_file))
+        except ValueError as e:
+            raise CommandError(f"{args.import_file} is not a PEM or DER certificate: {e}")
+        _call(args, control.CertPut, slot=args.slot, der=der)
+        emit(args, {"slot": args.slot, "stored": True, "subject": crypto.certificate_subject(der)},
+             f"certificate for slot {args.slot} stored (synced to the server): {crypto.certificate_subject(der)}")
+        return 0
+    if args.csr:
+        if not args.subject or not args.output:
+            raise CommandError("--csr needs --subject and --out")
+        try:
+            subject = crypto.name_der(args.subject)
+        except ValueError as e:
+            raise CommandError(f"--subject: {e}")
+        made: dict = {}
+
+        async def sign(proto):
+            # one connection, one reactor run: the public key, then the signature over the request info
+            spki = crypto.public_der_from_pem((await proto.callRemote(control.PublicKey, slot=args.slot))["pem"])
+            made["info"] = info = tlv.csr_info(subject, spki)
+            made["alg"] = tlv.ALG_SHA256_RSA if crypto.public_kind(spki).startswith("rsa") else tlv.ALG_ECDSA_SHA256
+            made["sig"] = (await proto.callRemote(control.SignDigest, slot=args.slot,
+                                                  digest=crypto.sha256(info)))["signature"]
+
+        _control_session(args, sign)
+        info, algorithm, signature = made["info"], made["alg"], made["sig"]
+        try:
+            pem = crypto.csr_pem(tlv.csr(info, algorithm, signature))
+        except (crypto.CryptoError, ValueError) as e:
+            raise CommandError(f"the card made a request that does not verify: {e}")
+        _write_out(args.output, pem)
+        emit(args, {"slot": args.slot, "subject": args.subject, "out": args.output},
+             f"certification request for slot {args.slot} ({args.subject}) written to {args.output}")
+        return 0
+    der = _call(args, control.CertGet, slot=args.slot)["der"]
+    if not der:
+        raise CommandError(f"slot {args.slot} has no certificate")
+    pem = crypto.certificate_pem(der)
+    if args.output:
+        _write_out(args.output, pem)
+    emit(args, {"slot": args.slot, "subject": crypto.certificate_subject(der), "pem": pem.decode()},
+         pem.decode().rstrip() if not args.output else f"certificate of slot {args.slot} written to {args.output}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -362,6 +494,8 @@ def extend(sub) -> None:
     p.add_argument("--legacy-kdf", action="store_true", help="the patent's MD5+SALT derivation (conformance only)")
     p.add_argument("--scrypt-log2n", type=int, default=15, help="scrypt cost, log2(N) (default 15)")
     p.add_argument("--force", action="store_true", help="overwrite the settings of a card already in HOME")
+    p.add_argument("--pin-file", help="read the new PIV PIN (6-8 characters) from this file or fd:N (default: prompt)")
+    p.add_argument("--puk-file", help="read the new PIV PUK (6-8 characters) from this file or fd:N (default: prompt)")
     vcli._add_channel_options(p)
 
     for name, func, help_ in (("recover", cmd_recover, "free a card lost in a crash (only on the same machine)"),
@@ -400,6 +534,13 @@ def extend(sub) -> None:
     dg.add_argument("--out", dest="output", required=True)
     dg.add_argument("--json", action="store_true")
     add("remove", cmd_remove, "remove the card: upload, set idle, stop the daemon")
+    p = add("cert", cmd_cert, "a slot's X.509 certificate: print it, --import one, or make a --csr signed by the card")
+    p.add_argument("--slot", required=True, choices=sorted(SLOT_KEYS))
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--import", dest="import_file", metavar="FILE", help="store this certificate (PEM or DER) for the slot")
+    g.add_argument("--csr", action="store_true", help="write a PKCS#10 request signed by the slot's key")
+    p.add_argument("--subject", help="the CSR subject, e.g. /CN=alice/O=Example")
+    p.add_argument("--out", dest="output", help="write the CSR (or the certificate) here")
     p = add("ssh-pubkey", cmd_ssh_pubkey, "print the card's keys as authorized_keys lines (ssh-rsa, ecdsa-sha2-nistp256)")
     p.add_argument("--slot", choices=sorted(SLOT_KEYS), help="only this slot (default: every slot)")
     add("ssh-agent-env", cmd_ssh_agent_env, "print SSH_AUTH_SOCK=... for the card's ssh-agent (eval \"$(vsc card ssh-agent-env)\")")

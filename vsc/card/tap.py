@@ -30,6 +30,8 @@ class Options(usage.Options):
         ["ssh-agent", None, None, "Serve the card's ssh-agent on this UNIX socket (default: the runtime dir, "
          "next to the control socket; 'vsc card ssh-agent-env' prints it)."],
         ["ssh-agent-slots", None, None, "Offer only these slots through the ssh-agent, e.g. 9a,9c (default: all)."],
+        ["pcsc", None, None, "Also present the card to PC/SC as a PIV card: connect to vsmartcard's vpcd at this "
+         "endpoint, e.g. tcp:127.0.0.1:35963 (reader 'Virtual PCD 00 00'); see docs/pcsc.md."],
     ]
     optFlags = [
         ["no-ssh-agent", None, "Do not serve an ssh-agent."],
@@ -42,6 +44,8 @@ class CardDaemon(service.Service):
     dongle = None  # (TokenRef, ChallengeTable, poll seconds) in dongle mode
     ssh_agent = None  # (socket path, slots or None) to serve the card's ssh-agent (vsc.card.sshagent)
     agent_port = None
+    pcsc = None  # the vpcd endpoint to present the card to PC/SC (vsc.card.vpcd)
+    pcsc_link = None
 
     def __init__(self, reactor, cfg, password: str, master: bytes):
         self.reactor = reactor
@@ -86,6 +90,12 @@ class CardDaemon(service.Service):
         print(f"vsc-card: card {self.cfg.serial} inserted; control socket {sock}", file=sys.stderr, flush=True)
         if self.ssh_agent is not None:
             await self._start_ssh_agent(*self.ssh_agent)
+        if self.pcsc is not None:
+            from vsc.card.vpcd import PcscLink
+
+            self.pcsc_link = PcscLink(self.reactor, self.session, self.pcsc)
+            self.pcsc_link.start()
+            print(f"vsc-card: presenting the card to PC/SC through vpcd at {self.pcsc}", file=sys.stderr, flush=True)
 
     async def _start_ssh_agent(self, path, slots) -> None:
         """The ssh-agent is a convenience: if its socket cannot be served, the card stays in use without it."""
@@ -120,6 +130,8 @@ class CardDaemon(service.Service):
         return d
 
     async def _stop(self) -> None:
+        if self.pcsc_link is not None:  # first: PC/SC sees the card leave
+            await self.pcsc_link.stop()
         if self.agent_port is not None:
             await self.agent_port.stopListening()
         if self.port is not None:
@@ -156,6 +168,8 @@ def makeService(options: Options) -> service.IService:
         except Exception as e:  # noqa: BLE001 - one line for the user
             sys.stderr.write(f"vsc-card: {e}\n")
             raise SystemExit(2)
+    if options["pcsc"]:
+        daemon.pcsc = options["pcsc"]
     if not options["no-ssh-agent"]:
         from pathlib import Path
 
