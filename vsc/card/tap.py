@@ -114,7 +114,9 @@ class CardDaemon(service.Service):
 
     def exit(self, code: int, why: str) -> None:
         if why:
-            print(f"vsc-card: {why}", file=sys.stderr, flush=True)
+            # twistd -n routes sys.stderr into its log: the user's line goes to the real stderr
+            self.log.info("card daemon exits ({code}): {why}", code=code, why=why)
+            print(f"vsc-card: {why}", file=sys.__stderr__ or sys.stderr, flush=True)
         self.exit_code = code
         if code:
             # twistd has no exit status of its own: leave with ours once shut down
@@ -140,6 +142,8 @@ class CardDaemon(service.Service):
             try:
                 await self.session.remove("the card process is stopping")
                 print(f"vsc-card: card {self.cfg.serial} removed", file=sys.stderr, flush=True)
+                # removed normally: status 0 (twistd would otherwise re-raise the SIGTERM it stopped on)
+                self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 0)
             except Exception as e:  # noqa: BLE001
                 from vsc.card.session import explain
 
