@@ -1,5 +1,5 @@
 """
-``vsc dongle provision|enroll|replace|check``: putting a card on a PKCS#11
+``vsc dongle provision|enroll|replace``: putting a card on a PKCS#11
 token (claim 10, Figures 14 and 15).
 
 * provision (the issuer): a fresh DongleKey on the token (generated there,
@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 from pathlib import Path
 
 from vsc import cli as vcli
@@ -59,9 +58,15 @@ def _new_table(ref, serial: str, entries: int):
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Mode 0600, atomically (a crash leaves the old file or the new one, never half of one)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _issuer_record(issuer_dir: str | None, serial: str) -> Path | None:
@@ -82,8 +87,9 @@ def cmd_provision(args) -> int:
     _write_private(Path(args.table), encode_table(table))
     record = _issuer_record(args.issuer_dir, args.serial)
     if record is not None:
-        record.write_text(json.dumps({"serial": args.serial, "token": ref.token_label,
-                                      "table": base64.b64encode(encode_table(table)).decode()}, indent=2))
+        _write_private(record, json.dumps({"serial": args.serial, "token": ref.token_label,
+                                           "table": base64.b64encode(encode_table(table)).decode()},
+                                          indent=2).encode())
     emit(args, {"serial": args.serial, "token": ref.token_label, "entries": len(table.entries), "table": args.table},
          f"token {ref.token_label}: DongleKey generated on the token (non-extractable); "
          f"{len(table.entries)} challenges written to {args.table}")
@@ -132,13 +138,14 @@ def cmd_enroll(args) -> int:
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     _write_private(home / TABLE_NAME, table_bytes)
     token_uri = args.token if args.keep_pin_in_uri else _strip_pin(args.token)
-    cc.save(home, mode="dongle", serial=table.serial, token=token_uri, table=str(home / TABLE_NAME),
+    # the table's name, resolved against HOME when the card starts (a relative --home must not make it cwd-relative)
+    cc.save(home, mode="dongle", serial=table.serial, token=token_uri, table=TABLE_NAME,
             dongle_poll=str(args.poll))
     record = _issuer_record(args.issuer_dir, table.serial)
     if record is not None:
         data = json.loads(record.read_text()) if record.exists() else {"serial": table.serial}
         data.update(envelope=base64.b64encode(envelope).decode(), kdf=base64.b64encode(kdf.encode()).decode())
-        record.write_text(json.dumps(data, indent=2))
+        _write_private(record, json.dumps(data, indent=2).encode())
     emit(args, {"serial": table.serial, "home": str(home), "token": ref.token_label},
          f"card {table.serial} enrolled on the token {ref.token_label}; settings in {home / cc.CARD_INI}\n"
          f"insert it with: twistd -n vsc-card --home {home} --token-pin-file PINFILE")
@@ -160,6 +167,16 @@ def cmd_replace(args) -> int:
     if "envelope" not in data:
         raise CommandError(f"the issuer record for {args.serial} holds no enrolled card")
     ref = _ref(args.token, args.token_pin_file)
+    cfg = None
+    if args.home:
+        from vsc.card import config as cc
+
+        try:
+            cfg = cc.load(args.home)
+        except cc.CardConfigError as e:
+            raise CommandError(str(e)) from None
+        if cfg.serial != args.serial:
+            raise CommandError(f"{args.home} holds the card {cfg.serial!r}, not {args.serial!r}")
     table = _new_table(ref, args.serial, args.entries)
     try:
         with Token(ref, rw=True) as tok:
@@ -169,16 +186,14 @@ def cmd_replace(args) -> int:
         raise CommandError(str(e)) from None
     _write_private(Path(args.table), encode_table(table))
     data.update(token=ref.token_label, table=base64.b64encode(encode_table(table)).decode())
-    record.write_text(json.dumps(data, indent=2))
-    if args.home:
+    _write_private(record, json.dumps(data, indent=2).encode())
+    if cfg is not None:
         from vsc.card import config as cc
 
-        home = Path(args.home)
-        shutil.copyfile(args.table, home / TABLE_NAME)
-        cfg = cc.load(home)
-        values = {k: v for k, v in cfg.settings.items()}
-        values["token"] = _strip_pin(args.token)
-        cc.save(home, **values)
+        _write_private(cfg.home / TABLE_NAME, encode_table(table))
+        values = dict(cfg.settings)
+        values.update(token=_strip_pin(args.token), table=TABLE_NAME)
+        cc.save(cfg.home, **values)
     emit(args, {"serial": args.serial, "token": ref.token_label, "table": args.table},
          f"card {args.serial} restored onto the token {ref.token_label} from the issuer's records; "
          f"the old token's DongleKey no longer matches (new table {args.table})")
@@ -189,15 +204,20 @@ def dongle_setup(cfg, uri: str | None, pin_file: str | None):
     """For twistd vsc-card: (TokenRef, ChallengeTable, poll) from options and card.ini."""
     from vsc.dongle.token import TokenRef
     from vsc.wire.dongle import decode_table
+    from vsc.wire.errors import WireError
 
     uri = uri or cfg.settings.get("token")
     if not uri:
         raise ValueError("dongle mode needs --dongle pkcs11:token=...;module-path=...")
-    table_path = cfg.settings.get("table") or str(cfg.home / TABLE_NAME)
+    table_path = str(cfg.home / (cfg.settings.get("table") or TABLE_NAME))  # relative: to HOME
     try:
         table = decode_table(Path(table_path).read_bytes())
     except OSError as e:
         raise ValueError(f"cannot read the challenge table {table_path}: {e.strerror}") from None
+    except WireError as e:
+        raise ValueError(f"{table_path} is not a challenge table: {e}") from None
+    if table.serial != cfg.serial:
+        raise ValueError(f"the challenge table {table_path} is for the card {table.serial!r}, not {cfg.serial!r}")
     ref = TokenRef.parse(uri, _pin(pin_file))
     return ref, table, float(cfg.settings.get("dongle_poll", 60))
 

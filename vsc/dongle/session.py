@@ -62,6 +62,8 @@ class DongleSession(CardSession):
             ok = await deferToThread(token_check, self.token, self.table, self._pick())
         except TokenError as e:
             raise CardError(f"dongle check failed: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any other PKCS#11 error (token pulled mid-session) fails the check too
+            raise CardError(f"dongle check failed: the token failed: {e.__class__.__name__}") from None
         if not ok:
             raise CardError("dongle check failed: the token's answer does not match the challenge table")
 
@@ -104,6 +106,27 @@ class DongleSession(CardSession):
     async def _checkin(self, envelope: bytes) -> None:
         await self._store(envelope)
 
+    async def remove(self, reason: str = "requested") -> None:
+        """
+        Figure 11 on the token: write back, erase, idle. Every change was
+        written to the token before it was acknowledged, so if the write-back
+        fails (the token was pulled between two checks) nothing is lost: the
+        card is erased and idle anyway, and the process exits non-zero, rather
+        than staying in use with its token check stopped.
+        """
+        try:
+            await super().remove(reason)
+        except Exception as e:  # noqa: BLE001 - the token failed the write-back
+            if self.state != "in-use":
+                raise
+            why = f"{e}; the card was removed anyway (every change was already on the token)"
+            self.log.warn("{why}", why=why)
+            self.state = "removing"
+            self._wipe()
+            self.state = "idle"
+            self.reactor.callLater(0, self.on_exit, 5, why)  # after the refusal has been answered
+            raise CardError(why) from None
+
     def _start_polling(self) -> None:
         super()._start_polling()
         if self.dongle_poll and self.dongle_poll > 0:
@@ -121,13 +144,16 @@ class DongleSession(CardSession):
         async def run():
             try:
                 await self._check()
-            except CardError as e:
-                self.log.warn("{why}: removing the card", why=str(e))
+            except Exception as e:  # noqa: BLE001 - fail closed: anything but a good answer removes the card
+                if self.state != "in-use":
+                    return  # removed (or removing) while the check ran: nothing left to stop
+                why = str(e) if isinstance(e, CardError) else f"dongle check failed: {e.__class__.__name__}"
+                self.log.warn("{why}: removing the card", why=why)
                 self.state = "removing"
                 self._stop_polling()
                 self._wipe()  # the token is gone or false: nothing can be written; every change was already on it
                 self.state = "idle"
-                self.on_exit(5, f"{e}; the card was removed")
+                self.on_exit(5, f"{why}; the card was removed")
 
         return ensureDeferred(run())
 

@@ -12,13 +12,18 @@ The token holds ([0108]-[0110]):
     crash in between leaves both, and the newest wins.
   * the KDF parameters of the owner's password, as a second data object.
 
-PKCS#11 calls block; the card glue runs them on a thread.
+PKCS#11 calls block; the card glue runs them on a thread. python-pkcs11
+calls C_Initialize(NULL), which tells the module that it will never be
+called from two threads at once (SoftHSM2 then takes no locks of its own and
+corrupts its heap when a periodic check meets a write), so a process-wide
+lock is held for the whole life of every ``Token`` session.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 
 import attrs
 
@@ -26,6 +31,10 @@ DONGLE_KEY_LABEL = "vsc-dongle-key"
 PROTECTED_LABEL = "vsc-protected"
 KDF_LABEL = "vsc-kdf"
 SERIAL_LABEL = "vsc-serial"
+
+
+#: one Token session at a time in this process (see the module docstring)
+_MODULE_LOCK = threading.RLock()
 
 
 class TokenError(Exception):
@@ -50,7 +59,7 @@ class TokenRef:
                 from urllib.parse import unquote
 
                 attrs_[k] = unquote(v)
-        if "token" not in attrs_:
+        if not attrs_.get("token"):
             raise TokenError("the pkcs11: URI needs token=LABEL")
         module = attrs_.get("module-path") or os.environ.get("VSC_PKCS11_MODULE") or "/usr/lib/softhsm/libsofthsm2.so"
         the_pin = pin if pin is not None else attrs_.get("pin-value")
@@ -68,6 +77,14 @@ class Token:
         self._session = None
 
     def __enter__(self) -> "Token":
+        _MODULE_LOCK.acquire()
+        try:
+            return self._open()
+        except BaseException:
+            _MODULE_LOCK.release()
+            raise
+
+    def _open(self) -> "Token":
         import pkcs11
 
         try:
@@ -89,12 +106,15 @@ class Token:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._session is not None:
-            try:
-                self._session.close()
-            except Exception:  # noqa: BLE001 - the token may be gone already
-                pass
-            self._session = None
+        try:
+            if self._session is not None:
+                try:
+                    self._session.close()
+                except Exception:  # noqa: BLE001 - the token may be gone already
+                    pass
+                self._session = None
+        finally:
+            _MODULE_LOCK.release()
 
     # -- the DongleKey (Figure 14)
 
@@ -117,6 +137,9 @@ class Token:
             return self._session.get_key(label=DONGLE_KEY_LABEL, key_type=KeyType.AES)
         except NoSuchKey:
             return None
+        except Exception as e:  # noqa: BLE001 - the token went away between open and lookup, or has two keys
+            raise TokenError(f"the token {self.ref.token_label!r} failed to find its DongleKey: "
+                             f"{e.__class__.__name__}") from None
 
     def respond(self, challenge: bytes) -> bytes:
         """Figure 14, 1207-1208: the token encrypts one 16-byte challenge with the DongleKey."""

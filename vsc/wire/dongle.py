@@ -27,13 +27,21 @@ _Table = c.Struct(
 )
 
 
+def _explain(e: c.ConstructError) -> str:
+    return " ".join(str(e).split())  # one line: construct puts the path and the reason on two
+
+
 def encode_table(table: ChallengeTable) -> bytes:
-    return _Table.build(dict(serial=table.serial, entries=[dict(challenge=a, response=b) for a, b in table.entries]))
+    try:
+        return _Table.build(dict(serial=table.serial,
+                                 entries=[dict(challenge=a, response=b) for a, b in table.entries]))
+    except c.ConstructError as e:
+        raise WireError(ErrorCode.MALFORMED, f"challenge table: {_explain(e)}") from None
 
 
 def decode_table(data: bytes) -> ChallengeTable:
     try:
         p = _Table.parse(data)
     except c.ConstructError as e:
-        raise WireError(ErrorCode.MALFORMED, f"challenge table: {str(e).strip()}") from None
+        raise WireError(ErrorCode.MALFORMED, f"challenge table: {_explain(e)}") from None
     return ChallengeTable(serial=p.serial, entries=tuple((e.challenge, e.response) for e in p.entries))
