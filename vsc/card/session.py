@@ -58,7 +58,7 @@ def explain(e: Exception) -> str:
         from vsc.cli import describe_error
 
         return describe_error(e)
-    if isinstance(e, MachineLockHeld):
+    if isinstance(e, (MachineLockHeld, CardError)):
         return str(e)
     from twisted.internet.error import ConnectError
 
