@@ -319,6 +319,71 @@ class LegacyDESMD5RecordCipher(RecordCipher):
         return data[:-pad]
 
 
+# ---------------------------------------------------------------- implementation authentication (vsc.protocol.implauth)
+#
+# Keyfiles [0044]-[0046]: RSA-PSS-SHA256 signatures by the server key, sealed to
+# the card with X25519 + HKDF-SHA256 + AES-256-GCM (the ECIES/HPKE-base pattern,
+# here with the ephemeral key drawn from injected randomness). The one-time
+# agent [0050]: one-shot AES-256-GCM. The reader-less device [0005]: RFC 4226/6238
+# HOTP/TOTP with HMAC-SHA1 (cryptography's implementation).
+
+from cryptography.hazmat.primitives.twofactor.hotp import HOTP as _HOTP  # noqa: E402
+
+
+def rsa_pss_sign(key: RSAPrivateKey, data: bytes) -> bytes:
+    """RSA-PSS with SHA-256, MGF1-SHA-256 and a 32-byte salt."""
+    return key._key.sign(
+        data, _apadding.PSS(mgf=_apadding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256()
+    )
+
+
+def rsa_pss_verify(spki_der: bytes, data: bytes, signature: bytes) -> bool:
+    """Verify an RSA-PSS-SHA256 signature; False for a bad signature or a key that is not RSA."""
+    try:
+        key = serialization.load_der_public_key(spki_der)
+    except ValueError:
+        return False
+    if not isinstance(key, _rsa.RSAPublicKey):
+        return False
+    try:
+        key.verify(signature, data, _apadding.PSS(mgf=_apadding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256())
+    except Exception:  # noqa: BLE001 - InvalidSignature or a malformed signature
+        return False
+    return True
+
+
+def aes_gcm_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes = b"") -> bytes:
+    """AES-256-GCM: ciphertext || 16-byte tag."""
+    return AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def aes_gcm_open(key: bytes, nonce: bytes, sealed: bytes, aad: bytes = b"") -> bytes:
+    """AES-256-GCM decryption; CryptoError (never swallowed) on a bad tag."""
+    try:
+        return AESGCM(key).decrypt(nonce, sealed, aad)
+    except InvalidTag as e:
+        raise CryptoError("AES-GCM authentication failed (wrong key or tampered)") from e
+
+
+def x25519_public(private: bytes) -> bytes:
+    """The X25519 public key of a 32-byte private key (RFC 7748 clamping applies)."""
+    key = X25519PrivateKey.from_private_bytes(private)
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def x25519_shared(private: bytes, peer_public: bytes) -> bytes:
+    """X25519(private, peer_public); CryptoError for a small-order peer key."""
+    try:
+        return X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as e:
+        raise CryptoError("X25519 exchange with an invalid public key") from e
+
+
+def hotp_sha1(secret: bytes, counter: int, digits: int = 6) -> str:
+    """RFC 4226 HOTP with HMAC-SHA1 (TOTP, RFC 6238, uses counter = floor(time / period))."""
+    return _HOTP(secret, digits, hashes.SHA1()).generate(counter).decode("ascii")
+
+
 # ---------------------------------------------------------------- password KDF
 
 

@@ -58,9 +58,11 @@ def cmd_enroll(args) -> int:
     keys = ops.derive_keys(password, kdf)
     items = []
     slots = {}
+    publics = {}
     for slot, kind in SLOT_KEYS.items():
         der = crypto.generate_private_der(kind)
         public = crypto.public_der_of(der)
+        publics[slot] = public
         alg = KeyAlg.RSA2048 if kind == "rsa2048" else KeyAlg.P256
         items.append(PlainItem(ItemKind.KEY, slot, der, alg, public))
         items.append(PlainItem(ItemKind.CERT, slot, _self_signed(der, args.serial, slot)))
@@ -70,11 +72,14 @@ def cmd_enroll(args) -> int:
     envelope = seal_envelope(args.serial, keys.protection_key, items, rand)
     items.clear()
     result: dict = {}
+    registration = _registration(args.serial, keys, publics)
+    reply: dict = {}
 
     async def run(reactor):
         proto = await connect(reactor, args.server, args.server_key, channel)
         try:
-            await ops.enrol(proto, args.serial, args.code, keys, kdf, envelope)
+            reply["registration"] = (await ops.enrol(proto, args.serial, args.code, keys, kdf, envelope,
+                                                     registration)).registration
         except ops.OperationRefused as e:
             raise CommandError(f"enrolment refused ({e.status.name}): check the serial and the one-time code")
         proto.closeChannel()
@@ -93,13 +98,76 @@ def cmd_enroll(args) -> int:
         values["forward_secrecy"] = args.forward_secrecy
     if args.allow_insecure:
         values["allow_insecure"] = "true"
+    implauth_info, implauth_text = _enrol_material(args, home, keys, publics, reply.get("registration", b""))
+    if implauth_info.get("totp"):
+        values["totp"] = "true"
     cc.save(home, **values)
+    result.update(implauth_info)
     emit(args, dict(result, home=str(home)),
+         implauth_text +
          f"card {args.serial} enrolled at {args.server}; settings in {home / cc.CARD_INI}\n"
          f"keys: " + ", ".join(f"{s} {k}" for s, k in slots.items()) + " (each with a self-signed certificate)\n"
          f"{piv_note}\n"
          f"insert it with: twistd -n vsc-card --home {home}")
     return 0
+
+
+def _registration(serial: str, keys, publics: dict) -> bytes:
+    """What the server needs to issue this card a keyfile: its slot 9e public key and its keyfile-seal key."""
+    from vsc.protocol import implauth
+    from vsc.wire.implauth import Registration
+
+    return Registration(card_key=publics.get("9e", b""), seal_key=implauth.seal_public(keys.protection_key, serial)).encode()
+
+
+def _enrol_material(args, home: Path, keys, publics: dict, registration: bytes) -> tuple[dict, str]:
+    """
+    Keep what the server issued for implementation authentication: the keyfile
+    (checked: signed by the pinned server key, for this serial and this card's
+    9e key, and it opens with this password), saved in HOME; and the TOTP seed,
+    shown ONCE (it is not stored on this machine: it belongs on the device).
+    """
+    from vsc.card import config as cc
+    from vsc.protocol import implauth
+    from vsc.wire import WireError
+    from vsc.wire.implauth import EnrolReply
+
+    if not registration:
+        return {}, ""
+    try:
+        reply = EnrolReply.decode(registration)
+    except WireError as e:
+        raise CommandError(f"the card is enrolled, but the server's enrolment reply is malformed: {e}") from None
+    info: dict = {}
+    text = ""
+    if reply.keyfile:
+        try:
+            body = implauth.open_keyfile(reply.keyfile, args.serial, keys.protection_key, args.server_key)
+        except implauth.KeyfileError as e:
+            raise CommandError(f"the card is enrolled, but the server's keyfile is not usable: {e}") from None
+        if body.card_key != publics.get("9e"):
+            raise CommandError("the card is enrolled, but the server's keyfile names another card key")
+        path = cc.save_keyfile(home, reply.keyfile)
+        info["keyfile"] = str(path)
+        text += f"keyfile (keyfile authentication) saved in {path}\n"
+    if reply.totp_secret:
+        secret = implauth.base32(reply.totp_secret)
+        uri = implauth.otpauth_uri(reply.totp_secret, args.serial, digits=reply.totp_digits, period=reply.totp_period)
+        info["totp"] = {"secret": secret, "uri": uri, "digits": reply.totp_digits, "period": reply.totp_period}
+        text += (f"TOTP (reader-less device): add this secret to your authenticator app NOW; it is shown only once\n"
+                 f"  secret: {secret}\n  uri: {uri}\n"
+                 f"  every insert, recover and destroy then asks for the current code (--totp / --totp-file)\n")
+    return info, text
+
+
+def _credentials(args, cfg):
+    """Keyfile, pinned key and TOTP source for recover/destroy."""
+    from vsc.card import config as cc
+    from vsc.card import ops
+
+    totp = cc.totp_source(getattr(args, "totp", None), getattr(args, "totp_file", None),
+                          cfg.settings.get("totp", "").lower() == "true")
+    return ops.Credentials(keyfiles=cc.load_keyfiles(cfg.home), server_key=cfg.server_key, totp=totp)
 
 
 def _offline(args, op: str) -> int:
@@ -120,14 +188,15 @@ def _offline(args, op: str) -> int:
         except MachineLockHeld as e:
             raise CommandError(f"recover refused: {e}")
     muk = compute_muk()
+    creds = _credentials(args, cfg)
 
     async def run(reactor):
         proto = await connect(reactor, cfg.server, cfg.server_key, cfg.channel)
         try:
             if op == "recover":
-                await ops.recover(proto, cfg.serial, password, muk, master, crypto.system_random)
+                await ops.recover(proto, cfg.serial, password, muk, master, crypto.system_random, creds=creds)
             else:
-                await ops.destroy(proto, cfg.serial, password, master, muk, crypto.system_random)
+                await ops.destroy(proto, cfg.serial, password, master, muk, crypto.system_random, creds=creds)
         except ops.OperationRefused as e:
             raise CommandError(f"{op} refused: {_explain(e)}")
         finally:
@@ -265,6 +334,21 @@ def cmd_data(args) -> int:
         _write_out(args.output, value)
         emit(args, {"name": args.name, "bytes": len(value), "out": args.output},
              f"data object {args.name}: {len(value)} bytes written to {args.output}")
+    return 0
+
+
+def cmd_passwd(args) -> int:
+    """Change the password of the card in use (through its daemon; neither password reaches the server)."""
+    from vsc.card import config as cc
+    from vsc.card import control
+
+    old = cc.read_password(args.password_file, "Current card password: ")
+    new = cc.read_password(args.new_password_file, "New card password: ", confirm=True)
+    if old == new:
+        raise CommandError("the new password is the same as the current one")
+    version = _call(args, control.ChangePassword, old=old, new=new)["version"]
+    emit(args, {"changed": True, "version": version},
+         f"password changed (version {version}); the old password no longer opens the card")
     return 0
 
 
@@ -502,6 +586,8 @@ def extend(sub) -> None:
                               ("destroy", cmd_destroy, "destroy the card for good")):
         p = add(name, func, help_)
         p.add_argument("--password-file")
+        p.add_argument("--totp", help="the current TOTP code, when the server requires one")
+        p.add_argument("--totp-file", help="read the TOTP code from this file")
         if name == "destroy":
             p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
@@ -534,6 +620,9 @@ def extend(sub) -> None:
     dg.add_argument("--out", dest="output", required=True)
     dg.add_argument("--json", action="store_true")
     add("remove", cmd_remove, "remove the card: upload, set idle, stop the daemon")
+    p = add("passwd", cmd_passwd, "change the password of the card in use (the daemon re-wraps its data key)")
+    p.add_argument("--password-file", help="read the current password from this file or fd:N")
+    p.add_argument("--new-password-file", help="read the new password from this file or fd:N")
     p = add("cert", cmd_cert, "a slot's X.509 certificate: print it, --import one, or make a --csr signed by the card")
     p.add_argument("--slot", required=True, choices=sorted(SLOT_KEYS))
     g = p.add_mutually_exclusive_group()

@@ -3,7 +3,17 @@ The card's home (HOME, default $VSC_HOME or ~/.config/vsc): non-secret
 settings only. The password is never stored; the protected information
 lives on the server (or a dongle).
 
-    HOME/card.ini    [card] server, server_key, serial, channel policy, polling
+    HOME/card.ini    [card] server, server_key, serial, channel policy, polling,
+                     totp = true when the server gave the card a TOTP seed
+    HOME/keyfile.vsc the keyfile for keyfile authentication ([0044]-[0046]), when the
+                     server issued one. It is kept HERE, not in the protected information,
+                     because it authenticates the very insert that downloads the protected
+                     information. It is not secret: as1 inside is sealed to a key derived
+                     from the password's protection key (vsc.protocol.implauth), and the
+                     server's signature makes it tamper-evident.
+    HOME/keyfile.vsc.new  the keyfile re-sealed for a new password while a password
+                     change is in flight; it replaces keyfile.vsc once the server has
+                     stored the change (and is tried second if the change was interrupted)
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import attrs
 from vsc.protocol.suites import DEFAULT_SUITES, ChannelConfig, ForwardSecrecy, parse_suites
 
 CARD_INI = "card.ini"
+KEYFILE_NAME = "keyfile.vsc"
+PENDING_KEYFILE_NAME = KEYFILE_NAME + ".new"
 
 
 class CardConfigError(Exception):
@@ -128,3 +140,79 @@ def read_password(source: str | None, prompt: str = "Card password: ", confirm: 
     if not pw:
         raise CardConfigError("the password is empty")
     return pw
+
+
+# ---------------------------------------------------------------- keyfile and TOTP (implementation authentication)
+
+
+def keyfile_path(home: Path, pending: bool = False) -> Path:
+    return Path(home) / (PENDING_KEYFILE_NAME if pending else KEYFILE_NAME)
+
+
+def load_keyfiles(home: Path) -> tuple[bytes, ...]:
+    """The keyfile, then a pending one left by an interrupted password change (either may be absent)."""
+    out = []
+    for pending in (False, True):
+        try:
+            out.append(keyfile_path(home, pending).read_bytes())
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise CardConfigError(f"cannot read {keyfile_path(home, pending)}: {e.strerror}") from None
+    return tuple(out)
+
+
+def save_keyfile(home: Path, data: bytes, pending: bool = False) -> Path:
+    """Write the keyfile (mode 0600, atomically)."""
+    Path(home).mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = keyfile_path(home, pending)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def commit_pending_keyfile(home: Path) -> None:
+    """The password change is stored: the re-sealed keyfile becomes the keyfile."""
+    os.replace(keyfile_path(home, True), keyfile_path(home, False))
+
+
+def discard_pending_keyfile(home: Path) -> None:
+    try:
+        keyfile_path(home, True).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def totp_source(code: str | None, path: str | None, wanted: bool, prompt: bool = True):
+    """
+    Where TOTP codes come from: ``--totp CODE``, ``--totp-file F`` (read when
+    the server asks, so the file may be written just in time), or the terminal
+    (asked once, now, when the card has a TOTP seed and stdin is a terminal).
+    Returns a callable for vsc.card.ops.Credentials, or None.
+    """
+    if code:
+        return lambda: code
+    if path:
+        def read() -> str:
+            try:
+                with open(path) as f:
+                    return f.readline().strip()
+            except OSError as e:
+                raise CardConfigError(f"cannot read the TOTP file {path}: {e.strerror}") from None
+
+        return read
+    if wanted and prompt:
+        import sys
+
+        if sys.stdin is not None and sys.stdin.isatty():
+            try:
+                typed = input("TOTP code from your device: ").strip()
+            except (EOFError, KeyboardInterrupt):
+                typed = ""
+            return lambda: typed
+    return None

@@ -5,15 +5,19 @@ established CardProtocol. Also the password key derivation of Figure 9.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import attrs
+from twisted.logger import Logger
 
 from vsc import crypto
-from vsc.protocol import auth
+from vsc.protocol import agent, auth, implauth
 from vsc.wire.ops import (
     AuthChallenge,
     AuthItem,
     AuthMethod,
     AuthResponse,
+    ChangePassword,
     EnrolRequest,
     KdfAlg,
     KdfParams,
@@ -27,18 +31,45 @@ from vsc.wire.ops import (
 LEGACY_SALT = b"EP0936530-VSC-SALT"
 
 
-class OperationRefused(Exception):
-    """The server answered with a status other than OK."""
+log = Logger()
 
-    def __init__(self, status: Status, what: str = ""):
+
+class OperationRefused(Exception):
+    """
+    The server answered with a status other than OK. ``notes``: what this
+    card could not answer (a missing or unusable keyfile, a failed agent, no
+    TOTP code) — the server's refusal is the same either way; the notes say why.
+    """
+
+    def __init__(self, status: Status, what: str = "", notes: tuple = ()):
         super().__init__(f"{what}: {status.name}" if what else status.name)
         self.status = status
+        self.notes = tuple(notes)
 
 
 @attrs.frozen
 class PasswordKeys:
     auth_key: bytes = attrs.field(repr=False)
     protection_key: bytes = attrs.field(repr=False)
+    kdf: KdfParams | None = None  # what they were derived with (kept for a password change)
+
+
+@attrs.define
+class Credentials:
+    """
+    What the card needs besides the password and Master to answer
+    implementation challenges: the sealed keyfile(s) from HOME (tried in
+    order: a keyfile left by an interrupted password change comes second),
+    the pinned server key fingerprint the keyfile must be signed by, and a
+    source of TOTP codes (asked only when the server wants one). ``notes``
+    collects what could not be answered; ``keyfile_used`` says which keyfile opened.
+    """
+
+    keyfiles: tuple = ()
+    server_key: str = ""
+    totp: Callable[[], str] | None = None
+    notes: list = attrs.Factory(list)
+    keyfile_used: int | None = None
 
 
 def derive_keys(password: str, kdf: KdfParams) -> PasswordKeys:
@@ -50,9 +81,9 @@ def derive_keys(password: str, kdf: KdfParams) -> PasswordKeys:
     pw = password.encode("utf-8")
     if kdf.alg is KdfAlg.LEGACY_MD5:
         digest = crypto.md5(pw + LEGACY_SALT)
-        return PasswordKeys(digest[:8], digest[8:])
+        return PasswordKeys(digest[:8], digest[8:], kdf)
     out = crypto.scrypt(pw, kdf.salt, kdf.log2_n, kdf.r, kdf.p, 64)
-    return PasswordKeys(out[:32], out[32:])
+    return PasswordKeys(out[:32], out[32:], kdf)
 
 
 def new_kdf(rand: crypto.RandomBytes, legacy: bool = False, log2_n: int = 15) -> KdfParams:
@@ -61,11 +92,11 @@ def new_kdf(rand: crypto.RandomBytes, legacy: bool = False, log2_n: int = 15) ->
     return KdfParams(alg=KdfAlg.SCRYPT, salt=rand(16), log2_n=log2_n)
 
 
-def _check(result, what: str) -> OpResult:
+def _check(result, what: str, notes: tuple = ()) -> OpResult:
     if not isinstance(result, OpResult):
         raise OperationRefused(Status.BAD_REQUEST, f"{what}: unexpected {type(result).__name__}")
     if result.status is not Status.OK:
-        raise OperationRefused(result.status, what)
+        raise OperationRefused(result.status, what, notes)
     return result
 
 
@@ -85,48 +116,120 @@ async def enrol(proto, serial: str, code: str, keys: PasswordKeys, kdf: KdfParam
 
 
 def answer(challenge: AuthChallenge, serial: str, password: str, master: bytes, rand: crypto.RandomBytes,
-           keys: PasswordKeys | None = None) -> tuple[list[AuthItem], PasswordKeys]:
-    """Answer every challenge (Figure 8); returns the answers and the derived password keys."""
+           keys: PasswordKeys | None = None, creds: Credentials | None = None) -> tuple[list[AuthItem], PasswordKeys]:
+    """
+    Answer every challenge (Figure 8); returns the answers and the derived
+    password keys. A challenge this card cannot answer is answered empty (the
+    server refuses, as for any failed method, [0084]) and the reason is logged
+    and kept in ``creds.notes`` for the user.
+    """
     if keys is None:
         keys = derive_keys(password, KdfParams.decode(challenge.kdf))
+    creds = creds if creds is not None else Credentials()
     answers = []
     for item in challenge.challenges:
         if item.method is AuthMethod.PASSWORD:
             answers.append(AuthItem(item.method, keys.auth_key))
         elif item.method is AuthMethod.MASTER_KEY:
             answers.append(AuthItem(item.method, auth.master_answer(master, item.data, serial, rand)))
-        else:
-            answers.append(AuthItem(item.method, b""))  # unsupported here: fails on the server
+        elif item.method is AuthMethod.KEYFILE:
+            answers.append(AuthItem(item.method, _keyfile_answer(item.data, serial, keys, creds, rand)))
+        elif item.method is AuthMethod.ONE_TIME_AGENT:
+            answers.append(AuthItem(item.method, _agent_answer(item.data, serial, creds)))
+        elif item.method is AuthMethod.TOTP:
+            answers.append(AuthItem(item.method, _totp_answer(creds)))
+        else:  # pragma: no cover - every AuthMethod is handled above
+            answers.append(AuthItem(item.method, b""))
     return answers, keys
 
 
+def _note(creds: Credentials, text: str) -> None:
+    log.warn("cannot answer an implementation challenge: {why}", why=text)
+    creds.notes.append(text)
+
+
+def _keyfile_answer(ri1: bytes, serial: str, keys: PasswordKeys, creds: Credentials, rand) -> bytes:
+    """[0046]: open the keyfile (decrypt, check the pinned server's signature), then Figure 10 with as1."""
+    if not creds.keyfiles:
+        _note(creds, "the server requires keyfile authentication, but this card has no keyfile in its HOME")
+        return b""
+    problems = []
+    for index, sealed in enumerate(creds.keyfiles):
+        try:
+            body = implauth.open_keyfile(sealed, serial, keys.protection_key, creds.server_key)
+        except implauth.KeyfileError as e:
+            problems.append(str(e))
+            continue
+        creds.keyfile_used = index
+        return implauth.keyfile_answer(body.as1, ri1, serial, rand)
+    _note(creds, "keyfile: " + problems[0])
+    return b""
+
+
+def _agent_answer(data: bytes, serial: str, creds: Credentials) -> bytes:
+    """[0050]: run the server's one-time function f on y, derive the key, decrypt w: x."""
+    try:
+        return implauth.agent_answer(data, serial)
+    except agent.AgentError as e:
+        _note(creds, f"the server's one-time agent was refused: {e}")
+    except crypto.CryptoError as e:
+        _note(creds, f"the one-time agent's w does not decrypt with f(y): {e}")
+    return b""
+
+
+def _totp_answer(creds: Credentials) -> bytes:
+    """[0005]-[0006]: the code the owner reads off the reader-less device."""
+    code = ""
+    if creds.totp is not None:
+        try:
+            code = (creds.totp() or "").strip()
+        except Exception as e:  # noqa: BLE001 - reported to the user as a note
+            _note(creds, f"no TOTP code: {e}")
+            return b""
+    if not code:
+        _note(creds, "the server requires a TOTP code (pass --totp CODE or --totp-file F)")
+        return b""
+    try:
+        return implauth.totp_answer(code)
+    except Exception:  # noqa: BLE001 - WireError: too long to be a code
+        _note(creds, "the TOTP code is not a code (at most 10 characters)")
+        return b""
+
+
 async def authenticated(proto, request: OpRequest, password: str, muk: bytes, master: bytes,
-                        rand: crypto.RandomBytes, keys: PasswordKeys | None = None) -> tuple[OpResult, PasswordKeys | None]:
+                        rand: crypto.RandomBytes, keys: PasswordKeys | None = None,
+                        creds: Credentials | None = None) -> tuple[OpResult, PasswordKeys | None]:
     """Send an insert/recover/destroy request, answer the challenges, return the result."""
     first = await proto.request(request)
     if isinstance(first, OpResult):  # BUSY before authentication
         return _check(first, request.op.name.lower()), keys
     if not isinstance(first, AuthChallenge):
         raise OperationRefused(Status.BAD_REQUEST, f"unexpected {type(first).__name__}")
-    answers, keys = answer(first, request.serial, password, master, rand, keys)
+    creds = creds if creds is not None else Credentials()
+    answers, keys = answer(first, request.serial, password, master, rand, keys, creds)
     result = await proto.request(AuthResponse(responses=tuple(answers), muk=muk))
-    return _check(result, request.op.name.lower()), keys
+    return _check(result, request.op.name.lower(), tuple(creds.notes)), keys
 
 
 async def insert(proto, serial: str, password: str, muk: bytes, insert_secret: bytes, master: bytes,
-                 rand: crypto.RandomBytes = crypto.system_random, keys: PasswordKeys | None = None):
+                 rand: crypto.RandomBytes = crypto.system_random, keys: PasswordKeys | None = None,
+                 creds: Credentials | None = None):
     return await authenticated(proto, OpRequest(op=Op.INSERT, serial=serial, insert_secret=insert_secret),
-                               password, muk, master, rand, keys)
+                               password, muk, master, rand, keys, creds)
 
 
 async def recover(proto, serial: str, password: str, muk: bytes, master: bytes,
-                  rand: crypto.RandomBytes = crypto.system_random, keys: PasswordKeys | None = None):
-    return await authenticated(proto, OpRequest(op=Op.RECOVER, serial=serial), password, muk, master, rand, keys)
+                  rand: crypto.RandomBytes = crypto.system_random, keys: PasswordKeys | None = None,
+                  creds: Credentials | None = None):
+    return await authenticated(proto, OpRequest(op=Op.RECOVER, serial=serial), password, muk, master, rand, keys,
+                               creds)
 
 
 async def destroy(proto, serial: str, password: str, master: bytes, muk: bytes = b"",
-                  rand: crypto.RandomBytes = crypto.system_random, keys: PasswordKeys | None = None):
-    return await authenticated(proto, OpRequest(op=Op.DESTROY, serial=serial), password, muk, master, rand, keys)
+                  rand: crypto.RandomBytes = crypto.system_random, keys: PasswordKeys | None = None,
+                  creds: Credentials | None = None):
+    return await authenticated(proto, OpRequest(op=Op.DESTROY, serial=serial), password, muk, master, rand, keys,
+                               creds)
 
 
 async def sync(proto, serial: str, insert_secret: bytes, version: int, protected: bytes) -> OpResult:
@@ -141,3 +244,13 @@ async def remove(proto, serial: str, insert_secret: bytes, version: int, protect
         OpRequest(op=Op.REMOVE, serial=serial, insert_secret=insert_secret, version=version, protected=protected)
     )
     return _check(result, "remove")
+
+
+async def change_password(proto, serial: str, insert_secret: bytes, version: int, verifier: bytes, kdf: KdfParams,
+                          protected: bytes) -> OpResult:
+    """Op.PASSWORD: the new verifier, KDF parameters and re-wrapped protected information."""
+    result = await proto.request(
+        ChangePassword(serial=serial, insert_secret=insert_secret, version=version, verifier=verifier,
+                       kdf=kdf.encode(), protected=protected)
+    )
+    return _check(result, "password change")

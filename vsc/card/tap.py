@@ -24,6 +24,9 @@ class Options(usage.Options):
     optParameters = [
         ["home", "H", None, "The card's home (default $VSC_HOME or ~/.config/vsc)."],
         ["password-file", "p", None, "Read the password from this file or fd:N (default: the terminal)."],
+        ["totp", None, None, "The current TOTP code of the card's reader-less device, when the server requires one."],
+        ["totp-file", None, None, "Read the TOTP code from this file when the server asks for it (default: the "
+         "terminal, when the card has a TOTP seed)."],
         ["dongle", None, None, "Run from a PKCS#11 token instead of a server (claim 10): pkcs11:token=LABEL;"
          "module-path=LIB (default: the token in HOME's card.ini when it was enrolled with 'vsc dongle enroll')."],
         ["token-pin-file", None, None, "Read the token PIN from this file (dongle mode)."],
@@ -46,6 +49,7 @@ class CardDaemon(service.Service):
     agent_port = None
     pcsc = None  # the vpcd endpoint to present the card to PC/SC (vsc.card.vpcd)
     pcsc_link = None
+    totp = None  # where TOTP codes come from (vsc.card.config.totp_source)
 
     def __init__(self, reactor, cfg, password: str, master: bytes):
         self.reactor = reactor
@@ -66,7 +70,7 @@ class CardDaemon(service.Service):
             token, table, poll = self.dongle
             self.session = DongleSession(self.cfg, self.reactor, token, table, poll, on_exit=self.exit)
         else:
-            self.session = CardSession(self.cfg, self.reactor, self.master, on_exit=self.exit)
+            self.session = CardSession(self.cfg, self.reactor, self.master, on_exit=self.exit, totp=self.totp)
         d = ensureDeferred(self._start())
         d.addErrback(lambda f: self.log.failure("card start failed", f) or self.exit(1, "internal error"))
 
@@ -164,6 +168,8 @@ def makeService(options: Options) -> service.IService:
         sys.stderr.write(f"vsc-card: {e}\n")
         raise SystemExit(2)
     daemon = CardDaemon(reactor, cfg, password, master)
+    daemon.totp = card_config.totp_source(options["totp"], options["totp-file"],
+                                          cfg.settings.get("totp", "").lower() == "true")
     if options["dongle"] or cfg.settings.get("mode") == "dongle":
         from vsc.dongle.cli import dongle_setup
 

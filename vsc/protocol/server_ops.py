@@ -12,9 +12,17 @@ pool and feeds their results back.
 
 Mediation follows the patent: insert (Figure 6, 8) authenticates every
 configured method (all must pass, [0084]) before the check-out; remove
-(Figure 11) and sync present the per-insert secret; recover (Figure 12)
-and destroy authenticate like insert. Refusals to an unauthenticated peer
-are all Status.REFUSED.
+(Figure 11), sync and a password change present the per-insert secret;
+recover (Figure 12) and destroy authenticate like insert. Refusals to an
+unauthenticated peer are all Status.REFUSED.
+
+Implementation authentication (vsc.protocol.implauth): Master key (Figure
+10), keyfile (ri1, answered with as1 [0046]), the one-time agent (a fresh
+program f, y and w = E[x, f(y)] per challenge [0050]; the expected x stays
+in this machine), and TOTP (checked against ``now``; the accepted step is
+consumed atomically with the operation by the store). Enrolment material
+(a signed keyfile, a TOTP seed) comes from the injected ``registrar``, a
+pure function of the server key and the injected randomness and clock.
 """
 
 from __future__ import annotations
@@ -26,14 +34,17 @@ import attrs
 from automat import TypeMachineBuilder
 
 from vsc import crypto
-from vsc.protocol import auth
+from vsc.protocol import auth, implauth
 from vsc.wire import WireError
 from vsc.wire.ops import (
     AuthChallenge,
     AuthItem,
     AuthMethod,
     AuthResponse,
+    ChangePassword,
     EnrolRequest,
+    KdfAlg,
+    KdfParams,
     Op,
     OpRequest,
     OpResult,
@@ -121,6 +132,10 @@ class _Core:
     card: object = None
     challenges: tuple = ()
     session: bytes = b""
+    registrar: object = None
+    expected: dict = attrs.Factory(dict)  # per method: what the answer must be (the agent's x)
+    totp_step: int | None = None  # the TOTP step the answer matched, consumed with the operation
+    enrol_reply: bytes = b""
 
     def emit(self, effect) -> None:
         self.outbox.append(effect)
@@ -134,6 +149,7 @@ class _Core:
             self.leased = False
         self.serial, self.op, self.request, self.card, self.challenges = "", None, None, None, ()
         self.forced = None
+        self.expected, self.totp_step, self.enrol_reply = {}, None, b""
 
 
 class OpsInputs(Protocol):
@@ -142,6 +158,9 @@ class OpsInputs(Protocol):
 
     def op_requested(self, req: OpRequest) -> None:
         "The card starts an operation."
+
+    def password_change_requested(self, req: ChangePassword) -> None:
+        "The card changes its password (while in use)."
 
     def auth_answered(self, resp: AuthResponse) -> None:
         "The card answered the challenges."
@@ -191,6 +210,11 @@ def _build():
         core.serial, core.op, core.request = req.serial, req.op, req
         core.emit(AcquireLease(req.serial))
 
+    @idle.upon(OpsInputs.password_change_requested).to(leasing)
+    def start_password(m: OpsInputs, core: _Core, req: ChangePassword) -> None:
+        core.serial, core.op, core.request = req.serial, Op.PASSWORD, req
+        core.emit(AcquireLease(req.serial))
+
     @leasing.upon(OpsInputs.lease_busy).to(working)
     def busy(m: OpsInputs, core: _Core) -> None:
         # [0081]: refused; logged like every other refusal, then answered BUSY (no lease to release)
@@ -214,20 +238,38 @@ def _build():
         core.leased = True
         req = core.request
         if isinstance(req, EnrolRequest):
+            try:
+                material = _enrol_material(core, req)
+            except implauth.ImplAuthError as e:
+                _bad_request(core, "enrol", str(e))
+                return
+            kwargs = dict(
+                serial=req.serial,
+                code_hash=_code_hash(req.code),
+                verifier=req.verifier,
+                kdf=req.kdf,
+                protected=req.protected,
+                registration=req.registration,
+                peer=core.peer,
+            )
+            if material.auth_info:
+                kwargs["auth_extra"] = material.auth_info
+                core.enrol_reply = material.reply
+            core.emit(StoreCall("enrol", kwargs))
+        elif isinstance(req, ChangePassword):
+            problem = _password_change_problem(req)
+            if problem:
+                _bad_request(core, "password", problem)
+                return
             core.emit(
                 StoreCall(
-                    "enrol",
-                    dict(
-                        serial=req.serial,
-                        code_hash=_code_hash(req.code),
-                        verifier=req.verifier,
-                        kdf=req.kdf,
-                        protected=req.protected,
-                        registration=req.registration,
-                        peer=core.peer,
-                    ),
+                    "change_password",
+                    dict(serial=req.serial, session=crypto.sha256(req.insert_secret), version=req.version,
+                         verifier=req.verifier, kdf=req.kdf, protected=req.protected, peer=core.peer),
                 )
             )
+        elif req.op is Op.PASSWORD:
+            _bad_request(core, "password", "a password change is a ChangePassword message, not an OpRequest")
         elif req.op in AUTH_OPS:
             core.emit(LoadCard(req.serial))
         elif req.op is Op.SYNC:
@@ -248,8 +290,12 @@ def _build():
             methods = (AuthMethod.PASSWORD,) + tuple(core.policy.impl_auth)
         items = []
         for method in methods:
-            if method is AuthMethod.MASTER_KEY:
-                items.append(AuthItem(method, core.rand(32)))
+            if method in (AuthMethod.MASTER_KEY, AuthMethod.KEYFILE):
+                items.append(AuthItem(method, core.rand(32)))  # rm1 / ri1 (Figure 10, [0046])
+            elif method is AuthMethod.ONE_TIME_AGENT:
+                issued = implauth.agent_challenge(core.serial, core.rand)  # a new f for every challenge [0051]
+                core.expected[method] = issued.x
+                items.append(AuthItem(method, issued.data))
             else:
                 items.append(AuthItem(method, b""))
         core.challenges = tuple(items)
@@ -280,13 +326,14 @@ def _build():
                         session=crypto.sha256(req.insert_secret),
                         channel={"suite": core.suite, "peer": core.peer},
                         peer=core.peer,
+                        **_totp_kwargs(core),
                     ),
                 )
             )
         elif req.op is Op.RECOVER:
-            core.emit(StoreCall("recover", dict(serial=core.serial, muk=muk, peer=core.peer)))
+            core.emit(StoreCall("recover", dict(serial=core.serial, muk=muk, peer=core.peer, **_totp_kwargs(core))))
         elif req.op is Op.DESTROY:
-            core.emit(StoreCall("destroy", dict(serial=core.serial, peer=core.peer, muk=muk or None)))
+            core.emit(StoreCall("destroy", dict(serial=core.serial, peer=core.peer, muk=muk or None, **_totp_kwargs(core))))
 
     @challenged.upon(OpsInputs.deadline).to(working)
     def too_late(m: OpsInputs, core: _Core) -> None:
@@ -350,7 +397,8 @@ def _build():
         core.finish()
 
     for inp in (OpsInputs.lease_busy, OpsInputs.deadline, OpsInputs.unexpected, OpsInputs.connection_lost,
-                OpsInputs.enrol_requested, OpsInputs.op_requested, OpsInputs.auth_answered):
+                OpsInputs.enrol_requested, OpsInputs.op_requested, OpsInputs.password_change_requested,
+                OpsInputs.auth_answered):
         closed.upon(inp).loop().returns(None)
 
     return b.build()
@@ -358,6 +406,36 @@ def _build():
 
 def _code_hash(code: str) -> bytes:
     return auth.code_hash(code)
+
+
+def _bad_request(core: _Core, op: str, detail: str) -> None:
+    """Refuse a request that makes no sense: logged, answered BAD_REQUEST, nothing changed."""
+    core.forced = Status.BAD_REQUEST
+    core.emit(StoreCall("refused", dict(serial=core.serial, op=op, result="bad-request", peer=core.peer, detail=detail)))
+
+
+def _enrol_material(core: _Core, req: EnrolRequest) -> implauth.EnrolMaterial:
+    """What the policy's keyfile/TOTP methods need at enrolment (ImplAuthError: the card cannot have it)."""
+    needed = [m for m in core.policy.impl_auth if m in (AuthMethod.KEYFILE, AuthMethod.TOTP)]
+    if not needed:
+        return implauth.EnrolMaterial({}, b"")
+    registrar = core.registrar or implauth.Registrar(None, b"", core.rand, core.now)
+    return registrar.enrol(req.serial, req.registration, needed)
+
+
+def _password_change_problem(req: ChangePassword) -> str:
+    try:
+        kdf = KdfParams.decode(req.kdf)
+    except WireError as e:
+        return f"new KDF parameters: {e}"
+    want = auth.LEGACY_VERIFIER_SIZE if kdf.alg is KdfAlg.LEGACY_MD5 else auth.VERIFIER_SIZE
+    if len(req.verifier) != want:
+        return f"a {kdf.alg.name} verifier is {want} bytes, not {len(req.verifier)}"
+    return ""
+
+
+def _totp_kwargs(core: _Core) -> dict:
+    return {} if core.totp_step is None else {"totp_step": core.totp_step}
 
 
 def _session_args(core: _Core, req: OpRequest) -> dict:
@@ -381,6 +459,11 @@ def _required_methods(auth_info: str, policy: OpsPolicy) -> tuple[AuthMethod, ..
         m = auth.METHOD_NAMES.get(name)
         if m is not None and m not in methods:
             methods.append(m)
+    # a card given a keyfile or a TOTP seed at enrolment keeps having to use it
+    material = implauth.stored_material(auth_info)
+    for key, m in (("keyfile", AuthMethod.KEYFILE), ("totp", AuthMethod.TOTP)):
+        if key in material and m not in methods:
+            methods.append(m)
     for m in policy.impl_auth:
         if m not in methods:
             methods.append(m)
@@ -392,6 +475,7 @@ def _verify(core: _Core, resp: AuthResponse) -> tuple[bool, str]:
     card = core.card
     if len(resp.responses) != len(core.challenges):
         return False, "wrong number of answers"
+    material = implauth.stored_material(card.auth_info) if card is not None else {}
     verdicts = []
     for challenge, answer in zip(core.challenges, resp.responses):
         if answer.method is not challenge.method:
@@ -405,6 +489,23 @@ def _verify(core: _Core, resp: AuthResponse) -> tuple[bool, str]:
             except WireError:
                 good = False
             verdicts.append(("master key", good))
+        elif challenge.method is AuthMethod.KEYFILE:
+            as1 = _hex(_section(material, "keyfile").get("as1"))
+            good = as1 is not None and implauth.check_keyfile(as1, challenge.data, core.serial, answer.data)
+            verdicts.append(("keyfile", good))
+        elif challenge.method is AuthMethod.ONE_TIME_AGENT:
+            expected = core.expected.get(AuthMethod.ONE_TIME_AGENT)
+            verdicts.append(("one-time agent", expected is not None and implauth.check_agent(expected, answer.data)))
+        elif challenge.method is AuthMethod.TOTP:
+            totp = _section(material, "totp")
+            secret = _hex(totp.get("secret"))
+            step = None
+            if secret is not None:
+                step = implauth.check_totp(secret, answer.data, core.now(), int(totp.get("last_step", -1)),
+                                           int(totp.get("period", implauth.TOTP_PERIOD)),
+                                           int(totp.get("digits", implauth.TOTP_DIGITS)))
+            core.totp_step = step
+            verdicts.append(("totp", step is not None))
         else:
             verdicts.append((challenge.method.name.lower(), False))
     if card is None:
@@ -417,6 +518,18 @@ def _verify(core: _Core, resp: AuthResponse) -> tuple[bool, str]:
     return True, ""
 
 
+def _section(material: dict, key: str) -> dict:
+    value = material.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _hex(value) -> bytes | None:
+    try:
+        return bytes.fromhex(value) if isinstance(value, str) and value else None
+    except ValueError:
+        return None
+
+
 def _result(core: _Core, outcome: object) -> OpResult:
     """Map a store outcome to what the card is told."""
     op = core.op
@@ -424,7 +537,8 @@ def _result(core: _Core, outcome: object) -> OpResult:
         return OpResult(status=core.forced)
     if isinstance(core.request, EnrolRequest):
         ok, registration = outcome if isinstance(outcome, tuple) else (outcome, b"")
-        return OpResult(status=Status.OK, version=1, registration=registration or b"") if ok else OpResult(status=Status.REFUSED)
+        registration = core.enrol_reply or registration or b""
+        return OpResult(status=Status.OK, version=1, registration=registration) if ok else OpResult(status=Status.REFUSED)
     if outcome is None:  # auth_failed / refused return nothing
         return OpResult(status=Status.REFUSED)
     if op is Op.INSERT:
@@ -432,7 +546,7 @@ def _result(core: _Core, outcome: object) -> OpResult:
         if result in ("ok", "repeat"):
             return OpResult(status=Status.OK, version=card.version, protected=card.protected)
         return OpResult(status={"in-use": Status.IN_USE, "destroyed": Status.DESTROYED}.get(result, Status.REFUSED))
-    if op in (Op.SYNC, Op.REMOVE):
+    if op in (Op.SYNC, Op.REMOVE, Op.PASSWORD):
         result, version = outcome
         return OpResult(
             status={"ok": Status.OK, "conflict": Status.VERSION_CONFLICT}.get(result, Status.REFUSED),
@@ -454,9 +568,10 @@ class ServerOps:
     """Wrapper: each method fires one input and returns the effects."""
 
     def __init__(self, policy: OpsPolicy, master: bytes, decoy_secret: bytes, peer: str, suite: str,
-                 now, rand: crypto.RandomBytes = crypto.system_random):
+                 now, rand: crypto.RandomBytes = crypto.system_random,
+                 registrar: implauth.Registrar | None = None):
         self._core = _Core(policy=policy, master=master, decoy_secret=decoy_secret, rand=rand, peer=peer,
-                           suite=suite, now=now)
+                           suite=suite, now=now, registrar=registrar)
         self._m: OpsInputs = _Machine(self._core)
 
     def _drain(self) -> list:
@@ -469,6 +584,8 @@ class ServerOps:
             self._fire(lambda: self._m.enrol_requested(msg))
         elif isinstance(msg, OpRequest):
             self._fire(lambda: self._m.op_requested(msg))
+        elif isinstance(msg, ChangePassword):
+            self._fire(lambda: self._m.password_change_requested(msg))
         elif isinstance(msg, AuthResponse):
             self._fire(lambda: self._m.auth_answered(msg))
         else:

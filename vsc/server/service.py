@@ -19,6 +19,7 @@ from twisted.python.threadpool import ThreadPool
 from vsc import crypto
 from vsc.net.channel import ChannelFactory, ChannelProtocol
 from vsc.protocol.channel import ChannelInfo, server_channel
+from vsc.protocol.implauth import Registrar
 from vsc.protocol.server_ops import (
     AcquireLease,
     CancelDeadline,
@@ -71,6 +72,7 @@ class ServerProtocol(ChannelProtocol):
                 suite=info.suite.label,
                 now=f.clock.seconds,
                 rand=f.rand,
+                registrar=f.registrar,
             )
 
     def messageReceived(self, msg: Message) -> None:
@@ -170,6 +172,9 @@ class ServerFactory(ChannelFactory):
         self.rand = rand
         # a per-server secret for decoy KDF parameters of serials that do not exist
         self.decoy_secret = crypto.hkdf_extract_expand(b"vsc decoy", key.to_pem(), b"decoy", 32)
+        # enrolment material for implementation authentication: keyfiles signed with this server's key
+        self.registrar = Registrar(lambda data: crypto.rsa_pss_sign(key, data), key.public_key().spki_der, rand,
+                                   clock.seconds)
 
 
 def server_factory(

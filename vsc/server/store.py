@@ -426,12 +426,15 @@ class Store:
         auth_info: str | None = None,
         peer: str = "",
         registration: bytes = b"",
+        auth_extra: dict | None = None,
     ) -> bool:
         """
         Create the card (idle, version 1) and consume the code, atomically.
         ``auth_info`` defaults to what was fixed when the code was issued;
         the card's ``registration`` (public material for implementation
-        authentication) is kept in it. False: refused (no valid code).
+        authentication) is kept in it, and so is ``auth_extra``: the
+        server's side of the material it issued (keyfile as1, TOTP seed).
+        False: refused (no valid code).
         """
         now = self.now()
         lock = " FOR UPDATE" if self.kind == "postgresql" else ""
@@ -447,6 +450,13 @@ class Store:
             info = json.loads(auth_info if auth_info is not None else (row[2] or "{}"))
             if registration:
                 info["registration"] = registration.hex()
+            if auth_extra:
+                info.update(auth_extra)
+                # material issued for a method means the card must pass it (and `vsc admin show` lists it)
+                methods = info.setdefault("methods", ["password"])
+                for name in ("keyfile", "totp"):
+                    if name in auth_extra and name not in methods:
+                        methods.append(name)
             self._x(cur, "DELETE FROM enrolment_codes WHERE serial = ?", (serial,))
             self._x(
                 cur,
@@ -490,18 +500,23 @@ class Store:
 
     # ------------------------------------------------------------ the life cycle (Figure 4)
 
-    def checkout(self, serial: str, muk: bytes, session: bytes, channel: dict, peer: str) -> tuple[str, CardRecord | None]:
+    def checkout(self, serial: str, muk: bytes, session: bytes, channel: dict, peer: str,
+                 totp_step: int | None = None) -> tuple[str, CardRecord | None]:
         """
         Insert's mediation 305 + set in-use 307, in one transaction. Returns
         ("ok"|"repeat"|"in-use"|"destroyed"|"refused", record). "repeat" is the
         same insert retried after a dropped connection (same session, same
         MUK): the same check-out is returned, never a second one.
+        ``totp_step``: the TOTP step the owner's code matched, consumed here
+        (refused if it, or a later one, was already used).
         """
         now = self.now()
         with self._txn() as cur:
             card = self._get_for_update(cur, serial)
             if card is None:
                 self._history(cur, serial, "insert", "refused", peer, muk, "no such card")
+                return "refused", None
+            if not self._consume_totp(cur, card, totp_step, "insert", peer, muk):
                 return "refused", None
             if card.state is CardState.DESTROYED:
                 self._history(cur, serial, "insert", "destroyed", peer, muk)
@@ -580,13 +595,15 @@ class Store:
             self._history(cur, serial, "remove", "ok", peer, card.muk, f"version {new}")
             return "ok", new
 
-    def recover(self, serial: str, muk: bytes, peer: str) -> str:
+    def recover(self, serial: str, muk: bytes, peer: str, totp_step: int | None = None) -> str:
         """Recover (Figure 12): from in-use only, only with the MUK of the last insert."""
         now = self.now()
         with self._txn() as cur:
             card = self._get_for_update(cur, serial)
             if card is None:
                 self._history(cur, serial, "recover", "refused", peer, muk, "no such card")
+                return "refused"
+            if not self._consume_totp(cur, card, totp_step, "recover", peer, muk):
                 return "refused"
             if card.state is CardState.DESTROYED:
                 self._history(cur, serial, "recover", "destroyed", peer, muk)
@@ -606,13 +623,15 @@ class Store:
             self._history(cur, serial, "recover", "ok", peer, muk)
             return "ok"
 
-    def destroy(self, serial: str, peer: str, muk: bytes | None = None) -> str:
+    def destroy(self, serial: str, peer: str, muk: bytes | None = None, totp_step: int | None = None) -> str:
         """Destroy: from idle or in-use; terminal. The protected information is wiped."""
         now = self.now()
         with self._txn() as cur:
             card = self._get_for_update(cur, serial)
             if card is None:
                 self._history(cur, serial, "destroy", "refused", peer, muk, "no such card")
+                return "refused"
+            if not self._consume_totp(cur, card, totp_step, "destroy", peer, muk):
                 return "refused"
             if card.state is CardState.DESTROYED:
                 self._history(cur, serial, "destroy", "destroyed", peer, muk, "already destroyed")
@@ -625,6 +644,51 @@ class Store:
             )
             self._history(cur, serial, "destroy", "ok", peer, muk, f"from {card.state.value}")
             return "ok"
+
+    def change_password(self, serial: str, session: bytes, version: int, verifier: bytes, kdf: bytes,
+                        protected: bytes, peer: str) -> tuple[str, int]:
+        """
+        A password change while in use: the new verifier, KDF parameters and
+        re-wrapped protected information replace the old ones in one
+        transaction (version + 1). Like sync, only the current insert may do
+        it, based on the stored version; the identical change retried after a
+        lost reply is answered "ok" again.
+        """
+        now = self.now()
+        with self._txn() as cur:
+            card = self._get_for_update(cur, serial)
+            if card is None or card.state is not CardState.IN_USE or card.session_hash != session:
+                self._history(cur, serial, "password", "refused", peer, detail="not this card's current insert")
+                return "refused", 0
+            if version != card.version:
+                if (version == card.version - 1 and protected == card.protected and verifier == card.verifier
+                        and kdf == card.kdf):
+                    self._history(cur, serial, "password", "repeat", peer, card.muk, f"version {card.version} already stored")
+                    return "ok", card.version
+                self._history(cur, serial, "password", "conflict", peer, card.muk, f"based on {version}, stored {card.version}")
+                return "conflict", card.version
+            new = card.version + 1
+            self._x(
+                cur,
+                "UPDATE cards SET verifier = ?, kdf = ?, protected = ?, version = ?, updated = ? "
+                "WHERE serial = ? AND version = ?",
+                (verifier, kdf, protected, new, now, serial, card.version),
+            )
+            self._history(cur, serial, "password", "ok", peer, card.muk, f"version {new}; new verifier and KDF parameters")
+            return "ok", new
+
+    def _consume_totp(self, cur, card: CardRecord, step: int | None, op: str, peer: str, muk: bytes | None) -> bool:
+        """Use up the TOTP step the owner's code matched: each code is good once. False (logged): already used."""
+        if step is None:
+            return True
+        info = json.loads(card.auth_info or "{}")
+        totp = info.get("totp")
+        if not isinstance(totp, dict) or int(totp.get("last_step", -1)) >= step:
+            self._history(cur, card.serial, op, "refused", peer, muk, "TOTP code already used")
+            return False
+        totp["last_step"] = step
+        self._x(cur, "UPDATE cards SET auth_info = ? WHERE serial = ?", (json.dumps(info, sort_keys=True), card.serial))
+        return True
 
     # ------------------------------------------------------------ administration
 

@@ -52,6 +52,7 @@ class MessageType(enum.IntEnum):
     AUTH_CHALLENGE = 0x32
     AUTH_RESPONSE = 0x33
     OP_RESULT = 0x34
+    PASSWORD_CHANGE = 0x35
 
 
 class _StrictEnum(c.Adapter):

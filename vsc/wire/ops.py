@@ -28,6 +28,7 @@ class Op(enum.IntEnum):
     RECOVER = 3
     DESTROY = 4
     SYNC = 5
+    PASSWORD = 6  # a password change while in use (ChangePassword)
 
 
 class AuthMethod(enum.IntEnum):
@@ -110,6 +111,35 @@ class OpRequest(Message):
     muk: bytes = b""
     version: int = 0
     protected: bytes = b""
+
+
+@register
+@attrs.frozen
+class ChangePassword(Message):
+    """
+    Change the owner's password while the card is in use (Op.PASSWORD):
+    presented with the per-insert secret like sync; carries the new verifier,
+    the new KDF parameters (a fresh salt) and the protected information whose
+    data key is re-wrapped under the new protection key, based on ``version``.
+    The server never sees either password.
+    """
+
+    TYPE = MessageType.PASSWORD_CHANGE
+    INNER = True
+    SCHEMA = c.Struct(
+        "serial" / _Serial,
+        "insert_secret" / Bytes(U8, SECRET_SIZE, SECRET_SIZE, "insert_secret"),
+        "version" / U32,
+        "verifier" / Bytes(U8, 64, 8, "verifier"),
+        "kdf" / Bytes(U16, MAX_KDF, 1, "kdf"),
+        "protected" / Bytes(U32, MAX_PROTECTED, 1, "protected"),
+    )
+    serial: str
+    insert_secret: bytes = attrs.field(repr=False)
+    version: int
+    verifier: bytes = attrs.field(repr=False)
+    kdf: bytes
+    protected: bytes = attrs.field(repr=False)
 
 
 @attrs.frozen
