@@ -87,6 +87,14 @@ class CertGet(amp.Command):
     errors = {CardError: b"CARD_ERROR"}
 
 
+class ChangePassword(amp.Command):
+    """Change the owner's password while the card is in use (the daemon never stores either)."""
+
+    arguments = [(b"old", amp.Unicode()), (b"new", amp.Unicode())]
+    response = [(b"version", amp.Integer())]
+    errors = {CardError: b"CARD_ERROR"}
+
+
 class Remove(amp.Command):
     arguments = []
     response = []
@@ -181,6 +189,13 @@ class ControlProtocol(amp.AMP):
         from vsc.card.vpcd import get_certificate
 
         return {"der": get_certificate(self.session, slot)}
+
+    @ChangePassword.responder
+    def change_password(self, old, new):
+        async def run():
+            return {"version": await self.session.change_password(old, new)}
+
+        return _guard(run)()
 
     @Remove.responder
     def remove(self):
