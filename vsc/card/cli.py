@@ -91,7 +91,8 @@ def cmd_enroll(args) -> int:
         if "ChannelClosed" in str(e) or "connect" in str(e):
             raise
         raise
-    values = dict(server=args.server, server_key=args.server_key, serial=args.serial)
+    values = dict(server=args.server, server_key=args.server_key, serial=args.serial,
+                  kdf_floor="legacy" if args.legacy_kdf else f"scrypt:{args.scrypt_log2n}")
     if args.suites:
         values["suites"] = args.suites
     if args.forward_secrecy:
@@ -167,7 +168,8 @@ def _credentials(args, cfg):
 
     totp = cc.totp_source(getattr(args, "totp", None), getattr(args, "totp_file", None),
                           cfg.settings.get("totp", "").lower() == "true")
-    return ops.Credentials(keyfiles=cc.load_keyfiles(cfg.home), server_key=cfg.server_key, totp=totp)
+    return ops.Credentials(keyfiles=cc.load_keyfiles(cfg.home), server_key=cfg.server_key, totp=totp,
+                           kdf_floor=cfg.settings.get("kdf_floor", ""))
 
 
 def _offline(args, op: str) -> int:
@@ -179,6 +181,9 @@ def _offline(args, op: str) -> int:
     from vsc.protocol.auth import load_master_key
 
     cfg = cc.load(_home(args))
+    if cfg.settings.get("mode") == "dongle":
+        raise CommandError(f"{op} is for cards on a VSC Server; a dongle card is idle whenever its daemon is not "
+                           "running (see docs/dongle.md)")
     password = cc.read_password(args.password_file)
     master = load_master_key(os.environ.get("VSC_MASTER_KEY_FILE"))
     lock = MachineLock()
@@ -198,7 +203,10 @@ def _offline(args, op: str) -> int:
             else:
                 await ops.destroy(proto, cfg.serial, password, master, muk, crypto.system_random, creds=creds)
         except ops.OperationRefused as e:
-            raise CommandError(f"{op} refused: {_explain(e)}")
+            text = _explain(e)
+            raise CommandError(text if text.startswith(f"{op} refused") else f"{op} refused: {text}")
+        except ops.WeakKdfRefused as e:
+            raise CommandError(f"{op} {e}")
         finally:
             proto.closeChannel()
 
@@ -633,7 +641,6 @@ def extend(sub) -> None:
     p = add("ssh-pubkey", cmd_ssh_pubkey, "print the card's keys as authorized_keys lines (ssh-rsa, ecdsa-sha2-nistp256)")
     p.add_argument("--slot", choices=sorted(SLOT_KEYS), help="only this slot (default: every slot)")
     add("ssh-agent-env", cmd_ssh_agent_env, "print SSH_AUTH_SOCK=... for the card's ssh-agent (eval \"$(vsc card ssh-agent-env)\")")
-
 
 
 vcli._PARSER_EXTENSIONS["top"].append(extend)

@@ -70,6 +70,32 @@ class Credentials:
     totp: Callable[[], str] | None = None
     notes: list = attrs.Factory(list)
     keyfile_used: int | None = None
+    #: the weakest password derivation this card accepts from a server ("scrypt:15", "legacy", "" = any)
+    kdf_floor: str = ""
+
+
+class WeakKdfRefused(Exception):
+    """The server asked for a weaker password derivation than the one this card was enrolled with."""
+
+
+def check_kdf(kdf: KdfParams, floor: str) -> None:
+    """
+    A malicious server could ask for the legacy MD5 derivation (or a cheap
+    scrypt) to turn the verifier it receives into a fast offline guess. The
+    card pins its derivation at enrolment and refuses anything weaker —
+    before it derives or sends anything.
+    """
+    if not floor or floor == "legacy":
+        return
+    alg, _, cost = floor.partition(":")
+    if alg != "scrypt":
+        return
+    minimum = int(cost or 15)
+    if kdf.alg is not KdfAlg.SCRYPT or kdf.log2_n < minimum or kdf.r < 8 or kdf.p < 1 or len(kdf.salt) < 16:
+        raise WeakKdfRefused(
+            "refused: the server asked for a weaker password derivation than this card's "
+            f"({kdf.alg.name.lower()}, cost 2^{kdf.log2_n}; this card needs scrypt 2^{minimum} or more)"
+        )
 
 
 def derive_keys(password: str, kdf: KdfParams) -> PasswordKeys:
@@ -123,9 +149,11 @@ def answer(challenge: AuthChallenge, serial: str, password: str, master: bytes, 
     server refuses, as for any failed method, [0084]) and the reason is logged
     and kept in ``creds.notes`` for the user.
     """
-    if keys is None:
-        keys = derive_keys(password, KdfParams.decode(challenge.kdf))
     creds = creds if creds is not None else Credentials()
+    if keys is None:
+        kdf = KdfParams.decode(challenge.kdf)
+        check_kdf(kdf, creds.kdf_floor)
+        keys = derive_keys(password, kdf)
     answers = []
     for item in challenge.challenges:
         if item.method is AuthMethod.PASSWORD:

@@ -58,7 +58,7 @@ def explain(e: Exception) -> str:
         from vsc.cli import describe_error
 
         return describe_error(e)
-    if isinstance(e, (MachineLockHeld, CardError)):
+    if isinstance(e, (MachineLockHeld, CardError, ops.WeakKdfRefused)):
         return str(e)
     from twisted.internet.error import ConnectError
 
@@ -162,7 +162,7 @@ class CardSession:
         from vsc.card.config import load_keyfiles
 
         return ops.Credentials(keyfiles=load_keyfiles(self.config.home), server_key=self.config.server_key,
-                               totp=self.totp)
+                               totp=self.totp, kdf_floor=self.config.settings.get("kdf_floor", ""))
 
     def _settle_keyfile(self, creds: ops.Credentials) -> None:
         """After an interrupted password change, keep the keyfile that opened with the password the server accepted."""
