@@ -37,6 +37,9 @@ VPCD_CONF = Path("/etc/reader.conf.d/vpcd")
 PKCS11 = next((p for p in ("/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so", "/usr/lib/opensc-pkcs11.so",
                            "/usr/lib/aarch64-linux-gnu/opensc-pkcs11.so") if os.path.exists(p)), None)
 PCSCD_SOCKET = Path("/run/pcscd/pcscd.comm")
+#: pcscd and the vpcd reader are machine-wide: test runs (and bench/pcsc.py) on one machine take turns
+MACHINE_LOCK = Path("/tmp/vsc-pcsc.lock")
+LOCK_TIMEOUT = 600.0
 SERIAL = "pcsc-card-1"
 PIN = "246810"
 PUK = "13579135"
@@ -87,6 +90,26 @@ def _wait_card(present: bool, timeout: float = APPEAR_TIMEOUT) -> float:
     return time.monotonic() - start
 
 
+def _wait_bindable(ports, timeout: float) -> None:
+    """Wait until every port can be bound on 0.0.0.0 (vpcd binds them when pcscd loads it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = []
+        for port in ports:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("0.0.0.0", port))
+                except OSError:
+                    busy.append(port)
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"ports {busy} stay in use (vpcd needs them; reserve them with "
+                                 f"sysctl net.ipv4.ip_local_reserved_ports=35963-35964)")
+        time.sleep(0.2)
+
+
 def _prerequisites() -> None:
     for program in ("pcscd", "opensc-tool", "pkcs11-tool", "yubico-piv-tool", "openssl"):
         if shutil.which(program) is None:
@@ -108,19 +131,29 @@ class Pcscd:
         return PCSCD_SOCKET.exists() and _port_open(35963)
 
     def start(self) -> None:
+        """
+        Start ``pcscd -f``. vpcd's ports (35963, 35964) lie in Linux's
+        ephemeral range, so another program's outgoing connection can hold
+        one for a while: wait until both can be bound, and retry.
+        """
         if self.running():
             return
         if os.geteuid() != 0:
             missing("pcscd is not running and starting it needs root")
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(["pcscd", "-f"], stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 15
-        while not self.running():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"pcscd did not start:\n{self.log.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.05)
+        for attempt in range(3):
+            _wait_bindable((35963, 35964), 60)
+            with open(self.log, "ab") as out:
+                self.proc = subprocess.Popen(["pcscd", "-f"], stdin=subprocess.DEVNULL, stdout=out,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + 15
+            while not self.running():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                return
+            self.stop()
+        raise AssertionError(f"pcscd did not start:\n{self.log.read_text(errors='replace')[-2000:]}")
 
     @property
     def ours(self) -> bool:
@@ -136,6 +169,27 @@ class Pcscd:
                 self.proc.wait(10)
 
 
+@contextlib.contextmanager
+def _machine_lock():
+    """Hold the machine-wide PC/SC lock (other pytest processes, bench/pcsc.py), waiting at most LOCK_TIMEOUT."""
+    import fcntl
+
+    with open(MACHINE_LOCK, "a+") as f:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{MACHINE_LOCK} held by another PC/SC test run for {LOCK_TIMEOUT:g} s")
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """pcscd + a real server + an enrolled card (PIN/PUK from files) inserted with --pcsc; all stopped at the end."""
@@ -144,6 +198,11 @@ def stack(tmp_path_factory):
     from tests.servers import Servers, admin, init_data_dir
 
     root = tmp_path_factory.mktemp("pcsc")
+    with _machine_lock():
+        yield from _stack(root, Cards, Servers, admin, init_data_dir)
+
+
+def _stack(root, Cards, Servers, admin, init_data_dir):
     pcscd = Pcscd(root / "pcscd.log")
     pcscd.start()
     servers = Servers(root / "logs")

@@ -1125,3 +1125,71 @@ def test_self_signed_certificate_uses_the_injected_time():
     assert cert.subject.rfc4514_string() == f"CN={SERIAL} 9c"
     assert int(cert.not_valid_before_utc.timestamp()) == 1_700_000_000 - 300
     assert crypto.certificate_public_der(CERTS["9c"]) == PUBLIC["9c"]
+
+
+# ================================================================ listen mode (vpcd reversed mode), on a real reactor
+
+import pytest_twisted  # noqa: E402
+
+
+@pytest_twisted.ensureDeferred
+async def test_listen_mode_serves_one_vpcd_and_stop_disconnects(session):
+    """
+    --pcsc listen:ENDPOINT: the card listens for vpcd (reversed mode) on
+    loopback, answers the ATR, refuses a second simultaneous reader, and
+    stop() closes the connection (the card leaves the reader).
+    """
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+
+    class Reader(Protocol):
+        def __init__(self):
+            self.deframer = apdu.VpcdDeframer()
+            self.got: list[bytes] = []
+            self.waiting: Deferred | None = None
+            self.lost = Deferred()
+
+        def dataReceived(self, data):
+            self.got += self.deframer.feed(data)
+            if self.got and self.waiting is not None:
+                d, self.waiting = self.waiting, None
+                d.callback(self.got.pop(0))
+
+        def ask(self, payload: bytes) -> Deferred:
+            self.waiting = Deferred()
+            self.transport.write(apdu.encode_vpcd(payload))
+            return self.waiting
+
+        def connectionLost(self, reason):
+            self.lost.callback(None)
+
+    link = vpcd.PcscLink(reactor, session, "listen:tcp:0:interface=127.0.0.1", Drbg(b"listen"))
+    port = await link.start()
+    try:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port, timeout=5)
+        first = await endpoint.connect(Factory.forProtocol(Reader))
+        assert await first.ask(b"\x04") == vpcd.ATR
+        sel = apdu.command(0, 0xA4, 4, 0, piv.PIV_AID[:9], 256)
+        assert apdu.parse_response(await first.ask(sel))[1] == 0x9000
+        second = await endpoint.connect(Factory.forProtocol(Reader))
+        await second.lost  # one card, one reader
+    finally:
+        await link.stop()
+    await first.lost
+
+
+def test_a_lost_connection_frees_the_reader_slot(session):
+    """After vpcd's connection is lost (pcscd restarted) the factory accepts the reconnection."""
+    card = vpcd.PivCard(session, Drbg(b"slot"))
+    factory = vpcd.VpcdFactory(card)
+    first = factory.buildProtocol(None)
+    first.makeConnection(VpcdTransport())
+    assert factory.buildProtocol(None) is None  # one card, one reader
+    from twisted.python.failure import Failure
+    from twisted.internet.error import ConnectionLost
+
+    first.connectionLost(Failure(ConnectionLost()))
+    assert factory.active is None
+    assert factory.buildProtocol(None) is not None

@@ -34,7 +34,8 @@ class Options(usage.Options):
          "next to the control socket; 'vsc card ssh-agent-env' prints it)."],
         ["ssh-agent-slots", None, None, "Offer only these slots through the ssh-agent, e.g. 9a,9c (default: all)."],
         ["pcsc", None, None, "Also present the card to PC/SC as a PIV card: connect to vsmartcard's vpcd at this "
-         "endpoint, e.g. tcp:127.0.0.1:35963 (reader 'Virtual PCD 00 00'); see docs/pcsc.md."],
+         "endpoint, e.g. tcp:127.0.0.1:35963 (reader 'Virtual PCD 00 00'), or listen for vpcd in reversed mode: "
+         "listen:tcp:35965:interface=127.0.0.1; see docs/pcsc.md."],
     ]
     optFlags = [
         ["no-ssh-agent", None, "Do not serve an ssh-agent."],
@@ -97,9 +98,16 @@ class CardDaemon(service.Service):
         if self.pcsc is not None:
             from vsc.card.vpcd import PcscLink
 
-            self.pcsc_link = PcscLink(self.reactor, self.session, self.pcsc)
-            self.pcsc_link.start()
-            print(f"vsc-card: presenting the card to PC/SC through vpcd at {self.pcsc}", file=sys.stderr, flush=True)
+            link = PcscLink(self.reactor, self.session, self.pcsc)
+            try:
+                await link.start()
+            except Exception as e:  # noqa: BLE001 - like the ssh-agent: the card stays in use without it
+                self.log.warn("PC/SC link not started on {endpoint}: {why}", endpoint=self.pcsc, why=str(e))
+                print(f"vsc-card: PC/SC link not started on {self.pcsc}: {e}", file=sys.stderr, flush=True)
+            else:
+                self.pcsc_link = link
+                print(f"vsc-card: presenting the card to PC/SC through vpcd at {self.pcsc}", file=sys.stderr,
+                      flush=True)
 
     async def _start_ssh_agent(self, path, slots) -> None:
         """The ssh-agent is a convenience: if its socket cannot be served, the card stays in use without it."""

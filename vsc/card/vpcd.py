@@ -201,51 +201,95 @@ class VpcdProtocol(Protocol):
         return ensureDeferred(self._answer(payload))
 
     def connectionLost(self, reason) -> None:
+        self.connected = False
+        factory = getattr(self, "factory", None)
+        if factory is not None and factory.active is self:
+            factory.active = None
         self.card.reset()
+        self.log.info("card left PC/SC (vpcd connection closed)")
 
 
 class VpcdFactory(Factory):
+    """One card, so one vpcd connection at a time (a second one, in listen mode, is closed at once)."""
+
     noisy = False
 
     def __init__(self, card: PivCard, atr: bytes = ATR):
         self.card = card
         self.atr = atr
+        self.active: VpcdProtocol | None = None
 
     def buildProtocol(self, addr):
+        if self.active is not None and self.active.connected:
+            return None  # the card is already in a reader
         p = VpcdProtocol(self.card, self.atr)
         p.factory = self
+        self.active = p
         return p
 
 
+LISTEN_PREFIX = "listen:"
+
+
 class PcscLink:
-    """Keep the card connected to vpcd while it is inserted (reconnecting with backoff)."""
+    """
+    Keep the card in the vpcd reader while it is inserted.
+
+    ``tcp:HOST:PORT`` (vpcd's default mode): connect to vpcd, reconnecting
+    with backoff while vpcd is not there. ``listen:tcp:PORT:interface=127.0.0.1``
+    (vpcd's reversed mode, DEVICENAME host:port in /etc/reader.conf.d/vpcd):
+    listen for vpcd's connection instead; only one connection at a time.
+    """
 
     log = Logger()
 
     def __init__(self, reactor, session, endpoint: str = DEFAULT_ENDPOINT,
                  rand: crypto.RandomBytes = crypto.system_random):
-        from twisted.internet.endpoints import clientFromString
+        from twisted.internet.endpoints import clientFromString, serverFromString
 
         self.reactor = reactor
         self.endpoint_text = endpoint
         self.card = PivCard(session, rand)
-        self.service = ClientService(
-            clientFromString(reactor, endpoint), VpcdFactory(self.card),
-            retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=1.6), clock=reactor,
-        )
+        self.factory = VpcdFactory(self.card)
+        self.port = None
+        self.service = None
+        if endpoint.startswith(LISTEN_PREFIX):
+            self.server_endpoint = serverFromString(reactor, endpoint[len(LISTEN_PREFIX):])
+        else:
+            self.server_endpoint = None
+            self.service = ClientService(
+                clientFromString(reactor, endpoint), self.factory,
+                retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=1.6), clock=reactor,
+            )
 
-    def start(self) -> None:
+    def start(self):
+        """Connect (or listen); returns a Deferred that fires once listening (at once when connecting)."""
+        from twisted.internet.defer import succeed
+
         self.log.info("presenting the card to PC/SC through vpcd at {endpoint}", endpoint=self.endpoint_text)
-        self.service.startService()
+        if self.service is not None:
+            self.service.startService()
+            return succeed(None)
+
+        def listening(port):
+            self.port = port
+            return port
+
+        return self.server_endpoint.listen(self.factory).addCallback(listening)
 
     def stop(self):
         """Disconnect (PC/SC sees the card removed); returns a Deferred."""
-        if not self.service.running:
-            from twisted.internet.defer import succeed
+        from twisted.internet.defer import succeed
 
-            return succeed(None)
         self.card.reset()
-        return self.service.stopService()
+        if self.service is not None:
+            return self.service.stopService() if self.service.running else succeed(None)
+        d = self.port.stopListening() if self.port is not None else succeed(None)
+        self.port = None
+        active = self.factory.active
+        if active is not None and active.transport is not None:
+            active.transport.loseConnection()
+        return d
 
 
 # ---------------------------------------------------------------- certificates through the control socket (vsc card cert)

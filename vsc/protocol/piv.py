@@ -299,6 +299,12 @@ class PivApplet:
         self._chain: tuple[tuple[int, int, int], bytearray] | None = None
         self._out: bytes = b""
         self._out_pos = 0
+        self._static: dict[str, bytes] = {}  # answers that never change (built once: construct is not free)
+
+    def _cached(self, name: str, build: Callable[[], bytes]) -> bytes:
+        if name not in self._static:
+            self._static[name] = build()
+        return self._static[name]
 
     # -- volatile state
 
@@ -429,7 +435,7 @@ class PivApplet:
         self.mgmt.reset()
         if cmd.p2 == 0x0C:
             return b"", SW_OK
-        return self.application_property_template(), SW_OK
+        return self._cached("apt", self.application_property_template), SW_OK
 
     @staticmethod
     def application_property_template() -> bytes:
@@ -460,7 +466,7 @@ class PivApplet:
         if rest:
             return b"", SW_WRONG_DATA
         if tag == TAG_DISCOVERY:
-            return self.discovery(), SW_OK
+            return self._cached("discovery", self.discovery), SW_OK
         if not valid_object_tag(tag):
             return b"", SW_NOT_FOUND
         if tag in PIN_OBJECTS and not self.pin_verified:
@@ -474,9 +480,9 @@ class PivApplet:
         if stored:
             return tlv.encode(0x53, bytes(stored)), SW_OK
         if tag == TAG_CHUID:
-            return tlv.encode(0x53, self.chuid()), SW_OK
+            return self._cached("chuid", lambda: tlv.encode(0x53, self.chuid())), SW_OK
         if tag == TAG_CCC:
-            return tlv.encode(0x53, self.ccc()), SW_OK
+            return self._cached("ccc", lambda: tlv.encode(0x53, self.ccc())), SW_OK
         return b"", SW_NOT_FOUND
 
     @staticmethod
