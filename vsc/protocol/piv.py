@@ -458,7 +458,7 @@ class PivApplet:
         if not items or items[0].tag != 0x5C:
             raise ApduError(SW_WRONG_DATA, "no tag list")
         tag = tlv.parse_tag(items[0].value)
-        rest = tlv.encode_many(items[1:])
+        rest = tlv.encode_many(items[1:]) if len(items) > 1 else b""
         return tag, rest
 
     def _get_data(self, cmd: Command, data: bytes) -> Step:
