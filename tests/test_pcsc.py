@@ -110,6 +110,41 @@ def _wait_bindable(ports, timeout: float) -> None:
         time.sleep(0.2)
 
 
+RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+
+
+def _reserved(text: str, port: int) -> bool:
+    for part in filter(None, text.strip().split(",")):
+        lo, _, hi = part.partition("-")
+        if int(lo) <= port <= int(hi or lo):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _reserve_vpcd_ports():
+    """
+    While the tests run, keep vpcd's ports out of Linux's ephemeral range
+    (net.ipv4.ip_local_reserved_ports, root only; the previous value is put
+    back): on a busy machine another program's outgoing connection can
+    otherwise take 35963 or 35964 and the reader cannot open.
+    """
+    old = None
+    try:
+        current = RESERVED_PORTS.read_text()
+        if os.geteuid() == 0 and not all(_reserved(current, p) for p in (35963, 35964)):
+            RESERVED_PORTS.write_text(",".join(filter(None, [current.strip(), "35963-35964"])))
+            old = current.strip()
+    except OSError:
+        pass  # not Linux, or not allowed: the wait in Pcscd.start still applies
+    try:
+        yield
+    finally:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                RESERVED_PORTS.write_text(old or "\n")
+
+
 def _prerequisites() -> None:
     for program in ("pcscd", "opensc-tool", "pkcs11-tool", "yubico-piv-tool", "openssl"):
         if shutil.which(program) is None:
@@ -141,7 +176,7 @@ class Pcscd:
         if os.geteuid() != 0:
             missing("pcscd is not running and starting it needs root")
         for attempt in range(3):
-            _wait_bindable((35963, 35964), 60)
+            _wait_bindable((35963, 35964), 180)
             with open(self.log, "ab") as out:
                 self.proc = subprocess.Popen(["pcscd", "-f"], stdin=subprocess.DEVNULL, stdout=out,
                                              stderr=subprocess.STDOUT, start_new_session=True)
@@ -198,7 +233,7 @@ def stack(tmp_path_factory):
     from tests.servers import Servers, admin, init_data_dir
 
     root = tmp_path_factory.mktemp("pcsc")
-    with _machine_lock():
+    with _machine_lock(), _reserve_vpcd_ports():
         yield from _stack(root, Cards, Servers, admin, init_data_dir)
 
 
