@@ -53,6 +53,29 @@ class Backend:
         fn: Callable = getattr(self.store, method)
         return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
 
+    def release(self, serial: str, since: float, clock: IReactorTime) -> Deferred:
+        """
+        Give back the lease on ``serial`` taken at ``since`` (never fails). If
+        the database cannot be reached (it is restarting), keep trying in the
+        background until half the lease TTL after it was taken (it cannot have
+        been taken again by then), rather than leave the card BUSY until the
+        lease expires.
+        """
+        return self.call("release", serial, self.owner).addErrback(self._release_failed, serial, since, clock, 0.25)
+
+    def _release_failed(self, failure: Failure, serial: str, since: float, clock: IReactorTime, delay: float) -> None:
+        if clock.seconds() + delay > since + self.lease_ttl / 2:
+            self.log.failure("releasing the lease on {serial}; it expires on its own", failure, serial=serial)
+            return
+        self.log.warn("releasing the lease on {serial} failed ({why}); trying again in {delay:g} s",
+                      serial=serial, why=failure.getErrorMessage(), delay=delay)
+
+        def again() -> None:
+            self.call("release", serial, self.owner).addErrback(self._release_failed, serial, since, clock,
+                                                                min(delay * 2, 1.0))
+
+        clock.callLater(delay, again)
+
 
 class ServerProtocol(ChannelProtocol):
     log = Logger()
@@ -60,6 +83,7 @@ class ServerProtocol(ChannelProtocol):
     ops: ServerOps | None = None
     _deadline: IDelayedCall | None = None
     _lease_serial: str | None = None
+    _lease_since: float = 0.0
 
     def channelEstablished(self, info: ChannelInfo) -> None:
         f = self.factory
@@ -113,14 +137,12 @@ class ServerProtocol(ChannelProtocol):
                     if status is not None:
                         self.log.debug("{peer}: {status}", peer=self.peer, status=status.name)
             elif isinstance(e, AcquireLease):
-                self._lease_serial = e.serial
+                self._lease_serial, self._lease_since = e.serial, self.clock.seconds()
                 d = backend.call("acquire", e.serial, backend.owner, backend.lease_ttl)
                 d.addCallbacks(lambda granted: self._effects(self.ops.lease(bool(granted))), self._store_error)
             elif isinstance(e, ReleaseLease):
                 self._lease_serial = None
-                released = backend.call("release", e.serial, backend.owner).addErrback(
-                    lambda f, serial=e.serial: self.log.failure("releasing the lease on {serial}", f, serial=serial)
-                )
+                released = backend.release(e.serial, self._lease_since, self.clock)
             elif isinstance(e, LoadCard):
                 backend.call("get", e.serial).addCallbacks(lambda card: self._effects(self.ops.loaded(card)), self._store_error)
             elif isinstance(e, StoreCall):

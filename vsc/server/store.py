@@ -245,7 +245,16 @@ class Store:
         conn = self._conn()
         if self.kind == "postgresql":
             try:
-                with conn.transaction():
+                with contextlib.ExitStack() as stack:
+                    try:
+                        stack.enter_context(conn.transaction())  # BEGIN
+                    except Exception:
+                        # a connection the database dropped (it restarted) fails at BEGIN, before
+                        # anything of this transaction was sent: reconnect once and begin again
+                        if not self._discard_if_broken(conn):
+                            raise
+                        conn = self._conn()
+                        stack.enter_context(conn.transaction())
                     yield conn.cursor()
             except BaseException:
                 self._discard_if_broken(conn)
@@ -260,23 +269,32 @@ class Store:
             raise
         conn.execute("COMMIT")
 
-    def _discard_if_broken(self, conn) -> None:
+    def _discard_if_broken(self, conn) -> bool:
+        """Forget this thread's connection if the database closed it (the next call reconnects)."""
         if self.kind == "postgresql" and getattr(conn, "closed", False):
-            self._local.conn = None
+            if getattr(self._local, "conn", None) is conn:
+                self._local.conn = None
+            with self._all_lock:
+                self._all = [c for c in self._all if c is not conn]
+            return True
+        return False
 
     def _x(self, cur, sql: str, params: tuple = ()) -> Any:
         cur.execute(self._sql(sql), params)
         return cur
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
-        conn = self._conn()
-        cur = conn.cursor()
-        cur.execute(self._sql(sql), params)
-        try:
-            return cur.fetchall()
-        except BaseException:
-            self._discard_if_broken(conn)
-            raise
+        for attempt in (1, 2):
+            conn = self._conn()
+            try:
+                cur = conn.cursor()
+                cur.execute(self._sql(sql), params)
+                return cur.fetchall()
+            except Exception:
+                # a connection the database dropped: forget it; a read changes nothing, so read once more
+                if not self._discard_if_broken(conn) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _blob(self, value):
         return None if value is None else bytes(value)
@@ -444,6 +462,8 @@ class Store:
             row = self._x(
                 cur, f"SELECT code_hash, expires, auth_info FROM enrolment_codes WHERE serial = ?{lock}", (serial,)
             ).fetchone()
+            if row is None and self._enrol_repeat(cur, serial, verifier, kdf, protected, registration, auth_extra, peer):
+                return True
             if row is None or bytes(row[0]) != code_hash or row[1] < now or self._get_for_update(cur, serial):
                 self._history(cur, serial, "enrol", "refused", peer, detail="no valid enrolment code")
                 return False
@@ -465,6 +485,29 @@ class Store:
             )
             self._history(cur, serial, "enrol", "ok", peer)
             return True
+
+    def _enrol_repeat(self, cur, serial: str, verifier: bytes, kdf: bytes, protected: bytes, registration: bytes,
+                      auth_extra: dict | None, peer: str) -> bool:
+        """
+        The same enrolment retried after its answer was lost (the code is already
+        consumed): answered OK again while the card is untouched since (idle,
+        version 1) and the request is the one stored: the same verifier (only
+        the enrolling card knows it), KDF parameters, protected information and
+        registration. Material issued anew for this answer replaces the first
+        (the card never received that one).
+        """
+        card = self._get_for_update(cur, serial)
+        if card is None or card.state is not CardState.IDLE or card.version != 1:
+            return False
+        info = json.loads(card.auth_info or "{}")
+        if (card.verifier, card.kdf, card.protected) != (verifier, kdf, protected) or \
+                info.get("registration", "") != registration.hex():
+            return False
+        if auth_extra:
+            info.update(auth_extra)
+            self._x(cur, "UPDATE cards SET auth_info = ? WHERE serial = ?", (json.dumps(info, sort_keys=True), serial))
+        self._history(cur, serial, "enrol", "repeat", peer, detail="same enrolment retried; answered again")
+        return True
 
     # ------------------------------------------------------------ authentication bookkeeping
 
