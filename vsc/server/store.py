@@ -209,6 +209,8 @@ class Store:
 
     def _connect(self):
         if self.kind == "sqlite":
+            if not os.path.exists(self.path):  # the database holds every card's record: owner-only, like the key
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
