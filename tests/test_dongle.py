@@ -852,3 +852,39 @@ def test_ssh_agent_in_dongle_mode(enrolled):
         verified = subprocess.run([ssh_keygen, "-Y", "verify", "-f", str(allowed), "-I", "owner", "-n", "file",
                                    "-s", str(data) + ".sig"], stdin=f, capture_output=True, text=True, timeout=30)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+BINDING_PROBE = textwrap.dedent('''
+    import sys
+    from vsc import crypto
+    from vsc.card import ops
+    from vsc.card.protected import CardMemory
+    from vsc.dongle.session import bound_key, read_card
+    from vsc.dongle.token import TokenRef
+    from vsc.wire.ops import KdfParams
+    uri, password = sys.argv[1], sys.argv[2]
+    ref = TokenRef.parse(uri, "%s")
+    envelope, kdf = read_card(ref)
+    params = KdfParams.decode(kdf)
+    keys = ops.derive_keys(password, params)
+    try:
+        CardMemory.load("x", envelope, keys.protection_key).wipe()
+        print("opened with the password alone")
+    except crypto.CryptoError:
+        print("password alone: refused")
+    CardMemory.load("x", envelope, bound_key(ref, keys.protection_key, params)).wipe()
+    print("with the token: opened")
+''' % PIN)
+
+
+def test_the_card_on_the_token_needs_the_dongle_key_to_open(enrolled):
+    """The token's copy of the card is wrapped under the password key mixed with the DongleKey's answer: the
+    data objects and the password alone (what a copied token file or a fake PKCS#11 module could give) do not
+    open it; with the token they do."""
+    lab, home, table = enrolled
+    token_line = [ln for ln in (home / "card.ini").read_text().splitlines() if ln.startswith("token = ")][0]
+    uri = token_line.split(" = ", 1)[1]
+    proc = subprocess.run([sys.executable, "-c", BINDING_PROBE, uri, PASSWORD], env=lab.env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["password alone: refused", "with the token: opened"]

@@ -125,14 +125,18 @@ def cmd_enroll(args) -> int:
         items.append(PlainItem(ItemKind.KEY, slot, der, alg, crypto.public_der_of(der)))
     envelope = seal_envelope(table.serial, keys.protection_key, items, crypto.system_random)
     items.clear()
-    from vsc.dongle.session import token_check
+    from vsc.card.protected import rewrap
+    from vsc.dongle.session import bound_key, token_check
 
     try:
         if not token_check(ref, table, int.from_bytes(os.urandom(4), "big")):
             raise CommandError("this token does not match the challenge table (wrong token?)")
+        # the token's copy needs the token to open; the issuer's record (for replace) needs the password only
+        on_token = rewrap(table.serial, envelope, keys.protection_key, bound_key(ref, keys.protection_key, kdf),
+                          crypto.system_random)
         with Token(ref, rw=True) as tok:
             tok.write(KDF_LABEL, kdf.encode())
-            tok.write(PROTECTED_LABEL, envelope)
+            tok.write(PROTECTED_LABEL, on_token)
     except TokenError as e:
         raise CommandError(str(e)) from None
     home.mkdir(mode=0o700, parents=True, exist_ok=True)

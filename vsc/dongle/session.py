@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 
 from vsc import crypto
 from vsc.card import ops
-from vsc.card.protected import CardMemory
+from vsc.card.protected import CardMemory, rewrap
 from vsc.card.session import CardError, CardSession
 from vsc.dongle.token import KDF_LABEL, PROTECTED_LABEL, Token, TokenError, TokenRef
 from vsc.wire.dongle import ChallengeTable
@@ -39,6 +39,19 @@ def read_card(ref: TokenRef) -> tuple[bytes, bytes]:
     if envelope is None or kdf is None:
         raise TokenError("the token holds no card (provision and enrol it first)")
     return envelope, kdf
+
+
+def bound_key(ref: TokenRef, protection_key: bytes, kdf: KdfParams) -> bytes:
+    """
+    The key the token's copy of the card is wrapped under: the owner's
+    protection key mixed with the token's answer (DongleKey) to a challenge
+    fixed by the card's salt. Without the token — a copied table, copied data
+    objects and the password are not enough — the card does not open.
+    """
+    challenge = crypto.sha256(b"vsc1 dongle bind" + kdf.salt)[:16]
+    with Token(ref) as tok:
+        answer = tok.respond(challenge)
+    return crypto.hkdf_extract_expand(b"vsc1 dongle bind", protection_key + answer, b"vsc1 dongle wrap", 32)
 
 
 def write_card(ref: TokenRef, envelope: bytes) -> None:
@@ -79,12 +92,27 @@ class DongleSession(CardSession):
                 envelope, kdf = await deferToThread(read_card, self.token)
             except TokenError as e:
                 raise CardError(str(e)) from None
-            keys = ops.derive_keys(password, KdfParams.decode(kdf))
+            params = KdfParams.decode(kdf)
+            keys = ops.derive_keys(password, params)
             try:
-                self.memory = CardMemory.load(self.config.serial, envelope, keys.protection_key, self.rand)
+                bound = await deferToThread(bound_key, self.token, keys.protection_key, params)
+            except TokenError as e:
+                raise CardError(f"dongle check failed: {e}") from None
+            try:
+                self.memory = CardMemory.load(self.config.serial, envelope, bound, self.rand)
             except crypto.CryptoError:
-                raise CardError("refused: the password does not open the card on this token") from None
-            del keys
+                # a card just restored by `vsc dongle replace` is wrapped under the password key
+                # alone (the issuer cannot bind it without the password): open it, then bind it
+                try:
+                    self.memory = CardMemory.load(self.config.serial, envelope, keys.protection_key, self.rand)
+                except crypto.CryptoError:
+                    raise CardError("refused: the password does not open the card on this token") from None
+                rebound = rewrap(self.config.serial, envelope, keys.protection_key, bound, self.rand)
+                await deferToThread(write_card, self.token, rebound)
+                self.memory.adopt_wrap(rebound)
+                self.log.info("card {serial} bound to the token {token}", serial=self.config.serial,
+                              token=self.token.token_label)
+            del keys, bound
         except BaseException:
             self.lock.release()
             raise
