@@ -261,9 +261,12 @@ class ServerProcess:
 
 async def _handshake(reactor, endpoint, fp, cfg, suite, forward_secret):
     from vsc.card.connect import connect
+    from vsc.protocol.suites import INSECURE_SUITES
 
     proto = await connect(reactor, endpoint, fp, cfg)
-    if proto.info.suite is not suite or proto.info.forward_secret is not forward_secret:
+    # the legacy suite is never forward secret: X25519 only guards its key confirmation (SessionKeys.forward_secret)
+    expected_fs = forward_secret and suite not in INSECURE_SUITES
+    if proto.info.suite is not suite or proto.info.forward_secret is not expected_fs:
         raise RuntimeError(f"asked for {suite.label} fs={forward_secret}, got {proto.info}")
     return proto
 

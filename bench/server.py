@@ -217,6 +217,17 @@ def machine_line() -> str:
             f"{platform.machine()} {platform.system()}")
 
 
+def card_channel_config(suite: str | None = None):
+    """The cards' channel policy: the default one, or offering only ``suite`` (des-cbc-md5 needs allow_insecure)."""
+    from vsc.protocol.suites import INSECURE_SUITES, ChannelConfig
+    from vsc.wire.messages import Suite
+
+    if not suite:
+        return ChannelConfig()
+    chosen = Suite.from_label(suite)
+    return ChannelConfig(suites=(chosen,), allow_insecure=chosen in INSECURE_SUITES)
+
+
 # ---------------------------------------------------------------- the client worker (a separate process)
 
 
@@ -244,6 +255,7 @@ def worker_main() -> None:
 
     async def run_cell(cmd: dict) -> dict:
         fp, warm, start, end = cmd["fp"], cmd["warm"], cmd["start"], cmd["end"]
+        channel = card_channel_config(cmd.get("suite"))
         latencies: list[float] = []
         errors: Counter = Counter()
         busy: Counter = Counter()
@@ -270,7 +282,7 @@ def worker_main() -> None:
                 attempted += 1
                 proto = None
                 try:
-                    proto = await connect(reactor, endpoint, fp)
+                    proto = await connect(reactor, endpoint, fp, channel)
                     secret = os.urandom(32)
                     result, _ = await busy_retry("insert", lambda: ops.insert(
                         proto, serial, PASSWORD, muk, secret, DEFAULT_MASTER_KEY))
@@ -291,7 +303,7 @@ def worker_main() -> None:
         async def recover(serial: str, endpoint: str, muk: bytes) -> None:
             """After a failed cycle the card may be left in use: recover it (Figure 12) from this machine."""
             try:
-                proto = await connect(reactor, endpoint, fp)
+                proto = await connect(reactor, endpoint, fp, channel)
                 try:
                     await busy_retry("recover", lambda: ops.recover(proto, serial, PASSWORD, muk, DEFAULT_MASTER_KEY))
                     errors["(recovered after the failure)"] += 1
@@ -500,7 +512,8 @@ def db_floor(store, serial: str, budget: float) -> tuple[float, float]:
 
 
 def run_cell(workers: list[Worker], servers: list[ServerProcess], fp: str, serials: list[str],
-             warmup: float, window: float, extra_pids: list[int]) -> dict:
+             warmup: float, window: float, extra_pids: list[int], suite: str | None = None) -> dict:
+    """One cell; ``suite`` (a label such as "chacha20-poly1305"): the cards offer only that suite."""
     shares: list[list] = [[] for _ in workers]
     for i, serial in enumerate(serials):
         shares[i % len(workers)].append([serial, servers[i % len(servers)].endpoint])
@@ -509,7 +522,7 @@ def run_cell(workers: list[Worker], servers: list[ServerProcess], fp: str, seria
     start = warm + warmup
     end = start + window
     for w, share in active:
-        w.send({"cmd": "run", "fp": fp, "warm": warm, "start": start, "end": end, "cards": share})
+        w.send({"cmd": "run", "fp": fp, "warm": warm, "start": start, "end": end, "cards": share, "suite": suite})
 
     server_pids = [s.proc.pid for s in servers]
     client_pids = [w.proc.pid for w, _ in active]

@@ -231,7 +231,7 @@ _PARSER_EXTENSIONS: dict[str, list[Callable]] = {"admin": [], "top": []}
 def _load_extensions() -> None:
     import importlib
 
-    for mod in ("vsc.server.admin", "vsc.demo", "vsc.card.cli", "vsc.license_cli", "vsc.dongle.cli", "vsc.conformance"):
+    for mod in ("vsc.server.admin", "vsc.demo", "vsc.card.cli", "vsc.license_cli", "vsc.dongle.cli", "vsc.conformance", "vsc.bench_cli"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -1,0 +1,651 @@
+"""
+The benchmark runner: every vsc benchmark in ONE run on this machine, with
+the floors measured in the same run, written to docs/benchmarks.md.
+
+    .venv/bin/python -m bench [--quick] [--out docs/benchmarks.md | --no-write]
+                              [--skip floor,handshakes,cycles,latency,capacity]
+    vsc bench [same options]
+
+Parts (each reuses the existing benchmark modules):
+
+1. floor      bare private-key operations/s through vsc.crypto (OpenSSL via
+              cryptography): RSA-3072 and RSA-2048 OAEP-SHA256 decrypt,
+              RSA-2048 PKCS#1 v1.5 sign, P-256 ECDSA sign (key loaded once),
+              and the same signs with the PKCS#8 key loaded per call (what
+              the card does); ``openssl speed rsa2048 rsa3072 ecdsap256
+              -seconds 1`` parsed when openssl is installed.
+2. handshakes bench/channel.py: handshakes/s per suite (forward secrecy off
+              and on; sequential and 4 concurrent) against its server in a
+              separate process, in-memory handshakes, sealed echo round trips,
+              and its RSA floor measured in the same child process.
+3. cycles     bench/server.py's pieces: insert + remove cycles/s per suite on
+              SQLite and PostgreSQL with 1 and 2 real ``twistd vsc-server``
+              processes (10 concurrent cards, 2 client processes).
+4. latency    bench/latency.py: sign latency through the local API (CLI and
+              in-process AMP), PC/SC (pyscard GENERAL AUTHENTICATE and
+              pkcs11-tool through OpenSC), and SoftHSM2.
+5. capacity   bench/capacity.py: cards in use held by one server process with
+              polling running; RSS per card; insert latency under that load.
+
+``--quick`` takes under about two minutes, the full run under about fifteen.
+Everything runs on loopback; every process a part starts is stopped in that
+part's ``finally``. Parts that need a Twisted reactor run in child processes
+(``python -m bench --part NAME``), since a reactor runs once per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("floor", "handshakes", "cycles", "latency", "capacity")
+DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
+CYCLE_CARDS = 10
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- machine facts
+
+
+def machine_facts() -> dict:
+    facts = {
+        "cpus": os.cpu_count(),
+        "python": f"{platform.python_version()} ({sys.implementation.name})",
+        "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+            facts["cpu_model"] = m.group(1).strip() if m else "?"
+    except OSError:
+        facts["cpu_model"] = "?"
+    try:
+        with open("/proc/meminfo") as f:
+            m = re.search(r"^MemTotal:\s*(\d+)", f.read(), re.M)
+            facts["mem_total_mib"] = int(m.group(1)) // 1024 if m else None
+    except OSError:
+        facts["mem_total_mib"] = None
+    try:
+        import cryptography
+        from cryptography.hazmat.backends.openssl import backend
+
+        facts["cryptography"] = f"cryptography {cryptography.__version__} ({backend.openssl_version_text()})"
+    except Exception:  # noqa: BLE001 - informational only
+        facts["cryptography"] = "cryptography ?"
+    openssl = shutil.which("openssl")
+    if openssl:
+        try:
+            facts["openssl_cli"] = subprocess.run([openssl, "version"], capture_output=True, text=True,
+                                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            facts["openssl_cli"] = None
+    return facts
+
+
+def loadavg() -> str:
+    a, b, c = os.getloadavg()
+    return f"{a:.2f} / {b:.2f} / {c:.2f}"
+
+
+# ---------------------------------------------------------------- 1. the floor
+
+
+def part_floor(quick: bool) -> dict:
+    from bench._util import rate
+    from vsc import crypto
+
+    budget = 0.3 if quick else 2.0
+    out: dict = {"budget_s": budget}
+    digest = crypto.sha256(b"floor")
+    for bits in (3072, 2048):
+        key = crypto.RSAPrivateKey.generate(bits)
+        ct = key.public_key().oaep_encrypt(os.urandom(128), os.urandom)
+        out[f"rsa{bits}_decrypt"] = rate(lambda: key.oaep_decrypt(ct), budget)
+    for kind in (crypto.KEY_RSA2048, crypto.KEY_P256):
+        der = crypto.generate_private_der(kind)
+        handle = crypto.PrivateKeyHandle(der)
+        out[f"{kind}_sign"] = rate(lambda: handle.sign_digest(digest), budget)
+
+        def load_sign() -> None:
+            with crypto.PrivateKeyHandle(der) as h:
+                h.sign_digest(digest)
+
+        out[f"{kind}_load_sign"] = rate(load_sign, budget)
+    out["openssl_speed"] = openssl_speed()
+    return out
+
+
+def openssl_speed() -> dict | str:
+    """``openssl speed rsa2048 rsa3072 ecdsap256 -seconds 1``: sign/s and verify/s per algorithm."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return "openssl is not installed"
+    try:
+        proc = subprocess.run([openssl, "speed", "-seconds", "1", "rsa2048", "rsa3072", "ecdsap256"],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"openssl speed failed: {e}"
+    out: dict = {}
+    for m in re.finditer(r"^rsa\s+(\d+)\s+bits\s+\S+\s+\S+\s+([\d.]+)\s+([\d.]+)", proc.stdout, re.M):
+        out[f"rsa{m.group(1)}"] = {"sign": float(m.group(2)), "verify": float(m.group(3))}
+    for m in re.finditer(r"^\s*(\d+)\s+bits\s+ecdsa\s+\((\w+)\)\s+\S+\s+\S+\s+([\d.]+)\s+([\d.]+)", proc.stdout, re.M):
+        out[f"ecdsa-{m.group(2)}"] = {"sign": float(m.group(3)), "verify": float(m.group(4))}
+    return out or f"could not parse openssl speed output: {proc.stdout[-300:]!r}"
+
+
+# ---------------------------------------------------------------- 2. handshakes (child process: it runs a reactor)
+
+
+def part_handshakes(quick: bool) -> dict:
+    from bench import channel
+    from vsc import crypto
+
+    budget_tcp, budget_mem, budget_floor = (0.15, 0.05, 0.08) if quick else (1.0, 0.3, 0.4)
+    progress("  handshakes: generating RSA-3072 and RSA-2048 keys...")
+    keys = {b: crypto.RSAPrivateKey.generate(b) for b in (3072, 2048)}
+    key = keys[3072]
+    fp = key.public_key().fingerprint()
+    floor = channel.measure_floor([3072, 2048], keys, budget_floor)
+    sansio = {}
+    for s in channel.suites():
+        for fs in (False, True):
+            sansio[f"{s.label}|{int(fs)}"] = channel.measure_sansio(key, s, fs, budget_mem)
+    server = channel.ServerProcess(key)
+    try:
+        endpoint = f"tcp:127.0.0.1:{server.port}"
+        tcp = channel.run_in_reactor(lambda reactor: channel.measure_tcp(reactor, endpoint, fp, budget_tcp, progress))
+    finally:
+        server.stop()
+    return {
+        "budget_tcp_s": budget_tcp, "concurrency": channel.CONCURRENCY, "key_bits": 3072,
+        "rsa_decrypt": {str(b): v for b, v in floor["rsa_decrypt"].items()},
+        "x25519": floor["x25519"],
+        "sansio": sansio,
+        "tcp": {f"{s.label}|{int(fs)}": cell for (s, fs), cell in tcp.items()},
+    }
+
+
+# ---------------------------------------------------------------- 3. insert + remove cycles (bench/server.py's pieces)
+
+
+def _server_allow_all_suites(data_dir: Path) -> None:
+    """Enable des-cbc-md5 too (allow_insecure), after the three default suites, so every suite can be measured."""
+    from bench.channel import suites
+
+    path = data_dir / "vsc-server.ini"
+    parser = configparser.ConfigParser()
+    parser.read(path)
+    parser["server"]["suites"] = ",".join(s.label for s in suites())
+    parser["server"]["allow_insecure"] = "true"
+    with open(path, "w") as f:
+        parser.write(f)
+
+
+def part_cycles(quick: bool) -> dict:
+    from bench import _pg
+    from bench import server as bs
+    from bench.channel import suites
+    from vsc import crypto
+    from vsc.server import config
+
+    warmup, window, floor_budget = (0.2, 0.7, 0.5) if quick else (1.0, 4.0, 1.5)
+    # --quick: the default suite only (the full run measures all four)
+    labels = [s.label for s in suites()][: 1 if quick else None]
+    base = Path(tempfile.mkdtemp(prefix="vsc-bench-cycles-"))
+    workers: list = []
+    servers: list = []
+    cluster = None
+    out: dict = {"warmup_s": warmup, "window_s": window, "cards": CYCLE_CARDS, "rows": [], "notes": [],
+                 "kdf_log2_n": bs.KDF_LOG2_N}
+    try:
+        workers = [bs.Worker(base, i) for i in range(bs.WORKERS)]
+        first = bs.make_data_dir(base, "sqlite", None, "", 3072)
+        _server_allow_all_suites(first)
+        key_pem = (first / config.KEY_NAME).read_bytes()
+        key = crypto.RSAPrivateKey.from_pem(key_pem)
+        fp = key.public_key().fingerprint()
+        for w in workers:
+            w.wait_ready()
+        ct = key.public_key().oaep_encrypt(os.urandom(64), os.urandom)
+        out["rsa3072_decrypt"] = bs.rate(lambda: key.oaep_decrypt(ct), floor_budget)
+        out["fsync_per_s"] = bs.fsync_rate(base, 0.5 if quick else 1.0)
+        for backend in ("sqlite", "postgresql"):
+            if backend == "sqlite":
+                data_dir, url, pg_pids = first, config.load(first).database_url, []
+            else:
+                why = _pg.unavailable()
+                if why:
+                    out["notes"].append(f"PostgreSQL skipped: {why}")
+                    continue
+                progress("  cycles: starting a private PostgreSQL cluster...")
+                cluster = _pg.PgCluster().start()
+                url = cluster.create_database("vsc_bench")
+                data_dir = bs.make_data_dir(base, "postgresql", key_pem, url, 3072)
+                _server_allow_all_suites(data_dir)
+                pg_pids = [p for p in [cluster.postmaster_pid()] if p]
+            store = bs.open_store(url)
+            serials = {(p, lab): [f"{backend[:2]}{p}-s{j}-{i:02d}" for i in range(CYCLE_CARDS)]
+                       for p in (1, 2) for j, lab in enumerate(labels)}
+            bs.enrol_cards(store, [s for ss in serials.values() for s in ss])
+            store.close()
+            for procs in (1, 2):
+                servers = [bs.ServerProcess(data_dir, base / f"{backend}-{procs}-{i}.log") for i in range(procs)]
+                try:
+                    for s in servers:
+                        s.wait_port()
+                    for lab in labels:
+                        r = bs.run_cell(workers, servers, fp, serials[(procs, lab)], warmup, window, pg_pids,
+                                        suite=lab)
+                        for w in r["lost"]:  # a stuck worker would hand its late answer to the next cell
+                            i = workers.index(w)
+                            w.stop()
+                            workers[i] = bs.Worker(base, 10 + len(out["rows"]) + i)
+                            workers[i].wait_ready()
+                        out["rows"].append({
+                            "backend": backend, "procs": procs, "suite": lab, "rate": r["rate"],
+                            "p50": r["p50"], "p95": r["p95"], "server_cpu_ms": r["server_cpu_ms"],
+                            "client_cpu_ms": r["client_cpu_ms"], "db_cpu_ms": r["db_cpu_ms"],
+                            "ours": r["ours"], "machine": r["machine"], "busy": r["busy"], "errors": r["errors"],
+                        })
+                        progress(f"  cycles: {backend} x{procs} {lab}: {r['rate']:.1f} cycles/s")
+                finally:
+                    for s in servers:
+                        s.stop()
+                    servers = []
+            if cluster is not None:
+                cluster.stop()
+                cluster = None
+        return out
+    finally:
+        for s in servers:
+            s.stop()
+        for w in workers:
+            w.stop()
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- 4 and 5
+
+
+def part_latency(quick: bool) -> dict:
+    from bench import latency
+
+    return latency.run_isolated(quick, pcsc=True, progress=progress)
+
+
+def part_capacity(quick: bool) -> dict:
+    from bench import capacity
+
+    return capacity.run(quick, progress=progress)
+
+
+PART_FUNCS = {"floor": part_floor, "handshakes": part_handshakes, "cycles": part_cycles, "latency": part_latency,
+              "capacity": part_capacity}
+IN_CHILD = {"handshakes"}  # parts that run a Twisted reactor in this process
+
+
+def run_part(name: str, quick: bool) -> dict:
+    """Run one part; reactor parts in a child process (``python -m bench --part NAME``)."""
+    t0 = time.monotonic()
+    try:
+        if name in IN_CHILD:
+            argv = [sys.executable, "-m", "bench", "--part", name] + (["--quick"] if quick else [])
+            proc = subprocess.Popen(argv, cwd=str(ROOT), stdout=subprocess.PIPE, text=True)
+            try:
+                stdout, _ = proc.communicate(timeout=900)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the {name} child process failed (exit {proc.returncode})")
+            res = json.loads(stdout.strip().splitlines()[-1])
+        else:
+            res = PART_FUNCS[name](quick)
+    except Exception as e:  # noqa: BLE001 - a failed part is reported in the document, the others still run
+        import traceback
+
+        traceback.print_exc()
+        res = {"error": f"{type(e).__name__}: {e}"}
+    res["elapsed_s"] = time.monotonic() - t0
+    return res
+
+
+# ---------------------------------------------------------------- the document
+
+
+def f_rate(x) -> str:
+    from bench._util import fmt_rate
+
+    return fmt_rate(x)
+
+
+def f_ratio(a, b) -> str:
+    from bench._util import fmt_ratio
+
+    return fmt_ratio(a, b)
+
+
+def f_ms(x, digits: int = 1) -> str:
+    return "—" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def section_floor(fl: dict) -> list[str]:
+    from bench._util import markdown_table
+
+    if "error" in fl:
+        return [f"Not measured: {fl['error']}"]
+    sp = fl.get("openssl_speed") if isinstance(fl.get("openssl_speed"), dict) else {}
+
+    def speed(name: str) -> str:
+        return f_rate(sp.get(name, {}).get("sign")) if sp.get(name) else "—"
+
+    rows = [
+        ["RSA-3072 OAEP-SHA256 decrypt (the server's handshake operation, default key)",
+         f_rate(fl["rsa3072_decrypt"]), speed("rsa3072") + " (sign)"],
+        ["RSA-2048 OAEP-SHA256 decrypt", f_rate(fl["rsa2048_decrypt"]), speed("rsa2048") + " (sign)"],
+        ["RSA-2048 PKCS#1 v1.5 sign, key loaded once", f_rate(fl["rsa2048_sign"]), speed("rsa2048")],
+        ["RSA-2048 sign with the PKCS#8 key loaded per call (as the card does)", f_rate(fl["rsa2048_load_sign"]), ""],
+        ["P-256 ECDSA sign, key loaded once", f_rate(fl["p256_sign"]), speed("ecdsa-nistp256")],
+        ["P-256 sign with the PKCS#8 key loaded per call (as the card does)", f_rate(fl["p256_load_sign"]), ""],
+    ]
+    lines = [markdown_table(["operation (single thread)", "vsc.crypto ops/s", "`openssl speed` ops/s"], rows), ""]
+    if not sp:
+        lines.append(f"`openssl speed`: {fl.get('openssl_speed')}")
+    else:
+        lines.append("`openssl speed -seconds 1 rsa2048 rsa3072 ecdsap256` (the system's openssl CLI, sign/s; RSA "
+                     "private operations are the same modular exponentiation for sign and decrypt): "
+                     + ", ".join(f"{k} {v['sign']:,.0f} sign/s, {v['verify']:,.0f} verify/s" for k, v in sp.items())
+                     + ".")
+    ratio = fl["rsa2048_load_sign"] / fl["rsa2048_sign"] if fl.get("rsa2048_sign") else None
+    if ratio is not None and ratio < 0.5:
+        lines.append("")
+        lines.append(f"Loading an RSA-2048 PKCS#8 key costs {1000 / fl['rsa2048_load_sign'] - 1000 / fl['rsa2048_sign']:.1f} ms "
+                     f"per call here ({ratio:.3f} of the bare sign rate): cryptography checks the RSA key when it "
+                     "loads it. The card loads the slot key from its locked memory for every private-key "
+                     "operation (vsc.crypto.PrivateKeyHandle), so this, not the signature, dominates an RSA sign "
+                     "through the card (section 5).")
+    return lines
+
+
+def section_handshakes(hs: dict) -> list[str]:
+    from bench._util import markdown_table
+
+    if "error" in hs:
+        return [f"Not measured: {hs['error']}"]
+    rsa = hs["rsa_decrypt"]["3072"]
+    rows = []
+    for key, cell in hs["tcp"].items():
+        label, fs = key.split("|")
+        mem = hs["sansio"][key]
+        rows.append([label, "on" if fs == "1" else "off", f_rate(cell["hs_seq"]), f_rate(cell["hs_conc"]),
+                     f_rate(mem["handshake"]), f_rate(rsa), f_ratio(cell["hs_conc"], rsa),
+                     f_ratio(mem["handshake"], rsa), f_rate(cell["echo64"]), f_rate(cell["echo4096"])])
+    c = hs["concurrency"]
+    return [
+        markdown_table(["suite", "FS (X25519)", "handshakes/s sequential", f"handshakes/s x{c} concurrent",
+                        "in-memory handshakes/s", "RSA-3072 decrypt floor/s", f"ratio x{c} / floor",
+                        "ratio in-memory / floor", "64 B echo RTT/s", "4 KiB echo RTT/s"], rows),
+        "",
+        f"bench/channel.py's functions: RSA-3072 server key; its server (server_factory, all four suites enabled, "
+        f"forward secrecy `prefer`, no card store) in a separate process; the cards in the child process's reactor "
+        f"offer exactly one suite each. A handshake = TCP connect + the Figure 7 handshake + close. "
+        f"{hs['budget_tcp_s']:g} s per TCP figure (median of 3 windows). The floor is measured in the same child "
+        f"process just before (RSA-2048: {f_rate(hs['rsa_decrypt'].get('2048'))}/s; X25519 keygen + exchange: "
+        f"{f_rate(hs['x25519'])}/s). With both ends on a 2-CPU machine the card side (pycryptodome OAEP encrypt, "
+        f"Python) competes with the server for the CPUs, so a ratio well below 1 is expected.",
+    ]
+
+
+def section_cycles(cy: dict) -> list[str]:
+    from bench._util import markdown_table
+
+    if "error" in cy:
+        return [f"Not measured: {cy['error']}"]
+    floor = cy["rsa3072_decrypt"]
+    rows = []
+    for r in cy["rows"]:
+        label = f"{r['backend']} x{r['procs']}" + (" (same file)" if r["backend"] == "sqlite" and r["procs"] == 2 else "")
+        err = sum(v for k, v in r["errors"].items() if not k.startswith("("))
+        rows.append([label, r["suite"], f_rate(r["rate"]), f"{f_ms(r['p50'])} / {f_ms(r['p95'])}",
+                     f_ratio(r["rate"], floor), f_ms(r["server_cpu_ms"], 2), f_ms(r["client_cpu_ms"], 2),
+                     f_ms(r["db_cpu_ms"], 2), f"{r['ours'] * 100:.0f}% / {r['machine'] * 100:.0f}%",
+                     str(sum(r["busy"].values())) if r["busy"] else "0", str(err)])
+    lines = [
+        markdown_table(["servers", "suite", "cycles/s", "cycle p50 / p95 ms", "ratio / RSA-3072 floor",
+                        "server CPU ms/cycle", "client CPU ms/cycle", "postgres CPU ms/cycle",
+                        "CPU: bench / whole machine", "BUSY retries", "failed"], rows),
+        "",
+        f"bench/server.py's functions (ServerProcess, Worker, run_cell, enrol_cards): real `twistd -n vsc-server` "
+        f"processes, default settings except that des-cbc-md5 is enabled (allow_insecure) so that every suite can "
+        f"be measured; RSA-3072 server key; {cy['cards']} cards cycling concurrently from 2 client processes, each "
+        f"card offering only the suite of its row (forward secrecy `prefer`: X25519 used). One cycle = new TCP "
+        f"connection + handshake + insert (challenge, password, Master-key answer, check-out, 2 KiB blob down) + "
+        f"remove (2 KiB blob up, check-in) + close. Password KDF scrypt log2(N) = {cy['kdf_log2_n']} (client-side "
+        f"cost only; real cards use 15). {cy['warmup_s']:g} s warm-up, {cy['window_s']:g} s window per row. "
+        f"Floors in the same part: RSA-3072 OAEP decrypt {f_rate(floor)}/s (same key, single thread); the disk "
+        f"{f_rate(cy.get('fsync_per_s'))} fdatasync/s. PostgreSQL: a private cluster (bench/_pg.py: fsync on, "
+        f"synchronous_commit on); SQLite: WAL, synchronous=FULL; 'x2' = two server processes on the same database, "
+        f"card i talking to server i mod 2. 'CPU: bench / whole machine' shows how much of the 2 CPUs this "
+        f"benchmark's processes used against the whole machine (the gap is other load).",
+    ]
+    if len({r["suite"] for r in cy["rows"]}) == 1:
+        lines += ["", f"--quick: only the default suite ({cy['rows'][0]['suite']}); the full run measures all four."]
+    for note in cy.get("notes", []):
+        lines += ["", note]
+    return lines
+
+
+def headline(results: dict) -> list[str]:
+    out = []
+    fl, hs, cy, lat, cap = (results.get(k, {}) for k in PARTS)
+    if hs and "error" not in hs:
+        rsa = hs["rsa_decrypt"]["3072"]
+        parts = []
+        for key, cell in hs["tcp"].items():
+            label, fs = key.split("|")
+            if fs == "0":
+                parts.append(f"{label} {f_rate(cell['hs_conc'])}/s ({f_ratio(cell['hs_conc'], rsa)})")
+        out.append(f"- Handshakes/s with 4 concurrent connections, forward secrecy off (ratio to the RSA-3072 "
+                   f"decrypt floor of {f_rate(rsa)}/s measured beside them): " + "; ".join(parts) + ".")
+    if cy and "error" not in cy and cy["rows"]:
+        by = {}
+        for r in cy["rows"]:
+            by.setdefault((r["backend"], r["procs"]), []).append(r["rate"])
+        out.append("- Insert+remove cycles/s, mean over the suites (10 concurrent cards): " + "; ".join(
+            f"{b} x{p} {sum(v) / len(v):.1f}" for (b, p), v in by.items()) + ".")
+    if cap and "error" not in cap and cap.get("rows"):
+        last = cap["rows"][-1]
+        from bench.capacity import pct
+
+        tp = last["probe_total_ms"]
+        out.append(f"- One server process held **{cap['max_in_use']:,}** cards in use with polling running"
+                   + (f" (stopped: {cap['stopped']})" if cap.get("stopped") else "")
+                   + f"; server RSS {last['rss_kb'] / 1024:.0f} MiB, {f_ms(last['rss_per_card_kb'])} KiB per card; "
+                   f"new insert under that load p50 / p95 / p99 {f_ms(pct(tp, .5))} / {f_ms(pct(tp, .95))} / "
+                   f"{f_ms(pct(tp, .99))} ms.")
+    if lat and "error" not in lat:
+        def p50(d, *keys):
+            for k in keys:
+                d = (d or {}).get(k)
+            return f_ms(d.get("p50"), 2) if d and d.get("n") else "—"
+
+        out.append(f"- Sign latency p50, RSA-2048 / P-256: card in-process AMP {p50(lat, 'amp', '9a')} / "
+                   f"{p50(lat, 'amp', '9c')} ms; `vsc card sign` CLI {p50(lat, 'cli', '9a')} / {p50(lat, 'cli', '9c')} ms; "
+                   f"PC/SC GENERAL AUTHENTICATE {p50(lat, 'pcsc', '9a')} / {p50(lat, 'pcsc', '9c')} ms; SoftHSM2 "
+                   f"python-pkcs11 {p50(lat, 'softhsm', 'rsa2048')} / {p50(lat, 'softhsm', 'p256')} ms.")
+    if fl and "error" not in fl:
+        out.append(f"- Floor: RSA-3072 decrypt {f_rate(fl['rsa3072_decrypt'])}/s, RSA-2048 decrypt "
+                   f"{f_rate(fl['rsa2048_decrypt'])}/s, RSA-2048 sign {f_rate(fl['rsa2048_sign'])}/s "
+                   f"({f_rate(fl['rsa2048_load_sign'])}/s loading the key per call), P-256 sign "
+                   f"{f_rate(fl['p256_sign'])}/s.")
+    return out
+
+
+def document(results: dict, facts: dict, command: str, quick: bool, started: str, load_start: str,
+             load_end: str, elapsed: float) -> str:
+    from bench import capacity, latency
+
+    lines = [
+        "# vsc benchmarks",
+        "",
+        f"Generated by `{command}` on {started} UTC{' (--quick: short windows, small samples)' if quick else ''}, "
+        f"in {elapsed / 60:.1f} minutes. Regenerate with the same command; every figure below comes from that one "
+        f"run on this machine, and every ratio compares figures measured in it.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {facts.get('cpu_model')} — {facts.get('cpus')} CPU(s); memory {facts.get('mem_total_mib'):,} MiB; "
+        f"{facts.get('platform')}",
+        f"- Python {facts.get('python')}; {facts.get('cryptography')}; openssl CLI: {facts.get('openssl_cli') or '—'}",
+        f"- Load average (1 / 5 / 15 min) at the start: {load_start}; at the end: {load_end}. The machine was shared "
+        f"with other work during the run, so absolute figures are noisy; compare the ratios.",
+        "- Loopback only: every server listens on 127.0.0.1 (the PC/SC part runs in a private network namespace).",
+        "",
+        "## Headline",
+        "",
+        *headline(results),
+        "",
+        "## 1. The floor: bare private-key operations",
+        "",
+        *section_floor(results.get("floor", {"error": "skipped"})),
+        "",
+        "## 2. Protected-channel handshakes per suite",
+        "",
+        *section_handshakes(results.get("handshakes", {"error": "skipped"})),
+        "",
+        "## 3. Insert + remove cycles: SQLite vs PostgreSQL, 1 vs 2 server processes, per suite",
+        "",
+        *section_cycles(results.get("cycles", {"error": "skipped"})),
+        "",
+        "## 4. Capacity: cards in use held by one server process, polling",
+        "",
+    ]
+    cap = results.get("capacity", {"error": "skipped"})
+    if "error" in cap:
+        lines.append(f"Not measured: {cap['error']}")
+    else:
+        lines += [
+            capacity.report(cap),
+            "",
+            f"bench/capacity.py: one real `twistd -n vsc-server` (SQLite, **RSA-2048 server key** for a faster ramp; "
+            f"the default is 3072) started through a wrapper that raises RLIMIT_NOFILE before running twistd in the "
+            f"same process. Every card record is created directly through the Store API (Store.issue + Store.enrol), "
+            f"not over the network, with the **same password, salt and verifier for every card** (the server's work "
+            f"per card is the same either way). {cap['clients']} client processes; each card connects, handshakes, "
+            f"inserts and keeps its channel OPEN, sending a sealed 16-byte EchoRequest every {cap['poll_s']:g} s "
+            f"(random phase) as its liveness poll. Ramp through {', '.join(f'{s:,}' for s in cap['steps_planned'])} "
+            f"cards with 16 concurrent inserts, bounded to {cap['budget_s']:.0f} s for the whole part; at each step, "
+            f"after one poll interval, {cap['probes_per_step']} NEW inserts are timed one at a time while the N cards "
+            f"poll (each then removed, so N stays N).",
+        ]
+    lines += ["", "## 5. Sign latency: local API vs PC/SC vs SoftHSM2", ""]
+    lat = results.get("latency", {"error": "skipped"})
+    if "error" in lat:
+        lines.append(f"Not measured: {lat['error']}")
+    else:
+        fl = results.get("floor", {})
+        lines += [
+            latency.report(lat, fl if "error" not in fl else None),
+            "",
+            "bench/latency.py: a real `twistd vsc-server` (SQLite, RSA-2048 key) and a card enrolled with `vsc card "
+            "enroll` (slot 9a RSA-2048, 9c P-256), served by the real card daemon `twistd -n vsc-card`. Per-call "
+            "wall-clock latency (p50 / p95, nearest rank). The CLI row is a whole `vsc card sign` process per "
+            "signature (interpreter start and imports included). PC/SC: pcscd and vsmartcard's vpcd in a private "
+            "mount + network namespace, the card daemon connected to vpcd (`--pcsc`), the system python3 with "
+            "pyscard sending bench/pcsc.py's APDUs (`piv_apdus`): GENERAL AUTHENTICATE after one VERIFY (RSA: a "
+            "PKCS#1 v1.5 block, raw RSA on the card, command chaining and GET RESPONSE: 3 APDUs per signature; "
+            "P-256: 1 APDU), timed per call; `pkcs11-tool --sign` goes through OpenSC's PIV driver, one process "
+            "per call. SoftHSM2: a fresh token in a temporary SOFTHSM2_CONF tokendir. bench/pcsc.py itself "
+            "measures the same stack as rates, with a no-op card as the PC/SC floor.",
+            f"Namespace: {lat.get('namespace', '—')}.",
+        ]
+    lines += [
+        "",
+        "## Run times",
+        "",
+        ", ".join(f"{k} {results[k].get('elapsed_s', 0):.0f} s" for k in PARTS if k in results) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+
+def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return ap
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="short windows and small samples (under about 2 minutes)")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help=f"where to write the document (default {DEFAULT_OUT})")
+    ap.add_argument("--no-write", action="store_true", help="print the document only")
+    ap.add_argument("--skip", default="", help=f"comma-separated parts to skip: {','.join(PARTS)}")
+    ap.add_argument("--json", dest="json_out", help="also write the raw results as JSON to this file")
+    ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
+
+
+def run(args, command: str) -> int:
+    if args.part:  # a child process: one part, its results as one JSON line
+        print(json.dumps(PART_FUNCS[args.part](args.quick)))
+        return 0
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - set(PARTS)
+    if unknown:
+        print(f"unknown part(s) to skip: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    load_start = loadavg()
+    t0 = time.monotonic()
+    facts = machine_facts()
+    results: dict = {}
+    for name in PARTS:
+        if name in skip:
+            continue
+        progress(f"[{time.monotonic() - t0:5.0f} s] {name}...")
+        results[name] = run_part(name, args.quick)
+    load_end = loadavg()
+    doc = document(results, facts, command, args.quick, started, load_start, load_end, time.monotonic() - t0)
+    print(doc)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"facts": facts, "results": results}, indent=1, default=str))
+    if not args.no_write:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(doc)
+        progress(f"written to {args.out}")
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    exe = Path(sys.executable)
+    shown = os.path.relpath(exe, ROOT) if ROOT in exe.absolute().parents else "python"
+    return run(args, " ".join([shown, "-m", "bench", *map(shlex.quote, argv)]))
+
+
+if __name__ == "__main__":
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    sys.exit(main())
