@@ -93,3 +93,18 @@ def machine_line() -> str:
         f"Python {platform.python_version()} ({sys.implementation.name}), {ssl}, "
         f"{os.cpu_count()} CPU(s), {platform.machine()} {platform.system()}"
     )
+
+
+def describe_failure(e: BaseException) -> str:
+    """One short label for a failed benchmark operation (a refusal, a closed channel, EMFILE, or the type)."""
+    from vsc.card import ops
+
+    if isinstance(e, ops.OperationRefused):
+        return str(e)
+    code = getattr(e, "code", None)
+    if code is not None and hasattr(code, "name"):
+        return f"channel closed: {code.name}"
+    text = str(e)
+    if "Too many open files" in text or "EMFILE" in text:
+        return "EMFILE (too many open files)"
+    return type(e).__name__

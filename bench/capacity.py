@@ -202,16 +202,7 @@ def worker_main() -> None:
     cards: dict[str, object] = {}
     polls = {"rtts": [], "failed": 0, "late": 0, "lost": 0, "sent": 0}
 
-    def describe(e: BaseException) -> str:
-        if isinstance(e, ops.OperationRefused):
-            return str(e)
-        code = getattr(e, "code", None)
-        if code is not None and hasattr(code, "name"):
-            return f"channel closed: {code.name}"
-        text = str(e)
-        if "Too many open files" in text or "EMFILE" in text:
-            return "EMFILE (too many open files)"
-        return f"{type(e).__name__}: {text[:80]}"
+    from bench._util import describe_failure as describe
 
     class Card:
         __slots__ = ("serial", "proto", "call", "dead")

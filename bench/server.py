@@ -245,13 +245,7 @@ def worker_main() -> None:
     from vsc.protocol.auth import DEFAULT_MASTER_KEY
     from vsc.wire.ops import Status
 
-    def describe(e: BaseException) -> str:
-        if isinstance(e, ops.OperationRefused):
-            return str(e)
-        code = getattr(e, "code", None)
-        if code is not None and hasattr(code, "name"):
-            return f"channel closed: {code.name}"
-        return type(e).__name__
+    from bench._util import describe_failure as describe
 
     async def run_cell(cmd: dict) -> dict:
         fp, warm, start, end = cmd["fp"], cmd["warm"], cmd["start"], cmd["end"]
