@@ -123,7 +123,6 @@ class CardDaemon(service.Service):
         self.log.info("ssh-agent on {path} (slots {slots})", path=str(path), slots=",".join(slots or ()) or "all")
         print(f"vsc-card: ssh-agent on {path}; use it with: export SSH_AUTH_SOCK={path}", file=sys.stderr, flush=True)
 
-
     def exit(self, code: int, why: str) -> None:
         if why:
             # twistd -n routes sys.stderr into its log: the user's line goes to the real stderr
