@@ -48,7 +48,9 @@ def _require_demo_prerequisites() -> None:
     if not VSC.exists():
         pytest.fail(f"{VSC} is missing: vsc is not installed in this environment (run ./quickstart test)")
     if not Path("/proc/self/cmdline").exists():
-        pytest.skip("needs Linux /proc to look for leftover processes")
+        from tests.integration import missing
+
+        missing("needs Linux /proc to look for leftover processes")
 
 
 def _run_demo_once(demo_dir: Path, cwd: Path) -> subprocess.CompletedProcess:

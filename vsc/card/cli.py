@@ -475,11 +475,12 @@ def _piv_secrets(args) -> tuple[list, str]:
 
 def _self_signed(private_der, serial: str, slot: str) -> bytes:
     """A self-signed certificate for a slot key, CN = "<serial> <slot>" (stored as a CERT item, not secret)."""
-    import time
+    import time  # clock-ok: enrolment (a command) stamps the certificate's validity
 
     from vsc import crypto
 
-    return crypto.self_signed_certificate(private_der, f"{serial} {slot}", time.time(), crypto.system_random)
+    now = time.time()  # clock-ok
+    return crypto.self_signed_certificate(private_der, f"{serial} {slot}", now, crypto.system_random)
 
 
 def _control_session(args, fn) -> None:
