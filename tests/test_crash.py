@@ -27,9 +27,10 @@ import time
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 
 from tests.servers import init_data_dir, open_store, servers  # noqa: F401  (servers is a fixture)
+from tests.faults.common import Gate, Pending, sleep, within  # shared with the fault suite
 from vsc import crypto
 from vsc.card import ops
 from vsc.card.connect import connect
@@ -47,54 +48,6 @@ PASSWORD = "crash password"
 STEP = 10.0
 SEED = 0x9C0FFEE
 
-
-def within(d, seconds: float = STEP) -> Deferred:
-    from twisted.internet import reactor
-
-    if not isinstance(d, Deferred):
-        d = ensureDeferred(d)
-    return d.addTimeout(seconds, reactor)
-
-
-def sleep(seconds: float) -> Deferred:
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    return deferLater(reactor, seconds, lambda: None)
-
-
-class Gate:
-    """Closed while the server is down (and being checked); clients wait on it before reconnecting."""
-
-    def __init__(self):
-        self.open = True
-        self._waiting: list[Deferred] = []
-
-    def close(self) -> None:
-        self.open = False
-
-    def release(self) -> None:
-        self.open = True
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
-
-    def wait(self) -> Deferred:
-        if self.open:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self._waiting.append(d)
-        return d
-
-
-@attrs.define
-class Pending:
-    """An operation sent but not acknowledged: retried exactly as it was."""
-
-    op: str
-    secret: bytes = b""
-    version: int = 0
-    protected: bytes = b""
 
 
 @attrs.define
