@@ -25,3 +25,17 @@ def need_program(name: str) -> str:
     if path is None:
         missing(f"{name} is not installed")
     return path
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 0.05):
+    """Poll ``predicate`` until it returns something true (returned), or fail after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(step)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import attrs
 import pytest
+
+from tests.integration import wait_for
 from twisted.internet.task import Clock
 
 from tests.servers import TWISTD, VSC, Servers, _env, admin, init_data_dir, open_store
@@ -653,15 +655,6 @@ PASSWORD = "correct horse battery staple"
 CARD_TIMEOUT = 60.0
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @attrs.define
@@ -716,7 +709,7 @@ class World:
                 return (self.card.returncode, text)
             return None
 
-        return _wait_for(settled, CARD_TIMEOUT, "the card daemon to insert or exit")
+        return wait_for(settled, CARD_TIMEOUT, "the card daemon to insert or exit")
 
     def remove_card(self) -> None:
         self.vsc("card", "--home", str(self.home), "remove")

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import attrs
 import pytest
+
+from tests.integration import wait_for
 import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated, ReactorNotRunning
@@ -642,15 +644,6 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-def _wait_for(predicate, timeout: float, what: str, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(step)
 
 
 class CardDaemon:
@@ -688,7 +681,7 @@ class CardDaemon:
                 raise AssertionError(f"vsc-card exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             return "inserted; control socket" in self.log_text()[offset:]
 
-        _wait_for(inserted, CARD_START_TIMEOUT, "the card to be inserted", 0.05)
+        wait_for(inserted, CARD_START_TIMEOUT, "the card to be inserted", 0.05)
 
     def wait_exit(self, timeout: float = 15.0) -> int:
         return self.proc.wait(timeout)
@@ -913,12 +906,12 @@ def test_run_stops_the_program_after_card_remove_and_refuses_without_a_card(card
                             env=card.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, cwd=card.root)
     try:
-        pid = int(_wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, "the program to start"))
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, "the program to start"))
         time.sleep(interval * 1.5)
         assert _pid_alive(pid) and proc.poll() is None  # re-proofs succeed while the card is in
         card.vsc("card", "--home", str(card.home), "remove")
         removed = time.monotonic()
-        _wait_for(lambda: not _pid_alive(pid), interval + grace + 1.0, "the program to be stopped")
+        wait_for(lambda: not _pid_alive(pid), interval + grace + 1.0, "the program to be stopped")
         latency = time.monotonic() - removed
         record_property("kill_latency_after_remove_s", round(latency, 3))
         print(f"program gone {latency:.2f} s after `vsc card remove` (interval {interval}, grace {grace})")
@@ -958,10 +951,10 @@ def test_rental_counter_survives_kills_and_restarts(card):
     proc = subprocess.Popen(card.run_args(keyfile, "sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"), env=card.env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, cwd=card.root)
-    pid = int(_wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, "the program to start"))
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, "the program to start"))
     proc.kill()
     proc.wait(10)
-    _wait_for(lambda: not _pid_alive(pid), 5, "the program to die with its launcher")
+    wait_for(lambda: not _pid_alive(pid), 5, "the program to die with its launcher")
     assert card.peek(name) == 1  # charged before the program started: the kill handed nothing back
 
     # kill -9 the card daemon: the card stays "in use" on the server until recovered
@@ -1090,7 +1083,7 @@ def test_python_api_protected_program(card):
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        _wait_for(up.exists, 20, "the guarded program to start")
+        wait_for(up.exists, 20, "the guarded program to start")
         time.sleep(0.7)
         assert guarded.poll() is None
         card.remove_card()

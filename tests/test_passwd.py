@@ -23,6 +23,8 @@ from pathlib import Path
 
 import attrs
 import pytest
+
+from tests.integration import wait_for
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
@@ -159,15 +161,6 @@ TIMEOUT = 60.0
 OLD, NEW = "the old password", "a brand new password"
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @attrs.define
@@ -211,7 +204,7 @@ class World:
                 return (self.card.returncode, text)
             return None
 
-        return _wait_for(settled, TIMEOUT, "the card daemon to insert or exit")
+        return wait_for(settled, TIMEOUT, "the card daemon to insert or exit")
 
     def remove(self) -> None:
         self.card_cmd("remove")
