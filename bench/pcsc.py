@@ -110,7 +110,11 @@ class FloorCard(threading.Thread):
             return
         self.sock.settimeout(0.2)
         self.connected.set()
-        deframer = self.apdu.VpcdDeframer()
+        from twisted.protocols.basic import Int16StringReceiver
+
+        payloads: list[bytes] = []
+        reader = Int16StringReceiver()  # the card's own framing, fed by hand (no reactor here)
+        reader.stringReceived = payloads.append
         while not self.stop_flag.is_set():
             try:
                 data = self.sock.recv(65536)
@@ -122,7 +126,9 @@ class FloorCard(threading.Thread):
                 return
             if self.quickack:
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            for payload in deframer.feed(data):
+            reader.dataReceived(data)
+            while payloads:
+                payload = payloads.pop(0)
                 ctl = self.apdu.control_of(payload)
                 if ctl is self.apdu.VpcdControl.GET_ATR:
                     self.sock.sendall(self.apdu.encode_vpcd(self.atr))

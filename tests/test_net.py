@@ -1,5 +1,5 @@
 """
-The Twisted glue (vsc.net): FrameReceiver and ChannelProtocol carrying out
+The Twisted glue (vsc.net): FrameReceiver (over vsc.wire's Deframer) and ChannelProtocol carrying out
 the sans-IO channel's effects on a transport and a clock. Deterministic:
 StringTransport + task.Clock, and iosim's in-memory connections; no sockets.
 """
@@ -16,7 +16,7 @@ from vsc.net.channel import ChannelClosedError, ChannelFactory, ChannelProtocol,
 from vsc.net.framing import FrameReceiver
 from vsc.protocol.channel import Received, card_channel, server_channel
 from vsc.protocol.suites import ChannelConfig
-from vsc.wire import MAX_FRAME_BODY, MAX_HANDSHAKE_BODY, Deframer, ErrorCode, decode_frame, encode_frame
+from vsc.wire import MAX_FRAME_BODY, MAX_HANDSHAKE_BODY, ErrorCode, decode_frame, encode_frame
 from vsc.wire.codec import build_header
 from vsc.wire.messages import Alert, EchoReply, EchoRequest, Hello, Record, Suite
 
@@ -379,10 +379,7 @@ def test_frame_receiver_split_at_every_offset():
         p.dataReceived(STREAM[:i])
         p.dataReceived(STREAM[i:])
         assert p.frames == STREAM_FRAMES and p.errors == []
-        assert p._unprocessed == b""
-        # and matches the sans-IO Deframer
-        d = Deframer()
-        assert list(d.feed(STREAM[:i])) + list(d.feed(STREAM[i:])) == STREAM_FRAMES
+        assert p.deframer.buffered == 0
 
 
 def test_frame_receiver_errors_once_and_stops():
@@ -411,6 +408,24 @@ def test_frame_receiver_max_length():
     p.makeConnection(StringTransport())
     p.dataReceived(STREAM_FRAMES[1])
     assert p.frames == [STREAM_FRAMES[1]]
+
+
+def test_frame_receiver_limit_changed_by_a_frame_applies_to_the_next_one_in_the_same_chunk():
+    """MAX_LENGTH set inside frameReceived is the limit for the very next frame of the same chunk (FRAME_TOO_LARGE)."""
+
+    class Lowering(Frames):
+        def frameReceived(self, frame):
+            super().frameReceived(frame)
+            self.MAX_LENGTH = 10
+
+    p = Lowering()
+    tr = StringTransport()
+    p.makeConnection(tr)
+    p.dataReceived(STREAM)
+    assert p.frames == [STREAM_FRAMES[0]]
+    (err,) = p.errors
+    assert err.code is ErrorCode.FRAME_TOO_LARGE and "58 bytes exceeds the limit of 10" in err.message
+    assert tr.disconnecting and p.deframer.buffered == 0
 
 
 def test_frame_receiver_wrong_version():

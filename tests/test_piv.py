@@ -231,16 +231,10 @@ def test_response_codec():
         apdu.parse_response(b"\x90")
 
 
-def test_vpcd_deframer_any_chunking():
-    """The 2-byte length framing reassembles payloads however the stream is cut; control bytes are recognised."""
-    payloads = [b"\x04", b"\x01", bytes.fromhex("00a4040000"), bytes(300), b"\x00"]
-    stream = b"".join(apdu.encode_vpcd(p) for p in payloads)
-    for size in (1, 2, 3, 7, len(stream)):
-        d = apdu.VpcdDeframer()
-        out = []
-        for i in range(0, len(stream), size):
-            out += d.feed(stream[i : i + size])
-        assert out == payloads and d.pending == 0
+def test_vpcd_message_codec():
+    """encode_vpcd prefixes the 2-byte length and refuses more than 0xFFFF bytes; 1-byte control messages are recognised."""
+    assert apdu.encode_vpcd(b"\x04") == b"\x00\x01\x04"
+    assert apdu.encode_vpcd(bytes(300))[:2] == b"\x01\x2c"
     assert apdu.control_of(b"\x04") is apdu.VpcdControl.GET_ATR
     assert apdu.control_of(b"\x03") is None and apdu.control_of(b"\x00\xa4") is None
     with pytest.raises(WireError):
@@ -897,6 +891,7 @@ def test_version_and_serial(card):
 
 from twisted.internet.task import Clock  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
+from twisted.protocols.basic import Int16StringReceiver  # noqa: E402
 
 from vsc.card import vpcd  # noqa: E402
 from vsc.card.config import CardConfig  # noqa: E402
@@ -956,10 +951,43 @@ def _link(session):
     return proto, transport
 
 
+class VpcdPeer(Int16StringReceiver):
+    """vpcd's end of the link: the same 2-byte length framing, collecting payloads (fed by hand or by a reactor)."""
+
+    def __init__(self):
+        self.got: list[bytes] = []
+
+    def stringReceived(self, payload: bytes) -> None:
+        self.got.append(payload)
+
+
+def vpcd_payloads(data: bytes) -> list[bytes]:
+    """The payloads in bytes the card wrote (whole messages only)."""
+    peer = VpcdPeer()
+    peer.dataReceived(data)
+    assert peer._unprocessed == b"", "the card wrote part of a message"
+    return peer.got
+
+
 def _exchange(proto, transport, *payloads: bytes) -> list[bytes]:
     transport.clear()
     proto.dataReceived(b"".join(apdu.encode_vpcd(p) for p in payloads))
-    return apdu.VpcdDeframer().feed(transport.value())
+    return vpcd_payloads(transport.value())
+
+
+def test_vpcd_messages_split_at_every_offset(session):
+    """VpcdProtocol (Int16StringReceiver) answers pipelined messages cut at every offset exactly as when sent whole, in order."""
+    sel = apdu.command(0, 0xA4, 4, 0, piv.PIV_AID[:9], 256)
+    stream = b"".join(apdu.encode_vpcd(p) for p in (b"\x04", b"\x01", sel, b"\x04"))
+    proto, transport = _link(session)
+    proto.dataReceived(stream)
+    whole = vpcd_payloads(transport.value())
+    assert whole[0] == whole[2] == vpcd.ATR and apdu.parse_response(whole[1])[1] == 0x9000 and len(whole) == 3
+    for i in range(len(stream) + 1):
+        proto, transport = _link(session)
+        proto.dataReceived(stream[:i])
+        proto.dataReceived(stream[i:])
+        assert vpcd_payloads(transport.value()) == whole, f"split at {i}"
 
 
 def test_vpcd_control_messages(session):
@@ -1001,7 +1029,7 @@ def test_glue_signs_with_the_session_key_and_keeps_order(session):
                        + apdu.encode_vpcd(b"\x04"))
     assert transport.value() == b""
     session._oplock.release()
-    sign, atr = apdu.VpcdDeframer().feed(transport.value())
+    sign, atr = vpcd_payloads(transport.value())
     body, sw = apdu.parse_response(sign)
     assert sw == 0x9000 and atr == vpcd.ATR
     RSA_KEY.public_key().verify(tlv.to_dict(tlv.decode_one(body, 0x7C))[0x82], digest, padding.PKCS1v15(),
@@ -1142,18 +1170,17 @@ async def test_listen_mode_serves_one_vpcd_and_stop_disconnects(session):
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
     from twisted.internet.endpoints import TCP4ClientEndpoint
-    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.protocol import Factory
 
-    class Reader(Protocol):
+    class Reader(VpcdPeer):
         def __init__(self):
-            self.deframer = apdu.VpcdDeframer()
-            self.got: list[bytes] = []
+            super().__init__()
             self.waiting: Deferred | None = None
             self.lost = Deferred()
 
-        def dataReceived(self, data):
-            self.got += self.deframer.feed(data)
-            if self.got and self.waiting is not None:
+        def stringReceived(self, payload):
+            super().stringReceived(payload)
+            if self.waiting is not None:
                 d, self.waiting = self.waiting, None
                 d.callback(self.got.pop(0))
 

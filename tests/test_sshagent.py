@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import Int32StringReceiver
 
 from vsc import crypto
 from vsc.card import sshagent
@@ -80,6 +81,19 @@ def session(private_keys, tmp_path) -> CardSession:
         s.memory.wipe()
 
 
+class _Answers(Int32StringReceiver):
+    """The client's end of the framing: the same Twisted 4-byte length receiver, collecting message bodies."""
+
+    MAX_LENGTH = w.MAX_MESSAGE
+
+    def __init__(self):
+        self.bodies: list[bytes] = []
+        self.makeConnection(StringTransport())
+
+    def stringReceived(self, body: bytes) -> None:
+        self.bodies.append(body)
+
+
 class Client:
     """A connection to the agent over a StringTransport, speaking through vsc.wire.sshagent."""
 
@@ -88,14 +102,16 @@ class Client:
         self.protocol = sshagent.AgentFactory(self.agent).buildProtocol(None)
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
-        self._deframer = w.AgentDeframer()
+        self._answers = _Answers()
 
     def send_raw(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
 
     def responses(self) -> list:
-        out = [w.decode_response(body) for body in self._deframer.feed(self.transport.value())]
+        self._answers.dataReceived(self.transport.value())
         self.transport.clear()
+        out = [w.decode_response(body) for body in self._answers.bodies]
+        self._answers.bodies.clear()
         return out
 
     def ask(self, request) -> object:
@@ -386,16 +402,20 @@ def test_public_key_blob_round_trip(public_keys):
         w.decode_public_key(w.encode_signature(w.SshSignature("ssh-ed25519", b"k" * 32)))
 
 
-def test_deframer_splits_any_chunking():
-    """AgentDeframer returns whole bodies for any chunking, keeps partial data, and refuses an oversized length."""
-    stream = w.frame(b"\x0bone") + w.frame(b"") + w.frame(b"\x0dthree")
-    d = w.AgentDeframer()
-    got = []
-    for i in range(0, len(stream), 3):
-        got += d.feed(stream[i : i + 3])
-    assert got == [b"\x0bone", b"", b"\x0dthree"] and d.buffered == 0
-    with pytest.raises(WireError):
-        w.AgentDeframer(max_message=10).feed(c.Int32ub.build(11))
+def test_requests_split_at_every_offset_are_answered_in_order(session):
+    """AgentProtocol (Int32StringReceiver) reassembles three pipelined requests cut at every offset, answers each once, in order."""
+    stream = (w.encode_request(w.RequestIdentities()) + w.frame(b"") + w.encode_request(w.Extension("query")))
+    expected = None
+    for i in range(len(stream) + 1):
+        client = Client(session)
+        client.send_raw(stream[:i])
+        client.send_raw(stream[i:])
+        answers = client.responses()
+        expected = expected or answers
+        assert answers == expected, f"split at {i}"
+        assert not client.transport.disconnecting and client.protocol._pending == 0
+    assert [type(a) for a in expected] == [w.IdentitiesAnswer, w.Failure, w.Failure]
+    assert len(expected[0].identities) == 4
 
 
 @settings(max_examples=300, deadline=None)

@@ -24,7 +24,7 @@ socket, served by the card daemon (``twistd vsc-card``) from its CardSession.
   length field above 256 KiB (OpenSSH's limit) closes the connection.
 
 Responses go out in request order, one request at a time per connection.
-Message framing, key and signature blobs: vsc.wire.sshagent.
+Framing: Twisted's Int32StringReceiver; messages, key and signature blobs: vsc.wire.sshagent.
 (twisted.conch.ssh.agent's server keeps private keys in its own memory and
 signs synchronously, so it does not fit a card.)
 """
@@ -37,14 +37,15 @@ from typing import Iterable
 
 import attrs
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
 
 from vsc import crypto
 from vsc.wire.errors import WireError
 from vsc.wire.protected import ItemKind, KeyAlg
 from vsc.wire.sshagent import (
-    AgentDeframer,
+    MAX_MESSAGE,
     AgentMessageType,
     EcdsaPublicKey,
     EcdsaSignature,
@@ -227,33 +228,38 @@ class CardAgent:
         return encode_signature(SshSignature(algorithm=algorithm, blob=signature))
 
 
-class AgentProtocol(Protocol):
-    """One client connection: framing, and answers in request order."""
+class AgentProtocol(Int32StringReceiver):
+    """
+    One client connection: Twisted's 4-byte length framing with OpenSSH's
+    256 KiB limit (a longer length closes the connection, as ssh-agent
+    does), and answers in request order.
+    """
 
     log = Logger()
+    MAX_LENGTH = MAX_MESSAGE
     MAX_PENDING = 32
 
     def __init__(self, agent: CardAgent):
         self.agent = agent
-        self._deframer = AgentDeframer()
         self._tail: Deferred = succeed(None)
         self._pending = 0
         self._closed = False
 
     def dataReceived(self, data: bytes) -> None:
+        if not self._closed:
+            super().dataReceived(data)
+
+    def stringReceived(self, body: bytes) -> None:
         if self._closed:
             return
-        try:
-            bodies = self._deframer.feed(data)
-        except WireError as e:
-            self._close(str(e))
+        if self._pending >= self.MAX_PENDING:
+            self._close(f"more than {self.MAX_PENDING} requests waiting for an answer")
             return
-        for body in bodies:
-            if self._pending >= self.MAX_PENDING:
-                self._close(f"more than {self.MAX_PENDING} requests waiting for an answer")
-                return
-            self._pending += 1
-            self._tail.addCallback(lambda _, body=body: ensureDeferred(self._answer(body)))
+        self._pending += 1
+        self._tail.addCallback(lambda _: ensureDeferred(self._answer(body)))
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self._close(f"a message of {length} bytes exceeds the limit of {self.MAX_LENGTH}")
 
     async def _answer(self, body: bytes) -> None:
         try:

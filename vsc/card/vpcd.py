@@ -7,7 +7,8 @@ driver / resource manager / service provider chain of the patent
 * The link connects once the card is inserted and is dropped when it is
   removed, so PC/SC sees the card come and go with it; if vpcd is not up
   (pcscd not started yet, or restarted) it reconnects with backoff.
-* Framing (vsc.wire.apdu): 2-byte big-endian length both ways; a 1-byte
+* Framing: 2-byte big-endian length both ways (read by Twisted's
+  Int16StringReceiver, written by vsc.wire.apdu.encode_vpcd); a 1-byte
   message from vpcd is control (00 power off, 01 power on, 02 reset: no
   reply; 04 get ATR: reply the ATR), anything else is a command APDU
   answered with the response APDU. Messages are answered strictly in order.
@@ -27,8 +28,9 @@ import socket
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import DeferredLock
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.basic import Int16StringReceiver
 
 from vsc import crypto
 from vsc.protocol import piv
@@ -146,15 +148,19 @@ class PivCard:
             der[:] = bytes(len(der))
 
 
-class VpcdProtocol(Protocol):
-    """One connection to vpcd = the card in the reader."""
+class VpcdProtocol(Int16StringReceiver):
+    """
+    One connection to vpcd = the card in the reader: Twisted's 2-byte length
+    framing (a payload is at most 0xFFFF bytes by construction), TCP_QUICKACK
+    after every read, and answers strictly in order.
+    """
 
     log = Logger()
+    MAX_LENGTH = apdu.VPCD_MAX
 
     def __init__(self, card: PivCard, atr: bytes = ATR):
         self.card = card
         self.atr = atr
-        self.deframer = apdu.VpcdDeframer()
         self._lock = DeferredLock()
         self.apdus = 0
 
@@ -170,9 +176,11 @@ class VpcdProtocol(Protocol):
         self.log.info("card presented to PC/SC (vpcd {peer})", peer=str(self.transport.getPeer()))
 
     def dataReceived(self, data: bytes) -> None:
-        self._quickack()
-        for payload in self.deframer.feed(data):
-            self._lock.run(self._handle, payload).addErrback(self._failed)
+        self._quickack()  # the 44 ms pitfall: see the module docstring
+        super().dataReceived(data)
+
+    def stringReceived(self, payload: bytes) -> None:
+        self._lock.run(self._handle, payload).addErrback(self._failed)
 
     def _failed(self, failure) -> None:
         self.log.failure("vpcd message failed", failure)

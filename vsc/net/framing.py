@@ -1,60 +1,63 @@
 """
-An IntNStringReceiver-style frame receiver: splits a TCP stream into whole
-vsc frames (8-byte header from vsc.wire, then the body) with an explicit
-``MAX_LENGTH``, so the codec only ever sees whole frames.
+The Twisted side of vsc framing: a Protocol that feeds its bytes to the one
+frame splitter, ``vsc.wire.codec.Deframer`` (8-byte header, then the body),
+and hands on whole frames. ``MAX_LENGTH`` is the Deframer's ``max_body``,
+read before each frame, so an owner may change it between two frames of one
+chunk (the channel does when its handshake completes).
+
+The splitting itself lives in vsc.wire so the sans-IO channel
+(``Channel.receive_bytes``, vsc.protocol) and this protocol share it: vsc.protocol
+may not import Twisted glue, and a second splitter would be a second set of
+rules to keep equal.
 """
 
 from __future__ import annotations
 
 from twisted.internet.protocol import Protocol
 
-from vsc.wire import HEADER_SIZE, MAX_FRAME_BODY, WireError
-from vsc.wire.codec import parse_header
-from vsc.wire.errors import ErrorCode
+from vsc.wire import MAX_FRAME_BODY, Deframer, WireError
 
 
 class FrameReceiver(Protocol):
     """
     Calls ``frameReceived(frame)`` with each whole frame (header included).
-    A header that does not parse, or a length above ``MAX_LENGTH``, calls
-    ``frameError(WireError)`` once and stops delivering.
+    A header that does not parse (MALFORMED, PROTOCOL_VERSION), or a length
+    above ``MAX_LENGTH`` (FRAME_TOO_LARGE, as soon as the header is in),
+    calls ``frameError(WireError)`` once and stops delivering.
     """
 
-    MAX_LENGTH = MAX_FRAME_BODY
-    _unprocessed = b""
+    _deframer: Deframer | None = None
     _broken = False
+
+    @property
+    def deframer(self) -> Deframer:
+        if self._deframer is None:
+            self._deframer = Deframer(MAX_FRAME_BODY)
+        return self._deframer
+
+    @property
+    def MAX_LENGTH(self) -> int:  # noqa: N802 - IntNStringReceiver's name
+        return self.deframer.max_body
+
+    @MAX_LENGTH.setter
+    def MAX_LENGTH(self, value: int) -> None:  # noqa: N802
+        self.deframer.max_body = value
 
     def dataReceived(self, data: bytes) -> None:
         if self._broken:
             return
-        alldata = self._unprocessed + data
-        offset = 0
-        while len(alldata) - offset >= HEADER_SIZE and not self._broken:
+        frames = self.deframer.feed(data)
+        while not self._broken:
             try:
-                header = parse_header(alldata[offset : offset + HEADER_SIZE])
-            except WireError as e:
-                self._fail(e)
+                frame = next(frames)
+            except StopIteration:
                 return
-            if header.length > self.MAX_LENGTH:
-                self._fail(
-                    WireError(
-                        ErrorCode.FRAME_TOO_LARGE,
-                        f"frame body of {header.length} bytes exceeds the limit of {self.MAX_LENGTH}",
-                    )
-                )
+            except WireError as e:  # from the splitter only, never from frameReceived
+                self._broken = True
+                self._deframer = Deframer(0)  # drop what was buffered
+                self.frameError(e)
                 return
-            end = offset + HEADER_SIZE + header.length
-            if len(alldata) < end:
-                break
-            frame = alldata[offset:end]
-            offset = end
             self.frameReceived(frame)
-        self._unprocessed = alldata[offset:]
-
-    def _fail(self, error: WireError) -> None:
-        self._broken = True
-        self._unprocessed = b""
-        self.frameError(error)
 
     def frameReceived(self, frame: bytes) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

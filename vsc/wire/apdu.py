@@ -1,6 +1,7 @@
 """
 Smart-card bytes: command and response APDUs (ISO/IEC 7816-3/-4, short and
-extended lengths), the vpcd link framing, the card's ATR, and the PIV card
+extended lengths), the vpcd link's messages (written here, read by Twisted's
+Int16StringReceiver in vsc.card.vpcd), the card's ATR, and the PIV card
 application's own formats (FASC-N, the records the card keeps for its PIN,
 PUK and management key in the protected information).
 
@@ -191,28 +192,6 @@ def encode_vpcd(payload: bytes) -> bytes:
     if len(payload) > VPCD_MAX:
         raise WireError(ErrorCode.FRAME_TOO_LARGE, f"vpcd payload of {len(payload)} bytes")
     return VpcdFrame.build(bytes(payload))
-
-
-class VpcdDeframer:
-    """Split the byte stream from vpcd into payloads (2-byte big-endian length prefix)."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        out = []
-        while len(self._buf) >= 2:
-            n = U16.parse(self._buf[:2])
-            if len(self._buf) < 2 + n:
-                break
-            out.append(bytes(self._buf[2 : 2 + n]))
-            del self._buf[: 2 + n]
-        return out
-
-    @property
-    def pending(self) -> int:
-        return len(self._buf)
 
 
 def control_of(payload: bytes) -> VpcdControl | None:

@@ -240,35 +240,6 @@ def frame(body: bytes) -> bytes:
     return _Length.build(len(body)) + body
 
 
-class AgentDeframer:
-    """
-    Sans-IO: feed any chunking of the stream, get whole message bodies (type
-    byte + contents). A length above ``max_message`` raises WireError
-    (FRAME_TOO_LARGE): the caller closes the connection, as ssh-agent does.
-    """
-
-    def __init__(self, max_message: int = MAX_MESSAGE):
-        self.max_message = max_message
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buffer += data
-        out = []
-        while len(self._buffer) >= 4:
-            length = _Length.parse(bytes(self._buffer[:4]))
-            if length > self.max_message:
-                raise WireError(ErrorCode.FRAME_TOO_LARGE, f"agent message of {length} bytes exceeds {self.max_message}")
-            if len(self._buffer) < 4 + length:
-                break
-            out.append(bytes(self._buffer[4 : 4 + length]))
-            del self._buffer[: 4 + length]
-        return out
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
-
 # ---------------------------------------------------------------- requests (client → agent)
 
 
