@@ -37,7 +37,7 @@ from twisted.internet.task import Clock
 from tests.servers import TWISTD, VSC, Servers, _env, admin, init_data_dir, open_store
 from vsc import crypto
 from vsc.card import ops as card_ops
-from vsc.protocol import agent, auth, implauth
+from vsc.protocol import auth, implauth, onetime_agent
 from vsc.protocol.server_ops import (
     AcquireLease,
     CancelDeadline,
@@ -52,7 +52,7 @@ from vsc.protocol.server_ops import (
 )
 from vsc.server.store import CardRecord, CardState, Store
 from vsc.wire import WireError
-from vsc.wire.agent import AgentOp, Instruction, Program, decode_program, encode_program
+from vsc.wire.onetime_agent import AgentOp, Instruction, Program, decode_program, encode_program
 from vsc.wire.implauth import EnrolReply, KeyfileBody, Registration, SealedKeyfile, SignedKeyfile
 from vsc.wire.ops import (
     AuthChallenge,
@@ -124,33 +124,33 @@ def step_of(now: float) -> int:
 
 def test_generated_functions_differ_in_operations_and_parameters():
     """[0051]: no two challenges share f — the generated programs differ in their operation sequences AND their constants, sboxes and outputs."""
-    programs = [agent.generate(Rand(b"install-%d" % i)) for i in range(30)]
+    programs = [onetime_agent.generate(Rand(b"install-%d" % i)) for i in range(30)]
     shapes = {tuple(i.op for i in p.code) for p in programs}
     constants = {tuple(i.a for i in p.code if i.op is AgentOp.PUSH) for p in programs}
     assert len(shapes) == 30 and len(constants) == 30
     assert len({p.sbox for p in programs}) == 30 and all(sorted(p.sbox) == list(range(256)) for p in programs)
     y = bytes(range(32))
-    assert len({agent.run(p, y) for p in programs}) == 30
+    assert len({onetime_agent.run(p, y) for p in programs}) == 30
     ops_used = {i.op for p in programs for i in p.code}
     assert {AgentOp.LOOP, AgentOp.SBOX, AgentOp.ROTL, AgentOp.HASH, AgentOp.MUL, AgentOp.DUP} <= ops_used
 
 
 def test_agent_is_deterministic_and_depends_on_y():
     """f is a function: the same program and y always give the same 32 bytes; any change of y changes f(y)."""
-    p = agent.generate(Rand(b"one"))
+    p = onetime_agent.generate(Rand(b"one"))
     y = Rand(b"y")(32)
-    out = agent.run(p, y)
-    assert len(out) == 32 and agent.run(p, y) == out
-    assert agent.execute(encode_program(p), y) == out  # over the wire
+    out = onetime_agent.run(p, y)
+    assert len(out) == 32 and onetime_agent.run(p, y) == out
+    assert onetime_agent.execute(encode_program(p), y) == out  # over the wire
     for i in range(32):
         flipped = bytearray(y)
         flipped[i] ^= 1
-        assert agent.run(p, bytes(flipped)) != out
+        assert onetime_agent.run(p, bytes(flipped)) != out
 
 
 def test_agent_program_encoding_round_trips_and_rejects_trailing_bytes():
-    """The program is a construct schema (vsc.wire.agent): decode(encode(p)) == p, and trailing bytes are refused."""
-    p = agent.generate(Rand(b"enc"))
+    """The program is a construct schema (vsc.wire.onetime_agent): decode(encode(p)) == p, and trailing bytes are refused."""
+    p = onetime_agent.generate(Rand(b"enc"))
     data = encode_program(p)
     assert decode_program(data) == p
     with pytest.raises(WireError):
@@ -167,27 +167,27 @@ def _loop_nest(depth: int, count: int) -> Program:
 def test_step_budget_is_enforced_before_running(monkeypatch):
     """A program whose loops would take more than MAX_STEPS steps is refused with AgentError before a single step runs."""
     big = _loop_nest(3, 255)  # ~33 million steps
-    assert agent.static_steps(_loop_nest(1, 3).code) == 1 + 1 + 3 * 2
+    assert onetime_agent.static_steps(_loop_nest(1, 3).code) == 1 + 1 + 3 * 2
     calls = []
-    monkeypatch.setattr(agent._Machine, "step", lambda self, i, ins: calls.append(i))
+    monkeypatch.setattr(onetime_agent._Machine, "step", lambda self, i, ins: calls.append(i))
     t = time.monotonic()
-    with pytest.raises(agent.AgentError, match="step budget"):
-        agent.execute(encode_program(big), bytes(32))
+    with pytest.raises(onetime_agent.AgentError, match="step budget"):
+        onetime_agent.execute(encode_program(big), bytes(32))
     assert calls == [] and time.monotonic() - t < 1.0
 
 
 def test_step_budget_is_also_enforced_while_running(monkeypatch):
     """The running count is the last line of defence: with the static check disabled, the run still stops at MAX_STEPS."""
-    monkeypatch.setattr(agent, "static_steps", lambda code: 0)
-    with pytest.raises(agent.AgentError, match="step budget"):
-        agent.run(_loop_nest(3, 255), bytes(32))
+    monkeypatch.setattr(onetime_agent, "static_steps", lambda code: 0)
+    with pytest.raises(onetime_agent.AgentError, match="step budget"):
+        onetime_agent.run(_loop_nest(3, 255), bytes(32))
 
 
 @pytest.mark.parametrize(
     "code, message",
     [
         ((Instruction(AgentOp.ADD),), "underflow"),
-        (tuple(Instruction(AgentOp.PUSH, 1) for _ in range(agent.MAX_STACK + 1)), "overflow"),
+        (tuple(Instruction(AgentOp.PUSH, 1) for _ in range(onetime_agent.MAX_STACK + 1)), "overflow"),
         ((Instruction(AgentOp.LOOP, 2, 5), Instruction(AgentOp.NOT)), "past the end"),
         ((Instruction(AgentOp.INPUT, 4),), "INPUT"),
         ((Instruction(AgentOp.PUSH, 1), Instruction(AgentOp.ROTL, 0)), "ROTL"),
@@ -200,14 +200,14 @@ def test_step_budget_is_also_enforced_while_running(monkeypatch):
 )
 def test_unsafe_programs_are_refused(code, message):
     """Every way a program can be wrong is one specific AgentError, never another exception."""
-    with pytest.raises(agent.AgentError, match=message):
-        agent.run(Program(sbox=bytes(256), code=code), bytes(32))
+    with pytest.raises(onetime_agent.AgentError, match=message):
+        onetime_agent.run(Program(sbox=bytes(256), code=code), bytes(32))
 
 
 def _only_agent_errors(data: bytes, y: bytes) -> None:
     try:
-        out = agent.execute(data, y)
-    except agent.AgentError:
+        out = onetime_agent.execute(data, y)
+    except onetime_agent.AgentError:
         return
     assert isinstance(out, bytes) and out
 
@@ -223,7 +223,7 @@ def test_fuzz_random_bytes_never_crash_the_vm():
         n = rng.randrange(0, 40)
         body = n.to_bytes(2, "big") + rng.randbytes(rng.randrange(0, 200))
         _only_agent_errors(header + body, y)
-    real = encode_program(agent.generate(Rand(b"fuzz")))
+    real = encode_program(onetime_agent.generate(Rand(b"fuzz")))
     for _ in range(3000):
         mutated = bytearray(real)
         for _ in range(rng.randrange(1, 6)):
@@ -248,10 +248,10 @@ def test_agent_challenge_decrypts_only_with_f():
     """[0050]: w = E[x, f(y)]; the card discovers x by running f on y; a changed program or y cannot decrypt w."""
     issued = implauth.agent_challenge(SERIAL, Rand(b"ch"))
     assert implauth.agent_answer(issued.data, SERIAL) == issued.x
-    from vsc.wire.agent import AgentChallenge
+    from vsc.wire.onetime_agent import AgentChallenge
 
     ch = AgentChallenge.decode(issued.data)
-    other = AgentChallenge(program=agent.generate_bytes(Rand(b"other")), y=ch.y, nonce=ch.nonce, w=ch.w)
+    other = AgentChallenge(program=onetime_agent.generate_bytes(Rand(b"other")), y=ch.y, nonce=ch.nonce, w=ch.w)
     with pytest.raises(crypto.CryptoError):
         implauth.agent_answer(other.encode(), SERIAL)
     with pytest.raises(crypto.CryptoError):

@@ -11,7 +11,7 @@ import attrs
 from twisted.logger import Logger
 
 from vsc import crypto
-from vsc.protocol import agent, auth, implauth
+from vsc.protocol import auth, implauth, onetime_agent
 from vsc.wire.ops import (
     AuthChallenge,
     AuthItem,
@@ -198,7 +198,7 @@ def _agent_answer(data: bytes, serial: str, creds: Credentials) -> bytes:
     """[0050]: run the server's one-time function f on y, derive the key, decrypt w: x."""
     try:
         return implauth.agent_answer(data, serial)
-    except agent.AgentError as e:
+    except onetime_agent.AgentError as e:
         _note(creds, f"the server's one-time agent was refused: {e}")
     except crypto.CryptoError as e:
         _note(creds, f"the one-time agent's w does not decrypt with f(y): {e}")

@@ -41,9 +41,9 @@ from urllib.parse import quote
 import attrs
 
 from vsc import crypto
-from vsc.protocol import agent
+from vsc.protocol import onetime_agent
 from vsc.wire import WireError
-from vsc.wire.agent import X_SIZE, Y_SIZE, AgentChallenge, agent_aad
+from vsc.wire.onetime_agent import X_SIZE, Y_SIZE, AgentChallenge, agent_aad
 from vsc.wire.implauth import (
     AS1_SIZE,
     TOTP_SECRET_SIZE,
@@ -181,9 +181,9 @@ class AgentIssue:
 
 def agent_challenge(serial: str, rand: crypto.RandomBytes) -> AgentIssue:
     """[0050]: a fresh f (program), random x and y; w = E[x, f(y)] with E = AES-256-GCM under HKDF(f(y))."""
-    program = agent.generate_bytes(rand)
+    program = onetime_agent.generate_bytes(rand)
     y, x, nonce = rand(Y_SIZE), rand(X_SIZE), rand(12)
-    key = agent.derive_key(agent.execute(program, y), serial)
+    key = onetime_agent.derive_key(onetime_agent.execute(program, y), serial)
     w = crypto.aes_gcm_seal(key, nonce, x, agent_aad(serial, y))
     return AgentIssue(AgentChallenge(program=program, y=y, nonce=nonce, w=w).encode(), x)
 
@@ -193,8 +193,8 @@ def agent_answer(data: bytes, serial: str) -> bytes:
     try:
         ch = AgentChallenge.decode(data)
     except WireError as e:
-        raise agent.AgentError(f"malformed agent challenge: {e}") from None
-    key = agent.derive_key(agent.execute(ch.program, ch.y), serial)
+        raise onetime_agent.AgentError(f"malformed agent challenge: {e}") from None
+    key = onetime_agent.derive_key(onetime_agent.execute(ch.program, ch.y), serial)
     return crypto.aes_gcm_open(key, ch.nonce, ch.w, agent_aad(serial, ch.y))
 
 

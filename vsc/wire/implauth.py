@@ -2,7 +2,7 @@
 Implementation authentication as bytes (docs/protocol.md, "Operations"):
 what travels in EnrolRequest.registration, OpResult.registration, and the
 data of the KEYFILE, ONE_TIME_AGENT and TOTP challenges and answers. The
-agent's program and challenge are in vsc.wire.agent.
+agent's program and challenge are in vsc.wire.onetime_agent.
 
     Registration (card → server, at enrol):
         magic "VSCR", format 1, card_key (the card's slot 9e public key, SPKI DER),

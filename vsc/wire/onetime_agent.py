@@ -1,6 +1,6 @@
 """
 The one-time algorithm's mobile agent ([0049]-[0051]) as bytes: a program
-for the tiny stack machine of vsc.protocol.agent, and the challenge that
+for the tiny stack machine of vsc.protocol.onetime_agent, and the challenge that
 carries it (program, y, w = E[x, f(y)]).
 
     Program:   magic "VSCA", format 1, sbox (256 bytes), instructions
