@@ -198,8 +198,8 @@ def _server_allow_all_suites(data_dir: Path) -> None:
 
 
 def part_cycles(quick: bool) -> dict:
-    from bench import _pg
     from bench import server as bs
+    from vsc.devtools.pg import unavailable
     from bench.channel import suites
     from vsc import crypto
     from vsc.server import config
@@ -229,12 +229,12 @@ def part_cycles(quick: bool) -> dict:
             if backend == "sqlite":
                 data_dir, url, pg_pids = first, config.load(first).database_url, []
             else:
-                why = _pg.unavailable()
+                why = unavailable()
                 if why:
                     out["notes"].append(f"PostgreSQL skipped: {why}")
                     continue
                 progress("  cycles: starting a private PostgreSQL cluster...")
-                cluster = _pg.PgCluster().start()
+                cluster = bs.pg_cluster().start()
                 url = cluster.create_database("vsc_bench")
                 data_dir = bs.make_data_dir(base, "postgresql", key_pem, url, 3072)
                 _server_allow_all_suites(data_dir)
@@ -442,7 +442,7 @@ def section_cycles(cy: dict) -> list[str]:
         f"remove (2 KiB blob up, check-in) + close. Password KDF scrypt log2(N) = {cy['kdf_log2_n']} (client-side "
         f"cost only; real cards use 15). {cy['warmup_s']:g} s warm-up, {cy['window_s']:g} s window per row. "
         f"Floors in the same part: RSA-3072 OAEP decrypt {f_rate(floor)}/s (same key, single thread); the disk "
-        f"{f_rate(cy.get('fsync_per_s'))} fdatasync/s. PostgreSQL: a private cluster (bench/_pg.py: fsync on, "
+        f"{f_rate(cy.get('fsync_per_s'))} fdatasync/s. PostgreSQL: a private cluster (vsc/devtools/pg.py: fsync on, "
         f"synchronous_commit on); SQLite: WAL, synchronous=FULL; 'x2' = two server processes on the same database, "
         f"card i talking to server i mod 2. 'CPU: bench / whole machine' shows how much of the 2 CPUs this "
         f"benchmark's processes used against the whole machine (the gap is other load).",

@@ -65,7 +65,6 @@ import os
 import random
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -152,25 +151,16 @@ class CapacityServer(bserver.ServerProcess):
     """bench/server.py's ServerProcess (port from the log, stop), started through the wrapper above."""
 
     def __init__(self, data_dir: Path, log_path: Path):
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith("VSC_")}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--twistd", "-n", "--pidfile=", "vsc-server",
-               "--data-dir", str(data_dir), "--listen", "tcp:0:interface=127.0.0.1"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=str(data_dir), env=env)
-        self.port = 0
+        super().__init__(data_dir, log_path, launcher=[sys.executable, str(Path(__file__).resolve()), "--twistd"],
+                         env=env)
 
 
 class CapacityWorker(bserver.Worker):
     """bench/server.py's Worker (JSON lines over stdin/stdout), running this file's --worker."""
 
     def __init__(self, logdir: Path, index: int):
-        self.log = open(logdir / f"capacity-worker-{index}.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=str(ROOT),
-        )
+        super().__init__(logdir, index, script=Path(__file__).resolve(), name="capacity-worker")
 
     def call(self, obj: dict, timeout: float) -> dict:
         self.send(obj)
@@ -448,7 +438,7 @@ def run(quick: bool = False, steps: tuple[int, ...] | None = None, budget: float
 
         server = CapacityServer(data_dir, base / "capacity-server.log")
         server.wait_port()
-        spid = server.proc.pid
+        spid = server.pid
         log_text = server.log_path.read_text(errors="replace")
         res["server_nofile"] = log_text.split("RLIMIT_NOFILE ", 1)[1].split()[0] if "RLIMIT_NOFILE " in log_text else "?"
         for w in workers:
@@ -484,7 +474,7 @@ def run(quick: bool = False, steps: tuple[int, ...] | None = None, budget: float
             conc = max(1, INSERT_CONCURRENCY // len(workers))
             t_ramp = time.monotonic()
             cpu0, mach0 = bserver.proc_ticks(spid), bserver.machine_ticks()
-            cl0 = sum(bserver.proc_ticks(w.proc.pid) for w in workers)
+            cl0 = sum(bserver.proc_ticks(w.pid) for w in workers)
             for w, serials in zip(workers, share):
                 w.send({"cmd": "ramp", "serials": serials, "concurrency": conc, "deadline": ramp_deadline})
             inserted, errors, left = 0, {}, 0
@@ -500,7 +490,7 @@ def run(quick: bool = False, steps: tuple[int, ...] | None = None, budget: float
             ramp_s = time.monotonic() - t_ramp
             cpu1, mach1 = bserver.proc_ticks(spid), bserver.machine_ticks()
             ramp_cpu = (cpu1 - cpu0) / bserver.CLK_TCK
-            ramp_clients = (sum(bserver.proc_ticks(w.proc.pid) for w in workers) - cl0) / bserver.CLK_TCK
+            ramp_clients = (sum(bserver.proc_ticks(w.pid) for w in workers) - cl0) / bserver.CLK_TCK
             ramp_machine = (mach1[0] - mach0[0]) / max(1, mach1[1] - mach0[1])
             in_use += inserted
             progress(f"  capacity: {in_use:,} cards in use (ramp {inserted:,} inserts in {ramp_s:.1f} s, "

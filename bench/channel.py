@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -225,34 +224,28 @@ def serve(key_file: str) -> int:
 
 
 class ServerProcess:
-    """The benchmark server in a child process; stopped by closing its stdin (then by its pid)."""
+    """The benchmark server in a child process (``--serve``), stopped by closing its stdin (then SIGTERM, SIGKILL)."""
 
     def __init__(self, key):
+        from vsc.devtools.process import Child
+
         self._dir = tempfile.TemporaryDirectory(prefix="vsc-bench-")
         key_path = Path(self._dir.name) / "server-key.pem"
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key.to_pem())
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve", str(key_path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = self.proc.stdout.readline()
+        self.child = Child([sys.executable, str(Path(__file__).resolve()), "--serve", str(key_path)],
+                           Path(self._dir.name) / "server.log", name="benchmark server", pipes=True).spawn()
+        line = (self.child.readline(60.0) or b"").decode(errors="replace")
         if not line.startswith("READY "):
+            said = self.child.tail()
             self.stop()
-            raise RuntimeError(f"benchmark server did not start (said {line!r})")
+            raise RuntimeError(f"benchmark server did not start (said {line!r}; {said or 'nothing on stderr'})")
         self.port = int(line.split()[1])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                self.proc.wait(timeout=5)
+        self.child.close_stdin()
+        self.child.stop(timeout=5.0, grace=5.0)
         self._dir.cleanup()
 
 

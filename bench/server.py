@@ -19,7 +19,7 @@ configurations:
 * ``sqlite x1``: one process, the embedded SQLite database (WAL, synchronous=FULL);
 * ``sqlite x2``: two processes on the SAME data directory and SQLite file;
 * ``postgresql x1`` / ``x2``: one or two processes sharing one database of a
-  private PostgreSQL cluster started by this script (bench/_pg.py: fsync on,
+  private PostgreSQL cluster started by this script (vsc/devtools/pg.py: fsync on,
   synchronous_commit on, listening on 127.0.0.1 only).
 
 With two server processes each listens on its own port; card i talks to
@@ -79,13 +79,12 @@ directory is deleted unless ``--keep``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import re
-import select
 import shutil
+import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -94,6 +93,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script: make ``bench`` and ``vsc`` importable from the checkout
     sys.path.insert(0, str(ROOT))
+
+from vsc.devtools.process import Child, ProcessFailed, VscServer  # noqa: E402
 
 PASSWORD = "benchmark password"
 KDF_LOG2_N = 10
@@ -341,89 +342,57 @@ def worker_main() -> None:
     reactor.run()
 
 
-class Worker:
-    def __init__(self, logdir: Path, index: int):
-        self.log = open(logdir / f"worker-{index}.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=str(ROOT),
-        )
+class Worker(Child):
+    """
+    A client process (``SCRIPT --worker``, this file unless told): one JSON
+    command per stdin line, one JSON answer per stdout line, stderr in
+    ``LOGDIR/NAME-INDEX.log``; started at once.
+    """
+
+    def __init__(self, logdir: Path, index: int, script: Path | None = None, name: str = "worker"):
+        super().__init__([sys.executable, str(script or Path(__file__).resolve()), "--worker"],
+                         logdir / f"{name}-{index}.log", name=f"client {name} {index}", cwd=ROOT, pipes=True)
+        self.spawn()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         line = self.readline(timeout)
         if not line or not json.loads(line).get("ready"):
-            raise RuntimeError("a client worker did not start (see its log)")
+            raise RuntimeError(f"a client worker did not start (see {self.log_path})")
 
     def send(self, obj: dict) -> None:
-        self.proc.stdin.write(json.dumps(obj).encode() + b"\n")
-        self.proc.stdin.flush()
+        self.write_line(json.dumps(obj).encode())
 
-    def readline(self, timeout: float) -> bytes | None:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            return None
-        return self.proc.stdout.readline() or None
-
-    def stop(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                try:
-                    self.send({"cmd": "quit"})
-                except OSError:
-                    pass
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
-        finally:
-            self.log.close()
+    def stop(self, timeout: float = 5.0, sig: int = signal.SIGTERM, grace: float = 5.0) -> int | None:
+        """Ask it to quit, then stop it (SIGTERM, SIGKILL) if it has not within ``grace`` seconds."""
+        if self.running():
+            with contextlib.suppress(OSError):
+                self.send({"cmd": "quit"})
+        return super().stop(timeout, sig, grace)
 
 
 # ---------------------------------------------------------------- servers
 
 
-class ServerProcess:
-    """One ``twistd -n vsc-server`` on 127.0.0.1 (free port, read from its log)."""
+class ServerProcess(VscServer):
+    """One ``twistd -n vsc-server`` on 127.0.0.1 (port 0, read from its log), started at once."""
 
-    def __init__(self, data_dir: Path, log_path: Path):
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        twistd = Path(sys.executable).with_name("twistd")
-        cmd = [str(twistd) if twistd.exists() else "twistd", "-n", "--pidfile=", "vsc-server",
-               "--data-dir", str(data_dir), "--listen", "tcp:0:interface=127.0.0.1"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=str(data_dir))
-        self.port = 0
+    def __init__(self, data_dir: Path, log_path: Path, launcher: list[str] | None = None, env: dict | None = None):
+        super().__init__(data_dir, log_path, 0, launcher=launcher, env=env)
+        self.spawn()
 
     def wait_port(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log_path.read_text(errors="replace")
-            m = re.search(r"starting on (\d+)", text)
-            if m:
-                self.port = int(m.group(1))
-                return self.port
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"vsc-server did not start:\n{self.log_path.read_text(errors='replace')[-2000:]}")
-
-    @property
-    def endpoint(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
         try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
-        finally:
-            self.log.close()
+            self.wait_listening(timeout)
+        except ProcessFailed as e:
+            raise RuntimeError(f"vsc-server did not start: {e.reason}\n{self.log_text()[-2000:]}") from None
+        return self.port
+
+
+def pg_cluster():
+    """The benchmarks' private PostgreSQL cluster (not started): fsync and synchronous_commit on."""
+    from vsc.devtools.pg import Cluster
+
+    return Cluster(settings={"max_connections": "100", "shared_buffers": "64MB"}, prefix="vsc-bench-pg-")
 
 
 # ---------------------------------------------------------------- data directories and cards
@@ -518,8 +487,8 @@ def run_cell(workers: list[Worker], servers: list[ServerProcess], fp: str, seria
     for w, share in active:
         w.send({"cmd": "run", "fp": fp, "warm": warm, "start": start, "end": end, "cards": share, "suite": suite})
 
-    server_pids = [s.proc.pid for s in servers]
-    client_pids = [w.proc.pid for w, _ in active]
+    server_pids = [s.pid for s in servers]
+    client_pids = [w.pid for w, _ in active]
 
     def sample():
         pg = [p for ppid in extra_pids for p in [ppid, *children_of(ppid)]]
@@ -629,13 +598,13 @@ def main() -> int:
                 url = config.load(data_dir).database_url
                 pg_pids: list[int] = []
             elif backend == "postgresql":
-                from bench import _pg
+                from vsc.devtools.pg import unavailable
 
-                why = _pg.unavailable()
+                why = unavailable()
                 if why:
                     notes.append(f"PostgreSQL skipped: {why}")
                     continue
-                cluster = _pg.PgCluster().start()
+                cluster = pg_cluster().start()
                 url = cluster.create_database("vsc_bench")
                 data_dir = make_data_dir(base, "postgresql", key_pem, url, args.key_bits)
                 pg_pids = [p for p in [cluster.postmaster_pid()] if p]

@@ -27,10 +27,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import attrs
+
+from vsc.devtools.process import Child, ProcessFailed
 
 from tests.integration import missing
 from tests.servers import TWISTD, VSC, _env
@@ -89,67 +90,38 @@ class CLIResult:
         return [line for line in self.stderr.splitlines() if line.strip()]
 
 
-class CardDaemon:
-    """One ``twistd -n vsc-card --home HOME --password-file F`` (stdout and stderr in files of their own)."""
+class CardDaemon(Child):
+    """One ``twistd -n vsc-card --home HOME --password-file F`` (stdout and stderr in files of their own; vsc.devtools)."""
 
     def __init__(self, cards: "Cards", home: Path, password_file: Path, machine: Machine, name: str,
                  extra: tuple = (), env: dict | None = None):
         self.cards, self.home, self.password_file, self.machine = cards, Path(home), Path(password_file), machine
-        self.name = name
         self.extra = tuple(extra)
         self.extra_env = dict(env or {})
         self.out_path = cards.log_dir / f"{name}.log"
         self.err_path = cards.log_dir / f"{name}.stderr"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.out_path.read_text(errors="replace")
-        return ""
-
-    def stderr_text(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.err_path.read_text(errors="replace")
-        return ""
+        argv = [str(TWISTD), "-n", "--pidfile=", "vsc-card", "--home", str(self.home),
+                "--password-file", str(self.password_file), *self.extra]
+        super().__init__(machine.wrap(argv), self.out_path, name=name, cwd=cards.root,
+                         env=dict(cards.env(machine), **self.extra_env), stderr_path=self.err_path,
+                         stop_timeout=STOP_TIMEOUT)
 
     def stderr_lines(self) -> list[str]:
         return [line for line in self.stderr_text().splitlines() if line.strip()]
 
     def describe(self) -> str:
-        return (f"card daemon {self.name} on {self.machine.name} (exit {self.proc.returncode if self.proc else None})"
+        return (f"card daemon {self.name} on {self.machine.name} (exit {self.returncode})"
                 f"\n--- stderr\n{self.stderr_text()[-2000:]}\n--- log\n{self.log_text()[-4000:]}")
-
-    def spawn(self) -> "CardDaemon":
-        assert not self.running(), "already running"
-        argv = [str(TWISTD), "-n", "--pidfile=", "vsc-card", "--home", str(self.home),
-                "--password-file", str(self.password_file), *self.extra]
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                self.machine.wrap(argv), cwd=self.cards.root, env=dict(self.cards.env(self.machine), **self.extra_env),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-            )
-        return self
 
     def inserted(self) -> bool:
         return "inserted; control socket" in self.log_text() or "inserted; control socket" in self.stderr_text()
 
     def wait_inserted(self, timeout: float = START_TIMEOUT) -> "CardDaemon":
-        deadline = time.monotonic() + timeout
-        while not self.inserted():
-            if self.proc.poll() is not None:
-                raise CardFailed(f"the card was not inserted:\n{self.describe()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise CardFailed(f"the card was not inserted within {timeout:g} s:\n{self.describe()}")
-            time.sleep(0.05)
+        try:
+            self.wait_until(self.inserted, timeout, "the card was inserted")
+        except ProcessFailed as e:
+            self.kill()
+            raise CardFailed(f"{e.reason}:\n{self.describe()}") from None
         return self
 
     def start(self, timeout: float = START_TIMEOUT) -> "CardDaemon":
@@ -173,20 +145,6 @@ class CardDaemon:
         if self.running():
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
-
-    def kill(self, sig: int = signal.SIGKILL) -> int | None:
-        """Send ``sig`` and reap (bounded; SIGKILL if it does not go); the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.send(sig)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
-        return self.proc.returncode
 
 
 class Cards:

@@ -1,11 +1,13 @@
 """
-Real ``twistd -n vsc-server`` processes for the integration tests.
+Real ``twistd -n vsc-server`` processes for the integration tests, supervised
+by vsc.devtools.process (shared with the demo and the benchmarks).
 
-Every server listens on 127.0.0.1 only, on a free port picked here; its
-output (stdout and stderr) goes to a log file; every wait is bounded; and the
-``servers`` fixture kills whatever is still running at teardown. Killed
-processes are always reaped (``wait``): a zombie still answers
-``kill(pid, 0)``, which would keep its leases alive for the restarted server.
+Every server listens on 127.0.0.1 only, on a free port picked here (kept
+across restarts); its output (stdout and stderr) is appended to a log file;
+every wait is bounded; and the ``servers`` fixture kills whatever is still
+running at teardown. Killed processes are always reaped: a zombie still
+answers ``kill(pid, 0)``, which would keep its leases alive for the restarted
+server.
 
 Also: ``vsc admin`` as a subprocess (``admin``), a data directory with a
 2048-bit key and test settings (``init_data_dir``), and a Store opened on the
@@ -19,7 +21,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,18 +28,13 @@ from pathlib import Path
 
 import pytest
 
+from vsc.devtools.process import ProcessFailed, VscServer, free_port
+
 BIN = Path(sys.executable).parent
 TWISTD = BIN / "twistd"
 VSC = BIN / "vsc"
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 ADMIN_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -102,69 +98,29 @@ def open_store(data_dir: Path):
 # ---------------------------------------------------------------- server processes
 
 
-class ServerFailed(AssertionError):
+class ServerFailed(ProcessFailed, AssertionError):
     pass
 
 
-class Server:
-    """One ``twistd -n vsc-server`` on 127.0.0.1:PORT with its output in ``log_path``."""
+class Server(VscServer):
+    """One ``twistd -n vsc-server`` on 127.0.0.1:PORT with its output appended to ``log_path`` (vsc.devtools)."""
 
     def __init__(self, data_dir: Path, log_path: Path):
-        self.data_dir = Path(data_dir)
-        self.log_path = Path(log_path)
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
+        super().__init__(data_dir, log_path, 0, launcher=[str(TWISTD)], env=_env(), append=True)
 
-    @property
-    def endpoint(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")
-        return ""
-
-    def spawn(self, port: int | None = None) -> None:
+    def spawn(self, port: int | None = None) -> "Server":
         """Start the process (not waiting for it to listen): see ``wait_ready``."""
-        assert not self.running(), "already running"
         self.port = port or self.port or free_port()
-        self.starts += 1
-        log = open(self.log_path, "ab")
-        log.write(f"\n===== start {self.starts} on port {self.port} =====\n".encode())
-        log.flush()
-        try:
-            self.proc = subprocess.Popen(
-                [str(TWISTD), "-n", "--pidfile=", "vsc-server", "--data-dir", str(self.data_dir),
-                 "--listen", f"tcp:{self.port}:interface=127.0.0.1"],
-                cwd=self.data_dir, env=_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
+        super().spawn(banner=f"start {self.starts + 1} on port {self.port}")
+        return self
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Block until the port accepts connections; ServerFailed (with the log) if it dies or times out."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise ServerFailed(f"vsc-server exited with {self.proc.returncode} before listening:\n{self.log_text()[-3000:]}")
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.settimeout(0.5)
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            if time.monotonic() > deadline:
-                self.kill()
-                raise ServerFailed(f"vsc-server did not listen within {timeout:g} s:\n{self.log_text()[-3000:]}")
-            time.sleep(0.05)
+        """Block until the port accepts connections; ServerFailed (with the log) if it dies or times out (then killed)."""
+        try:
+            self.wait_listening(timeout)
+        except ProcessFailed as e:
+            self.kill()
+            raise ServerFailed(e.reason, self.log_text()[-3000:]) from None
 
     def start(self, timeout: float = START_TIMEOUT) -> "Server":
         """Start and wait until it listens; on a port clash (another program took it) try a new port."""
@@ -174,30 +130,10 @@ class Server:
                 self.wait_ready(timeout)
                 return self
             except ServerFailed:
-                if "Address already in use" in self.log_text() and attempt < 2:
-                    self.port = 0
+                if self.port_clash() and attempt < 2:
                     continue
                 raise
         raise AssertionError("unreachable")
-
-    def kill(self, sig: int = signal.SIGKILL) -> int | None:
-        """Send ``sig`` and reap the process (bounded); returns its exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
-        return self.proc.returncode
-
-    def stop(self) -> int | None:
-        """A clean stop (SIGTERM), SIGKILL if it does not exit within STOP_TIMEOUT."""
-        return self.kill(signal.SIGTERM)
 
 
 class Servers:

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import construct as c
@@ -465,7 +464,8 @@ def test_agent_socket_is_next_to_the_control_socket(tmp_path):
 # ---------------------------------------------------------------- integration: OpenSSH against the real daemon
 
 from tests.integration import missing, need_program  # noqa: E402
-from tests.servers import STOP_TIMEOUT, TWISTD, VSC, _env, admin, init_data_dir, servers  # noqa: E402,F401
+from tests.servers import TWISTD, VSC, _env, admin, init_data_dir, servers  # noqa: E402,F401
+from vsc.devtools.process import Child, ProcessFailed  # noqa: E402
 
 WAIT = 30.0
 TOOL_TIMEOUT = 30.0
@@ -479,40 +479,25 @@ def _run(cmd: list, env: dict, check: bool = True, **kw) -> subprocess.Completed
     return proc
 
 
-class CardDaemon:
-    """A ``twistd -n vsc-card`` process; its output in a log file; killed at teardown if still running."""
+class CardDaemon(Child):
+    """A ``twistd -n vsc-card`` process (vsc.devtools); its output in a log file; stopped at teardown if still running."""
 
     def __init__(self, home: Path, env: dict, log: Path, *extra: str):
-        self.log = log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [str(TWISTD), "-n", "--pidfile=", "vsc-card", "--home", str(home),
-                 "--password-file", str(home / "password"), *extra],
-                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        super().__init__([TWISTD, "-n", "--pidfile=", "vsc-card", "--home", home, "--password-file", home / "password",
+                          *extra], log, name="vsc-card", env=env, append=True)
+        self.spawn()
 
     def text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.log_text()
 
     def wait_for(self, needle: str, timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while needle not in self.text():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"vsc-card exited {self.proc.returncode}:\n{self.text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vsc-card did not log {needle!r} within {timeout:g} s:\n{self.text()[-3000:]}")
-            time.sleep(0.05)
+        try:
+            self.wait_until(lambda: needle in self.text(), timeout, f"the log line {needle!r}")
+        except ProcessFailed as e:
+            raise AssertionError(str(e)) from None
 
     def wait_exit(self, timeout: float = WAIT) -> int:
         return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
 
 
 @pytest.fixture
@@ -543,7 +528,7 @@ def card_env(servers, tmp_path):
         yield dict(env=env, home=home, start=start, ssh_add=ssh_add, ssh_keygen=ssh_keygen, tmp=tmp_path)
     finally:
         for d in daemons:
-            d.kill()
+            d.stop()
         shutil.rmtree(short, ignore_errors=True)
 
 
