@@ -1,0 +1,116 @@
+"""
+``vsc conformance`` as a command: its options (``extend``), running the items
+of vsc.conformance.items in server or card mode, and the pass/fail table (or
+JSON: each item with its area, name, result, the § of docs/protocol.md it
+checks and the §12 rules it covers). Exits non-zero on any failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time  # clock-ok: the harness measures how long each item took
+
+import attrs
+
+from vsc import cli
+from vsc.conformance.card import run_card_items
+from vsc.conformance.items import CARD_ITEMS, SERVER_ITEMS, Item, Result
+from vsc.conformance.raw import Failed
+from vsc.conformance.server import ServerHarness
+
+
+async def run_server_items(harness: ServerHarness, items: tuple[Item, ...] = SERVER_ITEMS,
+                           only: set[str] | None = None) -> list[Result]:
+    """Run every item (of the ``only`` areas; the ones that create cards only with a provisioning hook), in order."""
+    results = []
+    for item in items:
+        if (only and item.area not in only) or (item.provision and not harness.provision_cmd):
+            continue
+        name = item.name.format(auth_deadline=harness.auth_deadline)
+        t0 = time.monotonic()  # clock-ok
+        try:
+            await item.check(harness, *item.args)
+            ok, detail = True, ""
+        except Failed as e:
+            ok, detail = False, str(e)
+        except Exception as e:  # noqa: BLE001 - a check that crashed is a failure, reported
+            ok, detail = False, f"{e.__class__.__name__}: {e}"
+        results.append(Result(item.area, name, ok, detail, time.monotonic() - t0, item.section, item.rules))  # clock-ok
+    return results
+
+
+def table(results: list[Result]) -> str:
+    lines = ["| area | check | § | result | time | detail |", "|---|---|---|---|---:|---|"]
+    for r in results:
+        lines.append(f"| {r.area} | {r.name} | {r.section} | {'PASS' if r.ok else 'FAIL'} | {r.seconds:.2f} s "
+                     f"| {r.detail} |")
+    passed = sum(r.ok for r in results)
+    lines.append("")
+    lines.append(f"{passed} passed, {len(results) - passed} failed")
+    return "\n".join(lines)
+
+
+def _vsc() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "vsc")
+
+
+def cmd_conformance(args) -> int:
+    from twisted.internet.task import react
+
+    from vsc.protocol.auth import load_master_key
+
+    results: list[Result] = []
+
+    async def run(reactor):
+        if args.card:
+            results.extend(await run_card_items(reactor, CARD_ITEMS, args.card_command, args.key_bits, args.timeout))
+            return
+        if not args.server or not args.server_key:
+            raise cli.CommandError("server mode needs --server and --server-key (or use --card)")
+        provision = args.provision
+        if not provision and args.admin_data_dir:
+            provision = (f"{shlex.quote(_vsc())} admin --data-dir {shlex.quote(args.admin_data_dir)} "
+                         "issue {serial} --json")
+        harness = ServerHarness(reactor, args.server, args.server_key, provision, args.allow_insecure,
+                                args.auth_deadline, load_master_key(os.environ.get("VSC_MASTER_KEY_FILE")))
+        only = set(args.only.split(",")) if args.only else None
+        results.extend(await run_server_items(harness, SERVER_ITEMS, only))
+
+    cli._react(react, run)
+    if args.json:
+        print(json.dumps([attrs.asdict(r) for r in results], indent=2))
+    else:
+        print(table(results))
+    return 0 if results and all(r.ok for r in results) else 1
+
+
+def extend(sub) -> None:
+    p = sub.add_parser("conformance", help="run the protocol conformance suite against a server (or, with --card, a card)")
+    p.add_argument("--server", help="the server under test, e.g. tcp:127.0.0.1:7390")
+    p.add_argument("--server-key", help="its key fingerprint (SHA256:...)")
+    p.add_argument("--provision", help="command that creates a test card and prints its enrolment code; {serial} is replaced")
+    p.add_argument("--admin-data-dir", help="shortcut: provision with 'vsc admin --data-dir DIR issue {serial} --json'")
+    p.add_argument("--allow-insecure", action="store_true", help="the server under test enables des-cbc-md5")
+    p.add_argument("--auth-deadline", type=float, default=30.0, help="the server's implementation-auth deadline (s)")
+    p.add_argument("--only", help="comma-separated areas: handshake,record,life cycle,refusal")
+    p.add_argument("--card", action="store_true", help="play the server for a card under test")
+    p.add_argument("--card-command", default=None,
+                   help="card to test; {endpoint} and {fingerprint} are replaced "
+                        "(default: vsc ping --server {endpoint} --server-key {fingerprint} --count 2 --handshake-timeout 5)")
+    p.add_argument("--key-bits", type=int, default=2048, help="card mode: the harness server's key size")
+    p.add_argument("--timeout", type=float, default=30.0, help="card mode: seconds per scenario")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_defaults(cmd_conformance))
+
+
+def _defaults(fn):
+    def wrapped(args):
+        if args.card_command is None:
+            args.card_command = (f"{shlex.quote(_vsc())} ping --server {{endpoint}} --server-key {{fingerprint}} "
+                                 "--count 2 --handshake-timeout 5")
+        return fn(args)
+
+    return wrapped
