@@ -69,10 +69,7 @@ async def _kt_with(h: ServerHarness, secrets_fn) -> None:
         crypto.RSAPublicKey(hello.server_key).bits // 8)
     kt = KeyTransport(r2=secrets.r2 if secrets else h.rand(32), suites=(Suite.AES256_GCM,), ciphertext=ct)
     card.write(encode_frame(kt))
-    frame = await card.next_frame()
-    msg = decode_frame(frame) if isinstance(frame, bytes) else frame
-    expect(isinstance(msg, Alert) and msg.code is ErrorCode.HANDSHAKE_FAILED, f"expected HANDSHAKE_FAILED, got {msg!r}")
-    card.close()
+    await _expect_alert(card, ErrorCode.HANDSHAKE_FAILED)
 
 
 async def wrong_r1(h: ServerHarness) -> None:
@@ -143,24 +140,27 @@ async def truncated(h: ServerHarness) -> None:
     other.close()
 
 
-async def bad_magic(h: ServerHarness) -> None:
+async def _after_hello_expect_alert(h: ServerHarness, data: bytes, code: ErrorCode) -> None:
+    """Send ``data`` once the server's HELLO is in; the server must answer a plaintext ALERT(code)."""
     card = await h.raw()
     await card.next_frame()
-    card.write(b"XX\x01\x02\x00\x00\x00\x00")
+    card.write(data)
+    await _expect_alert(card, code)
+
+
+async def _expect_alert(card, code: ErrorCode) -> None:
     frame = await card.next_frame()
     msg = decode_frame(frame) if isinstance(frame, bytes) else frame
-    expect(isinstance(msg, Alert) and msg.code is ErrorCode.MALFORMED, f"expected MALFORMED, got {msg!r}")
+    expect(isinstance(msg, Alert) and msg.code is code, f"expected {code.name}, got {msg!r}")
     card.close()
+
+
+async def bad_magic(h: ServerHarness) -> None:
+    await _after_hello_expect_alert(h, b"XX\x01\x02\x00\x00\x00\x00", ErrorCode.MALFORMED)
 
 
 async def unknown_type(h: ServerHarness) -> None:
-    card = await h.raw()
-    await card.next_frame()
-    card.write(build_header(0x7E, 0))
-    frame = await card.next_frame()
-    msg = decode_frame(frame) if isinstance(frame, bytes) else frame
-    expect(isinstance(msg, Alert) and msg.code is ErrorCode.UNKNOWN_TYPE, f"expected UNKNOWN_TYPE, got {msg!r}")
-    card.close()
+    await _after_hello_expect_alert(h, build_header(0x7E, 0), ErrorCode.UNKNOWN_TYPE)
 
 
 async def big_echo(h: ServerHarness) -> None:
