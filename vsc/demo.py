@@ -37,11 +37,8 @@ get SIGTERM if this process dies without cleaning up).
 from __future__ import annotations
 
 import atexit
-import base64
-import hashlib
 import json
 import os
-import secrets
 import shlex
 import shutil
 import signal
@@ -51,7 +48,7 @@ import sys
 import time  # clock-ok: a command-line tool (or the harness) reads the wall clock
 from pathlib import Path
 
-from vsc import cli
+from vsc import cli, crypto
 
 DEFAULT_DIR = "vsc-demo"
 DEFAULT_PORT = 7390
@@ -136,8 +133,7 @@ def _any_free_port() -> int:
 
 def _wrong_fingerprint() -> str:
     """A well-formed pin of a key that is not the server's."""
-    digest = hashlib.sha256(b"not the server key " + os.urandom(16)).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+    return crypto.fingerprint(b"not the server key " + crypto.system_random(16))
 
 
 def _die_with_parent_hook():
@@ -453,7 +449,7 @@ class Demo:
             return
         fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(24) + "\n")
+            f.write(crypto.token_urlsafe(24) + "\n")
 
     def enrol_or_reuse(self) -> None:
         assert self.server is not None
@@ -614,8 +610,6 @@ class Demo:
                 forged = _run(verify + [str(tampered)], "openssl dgst -verify", check=False, cwd=self.root)
                 refused = forged.returncode != 0
             else:
-                from vsc import crypto
-
                 der = crypto.public_der_from_pem(pem.encode())
                 ok = crypto.verify_sha256(der, message.read_bytes(), sig_path.read_bytes())
                 said = "valid" if ok else "INVALID"
