@@ -6,6 +6,7 @@ crypto library (``cryptography``, pycryptodome, ``hashlib``, ``hmac``,
 Organised by primitive:
 
 =============== ==============================================================
+errors          CryptoError, the one exception a failed check raises
 random          the randomness source (``RandomBytes``, ``system_random``)
 hashes          SHA-256, MD5 (legacy only), HMAC-SHA256, constant-time compare,
                 key fingerprints — ``hashlib``/``hmac`` only, so it is cheap
