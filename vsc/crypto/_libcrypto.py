@@ -99,7 +99,7 @@ def _fail(lib, what: str) -> CryptoError:
             text = lib.ERR_reason_error_string(code)
             reason = text.decode("ascii", "replace") if text else f"error {code:#x}"
     lib.ERR_clear_error()
-    return CryptoError(f"{what} ({reason})" if reason else what)
+    return CryptoError(f"{what} (OpenSSL: {reason})" if reason else what)
 
 
 class _Borrowed:
@@ -161,7 +161,7 @@ def _load_rsa(lib, address: int, length: int):
     cursor = ctypes.c_void_p(start)
     rsa = lib.d2i_RSAPrivateKey(None, ctypes.byref(cursor), length)
     if not rsa:
-        raise _fail(lib, "the private key does not parse (neither PKCS#8 nor an RSA private key)")
+        raise _fail(lib, "the private key is neither PKCS#8 nor an RSA private key")
     if cursor.value - start != length:
         lib.RSA_free(rsa)
         raise CryptoError("the private key has bytes after its end")
