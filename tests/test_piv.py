@@ -103,7 +103,7 @@ class FakeCard:
             with crypto.PrivateKeyHandle(der) as key:
                 try:
                     if effect.op == "rsa":
-                        return crypto.rsa_raw_private(key, effect.data, self.rand)
+                        return crypto.rsa_private_block(key, effect.data)
                     if effect.op == "ecdsa":
                         return crypto.ecdsa_sign_hash(key, effect.data)
                     return key.ecdh(effect.data)
@@ -1104,17 +1104,20 @@ def test_certificate_helpers(session):
 # ================================================================ crypto used by the card
 
 
-def test_rsa_raw_private_matches_the_textbook_operation():
-    """CRT + blinding gives exactly m^d mod n, and refuses blocks of the wrong size or not below n."""
+def test_rsa_private_block_matches_the_textbook_operation():
+    """The PIV private operation gives exactly m^d mod n for a PKCS#1 block and a raw one, and refuses blocks of the wrong size or not below n (more in tests/test_crypto_rsa.py)."""
     der, _ = KEYS["9a"]
     nums = RSA_KEY.private_numbers()
-    m = int.from_bytes(_pkcs1_block(bytes(32)), "big")
+    n = nums.public_numbers.n
+    for block in (_pkcs1_block(bytes(32)), b"\x00\x02" + bytes(range(1, 255))):
+        m = int.from_bytes(block, "big")
+        with crypto.PrivateKeyHandle(der) as key:
+            assert crypto.rsa_private_block(key, block) == pow(m, nums.d, n).to_bytes(256, "big")
     with crypto.PrivateKeyHandle(der) as key:
-        assert crypto.rsa_raw_private(key, _pkcs1_block(bytes(32)), Drbg()) == pow(m, nums.d, nums.public_numbers.n).to_bytes(256, "big")
         with pytest.raises(crypto.CryptoError):
-            crypto.rsa_raw_private(key, bytes(255), Drbg())
+            crypto.rsa_private_block(key, bytes(255))
         with pytest.raises(crypto.CryptoError):
-            crypto.rsa_raw_private(key, b"\xff" * 256, Drbg())
+            crypto.rsa_private_block(key, b"\xff" * 256)
 
 
 def test_management_cipher_known_answer():

@@ -27,7 +27,6 @@ keyfile. Nothing outside the program is trusted to say "yes".
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import threading
@@ -218,7 +217,7 @@ def _amp_call(home: Path, command: bytes, args: dict[bytes, bytes], timeout: flo
 def prove_sync(lic: License, home=None, timeout: float = 30.0) -> None:
     """The inserted card signs a fresh challenge (our nonce); we verify it with the keyfile's card key."""
     nonce = os.urandom(32)
-    digest = hashlib.sha256(proof_challenge(lic, nonce)).digest()
+    digest = crypto.sha256(proof_challenge(lic, nonce))
     try:
         resp = _amp_call(_home(home), b"SignDigest", {b"slot": lic.slot.encode(), b"digest": digest}, timeout)
     except _Refused as e:

@@ -6,7 +6,6 @@ the customer's check) and ``vsc run`` (the digital ignition key).
 from __future__ import annotations
 
 import calendar
-import hashlib
 import os
 import shutil
 import sys
@@ -14,7 +13,7 @@ import time  # clock-ok: a command-line tool (or the harness) reads the wall clo
 from pathlib import Path
 
 from vsc import cli as vcli
-from vsc import lcp
+from vsc import crypto, lcp
 from vsc.cli import CommandError, emit
 
 
@@ -36,8 +35,6 @@ def _parse_date(text: str) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from vsc import crypto
-
     private, public = crypto.vendor_keygen()
     for path, data, mode in ((args.private, private, 0o600), (args.public, public, 0o644)):
         try:
@@ -52,7 +49,6 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_issue(args) -> int:
-    from vsc import crypto
     from vsc.wire.license import License
 
     try:
@@ -97,7 +93,7 @@ def _describe(lic, vendor_pem: bytes) -> dict:
         "product": lic.product,
         "license_id": lic.license_id.hex(),
         "slot": lic.slot,
-        "card_key_sha256": hashlib.sha256(lic.card_key).hexdigest(),
+        "card_key_sha256": crypto.sha256(lic.card_key).hex(),
         "issued": lic.issued,
         "expires": lic.expires or None,
         "runs": lic.runs or None,
@@ -144,7 +140,7 @@ async def prove(reactor, home: Path, lic) -> None:
     from vsc.card import control
 
     nonce = os.urandom(32)
-    digest = hashlib.sha256(lcp.proof_challenge(lic, nonce)).digest()
+    digest = crypto.sha256(lcp.proof_challenge(lic, nonce))
     resp = await _call(reactor, home, control.SignDigest, slot=lic.slot, digest=digest)
     if not lcp.verify_proof(lic, nonce, resp["signature"]):
         raise lcp.LicenseError("the inserted card does not hold the key this licence was issued to")

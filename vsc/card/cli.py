@@ -6,7 +6,6 @@ socket.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -302,9 +301,10 @@ def cmd_public_key(args) -> int:
 
 
 def cmd_sign(args) -> int:
+    from vsc import crypto
     from vsc.card import control
 
-    digest = hashlib.sha256(_read_in(args.input)).digest()
+    digest = crypto.sha256(_read_in(args.input))
     sig = _call(args, control.SignDigest, slot=args.slot, digest=digest)["signature"]
     _write_out(args.output, sig)
     emit(args, {"slot": args.slot, "signature_bytes": len(sig), "out": args.output},

@@ -19,12 +19,12 @@ lives on the server (or a dongle).
 from __future__ import annotations
 
 import configparser
-import hashlib
 import os
 from pathlib import Path
 
 import attrs
 
+from vsc import crypto
 from vsc.protocol.suites import DEFAULT_SUITES, ChannelConfig, ForwardSecrecy, parse_suites
 
 CARD_INI = "card.ini"
@@ -62,12 +62,12 @@ class CardConfig:
 
     @property
     def control_socket(self) -> Path:
-        tag = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
+        tag = crypto.sha256(str(self.home.resolve()).encode()).hex()[:12]
         return runtime_dir() / f"card-{tag}.sock"
 
 
 def control_socket_for(home: Path) -> Path:
-    tag = hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:12]
+    tag = crypto.sha256(str(Path(home).resolve()).encode()).hex()[:12]
     return runtime_dir() / f"card-{tag}.sock"
 
 

@@ -109,11 +109,9 @@ class PivCard:
         raise piv.EffectFailed(f"unknown effect {effect!r}")
 
     async def _private_op(self, effect: piv.PrivateOp) -> bytes:
-        rand = self.rand
-
         def run(key: crypto.PrivateKeyHandle) -> bytes:
             if effect.op == "rsa":
-                return crypto.rsa_raw_private(key, effect.data, rand)
+                return crypto.rsa_private_block(key, effect.data)
             if effect.op == "ecdsa":
                 return crypto.ecdsa_sign_hash(key, effect.data)
             if effect.op == "ecdh":

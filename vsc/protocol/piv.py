@@ -156,7 +156,7 @@ class KeyInfo:
 
 @attrs.frozen
 class PrivateOp:
-    """A private-key operation on a slot's key: "rsa" (raw), "ecdsa" (a hash), "ecdh" (a peer point)."""
+    """A private-key operation on a slot's key: "rsa" (a block the host padded), "ecdsa" (a hash), "ecdh" (a peer point)."""
 
     slot: str
     op: str

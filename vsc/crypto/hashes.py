@@ -1,0 +1,33 @@
+"""
+Hashes, HMAC and constant-time comparison, through ``hashlib``/``hmac``
+(OpenSSL underneath). This module imports nothing heavier, so the CLI can
+hash what it asks the card to sign without loading ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import hmac
+
+
+def sha256(data) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def md5(data) -> bytes:
+    """MD5, only for the patent's legacy constructions (Figure 9, [0078])."""
+    return hashlib.md5(data, usedforsecurity=False).digest()
+
+
+def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def constant_time_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+def fingerprint(spki_der: bytes) -> str:
+    """The pin of a public key: ``SHA256:`` + unpadded base64 of its SubjectPublicKeyInfo, as OpenSSH prints."""
+    return "SHA256:" + binascii.b2a_base64(sha256(spki_der), newline=False).decode("ascii").rstrip("=")
