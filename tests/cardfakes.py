@@ -17,7 +17,7 @@ from vsc.card import ops
 from vsc.card.config import CardConfig
 from vsc.card.machine import MachineLock
 from vsc.card.protected import CardMemory
-from vsc.card.session import CardError, CardSession
+from vsc.card.session import CardError, CardSession, LifeState
 from vsc.protocol import auth
 from vsc.wire.ops import (
     AuthChallenge,
@@ -133,6 +133,19 @@ def in_use_session(config: CardConfig, storage, rand, clock=None, on_exit=None) 
                           on_exit=on_exit or (lambda code, why: None))
     done(session.insert("pw"))
     return session
+
+
+def leave_use(session: CardSession, state: LifeState) -> None:
+    """Drive an in-use session out of use: a remove still checking in (MemoryStorage holds it), a finished
+    remove, or an abort."""
+    if state is LifeState.REMOVING:
+        session.storage.hold_checkin = Deferred()
+        ensureDeferred(session.remove("test"))
+    elif state is LifeState.IDLE:
+        done(session.remove("test"))
+    else:
+        session.abort("test", code=None)
+    assert session.life is state
 
 
 def release(session: CardSession) -> None:

@@ -21,7 +21,7 @@ from vsc.card.protected import PlainItem, seal_envelope
 from vsc.card.session import CardError, CardSession
 from vsc.protocol.card_lifecycle import CardLifecycle, LifeState
 from vsc.wire.protected import ItemKind, encode_counter
-from tests.cardfakes import MemoryStorage, done, in_use_session, release
+from tests.cardfakes import MemoryStorage, done, in_use_session, leave_use, release
 
 SERIAL = "life-1"
 KEY = bytes(range(32))
@@ -151,24 +151,13 @@ SERVICES = {
 }
 
 
-def _leave_use(session: CardSession, state: LifeState) -> None:
-    if state is LifeState.REMOVING:
-        session.storage.hold_checkin = Deferred()
-        ensureDeferred(session.remove("test"))
-    elif state is LifeState.IDLE:
-        done(session.remove("test"))
-    else:
-        session.abort("test", code=None)
-    assert session.life is state
-
-
 @pytest.mark.parametrize("state", [LifeState.REMOVING, LifeState.IDLE, LifeState.EXITED], ids=lambda s: s.value)
 def test_every_service_asks_the_life_cycle(session, state):
     """Out of use, every service of the session (and the local API's certificate read) refuses with the life
     cycle's one line and stores nothing — while removing, the calls queued behind the check-in refuse once it
     is done; in use the same calls reach the memory (a counter reads 3)."""
     assert done(session.counter("runs")) == 3
-    _leave_use(session, state)
+    leave_use(session, state)
     calls = {name: call(session) for name, call in SERVICES.items()}
     if state is LifeState.REMOVING:
         session.storage.hold_checkin.callback(None)

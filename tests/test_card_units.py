@@ -20,7 +20,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
 from vsc import crypto
@@ -33,7 +32,7 @@ from vsc.card.session import LifeState
 from vsc.net.channel import ChannelClosedError
 from vsc.wire import ErrorCode
 from vsc.wire.errors import WireError
-from vsc.wire.ops import KdfAlg, KdfParams, OpResult, Status
+from vsc.wire.ops import KdfAlg, KdfParams, Status
 from vsc.wire.protected import ItemKind, KeyAlg, decode_counter, encode_counter
 from tests.cardfakes import FakeServer, done as _done, inline_worker, release
 

@@ -895,14 +895,13 @@ def test_version_and_serial(card):
 
 # ================================================================ the glue: vsc.card.vpcd on a CardSession
 
-from twisted.internet.defer import Deferred, ensureDeferred  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
 from vsc.card import vpcd  # noqa: E402
 from vsc.card.config import CardConfig  # noqa: E402
 from vsc.card.protected import PlainItem, seal_envelope  # noqa: E402
 from vsc.card.session import LifeState  # noqa: E402
-from tests.cardfakes import MemoryStorage, in_use_session, release  # noqa: E402
+from tests.cardfakes import MemoryStorage, in_use_session, leave_use, release  # noqa: E402
 
 
 @pytest.fixture
@@ -1038,9 +1037,7 @@ def test_glue_card_not_inserted(session):
     proto, transport = _link(session)
     sel = apdu.command(0, 0xA4, 4, 0, piv.PIV_AID[:9], 256)
     _exchange(proto, transport, sel)
-    session.storage.hold_checkin = Deferred()
-    ensureDeferred(session.remove("test"))
-    assert session.life is LifeState.REMOVING
+    leave_use(session, LifeState.REMOVING)
     assert _exchange(proto, transport, apdu.command(0, 0x20, 0, 0x80, apdu.pad_pin(PIN))) == [b"\x6f\x00"]
 
 

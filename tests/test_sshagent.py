@@ -27,7 +27,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.testing import StringTransport
 
 from vsc import crypto
@@ -38,7 +37,7 @@ from vsc.card.session import CardSession, LifeState
 from vsc.wire import sshagent as w
 from vsc.wire.errors import WireError
 from vsc.wire.protected import ItemKind, KeyAlg
-from tests.cardfakes import MemoryStorage, done, in_use_session, release
+from tests.cardfakes import MemoryStorage, in_use_session, leave_use, release
 
 SERIAL = "card-ssh-1"
 SLOT_KINDS = {"9a": crypto.KEY_RSA2048, "9c": crypto.KEY_P256, "9d": crypto.KEY_RSA2048, "9e": crypto.KEY_P256}
@@ -224,25 +223,13 @@ def test_unknown_key_is_refused(session):
 # ---------------------------------------------------------------- card not in use
 
 
-def _leave_use(session, state: LifeState) -> None:
-    """Drive the session's life cycle out of use: a remove still checking in, a finished remove, an abort."""
-    if state is LifeState.REMOVING:
-        session.storage.hold_checkin = Deferred()
-        ensureDeferred(session.remove("test"))
-    elif state is LifeState.IDLE:
-        done(session.remove("test"))
-    else:
-        session.abort("test", code=None)
-    assert session.life is state
-
-
 @pytest.mark.parametrize("state", [LifeState.REMOVING, LifeState.IDLE, LifeState.EXITED], ids=lambda s: s.value)
 def test_card_not_in_use_refuses_everything(session, state):
     """Once the card is removing/idle/exited, listing and signing both answer SSH_AGENT_FAILURE."""
     client = Client(session)
     blob = client.blob("9a")
     assert client.ask(w.RequestIdentities()) != w.Failure()
-    _leave_use(session, state)
+    leave_use(session, state)
     assert client.ask(w.RequestIdentities()) == w.Failure()
     assert client.ask(w.SignRequest(blob, DATA, w.SignFlags.RSA_SHA2_256)) == w.Failure()
 
@@ -265,7 +252,7 @@ def test_removed_while_a_sign_waits_for_the_card(session):
     session._oplock.acquire()  # another card operation is running
     client.send_raw(w.encode_request(w.SignRequest(blob, DATA, w.SignFlags.RSA_SHA2_256)))
     assert client.transport.value() == b""  # waiting for the card
-    _leave_use(session, LifeState.REMOVING)
+    leave_use(session, LifeState.REMOVING)
     session._oplock.release()
     assert client.responses() == [w.Failure()]
 

@@ -20,6 +20,7 @@ from vsc.card import config as card_config
 from vsc.card import sshagent
 from vsc.card.daemon import CardDaemon
 from vsc.card.storage import CardStorage, ServerStorage
+from vsc.dongle.storage import TokenStorage
 from vsc.protocol.auth import load_master_key
 
 
@@ -60,8 +61,7 @@ def _fail(line: str):
 def storage_for(options: Options, cfg: card_config.CardConfig, reactor, master: bytes) -> CardStorage:
     """The card's storage: the token in dongle mode (``--dongle`` or card.ini ``mode = dongle``), else its server."""
     if options["dongle"] or cfg.settings.get("mode") == "dongle":
-        from vsc.dongle.cli import dongle_setup
-        from vsc.dongle.storage import TokenStorage
+        from vsc.dongle.cli import dongle_setup  # only in dongle mode: the dongle commands' module loads vsc.cli
 
         try:
             token, table, poll = dongle_setup(cfg, options["dongle"], options["token-pin-file"])
