@@ -208,33 +208,25 @@ class CardSession:
         ``openssl dgst -sha256 -sign`` gives over the data it came from.
         """
 
-        async def run():
-            mem = self.require_usable()
-            if not mem.has(ItemKind.KEY, slot):
-                raise CardError(f"no key in slot {slot}")
-            with mem.open(ItemKind.KEY, slot) as der, crypto.PrivateKeyHandle(der) as key:
-                try:
-                    return key.sign_digest(digest)
-                except crypto.CryptoError as e:
-                    raise CardError(str(e)) from None
+        def sign(key: crypto.PrivateKeyHandle) -> bytes:
+            try:
+                return key.sign_digest(digest)
+            except crypto.CryptoError as e:
+                raise CardError(str(e)) from None
 
-        return await self._locked(run)
+        return await self.with_key(slot, sign)
 
     async def decrypt(self, slot: str, ciphertext: bytes, padding: str = "pkcs1") -> bytes:
-        async def run():
-            mem = self.require_usable()
-            if not mem.has(ItemKind.KEY, slot):
-                raise CardError(f"no key in slot {slot}")
-            with mem.open(ItemKind.KEY, slot) as der, crypto.PrivateKeyHandle(der) as key:
-                try:
-                    return key.decrypt(ciphertext, padding)
-                except crypto.CryptoError as e:
-                    raise CardError(f"decryption failed: {e}") from None
+        def decrypt(key: crypto.PrivateKeyHandle) -> bytes:
+            try:
+                return key.decrypt(ciphertext, padding)
+            except crypto.CryptoError as e:
+                raise CardError(f"decryption failed: {e}") from None
 
-        return await self._locked(run)
+        return await self.with_key(slot, decrypt)
 
     async def with_key(self, slot: str, fn):
-        """Run ``fn(PrivateKeyHandle)`` on one slot's key (PIV, ssh-agent)."""
+        """Run ``fn(PrivateKeyHandle)`` on one slot's key (the local API, PIV, ssh-agent)."""
 
         async def run():
             mem = self.require_usable()
