@@ -20,7 +20,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
 from vsc import crypto
@@ -29,11 +28,13 @@ from vsc.card.config import CardConfig
 from vsc.card.machine import MachineLock, MachineLockHeld, compute_muk, muk_sources
 from vsc.card.memory import LockedBuffer
 from vsc.card.protected import CardMemory, PlainItem, seal_envelope
+from vsc.card.session import LifeState
 from vsc.net.channel import ChannelClosedError
 from vsc.wire import ErrorCode
 from vsc.wire.errors import WireError
-from vsc.wire.ops import KdfAlg, KdfParams, OpResult, Status
+from vsc.wire.ops import KdfAlg, KdfParams, Status
 from vsc.wire.protected import ItemKind, KeyAlg, decode_counter, encode_counter
+from tests.cardfakes import FakeServer, done as _done, inline_worker, release
 
 SERIAL = "unit-1"
 PROTECTION_KEY = bytes(range(32))
@@ -329,97 +330,40 @@ def test_machine_lock_excludes_another_process_until_it_dies(tmp_path):
 # ---------------------------------------------------------------- CardSession on a Clock
 
 
-class FakeServer:
-    """Stands in for the server: records what the session uploads; sync can be made to fail."""
-
-    def __init__(self, envelope: bytes):
-        self.envelope = envelope
-        self.version = 1
-        self.syncs: list[bytes] = []
-        self.removes: list[bytes] = []
-        self.connects = 0
-        self.sync_error: Exception | None = None
-        self.remove_error: Exception | None = None
-
-    def proto(self):
-        return SimpleNamespace(channel=SimpleNamespace(closed=False), closeChannel=lambda: None,
-                               info=SimpleNamespace(suite=SimpleNamespace(label="fake")))
-
-    async def connect(self, *a, **kw):
-        self.connects += 1
-        return self.proto()
-
-    async def insert(self, proto, serial, password, muk, secret, master, rand=None, keys=None, **kw):
-        if password != "pw":
-            raise ops.OperationRefused(Status.REFUSED, "insert")
-        keys = ops.PasswordKeys(auth_key=b"a" * 32, protection_key=PROTECTION_KEY)
-        return OpResult(status=Status.OK, version=self.version, protected=self.envelope), keys
-
-    async def sync(self, proto, serial, secret, version, protected):
-        if self.sync_error is not None:
-            raise self.sync_error
-        assert version == self.version
-        self.syncs.append(protected)
-        self.envelope, self.version = protected, self.version + 1
-        return OpResult(status=Status.OK, version=self.version)
-
-    async def remove(self, proto, serial, secret, version, protected):
-        if self.remove_error is not None:
-            raise self.remove_error
-        self.removes.append(protected)
-        self.envelope, self.version = protected, self.version + 1
-        return OpResult(status=Status.OK, version=self.version)
-
-
-def _done(d) -> object:
-    """The result of a Deferred/coroutine that must already have fired (everything here is synchronous)."""
-    if not isinstance(d, Deferred):
-        d = ensureDeferred(d)
-    box = []
-    d.addBoth(box.append)
-    assert box, "did not complete synchronously"
-    result = box[0]
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
-
-
 @pytest.fixture
-def world(tmp_path, monkeypatch, ec_der):
-    from vsc.card import session as session_mod
+def world(tmp_path, ec_der):
+    """An in-use card on a ServerStorage whose server is a FakeServer; the worker runs inline; time is a Clock."""
+    from vsc.card.session import CardSession
+    from vsc.card.storage import ServerStorage
 
-    server = FakeServer(_envelope(ec_der))
-    monkeypatch.setattr(session_mod, "connect", server.connect)
-    monkeypatch.setattr(ops, "insert", server.insert)
-    monkeypatch.setattr(ops, "sync", server.sync)
-    monkeypatch.setattr(ops, "remove", server.remove)
+    server = FakeServer(SERIAL, "pw", lambda key: _envelope(ec_der, key=key))
     clock = Clock()
     clock.advance(1_000_000)
     w = SimpleNamespace(server=server, clock=clock, muk=b"m" * 32, pid=4242, exits=[], tmp=tmp_path)
     cfg = CardConfig(home=tmp_path, server="tcp:127.0.0.1:9", server_key="SHA256:x", serial=SERIAL,
                      muk_poll=60.0, clock_poll=3600.0, clock_tolerance=5400.0, reconnect_attempts=1)
     w.lock = MachineLock(str(tmp_path / "lock"))
-    w.session = session_mod.CardSession(
-        cfg, clock, b"M" * 32, rand=_counter_rand(), muk=lambda: w.muk, pid=lambda: w.pid, lock=w.lock,
+    w.storage = ServerStorage(cfg, clock, b"M" * 32, rand=_counter_rand(), worker=inline_worker,
+                              connect=server.connect)
+    w.session = CardSession(
+        cfg, clock, w.storage, rand=_counter_rand(), muk=lambda: w.muk, pid=lambda: w.pid, lock=w.lock,
         on_exit=lambda code, why: w.exits.append((code, why)),
     )
     _done(w.session.insert("pw"))
-    assert w.session.state == "in-use" and w.lock.held
+    assert w.session.life is LifeState.IN_USE and w.lock.held
     yield w
-    if w.session.memory is not None:
-        w.session.memory.wipe()
-    w.lock.release()
+    release(w.session)
 
 
 def test_muk_change_aborts_with_exit_3_and_wipes(world):
     """[0031]: at the next MUK poll a different MUK makes the card exit (code 3) without remove, memory wiped."""
     mem = world.session.memory
     world.clock.advance(60)
-    assert world.exits == [] and world.session.state == "in-use"
+    assert world.exits == [] and world.session.life is LifeState.IN_USE
     world.muk = b"n" * 32
     world.clock.advance(60)
     assert [c for c, _ in world.exits] == [3] and "machine unique key" in world.exits[0][1]
-    assert world.session.state == "exited" and world.session.memory is None and mem.wiped
+    assert world.session.life is LifeState.EXITED and world.session.memory is None and mem.wiped
     assert not world.lock.held and world.server.removes == []
     world.clock.advance(10_000)  # polling stopped
     assert len(world.exits) == 1
@@ -443,8 +387,8 @@ def test_clock_jump_removes_then_exits_4(world):
     world.clock.advance(3 * 3600)  # the next clock poll sees 3 h since the last one
     assert len(world.server.removes) == 1
     assert [c for c, _ in world.exits] == [4]
-    assert world.session.state == "idle" and mem.wiped and not world.lock.held
-    uploaded = CardMemory.load(SERIAL, world.server.removes[0], PROTECTION_KEY)
+    assert world.session.life is LifeState.IDLE and mem.wiped and not world.lock.held
+    uploaded = CardMemory.load(SERIAL, world.server.removes[0], world.server.protection_key)
     assert decode_counter(_read(uploaded, ItemKind.COUNTER, "runs")) == 5
     uploaded.wipe()
 
@@ -455,19 +399,20 @@ def test_clock_jump_exits_4_even_when_remove_fails(world):
     world.clock.advance(3600)
     world.clock.advance(3 * 3600)
     assert [c for c, _ in world.exits] == [4]
+    assert world.server.removes == [] and world.session.life is LifeState.IN_USE
 
 
 def test_acknowledged_change_is_what_the_server_stored(world):
     """A counter step returns only after a sync whose envelope, opened with the protection key, holds the new value."""
     assert _done(world.session.counter("runs", -1)) == 4
     assert len(world.server.syncs) == 1 and world.session.version == 2
-    stored = CardMemory.load(SERIAL, world.server.syncs[-1], PROTECTION_KEY)
+    stored = CardMemory.load(SERIAL, world.server.syncs[-1], world.server.protection_key)
     try:
         assert decode_counter(_read(stored, ItemKind.COUNTER, "runs")) == 4
     finally:
         stored.wipe()
     _done(world.session.data_put("fresh", b"new value"))
-    stored = CardMemory.load(SERIAL, world.server.syncs[-1], PROTECTION_KEY)
+    stored = CardMemory.load(SERIAL, world.server.syncs[-1], world.server.protection_key)
     try:
         assert _read(stored, ItemKind.DATA, "fresh") == b"new value"
     finally:
@@ -476,8 +421,8 @@ def test_acknowledged_change_is_what_the_server_stored(world):
 
 @pytest.mark.parametrize("error", [
     ChannelClosedError(ErrorCode.INTERNAL_ERROR, "connection lost"),
-    ops.OperationRefused(Status.VERSION_CONFLICT, "sync"),
-])
+    Status.VERSION_CONFLICT,
+], ids=["channel-lost", "version-conflict"])
 def test_failed_sync_reverts_the_change(world, error):
     """A modification whose sync fails raises CardError and is undone: nothing unstored is ever acknowledged."""
     from vsc.card.session import CardError

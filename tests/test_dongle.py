@@ -428,36 +428,40 @@ def test_dongle_setup_reads_card_ini(tmp_path):
         dongle_setup(cc.load(moved), None, str(pin))
 
 
-def test_a_failing_token_check_of_any_kind_removes_the_card(tmp_path, monkeypatch):
+def test_a_failing_token_check_of_any_kind_removes_the_card(tmp_path):
     """The periodic check fails closed: a wrong answer, a TokenError, and any other exception out of the
     PKCS#11 library (a token pulled between opening a session and using it) each erase the card and exit
     with code 5 and a "dongle check failed" line; a good answer keeps it in use; a check that fails after the
     card was removed in the meantime does nothing more."""
-    from twisted.internet.defer import maybeDeferred
+    from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
     from twisted.internet.task import Clock
 
+    from tests.cardfakes import MemoryStorage, in_use_session, release
     from vsc.card.config import CardConfig
-    from vsc.card.machine import MachineLock
-    from vsc.dongle import session as ds
+    from vsc.card.protected import seal_envelope
+    from vsc.card.session import LifeState
+    from vsc.dongle.storage import TokenCalls, TokenStorage
     from vsc.dongle.token import TokenError, TokenRef
     from vsc.wire.dongle import ChallengeTable
 
-    monkeypatch.setattr(ds, "deferToThread", lambda fn, *a: maybeDeferred(fn, *a))
     ref = TokenRef.parse(f"pkcs11:token=t;module-path={MODULE}", PIN)
     table = ChallengeTable(serial="dg-1", entries=((b"c" * 16, b"r" * 16),))
-    config = CardConfig(home=tmp_path, server="", server_key="", serial="dg-1")
+    config = CardConfig(home=tmp_path, server="", server_key="", serial="dg-1", muk_poll=0, clock_poll=0)
+    envelope = seal_envelope("dg-1", b"k" * 32, [], os.urandom)
 
-    def session_with(check):
-        monkeypatch.setattr(ds, "token_check", check)
-        exits = []
-        s = ds.DongleSession(config, Clock(), ref, table, 1.0, lock=MachineLock(str(tmp_path)),
-                             on_exit=lambda code, why: exits.append((code, why)))
-        s.state = "in-use"
-        return s, exits
+    def session_with(check, worker=None):
+        """An in-use card whose periodic check is a TokenStorage's, on a Clock: the check runs at 1 s."""
+        token = TokenStorage(config, ref, table, 1.0, worker=worker or (lambda fn, *a: maybeDeferred(fn, *a)),
+                             calls=TokenCalls(check=check))
+        storage = MemoryStorage("dg-1", envelope, b"k" * 32, os.urandom, checks=token.checks())
+        clock, exits = Clock(), []
+        s = in_use_session(config, storage, os.urandom, clock, on_exit=lambda code, why: exits.append((code, why)))
+        return s, clock, exits
 
-    s, exits = session_with(lambda *a: True)
-    s.poll_dongle()
-    assert (s.state, exits) == ("in-use", [])
+    s, clock, exits = session_with(lambda *a: True)
+    clock.advance(1)
+    assert (s.life, exits) == (LifeState.IN_USE, [])
+    release(s)
 
     def raises(e):
         def check(*a):
@@ -467,23 +471,21 @@ def test_a_failing_token_check_of_any_kind_removes_the_card(tmp_path, monkeypatc
     for check, why in ((lambda *a: False, "does not match the challenge table"),
                        (raises(TokenError("the token 't' is not present")), "is not present"),
                        (raises(RuntimeError("CKR_DEVICE_REMOVED")), "the token failed: RuntimeError")):
-        s, exits = session_with(check)
-        s.poll_dongle()
-        assert s.state == "idle" and len(exits) == 1, exits
+        s, clock, exits = session_with(check)
+        memory = s.memory
+        clock.advance(1)
+        assert s.life is LifeState.EXITED and memory.wiped and not s.lock.held and len(exits) == 1, exits
         code, line = exits[0]
         assert code == 5 and line.startswith("dongle check failed: ") and why in line, line
         assert line.endswith("; the card was removed")
 
-    from twisted.internet.defer import Deferred
-
     pending = Deferred()
-    monkeypatch.setattr(ds, "deferToThread", lambda fn, *a: pending)  # the check is still running...
-    s, exits = session_with(lambda *a: True)
-    done = []
-    s.poll_dongle().addBoth(done.append)
-    s.state = "idle"  # ...when the owner removes the card
+    s, clock, exits = session_with(lambda *a: True, worker=lambda fn, *a: pending)  # the check is still running...
+    clock.advance(1)
+    ensureDeferred(s.remove("test"))  # ...when the owner removes the card
+    assert s.life is LifeState.IDLE
     pending.errback(TokenError("the token 't' is not present"))
-    assert done == [None] and exits == [] and s.state == "idle"
+    assert exits == [] and s.life is LifeState.IDLE
 
 
 # ---------------------------------------------------------------- the card on a token
@@ -788,7 +790,7 @@ def test_token_sessions_from_two_threads_are_serialised(enrolled):
     lab, home, table = enrolled
     result = lab.pk11("""
         import threading
-        from vsc.dongle.session import token_check, write_card
+        from vsc.dongle.storage import token_check, write_card
         from vsc.wire.dongle import decode_table
         table = decode_table(open(values["table"], "rb").read())
         with Token(ref) as tok:
@@ -857,7 +859,7 @@ BINDING_PROBE = textwrap.dedent('''
     from vsc import crypto
     from vsc.card import ops
     from vsc.card.protected import CardMemory
-    from vsc.dongle.session import bound_key, read_card
+    from vsc.dongle.storage import bound_key, read_card
     from vsc.dongle.token import TokenRef
     from vsc.wire.ops import KdfParams
     uri, password = sys.argv[1], sys.argv[2]

@@ -889,41 +889,27 @@ def test_version_and_serial(card):
 
 # ================================================================ the glue: vsc.card.vpcd on a CardSession
 
-from twisted.internet.task import Clock  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 from twisted.protocols.basic import Int16StringReceiver  # noqa: E402
 
 from vsc.card import vpcd  # noqa: E402
 from vsc.card.config import CardConfig  # noqa: E402
-from vsc.card.protected import CardMemory, PlainItem, seal_envelope  # noqa: E402
-from vsc.card.session import CardSession  # noqa: E402
+from vsc.card.protected import PlainItem, seal_envelope  # noqa: E402
+from vsc.card.session import LifeState  # noqa: E402
+from tests.cardfakes import MemoryStorage, in_use_session, leave_use, release  # noqa: E402
 
 
 @pytest.fixture
 def session(tmp_path):
-    """An in-use CardSession on a real CardMemory; _sync is replaced by a recorder (no server)."""
+    """An in-use CardSession on a real CardMemory; its storage records every stored change (no server)."""
     protection_key = bytes(range(32))
     items = [PlainItem(ItemKind.KEY, slot, der, alg, PUBLIC[slot]) for slot, (der, alg) in KEYS.items()]
     items += [PlainItem(ItemKind.CERT, slot, CERTS[slot]) for slot in KEYS]
     envelope = seal_envelope(SERIAL, protection_key, items, Drbg(b"seal"))
     cfg = CardConfig(home=tmp_path, server="tcp:127.0.0.1:1", server_key="SHA256:unused", serial=SERIAL)
-    s = CardSession(cfg, Clock(), bytes(32), rand=Drbg(b"session"))
-    s.memory = CardMemory.load(SERIAL, envelope, protection_key, Drbg(b"load"))
-    s.state = "in-use"
-    s.synced = 0
-    s.fail_sync = False
-
-    async def fake_sync():
-        if s.fail_sync:
-            from vsc.card.session import CardError
-
-            raise CardError("server unreachable")
-        s.synced += 1
-
-    s._sync = fake_sync
+    s = in_use_session(cfg, MemoryStorage(SERIAL, envelope, protection_key, Drbg(b"load")), Drbg(b"session"))
     yield s
-    if s.memory is not None and not s.memory.wiped:
-        s.memory.wipe()
+    release(s)
 
 
 class SockRecorder:
@@ -1041,7 +1027,7 @@ def test_glue_persists_the_retry_counter(session):
     proto, transport = _link(session)
     sel = apdu.command(0, 0xA4, 4, 0, piv.PIV_AID[:9], 256)
     answers = _exchange(proto, transport, sel, apdu.command(0, 0x20, 0, 0x80, apdu.pad_pin(b"000000")))
-    assert answers[1] == b"\x63\xc2" and session.synced == 1
+    assert answers[1] == b"\x63\xc2" and len(session.storage.stored) == 1
     proto2, transport2 = _link(session)
     assert _exchange(proto2, transport2, sel, apdu.command(0, 0x20, 0, 0x80))[1] == b"\x63\xc2"
 
@@ -1049,11 +1035,11 @@ def test_glue_persists_the_retry_counter(session):
 def test_glue_sync_failure_is_6581(session):
     """When the sync fails the session undoes the change and the APDU is answered 6581."""
     proto, transport = _link(session)
-    session.fail_sync = True
+    session.storage.fail_store = "server unreachable"
     sel = apdu.command(0, 0xA4, 4, 0, piv.PIV_AID[:9], 256)
     answers = _exchange(proto, transport, sel, apdu.command(0, 0x20, 0, 0x80, apdu.pad_pin(b"000000")))
     assert answers[1] == b"\x65\x81"
-    session.fail_sync = False
+    session.storage.fail_store = None
     assert _exchange(proto, transport, apdu.command(0, 0x20, 0, 0x80)) == [b"\x63\xc3"]
 
 
@@ -1068,7 +1054,7 @@ def test_glue_generate_stores_the_key(session):
     (answer,) = _exchange(proto, transport, apdu.command(0, 0x47, 0, 0x9E, tlv.encode(0xAC, tlv.encode(0x80, b"\x11")),
                                                          256))
     body, sw = apdu.parse_response(answer)
-    assert sw == 0x9000 and session.synced == 1
+    assert sw == 0x9000 and len(session.storage.stored) == 1
     point = tlv.to_dict(tlv.decode_one(body, 0x7F49))[0x86]
     public = [p for k, n, a, p in session.memory.items() if k is ItemKind.KEY and n == "9e"][0]
     assert crypto.public_numbers(public)["ec"] == point and old != session.memory.items()
@@ -1079,7 +1065,7 @@ def test_glue_card_not_inserted(session):
     proto, transport = _link(session)
     sel = apdu.command(0, 0xA4, 4, 0, piv.PIV_AID[:9], 256)
     _exchange(proto, transport, sel)
-    session.state = "removing"
+    leave_use(session, LifeState.REMOVING)
     assert _exchange(proto, transport, apdu.command(0, 0x20, 0, 0x80, apdu.pad_pin(PIN))) == [b"\x6f\x00"]
 
 
@@ -1091,7 +1077,7 @@ def test_certificate_helpers(session):
     from vsc.card.session import CardError
 
     d = ensureDeferred(vpcd.put_certificate(session, "9a", CERTS["9d"]))  # same RSA key in 9a and 9d
-    assert d.called and session.synced == 1
+    assert d.called and len(session.storage.stored) == 1
     assert vpcd.get_certificate(session, "9a") == CERTS["9d"]
     failures = []
     ensureDeferred(vpcd.put_certificate(session, "9a", CERTS["9c"])).addErrback(failures.append)

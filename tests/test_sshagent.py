@@ -26,18 +26,18 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import Int32StringReceiver
 
 from vsc import crypto
 from vsc.card import sshagent
 from vsc.card.config import CardConfig
-from vsc.card.protected import CardMemory, PlainItem, seal_envelope
-from vsc.card.session import CardSession
+from vsc.card.protected import PlainItem, seal_envelope
+from vsc.card.session import CardSession, LifeState
 from vsc.wire import sshagent as w
 from vsc.wire.errors import WireError
 from vsc.wire.protected import ItemKind, KeyAlg
+from tests.cardfakes import MemoryStorage, in_use_session, leave_use, release
 
 SERIAL = "card-ssh-1"
 SLOT_KINDS = {"9a": crypto.KEY_RSA2048, "9c": crypto.KEY_P256, "9d": crypto.KEY_RSA2048, "9e": crypto.KEY_P256}
@@ -72,12 +72,9 @@ def session(private_keys, tmp_path) -> CardSession:
     items.append(PlainItem(ItemKind.DATA, "note", b"not a key"))
     envelope = seal_envelope(SERIAL, protection_key, items, _rand)
     cfg = CardConfig(home=tmp_path, server="tcp:127.0.0.1:1", server_key="SHA256:unused", serial=SERIAL)
-    s = CardSession(cfg, Clock(), bytes(32), rand=_rand)
-    s.memory = CardMemory.load(SERIAL, envelope, protection_key, _rand)
-    s.state = "in-use"
+    s = in_use_session(cfg, MemoryStorage(SERIAL, envelope, protection_key, _rand), _rand)
     yield s
-    if s.memory is not None:
-        s.memory.wipe()
+    release(s)
 
 
 class _Answers(Int32StringReceiver):
@@ -241,25 +238,26 @@ def test_unknown_key_is_refused(session):
 # ---------------------------------------------------------------- card not in use
 
 
-@pytest.mark.parametrize("state", ["removing", "idle", "exited"])
+@pytest.mark.parametrize("state", [LifeState.REMOVING, LifeState.IDLE, LifeState.EXITED], ids=lambda s: s.value)
 def test_card_not_in_use_refuses_everything(session, state):
     """Once the card is removing/idle/exited, listing and signing both answer SSH_AGENT_FAILURE."""
     client = Client(session)
     blob = client.blob("9a")
-    session.state = state
+    assert client.ask(w.RequestIdentities()) != w.Failure()
+    leave_use(session, state)
     assert client.ask(w.RequestIdentities()) == w.Failure()
     assert client.ask(w.SignRequest(blob, DATA, w.SignFlags.RSA_SHA2_256)) == w.Failure()
 
 
 def test_wiped_memory_refuses(session):
-    """After remove wiped the memory (state still in-use for a moment) nothing is listed or signed."""
+    """Memory wiped while the life cycle still says in use (never happens in order; the check holds anyway):
+    nothing is listed or signed."""
     client = Client(session)
     blob = client.blob("9c")
     session.memory.wipe()
+    assert session.life is LifeState.IN_USE and not session.usable
     assert client.ask(w.RequestIdentities()) == w.Failure()
     assert client.ask(w.SignRequest(blob, DATA, 0)) == w.Failure()
-    session.memory = None
-    assert client.ask(w.RequestIdentities()) == w.Failure()
 
 
 def test_removed_while_a_sign_waits_for_the_card(session):
@@ -269,7 +267,7 @@ def test_removed_while_a_sign_waits_for_the_card(session):
     session._oplock.acquire()  # another card operation is running
     client.send_raw(w.encode_request(w.SignRequest(blob, DATA, w.SignFlags.RSA_SHA2_256)))
     assert client.transport.value() == b""  # waiting for the card
-    session.state = "removing"
+    leave_use(session, LifeState.REMOVING)
     session._oplock.release()
     assert client.responses() == [w.Failure()]
 
@@ -442,7 +440,7 @@ def test_sign_pkcs1_refuses_sha1_and_ec(private_keys):
 
 def test_tap_options():
     """twistd vsc-card: --ssh-agent PATH, --ssh-agent-slots and --no-ssh-agent parse."""
-    from vsc.card.tap import Options
+    from vsc.daemon.card_tap import Options
 
     o = Options()
     o.parseOptions(["--home", "/h", "--ssh-agent", "/run/x.sock", "--ssh-agent-slots", "9a,9c"])

@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 vscCard = ServiceMaker(
     "VSC card",
-    "vsc.card.tap",
+    "vsc.daemon.card_tap",
     "A Virtual Smart Card process: inserts the card and serves it while in use",
     "vsc-card",
 )

@@ -144,17 +144,12 @@ class CardAgent:
             blob = self._blobs[public] = key_blob(public)
         return blob
 
-    def in_use(self) -> bool:
-        s = self.session
-        return s.state == "in-use" and s.memory is not None and not s.memory.wiped
-
     def keys(self) -> list[AgentKey]:
-        """The card's keys the agent offers, in slot order; AgentRefused when the card is not in use."""
-        if not self.in_use():
-            raise AgentRefused(f"the card is {self.session.state}")
+        """The card's keys the agent offers, in slot order; the card's CardError when it is not usable."""
+        memory = self.session.require_usable()
         out = []
         serial = self.session.config.serial
-        for kind, name, alg, public in self.session.memory.items():
+        for kind, name, alg, public in memory.items():
             if kind is not ItemKind.KEY or alg not in SSH_ALGORITHMS or not public:
                 continue
             if self.slots is not None and name not in self.slots:

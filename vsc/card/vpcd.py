@@ -34,6 +34,7 @@ from twisted.protocols.basic import Int16StringReceiver
 
 from vsc import crypto
 from vsc.protocol import piv
+from vsc.protocol.card_lifecycle import CardError
 from vsc.wire import apdu
 from vsc.wire.protected import ItemKind, KeyAlg
 
@@ -76,10 +77,10 @@ class PivCard:
     # -- effects
 
     def _memory(self):
-        mem = self.session.memory
-        if self.session.state != "in-use" or mem is None or mem.wiped:
-            raise piv.EffectFailed("the card is not inserted")
-        return mem
+        try:
+            return self.session.require_usable()
+        except CardError as e:
+            raise piv.EffectFailed(str(e)) from None
 
     async def _perform(self, effect):
         if isinstance(effect, piv.Load):
@@ -302,11 +303,7 @@ class PcscLink:
 
 
 def _slot_public(session, slot: str) -> bytes:
-    from vsc.card.session import CardError
-
-    mem = session.memory
-    if session.state != "in-use" or mem is None or mem.wiped:
-        raise CardError("the card is not inserted")
+    mem = session.require_usable()
     for kind, name, _alg, public in mem.items():
         if kind is ItemKind.KEY and name == slot:
             return public
@@ -315,8 +312,6 @@ def _slot_public(session, slot: str) -> bytes:
 
 async def put_certificate(session, slot: str, der: bytes) -> None:
     """Store a slot's certificate (stored and synced before this returns); its public key must be the slot's."""
-    from vsc.card.session import CardError
-
     try:
         cert_public = crypto.certificate_public_der(der)
     except ValueError as e:

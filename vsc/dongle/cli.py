@@ -126,7 +126,7 @@ def cmd_enroll(args) -> int:
     envelope = seal_envelope(table.serial, keys.protection_key, items, crypto.system_random)
     items.clear()
     from vsc.card.protected import rewrap
-    from vsc.dongle.session import bound_key, token_check
+    from vsc.dongle.storage import bound_key, token_check
 
     try:
         if not token_check(ref, table, int.from_bytes(os.urandom(4), "big")):
