@@ -29,6 +29,14 @@ from vsc.protocol.channel import (
 from vsc.wire import ErrorCode, Message, WireError
 
 
+def peer_host(transport) -> str:
+    """The peer's address without the port ("" for transports without one)."""
+    try:
+        return str(getattr(transport.getPeer(), "host", "") or "")
+    except Exception:  # noqa: BLE001 - some test transports have no peer
+        return ""
+
+
 def peer_name(transport) -> str:
     try:
         peer = transport.getPeer()
@@ -51,6 +59,7 @@ class ChannelProtocol(FrameReceiver):
         self.clock = clock
         self.info: ChannelInfo | None = None
         self.peer = "?"
+        self.peer_host = ""
         self.closeCode: ErrorCode | None = None
         self.closeReason = ""
         self._timer: IDelayedCall | None = None
@@ -98,6 +107,7 @@ class ChannelProtocol(FrameReceiver):
     # -- Twisted side
     def connectionMade(self) -> None:
         self.peer = peer_name(self.transport)
+        self.peer_host = peer_host(self.transport)
         self._run(self.channel.start())
 
     def frameReceived(self, frame: bytes) -> None:

@@ -182,7 +182,7 @@ def cmd_list(args) -> int:
         now = store.now()
         cards = [
             {"serial": c.serial, "state": c.state.value, "version": c.version, "locked_out": c.locked_out(now)}
-            for c in store.list()
+            for c in store.list_cards()
         ]
         pending = [
             {"serial": s, "state": "issued", "version": None, "locked_out": False, "expires": exp, "expired": exp < now}
@@ -261,13 +261,14 @@ def cmd_history(args) -> int:
     return EXIT_OK
 
 
-def _destroy(store, serial: str) -> str:
-    result = store.destroy(serial, peer="admin")
-    if result == "refused":
+def _destroy(store, serial: str) -> None:
+    from vsc.wire.ops import Status
+
+    status = store.destroy_by_admin(serial, peer="admin")
+    if status is Status.REFUSED:
         raise CommandError(f"no card {serial}")
-    if result == "destroyed":
+    if status is Status.DESTROYED:
         raise CommandError(f"card {serial} is already destroyed")
-    return result
 
 
 def cmd_destroy(args) -> int:

@@ -55,7 +55,7 @@ def makeService(options: Options) -> service.IService:
     from vsc.protocol.auth import load_master_key
     from vsc.server.policy import Policy
     from vsc.server.service import Backend, server_factory
-    from vsc.server.store import Store, StoreError, instance_owner
+    from vsc.server.store import Store, StoreError
 
     try:
         cfg = server_config.load(options["data-dir"])
@@ -64,7 +64,6 @@ def makeService(options: Options) -> service.IService:
         master = load_master_key(cfg.settings.get("master_key_file") or os.environ.get("VSC_MASTER_KEY_FILE") or None)
         store = Store(cfg.database_url, reactor.seconds, policy.lockout)
         store.migrate()
-        store.clear_dead_leases()
         store.close()
     except (server_config.ConfigError, StoreError, ValueError, OSError) as e:
         sys.stderr.write(f"vsc-server: {e}\n")
@@ -77,7 +76,7 @@ def makeService(options: Options) -> service.IService:
     top = service.MultiService()
     pool = ThreadPool(minthreads=1, maxthreads=threads, name="vsc-db")
     PoolService(pool, store).setServiceParent(top)
-    backend = Backend(reactor, store, pool, policy.lease_ttl, instance_owner())
+    backend = Backend(reactor, store, pool)
     factory = server_factory(cfg.channel, key, reactor, backend=backend, ops_policy=policy.ops(), master=master)
     strports.service(listen, factory).setServiceParent(top)
     return top
