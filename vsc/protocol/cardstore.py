@@ -156,6 +156,15 @@ class CheckIn:
 
 
 @attrs.frozen
+class AttachCard:
+    """A new channel of an in-use card presents the insert secret (nothing changes; refusals are logged)."""
+
+    serial: str
+    session: bytes
+    peer: str
+
+
+@attrs.frozen
 class RecoverCard:
     """Recover (Figure 12): idle again, from the last insert's machine only."""
 
@@ -211,6 +220,7 @@ class CardStore(Protocol):
     def sync(self, e: SyncCard) -> Outcome: ...
     def change_password(self, e: ChangeCardPassword) -> Outcome: ...
     def check_in(self, e: CheckIn) -> Outcome: ...
+    def attach(self, e: AttachCard) -> Outcome: ...
     def recover(self, e: RecoverCard) -> Outcome: ...
     def destroy(self, e: DestroyCard) -> Outcome: ...
     def count_failure(self, e: CountFailure) -> None: ...
@@ -225,11 +235,12 @@ STORE_CALLS: dict[type, Callable[[CardStore, object], object]] = {
     SyncCard: lambda store, e: store.sync(e),
     ChangeCardPassword: lambda store, e: store.change_password(e),
     CheckIn: lambda store, e: store.check_in(e),
+    AttachCard: lambda store, e: store.attach(e),
     RecoverCard: lambda store, e: store.recover(e),
     DestroyCard: lambda store, e: store.destroy(e),
     CountFailure: lambda store, e: store.count_failure(e),
     LogRefusal: lambda store, e: store.log_refusal(e),
 }
 
-StoreEffect = (LoadCard | EnrolCard | CheckOut | SyncCard | ChangeCardPassword | CheckIn | RecoverCard
+StoreEffect = (LoadCard | EnrolCard | CheckOut | SyncCard | ChangeCardPassword | CheckIn | AttachCard | RecoverCard
                | DestroyCard | CountFailure | LogRefusal)

@@ -49,6 +49,7 @@ class Operation(str, enum.Enum):
     REMOVE = "remove"
     RECOVER = "recover"
     DESTROY = "destroy"
+    ATTACH = "attach"
 
 
 class Condition(str, enum.Enum):
@@ -62,6 +63,7 @@ class Condition(str, enum.Enum):
     CONFLICT = "current insert, other version"
     STRANGER = "another insert secret"
     OTHERWISE = "otherwise"
+    HOLDER = "current insert"
     LAST_MACHINE = "MUK of the last insert"
     OTHER_MACHINE = "another MUK"
     # decided before a transaction (vsc.protocol.server_ops), listed so the table is whole
@@ -149,6 +151,11 @@ TABLE: tuple[Row, ...] = (
     _row(S.IN_USE, "destroy", C.ANY, Status.OK, S.DESTROYED, A.WIPE),
     _row(S.DESTROYED, AUTH_OPS, C.ANY, Status.DESTROYED, None, history="destroyed"),
     _row(S.DESTROYED, SESSION_OPS, C.ANY, Status.REFUSED, None),
+    _row(S.NONE, "attach", C.ANY, Status.REFUSED, None),
+    _row(S.IDLE, "attach", C.ANY, Status.REFUSED, None),
+    _row(S.IN_USE, "attach", C.HOLDER, Status.OK, None, history="-"),
+    _row(S.IN_USE, "attach", C.STRANGER, Status.REFUSED, None),
+    _row(S.DESTROYED, "attach", C.ANY, Status.REFUSED, None),
 )
 
 
@@ -232,6 +239,11 @@ def classify(op: Operation, card: CardFacts | None, req: RequestFacts) -> Condit
             return Condition.LAST_MACHINE if card.muk == req.muk else Condition.OTHER_MACHINE
         return Condition.ANY
     if op is Operation.DESTROY:
+        return Condition.ANY
+    if op is Operation.ATTACH:
+        if state is State.IN_USE:
+            same = card.session_hash is not None and card.session_hash == req.session_hash
+            return Condition.HOLDER if same else Condition.STRANGER
         return Condition.ANY
     # sync, password, remove: the insert secret is the authority
     if state is State.IDLE:

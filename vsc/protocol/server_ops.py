@@ -40,6 +40,7 @@ from automat import NoTransition, TypeMachineBuilder
 from vsc import crypto
 from vsc.protocol import auth, implauth
 from vsc.protocol.cardstore import (
+    AttachCard,
     ChangeCardPassword,
     CheckIn,
     CheckOut,
@@ -72,9 +73,10 @@ from vsc.wire.ops import (
 )
 
 AUTH_OPS = (Op.INSERT, Op.RECOVER, Op.DESTROY)
-SESSION_OPS = (Op.SYNC, Op.REMOVE)
+SESSION_OPS = (Op.SYNC, Op.REMOVE, Op.ATTACH)
 OPERATION = {Op.INSERT: Operation.INSERT, Op.REMOVE: Operation.REMOVE, Op.RECOVER: Operation.RECOVER,
-             Op.DESTROY: Operation.DESTROY, Op.SYNC: Operation.SYNC, Op.PASSWORD: Operation.PASSWORD}
+             Op.DESTROY: Operation.DESTROY, Op.SYNC: Operation.SYNC, Op.PASSWORD: Operation.PASSWORD,
+             Op.ATTACH: Operation.ATTACH}
 
 
 # ---------------------------------------------------------------- effects (besides vsc.protocol.cardstore's)
@@ -109,6 +111,13 @@ class ProtocolViolation:
     """The peer broke the operation protocol: close the channel."""
 
     reason: str
+
+
+@attrs.frozen
+class Authenticated:
+    """An operation on this channel passed its authority: the glue may raise the channel's limits."""
+
+    serial: str
 
 
 @attrs.frozen
@@ -258,6 +267,9 @@ def _build():
     def session_op(m: OpsInputs, core: OpsCore, req: OpRequest) -> None:
         core.start(req.serial, req.op, req)
         session = crypto.sha256(req.insert_secret) if req.insert_secret else b""
+        if req.op is Op.ATTACH:
+            core.emit(AttachCard(serial=req.serial, session=session, peer=core.peer))
+            return
         cls = SyncCard if req.op is Op.SYNC else CheckIn
         core.emit(cls(serial=req.serial, session=session, version=req.version, protected=req.protected,
                       peer=core.peer))
@@ -357,6 +369,8 @@ def _build():
             core.emit(Reply(OpResult(status=core.pending)))
         else:
             registration = core.enrol_reply if isinstance(core.request, EnrolRequest) else outcome.registration
+            if outcome.status is Status.OK:
+                core.emit(Authenticated(core.serial))
             core.emit(Reply(OpResult(status=outcome.status, version=outcome.version, protected=outcome.protected,
                                      registration=registration if outcome.status is Status.OK else b"")))
         core.finish()
@@ -535,4 +549,4 @@ class ServerOps:
 
 
 __all__ = ["ServerOps", "OpsPolicy", "Reply", "IssueMaterial", "StartDeadline", "CancelDeadline",
-           "ProtocolViolation", "Logged", "required_methods", "Outcome"]
+           "ProtocolViolation", "Logged", "Authenticated", "required_methods", "Outcome"]

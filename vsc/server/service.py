@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
@@ -18,13 +19,15 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from vsc import crypto
-from vsc.net.channel import ChannelFactory, ChannelProtocol
-from vsc.protocol.channel import ChannelInfo, server_channel
+from vsc.net.channel import ChannelFactory, ChannelProtocol, peer_host
+from vsc.protocol.channel import ChannelInfo, private_decrypt, server_channel
+from vsc.server.admission import Admission, AdmissionLimits, Refused
 from vsc.protocol import implauth
 from vsc.protocol.cardstore import STORE_CALLS, LoadCard
 from vsc.protocol.implauth import Registrar
 from vsc.protocol.lockout import SourceLimits, source_of
 from vsc.protocol.server_ops import (
+    Authenticated,
     CancelDeadline,
     IssueMaterial,
     Logged,
@@ -35,7 +38,7 @@ from vsc.protocol.server_ops import (
     StartDeadline,
 )
 from vsc.protocol.suites import ChannelConfig
-from vsc.wire import ErrorCode, Message
+from vsc.wire import MAX_FRAME_BODY, ErrorCode, Message
 from vsc.wire.messages import EchoReply
 
 
@@ -62,6 +65,56 @@ class ServerProtocol(ChannelProtocol):
 
     ops: ServerOps | None = None
     _deadline: IDelayedCall | None = None
+    _counted = False  # admitted, and still counted as unauthenticated
+    source = ""
+
+    # -- admission (vsc.server.admission)
+
+    def connectionMade(self) -> None:
+        admission: Admission | None = self.factory.admission
+        self.source = source_of(peer_host(self.transport))
+        if admission is not None:
+            if not admission.opened(self.source):
+                self.log.debug("{source}: connection refused: too many unauthenticated connections",
+                               source=self.source)
+                self.transport.abortConnection()
+                return
+            self._counted = True
+        super().connectionMade()
+
+    def connectionLost(self, reason=None) -> None:
+        if self._counted:
+            self._counted = False
+            self.factory.admission.closed(self.source, True)
+        super().connectionLost(reason)
+
+    def runDecrypt(self, ciphertext: bytes) -> None:
+        admission: Admission | None = self.factory.admission
+        if admission is None:
+            return super().runDecrypt(ciphertext)
+        key = self.channel._core.private_key
+        d = admission.decrypt(self.source, lambda: private_decrypt(key, ciphertext))
+
+        def decrypted(plaintext) -> None:
+            if not self.channel.closed:
+                self._run(self.channel.decrypted(plaintext))
+
+        def refused(failure: Failure) -> None:
+            failure.trap(Refused)
+            self.log.debug("{peer}: handshake refused: {why}", peer=self.peer, why=failure.getErrorMessage())
+            if not self.channel.closed:
+                self._run(self.channel.close(ErrorCode.SERVER_BUSY))
+
+        d.addCallbacks(decrypted, refused).addErrback(lambda f: self.log.failure("handshake decryption", f))
+
+    def _authenticated(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.factory.admission.authenticated(self.source)
+        limits = self.factory.admission.limits if self.factory.admission is not None else None
+        idle = limits.idle_timeout if limits is not None else 0.0
+        self.channel.raise_limits(MAX_FRAME_BODY, idle)
+        self.MAX_LENGTH = self.channel.max_frame_body()
 
     def channelEstablished(self, info: ChannelInfo) -> None:
         f = self.factory
@@ -75,7 +128,7 @@ class ServerProtocol(ChannelProtocol):
                 now=f.clock.seconds,
                 rand=f.rand,
                 limits=f.limits,
-                source=source_of(self.peer_host),
+                source=self.source or source_of(self.peer_host),
             )
 
     def messageReceived(self, msg: Message) -> None:
@@ -111,6 +164,8 @@ class ServerProtocol(ChannelProtocol):
                 self._deadline = self.clock.callLater(e.seconds, self._deadline_passed)
             elif isinstance(e, CancelDeadline):
                 self._cancel_deadline()
+            elif isinstance(e, Authenticated):
+                self._authenticated()
             elif isinstance(e, Logged):
                 self.log.info("{peer}: {serial}: {event} ({detail})", peer=self.peer, serial=e.serial, event=e.event,
                               detail=e.detail)
@@ -151,8 +206,14 @@ class ServerFactory(ChannelFactory):
         ops_policy: OpsPolicy = OpsPolicy(),
         master: bytes = b"",
         rand: crypto.RandomBytes = crypto.system_random,
+        admission: Admission | None = None,
     ):
-        super().__init__(lambda: server_channel(config, key, rand), clock, ServerProtocol)
+        if admission is not None:
+            # unauthenticated channels: small frames, a short idle time; the decryption runs on the pool
+            lim = admission.limits
+            config = attrs.evolve(config, max_body=lim.max_unauthenticated_body, idle_timeout=lim.unauthenticated_idle)
+        super().__init__(lambda: server_channel(config, key, rand, inline=admission is None), clock, ServerProtocol)
+        self.admission = admission
         self.backend = backend
         self.ops_policy = ops_policy
         self.master = master
@@ -174,5 +235,6 @@ def server_factory(
     backend: Backend | None = None,
     ops_policy: OpsPolicy = OpsPolicy(),
     master: bytes = b"",
+    admission: Admission | None = None,
 ) -> ServerFactory:
-    return ServerFactory(config, key, clock, backend, ops_policy, master, rand)
+    return ServerFactory(config, key, clock, backend, ops_policy, master, rand, admission)

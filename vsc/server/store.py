@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 import attrs
 
 from vsc.protocol.cardstore import (
+    AttachCard,
     CardRecord,
     ChangeCardPassword,
     CheckIn,
@@ -537,6 +538,10 @@ class Store:
         return self._session(Operation.REMOVE, e.serial, e.peer, RequestFacts(
             session_hash=e.session, version=e.version, protected=e.protected), e)
 
+    def attach(self, e: AttachCard) -> Outcome:
+        """A new channel of the in-use card: the insert secret proves it; nothing is written unless refused."""
+        return self._session(Operation.ATTACH, e.serial, e.peer, RequestFacts(session_hash=e.session), e)
+
     def _authenticated(self, op: Operation, serial: str, muk: bytes | None, peer: str, verifier: bytes,
                        totp_step: int | None, own_machine: bool, req: RequestFacts, e) -> Outcome:
         now = self.now()
@@ -585,7 +590,8 @@ class Store:
             elif card is None:
                 detail = "no such card"
             holder = card is not None and condition in (Condition.CURRENT, Condition.RETRY, Condition.CONFLICT)
-            self._history(cur, serial, op.value, decision.history, peer, card.muk if holder else None, detail)
+            if decision.history != "-":
+                self._history(cur, serial, op.value, decision.history, peer, card.muk if holder else None, detail)
             if decision.status is Status.OK:
                 version = card.version + 1 if decision.action in (Action.STORE, Action.STORE_PASSWORD,
                                                                   Action.CHECK_IN) else card.version
