@@ -375,8 +375,10 @@ def enrol_fast(url: str, serials: list[str], password: str, log2_n: int) -> str:
     """
     from vsc.card import ops
     from vsc.protocol import auth
+    from vsc.protocol.cardstore import EnrolCard
     from vsc.server.policy import Policy, new_enrolment_code
     from vsc.server.store import Store
+    from vsc.wire.ops import Status
 
     store = Store(url, time.time)
     try:
@@ -391,7 +393,8 @@ def enrol_fast(url: str, serials: list[str], password: str, log2_n: int) -> str:
         blob = os.urandom(PROTECTED_SIZE)
         for serial in serials:
             store.issue(serial, code_hash, info, 3600, peer="bench")
-            if not store.enrol(serial, code_hash, verifier, kdf.encode(), blob, peer="bench"):
+            enrolled = store.enrol(EnrolCard(serial, code_hash, verifier, kdf.encode(), blob, b"", {}, "bench"))
+            if enrolled.status is not Status.OK:
                 raise RuntimeError(f"enrolling {serial} through the Store failed")
         return kdf.encode().hex()
     finally:
@@ -655,7 +658,7 @@ def report(res: dict) -> str:
                  "the machine) or for the disk.")
     lines.append(f"Enrolment of {res.get('enrolled', 0):,} records through the Store API took "
                  f"{res.get('enrol_s', 0):.1f} s; the disk does {res['fsync_per_s']:,.0f} fdatasync/s "
-                 f"(every insert is about three SQLite commits: lease, check-out, lease release). "
+                 f"(every insert is one SQLite commit, the check-out, after a plain read). "
                  f"RLIMIT_NOFILE: server {res.get('server_nofile', '?')}, clients "
                  f"{'/'.join(map(str, res.get('client_nofile') or ['?']))}. Capacity part: {res.get('elapsed_s', 0):.0f} s "
                  f"of a {res['budget_s']:.0f} s budget.")

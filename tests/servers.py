@@ -2,12 +2,11 @@
 Real ``twistd -n vsc-server`` processes for the integration tests, supervised
 by vsc.devtools.process (shared with the demo and the benchmarks).
 
-Every server listens on 127.0.0.1 only, on a free port picked here (kept
-across restarts); its output (stdout and stderr) is appended to a log file;
-every wait is bounded; and the ``servers`` fixture kills whatever is still
-running at teardown. Killed processes are always reaped: a zombie still
-answers ``kill(pid, 0)``, which would keep its leases alive for the restarted
-server.
+Every server listens on 127.0.0.1 only, on a free port picked here; its
+output (stdout and stderr) goes to a log file; every wait is bounded; and the
+``servers`` fixture kills whatever is still running at teardown. Killed
+processes are always reaped (``wait``): a zombie still answers
+``kill(pid, 0)`` and keeps its port and files.
 
 Also: ``vsc admin`` as a subprocess (``admin``), a data directory with a
 2048-bit key and test settings (``init_data_dir``), and a Store opened on the
@@ -62,6 +61,12 @@ def admin(data_dir: Path, *args: str, json_out: bool = True, check: bool = True)
     if proc.returncode != 0:
         raise AdminError(f"{' '.join(cmd[1:])} failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return json.loads(proc.stdout) if json_out else proc.stdout
+
+
+#: Settings for a test whose many simulated machines all connect from 127.0.0.1: that one source address
+#: must not be admitted like a handshake flood (vsc.server.admission; tests/attacks floods on purpose).
+MANY_MACHINES = {"handshakes_per_second": 100000, "handshake_burst": 100000,
+                 "max_unauthenticated_per_source": 100000, "max_pending_handshakes": 100000}
 
 
 def init_data_dir(data_dir: Path, database: str | None = None, settings: dict | None = None) -> dict:

@@ -21,12 +21,16 @@ import time
 import pytest
 
 from vsc.protocol.auth import code_hash
-from vsc.server.store import Store
+from vsc.protocol.cardstore import CheckOut, CountFailure, EnrolCard, SyncCard
+from vsc.protocol.lifecycle import Operation
+from vsc.server.store import SCHEMA_VERSION, Store
+from vsc.wire.ops import Status
 
 VSC = os.path.join(os.path.dirname(sys.executable), "vsc")
 CODE_RE = re.compile(r"^[A-Z2-7]{5}(-[A-Z2-7]{5}){3}-[A-Z2-7]{4}$")  # 120 bits: 24 base32 characters, grouped
 MUK = b"M" * 32
 SESSION = b"S" * 32
+VERIFIER = b"v" * 32
 
 pytestmark = pytest.mark.integration
 
@@ -91,12 +95,23 @@ def store_for(data_dir) -> Store:
     return Store(config.load(data_dir).database_url, time.time)  # clock-ok: the CLI uses wall time too
 
 
+def enrolled(store: Store, serial: str, code: str, protected: bytes = b"protected-1", verifier: bytes = VERIFIER,
+             peer: str = "tcp:10.1.2.3:4000") -> Status:
+    """The store's answer to the enrolment the network path would make with ``code``."""
+    return store.enrol(EnrolCard(serial, code_hash(code), verifier, b"kdf", protected, b"", {}, peer)).status
+
+
+def check_out(store: Store, serial: str, session: bytes = SESSION, peer: str = "p", channel: dict | None = None):
+    """Insert's check-out after authentication passed (MUK), as the server would run it; returns the Outcome."""
+    return store.check_out(CheckOut(serial, MUK, session, channel or {}, peer, VERIFIER))
+
+
 def enrol(data_dir, serial: str, protected: bytes = b"protected-1") -> None:
     """Issue through the CLI, enrol through the Store with the printed code (as the network path would)."""
     code = vsc_json(data_dir, "issue", serial)["code"]
     store = store_for(data_dir)
     try:
-        assert store.enrol(serial, code_hash(code), b"v" * 32, b"kdf", protected, peer="tcp:10.1.2.3:4000")
+        assert enrolled(store, serial, code, protected) is Status.OK
     finally:
         store.close()
 
@@ -114,8 +129,9 @@ def test_init_prints_the_fingerprint_and_creates_the_schema(tmp_path):
     db = sqlite3.connect(d / "vsc.sqlite3")
     try:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert {"schema_version", "cards", "history", "enrolment_codes", "leases"} <= tables
-        assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert {"schema_version", "cards", "history", "enrolment_codes"} <= tables
+        assert "leases" not in tables  # nothing is held before authentication: no per-serial leases
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     finally:
         db.close()
     assert vsc_json(d, "list") == {"cards": []}
@@ -178,8 +194,8 @@ def test_reissue_replaces_the_pending_code(data_dir):
     assert second["replaced"] is True and second["code"] != first["code"]
     store = store_for(data_dir)
     try:
-        assert store.enrol("card-1", code_hash(first["code"]), b"v" * 32, b"k", b"p") is False
-        assert store.enrol("card-1", code_hash(second["code"]), b"v" * 32, b"k", b"p") is True
+        assert enrolled(store, "card-1", first["code"]) is Status.REFUSED
+        assert enrolled(store, "card-1", second["code"]) is Status.OK
     finally:
         store.close()
 
@@ -206,8 +222,9 @@ def test_show_and_history_of_an_enrolled_card_in_use(data_dir):
     enrol(data_dir, "card-1")
     store = store_for(data_dir)
     try:
-        assert store.checkout("card-1", MUK, SESSION, {"suite": "aes256-gcm"}, "tcp:10.1.2.3:5000")[0] == "ok"
-        assert store.sync("card-1", SESSION, 1, b"protected-2", "tcp:10.1.2.3:5000") == ("ok", 2)
+        assert check_out(store, "card-1", peer="tcp:10.1.2.3:5000", channel={"suite": "aes256-gcm"}).status is Status.OK
+        synced = store.sync(SyncCard("card-1", SESSION, 1, b"protected-2", "tcp:10.1.2.3:5000"))
+        assert (synced.status, synced.version) == (Status.OK, 2)
     finally:
         store.close()
     info = vsc_json(data_dir, "show", "card-1")
@@ -231,22 +248,34 @@ def test_show_and_history_of_an_enrolled_card_in_use(data_dir):
     assert len(lines) == 4 and "insert" in lines[2] and "tcp:10.1.2.3:5000" in lines[2]
 
 
-def test_unlock_clears_a_lockout(data_dir):
-    """A card locked out after failed authentications shows locked_out; unlock clears it and is in the history."""
+def test_unlock_clears_a_throttle(data_dir):
+    """
+    A card throttled by failed authentications — 20 from other machines (the
+    default shared threshold) and 5 from the owner's last machine (the default
+    threshold) — shows locked_out, both counts and until when in show and
+    list; unlock clears both buckets and is in the history.
+    """
     enrol(data_dir, "card-1")
     store = store_for(data_dir)
     try:
-        for _ in range(5):  # the default threshold
-            store.auth_failed("card-1", "insert", "tcp:10.9.9.9:1", "failed: password")
+        for _ in range(20):
+            store.count_failure(CountFailure("card-1", Operation.INSERT, "tcp:10.9.9.9:1", "failed: password", None,
+                                             False))
+        for _ in range(5):
+            store.count_failure(CountFailure("card-1", Operation.INSERT, "tcp:10.1.2.3:1", "failed: password", MUK,
+                                             True))
     finally:
         store.close()
     shown = vsc_json(data_dir, "show", "card-1")
-    assert shown["locked_out"] is True and shown["failures"] == 5
+    assert (shown["locked_out"], shown["failures"], shown["machine_failures"]) == (True, 20, 5)
+    assert shown["locked_until"] > time.time()  # clock-ok
+    assert "locked out:  until " in vsc(data_dir, "show", "card-1").stdout
     assert vsc_json(data_dir, "list")["cards"][0]["locked_out"] is True
     result = vsc_json(data_dir, "unlock", "card-1")
     assert result["serial"] == "card-1" and result["locked_out"] is False
     shown = vsc_json(data_dir, "show", "card-1")
-    assert shown["locked_out"] is False and shown["failures"] == 0
+    assert (shown["locked_out"], shown["failures"], shown["machine_failures"], shown["locked_until"]) == (
+        False, 0, 0, None)
     last = vsc_json(data_dir, "history", "card-1")["history"][-1]
     assert (last["op"], last["result"], last["peer"]) == ("unlock", "ok", "admin")
     assert "unlocked" in vsc(data_dir, "unlock", "card-1").stdout
@@ -260,7 +289,7 @@ def test_destroy_is_final(data_dir):
     enrol(data_dir, "card-1")
     store = store_for(data_dir)
     try:
-        store.checkout("card-1", MUK, SESSION, {}, "p")
+        assert check_out(store, "card-1").status is Status.OK
     finally:
         store.close()
     assert vsc_json(data_dir, "destroy", "card-1") == {"serial": "card-1", "state": "destroyed", "was": "in-use"}
@@ -296,7 +325,7 @@ def test_replace_by_duplicate_destroys_the_lost_card_and_copies_it(data_dir):
     enrol(data_dir, "card-1", protected=b"the-information")
     store = store_for(data_dir)
     try:
-        store.checkout("card-1", MUK, SESSION, {}, "thief")  # the lost card is in use somewhere
+        assert check_out(store, "card-1", peer="thief").status is Status.OK  # the lost card is in use somewhere
     finally:
         store.close()
     vsc(data_dir, "issue", "card-1-r1")  # r1 is taken (pending), so the replacement is r2
@@ -308,7 +337,7 @@ def test_replace_by_duplicate_destroys_the_lost_card_and_copies_it(data_dir):
     store = store_for(data_dir)
     try:
         assert store.get("card-1-r2").protected == b"the-information"
-        assert store.checkout("card-1", MUK, b"T" * 32, {}, "thief")[0] == "destroyed"
+        assert check_out(store, "card-1", b"T" * 32, "thief").status is Status.DESTROYED
     finally:
         store.close()
     old_ops = [(e["op"], e["result"]) for e in vsc_json(data_dir, "history", "card-1")["history"]]
@@ -326,7 +355,7 @@ def test_replace_fresh_issues_a_new_card(data_dir):
     assert vsc_json(data_dir, "show", "card-9")["state"] == "issued"
     store = store_for(data_dir)
     try:
-        assert store.enrol("card-9", code_hash(out["code"]), b"w" * 32, b"k", b"new-card", peer="p")
+        assert enrolled(store, "card-9", out["code"], b"new-card", b"w" * 32, "p") is Status.OK
     finally:
         store.close()
     assert vsc_json(data_dir, "history", "card-1")["history"][-1]["op"] == "destroy"
@@ -382,7 +411,7 @@ def test_postgresql_backend_through_the_cli(tmp_path, pg_database_url):
     import psycopg
 
     with psycopg.connect(pg_database_url) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     enrol(d, "card-1")
     vsc(d, "issue", "card-2")
     assert [(r["serial"], r["state"]) for r in vsc_json(d, "list")["cards"]] == [("card-1", "idle"), ("card-2", "issued")]

@@ -7,7 +7,8 @@ keyfile authentication [0044]-[0046], the one-time algorithm [0049]-[0051]
 Part 1: the pieces, pure (the VM, keyfile sign/seal/verify/tamper, TOTP
 window and replay). Part 2: the sans-IO server machine with every method
 configured, answered by the real card-side code; the 30 s deadline on a
-Clock; enrolment material. Part 3: the store's atomic TOTP consumption.
+Clock; enrolment material (IssueMaterial, made by the real Registrar as the
+glue would). Part 3: the store's atomic TOTP consumption.
 Part 4: end to end — a real ``twistd -n vsc-server`` with
 ``impl_auth = master-key,keyfile,one-time-agent,totp`` and a real
 ``twistd -n vsc-card`` that inserts with all four methods, and the
@@ -37,20 +38,30 @@ from twisted.internet.task import Clock
 from tests.servers import TWISTD, VSC, Servers, _env, admin, init_data_dir, open_store
 from vsc import crypto
 from vsc.card import ops as card_ops
-from vsc.protocol import auth, implauth, onetime_agent
-from vsc.protocol.server_ops import (
-    AcquireLease,
-    CancelDeadline,
+from vsc.protocol import auth, implauth, onetime_agent as agent
+from vsc.protocol.cardstore import (
+    CardRecord,
+    CheckOut,
+    CountFailure,
+    DestroyCard,
+    EnrolCard,
     LoadCard,
+    LogRefusal,
+    Outcome,
+    RecoverCard,
+)
+from vsc.protocol.lifecycle import Operation
+from vsc.protocol.server_ops import (
+    Authenticated,
+    CancelDeadline,
+    IssueMaterial,
     OpsPolicy,
     ProtocolViolation,
-    ReleaseLease,
     Reply,
     ServerOps,
     StartDeadline,
-    StoreCall,
 )
-from vsc.server.store import CardRecord, CardState, Store
+from vsc.server.store import CardState, Store
 from vsc.wire import WireError
 from vsc.wire.onetime_agent import AgentOp, Instruction, Program, decode_program, encode_program
 from vsc.wire.implauth import EnrolReply, KeyfileBody, Registration, SealedKeyfile, SignedKeyfile
@@ -381,13 +392,12 @@ def record(auth_info: dict | None = None, **kw) -> CardRecord:
 def machine(now: list | None = None, policy: OpsPolicy = OpsPolicy(impl_auth=ALL), rand=None) -> ServerOps:
     clock = now if now is not None else [NOW]
     return ServerOps(policy=policy, master=MASTER, decoy_secret=DECOY, peer=PEER, suite="aes256-gcm",
-                     now=lambda: clock[0], rand=rand or Rand(b"server"), registrar=registrar())
+                     now=lambda: clock[0], rand=rand or Rand(b"server"))
 
 
 def challenge_of(m: ServerOps, card: CardRecord | None, op: Op = Op.INSERT) -> AuthChallenge:
     req = OpRequest(op=op, serial=SERIAL, insert_secret=SECRET if op is Op.INSERT else b"")
-    assert m.message(req) == [AcquireLease(SERIAL)]
-    assert m.lease(True) == [LoadCard(SERIAL)]
+    assert m.message(req) == [LoadCard(SERIAL)]
     effects = m.loaded(card)
     assert len(effects) == 2 and effects[1] == StartDeadline(30.0)
     return effects[0].message
@@ -417,9 +427,9 @@ def test_insert_with_all_four_methods_checks_out_and_consumes_the_totp_step():
     creds = card_credentials()
     effects = m.message(card_answers(ch, creds))
     assert creds.notes == [] and creds.keyfile_used == 0
-    assert effects == [CancelDeadline(), StoreCall("checkout", dict(
+    assert effects == [CancelDeadline(), CheckOut(
         serial=SERIAL, muk=MUK, session=crypto.sha256(SECRET), channel={"suite": "aes256-gcm", "peer": PEER},
-        peer=PEER, totp_step=step_of(NOW)))]
+        peer=PEER, verifier=record().verifier, totp_step=step_of(NOW), own_machine=False)]
 
 
 def test_each_challenge_gets_a_new_agent():
@@ -430,9 +440,8 @@ def test_each_challenge_gets_a_new_agent():
 
 def _refused_identically(m: ServerOps, resp: AuthResponse, detail: str) -> None:
     effects = m.message(resp)
-    assert effects == [CancelDeadline(), StoreCall("auth_failed", dict(serial=SERIAL, op="insert", peer=PEER,
-                                                                       detail=detail, muk=MUK))]
-    assert m.stored(None) == [Reply(OpResult(status=Status.REFUSED)), ReleaseLease(SERIAL)]
+    assert effects == [CancelDeadline(), CountFailure(SERIAL, Operation.INSERT, PEER, detail, MUK, False)]
+    assert m.stored(None) == [Reply(OpResult(status=Status.REFUSED))]
 
 
 def _forged_answer(ch: AuthChallenge, method: AuthMethod, data: bytes) -> AuthResponse:
@@ -464,7 +473,7 @@ def test_wrong_agent_answer_is_refused():
     """A card that cannot run f answers the wrong x: refused."""
     m = machine()
     ch = challenge_of(m, record())
-    _refused_identically(m, _forged_answer(ch, AuthMethod.ONE_TIME_AGENT, b"x" * 32), "failed: one-time agent")
+    _refused_identically(m, _forged_answer(ch, AuthMethod.ONE_TIME_AGENT, b"x" * 32), "failed: one-time-agent")
 
 
 def test_wrong_totp_is_refused():
@@ -507,7 +516,7 @@ def test_all_failures_look_the_same_to_the_card():
     assert [i.method for i in ch.challenges] == [AuthMethod.PASSWORD, *ALL]
     m.message(card_answers(ch))
     replies.add(tuple(m.stored(None)))
-    assert replies == {(Reply(OpResult(status=Status.REFUSED)), ReleaseLease(SERIAL))}
+    assert replies == {(Reply(OpResult(status=Status.REFUSED)),)}
 
 
 class DeadlineHarness:
@@ -532,43 +541,41 @@ def test_agent_answer_just_in_time_is_accepted_on_a_clock():
     m = machine(now=[NOW])
     h = DeadlineHarness(m, clock)
     h.run(m.message(OpRequest(op=Op.INSERT, serial=SERIAL, insert_secret=SECRET)))
-    h.run(m.lease(True))
     ch = h.run(m.loaded(record()))[0].message
     resp = card_answers(ch)
     clock.advance(29.9)
     effects = h.run(m.message(resp))
-    assert effects[0] == CancelDeadline() and effects[1].method == "checkout"
+    assert effects[0] == CancelDeadline() and isinstance(effects[1], CheckOut)
     clock.advance(10)
-    assert not any(isinstance(e, StoreCall) and e.method == "refused" for e in h.out)
+    assert not any(isinstance(e, CountFailure) for e in h.out)
 
 
 def test_agent_answer_too_late_is_refused_on_a_clock():
-    """[0050]: 30 s after the challenge the deadline fires: the refusal is logged, the card gets TIMEOUT, and the late (correct) answer never checks out."""
+    """[0050]: 30 s after the challenge the deadline fires: the unanswered challenge is counted as a failure (result "timeout"), the card gets TIMEOUT, and the late (correct) answer never checks out."""
     clock = Clock()
     m = machine(now=[NOW])
     h = DeadlineHarness(m, clock)
     h.run(m.message(OpRequest(op=Op.INSERT, serial=SERIAL, insert_secret=SECRET)))
-    h.run(m.lease(True))
     ch = h.run(m.loaded(record()))[0].message
     resp = card_answers(ch)
     clock.advance(29.99)
     assert h.out[-1] == StartDeadline(30.0)
     clock.advance(0.02)
-    assert h.out[-1] == StoreCall("refused", dict(serial=SERIAL, op="insert", result="timeout", peer=PEER,
-                                                  detail="no answer within 30 s"))
-    assert h.run(m.stored(None)) == [Reply(OpResult(status=Status.TIMEOUT)), ReleaseLease(SERIAL)]
+    assert h.out[-1] == CountFailure(SERIAL, Operation.INSERT, PEER, "no answer within 30 s", None, False,
+                                     result="timeout")
+    assert h.run(m.stored(None)) == [Reply(OpResult(status=Status.TIMEOUT))]
     late = h.run(m.message(resp))
     assert [type(e) for e in late] == [CancelDeadline, ProtocolViolation]
-    assert not any(isinstance(e, StoreCall) and e.method == "checkout" for e in h.out)
+    assert not any(isinstance(e, CheckOut) for e in h.out)
 
 
 def test_recover_and_destroy_consume_the_totp_step_too():
-    """Recover and destroy authenticate like insert: their store calls carry the matched TOTP step."""
-    for op, method in ((Op.RECOVER, "recover"), (Op.DESTROY, "destroy")):
+    """Recover and destroy authenticate like insert: their store effects carry the matched TOTP step."""
+    for op, effect in ((Op.RECOVER, RecoverCard), (Op.DESTROY, DestroyCard)):
         m = machine()
         ch = challenge_of(m, record(), op)
-        call = [e for e in m.message(card_answers(ch)) if isinstance(e, StoreCall)][0]
-        assert call.method == method and call.kwargs["totp_step"] == step_of(NOW)
+        [_, call] = m.message(card_answers(ch))
+        assert isinstance(call, effect) and call.totp_step == step_of(NOW)
 
 
 def test_card_keeps_its_methods_when_the_policy_drops_them():
@@ -583,19 +590,31 @@ def test_card_keeps_its_methods_when_the_policy_drops_them():
 # ---------------------------------------------------------------- enrolment
 
 
+def issue(m: ServerOps, effects: list) -> list:
+    """Carry out an IssueMaterial as the glue does (vsc.server.service): the real Registrar, its refusal as material_refused."""
+    [e] = effects
+    assert isinstance(e, IssueMaterial)
+    try:
+        material = registrar().enrol(e.serial, e.registration, e.methods)
+    except implauth.ImplAuthError as err:
+        return m.material_refused(str(err))
+    return m.material(material)
+
+
 def test_enrol_issues_keyfile_and_totp_seed_and_stores_the_server_side():
-    """Enrolment with keyfile and totp in the policy: as1 and the seed go to the store (auth_extra), the sealed keyfile and seed to the card."""
+    """Enrolment with keyfile and totp in the policy: the material is asked for first (IssueMaterial), as1 and the seed go to the store (EnrolCard.auth_extra), the sealed keyfile and seed to the card with the OK."""
     m = machine()
     reg = registration()
     req = EnrolRequest(serial=SERIAL, code="abcde", verifier=b"V" * 32, kdf=KDF.encode(), protected=b"P",
                        registration=reg)
-    assert m.message(req) == [AcquireLease(SERIAL)]
-    [call] = m.lease(True)
-    assert call.method == "enrol" and call.kwargs["registration"] == reg
-    extra = call.kwargs["auth_extra"]
+    effects = m.message(req)
+    assert effects == [IssueMaterial(SERIAL, reg, (AuthMethod.KEYFILE, AuthMethod.TOTP))]
+    [call] = issue(m, effects)
+    assert isinstance(call, EnrolCard) and call.registration == reg
+    extra = call.auth_extra
     assert set(extra) == {"keyfile", "totp"}
-    [reply, release] = m.stored(True)
-    assert release == ReleaseLease(SERIAL) and reply.message.status is Status.OK
+    [authenticated, reply] = m.stored(Outcome(Status.OK, version=1))
+    assert authenticated == Authenticated(SERIAL) and reply.message.status is Status.OK
     er = EnrolReply.decode(reply.message.registration)
     assert implauth.open_keyfile(er.keyfile, SERIAL, KEYS.protection_key, PINNED).as1.hex() == extra["keyfile"]["as1"]
     assert er.totp_secret.hex() == extra["totp"]["secret"] and (er.totp_digits, er.totp_period) == (6, 30)
@@ -604,20 +623,19 @@ def test_enrol_issues_keyfile_and_totp_seed_and_stores_the_server_side():
 def test_enrol_refused_code_gets_no_material():
     """A refused enrolment (bad code) sends nothing of the material it prepared."""
     m = machine()
-    m.message(EnrolRequest(serial=SERIAL, code="abcde", verifier=b"V" * 32, kdf=KDF.encode(), protected=b"P",
-                           registration=registration()))
-    m.lease(True)
-    assert m.stored(False) == [Reply(OpResult(status=Status.REFUSED)), ReleaseLease(SERIAL)]
+    issue(m, m.message(EnrolRequest(serial=SERIAL, code="abcde", verifier=b"V" * 32, kdf=KDF.encode(),
+                                    protected=b"P", registration=registration())))
+    assert m.stored(Outcome(Status.REFUSED)) == [Reply(OpResult(status=Status.REFUSED))]
 
 
 def test_enrol_without_registration_when_keyfiles_are_required_is_a_bad_request():
     """A card build that sends no registration cannot be given a keyfile: BAD_REQUEST, logged, nothing stored."""
     m = machine()
-    m.message(EnrolRequest(serial=SERIAL, code="abcde", verifier=b"V" * 32, kdf=KDF.encode(), protected=b"P"))
-    [call] = m.lease(True)
-    assert call.method == "refused" and call.kwargs["result"] == "bad-request"
-    assert "registration" in call.kwargs["detail"]
-    assert m.stored(None) == [Reply(OpResult(status=Status.BAD_REQUEST)), ReleaseLease(SERIAL)]
+    [call] = issue(m, m.message(EnrolRequest(serial=SERIAL, code="abcde", verifier=b"V" * 32, kdf=KDF.encode(),
+                                             protected=b"P")))
+    assert isinstance(call, LogRefusal) and call.result == "bad-request" and call.op is Operation.ENROL
+    assert "registration" in call.detail
+    assert m.stored(None) == [Reply(OpResult(status=Status.BAD_REQUEST))]
 
 
 # ================================================================ Part 3: the store consumes each TOTP step once
@@ -627,7 +645,8 @@ def _store_with_card(tmp_path, auth_info: dict) -> Store:
     store = Store(f"sqlite:///{tmp_path / 'vsc.sqlite3'}", lambda: NOW)
     store.migrate()
     store.issue(SERIAL, auth.code_hash("CODE"), json.dumps({"methods": ["password"]}), 3600)
-    assert store.enrol(SERIAL, auth.code_hash("CODE"), b"V" * 32, KDF.encode(), b"P", peer=PEER, auth_extra=auth_info)
+    enrol = EnrolCard(SERIAL, auth.code_hash("CODE"), b"V" * 32, KDF.encode(), b"P", b"", auth_info, PEER)
+    assert store.enrol(enrol).status is Status.OK
     return store
 
 
@@ -637,13 +656,14 @@ def test_store_consumes_a_totp_step_atomically_with_the_checkout(tmp_path):
     store = _store_with_card(tmp_path, info)
     try:
         s = step_of(NOW)
-        result, card = store.checkout(SERIAL, MUK, b"h" * 32, {}, PEER, totp_step=s)
-        assert result == "ok" and json.loads(card.auth_info)["totp"]["last_step"] == s
+        assert store.check_out(CheckOut(SERIAL, MUK, b"h" * 32, {}, PEER, b"V" * 32, totp_step=s)).status is Status.OK
+        card = store.get(SERIAL)
+        assert json.loads(card.auth_info)["totp"]["last_step"] == s
         assert json.loads(card.auth_info)["keyfile"] == info["keyfile"]
-        assert store.recover(SERIAL, MUK, PEER, totp_step=s) == "refused"
+        assert store.recover(RecoverCard(SERIAL, MUK, PEER, b"V" * 32, totp_step=s)).status is Status.REFUSED
         assert store.history(SERIAL)[-1].detail == "TOTP code already used"
-        assert store.recover(SERIAL, MUK, PEER, totp_step=s + 1) == "ok"
-        assert store.destroy(SERIAL, PEER, totp_step=s + 1) == "refused"
+        assert store.recover(RecoverCard(SERIAL, MUK, PEER, b"V" * 32, totp_step=s + 1)).status is Status.OK
+        assert store.destroy(DestroyCard(SERIAL, b"", PEER, b"V" * 32, totp_step=s + 1)).status is Status.REFUSED
         assert store.get(SERIAL).state is CardState.IDLE
     finally:
         store.close()

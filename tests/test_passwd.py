@@ -33,7 +33,9 @@ from vsc import crypto
 from vsc.card import ops as card_ops
 from vsc.card.protected import CardMemory, PlainItem, rewrap, seal_envelope
 from vsc.protocol import auth
-from vsc.protocol.server_ops import AcquireLease, OpsPolicy, ReleaseLease, Reply, ServerOps, StoreCall
+from vsc.protocol.cardstore import ChangeCardPassword, CheckOut, EnrolCard, LogRefusal, Outcome
+from vsc.protocol.lifecycle import Operation
+from vsc.protocol.server_ops import Authenticated, OpsPolicy, Reply, ServerOps
 from vsc.server.store import CardState, Store
 from vsc.wire import decode_inner, encode_inner
 from vsc.wire.ops import ChangePassword, KdfAlg, KdfParams, Op, OpRequest, OpResult, Status
@@ -71,17 +73,18 @@ def test_change_password_message_round_trips_and_needs_a_secret():
         encode_inner(change(insert_secret=b""))
 
 
-@pytest.mark.parametrize("outcome, reply", [(("ok", 5), OpResult(status=Status.OK, version=5)),
-                                            (("conflict", 9), OpResult(status=Status.VERSION_CONFLICT, version=9)),
-                                            (("refused", 0), OpResult(status=Status.REFUSED, version=0))])
+@pytest.mark.parametrize("outcome, reply", [(Outcome(Status.OK, version=5), OpResult(status=Status.OK, version=5)),
+                                            (Outcome(Status.VERSION_CONFLICT, version=9),
+                                             OpResult(status=Status.VERSION_CONFLICT, version=9)),
+                                            (Outcome(Status.REFUSED), OpResult(status=Status.REFUSED, version=0))])
 def test_machine_hands_the_change_to_the_store(outcome, reply):
-    """Like sync: lease, then ONE store call with the hashed insert secret, the version and the new verifier/KDF/upload."""
+    """Like sync: nothing taken first, ONE ChangeCardPassword with the hashed insert secret, the version and the new verifier/KDF/upload; its outcome is the answer."""
     m = machine()
-    assert m.message(change()) == [AcquireLease(SERIAL)]
-    assert m.lease(True) == [StoreCall("change_password", dict(
+    assert m.message(change()) == [ChangeCardPassword(
         serial=SERIAL, session=crypto.sha256(SECRET), version=4, verifier=b"V" * 32, kdf=NEW_KDF.encode(),
-        protected=b"NEW-WRAP", peer=PEER))]
-    assert m.stored(outcome) == [Reply(reply), ReleaseLease(SERIAL)]
+        protected=b"NEW-WRAP", peer=PEER)]
+    authenticated = [Authenticated(SERIAL)] if reply.status is Status.OK else []
+    assert m.stored(outcome) == authenticated + [Reply(reply)]
 
 
 @pytest.mark.parametrize("msg, detail", [
@@ -92,18 +95,16 @@ def test_machine_hands_the_change_to_the_store(outcome, reply):
 def test_machine_refuses_nonsense_as_bad_request(msg, detail):
     """A verifier that does not fit the KDF, undecodable KDF parameters, or Op.PASSWORD in an OpRequest: BAD_REQUEST, logged, nothing stored."""
     m = machine()
-    m.message(msg)
-    [call] = m.lease(True)
-    assert call.method == "refused" and call.kwargs["op"] == "password" and detail in call.kwargs["detail"]
-    assert m.stored(None) == [Reply(OpResult(status=Status.BAD_REQUEST)), ReleaseLease(SERIAL)]
+    [call] = m.message(msg)
+    assert isinstance(call, LogRefusal) and call.op is Operation.PASSWORD and call.result == "bad-request"
+    assert detail in call.detail
+    assert m.stored(None) == [Reply(OpResult(status=Status.BAD_REQUEST))]
 
 
-def test_busy_password_change_is_logged_as_password():
-    """[0081]: a change while another operation holds the serial is BUSY, logged under op "password"."""
-    m = machine()
-    m.message(change())
-    [call] = m.lease(False)
-    assert call.kwargs["op"] == "password" and call.kwargs["result"] == "busy"
+def changed(store: Store, session: bytes, version: int) -> tuple[Status, int]:
+    """The store's answer to a change to b"N"*32 / NEW_KDF / b"NEW" presenting ``session`` and based on ``version``."""
+    o = store.change_password(ChangeCardPassword(SERIAL, session, version, b"N" * 32, NEW_KDF.encode(), b"NEW", PEER))
+    return o.status, o.version
 
 
 @pytest.fixture
@@ -111,7 +112,8 @@ def store(tmp_path):
     s = Store(f"sqlite:///{tmp_path / 'vsc.sqlite3'}", lambda: NOW)
     s.migrate()
     s.issue(SERIAL, auth.code_hash("CODE"), '{"methods": ["password", "master-key"]}', 3600)
-    assert s.enrol(SERIAL, auth.code_hash("CODE"), b"O" * 32, OLD_KDF.encode(), b"OLD", peer=PEER)
+    assert s.enrol(EnrolCard(SERIAL, auth.code_hash("CODE"), b"O" * 32, OLD_KDF.encode(), b"OLD", b"", {},
+                             PEER)).status is Status.OK
     yield s
     s.close()
 
@@ -119,20 +121,30 @@ def store(tmp_path):
 def test_store_replaces_verifier_kdf_and_protected_atomically(store):
     """Only the current insert (session), based on the stored version: verifier, KDF and protected change together, version + 1, history "password"."""
     session = crypto.sha256(SECRET)
-    assert store.change_password(SERIAL, session, 1, b"N" * 32, NEW_KDF.encode(), b"NEW", PEER) == ("refused", 0)
-    assert store.checkout(SERIAL, b"M" * 32, session, {}, PEER)[0] == "ok"
-    assert store.change_password(SERIAL, b"x" * 32, 1, b"N" * 32, NEW_KDF.encode(), b"NEW", PEER) == ("refused", 0)
-    assert store.change_password(SERIAL, session, 0, b"N" * 32, NEW_KDF.encode(), b"NEW", PEER) == ("conflict", 1)
+    assert changed(store, session, 1) == (Status.REFUSED, 0)
+    assert store.check_out(CheckOut(SERIAL, b"M" * 32, session, {}, PEER, b"O" * 32)).status is Status.OK
+    assert changed(store, b"x" * 32, 1) == (Status.REFUSED, 0)
+    assert changed(store, session, 0) == (Status.VERSION_CONFLICT, 1)
     card = store.get(SERIAL)
     assert (card.verifier, card.kdf, card.protected, card.version) == (b"O" * 32, OLD_KDF.encode(), b"OLD", 1)
-    assert store.change_password(SERIAL, session, 1, b"N" * 32, NEW_KDF.encode(), b"NEW", PEER) == ("ok", 2)
+    assert changed(store, session, 1) == (Status.OK, 2)
     card = store.get(SERIAL)
     assert (card.verifier, card.kdf, card.protected, card.version, card.state) == (
         b"N" * 32, NEW_KDF.encode(), b"NEW", 2, CardState.IN_USE)
     # the identical change retried after a lost reply is answered ok, once
-    assert store.change_password(SERIAL, session, 1, b"N" * 32, NEW_KDF.encode(), b"NEW", PEER) == ("ok", 2)
+    assert changed(store, session, 1) == (Status.OK, 2)
     assert store.get(SERIAL).version == 2
     assert [(h.op, h.result) for h in store.history(SERIAL)][-2:] == [("password", "ok"), ("password", "repeat")]
+
+
+def test_a_refused_password_change_is_logged_as_password(store):
+    """A change is never BUSY (nothing is held before its one transaction): one presenting another insert's secret is REFUSED, changes nothing, and is in the history under op "password"."""
+    session = crypto.sha256(SECRET)
+    assert store.check_out(CheckOut(SERIAL, b"M" * 32, session, {}, PEER, b"O" * 32)).status is Status.OK
+    assert changed(store, crypto.sha256(b"another insert"), 1) == (Status.REFUSED, 0)
+    assert store.get(SERIAL).verifier == b"O" * 32
+    last = store.history(SERIAL)[-1]
+    assert (last.op, last.result, last.detail) == ("password", "refused", "not this card's current insert")
 
 
 def test_rewrap_changes_only_the_data_key_wrap():

@@ -2,11 +2,16 @@
 The server side of the card operations, without a reactor or a database.
 
 Part 1 drives the sans-IO machine (vsc.protocol.server_ops.ServerOps) with
-messages, lease results, loaded records and store outcomes, and asserts the
-exact effects it asks for: mediation and exclusion [0081], insert (Figure 6,
-[0077]), remove (Figure 11, [0095]), recover (Figure 12, [0096]), destroy
-([0098]), sync, BUSY, the 30 s implementation-authentication deadline, and
-indistinguishable refusals.
+messages, loaded records, enrolment material and store outcomes, and asserts
+the exact effects it asks for: the typed store effects of
+vsc.protocol.cardstore, insert (Figure 6, [0077]), remove (Figure 11,
+[0095]), recover (Figure 12, [0096]), destroy ([0098]), sync, enrolment
+material, the 30 s implementation-authentication deadline, the guessing
+limits of vsc.protocol.lockout (throttled answers refused unevaluated; the
+owner's machine in its own bucket; per source), and indistinguishable
+refusals. Nothing is held before authentication: an authenticated operation
+starts with a plain read (LoadCard) and its one transaction runs only after
+every answer passed.
 
 Part 2 is the Twisted glue (vsc.server.service.ServerProtocol/ServerFactory)
 with a real Store on a temporary SQLite file, a thread pool replaced by a
@@ -30,23 +35,39 @@ from vsc import crypto
 from vsc.card import ops as card_ops
 from vsc.card.connect import CardProtocol
 from vsc.net.channel import ChannelClosedError, ChannelFactory
-from vsc.protocol import auth
-from vsc.protocol.channel import card_channel
-from vsc.protocol.server_ops import (
-    AcquireLease,
-    CancelDeadline,
+from vsc.protocol import auth, implauth
+from vsc.protocol.cardstore import (
+    STORE_CALLS,
+    CardRecord,
+    CheckIn,
+    CheckOut,
+    CountFailure,
+    DestroyCard,
+    EnrolCard,
     LoadCard,
+    LogRefusal,
+    Outcome,
+    RecoverCard,
+    SyncCard,
+)
+from vsc.protocol.channel import card_channel
+from vsc.protocol.lifecycle import Operation
+from vsc.protocol.lifecycle import State as CardState
+from vsc.protocol.lockout import LockoutPolicy, SourceLimits
+from vsc.protocol.server_ops import (
+    Authenticated,
+    CancelDeadline,
+    IssueMaterial,
+    Logged,
     OpsPolicy,
     ProtocolViolation,
-    ReleaseLease,
     Reply,
     ServerOps,
     StartDeadline,
-    StoreCall,
 )
 from vsc.protocol.suites import ChannelConfig
 from vsc.server.service import Backend, ServerFactory
-from vsc.server.store import CardRecord, CardState, Store
+from vsc.server.store import Store
 from vsc.wire import ErrorCode, encode_inner
 from vsc.wire.messages import EchoRequest
 from vsc.wire.ops import (
@@ -66,6 +87,8 @@ from vsc.wire.ops import (
 MASTER = crypto.sha256(b"test Master key")
 DECOY = crypto.sha256(b"test decoy secret")
 PEER = "192.0.2.7:40000"
+SOURCE = "192.0.2.7"
+STRANGER = "198.51.100.9:50000"
 SUITE = "aes256-gcm"
 NOW = 1_000_000.0
 SERIAL = "card-1"
@@ -76,6 +99,8 @@ OTHER_MUK = b"N" * 32
 SECRET = b"S" * 32
 KDF = KdfParams(alg=KdfAlg.SCRYPT, salt=b"s" * 16).encode()  # what a card makes with ops.new_kdf()
 AUTH_INFO = '{"methods": ["master-key", "password"]}'
+VERIFIER = auth.verifier_for(AUTH_KEY, KdfAlg.SCRYPT)
+THROTTLED = "too many failed authentications: throttled, not evaluated"
 
 
 class Rand:
@@ -92,31 +117,42 @@ class Rand:
         return out[:n]
 
 
+class Now:
+    """The injected clock of Part 1: a number the test moves."""
+
+    def __init__(self, t: float = NOW):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def record(serial: str = SERIAL, state: CardState = CardState.IDLE, **kw) -> CardRecord:
     fields = dict(
         serial=serial, state=state, muk=None, protected=b"PROTECTED", channel_info=None,
-        verifier=auth.verifier_for(AUTH_KEY, KdfAlg.SCRYPT), kdf=KDF, auth_info=AUTH_INFO, version=4,
+        verifier=VERIFIER, kdf=KDF, auth_info=AUTH_INFO, version=4,
         failures=0, locked_until=0.0, created=NOW - 100, updated=NOW - 50,
     )
     fields.update(kw)
     return CardRecord(**fields)
 
 
-def machine(policy: OpsPolicy = OpsPolicy(), rand=None, now: float = NOW) -> ServerOps:
-    return ServerOps(policy=policy, master=MASTER, decoy_secret=DECOY, peer=PEER, suite=SUITE,
-                     now=lambda: now, rand=rand or Rand())
+def machine(policy: OpsPolicy = OpsPolicy(), rand=None, now=NOW, limits: SourceLimits | None = None,
+            peer: str = PEER) -> ServerOps:
+    clock = now if callable(now) else (lambda: now)
+    return ServerOps(policy=policy, master=MASTER, decoy_secret=DECOY, peer=peer, suite=SUITE,
+                     now=clock, rand=rand or Rand(), limits=limits)
 
 
 def request(op: Op, serial: str = SERIAL, **kw) -> OpRequest:
     return OpRequest(op=op, serial=serial, **kw)
 
 
-def challenged(m: ServerOps, req: OpRequest, card: CardRecord | None) -> AuthChallenge:
+def challenged(m: ServerOps, req: OpRequest, card: CardRecord | None, deadline: float = 30.0) -> AuthChallenge:
     """Take ``m`` from idle to the challenge of an authenticated operation; check every effect on the way."""
-    assert m.message(req) == [AcquireLease(req.serial)]
-    assert m.lease(True) == [LoadCard(req.serial)]
+    assert m.message(req) == [LoadCard(req.serial)]  # a plain read: nothing is held
     effects = m.loaded(card)
-    assert len(effects) == 2 and isinstance(effects[0], Reply) and effects[1] == StartDeadline(30.0)
+    assert len(effects) == 2 and isinstance(effects[0], Reply) and effects[1] == StartDeadline(deadline)
     challenge = effects[0].message
     assert isinstance(challenge, AuthChallenge)
     return challenge
@@ -135,170 +171,218 @@ def answer(challenge: AuthChallenge, serial: str = SERIAL, key: bytes = AUTH_KEY
     return AuthResponse(responses=tuple(items), muk=muk)
 
 
-def store_call(effects: list) -> StoreCall:
-    calls = [e for e in effects if isinstance(e, StoreCall)]
-    assert len(calls) == 1, effects
-    return calls[0]
+def check_out(muk: bytes = MUK, own_machine: bool = False, serial: str = SERIAL, peer: str = PEER) -> CheckOut:
+    """The check-out the machine asks for after the right answers to ``record()``'s challenge."""
+    return CheckOut(serial=serial, muk=muk, session=crypto.sha256(SECRET), channel={"suite": SUITE, "peer": peer},
+                    peer=peer, verifier=VERIFIER, totp_step=None, own_machine=own_machine)
 
 
-def refusal_effects(m: ServerOps, resp: AuthResponse, detail: str, op: str = "insert") -> None:
-    """An authentication failure: an auth_failed call, then REFUSED, then the lease goes back."""
+def failure(detail: str, op: Operation = Operation.INSERT, muk: bytes | None = MUK, own: bool = False) -> CountFailure:
+    return CountFailure(SERIAL, op, PEER, detail, muk, own)
+
+
+def refusal_effects(m: ServerOps, resp: AuthResponse, detail: str, op: Operation = Operation.INSERT) -> None:
+    """An authentication failure: one CountFailure (the failure and its history line), then REFUSED."""
     effects = m.message(resp)
-    assert effects == [CancelDeadline(), StoreCall("auth_failed", dict(serial=SERIAL, op=op, peer=PEER, detail=detail,
-                                                                       muk=resp.muk or None))]
-    assert m.stored(None) == [Reply(OpResult(status=Status.REFUSED)), ReleaseLease(SERIAL)]
+    assert effects == [CancelDeadline(), failure(detail, op, resp.muk or None)]
+    assert m.stored(None) == replied(OpResult(status=Status.REFUSED))
+
+
+def replied(result: OpResult, serial: str = SERIAL) -> list:
+    """The effects of a store outcome's answer: an OK first tells the glue the channel is authenticated."""
+    return ([Authenticated(serial)] if result.status is Status.OK else []) + [Reply(result)]
+
+
+def unevaluated(effects: list, serial: str = SERIAL) -> None:
+    """A throttled answer: no store effect at all, a log line, and the same REFUSED as a wrong answer."""
+    assert effects == [CancelDeadline(), Logged("throttled", serial, THROTTLED), Reply(OpResult(status=Status.REFUSED))]
 
 
 # ================================================================ Part 1: the machine
 
 
 def test_insert_authenticates_then_checks_out():
-    """Figure 6: lease, load, challenge (password + Master key, 30 s), check-out with the MUK and the hashed insert secret, OK with the download, lease released."""
+    """Figure 6: a plain load, the challenge (password + Master key, 30 s), then ONE check-out carrying the MUK, the hashed insert secret and the verifier the answer was checked against; OK with the download."""
     m = machine()
     ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
     assert ch.kdf == KDF
     assert [i.method for i in ch.challenges] == [AuthMethod.PASSWORD, AuthMethod.MASTER_KEY]
     assert ch.challenges[0].data == b"" and len(ch.challenges[1].data) == 32
-    effects = m.message(answer(ch))
-    assert effects == [
-        CancelDeadline(),
-        StoreCall("checkout", dict(serial=SERIAL, muk=MUK, session=crypto.sha256(SECRET),
-                                   channel={"suite": SUITE, "peer": PEER}, peer=PEER)),
-    ]
-    in_use = record(state=CardState.IN_USE, muk=MUK, protected=b"DOWNLOAD", version=4)
-    assert m.stored(("ok", in_use)) == [
-        Reply(OpResult(status=Status.OK, version=4, protected=b"DOWNLOAD")),
-        ReleaseLease(SERIAL),
-    ]
+    assert m.message(answer(ch)) == [CancelDeadline(), check_out()]
+    assert m.stored(Outcome(Status.OK, version=4, protected=b"DOWNLOAD")) == replied(OpResult(status=Status.OK, version=4, protected=b"DOWNLOAD"))
 
 
-def test_repeated_insert_returns_the_same_checkout():
-    """A retried insert (store says "repeat": same secret, same MUK) is OK with the stored download, like the first."""
+def test_an_in_use_card_is_challenged_and_the_store_decides_the_repeat():
+    """The machine decides nothing from the read: a card already in use is challenged like an idle one, and the check-out's outcome (a retried insert: OK with the stored download) is answered as the store gave it."""
     m = machine()
     ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record(state=CardState.IN_USE, muk=MUK))
-    assert store_call(m.message(answer(ch))).method == "checkout"
-    in_use = record(state=CardState.IN_USE, muk=MUK, version=7, protected=b"V7")
-    assert m.stored(("repeat", in_use)) == [Reply(OpResult(status=Status.OK, version=7, protected=b"V7")),
-                                            ReleaseLease(SERIAL)]
+    assert m.message(answer(ch)) == [CancelDeadline(), check_out()]
+    assert m.stored(Outcome(Status.OK, version=7, protected=b"V7")) == replied(OpResult(status=Status.OK, version=7, protected=b"V7"))
 
 
-@pytest.mark.parametrize(
-    "outcome, status",
-    [
-        (("in-use", record(state=CardState.IN_USE, muk=OTHER_MUK)), Status.IN_USE),
-        (("destroyed", record(state=CardState.DESTROYED)), Status.DESTROYED),
-        (("refused", None), Status.REFUSED),
-    ],
-)
-def test_insert_mediation_refusals(outcome, status):
-    """Mediation 305 fails: in use elsewhere → IN_USE, destroyed → DESTROYED, vanished → REFUSED; no download, lease released."""
+@pytest.mark.parametrize("status", [Status.IN_USE, Status.DESTROYED, Status.REFUSED])
+def test_insert_mediation_refusals(status):
+    """Mediation 305 fails in the check-out's transaction: in use elsewhere → IN_USE, destroyed → DESTROYED, vanished → REFUSED; no download."""
     m = machine()
     ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
     m.message(answer(ch))
-    assert m.stored(outcome) == [Reply(OpResult(status=status)), ReleaseLease(SERIAL)]
+    assert m.stored(Outcome(status)) == replied(OpResult(status=status))
 
 
 @pytest.mark.parametrize("secret, muk", [(b"", MUK), (SECRET, b""), (SECRET, b"short")])
 def test_insert_without_muk_or_secret_is_a_bad_request(secret, muk):
-    """An authenticated insert lacking the 32-byte MUK or insert secret is logged as a refusal and answered BAD_REQUEST, never checked out."""
+    """An authenticated insert lacking the 32-byte MUK or insert secret is logged as a refusal (LogRefusal) and answered BAD_REQUEST, never checked out."""
     m = machine()
     ch = challenged(m, request(Op.INSERT, insert_secret=secret), record())
-    effects = m.message(answer(ch, muk=muk))
-    assert effects[0] == CancelDeadline()
-    call = store_call(effects)
-    assert call.method == "refused" and call.kwargs["result"] == "bad-request"
-    assert m.stored(None) == [Reply(OpResult(status=Status.BAD_REQUEST)), ReleaseLease(SERIAL)]
+    assert m.message(answer(ch, muk=muk)) == [
+        CancelDeadline(),
+        LogRefusal(SERIAL, Operation.INSERT, "bad-request", PEER, "insert needs a MUK and an insert secret", muk or None),
+    ]
+    assert m.stored(None) == replied(OpResult(status=Status.BAD_REQUEST))
 
 
-@pytest.mark.parametrize(
-    "outcome, status",
-    [("ok", Status.OK), ("not-in-use", Status.NOT_IN_USE), ("muk-mismatch", Status.MUK_MISMATCH),
-     ("destroyed", Status.DESTROYED), ("refused", Status.REFUSED)],
-)
-def test_recover(outcome, status):
-    """Figure 12: authenticate like insert, then mediation 902 with the uploaded MUK; each store outcome maps to its status."""
+@pytest.mark.parametrize("status", [Status.OK, Status.NOT_IN_USE, Status.MUK_MISMATCH, Status.DESTROYED,
+                                    Status.REFUSED])
+def test_recover(status):
+    """Figure 12: authenticate like insert, then ONE RecoverCard (mediation 902 with the uploaded MUK); its outcome is the answer."""
     m = machine()
     ch = challenged(m, request(Op.RECOVER), record(state=CardState.IN_USE, muk=MUK))
     assert [i.method for i in ch.challenges] == [AuthMethod.PASSWORD, AuthMethod.MASTER_KEY]
-    assert m.message(answer(ch)) == [CancelDeadline(), StoreCall("recover", dict(serial=SERIAL, muk=MUK, peer=PEER))]
-    assert m.stored(outcome) == [Reply(OpResult(status=status)), ReleaseLease(SERIAL)]
+    assert m.message(answer(ch)) == [CancelDeadline(), RecoverCard(SERIAL, MUK, PEER, VERIFIER, None, False)]
+    assert m.stored(Outcome(status)) == replied(OpResult(status=status))
 
 
-@pytest.mark.parametrize("muk, stored_muk", [(MUK, MUK), (b"", None)])
-@pytest.mark.parametrize("outcome, status", [("ok", Status.OK), ("destroyed", Status.DESTROYED), ("refused", Status.REFUSED)])
-def test_destroy(muk, stored_muk, outcome, status):
-    """[0098]: destroy authenticates like insert; the MUK is optional (logged when given); outcomes map to OK/DESTROYED/REFUSED."""
+@pytest.mark.parametrize("muk", [MUK, b""])
+@pytest.mark.parametrize("status", [Status.OK, Status.DESTROYED, Status.REFUSED])
+def test_destroy(muk, status):
+    """[0098]: destroy authenticates like insert; the MUK is optional (passed on as given); the outcome is the answer."""
     m = machine()
     ch = challenged(m, request(Op.DESTROY), record())
-    assert m.message(answer(ch, muk=muk)) == [
-        CancelDeadline(), StoreCall("destroy", dict(serial=SERIAL, peer=PEER, muk=stored_muk))]
-    assert m.stored(outcome) == [Reply(OpResult(status=status)), ReleaseLease(SERIAL)]
+    assert m.message(answer(ch, muk=muk)) == [CancelDeadline(), DestroyCard(SERIAL, muk, PEER, VERIFIER, None, False)]
+    assert m.stored(Outcome(status)) == replied(OpResult(status=status))
 
 
-@pytest.mark.parametrize("op, method", [(Op.SYNC, "sync"), (Op.REMOVE, "checkin")])
+@pytest.mark.parametrize("op, effect", [(Op.SYNC, SyncCard), (Op.REMOVE, CheckIn)])
 @pytest.mark.parametrize(
     "outcome, reply",
-    [(("ok", 5), OpResult(status=Status.OK, version=5)),
-     (("conflict", 9), OpResult(status=Status.VERSION_CONFLICT, version=9)),
-     (("refused", 0), OpResult(status=Status.REFUSED, version=0))],
+    [(Outcome(Status.OK, version=5), OpResult(status=Status.OK, version=5)),
+     (Outcome(Status.VERSION_CONFLICT, version=9), OpResult(status=Status.VERSION_CONFLICT, version=9)),
+     (Outcome(Status.REFUSED), OpResult(status=Status.REFUSED, version=0))],
 )
-def test_sync_and_remove_present_the_insert_secret(op, method, outcome, reply):
-    """Sync and remove (Figure 11) skip authentication: they present the insert secret (hashed) with the version and the upload."""
+def test_sync_and_remove_present_the_insert_secret(op, effect, outcome, reply):
+    """Sync and remove (Figure 11) skip authentication: ONE store effect with the hashed insert secret, the version and the upload; its outcome is the answer."""
     m = machine()
-    assert m.message(request(op, insert_secret=SECRET, version=4, protected=b"NEW")) == [AcquireLease(SERIAL)]
-    assert m.lease(True) == [
-        StoreCall(method, dict(serial=SERIAL, session=crypto.sha256(SECRET), version=4, protected=b"NEW", peer=PEER))]
-    assert m.stored(outcome) == [Reply(reply), ReleaseLease(SERIAL)]
+    assert m.message(request(op, insert_secret=SECRET, version=4, protected=b"NEW")) == [
+        effect(serial=SERIAL, session=crypto.sha256(SECRET), version=4, protected=b"NEW", peer=PEER)]
+    assert m.stored(outcome) == replied(reply)
 
 
 def test_sync_without_secret_asks_the_store_with_an_empty_session():
     """A sync with no insert secret matches no insert: the store is asked with an empty session (and refuses)."""
     m = machine()
-    m.message(request(Op.SYNC, version=1, protected=b"X"))
-    assert m.lease(True)[0].kwargs["session"] == b""
-    assert m.stored(("refused", 0)) == [Reply(OpResult(status=Status.REFUSED)), ReleaseLease(SERIAL)]
+    [effect] = m.message(request(Op.SYNC, version=1, protected=b"X"))
+    assert isinstance(effect, SyncCard) and effect.session == b""
+    assert m.stored(Outcome(Status.REFUSED)) == replied(OpResult(status=Status.REFUSED))
 
 
-@pytest.mark.parametrize("outcome, reply", [(True, OpResult(status=Status.OK, version=1)),
-                                            ((True, b"REG"), OpResult(status=Status.OK, version=1, registration=b"REG")),
-                                            (False, OpResult(status=Status.REFUSED))])
-def test_enrol(outcome, reply):
-    """Enrol takes the lease, hands the store the hashed code and the upload, and answers OK (version 1) or REFUSED."""
+def test_an_op_request_for_a_password_change_is_a_bad_request():
+    """Op.PASSWORD is its own message (ChangePassword): as an OpRequest it is logged and answered BAD_REQUEST, nothing else."""
     m = machine()
-    req = EnrolRequest(serial=SERIAL, code="abcde-fghij", verifier=b"V" * 32, kdf=KDF, protected=b"P",
-                       registration=b"R")
-    assert m.message(req) == [AcquireLease(SERIAL)]
-    assert m.lease(True) == [StoreCall("enrol", dict(serial=SERIAL, code_hash=auth.code_hash("ABCDEFGHIJ"),
-                                                     verifier=b"V" * 32, kdf=KDF, protected=b"P",
-                                                     registration=b"R", peer=PEER))]
-    assert m.stored(outcome) == [Reply(reply), ReleaseLease(SERIAL)]
+    assert m.message(request(Op.PASSWORD, insert_secret=SECRET)) == [
+        LogRefusal(SERIAL, Operation.PASSWORD, "bad-request", PEER,
+                   "a password change is a ChangePassword message, not an OpRequest")]
+    assert m.stored(None) == replied(OpResult(status=Status.BAD_REQUEST))
+
+
+ENROL = EnrolRequest(serial=SERIAL, code="abcde-fghij", verifier=b"V" * 32, kdf=KDF, protected=b"P", registration=b"R")
+
+
+def enrol_card(auth_extra: dict | None = None) -> EnrolCard:
+    return EnrolCard(serial=SERIAL, code_hash=auth.code_hash("ABCDEFGHIJ"), verifier=b"V" * 32, kdf=KDF,
+                     protected=b"P", registration=b"R", auth_extra=auth_extra or {}, peer=PEER)
+
+
+@pytest.mark.parametrize("outcome, reply", [(Outcome(Status.OK, version=1), OpResult(status=Status.OK, version=1)),
+                                            (Outcome(Status.REFUSED), OpResult(status=Status.REFUSED))])
+def test_enrol(outcome, reply):
+    """Enrol without implementation material: ONE EnrolCard with the hashed code and the upload, answered OK (version 1) or REFUSED."""
+    m = machine()
+    assert m.message(ENROL) == [enrol_card()]
+    assert m.stored(outcome) == replied(reply)
+
+
+@pytest.mark.parametrize("impl_auth, needed", [
+    ((AuthMethod.MASTER_KEY, AuthMethod.KEYFILE), (AuthMethod.KEYFILE,)),
+    ((AuthMethod.TOTP,), (AuthMethod.TOTP,)),
+    ((AuthMethod.KEYFILE, AuthMethod.MASTER_KEY, AuthMethod.TOTP), (AuthMethod.KEYFILE, AuthMethod.TOTP)),
+], ids=["keyfile", "totp", "both"])
+def test_enrol_issues_material_for_keyfile_and_totp_policies(impl_auth, needed):
+    """A keyfile or TOTP policy makes enrolment ask for the material first (IssueMaterial: signed off the reactor by the glue); the server's side goes into the EnrolCard, the card's reply comes back only with OK."""
+    m = machine(policy=OpsPolicy(impl_auth=impl_auth))
+    assert m.message(ENROL) == [IssueMaterial(SERIAL, b"R", needed)]
+    extra = {"totp": {"secret": "00", "last_step": -1}}
+    assert m.material(implauth.EnrolMaterial(extra, b"SEALED")) == [enrol_card(extra)]
+    assert m.stored(Outcome(Status.OK, version=1)) == replied(OpResult(status=Status.OK, version=1, registration=b"SEALED"))
+    # refused: the material is never handed out
+    m = machine(policy=OpsPolicy(impl_auth=impl_auth))
+    m.message(ENROL)
+    m.material(implauth.EnrolMaterial(extra, b"SEALED"))
+    assert m.stored(Outcome(Status.REFUSED)) == replied(OpResult(status=Status.REFUSED))
+
+
+def test_material_refused_is_a_bad_request():
+    """Material that cannot be made for this card (no registration for a keyfile) is logged and answered BAD_REQUEST; no card is created, and the machine takes the next request."""
+    m = machine(policy=OpsPolicy(impl_auth=(AuthMethod.KEYFILE,)))
+    m.message(ENROL)
+    reason = "keyfile authentication is required, but the card sent no registration"
+    assert m.material_refused(reason) == [LogRefusal(SERIAL, Operation.ENROL, "bad-request", PEER, reason)]
+    assert m.stored(None) == replied(OpResult(status=Status.BAD_REQUEST))
+    assert m.message(request(Op.INSERT, insert_secret=SECRET)) == [LoadCard(SERIAL)]
 
 
 @pytest.mark.parametrize(
-    "req",
-    [request(Op.INSERT, insert_secret=SECRET), request(Op.REMOVE, insert_secret=SECRET), request(Op.RECOVER),
-     request(Op.DESTROY), request(Op.SYNC, insert_secret=SECRET),
-     EnrolRequest(serial=SERIAL, code="c", verifier=b"V" * 32, kdf=KDF, protected=b"P")],
-    ids=["insert", "remove", "recover", "destroy", "sync", "enrol"],
+    "req, first",
+    [(request(Op.INSERT, insert_secret=SECRET), LoadCard(SERIAL)),
+     (request(Op.RECOVER), LoadCard(SERIAL)),
+     (request(Op.DESTROY), LoadCard(SERIAL)),
+     (request(Op.SYNC, insert_secret=SECRET), SyncCard(SERIAL, crypto.sha256(SECRET), 0, b"", PEER)),
+     (request(Op.REMOVE, insert_secret=SECRET), CheckIn(SERIAL, crypto.sha256(SECRET), 0, b"", PEER)),
+     (ENROL, enrol_card())],
+    ids=["insert", "recover", "destroy", "sync", "remove", "enrol"],
 )
-def test_busy_when_the_lease_is_taken(req):
-    """[0081]: while another operation holds the serial's lease every operation is refused BUSY (logged), without touching the record or releasing a lease it does not hold."""
-    m = machine()
-    assert m.message(req) == [AcquireLease(SERIAL)]
-    op = "enrol" if isinstance(req, EnrolRequest) else req.op.name.lower()
-    assert m.lease(False) == [StoreCall("refused", dict(serial=SERIAL, op=op, result="busy", peer=PEER,
-                                                        detail="another operation on this serial is running"))]
-    assert m.stored(None) == [Reply(OpResult(status=Status.BUSY))]
-    # the machine is idle again: the next operation starts normally
-    assert m.message(request(Op.SYNC, insert_secret=SECRET)) == [AcquireLease(SERIAL)]
+def test_nothing_is_held_before_authentication(req, first):
+    """
+    [0081] without leases (issue 11, attack 2): every request's first effect
+    is a plain read (authenticated operations) or its one transaction
+    (sync, remove, enrol) — nothing is taken that another connection could
+    wait for; a second machine on the same serial, while the first is still
+    challenged, starts exactly the same way (it is never told BUSY).
+    """
+    a = machine()
+    assert a.message(req) == [first]
+    if isinstance(first, LoadCard):
+        a.loaded(record())
+    b = machine(peer=STRANGER)
+    other = b.message(req)
+    assert [type(e) for e in other] == [type(first)] and other[0].serial == SERIAL
 
 
-def test_busy_log_failure_still_answers_busy():
-    """If logging the BUSY refusal fails, the card is still told BUSY (nothing was changed) and no lease is released."""
+def test_a_password_changed_during_authentication_is_busy():
+    """The CHANGED row of Figure 4: the check-out carries the verifier the answer was checked against; when the store finds the password replaced meanwhile it answers BUSY (the answer proves the old password), and the machine passes it on and takes the next request."""
     m = machine()
-    m.message(request(Op.INSERT, insert_secret=SECRET))
-    m.lease(False)
-    assert m.store_failed("database down") == [Reply(OpResult(status=Status.BUSY))]
+    ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
+    [_, effect] = m.message(answer(ch))
+    assert isinstance(effect, CheckOut) and effect.verifier == VERIFIER
+    assert m.stored(Outcome(Status.BUSY)) == replied(OpResult(status=Status.BUSY))
+    assert m.message(request(Op.INSERT, insert_secret=SECRET)) == [LoadCard(SERIAL)]
+
+
+def test_a_refusal_whose_history_line_fails_is_still_that_refusal():
+    """If storing a failed authentication's count and history line fails, the card is still told REFUSED (nothing was changed), not INTERNAL."""
+    m = machine()
+    ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
+    assert m.message(answer(ch, key=WRONG_KEY)) == [CancelDeadline(), failure("failed: password")]
+    assert m.store_failed("database down") == replied(OpResult(status=Status.REFUSED))
 
 
 def test_unknown_serial_gets_a_challenge_like_a_real_one():
@@ -324,42 +408,175 @@ def test_decoy_kdf_is_stable_per_serial():
     assert first.challenges[1].data != again.challenges[1].data  # the Master-key challenge is fresh each time
 
 
-def test_unknown_serial_wrong_password_wrong_master_and_lockout_look_the_same():
-    """Wrong password, wrong Master key, unknown serial and a locked-out card (even with the right answers) all give the same REFUSED and an auth_failed call."""
+def test_unknown_serial_wrong_password_wrong_master_and_throttle_look_the_same():
+    """Wrong password, wrong Master key, unknown serial (each counted by a CountFailure) and a throttled card (right answers, not evaluated, nothing stored) all give the same REFUSED on the wire."""
     replies = []
     cases = [
         ("wrong password", record(), dict(key=WRONG_KEY), "failed: password"),
-        ("wrong master", record(), dict(master=crypto.sha256(b"other")), "failed: master key"),
-        ("both wrong", record(), dict(key=WRONG_KEY, master=b"x" * 32), "failed: password, master key"),
+        ("wrong master", record(), dict(master=crypto.sha256(b"other")), "failed: master-key"),
+        ("both wrong", record(), dict(key=WRONG_KEY, master=b"x" * 32), "failed: password, master-key"),
         ("unknown serial", None, dict(), "no such card"),
-        ("locked out", record(failures=5, locked_until=NOW + 30), dict(), "locked out"),
     ]
-    for _name, card, kw, detail in cases:
+    for name, card, kw, detail in cases:
         m = machine()
         ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), card)
-        resp = answer(ch, **kw)
-        effects = m.message(resp)
-        assert effects == [CancelDeadline(), StoreCall("auth_failed", dict(serial=SERIAL, op="insert", peer=PEER,
-                                                                           detail=detail, muk=MUK))], _name
-        done = m.stored(None)
-        assert done[1:] == [ReleaseLease(SERIAL)]
-        replies.append(encode_inner(done[0].message))
+        assert m.message(answer(ch, **kw)) == [CancelDeadline(), failure(detail)], name
+        [done] = m.stored(None)
+        replies.append(encode_inner(done.message))
+    m = machine()
+    ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record(failures=20, locked_until=NOW + 30))
+    effects = m.message(answer(ch))
+    unevaluated(effects)
+    replies.append(encode_inner(effects[-1].message))
     assert len(set(replies)) == 1 and replies[0] == encode_inner(OpResult(status=Status.REFUSED))
 
 
-def test_lockout_expired_lets_the_owner_in():
-    """A lockout whose time has passed no longer refuses the right answers."""
+def test_a_throttle_that_has_passed_lets_the_owner_in():
+    """A card whose throttle window has passed evaluates the right answers again and checks out."""
     m = machine()
-    ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record(failures=5, locked_until=NOW - 1))
-    assert store_call(m.message(answer(ch))).method == "checkout"
+    ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record(failures=20, locked_until=NOW - 1))
+    assert m.message(answer(ch)) == [CancelDeadline(), check_out()]
+
+
+@pytest.mark.parametrize("key", [AUTH_KEY, WRONG_KEY], ids=["right", "wrong"])
+@pytest.mark.parametrize("op", [Op.INSERT, Op.RECOVER, Op.DESTROY])
+def test_throttled_answers_are_refused_unevaluated_with_no_store_effect(op, key):
+    """
+    Inside the card's throttle window an answer — right or wrong — is
+    refused without being evaluated: no CountFailure, no check-out, no
+    history line (only a Logged effect, so hammering neither extends the
+    window nor floods the history), the same REFUSED at once, and the
+    machine takes the next request.
+    """
+    m = machine()
+    card = record(state=CardState.IN_USE, muk=MUK) if op is Op.RECOVER else record()
+    card = attrs.evolve(card, failures=20, locked_until=NOW + 30)
+    secret = SECRET if op is Op.INSERT else b""
+    ch = challenged(m, request(op, insert_secret=secret), card)
+    unevaluated(m.message(answer(ch, key=key)))
+    assert m.message(request(Op.INSERT, insert_secret=SECRET)) == [LoadCard(SERIAL)]
+
+
+def test_the_owners_machine_has_its_own_bucket():
+    """
+    An answer carrying the MUK of the card's last insert (last_muk) counts in
+    the owner's machine bucket: strangers' throttling of the card does not
+    stop it, and it is checked out with own_machine (so the owner's bucket is
+    the one reset); another MUK on the same card is throttled. The other way
+    round, a throttled owner's bucket stops only answers carrying last_muk.
+    """
+    strangers_throttled = record(failures=20, locked_until=NOW + 600, last_muk=MUK)
+    m = machine()
+    ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), strangers_throttled)
+    assert m.message(answer(ch, muk=MUK)) == [CancelDeadline(), check_out(own_machine=True)]
+    m = machine()
+    ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), strangers_throttled)
+    unevaluated(m.message(answer(ch, muk=OTHER_MUK)))
+
+    owner_throttled = record(machine_failures=5, machine_locked_until=NOW + 600, last_muk=MUK)
+    m = machine()
+    ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), owner_throttled)
+    unevaluated(m.message(answer(ch, muk=MUK)))
+    m = machine()
+    ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), owner_throttled)
+    assert m.message(answer(ch, muk=OTHER_MUK)) == [CancelDeadline(), check_out(muk=OTHER_MUK)]
+
+
+def test_a_wrong_answer_from_the_owners_machine_counts_in_its_bucket_only():
+    """A wrong answer carrying last_muk is a CountFailure with own_machine=True, and the per-source limits in memory are not touched (a stranger's source bucket and the owner's are separate)."""
+    limits = SourceLimits(LockoutPolicy(), Now())
+    m = machine(limits=limits)
+    ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record(last_muk=MUK))
+    assert m.message(answer(ch, key=WRONG_KEY, muk=MUK)) == [CancelDeadline(), failure("failed: password", own=True)]
+    assert len(limits) == 0
+    m = machine(limits=limits)
+    ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record(last_muk=MUK))
+    assert m.message(answer(ch, key=WRONG_KEY, muk=OTHER_MUK)) == [CancelDeadline(), failure("failed: password",
+                                                                                             muk=OTHER_MUK)]
+    assert len(limits) == 2  # (source, serial) and (source, all cards)
+
+
+def fail_once(limits: SourceLimits, now: Now, serial: str = SERIAL, peer: str = PEER) -> None:
+    """One wrong answer from ``peer`` on ``serial``: evaluated and counted."""
+    m = machine(limits=limits, now=now, peer=peer)
+    ch = challenged(m, request(Op.INSERT, serial, insert_secret=SECRET), record(serial, last_muk=MUK))
+    [_, counted] = m.message(answer(ch, serial, key=WRONG_KEY, muk=OTHER_MUK))
+    assert isinstance(counted, CountFailure) and counted.own_machine is False
+
+
+def attempt(limits: SourceLimits, now: Now, serial: str = SERIAL, peer: str = PEER, muk: bytes = OTHER_MUK) -> list:
+    """The right answers from ``peer`` on ``serial``; returns the effects of the answer."""
+    m = machine(limits=limits, now=now, peer=peer)
+    ch = challenged(m, request(Op.INSERT, serial, insert_secret=SECRET), record(serial, last_muk=MUK))
+    return m.message(answer(ch, serial, muk=muk))
+
+
+def test_source_limits_per_source_and_serial():
+    """
+    Per (source, serial) in memory: after ``threshold`` failures from one
+    source address on one serial, that source's next answer on that serial —
+    even the right one — is refused unevaluated until the delay has passed;
+    the same source on another serial, another source on the same serial, and
+    the owner's machine (last_muk) from that very source are evaluated.
+    """
+    now = Now()
+    limits = SourceLimits(LockoutPolicy(threshold=2, base=30.0, shared_threshold=20, source_threshold=50), now)
+    fail_once(limits, now)
+    assert isinstance(attempt(limits, now)[-1], CheckOut)  # one failure: still evaluated (and resets the pair)
+    fail_once(limits, now)
+    fail_once(limits, now)
+    unevaluated(attempt(limits, now))
+    assert isinstance(attempt(limits, now, serial="card-2")[-1], CheckOut)
+    assert isinstance(attempt(limits, now, peer=STRANGER)[-1], CheckOut)
+    now.t += 29
+    unevaluated(attempt(limits, now))
+    now.t += 1
+    assert isinstance(attempt(limits, now)[-1], CheckOut)
+    fail_once(limits, now)
+    fail_once(limits, now)
+    unevaluated(attempt(limits, now))
+    assert attempt(limits, now, muk=MUK)[-1] == check_out(own_machine=True)
+
+
+def test_source_limits_over_all_cards():
+    """Per source over all cards: one source failing on ``source_threshold`` different serials is refused unevaluated on the next serial too; another source is not."""
+    now = Now()
+    limits = SourceLimits(LockoutPolicy(threshold=5, base=30.0, source_threshold=3), now)
+    for i in range(3):
+        fail_once(limits, now, serial=f"card-{i + 10}")
+    unevaluated(attempt(limits, now, serial="card-99"), serial="card-99")
+    assert isinstance(attempt(limits, now, serial="card-99", peer=STRANGER)[-1], CheckOut)
+
+
+def test_deadline_gives_timeout_counts_a_failure_and_never_checks_out():
+    """Implementation authentication must be answered within 30 s: the deadline counts a failure like a wrong answer (CountFailure, result "timeout", no MUK, other machines' bucket) and answers TIMEOUT; no check-out."""
+    m = machine()
+    challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
+    assert m.deadline() == [CountFailure(SERIAL, Operation.INSERT, PEER, "no answer within 30 s", None, False,
+                                         result="timeout")]
+    assert m.stored(None) == replied(OpResult(status=Status.TIMEOUT))
+
+
+def test_unanswered_challenges_count_toward_the_source_limit():
+    """Holding challenges open costs guesses: after ``threshold`` unanswered challenges from one source on a serial, that source's next (right) answer is refused unevaluated."""
+    now = Now()
+    limits = SourceLimits(LockoutPolicy(threshold=2, base=30.0), now)
+    for _ in range(2):
+        m = machine(limits=limits, now=now)
+        challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
+        [counted] = m.deadline()
+        assert (counted.result, counted.own_machine) == ("timeout", False)
+        assert m.stored(None) == replied(OpResult(status=Status.TIMEOUT))
+    unevaluated(attempt(limits, now))
+    assert isinstance(attempt(limits, now, peer=STRANGER)[-1], CheckOut)
 
 
 @pytest.mark.parametrize("op", [Op.RECOVER, Op.DESTROY])
 def test_recover_and_destroy_refuse_bad_authentication(op):
-    """Recover and destroy with a wrong password are REFUSED after an auth_failed call, never reaching mediation."""
+    """Recover and destroy with a wrong password are REFUSED after a CountFailure, never reaching mediation."""
     m = machine()
     ch = challenged(m, request(op), record(state=CardState.IN_USE, muk=MUK))
-    refusal_effects(m, answer(ch, key=WRONG_KEY), "failed: password", op=op.name.lower())
+    refusal_effects(m, answer(ch, key=WRONG_KEY), "failed: password", op=Operation(op.name.lower()))
 
 
 @pytest.mark.parametrize(
@@ -367,7 +584,7 @@ def test_recover_and_destroy_refuse_bad_authentication(op):
     [(lambda r: AuthResponse(responses=r.responses[:1], muk=r.muk), "wrong number of answers"),
      (lambda r: AuthResponse(responses=tuple(reversed(r.responses)), muk=r.muk), "answers out of order"),
      (lambda r: AuthResponse(responses=(r.responses[0], AuthItem(AuthMethod.MASTER_KEY, b"junk")), muk=r.muk),
-      "failed: master key")],
+      "failed: master-key")],
     ids=["missing", "reordered", "malformed-master"],
 )
 def test_malformed_answers_are_failed_authentications(mangle, detail):
@@ -386,34 +603,21 @@ def test_card_with_more_methods_than_the_policy_is_challenged_for_all():
     refusal_effects(m, answer(ch), "failed: keyfile")
 
 
-def test_deadline_gives_timeout_and_never_checks_out():
-    """Implementation authentication must be answered within 30 s: the deadline logs a timeout refusal, answers TIMEOUT and releases the lease; no check-out."""
-    m = machine()
-    challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
-    effects = m.deadline()
-    assert effects == [StoreCall("refused", dict(serial=SERIAL, op="insert", result="timeout", peer=PEER,
-                                                 detail="no answer within 30 s"))]
-    assert m.stored(None) == [Reply(OpResult(status=Status.TIMEOUT)), ReleaseLease(SERIAL)]
-
-
-def test_answer_after_the_deadline_is_a_violation_and_the_lease_waits_for_the_log():
-    """An answer arriving after the deadline (while the timeout is being logged) closes the channel; the lease is released only when the store call returns, and no reply is sent."""
+def test_answer_after_the_deadline_is_a_violation_and_nothing_is_sent():
+    """An answer arriving after the deadline (while the timeout is being counted) closes the channel; when the count returns nothing is sent, and the closed machine ignores everything."""
     m = machine()
     ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
     m.deadline()
     effects = m.message(answer(ch))
     assert [type(e) for e in effects] == [CancelDeadline, ProtocolViolation]
-    assert ReleaseLease(SERIAL) not in effects
-    assert m.stored(None) == [ReleaseLease(SERIAL)]
+    assert m.stored(None) == []
     assert m.message(answer(ch)) == []  # closed: ignored
 
 
 def test_configurable_deadline():
     """The deadline comes from the policy (auth_deadline)."""
     m = machine(policy=OpsPolicy(auth_deadline=5.0))
-    m.message(request(Op.RECOVER))
-    m.lease(True)
-    assert m.loaded(record())[1] == StartDeadline(5.0)
+    challenged(m, request(Op.RECOVER), record(), deadline=5.0)
 
 
 @pytest.mark.parametrize(
@@ -422,122 +626,105 @@ def test_configurable_deadline():
     ids=["answer-without-challenge", "op-result", "echo"],
 )
 def test_unexpected_message_when_idle(msg):
-    """A message that is not a request while idle is a protocol violation (close the channel); no lease is involved."""
+    """A message that is not a request while idle is a protocol violation (close the channel); nothing is stored."""
     m = machine()
     effects = m.message(msg)
     assert [type(e) for e in effects] == [CancelDeadline, ProtocolViolation]
     assert m.message(request(Op.INSERT, insert_secret=SECRET)) == []  # closed for good
 
 
-def test_request_while_challenged_is_a_violation_and_releases_the_lease():
-    """A second request while waiting for the answers closes the channel and releases the lease at once (nothing in flight)."""
+def test_request_while_challenged_is_a_violation():
+    """A second request while waiting for the answers closes the channel (deadline cancelled); nothing is counted or sent afterwards."""
     m = machine()
     challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
     effects = m.message(request(Op.DESTROY))
-    assert [type(e) for e in effects] == [CancelDeadline, ProtocolViolation, ReleaseLease]
+    assert [type(e) for e in effects] == [CancelDeadline, ProtocolViolation]
     assert m.deadline() == [] and m.stored(None) == []
 
 
-def test_request_while_leasing_is_a_violation_and_the_late_lease_is_released():
-    """A message during the lease acquisition closes the channel; when the lease arrives late it is released at once (and a late BUSY needs nothing)."""
+def test_request_while_loading_is_a_violation_and_the_late_record_is_dropped():
+    """A message while the record is being read closes the channel; when the read returns late no challenge is sent and no deadline started."""
     m = machine()
     m.message(request(Op.INSERT, insert_secret=SECRET))
     effects = m.message(request(Op.INSERT, insert_secret=SECRET))
     assert [type(e) for e in effects] == [CancelDeadline, ProtocolViolation]
-    assert m.lease(True) == [ReleaseLease(SERIAL)]
-    m2 = machine()
-    m2.message(request(Op.INSERT, insert_secret=SECRET))
-    m2.message(EchoRequest(b"x"))
-    assert m2.lease(False) == []
+    assert m.loaded(record()) == []
 
 
-def test_request_while_a_store_call_runs_is_a_violation_and_the_lease_waits():
-    """A message while a store call is in flight closes the channel; the lease stays held until the call returns, then is released with no reply."""
+def test_request_while_a_store_call_runs_is_a_violation_and_no_reply_follows():
+    """A message while a store call is in flight closes the channel; the call completes on its own and its result is not sent."""
     m = machine()
     ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
-    m.message(answer(ch))  # checkout in flight
+    m.message(answer(ch))  # check-out in flight
     effects = m.message(request(Op.REMOVE, insert_secret=SECRET))
     assert [type(e) for e in effects] == [CancelDeadline, ProtocolViolation]
-    assert m.stored(("ok", record(state=CardState.IN_USE))) == [ReleaseLease(SERIAL)]
+    assert m.stored(Outcome(Status.OK, version=4, protected=b"P")) == []
 
 
-def test_connection_lost_mid_operation_keeps_the_lease_until_the_store_call_returns():
-    """Connection lost while the check-out commits: the lease is kept until the store call returns, then released; nothing is sent."""
+def test_connection_lost_mid_operation_sends_nothing_when_the_store_call_returns():
+    """Connection lost while the check-out commits: the deadline is cancelled; the store call's result, whenever it comes, has no one to go to."""
     m = machine()
     ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
-    assert store_call(m.message(answer(ch))).method == "checkout"
+    assert m.message(answer(ch)) == [CancelDeadline(), check_out()]
     assert m.connection_lost() == [CancelDeadline()]
-    assert m.stored(("ok", record(state=CardState.IN_USE))) == [ReleaseLease(SERIAL)]
+    assert m.stored(Outcome(Status.OK, version=4, protected=b"P")) == []
 
 
 @pytest.mark.parametrize("result", ["stored", "failed"])
-def test_connection_lost_during_sync_releases_after_the_result(result):
+def test_connection_lost_during_sync(result):
     """Same for a sync in flight, whether the store call returns or raises."""
     m = machine()
     m.message(request(Op.SYNC, insert_secret=SECRET, version=1, protected=b"x"))
-    m.lease(True)
     assert m.connection_lost() == [CancelDeadline()]
-    late = m.stored(("ok", 2)) if result == "stored" else m.store_failed("boom")
-    assert late == [ReleaseLease(SERIAL)]
+    late = m.stored(Outcome(Status.OK, version=2)) if result == "stored" else m.store_failed("boom")
+    assert late == []
 
 
-def test_connection_lost_while_leasing_or_loading():
-    """Lost while the lease is being taken: a late grant is released, a late BUSY needs nothing; lost while loading: released when the record arrives."""
+def test_connection_lost_while_loading_or_challenged():
+    """Lost while the record is read: the late record starts nothing; lost while challenged: the deadline is cancelled and nothing is counted (nothing was held and nothing guessed)."""
     m = machine()
     m.message(request(Op.INSERT, insert_secret=SECRET))
     assert m.connection_lost() == [CancelDeadline()]
-    assert m.lease(True) == [ReleaseLease(SERIAL)]
-    m = machine()
-    m.message(request(Op.INSERT, insert_secret=SECRET))
-    m.connection_lost()
-    assert m.lease(False) == []
-    m = machine()
-    m.message(request(Op.INSERT, insert_secret=SECRET))
-    m.lease(True)
-    assert m.connection_lost() == [CancelDeadline()]
-    assert m.loaded(record()) == [ReleaseLease(SERIAL)]
-
-
-def test_connection_lost_while_challenged_releases_at_once():
-    """Lost while waiting for the answers (nothing in flight): cancel the deadline and release the lease immediately."""
+    assert m.loaded(record()) == []
     m = machine()
     challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
-    assert m.connection_lost() == [CancelDeadline(), ReleaseLease(SERIAL)]
+    assert m.connection_lost() == [CancelDeadline()]
     assert m.deadline() == []
 
 
 def test_connection_lost_when_idle():
-    """Lost between operations: nothing to release."""
+    """Lost between operations: only the (idle) deadline timer is cancelled."""
     m = machine()
     assert m.connection_lost() == [CancelDeadline()]
 
 
-def test_store_failure_is_internal_and_releases():
-    """A store call that raises answers INTERNAL (nothing was changed) and releases the lease."""
+def test_store_failure_is_internal():
+    """A check-out that raises answers INTERNAL (its transaction changed nothing) and the channel takes the next request."""
     m = machine()
     ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
     m.message(answer(ch))
-    assert m.store_failed("disk full") == [Reply(OpResult(status=Status.INTERNAL)), ReleaseLease(SERIAL)]
+    assert m.store_failed("disk full") == replied(OpResult(status=Status.INTERNAL))
+    assert m.message(request(Op.INSERT, insert_secret=SECRET)) == [LoadCard(SERIAL)]
 
 
-def test_lease_failure_is_internal():
-    """When taking the lease itself fails (database down) the card gets INTERNAL, the channel stays open and no lease is released."""
+def test_load_failure_is_internal():
+    """When reading the record fails (database down) the card gets INTERNAL, no challenge, and the channel stays open."""
     m = machine()
     m.message(request(Op.INSERT, insert_secret=SECRET))
-    assert m.store_failed("connection refused") == [Reply(OpResult(status=Status.INTERNAL))]
-    assert m.message(request(Op.SYNC, insert_secret=SECRET)) == [AcquireLease(SERIAL)]
+    assert m.store_failed("connection refused") == replied(OpResult(status=Status.INTERNAL))
+    assert m.message(request(Op.SYNC, insert_secret=SECRET)) == [SyncCard(SERIAL, crypto.sha256(SECRET), 0, b"", PEER)]
 
 
 def test_operations_follow_each_other_on_one_channel():
-    """One channel carries several operations in turn: insert, sync, remove, each with its own lease."""
+    """One channel carries several operations in turn: insert, sync, remove, each one typed store effect and one reply."""
     m = machine()
     ch = challenged(m, request(Op.INSERT, insert_secret=SECRET), record())
     m.message(answer(ch))
-    assert m.stored(("ok", record(state=CardState.IN_USE, version=1)))[-1] == ReleaseLease(SERIAL)
-    for op, method in ((Op.SYNC, "sync"), (Op.REMOVE, "checkin")):
-        assert m.message(request(op, insert_secret=SECRET, version=1, protected=b"P")) == [AcquireLease(SERIAL)]
-        assert m.lease(True)[0].method == method
-        assert m.stored(("ok", 2)) == [Reply(OpResult(status=Status.OK, version=2)), ReleaseLease(SERIAL)]
+    assert m.stored(Outcome(Status.OK, version=1, protected=b"P")) == replied(OpResult(status=Status.OK, version=1, protected=b"P"))
+    for op, effect in ((Op.SYNC, SyncCard), (Op.REMOVE, CheckIn)):
+        assert m.message(request(op, insert_secret=SECRET, version=1, protected=b"P")) == [
+            effect(SERIAL, crypto.sha256(SECRET), 1, b"P", PEER)]
+        assert m.stored(Outcome(Status.OK, version=2)) == replied(OpResult(status=Status.OK, version=2))
 
 
 # ================================================================ Part 2: the Twisted glue
@@ -555,6 +742,13 @@ class InlineReactor:
         f(*args, **kwargs)
 
 
+def call_name(f, args: tuple) -> str:
+    """A queued call's name: the typed store effect it carries out (Backend.run), or the function (Backend.work)."""
+    if len(args) == 2 and type(args[1]) in STORE_CALLS:
+        return type(args[1]).__name__
+    return f.__name__
+
+
 class ManualPool:
     """A thread pool stand-in: work queues up until the test runs it (``run``), in order, on this thread."""
 
@@ -565,17 +759,21 @@ class ManualPool:
     def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
         self.queue.append((on_result, f, args, kwargs))
 
+    def queued(self) -> list[str]:
+        return [call_name(f, args) for _, f, args, _ in self.queue]
+
     def run_one(self) -> str:
         """Run the oldest queued call; returns its name."""
         on_result, f, args, kwargs = self.queue.pop(0)
-        self.calls.append(f.__name__)
+        name = call_name(f, args)
+        self.calls.append(name)
         try:
             result = f(*args, **kwargs)
         except Exception:
             on_result(False, Failure())
         else:
             on_result(True, result)
-        return f.__name__
+        return name
 
     def run(self) -> bool:
         ran = False
@@ -591,10 +789,10 @@ class Harness:
     def __init__(self, tmp_path, policy: OpsPolicy = OpsPolicy()):
         self.clock = Clock()
         self.clock.advance(NOW)
-        self.store = Store(f"sqlite:///{tmp_path / 'vsc.sqlite3'}", self.clock.seconds)
+        self.store = Store(f"sqlite:///{tmp_path / 'vsc.sqlite3'}", self.clock.seconds, policy.lockout)
         self.store.migrate()
         self.pool = ManualPool()
-        self.backend = Backend(InlineReactor(), self.store, self.pool, lease_ttl=90.0, owner="test:1:glue")
+        self.backend = Backend(InlineReactor(), self.store, self.pool)
         self.factory = ServerFactory(ChannelConfig(), server_key(), self.clock, backend=self.backend,
                                      ops_policy=policy, master=MASTER)
         self.fingerprint = server_key().public_key().fingerprint()
@@ -635,6 +833,12 @@ class Harness:
         assert result_of(d).status is Status.OK
         return keys
 
+    def challenge(self, client, op: Op = Op.INSERT, secret: bytes = SECRET) -> AuthChallenge:
+        """Start an authenticated operation on ``client`` and return the challenge it got (left unanswered)."""
+        ch = result_of(self.run(client.request(OpRequest(op=op, serial=SERIAL, insert_secret=secret))))
+        assert isinstance(ch, AuthChallenge)
+        return ch
+
 
 def result_of(d: Deferred):
     """The result of a Deferred that must already have fired (failures are raised)."""
@@ -646,12 +850,16 @@ def result_of(d: Deferred):
     return out[0]
 
 
+def answers_to(challenge: AuthChallenge, keys, muk: bytes) -> AuthResponse:
+    items, _ = card_ops.answer(challenge, SERIAL, "pw", MASTER, crypto.system_random, keys)
+    return AuthResponse(responses=tuple(items), muk=muk)
+
+
 def test_glue_life_cycle_over_a_real_store(tmp_path):
-    """Through the real channel and a real SQLite store: enrol, insert, sync, remove, recover-refused, destroy; each store call runs on the (stand-in) pool, never inline."""
+    """Through the real channel and a real SQLite store: enrol, insert, sync, remove, recover-refused, destroy; each operation is exactly its typed store effects, each run on the (stand-in) pool, never inline."""
     h = Harness(tmp_path)
     client, server, _ = h.connect()
     keys = h.enrol(client)
-    assert "enrol" in h.pool.calls and "acquire" in h.pool.calls and "release" in h.pool.calls
     result, _ = result_of(h.run(card_ops.insert(client, SERIAL, "pw", MUK, SECRET, MASTER, keys=keys)))
     assert (result.status, result.version, result.protected) == (Status.OK, 1, b"PROTECTED-1")
     assert h.store.get(SERIAL).state is CardState.IN_USE
@@ -664,18 +872,27 @@ def test_glue_life_cycle_over_a_real_store(tmp_path):
     assert e.value.status is Status.NOT_IN_USE
     result, _ = result_of(h.run(card_ops.destroy(client, SERIAL, "pw", MASTER, keys=keys)))
     assert result.status is Status.OK and h.store.get(SERIAL).state is CardState.DESTROYED
-    # every operation released its lease
-    assert h.store.acquire(SERIAL, "someone-else", 1.0)
+    assert h.pool.calls == ["EnrolCard", "LoadCard", "CheckOut", "SyncCard", "CheckIn", "LoadCard", "RecoverCard",
+                            "LoadCard", "DestroyCard"]
+
+
+def test_glue_enrolment_material_is_made_on_the_pool(tmp_path):
+    """A TOTP policy: the enrolment material is made by Backend.work on the pool (not on the reactor), then the card is stored with it and its methods."""
+    h = Harness(tmp_path, OpsPolicy(impl_auth=(AuthMethod.MASTER_KEY, AuthMethod.TOTP)))
+    client, _, _ = h.connect()
+    h.enrol(client)
+    assert h.pool.calls == ["enrol", "EnrolCard"]
+    card = h.store.get(SERIAL)
+    assert "totp" in implauth.stored_material(card.auth_info)
 
 
 def test_glue_auth_deadline_with_clock(tmp_path):
-    """Nobody answers the challenge: after Clock.advance(31) the card gets TIMEOUT, the record is unchanged, the timeout is in the history, and the lease is free."""
+    """Nobody answers the challenge: after Clock.advance(31) the card gets TIMEOUT, the record is unchanged except that the unanswered challenge is counted as a failure, the timeout is in the history; the channel then inserts (and the success resets the count)."""
     h = Harness(tmp_path)
     client, server, _ = h.connect()
     keys = h.enrol(client)
     before = h.store.get(SERIAL)
-    challenge = result_of(h.run(client.request(OpRequest(op=Op.INSERT, serial=SERIAL, insert_secret=SECRET))))
-    assert isinstance(challenge, AuthChallenge)
+    h.challenge(client)
     h.clock.advance(29)
     h.settle()
     pending = client.nextMessage()
@@ -685,12 +902,12 @@ def test_glue_auth_deadline_with_clock(tmp_path):
     h.settle()
     assert result_of(pending) == OpResult(status=Status.TIMEOUT)
     after = h.store.get(SERIAL)
-    assert (after.state, after.version, after.muk, after.failures) == (before.state, before.version, None, 0)
+    assert (after.state, after.version, after.muk, after.failures) == (before.state, before.version, None, 1)
     last = h.store.history(SERIAL)[-1]
-    assert (last.op, last.result, last.peer, last.at) == ("insert", "timeout", server.peer, NOW + 31)
-    # the channel is still usable and the lease is free: the insert goes through now
+    assert (last.op, last.result, last.peer, last.at, last.detail) == (
+        "insert", "timeout", server.peer, NOW + 31, "no answer within 30 s")
     result, _ = result_of(h.run(card_ops.insert(client, SERIAL, "pw", MUK, SECRET, MASTER, keys=keys)))
-    assert result.status is Status.OK
+    assert result.status is Status.OK and h.store.get(SERIAL).failures == 0
 
 
 def test_glue_late_answer_after_timeout_closes_only_that_channel(tmp_path):
@@ -699,12 +916,11 @@ def test_glue_late_answer_after_timeout_closes_only_that_channel(tmp_path):
     bad, _, _ = h.connect()
     good, _, _ = h.connect()
     keys = h.enrol(good)
-    challenge = result_of(h.run(bad.request(OpRequest(op=Op.INSERT, serial=SERIAL, insert_secret=SECRET))))
+    challenge = h.challenge(bad)
     h.clock.advance(31)
     h.settle()
     assert result_of(bad.nextMessage()).status is Status.TIMEOUT
-    answers, _ = card_ops.answer(challenge, SERIAL, "pw", MASTER, crypto.system_random, keys)
-    bad.sendMessage(AuthResponse(responses=tuple(answers), muk=MUK))
+    bad.sendMessage(answers_to(challenge, keys, MUK))
     h.settle()
     assert bad.channel.closed and bad.closeCode is ErrorCode.UNEXPECTED_MESSAGE
     result, _ = result_of(h.run(card_ops.insert(good, SERIAL, "pw", MUK, SECRET, MASTER, keys=keys)))
@@ -725,54 +941,114 @@ def test_glue_misbehaving_connection_does_not_disturb_another(tmp_path):
     assert result_of(h.run(card_ops.remove(good, SERIAL, SECRET, 1, b"P2"))).status is Status.OK
 
 
-def test_glue_busy_while_another_connection_holds_the_lease(tmp_path):
-    """[0081] across connections: while card A sits in the challenge, card B's insert of the same serial is BUSY; after A is done B proceeds (and finds it IN_USE)."""
+def test_glue_an_unanswered_challenge_holds_nothing(tmp_path):
+    """
+    Issue 11, attack 2: connections that ask to insert a victim serial and
+    never answer hold nothing. While three such challenges are open, the
+    owner's insert of the same serial succeeds and its sync is stored; when
+    the attackers' deadlines pass they get TIMEOUT, each counted as a
+    failure, and the owner's check-out is untouched.
+    """
+    h = Harness(tmp_path)
+    owner, _, _ = h.connect()
+    attackers = [h.connect()[0] for _ in range(3)]
+    keys = h.enrol(owner)
+    for a in attackers:
+        h.challenge(a, secret=b"T" * 32)
+    waiting = [a.nextMessage() for a in attackers]
+    h.settle()
+    result, _ = result_of(h.run(card_ops.insert(owner, SERIAL, "pw", MUK, SECRET, MASTER, keys=keys)))
+    assert result.status is Status.OK
+    assert result_of(h.run(card_ops.sync(owner, SERIAL, SECRET, 1, b"PROTECTED-2"))).version == 2
+    assert not any(w.called for w in waiting)  # the attackers' challenges were still open all along
+    h.clock.advance(31)
+    h.settle()
+    assert [result_of(w).status for w in waiting] == [Status.TIMEOUT] * 3
+    card = h.store.get(SERIAL)
+    assert (card.state, card.muk, card.version, card.failures) == (CardState.IN_USE, MUK, 2, 3)
+    assert [(x.op, x.result) for x in h.store.history(SERIAL)][-5:] == [
+        ("insert", "ok"), ("sync", "ok"), ("insert", "timeout"), ("insert", "timeout"), ("insert", "timeout")]
+
+
+def test_glue_two_connections_racing_an_insert_get_ok_and_in_use(tmp_path):
+    """[0081] without leases: two machines answer their challenges for one idle serial at the same moment; both check-outs are queued, and the first to commit gets OK while the other gets IN_USE from the same transaction's decision — never BUSY."""
     h = Harness(tmp_path)
     a, _, _ = h.connect()
     b, _, _ = h.connect()
     keys = h.enrol(a)
-    challenge = result_of(h.run(a.request(OpRequest(op=Op.INSERT, serial=SERIAL, insert_secret=SECRET))))
-    with pytest.raises(card_ops.OperationRefused) as e:
-        result_of(h.run(card_ops.insert(b, SERIAL, "pw", OTHER_MUK, b"T" * 32, MASTER, keys=keys)))
-    assert e.value.status is Status.BUSY
-    answers, _ = card_ops.answer(challenge, SERIAL, "pw", MASTER, crypto.system_random, keys)
-    assert result_of(h.run(a.request(AuthResponse(responses=tuple(answers), muk=MUK)))).status is Status.OK
-    with pytest.raises(card_ops.OperationRefused) as e:
-        result_of(h.run(card_ops.insert(b, SERIAL, "pw", OTHER_MUK, b"T" * 32, MASTER, keys=keys)))
-    assert e.value.status is Status.IN_USE
-    assert [(x.op, x.result) for x in h.store.history(SERIAL)][-3:] == [
-        ("insert", "busy"), ("insert", "ok"), ("insert", "in-use")]
+    ch_a, ch_b = h.challenge(a), h.challenge(b, secret=b"T" * 32)
+    da = a.request(answers_to(ch_a, keys, MUK))
+    db = b.request(answers_to(ch_b, keys, OTHER_MUK))
+    h.settle(pool=False)
+    assert h.pool.queued() == ["CheckOut", "CheckOut"]
+    h.settle()
+    assert (result_of(da).status, result_of(db).status) == (Status.OK, Status.IN_USE)
+    assert h.store.get(SERIAL).muk == MUK
+    assert [(x.op, x.result) for x in h.store.history(SERIAL) if x.op == "insert"] == [
+        ("insert", "ok"), ("insert", "in-use")]
 
 
-def test_glue_connection_lost_mid_checkout_releases_after_commit(tmp_path):
-    """Card A drops while its check-out is queued: the lease stays held (B is BUSY) until the check-out commits, then it is released and A's retry gets the SAME check-out."""
+def test_glue_connection_lost_mid_checkout_commits_and_the_retry_gets_it(tmp_path):
+    """Card A drops while its check-out is queued: the check-out still commits (one transaction), card B's insert meanwhile is IN_USE (not BUSY), and A's retry on a new connection gets the SAME check-out."""
     h = Harness(tmp_path)
-    a, _, pump_a = h.connect()
+    a, _, _ = h.connect()
     b, _, _ = h.connect()
     keys = h.enrol(a)
-    challenge = result_of(h.run(a.request(OpRequest(op=Op.INSERT, serial=SERIAL, insert_secret=SECRET))))
-    answers, _ = card_ops.answer(challenge, SERIAL, "pw", MASTER, crypto.system_random, keys)
-    a.sendMessage(AuthResponse(responses=tuple(answers), muk=MUK))
+    challenge = h.challenge(a)
+    a.sendMessage(answers_to(challenge, keys, MUK))
     h.settle(pool=False)
-    assert [q[1].__name__ for q in h.pool.queue] == ["checkout"]
+    assert h.pool.queued() == ["CheckOut"]
     a.transport.loseConnection()
     h.settle(pool=False)
     assert a.channel.closed
-    # B asks while the check-out is still queued: its acquire runs after the check-out but before the release
     d = ensureDeferred(card_ops.insert(b, SERIAL, "pw", OTHER_MUK, b"T" * 32, MASTER, keys=keys))
-    h.settle(pool=False)
-    h.pool.run()  # checkout commits, then B's acquire (BUSY: the lease is still held), then the release
     h.settle()
     with pytest.raises(card_ops.OperationRefused) as e:
         result_of(d)
-    assert e.value.status is Status.BUSY
+    assert e.value.status is Status.IN_USE
     assert h.store.get(SERIAL).state is CardState.IN_USE
-    assert h.store.acquire(SERIAL, "probe", 1.0)  # released after the commit
-    h.store.release(SERIAL, "probe")
     a2, _, _ = h.connect()
     result, _ = result_of(h.run(card_ops.insert(a2, SERIAL, "pw", MUK, SECRET, MASTER, keys=keys)))
     assert (result.status, result.protected) == (Status.OK, b"PROTECTED-1")
-    assert [x.result for x in h.store.history(SERIAL) if x.op == "insert"] == ["ok", "busy", "repeat"]
+    assert [x.result for x in h.store.history(SERIAL) if x.op == "insert"] == ["ok", "in-use", "repeat"]
+
+
+def test_glue_a_password_changed_during_authentication_is_busy(tmp_path):
+    """The CHANGED row, end to end: A's recover is challenged with the card's verifier; the in-use card (B) then changes its password; A's answer with the old password is BUSY — the store saw the verifier replaced — and nothing changes."""
+    h = Harness(tmp_path)
+    a, _, _ = h.connect()
+    b, _, _ = h.connect()
+    keys = h.enrol(a)
+    assert result_of(h.run(card_ops.insert(b, SERIAL, "pw", OTHER_MUK, SECRET, MASTER, keys=keys)))[0].status is Status.OK
+    challenge = h.challenge(a, op=Op.RECOVER, secret=b"")
+    kdf = card_ops.new_kdf(crypto.system_random, log2_n=10)
+    new = card_ops.derive_keys("new pw", kdf)
+    changed = h.run(card_ops.change_password(b, SERIAL, SECRET, 1, auth.verifier_for(new.auth_key, kdf.alg), kdf,
+                                             b"PROTECTED-2"))
+    assert result_of(changed).version == 2
+    assert result_of(h.run(a.request(answers_to(challenge, keys, OTHER_MUK)))) == OpResult(status=Status.BUSY)
+    card = h.store.get(SERIAL)
+    assert (card.state, card.muk, card.version) == (CardState.IN_USE, OTHER_MUK, 2)
+    last = h.store.history(SERIAL)[-1]
+    assert (last.op, last.result, last.detail) == ("recover", "busy", "the password changed during authentication")
+
+
+def test_glue_throttled_answer_leaves_no_history(tmp_path):
+    """Through the glue, one source with lockout threshold 2: two wrong answers are counted; the third answer (the right one) is refused unevaluated — same REFUSED bytes, no store call for it, no history row — and after the delay the right answer checks out."""
+    h = Harness(tmp_path, OpsPolicy(lockout=LockoutPolicy(threshold=2, base=30.0)))
+    client, _, _ = h.connect()
+    keys = h.enrol(client)
+    wrong = card_ops.derive_keys("nope", KdfParams(alg=KdfAlg.SCRYPT, salt=b"x" * 16, log2_n=10))
+    replies = []
+    for k in (wrong, wrong, keys):
+        ch = h.challenge(client)
+        replies.append(encode_inner(result_of(h.run(client.request(answers_to(ch, k, MUK))))))
+    assert replies == [encode_inner(OpResult(status=Status.REFUSED))] * 3
+    assert h.pool.calls[1:] == ["LoadCard", "CountFailure", "LoadCard", "CountFailure", "LoadCard"]
+    assert [(x.op, x.result) for x in h.store.history(SERIAL)][-2:] == [("insert", "refused")] * 2
+    h.clock.advance(30)
+    result, _ = result_of(h.run(card_ops.insert(client, SERIAL, "pw", MUK, SECRET, MASTER, keys=keys)))
+    assert result.status is Status.OK
 
 
 def test_glue_refusals_are_identical_on_the_wire(tmp_path):
@@ -808,8 +1084,8 @@ def test_glue_violation_fails_the_cards_waiting_request(tmp_path):
     assert e.value.code is ErrorCode.UNEXPECTED_MESSAGE
 
 
-def test_glue_reply_waits_for_the_lease_release(tmp_path):
-    """The card hears an operation's result only after its lease is released, so its next operation (here a sync right after the insert) never meets its own lease: no spurious BUSY."""
+def test_glue_reply_follows_the_commit_and_the_next_operation_goes_through(tmp_path):
+    """The card hears the insert's result only once its check-out has committed (the last store call), and its very next operation on the channel (a sync) is stored at once."""
     h = Harness(tmp_path)
     client, _, _ = h.connect()
     keys = h.enrol(client)
@@ -822,8 +1098,7 @@ def test_glue_reply_waits_for_the_lease_release(tmp_path):
         name = h.pool.run_one()
         h.settle(pool=False)
         order.append((name, d.called))
-    assert order[-2:] == [("checkout", False), ("release", True)]
+    assert order == [("LoadCard", False), ("CheckOut", True)]
     result, _ = result_of(d)
     assert result.status is Status.OK
-    # the very next operation on the channel: not BUSY
     assert result_of(h.run(card_ops.sync(client, SERIAL, SECRET, 1, b"P2"))).status is Status.OK

@@ -11,22 +11,34 @@ records [0034], per-serial exclusion [0081], duplicates [0102].
 from __future__ import annotations
 
 import hashlib
-import socket
-import subprocess
-import sys
 import threading
 
 import pytest
 
+from vsc.protocol.cardstore import (
+    ChangeCardPassword,
+    CheckIn,
+    CheckOut,
+    CountFailure,
+    DestroyCard,
+    EnrolCard,
+    LogRefusal,
+    RecoverCard,
+    SyncCard,
+)
+from vsc.protocol.lifecycle import Operation
+from vsc.protocol.lockout import LockoutPolicy
 from vsc.server.store import (
     SCHEMA_VERSION,
     CardState,
-    LockoutPolicy,
     Store,
     StoreError,
 )
+from vsc.wire.ops import Status
 
-LOCKOUT = LockoutPolicy(threshold=3, base=10.0, maximum=35.0)
+LOCKOUT = LockoutPolicy(threshold=3, base=10.0, maximum=35.0, shared_threshold=4)
+OK, REFUSED, IN_USE, DESTROYED = Status.OK, Status.REFUSED, Status.IN_USE, Status.DESTROYED
+NOT_IN_USE, MUK_MISMATCH, CONFLICT = Status.NOT_IN_USE, Status.MUK_MISMATCH, Status.VERSION_CONFLICT
 CODE = "ABCDE-FGHIJ"
 VERIFIER = b"v" * 32
 KDF = b"kdf-params"
@@ -69,9 +81,44 @@ def store(database_url, clock):
     s.close()
 
 
+def enrol(store: Store, serial: str, code: bytes = b"", protected: bytes = P1, peer: str = "tcp:10.0.0.1:1",
+          verifier: bytes = VERIFIER, registration: bytes = b"", extra: dict | None = None) -> Status:
+    e = EnrolCard(serial, code or h(CODE), verifier, KDF, protected, registration, extra or {}, peer)
+    return store.enrol(e).status
+
+
+def insert(store: Store, serial: str, muk: bytes, session: bytes, peer: str = "p", verifier: bytes = VERIFIER,
+           **kw):
+    """Check-out after authentication passed; returns the Outcome."""
+    return store.check_out(CheckOut(serial, muk, session, CHANNEL, peer, verifier, **kw))
+
+
+def sync(store, serial, session, version, protected, peer="p"):
+    o = store.sync(SyncCard(serial, session, version, protected, peer))
+    return o.status, o.version
+
+
+def remove(store, serial, session, version, protected, peer="p"):
+    o = store.check_in(CheckIn(serial, session, version, protected, peer))
+    return o.status, o.version
+
+
+def recover(store, serial, muk, peer="p", verifier=VERIFIER, **kw) -> Status:
+    return store.recover(RecoverCard(serial, muk, peer, verifier, **kw)).status
+
+
+def destroy(store, serial, muk=b"", peer="p", verifier=VERIFIER, **kw) -> Status:
+    return store.destroy(DestroyCard(serial, muk, peer, verifier, **kw)).status
+
+
+def fail(store, serial, own: bool = False, op: Operation = Operation.INSERT, peer: str = "p", detail: str = "bad",
+         muk: bytes | None = None) -> None:
+    store.count_failure(CountFailure(serial, op, peer, detail, muk, own))
+
+
 def enrolled(store: Store, serial: str = "card-1", protected: bytes = P1) -> str:
     store.issue(serial, h(CODE), '{"methods": ["password"]}', ttl=600)
-    assert store.enrol(serial, h(CODE), VERIFIER, KDF, protected, peer="tcp:10.0.0.1:1") is True
+    assert enrol(store, serial, protected=protected) is OK
     return serial
 
 
@@ -79,9 +126,9 @@ def in_state(store: Store, state: CardState, serial: str = "card-1") -> str:
     """A card in ``state``: enrolled (idle), inserted with MUK_A/SESSION_A (in-use), or destroyed."""
     enrolled(store, serial)
     if state is CardState.IN_USE:
-        assert store.checkout(serial, MUK_A, SESSION_A, CHANNEL, "peer-a")[0] == "ok"
+        assert insert(store, serial, MUK_A, SESSION_A, "peer-a").status is OK
     elif state is CardState.DESTROYED:
-        assert store.destroy(serial, "admin") == "ok"
+        assert store.destroy_by_admin(serial) is OK
     assert store.get(serial).state is state
     return serial
 
@@ -103,7 +150,7 @@ def test_migrate_is_idempotent_and_returns_the_version(database_url, clock):
         b = Store(database_url, clock, LOCKOUT)
         try:
             assert b.migrate() == SCHEMA_VERSION
-            assert [c.serial for c in b.list()] == ["card-1"]
+            assert [c.serial for c in b.list_cards()] == ["card-1"]
             assert b._read("SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
         finally:
             b.close()
@@ -134,7 +181,7 @@ def test_enrol_with_the_right_code_creates_an_idle_card_and_consumes_the_code(st
     assert store.pending() == [("card-1", clock.t + 600)]
     assert store.enrolment("card-1") == (h(CODE), '{"methods": ["password", "master-key"]}', clock.t + 600)
     clock.advance(5)
-    assert store.enrol("card-1", h(CODE), VERIFIER, KDF, P1, peer="tcp:10.0.0.1:1", registration=b"\x07\x08")
+    assert enrol(store, "card-1", h(CODE), P1, registration=b"\x07\x08") is OK
     card = store.get("card-1")
     assert (card.state, card.version, card.muk, card.protected, card.verifier, card.kdf) == (
         CardState.IDLE, 1, None, P1, VERIFIER, KDF,
@@ -151,17 +198,17 @@ def test_enrol_with_the_right_code_creates_an_idle_card_and_consumes_the_code(st
 def test_enrol_with_a_wrong_code_is_refused_and_the_code_stays(store):
     """A wrong code creates nothing, is logged as a refusal, and the right code still works afterwards."""
     store.issue("card-1", h(CODE), "{}", ttl=600)
-    assert store.enrol("card-1", h("WRONG"), VERIFIER, KDF, P1, peer="p") is False
+    assert enrol(store, "card-1", h("WRONG"), P1, peer="p") is REFUSED
     assert store.get("card-1") is None and store.enrolment("card-1") is not None
     assert (last(store, "card-1").op, last(store, "card-1").result) == ("enrol", "refused")
-    assert store.enrol("card-1", h(CODE), VERIFIER, KDF, P1, peer="p") is True
+    assert enrol(store, "card-1", h(CODE), P1, peer="p") is OK
 
 
 def test_enrol_with_an_expired_code_is_refused(store, clock):
     """A code used after its TTL creates nothing."""
     store.issue("card-1", h(CODE), "{}", ttl=60)
     clock.advance(61)
-    assert store.enrol("card-1", h(CODE), VERIFIER, KDF, P1, peer="p") is False
+    assert enrol(store, "card-1", h(CODE), P1, peer="p") is REFUSED
     assert store.get("card-1") is None
     assert last(store, "card-1").result == "refused"
 
@@ -169,14 +216,14 @@ def test_enrol_with_an_expired_code_is_refused(store, clock):
 def test_a_code_works_once(store):
     """A used code cannot enrol again (the first card is untouched)."""
     enrolled(store)
-    assert store.enrol("card-1", h(CODE), b"x" * 32, KDF, b"other", peer="p") is False
+    assert enrol(store, "card-1", h(CODE), b"other", peer="p", verifier=b"x" * 32) is REFUSED
     card = store.get("card-1")
     assert card.verifier == VERIFIER and card.protected == P1
 
 
 def test_unknown_serial_and_no_code_is_refused(store):
     """Enrolling a serial that was never issued is refused and logged."""
-    assert store.enrol("nobody", h(CODE), VERIFIER, KDF, P1, peer="p") is False
+    assert enrol(store, "nobody", h(CODE), P1, peer="p") is REFUSED
     assert [(e.op, e.result) for e in store.history("nobody")] == [("enrol", "refused")]
 
 
@@ -187,15 +234,15 @@ def test_issue_refuses_an_existing_card_and_reissue_replaces_the_code(store):
         store.issue("card-1", h("NEW"), "{}", ttl=600)
     store.issue("card-2", h("FIRST"), "{}", ttl=600)
     store.issue("card-2", h("SECOND"), "{}", ttl=600)
-    assert store.enrol("card-2", h("FIRST"), VERIFIER, KDF, P1, peer="p") is False
-    assert store.enrol("card-2", h("SECOND"), VERIFIER, KDF, P1, peer="p") is True
+    assert enrol(store, "card-2", h("FIRST"), P1, peer="p") is REFUSED
+    assert enrol(store, "card-2", h("SECOND"), P1, peer="p") is OK
 
 
 def test_concurrent_enrolments_with_one_code_create_one_card(store):
     """Many threads presenting the same code at once: exactly one enrols, the others are refused (no crash)."""
     store.issue("card-1", h(CODE), "{}", ttl=600)
-    results = run_threads(12, lambda i: store.enrol("card-1", h(CODE), VERIFIER, KDF, b"P%d" % i, peer=f"t{i}"))
-    assert sorted(results) == [False] * 11 + [True]
+    results = run_threads(12, lambda i: enrol(store, "card-1", h(CODE), b"P%d" % i, peer=f"t{i}"))
+    assert sorted(results) == [OK] + [REFUSED] * 11
     assert [e.result for e in store.history("card-1")].count("ok") == 2  # issue + one enrol
 
 
@@ -209,38 +256,39 @@ OPS = ["insert", "remove", "recover", "destroy", "sync"]
 #: sync is not a transition: it stores new information while in use and leaves the state alone.
 #: insert/recover/destroy carry the MUK of the card's machine; remove/sync carry SESSION_A.
 FIGURE_4 = {
-    (CardState.IDLE, "insert"): ("ok", CardState.IN_USE),
-    (CardState.IDLE, "remove"): ("refused", CardState.IDLE),
-    (CardState.IDLE, "recover"): ("not-in-use", CardState.IDLE),
-    (CardState.IDLE, "destroy"): ("ok", CardState.DESTROYED),
-    (CardState.IDLE, "sync"): ("refused", CardState.IDLE),
-    (CardState.IN_USE, "insert"): ("in-use", CardState.IN_USE),
-    (CardState.IN_USE, "remove"): ("ok", CardState.IDLE),
-    (CardState.IN_USE, "recover"): ("ok", CardState.IDLE),
-    (CardState.IN_USE, "destroy"): ("ok", CardState.DESTROYED),
-    (CardState.IN_USE, "sync"): ("ok", CardState.IN_USE),
-    (CardState.DESTROYED, "insert"): ("destroyed", CardState.DESTROYED),
-    (CardState.DESTROYED, "remove"): ("refused", CardState.DESTROYED),
-    (CardState.DESTROYED, "recover"): ("destroyed", CardState.DESTROYED),
-    (CardState.DESTROYED, "destroy"): ("destroyed", CardState.DESTROYED),
-    (CardState.DESTROYED, "sync"): ("refused", CardState.DESTROYED),
+    (CardState.IDLE, "insert"): (OK, CardState.IN_USE),
+    (CardState.IDLE, "remove"): (REFUSED, CardState.IDLE),
+    (CardState.IDLE, "recover"): (NOT_IN_USE, CardState.IDLE),
+    (CardState.IDLE, "destroy"): (OK, CardState.DESTROYED),
+    (CardState.IDLE, "sync"): (REFUSED, CardState.IDLE),
+    (CardState.IN_USE, "insert"): (IN_USE, CardState.IN_USE),
+    (CardState.IN_USE, "remove"): (OK, CardState.IDLE),
+    (CardState.IN_USE, "recover"): (OK, CardState.IDLE),
+    (CardState.IN_USE, "destroy"): (OK, CardState.DESTROYED),
+    (CardState.IN_USE, "sync"): (OK, CardState.IN_USE),
+    (CardState.DESTROYED, "insert"): (DESTROYED, CardState.DESTROYED),
+    (CardState.DESTROYED, "remove"): (REFUSED, CardState.DESTROYED),
+    (CardState.DESTROYED, "recover"): (DESTROYED, CardState.DESTROYED),
+    (CardState.DESTROYED, "destroy"): (DESTROYED, CardState.DESTROYED),
+    (CardState.DESTROYED, "sync"): (REFUSED, CardState.DESTROYED),
 }
+HISTORY = {OK: "ok", REFUSED: "refused", NOT_IN_USE: "not-in-use", IN_USE: "in-use", DESTROYED: "destroyed"}
 
 
-def apply(store: Store, serial: str, op: str) -> str:
-    """Run ``op`` as the machine that inserted the card would (MUK_A, SESSION_A); return the result word."""
+def apply(store: Store, serial: str, op: str) -> Status:
+    """Run ``op`` as the machine that inserted the card would (MUK_A, SESSION_A); return the status."""
     version = store.get(serial).version
     if op == "insert":
         # an insert from another machine while in use; from idle it is simply the insert
-        return store.checkout(serial, MUK_B, SESSION_B, CHANNEL, "peer-b")[0]
+        return insert(store, serial, MUK_B, SESSION_B, "peer-b").status
     if op == "remove":
-        return store.checkin(serial, SESSION_A, version, b"removed", "peer-a")[0]
+        return remove(store, serial, SESSION_A, version, b"removed", "peer-a")[0]
     if op == "recover":
-        return store.recover(serial, MUK_A, "peer-a")
+        return recover(store, serial, MUK_A, "peer-a")
     if op == "destroy":
-        return store.destroy(serial, "peer-a", MUK_A)
+        return destroy(store, serial, MUK_A, "peer-a")
     if op == "sync":
-        return store.sync(serial, SESSION_A, version, b"synced", "peer-a")[0]
+        return sync(store, serial, SESSION_A, version, b"synced", "peer-a")[0]
     raise AssertionError(op)
 
 
@@ -261,8 +309,8 @@ def test_figure_4_every_state_and_operation(store, clock):
         assert card.state is after, f"{state.value} --{op}--> {card.state.value}, expected {after.value}"
         entries = store.history(serial)
         assert len(entries) == lines + 1
-        assert (entries[-1].op, entries[-1].result, entries[-1].at) == (op, result, clock.t)
-        if result != "ok":
+        assert (entries[-1].op, entries[-1].result, entries[-1].at) == (op, HISTORY[result], clock.t)
+        if result is not OK:
             # a refusal changes nothing at all
             assert card == before, f"refused {op} from {state.value} changed the record"
         if after is CardState.DESTROYED:
@@ -276,10 +324,10 @@ def test_figure_4_every_state_and_operation(store, clock):
 def test_destroyed_is_terminal(store):
     """After destroy nothing brings the card back: every operation, in any order, is refused and the state stays."""
     serial = in_state(store, CardState.IN_USE)
-    assert store.destroy(serial, "admin") == "ok"
+    assert store.destroy_by_admin(serial) is OK
     for _ in range(2):
         for op in OPS:
-            assert apply(store, serial, op) in ("destroyed", "refused")
+            assert apply(store, serial, op) in (DESTROYED, REFUSED)
             assert store.get(serial).state is CardState.DESTROYED
     with pytest.raises(StoreError, match="destroyed"):
         store.duplicate(serial, "copy")
@@ -288,30 +336,30 @@ def test_destroyed_is_terminal(store):
 def test_recover_needs_the_muk_of_the_last_insert(store):
     """Recover from another machine's MUK is refused (muk-mismatch) and the card stays in use; the right MUK recovers."""
     serial = in_state(store, CardState.IN_USE)
-    assert store.recover(serial, MUK_B, "peer-b") == "muk-mismatch"
+    assert recover(store, serial, MUK_B, "peer-b") is MUK_MISMATCH
     assert store.get(serial).state is CardState.IN_USE
     e = last(store, serial)
     assert (e.op, e.result, e.muk, e.peer) == ("recover", "muk-mismatch", MUK_B, "peer-b")
-    assert store.recover(serial, MUK_A, "peer-a") == "ok"
+    assert recover(store, serial, MUK_A, "peer-a") is OK
     assert store.get(serial).state is CardState.IDLE
 
 
 def test_recover_discards_the_unsynced_insert_and_a_later_insert_uses_the_new_muk(store):
     """After recover the next insert may come from another machine, and then only that MUK recovers."""
     serial = in_state(store, CardState.IN_USE)
-    assert store.recover(serial, MUK_A, "peer-a") == "ok"
-    assert store.checkout(serial, MUK_B, SESSION_B, CHANNEL, "peer-b")[0] == "ok"
-    assert store.recover(serial, MUK_A, "peer-a") == "muk-mismatch"
-    assert store.recover(serial, MUK_B, "peer-b") == "ok"
+    assert recover(store, serial, MUK_A, "peer-a") is OK
+    assert insert(store, serial, MUK_B, SESSION_B, "peer-b").status is OK
+    assert recover(store, serial, MUK_A, "peer-a") is MUK_MISMATCH
+    assert recover(store, serial, MUK_B, "peer-b") is OK
 
 
 def test_operations_on_an_unknown_serial_are_refused_and_logged(store):
     """Every life-cycle operation on a serial with no record is refused, changes nothing and is logged."""
-    assert store.checkout("ghost", MUK_A, SESSION_A, CHANNEL, "p") == ("refused", None)
-    assert store.checkin("ghost", SESSION_A, 1, P1, "p") == ("refused", 0)
-    assert store.sync("ghost", SESSION_A, 1, P1, "p") == ("refused", 0)
-    assert store.recover("ghost", MUK_A, "p") == "refused"
-    assert store.destroy("ghost", "p") == "refused"
+    assert insert(store, "ghost", MUK_A, SESSION_A, "p").status is REFUSED
+    assert remove(store, "ghost", SESSION_A, 1, P1, "p") == (REFUSED, 0)
+    assert sync(store, "ghost", SESSION_A, 1, P1, "p") == (REFUSED, 0)
+    assert recover(store, "ghost", MUK_A, "p") is REFUSED
+    assert destroy(store, "ghost") is REFUSED
     assert store.get("ghost") is None
     assert [(e.op, e.result) for e in store.history("ghost")] == [
         ("insert", "refused"), ("remove", "refused"), ("sync", "refused"), ("recover", "refused"), ("destroy", "refused"),
@@ -324,11 +372,13 @@ def test_operations_on_an_unknown_serial_are_refused_and_logged(store):
 def test_repeated_insert_same_session_and_muk_is_a_repeat(store, clock):
     """The same insert retried (same session and MUK) answers 'repeat' with the same check-out; nothing changes."""
     serial = enrolled(store)
-    result, first = store.checkout(serial, MUK_A, SESSION_A, CHANNEL, "peer-a")
-    assert result == "ok" and first.state is CardState.IN_USE and first.session_hash == SESSION_A
+    out = insert(store, serial, MUK_A, SESSION_A, "peer-a")
+    first = store.get(serial)
+    assert out.status is OK and (out.version, out.protected) == (1, P1)
+    assert first.state is CardState.IN_USE and first.session_hash == SESSION_A
     clock.advance(3)
-    result, again = store.checkout(serial, MUK_A, SESSION_A, CHANNEL, "peer-a")
-    assert result == "repeat" and again == first
+    again = insert(store, serial, MUK_A, SESSION_A, "peer-a")
+    assert again == out and store.get(serial) == first
     assert [(e.op, e.result) for e in store.history(serial)][-2:] == [("insert", "ok"), ("insert", "repeat")]
     assert [e.result for e in store.history(serial) if e.op == "insert"].count("ok") == 1
 
@@ -337,8 +387,8 @@ def test_insert_while_in_use_from_another_session_is_in_use(store):
     """Another session (even with the same MUK), or another MUK in the same session, is told 'in-use'; the check-out stays."""
     serial = in_state(store, CardState.IN_USE)
     first = store.get(serial)
-    assert store.checkout(serial, MUK_A, SESSION_B, CHANNEL, "peer-a")[0] == "in-use"
-    assert store.checkout(serial, MUK_B, SESSION_A, CHANNEL, "peer-b")[0] == "in-use"
+    assert insert(store, serial, MUK_A, SESSION_B, "peer-a").status is IN_USE
+    assert insert(store, serial, MUK_B, SESSION_A, "peer-b").status is IN_USE
     assert store.get(serial) == first
 
 
@@ -350,10 +400,10 @@ def test_concurrent_inserts_on_one_serial_give_exactly_one_ok(database_url, cloc
         serial = enrolled(store)
         n = 16
         results = run_threads(
-            n, lambda i: store.checkout(serial, bytes([i]) * 32, bytes([i + 100]) * 32, CHANNEL, f"t{i}")[0]
+            n, lambda i: insert(store, serial, bytes([i]) * 32, bytes([i + 100]) * 32, f"t{i}").status
         )
-        assert sorted(results) == ["in-use"] * (n - 1) + ["ok"]
-        winner = results.index("ok")
+        assert sorted(results) == [OK] + [IN_USE] * (n - 1)
+        winner = results.index(OK)
         assert store.get(serial).muk == bytes([winner]) * 32
         inserts = [e for e in store.history(serial) if e.op == "insert"]
         assert sorted(e.result for e in inserts) == ["in-use"] * (n - 1) + ["ok"]
@@ -389,16 +439,16 @@ def run_threads(n: int, fn) -> list:
 def test_sync_stores_versions_is_idempotent_and_detects_conflicts(store):
     """sync bumps the version; the same sync retried is 'ok' without a second bump; a stale or other-session sync is refused."""
     serial = in_state(store, CardState.IN_USE)
-    assert store.sync(serial, SESSION_A, 1, b"P2", "peer-a") == ("ok", 2)
-    assert store.sync(serial, SESSION_A, 1, b"P2", "peer-a") == ("ok", 2)  # retried after a lost reply
+    assert sync(store, serial, SESSION_A, 1, b"P2", "peer-a") == (OK, 2)
+    assert sync(store, serial, SESSION_A, 1, b"P2", "peer-a") == (OK, 2)  # retried after a lost reply
     assert last(store, serial).result == "repeat"
-    assert store.sync(serial, SESSION_A, 1, b"P2-other", "peer-a") == ("conflict", 2)
-    assert store.sync(serial, SESSION_A, 0, b"P0", "peer-a") == ("conflict", 2)
-    assert store.sync(serial, SESSION_A, 7, b"P7", "peer-a") == ("conflict", 2)
-    assert store.sync(serial, SESSION_B, 2, b"P3", "peer-b") == ("refused", 0)
+    assert sync(store, serial, SESSION_A, 1, b"P2-other", "peer-a") == (CONFLICT, 2)
+    assert sync(store, serial, SESSION_A, 0, b"P0", "peer-a") == (CONFLICT, 2)
+    assert sync(store, serial, SESSION_A, 7, b"P7", "peer-a") == (CONFLICT, 2)
+    assert sync(store, serial, SESSION_B, 2, b"P3", "peer-b") == (REFUSED, 0)
     card = store.get(serial)
     assert (card.version, card.protected, card.state) == (2, b"P2", CardState.IN_USE)
-    assert store.sync(serial, SESSION_A, 2, b"P3", "peer-a") == ("ok", 3)
+    assert sync(store, serial, SESSION_A, 2, b"P3", "peer-a") == (OK, 3)
     assert [e.result for e in store.history(serial) if e.op == "sync"] == [
         "ok", "repeat", "conflict", "conflict", "conflict", "refused", "ok",
     ]
@@ -407,12 +457,12 @@ def test_sync_stores_versions_is_idempotent_and_detects_conflicts(store):
 def test_remove_uploads_sets_idle_and_is_idempotent(store):
     """Remove stores the final information at version+1 and sets idle; the identical remove retried is 'ok' again."""
     serial = in_state(store, CardState.IN_USE)
-    assert store.checkin(serial, SESSION_A, 1, b"final", "peer-a") == ("ok", 2)
+    assert remove(store, serial, SESSION_A, 1, b"final", "peer-a") == (OK, 2)
     card = store.get(serial)
     assert (card.state, card.version, card.protected, card.muk, card.channel_info) == (
         CardState.IDLE, 2, b"final", None, None,
     )
-    assert store.checkin(serial, SESSION_A, 1, b"final", "peer-a") == ("ok", 2)
+    assert remove(store, serial, SESSION_A, 1, b"final", "peer-a") == (OK, 2)
     assert (last(store, serial).op, last(store, serial).result) == ("remove", "repeat")
     assert store.get(serial) == card
 
@@ -420,19 +470,19 @@ def test_remove_uploads_sets_idle_and_is_idempotent(store):
 def test_remove_after_a_sync_retried(store):
     """A remove based on the version before a sync that already stored the same bytes is accepted without a bump."""
     serial = in_state(store, CardState.IN_USE)
-    assert store.sync(serial, SESSION_A, 1, b"P2", "peer-a") == ("ok", 2)
-    assert store.checkin(serial, SESSION_A, 1, b"P2", "peer-a") == ("ok", 2)
+    assert sync(store, serial, SESSION_A, 1, b"P2", "peer-a") == (OK, 2)
+    assert remove(store, serial, SESSION_A, 1, b"P2", "peer-a") == (OK, 2)
     assert store.get(serial).state is CardState.IDLE
 
 
 def test_remove_version_conflicts_and_wrong_session(store):
     """A remove based on a stale version (or other bytes for the previous one), or from another session, changes nothing."""
     serial = in_state(store, CardState.IN_USE)
-    assert store.sync(serial, SESSION_A, 1, b"P2", "peer-a") == ("ok", 2)
+    assert sync(store, serial, SESSION_A, 1, b"P2", "peer-a") == (OK, 2)
     before = store.get(serial)
-    assert store.checkin(serial, SESSION_A, 1, b"other", "peer-a") == ("conflict", 2)
-    assert store.checkin(serial, SESSION_A, 0, b"P0", "peer-a") == ("conflict", 2)
-    assert store.checkin(serial, SESSION_B, 2, b"P3", "peer-b") == ("refused", 0)
+    assert remove(store, serial, SESSION_A, 1, b"other", "peer-a") == (CONFLICT, 2)
+    assert remove(store, serial, SESSION_A, 0, b"P0", "peer-a") == (CONFLICT, 2)
+    assert remove(store, serial, SESSION_B, 2, b"P3", "peer-b") == (REFUSED, 0)
     assert store.get(serial) == before
 
 
@@ -443,65 +493,120 @@ def test_a_stale_remove_after_recover_is_not_reported_as_stored(store):
     its upload was kept.
     """
     serial = in_state(store, CardState.IN_USE)
-    assert store.recover(serial, MUK_A, "peer-a") == "ok"
-    assert store.checkin(serial, SESSION_A, 1, b"lost-changes", "peer-a") == ("refused", 0)
+    assert recover(store, serial, MUK_A, "peer-a") is OK
+    assert remove(store, serial, SESSION_A, 1, b"lost-changes", "peer-a") == (REFUSED, 0)
     assert store.get(serial).protected == P1
 
 
 def test_a_remove_retry_with_different_bytes_is_refused(store):
     """A 'retry' of a completed remove that carries other bytes is not the same remove: refused, the stored bytes stay."""
     serial = in_state(store, CardState.IN_USE)
-    assert store.checkin(serial, SESSION_A, 1, b"final", "peer-a") == ("ok", 2)
-    assert store.checkin(serial, SESSION_A, 2, b"more", "peer-a") == ("refused", 0)
-    assert store.checkin(serial, SESSION_A, 1, b"changed", "peer-a") == ("refused", 0)
+    assert remove(store, serial, SESSION_A, 1, b"final", "peer-a") == (OK, 2)
+    assert remove(store, serial, SESSION_A, 2, b"more", "peer-a") == (REFUSED, 0)
+    assert remove(store, serial, SESSION_A, 1, b"changed", "peer-a") == (REFUSED, 0)
     assert store.get(serial).protected == b"final"
 
 
 # ---------------------------------------------------------------- lockout
 
 
-def test_lockout_grows_and_unlock_resets(store, clock):
-    """Failures below the threshold do not lock; from it the delay is base*2^k capped at maximum; unlock clears it."""
+def test_failures_from_other_machines_throttle_after_the_shared_threshold_and_unlock_resets(store, clock):
+    """
+    Failures from anywhere but the card's last machine count in the card's
+    shared bucket: below ``shared_threshold`` (4) nothing is throttled; from
+    it the next answer is evaluated only base*2^k (capped) seconds after the
+    last failure; unlock clears both buckets.
+    """
     serial = enrolled(store)
-    expected = {1: 0.0, 2: 0.0, 3: 10.0, 4: 20.0, 5: 35.0, 6: 35.0}  # threshold 3, base 10, maximum 35
+    expected = {1: 0.0, 2: 0.0, 3: 0.0, 4: 10.0, 5: 20.0, 6: 35.0, 7: 35.0}  # shared 4, base 10, maximum 35
     for failures, delay in expected.items():
-        store.auth_failed(serial, "insert", "peer-x", "failed: password")
+        fail(store, serial, peer="peer-x", detail="failed: password")
         card = store.get(serial)
-        assert card.failures == failures
+        assert (card.failures, card.machine_failures) == (failures, 0)
         if delay:
             assert card.locked_until == clock.t + delay
-            assert card.locked_out(clock.t) and not card.locked_out(clock.t + delay)
-            assert "locked out" in last(store, serial).detail
+            assert card.throttled(clock.t, False) and not card.throttled(clock.t + delay, False)
+            assert not card.throttled(clock.t, True), "other machines' failures throttled the owner's machine"
+            assert "next answer evaluated after" in last(store, serial).detail
         else:
-            assert not card.locked_out(clock.t) and card.locked_until == 0
+            assert not card.throttled(clock.t, False) and card.locked_until == 0
     assert (last(store, serial).op, last(store, serial).result, last(store, serial).peer) == ("insert", "refused", "peer-x")
     store.unlock(serial)
     card = store.get(serial)
-    assert (card.failures, card.locked_until, card.locked_out(clock.t)) == (0, 0, False)
+    assert (card.failures, card.locked_until, card.throttled(clock.t, False)) == (0, 0, False)
     assert (last(store, serial).op, last(store, serial).result, last(store, serial).peer) == ("unlock", "ok", "admin")
     with pytest.raises(StoreError):
         store.unlock("ghost")
 
 
-def test_lockout_never_shortens_and_a_successful_insert_resets_failures(store, clock):
-    """A later, shorter computed delay cannot shorten an existing lock; a successful insert resets the counter."""
+def test_the_owners_machine_has_its_own_bucket(store, clock):
+    """
+    Failures carrying the last insert's MUK count in the machine bucket
+    (threshold 3): they throttle only that bucket; strangers' failures never
+    touch it, and a success from the machine resets only it.
+    """
+    serial = in_state(store, CardState.IN_USE)
+    assert store.get(serial).last_muk == MUK_A
+    for _ in range(10):
+        fail(store, serial, own=False)
+    card = store.get(serial)
+    assert card.throttled(clock.t, False) and not card.throttled(clock.t, True) and card.machine_failures == 0
+    for n in (1, 2, 3):
+        fail(store, serial, own=True, muk=MUK_A)
+    card = store.get(serial)
+    assert card.machine_failures == 3 and card.machine_locked_until == clock.t + 10
+    clock.advance(11)
+    assert recover(store, serial, MUK_A, own_machine=True) is OK
+    card = store.get(serial)
+    assert (card.machine_failures, card.machine_locked_until) == (0, 0)
+    assert card.failures == 10, "a success on the owner's machine must not refund strangers' failures"
+    assert card.last_muk == MUK_A, "recover forgets the session, not the last machine"
+
+
+def test_a_throttle_never_shortens_and_a_successful_insert_resets_its_bucket(store, clock):
+    """A clock stepped back cannot shorten a throttle; a successful insert from another machine resets the shared bucket."""
     serial = enrolled(store)
     for _ in range(5):
-        store.auth_failed(serial, "insert", "p", "bad")
+        fail(store, serial)
     until = store.get(serial).locked_until
-    clock.advance(-100)  # a clock step backwards must not shorten the lock
-    store.auth_failed(serial, "insert", "p", "bad")
-    assert store.get(serial).locked_until == until
+    assert until > clock.t
+    clock.advance(-100)  # a clock step backwards must not shorten the throttle
+    fail(store, serial)
+    assert store.get(serial).locked_until >= until
     clock.advance(10_000)
-    assert store.checkout(serial, MUK_A, SESSION_A, CHANNEL, "p")[0] == "ok"
-    assert (store.get(serial).failures, store.get(serial).locked_until) == (0, 0)
+    assert insert(store, serial, MUK_A, SESSION_A, "p").status is OK
+    card = store.get(serial)
+    assert (card.failures, card.locked_until, card.last_muk) == (0, 0, MUK_A)
 
 
 def test_failures_on_an_unknown_serial_are_logged(store):
     """An authentication failure for a serial with no card is logged (no record to count on)."""
-    store.auth_failed("ghost", "insert", "p", "no such card")
+    fail(store, "ghost", detail="no such card")
     assert store.get("ghost") is None
     assert [(e.op, e.result) for e in store.history("ghost")] == [("insert", "refused")]
+
+
+def test_an_answer_checked_against_a_replaced_verifier_changes_nothing(store):
+    """
+    A password change between the challenge and the answer: the check-out
+    carries the verifier the answer was checked against; the transaction
+    finds another one and answers BUSY (try again) without checking out.
+    """
+    serial = enrolled(store)
+    out = insert(store, serial, MUK_A, SESSION_A, verifier=b"old" * 8)
+    assert out.status is Status.BUSY and store.get(serial).state is CardState.IDLE
+    assert (last(store, serial).result, last(store, serial).detail) == ("busy", "the password changed during authentication")
+
+
+def test_a_totp_step_is_good_once(store):
+    """The TOTP step an answer matched is consumed with the operation; the same (or an older) step is then refused."""
+    store.issue("t-1", h(CODE), '{"methods": ["password", "totp"]}', ttl=600)
+    assert enrol(store, "t-1", extra={"totp": {"secret": "00" * 20, "last_step": -1}}) is OK
+    assert insert(store, "t-1", MUK_A, SESSION_A, totp_step=100).status is OK
+    assert recover(store, "t-1", MUK_A, totp_step=100) is REFUSED
+    assert last(store, "t-1").detail == "TOTP code already used"
+    assert store.get("t-1").state is CardState.IN_USE
+    assert recover(store, "t-1", MUK_A, totp_step=101) is OK
 
 
 # ---------------------------------------------------------------- history
@@ -511,31 +616,31 @@ def test_every_transition_and_refusal_is_in_history(store, clock):
     """The append-only history records op, result, MUK, peer and time of every transition and refusal, in order."""
     store.issue("card-1", h(CODE), "{}", ttl=600, peer="admin")
     clock.advance(1)
-    store.enrol("card-1", h("WRONG"), VERIFIER, KDF, P1, peer="p-enrol")
+    enrol(store, "card-1", h("WRONG"), P1, peer="p-enrol")
     clock.advance(1)
-    store.enrol("card-1", h(CODE), VERIFIER, KDF, P1, peer="p-enrol")
+    enrol(store, "card-1", h(CODE), P1, peer="p-enrol")
     clock.advance(1)
-    store.checkout("card-1", MUK_A, SESSION_A, CHANNEL, "p-a")
+    insert(store, "card-1", MUK_A, SESSION_A, "p-a")
     clock.advance(1)
-    store.checkout("card-1", MUK_B, SESSION_B, CHANNEL, "p-b")
+    insert(store, "card-1", MUK_B, SESSION_B, "p-b")
     clock.advance(1)
-    store.sync("card-1", SESSION_A, 1, b"P2", "p-a")
+    sync(store, "card-1", SESSION_A, 1, b"P2", "p-a")
     clock.advance(1)
-    store.recover("card-1", MUK_B, "p-b")
+    recover(store, "card-1", MUK_B, "p-b")
     clock.advance(1)
-    store.checkin("card-1", SESSION_A, 2, b"P3", "p-a")
+    remove(store, "card-1", SESSION_A, 2, b"P3", "p-a")
     clock.advance(1)
-    store.refused("card-1", "insert", "bad-request", "p-c", MUK_B, "insert needs a MUK")
+    store.log_refusal(LogRefusal("card-1", Operation.INSERT, "bad-request", "p-c", "insert needs a MUK", MUK_B))
     clock.advance(1)
-    store.checkout("card-1", MUK_B, SESSION_B, CHANNEL, "p-b")
+    insert(store, "card-1", MUK_B, SESSION_B, "p-b")
     clock.advance(1)
-    store.recover("card-1", MUK_B, "p-b")
+    recover(store, "card-1", MUK_B, "p-b")
     clock.advance(1)
-    store.auth_failed("card-1", "destroy", "p-d", "failed: password")
+    fail(store, "card-1", op=Operation.DESTROY, peer="p-d", detail="failed: password")
     clock.advance(1)
-    store.destroy("card-1", "p-e", MUK_A)
+    destroy(store, "card-1", MUK_A, "p-e")
     clock.advance(1)
-    store.checkout("card-1", MUK_A, SESSION_A, CHANNEL, "p-a")
+    insert(store, "card-1", MUK_A, SESSION_A, "p-a")
     t0 = 1_000_000.0
     got = [(e.op, e.result, e.muk, e.peer, e.at) for e in store.history("card-1")]
     assert got == [
@@ -564,88 +669,51 @@ def test_every_transition_and_refusal_is_in_history(store, clock):
     assert [e.serial for e in store.history()] == ["card-1"] * len(entries)
 
 
-# ---------------------------------------------------------------- leases [0081]
+# ---------------------------------------------------------------- exclusion across processes [0081]
 
 
-def test_lease_acquire_busy_release(store):
-    """A lease excludes other owners until released; only its owner can release it; any serial can be leased."""
-    assert store.acquire("card-1", "owner-a", ttl=30)
-    assert not store.acquire("card-1", "owner-b", ttl=30)
-    assert not store.acquire("card-1", "owner-a", ttl=30)  # not re-entrant: one operation at a time
-    assert store.acquire("card-2", "owner-b", ttl=30)  # other serials are independent
-    store.release("card-1", "owner-b")  # not the owner: no effect
-    assert not store.acquire("card-1", "owner-b", ttl=30)
-    store.release("card-1", "owner-a")
-    assert store.acquire("card-1", "owner-b", ttl=30)
-
-
-def test_lease_expires_after_its_ttl(store, clock):
-    """A lease left behind (its holder died) is taken over only after its TTL."""
-    assert store.acquire("card-1", "owner-a", ttl=30)
-    clock.advance(29.9)
-    assert not store.acquire("card-1", "owner-b", ttl=30)
-    clock.advance(0.2)
-    assert store.acquire("card-1", "owner-b", ttl=30)
-    store.release("card-1", "owner-a")  # the old holder's late release does not free the new lease
-    assert not store.acquire("card-1", "owner-c", ttl=30)
-
-
-def test_two_stores_on_one_database_exclude_each_other(database_url, clock):
-    """Two Store objects (as two server processes) on one database see each other's leases and card changes."""
+def test_two_stores_on_one_database_see_each_others_check_out(database_url, clock):
+    """
+    Two Store objects (as two server processes) on one database: the row
+    lock of one transaction is the exclusion. Many threads across both
+    stores inserting one card get exactly one check-out.
+    """
     a, b = Store(database_url, clock, LOCKOUT), Store(database_url, clock, LOCKOUT)
     try:
         a.migrate()
         b.migrate()
-        assert a.acquire("card-1", "proc-a", ttl=30)
-        assert not b.acquire("card-1", "proc-b", ttl=30)
-        a.release("card-1", "proc-a")
-        assert b.acquire("card-1", "proc-b", ttl=30)
-        assert not a.acquire("card-1", "proc-a", ttl=30)
         enrolled(a, "card-2")
-        assert b.checkout("card-2", MUK_A, SESSION_A, CHANNEL, "p")[0] == "ok"
-        assert a.checkout("card-2", MUK_B, SESSION_B, CHANNEL, "p")[0] == "in-use"
-        # and many threads across both stores: exactly one lease granted
-        results = run_threads(10, lambda i: (a if i % 2 else b).acquire("card-3", f"owner-{i}", ttl=30))
-        assert results.count(True) == 1
+        assert insert(b, "card-2", MUK_A, SESSION_A).status is OK
+        assert insert(a, "card-2", MUK_B, SESSION_B).status is IN_USE
+        enrolled(a, "card-3")
+        results = run_threads(10, lambda i: insert(a if i % 2 else b, "card-3", bytes([i]) * 32,
+                                                   bytes([i + 50]) * 32, f"t{i}").status)
+        assert sorted(results) == [OK] + [IN_USE] * 9
     finally:
         a.close()
         b.close()
-
-
-def test_clear_dead_leases_drops_only_dead_local_owners(store):
-    """A lease whose owner pid on this host is gone is dropped; live local owners and other hosts' leases stay."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()  # reaped: the pid no longer exists
-    host = socket.gethostname()
-    dead = f"{host}:{proc.pid}:deadbeef"
-    alive = f"{host}:{__import__('os').getpid()}:cafe0001"
-    remote = f"some-other-host.invalid:{proc.pid}:cafe0002"
-    assert store.acquire("card-dead", dead, ttl=3600)
-    assert store.acquire("card-alive", alive, ttl=3600)
-    assert store.acquire("card-remote", remote, ttl=3600)
-    assert store.clear_dead_leases() == 1
-    assert store.acquire("card-dead", "new-owner", ttl=30)
-    assert not store.acquire("card-alive", "new-owner", ttl=30)
-    assert not store.acquire("card-remote", "new-owner", ttl=30)
-    assert store.clear_dead_leases() == 0
 
 
 # ---------------------------------------------------------------- atomicity
 
 
 CRASHING = {
-    "insert": (CardState.IDLE, lambda s, serial: s.checkout(serial, MUK_A, SESSION_A, CHANNEL, "p")),
-    "remove": (CardState.IN_USE, lambda s, serial: s.checkin(serial, SESSION_A, 1, b"new", "p")),
-    "sync": (CardState.IN_USE, lambda s, serial: s.sync(serial, SESSION_A, 1, b"new", "p")),
-    "recover": (CardState.IN_USE, lambda s, serial: s.recover(serial, MUK_A, "p")),
-    "destroy": (CardState.IDLE, lambda s, serial: s.destroy(serial, "p")),
+    "insert": (CardState.IDLE, lambda s, serial: insert(s, serial, MUK_A, SESSION_A)),
+    "remove": (CardState.IN_USE, lambda s, serial: remove(s, serial, SESSION_A, 1, b"new")),
+    "sync": (CardState.IN_USE, lambda s, serial: sync(s, serial, SESSION_A, 1, b"new")),
+    "password": (CardState.IN_USE, lambda s, serial: s.change_password(
+        ChangeCardPassword(serial, SESSION_A, 1, b"w" * 32, b"kdf2", b"new", "p"))),
+    "recover": (CardState.IN_USE, lambda s, serial: recover(s, serial, MUK_A)),
+    "destroy": (CardState.IDLE, lambda s, serial: destroy(s, serial)),
+    "failure": (CardState.IDLE, lambda s, serial: fail(s, serial)),
     "unlock": (CardState.IDLE, lambda s, serial: s.unlock(serial)),
     "duplicate": (CardState.IDLE, lambda s, serial: s.duplicate(serial, "copy")),
 }
 
 
 def snapshot(store: Store, cur=None) -> list[tuple]:
-    sql = "SELECT serial, state, version, failures, locked_until, muk, protected, channel_info FROM cards ORDER BY serial"
+    sql = ("SELECT serial, state, version, failures, locked_until, muk, protected, channel_info, verifier, kdf, "
+           "last_muk, machine_failures FROM cards ORDER BY serial")
     rows = store._x(cur, sql).fetchall() if cur is not None else store._read(sql)
     return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in rows]
 
@@ -659,7 +727,7 @@ def test_a_crash_mid_transaction_leaves_the_record_unchanged(store, monkeypatch,
     """
     state, call = CRASHING[op]
     serial = in_state(store, state)
-    store.auth_failed(serial, "insert", "p", "bad")  # so unlock has something to undo
+    fail(store, serial)  # so unlock has something to undo
     before, lines = snapshot(store), len(store.history())
     inside = []
 
@@ -686,7 +754,7 @@ def test_a_crash_mid_transaction_leaves_the_record_unchanged(store, monkeypatch,
 def test_duplicate_copies_the_information_into_a_new_idle_card(store, clock):
     """[0102]: the copy is a new idle entry with the same protected information, verifier, KDF, auth info and version."""
     serial = in_state(store, CardState.IN_USE)
-    assert store.sync(serial, SESSION_A, 1, b"P2", "p") == ("ok", 2)
+    assert sync(store, serial, SESSION_A, 1, b"P2", "p") == (OK, 2)
     clock.advance(5)
     store.duplicate(serial, "card-copy")
     original, copy = store.get(serial), store.get("card-copy")
@@ -698,7 +766,7 @@ def test_duplicate_copies_the_information_into_a_new_idle_card(store, clock):
     assert (last(store, serial).op, last(store, serial).detail) == ("duplicate", "copied to card-copy")
     assert [(e.op, e.result, e.detail) for e in store.history("card-copy")] == [("duplicate", "ok", f"copy of {serial}")]
     # the copy lives its own life
-    assert store.checkout("card-copy", MUK_B, SESSION_B, CHANNEL, "p")[0] == "ok"
+    assert insert(store, "card-copy", MUK_B, SESSION_B, "p").status is OK
 
 
 def test_duplicate_refusals(store):
@@ -712,7 +780,7 @@ def test_duplicate_refusals(store):
         store.duplicate("a", "b")
     with pytest.raises(StoreError, match="enrolment"):
         store.duplicate("a", "pending")
-    store.destroy("b", "admin")
+    assert store.destroy_by_admin("b") is OK
     with pytest.raises(StoreError, match="destroyed"):
         store.duplicate("b", "c")
     assert store.get("c") is None

@@ -99,7 +99,7 @@ def world(tmp_path, servers):  # noqa: F811
 
 @pytest_twisted.ensureDeferred
 async def test_replay_of_a_captured_insert_is_refused(world):
-    """Replaying every byte a card sent during a real insert fails the handshake (fresh r1): nothing is checked out."""
+    """Replaying every frame a card sent during a real insert, each in its turn, fails the handshake (fresh r1: HANDSHAKE_FAILED): nothing is checked out."""
     data, fp, server = world
     await _enrol(server.endpoint, fp, "victim", _code(data, "victim"), "pw", [])
     port, box = await _relay(server.port)
@@ -114,25 +114,30 @@ async def test_replay_of_a_captured_insert_is_refused(world):
     captured = b"".join(d for direction, d in box["log"] if direction == "c2s")
     assert len(captured) > 500
 
-    # the attacker replays the captured card bytes on a new connection
+    # the attacker replays the captured card frames on a new connection, each when the card sent it (after the
+    # server's previous frame), so the server judges the replayed handshake itself, not its pacing
+    from vsc.wire import Deframer, decode_frame
+    from vsc.wire.messages import Alert
+
+    card_frames = list(Deframer().feed(captured))
     done = defer.Deferred()
     got = []
 
     class Replayer(protocol.Protocol):
         def connectionMade(self):
-            self.transport.write(captured)
+            self.deframer, self.queue = Deframer(), list(card_frames)
 
         def dataReceived(self, d):
             got.append(d)
+            for frame in self.deframer.feed(d):
+                if self.queue and not isinstance(decode_frame(frame), Alert):
+                    self.transport.write(self.queue.pop(0))
 
         def connectionLost(self, reason=None):
             done.callback(None)
 
     await TCP4ClientEndpoint(reactor, "127.0.0.1", server.port).connect(protocol.Factory.forProtocol(Replayer))
     await done
-    from vsc.wire import Deframer, decode_frame
-    from vsc.wire.messages import Alert
-
     frames = [decode_frame(f) for f in Deframer().feed(b"".join(got))]
     assert isinstance(frames[-1], Alert) and frames[-1].code is ErrorCode.HANDSHAKE_FAILED
     store = open_store(data)
@@ -200,20 +205,35 @@ async def test_rogue_card_with_the_wrong_master_key_is_refused_like_a_wrong_pass
 
 
 @pytest_twisted.ensureDeferred
-async def test_online_guessing_hits_the_lockout(world, tmp_path):
-    """Consecutive wrong passwords lock the serial; then even the right password is refused until unlocked."""
+async def test_online_guessing_is_throttled_but_cannot_lock_the_owner_out(world, tmp_path):
+    """
+    Online guessing from one address: after the default threshold (5) of
+    wrong passwords on a serial, that address's next answer — even the right
+    password — is refused without being evaluated (no history row, the
+    failure count stays 5: hammering neither counts nor extends anything);
+    the owner's last machine (the MUK of the card's last insert) still
+    inserts with the right password, from the very same address, at once.
+    """
     data, fp, server = world
-    await _enrol(server.endpoint, fp, "g1", _code(data, "g1"), "right", [])
+    keys = await _enrol(server.endpoint, fp, "g1", _code(data, "g1"), "right", [])
+    owner_muk = os.urandom(32)
     proto = await connect(reactor, server.endpoint, fp)
+    secret = os.urandom(32)
+    r, _ = await ops.insert(proto, "g1", "right", owner_muk, secret, DEFAULT_MASTER_KEY, keys=keys)
+    assert r.status is ops.Status.OK
+    assert (await ops.remove(proto, "g1", secret, r.version, r.protected)).status is ops.Status.OK
     for i in range(5):  # the default threshold
-        with pytest.raises(ops.OperationRefused):
+        with pytest.raises(ops.OperationRefused) as e:
             await ops.insert(proto, "g1", f"guess-{i}", os.urandom(32), os.urandom(32), DEFAULT_MASTER_KEY)
+        assert e.value.status is ops.Status.REFUSED
+    rows = len(admin(data, "history", "g1")["history"])
     with pytest.raises(ops.OperationRefused) as e:
         await ops.insert(proto, "g1", "right", os.urandom(32), os.urandom(32), DEFAULT_MASTER_KEY)
     assert e.value.status is ops.Status.REFUSED
-    assert admin(data, "show", "g1")["locked_out"] is True
-    admin(data, "unlock", "g1")
-    r, _ = await ops.insert(proto, "g1", "right", os.urandom(32), os.urandom(32), DEFAULT_MASTER_KEY)
+    assert len(admin(data, "history", "g1")["history"]) == rows  # refused unevaluated: nothing written
+    shown = admin(data, "show", "g1")
+    assert (shown["failures"], shown["machine_failures"], shown["state"]) == (5, 0, "idle")
+    r, _ = await ops.insert(proto, "g1", "right", owner_muk, os.urandom(32), DEFAULT_MASTER_KEY, keys=keys)
     assert r.status is ops.Status.OK
     proto.closeChannel()
 

@@ -18,13 +18,13 @@ end). The card then reconnects and sends exactly the same request again.
 
 What must hold after every trial:
 
-* the retry is answered, within a bounded BUSY wait (the dropped
-  connection's operation may still hold the serial's lease for as long as
-  its database call runs, never longer): OK for enrol, insert, sync and
-  remove (an exact repeat of one that was committed is answered OK again:
-  the same check-out and download, the version the first stored); recover
-  and destroy answer OK, or NOT_IN_USE / DESTROYED exactly when the history
-  shows the first attempt committed;
+* the retry is answered, and never BUSY (nothing is held before an
+  operation's one transaction: a dropped connection leaves nothing behind
+  that the retry could wait for, even while its database call still runs):
+  OK for enrol, insert, sync and remove (an exact repeat of one that was
+  committed is answered OK again: the same check-out and download, the
+  version the first stored); recover and destroy answer OK, or NOT_IN_USE /
+  DESTROYED exactly when the history shows the first attempt committed;
 * an operation answered OK before the cut, sent again, is answered OK again
   (enrol, insert, sync, remove) and changes nothing;
 * exactly one transition per trial in the history (never a second
@@ -69,7 +69,6 @@ pytestmark = pytest.mark.integration
 
 OPS = ("enrol", "insert", "sync", "remove", "recover", "destroy")
 MODES = ("eager", "drop", "partial")
-BUSY_WAIT = 5.0  # far below the lease TTL (90 s): a BUSY that outlives this is a stuck lease
 ATTEMPTS = 8
 CANARY_STALL = 3.0  # the longest a canary operation may take
 BUDGET_SECONDS = 120.0
@@ -109,7 +108,6 @@ class Sweep:
         self.keys, self.kdf = keys, kdf
         self.store = open_store(data_dir)
         self.ctl = None  # a direct connection for setting up each trial
-        self.busy = 0
         self.lost = collections.Counter()
         self.answers = collections.Counter()
         self.serials = 0
@@ -144,15 +142,10 @@ class Sweep:
             return "lost", type(e).__name__
 
     async def until_answered(self, call):
-        """Send the same request until answered; BUSY is waited out for at most BUSY_WAIT."""
-        deadline = time.monotonic() + BUSY_WAIT
+        """Send the same request until answered (a lost send is sent again); BUSY is never an answer."""
         for _ in range(ATTEMPTS):
             kind, value = await self.once(call, self.relay.endpoint)
-            if kind == "refused" and value is Status.BUSY:
-                self.busy += 1
-                assert time.monotonic() < deadline, "BUSY beyond the bound: a lease left behind by a dropped connection"
-                await sleep(0.05)
-                continue
+            assert (kind, value) != ("refused", Status.BUSY), "BUSY: a dropped connection left something held"
             if kind == "lost":
                 self.lost[value] += 1
                 await sleep(0.02)
@@ -322,7 +315,7 @@ async def canary(server, fingerprint: str, keys, stop: list, stats: dict) -> Non
 
 @pytest_twisted.ensureDeferred
 async def test_cut_every_operation_at_every_frame(tmp_path, servers):  # noqa: F811
-    """Every operation cut at every frame of its exchange (eager, drop, partial): the exact retry is answered consistently (never a second check-out, never a stuck BUSY), nothing acknowledged is lost, every record matches its history, and other connections are served throughout."""
+    """Every operation cut at every frame of its exchange (eager, drop, partial): the exact retry is answered consistently (never a second check-out, never BUSY), nothing acknowledged is lost, every record matches its history, and other connections are served throughout."""
     t0 = time.monotonic()
     data_dir = tmp_path / "server"
     fp = init_data_dir(data_dir)["fingerprint"]
@@ -370,7 +363,7 @@ async def test_cut_every_operation_at_every_frame(tmp_path, servers):  # noqa: F
     fired = sum(o["fired"] for o in outcomes)
     print(f"\ncut connections: {len(outcomes)} trials ({dict(per_op)}), {fired} cuts fired, "
           f"{sum(1 for o in outcomes if o['first'] == 'ok')} answered before the cut (then repeated), "
-          f"{sum(sweep.lost.values())} lost sends {dict(sweep.lost)}, {sweep.busy} BUSY answers waited out; "
+          f"{sum(sweep.lost.values())} lost sends {dict(sweep.lost)}; "
           f"canary {stats['ops']} syncs, slowest {stats['worst'] * 1000:.0f} ms; {elapsed:.1f} s")
     for op in OPS:
         print(f"  {op:8} exchange {''.join(d for d, _ in frames[op])} ({len(frames[op])} frames)")
@@ -386,6 +379,7 @@ def test_only_the_same_untouched_enrolment_is_answered_again(tmp_path):
     """Store level, for the enrol retry above: once an enrolment committed, the identical request is answered OK again (a "repeat" line, the material issued with the new answer replacing the first, which the card never got); any other verifier, KDF parameters, protected information or registration, or the same request once the card has been used, is refused as before and changes nothing."""
     import json
 
+    from vsc.protocol.cardstore import CheckIn, CheckOut, EnrolCard
     from vsc.server.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'vsc.sqlite3'}", time.time)
@@ -395,9 +389,13 @@ def test_only_the_same_untouched_enrolment_is_answered_again(tmp_path):
         store.issue("e-1", code_hash(code), Policy().initial_auth_info(), 3600)
         args = dict(serial="e-1", code_hash=code_hash(code), verifier=b"v" * 32, kdf=b"kdf", protected=b"first",
                     peer="test", registration=b"reg", auth_extra={"totp": {"secret": "01"}})
-        assert store.enrol(**args) is True
+
+        def enrol(**kw) -> Status:
+            return store.enrol(EnrolCard(**kw)).status
+
+        assert enrol(**args) is Status.OK
         enrolled = store.get("e-1")
-        assert store.enrol(**dict(args, auth_extra={"totp": {"secret": "02"}})) is True  # the answer was lost
+        assert enrol(**dict(args, auth_extra={"totp": {"secret": "02"}})) is Status.OK  # the answer was lost
         again = store.get("e-1")
         assert json.loads(again.auth_info)["totp"] == {"secret": "02"}
         assert (again.state, again.version, again.protected, again.verifier) == \
@@ -405,13 +403,14 @@ def test_only_the_same_untouched_enrolment_is_answered_again(tmp_path):
         for change in (dict(verifier=b"w" * 32), dict(kdf=b"other"), dict(protected=b"other"),
                        dict(registration=b"other"), dict(registration=b""),
                        dict(verifier=b"x" * 32, code_hash=code_hash("WRONG"))):
-            assert store.enrol(**dict(args, **change)) is False, change
+            assert enrol(**dict(args, **change)) is Status.REFUSED, change
         # once used (in use, then idle at version 2) the same request is no longer a repeat
         session = crypto.sha256(b"secret")
-        assert store.checkout("e-1", crypto.sha256(b"muk"), session, {}, "test")[0] == "ok"
-        assert store.enrol(**args) is False
-        assert store.checkin("e-1", session, 1, b"second", "test") == ("ok", 2)
-        assert store.enrol(**args) is False
+        assert store.check_out(CheckOut("e-1", crypto.sha256(b"muk"), session, {}, "test", b"v" * 32)).status is Status.OK
+        assert enrol(**args) is Status.REFUSED
+        removed = store.check_in(CheckIn("e-1", session, 1, b"second", "test"))
+        assert (removed.status, removed.version) == (Status.OK, 2)
+        assert enrol(**args) is Status.REFUSED
         card, history = check_card(store, "e-1")
         assert (card.state.value, card.version, card.protected) == ("idle", 2, b"second")
         assert [h.result for h in history if h.op == "enrol"] == ["ok", "repeat"] + ["refused"] * 8

@@ -5,13 +5,12 @@ established CardProtocol. Also the password key derivation of Figure 9.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import attrs
 from twisted.logger import Logger
 
 from vsc import crypto
-from vsc.protocol import auth, implauth, onetime_agent
+from vsc.protocol import auth
+from vsc.protocol.methods import METHODS, CardSide, Credentials
 from vsc.wire.ops import (
     AuthChallenge,
     AuthItem,
@@ -52,26 +51,6 @@ class PasswordKeys:
     auth_key: bytes = attrs.field(repr=False)
     protection_key: bytes = attrs.field(repr=False)
     kdf: KdfParams | None = None  # what they were derived with (kept for a password change)
-
-
-@attrs.define
-class Credentials:
-    """
-    What the card needs besides the password and Master to answer
-    implementation challenges: the sealed keyfile(s) from HOME (tried in
-    order: a keyfile left by an interrupted password change comes second),
-    the pinned server key fingerprint the keyfile must be signed by, and a
-    source of TOTP codes (asked only when the server wants one). ``notes``
-    collects what could not be answered; ``keyfile_used`` says which keyfile opened.
-    """
-
-    keyfiles: tuple = ()
-    server_key: str = ""
-    totp: Callable[[], str] | None = None
-    notes: list = attrs.Factory(list)
-    keyfile_used: int | None = None
-    #: the weakest password derivation this card accepts from a server ("scrypt:15", "legacy", "" = any)
-    kdf_floor: str = ""
 
 
 class WeakKdfRefused(Exception):
@@ -144,84 +123,23 @@ async def enrol(proto, serial: str, code: str, keys: PasswordKeys, kdf: KdfParam
 def answer(challenge: AuthChallenge, serial: str, password: str, master: bytes, rand: crypto.RandomBytes,
            keys: PasswordKeys | None = None, creds: Credentials | None = None) -> tuple[list[AuthItem], PasswordKeys]:
     """
-    Answer every challenge (Figure 8); returns the answers and the derived
+    Answer every challenge (Figure 8) with the method table shared with the
+    server (vsc.protocol.methods); returns the answers and the derived
     password keys. A challenge this card cannot answer is answered empty (the
-    server refuses, as for any failed method, [0084]) and the reason is logged
-    and kept in ``creds.notes`` for the user.
+    server refuses, as for any failed method, [0084]) and the reason is
+    logged and kept in ``creds.notes`` for the user.
     """
     creds = creds if creds is not None else Credentials()
     if keys is None:
         kdf = KdfParams.decode(challenge.kdf)
         check_kdf(kdf, creds.kdf_floor)
         keys = derive_keys(password, kdf)
-    answers = []
-    for item in challenge.challenges:
-        if item.method is AuthMethod.PASSWORD:
-            answers.append(AuthItem(item.method, keys.auth_key))
-        elif item.method is AuthMethod.MASTER_KEY:
-            answers.append(AuthItem(item.method, auth.master_answer(master, item.data, serial, rand)))
-        elif item.method is AuthMethod.KEYFILE:
-            answers.append(AuthItem(item.method, _keyfile_answer(item.data, serial, keys, creds, rand)))
-        elif item.method is AuthMethod.ONE_TIME_AGENT:
-            answers.append(AuthItem(item.method, _agent_answer(item.data, serial, creds)))
-        elif item.method is AuthMethod.TOTP:
-            answers.append(AuthItem(item.method, _totp_answer(creds)))
-        else:  # pragma: no cover - every AuthMethod is handled above
-            answers.append(AuthItem(item.method, b""))
+    side = CardSide(serial, keys.auth_key, keys.protection_key, master, creds, rand)
+    noted = len(creds.notes)
+    answers = [AuthItem(item.method, METHODS[item.method].answer(side, item.data)) for item in challenge.challenges]
+    for note in creds.notes[noted:]:
+        log.warn("cannot answer an implementation challenge: {why}", why=note)
     return answers, keys
-
-
-def _note(creds: Credentials, text: str) -> None:
-    log.warn("cannot answer an implementation challenge: {why}", why=text)
-    creds.notes.append(text)
-
-
-def _keyfile_answer(ri1: bytes, serial: str, keys: PasswordKeys, creds: Credentials, rand) -> bytes:
-    """[0046]: open the keyfile (decrypt, check the pinned server's signature), then Figure 10 with as1."""
-    if not creds.keyfiles:
-        _note(creds, "the server requires keyfile authentication, but this card has no keyfile in its HOME")
-        return b""
-    problems = []
-    for index, sealed in enumerate(creds.keyfiles):
-        try:
-            body = implauth.open_keyfile(sealed, serial, keys.protection_key, creds.server_key)
-        except implauth.KeyfileError as e:
-            problems.append(str(e))
-            continue
-        creds.keyfile_used = index
-        return implauth.keyfile_answer(body.as1, ri1, serial, rand)
-    _note(creds, "keyfile: " + problems[0])
-    return b""
-
-
-def _agent_answer(data: bytes, serial: str, creds: Credentials) -> bytes:
-    """[0050]: run the server's one-time function f on y, derive the key, decrypt w: x."""
-    try:
-        return implauth.agent_answer(data, serial)
-    except onetime_agent.AgentError as e:
-        _note(creds, f"the server's one-time agent was refused: {e}")
-    except crypto.CryptoError as e:
-        _note(creds, f"the one-time agent's w does not decrypt with f(y): {e}")
-    return b""
-
-
-def _totp_answer(creds: Credentials) -> bytes:
-    """[0005]-[0006]: the code the owner reads off the reader-less device."""
-    code = ""
-    if creds.totp is not None:
-        try:
-            code = (creds.totp() or "").strip()
-        except Exception as e:  # noqa: BLE001 - reported to the user as a note
-            _note(creds, f"no TOTP code: {e}")
-            return b""
-    if not code:
-        _note(creds, "the server requires a TOTP code (pass --totp CODE or --totp-file F)")
-        return b""
-    try:
-        return implauth.totp_answer(code)
-    except Exception:  # noqa: BLE001 - WireError: too long to be a code
-        _note(creds, "the TOTP code is not a code (at most 10 characters)")
-        return b""
 
 
 async def authenticated(proto, request: OpRequest, password: str, muk: bytes, master: bytes,

@@ -29,10 +29,10 @@ from vsc.wire.protected import (
     SealedValue,
     aad,
     decode_envelope,
-    envelope_card_id,
-    decode_index,
+    decode_index_generation,
     encode_envelope,
     encode_index,
+    envelope_card_id,
 )
 
 DATA_KEY = 32
@@ -121,6 +121,10 @@ class CardMemory:
         self._data_key: _Held | None = None
         self._wrap: SealedValue | None = None
         self.wiped = False
+        #: the generation sealed in the index this memory was loaded from, or last acknowledged by the
+        #: storage (vsc.card.freshness); every export carries the next one
+        self.generation = 0
+        self._exported = 0
 
     # -- loading (insert) and exporting (sync, remove)
 
@@ -143,7 +147,7 @@ class CardMemory:
                 mem._data_key = mem._seal(ItemKind.DATA, "\x00data-key", KeyAlg.NONE, b"", dk.view)
                 idx = bytearray(len(index.ciphertext) + 16)
                 n = crypto.gcm_open_into(dk.view, index.nonce, index.ciphertext, index.tag, idx, aad("index", serial))
-                items = decode_index(memoryview(idx)[:n])
+                items, mem.generation = decode_index_generation(memoryview(idx)[:n])
                 for it in items:
                     with LockedBuffer(len(it.value.ciphertext)) as plain:
                         crypto.gcm_open_into(
@@ -159,9 +163,12 @@ class CardMemory:
     def export(self) -> bytes:
         """
         The envelope to upload: every item re-sealed under the data key with
-        fresh nonces. The data key's wrap under the protection key is reused
-        as downloaded (it is ciphertext), so no password is needed.
+        fresh nonces, and the next generation sealed in the index. The data
+        key's wrap under the protection key is reused as downloaded (it is
+        ciphertext), so no password is needed. Call ``acknowledge`` once the
+        storage has it.
         """
+        self._exported = self.generation + 1
         if self._data_key is None or self._wrap is None:
             raise RuntimeError("no data key")
         with self._open(self._data_key) as dk:
@@ -173,11 +180,23 @@ class CardMemory:
                     tag = crypto.gcm_seal_into(dk, nonce, plain, out, aad("item", self.serial, held.kind, held.name))
                     sealed.append(Item(held.kind, held.name, held.alg, held.public,
                                        SealedValue(nonce, bytes(out[: held.length]), tag)))
-            index = encode_index(sealed)
+            index = encode_index(sealed, self._exported)
             out = bytearray(len(index) + 16)
             nonce = self.rand(12)
             tag = crypto.gcm_seal_into(dk, nonce, index, out, aad("index", self.serial))
             return encode_envelope(self._wrap, SealedValue(nonce, bytes(out[: len(index)]), tag), self.serial)
+
+    def acknowledge(self) -> int:
+        """The storage has the last export: its generation is now this card's. Returns it."""
+        self.generation = max(self.generation, self._exported)
+        return self.generation
+
+    def data_key_mac(self, label: bytes, data: bytes) -> bytes:
+        """HMAC-SHA256 under a key derived from the data key (only a holder of the password has it)."""
+        assert self._data_key is not None
+        with self._open(self._data_key) as dk:
+            key = crypto.hkdf_extract_expand(b"vsc data-key mac", dk, label, 32)
+        return crypto.hmac_sha256(key, data)
 
     def adopt_wrap(self, envelope: bytes) -> None:
         """

@@ -20,13 +20,23 @@ from vsc.protocol.channel import (
     Channel,
     ChannelInfo,
     Closed,
+    Decrypt,
     Effect,
     Established,
     Received,
     Send,
     SetTimer,
+    private_decrypt,
 )
 from vsc.wire import ErrorCode, Message, WireError
+
+
+def peer_host(transport) -> str:
+    """The peer's address without the port ("" for transports without one)."""
+    try:
+        return str(getattr(transport.getPeer(), "host", "") or "")
+    except Exception:  # noqa: BLE001 - some test transports have no peer
+        return ""
 
 
 def peer_name(transport) -> str:
@@ -51,6 +61,7 @@ class ChannelProtocol(FrameReceiver):
         self.clock = clock
         self.info: ChannelInfo | None = None
         self.peer = "?"
+        self.peer_host = ""
         self.closeCode: ErrorCode | None = None
         self.closeReason = ""
         self._timer: IDelayedCall | None = None
@@ -95,9 +106,18 @@ class ChannelProtocol(FrameReceiver):
     def channelClosed(self, code: ErrorCode, reason: str, byPeer: bool) -> None:
         pass
 
+    def runDecrypt(self, ciphertext: bytes) -> None:
+        """
+        Carry out the channel's ``Decrypt`` effect and feed the result back
+        (``self._run(self.channel.decrypted(...))``). This default does it at
+        once; the server runs it on its worker pool (vsc.server.service).
+        """
+        self._run(self.channel.decrypted(private_decrypt(self.channel._core.private_key, ciphertext)))
+
     # -- Twisted side
     def connectionMade(self) -> None:
         self.peer = peer_name(self.transport)
+        self.peer_host = peer_host(self.transport)
         self._run(self.channel.start())
 
     def frameReceived(self, frame: bytes) -> None:
@@ -125,14 +145,18 @@ class ChannelProtocol(FrameReceiver):
             if isinstance(effect, Send):
                 self.transport.write(effect.data)
             elif isinstance(effect, SetTimer):
-                self._cancel_timer()
-                self._timer = self.clock.callLater(effect.seconds, self._timeout)
+                if self._timer is not None and self._timer.active():
+                    self._timer.reset(effect.seconds)  # cheaper than cancel + callLater on every record
+                else:
+                    self._timer = self.clock.callLater(effect.seconds, self._timeout)
             elif isinstance(effect, CancelTimer):
                 self._cancel_timer()
             elif isinstance(effect, Established):
                 self._on_established(effect.info)
             elif isinstance(effect, Received):
                 self._deliver(effect.message)
+            elif isinstance(effect, Decrypt):
+                self.runDecrypt(effect.ciphertext)
             elif isinstance(effect, Closed):
                 self._on_closed(effect)
 

@@ -5,6 +5,17 @@ Bytes, frames and calls go in; a list of effects comes out (bytes to send,
 messages received, timers to set, the channel being established or closed).
 Nothing here touches a socket, a clock or a logger: time arrives as the
 ``timeout`` input and randomness through the injected ``rand`` callable.
+The server's one private-key operation, the RSA decryption of the key
+transport, is an effect (``Decrypt``) too: the glue runs it where it
+chooses (a bounded worker pool in the server, vsc.server.admission) and
+feeds the plaintext back with ``decrypted``; ``inline=True`` (tests, the
+conformance harness) does it in the wrapper at once.
+
+Frame limits per state: 4 KiB before the handshake completes; then the
+config's ``max_body`` (the server keeps it small until an operation on the
+channel has authenticated, then raises it with ``raise_limits``). An
+established channel with no record for ``idle_timeout`` seconds closes with
+IDLE_TIMEOUT (0: never).
 
 The wrapper decodes first (``vsc.wire``), then fires exactly one Automat input
 per outcome. Validation that needs the machine's data (r1, MACs, suites)
@@ -98,6 +109,13 @@ class Received:
 
 
 @attrs.frozen
+class Decrypt:
+    """Run the RSA-OAEP decryption of the key transport; feed the result to ``decrypted``."""
+
+    ciphertext: bytes
+
+
+@attrs.frozen
 class SetTimer:
     """Call ``timeout()`` after this many seconds (replaces any earlier timer)."""
 
@@ -122,17 +140,19 @@ class Closed:
     by_peer: bool = False
 
 
-Effect = Send | Established | Received | SetTimer | CancelTimer | Closed
+Effect = Send | Established | Received | Decrypt | SetTimer | CancelTimer | Closed
 
 
 # ---------------------------------------------------------------- shared core
 
 
 @attrs.define
-class _Core:
+class ChannelCore:
     config: ChannelConfig
     rand: crypto.RandomBytes
     outbox: list = attrs.Factory(list)
+    max_body: int = MAX_FRAME_BODY  # once established (raise_limits may change it)
+    idle_timeout: float = 0.0  # once established; 0: none
     keys: SessionKeys | None = None
     send_seq: int = 0
     recv_seq: int = 0
@@ -149,6 +169,7 @@ class _Core:
     offered: tuple = ()
     ephemeral: crypto.X25519Ephemeral | None = None
     hello: Hello | None = None
+    pending_kt: KeyTransport | None = None  # server: the key transport whose decryption runs
 
     @property
     def established(self) -> bool:
@@ -230,6 +251,9 @@ class ChannelInputs(Protocol):
     def got_record(self, msg: Record) -> None:
         "A sealed record arrived."
 
+    def decrypted(self, plaintext: bytes | None) -> None:
+        "The key transport's decryption finished (None: it did not decrypt)."
+
     def got_alert(self, msg: Alert) -> None:
         "The peer sent a plaintext alert."
 
@@ -255,26 +279,26 @@ def _common(builder, established, closed, states, direction: int) -> None:
     for state in states:
 
         @state.upon(ChannelInputs.fail).to(closed)
-        def fail(inputs: ChannelInputs, core: _Core, code: ErrorCode, reason: str) -> None:
+        def fail(inputs: ChannelInputs, core: ChannelCore, code: ErrorCode, reason: str) -> None:
             core.finish_closed(code, reason, by_peer=False, notify=True, sealed_dir=direction)
 
         @state.upon(ChannelInputs.got_alert).to(closed)
-        def got_alert(inputs: ChannelInputs, core: _Core, msg: Alert) -> None:
+        def got_alert(inputs: ChannelInputs, core: ChannelCore, msg: Alert) -> None:
             reason = "peer sent a plaintext alert" + (" after establishment (unauthenticated)" if core.keys else "")
             core.finish_closed(msg.code, reason, by_peer=True, notify=False, sealed_dir=None)
 
         @state.upon(ChannelInputs.connection_lost).to(closed)
-        def lost(inputs: ChannelInputs, core: _Core) -> None:
+        def lost(inputs: ChannelInputs, core: ChannelCore) -> None:
             core.finish_closed(ErrorCode.CLOSE_NOTIFY, "connection lost", by_peer=True, notify=False, sealed_dir=None)
 
         @state.upon(ChannelInputs.close).to(closed)
-        def close(inputs: ChannelInputs, core: _Core, code: ErrorCode) -> None:
+        def close(inputs: ChannelInputs, core: ChannelCore, code: ErrorCode) -> None:
             core.finish_closed(code, "closed locally", by_peer=False, notify=True, sealed_dir=direction)
 
         if state is not established:
 
             @state.upon(ChannelInputs.timeout).to(closed)
-            def timeout(inputs: ChannelInputs, core: _Core) -> None:
+            def timeout(inputs: ChannelInputs, core: ChannelCore) -> None:
                 core.finish_closed(
                     ErrorCode.HANDSHAKE_TIMEOUT,
                     f"handshake not finished within {core.config.handshake_timeout:g} s",
@@ -284,17 +308,19 @@ def _common(builder, established, closed, states, direction: int) -> None:
                 )
 
     @established.upon(ChannelInputs.send).loop()
-    def send(inputs: ChannelInputs, core: _Core, msg: Message) -> None:
+    def send(inputs: ChannelInputs, core: ChannelCore, msg: Message) -> None:
         core.seal(msg, direction)
 
     @established.upon(ChannelInputs.got_record).loop()
-    def got_record(inputs: ChannelInputs, core: _Core, msg: Record) -> None:
+    def got_record(inputs: ChannelInputs, core: ChannelCore, msg: Record) -> None:
         peer_dir = SERVER_TO_CARD if direction == CARD_TO_SERVER else CARD_TO_SERVER
         try:
             inner = core.open(msg, peer_dir)
         except WireError as e:
             inputs.fail(e.code, str(e))
             return
+        if core.idle_timeout > 0:
+            core.emit(SetTimer(core.idle_timeout))
         if isinstance(inner, Close):
             core.finish_closed(inner.code, "peer closed the channel", by_peer=True, notify=False, sealed_dir=None)
         elif isinstance(inner, EchoRequest):
@@ -303,8 +329,11 @@ def _common(builder, established, closed, states, direction: int) -> None:
             core.emit(Received(inner))
 
     @established.upon(ChannelInputs.timeout).loop()
-    def idle(inputs: ChannelInputs, core: _Core) -> None:
-        pass  # handshake timers are cancelled on establishment; stale fires are harmless
+    def idle(inputs: ChannelInputs, core: ChannelCore) -> None:
+        # once established only the idle timer runs (the handshake timer was cancelled); without an
+        # idle timeout a stale fire is harmless
+        if core.idle_timeout > 0:
+            inputs.fail(ErrorCode.IDLE_TIMEOUT, f"no record for {core.idle_timeout:g} s")
 
     for inp in (
         ChannelInputs.got_hello,
@@ -319,6 +348,7 @@ def _common(builder, established, closed, states, direction: int) -> None:
         ChannelInputs.timeout,
         ChannelInputs.connection_lost,
         ChannelInputs.start,
+        ChannelInputs.decrypted,
     ):
         closed.upon(inp).loop().returns(None)
 
@@ -327,15 +357,16 @@ def _common(builder, established, closed, states, direction: int) -> None:
 
 
 def _build_server():
-    b = TypeMachineBuilder(ChannelInputs, _Core)
+    b = TypeMachineBuilder(ChannelInputs, ChannelCore)
     initial = b.state("initial")
     await_kt = b.state("await_key_transport")
+    decrypting = b.state("decrypting")
     await_cf = b.state("await_client_finished")
     established = b.state("established")
     closed = b.state("closed")
 
     @initial.upon(ChannelInputs.start).to(await_kt)
-    def start(inputs: ChannelInputs, core: _Core) -> None:
+    def start(inputs: ChannelInputs, core: ChannelCore) -> None:
         r1 = core.rand(32)
         fs = b""
         if core.config.forward_secrecy is not ForwardSecrecy.OFF:
@@ -348,16 +379,23 @@ def _build_server():
         core.emit(SetTimer(core.config.handshake_timeout))
         core.emit(Send(core.hello_frame))
 
-    @await_kt.upon(ChannelInputs.got_key_transport).to(await_cf)
-    def got_key_transport(inputs: ChannelInputs, core: _Core, msg: KeyTransport, frame: bytes) -> None:
-        assert core.private_key is not None and core.hello is not None
+    @await_kt.upon(ChannelInputs.got_key_transport).to(decrypting)
+    def got_key_transport(inputs: ChannelInputs, core: ChannelCore, msg: KeyTransport, frame: bytes) -> None:
+        core.pending_kt = msg
+        core.key_transport_frame = frame
+        core.emit(Decrypt(msg.ciphertext))
+
+    @decrypting.upon(ChannelInputs.decrypted).to(await_cf)
+    def decrypted(inputs: ChannelInputs, core: ChannelCore, plaintext: bytes | None) -> None:
+        assert core.private_key is not None and core.hello is not None and core.pending_kt is not None
+        msg, core.pending_kt = core.pending_kt, None
         # One alert code for "undecryptable" and "wrong r1": telling them apart
         # would hand an attacker an OAEP validity oracle (Manger's attack).
-        try:
-            secrets = SessionSecrets.decode(core.private_key.oaep_decrypt(msg.ciphertext))
-        except crypto.CryptoError:
+        if plaintext is None:
             inputs.fail(ErrorCode.HANDSHAKE_FAILED, "key transport did not decrypt under the server key")
             return
+        try:
+            secrets = SessionSecrets.decode(plaintext)
         except WireError:
             inputs.fail(ErrorCode.HANDSHAKE_FAILED, "key transport plaintext has the wrong length")
             return
@@ -389,13 +427,12 @@ def _build_server():
                 offered = ",".join(Suite(s).label for s in msg.suites)
                 inputs.fail(ErrorCode.NO_COMMON_SUITE, f"no common suite; card offered {offered}")
             return
-        core.key_transport_frame = frame
-        th = transcript_hash(core.hello_frame, frame)
+        th = transcript_hash(core.hello_frame, core.key_transport_frame)
         core.keys = derive_keys(suite, secrets, dh, th, core.rand)
         core.send_frame(ServerFinished(suite=suite, forward_secret=bool(dh), mac=core.keys.server_mac()))
 
     @await_cf.upon(ChannelInputs.got_client_finished).to(established)
-    def got_client_finished(inputs: ChannelInputs, core: _Core, msg: ClientFinished) -> None:
+    def got_client_finished(inputs: ChannelInputs, core: ChannelCore, msg: ClientFinished) -> None:
         assert core.keys is not None
         if not crypto.constant_time_equal(msg.mac, core.keys.client_mac()):
             keys, core.keys = core.keys, None  # alert in the clear: the peer's keys differ
@@ -404,6 +441,8 @@ def _build_server():
         core.emit(CancelTimer())
         assert core.private_key is not None
         core.confirmed = True
+        if core.idle_timeout > 0:
+            core.emit(SetTimer(core.idle_timeout))
         core.emit(
             Established(
                 ChannelInfo(
@@ -414,7 +453,7 @@ def _build_server():
             )
         )
 
-    _common(b, established, closed, (initial, await_kt, await_cf, established), SERVER_TO_CARD)
+    _common(b, established, closed, (initial, await_kt, decrypting, await_cf, established), SERVER_TO_CARD)
     return b.build()
 
 
@@ -422,7 +461,7 @@ def _build_server():
 
 
 def _build_card():
-    b = TypeMachineBuilder(ChannelInputs, _Core)
+    b = TypeMachineBuilder(ChannelInputs, ChannelCore)
     initial = b.state("initial")
     await_hello = b.state("await_hello")
     await_sf = b.state("await_server_finished")
@@ -430,11 +469,11 @@ def _build_card():
     closed = b.state("closed")
 
     @initial.upon(ChannelInputs.start).to(await_hello)
-    def start(inputs: ChannelInputs, core: _Core) -> None:
+    def start(inputs: ChannelInputs, core: ChannelCore) -> None:
         core.emit(SetTimer(core.config.handshake_timeout))
 
     @await_hello.upon(ChannelInputs.got_hello).to(await_sf)
-    def got_hello(inputs: ChannelInputs, core: _Core, msg: Hello, frame: bytes) -> None:
+    def got_hello(inputs: ChannelInputs, core: ChannelCore, msg: Hello, frame: bytes) -> None:
         fp = crypto.fingerprint(msg.server_key)
         if not crypto.constant_time_equal(fp.encode(), core.pinned_fingerprint.encode()):
             inputs.fail(
@@ -470,7 +509,7 @@ def _build_card():
         core.emit(Send(core.key_transport_frame))
 
     @await_sf.upon(ChannelInputs.got_server_finished).to(established)
-    def got_server_finished(inputs: ChannelInputs, core: _Core, msg: ServerFinished) -> None:
+    def got_server_finished(inputs: ChannelInputs, core: ChannelCore, msg: ServerFinished) -> None:
         assert core.secrets is not None and core.hello is not None
         if msg.suite not in core.offered:
             inputs.fail(ErrorCode.SUITE_NOT_OFFERED, f"server chose {msg.suite.label}, which this card did not offer")
@@ -495,6 +534,8 @@ def _build_card():
         core.confirmed = True
         core.send_frame(ClientFinished(mac=keys.client_mac()))
         core.emit(CancelTimer())
+        if core.idle_timeout > 0:
+            core.emit(SetTimer(core.idle_timeout))
         core.emit(Established(ChannelInfo(keys.suite, keys.forward_secret, core.server_fingerprint)))
 
     _common(b, established, closed, (initial, await_hello, await_sf, established), CARD_TO_SERVER)
@@ -512,12 +553,15 @@ class Channel:
     """
     One end of a protected channel. Every method returns the effects it
     produced, in order; the caller carries them out (see vsc.net.channel).
+    With ``inline`` the wrapper performs the ``Decrypt`` effect itself (no
+    caller ever sees it); otherwise the caller runs it and calls ``decrypted``.
     """
 
-    def __init__(self, machine_factory, core: _Core):
+    def __init__(self, machine_factory, core: ChannelCore, inline: bool = True):
         self._core = core
         self._machine: ChannelInputs = machine_factory(core)
         self._deframer = Deframer(MAX_HANDSHAKE_BODY)
+        self.inline = inline
 
     # -- state, for callers and tests
     @property
@@ -530,6 +574,10 @@ class Channel:
 
     def _drain(self) -> list[Effect]:
         out, self._core.outbox = self._core.outbox, []
+        if self.inline:
+            for i, effect in enumerate(out):
+                if isinstance(effect, Decrypt):
+                    return out[:i] + self.decrypted(private_decrypt(self._core.private_key, effect.ciphertext)) + out[i + 1:]
         return out
 
     def _fire(self, fn: Callable[[], None]) -> list[Effect]:
@@ -569,6 +617,8 @@ class Channel:
         except WireError as e:
             return self._fire(lambda: self._machine.fail(e.code, str(e)))
         m = self._machine
+        if isinstance(msg, Record):
+            return self._fire(lambda: m.got_record(msg))
         if isinstance(msg, Hello):
             return self._fire(lambda: m.got_hello(msg, frame))
         if isinstance(msg, KeyTransport):
@@ -577,11 +627,13 @@ class Channel:
             return self._fire(lambda: m.got_server_finished(msg))
         if isinstance(msg, ClientFinished):
             return self._fire(lambda: m.got_client_finished(msg))
-        if isinstance(msg, Record):
-            return self._fire(lambda: m.got_record(msg))
         if isinstance(msg, Alert):
             return self._fire(lambda: m.got_alert(msg))
         return self._fire(lambda: m.fail(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} not expected"))
+
+    def decrypted(self, plaintext: bytes | None) -> list[Effect]:
+        """The result of a ``Decrypt`` effect (None: it did not decrypt)."""
+        return self._fire(lambda: self._machine.decrypted(plaintext))
 
     def frame_error(self, error: WireError) -> list[Effect]:
         """The framing layer rejected the byte stream (bad header, too long)."""
@@ -605,16 +657,36 @@ class Channel:
         return self._fire(self._machine.connection_lost)
 
     def max_frame_body(self) -> int:
-        return MAX_FRAME_BODY if self._core.established else MAX_HANDSHAKE_BODY
+        return self._core.max_body if self._core.established else MAX_HANDSHAKE_BODY
+
+    def raise_limits(self, max_body: int, idle_timeout: float) -> None:
+        """An operation on this channel authenticated: allow larger frames and a longer idle time."""
+        self._core.max_body = max_body
+        self._core.idle_timeout = idle_timeout
+
+
+def private_decrypt(key: crypto.RSAPrivateKey | None, ciphertext: bytes) -> bytes | None:
+    """The ``Decrypt`` effect itself: RSA-OAEP-SHA256 under the server key (None: it did not decrypt)."""
+    assert key is not None
+    try:
+        return key.oaep_decrypt(ciphertext)
+    except crypto.CryptoError:
+        return None
 
 
 def server_channel(
     config: ChannelConfig,
     private_key: crypto.RSAPrivateKey,
     rand: crypto.RandomBytes = crypto.system_random,
+    inline: bool = True,
 ) -> Channel:
-    """The server end: call ``start()`` once connected; it sends Hello (r1)."""
-    return Channel(_ServerMachine, _Core(config=config, rand=rand, private_key=private_key))
+    """
+    The server end: call ``start()`` once connected; it sends Hello (r1).
+    ``inline=False``: the caller runs the ``Decrypt`` effect (off the reactor).
+    """
+    core = ChannelCore(config=config, rand=rand, private_key=private_key, max_body=config.max_body,
+                       idle_timeout=config.idle_timeout)
+    return Channel(_ServerMachine, core, inline)
 
 
 def card_channel(
@@ -623,4 +695,6 @@ def card_channel(
     rand: crypto.RandomBytes = crypto.system_random,
 ) -> Channel:
     """The card end: call ``start()`` once connected; it waits for Hello."""
-    return Channel(_CardMachine, _Core(config=config, rand=rand, pinned_fingerprint=server_fingerprint))
+    core = ChannelCore(config=config, rand=rand, pinned_fingerprint=server_fingerprint, max_body=config.max_body,
+                       idle_timeout=config.idle_timeout)
+    return Channel(_CardMachine, core)

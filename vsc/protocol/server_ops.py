@@ -1,14 +1,21 @@
 """
 The server's side of the card operations, one machine per channel
-(sans-IO, Automat). Messages, lease results, loaded records and store
-outcomes go in as inputs; effects come out: replies, lease and store calls,
-deadline timers. The glue (vsc.server.service) runs store calls on a thread
-pool and feeds their results back.
+(sans-IO, Automat). Messages, loaded records and store outcomes go in as
+inputs; effects come out: replies, typed store calls
+(vsc.protocol.cardstore), the enrolment material to sign, deadline timers.
+The glue (vsc.server.service) carries them out and feeds results back.
 
-    idle --request--> leasing --granted--> working --loaded--> challenged
-      ^                  |busy: log it, then   |stored              |answer/deadline
-      |                  +--> working (BUSY)   |                    |
-      +----------------------------------------+<------ working <---+
+    idle --insert/recover/destroy--> loading --loaded--> challenged --answer--> committing --stored--> idle
+      |                                                       |deadline             ^
+      +--sync/remove/password change-------------------------)---------------------+
+      +--enrol--> issuing --material--------------------------------------------->-+
+
+Nothing is held while a peer has not authenticated: the challenge is sent
+from a plain read, and the operation's one transaction (check-out, recover,
+destroy) runs only after every answer passed. The store decides that
+transaction's outcome with Figure 4's table (vsc.protocol.lifecycle) on the
+row it locks, so two machines racing for one serial get one winner and the
+other the state it lost to (IN_USE, ...), never BUSY.
 
 Mediation follows the patent: insert (Figure 6, 8) authenticates every
 configured method (all must pass, [0084]) before the check-out; remove
@@ -16,25 +23,39 @@ configured method (all must pass, [0084]) before the check-out; remove
 recover (Figure 12) and destroy authenticate like insert. Refusals to an
 unauthenticated peer are all Status.REFUSED.
 
-Implementation authentication (vsc.protocol.implauth): Master key (Figure
-10), keyfile (ri1, answered with as1 [0046]), the one-time agent (a fresh
-program f, y and w = E[x, f(y)] per challenge [0050]; the expected x stays
-in this machine), and TOTP (checked against ``now``; the accepted step is
-consumed atomically with the operation by the store). Enrolment material
-(a signed keyfile, a TOTP seed) comes from the injected ``registrar``, a
-pure function of the server key and the injected randomness and clock.
+Guessing limits (vsc.protocol.lockout): an answer carrying the MUK of the
+card's last insert counts in the owner's own bucket; others count per card
+and, in memory, per source. A throttled answer is refused without being
+evaluated or counted. An unanswered challenge counts like a wrong answer.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Protocol
+from typing import Callable, Protocol
 
 import attrs
-from automat import TypeMachineBuilder
+from automat import NoTransition, TypeMachineBuilder
 
 from vsc import crypto
 from vsc.protocol import auth, implauth
+from vsc.protocol.cardstore import (
+    AttachCard,
+    ChangeCardPassword,
+    CheckIn,
+    CheckOut,
+    CountFailure,
+    DestroyCard,
+    EnrolCard,
+    LoadCard,
+    LogRefusal,
+    Outcome,
+    RecoverCard,
+    SyncCard,
+)
+from vsc.protocol.lifecycle import Condition, Operation, decide
+from vsc.protocol.lockout import LockoutPolicy, SourceLimits
+from vsc.protocol.methods import METHODS, Issued, ServerSide
 from vsc.wire import WireError
 from vsc.wire.ops import (
     AuthChallenge,
@@ -52,10 +73,13 @@ from vsc.wire.ops import (
 )
 
 AUTH_OPS = (Op.INSERT, Op.RECOVER, Op.DESTROY)
-SESSION_OPS = (Op.SYNC, Op.REMOVE)
+SESSION_OPS = (Op.SYNC, Op.REMOVE, Op.ATTACH)
+OPERATION = {Op.INSERT: Operation.INSERT, Op.REMOVE: Operation.REMOVE, Op.RECOVER: Operation.RECOVER,
+             Op.DESTROY: Operation.DESTROY, Op.SYNC: Operation.SYNC, Op.PASSWORD: Operation.PASSWORD,
+             Op.ATTACH: Operation.ATTACH}
 
 
-# ---------------------------------------------------------------- effects
+# ---------------------------------------------------------------- effects (besides vsc.protocol.cardstore's)
 
 
 @attrs.frozen
@@ -64,26 +88,12 @@ class Reply:
 
 
 @attrs.frozen
-class AcquireLease:
+class IssueMaterial:
+    """Make (and sign: a private-key operation, off the reactor) what the policy's methods need at enrolment."""
+
     serial: str
-
-
-@attrs.frozen
-class ReleaseLease:
-    serial: str
-
-
-@attrs.frozen
-class LoadCard:
-    serial: str
-
-
-@attrs.frozen
-class StoreCall:
-    """Call ``Store.<method>(**kwargs)`` on a worker thread; feed the return value to ``stored``."""
-
-    method: str
-    kwargs: dict
+    registration: bytes
+    methods: tuple[AuthMethod, ...]
 
 
 @attrs.frozen
@@ -103,6 +113,22 @@ class ProtocolViolation:
     reason: str
 
 
+@attrs.frozen
+class Authenticated:
+    """An operation on this channel passed its authority: the glue may raise the channel's limits."""
+
+    serial: str
+
+
+@attrs.frozen
+class Logged:
+    """Something only the log hears of (an answer refused unevaluated: no history row, so no flood)."""
+
+    event: str
+    serial: str
+    detail: str
+
+
 # ---------------------------------------------------------------- core
 
 
@@ -112,67 +138,77 @@ class OpsPolicy:
 
     impl_auth: tuple = (AuthMethod.MASTER_KEY,)
     auth_deadline: float = 30.0
+    lockout: LockoutPolicy = LockoutPolicy()
 
 
 @attrs.define
-class _Core:
+class OpsCore:
     policy: OpsPolicy
-    master: bytes
-    decoy_secret: bytes
+    master: bytes = attrs.field(repr=False)
+    decoy_secret: bytes = attrs.field(repr=False)
     rand: crypto.RandomBytes
     peer: str
+    source: str
     suite: str
-    now: object
+    now: Callable[[], float]
+    limits: SourceLimits
     outbox: list = attrs.Factory(list)
-    forced: Status | None = None
+    pending: Status | None = None  # the answer decided before the store call that logs it
     serial: str = ""
     op: Op | None = None
     request: object = None
-    leased: bool = False
     card: object = None
-    challenges: tuple = ()
-    session: bytes = b""
-    registrar: object = None
-    expected: dict = attrs.Factory(dict)  # per method: what the answer must be (the agent's x)
-    totp_step: int | None = None  # the TOTP step the answer matched, consumed with the operation
+    issued: tuple = ()  # ((AuthItem, Issued), ...) in challenge order
+    own_machine: bool = False
     enrol_reply: bytes = b""
 
     def emit(self, effect) -> None:
         self.outbox.append(effect)
 
-    def reply(self, status: Status, **kw) -> None:
-        self.emit(Reply(OpResult(status=status, **kw)))
+    def start(self, serial: str, op: Op | None, request) -> None:
+        self.serial, self.op, self.request = serial, op, request
 
     def finish(self) -> None:
-        if self.leased:
-            self.emit(ReleaseLease(self.serial))
-            self.leased = False
-        self.serial, self.op, self.request, self.card, self.challenges = "", None, None, None, ()
-        self.forced = None
-        self.expected, self.totp_step, self.enrol_reply = {}, None, b""
+        self.serial, self.op, self.request, self.card, self.issued = "", None, None, None, ()
+        self.pending, self.own_machine, self.enrol_reply = None, False, b""
+
+    def refuse(self, status: Status, result: str, detail: str, muk: bytes | None = None) -> None:
+        """Answer ``status`` once the refusal's history line is stored (nothing else changes)."""
+        self.pending = status
+        op = OPERATION[self.op] if self.op is not None else Operation.ENROL
+        self.emit(LogRefusal(self.serial, op, result, self.peer, detail, muk))
 
 
 class OpsInputs(Protocol):
     def enrol_requested(self, req: EnrolRequest) -> None:
         "The card asks to enrol."
 
-    def op_requested(self, req: OpRequest) -> None:
-        "The card starts an operation."
+    def auth_op_requested(self, req: OpRequest) -> None:
+        "The card starts an insert, recover or destroy."
+
+    def session_op_requested(self, req: OpRequest) -> None:
+        "The card syncs or removes (it presents its insert secret)."
+
+    def bad_op_requested(self, req: OpRequest) -> None:
+        "An OpRequest that cannot be served (Op.PASSWORD is its own message)."
 
     def password_change_requested(self, req: ChangePassword) -> None:
         "The card changes its password (while in use)."
 
-    def auth_answered(self, resp: AuthResponse) -> None:
-        "The card answered the challenges."
+    def material_issued(self, material: implauth.EnrolMaterial) -> None:
+        "The enrolment material is made."
 
-    def lease_granted(self) -> None:
-        "The per-serial lease is ours."
-
-    def lease_busy(self) -> None:
-        "Another operation holds the lease."
+    def material_refused(self, reason: str) -> None:
+        "The enrolment material cannot be made for this card."
 
     def card_loaded(self, card: object) -> None:
         "The record (or None) was read."
+
+    def auth_answered(self, resp: AuthResponse) -> None:
+        "The card answered the challenges."
+
+    def unevaluated(self, detail: str) -> None:
+        "The answer is refused without being evaluated (throttled)."
 
     def stored(self, outcome: object) -> None:
         "A store call returned."
@@ -191,236 +227,202 @@ class OpsInputs(Protocol):
 
 
 def _build():
-    b = TypeMachineBuilder(OpsInputs, _Core)
+    b = TypeMachineBuilder(OpsInputs, OpsCore)
     idle = b.state("idle")
-    leasing = b.state("leasing")
-    working = b.state("working")
+    issuing = b.state("issuing")
+    loading = b.state("loading")
     challenged = b.state("challenged")
+    committing = b.state("committing")
     closed = b.state("closed")
 
     # ---- starting an operation
 
-    @idle.upon(OpsInputs.enrol_requested).to(leasing)
-    def enrol(m: OpsInputs, core: _Core, req: EnrolRequest) -> None:
-        core.serial, core.op, core.request = req.serial, None, req
-        core.emit(AcquireLease(req.serial))
+    @idle.upon(OpsInputs.enrol_requested).to(issuing)
+    def enrol(m: OpsInputs, core: OpsCore, req: EnrolRequest) -> None:
+        core.start(req.serial, None, req)
+        needed = tuple(x for x in core.policy.impl_auth if x in (AuthMethod.KEYFILE, AuthMethod.TOTP))
+        if needed:
+            core.emit(IssueMaterial(req.serial, req.registration, needed))
+        else:
+            m.material_issued(implauth.EnrolMaterial({}, b""))
 
-    @idle.upon(OpsInputs.op_requested).to(leasing)
-    def start(m: OpsInputs, core: _Core, req: OpRequest) -> None:
-        core.serial, core.op, core.request = req.serial, req.op, req
-        core.emit(AcquireLease(req.serial))
-
-    @idle.upon(OpsInputs.password_change_requested).to(leasing)
-    def start_password(m: OpsInputs, core: _Core, req: ChangePassword) -> None:
-        core.serial, core.op, core.request = req.serial, Op.PASSWORD, req
-        core.emit(AcquireLease(req.serial))
-
-    @leasing.upon(OpsInputs.lease_busy).to(working)
-    def busy(m: OpsInputs, core: _Core) -> None:
-        # [0081]: refused; logged like every other refusal, then answered BUSY (no lease to release)
-        core.forced = Status.BUSY
-        core.emit(
-            StoreCall(
-                "refused",
-                dict(serial=core.serial, op=core.op.name.lower() if core.op is not None else "enrol", result="busy",
-                     peer=core.peer, detail="another operation on this serial is running"),
-            )
-        )
-
-    @leasing.upon(OpsInputs.store_failed).to(idle)
-    def lease_failed(m: OpsInputs, core: _Core, reason: str) -> None:
-        # taking the lease failed (database down): nothing was changed and no lease is held
-        core.reply(Status.INTERNAL)
-        core.finish()
-
-    @leasing.upon(OpsInputs.lease_granted).to(working)
-    def granted(m: OpsInputs, core: _Core) -> None:
-        core.leased = True
+    @issuing.upon(OpsInputs.material_issued).to(committing)
+    def issued(m: OpsInputs, core: OpsCore, material: implauth.EnrolMaterial) -> None:
         req = core.request
-        if isinstance(req, EnrolRequest):
-            try:
-                material = _enrol_material(core, req)
-            except implauth.ImplAuthError as e:
-                _bad_request(core, "enrol", str(e))
-                return
-            kwargs = dict(
-                serial=req.serial,
-                code_hash=_code_hash(req.code),
-                verifier=req.verifier,
-                kdf=req.kdf,
-                protected=req.protected,
-                registration=req.registration,
-                peer=core.peer,
-            )
-            if material.auth_info:
-                kwargs["auth_extra"] = material.auth_info
-                core.enrol_reply = material.reply
-            core.emit(StoreCall("enrol", kwargs))
-        elif isinstance(req, ChangePassword):
-            problem = _password_change_problem(req)
-            if problem:
-                _bad_request(core, "password", problem)
-                return
-            core.emit(
-                StoreCall(
-                    "change_password",
-                    dict(serial=req.serial, session=crypto.sha256(req.insert_secret), version=req.version,
-                         verifier=req.verifier, kdf=req.kdf, protected=req.protected, peer=core.peer),
-                )
-            )
-        elif req.op is Op.PASSWORD:
-            _bad_request(core, "password", "a password change is a ChangePassword message, not an OpRequest")
-        elif req.op in AUTH_OPS:
-            core.emit(LoadCard(req.serial))
-        elif req.op is Op.SYNC:
-            core.emit(StoreCall("sync", _session_args(core, req)))
-        elif req.op is Op.REMOVE:
-            core.emit(StoreCall("checkin", _session_args(core, req)))
+        core.enrol_reply = material.reply
+        core.emit(EnrolCard(serial=req.serial, code_hash=auth.code_hash(req.code), verifier=req.verifier, kdf=req.kdf,
+                            protected=req.protected, registration=req.registration,
+                            auth_extra=dict(material.auth_info), peer=core.peer))
+
+    @issuing.upon(OpsInputs.material_refused).to(committing)
+    def not_issued(m: OpsInputs, core: OpsCore, reason: str) -> None:
+        core.refuse(Status.BAD_REQUEST, "bad-request", reason)
+
+    @idle.upon(OpsInputs.auth_op_requested).to(loading)
+    def start(m: OpsInputs, core: OpsCore, req: OpRequest) -> None:
+        core.start(req.serial, req.op, req)
+        core.emit(LoadCard(req.serial))
+
+    @idle.upon(OpsInputs.session_op_requested).to(committing)
+    def session_op(m: OpsInputs, core: OpsCore, req: OpRequest) -> None:
+        core.start(req.serial, req.op, req)
+        session = crypto.sha256(req.insert_secret) if req.insert_secret else b""
+        if req.op is Op.ATTACH:
+            core.emit(AttachCard(serial=req.serial, session=session, peer=core.peer))
+            return
+        cls = SyncCard if req.op is Op.SYNC else CheckIn
+        core.emit(cls(serial=req.serial, session=session, version=req.version, protected=req.protected,
+                      peer=core.peer))
+
+    @idle.upon(OpsInputs.bad_op_requested).to(committing)
+    def bad_op(m: OpsInputs, core: OpsCore, req: OpRequest) -> None:
+        core.start(req.serial, req.op, req)
+        core.refuse(Status.BAD_REQUEST, "bad-request", "a password change is a ChangePassword message, not an OpRequest")
+
+    @idle.upon(OpsInputs.password_change_requested).to(committing)
+    def password(m: OpsInputs, core: OpsCore, req: ChangePassword) -> None:
+        core.start(req.serial, Op.PASSWORD, req)
+        problem = _password_change_problem(req)
+        if problem:
+            core.refuse(Status.BAD_REQUEST, "bad-request", problem)
+            return
+        core.emit(ChangeCardPassword(serial=req.serial, session=crypto.sha256(req.insert_secret), version=req.version,
+                                     verifier=req.verifier, kdf=req.kdf, protected=req.protected, peer=core.peer))
 
     # ---- authentication (Figure 8)
 
-    @working.upon(OpsInputs.card_loaded).to(challenged)
-    def loaded(m: OpsInputs, core: _Core, card: object) -> None:
+    @loading.upon(OpsInputs.card_loaded).to(challenged)
+    def loaded(m: OpsInputs, core: OpsCore, card: object) -> None:
         core.card = card
         if card is not None:
             kdf = card.kdf
-            methods = _required_methods(card.auth_info, core.policy)
-        else:
+            methods = required_methods(card.auth_info, core.policy)
+        else:  # a decoy: shaped like a real card's challenge, refused after the answer
             kdf = auth.decoy_kdf(core.decoy_secret, core.serial)
             methods = (AuthMethod.PASSWORD,) + tuple(core.policy.impl_auth)
-        items = []
+        issued = []
         for method in methods:
-            if method in (AuthMethod.MASTER_KEY, AuthMethod.KEYFILE):
-                items.append(AuthItem(method, core.rand(32)))  # rm1 / ri1 (Figure 10, [0046])
-            elif method is AuthMethod.ONE_TIME_AGENT:
-                issued = implauth.agent_challenge(core.serial, core.rand)  # a new f for every challenge [0051]
-                core.expected[method] = issued.x
-                items.append(AuthItem(method, issued.data))
-            else:
-                items.append(AuthItem(method, b""))
-        core.challenges = tuple(items)
-        core.emit(Reply(AuthChallenge(kdf=kdf, challenges=core.challenges)))
+            it = METHODS[method].challenge(core.serial, core.rand)
+            issued.append((AuthItem(method, it.data), it))
+        core.issued = tuple(issued)
+        core.emit(Reply(AuthChallenge(kdf=kdf, challenges=tuple(item for item, _ in issued))))
         core.emit(StartDeadline(core.policy.auth_deadline))
 
-    @challenged.upon(OpsInputs.auth_answered).to(working)
-    def answered(m: OpsInputs, core: _Core, resp: AuthResponse) -> None:
+    @challenged.upon(OpsInputs.auth_answered).to(committing)
+    def answered(m: OpsInputs, core: OpsCore, resp: AuthResponse) -> None:
         core.emit(CancelDeadline())
-        req = core.request
-        ok, why = _verify(core, resp)
-        if not ok:
-            core.emit(StoreCall("auth_failed", dict(serial=core.serial, op=req.op.name.lower(), peer=core.peer, detail=why,
-                                                   muk=resp.muk or None)))
+        card, now, op = core.card, core.now(), OPERATION[core.op]
+        own = _own_machine(card, resp.muk)
+        core.own_machine = own
+        if own:
+            throttled = card.throttled(now, True)
+        else:
+            throttled = core.limits.throttled(core.source, core.serial) or (card is not None
+                                                                            and card.throttled(now, False))
+        if throttled:
+            m.unevaluated("too many failed authentications: throttled, not evaluated")
             return
-        muk = resp.muk
+        good, why, totp_step = _verify(core, resp, now)
+        if not good:
+            if not own:
+                core.limits.failed(core.source, core.serial)
+            core.pending = decide_any(op, Condition.AUTH_FAILED)
+            core.emit(CountFailure(core.serial, op, core.peer, why, resp.muk or None, own))
+            return
+        core.limits.succeeded(core.source, core.serial)
+        req = core.request
         if req.op is Op.INSERT:
-            if len(muk) != 32 or len(req.insert_secret) != 32:
-                core.forced = Status.BAD_REQUEST
-                core.emit(StoreCall("refused", dict(serial=core.serial, op="insert", result="bad-request", peer=core.peer, detail="insert needs a MUK and an insert secret")))
+            if len(resp.muk) != 32 or len(req.insert_secret) != 32:
+                core.refuse(Status.BAD_REQUEST, "bad-request", "insert needs a MUK and an insert secret",
+                            resp.muk or None)
                 return
-            core.emit(
-                StoreCall(
-                    "checkout",
-                    dict(
-                        serial=core.serial,
-                        muk=muk,
-                        session=crypto.sha256(req.insert_secret),
-                        channel={"suite": core.suite, "peer": core.peer},
-                        peer=core.peer,
-                        **_totp_kwargs(core),
-                    ),
-                )
-            )
+            core.emit(CheckOut(serial=core.serial, muk=resp.muk, session=crypto.sha256(req.insert_secret),
+                               channel={"suite": core.suite, "peer": core.peer}, peer=core.peer,
+                               verifier=card.verifier, totp_step=totp_step, own_machine=own))
         elif req.op is Op.RECOVER:
-            core.emit(StoreCall("recover", dict(serial=core.serial, muk=muk, peer=core.peer, **_totp_kwargs(core))))
-        elif req.op is Op.DESTROY:
-            core.emit(StoreCall("destroy", dict(serial=core.serial, peer=core.peer, muk=muk or None, **_totp_kwargs(core))))
+            core.emit(RecoverCard(serial=core.serial, muk=resp.muk, peer=core.peer, verifier=card.verifier,
+                                  totp_step=totp_step, own_machine=own))
+        else:
+            core.emit(DestroyCard(serial=core.serial, muk=resp.muk, peer=core.peer, verifier=card.verifier,
+                                  totp_step=totp_step, own_machine=own))
 
-    @challenged.upon(OpsInputs.deadline).to(working)
-    def too_late(m: OpsInputs, core: _Core) -> None:
-        core.forced = Status.TIMEOUT
-        core.emit(
-            StoreCall(
-                "refused",
-                dict(serial=core.serial, op=core.op.name.lower(), result="timeout", peer=core.peer,
-                     detail=f"no answer within {core.policy.auth_deadline:g} s"),
-            )
-        )
+    @challenged.upon(OpsInputs.deadline).to(committing)
+    def too_late(m: OpsInputs, core: OpsCore) -> None:
+        # an unanswered challenge counts like a wrong answer: holding challenges open costs guesses
+        op = OPERATION[core.op]
+        core.limits.failed(core.source, core.serial)
+        core.pending = decide_any(op, Condition.NO_ANSWER)
+        core.emit(CountFailure(core.serial, op, core.peer, f"no answer within {core.policy.auth_deadline:g} s",
+                               None, False, result="timeout"))
 
     # ---- results
 
-    @working.upon(OpsInputs.stored).to(idle)
-    def stored(m: OpsInputs, core: _Core, outcome: object) -> None:
-        core.emit(Reply(_result(core, outcome)))
+    @committing.upon(OpsInputs.unevaluated).to(idle)
+    def unevaluated(m: OpsInputs, core: OpsCore, detail: str) -> None:
+        core.emit(Logged("throttled", core.serial, detail))
+        core.emit(Reply(OpResult(status=decide_any(OPERATION[core.op], Condition.AUTH_FAILED))))
         core.finish()
 
-    @working.upon(OpsInputs.store_failed).to(idle)
-    def failed(m: OpsInputs, core: _Core, reason: str) -> None:
-        # a refusal whose log line failed is still that refusal (nothing was changed)
-        core.reply(core.forced if core.forced is not None else Status.INTERNAL)
+    @committing.upon(OpsInputs.stored).to(idle)
+    def stored(m: OpsInputs, core: OpsCore, outcome: object) -> None:
+        if core.pending is not None:
+            core.emit(Reply(OpResult(status=core.pending)))
+        else:
+            registration = core.enrol_reply if isinstance(core.request, EnrolRequest) else outcome.registration
+            if outcome.status is Status.OK:
+                core.emit(Authenticated(core.serial))
+            core.emit(Reply(OpResult(status=outcome.status, version=outcome.version, protected=outcome.protected,
+                                     registration=registration if outcome.status is Status.OK else b"")))
+        core.finish()
+
+    @committing.upon(OpsInputs.store_failed).to(idle)
+    def failed(m: OpsInputs, core: OpsCore, reason: str) -> None:
+        # a refusal whose history line failed is still that refusal (nothing was changed)
+        core.emit(Reply(OpResult(status=core.pending if core.pending is not None else Status.INTERNAL)))
+        core.finish()
+
+    @loading.upon(OpsInputs.store_failed).to(idle)
+    def load_failed(m: OpsInputs, core: OpsCore, reason: str) -> None:
+        core.emit(Reply(OpResult(status=Status.INTERNAL)))
         core.finish()
 
     # ---- protocol violations and loss
 
-    # While a lease or store call is in flight, keep the lease until its
-    # result arrives (late_* below), so nothing else starts on the serial
-    # before the transaction has committed or rolled back.
-    for state, settled in ((idle, True), (leasing, False), (working, False), (challenged, True)):
+    for state in (idle, issuing, loading, challenged, committing):
 
         @state.upon(OpsInputs.unexpected).to(closed)
-        def violation(m: OpsInputs, core: _Core, what: str, _settled: bool = settled) -> None:
+        def violation(m: OpsInputs, core: OpsCore, what: str) -> None:
             core.emit(CancelDeadline())
             core.emit(ProtocolViolation(what))
-            if _settled:
-                core.finish()
+            core.finish()
 
         @state.upon(OpsInputs.connection_lost).to(closed)
-        def lost(m: OpsInputs, core: _Core, _settled: bool = settled) -> None:
+        def lost(m: OpsInputs, core: OpsCore) -> None:
             core.emit(CancelDeadline())
-            if _settled:
-                core.finish()
+            core.finish()
 
-    @closed.upon(OpsInputs.lease_granted).loop()
-    def late_lease(m: OpsInputs, core: _Core) -> None:
-        core.leased = True
-        core.finish()
-
-    @closed.upon(OpsInputs.stored).loop()
-    def late_store(m: OpsInputs, core: _Core, outcome: object) -> None:
-        core.finish()
-
-    @closed.upon(OpsInputs.store_failed).loop()
-    def late_fail(m: OpsInputs, core: _Core, reason: str) -> None:
-        core.finish()
-
-    @closed.upon(OpsInputs.card_loaded).loop()
-    def late_load(m: OpsInputs, core: _Core, card: object) -> None:
-        core.finish()
-
-    for inp in (OpsInputs.lease_busy, OpsInputs.deadline, OpsInputs.unexpected, OpsInputs.connection_lost,
-                OpsInputs.enrol_requested, OpsInputs.op_requested, OpsInputs.password_change_requested,
-                OpsInputs.auth_answered):
+    # a store call in flight completes (commits or rolls back) on its own; its result has no one to go to
+    for inp in (OpsInputs.material_issued, OpsInputs.material_refused, OpsInputs.card_loaded, OpsInputs.stored,
+                OpsInputs.store_failed, OpsInputs.deadline, OpsInputs.unexpected, OpsInputs.connection_lost,
+                OpsInputs.enrol_requested, OpsInputs.auth_op_requested, OpsInputs.session_op_requested,
+                OpsInputs.bad_op_requested, OpsInputs.password_change_requested, OpsInputs.auth_answered,
+                OpsInputs.unevaluated):
         closed.upon(inp).loop().returns(None)
 
     return b.build()
 
 
-def _code_hash(code: str) -> bytes:
-    return auth.code_hash(code)
+def decide_any(op: Operation, condition: Condition) -> Status:
+    """The status Figure 4 gives ``condition`` in any state (authentication failed, no answer)."""
+    from vsc.protocol.lifecycle import State
+
+    return decide(State.IDLE, op, condition).status
 
 
-def _bad_request(core: _Core, op: str, detail: str) -> None:
-    """Refuse a request that makes no sense: logged, answered BAD_REQUEST, nothing changed."""
-    core.forced = Status.BAD_REQUEST
-    core.emit(StoreCall("refused", dict(serial=core.serial, op=op, result="bad-request", peer=core.peer, detail=detail)))
-
-
-def _enrol_material(core: _Core, req: EnrolRequest) -> implauth.EnrolMaterial:
-    """What the policy's keyfile/TOTP methods need at enrolment (ImplAuthError: the card cannot have it)."""
-    needed = [m for m in core.policy.impl_auth if m in (AuthMethod.KEYFILE, AuthMethod.TOTP)]
-    if not needed:
-        return implauth.EnrolMaterial({}, b"")
-    registrar = core.registrar or implauth.Registrar(None, b"", core.rand, core.now)
-    return registrar.enrol(req.serial, req.registration, needed)
+def _own_machine(card, muk: bytes) -> bool:
+    """Whether the answer carries the MUK of the card's last insert (the owner's own bucket)."""
+    last = getattr(card, "last_muk", None) if card is not None else None
+    return bool(last) and len(muk) == len(last) and crypto.constant_time_equal(muk, last)
 
 
 def _password_change_problem(req: ChangePassword) -> str:
@@ -434,28 +436,14 @@ def _password_change_problem(req: ChangePassword) -> str:
     return ""
 
 
-def _totp_kwargs(core: _Core) -> dict:
-    return {} if core.totp_step is None else {"totp_step": core.totp_step}
-
-
-def _session_args(core: _Core, req: OpRequest) -> dict:
-    return dict(
-        serial=req.serial,
-        session=crypto.sha256(req.insert_secret) if req.insert_secret else b"",
-        version=req.version,
-        protected=req.protected,
-        peer=core.peer,
-    )
-
-
-def _required_methods(auth_info: str, policy: OpsPolicy) -> tuple[AuthMethod, ...]:
-    """Every method stored with the card plus every method the policy requires now."""
+def required_methods(auth_info: str, policy: OpsPolicy) -> tuple[AuthMethod, ...]:
+    """Every method stored with the card plus every method the policy requires now (docs §10.6.1)."""
     try:
         names = json.loads(auth_info or "{}").get("methods", [])
-    except ValueError:
+    except (ValueError, AttributeError):
         names = []
     methods = [AuthMethod.PASSWORD]
-    for name in names:
+    for name in names if isinstance(names, list) else []:
         m = auth.METHOD_NAMES.get(name)
         if m is not None and m not in methods:
             methods.append(m)
@@ -470,156 +458,95 @@ def _required_methods(auth_info: str, policy: OpsPolicy) -> tuple[AuthMethod, ..
     return tuple(methods)
 
 
-def _verify(core: _Core, resp: AuthResponse) -> tuple[bool, str]:
-    """All configured methods must succeed [0084]; the reason is for the log only."""
+def _verify(core: OpsCore, resp: AuthResponse, now: float) -> tuple[bool, str, int | None]:
+    """All configured methods must succeed [0084]. Returns (good, why for the history, the TOTP step)."""
     card = core.card
-    if len(resp.responses) != len(core.challenges):
-        return False, "wrong number of answers"
-    material = implauth.stored_material(card.auth_info) if card is not None else {}
-    verdicts = []
-    for challenge, answer in zip(core.challenges, resp.responses):
-        if answer.method is not challenge.method:
-            return False, "answers out of order"
-        if challenge.method is AuthMethod.PASSWORD:
-            verifier = card.verifier if card is not None else auth.decoy_verifier(core.decoy_secret, core.serial)
-            verdicts.append(("password", auth.check_password(verifier, answer.data)))
-        elif challenge.method is AuthMethod.MASTER_KEY:
-            try:
-                good = auth.check_master(core.master, challenge.data, core.serial, answer.data)
-            except WireError:
-                good = False
-            verdicts.append(("master key", good))
-        elif challenge.method is AuthMethod.KEYFILE:
-            as1 = _hex(_section(material, "keyfile").get("as1"))
-            good = as1 is not None and implauth.check_keyfile(as1, challenge.data, core.serial, answer.data)
-            verdicts.append(("keyfile", good))
-        elif challenge.method is AuthMethod.ONE_TIME_AGENT:
-            expected = core.expected.get(AuthMethod.ONE_TIME_AGENT)
-            verdicts.append(("one-time agent", expected is not None and implauth.check_agent(expected, answer.data)))
-        elif challenge.method is AuthMethod.TOTP:
-            totp = _section(material, "totp")
-            secret = _hex(totp.get("secret"))
-            step = None
-            if secret is not None:
-                step = implauth.check_totp(secret, answer.data, core.now(), int(totp.get("last_step", -1)),
-                                           int(totp.get("period", implauth.TOTP_PERIOD)),
-                                           int(totp.get("digits", implauth.TOTP_DIGITS)))
-            core.totp_step = step
-            verdicts.append(("totp", step is not None))
-        else:
-            verdicts.append((challenge.method.name.lower(), False))
+    if len(resp.responses) != len(core.issued):
+        return False, "wrong number of answers", None
+    if card is not None:
+        server = ServerSide(core.serial, card.verifier, core.master, implauth.stored_material(card.auth_info), now)
+    else:
+        server = ServerSide(core.serial, auth.decoy_verifier(core.decoy_secret, core.serial), core.master, {}, now)
+    failed, totp_step = [], None
+    for (item, issued), answer in zip(core.issued, resp.responses):
+        if answer.method is not item.method:
+            return False, "answers out of order", None
+        method = METHODS[item.method]
+        verdict = method.check(server, issued, answer.data)
+        if verdict.totp_step is not None:
+            totp_step = verdict.totp_step
+        if not verdict.good:
+            failed.append(method.label)
     if card is None:
-        return False, "no such card"
-    if card.locked_out(core.now()):
-        return False, "locked out"
-    failed = [name for name, good in verdicts if not good]
+        return False, "no such card", None
     if failed:
-        return False, "failed: " + ", ".join(failed)
-    return True, ""
-
-
-def _section(material: dict, key: str) -> dict:
-    value = material.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def _hex(value) -> bytes | None:
-    try:
-        return bytes.fromhex(value) if isinstance(value, str) and value else None
-    except ValueError:
-        return None
-
-
-def _result(core: _Core, outcome: object) -> OpResult:
-    """Map a store outcome to what the card is told."""
-    op = core.op
-    if core.forced is not None:
-        return OpResult(status=core.forced)
-    if isinstance(core.request, EnrolRequest):
-        ok, registration = outcome if isinstance(outcome, tuple) else (outcome, b"")
-        registration = core.enrol_reply or registration or b""
-        return OpResult(status=Status.OK, version=1, registration=registration) if ok else OpResult(status=Status.REFUSED)
-    if outcome is None:  # auth_failed / refused return nothing
-        return OpResult(status=Status.REFUSED)
-    if op is Op.INSERT:
-        result, card = outcome
-        if result in ("ok", "repeat"):
-            return OpResult(status=Status.OK, version=card.version, protected=card.protected)
-        return OpResult(status={"in-use": Status.IN_USE, "destroyed": Status.DESTROYED}.get(result, Status.REFUSED))
-    if op in (Op.SYNC, Op.REMOVE, Op.PASSWORD):
-        result, version = outcome
-        return OpResult(
-            status={"ok": Status.OK, "conflict": Status.VERSION_CONFLICT}.get(result, Status.REFUSED),
-            version=version,
-        )
-    mapping = {
-        "ok": Status.OK,
-        "destroyed": Status.DESTROYED,
-        "not-in-use": Status.NOT_IN_USE,
-        "muk-mismatch": Status.MUK_MISMATCH,
-    }
-    return OpResult(status=mapping.get(outcome, Status.REFUSED))
+        return False, "failed: " + ", ".join(failed), None
+    return True, "", totp_step
 
 
 _Machine = _build()
 
 
 class ServerOps:
-    """Wrapper: each method fires one input and returns the effects."""
+    """Wrapper: decode first, then each call fires one input and returns the effects."""
 
     def __init__(self, policy: OpsPolicy, master: bytes, decoy_secret: bytes, peer: str, suite: str,
-                 now, rand: crypto.RandomBytes = crypto.system_random,
-                 registrar: implauth.Registrar | None = None):
-        self._core = _Core(policy=policy, master=master, decoy_secret=decoy_secret, rand=rand, peer=peer,
-                           suite=suite, now=now, registrar=registrar)
+                 now: Callable[[], float], rand: crypto.RandomBytes = crypto.system_random,
+                 limits: SourceLimits | None = None, source: str = ""):
+        limits = limits if limits is not None else SourceLimits(policy.lockout, now)
+        self._core = OpsCore(policy=policy, master=master, decoy_secret=decoy_secret, rand=rand, peer=peer,
+                             source=source or peer.rsplit(":", 1)[0], suite=suite, now=now, limits=limits)
         self._m: OpsInputs = _Machine(self._core)
 
     def _drain(self) -> list:
         out, self._core.outbox = self._core.outbox, []
         return out
 
-    def message(self, msg: object) -> list:
-        """Decode-first dispatch: one input per kind of message."""
-        if isinstance(msg, EnrolRequest):
-            self._fire(lambda: self._m.enrol_requested(msg))
-        elif isinstance(msg, OpRequest):
-            self._fire(lambda: self._m.op_requested(msg))
-        elif isinstance(msg, ChangePassword):
-            self._fire(lambda: self._m.password_change_requested(msg))
-        elif isinstance(msg, AuthResponse):
-            self._fire(lambda: self._m.auth_answered(msg))
-        else:
-            self._m.unexpected(f"{type(msg).__name__} is not a request")
-        return self._drain()
-
-    def _fire(self, fn) -> None:
-        from automat import NoTransition
-
+    def _fire(self, fn) -> list:
         try:
             fn()
         except NoTransition as e:
             self._m.unexpected(f"message not valid now ({e})")
-
-    def lease(self, granted: bool) -> list:
-        self._fire(self._m.lease_granted if granted else self._m.lease_busy)
         return self._drain()
+
+    def message(self, msg: object) -> list:
+        """One input per kind of message."""
+        m = self._m
+        if isinstance(msg, EnrolRequest):
+            return self._fire(lambda: m.enrol_requested(msg))
+        if isinstance(msg, OpRequest):
+            if msg.op in AUTH_OPS:
+                return self._fire(lambda: m.auth_op_requested(msg))
+            if msg.op in SESSION_OPS:
+                return self._fire(lambda: m.session_op_requested(msg))
+            return self._fire(lambda: m.bad_op_requested(msg))
+        if isinstance(msg, ChangePassword):
+            return self._fire(lambda: m.password_change_requested(msg))
+        if isinstance(msg, AuthResponse):
+            return self._fire(lambda: m.auth_answered(msg))
+        return self._fire(lambda: m.unexpected(f"{type(msg).__name__} is not a request"))
+
+    def material(self, material: implauth.EnrolMaterial) -> list:
+        return self._fire(lambda: self._m.material_issued(material))
+
+    def material_refused(self, reason: str) -> list:
+        return self._fire(lambda: self._m.material_refused(reason))
 
     def loaded(self, card: object) -> list:
-        self._fire(lambda: self._m.card_loaded(card))
-        return self._drain()
+        return self._fire(lambda: self._m.card_loaded(card))
 
     def stored(self, outcome: object) -> list:
-        self._fire(lambda: self._m.stored(outcome))
-        return self._drain()
+        return self._fire(lambda: self._m.stored(outcome))
 
     def store_failed(self, reason: str) -> list:
-        self._fire(lambda: self._m.store_failed(reason))
-        return self._drain()
+        return self._fire(lambda: self._m.store_failed(reason))
 
     def deadline(self) -> list:
-        self._fire(self._m.deadline)
-        return self._drain()
+        return self._fire(self._m.deadline)
 
     def connection_lost(self) -> list:
-        self._fire(self._m.connection_lost)
-        return self._drain()
+        return self._fire(self._m.connection_lost)
+
+
+__all__ = ["ServerOps", "OpsPolicy", "Reply", "IssueMaterial", "StartDeadline", "CancelDeadline",
+           "ProtocolViolation", "Logged", "Authenticated", "required_methods", "Outcome"]

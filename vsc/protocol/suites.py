@@ -11,6 +11,7 @@ from typing import Sequence
 import attrs
 
 from vsc import crypto
+from vsc.wire import MAX_FRAME_BODY, MAX_HANDSHAKE_BODY
 from vsc.wire.messages import Suite, SessionSecrets, finished_input, key_info
 
 DEFAULT_SUITES: tuple[Suite, ...] = (
@@ -50,6 +51,10 @@ class ChannelConfig:
     allow_insecure: bool = False
     forward_secrecy: ForwardSecrecy = ForwardSecrecy.PREFER
     handshake_timeout: float = 30.0
+    #: once established, an idle channel (no record) closes after this many seconds (0: never)
+    idle_timeout: float = 0.0
+    #: the largest frame body once established (the server lowers it until an operation authenticates)
+    max_body: int = MAX_FRAME_BODY
 
     def __attrs_post_init__(self) -> None:
         if not self.suites:
@@ -58,8 +63,12 @@ class ChannelConfig:
             raise ValueError("at most 8 suites may be offered")
         if INSECURE_SUITES & set(self.suites) and not self.allow_insecure:
             raise ValueError("des-cbc-md5 is insecure: enable it explicitly (allow_insecure) to list it")
-        if self.handshake_timeout <= 0:
-            raise ValueError("handshake timeout must be positive")
+        if not (0 < self.handshake_timeout <= 3600):  # also refuses nan and inf
+            raise ValueError("handshake timeout must be more than 0 and at most 3600 seconds")
+        if not (0 <= self.idle_timeout <= 86400):
+            raise ValueError("idle timeout must be between 0 (none) and 86400 seconds")
+        if not (MAX_HANDSHAKE_BODY <= self.max_body <= MAX_FRAME_BODY):
+            raise ValueError(f"the frame limit must be between {MAX_HANDSHAKE_BODY} and {MAX_FRAME_BODY} bytes")
 
 
 def choose_suite(server_preference: Sequence[Suite], offered: Sequence[Suite]) -> Suite | None:

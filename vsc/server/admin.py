@@ -181,8 +181,8 @@ def cmd_list(args) -> int:
     with _database(args) as (_cfg, _policy, store):
         now = store.now()
         cards = [
-            {"serial": c.serial, "state": c.state.value, "version": c.version, "locked_out": c.locked_out(now)}
-            for c in store.list()
+            {"serial": c.serial, "state": c.state.value, "version": c.version, "locked_out": c.summary(now)["locked_out"]}
+            for c in store.list_cards()
         ]
         pending = [
             {"serial": s, "state": "issued", "version": None, "locked_out": False, "expires": exp, "expired": exp < now}
@@ -230,7 +230,7 @@ def cmd_show(args) -> int:
             f"version:     {info['version']}",
             f"muk:         {info['muk'] or '-'}",
             f"locked out:  {'until ' + _when(info['locked_until']) if info['locked_out'] else 'no'}"
-            f" ({info['failures']} consecutive failures)",
+            f" ({info['failures']} failures from other machines, {info.get('machine_failures', 0)} from its last machine)",
             f"protected:   {info['protected_bytes']} bytes",
         ]
         if info["channel"]:
@@ -261,13 +261,14 @@ def cmd_history(args) -> int:
     return EXIT_OK
 
 
-def _destroy(store, serial: str) -> str:
-    result = store.destroy(serial, peer="admin")
-    if result == "refused":
+def _destroy(store, serial: str) -> None:
+    from vsc.wire.ops import Status
+
+    status = store.destroy_by_admin(serial, peer="admin")
+    if status is Status.REFUSED:
         raise CommandError(f"no card {serial}")
-    if result == "destroyed":
+    if status is Status.DESTROYED:
         raise CommandError(f"card {serial} is already destroyed")
-    return result
 
 
 def cmd_destroy(args) -> int:
@@ -342,7 +343,8 @@ def cmd_replace(args) -> int:
 def cmd_unlock(args) -> int:
     serial = _check_serial(args.serial)
     with _database(args) as (_cfg, _policy, store):
-        was = _card(store, serial).failures
+        card = _card(store, serial)
+        was = card.failures + card.machine_failures
         store.unlock(serial, peer="admin")
     emit(
         args,

@@ -17,6 +17,7 @@ import attrs
 
 from vsc import crypto
 from vsc.protocol.suites import DEFAULT_SUITES, ChannelConfig, ForwardSecrecy, parse_suites
+from vsc.server.settings import SettingError, validate
 
 CONFIG_NAME = "vsc-server.ini"
 KEY_NAME = "server-key.pem"
@@ -53,14 +54,15 @@ class ServerConfig:
             raise ConfigError(f"{self.key_path} is not a usable private key: {e}") from None
 
 
-def channel_config_from(section) -> ChannelConfig:
+def channel_config_from(settings: dict) -> ChannelConfig:
+    """The channel policy from validated settings (vsc.server.settings)."""
     try:
-        suites = parse_suites(section.get("suites", ",".join(s.label for s in DEFAULT_SUITES)))
+        suites = parse_suites(settings["suites"])
         return ChannelConfig(
             suites=suites,
-            allow_insecure=section.getboolean("allow_insecure", False),
-            forward_secrecy=ForwardSecrecy(section.get("forward_secrecy", "prefer")),
-            handshake_timeout=section.getfloat("handshake_timeout", 30.0),
+            allow_insecure=settings["allow_insecure"],
+            forward_secrecy=ForwardSecrecy(settings["forward_secrecy"]),
+            handshake_timeout=settings["handshake_timeout"],
         )
     except ValueError as e:
         raise ConfigError(f"invalid channel setting: {e}") from None
@@ -78,13 +80,16 @@ def load(data_dir: str | os.PathLike) -> ServerConfig:
         raise ConfigError(f"{path}: {e}") from None
     if not parser.has_section("server"):
         raise ConfigError(f"{path} has no [server] section")
-    section = parser["server"]
+    try:
+        settings = validate(dict(parser["server"]), str(path))
+    except SettingError as e:
+        raise ConfigError(str(e)) from None
     return ServerConfig(
         data_dir=data_dir,
-        listen=section.get("listen", DEFAULT_LISTEN),
-        database=section.get("database", ""),
-        channel=channel_config_from(section),
-        settings=dict(section),
+        listen=settings["listen"] or DEFAULT_LISTEN,
+        database=settings["database"],
+        channel=channel_config_from(settings),
+        settings=settings,
     )
 
 

@@ -12,7 +12,7 @@ import json
 import attrs
 
 from vsc import crypto
-from vsc.server.store import LockoutPolicy
+from vsc.protocol.lockout import LockoutPolicy
 from vsc.protocol.auth import METHOD_LABELS as NAMES
 from vsc.protocol.auth import METHOD_NAMES
 from vsc.protocol.auth import code_hash  # noqa: F401  (re-exported for the admin commands)
@@ -27,8 +27,6 @@ class Policy:
     lockout: LockoutPolicy = LockoutPolicy()
     #: implementation authentication must be answered within this many seconds ([0050])
     auth_deadline: float = 30.0
-    #: a lease expires after this long if its server process died mid-operation
-    lease_ttl: float = 90.0
     #: enrolment codes expire after this long
     code_ttl: float = 7 * 86400.0
 
@@ -45,14 +43,15 @@ class Policy:
                 threshold=int(settings.get("lockout_threshold", 5)),
                 base=float(settings.get("lockout_base", 30)),
                 maximum=float(settings.get("lockout_max", 3600)),
+                shared_threshold=int(settings.get("lockout_shared", 20)),
+                source_threshold=int(settings.get("lockout_source", 50)),
             ),
             auth_deadline=float(settings.get("auth_deadline", 30)),
-            lease_ttl=float(settings.get("lease_ttl", 90)),
             code_ttl=float(settings.get("code_ttl", 7 * 86400)),
         )
 
     def ops(self) -> OpsPolicy:
-        return OpsPolicy(impl_auth=self.impl_auth, auth_deadline=self.auth_deadline)
+        return OpsPolicy(impl_auth=self.impl_auth, auth_deadline=self.auth_deadline, lockout=self.lockout)
 
     def initial_auth_info(self) -> str:
         """The authorization info stored with a new card: the methods it must pass."""

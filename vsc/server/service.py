@@ -2,13 +2,15 @@
 The server's Twisted glue: one ServerProtocol per card connection runs the
 sans-IO channel (vsc.protocol.channel) and, once established, the sans-IO
 operations machine (vsc.protocol.server_ops). Store calls run on a thread
-pool — the database is never touched on the reactor thread.
+pool — the database is never touched on the reactor thread, and neither is
+the signing of enrolment material.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
@@ -17,64 +19,45 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from vsc import crypto
-from vsc.net.channel import ChannelFactory, ChannelProtocol
-from vsc.protocol.channel import ChannelInfo, server_channel
+from vsc.net.channel import ChannelFactory, ChannelProtocol, peer_host
+from vsc.protocol.channel import ChannelInfo, private_decrypt, server_channel
+from vsc.server.admission import Admission, AdmissionLimits, Refused
+from vsc.protocol import implauth
+from vsc.protocol.cardstore import STORE_CALLS, LoadCard
 from vsc.protocol.implauth import Registrar
+from vsc.protocol.lockout import SourceLimits, source_of
 from vsc.protocol.server_ops import (
-    AcquireLease,
+    Authenticated,
     CancelDeadline,
-    LoadCard,
+    IssueMaterial,
+    Logged,
     OpsPolicy,
     ProtocolViolation,
-    ReleaseLease,
     Reply,
     ServerOps,
     StartDeadline,
-    StoreCall,
 )
 from vsc.protocol.suites import ChannelConfig
-from vsc.wire import ErrorCode, Message
+from vsc.wire import MAX_FRAME_BODY, ErrorCode, Message
 from vsc.wire.messages import EchoReply
 
 
 class Backend:
-    """The store behind a thread pool, as Deferreds. ``store`` may be None (channel-only server)."""
+    """The card store behind a thread pool, as Deferreds. ``store`` may be None (channel-only server)."""
 
-    log = Logger()
-
-    def __init__(self, reactor, store, pool: ThreadPool | None, lease_ttl: float, owner: str):
+    def __init__(self, reactor, store, pool: ThreadPool | None):
         self.reactor = reactor
         self.store = store
         self.pool = pool
-        self.lease_ttl = lease_ttl
-        self.owner = owner
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Deferred:
-        fn: Callable = getattr(self.store, method)
-        return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
+    def run(self, effect) -> Deferred:
+        """Carry out one typed store effect on a worker thread (dispatch by its type)."""
+        call = STORE_CALLS[type(effect)]
+        return deferToThreadPool(self.reactor, self.pool, call, self.store, effect)
 
-    def release(self, serial: str, since: float, clock: IReactorTime) -> Deferred:
-        """
-        Give back the lease on ``serial`` taken at ``since`` (never fails). If
-        the database cannot be reached (it is restarting), keep trying in the
-        background until half the lease TTL after it was taken (it cannot have
-        been taken again by then), rather than leave the card BUSY until the
-        lease expires.
-        """
-        return self.call("release", serial, self.owner).addErrback(self._release_failed, serial, since, clock, 0.25)
-
-    def _release_failed(self, failure: Failure, serial: str, since: float, clock: IReactorTime, delay: float) -> None:
-        if clock.seconds() + delay > since + self.lease_ttl / 2:
-            self.log.failure("releasing the lease on {serial}; it expires on its own", failure, serial=serial)
-            return
-        self.log.warn("releasing the lease on {serial} failed ({why}); trying again in {delay:g} s",
-                      serial=serial, why=failure.getErrorMessage(), delay=delay)
-
-        def again() -> None:
-            self.call("release", serial, self.owner).addErrback(self._release_failed, serial, since, clock,
-                                                                min(delay * 2, 1.0))
-
-        clock.callLater(delay, again)
+    def work(self, fn: Callable, *args) -> Deferred:
+        """CPU work that must not run on the reactor thread (signing enrolment material)."""
+        return deferToThreadPool(self.reactor, self.pool, fn, *args)
 
 
 class ServerProtocol(ChannelProtocol):
@@ -82,8 +65,56 @@ class ServerProtocol(ChannelProtocol):
 
     ops: ServerOps | None = None
     _deadline: IDelayedCall | None = None
-    _lease_serial: str | None = None
-    _lease_since: float = 0.0
+    _counted = False  # admitted, and still counted as unauthenticated
+    source = ""
+
+    # -- admission (vsc.server.admission)
+
+    def connectionMade(self) -> None:
+        admission: Admission | None = self.factory.admission
+        self.source = source_of(peer_host(self.transport))
+        if admission is not None:
+            if not admission.opened(self.source):
+                self.log.debug("{source}: connection refused: too many unauthenticated connections",
+                               source=self.source)
+                self.transport.abortConnection()
+                return
+            self._counted = True
+        super().connectionMade()
+
+    def connectionLost(self, reason=None) -> None:
+        if self._counted:
+            self._counted = False
+            self.factory.admission.closed(self.source, True)
+        super().connectionLost(reason)
+
+    def runDecrypt(self, ciphertext: bytes) -> None:
+        admission: Admission | None = self.factory.admission
+        if admission is None:
+            return super().runDecrypt(ciphertext)
+        key = self.channel._core.private_key
+        d = admission.decrypt(self.source, lambda: private_decrypt(key, ciphertext))
+
+        def decrypted(plaintext) -> None:
+            if not self.channel.closed:
+                self._run(self.channel.decrypted(plaintext))
+
+        def refused(failure: Failure) -> None:
+            failure.trap(Refused)
+            self.log.debug("{peer}: handshake refused: {why}", peer=self.peer, why=failure.getErrorMessage())
+            if not self.channel.closed:
+                self._run(self.channel.close(ErrorCode.SERVER_BUSY))
+
+        d.addCallbacks(decrypted, refused).addErrback(lambda f: self.log.failure("handshake decryption", f))
+
+    def _authenticated(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.factory.admission.authenticated(self.source)
+        limits = self.factory.admission.limits if self.factory.admission is not None else None
+        idle = limits.idle_timeout if limits is not None else 0.0
+        self.channel.raise_limits(MAX_FRAME_BODY, idle)
+        self.MAX_LENGTH = self.channel.max_frame_body()
 
     def channelEstablished(self, info: ChannelInfo) -> None:
         f = self.factory
@@ -96,7 +127,8 @@ class ServerProtocol(ChannelProtocol):
                 suite=info.suite.label,
                 now=f.clock.seconds,
                 rand=f.rand,
-                registrar=f.registrar,
+                limits=f.limits,
+                source=self.source or source_of(self.peer_host),
             )
 
     def messageReceived(self, msg: Message) -> None:
@@ -115,54 +147,42 @@ class ServerProtocol(ChannelProtocol):
     # -- carrying out the operations machine's effects
 
     def _effects(self, effects: list) -> None:
-        # The lease goes back BEFORE the card hears the result: a card that starts its next
-        # operation as soon as it has the answer (on this channel or another) must not find
-        # its own finished operation still holding the serial (a spurious BUSY).
-        release = next((e for e in effects if isinstance(e, ReleaseLease)), None)
-        if release is not None and any(isinstance(e, Reply) for e in effects):
-            rest = [e for e in effects if e is not release]
-            self._do_effects([release]).addBoth(lambda _: self._do_effects(rest))
-            return
-        self._do_effects(effects)
-
-    def _do_effects(self, effects: list) -> Deferred | None:
-        """Carry out ``effects`` in order; returns the release's Deferred (never failing) if there is one."""
         backend: Backend = self.factory.backend
-        released = None
         for e in effects:
             if isinstance(e, Reply):
                 if not self.channel.closed:
                     self.sendMessage(e.message)
-                    status = getattr(e.message, "status", None)
-                    if status is not None:
-                        self.log.debug("{peer}: {status}", peer=self.peer, status=status.name)
-            elif isinstance(e, AcquireLease):
-                self._lease_serial, self._lease_since = e.serial, self.clock.seconds()
-                d = backend.call("acquire", e.serial, backend.owner, backend.lease_ttl)
-                d.addCallbacks(lambda granted: self._effects(self.ops.lease(bool(granted))), self._store_error)
-            elif isinstance(e, ReleaseLease):
-                self._lease_serial = None
-                released = backend.release(e.serial, self._lease_since, self.clock)
             elif isinstance(e, LoadCard):
-                backend.call("get", e.serial).addCallbacks(lambda card: self._effects(self.ops.loaded(card)), self._store_error)
-            elif isinstance(e, StoreCall):
-                backend.call(e.method, **e.kwargs).addCallbacks(
-                    lambda outcome: self._effects(self.ops.stored(outcome)), self._store_error
-                )
+                backend.run(e).addCallbacks(lambda card: self._effects(self.ops.loaded(card)), self._store_error)
+            elif type(e) in STORE_CALLS:
+                backend.run(e).addCallbacks(lambda outcome: self._effects(self.ops.stored(outcome)), self._store_error)
+            elif isinstance(e, IssueMaterial):
+                backend.work(self.factory.registrar.enrol, e.serial, e.registration, e.methods).addCallbacks(
+                    lambda material: self._effects(self.ops.material(material)), self._material_refused)
             elif isinstance(e, StartDeadline):
                 self._cancel_deadline()
                 self._deadline = self.clock.callLater(e.seconds, self._deadline_passed)
             elif isinstance(e, CancelDeadline):
                 self._cancel_deadline()
+            elif isinstance(e, Authenticated):
+                self._authenticated()
+            elif isinstance(e, Logged):
+                self.log.info("{peer}: {serial}: {event} ({detail})", peer=self.peer, serial=e.serial, event=e.event,
+                              detail=e.detail)
             elif isinstance(e, ProtocolViolation):
                 self.log.info("{peer} broke the operation protocol: {reason}", peer=self.peer, reason=e.reason)
                 if not self.channel.closed:
                     self.closeChannel(ErrorCode.UNEXPECTED_MESSAGE)
-        return released
 
     def _store_error(self, failure: Failure) -> None:
         self.log.failure("database call failed for {peer}", failure, peer=self.peer)
         self._effects(self.ops.store_failed(failure.getErrorMessage()))
+
+    def _material_refused(self, failure: Failure) -> None:
+        if failure.check(implauth.ImplAuthError):
+            self._effects(self.ops.material_refused(failure.getErrorMessage()))
+        else:
+            self._store_error(failure)
 
     def _deadline_passed(self) -> None:
         self._deadline = None
@@ -186,8 +206,14 @@ class ServerFactory(ChannelFactory):
         ops_policy: OpsPolicy = OpsPolicy(),
         master: bytes = b"",
         rand: crypto.RandomBytes = crypto.system_random,
+        admission: Admission | None = None,
     ):
-        super().__init__(lambda: server_channel(config, key, rand), clock, ServerProtocol)
+        if admission is not None:
+            # unauthenticated channels: small frames, a short idle time; the decryption runs on the pool
+            lim = admission.limits
+            config = attrs.evolve(config, max_body=lim.max_unauthenticated_body, idle_timeout=lim.unauthenticated_idle)
+        super().__init__(lambda: server_channel(config, key, rand, inline=admission is None), clock, ServerProtocol)
+        self.admission = admission
         self.backend = backend
         self.ops_policy = ops_policy
         self.master = master
@@ -197,6 +223,8 @@ class ServerFactory(ChannelFactory):
         # enrolment material for implementation authentication: keyfiles signed with this server's key
         self.registrar = Registrar(lambda data: crypto.rsa_pss_sign(key, data), key.public_key().spki_der, rand,
                                    clock.seconds)
+        # guessing limits per source address, in this process's memory (vsc.protocol.lockout)
+        self.limits = SourceLimits(ops_policy.lockout, clock.seconds)
 
 
 def server_factory(
@@ -207,5 +235,6 @@ def server_factory(
     backend: Backend | None = None,
     ops_policy: OpsPolicy = OpsPolicy(),
     master: bytes = b"",
+    admission: Admission | None = None,
 ) -> ServerFactory:
-    return ServerFactory(config, key, clock, backend, ops_policy, master, rand)
+    return ServerFactory(config, key, clock, backend, ops_policy, master, rand, admission)

@@ -1,27 +1,29 @@
 """
 The VSC Server's database: the card records of [0034], an append-only
-history, one-time enrolment codes and per-serial operation leases.
+history, and one-time enrolment codes. It implements the store interface
+of the operation machine (vsc.protocol.cardstore.CardStore).
 
 Two backends behind one class: SQLite in WAL mode (the embedded default) and
 PostgreSQL (several server processes). Every method is synchronous and runs
 on a worker thread, never on the reactor thread (vsc.server.service uses a
-thread pool). Every state change and its data write, together with the
-history line that explains it, commit in ONE transaction: a crash leaves the
-old record or the new one, never a mix.
+thread pool).
 
-Per-serial exclusion [0081] is a lease row (``leases``), taken atomically
-with an upsert, so it holds across server processes sharing the database; a
-lease left by a killed process expires after its TTL, or at once when a
-server on the same host restarts and finds the owning process gone.
+Each operation is ONE transaction: read the card's row under a lock (SELECT
+... FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE takes the write lock
+up front), classify the request against it and decide with Figure 4's table
+(vsc.protocol.lifecycle), write the decision and the history line that
+explains it, commit. The decision is taken on the very row it changes, so
+two inserts of one serial racing from two machines, in one process or two,
+get exactly one check-out, and nothing is held while a peer authenticates:
+the per-serial exclusion of [0081] is the row lock of one transaction.
+A crash leaves the old record or the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import os
-import socket
 import sqlite3
 import threading
 from typing import Any, Callable, Iterator
@@ -29,60 +31,57 @@ from urllib.parse import urlparse
 
 import attrs
 
-SCHEMA_VERSION = 1
+from vsc.protocol.cardstore import (
+    AttachCard,
+    CardRecord,
+    ChangeCardPassword,
+    CheckIn,
+    CheckOut,
+    CountFailure,
+    DestroyCard,
+    EnrolCard,
+    LoadCard,
+    LogRefusal,
+    Outcome,
+    RecoverCard,
+    SyncCard,
+)
+from vsc.protocol.lifecycle import (
+    Action,
+    CardFacts,
+    Condition,
+    Decision,
+    Operation,
+    RequestFacts,
+    State,
+    classify,
+    decide,
+)
+from vsc.protocol.lockout import LockoutPolicy
+from vsc.wire.ops import Status
 
+SCHEMA_VERSION = 2
 
-class CardState(str, enum.Enum):
-    IDLE = "idle"
-    IN_USE = "in-use"
-    DESTROYED = "destroyed"
+CardState = State  # the life-cycle states of Figure 4 (vsc.protocol.lifecycle)
+
+#: History details for conditions (the reason a refusal or a repeat was answered as it was).
+_DETAILS: dict[tuple[Operation, Condition], str] = {
+    (Operation.INSERT, Condition.RETRY): "same insert retried; same check-out",
+    (Operation.INSERT, Condition.OTHERWISE): "in use on another machine",
+    (Operation.RECOVER, Condition.OTHER_MACHINE): "recover attempted from another machine",
+    (Operation.SYNC, Condition.STRANGER): "not this card's current insert",
+    (Operation.PASSWORD, Condition.STRANGER): "not this card's current insert",
+    (Operation.REMOVE, Condition.STRANGER): "not this card's current insert",
+    (Operation.SYNC, Condition.ANY): "not in use",
+    (Operation.PASSWORD, Condition.ANY): "not in use",
+    (Operation.REMOVE, Condition.OTHERWISE): "not in use",
+    (Operation.REMOVE, Condition.RETRY): "already removed",
+    (Operation.DESTROY, Condition.ANY): "",
+}
 
 
 class StoreError(Exception):
     """A database-level refusal meant for an administrator (message is user-facing)."""
-
-
-@attrs.frozen
-class CardRecord:
-    serial: str
-    state: CardState
-    muk: bytes | None
-    protected: bytes = attrs.field(repr=False)
-    channel_info: str | None  # JSON while in use: session hash, suite, peer, since
-    verifier: bytes = attrs.field(repr=False)
-    kdf: bytes
-    auth_info: str  # JSON: implementation-auth material (master key id, keyfile, agent)
-    version: int
-    failures: int
-    locked_until: float
-    created: float
-    updated: float
-    last_session: bytes | None = attrs.field(default=None, repr=False)
-
-    def locked_out(self, now: float) -> bool:
-        return self.locked_until > now
-
-    @property
-    def session_hash(self) -> bytes | None:
-        if not self.channel_info:
-            return None
-        return bytes.fromhex(json.loads(self.channel_info)["session"])
-
-    def summary(self, now: float) -> dict:
-        return {
-            "serial": self.serial,
-            "state": self.state.value,
-            "muk": self.muk.hex() if self.muk else None,
-            "locked_out": self.locked_out(now),
-            "locked_until": self.locked_until or None,
-            "failures": self.failures,
-            "version": self.version,
-            "protected_bytes": len(self.protected),
-            "channel": json.loads(self.channel_info) if self.channel_info else None,
-            "auth": json.loads(self.auth_info or "{}").get("methods", []),
-            "created": self.created,
-            "updated": self.updated,
-        }
 
 
 @attrs.frozen
@@ -109,23 +108,9 @@ class HistoryEntry:
         }
 
 
-@attrs.frozen
-class LockoutPolicy:
-    """After ``threshold`` consecutive failures, lock for base * 2^(extra failures), capped."""
-
-    threshold: int = 5
-    base: float = 30.0
-    maximum: float = 3600.0
-
-    def locked_until(self, failures: int, now: float) -> float:
-        if failures < self.threshold:
-            return 0.0
-        return now + min(self.maximum, self.base * (2 ** (failures - self.threshold)))
-
-
 _CARD_COLUMNS = (
     "serial, state, muk, protected, channel_info, verifier, kdf, auth_info, version, "
-    "failures, locked_until, created, updated, last_session"
+    "failures, locked_until, created, updated, last_session, last_muk, machine_failures, machine_locked_until"
 )
 
 _SCHEMA = [
@@ -144,7 +129,10 @@ _SCHEMA = [
         locked_until DOUBLE PRECISION NOT NULL DEFAULT 0,
         created DOUBLE PRECISION NOT NULL,
         updated DOUBLE PRECISION NOT NULL,
-        last_session {blob}
+        last_session {blob},
+        last_muk {blob},
+        machine_failures INTEGER NOT NULL DEFAULT 0,
+        machine_locked_until DOUBLE PRECISION NOT NULL DEFAULT 0
     )""",
     """CREATE TABLE IF NOT EXISTS history (
         id {serial_pk},
@@ -164,21 +152,18 @@ _SCHEMA = [
         created DOUBLE PRECISION NOT NULL,
         expires DOUBLE PRECISION NOT NULL
     )""",
-    """CREATE TABLE IF NOT EXISTS leases (
-        serial TEXT PRIMARY KEY,
-        owner TEXT NOT NULL,
-        expires DOUBLE PRECISION NOT NULL
-    )""",
 ]
 
 #: Migrations from version N to N+1, appended as the schema evolves.
-_MIGRATIONS: dict[int, list[str]] = {}
-
-
-def instance_owner() -> str:
-    """A lease owner id: host, pid and a random part (pids are reused)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
-
+_MIGRATIONS: dict[int, list[str]] = {
+    # 2: the owner's-machine lockout bucket (vsc.protocol.lockout); per-serial leases are gone
+    1: [
+        "ALTER TABLE cards ADD COLUMN last_muk {blob}",
+        "ALTER TABLE cards ADD COLUMN machine_failures INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE cards ADD COLUMN machine_locked_until DOUBLE PRECISION NOT NULL DEFAULT 0",
+        "DROP TABLE IF EXISTS leases",
+    ],
+}
 
 class Store:
     """Open with ``Store.open(url, now)``; ``now`` is the injected clock (reactor.seconds)."""
@@ -331,10 +316,11 @@ class Store:
 
     def _card(self, row) -> CardRecord:
         (serial, state, muk, protected, channel_info, verifier, kdf, auth_info, version,
-         failures, locked_until, created, updated, last_session) = row
+         failures, locked_until, created, updated, last_session, last_muk, machine_failures,
+         machine_locked_until) = row
         return CardRecord(
             serial=serial,
-            state=CardState(state),
+            state=State(state),
             muk=self._blob(muk),
             protected=bytes(protected),
             channel_info=channel_info,
@@ -347,6 +333,9 @@ class Store:
             created=created,
             updated=updated,
             last_session=self._blob(last_session),
+            last_muk=self._blob(last_muk),
+            machine_failures=machine_failures,
+            machine_locked_until=machine_locked_until,
         )
 
     def _get_for_update(self, cur, serial: str) -> CardRecord | None:
@@ -365,7 +354,11 @@ class Store:
         rows = self._read(f"SELECT {_CARD_COLUMNS} FROM cards WHERE serial = ?", (serial,))
         return self._card(rows[0]) if rows else None
 
-    def list(self) -> list[CardRecord]:
+    def load_card(self, e: LoadCard) -> CardRecord | None:
+        """The row a challenge is made from: a plain read, nothing is held."""
+        return self.get(e.serial)
+
+    def list_cards(self) -> list[CardRecord]:
         return [self._card(r) for r in self._read(f"SELECT {_CARD_COLUMNS} FROM cards ORDER BY serial")]
 
     def pending(self) -> list[tuple[str, float]]:
@@ -380,42 +373,6 @@ class Store:
                 (serial,),
             )
         return [HistoryEntry(r[0], r[1], r[2], r[3], self._blob(r[4]), r[5], r[6], r[7]) for r in rows]
-
-    # ------------------------------------------------------------ leases [0081]
-
-    def acquire(self, serial: str, owner: str, ttl: float) -> bool:
-        """Take the operation lease on ``serial`` (existing or not); False means busy."""
-        now = self.now()
-        with self._txn() as cur:
-            cur = self._x(
-                cur,
-                "INSERT INTO leases (serial, owner, expires) VALUES (?, ?, ?) "
-                "ON CONFLICT (serial) DO UPDATE SET owner = excluded.owner, expires = excluded.expires "
-                "WHERE leases.expires < ?",
-                (serial, owner, now + ttl, now),
-            )
-            return cur.rowcount == 1
-
-    def release(self, serial: str, owner: str) -> None:
-        with self._txn() as cur:
-            self._x(cur, "DELETE FROM leases WHERE serial = ? AND owner = ?", (serial, owner))
-
-    def clear_dead_leases(self) -> int:
-        """Drop leases of processes on this host that no longer exist (after a crash)."""
-        host = socket.gethostname()
-        dead = []
-        for serial, owner in self._read("SELECT serial, owner FROM leases"):
-            parts = owner.rsplit(":", 2)
-            if len(parts) == 3 and parts[0] == host:
-                try:
-                    os.kill(int(parts[1]), 0)
-                except ProcessLookupError:
-                    dead.append((serial, owner))
-                except (PermissionError, ValueError):
-                    pass
-        for serial, owner in dead:
-            self.release(serial, owner)
-        return len(dead)
 
     # ------------------------------------------------------------ enrolment
 
@@ -436,306 +393,283 @@ class Store:
         rows = self._read("SELECT code_hash, auth_info, expires FROM enrolment_codes WHERE serial = ?", (serial,))
         return (bytes(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
 
-    def enrol(
-        self,
-        serial: str,
-        code_hash: bytes,
-        verifier: bytes,
-        kdf: bytes,
-        protected: bytes,
-        auth_info: str | None = None,
-        peer: str = "",
-        registration: bytes = b"",
-        auth_extra: dict | None = None,
-    ) -> bool:
+    def enrol(self, e: EnrolCard) -> Outcome:
         """
-        Create the card (idle, version 1) and consume the code, atomically.
-        ``auth_info`` defaults to what was fixed when the code was issued;
-        the card's ``registration`` (public material for implementation
-        authentication) is kept in it, and so is ``auth_extra``: the
-        server's side of the material it issued (keyfile as1, TOTP seed).
-        False: refused (no valid code).
+        Create the card (idle, version 1) with the auth_info fixed when the
+        code was issued, and consume the code, atomically. The card's
+        ``registration`` (public material for implementation authentication)
+        is kept in auth_info, and so is ``auth_extra``: the server's side of
+        the material issued (keyfile as1, TOTP seed). The same enrolment
+        retried after its answer was lost (the card untouched since: idle,
+        version 1, the same verifier, KDF, protected information and
+        registration) is answered OK again, and material issued anew for
+        that answer replaces the first (the card never received that one).
         """
         now = self.now()
         lock = " FOR UPDATE" if self.kind == "postgresql" else ""
         with self._txn() as cur:
             # FOR UPDATE: a concurrent enrolment with the same code waits, then finds it consumed
-            # (without it both pass the check and the second dies on the cards primary key)
             row = self._x(
-                cur, f"SELECT code_hash, expires, auth_info FROM enrolment_codes WHERE serial = ?{lock}", (serial,)
+                cur, f"SELECT code_hash, expires, auth_info FROM enrolment_codes WHERE serial = ?{lock}", (e.serial,)
             ).fetchone()
-            if row is None and self._enrol_repeat(cur, serial, verifier, kdf, protected, registration, auth_extra, peer):
-                return True
-            if row is None or bytes(row[0]) != code_hash or row[1] < now or self._get_for_update(cur, serial):
-                self._history(cur, serial, "enrol", "refused", peer, detail="no valid enrolment code")
-                return False
-            info = json.loads(auth_info if auth_info is not None else (row[2] or "{}"))
-            if registration:
-                info["registration"] = registration.hex()
-            if auth_extra:
-                info.update(auth_extra)
-                # material issued for a method means the card must pass it (and `vsc admin show` lists it)
-                methods = info.setdefault("methods", ["password"])
-                for name in ("keyfile", "totp"):
-                    if name in auth_extra and name not in methods:
-                        methods.append(name)
-            self._x(cur, "DELETE FROM enrolment_codes WHERE serial = ?", (serial,))
-            self._x(
-                cur,
-                f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES (?, 'idle', NULL, ?, NULL, ?, ?, ?, 1, 0, 0, ?, ?, NULL)",
-                (serial, protected, verifier, kdf, json.dumps(info, sort_keys=True), now, now),
-            )
-            self._history(cur, serial, "enrol", "ok", peer)
-            return True
+            card = self._get_for_update(cur, e.serial)
+            info = {}
+            if card is not None:
+                info = json.loads(card.auth_info or "{}")
+                identical = (card.state is State.IDLE and card.version == 1
+                             and (card.verifier, card.kdf, card.protected) == (e.verifier, e.kdf, e.protected)
+                             and info.get("registration", "") == e.registration.hex())
+                req = RequestFacts(identical_enrolment=identical)
+            else:
+                valid = row is not None and bytes(row[0]) == e.code_hash and row[1] >= now
+                req = RequestFacts(valid_code=valid)
+            facts = card.facts() if card is not None else None
+            condition = classify(Operation.ENROL, facts, req)
+            decision = decide(card.state if card else State.NONE, Operation.ENROL, condition)
+            if decision.action is Action.CREATE:
+                info = json.loads(row[2] or "{}")
+                if e.registration:
+                    info["registration"] = e.registration.hex()
+                self._merge_material(info, e.auth_extra)
+                self._x(cur, "DELETE FROM enrolment_codes WHERE serial = ?", (e.serial,))
+                self._x(
+                    cur,
+                    f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES "
+                    "(?, 'idle', NULL, ?, NULL, ?, ?, ?, 1, 0, 0, ?, ?, NULL, NULL, 0, 0)",
+                    (e.serial, e.protected, e.verifier, e.kdf, json.dumps(info, sort_keys=True), now, now),
+                )
+                detail = ""
+            elif decision.status is Status.OK:  # the identical enrolment retried
+                if e.auth_extra:
+                    self._merge_material(info, e.auth_extra)
+                    self._x(cur, "UPDATE cards SET auth_info = ? WHERE serial = ?",
+                            (json.dumps(info, sort_keys=True), e.serial))
+                detail = "same enrolment retried; answered again"
+            else:
+                detail = "no valid enrolment code"
+            self._history(cur, e.serial, "enrol", decision.history, e.peer, detail=detail)
+            return Outcome(decision.status, version=1 if decision.status is Status.OK else 0)
 
-    def _enrol_repeat(self, cur, serial: str, verifier: bytes, kdf: bytes, protected: bytes, registration: bytes,
-                      auth_extra: dict | None, peer: str) -> bool:
-        """
-        The same enrolment retried after its answer was lost (the code is already
-        consumed): answered OK again while the card is untouched since (idle,
-        version 1) and the request is the one stored: the same verifier (only
-        the enrolling card knows it), KDF parameters, protected information and
-        registration. Material issued anew for this answer replaces the first
-        (the card never received that one).
-        """
-        card = self._get_for_update(cur, serial)
-        if card is None or card.state is not CardState.IDLE or card.version != 1:
-            return False
-        info = json.loads(card.auth_info or "{}")
-        if (card.verifier, card.kdf, card.protected) != (verifier, kdf, protected) or \
-                info.get("registration", "") != registration.hex():
-            return False
-        if auth_extra:
-            info.update(auth_extra)
-            self._x(cur, "UPDATE cards SET auth_info = ? WHERE serial = ?", (json.dumps(info, sort_keys=True), serial))
-        self._history(cur, serial, "enrol", "repeat", peer, detail="same enrolment retried; answered again")
-        return True
+    @staticmethod
+    def _merge_material(info: dict, extra: dict) -> None:
+        """Material issued for a method means the card must pass it (and `vsc admin show` lists it)."""
+        if not extra:
+            return
+        info.update(extra)
+        methods = info.setdefault("methods", ["password"])
+        for name in ("keyfile", "totp"):
+            if name in extra and name not in methods:
+                methods.append(name)
 
     # ------------------------------------------------------------ authentication bookkeeping
 
-    def auth_failed(self, serial: str, op: str, peer: str, detail: str, muk: bytes | None = None) -> None:
-        """Count a failed authentication (lockout with growing delays) and log the refusal."""
+    def count_failure(self, e: CountFailure) -> None:
+        """
+        A failed or unanswered authentication, counted in one bucket
+        (vsc.protocol.lockout): the owner's last machine, or everyone else.
+        From the bucket's threshold on, the next attempt in it is evaluated
+        only after a delay; nothing is locked, and the other bucket is untouched.
+        """
         now = self.now()
         with self._txn() as cur:
-            card = self._get_for_update(cur, serial)
+            card = self._get_for_update(cur, e.serial)
+            detail = e.detail
             if card is not None:
-                failures = card.failures + 1
-                until = self.lockout.locked_until(failures, now)
-                self._x(
-                    cur,
-                    "UPDATE cards SET failures = ?, locked_until = ?, updated = ? WHERE serial = ?",
-                    (failures, max(until, card.locked_until), now, serial),
-                )
+                if e.own_machine:
+                    failures = card.machine_failures + 1
+                    until = self.lockout.next_allowed(failures, now, self.lockout.threshold)
+                    until = max(until, card.machine_locked_until) if until else 0.0  # a clock step back never shortens it
+                    self._x(cur, "UPDATE cards SET machine_failures = ?, machine_locked_until = ?, updated = ? "
+                                 "WHERE serial = ?", (failures, until, now, e.serial))
+                else:
+                    failures = card.failures + 1
+                    until = self.lockout.next_allowed(failures, now, self.lockout.shared_threshold)
+                    until = max(until, card.locked_until) if until else 0.0
+                    self._x(cur, "UPDATE cards SET failures = ?, locked_until = ?, updated = ? WHERE serial = ?",
+                            (failures, until, now, e.serial))
+                who = "the card's last machine" if e.own_machine else "other machines"
                 if until:
-                    detail += f"; locked out until {until:.0f} after {failures} failures"
-            self._history(cur, serial, op, "refused", peer, muk, detail=detail)
+                    detail += f"; {failures} failures from {who}: next answer evaluated after {until - now:.0f} s"
+            self._history(cur, e.serial, e.op.value, e.result, e.peer, e.muk, detail=detail)
 
-    def refused(self, serial: str, op: str, result: str, peer: str, muk: bytes | None = None, detail: str = "") -> None:
-        """Log a refusal that changes nothing."""
+    def log_refusal(self, e: LogRefusal) -> None:
+        """A refusal that changes nothing but the history."""
         with self._txn() as cur:
-            self._history(cur, serial, op, result, peer, muk, detail)
+            self._history(cur, e.serial, e.op.value, e.result, e.peer, e.muk, e.detail)
 
     def unlock(self, serial: str, peer: str = "admin") -> None:
         with self._txn() as cur:
             card = self._get_for_update(cur, serial)
             if card is None:
                 raise StoreError(f"no card {serial}")
-            self._x(cur, "UPDATE cards SET failures = 0, locked_until = 0, updated = ? WHERE serial = ?", (self.now(), serial))
+            self._x(cur, "UPDATE cards SET failures = 0, locked_until = 0, machine_failures = 0, "
+                         "machine_locked_until = 0, updated = ? WHERE serial = ?", (self.now(), serial))
             self._history(cur, serial, "unlock", "ok", peer)
 
     # ------------------------------------------------------------ the life cycle (Figure 4)
 
-    def checkout(self, serial: str, muk: bytes, session: bytes, channel: dict, peer: str,
-                 totp_step: int | None = None) -> tuple[str, CardRecord | None]:
-        """
-        Insert's mediation 305 + set in-use 307, in one transaction. Returns
-        ("ok"|"repeat"|"in-use"|"destroyed"|"refused", record). "repeat" is the
-        same insert retried after a dropped connection (same session, same
-        MUK): the same check-out is returned, never a second one.
-        ``totp_step``: the TOTP step the owner's code matched, consumed here
-        (refused if it, or a later one, was already used).
-        """
-        now = self.now()
-        with self._txn() as cur:
-            card = self._get_for_update(cur, serial)
-            if card is None:
-                self._history(cur, serial, "insert", "refused", peer, muk, "no such card")
-                return "refused", None
-            if not self._consume_totp(cur, card, totp_step, "insert", peer, muk):
-                return "refused", None
-            if card.state is CardState.DESTROYED:
-                self._history(cur, serial, "insert", "destroyed", peer, muk)
-                return "destroyed", card
-            if card.state is CardState.IN_USE:
-                if card.session_hash == session and card.muk == muk:
-                    self._history(cur, serial, "insert", "repeat", peer, muk, "same insert retried; same check-out")
-                    return "repeat", card
-                self._history(cur, serial, "insert", "in-use", peer, muk, "in use on another machine")
-                return "in-use", card
-            info = json.dumps(dict(channel, session=session.hex(), since=now), sort_keys=True)
-            self._x(
-                cur,
-                "UPDATE cards SET state = 'in-use', muk = ?, channel_info = ?, failures = 0, locked_until = 0, "
-                "last_session = ?, updated = ? WHERE serial = ? AND state = 'idle'",
-                (muk, info, session, now, serial),
-            )
-            self._history(cur, serial, "insert", "ok", peer, muk)
-            return "ok", self._get_for_update(cur, serial)
+    def check_out(self, e: CheckOut) -> Outcome:
+        """Insert's mediation 305 and set in-use 307 (Figure 6), after authentication passed."""
+        return self._authenticated(Operation.INSERT, e.serial, e.muk, e.peer, e.verifier, e.totp_step, e.own_machine,
+                                   RequestFacts(session_hash=e.session, muk=e.muk), e)
 
-    def sync(self, serial: str, session: bytes, version: int, protected: bytes, peer: str) -> tuple[str, int]:
-        """Store a modifying operation's new protected information while in use."""
-        now = self.now()
-        with self._txn() as cur:
-            card = self._get_for_update(cur, serial)
-            if card is None or card.state is not CardState.IN_USE or card.session_hash != session:
-                self._history(cur, serial, "sync", "refused", peer, detail="not this card's current insert")
-                return "refused", 0
-            if version != card.version:
-                if version == card.version - 1 and protected == card.protected:
-                    self._history(cur, serial, "sync", "repeat", peer, card.muk, f"version {card.version} already stored")
-                    return "ok", card.version
-                self._history(cur, serial, "sync", "conflict", peer, card.muk, f"based on {version}, stored {card.version}")
-                return "conflict", card.version
-            new = card.version + 1
-            self._x(
-                cur,
-                "UPDATE cards SET protected = ?, version = ?, updated = ? WHERE serial = ? AND version = ?",
-                (protected, new, now, serial, card.version),
-            )
-            self._history(cur, serial, "sync", "ok", peer, card.muk, f"version {new}")
-            return "ok", new
-
-    def checkin(self, serial: str, session: bytes, version: int, protected: bytes, peer: str) -> tuple[str, int]:
-        """Remove (Figure 11): upload the re-encrypted information and set idle."""
-        now = self.now()
-        with self._txn() as cur:
-            card = self._get_for_update(cur, serial)
-            if card is None or card.state is CardState.DESTROYED:
-                self._history(cur, serial, "remove", "refused", peer, detail="no such card or destroyed")
-                return "refused", 0
-            if card.state is CardState.IDLE:
-                # only the identical remove retried is answered "ok": same session, and its bytes are
-                # what is stored (a late remove after a recover, or other bytes, were never stored)
-                if card.last_session == session and protected == card.protected and version == card.version - 1:
-                    self._history(cur, serial, "remove", "repeat", peer, detail="already removed")
-                    return "ok", card.version
-                self._history(cur, serial, "remove", "refused", peer, detail="not in use")
-                return "refused", 0
-            if card.session_hash != session:
-                self._history(cur, serial, "remove", "refused", peer, detail="not this card's current insert")
-                return "refused", 0
-            if version not in (card.version, card.version - 1):
-                self._history(cur, serial, "remove", "conflict", peer, card.muk, f"based on {version}, stored {card.version}")
-                return "conflict", card.version
-            if version == card.version - 1 and protected != card.protected:
-                self._history(cur, serial, "remove", "conflict", peer, card.muk, f"based on {version}, stored {card.version}")
-                return "conflict", card.version
-            new = card.version + 1 if version == card.version else card.version
-            self._x(
-                cur,
-                "UPDATE cards SET state = 'idle', muk = NULL, channel_info = NULL, protected = ?, version = ?, "
-                "updated = ? WHERE serial = ? AND state = 'in-use'",
-                (protected, new, now, serial),
-            )
-            self._history(cur, serial, "remove", "ok", peer, card.muk, f"version {new}")
-            return "ok", new
-
-    def recover(self, serial: str, muk: bytes, peer: str, totp_step: int | None = None) -> str:
+    def recover(self, e: RecoverCard) -> Outcome:
         """Recover (Figure 12): from in-use only, only with the MUK of the last insert."""
-        now = self.now()
-        with self._txn() as cur:
-            card = self._get_for_update(cur, serial)
-            if card is None:
-                self._history(cur, serial, "recover", "refused", peer, muk, "no such card")
-                return "refused"
-            if not self._consume_totp(cur, card, totp_step, "recover", peer, muk):
-                return "refused"
-            if card.state is CardState.DESTROYED:
-                self._history(cur, serial, "recover", "destroyed", peer, muk)
-                return "destroyed"
-            if card.state is not CardState.IN_USE:
-                self._history(cur, serial, "recover", "not-in-use", peer, muk)
-                return "not-in-use"
-            if card.muk != muk:
-                self._history(cur, serial, "recover", "muk-mismatch", peer, muk, "recover attempted from another machine")
-                return "muk-mismatch"
-            self._x(
-                cur,
-                "UPDATE cards SET state = 'idle', muk = NULL, channel_info = NULL, last_session = NULL, updated = ? "
-                "WHERE serial = ? AND state = 'in-use'",
-                (now, serial),
-            )
-            self._history(cur, serial, "recover", "ok", peer, muk)
-            return "ok"
+        return self._authenticated(Operation.RECOVER, e.serial, e.muk, e.peer, e.verifier, e.totp_step, e.own_machine,
+                                   RequestFacts(muk=e.muk), e)
 
-    def destroy(self, serial: str, peer: str, muk: bytes | None = None, totp_step: int | None = None) -> str:
+    def destroy(self, e: DestroyCard) -> Outcome:
         """Destroy: from idle or in-use; terminal. The protected information is wiped."""
+        return self._authenticated(Operation.DESTROY, e.serial, e.muk or None, e.peer, e.verifier, e.totp_step,
+                                   e.own_machine, RequestFacts(muk=e.muk), e)
+
+    def sync(self, e: SyncCard) -> Outcome:
+        """Store a modifying operation's new protected information while in use."""
+        return self._session(Operation.SYNC, e.serial, e.peer, RequestFacts(
+            session_hash=e.session, version=e.version, protected=e.protected), e)
+
+    def change_password(self, e: ChangeCardPassword) -> Outcome:
+        """A password change while in use: verifier, KDF parameters and upload replace the old ones together."""
+        return self._session(Operation.PASSWORD, e.serial, e.peer, RequestFacts(
+            session_hash=e.session, version=e.version, protected=e.protected, verifier=e.verifier, kdf=e.kdf), e)
+
+    def check_in(self, e: CheckIn) -> Outcome:
+        """Remove (Figure 11): upload the re-encrypted information and set idle, together."""
+        return self._session(Operation.REMOVE, e.serial, e.peer, RequestFacts(
+            session_hash=e.session, version=e.version, protected=e.protected), e)
+
+    def attach(self, e: AttachCard) -> Outcome:
+        """A new channel of the in-use card: the insert secret proves it; nothing is written unless refused."""
+        return self._session(Operation.ATTACH, e.serial, e.peer, RequestFacts(session_hash=e.session), e)
+
+    def _authenticated(self, op: Operation, serial: str, muk: bytes | None, peer: str, verifier: bytes,
+                       totp_step: int | None, own_machine: bool, req: RequestFacts, e) -> Outcome:
         now = self.now()
         with self._txn() as cur:
             card = self._get_for_update(cur, serial)
+            detail = ""
             if card is None:
-                self._history(cur, serial, "destroy", "refused", peer, muk, "no such card")
-                return "refused"
-            if not self._consume_totp(cur, card, totp_step, "destroy", peer, muk):
-                return "refused"
-            if card.state is CardState.DESTROYED:
-                self._history(cur, serial, "destroy", "destroyed", peer, muk, "already destroyed")
-                return "destroyed"
-            self._x(
-                cur,
-                "UPDATE cards SET state = 'destroyed', muk = NULL, channel_info = NULL, protected = ?, "
-                "updated = ? WHERE serial = ?",
-                (b"", now, serial),
-            )
-            self._history(cur, serial, "destroy", "ok", peer, muk, f"from {card.state.value}")
-            return "ok"
+                decision = decide(State.NONE, op, Condition.ANY)
+                detail = "no such card"
+            elif card.verifier != verifier:
+                # the password changed between the challenge and this answer: the answer proves the old one
+                decision = decide(card.state, op, Condition.CHANGED)
+                detail = "the password changed during authentication"
+            elif not self._totp_fresh(card, totp_step):
+                decision = decide(card.state, op, Condition.AUTH_FAILED)
+                detail = "TOTP code already used"
+            else:
+                condition = classify(op, card.facts(), req)
+                decision = decide(card.state, op, condition)
+                detail = _DETAILS.get((op, condition), "")
+                self._authenticated_ok(cur, card, totp_step, own_machine, now)
+                self._carry_out(cur, card, decision, e, now)
+            self._history(cur, serial, op.value, decision.history, peer, muk, detail)
+            if decision.status is Status.OK and op is Operation.INSERT:
+                after = self._get_for_update(cur, serial)
+                return Outcome(Status.OK, version=after.version, protected=after.protected)
+            return Outcome(decision.status)
 
-    def change_password(self, serial: str, session: bytes, version: int, verifier: bytes, kdf: bytes,
-                        protected: bytes, peer: str) -> tuple[str, int]:
-        """
-        A password change while in use: the new verifier, KDF parameters and
-        re-wrapped protected information replace the old ones in one
-        transaction (version + 1). Like sync, only the current insert may do
-        it, based on the stored version; the identical change retried after a
-        lost reply is answered "ok" again.
-        """
+    def _session(self, op: Operation, serial: str, peer: str, req: RequestFacts, e) -> Outcome:
+        """Sync, password change, remove: the insert secret is the authority."""
         now = self.now()
         with self._txn() as cur:
             card = self._get_for_update(cur, serial)
-            if card is None or card.state is not CardState.IN_USE or card.session_hash != session:
-                self._history(cur, serial, "password", "refused", peer, detail="not this card's current insert")
-                return "refused", 0
-            if version != card.version:
-                if (version == card.version - 1 and protected == card.protected and verifier == card.verifier
-                        and kdf == card.kdf):
-                    self._history(cur, serial, "password", "repeat", peer, card.muk, f"version {card.version} already stored")
-                    return "ok", card.version
-                self._history(cur, serial, "password", "conflict", peer, card.muk, f"based on {version}, stored {card.version}")
-                return "conflict", card.version
-            new = card.version + 1
-            self._x(
-                cur,
-                "UPDATE cards SET verifier = ?, kdf = ?, protected = ?, version = ?, updated = ? "
-                "WHERE serial = ? AND version = ?",
-                (verifier, kdf, protected, new, now, serial, card.version),
-            )
-            self._history(cur, serial, "password", "ok", peer, card.muk, f"version {new}; new verifier and KDF parameters")
-            return "ok", new
+            facts = card.facts() if card is not None else None
+            condition = classify(op, facts, req)
+            decision = decide(card.state if card else State.NONE, op, condition)
+            if card is not None:
+                self._carry_out(cur, card, decision, e, now)
+            detail = _DETAILS.get((op, condition), "")
+            if card is not None and decision.status is Status.VERSION_CONFLICT:
+                detail = f"based on {req.version}, stored {card.version}"
+            elif card is not None and decision.action in (Action.STORE, Action.STORE_PASSWORD, Action.CHECK_IN):
+                detail = f"version {card.version + 1}"
+            elif card is not None and decision.status is Status.OK and condition is Condition.RETRY:
+                detail = f"version {card.version} already stored"
+            elif card is None:
+                detail = "no such card"
+            holder = card is not None and condition in (Condition.CURRENT, Condition.RETRY, Condition.CONFLICT)
+            if decision.history != "-":
+                self._history(cur, serial, op.value, decision.history, peer, card.muk if holder else None, detail)
+            if decision.status is Status.OK:
+                version = card.version + 1 if decision.action in (Action.STORE, Action.STORE_PASSWORD,
+                                                                  Action.CHECK_IN) else card.version
+                return Outcome(Status.OK, version=version)
+            if decision.status is Status.VERSION_CONFLICT:
+                return Outcome(decision.status, version=card.version)
+            return Outcome(decision.status)
 
-    def _consume_totp(self, cur, card: CardRecord, step: int | None, op: str, peer: str, muk: bytes | None) -> bool:
-        """Use up the TOTP step the owner's code matched: each code is good once. False (logged): already used."""
+    def _totp_fresh(self, card: CardRecord, step: int | None) -> bool:
         if step is None:
             return True
-        info = json.loads(card.auth_info or "{}")
-        totp = info.get("totp")
-        if not isinstance(totp, dict) or int(totp.get("last_step", -1)) >= step:
-            self._history(cur, card.serial, op, "refused", peer, muk, "TOTP code already used")
-            return False
-        totp["last_step"] = step
-        self._x(cur, "UPDATE cards SET auth_info = ? WHERE serial = ?", (json.dumps(info, sort_keys=True), card.serial))
-        return True
+        totp = json.loads(card.auth_info or "{}").get("totp")
+        return isinstance(totp, dict) and int(totp.get("last_step", -1)) < step
+
+    def _authenticated_ok(self, cur, card: CardRecord, totp_step: int | None, own_machine: bool, now: float) -> None:
+        """Authentication passed: consume the TOTP step (each code is good once) and reset the bucket it counted in."""
+        if totp_step is not None:
+            info = json.loads(card.auth_info or "{}")
+            info["totp"]["last_step"] = totp_step
+            self._x(cur, "UPDATE cards SET auth_info = ? WHERE serial = ?", (json.dumps(info, sort_keys=True), card.serial))
+        if own_machine and (card.machine_failures or card.machine_locked_until):
+            self._x(cur, "UPDATE cards SET machine_failures = 0, machine_locked_until = 0 WHERE serial = ?", (card.serial,))
+        elif not own_machine and (card.failures or card.locked_until):
+            self._x(cur, "UPDATE cards SET failures = 0, locked_until = 0 WHERE serial = ?", (card.serial,))
+
+    def _carry_out(self, cur, card: CardRecord, d: Decision, e, now: float) -> None:
+        """Write what the decision's action says, guarded by the state it was decided on."""
+        a, serial, state = d.action, card.serial, card.state.value
+        if a is Action.NOTHING:
+            return
+        if a is Action.CHECK_OUT:
+            info = json.dumps(dict(e.channel, session=e.session.hex(), since=now), sort_keys=True)
+            sql = ("UPDATE cards SET state = 'in-use', muk = ?, channel_info = ?, last_session = ?, last_muk = ?, "
+                   "updated = ? WHERE serial = ? AND state = ?")
+            args = (e.muk, info, e.session, e.muk, now, serial, state)
+        elif a is Action.STORE:
+            sql = "UPDATE cards SET protected = ?, version = ?, updated = ? WHERE serial = ? AND version = ?"
+            args = (e.protected, card.version + 1, now, serial, card.version)
+        elif a is Action.STORE_PASSWORD:
+            sql = ("UPDATE cards SET verifier = ?, kdf = ?, protected = ?, version = ?, updated = ? "
+                   "WHERE serial = ? AND version = ?")
+            args = (e.verifier, e.kdf, e.protected, card.version + 1, now, serial, card.version)
+        elif a is Action.CHECK_IN:
+            sql = ("UPDATE cards SET state = 'idle', muk = NULL, channel_info = NULL, protected = ?, version = ?, "
+                   "updated = ? WHERE serial = ? AND state = ?")
+            args = (e.protected, card.version + 1, now, serial, state)
+        elif a is Action.CHECK_IN_AGAIN:
+            sql = ("UPDATE cards SET state = 'idle', muk = NULL, channel_info = NULL, updated = ? "
+                   "WHERE serial = ? AND state = ?")
+            args = (now, serial, state)
+        elif a is Action.RELEASE:
+            sql = ("UPDATE cards SET state = 'idle', muk = NULL, channel_info = NULL, last_session = NULL, "
+                   "updated = ? WHERE serial = ? AND state = ?")
+            args = (now, serial, state)
+        elif a is Action.WIPE:
+            sql = ("UPDATE cards SET state = 'destroyed', muk = NULL, channel_info = NULL, protected = ?, "
+                   "updated = ? WHERE serial = ? AND state = ?")
+            args = (b"", now, serial, state)
+        else:  # pragma: no cover - CREATE is enrol's own
+            raise AssertionError(f"unexpected action {a}")
+        if self._x(cur, sql, args).rowcount != 1:  # impossible under the row lock: never write half a decision
+            raise StoreError(f"card {serial} changed under its own lock")
 
     # ------------------------------------------------------------ administration
+
+    def destroy_by_admin(self, serial: str, peer: str = "admin") -> Status:
+        """`vsc admin destroy`: Figure 4's destroy 107 without a card, from idle or in use."""
+        now = self.now()
+        with self._txn() as cur:
+            card = self._get_for_update(cur, serial)
+            if card is None:
+                decision = decide(State.NONE, Operation.DESTROY, Condition.ANY)
+            else:
+                decision = decide(card.state, Operation.DESTROY, Condition.ANY)
+                self._carry_out(cur, card, decision, None, now)
+            detail = f"from {card.state.value}" if card is not None and decision.status is Status.OK else ""
+            self._history(cur, serial, "destroy", decision.history, peer, None, detail)
+            return decision.status
 
     def duplicate(self, serial: str, new_serial: str, peer: str = "admin") -> None:
         """[0102]: a new idle entry with a copy of the same information."""
@@ -752,7 +686,7 @@ class Store:
                 raise StoreError(f"serial {new_serial} has a pending enrolment code")
             self._x(
                 cur,
-                f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES (?, 'idle', NULL, ?, NULL, ?, ?, ?, ?, 0, 0, ?, ?, NULL)",
+                f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES (?, 'idle', NULL, ?, NULL, ?, ?, ?, ?, 0, 0, ?, ?, NULL, NULL, 0, 0)",
                 (new_serial, card.protected, card.verifier, card.kdf, card.auth_info, card.version, now, now),
             )
             self._history(cur, serial, "duplicate", "ok", peer, detail=f"copied to {new_serial}")

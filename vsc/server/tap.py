@@ -45,7 +45,8 @@ class PoolService(service.Service):
     def stopService(self):
         super().stopService()
         self.pool.stop()
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
 
 
 def makeService(options: Options) -> service.IService:
@@ -54,8 +55,12 @@ def makeService(options: Options) -> service.IService:
 
     from vsc.protocol.auth import load_master_key
     from vsc.server.policy import Policy
+    import attrs
+
+    from vsc.server.admission import Admission, AdmissionLimits
     from vsc.server.service import Backend, server_factory
-    from vsc.server.store import Store, StoreError, instance_owner
+    from vsc.server.settings import SettingError, override
+    from vsc.server.store import Store, StoreError
 
     try:
         cfg = server_config.load(options["data-dir"])
@@ -64,7 +69,6 @@ def makeService(options: Options) -> service.IService:
         master = load_master_key(cfg.settings.get("master_key_file") or os.environ.get("VSC_MASTER_KEY_FILE") or None)
         store = Store(cfg.database_url, reactor.seconds, policy.lockout)
         store.migrate()
-        store.clear_dead_leases()
         store.close()
     except (server_config.ConfigError, StoreError, ValueError, OSError) as e:
         sys.stderr.write(f"vsc-server: {e}\n")
@@ -73,14 +77,44 @@ def makeService(options: Options) -> service.IService:
         sys.stderr.write(f"vsc-server: cannot open the database {cfg.database_url}: {e}\n")
         raise SystemExit(2)
     listen = options["listen"] or cfg.listen
-    threads = int(options["threads"] or cfg.settings.get("threads", 8))
+    settings = cfg.settings
+    if options["threads"]:
+        try:
+            settings = override(settings, "threads", options["threads"], "--threads")
+        except SettingError as e:
+            sys.stderr.write(f"vsc-server: {e}\n")
+            raise SystemExit(2)
+    raise_fd_limit()
     top = service.MultiService()
-    pool = ThreadPool(minthreads=1, maxthreads=threads, name="vsc-db")
+    pool = ThreadPool(minthreads=1, maxthreads=settings["threads"], name="vsc-db")
     PoolService(pool, store).setServiceParent(top)
-    backend = Backend(reactor, store, pool, policy.lease_ttl, instance_owner())
-    factory = server_factory(cfg.channel, key, reactor, backend=backend, ops_policy=policy.ops(), master=master)
+    limits = AdmissionLimits(**{f.name: settings[f.name] for f in attrs.fields(AdmissionLimits)})
+    rsa_pool = ThreadPool(minthreads=1, maxthreads=limits.handshake_threads, name="vsc-rsa")
+    PoolService(rsa_pool, None).setServiceParent(top)
+    admission = Admission(limits, reactor.seconds, reactor, rsa_pool)
+    backend = Backend(reactor, store, pool)
+    factory = server_factory(cfg.channel, key, reactor, backend=backend, ops_policy=policy.ops(), master=master,
+                             admission=admission)
     strports.service(listen, factory).setServiceParent(top)
     return top
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (connections are descriptors); log what we got."""
+    import resource
+
+    from twisted.logger import Logger
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    Logger().info("open-file limit: {soft} descriptors", soft=soft)
 
 
 def json_logger():

@@ -30,6 +30,7 @@ class ErrorCode(enum.IntEnum):
     INSECURE_SUITE_REFUSED = 16  # des-cbc-md5 offered/chosen without being enabled
     IDLE_TIMEOUT = 17  # no traffic on an established channel for too long
     INTERNAL_ERROR = 18  # a bug on the sender's side; details only in its log
+    SERVER_BUSY = 19  # server: too many handshakes or unauthenticated connections now (from this source); retry later
 
 
 class WireError(Exception):

@@ -29,6 +29,7 @@ class Op(enum.IntEnum):
     DESTROY = 4
     SYNC = 5
     PASSWORD = 6  # a password change while in use (ChangePassword)
+    ATTACH = 7  # a new channel of an in-use card presents its insert secret (raises the channel's limits)
 
 
 class AuthMethod(enum.IntEnum):

@@ -7,7 +7,10 @@ it — opaque to the server, which never has the keys:
               under the data key (AES-256-GCM).
     Index:    the items; each item's secret value is sealed on its own under
               the data key, so a card process can open one item for one
-              operation without ever holding the whole plaintext.
+              operation without ever holding the whole plaintext. Format 2
+              adds the generation: a counter the card raises with every
+              upload, sealed with the index, so a card can tell an older copy
+              from a newer one whatever the server says (vsc.card.freshness).
 
 A password change re-wraps only the data key.
 """
@@ -67,7 +70,8 @@ _Item = c.Struct(
 )
 
 IndexSchema = c.Struct(
-    "format" / c.Const(1, U8),
+    "format" / c.OneOf(U8, (1, 2)),
+    "generation" / c.If(c.this.format == 2, c.Int64ub),
     "items" / Array(U16, _Item, MAX_ITEMS, 0, "items"),
     c.Terminated,
 )
@@ -96,18 +100,26 @@ def _sealed(v) -> SealedValue:
     return SealedValue(nonce=v.nonce, ciphertext=v.ciphertext, tag=v.tag)
 
 
-def encode_index(items: list[Item]) -> bytes:
+def encode_index(items: list[Item], generation: int = 0) -> bytes:
+    """Format 2: the items and the upload's generation."""
     return IndexSchema.build(
-        dict(items=[dict(kind=i.kind, name=i.name, alg=i.alg, public=i.public, value=attrs.asdict(i.value)) for i in items])
+        dict(format=2, generation=generation,
+             items=[dict(kind=i.kind, name=i.name, alg=i.alg, public=i.public, value=attrs.asdict(i.value)) for i in items])
     )
 
 
-def decode_index(data) -> list[Item]:
+def decode_index_generation(data) -> tuple[list[Item], int]:
+    """The items and the generation (0 for a format-1 index, written before generations existed)."""
     try:
         parsed = IndexSchema.parse(bytes(data))
     except c.ConstructError as e:
         raise WireError(ErrorCode.MALFORMED, f"protected information index: {str(e).strip()}") from None
-    return [Item(kind=i.kind, name=i.name, alg=i.alg, public=i.public, value=_sealed(i.value)) for i in parsed["items"]]
+    items = [Item(kind=i.kind, name=i.name, alg=i.alg, public=i.public, value=_sealed(i.value)) for i in parsed["items"]]
+    return items, parsed.generation or 0
+
+
+def decode_index(data) -> list[Item]:
+    return decode_index_generation(data)[0]
 
 
 def encode_envelope(wrap: SealedValue, index: SealedValue, card_id: str) -> bytes:

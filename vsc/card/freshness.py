@@ -1,0 +1,174 @@
+"""
+Freshness the card can check (issue 11; docs/security.md "Rollback").
+
+The server is the party vsc does not trust with the card's secrets, and it
+must not be trusted with their *age* either: a server operator who restores
+a backup, or relabels an older protected-information blob with a higher
+version number, would otherwise hand back spent rental runs and PIV PIN
+tries without anyone noticing.
+
+So the card seals a **generation** into the protected information itself
+(the index of the VSCP envelope, format 2: vsc.wire.protected), raises it
+with every upload, and keeps in its HOME the highest generation a storage
+has acknowledged (``HOME/freshness``), authenticated with an HMAC under a key
+derived from the card's data key — a key only the password opens, so the
+file can be neither forged nor moved to another card by anyone without the
+password. On insert the card refuses protected information whose sealed
+generation is older than that record, before serving anything.
+
+The record also keeps *floors*: the values of what must never come back
+(rental counters ``lic:...`` and PIN/PUK tries left, as of the last
+acknowledged upload). After a real disaster the owner may accept an older
+copy deliberately (``vsc card accept-rollback``, then insert): the card then
+lowers every such value to its floor before serving, so even an accepted
+rollback refunds no run and no PIN try.
+
+What this cannot do: a machine with no record (a new machine, a deleted or
+unreadable HOME) accepts whatever it is given first; docs/security.md says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import attrs
+
+from vsc.wire.protected import ItemKind, decode_counter, encode_counter
+
+RECORD_NAME = "freshness"
+ACCEPT_NAME = "freshness.accept-rollback"
+LICENCE_PREFIX = "lic:"
+
+
+class RollbackError(Exception):
+    """The storage handed back protected information older than this card has seen stored."""
+
+
+@attrs.frozen
+class Record:
+    card_id: str
+    generation: int
+    floors: dict  # "kind:name" -> the lowest value it may be lowered to
+
+
+def _body(card_id: str, generation: int, floors: dict) -> bytes:
+    return json.dumps({"card_id": card_id, "generation": generation, "floors": floors}, sort_keys=True).encode()
+
+
+def _pin_tries(value) -> int:
+    from vsc.wire import apdu
+
+    return apdu.decode_secret(value).tries_left
+
+
+def _with_pin_tries(value, tries: int) -> bytes:
+    from vsc.wire import apdu
+
+    rec = apdu.decode_secret(value)
+    return apdu.encode_secret(attrs.evolve(rec, tries_left=min(rec.tries_left, tries)))
+
+
+#: What must never come back through a rollback: (kind, is it one of these items?, read, lower to a floor).
+#: Lower is "more used" for each. Other applications add their retry counters here.
+MONOTONIC: list[tuple[ItemKind, Callable[[str], bool], Callable, Callable]] = [
+    (ItemKind.COUNTER, lambda name: name.startswith(LICENCE_PREFIX), decode_counter,
+     lambda value, floor: encode_counter(min(decode_counter(value), floor))),
+    (ItemKind.PIN, lambda name: name in ("piv-pin", "piv-puk"), _pin_tries, _with_pin_tries),
+]
+
+
+def floors_of(memory) -> dict:
+    """The current value of every monotonic item of ``memory`` (a vsc.card.protected.CardMemory)."""
+    out = {}
+    for kind, name, _alg, _public in memory.items():
+        for mkind, match, read, _lower in MONOTONIC:
+            if kind is mkind and match(name):
+                with memory.open(kind, name) as value:
+                    out[f"{int(kind)}:{name}"] = read(value)
+    return out
+
+
+def apply_floors(memory, floors: dict) -> list[str]:
+    """Lower every monotonic item to its floor (after an accepted rollback). Returns what changed."""
+    changed = []
+    for kind, name, _alg, _public in list(memory.items()):
+        for mkind, match, read, lower in MONOTONIC:
+            key = f"{int(kind)}:{name}"
+            if kind is mkind and match(name) and key in floors:
+                with memory.open(kind, name) as value:
+                    if read(value) <= floors[key]:
+                        continue
+                    new = lower(bytes(value), floors[key])
+                old = memory.put(kind, name, new)
+                memory.discard(old)
+                changed.append(name)
+    return changed
+
+
+class FreshnessStore:
+    """``HOME/freshness``: the highest acknowledged generation and the floors, with an HMAC."""
+
+    def __init__(self, home: Path):
+        self.path = Path(home) / RECORD_NAME
+        self.accept_path = Path(home) / ACCEPT_NAME
+
+    def load(self, memory) -> Record | None:
+        """The record, if there is one this card's data key authenticates (else None: no history here)."""
+        try:
+            data = json.loads(self.path.read_text())
+            body = _body(data["card_id"], int(data["generation"]), dict(data["floors"]))
+            mac = bytes.fromhex(data["mac"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        from vsc import crypto
+
+        if data["card_id"] != memory.serial or not crypto.constant_time_equal(
+                mac, memory.data_key_mac(b"vsc freshness", body)):
+            return None
+        return Record(data["card_id"], int(data["generation"]), {k: int(v) for k, v in data["floors"].items()})
+
+    def save(self, memory) -> Record:
+        """Record ``memory``'s generation (just acknowledged by the storage) and floors; atomic, fsynced."""
+        rec = Record(memory.serial, memory.generation, floors_of(memory))
+        body = _body(rec.card_id, rec.generation, rec.floors)
+        data = dict(json.loads(body), mac=memory.data_key_mac(b"vsc freshness", body).hex())
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        return rec
+
+    def accept_next_rollback(self) -> None:
+        """The owner's deliberate choice: the next insert may load an older copy (floors still apply)."""
+        fd = os.open(self.accept_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.close(fd)
+
+    def rollback_accepted(self) -> bool:
+        return self.accept_path.exists()
+
+    def check(self, memory) -> tuple[Record | None, list[str]]:
+        """
+        On insert: refuse ``memory`` if its sealed generation is older than
+        the record (RollbackError), unless the owner accepted the next
+        rollback, in which case the floors are applied (returned: what was
+        lowered) and the acceptance is used up.
+        """
+        rec = self.load(memory)
+        if rec is None or memory.generation >= rec.generation:
+            return rec, []
+        if not self.rollback_accepted():
+            raise RollbackError(
+                f"refused: the server handed back an older copy of this card (generation {memory.generation}; "
+                f"this machine has seen generation {rec.generation} stored). It may have been restored from "
+                f"a backup or tampered with. Nothing was served. If you know why and want that copy, run "
+                f"'vsc card accept-rollback' and insert again (rental runs and PIN tries stay as they were)")
+        lowered = apply_floors(memory, rec.floors)
+        memory.generation = rec.generation  # carry on above every generation seen, so no number means two copies
+        self.accept_path.unlink(missing_ok=True)
+        return rec, lowered

@@ -1,0 +1,136 @@
+"""
+Online guessing limits that cannot be turned against the owner (issue 11;
+docs/security.md "Lockout").
+
+A hard lock ("12 wrong passwords lock the card for an hour, and every further
+try extends it") hands anyone who knows a serial a way to keep its owner out.
+vsc throttles instead, in separate buckets, so that what a stranger does
+never uses up the owner's chances:
+
+* **the owner's last machine** — an answer carrying the MUK of the card's
+  last insert counts in its own bucket (``CardRecord.machine_failures``),
+  which nobody without that MUK can touch;
+* **everyone else, per card** (``CardRecord.failures``), with a higher
+  threshold: it bounds the guesses all sources together get;
+* **everyone else, per source address and card**, in server memory
+  (``SourceLimits``): one source reaches its own limit long before the
+  per-card one, so a single attacker never throttles the owner anywhere;
+* **per source address, all cards** (``SourceLimits``): one source scanning
+  many serials.
+
+A bucket with ``failures`` consecutive failures, from ``threshold`` on, lets
+the next attempt be *evaluated* only ``delay(failures)`` seconds after the
+last failure (``base`` doubling to ``maximum``). Attempts inside that window
+are refused without being evaluated or counted, so hammering does not extend
+it. A success resets the bucket it was counted in.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+from typing import Callable
+
+import attrs
+
+
+@attrs.frozen
+class LockoutPolicy:
+    """The throttle schedule (docs/admin.md: lockout_threshold, lockout_base, lockout_max, lockout_shared)."""
+
+    #: free failures per bucket (the owner's machine, and one source on one card)
+    threshold: int = 5
+    #: seconds of the first delay; it doubles with every further failure ...
+    base: float = 30.0
+    #: ... up to this many seconds
+    maximum: float = 3600.0
+    #: free failures of one card from all other sources together
+    shared_threshold: int = 20
+    #: free failures of one source address over all cards
+    source_threshold: int = 50
+
+    def delay(self, failures: int, threshold: int | None = None) -> float:
+        """Seconds after the last failure before the next attempt is evaluated (0: at once)."""
+        t = self.threshold if threshold is None else threshold
+        if failures < t:
+            return 0.0
+        return min(self.maximum, self.base * (2.0 ** min(failures - t, 64)))
+
+    def next_allowed(self, failures: int, last_failure: float, threshold: int | None = None) -> float:
+        """When an attempt may next be evaluated (0.0: now)."""
+        d = self.delay(failures, threshold)
+        return last_failure + d if d else 0.0
+
+    def guesses_per_day(self, threshold: int | None = None) -> int:
+        """Evaluated guesses one bucket allows in its first 24 hours of maximal-rate guessing."""
+        t = self.threshold if threshold is None else threshold
+        at, n = 0.0, 0
+        while True:
+            at += self.delay(n, t)
+            if at > 86400:
+                return n
+            n += 1
+
+
+def source_of(host: str) -> str:
+    """A source address as limits count it: the IPv4 address, or the /64 of an IPv6 one."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if addr.version == 6:
+        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+    return str(addr)
+
+
+@attrs.define
+class _Bucket:
+    failures: int = 0
+    next_allowed: float = 0.0
+
+
+class SourceLimits:
+    """
+    Per-source buckets in server memory (one per server process; a restart
+    forgets them, the per-card buckets in the database stay). Bounded: the
+    least recently used entries go first past ``capacity``. Pure: the clock
+    is injected, nothing is logged.
+    """
+
+    def __init__(self, policy: LockoutPolicy, now: Callable[[], float], capacity: int = 65536):
+        self.policy = policy
+        self.now = now
+        self.capacity = capacity
+        self._buckets: collections.OrderedDict[tuple[str, str], _Bucket] = collections.OrderedDict()
+
+    def _get(self, key: tuple[str, str]) -> _Bucket | None:
+        b = self._buckets.get(key)
+        if b is not None:
+            self._buckets.move_to_end(key)
+        return b
+
+    def throttled(self, source: str, serial: str) -> bool:
+        """True: refuse this source's attempt on ``serial`` without evaluating it."""
+        now = self.now()
+        for key in ((source, serial), (source, "")):
+            b = self._get(key)
+            if b is not None and b.next_allowed > now:
+                return True
+        return False
+
+    def failed(self, source: str, serial: str) -> None:
+        now = self.now()
+        for key, threshold in (((source, serial), self.policy.threshold), ((source, ""), self.policy.source_threshold)):
+            b = self._get(key)
+            if b is None:
+                b = self._buckets[key] = _Bucket()
+            b.failures += 1
+            b.next_allowed = self.policy.next_allowed(b.failures, now, threshold)
+        while len(self._buckets) > self.capacity:
+            self._buckets.popitem(last=False)
+
+    def succeeded(self, source: str, serial: str) -> None:
+        self._buckets.pop((source, serial), None)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
