@@ -38,7 +38,8 @@ from twisted.internet.task import Clock
 from tests.servers import TWISTD, VSC, Servers, _env, admin, init_data_dir, open_store
 from vsc import crypto
 from vsc.card import ops as card_ops
-from vsc.protocol import auth, implauth, onetime_agent as agent
+from vsc.protocol import auth, implauth, onetime_agent
+from vsc.protocol import onetime_agent as agent
 from vsc.protocol.cardstore import (
     CardRecord,
     CheckOut,

@@ -87,7 +87,7 @@ SERVER_ITEMS: tuple[Item, ...] = (
     Item("record", "truncated frame: connection closed, server keeps serving", "§3", ("F2",), checks.truncated),
     Item("record", "bad magic -> MALFORMED", "§3", ("F3",), checks.bad_magic),
     Item("record", "unknown message type -> UNKNOWN_TYPE", "§4", ("F5",), checks.unknown_type),
-    Item("record", "echo of 64 KiB", "§5.8", ("R5",), checks.big_echo),
+    Item("record", "echo of 32 KiB", "§5.8", ("R5",), checks.big_echo),
     Item("life cycle", "enrol, insert, sync, remove", "§10.13", ("O5",), checks.life_cycle, provision=True),
     Item("life cycle", "repeated insert after a drop is the same check-out", "§10.8", ("O6",), checks.repeat_insert,
          provision=True),
@@ -101,7 +101,8 @@ SERVER_ITEMS: tuple[Item, ...] = (
          provision=True),
     Item("refusal", "wrong Master key -> REFUSED", "§10.6.2", ("O3",), checks.wrong_master, provision=True),
     Item("refusal", "reused enrolment code -> REFUSED", "§10.7", ("O3",), checks.reused_code, provision=True),
-    Item("refusal", "busy serial -> BUSY", "§10.2", ("O1",), checks.busy, provision=True),
+    Item("refusal", "an unanswered challenge holds nothing", "§10.2", ("O1",), checks.unanswered_challenge_holds_nothing,
+         provision=True),
     Item("refusal", "implementation auth later than {auth_deadline:g} s -> TIMEOUT", "§10.6.1", ("O4",),
          checks.late_answer, provision=True),
 )

@@ -52,7 +52,7 @@ class AdmissionLimits:
     max_unauthenticated: int = attrs.field(default=1024, validator=_finite(1, 1_000_000))
     max_unauthenticated_per_source: int = attrs.field(default=64, validator=_finite(1, 1_000_000))
     max_unauthenticated_body: int = attrs.field(default=64 * 1024, validator=_finite(4096, 1 << 20))
-    unauthenticated_idle: float = attrs.field(default=30.0, validator=_finite(1, 3600))
+    unauthenticated_idle: float = attrs.field(default=60.0, validator=_finite(1, 3600))
     idle_timeout: float = attrs.field(default=600.0, validator=_finite(0, 86400))
     handshakes_per_second: float = attrs.field(default=20.0, validator=_finite(0.01, 100_000))
     handshake_burst: int = attrs.field(default=40, validator=_finite(1, 100_000))

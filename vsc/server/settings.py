@@ -99,7 +99,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     _s("max_unauthenticated", 1024, _int(1, 1000000)),
     _s("max_unauthenticated_per_source", 64, _int(1, 1000000)),
     _s("max_unauthenticated_body", 65536, _int(4096, 1 << 20)),
-    _s("unauthenticated_idle", 30.0, _float(1, 3600)),
+    _s("unauthenticated_idle", 60.0, _float(1, 3600)),
     _s("idle_timeout", 600.0, _float(0, 86400)),
     _s("handshakes_per_second", 20.0, _float(0.01, 100000, "per source")),
     _s("handshake_burst", 40, _int(1, 100000)),
@@ -122,6 +122,9 @@ def validate(raw: dict[str, str], where: str = "vsc-server.ini") -> dict[str, An
             out[name] = setting.parse(raw[name])
         except SettingError as e:
             raise SettingError(f"{where}: {name} = {raw[name]!r} {e} (accepted: {setting.accepts})") from None
+    if out["unauthenticated_idle"] <= out["auth_deadline"]:
+        raise SettingError(f"{where}: unauthenticated_idle ({out['unauthenticated_idle']:g}) must be longer than "
+                           f"auth_deadline ({out['auth_deadline']:g}), or a card would be cut off while it answers")
     if out["lockout_max"] < out["lockout_base"]:
         raise SettingError(f"{where}: lockout_max ({out['lockout_max']:g}) is less than lockout_base "
                            f"({out['lockout_base']:g})")
