@@ -219,6 +219,9 @@ class FakeServer:
             if not auth.check_password(self.verifier, presented):
                 return OpResult(status=Status.REFUSED)
             return OpResult(status=Status.OK, version=self.version, protected=self.envelope)
+        if isinstance(msg, OpRequest) and msg.op is Op.ATTACH:  # a reconnected channel of the current insert
+            return OpResult(status=Status.OK if msg.insert_secret == self.secret else Status.REFUSED,
+                            version=self.version)
         if isinstance(msg, OpRequest) and msg.op is Op.SYNC:
             if self.sync_error is not None:
                 return self._failure(self.sync_error)

@@ -185,6 +185,12 @@ async def sync(proto, serial: str, insert_secret: bytes, version: int, protected
     return _check(result, "sync")
 
 
+async def attach(proto, serial: str, insert_secret: bytes) -> OpResult:
+    """Op.ATTACH: a reconnected channel proves it belongs to the current insert (docs/protocol.md §10.1)."""
+    result = await proto.request(OpRequest(op=Op.ATTACH, serial=serial, insert_secret=insert_secret))
+    return _check(result, "attach")
+
+
 async def remove(proto, serial: str, insert_secret: bytes, version: int, protected: bytes) -> OpResult:
     result = await proto.request(
         OpRequest(op=Op.REMOVE, serial=serial, insert_secret=insert_secret, version=version, protected=protected)

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from vsc import crypto
 from vsc.card import ops
 from vsc.card.machine import MachineLock, MachineLockHeld, compute_muk
+from vsc.card.freshness import FreshnessStore, RollbackError
 from vsc.card.protected import CardMemory
 from vsc.net.channel import ChannelClosedError
 from vsc.protocol.card_lifecycle import CardError, CardLifecycle, LifeState
@@ -104,6 +105,8 @@ class CardSession:
         self.lock = lock or MachineLock()
         self.on_exit = on_exit
         self._life = CardLifecycle()
+        #: the highest generation a storage acknowledged, kept in HOME (vsc.card.freshness)
+        self.freshness = FreshnessStore(config.home)
         self.muk = b""
         self.pid = 0
         self._oplock = DeferredLock()
@@ -151,10 +154,18 @@ class CardSession:
             self.muk = self._muk_fn()
             self.pid = self._pid_fn()
             memory = await self.storage.open(password, self.muk)
+            try:
+                _record, lowered = self.freshness.check(memory)
+            except RollbackError as e:
+                memory.wipe()
+                raise CardError(str(e)) from None
         except BaseException:
             self.lock.release()
             self._life.insert_failed()
             raise
+        if lowered:
+            self.log.warn("an older copy was accepted as the owner asked; kept as last stored: {names}",
+                          names=", ".join(lowered))
         self._life.inserted(memory)
         self.inserted_at = self.reactor.seconds()
         self.log.info("card {serial} inserted (version {version})", serial=self.config.serial, version=self.version)
@@ -322,6 +333,16 @@ class CardSession:
             mem.revert(kind, name, old)
             raise
         mem.discard(old)
+        self._stored(mem)
+
+    def _stored(self, mem: CardMemory) -> None:
+        """The storage acknowledged the last export: remember its generation (and the floors) in HOME."""
+        mem.acknowledge()
+        try:
+            self.freshness.save(mem)
+        except OSError as e:  # the change is stored; only this machine's rollback check is weaker
+            self.log.warn("cannot record the stored generation in {path}: {why}", path=str(self.freshness.path),
+                          why=e.strerror or str(e))
 
     # ------------------------------------------------------------ password change
 
@@ -335,7 +356,9 @@ class CardSession:
             raise CardError("the new password is empty")
 
         async def run():
-            version = await self.storage.change_password(self.require_usable(), old, new)
+            mem = self.require_usable()
+            version = await self.storage.change_password(mem, old, new)
+            self._stored(mem)
             self.log.info("password of card {serial} changed (version {version})", serial=self.config.serial,
                           version=version)
             return version
@@ -356,7 +379,9 @@ class CardSession:
         self._stop_polling()
 
         async def run():
-            await self.storage.check_in(self._life.memory.export())
+            mem = self._life.memory
+            await self.storage.check_in(mem.export())
+            self._stored(mem)
 
         try:
             await self._oplock.run(lambda: ensureDeferred(run()))

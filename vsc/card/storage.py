@@ -143,11 +143,17 @@ class ServerStorage:
         last: Exception | None = None
         for attempt in range(max(1, self.config.reconnect_attempts)):
             try:
-                self._proto = await self._connect(self.reactor, self.config.server, self.config.server_key,
-                                                  self.config.channel, self.rand)
-                if attempt or self._in_use:
-                    self.log.info("reconnected to the server ({suite})", suite=self._proto.info.suite.label)
-                return self._proto
+                proto = await self._connect(self.reactor, self.config.server, self.config.server_key,
+                                            self.config.channel, self.rand)
+                if self._in_use:
+                    # a new channel of the in-use card: prove it belongs to this insert, so the server lifts
+                    # the limits it keeps on channels nothing has authenticated on (large uploads)
+                    await ops.attach(proto, self.config.serial, self._secret)
+                    self.log.info("reconnected to the server ({suite})", suite=proto.info.suite.label)
+                self._proto = proto
+                return proto
+            except ops.OperationRefused as e:
+                raise CardError(f"the server no longer knows this insert: {explain(e)}") from None
             except Exception as e:  # noqa: BLE001 - retried, then reported
                 last = e
                 await deferLater(self.reactor, min(0.2 * 2**attempt, 5.0), lambda: None)
