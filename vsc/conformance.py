@@ -691,7 +691,3 @@ def _defaults(fn):
 
     return wrapped
 
-
-from vsc import cli as _cli  # noqa: E402
-
-_cli._PARSER_EXTENSIONS["top"].append(extend)

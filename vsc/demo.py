@@ -956,5 +956,3 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--count", type=int, default=3, help="with --channels: sealed echo records per channel (default: 3)")
     p.set_defaults(func=cmd_demo)
 
-
-cli._PARSER_EXTENSIONS["top"].append(_add_demo_parser)

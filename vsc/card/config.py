@@ -19,12 +19,12 @@ lives on the server (or a dongle).
 from __future__ import annotations
 
 import configparser
-import hashlib
 import os
 from pathlib import Path
 
 import attrs
 
+from vsc.card import paths
 from vsc.protocol.suites import DEFAULT_SUITES, ChannelConfig, ForwardSecrecy, parse_suites
 
 CARD_INI = "card.ini"
@@ -37,14 +37,11 @@ class CardConfigError(Exception):
 
 
 def default_home() -> Path:
-    return Path(os.environ.get("VSC_HOME") or Path.home() / ".config" / "vsc")
+    return Path(paths.default_home())
 
 
 def runtime_dir() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base) and os.access(base, os.W_OK):
-        return Path(base) / "vsc"
-    return Path(f"/tmp/vsc-{os.getuid()}")
+    return Path(paths.runtime_dir())
 
 
 @attrs.frozen
@@ -62,13 +59,11 @@ class CardConfig:
 
     @property
     def control_socket(self) -> Path:
-        tag = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
-        return runtime_dir() / f"card-{tag}.sock"
+        return control_socket_for(self.home)
 
 
 def control_socket_for(home: Path) -> Path:
-    tag = hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:12]
-    return runtime_dir() / f"card-{tag}.sock"
+    return Path(paths.control_socket_for(home))
 
 
 def load(home: str | os.PathLike | None) -> CardConfig:

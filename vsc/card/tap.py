@@ -178,7 +178,7 @@ def makeService(options: Options) -> service.IService:
     daemon.totp = card_config.totp_source(options["totp"], options["totp-file"],
                                           cfg.settings.get("totp", "").lower() == "true")
     if options["dongle"] or cfg.settings.get("mode") == "dongle":
-        from vsc.dongle.cli import dongle_setup
+        from vsc.dongle.config import dongle_setup
 
         try:
             daemon.dongle = dongle_setup(cfg, options["dongle"], options["token-pin-file"])

@@ -18,26 +18,17 @@ import json
 import os
 from pathlib import Path
 
-from vsc import cli as vcli
 from vsc.cli import CommandError, emit
-
-TABLE_NAME = "dongle-table"
-
-
-def _pin(args_pin_file: str | None) -> str | None:
-    if not args_pin_file:
-        return None
-    from vsc.card.config import read_password
-
-    return read_password(args_pin_file)
+from vsc.dongle.config import TABLE_NAME, read_pin
 
 
 def _ref(uri: str, pin_file: str | None):
+    from vsc.card.config import CardConfigError
     from vsc.dongle.token import TokenError, TokenRef
 
     try:
-        return TokenRef.parse(uri, _pin(pin_file))
-    except TokenError as e:
+        return TokenRef.parse(uri, read_pin(pin_file))
+    except (TokenError, CardConfigError) as e:
         raise CommandError(str(e)) from None
 
 
@@ -100,7 +91,8 @@ def cmd_enroll(args) -> int:
     from vsc import crypto
     from vsc.card import config as cc
     from vsc.card import ops
-    from vsc.card.cli import SLOT_KEYS
+    from vsc.cli.card import SLOT_KEYS
+    from vsc.cli.card import read_password
     from vsc.card.protected import PlainItem, seal_envelope
     from vsc.dongle.token import KDF_LABEL, PROTECTED_LABEL, Token, TokenError
     from vsc.wire.dongle import decode_table
@@ -115,7 +107,7 @@ def cmd_enroll(args) -> int:
     except Exception as e:  # noqa: BLE001 - WireError
         raise CommandError(f"{args.table}: {e}") from None
     ref = _ref(args.token, args.token_pin_file)
-    password = cc.read_password(args.password_file, "New card password: ", confirm=True)
+    password = read_password(args.password_file, "New card password: ", confirm=True)
     kdf = ops.new_kdf(crypto.system_random, log2_n=args.scrypt_log2n)
     keys = ops.derive_keys(password, kdf)
     items = []
@@ -204,30 +196,7 @@ def cmd_replace(args) -> int:
     return 0
 
 
-def dongle_setup(cfg, uri: str | None, pin_file: str | None):
-    """For twistd vsc-card: (TokenRef, ChallengeTable, poll) from options and card.ini."""
-    from vsc.dongle.token import TokenRef
-    from vsc.wire.dongle import decode_table
-    from vsc.wire.errors import WireError
-
-    uri = uri or cfg.settings.get("token")
-    if not uri:
-        raise ValueError("dongle mode needs --dongle pkcs11:token=...;module-path=...")
-    table_path = str(cfg.home / (cfg.settings.get("table") or TABLE_NAME))  # relative: to HOME
-    try:
-        table = decode_table(Path(table_path).read_bytes())
-    except OSError as e:
-        raise ValueError(f"cannot read the challenge table {table_path}: {e.strerror}") from None
-    except WireError as e:
-        raise ValueError(f"{table_path} is not a challenge table: {e}") from None
-    if table.serial != cfg.serial:
-        raise ValueError(f"the challenge table {table_path} is for the card {table.serial!r}, not {cfg.serial!r}")
-    ref = TokenRef.parse(uri, _pin(pin_file))
-    return ref, table, float(cfg.settings.get("dongle_poll", 60))
-
-
-def extend(sub) -> None:
-    d = sub.add_parser("dongle", help="a card on a PKCS#11 token instead of a server (claim 10)")
+def configure(d) -> None:
     dsub = d.add_subparsers(dest="dongle_command", required=True, metavar="ACTION")
 
     def token_opts(p):
@@ -264,5 +233,3 @@ def extend(sub) -> None:
     p.add_argument("--home", help="also point this card home at the new token and table")
     p.set_defaults(func=cmd_replace)
 
-
-vcli._PARSER_EXTENSIONS["top"].append(extend)
