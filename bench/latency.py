@@ -19,9 +19,9 @@ is measured. Per-call wall-clock latency, p50 and p95 (nearest rank):
 * ``vsc card sign`` — the whole CLI process per signature (interpreter
   start, imports, one AMP call on the control socket, file I/O);
 * in-process AMP — one long-lived client process calls ``SignDigest`` on the
-  control socket (the daemon loads the slot's key from its locked memory and
-  signs); also "new connection + call", what a fresh client pays besides its
-  interpreter;
+  control socket through the one control client (vsc.card.client; the daemon
+  loads the slot's key from its locked memory and signs); also "new
+  connection + call", what a fresh client pays besides its interpreter;
 * PC/SC — when pcscd, vsmartcard's vpcd and the system's pyscard are
   installed and no pcscd is running already (a running one belongs to
   someone else and is left alone): this script starts ``pcscd -f``, the card
@@ -86,48 +86,35 @@ def summary(values_ms: list[float]) -> dict:
             "min": min(values_ms) if values_ms else None}
 
 
-# ---------------------------------------------------------------- the in-process AMP client (child process)
+# ---------------------------------------------------------------- the local API client (child process)
 
 
-def amp_main(sock: str, n: int) -> None:
-    """``--amp SOCK N``: time SignDigest calls on one control connection, and new-connection + call."""
-    from bench.channel import run_in_reactor
+def amp_main(home: str, n: int) -> None:
+    """``--amp HOME N``: time SignDigest calls through vsc.card.client on one connection, and new connection + call."""
+    from vsc.card.client import ControlClient
+    from vsc.wire import control
 
-    async def go(reactor):
-        from twisted.internet.endpoints import UNIXClientEndpoint
-        from twisted.internet.protocol import Factory
-        from twisted.protocols import amp
-
-        from vsc.card import control
-
-        endpoint = UNIXClientEndpoint(reactor, sock, timeout=10)
-        out: dict = {}
-        proto = await endpoint.connect(Factory.forProtocol(amp.AMP))
-        try:
-            for slot in ("9a", "9c"):
-                times, sigs = [], []
-                for i in range(n + 2):
-                    digest = hashlib.sha256(f"amp {slot} {i}".encode()).digest()
-                    t0 = time.perf_counter()
-                    sig = (await proto.callRemote(control.SignDigest, slot=slot, digest=digest))["signature"]
-                    if i >= 2:  # two warm-up calls
-                        times.append((time.perf_counter() - t0) * 1000.0)
-                    sigs.append(sig)
-                out[slot] = {"ms": times, "sig_hex": sigs[-1].hex(), "data": f"amp {slot} {n + 1}"}
-        finally:
-            proto.transport.loseConnection()
-        fresh = []
-        for i in range(max(5, n // 5)):
-            digest = hashlib.sha256(f"fresh {i}".encode()).digest()
-            t0 = time.perf_counter()
-            p = await endpoint.connect(Factory.forProtocol(amp.AMP))
-            await p.callRemote(control.SignDigest, slot="9a", digest=digest)
-            fresh.append((time.perf_counter() - t0) * 1000.0)
-            p.transport.loseConnection()
-        out["fresh_9a"] = {"ms": fresh}
-        return out
-
-    print(json.dumps(run_in_reactor(go)))
+    out: dict = {}
+    with ControlClient(home) as card:
+        for slot in ("9a", "9c"):
+            times, sigs = [], []
+            for i in range(n + 2):
+                digest = hashlib.sha256(f"amp {slot} {i}".encode()).digest()
+                t0 = time.perf_counter()
+                sig = card.call(control.SIGN_DIGEST, slot=slot, digest=digest)["signature"]
+                if i >= 2:  # two warm-up calls
+                    times.append((time.perf_counter() - t0) * 1000.0)
+                sigs.append(sig)
+            out[slot] = {"ms": times, "sig_hex": sigs[-1].hex(), "data": f"amp {slot} {n + 1}"}
+    fresh = []
+    for i in range(max(5, n // 5)):
+        digest = hashlib.sha256(f"fresh {i}".encode()).digest()
+        t0 = time.perf_counter()
+        with ControlClient(home) as card:
+            card.call(control.SIGN_DIGEST, slot="9a", digest=digest)
+        fresh.append((time.perf_counter() - t0) * 1000.0)
+    out["fresh_9a"] = {"ms": fresh}
+    print(json.dumps(out))
 
 
 # ---------------------------------------------------------------- the PC/SC client (system python3 + pyscard)
@@ -428,11 +415,10 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
 
         # ---- the card daemon
         world.start_daemon(["--pcsc", VPCD_ENDPOINT] if pcscd is not None else [])
-        sock = world.socket
         progress("  latency: card inserted; measuring the local API...")
 
         # ---- the local API: in-process AMP (a child process with its own reactor)
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--amp", str(sock), str(n_amp)],
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--amp", str(home), str(n_amp)],
                               env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
         if proc.returncode != 0:
             raise RuntimeError(f"the AMP client failed: {proc.stderr.strip()[-800:]}")
