@@ -161,13 +161,7 @@ def save_keyfile(home: Path, data: bytes, pending: bool = False) -> Path:
     """Write the keyfile (mode 0600, atomically)."""
     Path(home).mkdir(mode=0o700, parents=True, exist_ok=True)
     path = keyfile_path(home, pending)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    paths.write_private(path, data)
     return path
 
 

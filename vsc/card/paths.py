@@ -1,6 +1,7 @@
 """
 Where a card lives on this machine: its home (settings) and, in the user's
-runtime dir, the sockets its daemon serves. Plain strings from ``os.path``:
+runtime dir, the sockets its daemon serves; and how a private file in it is
+written (``write_private``). Plain strings from ``os.path``:
 the ``vsc card`` request path and a protected program's licence check import
 this module, so it imports neither pathlib nor anything that brings in
 Twisted (vsc.card.config re-exports these as Path objects for the daemon).
@@ -44,3 +45,15 @@ def agent_socket_for(home: str | os.PathLike) -> str:
     """The default ssh-agent socket: the control socket's name with ``.ssh-agent.sock`` (same 0700 runtime dir)."""
     control = control_socket_for(home)
     return control[: -len(".sock")] + AGENT_SOCKET_SUFFIX
+
+
+def write_private(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``path`` with mode 0600, atomically (a crash leaves the old file or the new one, never half of one)."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+from vsc.card.paths import write_private
 from vsc.cli import CommandError, emit
 from vsc.dongle.config import TABLE_NAME, read_pin
 
@@ -48,18 +49,6 @@ def _new_table(ref, serial: str, entries: int):
     return ChallengeTable(serial=serial, entries=tuple(rows))
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Mode 0600, atomically (a crash leaves the old file or the new one, never half of one)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _issuer_record(issuer_dir: str | None, serial: str) -> Path | None:
     if not issuer_dir:
         return None
@@ -75,10 +64,10 @@ def cmd_provision(args) -> int:
     if args.entries < 8:
         raise CommandError("--entries must be at least 8")
     table = _new_table(ref, args.serial, args.entries)
-    _write_private(Path(args.table), encode_table(table))
+    write_private(Path(args.table), encode_table(table))
     record = _issuer_record(args.issuer_dir, args.serial)
     if record is not None:
-        _write_private(record, json.dumps({"serial": args.serial, "token": ref.token_label,
+        write_private(record, json.dumps({"serial": args.serial, "token": ref.token_label,
                                            "table": base64.b64encode(encode_table(table)).decode()},
                                           indent=2).encode())
     emit(args, {"serial": args.serial, "token": ref.token_label, "entries": len(table.entries), "table": args.table},
@@ -132,7 +121,7 @@ def cmd_enroll(args) -> int:
     except TokenError as e:
         raise CommandError(str(e)) from None
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _write_private(home / TABLE_NAME, table_bytes)
+    write_private(home / TABLE_NAME, table_bytes)
     token_uri = args.token if args.keep_pin_in_uri else _strip_pin(args.token)
     # the table's name, resolved against HOME when the card starts (a relative --home must not make it cwd-relative)
     cc.save(home, mode="dongle", serial=table.serial, token=token_uri, table=TABLE_NAME,
@@ -141,7 +130,7 @@ def cmd_enroll(args) -> int:
     if record is not None:
         data = json.loads(record.read_text()) if record.exists() else {"serial": table.serial}
         data.update(envelope=base64.b64encode(envelope).decode(), kdf=base64.b64encode(kdf.encode()).decode())
-        _write_private(record, json.dumps(data, indent=2).encode())
+        write_private(record, json.dumps(data, indent=2).encode())
     emit(args, {"serial": table.serial, "home": str(home), "token": ref.token_label},
          f"card {table.serial} enrolled on the token {ref.token_label}; settings in {home / cc.CARD_INI}\n"
          f"insert it with: twistd -n vsc-card --home {home} --token-pin-file PINFILE")
@@ -180,13 +169,13 @@ def cmd_replace(args) -> int:
             tok.write(PROTECTED_LABEL, base64.b64decode(data["envelope"]))
     except TokenError as e:
         raise CommandError(str(e)) from None
-    _write_private(Path(args.table), encode_table(table))
+    write_private(Path(args.table), encode_table(table))
     data.update(token=ref.token_label, table=base64.b64encode(encode_table(table)).decode())
-    _write_private(record, json.dumps(data, indent=2).encode())
+    write_private(record, json.dumps(data, indent=2).encode())
     if cfg is not None:
         from vsc.card import config as cc
 
-        _write_private(cfg.home / TABLE_NAME, encode_table(table))
+        write_private(cfg.home / TABLE_NAME, encode_table(table))
         values = dict(cfg.settings)
         values.update(token=_strip_pin(args.token), table=TABLE_NAME)
         cc.save(cfg.home, **values)
