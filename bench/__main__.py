@@ -28,6 +28,9 @@ Parts (each reuses the existing benchmark modules):
               pkcs11-tool through OpenSC), and SoftHSM2.
 5. capacity   bench/capacity.py: cards in use held by one server process with
               polling running; RSS per card; insert latency under that load.
+6. startup    bench/startup.py: `vsc card status` / `vsc card sign` / `vsc
+              --help` as whole processes beside `python -c pass`, alternated
+              in pairs, against a real card daemon.
 
 ``--quick`` takes under about two minutes, the full run under about fifteen.
 Everything runs on loopback; every process a part starts is stopped in that
@@ -53,7 +56,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("floor", "handshakes", "cycles", "latency", "capacity")
+PARTS = ("floor", "handshakes", "cycles", "latency", "capacity", "startup")
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 CYCLE_CARDS = 10
 
@@ -303,8 +306,14 @@ def part_capacity(quick: bool) -> dict:
     return capacity.run(quick, progress=progress)
 
 
+def part_startup(quick: bool) -> dict:
+    from bench import startup
+
+    return startup.run(quick, progress=progress)
+
+
 PART_FUNCS = {"floor": part_floor, "handshakes": part_handshakes, "cycles": part_cycles, "latency": part_latency,
-              "capacity": part_capacity}
+              "capacity": part_capacity, "startup": part_startup}
 IN_CHILD = {"handshakes"}  # parts that run a Twisted reactor in this process
 
 
@@ -473,7 +482,8 @@ def section_cycles(cy: dict) -> list[str]:
 
 def headline(results: dict) -> list[str]:
     out = []
-    fl, hs, cy, lat, cap = (results.get(k, {}) for k in PARTS)
+    fl, hs, cy, lat, cap, st = (results.get(k, {}) for k in ("floor", "handshakes", "cycles", "latency", "capacity",
+                                                              "startup"))
     if hs and "error" not in hs:
         rsa = hs["rsa_decrypt"]["3072"]
         parts = []
@@ -509,6 +519,10 @@ def headline(results: dict) -> list[str]:
                    f"{p50(lat, 'amp', '9c')} ms; `vsc card sign` CLI {p50(lat, 'cli', '9a')} / {p50(lat, 'cli', '9c')} ms; "
                    f"PC/SC GENERAL AUTHENTICATE {p50(lat, 'pcsc', '9a')} / {p50(lat, 'pcsc', '9c')} ms; SoftHSM2 "
                    f"python-pkcs11 {p50(lat, 'softhsm', 'rsa2048')} / {p50(lat, 'softhsm', 'p256')} ms.")
+    if st and "error" not in st:
+        out.append("- `vsc` as a whole process, median against `python -c pass` beside it: " + "; ".join(
+            f"`vsc {name}` {st[name]['command_ms']:.1f} ms ({st[name]['ratio']:.2f}x)"
+            for name in ("card status", "card sign", "--help") if name in st) + ".")
     if fl and "error" not in fl:
         out.append(f"- Floor: RSA-3072 decrypt {f_rate(fl['rsa3072_decrypt'])}/s, RSA-2048 decrypt "
                    f"{f_rate(fl['rsa2048_decrypt'])}/s, RSA-2048 sign {f_rate(fl['rsa2048_sign'])}/s "
@@ -519,7 +533,7 @@ def headline(results: dict) -> list[str]:
 
 def document(results: dict, facts: dict, command: str, quick: bool, started: str, load_start: str,
              load_end: str, elapsed: float) -> str:
-    from bench import capacity, latency
+    from bench import capacity, latency, startup
 
     lines = [
         "# vsc benchmarks",
@@ -594,6 +608,20 @@ def document(results: dict, facts: dict, command: str, quick: bool, started: str
             "per call. SoftHSM2: a fresh token in a temporary SOFTHSM2_CONF tokendir. bench/pcsc.py itself "
             "measures the same stack as rates, with a no-op card as the PC/SC floor.",
             f"Namespace: {lat.get('namespace', '—')}.",
+        ]
+    lines += ["", "## 6. Start-up of the `vsc` command", ""]
+    st = results.get("startup", {"error": "skipped"})
+    if "error" in st:
+        lines.append(f"Not measured: {st['error']}")
+    else:
+        lines += [
+            startup.report(st),
+            "",
+            "bench/startup.py: the same set-up as section 5 (bench/latency.py's CardInUse); each command as a whole "
+            "process (interpreter start, imports, one request on the control socket, output) beside `python -c "
+            "pass` of the same interpreter, in alternated pairs (order swapped every pair); medians. The vsc "
+            "package is byte-compiled first, as an installed package is. The last column lists which of Twisted, "
+            "construct, cryptography and pycryptodome the command imported (`python -X importtime`).",
         ]
     lines += [
         "",

@@ -19,9 +19,9 @@ is measured. Per-call wall-clock latency, p50 and p95 (nearest rank):
 * ``vsc card sign`` — the whole CLI process per signature (interpreter
   start, imports, one AMP call on the control socket, file I/O);
 * in-process AMP — one long-lived client process calls ``SignDigest`` on the
-  control socket (the daemon loads the slot's key from its locked memory and
-  signs); also "new connection + call", what a fresh client pays besides its
-  interpreter;
+  control socket through the one control client (vsc.card.client; the daemon
+  loads the slot's key from its locked memory and signs); also "new
+  connection + call", what a fresh client pays besides its interpreter;
 * PC/SC — when pcscd, vsmartcard's vpcd and the system's pyscard are
   installed and no pcscd is running already (a running one belongs to
   someone else and is left alone): this script starts ``pcscd -f``, the card
@@ -86,48 +86,35 @@ def summary(values_ms: list[float]) -> dict:
             "min": min(values_ms) if values_ms else None}
 
 
-# ---------------------------------------------------------------- the in-process AMP client (child process)
+# ---------------------------------------------------------------- the local API client (child process)
 
 
-def amp_main(sock: str, n: int) -> None:
-    """``--amp SOCK N``: time SignDigest calls on one control connection, and new-connection + call."""
-    from bench.channel import run_in_reactor
+def amp_main(home: str, n: int) -> None:
+    """``--amp HOME N``: time SignDigest calls through vsc.card.client on one connection, and new connection + call."""
+    from vsc.card.client import ControlClient
+    from vsc.wire import control
 
-    async def go(reactor):
-        from twisted.internet.endpoints import UNIXClientEndpoint
-        from twisted.internet.protocol import Factory
-        from twisted.protocols import amp
-
-        from vsc.card import control
-
-        endpoint = UNIXClientEndpoint(reactor, sock, timeout=10)
-        out: dict = {}
-        proto = await endpoint.connect(Factory.forProtocol(amp.AMP))
-        try:
-            for slot in ("9a", "9c"):
-                times, sigs = [], []
-                for i in range(n + 2):
-                    digest = hashlib.sha256(f"amp {slot} {i}".encode()).digest()
-                    t0 = time.perf_counter()
-                    sig = (await proto.callRemote(control.SignDigest, slot=slot, digest=digest))["signature"]
-                    if i >= 2:  # two warm-up calls
-                        times.append((time.perf_counter() - t0) * 1000.0)
-                    sigs.append(sig)
-                out[slot] = {"ms": times, "sig_hex": sigs[-1].hex(), "data": f"amp {slot} {n + 1}"}
-        finally:
-            proto.transport.loseConnection()
-        fresh = []
-        for i in range(max(5, n // 5)):
-            digest = hashlib.sha256(f"fresh {i}".encode()).digest()
-            t0 = time.perf_counter()
-            p = await endpoint.connect(Factory.forProtocol(amp.AMP))
-            await p.callRemote(control.SignDigest, slot="9a", digest=digest)
-            fresh.append((time.perf_counter() - t0) * 1000.0)
-            p.transport.loseConnection()
-        out["fresh_9a"] = {"ms": fresh}
-        return out
-
-    print(json.dumps(run_in_reactor(go)))
+    out: dict = {}
+    with ControlClient(home) as card:
+        for slot in ("9a", "9c"):
+            times, sigs = [], []
+            for i in range(n + 2):
+                digest = hashlib.sha256(f"amp {slot} {i}".encode()).digest()
+                t0 = time.perf_counter()
+                sig = card.call(control.SIGN_DIGEST, slot=slot, digest=digest)["signature"]
+                if i >= 2:  # two warm-up calls
+                    times.append((time.perf_counter() - t0) * 1000.0)
+                sigs.append(sig)
+            out[slot] = {"ms": times, "sig_hex": sigs[-1].hex(), "data": f"amp {slot} {n + 1}"}
+    fresh = []
+    for i in range(max(5, n // 5)):
+        digest = hashlib.sha256(f"fresh {i}".encode()).digest()
+        t0 = time.perf_counter()
+        with ControlClient(home) as card:
+            card.call(control.SIGN_DIGEST, slot="9a", digest=digest)
+        fresh.append((time.perf_counter() - t0) * 1000.0)
+    out["fresh_9a"] = {"ms": fresh}
+    print(json.dumps(out))
 
 
 # ---------------------------------------------------------------- the PC/SC client (system python3 + pyscard)
@@ -323,11 +310,78 @@ def _timed_runs(argv: list[str], n: int, env: dict, cwd: Path) -> tuple[list[flo
 # ---------------------------------------------------------------- the measurement
 
 
+class CardInUse:
+    """
+    The set-up every card benchmark shares, in ``base``: a real ``twistd -n
+    vsc-server`` (SQLite, RSA-2048 key), the card ``SERIAL`` enrolled with the
+    real CLI (scrypt log2(N) = 10), and (``start_daemon``) its card daemon
+    with a private XDG_RUNTIME_DIR and VSC_LOCK_DIR. ``close`` stops both.
+    """
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.home = base / "card"
+        self.server = None
+        self.daemon: subprocess.Popen | None = None
+        self._daemon_log = None
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VSC_", "SOFTHSM2_"))}
+        self.run_dir = base / "run"
+        self.run_dir.mkdir(mode=0o700)
+        (base / "lock").mkdir(mode=0o700)
+        env.update(XDG_RUNTIME_DIR=str(self.run_dir), VSC_LOCK_DIR=str(base / "lock"), PYTHONUNBUFFERED="1",
+                   HOME=str(base))  # OpenSC's cache goes to $HOME/.cache
+        self.env = env
+
+    @property
+    def socket(self) -> Path:
+        """The card daemon's control socket (vsc.util.paths.control_socket_for, in our runtime dir)."""
+        return self.run_dir / "vsc" / f"card-{hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]}.sock"
+
+    def enrol(self) -> None:
+        from vsc.protocol import auth
+        from vsc.server import config
+        from vsc.server.policy import Policy, new_enrolment_code
+        from vsc.server.store import Store
+
+        base = self.base
+        data_dir = bserver.make_data_dir(base, "srv", None, "", 2048)
+        fp = config.load(data_dir).load_key().public_key().fingerprint()
+        self.server = bserver.ServerProcess(data_dir, base / "server.log")
+        self.server.wait_port()
+        code = new_enrolment_code()
+        store = Store(config.load(data_dir).database_url, time.time)
+        try:
+            store.issue(SERIAL, auth.code_hash(code), Policy().initial_auth_info(), 3600, peer="bench")
+        finally:
+            store.close()
+        for name, value in (("pw", PASSWORD), ("pin", PIN), ("puk", PUK)):
+            (base / name).write_text(value + "\n")
+        proc = subprocess.run([str(VSC), "card", "--home", str(self.home), "enroll", "--server",
+                               self.server.endpoint, "--server-key", fp, "--serial", SERIAL, "--code", code,
+                               "--password-file", str(base / "pw"), "--pin-file", str(base / "pin"), "--puk-file",
+                               str(base / "puk"), "--scrypt-log2n", "10", "--json"],
+                              env=self.env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise RuntimeError(f"vsc card enroll failed: {proc.stderr.strip()[-500:]}")
+
+    def start_daemon(self, extra: list[str] = ()) -> None:
+        argv = [str(TWISTD), "-n", "--pidfile=", "vsc-card", "--home", str(self.home), "--password-file",
+                str(self.base / "pw"), "--no-ssh-agent", *extra]
+        self._daemon_log = open(self.base / "card.log", "wb")
+        self.daemon = subprocess.Popen(argv, env=self.env, cwd=self.base, stdin=subprocess.DEVNULL,
+                                       stdout=self._daemon_log, stderr=subprocess.STDOUT)
+        _wait(self.socket.exists, 60, "the card daemon", self.daemon, self.base / "card.log")
+
+    def close(self) -> None:
+        _stop(self.daemon)  # SIGTERM: the card is removed (uploaded, set idle) before it exits
+        if self.server is not None:
+            self.server.stop()
+        if self._daemon_log is not None:
+            self._daemon_log.close()
+
+
 def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lambda m: None) -> dict:
     from vsc import crypto
-    from vsc.protocol import auth
-    from vsc.server.policy import Policy, new_enrolment_code
-    from vsc.server.store import Store
 
     n_amp = 15 if quick else 200
     n_cli = 2 if quick else 10
@@ -337,40 +391,13 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
     base = Path(tempfile.mkdtemp(prefix="vscl-", dir="/tmp"))  # short: UNIX socket paths <= 108 bytes
     res: dict = {"n": {"amp": n_amp, "cli": n_cli, "pcsc": n_pcsc, "tool": n_tool, "softhsm": n_hsm},
                  "notes": []}
-    server = daemon = pcscd = None
-    daemon_log = pcscd_log = None
+    world = CardInUse(base)
+    pcscd = pcscd_log = None
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("VSC_", "SOFTHSM2_"))}
-        run_dir = base / "run"
-        run_dir.mkdir(mode=0o700)
-        (base / "lock").mkdir(mode=0o700)
-        env.update(XDG_RUNTIME_DIR=str(run_dir), VSC_LOCK_DIR=str(base / "lock"), PYTHONUNBUFFERED="1",
-                   HOME=str(base))  # OpenSC's cache goes to $HOME/.cache
-        home = base / "card"
+        env, home = world.env, world.home
 
         # ---- server and enrolment
-        data_dir = bserver.make_data_dir(base, "srv", None, "", 2048)
-        from vsc.server import config
-
-        cfg = config.load(data_dir)
-        fp = cfg.load_key().public_key().fingerprint()
-        server = bserver.ServerProcess(data_dir, base / "server.log")
-        server.wait_port()
-        code = new_enrolment_code()
-        store = Store(cfg.database_url, time.time)
-        try:
-            store.issue(SERIAL, auth.code_hash(code), Policy().initial_auth_info(), 3600, peer="bench")
-        finally:
-            store.close()
-        for name, value in (("pw", PASSWORD), ("pin", PIN), ("puk", PUK)):
-            (base / name).write_text(value + "\n")
-        proc = subprocess.run([str(VSC), "card", "--home", str(home), "enroll", "--server", server.endpoint,
-                               "--server-key", fp, "--serial", SERIAL, "--code", code, "--password-file",
-                               str(base / "pw"), "--pin-file", str(base / "pin"), "--puk-file", str(base / "puk"),
-                               "--scrypt-log2n", "10", "--json"],
-                              env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            raise RuntimeError(f"vsc card enroll failed: {proc.stderr.strip()[-500:]}")
+        world.enrol()
 
         # ---- PC/SC (optional): pcscd first, so the card daemon finds vpcd
         why = pcsc_unavailable() if pcsc else "disabled (--no-pcsc)"
@@ -387,19 +414,11 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
         res["pcsc_skipped"] = why
 
         # ---- the card daemon
-        sock = run_dir / "vsc" / f"card-{hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]}.sock"
-        argv = [str(TWISTD), "-n", "--pidfile=", "vsc-card", "--home", str(home), "--password-file",
-                str(base / "pw"), "--no-ssh-agent"]
-        if pcscd is not None:
-            argv += ["--pcsc", VPCD_ENDPOINT]
-        daemon_log = open(base / "card.log", "wb")
-        daemon = subprocess.Popen(argv, env=env, cwd=base, stdin=subprocess.DEVNULL, stdout=daemon_log,
-                                  stderr=subprocess.STDOUT)
-        _wait(sock.exists, 60, "the card daemon", daemon, base / "card.log")
+        world.start_daemon(["--pcsc", VPCD_ENDPOINT] if pcscd is not None else [])
         progress("  latency: card inserted; measuring the local API...")
 
         # ---- the local API: in-process AMP (a child process with its own reactor)
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--amp", str(sock), str(n_amp)],
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--amp", str(home), str(n_amp)],
                               env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
         if proc.returncode != 0:
             raise RuntimeError(f"the AMP client failed: {proc.stderr.strip()[-800:]}")
@@ -479,13 +498,10 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
         res["verified"] = verified
         return res
     finally:
-        _stop(daemon)  # SIGTERM: the card is removed (uploaded, set idle) before it exits
+        world.close()
         _stop(pcscd)
-        if server is not None:
-            server.stop()
-        for f in (daemon_log, pcscd_log):
-            if f is not None:
-                f.close()
+        if pcscd_log is not None:
+            pcscd_log.close()
         os.environ.pop("SOFTHSM2_CONF", None)
         if keep:
             print(f"latency logs kept in {base}", file=sys.stderr)

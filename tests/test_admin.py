@@ -1,5 +1,5 @@
 """
-``vsc admin`` card-database commands (vsc/server/admin.py), run through the
+``vsc admin`` card-database commands (vsc/cli/admin.py), run through the
 real installed console script in a subprocess on a temporary data dir, the
 way an administrator types them. Cards that need an enrolled record are
 created directly through the Store API (enrolment over the network is

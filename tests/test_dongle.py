@@ -400,7 +400,7 @@ def test_dongle_setup_reads_card_ini(tmp_path):
     HOME uses its own table, whatever the cwd); a table of another card, a damaged table and a missing one are
     refused with one line before anything touches a token."""
     from vsc.card import config as cc
-    from vsc.dongle.cli import TABLE_NAME, dongle_setup
+    from vsc.dongle.config import TABLE_NAME, dongle_setup
     from vsc.wire.dongle import ChallengeTable, encode_table
 
     home = tmp_path / "home"

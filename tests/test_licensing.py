@@ -1,7 +1,7 @@
 """
 Licence and copy protection ([0008], [0017], [0044]-[0045], [0064]-[0065],
 claim 8): keyfiles, the card's proof of possession, rental counters, the
-``vsc run`` ignition key and the ``vsc.lcp`` API for protected programs.
+``vsc run`` ignition key and the ``vsc.licensing.lcp`` API for protected programs.
 
 Three layers:
 
@@ -41,9 +41,13 @@ from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated, ReactorNotRunning
 from twisted.internet.task import Clock
 
+from tests.fakecard import FakeCardSocket, fake_home  # noqa: F401  (a fixture)
 from tests.servers import TWISTD, VSC, Servers, _env, admin, init_data_dir
-from vsc import crypto, lcp
-from vsc.lcp_run import IgnitionKey
+from vsc import crypto
+from vsc.card import client
+from vsc.licensing import lcp
+from vsc.licensing.run import IgnitionKey
+from vsc.wire import control
 from vsc.wire.license import ARMOR_BEGIN, ARMOR_END, KeyfileSchema, License, armor, decode_body, dearmor, encode_body
 
 CLI_TIMEOUT = 60.0
@@ -243,67 +247,6 @@ def test_issue_refuses_what_would_not_protect(vendor, card_key, tmp_path, capsys
     assert cli.main(base + ["--product", "p", "--runs", "2", "--counter", "lic:pool"]) == 0
 
 
-class FakeCardSocket:
-    """
-    A stand-in card daemon on the control socket of ``home``: answers each
-    AMP request with ``respond(command, args)`` (a dict, or None to stay silent).
-    """
-
-    def __init__(self, home: Path, respond):
-        import socket
-        import threading
-
-        from vsc.card.config import control_socket_for
-
-        self.path = control_socket_for(home)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.respond = respond
-        self.requests: list[tuple[bytes, dict]] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(self.path))
-        self.sock.listen(8)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        from twisted.protocols import amp
-
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            data = b""
-            while not data.endswith(b"\x00\x00") or len(amp.parseString(data)) == 0:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            box = amp.parseString(data)[0]
-            command = box.pop(b"_command")
-            ask = box.pop(b"_ask")
-            self.requests.append((command, dict(box)))
-            answer = self.respond(command, dict(box))
-            if answer is None:
-                continue  # silent: keep the connection open, never answer
-            conn.sendall(amp.AmpBox({b"_answer": ask, **answer}).serialize())
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-
-
-@pytest.fixture
-def fake_home(tmp_path, monkeypatch):
-    """A card home whose control socket lives in a private, short runtime dir."""
-    runtime = Path(tempfile.mkdtemp(prefix="vsclic-", dir="/tmp"))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    yield tmp_path / "home"
-    shutil.rmtree(runtime, ignore_errors=True)
-
-
 def test_api_check_verifies_the_proof_itself(vendor, card_key, fake_home, tmp_path):
     """
     ``lcp.check`` talks AMP to the control socket without a reactor and
@@ -320,7 +263,7 @@ def test_api_check_verifies_the_proof_itself(vendor, card_key, fake_home, tmp_pa
         if signer["key"] == "silent":
             return None
         if signer["key"] == "error":
-            return {b"_error": b"1", b"_error_code": b"CARD_ERROR", b"_error_description": b"no key in slot 9c"}
+            return {b"_error_code": b"CARD_ERROR", b"_error_description": b"no key in slot 9c"}
         with crypto.PrivateKeyHandle(signer["key"]) as key:
             return {b"signature": key.sign_digest(args[b"digest"])}
 
@@ -346,6 +289,73 @@ def test_api_check_verifies_the_proof_itself(vendor, card_key, fake_home, tmp_pa
         assert time.monotonic() - started < 3
     finally:
         card.close()
+
+
+def test_api_check_on_a_fixed_clock_and_randomness(vendor, card_key, fake_home, tmp_path):
+    """
+    ``lcp.check`` takes its time and its nonces from the caller: a keyfile
+    that expired long ago passes at ``now`` just before its expiry and is
+    refused at ``now`` = expiry (the wall clock plays no part), and the digest
+    the card is asked to sign is exactly SHA-256 of the challenge over the
+    nonce ``rand`` returned.
+    """
+    expires = 1_000_000_000  # 2001: long past on the wall clock
+    lic = make_license(card_key[1], expires=expires)
+    keyfile = tmp_path / "old.keyfile"
+    keyfile.write_text(lcp.issue(vendor[0], lic))
+    nonce = bytes(range(32))
+    asked: list[int] = []
+
+    def rand(n: int) -> bytes:
+        asked.append(n)
+        return nonce
+
+    def respond(command, args):
+        with crypto.PrivateKeyHandle(card_key[0]) as key:
+            return {b"signature": key.sign_digest(args[b"digest"])}
+
+    card = FakeCardSocket(fake_home, respond)
+    try:
+        assert lcp.check(str(keyfile), vendor[1], home=fake_home, now=expires - 1, rand=rand) == lic
+        assert asked == [32]
+        assert card.requests[-1][1][b"digest"] == hashlib.sha256(lcp.proof_challenge(lic, nonce)).digest()
+        with pytest.raises(lcp.LicenseError, match="^the licence for editor expired$"):
+            lcp.check(str(keyfile), vendor[1], home=fake_home, now=expires, rand=rand)
+        assert len(card.requests) == 1  # refused before the card was asked
+    finally:
+        card.close()
+
+
+def test_guard_checks_expiry_on_its_clock(vendor, card_key, fake_home, tmp_path):
+    """A Guard whose clock reads past the keyfile's expiry calls on_failure once, with the expiry reason."""
+    lic = make_license(card_key[1], expires=2_000_000_000)
+    keyfile = tmp_path / "g.keyfile"
+    keyfile.write_text(lcp.issue(vendor[0], lic))
+    failures: list[str] = []
+    guard = lcp.Guard(str(keyfile), vendor[1], interval=0.01, home=fake_home, on_failure=failures.append,
+                      clock=lambda: 2_000_000_000.0)
+    guard.start()
+    guard._thread.join(10)
+    assert not guard._thread.is_alive() and failures == ["the licence for editor expired"]
+
+
+def test_documented_counter_names_have_the_codes_form(vendor, card_key):
+    """
+    Every rental counter name in docs/licensing.md has the form the code
+    makes (``lic:PRODUCT:<16 hex>:<12 hex vendor tag>``), the page states that
+    form, and ``counter_name`` makes names of it from the licence id and the
+    vendor key's SHA-256 (issue 13: the page once named them without the tag).
+    """
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "licensing.md").read_text()
+    form = re.compile(r"lic:[a-z0-9-]+:[0-9a-f]{16}:[0-9a-f]{12}")
+    names = re.findall(r"lic:[A-Za-z0-9:.-]*[0-9a-f]{8}[0-9a-f:]*", doc)
+    assert names and all(form.fullmatch(n) for n in names), names
+    assert "`lic:PRODUCT:<first 16 hex digits of the licence id>:<vendor tag>`" in doc
+    lic = make_license(card_key[1], runs=2)
+    name = lcp.counter_name(lic, vendor[1])
+    assert form.fullmatch(name)
+    tag = hashlib.sha256(crypto.vendor_public_der(vendor[1])).hexdigest()[:12]
+    assert name == f"lic:editor:{lic.license_id.hex()[:16]}:{tag}"
 
 
 # ================================================================ IgnitionKey on a fake reactor
@@ -742,7 +752,7 @@ class World:
 
     def peek(self, name: str) -> int:
         """The same read, straight over the control socket (no CLI start-up)."""
-        return int(lcp._amp_call(self.home, b"Counter", {b"name": name.encode(), b"delta": b"0"}, 10)[b"value"])
+        return client.call(self.home, control.COUNTER, 10, name=name, delta=0)["value"]
 
     def ensure_card(self) -> None:
         """The card is inserted: recover it first if its daemon was killed -9."""
@@ -802,7 +812,8 @@ def card(world, monkeypatch):
 
 
 # the card goes away in steps (remove answered, socket closed, daemon gone): any of these lines is right
-NO_CARD = r"no card is inserted|the card is not inserted|card daemon closed|card refused"
+# the card gone, or going: no daemon, the connection closed, or the daemon refusing while it removes the card
+NO_CARD = r"no card is inserted|the card is not inserted|the card daemon closed|the card refused: the card is"
 
 
 def marker_program(marker: Path, *then: str) -> tuple[str, ...]:
@@ -973,11 +984,11 @@ def test_rental_counter_survives_kills_and_restarts(card):
 
     funded = card.vsc("card", "--home", str(card.home), "counter", name, "--add", "5", check=False)
     assert funded.returncode != 0 and "funded by keyfiles only" in funded.stderr
-    with pytest.raises(lcp._Refused):  # a raw control-socket request cannot step it up either
-        lcp._amp_call(card.home, b"Counter", {b"name": name.encode(), b"delta": b"5"}, 10)
-    again = lcp._amp_call(card.home, b"LicenseFund", {b"keyfile": keyfile.read_bytes(),
-                                                     b"vendor_key": card.vendor_pub.read_bytes()}, 10)
-    assert int(again[b"value"]) == 0 and again[b"name"].decode() == name  # a grant funds its counter once: no refill
+    with pytest.raises(client.Refused):  # a raw control-socket request cannot step it up either
+        client.call(card.home, control.COUNTER, 10, name=name, delta=5)
+    again = client.call(card.home, control.LICENSE_FUND, 10, keyfile=keyfile.read_text(),
+                        vendor_key=card.vendor_pub.read_bytes())
+    assert again["value"] == 0 and again["name"] == name  # a grant funds its counter once: no refill
     assert card.counter(name) == 0
     check = card.vsc("license", "check", "--home", str(card.home), "--license", str(keyfile), "--vendor-key",
                      str(card.vendor_pub), "--charge", check=False)
@@ -990,10 +1001,10 @@ def test_user_cannot_fund_a_licence_counter(card):
     name = "lic:editor:0000000000000000"
     proc = card.vsc("card", "--home", str(card.home), "counter", name, "--add", "5", check=False)
     assert proc.returncode == 1 and "licence counters are funded by keyfiles only" in proc.stderr
-    with pytest.raises(lcp._Refused, match="no counter"):
+    with pytest.raises(client.Refused, match="no counter"):
         card.peek(name)
-    with pytest.raises(lcp._Refused, match="funded by keyfiles only"):
-        lcp._amp_call(card.home, b"Counter", {b"name": b"lic:anything", b"delta": b"1"}, 10)
+    with pytest.raises(client.Refused, match="funded by keyfiles only"):
+        client.call(card.home, control.COUNTER, 10, name="lic:anything", delta=1)
 
 
 @pytest.mark.integration
@@ -1010,13 +1021,13 @@ def test_a_grant_counter_cannot_be_prefunded_by_hand(card, tmp_path):
     # the user's own vendor key signs a 1000-run copy of the grant
     my_key, my_pub = crypto.vendor_keygen()
     forged = lcp.issue(my_key, attrs.evolve(lic, runs=1000))
-    resp = lcp._amp_call(card.home, b"LicenseFund", {b"keyfile": forged.encode(), b"vendor_key": my_pub}, 10)
-    assert resp[b"name"].decode() != real_name  # a different counter: the real one is untouched
-    with pytest.raises(lcp._Refused, match="does not verify"):  # a forgery presented with the real vendor key
-        lcp._amp_call(card.home, b"LicenseFund", {b"keyfile": forged.encode(), b"vendor_key": card.vendor_pub.read_bytes()}, 10)
+    resp = client.call(card.home, control.LICENSE_FUND, 10, keyfile=forged, vendor_key=my_pub)
+    assert resp["name"] != real_name  # a different counter: the real one is untouched
+    with pytest.raises(client.Refused, match="does not verify"):  # a forgery presented with the real vendor key
+        client.call(card.home, control.LICENSE_FUND, 10, keyfile=forged, vendor_key=card.vendor_pub.read_bytes())
     other = lcp.issue(my_key, attrs.evolve(lic, card_key=crypto.public_der_of(crypto.generate_private_der("p256"))))
-    with pytest.raises(lcp._Refused, match="not issued to this card"):
-        lcp._amp_call(card.home, b"LicenseFund", {b"keyfile": other.encode(), b"vendor_key": my_pub}, 10)
+    with pytest.raises(client.Refused, match="not issued to this card"):
+        client.call(card.home, control.LICENSE_FUND, 10, keyfile=other, vendor_key=my_pub)
     marker = card.root / "prefund"
     assert card.run(keyfile, *marker_program(marker)).returncode == 0
     assert card.peek(real_name) == 0
@@ -1024,7 +1035,7 @@ def test_a_grant_counter_cannot_be_prefunded_by_hand(card, tmp_path):
 
 PROTECTED_PROGRAM = '''
 import sys, time
-from vsc import lcp
+from vsc.licensing import lcp
 
 VENDOR_KEY = {vendor_pem!r}   # embedded: a swapped vendor.pub on disk changes nothing
 
@@ -1053,7 +1064,7 @@ sys.exit(main())
 @pytest.mark.integration
 def test_python_api_protected_program(card):
     """
-    A Python program protected with ``vsc.lcp.check`` (vendor key embedded)
+    A Python program protected with ``vsc.licensing.lcp.check`` (vendor key embedded)
     runs with the card; it refuses another product's keyfile, a rental with
     no runs left, and, once the card is removed, exits with one line; a
     ``Guard`` stops it within its interval when the card goes.

@@ -79,7 +79,7 @@ pytestmark = pytest.mark.integration
 
 PASSWORD = "memory-scan password 7f3a"
 PIV_PIN = b"314159"
-SLOTS = ("9a", "9c", "9d", "9e")  # the order vsc.card.cli.SLOT_KEYS generates them in
+SLOTS = ("9a", "9c", "9d", "9e")  # the order vsc.cli.card.SLOT_KEYS generates them in
 CHUNK = 32 << 20
 SKIP = {"[vvar]", "[vvar_vclock]", "[vsyscall]"}
 

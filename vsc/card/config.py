@@ -24,7 +24,7 @@ from pathlib import Path
 
 import attrs
 
-from vsc import crypto
+from vsc.card import paths
 from vsc.protocol.suites import DEFAULT_SUITES, ChannelConfig, ForwardSecrecy, parse_suites
 
 CARD_INI = "card.ini"
@@ -37,14 +37,11 @@ class CardConfigError(Exception):
 
 
 def default_home() -> Path:
-    return Path(os.environ.get("VSC_HOME") or Path.home() / ".config" / "vsc")
+    return Path(paths.default_home())
 
 
 def runtime_dir() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base) and os.access(base, os.W_OK):
-        return Path(base) / "vsc"
-    return Path(f"/tmp/vsc-{os.getuid()}")
+    return Path(paths.runtime_dir())
 
 
 @attrs.frozen
@@ -62,13 +59,11 @@ class CardConfig:
 
     @property
     def control_socket(self) -> Path:
-        tag = crypto.sha256(str(self.home.resolve()).encode()).hex()[:12]
-        return runtime_dir() / f"card-{tag}.sock"
+        return control_socket_for(self.home)
 
 
 def control_socket_for(home: Path) -> Path:
-    tag = crypto.sha256(str(Path(home).resolve()).encode()).hex()[:12]
-    return runtime_dir() / f"card-{tag}.sock"
+    return Path(paths.control_socket_for(home))
 
 
 def load(home: str | os.PathLike | None) -> CardConfig:
@@ -166,13 +161,7 @@ def save_keyfile(home: Path, data: bytes, pending: bool = False) -> Path:
     """Write the keyfile (mode 0600, atomically)."""
     Path(home).mkdir(mode=0o700, parents=True, exist_ok=True)
     path = keyfile_path(home, pending)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    paths.write_private(path, data)
     return path
 
 

@@ -1,12 +1,13 @@
 """
-The card's local control socket: AMP over a UNIX socket (mode 0600, in the
-user's runtime dir). ``vsc card ...`` commands are its clients; the daemon
-(``twistd vsc-card``) answers through a CardSession.
+The card daemon's side of its local control socket: AMP over a UNIX socket
+(mode 0600, in the user's runtime dir). The commands are the rows of
+vsc.wire.control, made into ``amp.Command`` classes here; the daemon
+(``twistd vsc-card``) answers them through a CardSession. The one client is
+vsc.card.client (``vsc card ...``, the licensing API, ``vsc run``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
@@ -17,88 +18,42 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from vsc.card.session import CardError, CardSession, explain
+from vsc.wire import control as wc
+
+_AMP_TYPES = {wc.TEXT: amp.Unicode, wc.BYTES: amp.String, wc.INT: amp.Integer, wc.FLOAT: amp.Float,
+              wc.BOOL: amp.Boolean, wc.TEXT_LIST: lambda: amp.ListOf(amp.Unicode())}
 
 
-class Status(amp.Command):
-    arguments = []
-    response = [(b"json", amp.Unicode())]
-    errors = {CardError: b"CARD_ERROR"}
+def _amp_argument(kind) -> amp.Argument:
+    """The Twisted argument type of a vsc.wire.control type."""
+    if isinstance(kind, wc.Records):
+        return amp.AmpList([(name.encode("ascii"), _amp_argument(k)) for name, k in kind.fields])
+    return _AMP_TYPES[kind]()
 
 
-class PublicKey(amp.Command):
-    arguments = [(b"slot", amp.Unicode())]
-    response = [(b"pem", amp.String())]
-    errors = {CardError: b"CARD_ERROR"}
+def _amp_command(spec: wc.Command) -> type[amp.Command]:
+    """The ``amp.Command`` of one row of vsc.wire.control."""
+    return type(spec.name, (amp.Command,), {
+        "__doc__": spec.doc,
+        "commandName": spec.name.encode("ascii"),
+        "arguments": [(name.encode("ascii"), _amp_argument(kind)) for name, kind in spec.arguments],
+        "response": [(name.encode("ascii"), _amp_argument(kind)) for name, kind in spec.response],
+        "errors": {CardError: wc.CARD_ERROR},
+    })
 
 
-class SignDigest(amp.Command):
-    arguments = [(b"slot", amp.Unicode()), (b"digest", amp.String())]
-    response = [(b"signature", amp.String())]
-    errors = {CardError: b"CARD_ERROR"}
-
-
-class Decrypt(amp.Command):
-    arguments = [(b"slot", amp.Unicode()), (b"ciphertext", amp.String()), (b"padding", amp.Unicode())]
-    response = [(b"plaintext", amp.String())]
-    errors = {CardError: b"CARD_ERROR"}
-
-
-class Counter(amp.Command):
-    arguments = [(b"name", amp.Unicode()), (b"delta", amp.Integer())]
-    response = [(b"value", amp.Integer())]
-    errors = {CardError: b"CARD_ERROR"}
-
-
-class DataPut(amp.Command):
-    arguments = [(b"name", amp.Unicode()), (b"value", amp.String())]
-    response = []
-    errors = {CardError: b"CARD_ERROR"}
-
-
-class DataGet(amp.Command):
-    arguments = [(b"name", amp.Unicode())]
-    response = [(b"value", amp.String())]
-    errors = {CardError: b"CARD_ERROR"}
-
-
-class LicenseFund(amp.Command):
-    """
-    Fund a rental grant's counter once: the card verifies the keyfile's vendor
-    signature and that it names this card's own key, and takes the counter's
-    name and units from the signed keyfile — never from the caller.
-    """
-
-    arguments = [(b"keyfile", amp.Unicode()), (b"vendor_key", amp.String())]
-    response = [(b"name", amp.Unicode()), (b"value", amp.Integer())]
-    errors = {CardError: b"CARD_ERROR"}
-
-
-class CertPut(amp.Command):
-    """A slot's X.509 certificate (DER), stored and synced (vsc card cert --import; vsc.card.vpcd)."""
-
-    arguments = [(b"slot", amp.Unicode()), (b"der", amp.String())]
-    response = []
-    errors = {CardError: b"CARD_ERROR"}
-
-
-class CertGet(amp.Command):
-    arguments = [(b"slot", amp.Unicode())]
-    response = [(b"der", amp.String())]
-    errors = {CardError: b"CARD_ERROR"}
-
-
-class ChangePassword(amp.Command):
-    """Change the owner's password while the card is in use (the daemon never stores either)."""
-
-    arguments = [(b"old", amp.Unicode()), (b"new", amp.Unicode())]
-    response = [(b"version", amp.Integer())]
-    errors = {CardError: b"CARD_ERROR"}
-
-
-class Remove(amp.Command):
-    arguments = []
-    response = []
-    errors = {CardError: b"CARD_ERROR"}
+Status = _amp_command(wc.STATUS)
+PublicKey = _amp_command(wc.PUBLIC_KEY)
+SignDigest = _amp_command(wc.SIGN_DIGEST)
+Decrypt = _amp_command(wc.DECRYPT)
+Counter = _amp_command(wc.COUNTER)
+DataPut = _amp_command(wc.DATA_PUT)
+DataGet = _amp_command(wc.DATA_GET)
+LicenseFund = _amp_command(wc.LICENSE_FUND)
+CertPut = _amp_command(wc.CERT_PUT)
+CertGet = _amp_command(wc.CERT_GET)
+ChangePassword = _amp_command(wc.CHANGE_PASSWORD)
+Remove = _amp_command(wc.REMOVE)
 
 
 def _guard(coro_fn):
@@ -124,7 +79,7 @@ class ControlProtocol(amp.AMP):
 
     @Status.responder
     def status(self):
-        return {"json": json.dumps(self.session.status())}
+        return wc.status_fields(self.session.status())
 
     @PublicKey.responder
     def public_key(self, slot):

@@ -62,17 +62,11 @@ def explain(e: Exception) -> str:
         if getattr(e, "notes", ()):
             text += " (this card could not answer: " + "; ".join(e.notes) + ")"
         return text
-    if isinstance(e, ChannelClosedError):
-        from vsc.cli import describe_error
-
-        return describe_error(e)
     if isinstance(e, (MachineLockHeld, CardError, ops.WeakKdfRefused)):
         return str(e)
-    from twisted.internet.error import ConnectError
+    from vsc.net.errors import describe
 
-    if isinstance(e, ConnectError):
-        return f"cannot reach the server: {e.__class__.__name__}"
-    return f"{e.__class__.__name__}: {e}"
+    return describe(e) or " ".join(str(e).split()) or "internal error (see the card daemon's log)"
 
 
 class CardSession:
@@ -279,14 +273,14 @@ class CardSession:
         the counter (name and units from the signed keyfile) if it is absent.
         Never topped up. Returns (counter name, current value).
         """
-        from vsc import lcp
+        from vsc.protocol import licence
 
         async def run():
             mem = self.require_usable()
             own = {name: public for kind, name, alg, public in mem.items() if kind is ItemKind.KEY}
             try:
-                name, amount = lcp.fund_request(keyfile_text, vendor_pem, own)
-            except lcp.LicenseError as e:
+                name, amount = licence.fund_request(keyfile_text, vendor_pem, own)
+            except licence.LicenseError as e:
                 raise CardError(str(e)) from None
             if mem.has(ItemKind.COUNTER, name):
                 with mem.open(ItemKind.COUNTER, name) as v:

@@ -68,16 +68,14 @@ from vsc.wire.sshagent import (
     encode_signature,
 )
 
-AGENT_SOCKET_SUFFIX = ".ssh-agent.sock"
 SSH_ALGORITHMS = {KeyAlg.RSA2048: "ssh-rsa", KeyAlg.P256: "ecdsa-sha2-nistp256"}
 
 
 def agent_socket_for(home) -> Path:
-    """The default agent socket: the control socket's name with ``.ssh-agent.sock`` (same 0700 runtime dir)."""
-    from vsc.card.config import control_socket_for
+    """The default agent socket (vsc.card.paths): the control socket's name with ``.ssh-agent.sock``."""
+    from vsc.card.paths import agent_socket_for
 
-    control = control_socket_for(Path(home))
-    return control.with_name(control.stem + AGENT_SOCKET_SUFFIX)
+    return Path(agent_socket_for(home))
 
 
 def parse_slots(text: str | None) -> tuple[str, ...] | None:

@@ -41,7 +41,3 @@ __all__ = [
     "CARD_ITEMS", "SERVER_ITEMS", "CardItem", "Failed", "Item", "RawCard", "Result", "ServerHarness",
     "cmd_conformance", "expect", "extend", "run_server_items", "table",
 ]
-
-from vsc import cli as _cli  # noqa: E402  (until vsc.cli lists its commands itself)
-
-_cli._PARSER_EXTENSIONS["top"].append(extend)

@@ -61,7 +61,7 @@ def _fail(line: str):
 def storage_for(options: Options, cfg: card_config.CardConfig, reactor, master: bytes) -> CardStorage:
     """The card's storage: the token in dongle mode (``--dongle`` or card.ini ``mode = dongle``), else its server."""
     if options["dongle"] or cfg.settings.get("mode") == "dongle":
-        from vsc.dongle.cli import dongle_setup  # only in dongle mode: the dongle commands' module loads vsc.cli
+        from vsc.dongle.config import dongle_setup  # only in dongle mode
 
         try:
             token, table, poll = dongle_setup(cfg, options["dongle"], options["token-pin-file"])

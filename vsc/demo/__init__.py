@@ -46,7 +46,3 @@ The package:
 from vsc.demo.command import _add_demo_parser, cmd_demo
 
 __all__ = ["cmd_demo", "_add_demo_parser"]
-
-from vsc import cli as _cli  # noqa: E402  (until vsc.cli lists its commands itself)
-
-_cli._PARSER_EXTENSIONS["top"].append(_add_demo_parser)

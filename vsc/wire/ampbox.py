@@ -1,40 +1,87 @@
 """
-Twisted AMP's box encoding, for clients of the card's control socket that run
-without a reactor (vsc.lcp in a protected program): key/value pairs, each a
-16-bit length then bytes, ended by an empty key.
+Twisted AMP's box encoding (twisted.protocols.amp), for the one client of
+the card's control socket (vsc.card.client): a box is key/value pairs, each
+a 16-bit big-endian length and then the bytes (a key has 1-255 bytes, a
+value 0-65535), ended by an empty key (two zero bytes). This is the only
+AMP box codec in vsc; the card daemon's side is Twisted's own AMP.
+
+Why plain ``int.from_bytes`` here and not construct like the rest of
+vsc.wire: this module is on the request path of every ``vsc card`` command
+and of the licence check inside a protected program, which should cost
+little more than starting the interpreter (``python -c pass``, ~20 ms);
+importing construct alone costs ~80 ms (and even ``struct`` a few per cent
+of the budget). The format is one 16-bit length before each key and each
+value, so the schema is ``_length``/``_read_length`` and the limits below;
+every length is checked before it is used.
+
+Bad boxes raise Malformed, not WireError: the control socket is not the
+channel and carries no ALERT code (vsc.wire.errors.ErrorCode), and that
+module's enum alone would cost a third of the interpreter's start-up here.
 """
 
 from __future__ import annotations
 
-import construct as c
+MAX_KEY = 255  # AMP's limit on a key
+MAX_VALUE = 0xFFFF
 
-from vsc.wire.errors import ErrorCode, WireError
 
-_Pair = c.Struct(
-    "key" / c.Prefixed(c.Int16ub, c.GreedyBytes),
-    "value" / c.If(lambda ctx: ctx.key != b"", c.Prefixed(c.Int16ub, c.GreedyBytes)),
-)
-_Box = c.RepeatUntil(lambda obj, lst, ctx: obj["key"] == b"", _Pair)
+def _length(n: int) -> bytes:
+    """The 16-bit big-endian length before every key and every value."""
+    return n.to_bytes(2, "big")
 
 
 class Incomplete(Exception):
     """More bytes are needed to finish the box."""
 
 
+class Malformed(Exception):
+    """Not a valid AMP box (or, vsc.wire.control, not the answer asked for); the message is one line."""
+
+
 def encode_box(box: dict[bytes, bytes]) -> bytes:
-    for k, v in box.items():
-        if not k or len(k) > 255 or len(v) > 0xFFFF:
-            raise WireError(ErrorCode.MALFORMED, f"AMP key/value out of range ({len(k)}/{len(v)} bytes)")
-    return _Box.build([dict(key=k, value=v) for k, v in box.items()] + [dict(key=b"", value=None)])
+    """
+    The box's bytes, keys in sorted order as Twisted's ``AmpBox.serialize``
+    writes them (so both give the same bytes); Malformed for an empty or too
+    long key, or a value over 65535 bytes.
+    """
+    out = []
+    for key, value in sorted(box.items()):
+        if not key or len(key) > MAX_KEY:
+            raise Malformed(f"a control message key has {len(key)} bytes (1 to {MAX_KEY})")
+        if len(value) > MAX_VALUE:
+            raise Malformed(f"{key.decode('ascii', 'replace')} has {len(value)} bytes; a control message carries "
+                            f"at most {MAX_VALUE} per value")
+        out += (_length(len(key)), key, _length(len(value)), value)
+    out.append(b"\x00\x00")
+    return b"".join(out)
 
 
 def decode_box(data: bytes) -> tuple[dict[bytes, bytes], int]:
-    """(box, bytes consumed); raises Incomplete when the box has not all arrived."""
-    try:
-        pairs = _Box.parse(data)
-    except c.StreamError:
-        raise Incomplete() from None
-    except c.ConstructError as e:
-        raise WireError(ErrorCode.MALFORMED, f"AMP box: {str(e).strip()}") from None
-    size = len(_Box.build(pairs))
-    return {p.key: p.value for p in pairs if p.key}, size
+    """
+    (box, bytes consumed) for the first box in ``data``; Incomplete when it
+    has not all arrived; Malformed for a key over 255 bytes or a key given twice.
+    """
+    box: dict[bytes, bytes] = {}
+    view = memoryview(data)
+    pos = 0
+    while True:
+        if len(view) < pos + 2:
+            raise Incomplete()
+        klen = int.from_bytes(view[pos:pos + 2], "big")
+        pos += 2
+        if klen == 0:
+            return box, pos
+        if klen > MAX_KEY:
+            raise Malformed(f"control message: a key of {klen} bytes (at most {MAX_KEY})")
+        if len(view) < pos + klen + 2:
+            raise Incomplete()
+        key = bytes(view[pos:pos + klen])
+        pos += klen
+        vlen = int.from_bytes(view[pos:pos + 2], "big")
+        pos += 2
+        if len(view) < pos + vlen:
+            raise Incomplete()
+        if key in box:
+            raise Malformed(f"control message: the key {key!r} twice")
+        box[key] = bytes(view[pos:pos + vlen])
+        pos += vlen

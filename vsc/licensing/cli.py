@@ -1,6 +1,8 @@
 """
 ``vsc license keygen|issue|show|check`` (the vendor's keyfile generator and
-the customer's check) and ``vsc run`` (the digital ignition key).
+the customer's check) and ``vsc run`` (the digital ignition key). The card
+is asked through the licensing API itself (vsc.licensing.lcp), so the
+command line and a protected program make the very same proof.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import sys
 import time  # clock-ok: a command-line tool (or the harness) reads the wall clock
 from pathlib import Path
 
-from vsc import cli as vcli
-from vsc import crypto, lcp
+from vsc import crypto
 from vsc.cli import CommandError, emit
+from vsc.licensing import lcp
 
 
 def _read(path: str) -> bytes:
@@ -64,7 +66,7 @@ def cmd_issue(args) -> int:
                            "keyfiles and cannot be increased by the user")
     lic = License(
         product=args.product,
-        license_id=os.urandom(16),
+        license_id=crypto.system_random(16),
         card_key=card_key,
         slot=args.slot,
         issued=int(time.time()),  # clock-ok: the vendor's tool stamps the issue date
@@ -89,6 +91,8 @@ def cmd_issue(args) -> int:
 
 
 def _describe(lic, vendor_pem: bytes) -> dict:
+    from vsc import crypto
+
     return {
         "product": lic.product,
         "license_id": lic.license_id.hex(),
@@ -109,7 +113,7 @@ def _load(args, limits: bool = True):
     try:
         lic = lcp.load(args.license, _read(args.vendor_key))
         if limits:
-            lcp.check_limits(lic, time.time(), getattr(args, "feature", None))  # clock-ok: CLI-level expiry check
+            lcp.check_limits(lic, time.time(), getattr(args, "feature", None))  # clock-ok: the CLI checks expiry
     except lcp.LicenseError as e:
         raise CommandError(str(e), lcp.EXIT_LICENSE) from None
     return lic
@@ -135,85 +139,18 @@ def cmd_show(args) -> int:
 # ---------------------------------------------------------------- talking to the card
 
 
-async def prove(reactor, home: Path, lic) -> None:
-    """The inserted card signs a fresh challenge with the key the keyfile names."""
-    from vsc.card import control
-
-    nonce = os.urandom(32)
-    digest = crypto.sha256(lcp.proof_challenge(lic, nonce))
-    resp = await _call(reactor, home, control.SignDigest, slot=lic.slot, digest=digest)
-    if not lcp.verify_proof(lic, nonce, resp["signature"]):
-        raise lcp.LicenseError("the inserted card does not hold the key this licence was issued to")
-
-
-def charger(keyfile_text: str, vendor_pem: bytes):
-    """
-    ``charge(reactor, home, lic)`` for this keyfile: the card funds the grant's
-    counter itself from the signed keyfile (once), then one run is taken;
-    the card syncs before it answers.
-    """
-
-    async def charge(reactor, home: Path, lic) -> int:
-        from vsc.card import control
-
-        name = lcp.counter_name(lic, vendor_pem)
-        try:
-            if lic.runs:
-                resp = await _call(reactor, home, control.LicenseFund, keyfile=keyfile_text, vendor_key=vendor_pem)
-                name = resp["name"]
-            resp = await _call(reactor, home, control.Counter, name=name, delta=-lic.cost)
-        except lcp.LicenseError as e:
-            raise lcp.no_runs_left(lic, str(e), name) or e from None
-        return resp["value"]
-
-    return charge
-
-
-async def _call(reactor, home: Path, command, **kwargs) -> dict:
-    from twisted.internet.endpoints import UNIXClientEndpoint
-    from twisted.internet.protocol import Factory
-    from twisted.protocols import amp
-
-    from vsc.card.config import control_socket_for
-
-    sock = control_socket_for(home)
-    if not sock.exists():
-        raise lcp.LicenseError(f"no card is inserted (no card daemon for {home})")
-    try:
-        proto = await UNIXClientEndpoint(reactor, str(sock), timeout=10).connect(Factory.forProtocol(amp.AMP))
-    except Exception:  # noqa: BLE001
-        raise lcp.LicenseError(f"no card is inserted (cannot reach the card daemon for {home})") from None
-    try:
-        return await proto.callRemote(command, **kwargs)
-    except Exception as e:  # noqa: BLE001 - the card's one-line reason
-        raise lcp.LicenseError(f"the card refused: {e}") from None
-    finally:
-        proto.transport.loseConnection()
-
-
-def _home(args) -> Path:
-    from vsc.card.config import default_home
-
-    return Path(args.home) if args.home else default_home()
-
-
 def cmd_check(args) -> int:
-    from twisted.internet.task import react
-
+    """Verify the keyfile, have the inserted card prove it (and, with --charge, pay for one run)."""
     lic = _load(args)
+    vendor_pem = _read(args.vendor_key)
     out: dict = {}
-
-    async def run(reactor):
-        try:
-            await prove(reactor, _home(args), lic)
-            if args.charge and lcp.is_rental(lic):
-                out["remaining"] = await charger(_read(args.license).decode(), _read(args.vendor_key))(
-                    reactor, _home(args), lic)
-        except lcp.LicenseError as e:
-            raise CommandError(str(e), lcp.EXIT_LICENSE) from None
-
-    vcli._react(react, run)
-    emit(args, dict(_describe(lic, _read(args.vendor_key)), ok=True, **out), f"licence for {lic.product}: valid, card present"
+    try:
+        lcp.prove_sync(lic, args.home)
+        if args.charge and lcp.is_rental(lic):
+            out["remaining"] = lcp.charge_sync(lic, _read(args.license).decode(), vendor_pem, args.home)
+    except lcp.LicenseError as e:
+        raise CommandError(str(e), lcp.EXIT_LICENSE) from None
+    emit(args, dict(_describe(lic, vendor_pem), ok=True, **out), f"licence for {lic.product}: valid, card present"
          + (f", {out['remaining']} runs left" if "remaining" in out else ""))
     return 0
 
@@ -224,7 +161,8 @@ def cmd_check(args) -> int:
 def cmd_run(args) -> int:
     from twisted.internet import reactor
 
-    from vsc.lcp_run import IgnitionKey
+    from vsc.card.paths import home_of
+    from vsc.licensing.run import IgnitionKey, card_steps
 
     if not args.program:
         raise CommandError("no program given: vsc run --license K --vendor-key V -- PROGRAM ARGS")
@@ -237,8 +175,10 @@ def cmd_run(args) -> int:
         raise CommandError(f"cannot start {program[0]}: no such executable", 127)
     if args.interval <= 0 or args.grace < 0:
         raise CommandError("--interval must be positive and --grace not negative")
-    key = IgnitionKey(reactor, _home(args), lic, program, interval=args.interval, grace=args.grace,
-                      prove=prove, charge=charger(_read(args.license).decode(), _read(args.vendor_key)))
+    answer_timeout = max(args.interval, 10.0)  # a proof not answered in time counts as a removed card
+    prove, charge = card_steps(_read(args.license).decode(), _read(args.vendor_key), answer_timeout)
+    key = IgnitionKey(reactor, home_of(args.home), lic, program, interval=args.interval, grace=args.grace,
+                      prove=prove, charge=charge, answer_timeout=answer_timeout)
     reactor.callWhenRunning(key.start)
     reactor.run()
     if key.refusal:
@@ -246,8 +186,7 @@ def cmd_run(args) -> int:
     return key.exit_code
 
 
-def extend(sub) -> None:
-    lic = sub.add_parser("license", help="licence keyfiles: the vendor's generator and the customer's check")
+def configure_license(lic) -> None:
     lsub = lic.add_subparsers(dest="license_command", required=True, metavar="ACTION")
     p = lsub.add_parser("keygen", help="create a vendor signing key (Ed25519)")
     p.add_argument("--private", required=True, help="where to write the private key (0600)")
@@ -269,7 +208,7 @@ def extend(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_issue)
-    for name, func, help_ in (("show", cmd_show, "verify and print a keyfile"),
+    for name, func, help_ in (("show", cmd_show, "verify and print a keyfile (and the card counter a run costs)"),
                               ("check", cmd_check, "verify a keyfile and have the inserted card prove it")):
         p = lsub.add_parser(name, help=help_)
         p.add_argument("--license", required=True)
@@ -281,7 +220,8 @@ def extend(sub) -> None:
             p.add_argument("--charge", action="store_true", help="take one run from a rental counter")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("run", help="run a program only while the licensed card is inserted (digital ignition key)")
+
+def configure_run(p) -> None:
     p.add_argument("--license", required=True)
     p.add_argument("--vendor-key", required=True, help="the vendor's public key (PEM)")
     p.add_argument("--home", help="the card's home (default $VSC_HOME or ~/.config/vsc)")
@@ -290,6 +230,3 @@ def extend(sub) -> None:
     p.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL (default 5)")
     p.add_argument("program", nargs="*", help="-- PROGRAM ARGS")
     p.set_defaults(func=cmd_run)
-
-
-vcli._PARSER_EXTENSIONS["top"].append(extend)

@@ -18,26 +18,18 @@ import json
 import os
 from pathlib import Path
 
-from vsc import cli as vcli
+from vsc.card.paths import write_private
 from vsc.cli import CommandError, emit
-
-TABLE_NAME = "dongle-table"
-
-
-def _pin(args_pin_file: str | None) -> str | None:
-    if not args_pin_file:
-        return None
-    from vsc.card.config import read_password
-
-    return read_password(args_pin_file)
+from vsc.dongle.config import TABLE_NAME, read_pin
 
 
 def _ref(uri: str, pin_file: str | None):
+    from vsc.card.config import CardConfigError
     from vsc.dongle.token import TokenError, TokenRef
 
     try:
-        return TokenRef.parse(uri, _pin(pin_file))
-    except TokenError as e:
+        return TokenRef.parse(uri, read_pin(pin_file))
+    except (TokenError, CardConfigError) as e:
         raise CommandError(str(e)) from None
 
 
@@ -57,18 +49,6 @@ def _new_table(ref, serial: str, entries: int):
     return ChallengeTable(serial=serial, entries=tuple(rows))
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Mode 0600, atomically (a crash leaves the old file or the new one, never half of one)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _issuer_record(issuer_dir: str | None, serial: str) -> Path | None:
     if not issuer_dir:
         return None
@@ -84,10 +64,10 @@ def cmd_provision(args) -> int:
     if args.entries < 8:
         raise CommandError("--entries must be at least 8")
     table = _new_table(ref, args.serial, args.entries)
-    _write_private(Path(args.table), encode_table(table))
+    write_private(Path(args.table), encode_table(table))
     record = _issuer_record(args.issuer_dir, args.serial)
     if record is not None:
-        _write_private(record, json.dumps({"serial": args.serial, "token": ref.token_label,
+        write_private(record, json.dumps({"serial": args.serial, "token": ref.token_label,
                                            "table": base64.b64encode(encode_table(table)).decode()},
                                           indent=2).encode())
     emit(args, {"serial": args.serial, "token": ref.token_label, "entries": len(table.entries), "table": args.table},
@@ -100,7 +80,8 @@ def cmd_enroll(args) -> int:
     from vsc import crypto
     from vsc.card import config as cc
     from vsc.card import ops
-    from vsc.card.cli import SLOT_KEYS
+    from vsc.cli.card import SLOT_KEYS
+    from vsc.cli.card import read_password
     from vsc.card.protected import PlainItem, seal_envelope
     from vsc.dongle.token import KDF_LABEL, PROTECTED_LABEL, Token, TokenError
     from vsc.wire.dongle import decode_table
@@ -115,7 +96,7 @@ def cmd_enroll(args) -> int:
     except Exception as e:  # noqa: BLE001 - WireError
         raise CommandError(f"{args.table}: {e}") from None
     ref = _ref(args.token, args.token_pin_file)
-    password = cc.read_password(args.password_file, "New card password: ", confirm=True)
+    password = read_password(args.password_file, "New card password: ", confirm=True)
     kdf = ops.new_kdf(crypto.system_random, log2_n=args.scrypt_log2n)
     keys = ops.derive_keys(password, kdf)
     items = []
@@ -140,7 +121,7 @@ def cmd_enroll(args) -> int:
     except TokenError as e:
         raise CommandError(str(e)) from None
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _write_private(home / TABLE_NAME, table_bytes)
+    write_private(home / TABLE_NAME, table_bytes)
     token_uri = args.token if args.keep_pin_in_uri else _strip_pin(args.token)
     # the table's name, resolved against HOME when the card starts (a relative --home must not make it cwd-relative)
     cc.save(home, mode="dongle", serial=table.serial, token=token_uri, table=TABLE_NAME,
@@ -149,7 +130,7 @@ def cmd_enroll(args) -> int:
     if record is not None:
         data = json.loads(record.read_text()) if record.exists() else {"serial": table.serial}
         data.update(envelope=base64.b64encode(envelope).decode(), kdf=base64.b64encode(kdf.encode()).decode())
-        _write_private(record, json.dumps(data, indent=2).encode())
+        write_private(record, json.dumps(data, indent=2).encode())
     emit(args, {"serial": table.serial, "home": str(home), "token": ref.token_label},
          f"card {table.serial} enrolled on the token {ref.token_label}; settings in {home / cc.CARD_INI}\n"
          f"insert it with: twistd -n vsc-card --home {home} --token-pin-file PINFILE")
@@ -188,13 +169,13 @@ def cmd_replace(args) -> int:
             tok.write(PROTECTED_LABEL, base64.b64decode(data["envelope"]))
     except TokenError as e:
         raise CommandError(str(e)) from None
-    _write_private(Path(args.table), encode_table(table))
+    write_private(Path(args.table), encode_table(table))
     data.update(token=ref.token_label, table=base64.b64encode(encode_table(table)).decode())
-    _write_private(record, json.dumps(data, indent=2).encode())
+    write_private(record, json.dumps(data, indent=2).encode())
     if cfg is not None:
         from vsc.card import config as cc
 
-        _write_private(cfg.home / TABLE_NAME, encode_table(table))
+        write_private(cfg.home / TABLE_NAME, encode_table(table))
         values = dict(cfg.settings)
         values.update(token=_strip_pin(args.token), table=TABLE_NAME)
         cc.save(cfg.home, **values)
@@ -204,30 +185,7 @@ def cmd_replace(args) -> int:
     return 0
 
 
-def dongle_setup(cfg, uri: str | None, pin_file: str | None):
-    """For twistd vsc-card: (TokenRef, ChallengeTable, poll) from options and card.ini."""
-    from vsc.dongle.token import TokenRef
-    from vsc.wire.dongle import decode_table
-    from vsc.wire.errors import WireError
-
-    uri = uri or cfg.settings.get("token")
-    if not uri:
-        raise ValueError("dongle mode needs --dongle pkcs11:token=...;module-path=...")
-    table_path = str(cfg.home / (cfg.settings.get("table") or TABLE_NAME))  # relative: to HOME
-    try:
-        table = decode_table(Path(table_path).read_bytes())
-    except OSError as e:
-        raise ValueError(f"cannot read the challenge table {table_path}: {e.strerror}") from None
-    except WireError as e:
-        raise ValueError(f"{table_path} is not a challenge table: {e}") from None
-    if table.serial != cfg.serial:
-        raise ValueError(f"the challenge table {table_path} is for the card {table.serial!r}, not {cfg.serial!r}")
-    ref = TokenRef.parse(uri, _pin(pin_file))
-    return ref, table, float(cfg.settings.get("dongle_poll", 60))
-
-
-def extend(sub) -> None:
-    d = sub.add_parser("dongle", help="a card on a PKCS#11 token instead of a server (claim 10)")
+def configure(d) -> None:
     dsub = d.add_subparsers(dest="dongle_command", required=True, metavar="ACTION")
 
     def token_opts(p):
@@ -264,5 +222,3 @@ def extend(sub) -> None:
     p.add_argument("--home", help="also point this card home at the new token and table")
     p.set_defaults(func=cmd_replace)
 
-
-vcli._PARSER_EXTENSIONS["top"].append(extend)

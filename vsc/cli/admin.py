@@ -1,7 +1,9 @@
 """
 ``vsc admin --data-dir DIR ACTION``: the VSC Server administrator's commands
-on the card database of [0034].
+on its data directory and the card database of [0034].
 
+    init [--database URL]           the data dir, the server key and the database schema
+    fingerprint                     the server key fingerprint that cards pin
     issue SERIAL [--ttl S]          a one-time enrolment code for a new card (printed once)
     list                            every card, and serials issued but not yet enrolled
     show SERIAL                     one card's record (never its protected information)
@@ -12,8 +14,7 @@ on the card database of [0034].
     unlock SERIAL                   clear a lockout after failed authentications
 
 Every action takes ``--json``. Failures are one line on stderr and a
-non-zero exit (vsc.cli.CommandError). ``admin init`` also creates the
-database schema through the hook registered here.
+non-zero exit (vsc.cli.CommandError).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import time  # clock-ok: a command-line tool (or the harness) reads the wall clo
 from typing import Iterator
 from urllib.parse import urlparse, urlunparse
 
-from vsc import cli
 from vsc.cli import EXIT_OK, EXIT_USAGE, CommandError, emit
 
 REPLACE_POLICIES = ("duplicate", "fresh")
@@ -37,7 +37,7 @@ REPLACE_POLICIES = ("duplicate", "fresh")
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or e.__class__.__name__
+    return " ".join(str(e).split()) or "it failed without saying why"
 
 
 def _redact(url: str) -> str:
@@ -354,11 +354,53 @@ def cmd_unlock(args) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------- registration
+# ---------------------------------------------------------------- init, fingerprint
 
 
-def add_commands(asub) -> None:
-    """Add the card-database actions to ``vsc admin`` (vsc.cli._PARSER_EXTENSIONS["admin"])."""
+def cmd_init(args) -> int:
+    """The data dir, its config and server key, then the database schema; on a database failure, nothing is left."""
+    from vsc.server import config
+    from vsc.server.policy import Policy
+
+    try:
+        cfg = config.init(args.data_dir, database=args.database or "", key_bits=args.key_bits)
+    except config.ConfigError as e:
+        raise CommandError(str(e)) from None
+    try:
+        open_store(cfg.database_url, Policy.from_settings(cfg.settings)).close()
+    except CommandError as e:
+        # The key was created by this very command (init refuses to replace one) and nobody has
+        # pinned it yet: remove it and the config so that init can simply be run again.
+        for path in (cfg.key_path, cfg.data_dir / config.CONFIG_NAME):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise CommandError(f"{e} (nothing was initialised)") from None
+    fp = cfg.load_key().public_key().fingerprint()
+    emit(
+        args,
+        {"data_dir": str(cfg.data_dir), "fingerprint": fp, "database": cfg.database_url, "listen": cfg.listen},
+        f"initialised {cfg.data_dir}\ndatabase: {cfg.database_url}\nserver key fingerprint (cards pin this):\n{fp}",
+    )
+    return EXIT_OK
+
+
+def cmd_fingerprint(args) -> int:
+    from vsc.server import config
+
+    try:
+        fp = config.load(args.data_dir).load_key().public_key().fingerprint()
+    except config.ConfigError as e:
+        raise CommandError(str(e)) from None
+    emit(args, {"fingerprint": fp}, fp)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- parser
+
+
+def configure(admin: argparse.ArgumentParser) -> None:
+    admin.add_argument("--data-dir", required=True, help="the server's data directory")
+    asub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
 
     def action(name: str, func, help: str, *serials: str) -> argparse.ArgumentParser:
         a = asub.add_parser(name, help=help, description=help)
@@ -368,6 +410,10 @@ def add_commands(asub) -> None:
         a.set_defaults(func=func)
         return a
 
+    a = action("init", cmd_init, "create the data dir, database schema and server key")
+    a.add_argument("--database", help="postgresql://... (default: SQLite in the data dir)")
+    a.add_argument("--key-bits", type=int, default=3072, choices=(2048, 3072, 4096))
+    action("fingerprint", cmd_fingerprint, "print the server key fingerprint that cards pin")
     a = action("issue", cmd_issue, "issue a one-time enrolment code for a new card", "serial")
     a.add_argument("--ttl", type=_ttl, metavar="SECONDS", help="code validity (default: code_ttl, 7 days)")
     action("list", cmd_list, "list every card and pending enrolment")
@@ -383,25 +429,3 @@ def add_commands(asub) -> None:
     a.add_argument("--new-serial", metavar="NEW", help="the replacement's serial (default: SERIAL-rN, first free N)")
     a.add_argument("--ttl", type=_ttl, metavar="SECONDS", help="with --policy fresh: the code's validity")
     action("unlock", cmd_unlock, "clear a card's lockout after failed authentications", "serial")
-
-
-def init_hook(cfg) -> None:
-    """After ``admin init`` wrote the config and key: create the schema (vsc.cli._ADMIN_INIT_HOOKS)."""
-    from vsc.server.config import CONFIG_NAME
-    from vsc.server.policy import Policy
-
-    try:
-        open_store(cfg.database_url, Policy.from_settings(cfg.settings)).close()
-    except CommandError as e:
-        # The key was created by this very command (init refuses to replace one) and nobody has
-        # pinned it yet: remove it and the config so that init can simply be run again.
-        for path in (cfg.key_path, cfg.data_dir / CONFIG_NAME):
-            with contextlib.suppress(OSError):
-                path.unlink()
-        raise CommandError(f"{e} (nothing was initialised)") from None
-
-
-if add_commands not in cli._PARSER_EXTENSIONS["admin"]:
-    cli._PARSER_EXTENSIONS["admin"].append(add_commands)
-if init_hook not in cli._ADMIN_INIT_HOOKS:
-    cli._ADMIN_INIT_HOOKS.append(init_hook)

@@ -18,13 +18,14 @@ import os
 import signal
 import sys
 
+from twisted.internet import threads
 from twisted.internet.defer import Deferred, TimeoutError as AnswerTimeout, ensureDeferred
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from vsc import lcp
+from vsc.licensing import lcp
 
 # Run between spawn and exec (Linux): die with vsc run (PR_SET_PDEATHSIG = 1), then become the program.
 _EXEC_WITH_PARENT = (
@@ -41,6 +42,24 @@ def tied_to_parent(program: list[str]) -> tuple[str, list[str]]:
     if not sys.platform.startswith("linux"):
         return program[0], program
     return sys.executable, [sys.executable, "-I", "-S", "-c", _EXEC_WITH_PARENT, str(os.getpid()), *program]
+
+
+def card_steps(keyfile_text: str, vendor_pem: bytes, timeout: float):
+    """
+    (prove, charge) for an IgnitionKey: the licensing API's own proof and
+    rental charge (vsc.licensing.lcp, over the blocking control client), run
+    in the reactor's thread pool so that the reactor keeps supervising the
+    program meanwhile; each call is bounded by ``timeout``.
+    """
+
+    async def prove(reactor, home, lic) -> None:
+        await threads.deferToThreadPool(reactor, reactor.getThreadPool(), lcp.prove_sync, lic, home, timeout)
+
+    async def charge(reactor, home, lic) -> int:
+        return await threads.deferToThreadPool(reactor, reactor.getThreadPool(), lcp.charge_sync, lic,
+                                               keyfile_text, vendor_pem, home, max(timeout, 60.0))
+
+    return prove, charge
 
 
 class _Child(ProcessProtocol):

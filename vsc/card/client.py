@@ -1,0 +1,159 @@
+"""
+The one client of the card daemon's control socket (the commands are the
+rows of vsc.wire.control): blocking, on one UNIX socket, without a reactor.
+Every ``vsc card`` command that talks to the daemon, ``vsc license check``,
+``vsc run`` (from a thread) and the licensing API inside a protected program
+use it. It imports no Twisted, construct or crypto library, so a ``vsc card
+status`` process costs little more than starting the interpreter::
+
+    with ControlClient(home) as card:
+        signature = card.call(control.SIGN_DIGEST, slot="9a", digest=digest)["signature"]
+
+Every failure is a ControlError whose message is one line for the user;
+its subclasses say which kind (no daemon, the card refused, no answer in
+time, the connection dropped).
+
+It uses ``_socket``, the C module that ``socket`` wraps, for the few calls
+it makes (connect, sendall, recv, settimeout, close): ``socket``'s own
+import (its enums, selectors) costs about as much as this whole request
+(bench/startup.py, ``python -X importtime``).
+"""
+
+from __future__ import annotations
+
+import _socket  # the C module behind socket: see below
+import os
+import time  # clock-ok: a blocking socket call bounds its own wait (monotonic)
+
+from vsc.card import paths
+from vsc.wire import control as wc
+from vsc.wire.ampbox import Incomplete, Malformed, decode_box, encode_box
+
+
+class ControlError(Exception):
+    """A control request that did not get its answer; the message is one line for the user."""
+
+
+class NotRunning(ControlError):
+    """No card daemon serves ``home``: no socket (``reachable`` False), or nobody answers on it."""
+
+    def __init__(self, home: str, path: str, stale: bool):
+        super().__init__(f"no card daemon is running for {home}")
+        self.home = home
+        self.path = path
+        self.stale = stale  # the socket exists but nobody accepts on it (a daemon that died)
+
+
+class Refused(ControlError):
+    """The card refused; the message is its one-line reason."""
+
+
+class NoAnswer(ControlError):
+    """The daemon did not answer within the timeout."""
+
+
+class Dropped(ControlError):
+    """The daemon closed the connection before it answered (the card was removed, or the daemon stopped)."""
+
+
+class ControlClient:
+    """One connection to the card daemon of ``home`` (default: $VSC_HOME or ~/.config/vsc)."""
+
+    def __init__(self, home: str | os.PathLike | None = None, timeout: float = 30.0):
+        self.home = paths.home_of(home)
+        self.path = paths.control_socket_for(self.home)
+        self.timeout = timeout
+        self._sock = None
+        self._buf = b""
+        self._ask = 0
+
+    def __enter__(self) -> "ControlClient":
+        self.connect()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        if self._sock is not None:
+            return
+        if not os.path.exists(self.path):
+            raise NotRunning(self.home, self.path, stale=False)
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.path)
+        except TimeoutError:
+            s.close()
+            raise NoAnswer("the card daemon did not accept the connection in time") from None
+        except OSError:
+            s.close()
+            raise NotRunning(self.home, self.path, stale=True) from None
+        self._sock = s
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._buf = b""
+
+    def call(self, command: wc.Command, **args) -> dict:
+        """Send one request and wait for its answer: the response fields as a dict."""
+        self.connect()
+        self._ask += 1
+        try:
+            data = encode_box(wc.request(command, self._ask, args))
+        except Malformed as e:
+            raise ControlError(str(e)) from None
+        deadline = time.monotonic() + self.timeout  # clock-ok
+        try:
+            self._sock.settimeout(self.timeout)
+            self._sock.sendall(data)
+            box = self._read_box(deadline)
+        except TimeoutError:
+            self.close()
+            raise NoAnswer("the card did not answer in time") from None
+        except (ConnectionResetError, BrokenPipeError):  # the daemon went away mid-request
+            self.close()
+            raise Dropped("the card daemon closed the connection (the card was removed)") from None
+        except OSError as e:
+            self.close()
+            raise ControlError(f"the card daemon connection failed: {e.strerror or e}") from None
+        try:
+            return wc.answer(command, self._ask, box)
+        except wc.Refused as e:
+            if e.code == wc.CARD_ERROR:
+                raise Refused(str(e)) from None
+            raise ControlError(f"the card daemon could not answer {command.name}: {e}") from None
+        except Malformed as e:
+            self.close()
+            raise ControlError(f"the card daemon's answer is malformed: {e}") from None
+
+    def _read_box(self, deadline: float) -> dict[bytes, bytes]:
+        while True:
+            if self._buf:
+                try:
+                    box, used = decode_box(self._buf)
+                except Incomplete:
+                    pass
+                except Malformed as e:
+                    self.close()
+                    raise ControlError(f"the card daemon's answer is malformed: {e}") from None
+                else:
+                    self._buf = self._buf[used:]
+                    return box
+            left = deadline - time.monotonic()  # clock-ok
+            if left <= 0:
+                raise TimeoutError()
+            self._sock.settimeout(left)
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                self.close()
+                raise Dropped("the card daemon closed the connection (the card was removed)")
+            self._buf += chunk
+
+
+def call(home: str | os.PathLike | None, command: wc.Command, timeout: float = 30.0, **args) -> dict:
+    """One request on a connection of its own."""
+    with ControlClient(home, timeout) as client:
+        return client.call(command, **args)
