@@ -31,7 +31,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 
-from tests.servers import init_data_dir, open_store, servers  # noqa: F401  (servers is a fixture)
+from tests.servers import MANY_MACHINES, init_data_dir, open_store, servers  # noqa: F401  (servers is a fixture)
 from tests.faults.common import Gate, Pending, sleep, within  # shared with the fault suite
 from vsc import crypto
 from vsc.card import ops
@@ -198,7 +198,7 @@ async def test_kill_9_mid_operation_loses_nothing_acknowledged(backend, tmp_path
     t_start = time.monotonic()
     rng = random.Random(SEED + (backend == "postgresql"))
     data_dir = tmp_path / "server"
-    info = init_data_dir(data_dir, url)
+    info = init_data_dir(data_dir, url, settings=MANY_MACHINES)
     fp = info["fingerprint"]
     server = servers.start(data_dir, "server")
     gate = Gate()

@@ -274,7 +274,7 @@ def test_unknown_suite_rejected(value):
         encode_frame(ServerFinished(suite=value, forward_secret=False, mac=X))
 
 
-@pytest.mark.parametrize("value", [20, 63, 999, 0xFFFF])
+@pytest.mark.parametrize("value", [max(ErrorCode) + 1, 63, 999, 0xFFFF])  # the first value past the last code
 def test_unknown_error_code_rejected(value):
     """An error code outside ErrorCode is MALFORMED in Alert and Close, and cannot be encoded."""
     body = struct.pack(">H", value)

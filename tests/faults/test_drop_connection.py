@@ -57,7 +57,7 @@ from tests.faults.common import (
     wait_until,
     within,
 )
-from tests.servers import init_data_dir, open_store, servers  # noqa: F401  (servers is a fixture)
+from tests.servers import MANY_MACHINES, init_data_dir, open_store, servers  # noqa: F401  (servers is a fixture)
 from vsc import crypto
 from vsc.card import ops
 from vsc.card.connect import connect
@@ -318,7 +318,7 @@ async def test_cut_every_operation_at_every_frame(tmp_path, servers):  # noqa: F
     """Every operation cut at every frame of its exchange (eager, drop, partial): the exact retry is answered consistently (never a second check-out, never BUSY), nothing acknowledged is lost, every record matches its history, and other connections are served throughout."""
     t0 = time.monotonic()
     data_dir = tmp_path / "server"
-    fp = init_data_dir(data_dir)["fingerprint"]
+    fp = init_data_dir(data_dir, settings=MANY_MACHINES)["fingerprint"]
     server = servers.start(data_dir, "server")
     relay = Relay(server.port).listen()
     keys, kdf = cheap_keys()

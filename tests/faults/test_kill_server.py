@@ -36,7 +36,7 @@ import pytest_twisted
 from twisted.internet.defer import ensureDeferred, gatherResults
 
 from tests.faults.common import Budget, CycleClient, Gate, check_clients, cheap_keys, enrol_cards, sleep, wait_until, within
-from tests.servers import init_data_dir, open_store, servers  # noqa: F401  (servers is a fixture)
+from tests.servers import MANY_MACHINES, init_data_dir, open_store, servers  # noqa: F401  (servers is a fixture)
 from vsc import crypto
 
 pytestmark = pytest.mark.integration
@@ -61,7 +61,7 @@ async def test_kill_9_at_random_points_loses_nothing_acknowledged(backend, tmp_p
     url = request.getfixturevalue("pg_database_url") if backend == "postgresql" else None
     rng = random.Random(f"{SEED}-{backend}")
     data_dir = tmp_path / "server"
-    fp = init_data_dir(data_dir, url)["fingerprint"]
+    fp = init_data_dir(data_dir, url, settings=MANY_MACHINES)["fingerprint"]
     server = servers.start(data_dir, "server")
 
     keys, kdf = cheap_keys()

@@ -49,7 +49,7 @@ from tests.faults.common import (
     wait_until,
     within,
 )
-from tests.servers import init_data_dir, open_store, servers  # noqa: F401  (servers is a fixture)
+from tests.servers import MANY_MACHINES, init_data_dir, open_store, servers  # noqa: F401  (servers is a fixture)
 from vsc import crypto
 from vsc.wire.ops import Status
 
@@ -105,7 +105,7 @@ async def test_postgresql_restart_under_load(tmp_path, own_cluster, servers):  #
     with psycopg.connect(own_cluster.url(), autocommit=True) as conn:
         conn.execute('CREATE DATABASE "vsc_restart"')
     data_dir = tmp_path / "server"
-    fp = init_data_dir(data_dir, own_cluster.url("vsc_restart"))["fingerprint"]
+    fp = init_data_dir(data_dir, own_cluster.url("vsc_restart"), settings=MANY_MACHINES)["fingerprint"]
     pair = servers.start_many(data_dir, 2)
 
     keys, kdf = cheap_keys()

@@ -179,6 +179,12 @@ def cmd_replace(args) -> int:
         values = dict(cfg.settings)
         values.update(token=_strip_pin(args.token), table=TABLE_NAME)
         cc.save(cfg.home, **values)
+        # the issuer's record is the card as enrolled: older than what this HOME has seen stored. Restoring
+        # it here is the owner's deliberate choice, so the next insert accepts it once (vsc.card.freshness;
+        # rental runs and PIN tries stay as they were last stored)
+        from vsc.card.freshness import FreshnessStore
+
+        FreshnessStore(cfg.home).accept_next_rollback()
     emit(args, {"serial": args.serial, "token": ref.token_label, "table": args.table},
          f"card {args.serial} restored onto the token {ref.token_label} from the issuer's records; "
          f"the old token's DongleKey no longer matches (new table {args.table})")

@@ -251,6 +251,27 @@ def _self_signed(private_der, serial: str, slot: str) -> bytes:
 # ---------------------------------------------------------------- parser
 
 
+def cmd_accept_rollback(args) -> int:
+    """
+    The owner's deliberate choice after a real disaster (a server restored
+    from a backup, a token replaced from the issuer's record): the next
+    insert may load a copy older than this machine has seen stored. Rental
+    runs and PIN tries are kept as last stored (vsc.card.freshness).
+    """
+    from pathlib import Path
+
+    from vsc.card.freshness import FreshnessStore
+
+    home = Path(home_dir(args))
+    if not (home / "card.ini").exists():
+        raise CommandError(f"no card is enrolled in {home}")
+    FreshnessStore(home).accept_next_rollback()
+    emit(args, {"home": str(home), "accept_rollback": True},
+         "the next insert will accept an older copy of this card, once; rental runs and PIN tries stay as "
+         "they were last stored")
+    return 0
+
+
 def add_actions(add) -> None:
     """Add enroll, recover and destroy to ``vsc card``; ``add(name, func, help)`` makes an action's parser."""
     from vsc.cli.ping import add_channel_options
@@ -276,3 +297,5 @@ def add_actions(add) -> None:
         p.add_argument("--totp-file", help="read the TOTP code from this file")
         if name == "destroy":
             p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    add("accept-rollback", cmd_accept_rollback,
+        "let the next insert load an older copy of the card (after a restored backup or a replaced token), once")
