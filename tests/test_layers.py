@@ -38,6 +38,22 @@ class Rule:
         return _matches(imported, self.forbidden)
 
 
+#: The layers, lowest first (docs/architecture.md). A module may import its own layer or lower ones.
+L0 = ("vsc.crypto", "vsc.util")
+L1 = ("vsc.wire",)
+L2 = ("vsc.protocol",)
+L3 = ("vsc.net",)
+L4 = ("vsc.server", "vsc.card", "vsc.dongle")
+L5 = ("vsc.cli", "vsc.licensing", "vsc.conformance", "vsc.demo", "vsc.devtools", "vsc.daemon")
+L6 = ("twisted.plugins",)
+LAYERS = (L0, L1, L2, L3, L4, L5, L6)
+
+
+def _above(layer: tuple[str, ...]) -> tuple[str, ...]:
+    i = LAYERS.index(layer)
+    return tuple(p for higher in LAYERS[i + 1:] for p in higher)
+
+
 RULES = (
     Rule(
         "crypto libraries only in vsc.crypto",
@@ -46,6 +62,24 @@ RULES = (
         forbidden=("cryptography", "Crypto", "Cryptodome", "hashlib", "hmac", "secrets"),
         why="vsc.crypto is the only place a crypto library, hashlib, hmac or secrets is imported",
     ),
+    Rule("L0 crypto and util import no other part of vsc", covers=L0,
+         forbidden=L1 + L2 + L3 + L4 + L5 + L6, why="the bottom layer stands alone"),
+    Rule("L1 wire imports only L0", covers=L1, forbidden=_above(L1), why="wire <- protocol <- net <- ..."),
+    Rule("L2 protocol imports only wire and L0", covers=L2, forbidden=_above(L2), why="wire <- protocol <- net <- ..."),
+    Rule("L3 net imports only protocol and below", covers=L3, forbidden=_above(L3), why="protocol <- net <- ..."),
+    Rule("L4 imports no L5 or plugin", covers=L4, forbidden=_above(L4), why="net <- server/card/dongle <- cli ..."),
+    Rule("L5 imports no plugin", covers=L5, forbidden=L6, why="cli/licensing <- plugins"),
+    Rule("the server imports no card or dongle", covers=("vsc.server",), forbidden=("vsc.card", "vsc.dongle"),
+         why="server and card are peers that meet only on the wire"),
+    Rule("the card imports no server or dongle", covers=("vsc.card",), forbidden=("vsc.server", "vsc.dongle"),
+         why="where the card's information lives is a strategy it is given (vsc.daemon composes it)"),
+    Rule("the dongle imports no server", covers=("vsc.dongle",), forbidden=("vsc.server",),
+         why="a token card has no server"),
+    Rule("no library module imports the command line", covers=("vsc",), exempt=L5, forbidden=("vsc.cli",),
+         why="each layer words its own errors; only commands import vsc.cli"),
+    Rule("wire and protocol do no I/O", covers=L1 + L2,
+         forbidden=("twisted.internet", "socket", "subprocess", "threading", "sqlite3", "psycopg"),
+         why="sans-IO: decode first, fire one input, return effects"),
 )
 
 

@@ -76,7 +76,7 @@ def _with_pin_tries(value, tries: int) -> bytes:
 MONOTONIC: list[tuple[ItemKind, Callable[[str], bool], Callable, Callable]] = [
     (ItemKind.COUNTER, lambda name: name.startswith(LICENCE_PREFIX), decode_counter,
      lambda value, floor: encode_counter(min(decode_counter(value), floor))),
-    (ItemKind.PIN, lambda name: name in ("piv-pin", "piv-puk"), _pin_tries, _with_pin_tries),
+    (ItemKind.PIN, lambda name: name.startswith(("piv-pin", "piv-puk", "pgp-")), _pin_tries, _with_pin_tries),
 ]
 
 

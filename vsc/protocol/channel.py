@@ -21,6 +21,8 @@ The wrapper decodes first (``vsc.wire``), then fires exactly one Automat input
 per outcome. Validation that needs the machine's data (r1, MACs, suites)
 happens in the transition and, on failure, fires the ``fail`` input, which
 Automat runs right after the current transition.
+
+One responsibility (and so one module despite its length): the channel of Figure 7, both ends.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ the decremented counter BEFORE comparing; only a match stores the reset
 counter. A store that fails (server unreachable) answers 6581 without
 having compared anything, so cutting the network gives an attacker no
 free guesses.
+
+One responsibility (and so one module despite its length): the PIV card application.
 """
 
 from __future__ import annotations
@@ -44,6 +46,34 @@ from vsc.wire import apdu, tlv
 from vsc.wire.apdu import ApduError, Command, ManagementKeyRecord, SecretRecord
 from vsc.wire.errors import WireError
 from vsc.wire.protected import ItemKind, KeyAlg
+from vsc.protocol import pins
+from vsc.protocol.applet import (  # noqa: F401  (the effects and status words are the applet framework's)
+    SW_BLOCKED,
+    SW_CHAIN_UNSUPPORTED,
+    SW_CLA,
+    SW_CONDITIONS,
+    SW_INS,
+    SW_MEMORY_FAILURE,
+    SW_NO_MEMORY,
+    SW_NOT_FOUND,
+    SW_OK,
+    SW_REF_NOT_FOUND,
+    SW_SECURITY,
+    SW_UNKNOWN,
+    SW_WRONG_DATA,
+    SW_WRONG_LENGTH,
+    SW_WRONG_P1P2,
+    Effect,
+    EffectFailed,
+    Generate,
+    KeyInfo,
+    Load,
+    Notice,
+    PrivateOp,
+    Step,
+    Store,
+    run_sync,
+)
 
 # ---------------------------------------------------------------- constants
 
@@ -51,22 +81,6 @@ PIV_AID = bytes.fromhex("a000000308000010000100")
 PIV_PIX = bytes.fromhex("000010000100")
 MIN_AID_PREFIX = 5  # yubico-piv-tool selects with the RID only (A0 00 00 03 08)
 APP_LABEL = b"VSC PIV (EP 0 936 530)"
-
-SW_OK = 0x9000
-SW_WRONG_LENGTH = 0x6700
-SW_MEMORY_FAILURE = 0x6581
-SW_SECURITY = 0x6982
-SW_BLOCKED = 0x6983
-SW_CONDITIONS = 0x6985
-SW_WRONG_DATA = 0x6A80
-SW_NOT_FOUND = 0x6A82
-SW_NO_MEMORY = 0x6A84
-SW_WRONG_P1P2 = 0x6A86
-SW_REF_NOT_FOUND = 0x6A88
-SW_CHAIN_UNSUPPORTED = 0x6884
-SW_INS = 0x6D00
-SW_CLA = 0x6E00
-SW_UNKNOWN = 0x6F00
 
 INS_SELECT = 0xA4
 INS_GET_DATA = 0xCB
@@ -89,11 +103,11 @@ MAX_OBJECT = 12 * 1024
 PIN_REF = 0x80
 PUK_REF = 0x81
 MGMT_REF = 0x9B
-PIN_ITEM = {PIN_REF: "piv-pin", PUK_REF: "piv-puk"}
+PIN_ITEM = {PIN_REF: pins.USER_PIN, PUK_REF: pins.PUK}
 MGMT_ITEM = "piv-mgmt"
 DEFAULT_PIN = b"123456"
 DEFAULT_PUK = b"12345678"
-DEFAULT_TRIES = 3
+DEFAULT_TRIES = pins.DEFAULT_TRIES
 DEFAULT_MGMT = ManagementKeyRecord(crypto.PIV_MGMT_3DES, bytes.fromhex("010203040506070801020304050607080102030405060708"))
 
 ALG_RSA2048 = 0x07
@@ -123,88 +137,6 @@ def object_name(tag: int) -> str:
 
 def valid_object_tag(tag: int) -> bool:
     return 0x5FC101 <= tag <= 0x5FC123 or tag in (0x7F61, TAG_DISCOVERY)
-
-
-# ---------------------------------------------------------------- effects
-
-
-@attrs.frozen
-class Load:
-    """Read an item of the protected information; the result is its value (bytes) or None."""
-
-    kind: ItemKind
-    name: str
-
-
-@attrs.frozen
-class Store:
-    """Replace an item and sync it to the server before answering; result None, or EffectFailed."""
-
-    kind: ItemKind
-    name: str
-    value: bytes = attrs.field(repr=False)
-    alg: KeyAlg = KeyAlg.NONE
-    public: bytes = b""
-
-
-@attrs.frozen
-class KeyInfo:
-    """The algorithm and public key (SubjectPublicKeyInfo DER) of a slot's key, or None."""
-
-    slot: str
-
-
-@attrs.frozen
-class PrivateOp:
-    """A private-key operation on a slot's key: "rsa" (a block the host padded), "ecdsa" (a hash), "ecdh" (a peer point)."""
-
-    slot: str
-    op: str
-    data: bytes = attrs.field(repr=False)
-
-
-@attrs.frozen
-class Generate:
-    """Generate a key pair into a slot, stored and synced; the result is the public key DER."""
-
-    slot: str
-    alg: KeyAlg
-
-
-@attrs.frozen
-class Notice:
-    """Something worth a log line (the glue logs ``event`` with ``fields``); result None."""
-
-    event: str
-    fields: dict = attrs.field(factory=dict)
-
-
-class EffectFailed(Exception):
-    """The glue could not perform an effect; ``sw`` is what the card answers."""
-
-    def __init__(self, message: str, sw: int = SW_UNKNOWN):
-        super().__init__(message)
-        self.sw = sw
-
-
-Effect = Load | Store | KeyInfo | PrivateOp | Generate | Notice
-Step = Generator[Effect, Any, tuple[bytes, int]]
-
-
-def run_sync(gen: Generator, perform: Callable[[Effect], Any]) -> bytes:
-    """Drive ``process`` synchronously (tests, tools): ``perform`` returns a result or raises EffectFailed."""
-    send: Any = None
-    throw: BaseException | None = None
-    while True:
-        try:
-            effect = gen.throw(throw) if throw is not None else gen.send(send)
-        except StopIteration as stop:
-            return stop.value
-        send, throw = None, None
-        try:
-            send = perform(effect)
-        except EffectFailed as e:
-            throw = e
 
 
 # ---------------------------------------------------------------- management-key authentication (Automat)
@@ -551,38 +483,16 @@ class PivApplet:
     # ---------------------------------------------------------------- PIN and PUK
 
     def _load_secret(self, ref: int) -> Generator[Effect, Any, SecretRecord]:
-        raw = yield Load(ItemKind.PIN, PIN_ITEM[ref])
-        if not raw:
-            return SecretRecord(apdu.pad_pin(DEFAULT_PIN if ref == PIN_REF else DEFAULT_PUK), DEFAULT_TRIES,
-                                DEFAULT_TRIES)
-        return apdu.decode_secret(raw)
+        return (yield from pins.load_secret(PIN_ITEM[ref], apdu.pad_pin(DEFAULT_PIN if ref == PIN_REF else DEFAULT_PUK)))
 
     def _store_secret(self, ref: int, rec: SecretRecord) -> Step:
-        try:
-            yield Store(ItemKind.PIN, PIN_ITEM[ref], apdu.encode_secret(rec))
-        except EffectFailed as e:
-            raise EffectFailed(str(e), SW_MEMORY_FAILURE) from None
+        yield from pins.store_secret(PIN_ITEM[ref], rec)
         return b"", SW_OK
 
     def _check_secret(self, ref: int, block: bytes) -> Generator[Effect, Any, SecretRecord | int]:
-        """
-        Compare ``block`` with the PIN or PUK, the counter decremented and
-        stored first. Returns the record (match, counter stored back at its
-        maximum) or the status word to answer (63Cx, 6983).
-        """
-        rec = yield from self._load_secret(ref)
-        if rec.tries_left == 0:
-            return SW_BLOCKED
-        left = rec.tries_left - 1
-        yield from self._store_secret(ref, attrs.evolve(rec, tries_left=left))
-        if crypto.constant_time_equal(bytes(block), rec.value):
-            if left != rec.max_tries:
-                yield from self._store_secret(ref, attrs.evolve(rec, tries_left=rec.max_tries))
-            return rec
-        yield Notice("wrong-pin" if ref == PIN_REF else "wrong-puk", {"tries_left": left})
-        if left == 0:
-            yield Notice("pin-blocked" if ref == PIN_REF else "puk-blocked", {})
-        return 0x63C0 | left
+        """The PIN or PUK checked the shared way (vsc.protocol.pins): the record, or the status word to answer."""
+        default = apdu.pad_pin(DEFAULT_PIN if ref == PIN_REF else DEFAULT_PUK)
+        return (yield from pins.check_secret(PIN_ITEM[ref], block, default, "pin" if ref == PIN_REF else "puk"))
 
     @staticmethod
     def _new_value(block: bytes) -> bytes:

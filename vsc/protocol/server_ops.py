@@ -27,6 +27,8 @@ Guessing limits (vsc.protocol.lockout): an answer carrying the MUK of the
 card's last insert counts in the owner's own bucket; others count per card
 and, in memory, per source. A throttled answer is refused without being
 evaluated or counted. An unanswered challenge counts like a wrong answer.
+
+One responsibility (and so one module despite its length): the server's operation machine.
 """
 
 from __future__ import annotations

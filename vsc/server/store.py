@@ -17,6 +17,8 @@ two inserts of one serial racing from two machines, in one process or two,
 get exactly one check-out, and nothing is held while a peer authenticates:
 the per-serial exclusion of [0081] is the row lock of one transaction.
 A crash leaves the old record or the new one, never a mix.
+
+One responsibility (and so one module despite its length): the card database, on both backends.
 """
 
 from __future__ import annotations
