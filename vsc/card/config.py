@@ -85,7 +85,7 @@ def load(home: str | os.PathLike | None) -> CardConfig:
             home=home.absolute(),
             server=s.get("server", "") if s.get("mode") == "dongle" else s["server"],
             server_key=s.get("server_key", "") if s.get("mode") == "dongle" else s["server_key"],
-            serial=s["serial"],
+            serial=_serial(path, s["serial"]),
             channel=channel,
             muk_poll=s.getfloat("muk_poll", 60.0),
             clock_poll=s.getfloat("clock_poll", 3600.0),
@@ -95,6 +95,16 @@ def load(home: str | os.PathLike | None) -> CardConfig:
         )
     except (KeyError, ValueError, configparser.Error) as e:
         raise CardConfigError(f"{path}: invalid or missing setting: {e}") from None
+
+
+def _serial(path: Path, text: str) -> str:
+    """card.ini's serial in NFC (vsc.protocol.serials): "café" typed either way is one card."""
+    from vsc.protocol import serials
+
+    try:
+        return serials.check(text)
+    except serials.SerialError as e:
+        raise CardConfigError(f"{path}: {e}") from None
 
 
 def save(home: Path, **values: str) -> None:

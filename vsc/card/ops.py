@@ -9,7 +9,7 @@ import attrs
 from twisted.logger import Logger
 
 from vsc import crypto
-from vsc.protocol import auth
+from vsc.protocol import auth, serials
 from vsc.protocol.methods import METHODS, CardSide, Credentials
 from vsc.wire.ops import (
     AuthChallenge,
@@ -130,6 +130,7 @@ def answer(challenge: AuthChallenge, serial: str, password: str, master: bytes, 
     logged and kept in ``creds.notes`` for the user.
     """
     creds = creds if creds is not None else Credentials()
+    serial = serials.normalise(serial)  # every MAC input names the serial in NFC, as the server does (§10.1)
     if keys is None:
         kdf = KdfParams.decode(challenge.kdf)
         check_kdf(kdf, creds.kdf_floor)

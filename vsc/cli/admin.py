@@ -49,10 +49,14 @@ def _redact(url: str) -> str:
     return urlunparse(parsed._replace(netloc=f"{parsed.username}:***@{netloc[-1]}"))
 
 
-def _when(t: float | None) -> str:
+def _when(t) -> str:
+    """A stored time for people; whatever is stored (a huge, negative or non-number value) never raises."""
     if not t:
         return "-"
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.datetime.fromtimestamp(float(t), datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError, TypeError):
+        return f"(unreadable time {str(t)[:32]})"
 
 
 def _database_errors() -> tuple[type[BaseException], ...]:
@@ -65,22 +69,46 @@ def _database_errors() -> tuple[type[BaseException], ...]:
 
 
 def _check_serial(serial: str) -> str:
+    """A serial named to look a card up: its NFC form (docs/admin.md: Serials); one line if it cannot be one."""
+    from vsc.protocol import serials
     from vsc.wire.ops import MAX_SERIAL
 
-    if not serial or not serial.isprintable() or serial != serial.strip():
-        raise CommandError(f"invalid serial {serial!r}: printable text without leading or trailing spaces", EXIT_USAGE)
-    if len(serial.encode("utf-8")) > MAX_SERIAL:
-        raise CommandError(f"invalid serial {serial!r}: at most {MAX_SERIAL} bytes", EXIT_USAGE)
-    return serial
+    nfc = serials.normalise(serial)
+    if not nfc or not nfc.isprintable() or nfc != nfc.strip() or len(nfc.encode("utf-8", "replace")) > MAX_SERIAL:
+        try:
+            serials.check(serial)
+        except serials.SerialError as e:
+            raise CommandError(str(e), EXIT_USAGE) from None
+    return nfc
 
 
-def _ttl(text: str) -> float:
+def _new_serial(serial: str) -> str:
+    """A serial for a new card: in the alphabet (NFC); one line if not. Confusables are the store's check."""
+    from vsc.protocol import serials
+
+    try:
+        return serials.check(serial)
+    except serials.SerialError as e:
+        raise CommandError(str(e), EXIT_USAGE) from None
+
+
+#: the range of a code's validity, as the code_ttl setting's (vsc.server.settings)
+TTL_MIN, TTL_MAX = 60.0, 366 * 86400.0
+
+
+def _ttl(text: str | None, default: float) -> float:
+    """``--ttl``: checked before anything is stored; one line (not argparse's usage) when it is not acceptable."""
+    import math
+
+    if text is None:
+        return default
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+        raise CommandError(f"--ttl {text[:40]!r} is not a number of seconds", EXIT_USAGE) from None
+    if not math.isfinite(value) or not TTL_MIN <= value <= TTL_MAX:
+        raise CommandError(f"--ttl {text[:40]} must be from {TTL_MIN:.0f} to {TTL_MAX:.0f} seconds (366 days)",
+                           EXIT_USAGE)
     return value
 
 
@@ -164,12 +192,13 @@ def _code_text(serial: str, code: str, expires: float) -> str:
 
 
 def cmd_issue(args) -> int:
-    serial = _check_serial(args.serial)
+    serial = _new_serial(args.serial)
+    _ttl(args.ttl, 60.0)  # checked before the database is even opened
     with _database(args) as (_cfg, policy, store):
         if store.get(serial) is not None:
             raise CommandError(f"card {serial} already exists")
         replaced = store.enrolment(serial) is not None
-        code, expires = _new_code(store, policy, serial, args.ttl if args.ttl is not None else policy.code_ttl)
+        code, expires = _new_code(store, policy, serial, _ttl(args.ttl, policy.code_ttl))
     text = _code_text(serial, code, expires)
     if replaced:
         text += "\n(the earlier code for this serial no longer works)"
@@ -285,7 +314,7 @@ def cmd_destroy(args) -> int:
 
 
 def cmd_duplicate(args) -> int:
-    serial, new = _check_serial(args.serial), _check_serial(args.new_serial)
+    serial, new = _check_serial(args.serial), _new_serial(args.new_serial)
     with _database(args) as (_cfg, _policy, store):
         store.duplicate(serial, new, peer="admin")
         copy = store.get(new)
@@ -300,17 +329,18 @@ def cmd_duplicate(args) -> int:
 
 def cmd_replace(args) -> int:
     serial = _check_serial(args.serial)
+    _ttl(args.ttl, 60.0)
     with _database(args) as (_cfg, policy, store):
         card = _card(store, serial)
         if args.new_serial:
-            new = _check_serial(args.new_serial)
+            new = _new_serial(args.new_serial)
             if not _is_free(store, new):
                 raise CommandError(f"serial {new} is already in use (a card or a pending enrolment)")
         else:
             n = 1
             while not _is_free(store, f"{serial}-r{n}"):
                 n += 1
-            new = _check_serial(f"{serial}-r{n}")
+            new = _new_serial(f"{serial}-r{n}")
         data = {"serial": serial, "new_serial": new, "policy": args.policy}
         if args.policy == "duplicate":
             from vsc.server.store import CardState
@@ -333,7 +363,7 @@ def cmd_replace(args) -> int:
 
             if card.state is not CardState.DESTROYED:
                 _destroy(store, serial)
-            code, expires = _new_code(store, policy, new, args.ttl if args.ttl is not None else policy.code_ttl)
+            code, expires = _new_code(store, policy, new, _ttl(args.ttl, policy.code_ttl))
             data.update(code=code, expires=expires, state="issued")
             text = f"card {serial} destroyed; its replacement {new} starts afresh.\n" + _code_text(new, code, expires)
     emit(args, data, text)
@@ -415,7 +445,7 @@ def configure(admin: argparse.ArgumentParser) -> None:
     a.add_argument("--key-bits", type=int, default=3072, choices=(2048, 3072, 4096))
     action("fingerprint", cmd_fingerprint, "print the server key fingerprint that cards pin")
     a = action("issue", cmd_issue, "issue a one-time enrolment code for a new card", "serial")
-    a.add_argument("--ttl", type=_ttl, metavar="SECONDS", help="code validity (default: code_ttl, 7 days)")
+    a.add_argument("--ttl", metavar="SECONDS", help="code validity, 60 s to 366 days (default: code_ttl, 7 days)")
     action("list", cmd_list, "list every card and pending enrolment")
     action("show", cmd_show, "show one card's record", "serial")
     action("history", cmd_history, "show the history of one serial", "serial")
@@ -427,5 +457,5 @@ def configure(admin: argparse.ArgumentParser) -> None:
                    help="duplicate: an exact copy the owner inserts with the same password (default); "
                         "fresh: a new card with a new enrolment code")
     a.add_argument("--new-serial", metavar="NEW", help="the replacement's serial (default: SERIAL-rN, first free N)")
-    a.add_argument("--ttl", type=_ttl, metavar="SECONDS", help="with --policy fresh: the code's validity")
+    a.add_argument("--ttl", metavar="SECONDS", help="with --policy fresh: the code's validity (60 s to 366 days)")
     action("unlock", cmd_unlock, "clear a card's lockout after failed authentications", "serial")

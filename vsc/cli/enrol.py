@@ -26,6 +26,12 @@ def cmd_enroll(args) -> int:
     from vsc.cli.ping import channel_config
     from vsc.wire.protected import ItemKind, KeyAlg
 
+    from vsc.protocol import serials
+
+    try:
+        args.serial = serials.check(args.serial)
+    except serials.SerialError as e:
+        raise CommandError(str(e), 2) from None
     home = Path(home_dir(args))
     if (home / cc.CARD_INI).exists() and not args.force:
         raise CommandError(f"{home} already holds a card ({home / cc.CARD_INI}); use another --home")

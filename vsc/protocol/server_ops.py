@@ -40,7 +40,7 @@ import attrs
 from automat import NoTransition, TypeMachineBuilder
 
 from vsc import crypto
-from vsc.protocol import auth, implauth
+from vsc.protocol import auth, implauth, serials
 from vsc.protocol.cardstore import (
     AttachCard,
     ChangeCardPassword,
@@ -215,8 +215,8 @@ class OpsInputs(Protocol):
     def stored(self, outcome: object) -> None:
         "A store call returned."
 
-    def store_failed(self, reason: str) -> None:
-        "A store call raised."
+    def store_failed(self, reason: str, full: bool) -> None:
+        "A store call raised (``full``: the database cannot store, e.g. its disk is full)."
 
     def deadline(self) -> None:
         "The answer deadline passed."
@@ -378,14 +378,16 @@ def _build():
         core.finish()
 
     @committing.upon(OpsInputs.store_failed).to(idle)
-    def failed(m: OpsInputs, core: OpsCore, reason: str) -> None:
-        # a refusal whose history line failed is still that refusal (nothing was changed)
-        core.emit(Reply(OpResult(status=core.pending if core.pending is not None else Status.INTERNAL)))
+    def failed(m: OpsInputs, core: OpsCore, reason: str, full: bool) -> None:
+        # a refusal whose history line failed is still that refusal (nothing was changed); a change the
+        # database could not store for want of space is STORAGE_FULL, so the card can say so
+        failure = Status.STORAGE_FULL if full else Status.INTERNAL
+        core.emit(Reply(OpResult(status=core.pending if core.pending is not None else failure)))
         core.finish()
 
     @loading.upon(OpsInputs.store_failed).to(idle)
-    def load_failed(m: OpsInputs, core: OpsCore, reason: str) -> None:
-        core.emit(Reply(OpResult(status=Status.INTERNAL)))
+    def load_failed(m: OpsInputs, core: OpsCore, reason: str, full: bool) -> None:
+        core.emit(Reply(OpResult(status=Status.STORAGE_FULL if full else Status.INTERNAL)))
         core.finish()
 
     # ---- protocol violations and loss
@@ -512,8 +514,13 @@ class ServerOps:
         return self._drain()
 
     def message(self, msg: object) -> list:
-        """One input per kind of message."""
+        """One input per kind of message; a request's serial in NFC first (vsc.protocol.serials)."""
         m = self._m
+        serial = getattr(msg, "serial", None)
+        if serial is not None and not serial.isascii():
+            nfc = serials.normalise(serial)
+            if nfc != serial:
+                msg = attrs.evolve(msg, serial=nfc)
         if isinstance(msg, EnrolRequest):
             return self._fire(lambda: m.enrol_requested(msg))
         if isinstance(msg, OpRequest):
@@ -540,8 +547,9 @@ class ServerOps:
     def stored(self, outcome: object) -> list:
         return self._fire(lambda: self._m.stored(outcome))
 
-    def store_failed(self, reason: str) -> list:
-        return self._fire(lambda: self._m.store_failed(reason))
+    def store_failed(self, reason: str, full: bool = False) -> list:
+        """A store call raised; ``full``: it could not store for want of space (vsc.server.store.StorageFull)."""
+        return self._fire(lambda: self._m.store_failed(reason, full))
 
     def deadline(self) -> list:
         return self._fire(self._m.deadline)

@@ -175,6 +175,12 @@ class ServerProtocol(ChannelProtocol):
                     self.closeChannel(ErrorCode.UNEXPECTED_MESSAGE)
 
     def _store_error(self, failure: Failure) -> None:
+        from vsc.server.store import StorageFull
+
+        if failure.check(StorageFull):
+            self.log.error("{peer}: the database cannot store: {why}", peer=self.peer, why=failure.getErrorMessage())
+            self._effects(self.ops.store_failed(failure.getErrorMessage(), True))
+            return
         self.log.failure("database call failed for {peer}", failure, peer=self.peer)
         self._effects(self.ops.store_failed(failure.getErrorMessage()))
 

@@ -86,6 +86,29 @@ class StoreError(Exception):
     """A database-level refusal meant for an administrator (message is user-facing)."""
 
 
+class StorageFull(StoreError):
+    """The database cannot store the change now: its disk (or its quota) is full. Nothing was changed."""
+
+
+#: SQLSTATE of PostgreSQL's disk_full ("could not extend file ... No space left on device")
+_PG_DISK_FULL = "53100"
+
+
+def storage_full(e: BaseException) -> bool:
+    """Whether a database error means "no space to store" (SQLite SQLITE_FULL, PostgreSQL disk_full)."""
+    if isinstance(e, sqlite3.Error):
+        code = getattr(e, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+            return True
+        return "database or disk is full" in str(e)
+    return getattr(e, "sqlstate", None) == _PG_DISK_FULL
+
+
+def _full_as_storage_full(e: BaseException) -> None:
+    if storage_full(e):
+        raise StorageFull("the database cannot store changes: its disk is full") from e
+
+
 @attrs.frozen
 class HistoryEntry:
     id: int
@@ -230,6 +253,18 @@ class Store:
 
     @contextlib.contextmanager
     def _txn(self) -> Iterator[Any]:
+        """One write transaction (see ``_txn_raw``); a full disk is StorageFull, whatever statement met it."""
+        try:
+            with self._txn_raw() as cur:
+                yield cur
+        except StoreError:
+            raise
+        except Exception as e:
+            _full_as_storage_full(e)
+            raise
+
+    @contextlib.contextmanager
+    def _txn_raw(self) -> Iterator[Any]:
         """One write transaction; SQLite takes the write lock up front (BEGIN IMMEDIATE)."""
         conn = self._conn()
         if self.kind == "postgresql":
@@ -252,11 +287,11 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn.cursor()
+            conn.execute("COMMIT")  # may fail too (a full disk): then roll back, leaving the connection usable
         except BaseException:
             with contextlib.suppress(Exception):
                 conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def _discard_if_broken(self, conn) -> bool:
         """Forget this thread's connection if the database closed it (the next call reconnects)."""
@@ -378,11 +413,24 @@ class Store:
 
     # ------------------------------------------------------------ enrolment
 
+    def _refuse_new_serial(self, cur, serial: str) -> None:
+        """A new serial must be in the alphabet and look like no other (vsc.protocol.serials), under the lock."""
+        from vsc.protocol import serials
+
+        try:
+            if serials.check(serial) != serial:
+                raise serials.SerialError(f"serial {serial!r} is not in NFC form")
+            others = [r[0] for r in self._x(cur, "SELECT serial FROM cards UNION SELECT serial FROM enrolment_codes").fetchall()]
+            serials.refuse_confusable(serial, others)
+        except serials.SerialError as e:
+            raise StoreError(str(e)) from None
+
     def issue(self, serial: str, code_hash: bytes, auth_info: str, ttl: float, peer: str = "admin") -> None:
         now = self.now()
         with self._txn() as cur:
             if self._get_for_update(cur, serial) is not None:
                 raise StoreError(f"card {serial} already exists")
+            self._refuse_new_serial(cur, serial)
             self._x(cur, "DELETE FROM enrolment_codes WHERE serial = ?", (serial,))
             self._x(
                 cur,
@@ -686,6 +734,7 @@ class Store:
                 raise StoreError(f"card {new_serial} already exists")
             if self._x(cur, "SELECT 1 FROM enrolment_codes WHERE serial = ?", (new_serial,)).fetchone():
                 raise StoreError(f"serial {new_serial} has a pending enrolment code")
+            self._refuse_new_serial(cur, new_serial)
             self._x(
                 cur,
                 f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES (?, 'idle', NULL, ?, NULL, ?, ?, ?, ?, 0, 0, ?, ?, NULL, NULL, 0, 0)",

@@ -45,7 +45,8 @@ class AuthMethod(enum.IntEnum):
 class Status(enum.IntEnum):
     """
     Operation results. An unauthenticated peer only ever sees OK, REFUSED,
-    BUSY, BAD_REQUEST or TIMEOUT, identically for every serial.
+    BUSY, BAD_REQUEST, TIMEOUT, INTERNAL or STORAGE_FULL, identically for
+    every serial.
     """
 
     OK = 0
@@ -59,6 +60,7 @@ class Status(enum.IntEnum):
     BAD_REQUEST = 8  # a request that makes no sense (missing fields)
     TIMEOUT = 9  # an answer came too late (implementation auth within 30 s)
     INTERNAL = 10  # the server failed; nothing was changed
+    STORAGE_FULL = 11  # the server's database cannot store the change now (disk full); nothing was changed
 
 
 _Serial = Text(U8, MAX_SERIAL, 1, "serial")
