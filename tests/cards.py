@@ -42,7 +42,7 @@ CLI_TIMEOUT = 60.0
 OTHER_HOST = "other-host"
 
 # unshare(1) keeps the pid (no --fork), so the Popen pid is the twistd pid.
-_OTHER_MACHINE = 'hostname "$0" && mount -t tmpfs tmpfs "$1" && shift && exec "$@"'
+_OTHER_MACHINE = 'hostname "$0" && mount -t tmpfs -o mode=0700 tmpfs "$1" && shift && exec "$@"'
 
 
 class CardFailed(AssertionError):

@@ -43,7 +43,7 @@ class FakeCardSocket:
         from vsc.card.paths import control_socket_for
 
         self.path = Path(control_socket_for(home))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a runtime dir the client accepts
         self.respond = respond
         self.requests: list[tuple[bytes, dict]] = []
         self.answered = threading.Event()  # set once an answer was sent

@@ -273,7 +273,7 @@ def test_no_daemon_and_a_dead_daemon_are_told_apart(fake_home):
     import socket
 
     path = Path(client.ControlClient(fake_home).path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(path))
     s.close()  # the file stays; nobody listens

@@ -77,6 +77,10 @@ class ControlClient:
     def connect(self) -> None:
         if self._sock is not None:
             return
+        try:  # never talk to a socket in a directory another user could reach into (issue 11)
+            paths.check_private_dir(os.path.dirname(self.path))
+        except paths.UnsafeDirectory as e:
+            raise ControlError(str(e)) from None
         if not os.path.exists(self.path):
             raise NotRunning(self.home, self.path, stale=False)
         s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)

@@ -175,9 +175,16 @@ class ControlFactory(Factory):
 
 
 def prepare_socket_path(path: Path) -> None:
-    """The runtime dir is 0700 and a stale socket (no daemon behind it) is removed."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
+    """The runtime dir is checked (yours, 0700: vsc.card.paths) and a stale socket (no daemon behind it) is removed."""
+    from vsc.card import paths
+
+    try:
+        if os.fspath(path.parent) == paths.runtime_dir():
+            paths.check_runtime_dir(create=True)
+        else:
+            paths.check_private_dir(os.fspath(path.parent), create=True, what="the socket's directory", shared_ok=True)
+    except paths.UnsafeDirectory as e:
+        raise CardError(str(e)) from None
     if path.exists():
         if not stat.S_ISSOCK(path.stat().st_mode):
             raise CardError(f"{path} exists and is not a socket")

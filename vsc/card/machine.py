@@ -18,13 +18,15 @@ import fcntl
 import json
 import os
 import pwd
+import re
 import socket
+import stat
 from pathlib import Path
 
 from vsc import crypto
+from vsc.card import paths
 
-DEFAULT_LOCK_DIRS = ("/run/lock", "/var/lock", "/tmp")
-LOCK_NAME = "vsc-card.lock"
+LOCK_NAME = "machine.lock"
 
 
 def _read(path: Path) -> str:
@@ -76,46 +78,72 @@ def compute_muk(sources: dict | None = None) -> bytes:
 
 
 class MachineLockHeld(Exception):
-    """Another card process on this machine holds the machine lock."""
+    """Another card process holds the machine lock, or the lock cannot be used safely (message: one plain line)."""
+
+
+#: what a lock file may hold for its holder's pid to be shown: digits only (nothing else it holds is ever echoed)
+_PID = re.compile(rb"\A[0-9]{1,10}\n?\Z")
 
 
 class MachineLock:
     """
-    An exclusive fcntl lock on a well-known machine-wide file: one card
-    process per machine. The kernel releases it when the process dies, so a
-    crash never leaves it held ([0054]).
+    An exclusive fcntl lock on a well-known file: one card process per
+    machine ([0054], [0089]-[0090]). The kernel releases it when the process
+    dies, so a crash never leaves it held.
+
+    "The machine" is the one the MUK names, and the MUK hashes the login
+    user with the host's identity: two users of one host are two machines
+    to the server. So the lock is per user (issue 11): the file is
+    ``machine.lock`` in the user's checked runtime directory (or
+    $VSC_LOCK_DIR), created 0600 in a directory only the user controls. No
+    other user can open it, let alone hold it and stop this user's cards —
+    which a machine-wide file that every user must be able to lock (the
+    earlier /run/lock/vsc-card.lock, mode 0666) could not prevent. A
+    refusal names the holder's pid only when the file holds nothing but
+    digits: it never echoes what the file holds.
     """
 
     def __init__(self, directory: str | None = None):
-        self.path = Path(directory or os.environ.get("VSC_LOCK_DIR") or self._default_dir()) / LOCK_NAME
+        self._dir = directory or os.environ.get("VSC_LOCK_DIR") or None
         self._fd: int | None = None
 
-    @staticmethod
-    def _default_dir() -> str:
-        for d in DEFAULT_LOCK_DIRS:
-            if os.path.isdir(d) and os.access(d, os.W_OK):
-                return d
-        return "/tmp"
+    @property
+    def path(self) -> Path:
+        return Path(self._dir or paths.runtime_dir()) / LOCK_NAME
+
+    def _directory(self) -> str:
+        try:
+            if self._dir is None:
+                return paths.check_runtime_dir(create=True)
+            if not os.path.lexists(self._dir):
+                os.makedirs(self._dir, 0o700, exist_ok=True)
+            return paths.check_private_dir(self._dir, what="the machine lock's directory", shared_ok=True)
+        except paths.UnsafeDirectory as e:
+            raise MachineLockHeld(f"cannot take the machine lock: {e}") from None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        path = os.path.join(self._directory(), LOCK_NAME)
         try:
-            os.fchmod(fd, 0o666)  # every user's card must be able to take it
-        except OSError:
-            pass
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise MachineLockHeld(f"cannot open the machine lock {path}: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            os.close(fd)
+            raise MachineLockHeld(f"the machine lock {path} is not a file of yours: vsc will not use it")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = ""
+            holder = b""
             try:
-                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+                holder = os.pread(fd, 16, 0)
             except OSError:
                 pass
             os.close(fd)
-            raise MachineLockHeld(
-                f"another card process holds this machine's lock {self.path}" + (f" (pid {holder})" if holder else "")
-            ) from None
+            pid = f" (pid {int(holder)})" if _PID.match(holder) else ""
+            raise MachineLockHeld(f"another card process holds this machine's lock {path}{pid}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         self._fd = fd

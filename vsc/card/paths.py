@@ -1,7 +1,9 @@
 """
 Where a card lives on this machine: its home (settings) and, in the user's
-runtime dir, the sockets its daemon serves; and how a private file in it is
-written (``write_private``). Plain strings from ``os.path``:
+runtime dir, the sockets its daemon serves and its machine lock; how that
+directory is checked before it is used (``check_runtime_dir``: yours, 0700,
+not a symlink — another user's directory is refused with one line, never
+used, issue 11); and how a private file is written (``write_private``). Plain strings from ``os.path``:
 the ``vsc card`` request path and a protected program's licence check import
 this module, so it imports neither pathlib nor anything that brings in
 Twisted (vsc.card.config re-exports these as Path objects for the daemon).
@@ -25,12 +27,95 @@ def home_of(home: str | os.PathLike | None) -> str:
     return os.path.expanduser(os.fspath(home)) if home else default_home()
 
 
+class UnsafeDirectory(Exception):
+    """A directory the card will not use: another user could reach into it (the message is one plain line)."""
+
+
 def runtime_dir() -> str:
-    """$XDG_RUNTIME_DIR/vsc when that is a writable directory, else /tmp/vsc-UID."""
+    """$XDG_RUNTIME_DIR/vsc when XDG_RUNTIME_DIR is set, else $TMPDIR/vsc-UID (/tmp/vsc-UID). Not checked: see check_runtime_dir."""
     base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base) and os.access(base, os.W_OK):
+    if base:
         return os.path.join(base, "vsc")
-    return f"/tmp/vsc-{os.getuid()}"
+    return os.path.join(os.environ.get("TMPDIR") or "/tmp", f"vsc-{os.getuid()}")
+
+
+def _who(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
+
+
+def check_private_dir(path: str, create: bool = False, what: str = "the card's runtime directory",
+                      shared_ok: bool = False) -> str:
+    """
+    ``path`` if it is a real directory (not a symlink) owned by this user
+    and reachable by nobody else (mode 0700; with ``shared_ok``, others may
+    read but not write it); created 0700 when missing and ``create``.
+    Anything else is UnsafeDirectory, one line, and the directory is not
+    used — never repaired: a directory another user made is theirs.
+    """
+    import stat
+
+    path = os.fspath(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            return path
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass  # someone made it meanwhile: judged below like any other
+        except OSError as e:
+            raise UnsafeDirectory(f"cannot create {what} {path}: {e.strerror}") from None
+        st = os.lstat(path)
+    except OSError as e:
+        raise UnsafeDirectory(f"cannot use {what} {path}: {e.strerror}") from None
+    uid = os.getuid()
+    fix = "; remove it, or set XDG_RUNTIME_DIR to a directory of your own (mode 0700)"
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeDirectory(f"{what} {path} is a symbolic link: vsc will not use it{fix}")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirectory(f"{what} {path} is not a directory: vsc will not use it{fix}")
+    if st.st_uid != uid:
+        raise UnsafeDirectory(f"{what} {path} belongs to {_who(st.st_uid)}, not to you: vsc will not use it{fix}")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (0o022 if shared_ok else 0o077):
+        raise UnsafeDirectory(f"{what} {path} has mode {mode:04o}; it must be 0700 (only you can reach into it): "
+                              f"vsc will not use it (chmod 700 {path} if it is yours)")
+    return path
+
+
+def check_runtime_dir(create: bool = False) -> str:
+    """
+    The runtime directory, checked (and created 0700 with ``create``): its
+    base ($XDG_RUNTIME_DIR: yours and 0700, as the XDG spec requires; else
+    a /tmp-like directory that is sticky or writable only by root and you),
+    then the directory itself (check_private_dir). UnsafeDirectory otherwise.
+    """
+    import stat
+
+    path = runtime_dir()
+    base = os.path.dirname(path)
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        if not os.path.isabs(base):
+            raise UnsafeDirectory(f"XDG_RUNTIME_DIR={base} is not an absolute path: vsc will not use it")
+        if not os.path.exists(base):
+            raise UnsafeDirectory(f"XDG_RUNTIME_DIR={base} does not exist: vsc will not use it")
+        check_private_dir(base, what="XDG_RUNTIME_DIR")
+    else:
+        try:
+            st = os.stat(base)
+        except OSError as e:
+            raise UnsafeDirectory(f"cannot use {base} for the card's runtime directory: {e.strerror}") from None
+        writable_by_others = stat.S_IMODE(st.st_mode) & 0o022
+        if st.st_uid not in (0, os.getuid()) or (writable_by_others and not st.st_mode & stat.S_ISVTX):
+            raise UnsafeDirectory(f"{base} is writable by other users and not sticky: vsc will not make its "
+                                  f"runtime directory there (set XDG_RUNTIME_DIR to a directory of your own)")
+    return check_private_dir(path, create)
 
 
 def control_socket_for(home: str | os.PathLike) -> str:

@@ -153,6 +153,11 @@ class CardSession:
                 _record, lowered = self.freshness.check(memory)
             except RollbackError as e:
                 memory.wipe()
+                try:  # idle again on the server, as it was: the next insert needs no recover
+                    await self.storage.hand_back()
+                except Exception as why:  # noqa: BLE001 - the refusal stands; recover frees the card
+                    self.log.warn("could not give the refused copy back ({why}); recover the card from this machine",
+                                  why=explain(why))
                 raise CardError(str(e)) from None
         except BaseException:
             self.lock.release()

@@ -60,6 +60,9 @@ class CardStorage(Protocol):
     async def check_in(self, envelope: bytes) -> None:
         """Remove's write-back (Figure 11, 803-806)."""
 
+    async def hand_back(self) -> None:
+        """Insert refused by the card itself (a rollback): give the card back as it was fetched, serving nothing."""
+
     def checkin_failed(self, error: Exception) -> str | None:
         """After a failed check-in: None keeps the card in use; a line says why it is removed anyway."""
 
@@ -129,6 +132,7 @@ class ServerStorage:
         self.worker = worker
         self._connect = connect
         self.version = 0
+        self._fetched = b""  # the protected information as this insert fetched it (hand_back)
         self.kdf: KdfParams | None = None  # this insert's derivation (a password change derives the old keys with it)
         self._secret = b""
         self._proto = None
@@ -179,8 +183,24 @@ class ServerStorage:
             self._secret = b""
             raise
         self.version = result.version
+        self._fetched = result.protected
         self._in_use = True
         return memory
+
+    async def hand_back(self) -> None:
+        """
+        The card refused what it fetched (an older copy: vsc.card.freshness):
+        check the card in again with the very bytes the server handed out, so
+        it is idle for the next insert (after ``vsc card accept-rollback``)
+        without a recover. Nothing of the card was served or changed; the
+        server only numbers the same bytes one version further.
+        """
+        fetched, self._fetched = self._fetched, b""
+        try:
+            if fetched and self._in_use:
+                await self.check_in(fetched)
+        finally:
+            self.forget()
 
     async def _insert(self, proto, password: str, muk: bytes, creds: ops.Credentials):
         """Op.INSERT and its challenges (Figure 8): the answers — scrypt and all — are computed on the worker."""

@@ -171,5 +171,9 @@ class TokenStorage:
     async def change_password(self, memory: CardMemory, old: str, new: str) -> int:
         raise CardError("a password change does not apply to a card on a token")
 
+    async def hand_back(self) -> None:
+        """A refused (older) copy on the token: nothing was checked out, nothing to give back."""
+        self.forget()
+
     def forget(self) -> None:
         pass  # nothing of this insert is kept outside the card's memory
