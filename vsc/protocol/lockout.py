@@ -63,11 +63,15 @@ class LockoutPolicy:
 
     def guesses_per_day(self, threshold: int | None = None) -> int:
         """Evaluated guesses one bucket allows in its first 24 hours of maximal-rate guessing."""
+        return self.guesses_within(86400.0, threshold)
+
+    def guesses_within(self, seconds: float, threshold: int | None = None) -> int:
+        """Evaluated guesses one bucket allows in its first ``seconds`` of maximal-rate guessing."""
         t = self.threshold if threshold is None else threshold
         at, n = 0.0, 0
         while True:
             at += self.delay(n, t)
-            if at > 86400:
+            if at > seconds:
                 return n
             n += 1
 

@@ -350,10 +350,15 @@ def _build():
 
     @challenged.upon(OpsInputs.deadline).to(committing)
     def too_late(m: OpsInputs, core: OpsCore) -> None:
-        # an unanswered challenge counts like a wrong answer: holding challenges open costs guesses
+        # an unanswered challenge counts like a wrong answer: holding challenges open costs guesses. From a
+        # source already throttled on this serial it is a throttled attempt: not counted, no history row
+        # (the log has a line), so a stranger who keeps asking cannot grow the history without bound
         op = OPERATION[core.op]
-        core.limits.failed(core.source, core.serial)
         core.pending = decide_any(op, Condition.NO_ANSWER)
+        if core.limits.throttled(core.source, core.serial):
+            m.unevaluated(f"no answer within {core.policy.auth_deadline:g} s from a throttled source: not counted")
+            return
+        core.limits.failed(core.source, core.serial)
         core.emit(CountFailure(core.serial, op, core.peer, f"no answer within {core.policy.auth_deadline:g} s",
                                None, False, result="timeout"))
 
@@ -362,7 +367,8 @@ def _build():
     @committing.upon(OpsInputs.unevaluated).to(idle)
     def unevaluated(m: OpsInputs, core: OpsCore, detail: str) -> None:
         core.emit(Logged("throttled", core.serial, detail))
-        core.emit(Reply(OpResult(status=decide_any(OPERATION[core.op], Condition.AUTH_FAILED))))
+        status = core.pending if core.pending is not None else decide_any(OPERATION[core.op], Condition.AUTH_FAILED)
+        core.emit(Reply(OpResult(status=status)))
         core.finish()
 
     @committing.upon(OpsInputs.stored).to(idle)
