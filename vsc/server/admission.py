@@ -10,7 +10,9 @@ code), the connection is *unauthenticated*, and:
 * there are at most ``max_unauthenticated`` such connections in all and
   ``max_unauthenticated_per_source`` from one source address — one more is
   closed as soon as it is accepted, so accepting stays fast and descriptors
-  are not exhausted;
+  are not exhausted; at the overall cap, a source with few connections
+  (the owner's) gets in by closing the oldest connection of the source that
+  holds the most (``crowded``);
 * its frames are capped (vsc.protocol.channel: 4 KiB before the handshake,
   ``max_unauthenticated_body`` after) and it closes after
   ``unauthenticated_idle`` seconds without a record;
@@ -93,6 +95,19 @@ class Admission:
         self.unauthenticated += 1
         self._per_source[source] += 1
         return True
+
+    def crowded(self, source: str) -> str | None:
+        """
+        At the overall cap: the source holding the most unauthenticated
+        connections, if it holds more than ``source`` would after one more
+        (so one of its oldest may be closed to make room); None otherwise.
+        Strangers flooding from many addresses then crowd out each other,
+        never a source with few connections, such as the owner's.
+        """
+        if not self._per_source:
+            return None
+        top, n = max(self._per_source.items(), key=lambda kv: kv[1])
+        return top if top != source and n > self._per_source[source] + 1 else None
 
     def authenticated(self, source: str) -> None:
         """An operation on the connection passed its authority: it no longer counts as unauthenticated."""

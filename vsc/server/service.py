@@ -74,17 +74,41 @@ class ServerProtocol(ChannelProtocol):
         admission: Admission | None = self.factory.admission
         self.source = source_of(peer_host(self.transport))
         if admission is not None:
-            if not admission.opened(self.source):
+            if not admission.opened(self.source) and not self._make_room(admission):
                 self.log.debug("{source}: connection refused: too many unauthenticated connections",
                                source=self.source)
                 self.transport.abortConnection()
                 return
             self._counted = True
+            self.factory.unauthenticated.setdefault(self.source, {})[id(self)] = self
         super().connectionMade()
 
+    def _make_room(self, admission: Admission) -> bool:
+        """At the overall cap: close the oldest unauthenticated connection of the most crowded source, if any."""
+        crowded = admission.crowded(self.source)
+        held = self.factory.unauthenticated.get(crowded) if crowded else None
+        if not held:
+            return False
+        victim = held[next(iter(held))]
+        self.log.debug("{source}: closing an unauthenticated connection to make room for {new}", source=crowded,
+                       new=self.source)
+        if victim._uncount():
+            admission.closed(victim.source, True)
+        victim.transport.abortConnection()
+        return admission.opened(self.source)
+
+    def _uncount(self) -> bool:
+        if not self._counted:
+            return False
+        self._counted = False
+        held = self.factory.unauthenticated.get(self.source, {})
+        held.pop(id(self), None)
+        if not held:
+            self.factory.unauthenticated.pop(self.source, None)
+        return True
+
     def connectionLost(self, reason=None) -> None:
-        if self._counted:
-            self._counted = False
+        if self._uncount():
             self.factory.admission.closed(self.source, True)
         super().connectionLost(reason)
 
@@ -108,8 +132,7 @@ class ServerProtocol(ChannelProtocol):
         d.addCallbacks(decrypted, refused).addErrback(lambda f: self.log.failure("handshake decryption", f))
 
     def _authenticated(self) -> None:
-        if self._counted:
-            self._counted = False
+        if self._uncount():
             self.factory.admission.authenticated(self.source)
         limits = self.factory.admission.limits if self.factory.admission is not None else None
         idle = limits.idle_timeout if limits is not None else 0.0
@@ -220,6 +243,8 @@ class ServerFactory(ChannelFactory):
             config = attrs.evolve(config, max_body=lim.max_unauthenticated_body, idle_timeout=lim.unauthenticated_idle)
         super().__init__(lambda: server_channel(config, key, rand, inline=admission is None), clock, ServerProtocol)
         self.admission = admission
+        #: unauthenticated connections by source, oldest first (admission's room-making closes the oldest)
+        self.unauthenticated: dict[str, dict[int, ServerProtocol]] = {}
         self.backend = backend
         self.ops_policy = ops_policy
         self.master = master

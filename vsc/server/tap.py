@@ -84,11 +84,12 @@ def makeService(options: Options) -> service.IService:
         except SettingError as e:
             sys.stderr.write(f"vsc-server: {e}\n")
             raise SystemExit(2)
-    raise_fd_limit()
+    descriptors = raise_fd_limit()
     top = service.MultiService()
     pool = ThreadPool(minthreads=1, maxthreads=settings["threads"], name="vsc-db")
     PoolService(pool, store).setServiceParent(top)
     limits = AdmissionLimits(**{f.name: settings[f.name] for f in attrs.fields(AdmissionLimits)})
+    limits = fit_to_descriptors(limits, descriptors)
     rsa_pool = ThreadPool(minthreads=1, maxthreads=limits.handshake_threads, name="vsc-rsa")
     PoolService(rsa_pool, None).setServiceParent(top)
     admission = Admission(limits, reactor.seconds, reactor, rsa_pool)
@@ -99,8 +100,32 @@ def makeService(options: Options) -> service.IService:
     return top
 
 
-def raise_fd_limit() -> None:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (connections are descriptors); log what we got."""
+#: descriptors kept for everything but unauthenticated connections: authenticated cards, the database, logs, threads
+FD_RESERVE = 128
+
+
+def fit_to_descriptors(limits, descriptors: int):
+    """
+    Unauthenticated connections may take at most the descriptors left after
+    FD_RESERVE (and a quarter of the limit): a cap above what the process can
+    open would let strangers exhaust the descriptors, and then accept() fails
+    for everyone, the owner too (issue 11: 1,200 one-byte connections under
+    ``ulimit -n 1024`` refused everyone for 30 s). Logs the cap it lowered.
+    """
+    import attrs
+    from twisted.logger import Logger
+
+    room = max(1, min(descriptors - FD_RESERVE, descriptors * 3 // 4))
+    if limits.max_unauthenticated <= room:
+        return limits
+    Logger().warn("max_unauthenticated lowered from {was} to {now}: the open-file limit is {fds} descriptors",
+                  was=limits.max_unauthenticated, now=room, fds=descriptors)
+    return attrs.evolve(limits, max_unauthenticated=room,
+                        max_unauthenticated_per_source=min(limits.max_unauthenticated_per_source, room))
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (connections are descriptors); log and return what we got."""
     import resource
 
     from twisted.logger import Logger
@@ -115,6 +140,7 @@ def raise_fd_limit() -> None:
         except (ValueError, OSError):
             pass
     Logger().info("open-file limit: {soft} descriptors", soft=soft)
+    return soft
 
 
 def json_logger():
