@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 import attrs
+import pytest
 
 from vsc.devtools.process import Child, ProcessFailed
 
@@ -242,3 +243,13 @@ def copy_home(src: Path, dst: Path, **changes: str) -> Path:
     with open(dst / "card.ini", "w") as f:
         parser.write(f)
     return dst
+
+
+@pytest.fixture
+def cards(tmp_path):
+    """Machines, card homes, the CLI and card daemons of one test (``Cards``); every daemon is killed at teardown."""
+    c = Cards(tmp_path / "cards")
+    try:
+        yield c
+    finally:
+        c.close()

@@ -27,7 +27,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, threads
 
-from tests.cards import Cards
+from tests.cards import cards  # noqa: F401  (fixture)
 from tests.faults.common import sleep
 from tests.servers import admin, init_data_dir, open_store, servers  # noqa: F401  (fixture)
 from vsc.card import ops
@@ -40,15 +40,6 @@ ATTACK_SECONDS = 30.0
 CONNECTIONS = 8
 UPDATES = 15
 SETTINGS = {"auth_deadline": 2, "unauthenticated_idle": 5}
-
-
-@pytest.fixture
-def cards(tmp_path):
-    c = Cards(tmp_path / "cards")
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 class Holder:

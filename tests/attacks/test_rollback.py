@@ -23,29 +23,11 @@ import subprocess
 
 import pytest
 
-from tests.cards import Cards
-from tests.servers import Servers, admin, init_data_dir
+from tests.cards import Cards, cards  # noqa: F401  (fixture)
+from tests.servers import admin, init_data_dir, servers  # noqa: F401  (fixture)
 
 PASSWORD = "rollback password"
 SERIAL = "roll-1"
-
-
-@pytest.fixture
-def cards(tmp_path):
-    c = Cards(tmp_path / "cards")
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture
-def servers(tmp_path):
-    s = Servers(tmp_path / "logs")
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 class Rental:
@@ -96,7 +78,7 @@ def _row(db, serial: str) -> tuple[int, bytes]:
         conn.close()
 
 
-def test_a_restored_backup_and_a_relabelled_blob_are_refused_and_accepting_refunds_nothing(tmp_path, cards, servers):
+def test_a_restored_backup_and_a_relabelled_blob_are_refused_and_accepting_refunds_nothing(tmp_path, cards, servers):  # noqa: F811
     """
     1. a rental of 5 runs; one run used (4 left); remove; the database is
        backed up while the card is idle; one more run (3 left); remove;

@@ -25,7 +25,7 @@ import subprocess
 
 import pytest
 
-from tests.cards import Cards
+from tests.cards import cards  # noqa: F401  (fixture)
 from tests.integration import missing
 from tests.servers import Servers, admin, init_data_dir, open_store
 from vsc.card import ops
@@ -140,15 +140,6 @@ def _fill(directory) -> int:
             written += n
     finally:
         os.close(fd)
-
-
-@pytest.fixture
-def cards(tmp_path):
-    c = Cards(tmp_path / "cards")
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def test_a_full_disk_is_storage_full_on_the_wire_and_the_card_says_so(tmp_path, cards):
