@@ -138,14 +138,22 @@ class Admission:
             self._tokens.popitem(last=False)
         return ok
 
+    def handshake_allowed(self, source: str) -> bool:
+        """
+        A new connection is a handshake to come: it takes one of the source's
+        tokens at accept time, so a source over its rate is closed before the
+        server spends anything on it (no HELLO, no X25519 key, no RSA).
+        """
+        if self._take_token(source):
+            return True
+        self.refused_handshakes += 1
+        return False
+
     def decrypt(self, source: str, fn: Callable[[], object]) -> Deferred:
         """Run the handshake's private-key operation ``fn`` on the worker pool, or fail with Refused."""
         if self.pending >= self.limits.max_pending_handshakes:
             self.refused_handshakes += 1
             return fail(Refused("too many handshakes are waiting"))
-        if not self._take_token(source):
-            self.refused_handshakes += 1
-            return fail(Refused("too many handshakes from this source"))
         self.pending += 1
         if self.pool is None:  # tests: run inline
             d = Deferred()

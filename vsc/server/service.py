@@ -38,7 +38,10 @@ from vsc.protocol.server_ops import (
     StartDeadline,
 )
 from vsc.protocol.suites import ChannelConfig
-from vsc.wire import MAX_FRAME_BODY, ErrorCode, Message
+from twisted.internet.protocol import Factory, Protocol
+
+from vsc.wire import MAX_FRAME_BODY, ErrorCode, Message, encode_frame
+from vsc.wire.messages import Alert
 from vsc.wire.messages import EchoReply
 
 
@@ -60,6 +63,17 @@ class Backend:
         return deferToThreadPool(self.reactor, self.pool, fn, *args)
 
 
+_BUSY_ALERT = encode_frame(Alert(ErrorCode.SERVER_BUSY))
+
+
+class _Refused(Protocol):
+    """A connection refused at accept time: the SERVER_BUSY alert and close, and nothing else built or spent."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(_BUSY_ALERT)
+        self.transport.loseConnection()
+
+
 class ServerProtocol(ChannelProtocol):
     log = Logger()
 
@@ -77,11 +91,16 @@ class ServerProtocol(ChannelProtocol):
             if not admission.opened(self.source) and not self._make_room(admission):
                 self.log.debug("{source}: connection refused: too many unauthenticated connections",
                                source=self.source)
-                self.transport.abortConnection()
+                self._refuse()
                 return
             self._counted = True
             self.factory.unauthenticated.setdefault(self.source, {})[id(self)] = self
         super().connectionMade()
+
+    def _refuse(self) -> None:
+        """Refused at accept: the SERVER_BUSY alert (a few bytes, no key material) and close; nothing else is spent."""
+        self.transport.write(_BUSY_ALERT)
+        self.transport.loseConnection()
 
     def _make_room(self, admission: Admission) -> bool:
         """At the overall cap: close the oldest unauthenticated connection of the most crowded source, if any."""
@@ -254,8 +273,17 @@ class ServerFactory(ChannelFactory):
         # enrolment material for implementation authentication: keyfiles signed with this server's key
         self.registrar = Registrar(lambda data: crypto.rsa_pss_sign(key, data), key.public_key().spki_der, rand,
                                    clock.seconds)
+        self.refused = Factory.forProtocol(_Refused)
         # guessing limits per source address, in this process's memory (vsc.protocol.lockout)
         self.limits = SourceLimits(ops_policy.lockout, clock.seconds)
+
+
+    def buildProtocol(self, addr):
+        # a source over its handshake rate is refused before a channel is even built (issue 11: a flood of
+        # handshakes must cost the server next to nothing per refusal)
+        if self.admission is not None and not self.admission.handshake_allowed(source_of(getattr(addr, "host", ""))):
+            return self.refused.buildProtocol(addr)
+        return super().buildProtocol(addr)
 
 
 def server_factory(
