@@ -182,10 +182,9 @@ def test_step_budget_is_enforced_before_running(monkeypatch):
     assert onetime_agent.static_steps(_loop_nest(1, 3).code) == 1 + 1 + 3 * 2
     calls = []
     monkeypatch.setattr(onetime_agent._Machine, "step", lambda self, i, ins: calls.append(i))
-    t = time.monotonic()
     with pytest.raises(onetime_agent.AgentError, match="step budget"):
         onetime_agent.execute(encode_program(big), bytes(32))
-    assert calls == [] and time.monotonic() - t < 1.0
+    assert calls == []  # refused before the first step
 
 
 def test_step_budget_is_also_enforced_while_running(monkeypatch):

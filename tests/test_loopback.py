@@ -156,7 +156,6 @@ def test_twistd_server_and_vsc_ping(tmp_path):
     that init printed, with the sealed echo records answered; a wrong pin
     fails with SERVER_KEY_MISMATCH. The server is stopped at the end.
     """
-    start = time.monotonic()
     vsc, twistd = os.path.join(BIN, "vsc"), os.path.join(BIN, "twistd")
     data = tmp_path / "data"
     init = run([vsc, "admin", "--data-dir", str(data), "init", "--key-bits", "2048", "--json"])
@@ -195,4 +194,3 @@ def test_twistd_server_and_vsc_ping(tmp_path):
             server.kill()
             server.wait(timeout=5)
         server.stdout.close()
-    assert time.monotonic() - start < 30

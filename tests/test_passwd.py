@@ -37,7 +37,7 @@ from vsc.protocol.cardstore import ChangeCardPassword, CheckOut, EnrolCard, LogR
 from vsc.protocol.lifecycle import Operation
 from vsc.protocol.server_ops import Authenticated, OpsPolicy, Reply, ServerOps
 from vsc.server.store import CardState, Store
-from vsc.wire import decode_inner, encode_inner
+from vsc.wire import ErrorCode, WireError, decode_inner, encode_inner
 from vsc.wire.ops import ChangePassword, KdfAlg, KdfParams, Op, OpRequest, OpResult, Status
 from vsc.wire.protected import ItemKind
 
@@ -69,8 +69,9 @@ def test_change_password_message_round_trips_and_needs_a_secret():
     msg = change()
     assert decode_inner(encode_inner(msg)) == msg
     assert encode_inner(msg)[0] == 0x35
-    with pytest.raises(Exception):
+    with pytest.raises(WireError, match="insert_secret") as e:
         encode_inner(change(insert_secret=b""))
+    assert e.value.code is ErrorCode.MALFORMED
 
 
 @pytest.mark.parametrize("outcome, reply", [(Outcome(Status.OK, version=5), OpResult(status=Status.OK, version=5)),

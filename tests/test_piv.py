@@ -444,14 +444,15 @@ def test_long_response_in_61xx_chunks(card):
     full = card.applet.certificate_object(CERTS["9a"])
     assert len(full) > 512
     assert body == full[:256] and sw == 0x6100  # 256 or more still to come
-    got = body
+    got, sizes = body, []
     while sw != 0x9000:
-        assert sw >> 8 == 0x61
+        left = len(full) - len(got)
+        assert sw == 0x6100 | (left if left < 256 else 0)  # SW2: what is left, 00 for 256 or more
         more, sw = card.send(0xC0, 0, 0, le=256)
+        sizes.append(len(more))
         got += more
     assert got == full
-    left = len(full) % 256 or 256
-    assert left < 256 or True
+    assert sizes[:-1] == [256] * (len(sizes) - 1) and sizes[-1] == (len(full) % 256 or 256)
 
 
 def test_get_response_with_small_le_and_exact_61xx(card):

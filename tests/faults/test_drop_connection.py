@@ -71,7 +71,6 @@ OPS = ("enrol", "insert", "sync", "remove", "recover", "destroy")
 MODES = ("eager", "drop", "partial")
 ATTEMPTS = 8
 CANARY_STALL = 3.0  # the longest a canary operation may take
-BUDGET_SECONDS = 120.0
 
 
 @attrs.define
@@ -372,7 +371,6 @@ async def test_cut_every_operation_at_every_frame(tmp_path, servers):  # noqa: F
     assert fired == len(outcomes), [(o["op"], o["cut"]) for o in outcomes if not o["fired"]]
     assert stats["ops"] > 0
     assert "Unhandled" not in server.log_text(), server.log_text()[-3000:]
-    assert elapsed < BUDGET_SECONDS
 
 
 def test_only_the_same_untouched_enrolment_is_answered_again(tmp_path):

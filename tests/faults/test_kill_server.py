@@ -22,7 +22,9 @@ restarting it, checks the database as the crash left it:
 The cards retry every unanswered operation exactly as first sent; each such
 repeat must be answered OK (insert: the same check-out and the same
 download; sync/remove: the version the first attempt stored). Any other
-answer fails the test.
+answer fails the test. The test also asserts that the kills did land
+mid-operation (at least half of them with an operation in flight, and
+operations retried after the restarts): otherwise the above went unexercised.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ CYCLES = 1000  # per backend
 KILLS = 25  # per backend
 SYNCS_PER_CYCLE = 1
 SEED = 0xFA017
-BUDGET_SECONDS = 90.0  # per backend
 
 
 def busy_lines(store, clients) -> list[tuple]:
@@ -127,4 +128,7 @@ async def test_kill_9_at_random_points_loses_nothing_acknowledged(backend, tmp_p
         assert c.bad == [], (c.serial, c.bad)  # every answer OK: never BUSY, a conflict or a lost upload
     assert budget.done == CYCLES
     assert len(kills) == KILLS
-    assert elapsed < BUDGET_SECONDS, f"{backend}: {elapsed:.1f} s"
+    # the property was exercised: kills landed with operations in flight, and those were retried after the restart
+    mid_operation = [k for k in kills if k["in_flight"].strip("-")]
+    assert len(mid_operation) >= KILLS // 2, [k["in_flight"] for k in kills]
+    assert retries > 0

@@ -59,7 +59,6 @@ CARDS = 6
 OUTAGE = 2.0  # seconds PostgreSQL stays down in the first outage
 RECOVERY = 5.0  # after PostgreSQL is back, every answer later than this is OK
 CYCLES_AFTER = 3  # every card completes this many cycles after each outage
-BUDGET_SECONDS = 90.0
 
 
 @pytest.fixture
@@ -193,7 +192,6 @@ async def test_postgresql_restart_under_load(tmp_path, own_cluster, servers):  #
     for c in clients:
         assert c.bad == [], (c.serial, c.bad)
     assert busy == [], f"BUSY in the history: {busy}"
-    assert elapsed < BUDGET_SECONDS
 
 
 def _count(answers) -> dict:
