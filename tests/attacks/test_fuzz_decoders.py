@@ -4,12 +4,13 @@ own decoders are fuzzed in tests/test_fuzz.py): the operation messages, KDF
 parameters, Master-key responses, the protected-information envelope and
 index, licence keyfiles, the dongle's challenge table. Each must raise only
 its one specific error for bad input, and never another exception. The last
-test checks how many inputs were tried.
+test checks how many inputs were tried. Reproducible: derandomized, no
+example database, every byte drawn by hypothesis (no os.urandom inside a
+property); mutations start from valid encoded messages and flip, insert and
+delete bytes.
 """
 
 from __future__ import annotations
-
-import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -53,12 +54,15 @@ def _count(name: str) -> None:
 
 
 def _mutate(data: bytes, spec) -> bytes:
-    """Apply (position, new byte) flips, a truncation or an extension chosen by hypothesis."""
-    flips, cut, extra = spec
+    """Apply (position, new byte) flips, splices (delete some bytes, insert others), a truncation or an extension chosen by hypothesis."""
+    flips, splices, cut, extra = spec
     b = bytearray(data)
     for pos, val in flips:
         if b:
             b[pos % len(b)] = val
+    for pos, delete, insert in splices:
+        at = pos % (len(b) + 1)
+        b[at:at + delete] = insert
     if cut is not None and b:
         b = b[: cut % (len(b) + 1)]
     return bytes(b) + extra
@@ -66,6 +70,7 @@ def _mutate(data: bytes, spec) -> bytes:
 
 MUTATION = st.tuples(
     st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 8), st.binary(max_size=8)), max_size=2),
     st.one_of(st.none(), st.integers(0, 10_000)),
     st.binary(max_size=8),
 )
@@ -104,12 +109,17 @@ def test_operation_decoder_mutated(valid, spec):
     assert encode_inner(msg)  # anything accepted re-encodes
 
 
+VALID_KDF = KdfParams(KdfAlg.SCRYPT, b"x" * 16).encode()
+VALID_MASTER = MasterResponse(ri2=b"r" * 32, mac=b"m" * 32).encode()
+
+
 @FUZZ
-@given(st.binary(max_size=120), st.binary(max_size=120))
-def test_kdf_and_master_response_decoders(a, b):
-    """KDF parameters and Master-key responses: random bytes raise only WireError."""
+@given(st.binary(max_size=120), st.binary(max_size=120), MUTATION)
+def test_kdf_and_master_response_decoders(a, b, spec):
+    """KDF parameters and Master-key responses: random bytes and mutations of valid ones raise only WireError."""
     _count("kdf + master response")
-    for fn, data in ((KdfParams.decode, a), (MasterResponse.decode, b)):
+    for fn, data in ((KdfParams.decode, a), (MasterResponse.decode, b), (KdfParams.decode, _mutate(VALID_KDF, spec)),
+                     (MasterResponse.decode, _mutate(VALID_MASTER, spec))):
         try:
             fn(data)
         except WireError:
@@ -164,11 +174,12 @@ def test_keyfile_decoders(spec, text):
 
 
 @FUZZ
-@given(MUTATION)
-def test_challenge_table_decoder(spec):
-    """The dongle's challenge table: mutations raise only WireError."""
+@given(MUTATION, st.lists(st.tuples(st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16)),
+                          min_size=1, max_size=4))
+def test_challenge_table_decoder(spec, pairs):
+    """The dongle's challenge table (its pairs drawn by hypothesis, so reproducible): mutations raise only WireError."""
     _count("challenge table")
-    table = encode_table(ChallengeTable("s", ((os.urandom(16), os.urandom(16)),) * 3))
+    table = encode_table(ChallengeTable("s", tuple(pairs)))
     try:
         decode_table(_mutate(table, spec))
     except WireError:
