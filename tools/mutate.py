@@ -116,9 +116,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("des-md5-tag-first-byte-ignored", "§8 R2: every byte of the des-cbc-md5 keyed hash is checked",
            AEAD, "if not constant_time_equal(md5(self._s2 + aad + iv + ct), tag):",
            "if not constant_time_equal(md5(self._s2 + aad + iv + ct)[1:], tag[1:]):"),
-    Mutant("cbc-hmac-short-record-accepted", "§8 R2: a record shorter than IV + one block + tag is refused",
-           AEAD, "if len(sealed) < 16 + 16 + 32 or (len(sealed) - 48) % 16:",
-           "if len(sealed) < 16 + 32 or (len(sealed) - 48) % 16:"),
+    Mutant("cbc-hmac-mac-omits-header", "§7.5 R2: the aes256-cbc-hmac-sha256 MAC covers the header and sequence number",
+           AEAD, "        mac.update(aad)\n", "        mac.update(b\"\")\n"),
     # ---- handshake (§6, §7)
     Mutant("r1-unchecked", "§6.5 S2: the key transport must echo the server's r1",
            CH, "if not crypto.constant_time_equal(secrets.r1, core.hello.r1):",
