@@ -6,9 +6,17 @@ yubico-piv-tool, openssl — as any smart card-aware application ([0011]).
 
 One card for the whole module (enrolment, RSA generation and insert are the
 slow part); the tests run in file order and each leaves the card as it found
-it, except the last two (the PIN lock across a restart, then remove). pcscd
-is started here unless one is already running (as root; stopped with
-SIGTERM afterwards). When pcscd, vpcd or OpenSC are missing the tests skip
+it, except the last two (the PIN lock across a restart, then remove).
+
+Everything that listens runs in a private network namespace with only
+loopback up (``ip netns``; pcscd with its vpcd reader, the server and the
+card daemon, entered with ``nsenter --net``): vpcd listens on every interface
+of its namespace, and that namespace has no interface but its own loopback,
+so nothing outside it can reach the reader (a test checks that the host's
+127.0.0.1:35963 refuses). The PC/SC tools reach pcscd through its Unix
+socket, which is not namespaced. pcscd is started here (as root; stopped
+with SIGTERM afterwards); a pcscd already running outside the namespace is
+not used. When pcscd, vpcd, OpenSC, ip or nsenter are missing the tests skip
 locally and fail under VSC_REQUIRE_INTEGRATION=1.
 """
 
@@ -24,8 +32,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 
+from tests.cards import Machine
 from tests.integration import missing
 
 pytestmark = pytest.mark.integration
@@ -56,9 +66,40 @@ def _run(argv, check: bool = True, timeout: float = TOOL_TIMEOUT, **kw) -> subpr
 
 
 def _port_open(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port`` of THIS (the host's) network namespace."""
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _ns_port_open(netns: Path, port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port`` inside the network namespace ``netns``."""
+    probe = subprocess.run(["nsenter", f"--net={netns}", "--", "bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+    return probe.returncode == 0
+
+
+@contextlib.contextmanager
+def _private_network():
+    """A network namespace with only loopback up (``ip netns add``); its path; deleted afterwards."""
+    if os.geteuid() != 0:
+        missing("a private network namespace for pcscd/vpcd needs root")
+    for program in ("ip", "nsenter", "bash"):
+        if shutil.which(program) is None:
+            missing(f"{program} is not installed (apt-get install iproute2 util-linux)")
+    name = f"vsc-pcsc-{os.getpid()}"
+    made = _run(["ip", "netns", "add", name], check=False, timeout=20)
+    if made.returncode != 0:
+        missing(f"cannot make a network namespace here: {made.stderr.strip()}")
+    try:
+        _run(["ip", "-n", name, "link", "set", "lo", "up"], timeout=20)
+        yield Path("/run/netns") / name
+    finally:
+        _run(["ip", "netns", "delete", name], check=False, timeout=20)
+
+
+def _in_netns(netns: Path, argv: list) -> list[str]:
+    return ["nsenter", f"--net={netns}", "--", *map(str, argv)]
 
 
 def _readers() -> dict[str, bool]:
@@ -90,61 +131,6 @@ def _wait_card(present: bool, timeout: float = APPEAR_TIMEOUT) -> float:
     return time.monotonic() - start
 
 
-def _wait_bindable(ports, timeout: float) -> None:
-    """Wait until every port can be bound on 0.0.0.0 (vpcd binds them when pcscd loads it)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        busy = []
-        for port in ports:
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("0.0.0.0", port))
-                except OSError:
-                    busy.append(port)
-        if not busy:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"ports {busy} stay in use (vpcd needs them; reserve them with "
-                                 f"sysctl net.ipv4.ip_local_reserved_ports=35963-35964)")
-        time.sleep(0.2)
-
-
-RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
-
-
-def _reserved(text: str, port: int) -> bool:
-    for part in filter(None, text.strip().split(",")):
-        lo, _, hi = part.partition("-")
-        if int(lo) <= port <= int(hi or lo):
-            return True
-    return False
-
-
-@contextlib.contextmanager
-def _reserve_vpcd_ports():
-    """
-    While the tests run, keep vpcd's ports out of Linux's ephemeral range
-    (net.ipv4.ip_local_reserved_ports, root only; the previous value is put
-    back): on a busy machine another program's outgoing connection can
-    otherwise take 35963 or 35964 and the reader cannot open.
-    """
-    old = None
-    try:
-        current = RESERVED_PORTS.read_text()
-        if os.geteuid() == 0 and not all(_reserved(current, p) for p in (35963, 35964)):
-            RESERVED_PORTS.write_text(",".join(filter(None, [current.strip(), "35963-35964"])))
-            old = current.strip()
-    except OSError:
-        pass  # not Linux, or not allowed: the wait in Pcscd.start still applies
-    try:
-        yield
-    finally:
-        if old is not None:
-            with contextlib.suppress(OSError):
-                RESERVED_PORTS.write_text(old or "\n")
-
-
 def _prerequisites() -> None:
     for program in ("pcscd", "opensc-tool", "pkcs11-tool", "yubico-piv-tool", "openssl"):
         if shutil.which(program) is None:
@@ -156,30 +142,30 @@ def _prerequisites() -> None:
 
 
 class Pcscd:
-    """The pcscd this module uses: one already running, or ``pcscd -f`` started (and stopped) here."""
+    """``pcscd -f`` started (and stopped) here, inside the private network namespace ``netns``."""
 
-    def __init__(self, log: Path):
+    def __init__(self, log: Path, netns: Path):
         self.log = log
+        self.netns = netns
         self.proc: subprocess.Popen | None = None
 
     def running(self) -> bool:
-        return PCSCD_SOCKET.exists() and _port_open(35963)
+        return (self.proc is not None and self.proc.poll() is None and PCSCD_SOCKET.exists()
+                and _ns_port_open(self.netns, 35963))
 
     def start(self) -> None:
-        """
-        Start ``pcscd -f``. vpcd's ports (35963, 35964) lie in Linux's
-        ephemeral range, so another program's outgoing connection can hold
-        one for a while: wait until both can be bound, and retry.
-        """
+        """Start ``pcscd -f`` in the namespace (its vpcd ports are the namespace's own: nothing else holds them)."""
         if self.running():
             return
+        if subprocess.run(["pgrep", "-x", "pcscd"], capture_output=True).returncode == 0:
+            missing("a pcscd is already running outside the tests' private network namespace (its vpcd would "
+                    "listen on the host's interfaces); stop it first")
         if os.geteuid() != 0:
-            missing("pcscd is not running and starting it needs root")
+            missing("starting pcscd needs root")
         for attempt in range(3):
-            _wait_bindable((35963, 35964), 180)
             with open(self.log, "ab") as out:
-                self.proc = subprocess.Popen(["pcscd", "-f"], stdin=subprocess.DEVNULL, stdout=out,
-                                             stderr=subprocess.STDOUT, start_new_session=True)
+                self.proc = subprocess.Popen(_in_netns(self.netns, ["pcscd", "-f"]), stdin=subprocess.DEVNULL,
+                                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             deadline = time.monotonic() + 15
             while not self.running():
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -233,21 +219,37 @@ def stack(tmp_path_factory):
     from tests.servers import Servers, admin, init_data_dir
 
     root = tmp_path_factory.mktemp("pcsc")
-    with _machine_lock(), _reserve_vpcd_ports():
-        yield from _stack(root, Cards, Servers, admin, init_data_dir)
+    with _machine_lock(), _private_network() as netns:
+        yield from _stack(root, Cards, Servers, admin, init_data_dir, netns)
 
 
-def _stack(root, Cards, Servers, admin, init_data_dir):
-    pcscd = Pcscd(root / "pcscd.log")
+@attrs.define
+class _NetnsMachine(Machine):
+    """This machine, but its programs run in the private network namespace (``nsenter --net``)."""
+
+    netns: Path = Path()
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        return _in_netns(self.netns, argv)
+
+
+def _stack(root, Cards, Servers, admin, init_data_dir, netns: Path):
+    from tests.servers import TWISTD
+
+    pcscd = Pcscd(root / "pcscd.log", netns)
     pcscd.start()
     servers = Servers(root / "logs")
     cards = Cards(root / "cards")
+    cards.here = _NetnsMachine(cards.here.name, cards.here.lock_dir, None, netns)
     try:
         if _readers().get(READER):
             missing(f"another card is already in {READER} (vpcd takes one card per reader); remove it first")
         data_dir = root / "server"
         fingerprint = init_data_dir(data_dir)["fingerprint"]
-        server = servers.start(data_dir)
+        server = servers.new(data_dir)
+        server.launcher = _in_netns(netns, [TWISTD])
+        server.spawn()  # its port is free inside the namespace; ready once its log says so (the host cannot connect)
+        server.wait_line(rf"starting on {server.port}\b", 60)
         code = admin(data_dir, "issue", SERIAL)["code"]
         home = root / "home"
         pw = cards.password_file("pw", "pcsc password 1")
@@ -265,7 +267,7 @@ def _stack(root, Cards, Servers, admin, init_data_dir):
 
         daemon = start_card()
         yield dict(cards=cards, home=home, daemon=daemon, start_card=start_card, tmp=root, pcscd=pcscd,
-                   env=cards.env())
+                   env=cards.env(), netns=netns)
     finally:
         cards.close()
         servers.close()
@@ -303,6 +305,15 @@ def _verify_apdu(pin: str | None) -> str:
 
 
 # ---------------------------------------------------------------- discovery
+
+
+def test_vpcd_is_reachable_only_inside_the_private_namespace(stack):
+    """vpcd's listener (all interfaces of its namespace) accepts on the namespace's loopback, while the host's 127.0.0.1:35963 refuses: nothing outside can reach the reader."""
+    assert _readers().get(READER) is True  # the card is in the reader, through vpcd in the namespace
+    assert _ns_port_open(stack["netns"], 35963)
+    assert not _port_open(35963)
+    addresses = _run(["ip", "-n", stack["netns"].name, "-o", "addr"]).stdout
+    assert {line.split()[1] for line in addresses.splitlines()} == {"lo"}  # no interface but loopback
 
 
 def test_opensc_sees_a_piv_card(stack):
