@@ -17,8 +17,8 @@ from vsc.conformance.server import ServerHarness
 from vsc.protocol.suites import ForwardSecrecy
 from vsc.wire import ErrorCode, decode_frame, encode_frame
 from vsc.wire.codec import MAGIC, MAX_FRAME_BODY, PROTOCOL_VERSION, FrameHeaderSchema, build_header
-from vsc.wire.messages import Alert, EchoReply, EchoRequest, Hello, KeyTransport, SessionSecrets, Suite
-from vsc.wire.ops import AuthChallenge, AuthResponse, Op, OpRequest, OpResult, Status
+from vsc.wire.messages import Alert, ClientFinished, EchoReply, EchoRequest, Hello, KeyTransport, SessionSecrets, Suite
+from vsc.wire.ops import AuthChallenge, AuthMethod, AuthResponse, MasterResponse, Op, OpRequest, OpResult, Status
 
 
 # ---------------------------------------------------------------- handshake
@@ -297,3 +297,110 @@ async def late_answer(h: ServerHarness) -> None:
     expect(st is Status.OK, f"after a timeout the card must still be idle; insert gave {st.name}")
 
 
+
+
+# ---------------------------------------------------------------- found missing by the mutation self-test (tools/mutate.py)
+
+
+async def r2_mismatch(h: ServerHarness) -> None:
+    """A key transport whose r1 is right but whose clear r2 differs from the r2 inside (§6.5): HANDSHAKE_FAILED."""
+    card = await h.raw()
+    hello = decode_frame(await card.next_frame())
+    expect(isinstance(hello, Hello), f"expected HELLO, got {hello!r}")
+    secrets = SessionSecrets(r1=hello.r1, r2=h.rand(32), s1=h.rand(32), s2=h.rand(32))
+    ct = crypto.RSAPublicKey(hello.server_key).oaep_encrypt(secrets.encode(), h.rand)
+    card.write(encode_frame(KeyTransport(r2=h.rand(32), suites=(Suite.AES256_GCM,), ciphertext=ct)))
+    await _expect_alert(card, ErrorCode.HANDSHAKE_FAILED)
+
+
+async def client_finished_tampered(h: ServerHarness) -> None:
+    """CLIENT_FINISHED with its first or last MAC byte changed (§7.3): plaintext ALERT(KEY_CONFIRMATION_FAILED), no record served."""
+    for index in (0, 31):
+        card = await h.raw()
+        try:
+            hello = await card.next_frame()
+            sends = card._effects(card.channel.receive_frame(hello))
+            expect(len(sends) == 1, f"card rejected the Hello: {card.closed}")
+            card.write(sends[0])
+            sends = card._effects(card.channel.receive_frame(await card.next_frame()))
+            expect(len(sends) == 1 and card.channel.established, f"handshake failed: {card.closed}")
+            cf = decode_frame(sends[0])
+            mac = bytearray(cf.mac)
+            mac[index] ^= 0x01
+            card.write(encode_frame(ClientFinished(mac=bytes(mac))))
+            card.write(card.seal(EchoRequest(b"after a bad client finished")))  # a server that accepted answers it
+            frame = await card.next_frame()
+            msg = decode_frame(frame) if isinstance(frame, bytes) else frame
+            expect(isinstance(msg, Alert) and msg.code is ErrorCode.KEY_CONFIRMATION_FAILED,
+                   f"MAC byte {index} changed: expected KEY_CONFIRMATION_FAILED, got {msg!r}")
+        finally:
+            card.close()
+
+
+async def wrong_code(h: ServerHarness) -> None:
+    """Enrolment with another code than the one issued (one character changed) is REFUSED; the issued code still works."""
+    serial, code = h.new_card()
+    kdf = ops.new_kdf(h.rand)
+    keys = ops.derive_keys("x", kdf)
+    wrong = code[:-1] + ("B" if code[-1:].upper() == "A" else "A")
+    proto = await h.connect()
+    try:
+        st = await h.status(ops.enrol(proto, serial, wrong, keys, kdf, b"first"))
+        expect(st is Status.REFUSED, f"a wrong enrolment code: expected REFUSED, got {st.name}")
+        st = await h.status(ops.enrol(proto, serial, code, keys, kdf, b"first"))
+        expect(st is Status.OK, f"the issued code after a wrong one: expected OK, got {st.name}")
+    finally:
+        proto.closeChannel()
+
+
+async def missing_answer(h: ServerHarness) -> None:
+    """An AUTH_RESPONSE without the answer to the last challenged method (§10.6.1, [0084]) is REFUSED; a whole one is OK."""
+    serial, _ = await h.enrolled()
+    proto = await h.connect()
+    try:
+        first = await proto.request(OpRequest(op=Op.INSERT, serial=serial, insert_secret=h.rand(32)))
+        expect(isinstance(first, AuthChallenge) and len(first.challenges) >= 2,
+               f"expected a challenge of at least two methods, got {first!r}")
+        answers, _ = ops.answer(first, serial, "conformance", h.master, h.rand)
+        result = await proto.request(AuthResponse(responses=tuple(answers[:-1]), muk=h.rand(32)))
+        expect(isinstance(result, OpResult) and result.status is Status.REFUSED,
+               f"an answer missing one method: expected REFUSED, got {result!r}")
+    finally:
+        proto.closeChannel()
+    st = await h.status(h.insert(serial, h.rand(32), h.rand(32)))
+    expect(st is Status.OK, f"then a whole answer: expected OK, got {st.name}")
+
+
+async def insert_without_secret(h: ServerHarness) -> None:
+    """An insert whose insert secret is not 32 bytes (empty) is BAD_REQUEST even with every answer right (§10.8)."""
+    serial, _ = await h.enrolled()
+    proto = await h.connect()
+    try:
+        st = await h.status(ops.insert(proto, serial, "conformance", h.rand(32), b"", h.master))
+        expect(st is Status.BAD_REQUEST, f"an insert without an insert secret: expected BAD_REQUEST, got {st.name}")
+    finally:
+        proto.closeChannel()
+    st = await h.status(h.insert(serial, h.rand(32), h.rand(32)))
+    expect(st is Status.OK, f"the card must still be idle; an insert gave {st.name}")
+
+
+async def master_key_tampered(h: ServerHarness) -> None:
+    """A Master-key answer computed with the right key but its last MAC byte changed (§10.6.2) is REFUSED."""
+    serial, _ = await h.enrolled()
+    proto = await h.connect()
+    try:
+        first = await proto.request(OpRequest(op=Op.INSERT, serial=serial, insert_secret=h.rand(32)))
+        expect(isinstance(first, AuthChallenge), f"expected a challenge, got {first!r}")
+        answers, _ = ops.answer(first, serial, "conformance", h.master, h.rand)
+        expect(any(a.method is AuthMethod.MASTER_KEY for a in answers), "the server did not challenge the Master key")
+        changed = []
+        for a in answers:
+            if a.method is AuthMethod.MASTER_KEY:
+                resp = MasterResponse.decode(a.data)
+                a = attrs.evolve(a, data=attrs.evolve(resp, mac=resp.mac[:-1] + bytes([resp.mac[-1] ^ 1])).encode())
+            changed.append(a)
+        result = await proto.request(AuthResponse(responses=tuple(changed), muk=h.rand(32)))
+        expect(isinstance(result, OpResult) and result.status is Status.REFUSED,
+               f"a Master-key MAC with its last byte changed: expected REFUSED, got {result!r}")
+    finally:
+        proto.closeChannel()

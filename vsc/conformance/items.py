@@ -105,6 +105,19 @@ SERVER_ITEMS: tuple[Item, ...] = (
          provision=True),
     Item("refusal", "implementation auth later than {auth_deadline:g} s -> TIMEOUT", "§10.6.1", ("O4",),
          checks.late_answer, provision=True),
+    # found missing by the mutation self-test (tools/mutate.py; docs/integrator.md "Mutation self-test")
+    Item("handshake", "clear r2 differs from the r2 inside the key transport -> HANDSHAKE_FAILED", "§6.5", ("S2",),
+         checks.r2_mismatch),
+    Item("handshake", "client finished MAC with its first or last byte changed -> KEY_CONFIRMATION_FAILED", "§7.3",
+         ("S6",), checks.client_finished_tampered),
+    Item("refusal", "wrong enrolment code -> REFUSED, the issued one still works", "§10.7", ("O3",),
+         checks.wrong_code, provision=True),
+    Item("refusal", "an answer missing a challenged method -> REFUSED", "§10.6.1", ("O3",), checks.missing_answer,
+         provision=True),
+    Item("refusal", "a Master-key answer with its last MAC byte changed -> REFUSED", "§10.6.2", ("O3",),
+         checks.master_key_tampered, provision=True),
+    Item("life cycle", "insert without an insert secret -> BAD_REQUEST", "§10.8", ("O5",),
+         checks.insert_without_secret, provision=True),
 )
 
 CARD_ITEMS: tuple[CardItem, ...] = (
@@ -112,6 +125,7 @@ CARD_ITEMS: tuple[CardItem, ...] = (
     CardItem("wrong-key", "§6.4", ("C1",)),
     CardItem("unoffered-suite", "§6.3", ("C3",)),
     CardItem("bad-finished-mac", "§7.3", ("C5",)),
+    CardItem("finished-mac-first-byte", "§7.3", ("C5",)),
     CardItem("tampered-record", "§8", ("R4",)),
     CardItem("alert", "§9.2", ("E2",)),
     CardItem("silent", "§6.3", ("B3",)),
