@@ -315,9 +315,10 @@ class Outcome:
 
 
 def _env(scratch: Path | None) -> dict:
+    """The environment of a child: the mutated scratch copy first on the path, or (None) this tree (the harness)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VSC_")}
     env["PYTHONUNBUFFERED"] = "1"
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = str(ROOT)
     if scratch is not None:
         env["PYTHONPATH"] = str(scratch)
         env.pop("PYTHONDONTWRITEBYTECODE", None)  # the .pyc files in the scratch copy show it was imported
