@@ -404,3 +404,28 @@ async def master_key_tampered(h: ServerHarness) -> None:
                f"a Master-key MAC with its last byte changed: expected REFUSED, got {result!r}")
     finally:
         proto.closeChannel()
+
+
+async def owner_machine_throttled(h: ServerHarness) -> None:
+    """
+    §10.6.1: the owner's last machine has its own bucket, and it throttles
+    too: after the lockout threshold of wrong passwords sent with the MUK of
+    the card's last insert, that machine's next (correct) answer is refused
+    unevaluated.
+    """
+    settings = getattr(h, "settings", None)
+    threshold = settings.lockout_threshold if settings is not None else 5  # the server's lockout_threshold
+    serial, _ = await h.enrolled()
+    owner_muk, secret = h.rand(32), h.rand(32)
+    await h.insert(serial, owner_muk, secret)
+    proto = await h.connect()
+    try:
+        await ops.remove(proto, serial, secret, 1, b"removed")
+    finally:
+        proto.closeChannel()
+    for i in range(threshold):
+        st = await h.status(h.insert(serial, owner_muk, h.rand(32), password=f"wrong {i}"))
+        expect(st is Status.REFUSED, f"wrong password {i + 1} from the last machine: expected REFUSED, got {st.name}")
+    st = await h.status(h.insert(serial, owner_muk, h.rand(32)))
+    expect(st is Status.REFUSED, f"after {threshold} failures from the card's last machine its correct answer got "
+                                 f"{st.name}: that machine's bucket does not throttle")

@@ -118,6 +118,8 @@ SERVER_ITEMS: tuple[Item, ...] = (
          checks.master_key_tampered, provision=True),
     Item("life cycle", "insert without an insert secret -> BAD_REQUEST", "§10.8", ("O5",),
          checks.insert_without_secret, provision=True),
+    Item("refusal", "the owner's last machine is throttled after its own failures too", "§10.6.1", ("O3",),
+         checks.owner_machine_throttled, provision=True),
 )
 
 CARD_ITEMS: tuple[CardItem, ...] = (
