@@ -76,15 +76,16 @@ def test_the_ci_subset_covers_mac_replay_machine_and_lockout():
     """The CI subset has 4-6 mutants and covers a tag check, the replay window, a machine check and the lockout."""
     ci = [m.name for m in mutate.MUTANTS if m.ci]
     assert 4 <= len(ci) <= 6
+    assert all(m.areas for m in mutate.MUTANTS if m.ci)  # --focus runs only those areas of the harness
     assert any("tag" in n for n in ci) and any("replay" in n for n in ci)
     assert any("machine" in n for n in ci) and any("lockout" in n for n in ci)
 
 
 @pytest.mark.integration
 def test_the_ci_subset_of_mutants_is_caught(tmp_path):
-    """tools/mutate.py --subset ci: the unmutated baseline passes every item, then each CI mutant (a real server from a mutated scratch copy) fails at least one item."""
+    """tools/mutate.py --subset ci --focus: the unmutated baseline passes every item of the subset's areas, then each CI mutant (a real server from a mutated scratch copy) fails at least one item of its area."""
     out = tmp_path / "mutate.json"
-    r = subprocess.run([sys.executable, str(TOOL), "--subset", "ci", "--jobs", "2", "--json", str(out)],
+    r = subprocess.run([sys.executable, str(TOOL), "--subset", "ci", "--focus", "--jobs", "2", "--json", str(out)],
                        capture_output=True, text=True, timeout=CI_TIMEOUT, cwd=tmp_path)
     assert out.exists(), r.stdout + r.stderr
     summary = json.loads(out.read_text())

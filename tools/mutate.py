@@ -103,6 +103,7 @@ class Mutant:
     replacement: str
     mode: str = "server"  # "server": run the server-mode harness; "card": card mode
     ci: bool = False  # in the CI subset (tests/test_mutate.py)
+    areas: tuple[str, ...] = ()  # --focus: run only these harness areas (the full run always runs every item)
 
 
 CH = "vsc/protocol/channel.py"
@@ -115,7 +116,8 @@ STORE = "vsc/server/store.py"
 MUTANTS: tuple[Mutant, ...] = (
     # ---- records (§8): replay and reorder windows, counters
     Mutant("replay-window-one-record", "§8 R4: a record whose sequence number is below the expected one is a replay",
-           CH, "if record.seq < self.recv_seq:", "if record.seq < self.recv_seq - 1:", ci=True),
+           CH, "if record.seq < self.recv_seq:", "if record.seq < self.recv_seq - 1:", ci=True,
+           areas=("record",)),
     Mutant("reorder-window-one-record", "§8 R4: a record above the expected sequence number is out of order",
            CH, "if record.seq > self.recv_seq:", "if record.seq > self.recv_seq + 1:"),
     Mutant("recv-counter-stuck", "§8 R4: the receive sequence number advances with every record",
@@ -125,7 +127,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # ---- records (§8): tags, per suite
     Mutant("cbc-hmac-tag-half-compared", "§8 R2: every byte of the aes256-cbc-hmac-sha256 tag is checked",
            AEAD, "if not constant_time_equal(self._tag(aad, iv, ct), tag):",
-           "if not constant_time_equal(self._tag(aad, iv, ct)[:16], tag[:16]):", ci=True),
+           "if not constant_time_equal(self._tag(aad, iv, ct)[:16], tag[:16]):", ci=True, areas=("record",)),
     Mutant("cbc-hmac-tag-last-byte-ignored", "§8 R2: every byte of the aes256-cbc-hmac-sha256 tag is checked",
            AEAD, "if not constant_time_equal(self._tag(aad, iv, ct), tag):",
            "if not constant_time_equal(self._tag(aad, iv, ct)[:-1], tag[:-1]):"),
@@ -172,7 +174,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # ---- life cycle and machine binding (§10.8, §10.11, §10.13)
     Mutant("repeat-insert-ignores-machine", "§10.8 O6: a repeated insert is the same check-out only from the same machine",
            LC, "same = card.session_hash == req.session_hash and card.muk == req.muk",
-           "same = card.session_hash == req.session_hash", ci=True),
+           "same = card.session_hash == req.session_hash", ci=True, areas=("binding",)),
     Mutant("repeat-insert-ignores-secret", "§10.8 O6: a repeated insert must present the same insert secret",
            LC, "same = card.session_hash == req.session_hash and card.muk == req.muk",
            "same = card.muk == req.muk"),
@@ -184,7 +186,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "_row(S.IN_USE, \"recover\", C.OTHER_MACHINE, Status.OK, S.IDLE, A.RELEASE),"),
     Mutant("session-ops-ignore-secret", "§10.9/§10.10 O5: sync and remove need the current insert's secret",
            LC, "if card.session_hash is None or card.session_hash != req.session_hash:",
-           "if card.session_hash is None:", ci=True),
+           "if card.session_hash is None:", ci=True, areas=("binding",)),
     Mutant("sync-any-version-current", "§10.9 O8: a sync based on another version is VERSION_CONFLICT",
            LC, "    if req.version == card.version:\n        return Condition.CURRENT",
            "    if req.version >= card.version:\n        return Condition.CURRENT"),
@@ -226,7 +228,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # ---- lockout (§10.6.3)
     Mutant("lockout-threshold-off-by-one", "§10.6.3 O10: from the threshold on, the next answer waits",
            LOCK, "        if failures < t:\n            return 0.0", "        if failures <= t:\n            return 0.0",
-           ci=True),
+           ci=True, areas=("refusal",)),
     Mutant("source-bucket-not-counting", "§10.6.3 O10: a failure counts in the source's bucket",
            LOCK, "            b.failures += 1\n", "            b.failures += 0\n"),
     Mutant("source-throttle-inverted", "§10.6.3 O10: a throttled source's answer is refused unevaluated",
@@ -349,7 +351,7 @@ def _init_data_dir(data: Path) -> str:
     return json.loads(r.stdout)["fingerprint"]
 
 
-def _run_server_mode(scratch: Path, work: Path, deadline: float) -> list[dict]:
+def _run_server_mode(scratch: Path, work: Path, deadline: float, areas: tuple[str, ...] = ()) -> list[dict]:
     sys.path.insert(0, str(ROOT))
     from vsc.devtools.process import ProcessFailed, VscServer
 
@@ -366,7 +368,8 @@ def _run_server_mode(scratch: Path, work: Path, deadline: float) -> list[dict]:
         if not any((scratch / "vsc" / "server").glob("__pycache__/service*.pyc")):
             raise RuntimeError("the server did not run from the scratch copy (no compiled vsc/server there)")
         results, _ = _harness(["--server", server.endpoint, "--server-key", fingerprint,
-                               "--admin-data-dir", str(data), *harness_args()],
+                               "--admin-data-dir", str(data), *harness_args(),
+                               *(["--only", ",".join(areas)] if areas else [])],
                               max(1.0, deadline - time.monotonic()))
         return results
     finally:
@@ -381,8 +384,9 @@ def _run_card_mode(scratch: Path, deadline: float) -> list[dict]:
     return results
 
 
-def run_one(m: Mutant | None, mode: str = "server", timeout: float = TIMEOUT, keep: bool = False) -> Outcome:
-    """Run one mutant (None: the unmutated baseline in ``mode``) in its own scratch directory."""
+def run_one(m: Mutant | None, mode: str = "server", timeout: float = TIMEOUT, keep: bool = False,
+            areas: tuple[str, ...] = ()) -> Outcome:
+    """Run one mutant (None: the unmutated baseline in ``mode``) in its own scratch directory; ``areas``: only those."""
     name = m.name if m else f"baseline-{mode}"
     mode = m.mode if m else mode
     t0 = time.monotonic()
@@ -392,7 +396,8 @@ def run_one(m: Mutant | None, mode: str = "server", timeout: float = TIMEOUT, ke
         scratch = work / "tree"
         scratch_tree(scratch, m)
         deadline = t0 + timeout
-        results = _run_server_mode(scratch, work, deadline) if mode == "server" else _run_card_mode(scratch, deadline)
+        results = (_run_server_mode(scratch, work, deadline, areas) if mode == "server"
+                   else _run_card_mode(scratch, deadline))
         failed = [f"{r['section']} {r['name']}" for r in results if not r["ok"] and not r.get("skipped")]
         out.items = len(results)
         out.caught_by = failed
@@ -420,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="mutants run in parallel (default 1)")
     p.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per mutant")
     p.add_argument("--no-baseline", action="store_true", help="skip the unmutated baseline runs")
+    p.add_argument("--focus", action="store_true",
+                   help="run only the harness areas each mutant names (the baseline: all of them); for CI")
     p.add_argument("--check", action="store_true", help="only verify that every snippet applies")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--keep", action="store_true", help="keep the scratch directories")
@@ -453,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     baselines: list[Outcome] = []
     if not args.no_baseline:
         for mode in sorted({m.mode for m in mutants}):
-            b = run_one(None, mode, args.timeout)
+            union = tuple(sorted({a for m in mutants if m.mode == mode for a in m.areas})) if args.focus else ()
+            b = run_one(None, mode, args.timeout, areas=union)
             baselines.append(b)
             ok = b.result == "missed" and b.items > 0  # the unmutated tree must pass every item
             print(f"baseline {mode}: {'all ' + str(b.items) + ' items pass' if ok else 'FAILED: ' + (b.detail or ', '.join(b.caught_by))} "
@@ -462,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
     outcomes: list[Outcome] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {pool.submit(run_one, m, m.mode, args.timeout, args.keep): m for m in mutants}
+        futures = {pool.submit(run_one, m, m.mode, args.timeout, args.keep, m.areas if args.focus else ()): m
+                   for m in mutants}
         for fut in concurrent.futures.as_completed(futures):
             o = fut.result()
             outcomes.append(o)
