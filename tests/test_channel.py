@@ -941,3 +941,22 @@ def test_a_sealed_close_with_an_unknown_code_is_never_answered():
         effects = p.to_server(encode_frame(Record(seq=0, sealed=sealed)))
         assert_failed(effects, ErrorCode.MALFORMED, sent=[], by_peer=True)
         assert_dead(p.server)
+
+
+def test_raising_the_limits_restarts_the_idle_timer_with_the_new_time():
+    """
+    §9.3: when an operation authenticates, the idle timer restarts with the
+    longer idle time (the running one was set by the last record with the
+    unauthenticated one), and a raised limit of 0 cancels it; before
+    establishment nothing is scheduled.
+    """
+    import attrs as _attrs
+
+    p = Pair(_attrs.evolve(ChannelConfig(), max_body=65536, idle_timeout=3.0))
+    assert p.server.raise_limits(MAX_FRAME_BODY, 5.0) == []  # not established: only the limits change
+    p = Pair(_attrs.evolve(ChannelConfig(), max_body=65536, idle_timeout=3.0))
+    p.handshake()
+    assert SetTimer(3.0) in p.server_log
+    assert p.server.raise_limits(MAX_FRAME_BODY, 5.0) == [SetTimer(5.0)]
+    assert p.server.max_frame_body() == MAX_FRAME_BODY
+    assert p.server.raise_limits(MAX_FRAME_BODY, 0.0) == [CancelTimer()]

@@ -675,10 +675,17 @@ class Channel:
     def max_frame_body(self) -> int:
         return self._core.max_body if self._core.established else MAX_HANDSHAKE_BODY
 
-    def raise_limits(self, max_body: int, idle_timeout: float) -> None:
-        """An operation on this channel authenticated: allow larger frames and a longer idle time."""
+    def raise_limits(self, max_body: int, idle_timeout: float) -> list[Effect]:
+        """
+        An operation on this channel authenticated: allow larger frames and a
+        longer idle time. The idle timer restarts now with the new time (the
+        one running was set by the last record with the short one).
+        """
         self._core.max_body = max_body
         self._core.idle_timeout = idle_timeout
+        if not self._core.established:
+            return []
+        return [SetTimer(idle_timeout)] if idle_timeout > 0 else [CancelTimer()]
 
 
 def private_decrypt(key: crypto.RSAPrivateKey | None, ciphertext: bytes) -> bytes | None:
