@@ -171,20 +171,50 @@ def test_server_items_without_hooks_are_reported_skipped(tmp_path, servers):  # 
     assert any(not r["skipped"] for r in results if r["area"] == "record")
 
 
+EXPECTED_CARD_ITEMS = [
+    "correct: card must succeed", "wrong-key: card must refuse", "unoffered-suite: card must refuse",
+    "bad-finished-mac: card must refuse", "tampered-record: card must refuse", "alert: card must refuse",
+    "silent: card must refuse", "ops-correct: card must succeed", "rolls-back: card must refuse",
+    "relabels: card must refuse", "weak-kdf: card must refuse",
+]
+
+
 def test_card_conformance_against_our_card(tmp_path):
-    """In card mode the harness plays a correct server and six hostile ones; our card succeeds only against the first."""
-    code, results, err = run_harness("--card", timeout=120)
-    assert code == 0, (results, err)
-    assert [r["ok"] for r in results] == [True] * 7
-    assert results[0]["name"].startswith("correct")
+    """
+    In card mode the harness plays a correct server and six hostile ones
+    (vsc ping), then a whole server with operations (our card through its
+    driver: enrol, insert, step, remove): correct, one that rolls the stored
+    copy back one upload, one that relabels the enrolment copy with a higher
+    version, and one that asks for the legacy KDF. Our card passes every item.
+    """
+    code, results, err = run_harness("--card", timeout=300)
+    assert code == 0, (results, err[-2000:])
+    assert [r["name"] for r in results] == EXPECTED_CARD_ITEMS
+    assert all(r["ok"] and not r["skipped"] for r in results)
+    assert len(results) == len(CARD_ITEMS)
 
 
 def test_harness_fails_against_a_broken_card(tmp_path):
-    """A 'card' that accepts anything (always exits 0) fails the hostile scenarios: the harness exits non-zero."""
-    code, results, _ = run_harness("--card", "--card-command", "true", timeout=120)
+    """
+    A 'card' that claims success for everything (ping command and driver that
+    always exit 0, doing nothing) fails every hostile scenario, and every
+    operations item, since the server sees no enrolment: the harness exits
+    non-zero; only the plain correct scenario passes.
+    """
+    code, results, _ = run_harness("--card", "--card-command", "true", "--card-driver", "true", timeout=300)
     assert code != 0
-    assert results[0]["ok"] is True  # against the correct server, succeeding is right
-    assert not any(r["ok"] for r in results[1:])
+    assert [r["name"] for r in results] == EXPECTED_CARD_ITEMS
+    assert [r["ok"] for r in results] == [True] + [False] * 10
+    assert "the server has the card none" in results[7]["detail"]
+
+
+def test_card_operations_items_are_skipped_without_a_driver(tmp_path):
+    """With --card-driver '' the four operations items are reported skipped (not passed, not left out)."""
+    code, results, _ = run_harness("--card", "--card-driver", "", timeout=300)
+    assert code == 0
+    ops_items = results[7:]
+    assert [r["name"] for r in ops_items] == EXPECTED_CARD_ITEMS[7:]
+    assert all(r["skipped"] and "--card-driver" in r["detail"] for r in ops_items)
 
 
 def test_harness_needs_a_target():
@@ -217,6 +247,8 @@ def test_a_card_item_without_a_misbehaving_server_is_refused():
 
     from vsc.conformance.card import MISBEHAVIOURS, _misbehaving
 
-    assert {i.scenario for i in CARD_ITEMS} - {"correct"} <= set(MISBEHAVIOURS)
-    with pytest.raises(ValueError, match="no server that misbehaves as 'rolls-back'"):
-        _misbehaving("rolls-back", key=None)
+    from vsc.conformance.card import OPS_SCENARIOS
+
+    assert {i.scenario for i in CARD_ITEMS} - {"correct"} <= set(MISBEHAVIOURS) | set(OPS_SCENARIOS)
+    with pytest.raises(ValueError, match="no server that misbehaves as 'rolls-forward'"):
+        _misbehaving("rolls-forward", key=None)

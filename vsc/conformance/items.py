@@ -55,7 +55,7 @@ class CardItem:
 
     @property
     def must_succeed(self) -> bool:
-        return self.scenario == "correct"
+        return self.scenario in ("correct", "ops-correct")
 
     @property
     def name(self) -> str:
@@ -179,4 +179,9 @@ CARD_ITEMS: tuple[CardItem, ...] = (
     CardItem("tampered-record", "§8", ("R4",)),
     CardItem("alert", "§9.2", ("E2",)),
     CardItem("silent", "§6.3", ("B3",)),
+    # with operations, through the card driver (--card-driver): the harness is a whole server with its own store
+    CardItem("ops-correct", "§10.8", ("K4", "K5")),
+    CardItem("rolls-back", "§10.12", ("K8",)),
+    CardItem("relabels", "§10.12", ("K8",)),
+    CardItem("weak-kdf", "§10.5", ("K1",)),
 )

@@ -84,7 +84,8 @@ def cmd_conformance(args) -> int:
 
     async def run(reactor):
         if args.card:
-            results.extend(await run_card_items(reactor, CARD_ITEMS, args.card_command, args.key_bits, args.timeout))
+            results.extend(await run_card_items(reactor, CARD_ITEMS, args.card_command, args.key_bits, args.timeout,
+                                                args.card_driver or None))
             return
         if not args.server or not args.server_key:
             raise cli.CommandError("server mode needs --server and --server-key (or use --card)")
@@ -133,6 +134,10 @@ def extend(sub) -> None:
     p.add_argument("--card-command", default=None,
                    help="card to test; {endpoint} and {fingerprint} are replaced "
                         "(default: vsc ping --server {endpoint} --server-key {fingerprint} --count 2 --handshake-timeout 5)")
+    p.add_argument("--card-driver", default=None,
+                   help="card mode with operations: command run with {action} (enrol, insert, step, remove, stop), "
+                        "{dir}, {endpoint}, {fingerprint}, {serial}, {code} replaced (default: vsc's card, "
+                        "python -m vsc.conformance.vscdriver ...; '' skips the operations items)")
     p.add_argument("--key-bits", type=int, default=2048, help="card mode: the harness server's key size")
     p.add_argument("--timeout", type=float, default=30.0, help="card mode: seconds per scenario")
     p.add_argument("--json", action="store_true")
@@ -141,6 +146,9 @@ def extend(sub) -> None:
 
 def _defaults(fn):
     def wrapped(args):
+        if args.card_driver is None:
+            args.card_driver = (f"{shlex.quote(sys.executable)} -m vsc.conformance.vscdriver {{action}} --dir {{dir}} "
+                                "--endpoint {endpoint} --fingerprint {fingerprint} --serial {serial} --code {code}")
         if args.card_command is None:
             args.card_command = (f"{shlex.quote(_vsc())} ping --server {{endpoint}} --server-key {{fingerprint}} "
                                  "--count 2 --handshake-timeout 5")
