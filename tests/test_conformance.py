@@ -252,3 +252,19 @@ def test_a_card_item_without_a_misbehaving_server_is_refused():
     assert {i.scenario for i in CARD_ITEMS} - {"correct"} <= set(MISBEHAVIOURS) | set(OPS_SCENARIOS)
     with pytest.raises(ValueError, match="no server that misbehaves as 'rolls-forward'"):
         _misbehaving("rolls-forward", key=None)
+
+
+def test_the_integrator_guide_lists_every_item_with_its_section():
+    """docs/integrator.md §6.1 has a table row for every server and card item, with the item's § and rules."""
+    import attrs
+
+    from vsc.conformance.server import ServerSettings
+
+    text = (PROTOCOL_MD.parent / "integrator.md").read_text()
+    fields = attrs.asdict(ServerSettings())
+    for item in SERVER_ITEMS:
+        row = f"| {item.area} | {item.name.format(**fields)} | {item.section} | {', '.join(item.rules)} |"
+        assert row in text, row
+    for item in CARD_ITEMS:
+        row = f"| {item.name} | {item.section} | {', '.join(item.rules)} |"
+        assert row in text, row
