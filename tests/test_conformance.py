@@ -32,7 +32,7 @@ def run_harness(*args: str, timeout: float = HARNESS_TIMEOUT) -> tuple[int, list
 #: The server settings of the conformance run (short timers keep the run bounded: the mutation script runs it
 #: many times): the harness is told the same values with ``conformance_args``.
 CONFORMANCE_SETTINGS = {
-    "auth_deadline": 2, "unauthenticated_idle": 3, "idle_timeout": 5,
+    "auth_deadline": 2, "handshake_timeout": 3, "unauthenticated_idle": 3, "idle_timeout": 5,
     "max_unauthenticated_per_source": 8, "lockout_threshold": 5,
     "suites": "aes256-gcm,chacha20-poly1305,aes256-cbc-hmac-sha256,des-cbc-md5", "allow_insecure": "true",
     # one source (127.0.0.1) makes every handshake of the run: not a flood (the harness retries SERVER_BUSY anyway)
@@ -43,6 +43,7 @@ CONFORMANCE_SETTINGS = {
 def conformance_args(settings: dict = CONFORMANCE_SETTINGS) -> list[str]:
     """The harness options that tell it the server's settings."""
     return ["--auth-deadline", str(settings["auth_deadline"]),
+            "--handshake-timeout", str(settings["handshake_timeout"]),
             "--unauthenticated-idle", str(settings["unauthenticated_idle"]),
             "--idle-timeout", str(settings["idle_timeout"]),
             "--unauthenticated-per-source", str(settings["max_unauthenticated_per_source"]),
@@ -82,6 +83,10 @@ EXPECTED_SERVER_ITEMS = [
     "undecryptable key transport -> HANDSHAKE_FAILED",
     "downgraded offer -> KEY_CONFIRMATION_FAILED",
     "key transport one byte off the modulus length -> HANDSHAKE_FAILED",
+    "clear r2 differs from the encrypted r2 -> HANDSHAKE_FAILED",
+    "any one CLIENT_FINISHED MAC byte flipped -> KEY_CONFIRMATION_FAILED",
+    "handshake messages out of order, a record before CLIENT_FINISHED -> UNEXPECTED_MESSAGE",
+    "no key transport within 3 s -> HANDSHAKE_TIMEOUT",
     "tampered record -> BAD_RECORD",
     *(name for suite in ("aes256-gcm", "chacha20-poly1305", "aes256-cbc-hmac-sha256", "des-cbc-md5")
       for name in (f"{suite}: every byte of a record, each tag byte, flipped -> BAD_RECORD; reflected -> BAD_RECORD",
@@ -122,6 +127,7 @@ EXPECTED_SERVER_ITEMS = [
     "an unanswered challenge holds nothing",
     "implementation auth later than 2 s -> TIMEOUT",
     "lockout: 5 failures throttle this source, never the owner's last machine",
+    "5 unanswered challenges count like failures, never against the owner's last machine",
     "a full disk -> STORAGE_FULL, nothing changed",
 ]
 

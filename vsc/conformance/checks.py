@@ -27,7 +27,16 @@ from vsc.wire import (
     seq_bytes,
 )
 from vsc.wire.codec import MAGIC, MAX_FRAME_BODY, PROTOCOL_VERSION, FrameHeaderSchema, build_header
-from vsc.wire.messages import Alert, EchoReply, EchoRequest, Hello, KeyTransport, SessionSecrets, Suite
+from vsc.wire.messages import (
+    Alert,
+    ClientFinished,
+    EchoReply,
+    EchoRequest,
+    Hello,
+    KeyTransport,
+    SessionSecrets,
+    Suite,
+)
 from vsc.wire.ops import (
     AuthChallenge,
     AuthItem,
@@ -841,3 +850,105 @@ async def storage_full(h: ServerHarness) -> None:
                f"the same upload with room again: expected OK v2 (nothing changed before), got {r!r:.100}")
     finally:
         proto.closeChannel()
+
+
+# ---------------------------------------------------------------- the handshake, byte by byte (§6)
+
+
+async def client_finished_every_byte(h: ServerHarness) -> None:
+    """§6.5, §7.3, S6: a CLIENT_FINISHED with any one of its 32 MAC bytes flipped -> plaintext ALERT(KEY_CONFIRMATION_FAILED)."""
+    for i in range(32):
+        card = await h.raw(fs=ForwardSecrecy.OFF)
+        try:
+            hello = await card.next_frame()
+            (kt,) = card._effects(card.channel.receive_frame(hello))
+            card.write(kt)
+            sf = await card.next_frame()
+            expect(isinstance(sf, bytes), f"server closed during the handshake: {sf!r}")
+            (cf,) = card._effects(card.channel.receive_frame(sf))
+            cf = bytearray(cf)
+            cf[8 + i] ^= 0x01
+            card.write(bytes(cf))
+            try:
+                await _expect_alert(card, ErrorCode.KEY_CONFIRMATION_FAILED)
+            except Failed as e:
+                raise Failed(f"CLIENT_FINISHED MAC byte {i} flipped: {e}") from None
+        finally:
+            card.close()
+
+
+async def r2_mismatch(h: ServerHarness) -> None:
+    """§6.5 step 3, S2: an r2 in the clear that differs from the encrypted r2 -> HANDSHAKE_FAILED."""
+    card = await h.raw()
+    hello = decode_frame(await card.next_frame())
+    secrets = SessionSecrets(r1=hello.r1, r2=h.rand(32), s1=h.rand(32), s2=h.rand(32))
+    ct = crypto.RSAPublicKey(hello.server_key).oaep_encrypt(secrets.encode(), h.rand)
+    card.write(encode_frame(KeyTransport(r2=h.rand(32), suites=(Suite.AES256_GCM,), ciphertext=ct)))
+    await _expect_alert(card, ErrorCode.HANDSHAKE_FAILED)
+
+
+async def handshake_out_of_order(h: ServerHarness) -> None:
+    """§6.2, B4: CLIENT_FINISHED before KEY_TRANSPORT, a HELLO sent to the server, a RECORD before CLIENT_FINISHED -> UNEXPECTED_MESSAGE."""
+    card = await h.raw()
+    await card.next_frame()
+    card.write(encode_frame(ClientFinished(mac=bytes(32))))
+    await _expect_alert(card, ErrorCode.UNEXPECTED_MESSAGE)
+    card = await h.raw()
+    hello = await card.next_frame()
+    card.write(hello)
+    await _expect_alert(card, ErrorCode.UNEXPECTED_MESSAGE)
+    card = await h.raw(fs=ForwardSecrecy.OFF)
+    hello = await card.next_frame()
+    (kt,) = card._effects(card.channel.receive_frame(hello))
+    card.write(kt)
+    sf = await card.next_frame()
+    expect(isinstance(sf, bytes), f"server closed during the handshake: {sf!r}")
+    card._effects(card.channel.receive_frame(sf))  # the CLIENT_FINISHED it produces is not sent
+    card.write(card.seal(EchoRequest(b"early")))
+    try:
+        await _expect_alert(card, ErrorCode.UNEXPECTED_MESSAGE)
+    except Failed as e:
+        raise Failed(f"a RECORD before CLIENT_FINISHED: {e}") from None
+
+
+async def handshake_timer(h: ServerHarness) -> None:
+    """§6.3, B3: no KEY_TRANSPORT within the handshake timeout -> plaintext ALERT(HANDSHAKE_TIMEOUT), not before."""
+    limit = h.settings.handshake_timeout
+    card = await h.raw()
+    await card.next_frame()
+    t0 = h.reactor.seconds()
+    frame = await card.next_frame(timeout=limit + 5)
+    waited = h.reactor.seconds() - t0
+    card.push_back(frame)
+    await _expect_alert(card, ErrorCode.HANDSHAKE_TIMEOUT)
+    expect(waited >= limit * 0.8, f"the handshake timed out after {waited:.1f} s, before {limit:g} s")
+
+
+async def unanswered_challenges_count(h: ServerHarness) -> None:
+    """
+    §10.6.1, #11: a challenge left unanswered until the deadline counts like a
+    failed authentication: after lockout_threshold of them from this source, a
+    correct answer from another machine is refused; the owner's last machine
+    still gets in.
+    """
+    serial, _ = await h.enrolled()
+    owner_muk, secret = h.rand(32), h.rand(32)
+    await h.insert(serial, owner_muk, secret)
+    r = await _request(h, OpRequest(op=Op.REMOVE, serial=serial, insert_secret=secret, version=1, protected=b"p"))
+    expect(r.status is Status.OK, f"remove: {r.status.name}")
+    holders = [await h.connect() for _ in range(h.settings.lockout_threshold)]
+    try:
+        for p in holders:
+            first = await p.request(OpRequest(op=Op.INSERT, serial=serial, insert_secret=h.rand(32)))
+            expect(isinstance(first, AuthChallenge), f"expected a challenge, got {type(first).__name__}")
+        for p in holders:
+            result = await p.nextMessage()
+            expect(isinstance(result, OpResult) and result.status is Status.TIMEOUT, f"expected TIMEOUT, got {result!r}")
+    finally:
+        for p in holders:
+            p.closeChannel()
+    st = await h.status(h.insert(serial, h.rand(32), h.rand(32)))
+    expect(st is Status.REFUSED, f"after {h.settings.lockout_threshold} unanswered challenges a correct answer from "
+                                 f"another machine got {st.name}: they were not counted")
+    st = await h.status(h.insert(serial, owner_muk, h.rand(32)))
+    expect(st is Status.OK, f"the owner's last machine got {st.name} after strangers' unanswered challenges")

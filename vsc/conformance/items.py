@@ -107,6 +107,14 @@ SERVER_ITEMS: tuple[Item, ...] = (
     Item("handshake", "downgraded offer -> KEY_CONFIRMATION_FAILED", "§7.3", ("S5",), checks.downgrade),
     Item("handshake", "key transport one byte off the modulus length -> HANDSHAKE_FAILED", "§5.3", ("S2", "E3"),
          checks.kt_length),
+    Item("handshake", "clear r2 differs from the encrypted r2 -> HANDSHAKE_FAILED", "§6.5", ("S2", "E3"),
+         checks.r2_mismatch),
+    Item("handshake", "any one CLIENT_FINISHED MAC byte flipped -> KEY_CONFIRMATION_FAILED", "§7.3", ("S6", "B5"),
+         checks.client_finished_every_byte),
+    Item("handshake", "handshake messages out of order, a record before CLIENT_FINISHED -> UNEXPECTED_MESSAGE",
+         "§6.2", ("B4", "S6"), checks.handshake_out_of_order),
+    Item("handshake", "no key transport within {handshake_timeout:g} s -> HANDSHAKE_TIMEOUT", "§6.3", ("B3",),
+         checks.handshake_timer),
     Item("record", "tampered record -> BAD_RECORD", "§8", ("R2", "R4", "E1"), checks.tampered),
     *_per_suite(),
     Item("record", "replay of the last record and of one 3 back -> REPLAYED_RECORD (no window)", "§8", ("R4",),
@@ -167,6 +175,8 @@ SERVER_ITEMS: tuple[Item, ...] = (
          checks.late_answer, provision=True),
     Item("refusal", "lockout: {lockout_threshold} failures throttle this source, never the owner's last machine",
          "§10.6.1", ("O3", "O11"), checks.lockout_counts, provision=True),
+    Item("refusal", "{lockout_threshold} unanswered challenges count like failures, never against the owner's "
+         "last machine", "§10.6.1", ("O1", "O11"), checks.unanswered_challenges_count, provision=True),
     Item("refusal", "a full disk -> STORAGE_FULL, nothing changed", "§10.3", ("O12",), checks.storage_full,
          provision=True, needs=("storage",)),
 )

@@ -93,7 +93,8 @@ def cmd_conformance(args) -> int:
         if not provision and args.admin_data_dir:
             provision = (f"{shlex.quote(_vsc())} admin --data-dir {shlex.quote(args.admin_data_dir)} "
                          "issue {serial} --json")
-        settings = ServerSettings(unauthenticated_idle=args.unauthenticated_idle, idle_timeout=args.idle_timeout,
+        settings = ServerSettings(handshake_timeout=args.handshake_timeout,
+                                  unauthenticated_idle=args.unauthenticated_idle, idle_timeout=args.idle_timeout,
                                   unauthenticated_body=args.unauthenticated_body,
                                   unauthenticated_per_source=args.unauthenticated_per_source,
                                   lockout_threshold=args.lockout_threshold)
@@ -119,6 +120,8 @@ def extend(sub) -> None:
     p.add_argument("--admin-data-dir", help="shortcut: provision with 'vsc admin --data-dir DIR issue {serial} --json'")
     p.add_argument("--allow-insecure", action="store_true", help="the server under test enables des-cbc-md5")
     p.add_argument("--auth-deadline", type=float, default=30.0, help="the server's implementation-auth deadline (s)")
+    p.add_argument("--handshake-timeout", type=float, default=30.0,
+                   help="the server's handshake_timeout (s); the handshake-timer item waits that long")
     p.add_argument("--unauthenticated-idle", type=float, default=60.0,
                    help="the server's unauthenticated_idle (s); the idle items wait about 1.6 times it")
     p.add_argument("--idle-timeout", type=float, default=600.0,

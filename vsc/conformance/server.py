@@ -44,6 +44,7 @@ class ServerSettings:
     """
 
     auth_deadline: float = 30.0
+    handshake_timeout: float = 30.0
     unauthenticated_idle: float = 60.0
     idle_timeout: float = 600.0
     unauthenticated_body: int = 65536
