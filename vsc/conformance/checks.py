@@ -319,8 +319,12 @@ async def late_answer(h: ServerHarness) -> None:
     proto = await h.connect()
     first = await proto.request(OpRequest(op=Op.INSERT, serial=serial, insert_secret=h.rand(32)))
     expect(isinstance(first, AuthChallenge), "expected a challenge")
+    t0 = h.reactor.seconds()
     result = await proto.nextMessage()  # the server must give up by itself
+    waited = h.reactor.seconds() - t0
     expect(isinstance(result, OpResult) and result.status is Status.TIMEOUT, f"expected TIMEOUT, got {result!r}")
+    expect(h.auth_deadline * 0.8 <= waited <= h.auth_deadline + 5,
+           f"TIMEOUT came {waited:.1f} s after the challenge; the deadline is {h.auth_deadline:g} s")
     proto.closeChannel()
     st = await h.status(h.insert(serial, h.rand(32), h.rand(32)))
     expect(st is Status.OK, f"after a timeout the card must still be idle; insert gave {st.name}")
@@ -952,3 +956,45 @@ async def unanswered_challenges_count(h: ServerHarness) -> None:
                                  f"another machine got {st.name}: they were not counted")
     st = await h.status(h.insert(serial, owner_muk, h.rand(32)))
     expect(st is Status.OK, f"the owner's last machine got {st.name} after strangers' unanswered challenges")
+
+
+async def master_mac_every_end(h: ServerHarness) -> None:
+    """§10.6.2, O3: a MasterResponse whose MAC has its first or its last byte flipped (all else right) -> REFUSED."""
+    serial, _ = await h.enrolled()
+    for i in (0, 63):  # the MAC is bytes 32..63 of the answer; byte 0 is ri2's: the MAC covers it too
+        proto = await h.connect()
+        try:
+            first = await proto.request(OpRequest(op=Op.INSERT, serial=serial, insert_secret=h.rand(32)))
+            expect(isinstance(first, AuthChallenge), f"expected a challenge, got {type(first).__name__}")
+            answers, _ = ops.answer(first, serial, "conformance", h.master, h.rand)
+            changed = []
+            for a in answers:
+                if a.method is AuthMethod.MASTER_KEY:
+                    data = bytearray(a.data)
+                    data[i] ^= 0x01
+                    a = AuthItem(a.method, bytes(data))
+                changed.append(a)
+            expect(any(a.method is AuthMethod.MASTER_KEY for a in answers), "the server did not ask for the Master key")
+            result = await proto.request(AuthResponse(responses=tuple(changed), muk=h.rand(32)))
+            expect(isinstance(result, OpResult) and result.status is Status.REFUSED,
+                   f"a Master-key answer with byte {i} flipped: expected REFUSED, got {result!r:.80}")
+        finally:
+            proto.closeChannel()
+
+
+async def wrong_code(h: ServerHarness) -> None:
+    """§10.7: an enrolment with a wrong code (one character changed) -> REFUSED, creating nothing; the right code then enrols."""
+    serial, code = h.new_card()
+    kdf = ops.new_kdf(h.rand, log2_n=10)
+    keys = ops.derive_keys("x", kdf)
+    proto = await h.connect()
+    try:
+        alnum = [i for i, ch in enumerate(code) if ch.isalnum()]
+        i = alnum[-1]
+        wrong = code[:i] + ("A" if code[i].upper() != "A" else "B") + code[i + 1:]
+        st = await h.status(ops.enrol(proto, serial, wrong, keys, kdf, b"wrong"))
+        expect(st is Status.REFUSED, f"a wrong code: expected REFUSED, got {st.name}")
+        st = await h.status(ops.enrol(proto, serial, code, keys, kdf, b"right"))
+        expect(st is Status.OK, f"the right code after a wrong one: expected OK, got {st.name}")
+    finally:
+        proto.closeChannel()
