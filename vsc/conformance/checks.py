@@ -756,6 +756,9 @@ async def session_binding(h: ServerHarness) -> None:
                f"{what} with another insert secret: expected REFUSED, got {r!r:.100}")
     r = await _request(h, OpRequest(op=Op.SYNC, serial=serial, insert_secret=secret, version=1, protected=b"owner"))
     expect(r.status is Status.OK and r.version == 2, f"the owner's sync after them: {r!r:.100}")
+    r = await _request(h, OpRequest(op=Op.SYNC, serial=serial, insert_secret=other, version=1, protected=b"owner"))
+    expect(r.status is Status.REFUSED,
+           f"the owner's sync 'retried' with another insert secret: expected REFUSED, got {r!r:.100}")
     r = await _request(h, OpRequest(op=Op.ATTACH, serial=serial, insert_secret=secret))
     expect(r.status is Status.OK, f"the owner's attach: {r.status.name}")
 
@@ -781,8 +784,9 @@ async def version_rules(h: ServerHarness) -> None:
     """
     §10.9-§10.10, §10.13: an upload based on an older or a newer version is
     VERSION_CONFLICT with the stored version; an identical retry is OK and
-    changes nothing; a conflicting remove leaves the card in use; the next
-    insert downloads the last stored upload.
+    changes nothing; a conflicting remove leaves the card in use; a remove
+    retried after its answer was lost is OK, but not with another insert
+    secret; the next insert downloads the last stored upload.
     """
     serial, _ = await h.enrolled()
     muk, secret = h.rand(32), h.rand(32)
@@ -811,6 +815,12 @@ async def version_rules(h: ServerHarness) -> None:
     expect(r.status is Status.OK and r.version == 3, f"the card must still be in use after the conflicts: {r!r:.100}")
     r = await sync(3, b"four", Op.REMOVE)
     expect(r.status is Status.OK and r.version == 4, f"remove on v3: {r!r:.100}")
+    r = await sync(3, b"four", Op.REMOVE)
+    expect(r.status is Status.OK and r.version == 4, f"the remove retried: expected OK v4, got {r!r:.100}")
+    r = await _request(h, OpRequest(op=Op.REMOVE, serial=serial, insert_secret=h.rand(32), version=3,
+                                    protected=b"four"))
+    expect(r.status is Status.REFUSED, f"the remove 'retried' with another insert secret: expected REFUSED, "
+                                       f"got {r!r:.100}")
     got = await h.insert(serial, h.rand(32), h.rand(32))
     expect((got.version, got.protected) == (4, b"four"), f"the next insert downloaded v{got.version}")
 
