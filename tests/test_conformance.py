@@ -51,6 +51,7 @@ def conformance_args(settings: dict = CONFORMANCE_SETTINGS) -> list[str]:
             "--idle-timeout", str(settings["idle_timeout"]),
             "--unauthenticated-per-source", str(settings["max_unauthenticated_per_source"]),
             "--lockout-threshold", str(settings["lockout_threshold"]),
+            "--server-suites", settings["suites"],
             *(["--allow-insecure"] if settings.get("allow_insecure") == "true" else [])]
 
 
@@ -81,6 +82,7 @@ def storage_hooks(directory: Path) -> list[str]:
 EXPECTED_SERVER_ITEMS = [
     *(f"{suite} fs={fs}" for suite in ("aes256-gcm", "chacha20-poly1305", "aes256-cbc-hmac-sha256", "des-cbc-md5")
       for fs in ("off", "require")),
+    "the server's preference wins; des-cbc-md5 never chosen unless enabled",
     "wrong pinned key is detected",
     "wrong r1 -> HANDSHAKE_FAILED",
     "undecryptable key transport -> HANDSHAKE_FAILED",

@@ -1019,3 +1019,29 @@ async def wrong_code(h: ServerHarness) -> None:
         expect(st is Status.OK, f"the right code after a wrong one: expected OK, got {st.name}")
     finally:
         proto.closeChannel()
+
+
+async def server_preference(h: ServerHarness) -> None:
+    """
+    §6.3, S4: the server chooses the first suite of ITS list that the card
+    offered, whatever the card's order; it never picks des-cbc-md5 first
+    unless its own list puts it there (and it is enabled).
+    """
+    mine = [s for s in h.settings.suites if s is not Suite.DES_CBC_MD5 or h.allow_insecure]
+    expect(bool(mine), "the server's suite list (--server-suites) is empty")
+    offers = [tuple(reversed(mine))]
+    if not h.allow_insecure and len(mine) >= 1:
+        offers.append((Suite.DES_CBC_MD5,) + tuple(reversed(mine)))
+    for offer in offers:
+        card = await h.raw(suites=offer, fs=ForwardSecrecy.OFF)
+        try:
+            hello = await card.next_frame()
+            (kt,) = card._effects(card.channel.receive_frame(hello))
+            card.write(kt)
+            sf = await card.next_frame()
+            msg = decode_frame(sf) if isinstance(sf, bytes) else sf
+            expect(getattr(msg, "suite", None) is mine[0],
+                   f"offered {','.join(s.label for s in offer)}: the server chose "
+                   f"{getattr(getattr(msg, 'suite', None), 'label', msg)!r}, its own first is {mine[0].label}")
+        finally:
+            card.close()

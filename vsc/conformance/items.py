@@ -101,6 +101,8 @@ def _per_suite() -> tuple[Item, ...]:
 
 SERVER_ITEMS: tuple[Item, ...] = (
     *_handshakes(),
+    Item("handshake", "the server's preference wins; des-cbc-md5 never chosen unless enabled", "§6.3", ("S4", "E4"),
+         checks.server_preference),
     Item("handshake", "wrong pinned key is detected", "§6.4", ("S1",), checks.wrong_pin),
     Item("handshake", "wrong r1 -> HANDSHAKE_FAILED", "§6.5", ("S2", "E3"), checks.wrong_r1),
     Item("handshake", "undecryptable key transport -> HANDSHAKE_FAILED", "§6.5", ("S2", "E3"), checks.garbage_kt),

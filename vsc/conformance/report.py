@@ -97,7 +97,7 @@ def cmd_conformance(args) -> int:
                                   unauthenticated_idle=args.unauthenticated_idle, idle_timeout=args.idle_timeout,
                                   unauthenticated_body=args.unauthenticated_body,
                                   unauthenticated_per_source=args.unauthenticated_per_source,
-                                  lockout_threshold=args.lockout_threshold)
+                                  lockout_threshold=args.lockout_threshold, suites=_suites(args.server_suites))
         harness = ServerHarness(reactor, args.server, args.server_key, provision, args.allow_insecure,
                                 args.auth_deadline, load_master_key(os.environ.get("VSC_MASTER_KEY_FILE")),
                                 settings=settings, fill_storage=args.fill_storage, free_storage=args.free_storage)
@@ -110,6 +110,18 @@ def cmd_conformance(args) -> int:
     else:
         print(table(results))
     return 0 if results and all(r.ok for r in results) and not all(r.skipped for r in results) else 1
+
+
+def _suites(text: str) -> tuple:
+    from vsc.wire.messages import Suite
+
+    by_label = {s.label: s for s in Suite}
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_label]
+    if unknown or not names:
+        raise cli.CommandError(f"--server-suites: unknown suite {unknown[0] if unknown else '(none)'}; "
+                               f"known: {', '.join(by_label)}")
+    return tuple(by_label[n] for n in names)
 
 
 def extend(sub) -> None:
@@ -130,6 +142,8 @@ def extend(sub) -> None:
     p.add_argument("--unauthenticated-per-source", type=int, default=64,
                    help="the server's max_unauthenticated_per_source")
     p.add_argument("--lockout-threshold", type=int, default=5, help="the server's lockout_threshold")
+    p.add_argument("--server-suites", default="aes256-gcm,chacha20-poly1305,aes256-cbc-hmac-sha256",
+                   help="the server's suites setting, in its order of preference")
     p.add_argument("--fill-storage", help="command that fills the server's database storage (STORAGE_FULL item)")
     p.add_argument("--free-storage", help="command that frees it again")
     p.add_argument("--only", help="comma-separated areas: handshake,record,limits,life cycle,binding,versions,refusal")

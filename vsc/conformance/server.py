@@ -50,6 +50,8 @@ class ServerSettings:
     unauthenticated_body: int = 65536
     unauthenticated_per_source: int = 64
     lockout_threshold: int = 5
+    #: the server's suite list, in its order of preference
+    suites: tuple = (Suite.AES256_GCM, Suite.CHACHA20_POLY1305, Suite.AES256_CBC_HMAC_SHA256)
 
 
 class ServerHarness:
