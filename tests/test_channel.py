@@ -889,3 +889,74 @@ def test_whole_handshake_byte_at_a_time():
     (out["client_finished"],) = sends(trickle(p.card, out["server_finished"]))
     assert only(trickle(p.server, out["client_finished"]), Established)
     assert out == reference
+
+
+# ---------------------------------------------------------------- processing order and unreadable alerts (§3, §8, §9.2)
+
+
+def test_an_out_of_place_type_is_unexpected_whatever_its_body():
+    """
+    §3 step 6 / §8 step 5: an inner-only type as a frame, and a frame type
+    inside a record, are UNEXPECTED_MESSAGE before their body is parsed: an
+    empty, a truncated and a well-formed body all get the same code.
+    """
+    for body in (b"", b"\x00", b"\x00\x00\x00\x01x", b"\x01" * 40):
+        p = Pair()
+        p.handshake()
+        effects = p.to_server(build_header(0x31, len(body)) + body)  # OP_REQUEST as a frame
+        c = assert_failed(effects, ErrorCode.UNEXPECTED_MESSAGE, sent=sends(effects))
+        assert "only valid inside a sealed record" in c.reason
+    for inner in (b"\x01", b"\x02\x00", b"\x05", b"\x05\x00\x06", b"\x10" + b"\x00" * 30):
+        q = Pair()
+        q.handshake()
+        sealed = q.card._core.keys.card_to_server.seal(seq_bytes(0), inner, record_aad(CARD_TO_SERVER, 0))
+        effects = q.to_server(encode_frame(Record(seq=0, sealed=sealed)))
+        c = assert_failed(effects, ErrorCode.UNEXPECTED_MESSAGE, sent=sends(effects))
+        assert "not valid inside a record" in c.reason
+
+
+def test_an_alert_with_an_unknown_code_is_never_answered():
+    """
+    §9.2: an ALERT whose code is not in the table (or whose body does not
+    parse) ends the channel like any alert, on either end, before and after
+    establishment, and nothing is sent back (not even ALERT(MALFORMED)).
+    """
+    for body in (b"\x00\x63", b"\xff\xff", b"\x00", b"\x00\x06\x00"):
+        frame = build_header(0x05, len(body)) + body
+        p = Pair()
+        p.start()
+        assert_failed(p.to_server(frame), ErrorCode.MALFORMED, sent=[], by_peer=True)
+        p = Pair()
+        p.handshake()
+        assert_failed(p.to_server(frame), ErrorCode.MALFORMED, sent=[], by_peer=True)
+        assert_failed(p.to_card(frame), ErrorCode.MALFORMED, sent=[], by_peer=True)
+
+
+def test_a_sealed_close_with_an_unknown_code_is_never_answered():
+    """§9.2: an authenticated CLOSE whose code is unknown (or body unparsable) ends the channel; nothing is sent back."""
+    for inner in (b"\x20\x00\x63", b"\x20", b"\x20\x00\x00\x00"):
+        p = Pair()
+        p.handshake()
+        sealed = p.card._core.keys.card_to_server.seal(seq_bytes(0), inner, record_aad(CARD_TO_SERVER, 0))
+        effects = p.to_server(encode_frame(Record(seq=0, sealed=sealed)))
+        assert_failed(effects, ErrorCode.MALFORMED, sent=[], by_peer=True)
+        assert_dead(p.server)
+
+
+def test_raising_the_limits_restarts_the_idle_timer_with_the_new_time():
+    """
+    §9.3: when an operation authenticates, the idle timer restarts with the
+    longer idle time (the running one was set by the last record with the
+    unauthenticated one), and a raised limit of 0 cancels it; before
+    establishment nothing is scheduled.
+    """
+    import attrs as _attrs
+
+    p = Pair(_attrs.evolve(ChannelConfig(), max_body=65536, idle_timeout=3.0))
+    assert p.server.raise_limits(MAX_FRAME_BODY, 5.0) == []  # not established: only the limits change
+    p = Pair(_attrs.evolve(ChannelConfig(), max_body=65536, idle_timeout=3.0))
+    p.handshake()
+    assert SetTimer(3.0) in p.server_log
+    assert p.server.raise_limits(MAX_FRAME_BODY, 5.0) == [SetTimer(5.0)]
+    assert p.server.max_frame_body() == MAX_FRAME_BODY
+    assert p.server.raise_limits(MAX_FRAME_BODY, 0.0) == [CancelTimer()]

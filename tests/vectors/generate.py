@@ -213,7 +213,10 @@ def build_vector(suite: Suite, fs: bool) -> dict:
             f"{'with' if fs else 'without'} X25519 forward secrecy: handshake and two echo records each way"
         ),
         "suite": {"label": suite.label, "code": int(suite)},
-        "forward_secret": fs,
+        # x25519: an X25519 secret was mixed into the key schedule (= SERVER_FINISHED's wire flag);
+        # forward_secret: the channel is forward secret, which des-cbc-md5 never is (§7.6)
+        "x25519": fs,
+        "forward_secret": fs and suite is not Suite.DES_CBC_MD5,
         "inputs": {
             "rand": DRBG_DESCRIPTION,
             "server_seed": server_seed.hex(),

@@ -16,7 +16,15 @@ Card mode (``--card``) plays the server for a card under test: a correct
 server, then servers that misbehave one way each (wrong key, a suite the
 card did not offer, a bad key-confirmation MAC, a tampered record, an alert
 mid-handshake, no answer at all); ``--card-command`` runs the card against
-each and must succeed only against the correct one.
+each and must succeed only against the correct one. Then, through a card
+driver (``--card-driver``: enrol, insert, step, remove), a whole server
+with a store of its own that acts as hostile storage: it rolls the card's
+copy back, relabels an old copy with a higher version, or asks for a KDF
+below the card's floor.
+
+Items a run lacks something for (a hook, ``--allow-insecure``, a driver)
+are reported skipped, never passed. docs/integrator.md §6.1 lists every
+item with its § and how to run it.
 
 Prints a pass/fail table; exits non-zero on any failure.
 
@@ -27,7 +35,9 @@ The package, one job a module:
 * ``vsc.conformance.checks``: the server-mode checks, one function each;
 * ``vsc.conformance.server``: what the checks share (``ServerHarness``);
 * ``vsc.conformance.raw``: the raw client whose bytes a check controls;
-* ``vsc.conformance.card``: card mode, the misbehaving servers;
+* ``vsc.conformance.card``: card mode, the misbehaving servers (and the
+  hostile storage of the operations items);
+* ``vsc.conformance.vscdriver``: the card driver for vsc's own card;
 * ``vsc.conformance.report``: the command, its options (``extend``), the
   runner and the table.
 """

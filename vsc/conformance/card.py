@@ -8,6 +8,8 @@ against each; the card must succeed against the correct one only.
 from __future__ import annotations
 
 import os
+import shlex
+import tempfile
 import time  # clock-ok: the harness measures how long each item took
 
 import attrs
@@ -25,12 +27,22 @@ from vsc.wire.messages import Alert, ServerFinished, SessionSecrets, Suite
 
 
 async def run_card_items(reactor, items: tuple[CardItem, ...], card_command: str, key_bits: int,
-                         timeout: float) -> list[Result]:
+                         timeout: float, driver: str | None = None) -> list[Result]:
     """Play a (mis)behaving server for each item and run the card under test against it."""
     key = crypto.RSAPrivateKey.generate(key_bits)
     other = crypto.RSAPrivateKey.generate(key_bits)
     results = []
     for item in items:
+        if item.scenario in OPS_SCENARIOS:
+            t0 = time.monotonic()  # clock-ok
+            if not driver:
+                results.append(Result("card", item.name, True, "skipped: needs --card-driver", 0.0, item.section,
+                                      item.rules, skipped=True))
+                continue
+            ok, detail = await run_ops_item(reactor, item.scenario, driver, key, timeout)
+            results.append(Result("card", item.name, ok, detail, time.monotonic() - t0,  # clock-ok
+                                  item.section, item.rules))
+            continue
         use_key = other if item.scenario == "wrong-key" else key
         factory = server_factory(ChannelConfig(), use_key, reactor)
         if not item.must_succeed:
@@ -123,6 +135,175 @@ def _misbehaving(scenario: str, key):
     return make
 
 
+# ---------------------------------------------------------------- card mode with operations (hostile storage)
+#
+# The harness plays a complete server (channel, operations, a store of its own in a temporary SQLite
+# database) and drives the card under test through its driver (vsc.conformance.vscdriver's actions:
+# enrol, insert, step, remove, stop). Between two actions a scenario may act as a hostile server.
+
+OPS_SCENARIOS = ("ops-correct", "rolls-back", "relabels", "weak-kdf")
+
+
+class _OpsServer:
+    """A real vsc server in this process, on 127.0.0.1, whose store and channel a scenario may tamper with."""
+
+    def __init__(self, reactor, key, directory: str, weak_kdf: bool):
+        from twisted.python.threadpool import ThreadPool
+
+        from vsc.protocol.auth import load_master_key
+        from vsc.server.policy import Policy
+        from vsc.server.service import Backend
+        from vsc.server.store import Store
+
+        self.reactor, self.key, self.directory = reactor, key, directory
+        self.db = os.path.join(directory, "server.sqlite3")
+        self.store = Store(f"sqlite:///{self.db}", reactor.seconds)
+        self.store.migrate()
+        self.pool = ThreadPool(1, 4, name="conformance-store")
+        self.pool.start()
+        self.policy = Policy.from_settings({})
+        self.factory = server_factory(ChannelConfig(), key, reactor, backend=Backend(reactor, self.store, self.pool),
+                                      ops_policy=self.policy.ops(), master=load_master_key(None))
+        self.weak_kdf = weak_kdf
+        self.answers_seen = 0  # AUTH_RESPONSEs received after a tampered challenge
+        if weak_kdf:
+            self.factory.make_channel = self._weak_kdf_channel(self.factory.make_channel)
+        self.port = None
+
+    def _weak_kdf_channel(self, make):
+        """The KDF-floor attack (§10.5): every AUTH_CHALLENGE asks for the legacy derivation."""
+        from vsc.wire.ops import AuthChallenge, AuthResponse, KdfAlg, KdfParams
+
+        def wrapped():
+            c = make()
+            orig_send, orig_receive = c.send, c.receive_frame
+
+            def send(msg):
+                if isinstance(msg, AuthChallenge):
+                    msg = attrs.evolve(msg, kdf=KdfParams(alg=KdfAlg.LEGACY_MD5).encode())
+                return orig_send(msg)
+
+            def receive_frame(frame):
+                effects = orig_receive(frame)
+                self.answers_seen += sum(isinstance(e, ch.Received) and isinstance(e.message, AuthResponse)
+                                         for e in effects)
+                return effects
+
+            c.send, c.receive_frame = send, receive_frame
+            return c
+
+        return wrapped
+
+    async def listen(self) -> str:
+        self.port = await serverFromString(self.reactor, "tcp:0:interface=127.0.0.1").listen(self.factory)
+        return f"tcp:127.0.0.1:{self.port.getHost().port}"
+
+    def issue(self, serial: str) -> str:
+        from vsc.server.policy import code_hash, new_enrolment_code
+
+        code = new_enrolment_code()
+        self.store.issue(serial, code_hash(code), self.policy.initial_auth_info(), 3600)
+        return code
+
+    def row(self, serial: str) -> tuple[int, bytes]:
+        card = self.store.get(serial)
+        if card is None:
+            raise _Wrong("the driver reported success but the server has no such card (nothing was enrolled)")
+        return card.version, bytes(card.protected)
+
+    def write_row(self, serial: str, version: int, protected: bytes) -> None:
+        """What a hostile operator does to the database: another blob, another version number."""
+        import sqlite3
+
+        conn = sqlite3.connect(self.db)
+        try:
+            with conn:
+                conn.execute("UPDATE cards SET protected = ?, version = ? WHERE serial = ?", (protected, version, serial))
+        finally:
+            conn.close()
+
+    async def close(self) -> None:
+        if self.port is not None:
+            await self.port.stopListening()
+        self.pool.stop()
+
+
+async def _driver(driver: str, action: str, timeout: float, **fields) -> tuple[int, str]:
+    cmd = driver.format(action=action, **{k: shlex.quote(str(v)) for k, v in fields.items()})
+    out, err, code = await getProcessOutputAndValue("/bin/sh", ["-c", f"timeout {timeout:g} {cmd}"], env=os.environ)
+    return code, (err or out).decode(errors="replace").strip()[-200:]
+
+
+async def run_ops_item(reactor, scenario: str, driver: str, key, timeout: float) -> tuple[bool, str]:
+    """
+    One card-mode operations scenario against the card under test; (ok, detail).
+
+    * ``ops-correct``: enrol, insert, step, remove, insert, remove: every action must succeed;
+    * ``rolls-back``: enrol, insert, step, remove; the server puts back the copy the step stored, one
+      upload older than the last (a restored backup: that version and blob); the insert must be refused;
+    * ``relabels``: the same, but the server serves the enrolment blob under a version number higher
+      than any it stored; the insert must be refused;
+    * ``weak-kdf``: enrol (scrypt), then the server asks for the legacy derivation at insert; the
+      insert must fail and the card must send no AUTH_RESPONSE (§10.5: before deriving or sending).
+    """
+    if scenario not in OPS_SCENARIOS:
+        raise ValueError(f"the harness has no operations scenario {scenario!r}")
+    with tempfile.TemporaryDirectory(prefix="vsc-conf-") as tmp:
+        server = _OpsServer(reactor, key, tmp, weak_kdf=scenario == "weak-kdf")
+        endpoint = await server.listen()
+        serial = "conf-" + crypto.system_random(4).hex()
+        fields = dict(dir=os.path.join(tmp, "card"), endpoint=endpoint, fingerprint=key.public_key().fingerprint(),
+                      serial=serial, code=server.issue(serial))
+
+        async def act(action: str, must: bool) -> None:
+            before = server.store.get(serial)
+            code, out = await _driver(driver, action, timeout, **fields)
+            if (code == 0) != must:
+                raise _Wrong(f"{action}: the card {'failed' if must else 'succeeded'} (exit {code}) {out}".strip())
+            if not must:
+                return
+            # what the server saw must agree with what the driver reports
+            after = server.store.get(serial)
+            want = {"enrol": "idle", "insert": "in-use", "step": "in-use", "remove": "idle"}[action]
+            state = after.state.value if after is not None else "none"
+            if state != want:
+                raise _Wrong(f"{action}: the driver reported success, but the server has the card {state}")
+            if action in ("step", "remove") and (before is None or after.version <= before.version):
+                raise _Wrong(f"{action}: the driver reported success, but nothing was uploaded")
+
+        try:
+            await act("enrol", True)
+            enrolled = server.row(serial)
+            if scenario == "weak-kdf":
+                await act("insert", False)
+                if server.answers_seen:
+                    return False, "the card answered a challenge with legacy KDF parameters (below its floor)"
+                return True, ""
+            await act("insert", True)
+            await act("step", True)
+            stepped = server.row(serial)  # the copy one upload before the last
+            await act("remove", True)
+            if scenario == "ops-correct":
+                await act("insert", True)
+                await act("step", True)
+                await act("remove", True)
+                return True, ""
+            version, _ = server.row(serial)
+            if scenario == "rolls-back":
+                server.write_row(serial, *stepped)  # one upload back: an off-by-one freshness check must fail
+            else:
+                server.write_row(serial, version + 10, enrolled[1])
+            await act("insert", False)
+            return True, ""
+        except _Wrong as e:
+            return False, str(e)
+        finally:
+            await _driver(driver, "stop", timeout, **fields)
+            await server.close()
+
+
+class _Wrong(Exception):
+    pass
 def _choose_unoffered(c, finished: ServerFinished, plaintext: bytes) -> ServerFinished:
     """
     A server that really chooses des-cbc-md5, which the card did not offer:

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory, Protocol
 
-from vsc.protocol.channel import Closed, Send, card_channel
+from vsc.protocol.channel import Closed, Received, Send, card_channel
 from vsc.protocol.suites import ChannelConfig
 from vsc.wire import Deframer, ErrorCode, WireError
 from vsc.wire.codec import MAX_FRAME_BODY
@@ -57,6 +57,7 @@ class RawCard:
         self.channel = card_channel(config, fingerprint)
         self.proto: _Raw | None = None
         self.closed: Closed | None = None
+        self._pushed: list = []  # frames read ahead (the first frame, looked at for SERVER_BUSY)
 
     async def open(self) -> None:
         self.proto = await clientFromString(self.reactor, self.endpoint).connect(Factory.forProtocol(_Raw))
@@ -76,6 +77,8 @@ class RawCard:
 
     async def next_frame(self, timeout: float = 10.0):
         """The next whole frame (bytes), a WireError if the stream did not split, None once the server closed."""
+        if self._pushed:
+            return self._pushed.pop(0)
         d = self.proto.frames.get()
         timer = self.reactor.callLater(timeout, lambda: d.called or d.errback(Failed(f"no answer within {timeout:g} s")))
         try:
@@ -97,9 +100,38 @@ class RawCard:
         for data in self._effects(self.channel.receive_frame(sf)):
             self.write(data)
 
+    def push_back(self, frame) -> None:
+        """Give a frame back: the next ``next_frame`` returns it first."""
+        self._pushed.insert(0, frame)
+
     def seal(self, msg) -> bytes:
         (data,) = self._effects(self.channel.send(msg))
         return data
+
+    async def receive(self, timeout: float = 10.0):
+        """The next inner message the server sends (its channel answers echo requests itself); Failed if it closes."""
+        while True:
+            frame = await self.next_frame(timeout)
+            if frame is None or isinstance(frame, WireError):
+                raise Failed(f"server closed the channel instead of answering ({frame or 'connection closed'})")
+            effects = self.channel.receive_frame(frame)
+            for data in self._effects(effects):
+                self.write(data)
+            got = [e.message for e in effects if isinstance(e, Received)]
+            if got:
+                return got[0]
+            if self.closed is not None:
+                raise Failed(f"server closed the channel with {self.closed.code.name} instead of answering")
+
+    async def request(self, msg, timeout: float = 10.0):
+        """Seal and send ``msg``; the server's next inner message."""
+        self.write(self.seal(msg))
+        return await self.receive(timeout)
+
+    async def expect_silence_then_close(self, timeout: float = 10.0) -> None:
+        """The server must close the connection without sending anything more."""
+        frame = await self.next_frame(timeout)
+        expect(frame is None, f"the server answered with {frame!r} where it must send nothing and close")
 
     async def expect_close(self, code: ErrorCode, timeout: float = 10.0) -> None:
         """The server must close, telling us ``code`` (alert or sealed close), and must not crash."""

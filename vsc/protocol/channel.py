@@ -44,6 +44,9 @@ from vsc.protocol.suites import (
 )
 from vsc.wire import (
     CARD_TO_SERVER,
+    MAGIC,
+    PROTOCOL_VERSION,
+    MessageType,
     MAX_FRAME_BODY,
     MAX_HANDSHAKE_BODY,
     SERVER_TO_CARD,
@@ -73,6 +76,8 @@ from vsc.wire.messages import (
 )
 
 MAX_SEQ = (1 << 64) - 1
+_CLOSE_TYPE = bytes([MessageType.CLOSE])
+_ALERT_HEADER = MAGIC + bytes([PROTOCOL_VERSION, MessageType.ALERT])
 
 
 # ---------------------------------------------------------------- effects
@@ -211,7 +216,13 @@ class ChannelCore:
         except crypto.CryptoError as e:
             raise WireError(ErrorCode.BAD_RECORD, f"record {record.seq}: {e}") from None
         self.recv_seq += 1
-        return decode_inner(plaintext)
+        try:
+            return decode_inner(plaintext)
+        except WireError:
+            if plaintext[:1] == _CLOSE_TYPE:
+                # a CLOSE whose code we cannot read still ends the channel, and is never answered (§9.2)
+                return Close(ErrorCode.MALFORMED)
+            raise
 
     def finish_closed(self, code: ErrorCode, reason: str, by_peer: bool, notify: bool, sealed_dir: int | None) -> None:
         """Send the alert (sealed once established), then report Closed."""
@@ -617,6 +628,9 @@ class Channel:
         try:
             msg = decode_frame(frame, max_body=limit)
         except WireError as e:
+            if e.code is ErrorCode.MALFORMED and frame[:4] == _ALERT_HEADER:
+                # an ALERT whose code we cannot read still ends the channel, and is never answered (§9.2)
+                return self._fire(lambda: self._machine.got_alert(Alert(ErrorCode.MALFORMED)))
             return self._fire(lambda: self._machine.fail(e.code, str(e)))
         m = self._machine
         if isinstance(msg, Record):
@@ -661,10 +675,17 @@ class Channel:
     def max_frame_body(self) -> int:
         return self._core.max_body if self._core.established else MAX_HANDSHAKE_BODY
 
-    def raise_limits(self, max_body: int, idle_timeout: float) -> None:
-        """An operation on this channel authenticated: allow larger frames and a longer idle time."""
+    def raise_limits(self, max_body: int, idle_timeout: float) -> list[Effect]:
+        """
+        An operation on this channel authenticated: allow larger frames and a
+        longer idle time. The idle timer restarts now with the new time (the
+        one running was set by the last record with the short one).
+        """
         self._core.max_body = max_body
         self._core.idle_timeout = idle_timeout
+        if not self._core.established:
+            return []
+        return [SetTimer(idle_timeout)] if idle_timeout > 0 else [CancelTimer()]
 
 
 def private_decrypt(key: crypto.RSAPrivateKey | None, ciphertext: bytes) -> bytes | None:

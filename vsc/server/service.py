@@ -155,7 +155,7 @@ class ServerProtocol(ChannelProtocol):
             self.factory.admission.authenticated(self.source)
         limits = self.factory.admission.limits if self.factory.admission is not None else None
         idle = limits.idle_timeout if limits is not None else 0.0
-        self.channel.raise_limits(MAX_FRAME_BODY, idle)
+        self._run(self.channel.raise_limits(MAX_FRAME_BODY, idle))  # restarts the idle timer with the new time
         self.MAX_LENGTH = self.channel.max_frame_body()
 
     def channelEstablished(self, info: ChannelInfo) -> None:

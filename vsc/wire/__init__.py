@@ -12,6 +12,7 @@ card`` command) can be imported without them.
 _ERROR_NAMES = ("ErrorCode", "WireError")
 _CODEC_NAMES = (
     "HEADER_SIZE",
+    "MAGIC",
     "MAX_FRAME_BODY",
     "MAX_HANDSHAKE_BODY",
     "PROTOCOL_VERSION",

@@ -297,12 +297,26 @@ def encode_body(msg: Message) -> bytes:
         raise WireError(ErrorCode.MALFORMED, f"cannot encode {type(msg).__name__}: {_explain(e)}") from None
 
 
-def decode_body(msg_type: int, body: bytes) -> Message:
+def _message_class(msg_type: int) -> type[Message]:
     try:
-        mt = MessageType(msg_type)
-        cls = _REGISTRY[mt]
+        return _REGISTRY[MessageType(msg_type)]
     except (ValueError, KeyError):
         raise WireError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type:#04x}") from None
+
+
+def decode_body(msg_type: int, body: bytes, inner: bool | None = None) -> Message:
+    """
+    Decode a message body of type ``msg_type``. ``inner``: where it arrived
+    (False: as a frame, True: inside a record, None: anywhere). docs/protocol.md
+    §3 and §8 fix the order: an unknown type is UNKNOWN_TYPE; a known type
+    out of its place (an inner-only type as a frame, a frame type in a
+    record) is UNEXPECTED_MESSAGE *without parsing its body*; only then does
+    the body have to parse (MALFORMED).
+    """
+    cls = _message_class(msg_type)
+    if inner is not None and cls.INNER is not inner:
+        where = "only valid inside a sealed record" if cls.INNER else "not valid inside a record"
+        raise WireError(ErrorCode.UNEXPECTED_MESSAGE, f"{cls.__name__} is {where}")
     try:
         parsed = cls._TERMINATED.parse(body)  # type: ignore[attr-defined]
     except c.TerminatedError:
@@ -339,10 +353,7 @@ def decode_frame(frame: bytes, max_body: int = MAX_FRAME_BODY) -> Message:
             ErrorCode.MALFORMED,
             f"frame length field says {header.length} body bytes, frame has {len(frame) - HEADER_SIZE}",
         )
-    msg = decode_body(header.type, frame[HEADER_SIZE:])
-    if msg.INNER:
-        raise WireError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} is only valid inside a sealed record")
-    return msg
+    return decode_body(header.type, frame[HEADER_SIZE:], inner=False)
 
 
 # Inner plaintext of a sealed record: one type byte, then the message body.
@@ -359,10 +370,7 @@ def decode_inner(plaintext: bytes) -> Message:
     if not plaintext:
         raise WireError(ErrorCode.MALFORMED, "empty record plaintext")
     inner = InnerSchema.parse(plaintext)
-    msg = decode_body(inner.type, inner.body)
-    if not msg.INNER:
-        raise WireError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} is not valid inside a record")
-    return msg
+    return decode_body(inner.type, inner.body, inner=True)
 
 
 RecordAADSchema = c.Struct(
