@@ -81,6 +81,14 @@ def test_the_ci_subset_covers_mac_replay_machine_and_lockout():
     assert any("machine" in n for n in ci) and any("lockout" in n for n in ci)
 
 
+def test_the_mutant_server_is_configured_as_the_conformance_test_runs_ours():
+    """tools/mutate.py runs its servers with tests/test_conformance.py's settings and tells the harness the same values."""
+    from tests.test_conformance import CONFORMANCE_SETTINGS
+
+    assert mutate.SERVER_SETTINGS == {k: str(v) for k, v in CONFORMANCE_SETTINGS.items()}
+    assert set(mutate.HARNESS_SETTINGS.values()) <= set(mutate.SERVER_SETTINGS)
+
+
 @pytest.mark.integration
 def test_the_ci_subset_of_mutants_is_caught(tmp_path):
     """tools/mutate.py --subset ci --focus: the unmutated baseline passes every item of the subset's areas, then each CI mutant (a real server from a mutated scratch copy) fails at least one item of its area."""

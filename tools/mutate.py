@@ -62,10 +62,12 @@ SERVER_SETTINGS = {
     "suites": "aes256-gcm,chacha20-poly1305,aes256-cbc-hmac-sha256,des-cbc-md5",
     "allow_insecure": "true",
     "auth_deadline": "2",
+    "handshake_timeout": "3",
     "unauthenticated_idle": "3",
     "idle_timeout": "5",
     "max_unauthenticated_per_source": "8",
     "lockout_threshold": "5",
+    "lockout_source": "1000000",
     "handshakes_per_second": "100000",
     "handshake_burst": "100000",
     "max_pending_handshakes": "100000",
@@ -73,18 +75,25 @@ SERVER_SETTINGS = {
 #: The harness options that tell it those settings (passed when this harness has the option).
 HARNESS_SETTINGS = {
     "--auth-deadline": "auth_deadline",
+    "--handshake-timeout": "handshake_timeout",
     "--unauthenticated-idle": "unauthenticated_idle",
     "--idle-timeout": "idle_timeout",
     "--unauthenticated-per-source": "max_unauthenticated_per_source",
     "--lockout-threshold": "lockout_threshold",
+    "--server-suites": "suites",
 }
+
+
+@functools.lru_cache(maxsize=None)
+def _help() -> str:
+    return subprocess.run([str(VSC), "conformance", "--help"], capture_output=True, text=True, timeout=120,
+                          env=_env(None)).stdout
 
 
 @functools.lru_cache(maxsize=None)
 def harness_args() -> tuple[str, ...]:
     """``--allow-insecure`` and the settings options that this tree's ``vsc conformance`` knows."""
-    known = subprocess.run([str(VSC), "conformance", "--help"], capture_output=True, text=True, timeout=120,
-                           env=_env(None)).stdout
+    known = _help()
     args = ["--allow-insecure"]
     for flag, setting in HARNESS_SETTINGS.items():
         if flag in known:
@@ -251,6 +260,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "if not crypto.constant_time_equal(msg.mac[16:], keys.server_mac()[16:]):", mode="card"),
     Mutant("card-accepts-unoffered-suite", "§6.3 C3: the card refuses a suite it did not offer",
            CH, "if msg.suite not in core.offered:", "if msg.suite not in tuple(Suite):", mode="card"),
+    Mutant("card-kdf-floor-ignored", "§10.5 K1: the card refuses a weaker password derivation than it enrolled with",
+           "vsc/card/ops.py", "    if not floor or floor == \"legacy\":\n        return",
+           "    if floor or floor == \"legacy\":\n        return", mode="card"),
+    Mutant("card-rollback-window-one-generation", "§10.12 K8: the card refuses a copy older than the last it saw stored",
+           "vsc/card/freshness.py", "if rec is None or memory.generation >= rec.generation:",
+           "if rec is None or memory.generation >= rec.generation - 1:", mode="card"),
     Mutant("card-no-handshake-timer", "§6.3 B3: the card gives up on a server that does not finish the handshake",
            CH, "    def start(inputs: ChannelInputs, core: ChannelCore) -> None:\n"
                "        core.emit(SetTimer(core.config.handshake_timeout))",
@@ -377,10 +392,14 @@ def _run_server_mode(scratch: Path, work: Path, deadline: float, areas: tuple[st
 
 
 def _run_card_mode(scratch: Path, deadline: float) -> list[dict]:
-    card = (f"env PYTHONPATH={shlex.quote(str(scratch))} {shlex.quote(str(VSC))} ping --server {{endpoint}} "
-            "--server-key {fingerprint} --count 2 --handshake-timeout 5")
-    results, _ = _harness(["--card", "--card-command", card, "--timeout", "20"],
-                          max(1.0, deadline - time.monotonic()))
+    """The card-mode harness (this tree) with the card under test (ping, and the operations driver) from ``scratch``."""
+    path = f"env PYTHONPATH={shlex.quote(str(scratch))}"
+    card = f"{path} {shlex.quote(str(VSC))} ping --server {{endpoint}} --server-key {{fingerprint}} --count 2 --handshake-timeout 5"
+    args = ["--card", "--card-command", card, "--timeout", "60"]
+    if "--card-driver" in _help():
+        args += ["--card-driver", f"{path} {shlex.quote(sys.executable)} -m vsc.conformance.vscdriver {{action}} --dir {{dir}} "
+                                  "--endpoint {endpoint} --fingerprint {fingerprint} --serial {serial} --code {code}"]
+    results, _ = _harness(args, max(1.0, deadline - time.monotonic()))
     return results
 
 
