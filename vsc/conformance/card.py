@@ -72,7 +72,9 @@ def _misbehaving(scenario: str, key):
         raise ValueError(f"the harness has no server that misbehaves as {scenario!r}")
 
     def make():
-        c = server_channel(ChannelConfig(), key)
+        # the silent server must stay silent: its own handshake timer would otherwise close the channel (an
+        # alert the card obeys), and a card with no timer of its own would pass as refusing
+        c = server_channel(ChannelConfig(handshake_timeout=3600.0) if scenario == "silent" else ChannelConfig(), key)
         orig_receive = c.receive_frame
         orig_send = c.send
         plaintexts: list[bytes | None] = []
