@@ -79,6 +79,17 @@ def _ns_port_open(netns: Path, port: int) -> bool:
     return probe.returncode == 0
 
 
+#: the private network namespace of the stack that is up (other PC/SC test modules use it through the helpers)
+_NETNS: list[Path] = []
+
+
+def current_netns() -> Path:
+    """The private network namespace the PC/SC stack runs in (inside ``_private_network``)."""
+    if not _NETNS:
+        raise AssertionError("no private network namespace: run the PC/SC stack inside _private_network()")
+    return _NETNS[-1]
+
+
 @contextlib.contextmanager
 def _private_network():
     """A network namespace with only loopback up (``ip netns add``); its path; deleted afterwards."""
@@ -93,9 +104,17 @@ def _private_network():
         missing(f"cannot make a network namespace here: {made.stderr.strip()}")
     try:
         _run(["ip", "-n", name, "link", "set", "lo", "up"], timeout=20)
-        yield Path("/run/netns") / name
+        _NETNS.append(Path("/run/netns") / name)
+        yield _NETNS[-1]
     finally:
+        if _NETNS:
+            _NETNS.pop()
         _run(["ip", "netns", "delete", name], check=False, timeout=20)
+
+
+#: The name other PC/SC test modules know (it reserved vpcd's ports on the host): the private namespace now,
+#: where vpcd's ports are its own. Start their daemons through ``_in_netns(current_netns(), argv)``.
+_reserve_vpcd_ports = _private_network
 
 
 def _in_netns(netns: Path, argv: list) -> list[str]:
@@ -144,9 +163,9 @@ def _prerequisites() -> None:
 class Pcscd:
     """``pcscd -f`` started (and stopped) here, inside the private network namespace ``netns``."""
 
-    def __init__(self, log: Path, netns: Path):
+    def __init__(self, log: Path, netns: Path | None = None):
         self.log = log
-        self.netns = netns
+        self.netns = netns or current_netns()
         self.proc: subprocess.Popen | None = None
 
     def running(self) -> bool:
@@ -233,9 +252,10 @@ class _NetnsMachine(Machine):
         return _in_netns(self.netns, argv)
 
 
-def _stack(root, Cards, Servers, admin, init_data_dir, netns: Path):
+def _stack(root, Cards, Servers, admin, init_data_dir, netns: Path | None = None):
     from tests.servers import TWISTD
 
+    netns = netns or current_netns()
     pcscd = Pcscd(root / "pcscd.log", netns)
     pcscd.start()
     servers = Servers(root / "logs")
