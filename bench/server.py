@@ -398,7 +398,36 @@ def pg_cluster():
 # ---------------------------------------------------------------- data directories and cards
 
 
-def make_data_dir(base: Path, name: str, key_pem: bytes | None, database: str, key_bits: int) -> Path:
+#: The benchmarks' many simulated machines all connect from 127.0.0.1: that one source must not be admitted
+#: like a handshake flood (vsc.server.admission; tests/servers.py MANY_MACHINES). bench/flood.py floods on purpose
+#: with the defaults.
+MANY_MACHINES = {"handshakes_per_second": 100000, "handshake_burst": 100000,
+                 "max_unauthenticated_per_source": 100000, "max_unauthenticated": 100000,
+                 "max_pending_handshakes": 100000}
+
+
+def write_settings(data_dir: Path, settings: dict) -> None:
+    """``settings`` written into the [server] section of DIR/vsc-server.ini."""
+    import configparser
+
+    path = data_dir / "vsc-server.ini"
+    parser = configparser.ConfigParser()
+    parser.read(path)
+    for k, v in settings.items():
+        parser["server"][k] = str(v)
+    with open(path, "w") as f:
+        parser.write(f)
+
+
+def make_data_dir(base: Path, name: str, key_pem: bytes | None, database: str, key_bits: int,
+                  settings: dict | None = None) -> Path:
+    """A server data directory; ``settings`` (default MANY_MACHINES) written into its vsc-server.ini."""
+    d = _make_data_dir(base, name, key_pem, database, key_bits)
+    write_settings(d, MANY_MACHINES if settings is None else settings)
+    return d
+
+
+def _make_data_dir(base: Path, name: str, key_pem: bytes | None, database: str, key_bits: int) -> Path:
     from vsc.server import config
 
     d = base / name
