@@ -15,6 +15,7 @@ Pitfalls handled here once for every message:
 from __future__ import annotations
 
 import enum
+import io
 from typing import Any, ClassVar, Iterator, TypeVar
 
 import attrs
@@ -55,7 +56,24 @@ class MessageType(enum.IntEnum):
     PASSWORD_CHANGE = 0x35
 
 
-class _StrictEnum(c.Adapter):
+class _Emitted(c.Adapter):
+    """
+    An Adapter the construct compiler can inline: its subcon compiled, its own
+    ``_decode``/``_encode`` (the checks below) called as they are, so the
+    compiled schema raises exactly where the interpreted one does.
+    """
+
+    def _emitparse(self, code):
+        code.linkedinstances[id(self)] = self
+        return f"linkedinstances[{id(self)}]._decode({self.subcon._compileparse(code)}, this, '(compiled)')"
+
+    def _emitbuild(self, code):
+        code.linkedinstances[id(self)] = self
+        return (f"reuse(linkedinstances[{id(self)}]._encode(obj, this, '(compiled)'), "
+                f"lambda obj: ({self.subcon._compilebuild(code)}))")
+
+
+class _StrictEnum(_Emitted):
     def __init__(self, subcon: c.Construct, enum_type: type[enum.IntEnum]):
         super().__init__(subcon)
         self.enum_type = enum_type
@@ -80,7 +98,7 @@ def StrictEnum(subcon: c.Construct, enum_type: type[enum.IntEnum]) -> c.Construc
     return _StrictEnum(subcon, enum_type)
 
 
-class _Bounded(c.Adapter):
+class _Bounded(_Emitted):
     def __init__(self, subcon: c.Construct, minimum: int, maximum: int, what: str):
         super().__init__(subcon)
         self.minimum, self.maximum, self.what = minimum, maximum, what
@@ -126,7 +144,7 @@ def Array(countfield: c.Construct, item: c.Construct, maximum: int, minimum: int
     return _Bounded(c.PrefixedArray(countfield, item), minimum, maximum, what)
 
 
-class _Utf8(c.Adapter):
+class _Utf8(_Emitted):
     def _decode(self, obj: bytes, context: Any, path: str) -> str:
         try:
             return obj.decode("utf-8")
@@ -142,7 +160,7 @@ def Text(lenfield: c.Construct, maximum: int, minimum: int = 0, what: str = "tex
     return _Utf8(Bytes(lenfield, maximum, minimum, what))
 
 
-class _Nested(c.Adapter):
+class _Nested(_Emitted):
     def __init__(self, cls: type, subcon: c.Construct):
         super().__init__(subcon)
         self.cls = cls
@@ -159,7 +177,7 @@ def Nested(cls: type, *fields: c.Construct) -> c.Construct:
     return _Nested(cls, c.Struct(*fields))
 
 
-class _StrictFlag(c.Adapter):
+class _StrictFlag(_Emitted):
     """A boolean byte that must be 0 or 1 (``c.Flag`` reads any non-zero as
     true, so two encodings would decode to the same value)."""
 
@@ -176,6 +194,77 @@ class _StrictFlag(c.Adapter):
 
 Flag = _StrictFlag(c.Int8ub)
 U8, U16, U32, U64 = c.Int8ub, c.Int16ub, c.Int32ub, c.Int64ub
+
+
+class _StrictIO(io.BytesIO):
+    """A BytesIO whose ``read(n)`` raises StreamError when fewer than ``n`` bytes are left, as construct's
+    interpreted ``stream_read`` does (the compiler's generated code calls ``io.read(n)`` and would take a
+    short read)."""
+
+    def at_end(self) -> bool:
+        return self.tell() >= len(self.getbuffer())
+
+    def read(self, n: int | None = -1) -> bytes:
+        data = super().read(n)
+        if n is not None and n >= 0 and len(data) != n:
+            raise c.StreamError(f"stream read less than specified amount, expected {n}, found {len(data)}")
+        return data
+
+
+class _Terminated(type(c.Terminated)):  # type: ignore[misc]
+    """``c.Terminated`` that the construct compiler inlines: the end of input is checked without a read."""
+
+    def _emitparse(self, code):
+        code.linkedinstances[id(self)] = self
+        return f"(None if io.at_end() else linkedinstances[{id(self)}]._parse(io, this, '(compiled)'))"
+
+    def _emitbuild(self, code):
+        return "obj"
+
+
+Terminated = _Terminated()
+
+
+class Fast:
+    """
+    A schema and its compiled twin (``Construct.compile()``: generated Python,
+    several times faster), compiled on first use (importing stays cheap for a
+    short-lived command). The compiled one runs first; if it raises anything,
+    the interpreted schema runs on the same input, so every error is exactly
+    the interpreted schema's (its class, path and message), and a value or
+    byte string comes out only if the interpreted schema agrees it is valid
+    (tests/test_wire.py checks both on every sample, truncation and mutation).
+    A schema that does not compile is used as it is.
+    """
+
+    __slots__ = ("schema", "_compiled")
+
+    def __init__(self, schema: c.Construct):
+        self.schema = schema
+        self._compiled: c.Construct | None = None
+
+    @property
+    def compiled(self) -> c.Construct:
+        if self._compiled is None:
+            try:
+                compiled = self.schema.compile()
+                compiled.module.BytesIO = _StrictIO  # its substreams (Prefixed) read strictly too
+            except Exception:  # noqa: BLE001 - a construct the compiler cannot emit: interpreted only
+                compiled = self.schema
+            self._compiled = compiled
+        return self._compiled
+
+    def parse(self, data: bytes) -> Any:
+        try:
+            return (self._compiled or self.compiled).parse_stream(_StrictIO(data))
+        except Exception:  # noqa: BLE001 - the interpreted schema says what is wrong
+            return self.schema.parse(data)
+
+    def build(self, obj: Any) -> bytes:
+        try:
+            return (self._compiled or self.compiled).build(obj)
+        except Exception:  # noqa: BLE001 - the interpreted schema says what is wrong
+            return self.schema.build(obj)
 
 
 # ---------------------------------------------------------------- frames
@@ -199,7 +288,7 @@ def parse_header(data: bytes) -> FrameHeader:
     """Parse the 8-byte frame header and check magic and version (not type)."""
     if len(data) < HEADER_SIZE:
         raise WireError(ErrorCode.MALFORMED, f"frame header needs {HEADER_SIZE} bytes, got {len(data)}")
-    h = FrameHeaderSchema.parse(data[:HEADER_SIZE])
+    h = _Header.parse(data[:HEADER_SIZE])
     if h.magic != MAGIC:
         raise WireError(ErrorCode.MALFORMED, f"bad magic {h.magic!r}, expected {MAGIC!r}")
     if h.version != PROTOCOL_VERSION:
@@ -210,10 +299,13 @@ def parse_header(data: bytes) -> FrameHeader:
     return FrameHeader(type=h.type, length=h.length, version=h.version)
 
 
+_Header = Fast(FrameHeaderSchema)
+
+
 def build_header(msg_type: int, length: int) -> bytes:
     if length > MAX_FRAME_BODY:
         raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame body of {length} bytes exceeds {MAX_FRAME_BODY}")
-    return FrameHeaderSchema.build(dict(magic=MAGIC, version=PROTOCOL_VERSION, type=msg_type, length=length))
+    return _Header.build(dict(magic=MAGIC, version=PROTOCOL_VERSION, type=msg_type, length=length))
 
 
 class Deframer:
@@ -277,7 +369,8 @@ class Message:
 def register(cls: type[M]) -> type[M]:
     if cls.TYPE in _REGISTRY:
         raise RuntimeError(f"message type {cls.TYPE!r} registered twice")
-    cls._TERMINATED = c.Struct(*cls.SCHEMA.subcons, c.Terminated)  # type: ignore[attr-defined]
+    cls._TERMINATED = c.Struct(*cls.SCHEMA.subcons, Terminated)  # type: ignore[attr-defined]
+    cls._FAST = Fast(cls._TERMINATED)  # type: ignore[attr-defined]
     _REGISTRY[cls.TYPE] = cls
     return cls
 
@@ -292,7 +385,7 @@ def _fields(msg: Message) -> dict[str, Any]:
 
 def encode_body(msg: Message) -> bytes:
     try:
-        return type(msg)._TERMINATED.build(_fields(msg))  # type: ignore[attr-defined]
+        return type(msg)._FAST.build(_fields(msg))  # type: ignore[attr-defined]
     except c.ConstructError as e:
         raise WireError(ErrorCode.MALFORMED, f"cannot encode {type(msg).__name__}: {_explain(e)}") from None
 
@@ -304,7 +397,7 @@ def decode_body(msg_type: int, body: bytes) -> Message:
     except (ValueError, KeyError):
         raise WireError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type:#04x}") from None
     try:
-        parsed = cls._TERMINATED.parse(body)  # type: ignore[attr-defined]
+        parsed = cls._FAST.parse(body)  # type: ignore[attr-defined]
     except c.TerminatedError:
         raise WireError(ErrorCode.MALFORMED, f"{cls.__name__}: trailing bytes after the last field") from None
     except c.StreamError:
@@ -347,18 +440,19 @@ def decode_frame(frame: bytes, max_body: int = MAX_FRAME_BODY) -> Message:
 
 # Inner plaintext of a sealed record: one type byte, then the message body.
 InnerSchema = c.Struct("type" / U8, "body" / c.GreedyBytes)
+_Inner = Fast(InnerSchema)
 
 
 def encode_inner(msg: Message) -> bytes:
     if not msg.INNER:
         raise WireError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} cannot travel inside a record")
-    return InnerSchema.build(dict(type=msg.TYPE, body=encode_body(msg)))
+    return _Inner.build(dict(type=msg.TYPE, body=encode_body(msg)))
 
 
 def decode_inner(plaintext: bytes) -> Message:
     if not plaintext:
         raise WireError(ErrorCode.MALFORMED, "empty record plaintext")
-    inner = InnerSchema.parse(plaintext)
+    inner = _Inner.parse(plaintext)
     msg = decode_body(inner.type, inner.body)
     if not msg.INNER:
         raise WireError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} is not valid inside a record")
