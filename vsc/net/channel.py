@@ -70,6 +70,10 @@ class ChannelProtocol(FrameReceiver):
     """One end of a protected channel over any stream transport."""
 
     log = Logger()
+    #: Emit the per-handshake debug event ("channel ... established"). Off by default: twistd drops debug
+    #: events only after building them (a Logger per access, the event, the publisher), which cost about
+    #: as much per handshake as the rest of the glue; turn on (on the class) to trace handshakes.
+    debug_events = False
 
     def __init__(self, channel: Channel, clock: IReactorTime):
         self.channel = channel
@@ -184,7 +188,7 @@ class ChannelProtocol(FrameReceiver):
                 peer=self.peer,
                 suite=info.suite.label,
             )
-        else:
+        elif self.debug_events:
             self.log.debug("channel with {peer} established: {suite}", peer=self.peer, suite=info.suite.label)
         waiting, self._established = self._established, []
         for d in waiting:

@@ -51,8 +51,6 @@ class PoolService(service.Service):
 
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
-    from twisted.python.threadpool import ThreadPool
-
     from vsc.protocol.auth import load_master_key
     from vsc.server.policy import Policy
     import attrs
@@ -61,6 +59,7 @@ def makeService(options: Options) -> service.IService:
     from vsc.server.service import Backend, server_factory
     from vsc.server.settings import SettingError, override
     from vsc.server.store import Store, StoreError
+    from vsc.server.workers import WorkerPool
 
     try:
         cfg = server_config.load(options["data-dir"])
@@ -86,11 +85,11 @@ def makeService(options: Options) -> service.IService:
             raise SystemExit(2)
     descriptors = raise_fd_limit()
     top = service.MultiService()
-    pool = ThreadPool(minthreads=1, maxthreads=settings["threads"], name="vsc-db")
+    pool = WorkerPool(settings["threads"], "vsc-db")
     PoolService(pool, store).setServiceParent(top)
     limits = AdmissionLimits(**{f.name: settings[f.name] for f in attrs.fields(AdmissionLimits)})
     limits = fit_to_descriptors(limits, descriptors)
-    rsa_pool = ThreadPool(minthreads=1, maxthreads=limits.handshake_threads, name="vsc-rsa")
+    rsa_pool = WorkerPool(limits.handshake_threads, "vsc-rsa")
     PoolService(rsa_pool, None).setServiceParent(top)
     admission = Admission(limits, reactor.seconds, reactor, rsa_pool)
     backend = Backend(reactor, store, pool)
