@@ -33,6 +33,7 @@ import attrs
 from automat import NoTransition, TypeMachineBuilder
 
 from vsc import crypto
+from vsc.protocol.machines import indexed
 from vsc.protocol.suites import (
     INSECURE_SUITES,
     ChannelConfig,
@@ -544,8 +545,8 @@ def _build_card():
     return b.build()
 
 
-_ServerMachine = _build_server()
-_CardMachine = _build_card()
+_ServerMachine = indexed(_build_server())
+_CardMachine = indexed(_build_card())
 
 
 # ---------------------------------------------------------------- wrapper

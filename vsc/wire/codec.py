@@ -254,17 +254,33 @@ class Fast:
             self._compiled = compiled
         return self._compiled
 
+    # The compiled functions are called directly with the top-level context construct's parse_stream and
+    # build_stream would make (a Container of _parsing, _building, _sizing and _params = itself): those
+    # wrappers cost about as much as the generated code.
+
     def parse(self, data: bytes) -> Any:
-        try:
-            return (self._compiled or self.compiled).parse_stream(_StrictIO(data))
-        except Exception:  # noqa: BLE001 - the interpreted schema says what is wrong
-            return self.schema.parse(data)
+        compiled = self._compiled or self.compiled
+        if compiled is not self.schema:
+            try:
+                context = c.Container(_parsing=True, _building=False, _sizing=False)
+                context["_params"] = context
+                return compiled.parsefunc(_StrictIO(data), context)
+            except Exception:  # noqa: BLE001 - the interpreted schema says what is wrong
+                pass
+        return self.schema.parse(data)
 
     def build(self, obj: Any) -> bytes:
-        try:
-            return (self._compiled or self.compiled).build(obj)
-        except Exception:  # noqa: BLE001 - the interpreted schema says what is wrong
-            return self.schema.build(obj)
+        compiled = self._compiled or self.compiled
+        if compiled is not self.schema:
+            try:
+                context = c.Container(_parsing=False, _building=True, _sizing=False)
+                context["_params"] = context
+                stream = io.BytesIO()
+                compiled.buildfunc(obj, stream, context)
+                return stream.getvalue()
+            except Exception:  # noqa: BLE001 - the interpreted schema says what is wrong
+                pass
+        return self.schema.build(obj)
 
 
 # ---------------------------------------------------------------- frames
