@@ -324,6 +324,44 @@ async def _echo_per_second(reactor, endpoint, fp, suite, forward_secret, size, b
     return statistics.median(rates)
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds (/proc; clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure_wall_cpu(reactor, endpoint, fp, server_pid: int, count: int) -> dict:
+    """
+    ``count`` sequential handshakes on an idle loopback (connect + the Figure 7
+    handshake with the default card settings, X25519 on + close, one at a
+    time, 5 ms apart): the median wall time of one, and the CPU time both
+    ends spent per handshake over the same span — this process (the card
+    side: ``time.process_time``) and the server process (/proc). A wall time
+    much above the CPU time is a stall (Nagle + delayed ACK, a timer).
+    """
+    from twisted.internet import task
+
+    from vsc.card.connect import connect
+
+    for _ in range(3):  # warm up
+        (await connect(reactor, endpoint, fp)).closeChannel()
+    walls = []
+    server0, card0 = _proc_cpu_s(server_pid), time.process_time()
+    for _ in range(count):
+        t0 = time.perf_counter()
+        proto = await connect(reactor, endpoint, fp)
+        proto.closeChannel()
+        walls.append(time.perf_counter() - t0)
+        await task.deferLater(reactor, 0.005, lambda: None)  # let the close finish: the next one starts idle
+    server_cpu = (_proc_cpu_s(server_pid) - server0) / count
+    card_cpu = (time.process_time() - card0) / count
+    walls.sort()
+    return {"count": count, "wall_ms": statistics.median(walls) * 1000, "wall_p90_ms": walls[int(0.9 * count)] * 1000,
+            "server_cpu_ms": server_cpu * 1000, "card_cpu_ms": card_cpu * 1000,
+            "ratio": statistics.median(walls) / (server_cpu + card_cpu) if server_cpu + card_cpu > 0 else None}
+
+
 async def measure_tcp(reactor, endpoint, fp, budget: float, progress) -> dict:
     out = {}
     for suite in suites():
