@@ -627,3 +627,25 @@ def test_the_handshake_and_operation_layouts_compile_and_agree():
             if compiled[0] == "ok":
                 assert interpreted[0] == "ok" and _public(compiled[1]) == _public(interpreted[1])
             assert _outcome(fast.parse, variant)[0] == interpreted[0]
+
+
+def test_struct_twins_give_the_schemas_bytes():
+    """The header, inner-record and AAD/sequence fast paths give exactly the construct schemas' bytes and values."""
+    from vsc.wire.codec import FrameHeaderSchema, InnerSchema, RecordAADSchema, record_aad, seq_bytes
+
+    for mtype, length in ((0, 0), (0x10, 5), (0xFF, MAX_FRAME_BODY)):
+        data = build_header(mtype, length)
+        assert data == FrameHeaderSchema.build(dict(magic=b"VS", version=PROTOCOL_VERSION, type=mtype, length=length))
+        h = parse_header(data)
+        assert (h.type, h.length, h.version) == (mtype, length, PROTOCOL_VERSION)
+    for direction, seq in ((0, 0), (1, 7), (255, (1 << 64) - 1)):
+        assert record_aad(direction, seq) == RecordAADSchema.build(dict(direction=direction, seq=seq))
+        assert seq_bytes(seq) == struct.pack(">Q", seq)
+    for msg in INNER_SAMPLES:
+        data = encode_inner(msg)
+        assert data == InnerSchema.build(dict(type=msg.TYPE, body=encode_body(msg)))
+        assert decode_inner(data) == msg
+    with pytest.raises(Exception):
+        seq_bytes(1 << 64)
+    with pytest.raises(Exception):
+        record_aad(256, 0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import io
+import struct
 from typing import Any, ClassVar, Iterator, TypeVar
 
 import attrs
@@ -304,23 +305,29 @@ def parse_header(data: bytes) -> FrameHeader:
     """Parse the 8-byte frame header and check magic and version (not type)."""
     if len(data) < HEADER_SIZE:
         raise WireError(ErrorCode.MALFORMED, f"frame header needs {HEADER_SIZE} bytes, got {len(data)}")
-    h = _Header.parse(data[:HEADER_SIZE])
-    if h.magic != MAGIC:
-        raise WireError(ErrorCode.MALFORMED, f"bad magic {h.magic!r}, expected {MAGIC!r}")
-    if h.version != PROTOCOL_VERSION:
+    magic, version, msg_type, length = _HEADER.unpack_from(data)  # FrameHeaderSchema's layout (fixed size)
+    if magic != MAGIC:
+        raise WireError(ErrorCode.MALFORMED, f"bad magic {magic!r}, expected {MAGIC!r}")
+    if version != PROTOCOL_VERSION:
         raise WireError(
             ErrorCode.PROTOCOL_VERSION,
-            f"protocol version {h.version}, this implementation speaks {PROTOCOL_VERSION}",
+            f"protocol version {version}, this implementation speaks {PROTOCOL_VERSION}",
         )
-    return FrameHeader(type=h.type, length=h.length, version=h.version)
+    return FrameHeader(type=msg_type, length=length, version=version)
 
 
+# The fixed-size layouts of every frame and record, as struct twins of their construct schemas (the schemas stay
+# the specification; tests/test_wire.py checks that each twin gives the schema's bytes). Used only where every
+# value is in range; anything else goes through the schema and raises its error.
+_HEADER = struct.Struct(">2sBBI")  # FrameHeaderSchema
 _Header = Fast(FrameHeaderSchema)
 
 
 def build_header(msg_type: int, length: int) -> bytes:
     if length > MAX_FRAME_BODY:
         raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame body of {length} bytes exceeds {MAX_FRAME_BODY}")
+    if 0 <= msg_type <= 0xFF and 0 <= length:
+        return _HEADER.pack(MAGIC, PROTOCOL_VERSION, msg_type, length)
     return _Header.build(dict(magic=MAGIC, version=PROTOCOL_VERSION, type=msg_type, length=length))
 
 
@@ -462,14 +469,13 @@ _Inner = Fast(InnerSchema)
 def encode_inner(msg: Message) -> bytes:
     if not msg.INNER:
         raise WireError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} cannot travel inside a record")
-    return _Inner.build(dict(type=msg.TYPE, body=encode_body(msg)))
+    return bytes((msg.TYPE,)) + encode_body(msg)  # InnerSchema: the type byte, then the body (TYPE < 256)
 
 
 def decode_inner(plaintext: bytes) -> Message:
     if not plaintext:
         raise WireError(ErrorCode.MALFORMED, "empty record plaintext")
-    inner = _Inner.parse(plaintext)
-    msg = decode_body(inner.type, inner.body)
+    msg = decode_body(plaintext[0], plaintext[1:])  # InnerSchema: the type byte, then the body
     if not msg.INNER:
         raise WireError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} is not valid inside a record")
     return msg
@@ -492,10 +498,19 @@ _RecordAAD = RecordAADSchema.compile()  # same bytes, ~3x faster on the record p
 _U64 = U64.compile()
 
 
+_AAD = struct.Struct(">2sBBBQ")  # RecordAADSchema
+_SEQ = struct.Struct(">Q")  # U64
+_RECORD = int(MessageType.RECORD)
+
+
 def record_aad(direction: int, seq: int) -> bytes:
+    if 0 <= direction <= 0xFF and 0 <= seq < 1 << 64:
+        return _AAD.pack(MAGIC, PROTOCOL_VERSION, _RECORD, direction, seq)
     return _RecordAAD.build(dict(direction=direction, seq=seq))
 
 
 def seq_bytes(seq: int) -> bytes:
     """The 8-byte big-endian sequence number used in AEAD nonces."""
+    if 0 <= seq < 1 << 64:
+        return _SEQ.pack(seq)
     return _U64.build(seq)
