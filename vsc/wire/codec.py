@@ -70,8 +70,16 @@ class _Emitted(c.Adapter):
 
     def _emitbuild(self, code):
         code.linkedinstances[id(self)] = self
-        return (f"reuse(linkedinstances[{id(self)}]._encode(obj, this, '(compiled)'), "
-                f"lambda obj: ({self.subcon._compilebuild(code)}))")
+        sub = self.subcon
+        if isinstance(sub, c.Prefixed) and sub.subcon is c.GreedyBytes and not sub.includelength \
+                and isinstance(sub.lengthfield, c.FormatField):
+            # Prefixed(lengthfield, GreedyBytes) has no compiled build: the length, then the bytes (a value
+            # that is not bytes fails here and the interpreted schema reports it)
+            inner = (f"(reuse(len(obj), lambda obj: ({sub.lengthfield._compilebuild(code)})), "
+                     f"io.write(obj if isinstance(obj, bytes) else b''[obj]), obj)[2]")
+        else:
+            inner = sub._compilebuild(code)
+        return f"reuse(linkedinstances[{id(self)}]._encode(obj, this, '(compiled)'), lambda obj: ({inner}))"
 
 
 class _StrictEnum(_Emitted):
