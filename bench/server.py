@@ -380,7 +380,12 @@ class ServerProcess(VscServer):
         super().__init__(data_dir, log_path, 0, launcher=launcher, env=env)
         self.spawn()
 
-    def wait_port(self, timeout: float = 30.0) -> int:
+    def wait_port(self, *args, **kw) -> int:
+        """``wait_port([timeout])``: wait until listening, return the port. (VscServer's own ``wait_port(port,
+        timeout)``, which ``wait_listening`` calls on a restart, is passed through.)"""
+        if len(args) + len(kw) >= 2 or "port" in kw:
+            return super().wait_port(*args, **kw)
+        timeout = args[0] if args else kw.get("timeout", 30.0)
         try:
             self.wait_listening(timeout)
         except ProcessFailed as e:

@@ -95,8 +95,22 @@ def makeService(options: Options) -> service.IService:
     backend = Backend(reactor, store, pool)
     factory = server_factory(cfg.channel, key, reactor, backend=backend, ops_policy=policy.ops(), master=master,
                              admission=admission)
-    strports.service(listen, factory).setServiceParent(top)
+    strports.service(with_backlog(listen), factory).setServiceParent(top)
     return top
+
+
+#: The listen queue a TCP or SSL endpoint gets unless its description names one (the kernel caps it at
+#: net.core.somaxconn). Twisted's default is 50: when every in-use card reconnects at once after a restart,
+#: connections beyond the queue are left half-open, and those cards wait out their handshake timeout (30 s).
+LISTEN_BACKLOG = 4096
+
+
+def with_backlog(listen: str) -> str:
+    """``listen`` with ``:backlog=LISTEN_BACKLOG`` added to a tcp/ssl/tcp6 endpoint that names none."""
+    kind = listen.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in listen:
+        return f"{listen}:backlog={LISTEN_BACKLOG}"
+    return listen
 
 
 #: descriptors kept for everything but unauthenticated connections: authenticated cards, the database, logs, threads
