@@ -359,6 +359,14 @@ def _common(builder, established, closed, states, direction: int) -> None:
 # ---------------------------------------------------------------- server
 
 
+def _forget_handshake(core: ChannelCore) -> None:
+    """Once both finished MACs are checked, the handshake's frames, Hello and X25519 key are never read again:
+    drop them (about a kilobyte per open channel; a server holds thousands)."""
+    core.hello_frame = core.key_transport_frame = b""
+    core.hello = None
+    core.ephemeral = None
+
+
 def _build_server():
     b = TypeMachineBuilder(ChannelInputs, ChannelCore)
     initial = b.state("initial")
@@ -444,6 +452,7 @@ def _build_server():
         core.emit(CancelTimer())
         assert core.private_key is not None
         core.confirmed = True
+        _forget_handshake(core)
         if core.idle_timeout > 0:
             core.emit(SetTimer(core.idle_timeout))
         core.emit(
@@ -536,6 +545,7 @@ def _build_card():
         core.keys = keys
         core.confirmed = True
         core.send_frame(ClientFinished(mac=keys.client_mac()))
+        _forget_handshake(core)
         core.emit(CancelTimer())
         if core.idle_timeout > 0:
             core.emit(SetTimer(core.idle_timeout))
