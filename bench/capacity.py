@@ -55,6 +55,11 @@ used by the server and the clients (from /proc) and how busy the whole
 machine was are reported per step, to tell "the server is out of CPU" from
 "the machine is shared". Every process started here is stopped in a
 ``finally``; the temporary directory is deleted unless ``--keep``.
+
+After the last step the server is restarted and every card reconnects at
+once (the reconnect storm: ATTACH with the insert secret, polls meanwhile).
+``BENCH_TRACEMALLOC=FILE`` makes the server write its largest allocations by
+traceback to FILE every 10 s (slow: for finding what a card costs in memory).
 """
 
 from __future__ import annotations
@@ -146,6 +151,24 @@ def twistd_main(argv: list[str]) -> None:
     print(f"capacity wrapper: RLIMIT_NOFILE {soft}/{hard}", flush=True)
     from twisted.scripts.twistd import run
 
+    dump = os.environ.get("BENCH_TRACEMALLOC")  # a file: the server's allocations by traceback, every 10 s
+    if dump:
+        import tracemalloc
+
+        from twisted.internet import reactor, task
+
+        def write() -> None:
+            stats = tracemalloc.take_snapshot().statistics("traceback")
+            with open(dump, "w") as f:
+                for st in stats[:40]:
+                    f.write(f"{st.size / 1024:10.0f} KiB {st.count:8d}  " + " <- ".join(
+                        line.strip() for line in reversed(st.traceback.format()[-6:]) if line.strip()
+                        and not line.strip().startswith("File")) + "\n")
+                    f.write("      " + str(st.traceback[-1]) + "\n")
+
+        tracemalloc.start(6)
+        task.LoopingCall(write).start(10.0, now=False)
+        del reactor
     sys.argv = ["twistd", *argv]
     run()
 
@@ -427,6 +450,9 @@ def enrol_fast(url: str, serials: list[str], password: str, log2_n: int) -> str:
     from vsc.wire.ops import Status
 
     store = Store(url, time.time)
+    # set-up speed: the look-alike check of a new serial against every existing one (vsc.protocol.serials) is
+    # quadratic in the number of cards; these serials are ASCII "cap-NNNNN"/"probe-NNNNN", distinct by design
+    store._refuse_new_serial = lambda cur, serial: None
     try:
         store.migrate()
         store._conn().execute("PRAGMA synchronous=OFF")  # this connection only: set-up speed
@@ -518,8 +544,14 @@ def run(quick: bool = False, steps: tuple[int, ...] | None = None, budget: float
 
     clients = clients or (2 if quick else CLIENTS)
     steps = tuple(steps or (STEPS_QUICK if quick else STEPS_FULL))
-    if not quick and max(steps) > 10_000 and raise_nofile()[0] < max(steps) + 1024:
-        steps = tuple(s for s in steps if s <= 10_000)  # the open-file limit does not allow more
+    nofile_note = None
+    if max(steps) > 10_000 and raise_nofile()[0] < max(steps) + 1024:
+        # the open-file limit does not allow the top step: the largest thousand it does, if above 10,000
+        fit = (raise_nofile()[0] - 1024) // 1000 * 1000
+        nofile_note = (f"{max(steps):,} cards need {max(steps) + 1024:,} descriptors per process; RLIMIT_NOFILE "
+                       f"allows {raise_nofile()[0]:,} (hard limit), so the top step is {fit:,}" if fit > 10_000 else
+                       f"{max(steps):,} cards need more descriptors than RLIMIT_NOFILE allows ({raise_nofile()[0]:,})")
+        steps = tuple(s for s in steps if s <= 10_000) + ((fit,) if fit > 10_000 else ())
     budget = budget if budget is not None else (40.0 if quick else BUDGET_FULL)
     poll = poll if poll is not None else (3.0 if quick else 5.0)
     probes = probes if probes is not None else (10 if quick else 40)
@@ -529,6 +561,7 @@ def run(quick: bool = False, steps: tuple[int, ...] | None = None, budget: float
     server = None
     workers: list[CapacityWorker] = []
     res: dict = {"steps_planned": list(steps), "budget_s": budget, "poll_s": poll, "clients": clients,
+                 "nofile_note": nofile_note,
                  "probes_per_step": probes, "key_bits": KEY_BITS, "rows": [], "stopped": None,
                  "fsync_per_s": None}
     try:
@@ -767,6 +800,8 @@ def report(res: dict) -> str:
         lines.append(f"Arithmetic, not a measurement: at {per:.1f} KiB per card, 10,000 cards in use would add about "
                      f"{per * 10000 / 1024:.0f} MiB to the server's RSS, and need 10,000 of its "
                      f"{res.get('server_nofile', '?').split('/')[0]} file descriptors.")
+    if res.get("nofile_note"):
+        lines.append(f"20,000 cards: {res['nofile_note']}.")
     for r in rows_:
         if r.get("poll_cpu_ms") is not None:
             lines.append(f"{r['open']:,} cards, polls alone ({r['quiet_s']:.1f} s, no insert): the server used "
