@@ -132,17 +132,17 @@ def part_floor(quick: bool) -> dict:
     for bits in (3072, 2048):
         key = crypto.RSAPrivateKey.generate(bits)
         ct = key.public_key().oaep_encrypt(os.urandom(128), os.urandom)
-        out[f"rsa{bits}_decrypt"] = rate(lambda: key.oaep_decrypt(ct), budget)
+        out[f"rsa{bits}_decrypt"] = rate(lambda: key.oaep_decrypt(ct), budget, cpu=True)
     for kind in (crypto.KEY_RSA2048, crypto.KEY_P256):
         der = crypto.generate_private_der(kind)
         handle = crypto.PrivateKeyHandle(der)
-        out[f"{kind}_sign"] = rate(lambda: handle.sign_digest(digest), budget)
+        out[f"{kind}_sign"] = rate(lambda: handle.sign_digest(digest), budget, cpu=True)
 
         def load_sign() -> None:
             with crypto.PrivateKeyHandle(der) as h:
                 h.sign_digest(digest)
 
-        out[f"{kind}_load_sign"] = rate(load_sign, budget)
+        out[f"{kind}_load_sign"] = rate(load_sign, budget, cpu=True)
     piv = bench_crypto.piv_rates(budget)
     out["piv_rsa2048_pkcs1_load"] = piv["piv_pkcs1_load"]
     out["piv_rsa2048_pss_load"] = piv["piv_pss_load"]
@@ -250,7 +250,7 @@ def part_cycles(quick: bool) -> dict:
         for w in workers:
             w.wait_ready()
         ct = key.public_key().oaep_encrypt(os.urandom(64), os.urandom)
-        out["rsa3072_decrypt"] = bs.rate(lambda: key.oaep_decrypt(ct), floor_budget)
+        out["rsa3072_decrypt"] = bs.rate(lambda: key.oaep_decrypt(ct), floor_budget, cpu=True)
         out["fsync_per_s"] = bs.fsync_rate(base, 0.5 if quick else 1.0)
         for backend in ("sqlite", "postgresql"):
             if backend == "sqlite":

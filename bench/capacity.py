@@ -489,7 +489,7 @@ def reconnect_storm(server, workers, cards: int, t_end: float, poll: float, prog
 
     key = config.load(server.data_dir).load_key()
     ct = key.public_key().oaep_encrypt(os.urandom(64), os.urandom)
-    rsa = bserver.rate(lambda: key.oaep_decrypt(ct), 0.5)
+    rsa = bserver.rate(lambda: key.oaep_decrypt(ct), 0.5, cpu=True)
     progress(f"  capacity: restarting the server with {cards:,} cards in use...")
     t0 = time.monotonic()
     server.stop()
