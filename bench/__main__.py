@@ -868,6 +868,9 @@ def document(results: dict, facts: dict, command: str, quick: bool, started: str
         ]
     lines += ["", "## 7. A one-source handshake flood (issue 11)", "",
               *section_flood(results.get("flood", {"error": "skipped"}))]
+    profile = Path(__file__).resolve().parent / "profile.md"
+    if profile.exists():  # prose, kept beside the generator (not a figure of this run)
+        lines += ["", "## Profile: where the server's time goes (py-spy, issue 15)", "", profile.read_text().rstrip()]
     lines += [
         "",
         "## Run times",
