@@ -402,6 +402,7 @@ def register(cls: type[M]) -> type[M]:
         raise RuntimeError(f"message type {cls.TYPE!r} registered twice")
     cls._TERMINATED = c.Struct(*cls.SCHEMA.subcons, Terminated)  # type: ignore[attr-defined]
     cls._FAST = Fast(cls._TERMINATED)  # type: ignore[attr-defined]
+    cls._NAMES = tuple(f.name for f in attrs.fields(cls))  # type: ignore[attr-defined]  # (attrs.fields is slow)
     _REGISTRY[cls.TYPE] = cls
     return cls
 
@@ -411,7 +412,8 @@ def registry() -> dict[MessageType, type[Message]]:
 
 
 def _fields(msg: Message) -> dict[str, Any]:
-    return {f.name: getattr(msg, f.name) for f in attrs.fields(type(msg))}
+    names = getattr(type(msg), "_NAMES", None) or tuple(f.name for f in attrs.fields(type(msg)))
+    return {name: getattr(msg, name) for name in names}
 
 
 def encode_body(msg: Message) -> bytes:
@@ -436,7 +438,7 @@ def decode_body(msg_type: int, body: bytes) -> Message:
     except c.ConstructError as e:
         raise WireError(ErrorCode.MALFORMED, f"{cls.__name__}: {_explain(e)}") from None
     try:
-        return cls(**{f.name: parsed[f.name] for f in attrs.fields(cls)})  # type: ignore[call-arg]
+        return cls(**{name: parsed[name] for name in cls._NAMES})  # type: ignore[call-arg, attr-defined]
     except (TypeError, ValueError) as e:
         raise WireError(ErrorCode.MALFORMED, f"{cls.__name__}: {e}") from None
 
