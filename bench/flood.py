@@ -10,8 +10,10 @@ Set-up. One real ``twistd -n vsc-server`` with its DEFAULT admission settings
 (vsc/server/admission.py: 20 handshakes/s per source, bursts of 40, 64
 pending, 2 RSA threads) and the default RSA-3072 key; two cards, "owner" and
 "live", enrolled through the Store API. The live card inserts once and keeps
-its channel open, polling (a sealed EchoRequest) every 20 ms; the owner
-measures connect + handshake + insert, then removes, a few times.
+its channel open, polling (a sealed EchoRequest) every 20 ms; meanwhile the
+owner measures connect + handshake + insert, then removes, a few times —
+the same in the unloaded phase and in the flooded one (one process does
+both, so the owner's client work delays some polls alike in both).
 
 The flood. A process of its own (``--flooder``) binds 127.0.0.2 (the owner and
 the live card use 127.0.0.1) and starts new handshakes at the rate at which
@@ -192,12 +194,19 @@ async def _measure(reactor, server, fp, rsa_rate, flood_s, inserts, unloaded_pol
             await sleep(POLL_EVERY)
         return out
 
+    async def phase(seconds: float) -> tuple[list[float], list[float]]:
+        """The live card polls for ``seconds`` while the owner inserts ``inserts`` times, spread over them (the
+        same in both phases: the polls share this process's reactor with the owner's inserts)."""
+        polls_d = defer.ensureDeferred(polls(seconds))
+        done = []
+        gap = max(0.1, seconds / inserts - 0.2)
+        for _ in range(inserts):
+            done.append(await owner_insert())
+            await sleep(gap)
+        return done, await polls_d
+
     await owner_insert()  # warm-up
-    inserts_unloaded = []
-    for _ in range(inserts):
-        inserts_unloaded.append(await owner_insert())
-        await sleep(0.2)
-    polls_unloaded = await polls(unloaded_polls_s)
+    inserts_unloaded, polls_unloaded = await phase(flood_s - 3.0)
 
     flood_endpoint = f"tcp:host=127.0.0.1:port={server.port}:bindAddress={FLOOD_SOURCE}"
     progress(f"  flood: {rsa_rate:.0f} handshakes/s offered from {FLOOD_SOURCE} for {flood_s:g} s...")
@@ -206,13 +215,7 @@ async def _measure(reactor, server, fp, rsa_rate, flood_s, inserts, unloaded_pol
          f"{flood_s:g}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT))
     try:
         await sleep(1.5)
-        polls_d = defer.ensureDeferred(polls(flood_s - 3.0))
-        inserts_flooded = []
-        gap = max(0.1, (flood_s - 4.0) / inserts - 0.2)
-        for _ in range(inserts):
-            inserts_flooded.append(await owner_insert())
-            await sleep(gap)
-        polls_flooded = await polls_d
+        inserts_flooded, polls_flooded = await phase(flood_s - 3.0)
         while flooder.poll() is None:
             await sleep(0.2)
         stdout = flooder.stdout.read().decode()
