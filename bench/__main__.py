@@ -3,7 +3,7 @@ The benchmark runner: every vsc benchmark in ONE run on this machine, with
 the floors measured in the same run, written to docs/benchmarks.md.
 
     .venv/bin/python -m bench [--quick] [--out docs/benchmarks.md | --no-write]
-                              [--skip floor,handshakes,cycles,latency,capacity]
+                              [--skip floor,handshakes,cycles,latency,capacity,startup,flood]
     vsc bench [same options]
 
 Parts (each reuses the existing benchmark modules):
