@@ -3,7 +3,7 @@ The benchmark runner: every vsc benchmark in ONE run on this machine, with
 the floors measured in the same run, written to docs/benchmarks.md.
 
     .venv/bin/python -m bench [--quick] [--out docs/benchmarks.md | --no-write]
-                              [--skip floor,handshakes,cycles,latency,capacity]
+                              [--skip floor,handshakes,cycles,latency,capacity,startup,flood]
     vsc bench [same options]
 
 Parts (each reuses the existing benchmark modules):
@@ -31,11 +31,20 @@ Parts (each reuses the existing benchmark modules):
 6. startup    bench/startup.py: `vsc card status` / `vsc card sign` / `vsc
               --help` as whole processes beside `python -c pass`, alternated
               in pairs, against a real card daemon.
+7. flood      bench/flood.py: issue 11's flood figure — the owner's insert
+              and a live card's poll p99 during a one-source handshake flood
+              at the server's RSA rate, against unloaded; also written into
+              docs/security.md (between its bench:flood markers).
 
-``--quick`` takes under about two minutes, the full run under about fifteen.
-Everything runs on loopback; every process a part starts is stopped in that
-part's ``finally``. Parts that need a Twisted reactor run in child processes
-(``python -m bench --part NAME``), since a reactor runs once per process.
+The document opens with a "Targets" table: each done-when figure of issues
+#15 and #11 beside its floor, the ratio and whether it is met.
+
+``--quick`` takes a few minutes, the full run about twenty (the run times are
+at the end of the document). Everything runs on loopback; every process a
+part starts is stopped in that part's ``finally``. Every part runs in a child
+process of its own (``python -m bench --part NAME``, its result one JSON line
+on stdout), killed with its process group if it overruns PART_TIMEOUT, so one
+part's failure or stray process cannot spoil the next.
 """
 
 from __future__ import annotations
@@ -56,7 +65,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("floor", "handshakes", "cycles", "latency", "capacity", "startup")
+PARTS = ("floor", "handshakes", "cycles", "latency", "capacity", "startup", "flood")
+PART_TIMEOUT = 1800.0  # seconds; a part still running then is killed (with its process group) and reported
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 CYCLE_CARDS = 10
 
@@ -122,17 +132,17 @@ def part_floor(quick: bool) -> dict:
     for bits in (3072, 2048):
         key = crypto.RSAPrivateKey.generate(bits)
         ct = key.public_key().oaep_encrypt(os.urandom(128), os.urandom)
-        out[f"rsa{bits}_decrypt"] = rate(lambda: key.oaep_decrypt(ct), budget)
+        out[f"rsa{bits}_decrypt"] = rate(lambda: key.oaep_decrypt(ct), budget, cpu=True)
     for kind in (crypto.KEY_RSA2048, crypto.KEY_P256):
         der = crypto.generate_private_der(kind)
         handle = crypto.PrivateKeyHandle(der)
-        out[f"{kind}_sign"] = rate(lambda: handle.sign_digest(digest), budget)
+        out[f"{kind}_sign"] = rate(lambda: handle.sign_digest(digest), budget, cpu=True)
 
         def load_sign() -> None:
             with crypto.PrivateKeyHandle(der) as h:
                 h.sign_digest(digest)
 
-        out[f"{kind}_load_sign"] = rate(load_sign, budget)
+        out[f"{kind}_load_sign"] = rate(load_sign, budget, cpu=True)
     piv = bench_crypto.piv_rates(budget)
     out["piv_rsa2048_pkcs1_load"] = piv["piv_pkcs1_load"]
     out["piv_rsa2048_pss_load"] = piv["piv_pss_load"]
@@ -178,13 +188,21 @@ def part_handshakes(quick: bool) -> dict:
     server = channel.ServerProcess(key)
     try:
         endpoint = f"tcp:127.0.0.1:{server.port}"
-        tcp = channel.run_in_reactor(lambda reactor: channel.measure_tcp(reactor, endpoint, fp, budget_tcp, progress))
+
+        async def both(reactor):
+            idle = await channel.measure_wall_cpu(reactor, endpoint, fp, server.child.pid, 60 if quick else 300)
+            return idle, await channel.measure_tcp(reactor, endpoint, fp, budget_tcp, progress)
+
+        wall_cpu, tcp = channel.run_in_reactor(both)
+        progress(f"  handshakes: idle loopback: wall {wall_cpu['wall_ms']:.2f} ms, CPU server "
+                 f"{wall_cpu['server_cpu_ms']:.2f} + card {wall_cpu['card_cpu_ms']:.2f} ms")
     finally:
         server.stop()
     return {
         "budget_tcp_s": budget_tcp, "concurrency": channel.CONCURRENCY, "key_bits": 3072,
         "rsa_decrypt": {str(b): v for b, v in floor["rsa_decrypt"].items()},
         "x25519": floor["x25519"],
+        "wall_cpu": wall_cpu,
         "sansio": sansio,
         "tcp": {f"{s.label}|{int(fs)}": cell for (s, fs), cell in tcp.items()},
     }
@@ -232,7 +250,7 @@ def part_cycles(quick: bool) -> dict:
         for w in workers:
             w.wait_ready()
         ct = key.public_key().oaep_encrypt(os.urandom(64), os.urandom)
-        out["rsa3072_decrypt"] = bs.rate(lambda: key.oaep_decrypt(ct), floor_budget)
+        out["rsa3072_decrypt"] = bs.rate(lambda: key.oaep_decrypt(ct), floor_budget, cpu=True)
         out["fsync_per_s"] = bs.fsync_rate(base, 0.5 if quick else 1.0)
         for backend in ("sqlite", "postgresql"):
             if backend == "sqlite":
@@ -258,6 +276,14 @@ def part_cycles(quick: bool) -> dict:
                 try:
                     for s in servers:
                         s.wait_port()
+                    if backend == "sqlite" and procs == 1:
+                        # one card alone on an idle loopback: a cycle's wall time against the CPU both ends spend
+                        r = bs.run_cell(workers[:1], servers, fp, serials[(procs, labels[0])][:1], warmup, window,
+                                        pg_pids, suite=labels[0])
+                        out["idle_cycle"] = {"suite": labels[0], "cycles": r["cycles"], "p50": r["p50"],
+                                             "server_cpu_ms": r["server_cpu_ms"], "client_cpu_ms": r["client_cpu_ms"]}
+                        progress(f"  cycles: one card alone: p50 {r['p50'] or 0:.1f} ms, CPU server "
+                                 f"{r['server_cpu_ms'] or 0:.2f} + client {r['client_cpu_ms'] or 0:.2f} ms")
                     for lab in labels:
                         r = bs.run_cell(workers, servers, fp, serials[(procs, lab)], warmup, window, pg_pids,
                                         suite=lab)
@@ -312,29 +338,40 @@ def part_startup(quick: bool) -> dict:
     return startup.run(quick, progress=progress)
 
 
+def part_flood(quick: bool) -> dict:
+    from bench import flood
+
+    return flood.run(quick, progress=progress, write=os.environ.get("VSC_BENCH_WRITE_DOCS") == "1")
+
+
 PART_FUNCS = {"floor": part_floor, "handshakes": part_handshakes, "cycles": part_cycles, "latency": part_latency,
-              "capacity": part_capacity, "startup": part_startup}
-IN_CHILD = {"handshakes"}  # parts that run a Twisted reactor in this process
+              "capacity": part_capacity, "startup": part_startup, "flood": part_flood}
 
 
-def run_part(name: str, quick: bool) -> dict:
-    """Run one part; reactor parts in a child process (``python -m bench --part NAME``)."""
+def run_part(name: str, quick: bool, write_docs: bool = False) -> dict:
+    """Run one part in a child process (``python -m bench --part NAME``) of its own process group."""
+    import signal
+
     t0 = time.monotonic()
     try:
-        if name in IN_CHILD:
-            argv = [sys.executable, "-m", "bench", "--part", name] + (["--quick"] if quick else [])
-            proc = subprocess.Popen(argv, cwd=str(ROOT), stdout=subprocess.PIPE, text=True)
-            try:
-                stdout, _ = proc.communicate(timeout=900)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
-            if proc.returncode != 0:
-                raise RuntimeError(f"the {name} child process failed (exit {proc.returncode})")
-            res = json.loads(stdout.strip().splitlines()[-1])
-        else:
-            res = PART_FUNCS[name](quick)
+        argv = [sys.executable, "-m", "bench", "--part", name] + (["--quick"] if quick else [])
+        env = dict(os.environ, VSC_BENCH_WRITE_DOCS="1" if write_docs else "0")
+        proc = subprocess.Popen(argv, cwd=str(ROOT), stdout=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+        try:
+            stdout, _ = proc.communicate(timeout=PART_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the {name} part did not finish within {PART_TIMEOUT:.0f} s") from None
+        finally:
+            try:  # the part's own processes should be gone; anything left in its group is stopped here
+                os.killpg(proc.pid, signal.SIGKILL if proc.poll() is None else signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if proc.poll() is None:
+                proc.wait(10)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the {name} child process failed (exit {proc.returncode})")
+        res = json.loads(stdout.strip().splitlines()[-1])
     except Exception as e:  # noqa: BLE001 - a failed part is reported in the document, the others still run
         import traceback
 
@@ -438,6 +475,15 @@ def section_handshakes(hs: dict) -> list[str]:
         f"process just before (RSA-2048: {f_rate(hs['rsa_decrypt'].get('2048'))}/s; X25519 keygen + exchange: "
         f"{f_rate(hs['x25519'])}/s). With both ends on a 2-CPU machine the card side (pycryptodome OAEP encrypt, "
         f"Python) competes with the server for the CPUs, so a ratio well below 1 is expected.",
+        *([] if "wall_cpu" not in hs else [
+            "",
+            f"Idle loopback, {hs['wall_cpu']['count']} handshakes one at a time (default card settings: aes256-gcm, "
+            f"X25519), 5 ms apart: wall time median {hs['wall_cpu']['wall_ms']:.2f} ms (p90 "
+            f"{hs['wall_cpu']['wall_p90_ms']:.2f} ms); CPU per handshake: server process "
+            f"{hs['wall_cpu']['server_cpu_ms']:.2f} ms (/proc), card side {hs['wall_cpu']['card_cpu_ms']:.2f} ms "
+            f"(process_time of this child, reactor included); wall / CPU both ends "
+            f"{f_ratio(hs['wall_cpu']['wall_ms'], hs['wall_cpu']['server_cpu_ms'] + hs['wall_cpu']['card_cpu_ms'])}. "
+            f"Both ends set TCP_NODELAY (vsc/net/channel.py), so no frame waits for a delayed ACK."]),
     ]
 
 
@@ -473,11 +519,204 @@ def section_cycles(cy: dict) -> list[str]:
         f"card i talking to server i mod 2. 'CPU: bench / whole machine' shows how much of the 2 CPUs this "
         f"benchmark's processes used against the whole machine (the gap is other load).",
     ]
+    idle = cy.get("idle_cycle")
+    if idle and idle.get("p50"):
+        lines += ["", f"One card alone ({idle['suite']}, sqlite x1, the same window): cycle p50 {idle['p50']:.2f} ms "
+                      f"wall; CPU per cycle: server {f_ms(idle['server_cpu_ms'], 2)} ms, client "
+                      f"{f_ms(idle['client_cpu_ms'], 2)} ms (scrypt log2(N) = {cy['kdf_log2_n']} included) — the "
+                      f"wall time against the CPU both ends spend ({idle['cycles']} cycles)."]
     if len({r["suite"] for r in cy["rows"]}) == 1:
         lines += ["", f"--quick: only the default suite ({cy['rows'][0]['suite']}); the full run measures all four."]
     for note in cy.get("notes", []):
         lines += ["", note]
     return lines
+
+
+# ---------------------------------------------------------------- the Targets table (issues #15 and #11)
+
+
+def _row(target: str, figure: str, floor: str, ratio: float | None, limit: float, at_least: bool = False,
+         ratio_text: str | None = None) -> list[str]:
+    """One Targets row: met when ``ratio`` <= ``limit`` (or >= with ``at_least``)."""
+    if ratio is None:
+        return [target, figure, floor, "—", "not measured"]
+    met = ratio >= limit if at_least else ratio <= limit
+    return [target, figure, floor, ratio_text or f"{ratio:.2f}", "**yes**" if met else "no"]
+
+
+def _ok(d: dict | None) -> bool:
+    return bool(d) and "error" not in d
+
+
+def target_cycle_cpu(r: dict) -> list[str] | None:
+    cy = r.get("cycles")
+    if not _ok(cy) or not cy.get("rows"):
+        return None
+    row = next((x for x in cy["rows"] if x["backend"] == "sqlite" and x["procs"] == 1), None)
+    if row is None or not row["server_cpu_ms"]:
+        return None
+    floor = 1000 / cy["rsa3072_decrypt"]
+    return _row("#15 server CPU per insert + remove cycle ≤ 2.0× one RSA-3072 decrypt (SQLite x1, "
+                f"{row['suite']}, {cy['cards']} cards)", f"{row['server_cpu_ms']:.2f} ms",
+                f"{floor:.2f} ms", row["server_cpu_ms"] / floor, 2.0)
+
+
+def target_handshake_cpu(r: dict) -> list[str] | None:
+    hs = r.get("handshakes")
+    if not _ok(hs) or "wall_cpu" not in hs:
+        return None
+    floor = 1000 / hs["rsa_decrypt"]["3072"]
+    cpu = hs["wall_cpu"]["server_cpu_ms"]
+    return _row("#15 server CPU per handshake ≤ 1.5× one RSA-3072 decrypt (idle loopback)", f"{cpu:.2f} ms",
+                f"{floor:.2f} ms", cpu / floor, 1.5)
+
+
+def target_handshake_wall(r: dict) -> list[str] | None:
+    hs = r.get("handshakes")
+    if not _ok(hs) or "wall_cpu" not in hs:
+        return None
+    w = hs["wall_cpu"]
+    cpu = w["server_cpu_ms"] + w["card_cpu_ms"]
+    return _row("#15 handshake wall time on an idle loopback ≤ 1.5× the CPU both ends spend", f"{w['wall_ms']:.2f} ms",
+                f"{cpu:.2f} ms CPU", w["wall_ms"] / cpu if cpu else None, 1.5)
+
+
+def target_cycle_wall(r: dict) -> list[str] | None:
+    cy = r.get("cycles")
+    idle = cy.get("idle_cycle") if _ok(cy) else None
+    if not idle or not idle.get("p50") or not idle.get("server_cpu_ms"):
+        return None
+    cpu = idle["server_cpu_ms"] + idle["client_cpu_ms"]
+    return _row("#15 connect + insert + remove, one card on an idle loopback: wall ≤ 1.5× the CPU both ends spend",
+                f"{idle['p50']:.2f} ms", f"{cpu:.2f} ms CPU", idle["p50"] / cpu, 1.5)
+
+
+def target_pg_two(r: dict) -> list[str] | None:
+    cy = r.get("cycles")
+    if not _ok(cy):
+        return None
+    one = [x for x in cy["rows"] if x["backend"] == "postgresql" and x["procs"] == 1 and x["server_cpu_ms"]]
+    two = [x for x in cy["rows"] if x["backend"] == "postgresql" and x["procs"] == 2 and x["server_cpu_ms"]]
+    if not one or not two:
+        return None
+    a = sum(x["server_cpu_ms"] for x in one) / len(one)
+    b = sum(x["server_cpu_ms"] for x in two) / len(two)
+    busy = sum(sum(x["busy"].values()) for x in one + two)
+    row = _row("#15 two server processes on PostgreSQL ≤ 1.1× the server CPU per cycle of one, 0 BUSY retries",
+               f"{b:.2f} ms/cycle, {busy} BUSY", f"{a:.2f} ms/cycle (one process)", b / a, 1.1)
+    if busy and row[-1] == "**yes**":
+        row[-1] = "no (BUSY)"
+    return row
+
+
+def _capacity_row(cap: dict, cards: int) -> dict | None:
+    rows = [x for x in cap.get("rows", []) if x["open"] >= cards]
+    return rows[0] if rows else None
+
+
+def target_capacity_p99(r: dict) -> list[str] | None:
+    cap = r.get("capacity")
+    if not _ok(cap):
+        return None
+    from bench.capacity import pct
+
+    row = _capacity_row(cap, 10_000)
+    if row is None:
+        return _row(f"#15 10,000 cards in use and polling: new insert p99 ≤ 50 ms",
+                    f"reached {cap.get('max_in_use', 0):,} cards", "—", None, 50)
+    p99 = pct(row["probe_total_ms"], 0.99)
+    return _row(f"#15 {row['open']:,} cards in use and polling: new insert p99 ≤ 50 ms", f"{p99:.1f} ms", "50 ms",
+                p99 / 50, 1.0, ratio_text=f"{p99 / 50:.2f} of the limit")
+
+
+def target_capacity_rss(r: dict) -> list[str] | None:
+    cap = r.get("capacity")
+    row = _capacity_row(cap, 10_000) if _ok(cap) else None
+    if row is None or not row.get("rss_per_card_kb"):
+        return None
+    return _row(f"#15 {row['open']:,} cards in use: RSS per card ≤ 8 KiB", f"{row['rss_per_card_kb']:.1f} KiB",
+                "8 KiB", row["rss_per_card_kb"] / 8, 1.0, ratio_text=f"{row['rss_per_card_kb'] / 8:.2f} of the limit")
+
+
+def target_capacity_poll(r: dict) -> list[str] | None:
+    cap = r.get("capacity")
+    row = _capacity_row(cap, 10_000) if _ok(cap) else None
+    if row is None:
+        return None
+    per_poll = row.get("poll_cpu_ms")
+    if per_poll is None and row.get("polls_answered"):
+        per_poll = row["window_server_cpu"] * row["window_s"] * 1000 / row["polls_answered"]  # an upper bound
+    if per_poll is None:
+        return None
+    return _row(f"#15 {row['open']:,} cards in use: server CPU per poll ≤ 0.1 ms", f"{per_poll:.3f} ms", "0.1 ms",
+                per_poll / 0.1, 1.0, ratio_text=f"{per_poll / 0.1:.2f} of the limit")
+
+
+def target_sealed_records(r: dict) -> list[str] | None:
+    hs = r.get("handshakes")
+    if not _ok(hs):
+        return None
+    cell = hs["sansio"].get("aes256-gcm|0")
+    if not cell:
+        return None
+    return _row("#15 sealed records in memory on an open channel ≥ 20,000 round trips/s per core (aes256-gcm, 64 B)",
+                f"{cell['echo64']:,.0f}/s", "20,000/s", cell["echo64"] / 20000, 1.0, at_least=True,
+                ratio_text=f"{cell['echo64'] / 20000:.2f} of the target")
+
+
+def target_flood_insert(r: dict) -> list[str] | None:
+    fl = r.get("flood")
+    if not _ok(fl) or fl.get("insert_ratio") is None:
+        return None
+    from bench.flood import _p
+
+    return _row("#11 owner's insert during a one-source handshake flood at the RSA rate ≤ 2× unloaded",
+                f"{_p(fl['inserts_flooded'], .5):.1f} ms", f"{_p(fl['inserts_unloaded'], .5):.1f} ms unloaded",
+                fl["insert_ratio"], 2.0)
+
+
+def target_flood_poll(r: dict) -> list[str] | None:
+    fl = r.get("flood")
+    if not _ok(fl) or fl.get("poll_p99_ratio") is None:
+        return None
+    from bench.flood import _p
+
+    return _row("#11 a live card's poll p99 during that flood ≤ 2× unloaded",
+                f"{_p(fl['polls_flooded'], .99):.1f} ms", f"{_p(fl['polls_unloaded'], .99):.1f} ms unloaded",
+                fl["poll_p99_ratio"], 2.0)
+
+
+#: One function per done-when figure; each returns a Targets row or None (not measured in this run).
+#: Parts add their own rows here.
+TARGETS = [target_cycle_cpu, target_handshake_cpu, target_handshake_wall, target_cycle_wall, target_pg_two,
+           target_capacity_p99, target_capacity_rss, target_capacity_poll, target_sealed_records,
+           target_flood_insert, target_flood_poll]
+
+
+def section_targets(results: dict) -> list[str]:
+    from bench._util import markdown_table
+
+    rows = []
+    for fn in TARGETS:
+        try:
+            row = fn(results)
+        except Exception as e:  # noqa: BLE001 - one broken row must not lose the document
+            row = [fn.__name__, f"could not compute: {type(e).__name__}: {e}", "—", "—", "—"]
+        if row is not None:
+            rows.append(row)
+    if not rows:
+        return ["No target was measured in this run."]
+    return [markdown_table(["target", "figure", "floor (same run)", "ratio", "met?"], rows), "",
+            "Every figure and its floor come from this run (the sections below say how each was measured); "
+            "ratio = figure / floor (or / the limit), compared with the issue's bound."]
+
+
+def section_flood(fl: dict) -> list[str]:
+    if "error" in fl:
+        return [f"Not measured: {fl['error']}"]
+    from bench import flood
+
+    return [flood.summary(fl) + ".", "", " ".join(flood.__doc__.split("\n\n")[2:5]).replace("\n", " ").strip()]
 
 
 def headline(results: dict) -> list[str]:
@@ -551,6 +790,10 @@ def document(results: dict, facts: dict, command: str, quick: bool, started: str
         f"with other work during the run, so absolute figures are noisy; compare the ratios.",
         "- Loopback only: every server listens on 127.0.0.1 (the PC/SC part runs in a private network namespace).",
         "",
+        "## Targets",
+        "",
+        *section_targets(results),
+        "",
         "## Headline",
         "",
         *headline(results),
@@ -623,11 +866,17 @@ def document(results: dict, facts: dict, command: str, quick: bool, started: str
             "package is byte-compiled first, as an installed package is. The last column lists which of Twisted, "
             "construct, cryptography and pycryptodome the command imported (`python -X importtime`).",
         ]
+    lines += ["", "## 7. A one-source handshake flood (issue 11)", "",
+              *section_flood(results.get("flood", {"error": "skipped"}))]
+    profile = Path(__file__).resolve().parent / "profile.md"
+    if profile.exists():  # prose, kept beside the generator (not a figure of this run)
+        lines += ["", "## Profile: where the server's time goes (py-spy, issue 15)", "", profile.read_text().rstrip()]
     lines += [
         "",
         "## Run times",
         "",
-        ", ".join(f"{k} {results[k].get('elapsed_s', 0):.0f} s" for k in PARTS if k in results) + ".",
+        ", ".join(f"{k} {results[k].get('elapsed_s', 0):.0f} s" for k in PARTS if k in results)
+        + f"; the whole run {elapsed / 60:.1f} minutes.",
         "",
     ]
     return "\n".join(lines)
@@ -669,7 +918,7 @@ def run(args, command: str) -> int:
         if name in skip:
             continue
         progress(f"[{time.monotonic() - t0:5.0f} s] {name}...")
-        results[name] = run_part(name, args.quick)
+        results[name] = run_part(name, args.quick, write_docs=not args.no_write)
     load_end = loadavg()
     doc = document(results, facts, command, args.quick, started, load_start, load_end, time.monotonic() - t0)
     print(doc)

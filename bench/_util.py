@@ -14,12 +14,16 @@ import time
 from typing import Callable, Sequence
 
 
-def rate(fn: Callable[[], object], budget: float, repeats: int = 3, min_ops: int = 2) -> float:
+def rate(fn: Callable[[], object], budget: float, repeats: int = 3, min_ops: int = 2, cpu: bool = False) -> float:
     """
     Operations per second of ``fn()``: the median of ``repeats`` windows of
     ``budget / repeats`` seconds each (a median resists a neighbour's burst of
     CPU use on a shared machine). Fast operations run in batches sized so that
-    the clock is read at most every ~5 ms.
+    the clock is read at most every ~5 ms. With ``cpu`` (single-threaded CPU
+    floors and per-core figures) the operations are divided by the CPU time of
+    this thread, not the wall time, so waiting for a CPU that other load on the
+    machine holds does not lower the figure; without it (anything that waits for
+    another process or a disk) by the wall time.
     """
     fn()  # warm up (first-call allocations, lazy imports)
     window = budget / repeats
@@ -27,7 +31,7 @@ def rate(fn: Callable[[], object], budget: float, repeats: int = 3, min_ops: int
     rates = []
     for _ in range(repeats):
         ops = 0
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.thread_time()
         deadline = start + window
         while True:
             t0 = time.perf_counter()
@@ -39,7 +43,8 @@ def rate(fn: Callable[[], object], budget: float, repeats: int = 3, min_ops: int
                 break
             if t1 - t0 < 0.005:
                 batch *= 2
-        rates.append(ops / (t1 - start))
+        spent = time.thread_time() - cpu0 if cpu else t1 - start
+        rates.append(ops / (spent if spent > 0 else t1 - start))
     return statistics.median(rates)
 
 

@@ -55,6 +55,11 @@ used by the server and the clients (from /proc) and how busy the whole
 machine was are reported per step, to tell "the server is out of CPU" from
 "the machine is shared". Every process started here is stopped in a
 ``finally``; the temporary directory is deleted unless ``--keep``.
+
+After the last step the server is restarted and every card reconnects at
+once (the reconnect storm: ATTACH with the insert secret, polls meanwhile).
+``BENCH_TRACEMALLOC=FILE`` makes the server write its largest allocations by
+traceback to FILE every 10 s (slow: for finding what a card costs in memory).
 """
 
 from __future__ import annotations
@@ -80,7 +85,10 @@ NOFILE = 65536
 KEY_BITS = 2048
 PROTECTED_SIZE = 2048
 POLL_BYTES = 16
-STEPS_FULL = (1000, 2000, 5000, 10000)
+STEPS_FULL = (1000, 2000, 5000, 10000, 20000)
+BUDGET_FULL = 330.0  # seconds for the whole part: the ramp to 20,000, the windows and the reconnect storm
+CLIENTS = 4  # client processes in a full run (the card side must not be the bottleneck)
+STORM_CONCURRENCY = 256  # reconnects in flight at once, over all clients
 STEPS_QUICK = (300, 800)
 INSERT_CONCURRENCY = 16  # concurrent inserts during a ramp, over all clients
 MAX_FAILED = 0.02
@@ -143,6 +151,24 @@ def twistd_main(argv: list[str]) -> None:
     print(f"capacity wrapper: RLIMIT_NOFILE {soft}/{hard}", flush=True)
     from twisted.scripts.twistd import run
 
+    dump = os.environ.get("BENCH_TRACEMALLOC")  # a file: the server's allocations by traceback, every 10 s
+    if dump:
+        import tracemalloc
+
+        from twisted.internet import reactor, task
+
+        def write() -> None:
+            stats = tracemalloc.take_snapshot().statistics("traceback")
+            with open(dump, "w") as f:
+                for st in stats[:40]:
+                    f.write(f"{st.size / 1024:10.0f} KiB {st.count:8d}  " + " <- ".join(
+                        line.strip() for line in reversed(st.traceback.format()[-6:]) if line.strip()
+                        and not line.strip().startswith("File")) + "\n")
+                    f.write("      " + str(st.traceback[-1]) + "\n")
+
+        tracemalloc.start(6)
+        task.LoopingCall(write).start(10.0, now=False)
+        del reactor
     sys.argv = ["twistd", *argv]
     run()
 
@@ -181,6 +207,7 @@ def worker_main() -> None:
     from twisted.internet import reactor, stdio
     from twisted.internet.defer import ensureDeferred, gatherResults
     from twisted.protocols.basic import LineReceiver
+    from twisted.internet.task import deferLater
 
     from vsc.card import ops
     from vsc.card.connect import connect
@@ -195,10 +222,10 @@ def worker_main() -> None:
     from bench._util import describe_failure as describe
 
     class Card:
-        __slots__ = ("serial", "proto", "call", "dead")
+        __slots__ = ("serial", "proto", "call", "dead", "secret")
 
-        def __init__(self, serial, proto):
-            self.serial, self.proto, self.call, self.dead = serial, proto, None, False
+        def __init__(self, serial, proto, secret=b""):
+            self.serial, self.proto, self.call, self.dead, self.secret = serial, proto, None, False, secret
 
         def schedule(self, delay: float) -> None:
             self.call = reactor.callLater(delay, self.poll)
@@ -271,11 +298,11 @@ def worker_main() -> None:
             while queue and time.time() < deadline:
                 serial = queue.pop(0)
                 try:
-                    proto, _secret, _version, _c, _i = await insert(serial)
+                    proto, secret, _version, _c, _i = await insert(serial)
                 except Exception as e:  # noqa: BLE001 - counted and reported
                     errors[describe(e)] += 1
                     continue
-                card = Card(serial, proto)
+                card = Card(serial, proto, secret)
                 cards[serial] = card
                 card.schedule(random.uniform(0, state["poll"]))
                 done += 1
@@ -304,6 +331,48 @@ def worker_main() -> None:
                 errors[f"remove: {describe(e)}"] += 1
             proto.closeChannel()
         return {"total_ms": total, "insert_ms": only, "errors": dict(errors)}
+
+    async def reconnect(cmd: dict) -> dict:
+        """
+        The storm after a server restart: every card whose channel is gone
+        connects again and ATTACHes with its insert secret (what an in-use
+        card does), ``concurrency`` at a time, then polls again at once; the
+        cards already back keep polling meanwhile. Returns when all are back
+        (or the deadline passes), with the time each came back.
+        """
+        todo = [c for c in cards.values() if c.dead or c.proto.channel.closed]
+        for c in todo:
+            c.dead = True
+            if c.call is not None and c.call.active():
+                c.call.cancel()
+            c.call = None
+        back, errors = [], Counter()
+        t0 = time.perf_counter()
+        deadline = cmd["deadline"]
+
+        async def loop():
+            while todo and time.time() < deadline:
+                card = todo.pop()
+                for attempt in range(20):
+                    try:
+                        proto = await connect(reactor, state["endpoint"], state["fp"])
+                        try:
+                            await ops.attach(proto, card.serial, card.secret)
+                        except BaseException:
+                            if not proto.channel.closed:
+                                proto.closeChannel()
+                            raise
+                    except Exception as e:  # noqa: BLE001 - counted, tried again shortly
+                        errors[describe(e)] += 1
+                        await deferLater(reactor, 0.05 * (attempt + 1), lambda: None)
+                        continue
+                    card.proto, card.dead = proto, False
+                    card.schedule(random.uniform(0, state["poll"]))
+                    back.append(time.perf_counter() - t0)
+                    break
+
+        await gatherResults([ensureDeferred(loop()) for _ in range(cmd["concurrency"])], consumeErrors=True)
+        return {"back": back, "errors": dict(errors), "left": len(todo), "elapsed": time.perf_counter() - t0}
 
     def stats(cmd: dict) -> dict:
         rtts = polls["rtts"]
@@ -351,7 +420,7 @@ def worker_main() -> None:
             if kind == "stats":
                 self.answer(stats(cmd))
                 return
-            fn = {"ramp": ramp, "probe": probe}[kind]
+            fn = {"ramp": ramp, "probe": probe, "reconnect": reconnect}[kind]
             d = ensureDeferred(fn(cmd))
             d.addErrback(lambda f: {"failure": f.getErrorMessage(), "errors": {f.getErrorMessage(): 1}})
             d.addCallback(self.answer)
@@ -381,6 +450,9 @@ def enrol_fast(url: str, serials: list[str], password: str, log2_n: int) -> str:
     from vsc.wire.ops import Status
 
     store = Store(url, time.time)
+    # set-up speed: the look-alike check of a new serial against every existing one (vsc.protocol.serials) is
+    # quadratic in the number of cards; these serials are ASCII "cap-NNNNN"/"probe-NNNNN", distinct by design
+    store._refuse_new_serial = lambda cur, serial: None
     try:
         store.migrate()
         store._conn().execute("PRAGMA synchronous=OFF")  # this connection only: set-up speed
@@ -404,14 +476,83 @@ def enrol_fast(url: str, serials: list[str], password: str, log2_n: int) -> str:
 # ---------------------------------------------------------------- the measurement
 
 
+def reconnect_storm(server, workers, cards: int, t_end: float, poll: float, progress) -> dict:
+    """
+    Restart the server (SIGTERM, then the same command on the same port) while
+    every card is in use: each card's channel is gone, and every card connects
+    again and ATTACHes with its insert secret (STORM_CONCURRENCY at a time over
+    all clients), polling again as soon as it is back. Measured: the restart,
+    the time until every card is back, reconnects/s, the server's CPU per
+    reconnect against one RSA decrypt, and the polls of the cards already back.
+    """
+    from vsc.server import config
+
+    key = config.load(server.data_dir).load_key()
+    ct = key.public_key().oaep_encrypt(os.urandom(64), os.urandom)
+    rsa = bserver.rate(lambda: key.oaep_decrypt(ct), 0.5, cpu=True)
+    progress(f"  capacity: restarting the server with {cards:,} cards in use...")
+    t0 = time.monotonic()
+    server.stop()
+    server.spawn()
+    server.wait_port()
+    restart_s = time.monotonic() - t0
+    spid = server.pid
+    for w in workers:
+        w.call({"cmd": "stats", "reset": True}, 30)
+    cpu0, mach0 = bserver.proc_ticks(spid), bserver.machine_ticks()
+    deadline = time.time() + max(30.0, t_end - time.monotonic() + 60.0)
+    conc = max(1, STORM_CONCURRENCY // len(workers))
+    for w in workers:
+        w.send({"cmd": "reconnect", "concurrency": conc, "deadline": deadline})
+    back, errors, left, elapsed = [], {}, 0, 0.0
+    for w in workers:
+        line = w.readline(timeout=max(60.0, deadline - time.time() + 60))
+        if line is None:
+            raise RuntimeError("a capacity client did not finish its reconnects")
+        ans = json.loads(line)
+        back += ans.get("back", [])
+        left += ans.get("left", 0)
+        elapsed = max(elapsed, ans.get("elapsed", 0.0))
+        for k, v in ans.get("errors", {}).items():
+            errors[k] = errors.get(k, 0) + v
+    cpu1, mach1 = bserver.proc_ticks(spid), bserver.machine_ticks()
+    st = [w.call({"cmd": "stats", "reset": True, "rtts": True}, 60) for w in workers]
+    rtts = [x for s in st for x in s["rtts"]]
+    server_cpu = (cpu1 - cpu0) / bserver.CLK_TCK
+    out = {
+        "cards": cards, "back": len(back), "left": left, "errors": errors, "restart_s": restart_s,
+        "all_back_s": max(back) if back else None, "half_back_s": pct(back, 0.5), "elapsed_s": elapsed,
+        "rate": len(back) / elapsed if elapsed else None,
+        "server_cpu_ms": server_cpu * 1000 / len(back) if back else None,
+        "server_cpu_share": server_cpu / elapsed if elapsed else None,
+        "machine": (mach1[0] - mach0[0]) / max(1, mach1[1] - mach0[1]),
+        "rsa_decrypt_per_s": rsa, "rsa_bits": key.bits, "concurrency": conc * len(workers),
+        "polls_answered": sum(s["answered"] for s in st), "polls_failed": sum(s["failed"] for s in st),
+        "poll_p50_ms": pct(rtts, 0.5), "poll_p99_ms": pct(rtts, 0.99),
+    }
+    progress(f"  capacity: storm: {len(back):,} of {cards:,} back in {out['all_back_s'] or 0:.1f} s "
+             f"({out['rate'] or 0:.0f}/s; server {out['server_cpu_ms'] or 0:.2f} ms CPU each, RSA-{key.bits} "
+             f"decrypt {1000 / rsa:.2f} ms); {out['polls_answered']:,} polls answered meanwhile")
+    return out
+
+
 def run(quick: bool = False, steps: tuple[int, ...] | None = None, budget: float | None = None,
-        poll: float | None = None, clients: int = 2, probes: int | None = None, keep: bool = False,
-        progress=lambda msg: None) -> dict:
+        poll: float | None = None, clients: int | None = None, probes: int | None = None, keep: bool = False,
+        progress=lambda msg: None, storm: bool = True) -> dict:
     """Run the capacity ramp; returns a JSON-able dict (see ``report``)."""
     from vsc.server import config
 
+    clients = clients or (2 if quick else CLIENTS)
     steps = tuple(steps or (STEPS_QUICK if quick else STEPS_FULL))
-    budget = budget if budget is not None else (40.0 if quick else 215.0)
+    nofile_note = None
+    if max(steps) > 10_000 and raise_nofile()[0] < max(steps) + 1024:
+        # the open-file limit does not allow the top step: the largest thousand it does, if above 10,000
+        fit = (raise_nofile()[0] - 1024) // 1000 * 1000
+        nofile_note = (f"{max(steps):,} cards need {max(steps) + 1024:,} descriptors per process; RLIMIT_NOFILE "
+                       f"allows {raise_nofile()[0]:,} (hard limit), so the top step is {fit:,}" if fit > 10_000 else
+                       f"{max(steps):,} cards need more descriptors than RLIMIT_NOFILE allows ({raise_nofile()[0]:,})")
+        steps = tuple(s for s in steps if s <= 10_000) + ((fit,) if fit > 10_000 else ())
+    budget = budget if budget is not None else (40.0 if quick else BUDGET_FULL)
     poll = poll if poll is not None else (3.0 if quick else 5.0)
     probes = probes if probes is not None else (10 if quick else 40)
     t_start = time.monotonic()
@@ -420,6 +561,7 @@ def run(quick: bool = False, steps: tuple[int, ...] | None = None, budget: float
     server = None
     workers: list[CapacityWorker] = []
     res: dict = {"steps_planned": list(steps), "budget_s": budget, "poll_s": poll, "clients": clients,
+                 "nofile_note": nofile_note,
                  "probes_per_step": probes, "key_bits": KEY_BITS, "rows": [], "stopped": None,
                  "fsync_per_s": None}
     try:
@@ -466,7 +608,8 @@ def run(quick: bool = False, steps: tuple[int, ...] | None = None, budget: float
         lost_before = 0
         for step in steps:
             need = step - in_use
-            reserve = poll + probes * 0.25 + 6.0  # settle + probes (bounded) + stats after the ramp
+            # settle + polls alone + probes (bounded) + stats after the ramp, and the reconnect storm of them all
+            reserve = poll + 3.0 + probes * 0.25 + 6.0 + (step / 250 + 15.0 if storm else 0.0)
             ramp_deadline = time.time() + max(0.0, (t_end - time.monotonic()) - reserve)
             if time.time() >= ramp_deadline:
                 res["stopped"] = f"time budget: no time left for the {step:,}-card step"
@@ -503,6 +646,12 @@ def run(quick: bool = False, steps: tuple[int, ...] | None = None, budget: float
             time.sleep(poll)
             for w in workers:
                 w.call({"cmd": "stats", "reset": True}, 30)
+            # polls alone (no insert): the server's CPU per poll
+            quiet = min(poll, 3.0)
+            t_q, q0 = time.monotonic(), bserver.proc_ticks(spid)
+            time.sleep(quiet)
+            q1, quiet_s = bserver.proc_ticks(spid), time.monotonic() - t_q
+            quiet_answered = sum(w.call({"cmd": "stats", "reset": True}, 30)["answered"] for w in workers)
             t_win = time.monotonic()
             wcpu0, wmach0 = bserver.proc_ticks(spid), bserver.machine_ticks()
             probe_s = max(3.0, min(probes * 0.25 + 3.0, (t_end - time.monotonic()) - 3.0))
@@ -539,6 +688,9 @@ def run(quick: bool = False, steps: tuple[int, ...] | None = None, budget: float
                 "poll_p50_ms": pct(rtts, 0.50), "poll_p99_ms": pct(rtts, 0.99),
                 "poll_max_ms": max(rtts) if rtts else None, "lost": lost,
                 "load": os.getloadavg()[0],
+                "quiet_s": quiet_s, "quiet_polls": quiet_answered,
+                "quiet_server_cpu": (q1 - q0) / bserver.CLK_TCK / max(1e-9, quiet_s),
+                "poll_cpu_ms": (q1 - q0) / bserver.CLK_TCK * 1000 / quiet_answered if quiet_answered else None,
             }
             res["rows"].append(row)
             tp = row["probe_total_ms"]
@@ -584,6 +736,8 @@ def run(quick: bool = False, steps: tuple[int, ...] | None = None, budget: float
                 res["stopped"] = saturated
                 break
         res["max_in_use"] = max((r["open"] for r in res["rows"]), default=0)
+        if storm and in_use and res["rows"]:
+            res["storm"] = reconnect_storm(server, workers, in_use, t_end, poll, progress)
         res["elapsed_s"] = time.monotonic() - t_start
         return res
     finally:
@@ -646,12 +800,31 @@ def report(res: dict) -> str:
         lines.append(f"Arithmetic, not a measurement: at {per:.1f} KiB per card, 10,000 cards in use would add about "
                      f"{per * 10000 / 1024:.0f} MiB to the server's RSS, and need 10,000 of its "
                      f"{res.get('server_nofile', '?').split('/')[0]} file descriptors.")
-    if rows_ and rows_[-1].get("polls_answered"):
-        r = rows_[-1]
-        per_poll = r["window_server_cpu"] * r["window_s"] * 1000 / r["polls_answered"]
-        lines.append(f"In the last step the server used {r['window_server_cpu'] * 100:.0f}% of one CPU for "
-                     f"{r['polls_answered'] / r['window_s']:,.0f} polls/s: at most {per_poll:.2f} ms of server CPU per "
-                     f"poll echo (an upper bound: the window's probe inserts are included).")
+    if res.get("nofile_note"):
+        lines.append(f"20,000 cards: {res['nofile_note']}.")
+    for r in rows_:
+        if r.get("poll_cpu_ms") is not None:
+            lines.append(f"{r['open']:,} cards, polls alone ({r['quiet_s']:.1f} s, no insert): the server used "
+                         f"{r['quiet_server_cpu'] * 100:.0f}% of one CPU for {r['quiet_polls'] / r['quiet_s']:,.0f} "
+                         f"polls/s: **{r['poll_cpu_ms']:.3f} ms of server CPU per poll** (timers and epoll included).")
+    st = res.get("storm")
+    if st:
+        rsa_ms = 1000 / st["rsa_decrypt_per_s"]
+        lines.append(
+            f"**Reconnect storm**: the server restarted (SIGTERM, the same command on the same port: "
+            f"{st['restart_s']:.1f} s) with {st['cards']:,} cards in use; every card connected again and ATTACHed "
+            f"with its insert secret, {st['concurrency']} at a time over all clients, polling again once back. "
+            f"{st['back']:,} of {st['cards']:,} back"
+            + (f" ({st['left']:,} not within the time left)" if st["left"] else "")
+            + f"; half after {st['half_back_s'] or 0:.1f} s, all after {st['all_back_s'] or 0:.1f} s "
+            f"({st['rate'] or 0:,.0f} reconnects/s); the server used {(st['server_cpu_share'] or 0) * 100:.0f}% of one "
+            f"CPU, {st['server_cpu_ms'] or 0:.2f} ms per reconnect = {(st['server_cpu_ms'] or 0) / rsa_ms:.2f}× one "
+            f"RSA-{st['rsa_bits']} decrypt ({rsa_ms:.2f} ms, measured beside it; the RSA floor of a reconnect); the "
+            f"machine {st['machine'] * 100:.0f}% busy. Meanwhile the cards already back answered "
+            f"{st['polls_answered']:,} polls ({st['polls_failed']} failed), p50 / p99 "
+            f"{st['poll_p50_ms'] or 0:.1f} / {st['poll_p99_ms'] or 0:.1f} ms"
+            + (f"; failed attempts (retried): {', '.join(f'{k} x{v}' for k, v in st['errors'].items())}"
+               if st["errors"] else "") + ".")
     lines.append("CPU columns: the share of ONE CPU used by the server process (and, during the ramp, by the client "
                  "processes together), and how busy the whole machine (all CPUs) was; a machine at 100 % with a "
                  "server well below 100 % of one CPU means the server was mostly waiting for a CPU (other load on "
@@ -678,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", help="comma-separated numbers of cards in use, e.g. 1000,2000,5000,10000")
     ap.add_argument("--budget", type=float, help="seconds for the whole capacity part (default 215; quick 40)")
     ap.add_argument("--poll", type=float, help="seconds between a card's polls (default 5; quick 3)")
-    ap.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
+    ap.add_argument("--clients", type=int, default=None, help=f"client processes (default {CLIENTS}; --quick 2)")
     ap.add_argument("--probes", type=int, help="new inserts timed per step (default 40; quick 10)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = ap.parse_args(argv)

@@ -102,8 +102,8 @@ def measure_floor(key_bits_list, keys, budget: float) -> dict:
         key = keys[bits]
         pub = key.public_key()
         ct = pub.oaep_encrypt(plaintext, os.urandom)
-        out["rsa_decrypt"][bits] = rate(lambda: key.oaep_decrypt(ct), budget * 2)
-        out["rsa_encrypt"][bits] = rate(lambda: pub.oaep_encrypt(plaintext, os.urandom), budget)
+        out["rsa_decrypt"][bits] = rate(lambda: key.oaep_decrypt(ct), budget * 2, cpu=True)
+        out["rsa_encrypt"][bits] = rate(lambda: pub.oaep_encrypt(plaintext, os.urandom), budget, cpu=True)
 
     seq, aad = seq_bytes(7), record_aad(CARD_TO_SERVER, 7)
     for suite in suites():
@@ -111,11 +111,11 @@ def measure_floor(key_bits_list, keys, budget: float) -> dict:
         for size in ECHO_SIZES:
             pt = os.urandom(size)
             sealed = cipher.seal(seq, pt, aad)
-            out["seal"][(suite, size)] = rate(lambda: cipher.seal(seq, pt, aad), budget)
-            out["open"][(suite, size)] = rate(lambda: cipher.open(seq, sealed, aad), budget)
+            out["seal"][(suite, size)] = rate(lambda: cipher.seal(seq, pt, aad), budget, cpu=True)
+            out["open"][(suite, size)] = rate(lambda: cipher.open(seq, sealed, aad), budget, cpu=True)
 
     peer = crypto.X25519Ephemeral(os.urandom).public
-    out["x25519"] = rate(lambda: crypto.X25519Ephemeral(os.urandom).exchange(peer), budget)
+    out["x25519"] = rate(lambda: crypto.X25519Ephemeral(os.urandom).exchange(peer), budget, cpu=True)
     return out
 
 
@@ -174,7 +174,7 @@ def measure_sansio(key, suite, forward_secret, budget: float) -> dict:
     from vsc.wire.messages import EchoReply, EchoRequest
 
     fp = key.public_key().fingerprint()
-    out = {"handshake": rate(lambda: sansio_pair(key, fp, suite, forward_secret), budget)}
+    out = {"handshake": rate(lambda: sansio_pair(key, fp, suite, forward_secret), budget, cpu=True)}
     s, c = sansio_pair(key, fp, suite, forward_secret)
     payload = os.urandom(64)
 
@@ -185,7 +185,7 @@ def measure_sansio(key, suite, forward_secret, budget: float) -> dict:
         if not isinstance(got, Received) or not isinstance(got.message, EchoReply):
             raise RuntimeError(f"in-memory echo failed: {got}")
 
-    out["echo64"] = rate(echo, budget)
+    out["echo64"] = rate(echo, budget, cpu=True)
     return out
 
 
@@ -322,6 +322,44 @@ async def _echo_per_second(reactor, endpoint, fp, suite, forward_secret, size, b
         rates.append(n / (now - start))
     proto.closeChannel()
     return statistics.median(rates)
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds (/proc; clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure_wall_cpu(reactor, endpoint, fp, server_pid: int, count: int) -> dict:
+    """
+    ``count`` sequential handshakes on an idle loopback (connect + the Figure 7
+    handshake with the default card settings, X25519 on + close, one at a
+    time, 5 ms apart): the median wall time of one, and the CPU time both
+    ends spent per handshake over the same span — this process (the card
+    side: ``time.process_time``) and the server process (/proc). A wall time
+    much above the CPU time is a stall (Nagle + delayed ACK, a timer).
+    """
+    from twisted.internet import task
+
+    from vsc.card.connect import connect
+
+    for _ in range(3):  # warm up
+        (await connect(reactor, endpoint, fp)).closeChannel()
+    walls = []
+    server0, card0 = _proc_cpu_s(server_pid), time.process_time()
+    for _ in range(count):
+        t0 = time.perf_counter()
+        proto = await connect(reactor, endpoint, fp)
+        proto.closeChannel()
+        walls.append(time.perf_counter() - t0)
+        await task.deferLater(reactor, 0.005, lambda: None)  # let the close finish: the next one starts idle
+    server_cpu = (_proc_cpu_s(server_pid) - server0) / count
+    card_cpu = (time.process_time() - card0) / count
+    walls.sort()
+    return {"count": count, "wall_ms": statistics.median(walls) * 1000, "wall_p90_ms": walls[int(0.9 * count)] * 1000,
+            "server_cpu_ms": server_cpu * 1000, "card_cpu_ms": card_cpu * 1000,
+            "ratio": statistics.median(walls) / (server_cpu + card_cpu) if server_cpu + card_cpu > 0 else None}
 
 
 async def measure_tcp(reactor, endpoint, fp, budget: float, progress) -> dict:

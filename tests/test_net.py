@@ -156,6 +156,28 @@ def test_handshake_and_echo_on_a_string_transport():
     assert not h.transport.disconnecting
 
 
+class NoDelayTransport(StringTransport):
+    """A StringTransport that records setTcpNoDelay calls, as a TCP transport would take them."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.no_delay: list[bool] = []
+
+    def setTcpNoDelay(self, enabled):  # noqa: N802 - ITCPTransport's name
+        self.no_delay.append(enabled)
+
+
+def test_both_ends_turn_nagle_off():
+    """The server's and the card's ChannelProtocol set TCP_NODELAY on their transport as the connection is made."""
+    clock = Clock()
+    for factory, here, there in ((server_factory(clock), SERVER_ADDR, CARD_ADDR),
+                                 (card_factory(clock), CARD_ADDR, SERVER_ADDR)):
+        proto = factory.buildProtocol(there)
+        transport = NoDelayTransport(hostAddress=here, peerAddress=there)
+        proto.makeConnection(transport)
+        assert transport.no_delay == [True]
+
+
 def test_frame_limit_follows_the_channel_state():
     """MAX_LENGTH is the handshake limit until establishment, then the record limit; big records then pass."""
     h = Harness()

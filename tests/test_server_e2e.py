@@ -24,7 +24,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, ensureDeferred
 
-from tests.servers import admin, init_data_dir, open_store, servers  # noqa: F401  (servers is a fixture)
+from tests.servers import MANY_MACHINES, admin, init_data_dir, open_store, servers  # noqa: F401  (servers is a fixture)
 from vsc import crypto
 from vsc.card import ops
 from vsc.card.connect import connect
@@ -71,9 +71,10 @@ class Deployment:
 
 @pytest.fixture
 def deployment(tmp_path, database_url, servers):  # noqa: F811
-    """An initialised data dir (2048-bit key, throttling after 3 failures per bucket) on the parametrized backend, with its server running."""
+    """An initialised data dir (2048-bit key, throttling after 3 failures per bucket) on the parametrized backend, with its server running.
+    Its cards are many machines on one address: a fast run makes more handshakes per second than one source may (MANY_MACHINES)."""
     data_dir = tmp_path / "server"
-    info = init_data_dir(data_dir, database_url, settings={"lockout_threshold": LOCKOUT})
+    info = init_data_dir(data_dir, database_url, settings={"lockout_threshold": LOCKOUT, **MANY_MACHINES})
     server = servers.start(data_dir)
     yield Deployment(data_dir, server, info["fingerprint"], database_url)
 

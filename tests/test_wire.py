@@ -525,3 +525,127 @@ def test_wire_error_shape():
     """WireError carries a code and a message, and prints as "CODE: message"."""
     e = WireError(ErrorCode.BAD_RECORD, "record 3: tag mismatch")
     assert (e.code, e.message, str(e)) == (ErrorCode.BAD_RECORD, "record 3: tag mismatch", "BAD_RECORD: record 3: tag mismatch")
+
+
+# ---------------------------------------------------------------- compiled schemas (vsc.wire.codec.Fast)
+
+
+def _ops_samples() -> list:
+    from vsc.wire.ops import (AuthChallenge, AuthItem, AuthMethod, AuthResponse, ChangePassword, EnrolRequest, Op,
+                              OpRequest, OpResult, Status)
+
+    item = AuthItem(next(iter(AuthMethod)), b"\x01" * 32)
+    return [
+        EnrolRequest("s-1", "code", b"v" * 32, b"k" * 40, b"p" * 300, b"r" * 20),
+        EnrolRequest("café", "c", b"v" * 8, b"k", b"p"),
+        *[OpRequest(op, "serial", b"i" * 32, b"m" * 32, 7, b"x" * 100) for op in Op],
+        OpRequest(next(iter(Op)), "s"),
+        ChangePassword("s", b"i" * 32, 3, b"v" * 32, b"k" * 10, b"p" * 50),
+        AuthChallenge(b"k" * 40, (item,)),
+        AuthChallenge(b"k", tuple(AuthItem(meth) for meth in AuthMethod)),
+        AuthResponse((item, item), b"m" * 32),
+        AuthResponse((item,)),
+        *[OpResult(status, 9, b"p" * 64, b"r") for status in Status],
+    ]
+
+
+def _variants(data: bytes):
+    """The input, every truncation, a trailing byte, and every single byte set to 0x00, 0x01, 0x80 and 0xFF."""
+    yield data
+    for n in range(len(data)):
+        yield data[:n]
+    yield data + b"\x00"
+    for i in range(min(len(data), 80)):
+        for v in (0x00, 0x01, 0x80, 0xFF):
+            yield data[:i] + bytes([v]) + data[i + 1:]
+
+
+def _outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except Exception as e:  # noqa: BLE001 - compared, not handled
+        return ("error", type(e))
+
+
+def _public(container) -> dict:
+    return {k: v for k, v in container.items() if not k.startswith("_")}
+
+
+def test_compiled_schemas_agree_with_the_interpreted_ones():
+    """
+    For every registered message (channel and operations samples) the compiled schema parses exactly the
+    inputs the interpreted one parses, to the same values (samples, every truncation, a trailing byte, byte
+    mutations), and builds the same bytes; codec.Fast never returns a value the interpreted schema refuses.
+    """
+    from vsc.wire.codec import _fields, _StrictIO
+
+    samples = FRAME_SAMPLES + INNER_SAMPLES + _ops_samples()
+    assert {type(x) for x in samples} == set(registry().values())
+    checked = 0
+    for msg in samples:
+        fast = type(msg)._FAST
+        assert fast.compiled is not fast.schema, f"{type(msg).__name__} did not compile"
+        assert fast.compiled.build(_fields(msg)) == fast.schema.build(_fields(msg)) == encode_body(msg)
+        for data in _variants(encode_body(msg)):
+            compiled = _outcome(lambda d: fast.compiled.parse_stream(_StrictIO(d)), data)
+            interpreted = _outcome(fast.schema.parse, data)
+            if compiled[0] == "ok":
+                assert interpreted[0] == "ok" and _public(compiled[1]) == _public(interpreted[1]), (msg, data)
+            assert _outcome(fast.parse, data)[0] == interpreted[0]
+            checked += 1
+    assert checked > 1000
+
+
+def test_compiled_schemas_refuse_what_the_interpreted_ones_refuse_on_build():
+    """Building an out-of-range value through codec.Fast raises the interpreted schema's error (encode_body: MALFORMED)."""
+    with raises(ErrorCode.MALFORMED, "EchoRequest"):
+        encode_body(EchoRequest(b"x" * (MAX_ECHO + 1)))
+    with raises(ErrorCode.MALFORMED, "Record"):
+        encode_body(Record(seq=1 << 64, sealed=b""))
+
+
+def test_the_handshake_and_operation_layouts_compile_and_agree():
+    """The key-transport plaintext, key-schedule inputs, KDF parameters and Master-key layouts are compiled (codec.Fast) and parse/build as their interpreted schemas do."""
+    from vsc.wire import ops
+    from vsc.wire.codec import _StrictIO
+
+    cases = [
+        (m._KeyTransportPlaintext, dict(r1=R, r2=R, s1=X, s2=X)),
+        (m._KeyInfo, dict(label="key", suite=1, transcript=X)),
+        (m._FinishedInput, dict(label="server finished", transcript=X, suite=2, forward_secret=True)),
+        (ops._Kdf, dict(alg=ops.KdfAlg.SCRYPT, salt=b"s" * 16, log2_n=15, r=8, p=1)),
+        (ops._Master, dict(ri2=X, mac=X)),
+        (ops._MasterInput, dict(ri1=X, ri2=X, serial="card-1")),
+    ]
+    for fast, value in cases:
+        assert fast.compiled is not fast.schema
+        data = fast.schema.build(value)
+        assert fast.compiled.build(value) == data == fast.build(value)
+        for variant in _variants(data):
+            compiled = _outcome(lambda d: fast.compiled.parse_stream(_StrictIO(d)), variant)
+            interpreted = _outcome(fast.schema.parse, variant)
+            if compiled[0] == "ok":
+                assert interpreted[0] == "ok" and _public(compiled[1]) == _public(interpreted[1])
+            assert _outcome(fast.parse, variant)[0] == interpreted[0]
+
+
+def test_struct_twins_give_the_schemas_bytes():
+    """The header, inner-record and AAD/sequence fast paths give exactly the construct schemas' bytes and values."""
+    from vsc.wire.codec import FrameHeaderSchema, InnerSchema, RecordAADSchema, record_aad, seq_bytes
+
+    for mtype, length in ((0, 0), (0x10, 5), (0xFF, MAX_FRAME_BODY)):
+        data = build_header(mtype, length)
+        assert data == FrameHeaderSchema.build(dict(magic=b"VS", version=PROTOCOL_VERSION, type=mtype, length=length))
+        h = parse_header(data)
+        assert (h.type, h.length, h.version) == (mtype, length, PROTOCOL_VERSION)
+    for direction, seq in ((0, 0), (1, 7), (255, (1 << 64) - 1)):
+        assert record_aad(direction, seq) == RecordAADSchema.build(dict(direction=direction, seq=seq))
+        assert seq_bytes(seq) == struct.pack(">Q", seq)
+    for msg in INNER_SAMPLES:
+        data = encode_inner(msg)
+        assert data == InnerSchema.build(dict(type=msg.TYPE, body=encode_body(msg)))
+        assert decode_inner(data) == msg
+    with pytest.raises(Exception):
+        seq_bytes(1 << 64)
+    with pytest.raises(Exception):
+        record_aad(256, 0)

@@ -2,12 +2,19 @@
 Authenticated encryption: the channel's record ciphers, AES-256-GCM one-shot
 (keyfiles, the one-time agent) and AES-256-GCM in place (locked memory).
 
-Record ciphers keep their key objects for the life of the channel (OpenSSL
-key schedules built once); only the per-record nonce or IV changes.
+Record ciphers keep their keys for the life of the channel; only the
+per-record nonce or IV changes. The AEAD ciphers' OpenSSL objects (about
+2.5 KiB each: cryptography prepares an encryption and a decryption context
+with the key schedule) come from a small cache shared by all channels
+(``_aead``): a busy channel finds its own there every time, while a server
+holding thousands of idle channels (cards in use, polling every few seconds)
+does not hold two per channel — it builds one for a record now and then,
+about a microsecond.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 
@@ -38,18 +45,25 @@ class RecordCipher:
         raise NotImplementedError
 
 
+_AEADS = {"aes256-gcm": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}
+
+
+@functools.lru_cache(maxsize=256)
+def _aead(algorithm: str, key: bytes):
+    """The OpenSSL AEAD object for ``key`` (shared: at most 256 kept, the least recently used dropped)."""
+    return _AEADS[algorithm](key)
+
+
 class AEADRecordCipher(RecordCipher):
     """AES-256-GCM or ChaCha20-Poly1305; nonce = iv XOR (0^4 || seq64)."""
 
     TAG = 16
 
     def __init__(self, algorithm: str, key: bytes, iv: bytes):
-        if algorithm == "aes256-gcm":
-            self._aead = AESGCM(key)
-        elif algorithm == "chacha20-poly1305":
-            self._aead = ChaCha20Poly1305(key)
-        else:
+        if algorithm not in _AEADS:
             raise ValueError(algorithm)
+        _AEADS[algorithm](key)  # checks the key now (its length), as building the object here did
+        self._algorithm, self._key = algorithm, bytes(key)
         if len(iv) != 12:
             raise ValueError("AEAD IV must be 12 bytes")
         self._iv_head = iv[:4]
@@ -64,11 +78,11 @@ class AEADRecordCipher(RecordCipher):
         return self.TAG
 
     def seal(self, seq: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        return self._aead.encrypt(self._nonce(seq), plaintext, aad)
+        return _aead(self._algorithm, self._key).encrypt(self._nonce(seq), plaintext, aad)
 
     def open(self, seq: bytes, sealed: bytes, aad: bytes) -> bytes:
         try:
-            return self._aead.decrypt(self._nonce(seq), sealed, aad)
+            return _aead(self._algorithm, self._key).decrypt(self._nonce(seq), sealed, aad)
         except InvalidTag as e:
             raise CryptoError("record authentication tag mismatch") from e
 

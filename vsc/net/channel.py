@@ -51,10 +51,29 @@ def peer_name(transport) -> str:
     return str(getattr(peer, "name", peer))
 
 
+def no_delay(transport) -> None:
+    """
+    TCP_NODELAY on a TCP transport (no-op on others). The channel is a
+    request/response protocol of small frames: with Nagle's algorithm on, a
+    frame written while an earlier one is unacknowledged waits for the peer's
+    delayed ACK (up to 40 ms on Linux), so both ends turn it off.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:  # not a TCP socket after all (a UNIX socket behind the same interface)
+            pass
+
+
 class ChannelProtocol(FrameReceiver):
     """One end of a protected channel over any stream transport."""
 
     log = Logger()
+    #: Emit the per-handshake debug event ("channel ... established"). Off by default: twistd drops debug
+    #: events only after building them (a Logger per access, the event, the publisher), which cost about
+    #: as much per handshake as the rest of the glue; turn on (on the class) to trace handshakes.
+    debug_events = False
 
     def __init__(self, channel: Channel, clock: IReactorTime):
         self.channel = channel
@@ -116,6 +135,7 @@ class ChannelProtocol(FrameReceiver):
 
     # -- Twisted side
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         self.peer = peer_name(self.transport)
         self.peer_host = peer_host(self.transport)
         self._run(self.channel.start())
@@ -168,7 +188,7 @@ class ChannelProtocol(FrameReceiver):
                 peer=self.peer,
                 suite=info.suite.label,
             )
-        else:
+        elif self.debug_events:
             self.log.debug("channel with {peer} established: {suite}", peer=self.peer, suite=info.suite.label)
         waiting, self._established = self._established, []
         for d in waiting:

@@ -33,6 +33,7 @@ import attrs
 from automat import NoTransition, TypeMachineBuilder
 
 from vsc import crypto
+from vsc.protocol.machines import indexed
 from vsc.protocol.suites import (
     INSECURE_SUITES,
     ChannelConfig,
@@ -369,6 +370,14 @@ def _common(builder, established, closed, states, direction: int) -> None:
 # ---------------------------------------------------------------- server
 
 
+def _forget_handshake(core: ChannelCore) -> None:
+    """Once both finished MACs are checked, the handshake's frames, Hello and X25519 key are never read again:
+    drop them (about a kilobyte per open channel; a server holds thousands)."""
+    core.hello_frame = core.key_transport_frame = b""
+    core.hello = None
+    core.ephemeral = None
+
+
 def _build_server():
     b = TypeMachineBuilder(ChannelInputs, ChannelCore)
     initial = b.state("initial")
@@ -454,6 +463,7 @@ def _build_server():
         core.emit(CancelTimer())
         assert core.private_key is not None
         core.confirmed = True
+        _forget_handshake(core)
         if core.idle_timeout > 0:
             core.emit(SetTimer(core.idle_timeout))
         core.emit(
@@ -546,6 +556,7 @@ def _build_card():
         core.keys = keys
         core.confirmed = True
         core.send_frame(ClientFinished(mac=keys.client_mac()))
+        _forget_handshake(core)
         core.emit(CancelTimer())
         if core.idle_timeout > 0:
             core.emit(SetTimer(core.idle_timeout))
@@ -555,8 +566,8 @@ def _build_card():
     return b.build()
 
 
-_ServerMachine = _build_server()
-_CardMachine = _build_card()
+_ServerMachine = indexed(_build_server())
+_CardMachine = indexed(_build_card())
 
 
 # ---------------------------------------------------------------- wrapper

@@ -56,6 +56,7 @@ from vsc.protocol.cardstore import (
     SyncCard,
 )
 from vsc.protocol.lifecycle import Condition, Operation, decide
+from vsc.protocol.machines import indexed
 from vsc.protocol.lockout import LockoutPolicy, SourceLimits
 from vsc.protocol.methods import METHODS, Issued, ServerSide
 from vsc.wire import WireError
@@ -494,7 +495,7 @@ def _verify(core: OpsCore, resp: AuthResponse, now: float) -> tuple[bool, str, i
     return True, "", totp_step
 
 
-_Machine = _build()
+_Machine = indexed(_build())  # dispatch by table (vsc.protocol.machines)
 
 
 class ServerOps:

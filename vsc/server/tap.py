@@ -51,8 +51,6 @@ class PoolService(service.Service):
 
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
-    from twisted.python.threadpool import ThreadPool
-
     from vsc.protocol.auth import load_master_key
     from vsc.server.policy import Policy
     import attrs
@@ -61,6 +59,7 @@ def makeService(options: Options) -> service.IService:
     from vsc.server.service import Backend, server_factory
     from vsc.server.settings import SettingError, override
     from vsc.server.store import Store, StoreError
+    from vsc.server.workers import WorkerPool
 
     try:
         cfg = server_config.load(options["data-dir"])
@@ -86,18 +85,32 @@ def makeService(options: Options) -> service.IService:
             raise SystemExit(2)
     descriptors = raise_fd_limit()
     top = service.MultiService()
-    pool = ThreadPool(minthreads=1, maxthreads=settings["threads"], name="vsc-db")
+    pool = WorkerPool(settings["threads"], "vsc-db")
     PoolService(pool, store).setServiceParent(top)
     limits = AdmissionLimits(**{f.name: settings[f.name] for f in attrs.fields(AdmissionLimits)})
     limits = fit_to_descriptors(limits, descriptors)
-    rsa_pool = ThreadPool(minthreads=1, maxthreads=limits.handshake_threads, name="vsc-rsa")
+    rsa_pool = WorkerPool(limits.handshake_threads, "vsc-rsa")
     PoolService(rsa_pool, None).setServiceParent(top)
     admission = Admission(limits, reactor.seconds, reactor, rsa_pool)
     backend = Backend(reactor, store, pool)
     factory = server_factory(cfg.channel, key, reactor, backend=backend, ops_policy=policy.ops(), master=master,
                              admission=admission)
-    strports.service(listen, factory).setServiceParent(top)
+    strports.service(with_backlog(listen), factory).setServiceParent(top)
     return top
+
+
+#: The listen queue a TCP or SSL endpoint gets unless its description names one (the kernel caps it at
+#: net.core.somaxconn). Twisted's default is 50: when every in-use card reconnects at once after a restart,
+#: connections beyond the queue are left half-open, and those cards wait out their handshake timeout (30 s).
+LISTEN_BACKLOG = 4096
+
+
+def with_backlog(listen: str) -> str:
+    """``listen`` with ``:backlog=LISTEN_BACKLOG`` added to a tcp/ssl/tcp6 endpoint that names none."""
+    kind = listen.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in listen:
+        return f"{listen}:backlog={LISTEN_BACKLOG}"
+    return listen
 
 
 #: descriptors kept for everything but unauthenticated connections: authenticated cards, the database, logs, threads

@@ -15,6 +15,8 @@ Pitfalls handled here once for every message:
 from __future__ import annotations
 
 import enum
+import io
+import struct
 from typing import Any, ClassVar, Iterator, TypeVar
 
 import attrs
@@ -55,7 +57,32 @@ class MessageType(enum.IntEnum):
     PASSWORD_CHANGE = 0x35
 
 
-class _StrictEnum(c.Adapter):
+class _Emitted(c.Adapter):
+    """
+    An Adapter the construct compiler can inline: its subcon compiled, its own
+    ``_decode``/``_encode`` (the checks below) called as they are, so the
+    compiled schema raises exactly where the interpreted one does.
+    """
+
+    def _emitparse(self, code):
+        code.linkedinstances[id(self)] = self
+        return f"linkedinstances[{id(self)}]._decode({self.subcon._compileparse(code)}, this, '(compiled)')"
+
+    def _emitbuild(self, code):
+        code.linkedinstances[id(self)] = self
+        sub = self.subcon
+        if isinstance(sub, c.Prefixed) and sub.subcon is c.GreedyBytes and not sub.includelength \
+                and isinstance(sub.lengthfield, c.FormatField):
+            # Prefixed(lengthfield, GreedyBytes) has no compiled build: the length, then the bytes (a value
+            # that is not bytes fails here and the interpreted schema reports it)
+            inner = (f"(reuse(len(obj), lambda obj: ({sub.lengthfield._compilebuild(code)})), "
+                     f"io.write(obj if isinstance(obj, bytes) else b''[obj]), obj)[2]")
+        else:
+            inner = sub._compilebuild(code)
+        return f"reuse(linkedinstances[{id(self)}]._encode(obj, this, '(compiled)'), lambda obj: ({inner}))"
+
+
+class _StrictEnum(_Emitted):
     def __init__(self, subcon: c.Construct, enum_type: type[enum.IntEnum]):
         super().__init__(subcon)
         self.enum_type = enum_type
@@ -80,7 +107,7 @@ def StrictEnum(subcon: c.Construct, enum_type: type[enum.IntEnum]) -> c.Construc
     return _StrictEnum(subcon, enum_type)
 
 
-class _Bounded(c.Adapter):
+class _Bounded(_Emitted):
     def __init__(self, subcon: c.Construct, minimum: int, maximum: int, what: str):
         super().__init__(subcon)
         self.minimum, self.maximum, self.what = minimum, maximum, what
@@ -126,7 +153,7 @@ def Array(countfield: c.Construct, item: c.Construct, maximum: int, minimum: int
     return _Bounded(c.PrefixedArray(countfield, item), minimum, maximum, what)
 
 
-class _Utf8(c.Adapter):
+class _Utf8(_Emitted):
     def _decode(self, obj: bytes, context: Any, path: str) -> str:
         try:
             return obj.decode("utf-8")
@@ -142,7 +169,7 @@ def Text(lenfield: c.Construct, maximum: int, minimum: int = 0, what: str = "tex
     return _Utf8(Bytes(lenfield, maximum, minimum, what))
 
 
-class _Nested(c.Adapter):
+class _Nested(_Emitted):
     def __init__(self, cls: type, subcon: c.Construct):
         super().__init__(subcon)
         self.cls = cls
@@ -159,7 +186,7 @@ def Nested(cls: type, *fields: c.Construct) -> c.Construct:
     return _Nested(cls, c.Struct(*fields))
 
 
-class _StrictFlag(c.Adapter):
+class _StrictFlag(_Emitted):
     """A boolean byte that must be 0 or 1 (``c.Flag`` reads any non-zero as
     true, so two encodings would decode to the same value)."""
 
@@ -176,6 +203,93 @@ class _StrictFlag(c.Adapter):
 
 Flag = _StrictFlag(c.Int8ub)
 U8, U16, U32, U64 = c.Int8ub, c.Int16ub, c.Int32ub, c.Int64ub
+
+
+class _StrictIO(io.BytesIO):
+    """A BytesIO whose ``read(n)`` raises StreamError when fewer than ``n`` bytes are left, as construct's
+    interpreted ``stream_read`` does (the compiler's generated code calls ``io.read(n)`` and would take a
+    short read)."""
+
+    def at_end(self) -> bool:
+        return self.tell() >= len(self.getbuffer())
+
+    def read(self, n: int | None = -1) -> bytes:
+        data = super().read(n)
+        if n is not None and n >= 0 and len(data) != n:
+            raise c.StreamError(f"stream read less than specified amount, expected {n}, found {len(data)}")
+        return data
+
+
+class _Terminated(type(c.Terminated)):  # type: ignore[misc]
+    """``c.Terminated`` that the construct compiler inlines: the end of input is checked without a read."""
+
+    def _emitparse(self, code):
+        code.linkedinstances[id(self)] = self
+        return f"(None if io.at_end() else linkedinstances[{id(self)}]._parse(io, this, '(compiled)'))"
+
+    def _emitbuild(self, code):
+        return "obj"
+
+
+Terminated = _Terminated()
+
+
+class Fast:
+    """
+    A schema and its compiled twin (``Construct.compile()``: generated Python,
+    several times faster), compiled on first use (importing stays cheap for a
+    short-lived command). The compiled one runs first; if it raises anything,
+    the interpreted schema runs on the same input, so every error is exactly
+    the interpreted schema's (its class, path and message), and a value or
+    byte string comes out only if the interpreted schema agrees it is valid
+    (tests/test_wire.py checks both on every sample, truncation and mutation).
+    A schema that does not compile is used as it is.
+    """
+
+    __slots__ = ("schema", "_compiled")
+
+    def __init__(self, schema: c.Construct):
+        self.schema = schema
+        self._compiled: c.Construct | None = None
+
+    @property
+    def compiled(self) -> c.Construct:
+        if self._compiled is None:
+            try:
+                compiled = self.schema.compile()
+                compiled.module.BytesIO = _StrictIO  # its substreams (Prefixed) read strictly too
+            except Exception:  # noqa: BLE001 - a construct the compiler cannot emit: interpreted only
+                compiled = self.schema
+            self._compiled = compiled
+        return self._compiled
+
+    # The compiled functions are called directly with the top-level context construct's parse_stream and
+    # build_stream would make (a Container of _parsing, _building, _sizing and _params = itself): those
+    # wrappers cost about as much as the generated code.
+
+    def parse(self, data: bytes) -> Any:
+        compiled = self._compiled or self.compiled
+        if compiled is not self.schema:
+            try:
+                context = c.Container(_parsing=True, _building=False, _sizing=False)
+                context["_params"] = context
+                return compiled.parsefunc(_StrictIO(data), context)
+            except Exception:  # noqa: BLE001 - the interpreted schema says what is wrong
+                pass
+        return self.schema.parse(data)
+
+    def build(self, obj: Any) -> bytes:
+        compiled = self._compiled or self.compiled
+        if compiled is not self.schema:
+            try:
+                context = c.Container(_parsing=False, _building=True, _sizing=False)
+                context["_params"] = context
+                stream = io.BytesIO()
+                compiled.buildfunc(obj, stream, context)
+                return stream.getvalue()
+            except Exception:  # noqa: BLE001 - the interpreted schema says what is wrong
+                pass
+        return self.schema.build(obj)
 
 
 # ---------------------------------------------------------------- frames
@@ -199,21 +313,30 @@ def parse_header(data: bytes) -> FrameHeader:
     """Parse the 8-byte frame header and check magic and version (not type)."""
     if len(data) < HEADER_SIZE:
         raise WireError(ErrorCode.MALFORMED, f"frame header needs {HEADER_SIZE} bytes, got {len(data)}")
-    h = FrameHeaderSchema.parse(data[:HEADER_SIZE])
-    if h.magic != MAGIC:
-        raise WireError(ErrorCode.MALFORMED, f"bad magic {h.magic!r}, expected {MAGIC!r}")
-    if h.version != PROTOCOL_VERSION:
+    magic, version, msg_type, length = _HEADER.unpack_from(data)  # FrameHeaderSchema's layout (fixed size)
+    if magic != MAGIC:
+        raise WireError(ErrorCode.MALFORMED, f"bad magic {magic!r}, expected {MAGIC!r}")
+    if version != PROTOCOL_VERSION:
         raise WireError(
             ErrorCode.PROTOCOL_VERSION,
-            f"protocol version {h.version}, this implementation speaks {PROTOCOL_VERSION}",
+            f"protocol version {version}, this implementation speaks {PROTOCOL_VERSION}",
         )
-    return FrameHeader(type=h.type, length=h.length, version=h.version)
+    return FrameHeader(type=msg_type, length=length, version=version)
+
+
+# The fixed-size layouts of every frame and record, as struct twins of their construct schemas (the schemas stay
+# the specification; tests/test_wire.py checks that each twin gives the schema's bytes). Used only where every
+# value is in range; anything else goes through the schema and raises its error.
+_HEADER = struct.Struct(">2sBBI")  # FrameHeaderSchema
+_Header = Fast(FrameHeaderSchema)
 
 
 def build_header(msg_type: int, length: int) -> bytes:
     if length > MAX_FRAME_BODY:
         raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame body of {length} bytes exceeds {MAX_FRAME_BODY}")
-    return FrameHeaderSchema.build(dict(magic=MAGIC, version=PROTOCOL_VERSION, type=msg_type, length=length))
+    if 0 <= msg_type <= 0xFF and 0 <= length:
+        return _HEADER.pack(MAGIC, PROTOCOL_VERSION, msg_type, length)
+    return _Header.build(dict(magic=MAGIC, version=PROTOCOL_VERSION, type=msg_type, length=length))
 
 
 class Deframer:
@@ -277,7 +400,9 @@ class Message:
 def register(cls: type[M]) -> type[M]:
     if cls.TYPE in _REGISTRY:
         raise RuntimeError(f"message type {cls.TYPE!r} registered twice")
-    cls._TERMINATED = c.Struct(*cls.SCHEMA.subcons, c.Terminated)  # type: ignore[attr-defined]
+    cls._TERMINATED = c.Struct(*cls.SCHEMA.subcons, Terminated)  # type: ignore[attr-defined]
+    cls._FAST = Fast(cls._TERMINATED)  # type: ignore[attr-defined]
+    cls._NAMES = tuple(f.name for f in attrs.fields(cls))  # type: ignore[attr-defined]  # (attrs.fields is slow)
     _REGISTRY[cls.TYPE] = cls
     return cls
 
@@ -287,12 +412,13 @@ def registry() -> dict[MessageType, type[Message]]:
 
 
 def _fields(msg: Message) -> dict[str, Any]:
-    return {f.name: getattr(msg, f.name) for f in attrs.fields(type(msg))}
+    names = getattr(type(msg), "_NAMES", None) or tuple(f.name for f in attrs.fields(type(msg)))
+    return {name: getattr(msg, name) for name in names}
 
 
 def encode_body(msg: Message) -> bytes:
     try:
-        return type(msg)._TERMINATED.build(_fields(msg))  # type: ignore[attr-defined]
+        return type(msg)._FAST.build(_fields(msg))  # type: ignore[attr-defined]
     except c.ConstructError as e:
         raise WireError(ErrorCode.MALFORMED, f"cannot encode {type(msg).__name__}: {_explain(e)}") from None
 
@@ -318,7 +444,7 @@ def decode_body(msg_type: int, body: bytes, inner: bool | None = None) -> Messag
         where = "only valid inside a sealed record" if cls.INNER else "not valid inside a record"
         raise WireError(ErrorCode.UNEXPECTED_MESSAGE, f"{cls.__name__} is {where}")
     try:
-        parsed = cls._TERMINATED.parse(body)  # type: ignore[attr-defined]
+        parsed = cls._FAST.parse(body)  # type: ignore[attr-defined]
     except c.TerminatedError:
         raise WireError(ErrorCode.MALFORMED, f"{cls.__name__}: trailing bytes after the last field") from None
     except c.StreamError:
@@ -326,7 +452,7 @@ def decode_body(msg_type: int, body: bytes, inner: bool | None = None) -> Messag
     except c.ConstructError as e:
         raise WireError(ErrorCode.MALFORMED, f"{cls.__name__}: {_explain(e)}") from None
     try:
-        return cls(**{f.name: parsed[f.name] for f in attrs.fields(cls)})  # type: ignore[call-arg]
+        return cls(**{name: parsed[name] for name in cls._NAMES})  # type: ignore[call-arg, attr-defined]
     except (TypeError, ValueError) as e:
         raise WireError(ErrorCode.MALFORMED, f"{cls.__name__}: {e}") from None
 
@@ -358,19 +484,20 @@ def decode_frame(frame: bytes, max_body: int = MAX_FRAME_BODY) -> Message:
 
 # Inner plaintext of a sealed record: one type byte, then the message body.
 InnerSchema = c.Struct("type" / U8, "body" / c.GreedyBytes)
+_Inner = Fast(InnerSchema)
 
 
 def encode_inner(msg: Message) -> bytes:
     if not msg.INNER:
         raise WireError(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} cannot travel inside a record")
-    return InnerSchema.build(dict(type=msg.TYPE, body=encode_body(msg)))
+    return bytes((msg.TYPE,)) + encode_body(msg)  # InnerSchema: the type byte, then the body (TYPE < 256)
 
 
 def decode_inner(plaintext: bytes) -> Message:
     if not plaintext:
         raise WireError(ErrorCode.MALFORMED, "empty record plaintext")
-    inner = InnerSchema.parse(plaintext)
-    return decode_body(inner.type, inner.body, inner=True)
+    # InnerSchema: the type byte, then the body
+    return decode_body(plaintext[0], plaintext[1:], inner=True)
 
 
 RecordAADSchema = c.Struct(
@@ -390,10 +517,19 @@ _RecordAAD = RecordAADSchema.compile()  # same bytes, ~3x faster on the record p
 _U64 = U64.compile()
 
 
+_AAD = struct.Struct(">2sBBBQ")  # RecordAADSchema
+_SEQ = struct.Struct(">Q")  # U64
+_RECORD = int(MessageType.RECORD)
+
+
 def record_aad(direction: int, seq: int) -> bytes:
+    if 0 <= direction <= 0xFF and 0 <= seq < 1 << 64:
+        return _AAD.pack(MAGIC, PROTOCOL_VERSION, _RECORD, direction, seq)
     return _RecordAAD.build(dict(direction=direction, seq=seq))
 
 
 def seq_bytes(seq: int) -> bytes:
     """The 8-byte big-endian sequence number used in AEAD nonces."""
+    if 0 <= seq < 1 << 64:
+        return _SEQ.pack(seq)
     return _U64.build(seq)

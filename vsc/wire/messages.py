@@ -18,10 +18,12 @@ from vsc.wire.codec import (
     Array,
     Bytes,
     EmptyOr,
+    Fast,
     Flag,
     Message,
     MessageType,
     StrictEnum,
+    Terminated,
     register,
 )
 from vsc.wire.errors import ErrorCode
@@ -116,8 +118,9 @@ KeyTransportPlaintext = c.Struct(
     "r2" / c.Bytes(RANDOM_SIZE),
     "s1" / c.Bytes(SESSION_KEY_SIZE),
     "s2" / c.Bytes(SESSION_KEY_SIZE),
-    c.Terminated,
+    Terminated,
 )
+_KeyTransportPlaintext = Fast(KeyTransportPlaintext)
 
 
 @register
@@ -211,14 +214,14 @@ class SessionSecrets:
     s2: bytes
 
     def encode(self) -> bytes:
-        return KeyTransportPlaintext.build(attrs.asdict(self))
+        return _KeyTransportPlaintext.build(attrs.asdict(self))
 
     @classmethod
     def decode(cls, data: bytes) -> "SessionSecrets":
         from vsc.wire.errors import WireError
 
         try:
-            p = KeyTransportPlaintext.parse(data)
+            p = _KeyTransportPlaintext.parse(data)
         except c.ConstructError:
             raise WireError(ErrorCode.HANDSHAKE_FAILED, f"key transport plaintext is {len(data)} bytes, expected 128") from None
         return cls(r1=p.r1, r2=p.r2, s1=p.s1, s2=p.s2)
@@ -239,13 +242,14 @@ FinishedInputSchema = c.Struct(
     "suite" / U8,
     "forward_secret" / Flag,
 )
+_KeyInfo, _FinishedInput = Fast(KeyInfoSchema), Fast(FinishedInputSchema)
 
 
 def key_info(label: str, suite: int, transcript: bytes) -> bytes:
-    return KeyInfoSchema.build(dict(label=label, suite=suite, transcript=transcript))
+    return _KeyInfo.build(dict(label=label, suite=suite, transcript=transcript))
 
 
 def finished_input(label: str, transcript: bytes, suite: int, forward_secret: bool) -> bytes:
-    return FinishedInputSchema.build(
+    return _FinishedInput.build(
         dict(label=label, transcript=transcript, suite=suite, forward_secret=forward_secret)
     )

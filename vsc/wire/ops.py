@@ -11,7 +11,8 @@ import enum
 import attrs
 import construct as c
 
-from vsc.wire.codec import U8, U16, U32, Array, Bytes, Message, MessageType, Nested, StrictEnum, Text, register
+from vsc.wire.codec import (U8, U16, U32, Array, Bytes, Fast, Message, MessageType, Nested, StrictEnum, Terminated, Text,
+                            register)
 
 MAX_SERIAL = 64
 MAX_PROTECTED = 512 * 1024  # opaque protected information (ciphertext)
@@ -223,11 +224,11 @@ class KdfParams:
     p: int = 1
 
     def encode(self) -> bytes:
-        return _KdfSchema.build(attrs.asdict(self))
+        return _Kdf.build(attrs.asdict(self))
 
     @classmethod
     def decode(cls, data: bytes) -> "KdfParams":
-        return _decode_struct(_KdfSchema, cls, data, "KDF parameters")
+        return _decode_struct(_Kdf, cls, data, "KDF parameters")
 
 
 _KdfSchema = c.Struct(
@@ -236,8 +237,9 @@ _KdfSchema = c.Struct(
     "log2_n" / c.Int8ub,
     "r" / c.Int8ub,
     "p" / c.Int8ub,
-    c.Terminated,
+    Terminated,
 )
+_Kdf = Fast(_KdfSchema)
 
 
 @attrs.frozen
@@ -248,14 +250,15 @@ class MasterResponse:
     mac: bytes
 
     def encode(self) -> bytes:
-        return _MasterSchema.build(attrs.asdict(self))
+        return _Master.build(attrs.asdict(self))
 
     @classmethod
     def decode(cls, data: bytes) -> "MasterResponse":
-        return _decode_struct(_MasterSchema, cls, data, "Master-key response")
+        return _decode_struct(_Master, cls, data, "Master-key response")
 
 
-_MasterSchema = c.Struct("ri2" / c.Bytes(32), "mac" / c.Bytes(32), c.Terminated)
+_MasterSchema = c.Struct("ri2" / c.Bytes(32), "mac" / c.Bytes(32), Terminated)
+_Master = Fast(_MasterSchema)
 
 # The input of the Master-key keyed hash: a fixed label, ri1, ri2, the serial.
 MasterInput = c.Struct(
@@ -264,10 +267,11 @@ MasterInput = c.Struct(
     "ri2" / c.Bytes(32),
     "serial" / _Serial,
 )
+_MasterInput = Fast(MasterInput)
 
 
 def master_input(ri1: bytes, ri2: bytes, serial: str) -> bytes:
-    return MasterInput.build(dict(ri1=ri1, ri2=ri2, serial=serial))
+    return _MasterInput.build(dict(ri1=ri1, ri2=ri2, serial=serial))
 
 
 def _decode_struct(schema, cls, data: bytes, what: str):
