@@ -296,7 +296,8 @@ class CardSession:
 
         return await self._locked(run)
 
-    async def data_put(self, name: str, value: bytes) -> None:
+    async def data_put(self, name: str, value) -> None:
+        """Store a data object; ``value`` may be any buffer (the control socket passes a locked one)."""
         if len(value) > MAX_DATA:
             raise CardError(f"a data object holds at most {MAX_DATA} bytes")
 
@@ -305,13 +306,19 @@ class CardSession:
 
         await self._locked(run)
 
-    async def data_get(self, name: str) -> bytes:
+    async def data_get(self, name: str, into=None):
+        """
+        A data object's value as bytes, or, with ``into``, what ``into(view)``
+        returns for its value opened in locked memory (zeroed right after):
+        the control socket builds its answer there without a bytes copy.
+        """
+
         async def run():
             mem = self.require_usable()
             if not mem.has(ItemKind.DATA, name):
                 raise CardError(f"no data object {name!r}")
             with mem.open(ItemKind.DATA, name) as v:
-                return bytes(v)
+                return bytes(v) if into is None else into(v)
 
         return await self._locked(run)
 
