@@ -38,8 +38,13 @@ from vsc.protocol.card_lifecycle import CardError
 from vsc.wire import apdu
 from vsc.wire.protected import ItemKind, KeyAlg
 
-#: 3B 8C 01 | 80 (compact TLV) 67 "vsc-piv" (pre-issuing data) 82 90 00 (status) | TCK — T=1 only
-HISTORICAL = bytes.fromhex("80") + bytes.fromhex("67") + b"vsc-piv" + bytes.fromhex("829000")
+#: 3B 8D 01 | 80 (compact TLV) 67 "vsc-piv" (pre-issuing data) 73 00 00 C0 (card capabilities: command
+#: chaining and extended Lc/Le, ISO/IEC 7816-4 8.1.1.2.7) | TCK — T=1 only. The PIV application answers an
+#: extended-length command in one response APDU (an RSA-2048 GENERAL AUTHENTICATE is then one APDU) and
+#: keeps chaining and 61xx + GET RESPONSE for short ones: OpenSC 0.23's PIV driver and yubico-piv-tool 2.2
+#: never send extended APDUs (they chain), so both still take the 3-APDU path. The status indicator
+#: (82 90 00, optional) was dropped to stay within the 15 historical bytes.
+HISTORICAL = bytes.fromhex("80") + bytes.fromhex("67") + b"vsc-piv" + bytes.fromhex("730000C0")
 ATR = apdu.build_atr(HISTORICAL)
 DEFAULT_ENDPOINT = "tcp:127.0.0.1:35963"
 
