@@ -94,18 +94,36 @@ def amp_main(home: str, n: int) -> None:
     from vsc.card.client import ControlClient
     from vsc.wire import control
 
+    from vsc import crypto
+
     out: dict = {}
+    kinds = {"9a": crypto.KEY_RSA2048, "9c": crypto.KEY_P256}
     with ControlClient(home) as card:
         for slot in ("9a", "9c"):
-            times, sigs = [], []
+            # the floor, in this process, alternated with the calls: load a PKCS#8 key of the slot's kind and
+            # sign (what the card does per call), and sign with a key loaded once (OpenSSL's sign rate)
+            der = crypto.generate_private_der(kinds[slot])
+            held = crypto.PrivateKeyHandle(der)
+            times, sigs, load_sign, held_sign = [], [], [], []
             for i in range(n + 2):
                 digest = hashlib.sha256(f"amp {slot} {i}".encode()).digest()
                 t0 = time.perf_counter()
                 sig = card.call(control.SIGN_DIGEST, slot=slot, digest=digest)["signature"]
+                t1 = time.perf_counter()
+                with crypto.PrivateKeyHandle(der) as key:
+                    key.sign_digest(digest)
+                t2 = time.perf_counter()
+                held.sign_digest(digest)
+                t3 = time.perf_counter()
                 if i >= 2:  # two warm-up calls
-                    times.append((time.perf_counter() - t0) * 1000.0)
+                    times.append((t1 - t0) * 1000.0)
+                    load_sign.append((t2 - t1) * 1000.0)
+                    held_sign.append((t3 - t2) * 1000.0)
                 sigs.append(sig)
+            held.__exit__(None, None, None)
             out[slot] = {"ms": times, "sig_hex": sigs[-1].hex(), "data": f"amp {slot} {n + 1}"}
+            out[f"load_sign_{slot}"] = {"ms": load_sign}
+            out[f"held_sign_{slot}"] = {"ms": held_sign}
     fresh = []
     for i in range(max(5, n // 5)):
         digest = hashlib.sha256(f"fresh {i}".encode()).digest()
@@ -170,6 +188,16 @@ for name, seq in plan["ops"]:
 conn.disconnect()
 print(json.dumps(out))
 """
+
+
+def _reader_present(reader: str, env: dict) -> bool:
+    """Is a card in ``reader`` (asked through the system python3's pyscard, as the clients do)?"""
+    code = ("import sys\nfrom smartcard.System import readers\n"
+            "r=[x for x in readers() if str(x).startswith(sys.argv[1])]\n"
+            "import smartcard.Exceptions as E\n"
+            "try:\n c=r[0].createConnection(); c.connect(); print('yes')\nexcept Exception:\n print('no')")
+    p = subprocess.run([SYSTEM_PYTHON, "-c", code, reader], env=env, capture_output=True, text=True, timeout=60)
+    return p.stdout.strip() == "yes"
 
 
 def _unwrap_ga(resp: bytes) -> bytes:
@@ -435,6 +463,8 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
                                                            bytes.fromhex(r["sig_hex"]))
         res["amp"] = {"9a": summary(amp_res["9a"]["ms"]), "9c": summary(amp_res["9c"]["ms"]),
                       "fresh_9a": summary(amp_res["fresh_9a"]["ms"])}
+        res["floor"] = {k: summary(amp_res[k]["ms"]) for k in ("load_sign_9a", "load_sign_9c", "held_sign_9a",
+                                                               "held_sign_9c")}
 
         # ---- the local API: the whole CLI per signature
         (base / "doc").write_bytes(b"a document to sign\n" * 50)
@@ -456,8 +486,30 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
 
             progress("  latency: PC/SC (pyscard GENERAL AUTHENTICATE, pkcs11-tool through OpenSC)...")
             apdus = bpcsc.piv_apdus()  # bench/pcsc.py's: SELECT + VERIFY, GENERAL AUTHENTICATE as OpenSC sends it
+            # the floor of the same pcscd + vpcd: a no-op card (9000 to everything) on vpcd's second reader
+            progress("  latency: PC/SC floor (a no-op card on Virtual PCD 00 01)...")
+            floor_card = bpcsc.FloorCard(35964)
+            floor_card.start()
+            try:
+                floor_card.connected.wait(10)
+                plan = json.dumps({"reader": bpcsc.FLOOR_READER, "n": n_pcsc, "wait": 20, "setup": [],
+                                   "ops": [["noop", apdus["floor"]]]})
+                p = subprocess.run([SYSTEM_PYTHON, "-c", PCSC_CLIENT, plan], env=env, capture_output=True,
+                                   text=True, timeout=600)
+                try:
+                    fres = json.loads(p.stdout.strip().splitlines()[-1])
+                except (IndexError, ValueError):
+                    fres = {"error": (p.stderr or p.stdout).strip()[-300:]}
+            finally:
+                floor_card.stop()
+            if "error" in fres:
+                res["notes"].append(f"PC/SC floor card: {fres['error']}")
+            else:
+                res["pcsc_floor"] = summary(fres["noop"]["ms"])
+            _wait(lambda: not _reader_present(bpcsc.FLOOR_READER, env), 20, "the no-op card to leave")
             plan = json.dumps({"reader": READER, "n": n_pcsc, "wait": 20, "setup": apdus["setup"],
-                               "ops": [["9c", apdus["ecdsa"]], ["9a", apdus["rsa"]]]})
+                               "ops": [["9c", apdus["ecdsa"]], ["9a", apdus["rsa"]], ["9a_ext", apdus["rsa_ext"]],
+                                       ["roundtrip", apdus["getdata"]]]})
             p = subprocess.run([SYSTEM_PYTHON, "-c", PCSC_CLIENT, plan], env=env, capture_output=True, text=True,
                                timeout=600)
             try:
@@ -467,13 +519,13 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
             if "error" in pres:
                 res["notes"].append(f"PC/SC client: {pres['error']}")
             else:
-                res["pcsc"] = {}
-                for slot in ("9c", "9a"):
+                res["pcsc"] = {"roundtrip": summary(pres["roundtrip"]["ms"])}
+                for slot in ("9c", "9a", "9a_ext"):
                     r = pres[slot]
                     res["pcsc"][slot] = summary(r["ms"])
                     # piv_apdus() signs SHA-256(b"bench"): the raw RSA result of its PKCS#1 v1.5 block IS the
                     # PKCS#1 v1.5 signature of b"bench", and the ECDSA result is a signature of it too
-                    verified[f"pcsc {slot}"] = crypto.verify_sha256(publics[slot], b"bench",
+                    verified[f"pcsc {slot}"] = crypto.verify_sha256(publics[slot[:2]], b"bench",
                                                                     _unwrap_ga(bytes.fromhex(r["resp_hex"])))
             tool = shutil.which("pkcs11-tool")
             if tool and os.path.exists(OPENSC_MODULE):
@@ -496,6 +548,7 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
         except Exception as e:  # noqa: BLE001 - reported in the document
             res["notes"].append(f"SoftHSM2 not measured: {type(e).__name__}: {e}")
         res["verified"] = verified
+        res["targets"] = targets(res)
         return res
     finally:
         world.close()
@@ -557,6 +610,54 @@ def run_isolated(quick: bool = False, pcsc: bool = True, keep: bool = False, pro
     return res
 
 
+# ---------------------------------------------------------------- targets (issue 15)
+
+
+def target(name: str, value: float | None, floor: float | None, unit: str, bound: float, higher: bool = False,
+           floor_name: str = "") -> dict:
+    """
+    One row of issue 15's targets: ``value`` beside its ``floor`` measured in
+    the same run, their ratio, and whether it is within ``bound`` (a ratio at
+    most ``bound``; with ``higher``, a rate ratio at least ``bound``).
+    """
+    ratio = (value / floor) if value and floor else None
+    met = None if ratio is None else (ratio >= bound if higher else ratio <= bound)
+    return {"target": name, "value": value, "floor": floor, "floor_name": floor_name, "unit": unit,
+            "ratio": None if ratio is None else round(ratio, 3), "bound": bound,
+            "bound_text": f"{'>=' if higher else '<='} {bound:g}x", "met": met}
+
+
+def targets(res: dict) -> list[dict]:
+    """The card-side targets this part measures, each beside its floor from the same run."""
+    p50 = lambda d, *keys: _dig(d, *keys, "p50")  # noqa: E731
+    rows = [
+        target("local API sign RSA-2048 (p50) / load-and-sign", p50(res, "amp", "9a"),
+               p50(res, "floor", "load_sign_9a"), "ms", 1.15, floor_name="load the PKCS#8 key + sign, same process"),
+    ]
+    held = p50(res, "floor", "held_sign_9a")
+    ga, ga_ext = p50(res, "pcsc", "9a"), p50(res, "pcsc", "9a_ext")
+    rows.append(target("PIV RSA-2048 signatures/s over PC/SC (chained, as OpenSC) / OpenSSL sign rate",
+                       1000.0 / ga if ga else None, 1000.0 / held if held else None, "/s", 0.5, higher=True,
+                       floor_name="OpenSSL RSA-2048 sign, key loaded once"))
+    rows.append(target("PIV RSA-2048 signatures/s over PC/SC (one extended APDU) / OpenSSL sign rate",
+                       1000.0 / ga_ext if ga_ext else None, 1000.0 / held if held else None, "/s", 0.5, higher=True,
+                       floor_name="OpenSSL RSA-2048 sign, key loaded once"))
+    rows.append(target("`pkcs11-tool --sign` per process through OpenSC / SoftHSM2's", p50(res, "pcsc_tool_9a"),
+                       p50(res, "softhsm", "tool_rsa2048"), "ms", 2.0,
+                       floor_name="`pkcs11-tool --sign` on SoftHSM2"))
+    rows.append(target("APDU round trip (GET DATA Discovery) / a no-op card's", p50(res, "pcsc", "roundtrip"),
+                       p50(res, "pcsc_floor"), "ms", 1.5, floor_name="no-op card on the same pcscd + vpcd"))
+    return rows
+
+
+def _dig(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return None
+        d = d[k]
+    return d
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -578,9 +679,20 @@ def report(res: dict, floor: dict | None = None) -> str:
     rows.append(["card: new control connection + SignDigest", "RSA-2048 (9a)", *_cell(amp.get("fresh_9a"))])
     rows.append(["card: `vsc card sign` (whole CLI process)", "RSA-2048 (9a)", *_cell(cli.get("9a"))])
     rows.append(["card: `vsc card sign` (whole CLI process)", "P-256 (9c)", *_cell(cli.get("9c"))])
+    fl = res.get("floor", {})
+    rows.append(["floor: load the PKCS#8 key + sign, in the AMP client's process", "RSA-2048",
+                 *_cell(fl.get("load_sign_9a"))])
+    rows.append(["floor: load the PKCS#8 key + sign, in the AMP client's process", "P-256", *_cell(fl.get("load_sign_9c"))])
+    rows.append(["floor: sign with a key loaded once (OpenSSL's sign rate)", "RSA-2048", *_cell(fl.get("held_sign_9a"))])
+    if res.get("pcsc_floor"):
+        rows.append(["floor: PC/SC round trip to a no-op card (9000 to everything), same pcscd + vpcd", "—",
+                     *_cell(res.get("pcsc_floor"))])
     if pcsc:
+        rows.append(["card: PC/SC round trip, GET DATA Discovery (pyscard)", "—", *_cell(pcsc.get("roundtrip"))])
         rows.append(["card: PC/SC GENERAL AUTHENTICATE (pyscard, PIN verified once)", "RSA-2048 raw (9a)",
                      *_cell(pcsc.get("9a"))])
+        rows.append(["card: PC/SC GENERAL AUTHENTICATE as ONE extended-length APDU", "RSA-2048 raw (9a)",
+                     *_cell(pcsc.get("9a_ext"))])
         rows.append(["card: PC/SC GENERAL AUTHENTICATE (pyscard, PIN verified once)", "P-256 (9c)",
                      *_cell(pcsc.get("9c"))])
     if res.get("pcsc_tool_9a"):
@@ -598,6 +710,8 @@ def report(res: dict, floor: dict | None = None) -> str:
             f"ms; loading the PKCS#8 key and signing, as the card does for every call, RSA-2048 "
             f"{1000.0 / floor['rsa2048_load_sign']:.3f} ms, P-256 {1000.0 / floor['p256_load_sign']:.3f} ms."
         )
+    if res.get("targets"):
+        lines += ["", targets_table(res["targets"]), ""]
     if res.get("pcsc_skipped"):
         lines.append(f"PC/SC not measured: {res['pcsc_skipped']}.")
     ver = res.get("verified", {})
@@ -608,6 +722,24 @@ def report(res: dict, floor: dict | None = None) -> str:
     for note in res.get("notes", []):
         lines.append(f"Note: {note}")
     return "\n".join(lines)
+
+
+def targets_table(rows: list[dict]) -> str:
+    """issue 15's card-side targets as a table (also used by bench/__main__.py's Targets section)."""
+    from bench._util import markdown_table
+
+    def fmt(v, unit):
+        if v is None:
+            return "—"
+        return f"{v:,.0f} {unit}" if unit == "/s" else f"{v:.2f} {unit}"
+
+    out = []
+    for r in rows:
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        met = "—" if r["met"] is None else ("met" if r["met"] else "NOT met")
+        out.append([r["target"], fmt(r["value"], r["unit"]), f"{fmt(r['floor'], r['unit'])} ({r['floor_name']})",
+                    ratio, r["bound_text"], met])
+    return markdown_table(["target", "measured", "floor, same run", "ratio", "bound", ""], out)
 
 
 def main(argv: list[str] | None = None) -> int:

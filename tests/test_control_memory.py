@@ -148,10 +148,13 @@ class StubReactor:
 def test_locked_server_reads_into_the_protocols_buffer_and_sends_a_locked_answer():
     """
     On a real socket pair, LockedServer.doRead fills the protocol's locked
-    buffer with recv_into and the DataPut is stored; DataGet's answer is sent
-    by doWrite from its LockedBuffer, which is then freed (unmapped).
+    buffer with recv_into and the DataPut is stored and answered at once; a
+    DataGet answer too large for the socket's send buffer is queued with its
+    LockedBuffer, sent by doWrite as the peer reads, and the buffer is then
+    freed (unmapped).
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     ours.setblocking(False)
     theirs.settimeout(5)
     session = Session()
@@ -165,7 +168,7 @@ def test_locked_server_reads_into_the_protocols_buffer_and_sends_a_locked_answer
         while not session.stored:
             assert server.doRead() is None
         assert session.stored == {"n": value} and session.put_buffers == [mmap.mmap]
-        assert server.doWrite() is None
+        assert server not in reactor.writers  # the short answer went out at once
         box, _ = ampbox.decode_box(theirs.recv(65536))
         assert wc.answer(wc.DATA_PUT, 1, box) == {}
 
@@ -173,17 +176,19 @@ def test_locked_server_reads_into_the_protocols_buffer_and_sends_a_locked_answer
         real = server.write_locked
         server.write_locked = lambda out: (sent.append(out), real(out))
         theirs.sendall(ampbox.encode_box(wc.request(wc.DATA_GET, 2, {"name": "n"})))
-        assert server.doRead() is None and len(sent) == 1 and server in reactor.writers
-        assert server.doWrite() is None and sent[0]._mm is None  # sent, zeroed and unmapped
+        assert server.doRead() is None and len(sent) == 1
+        assert server in reactor.writers and sent[0]._mm is not None  # queued: the socket took only part of it
         data = b""
         while True:
             data += theirs.recv(65536)
+            assert server.doWrite() is None
             try:
                 box, _ = ampbox.decode_box(data)
                 break
             except ampbox.Incomplete:
                 continue
         assert wc.answer(wc.DATA_GET, 2, box) == {"value": value}
+        assert sent[0]._mm is None and server not in reactor.writers  # sent, zeroed and unmapped
     finally:
         theirs.close()
         server.connectionLost(Failure(main.CONNECTION_DONE))
