@@ -103,3 +103,12 @@ def test_tlv_encode_refuses_what_the_schema_refuses():
     for tag in invalid:
         with pytest.raises(WireError):
             tlv.encode(tag, b"x")
+
+
+def test_parse_tag_agrees_with_the_schema():
+    """A tag alone: every 1-3 byte string (sampled) and the PIV object tags parse, or are refused, alike."""
+    rng = random.Random(5)
+    samples = [b"", b"\x7e", b"\x5f\xc1\x05", b"\x5f\xc1", b"\x5f\xc1\x05\x00", b"\x9f\x81\x81\x01", b"\x1f"]
+    samples += [rng.randbytes(rng.randint(1, 4)) for _ in range(3000)]
+    for data in samples:
+        assert _tlv_outcome(tlv.parse_tag, data) == _tlv_outcome(tlv.parse_tag_schema, data), data.hex()

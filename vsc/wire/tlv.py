@@ -249,9 +249,34 @@ def tag_bytes(tag: int) -> bytes:
 
 
 def parse_tag(data) -> int:
-    """A tag alone (the value of a ``5C`` tag list with one tag)."""
+    """A tag alone (the value of a ``5C`` tag list with one tag): by index, every GET DATA reads one."""
+    data = bytes(data)
+    if not data:
+        raise WireError(ErrorCode.MALFORMED, "BER-TLV tag: no bytes")
+    tag, pos = data[0], 1
+    if tag & 0x1F == 0x1F:
+        for _ in range(1, MAX_TAG_BYTES):
+            if pos >= len(data):
+                raise WireError(ErrorCode.MALFORMED, "BER-TLV tag: truncated")
+            b = data[pos]
+            pos += 1
+            tag = (tag << 8) | b
+            if not b & 0x80:
+                break
+        else:
+            raise WireError(ErrorCode.MALFORMED, f"BER-TLV tag: {tag:#x} is longer than {MAX_TAG_BYTES} bytes")
+    if pos != len(data):
+        raise WireError(ErrorCode.MALFORMED, "BER-TLV tag: bytes after the tag")
+    return tag
+
+
+_TagAlone = c.Struct("tag" / BerTag, c.Terminated)
+
+
+def parse_tag_schema(data) -> int:
+    """``parse_tag`` through the construct schema (the reference)."""
     try:
-        return c.Struct("tag" / BerTag, c.Terminated).parse(bytes(data)).tag
+        return _TagAlone.parse(bytes(data)).tag
     except c.ConstructError as e:
         raise WireError(ErrorCode.MALFORMED, f"BER-TLV tag: {str(e).strip()}") from None
 
