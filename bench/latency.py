@@ -452,7 +452,7 @@ class CardInUse:
 def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lambda m: None) -> dict:
     from vsc import crypto
 
-    n_amp = 15 if quick else 200
+    n_amp = 60 if quick else 200  # ~1 ms a call: enough calls for a p50 on a shared machine
     n_cli = 2 if quick else 10
     n_pcsc = 10 if quick else 100
     n_tool = 2 if quick else 8

@@ -57,6 +57,10 @@ Which library does what, and why (figures from the project's 2-vCPU machine,
   check) and frees the key, which clears its numbers. PKCS#1 v1.5 signature
   blocks for SHA-1/224/256/384/512 are recognised and signed through
   ``cryptography`` instead (same bytes, its usual path).
+  tests/test_memory_scan.py checks the result in a running card daemon:
+  after PIV PKCS#1 v1.5 and PSS signatures and a decipher, no d, p, q (nor
+  dP, dQ, qInv, in either byte order) is found in its memory, and no heap
+  block holding a piece of them is freed uncleansed.
 
 Nothing here invents a primitive: every construction is a standard one
 (RSA-OAEP-SHA256, RSA-PSS, PKCS#1 v1.5, HKDF-SHA256, HMAC-SHA256, AES-GCM,
