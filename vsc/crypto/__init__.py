@@ -41,6 +41,9 @@ Which library does what, and why (figures from the project's 2-vCPU machine,
 * ``hashlib``/``hmac`` (OpenSSL underneath) for hashes and HMAC: importing them
   costs a millisecond where ``cryptography`` costs ~60, and the CLI hashes the
   data it asks the card to sign.
+  The ``vsc card`` request path goes one step lighter (``sha256_light``):
+  CPython's built-in SHA-256 module for small inputs, without loading
+  libcrypto at all.
 * the system's ``libcrypto.so.3`` through ``ctypes`` (``_libcrypto``) for one
   operation ``cryptography`` does not offer: the RSA private operation on an
   already padded block, which a PIV card performs for GENERAL AUTHENTICATE
@@ -76,6 +79,17 @@ from __future__ import annotations
 
 import importlib
 
+try:  # CPython's own SHA-256 module (hashlib's fallback without OpenSSL): see sha256_light
+    from _sha2 import sha256 as _builtin_sha256  # Python 3.12+
+except ImportError:
+    try:
+        from _sha256 import sha256 as _builtin_sha256  # Python 3.11
+    except ImportError:  # pragma: no cover - another interpreter
+        _builtin_sha256 = None
+
+#: sha256_light hashes up to this many bytes itself; more go to hashlib (OpenSSL is faster per byte)
+LIGHT_SHA256_MAX = 1 << 20
+
 #: public name -> the submodule that defines it
 _WHERE: dict[str, str] = {}
 for _module, _names in {
@@ -105,6 +119,20 @@ del _module, _names, _name
 SUBMODULES = ("errors", "random", "hashes", "kdf", "aead", "block", "rsa", "ec", "keys", "x509", "vendor", "otp")
 
 __all__ = sorted(_WHERE) + list(SUBMODULES)
+
+
+def sha256_light(data) -> bytes:
+    """
+    SHA-256 for the ``vsc card`` request path (the control socket's name,
+    the digest ``vsc card sign`` sends): the same function as ``sha256``,
+    through CPython's built-in SHA-256 module, because importing ``hashlib``
+    loads OpenSSL's libcrypto (~3 ms, a sixth of a whole ``vsc card status``
+    process; issue 15, bench/startup.py). Inputs over LIGHT_SHA256_MAX bytes
+    go to ``sha256``. tests/test_cli.py checks both give the same digests.
+    """
+    if _builtin_sha256 is None or len(data) > LIGHT_SHA256_MAX:
+        return __getattr__("sha256")(data)
+    return _builtin_sha256(data).digest()
 
 
 def __getattr__(name: str):
