@@ -3,7 +3,10 @@ Twisted AMP's box encoding (twisted.protocols.amp), for the one client of
 the card's control socket (vsc.card.client): a box is key/value pairs, each
 a 16-bit big-endian length and then the bytes (a key has 1-255 bytes, a
 value 0-65535), ended by an empty key (two zero bytes). This is the only
-AMP box codec in vsc; the card daemon's side is Twisted's own AMP.
+AMP box codec in vsc. The card daemon reads every box with ``locate_box``
+(in place, in locked memory) and writes the answers that carry a secret
+with ``encode_box_into``; the commands it does not answer itself go on to
+Twisted's own AMP dispatch (vsc.card.control).
 
 Why plain ``int.from_bytes`` here and not construct like the rest of
 vsc.wire: this module is on the request path of every ``vsc card`` command
