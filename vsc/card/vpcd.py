@@ -27,10 +27,11 @@ from __future__ import annotations
 import socket
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import DeferredLock, ensureDeferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
+from twisted.python.failure import Failure
 
 from vsc import crypto
 from vsc.protocol import piv
@@ -208,7 +209,23 @@ class VpcdProtocol(Int16StringReceiver):
         super().dataReceived(data)
 
     def stringReceived(self, payload: bytes) -> None:
-        self._lock.run(self._handle, payload).addErrback(self._failed)
+        if self._lock.locked:  # an earlier message is still waiting on an effect: this one queues behind it
+            self._lock.run(self._handle, payload).addErrback(self._failed)
+            return
+        # the usual case, nothing in flight: handle it now, holding the lock until its answer is written
+        # (what DeferredLock.run does, without its extra Deferreds on every APDU)
+        self._lock.locked = True
+        try:
+            d = self._handle(payload)
+        except BaseException:
+            self._lock.release()
+            self._failed(Failure())
+            return
+        d.addBoth(self._handled).addErrback(self._failed)
+
+    def _handled(self, result):
+        self._lock.release()
+        return result
 
     def _failed(self, failure) -> None:
         self.log.failure("vpcd message failed", failure)
@@ -225,8 +242,6 @@ class VpcdProtocol(Int16StringReceiver):
         send_now(self.transport, apdu.encode_vpcd(response))
 
     def _handle(self, payload: bytes):
-        from twisted.internet.defer import ensureDeferred, succeed
-
         ctl = apdu.control_of(payload)
         if ctl is apdu.VpcdControl.GET_ATR:
             send_now(self.transport, apdu.encode_vpcd(self.atr))
