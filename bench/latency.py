@@ -787,7 +787,27 @@ def report(res: dict, floor: dict | None = None) -> str:
                      + ("all verify." if not bad else f"FAILED for {', '.join(bad)}."))
     for note in res.get("notes", []):
         lines.append(f"Note: {note}")
+    lines += ["", PROFILE]
     return "\n".join(lines)
+
+
+#: what py-spy showed in the card daemon (issue 15), and what was done about it; figures from the runs that guided it
+PROFILE = """**Where the card's time goes** (py-spy of the card daemon, `py-spy record -r 1000`, under a client looping
+on one request; the shares are of the daemon's busy samples).
+
+* Local API SignDigest (8,000 P-256 calls): the `send` that answers (and wakes the client) is the largest share,
+  then OpenSSL (the key load and the signature), AES-GCM's decryptor set-up and the locked buffer made per
+  operation (mmap + mlock + munmap). Removed: Twisted AMP's dispatch for SignDigest (~14%: answered by the
+  daemon's own box reader now), the seal AAD built by construct on every operation (~8%: cached), Twisted's
+  write-on-next-turn (answers are sent in the turn that made them). For RSA-2048 about half of a signature is
+  loading the key for that one operation (OpenSSL's per-key set-up on first use): the key-cache policy
+  (card.ini `key_cache`, off by default) is what removes it.
+* PIV GET DATA over vpcd: a construct Struct built per call to read the tag list (~26%: by index now),
+  DeferredLock.run's Deferreds on every APDU (handled at once when nothing is in flight); 36.5 -> 26.7 us per
+  GET DATA inside the process. What remains is Twisted's Deferred machinery around the applet's coroutine and
+  the socket calls (TCP_QUICKACK, send).
+* `pkcs11-tool --sign`: about 45 APDUs per process (OpenSC's driver matching, Discovery read several times,
+  every certificate, VERIFY, the signature), 5-10 ms of round trips; the rest is OpenSC's own start."""
 
 
 def targets_table(rows: list[dict]) -> str:
