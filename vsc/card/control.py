@@ -176,12 +176,19 @@ class ControlProtocol(amp.AMP):
             self._rx.zero()
         self.transport.loseConnection()
 
+    def makeConnection(self, transport):
+        """AMP's, without its info line per connection (every ``vsc card`` process is one connection)."""
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
     def connectionLost(self, reason):
         if self._rx is not None:
             self._rx.free()
             self._rx = None
             self._fill = 0
-        return super().connectionLost(reason)
+        amp.BinaryBoxProtocol.connectionLost(self, reason)  # AMP's, without its info line
+        self.transport = None
 
     def _box_received(self, fields: list[tuple[bytes, int, int]]) -> None:
         view = self._rx.view[:self._fill]
