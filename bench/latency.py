@@ -803,9 +803,10 @@ on one request; the shares are of the daemon's busy samples).
   loading the key for that one operation (OpenSSL's per-key set-up on first use): the key-cache policy
   (card.ini `key_cache`, off by default) is what removes it.
 * PIV GET DATA over vpcd: a construct Struct built per call to read the tag list (~26%: by index now),
-  DeferredLock.run's Deferreds on every APDU (handled at once when nothing is in flight); 36.5 -> 26.7 us per
-  GET DATA inside the process. What remains is Twisted's Deferred machinery around the applet's coroutine and
-  the socket calls (TCP_QUICKACK, send).
+  DeferredLock.run's Deferreds on every APDU (handled at once when nothing is in flight), a coroutine and its
+  Deferred per APDU (the applet now runs to its answer at once unless an effect has to wait: a private-key
+  operation or a change synced to the server); 36.5 -> 8.2 us per GET DATA inside the process. What remains
+  per APDU is mostly the socket calls (TCP_QUICKACK, recv, send).
 * `pkcs11-tool --sign`: about 45 APDUs per process (OpenSC's driver matching, Discovery read several times,
   every certificate, VERIFY, the signature), 5-10 ms of round trips; the rest is OpenSC's own start."""
 

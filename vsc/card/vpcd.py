@@ -52,6 +52,10 @@ DEFAULT_ENDPOINT = "tcp:127.0.0.1:35963"
 _KIND = {KeyAlg.RSA2048: crypto.KEY_RSA2048, KeyAlg.P256: crypto.KEY_P256}
 
 
+#: the applet's effects PivCard performs at once (no reactor wait): see PivCard.begin
+_IMMEDIATE = (piv.Load, piv.KeyInfo, piv.Notice)
+
+
 class PivCard:
     """The PIV application of one inserted card: APDU in, APDU out, effects on the session."""
 
@@ -66,19 +70,43 @@ class PivCard:
         self.applet.reset()
 
     async def transmit(self, raw: bytes) -> bytes:
-        gen = self.applet.process(raw)
-        send = None
-        throw: BaseException | None = None
+        """One command APDU in, its response APDU out."""
+        response, rest = self.begin(raw)
+        return response if rest is None else await rest
+
+    def begin(self, raw: bytes):
+        """
+        Run the applet on ``raw`` as far as it goes without waiting:
+        ``(response, None)`` when it finished (most APDUs: their effects,
+        reading locked memory, are immediate), else ``(None, coroutine)``
+        that finishes it once an effect that waits (a private-key operation,
+        a change synced to the server) is done. Saves the coroutine and its
+        Deferred on the APDUs that never wait.
+        """
+        return self._run(self.applet.process(raw), None, None)
+
+    def _run(self, gen, send, throw):
         while True:
             try:
                 effect = gen.throw(throw) if throw is not None else gen.send(send)
             except StopIteration as stop:
-                return stop.value
+                return stop.value, None
             send, throw = None, None
+            if not isinstance(effect, _IMMEDIATE):
+                return None, self._resume(gen, effect)
             try:
-                send = await self._perform(effect)
+                send = self._perform_now(effect)
             except piv.EffectFailed as e:
                 throw = e
+
+    async def _resume(self, gen, effect) -> bytes:
+        send, throw = None, None
+        try:
+            send = await self._perform(effect)
+        except piv.EffectFailed as e:
+            throw = e
+        response, rest = self._run(gen, send, throw)
+        return response if rest is None else await rest
 
     # -- effects
 
@@ -88,7 +116,8 @@ class PivCard:
         except CardError as e:
             raise piv.EffectFailed(str(e)) from None
 
-    async def _perform(self, effect):
+    def _perform_now(self, effect):
+        """The effects that never wait (_IMMEDIATE): reading locked memory, a log line."""
         if isinstance(effect, piv.Load):
             mem = self._memory()
             if not mem.has(effect.kind, effect.name):
@@ -100,6 +129,14 @@ class PivCard:
                 if kind is ItemKind.KEY and name == effect.slot:
                     return alg, public
             return None
+        if isinstance(effect, piv.Notice):
+            self.log.info("PIV {event} {fields}", event=effect.event, fields=effect.fields)
+            return None
+        raise piv.EffectFailed(f"unknown effect {effect!r}")
+
+    async def _perform(self, effect):
+        if isinstance(effect, _IMMEDIATE):
+            return self._perform_now(effect)
         if isinstance(effect, piv.Store):
             try:
                 await self.session.put_item(effect.kind, effect.name, effect.value, effect.alg, effect.public)
@@ -110,9 +147,6 @@ class PivCard:
             return await self._private_op(effect)
         if isinstance(effect, piv.Generate):
             return await self._generate(effect)
-        if isinstance(effect, piv.Notice):
-            self.log.info("PIV {event} {fields}", event=effect.event, fields=effect.fields)
-            return None
         raise piv.EffectFailed(f"unknown effect {effect!r}")
 
     async def _private_op(self, effect: piv.PrivateOp) -> bytes:
@@ -232,12 +266,16 @@ class VpcdProtocol(Int16StringReceiver):
         if self.transport is not None:
             self.transport.loseConnection()
 
-    async def _answer(self, payload: bytes) -> None:
+    async def _answer(self, rest) -> None:
+        """Finish an APDU whose effect had to wait (PivCard.begin), then answer it."""
         try:
-            response = await self.card.transmit(payload)
+            response = await rest
         except Exception:  # noqa: BLE001 - a bug: answer 6F00 rather than leave the host waiting
             self.log.failure("APDU processing failed")
             response = apdu.build_response(b"", piv.SW_UNKNOWN)
+        self._respond(response)
+
+    def _respond(self, response: bytes) -> None:
         self.apdus += 1
         send_now(self.transport, apdu.encode_vpcd(response))
 
@@ -249,7 +287,15 @@ class VpcdProtocol(Int16StringReceiver):
         if ctl is not None:  # power off, power on, reset: volatile state cleared, no reply
             self.card.reset()
             return succeed(None)
-        return ensureDeferred(self._answer(payload))
+        try:
+            response, rest = self.card.begin(payload)
+        except Exception:  # noqa: BLE001 - a bug: answer 6F00 rather than leave the host waiting
+            self.log.failure("APDU processing failed")
+            response, rest = apdu.build_response(b"", piv.SW_UNKNOWN), None
+        if rest is None:  # answered without waiting (most APDUs)
+            self._respond(response)
+            return succeed(None)
+        return ensureDeferred(self._answer(rest))
 
     def connectionLost(self, reason) -> None:
         self.connected = False
