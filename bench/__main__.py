@@ -770,6 +770,21 @@ def headline(results: dict) -> list[str]:
     return out
 
 
+def targets_section(results: dict) -> list[str]:
+    """
+    Issue 15's targets: every part may return ``targets`` (rows made by
+    bench.latency.target: the figure, its floor from the same run, the ratio
+    and the bound); they are gathered here into one table.
+    """
+    from bench.latency import targets_table
+
+    rows = [dict(r, target=f"{r['target']} ({part})") for part in PARTS
+            for r in (results.get(part) or {}).get("targets", [])]
+    if not rows:
+        return []
+    return ["## Targets (issue 15)", "", targets_table(rows), ""]
+
+
 def document(results: dict, facts: dict, command: str, quick: bool, started: str, load_start: str,
              load_end: str, elapsed: float) -> str:
     from bench import capacity, latency, startup
@@ -798,6 +813,7 @@ def document(results: dict, facts: dict, command: str, quick: bool, started: str
         "",
         *headline(results),
         "",
+        *targets_section(results),
         "## 1. The floor: bare private-key operations",
         "",
         *section_floor(results.get("floor", {"error": "skipped"})),

@@ -94,18 +94,36 @@ def amp_main(home: str, n: int) -> None:
     from vsc.card.client import ControlClient
     from vsc.wire import control
 
+    from vsc import crypto
+
     out: dict = {}
+    kinds = {"9a": crypto.KEY_RSA2048, "9c": crypto.KEY_P256}
     with ControlClient(home) as card:
         for slot in ("9a", "9c"):
-            times, sigs = [], []
+            # the floor, in this process, alternated with the calls: load a PKCS#8 key of the slot's kind and
+            # sign (what the card does per call), and sign with a key loaded once (OpenSSL's sign rate)
+            der = crypto.generate_private_der(kinds[slot])
+            held = crypto.PrivateKeyHandle(der)
+            times, sigs, load_sign, held_sign = [], [], [], []
             for i in range(n + 2):
                 digest = hashlib.sha256(f"amp {slot} {i}".encode()).digest()
                 t0 = time.perf_counter()
                 sig = card.call(control.SIGN_DIGEST, slot=slot, digest=digest)["signature"]
+                t1 = time.perf_counter()
+                with crypto.PrivateKeyHandle(der) as key:
+                    key.sign_digest(digest)
+                t2 = time.perf_counter()
+                held.sign_digest(digest)
+                t3 = time.perf_counter()
                 if i >= 2:  # two warm-up calls
-                    times.append((time.perf_counter() - t0) * 1000.0)
+                    times.append((t1 - t0) * 1000.0)
+                    load_sign.append((t2 - t1) * 1000.0)
+                    held_sign.append((t3 - t2) * 1000.0)
                 sigs.append(sig)
+            held.__exit__(None, None, None)
             out[slot] = {"ms": times, "sig_hex": sigs[-1].hex(), "data": f"amp {slot} {n + 1}"}
+            out[f"load_sign_{slot}"] = {"ms": load_sign}
+            out[f"held_sign_{slot}"] = {"ms": held_sign}
     fresh = []
     for i in range(max(5, n // 5)):
         digest = hashlib.sha256(f"fresh {i}".encode()).digest()
@@ -170,6 +188,57 @@ for name, seq in plan["ops"]:
 conn.disconnect()
 print(json.dumps(out))
 """
+
+
+def _with_key_cache(world: "CardInUse", pcsc: bool, n_amp: int, n_pcsc: int, env: dict, publics: dict,
+                    verified: dict) -> dict:
+    """Restart the card daemon with ``key_cache = 9a, 9c`` in card.ini; the local API and PC/SC RSA calls again."""
+    import configparser
+
+    from vsc import crypto
+
+    _stop(world.daemon)  # SIGTERM: the card is removed first
+    world.daemon = None
+    ini = world.home / "card.ini"
+    parser = configparser.ConfigParser()
+    parser.read(ini)
+    parser["card"]["key_cache"] = "9a, 9c"
+    with open(ini, "w") as f:
+        parser.write(f)
+    world.start_daemon(["--pcsc", VPCD_ENDPOINT] if pcsc else [])
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--amp", str(world.home), str(n_amp)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    if proc.returncode != 0:
+        raise RuntimeError(f"the AMP client failed: {proc.stderr.strip()[-400:]}")
+    amp_res = json.loads(proc.stdout.strip().splitlines()[-1])
+    out: dict = {"amp": {slot: summary(amp_res[slot]["ms"]) for slot in ("9a", "9c")}}
+    verified["amp 9a (key cache)"] = crypto.verify_sha256(publics["9a"], amp_res["9a"]["data"].encode(),
+                                                          bytes.fromhex(amp_res["9a"]["sig_hex"]))
+    if pcsc:
+        from bench import pcsc as bpcsc
+
+        apdus = bpcsc.piv_apdus()
+        plan = json.dumps({"reader": READER, "n": n_pcsc, "wait": 20, "setup": apdus["setup"],
+                           "ops": [["9a", apdus["rsa"]], ["9a_ext", apdus["rsa_ext"]]]})
+        p = subprocess.run([SYSTEM_PYTHON, "-c", PCSC_CLIENT, plan], env=env, capture_output=True, text=True,
+                           timeout=600)
+        pres = json.loads(p.stdout.strip().splitlines()[-1])
+        if "error" in pres:
+            raise RuntimeError(f"PC/SC client: {pres['error']}")
+        out["pcsc"] = {k: summary(pres[k]["ms"]) for k in ("9a", "9a_ext")}
+        verified["pcsc 9a_ext (key cache)"] = crypto.verify_sha256(publics["9a"], b"bench",
+                                                                   _unwrap_ga(bytes.fromhex(pres["9a_ext"]["resp_hex"])))
+    return out
+
+
+def _reader_present(reader: str, env: dict) -> bool:
+    """Is a card in ``reader`` (asked through the system python3's pyscard, as the clients do)?"""
+    code = ("import sys\nfrom smartcard.System import readers\n"
+            "r=[x for x in readers() if str(x).startswith(sys.argv[1])]\n"
+            "import smartcard.Exceptions as E\n"
+            "try:\n c=r[0].createConnection(); c.connect(); print('yes')\nexcept Exception:\n print('no')")
+    p = subprocess.run([SYSTEM_PYTHON, "-c", code, reader], env=env, capture_output=True, text=True, timeout=60)
+    return p.stdout.strip() == "yes"
 
 
 def _unwrap_ga(resp: bytes) -> bytes:
@@ -383,7 +452,7 @@ class CardInUse:
 def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lambda m: None) -> dict:
     from vsc import crypto
 
-    n_amp = 15 if quick else 200
+    n_amp = 60 if quick else 200  # ~1 ms a call: enough calls for a p50 on a shared machine
     n_cli = 2 if quick else 10
     n_pcsc = 10 if quick else 100
     n_tool = 2 if quick else 8
@@ -435,6 +504,8 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
                                                            bytes.fromhex(r["sig_hex"]))
         res["amp"] = {"9a": summary(amp_res["9a"]["ms"]), "9c": summary(amp_res["9c"]["ms"]),
                       "fresh_9a": summary(amp_res["fresh_9a"]["ms"])}
+        res["floor"] = {k: summary(amp_res[k]["ms"]) for k in ("load_sign_9a", "load_sign_9c", "held_sign_9a",
+                                                               "held_sign_9c")}
 
         # ---- the local API: the whole CLI per signature
         (base / "doc").write_bytes(b"a document to sign\n" * 50)
@@ -456,8 +527,30 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
 
             progress("  latency: PC/SC (pyscard GENERAL AUTHENTICATE, pkcs11-tool through OpenSC)...")
             apdus = bpcsc.piv_apdus()  # bench/pcsc.py's: SELECT + VERIFY, GENERAL AUTHENTICATE as OpenSC sends it
+            # the floor of the same pcscd + vpcd: a no-op card (9000 to everything) on vpcd's second reader
+            progress("  latency: PC/SC floor (a no-op card on Virtual PCD 00 01)...")
+            floor_card = bpcsc.FloorCard(35964)
+            floor_card.start()
+            try:
+                floor_card.connected.wait(10)
+                plan = json.dumps({"reader": bpcsc.FLOOR_READER, "n": n_pcsc, "wait": 20, "setup": [],
+                                   "ops": [["noop", apdus["floor"]]]})
+                p = subprocess.run([SYSTEM_PYTHON, "-c", PCSC_CLIENT, plan], env=env, capture_output=True,
+                                   text=True, timeout=600)
+                try:
+                    fres = json.loads(p.stdout.strip().splitlines()[-1])
+                except (IndexError, ValueError):
+                    fres = {"error": (p.stderr or p.stdout).strip()[-300:]}
+            finally:
+                floor_card.stop()
+            if "error" in fres:
+                res["notes"].append(f"PC/SC floor card: {fres['error']}")
+            else:
+                res["pcsc_floor"] = summary(fres["noop"]["ms"])
+            _wait(lambda: not _reader_present(bpcsc.FLOOR_READER, env), 20, "the no-op card to leave")
             plan = json.dumps({"reader": READER, "n": n_pcsc, "wait": 20, "setup": apdus["setup"],
-                               "ops": [["9c", apdus["ecdsa"]], ["9a", apdus["rsa"]]]})
+                               "ops": [["9c", apdus["ecdsa"]], ["9a", apdus["rsa"]], ["9a_ext", apdus["rsa_ext"]],
+                                       ["roundtrip", apdus["getdata"]]]})
             p = subprocess.run([SYSTEM_PYTHON, "-c", PCSC_CLIENT, plan], env=env, capture_output=True, text=True,
                                timeout=600)
             try:
@@ -467,13 +560,13 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
             if "error" in pres:
                 res["notes"].append(f"PC/SC client: {pres['error']}")
             else:
-                res["pcsc"] = {}
-                for slot in ("9c", "9a"):
+                res["pcsc"] = {"roundtrip": summary(pres["roundtrip"]["ms"])}
+                for slot in ("9c", "9a", "9a_ext"):
                     r = pres[slot]
                     res["pcsc"][slot] = summary(r["ms"])
                     # piv_apdus() signs SHA-256(b"bench"): the raw RSA result of its PKCS#1 v1.5 block IS the
                     # PKCS#1 v1.5 signature of b"bench", and the ECDSA result is a signature of it too
-                    verified[f"pcsc {slot}"] = crypto.verify_sha256(publics[slot], b"bench",
+                    verified[f"pcsc {slot}"] = crypto.verify_sha256(publics[slot[:2]], b"bench",
                                                                     _unwrap_ga(bytes.fromhex(r["resp_hex"])))
             tool = shutil.which("pkcs11-tool")
             if tool and os.path.exists(OPENSC_MODULE):
@@ -488,6 +581,13 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
                         publics["9a"], (base / "doc").read_bytes(), (base / "doc.p11.sig").read_bytes())
                 res["pcsc_tool_9a"] = summary(times)
 
+        # ---- the key-cache policy (card.ini ``key_cache``, off by default): the same calls with it on for 9a, 9c
+        progress("  latency: the same with the key-cache policy on (card.ini key_cache = 9a, 9c)...")
+        try:
+            res["key_cache"] = _with_key_cache(world, pcscd is not None, n_amp, n_pcsc, env, publics, verified)
+        except Exception as e:  # noqa: BLE001 - reported in the document
+            res["notes"].append(f"key-cache policy not measured: {type(e).__name__}: {e}")
+
         # ---- SoftHSM2 (no card involved)
         progress("  latency: SoftHSM2...")
         try:
@@ -496,6 +596,7 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
         except Exception as e:  # noqa: BLE001 - reported in the document
             res["notes"].append(f"SoftHSM2 not measured: {type(e).__name__}: {e}")
         res["verified"] = verified
+        res["targets"] = targets(res)
         return res
     finally:
         world.close()
@@ -557,6 +658,61 @@ def run_isolated(quick: bool = False, pcsc: bool = True, keep: bool = False, pro
     return res
 
 
+# ---------------------------------------------------------------- targets (issue 15)
+
+
+def target(name: str, value: float | None, floor: float | None, unit: str, bound: float, higher: bool = False,
+           floor_name: str = "") -> dict:
+    """
+    One row of issue 15's targets: ``value`` beside its ``floor`` measured in
+    the same run, their ratio, and whether it is within ``bound`` (a ratio at
+    most ``bound``; with ``higher``, a rate ratio at least ``bound``).
+    """
+    ratio = (value / floor) if value and floor else None
+    met = None if ratio is None else (ratio >= bound if higher else ratio <= bound)
+    return {"target": name, "value": value, "floor": floor, "floor_name": floor_name, "unit": unit,
+            "ratio": None if ratio is None else round(ratio, 3), "bound": bound,
+            "bound_text": f"{'>=' if higher else '<='} {bound:g}x", "met": met}
+
+
+def targets(res: dict) -> list[dict]:
+    """The card-side targets this part measures, each beside its floor from the same run."""
+    p50 = lambda d, *keys: _dig(d, *keys, "p50")  # noqa: E731
+    rows = [
+        target("local API sign RSA-2048 (p50) / load-and-sign", p50(res, "amp", "9a"),
+               p50(res, "floor", "load_sign_9a"), "ms", 1.15, floor_name="load the PKCS#8 key + sign, same process"),
+    ]
+    held = p50(res, "floor", "held_sign_9a")
+    ga, ga_ext = p50(res, "pcsc", "9a"), p50(res, "pcsc", "9a_ext")
+    rows.append(target("PIV RSA-2048 signatures/s over PC/SC (chained, as OpenSC) / OpenSSL sign rate",
+                       1000.0 / ga if ga else None, 1000.0 / held if held else None, "/s", 0.5, higher=True,
+                       floor_name="OpenSSL RSA-2048 sign, key loaded once"))
+    rows.append(target("PIV RSA-2048 signatures/s over PC/SC (one extended APDU) / OpenSSL sign rate",
+                       1000.0 / ga_ext if ga_ext else None, 1000.0 / held if held else None, "/s", 0.5, higher=True,
+                       floor_name="OpenSSL RSA-2048 sign, key loaded once"))
+    kc_amp, kc_ext = p50(res, "key_cache", "amp", "9a"), p50(res, "key_cache", "pcsc", "9a_ext")
+    rows.append(target("local API sign RSA-2048 (p50), key-cache policy on / load-and-sign", kc_amp,
+                       p50(res, "floor", "load_sign_9a"), "ms", 1.15,
+                       floor_name="load the PKCS#8 key + sign, same process"))
+    rows.append(target("PIV RSA-2048 signatures/s over PC/SC (one extended APDU), key-cache policy on / OpenSSL "
+                       "sign rate", 1000.0 / kc_ext if kc_ext else None, 1000.0 / held if held else None, "/s", 0.5,
+                       higher=True, floor_name="OpenSSL RSA-2048 sign, key loaded once"))
+    rows.append(target("`pkcs11-tool --sign` per process through OpenSC / SoftHSM2's", p50(res, "pcsc_tool_9a"),
+                       p50(res, "softhsm", "tool_rsa2048"), "ms", 2.0,
+                       floor_name="`pkcs11-tool --sign` on SoftHSM2"))
+    rows.append(target("APDU round trip (GET DATA Discovery) / a no-op card's", p50(res, "pcsc", "roundtrip"),
+                       p50(res, "pcsc_floor"), "ms", 1.5, floor_name="no-op card on the same pcscd + vpcd"))
+    return rows
+
+
+def _dig(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return None
+        d = d[k]
+    return d
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -578,11 +734,33 @@ def report(res: dict, floor: dict | None = None) -> str:
     rows.append(["card: new control connection + SignDigest", "RSA-2048 (9a)", *_cell(amp.get("fresh_9a"))])
     rows.append(["card: `vsc card sign` (whole CLI process)", "RSA-2048 (9a)", *_cell(cli.get("9a"))])
     rows.append(["card: `vsc card sign` (whole CLI process)", "P-256 (9c)", *_cell(cli.get("9c"))])
+    fl = res.get("floor", {})
+    rows.append(["floor: load the PKCS#8 key + sign, in the AMP client's process", "RSA-2048",
+                 *_cell(fl.get("load_sign_9a"))])
+    rows.append(["floor: load the PKCS#8 key + sign, in the AMP client's process", "P-256", *_cell(fl.get("load_sign_9c"))])
+    rows.append(["floor: sign with a key loaded once (OpenSSL's sign rate)", "RSA-2048", *_cell(fl.get("held_sign_9a"))])
+    if res.get("pcsc_floor"):
+        rows.append(["floor: PC/SC round trip to a no-op card (9000 to everything), same pcscd + vpcd", "—",
+                     *_cell(res.get("pcsc_floor"))])
     if pcsc:
+        rows.append(["card: PC/SC round trip, GET DATA Discovery (pyscard)", "—", *_cell(pcsc.get("roundtrip"))])
         rows.append(["card: PC/SC GENERAL AUTHENTICATE (pyscard, PIN verified once)", "RSA-2048 raw (9a)",
                      *_cell(pcsc.get("9a"))])
+        rows.append(["card: PC/SC GENERAL AUTHENTICATE as ONE extended-length APDU", "RSA-2048 raw (9a)",
+                     *_cell(pcsc.get("9a_ext"))])
         rows.append(["card: PC/SC GENERAL AUTHENTICATE (pyscard, PIN verified once)", "P-256 (9c)",
                      *_cell(pcsc.get("9c"))])
+    kc = res.get("key_cache", {})
+    if kc:
+        rows.append(["card, key-cache policy on: in-process AMP SignDigest", "RSA-2048 (9a)",
+                     *_cell(kc.get("amp", {}).get("9a"))])
+        rows.append(["card, key-cache policy on: in-process AMP SignDigest", "P-256 (9c)",
+                     *_cell(kc.get("amp", {}).get("9c"))])
+        if kc.get("pcsc"):
+            rows.append(["card, key-cache policy on: PC/SC GENERAL AUTHENTICATE (chained, as OpenSC)",
+                         "RSA-2048 raw (9a)", *_cell(kc["pcsc"].get("9a"))])
+            rows.append(["card, key-cache policy on: PC/SC GENERAL AUTHENTICATE, one extended APDU",
+                         "RSA-2048 raw (9a)", *_cell(kc["pcsc"].get("9a_ext"))])
     if res.get("pcsc_tool_9a"):
         rows.append(["card: `pkcs11-tool --sign` through OpenSC + PC/SC (process per call)", "RSA-2048 (9a)",
                      *_cell(res.get("pcsc_tool_9a"))])
@@ -598,6 +776,8 @@ def report(res: dict, floor: dict | None = None) -> str:
             f"ms; loading the PKCS#8 key and signing, as the card does for every call, RSA-2048 "
             f"{1000.0 / floor['rsa2048_load_sign']:.3f} ms, P-256 {1000.0 / floor['p256_load_sign']:.3f} ms."
         )
+    if res.get("targets"):
+        lines += ["", targets_table(res["targets"]), ""]
     if res.get("pcsc_skipped"):
         lines.append(f"PC/SC not measured: {res['pcsc_skipped']}.")
     ver = res.get("verified", {})
@@ -607,7 +787,46 @@ def report(res: dict, floor: dict | None = None) -> str:
                      + ("all verify." if not bad else f"FAILED for {', '.join(bad)}."))
     for note in res.get("notes", []):
         lines.append(f"Note: {note}")
+    lines += ["", PROFILE]
     return "\n".join(lines)
+
+
+#: what py-spy showed in the card daemon (issue 15), and what was done about it; figures from the runs that guided it
+PROFILE = """**Where the card's time goes** (py-spy of the card daemon, `py-spy record -r 1000`, under a client looping
+on one request; the shares are of the daemon's busy samples).
+
+* Local API SignDigest (8,000 P-256 calls): the `send` that answers (and wakes the client) is the largest share,
+  then OpenSSL (the key load and the signature), AES-GCM's decryptor set-up and the locked buffer made per
+  operation (mmap + mlock + munmap). Removed: Twisted AMP's dispatch for SignDigest (~14%: answered by the
+  daemon's own box reader now), the seal AAD built by construct on every operation (~8%: cached), Twisted's
+  write-on-next-turn (answers are sent in the turn that made them). For RSA-2048 about half of a signature is
+  loading the key for that one operation (OpenSSL's per-key set-up on first use): the key-cache policy
+  (card.ini `key_cache`, off by default) is what removes it.
+* PIV GET DATA over vpcd: a construct Struct built per call to read the tag list (~26%: by index now),
+  DeferredLock.run's Deferreds on every APDU (handled at once when nothing is in flight), a coroutine and its
+  Deferred per APDU (the applet now runs to its answer at once unless an effect has to wait: a private-key
+  operation or a change synced to the server); 36.5 -> 8.2 us per GET DATA inside the process. What remains
+  per APDU is mostly the socket calls (TCP_QUICKACK, recv, send).
+* `pkcs11-tool --sign`: about 45 APDUs per process (OpenSC's driver matching, Discovery read several times,
+  every certificate, VERIFY, the signature), 5-10 ms of round trips; the rest is OpenSC's own start."""
+
+
+def targets_table(rows: list[dict]) -> str:
+    """issue 15's card-side targets as a table (also used by bench/__main__.py's Targets section)."""
+    from bench._util import markdown_table
+
+    def fmt(v, unit):
+        if v is None:
+            return "—"
+        return f"{v:,.0f} {unit}" if unit == "/s" else f"{v:.2f} {unit}"
+
+    out = []
+    for r in rows:
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        met = "—" if r["met"] is None else ("met" if r["met"] else "NOT met")
+        out.append([r["target"], fmt(r["value"], r["unit"]), f"{fmt(r['floor'], r['unit'])} ({r['floor_name']})",
+                    ratio, r["bound_text"], met])
+    return markdown_table(["target", "measured", "floor, same run", "ratio", "bound", ""], out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -234,6 +234,8 @@ def piv_apdus() -> dict:
         "status": [_hex(apdu.command(0, 0x20, 0x00, 0x80))],
         "rsa": [_hex(apdu.command(0x10, 0x87, 0x07, 0x9A, rsa[:255])),
                 _hex(apdu.command(0x00, 0x87, 0x07, 0x9A, rsa[255:], 256))],
+        # the same GENERAL AUTHENTICATE as ONE extended-length APDU (the ATR advertises extended Lc/Le)
+        "rsa_ext": [_hex(apdu.command(0x00, 0x87, 0x07, 0x9A, rsa, 65536, extended=True))],
         "ecdsa": [_hex(apdu.command(0, 0x87, 0x11, 0x9C, ec, 256))],
         "floor": [_hex(apdu.command(0, 0x20, 0x00, 0x80))],
     }

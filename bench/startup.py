@@ -122,6 +122,14 @@ def run(quick: bool = False, keep: bool = False, progress=lambda m: None) -> dic
         pem = subprocess.run([str(VSC), "card", "--home", home, "public-key", "--slot", "9c"], env=env,
                              capture_output=True, timeout=60).stdout
         res["verified"] = crypto.verify_sha256(crypto.public_der_from_pem(pem), doc.read_bytes(), sig.read_bytes())
+        # last: `vsc card remove` end to end (the check-in with the server included), then the daemon's exit
+        t0 = time.perf_counter()
+        _time([str(VSC), "card", "--home", home, "remove"], env, base)
+        res["card remove"] = {"command_ms": round((time.perf_counter() - t0) * 1000.0, 1)}
+        world.daemon.wait(60)
+        res["card remove"]["daemon_exit_ms"] = round((time.perf_counter() - t0) * 1000.0, 1)
+        world.daemon = None
+        res["targets"] = targets(res)
         return res
     finally:
         world.close()
@@ -129,6 +137,15 @@ def run(quick: bool = False, keep: bool = False, progress=lambda m: None) -> dic
             print(f"startup logs kept in {base}", file=sys.stderr)
         else:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def targets(res: dict) -> list[dict]:
+    """issue 15's CLI targets: each command's median beside `python -c pass` alternated with it (<= 2x)."""
+    from bench.latency import target
+
+    return [target(f"`vsc {name}` as a whole process / `python -c pass`", res[name]["command_ms"],
+                   res[name]["python_ms"], "ms", 2.0, floor_name="`python -c pass`, alternated in pairs")
+            for name in ("card status", "card sign") if res.get(name)]
 
 
 def report(res: dict) -> str:
@@ -145,6 +162,10 @@ def report(res: dict) -> str:
                              "median of pair ratios", "imports of twisted / construct / cryptography"], rows), ""]
     lines.append(f"{res.get('n')} alternated pairs per row (order swapped every pair), against a real card daemon; "
                  "the `card sign` signature " + ("verified." if res.get("verified") else "did NOT verify."))
+    rm = res.get("card remove")
+    if rm:
+        lines.append(f"`vsc card remove` (upload, check-in, set idle) returned in {rm['command_ms']:.0f} ms; the card "
+                     f"daemon had exited {rm['daemon_exit_ms']:.0f} ms after the command started.")
     return "\n".join(lines)
 
 

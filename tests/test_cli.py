@@ -106,6 +106,23 @@ def test_a_card_request_loads_neither_twisted_nor_construct_nor_argparse():
     assert heavy(modules) - {"cryptography", "Crypto"} == set()  # crypto libraries: until vsc.crypto is lazy
 
 
+def test_a_card_request_does_not_load_openssl_to_hash():
+    """
+    ``vsc card sign`` hashes its input and names the control socket with
+    crypto.sha256_light: no hashlib or _hashlib (libcrypto) is loaded, and
+    sha256_light equals sha256 on empty, small, boundary and large inputs.
+    """
+    from vsc import crypto
+
+    rc, modules, err = loaded_after(["card", "--home", "/nonexistent/vsc-home", "sign", "--slot", "9c", "--in",
+                                     __file__, "--out", "/nonexistent/sig"])
+    assert rc == 1 and "no card daemon is running" in err
+    assert {"hashlib", "_hashlib", "hmac"} & modules == set()
+    for n in (0, 1, 55, 64, 1000, crypto.LIGHT_SHA256_MAX, crypto.LIGHT_SHA256_MAX + 1):
+        data = bytes(i % 251 for i in range(n))
+        assert crypto.sha256_light(data) == crypto.sha256(data), n
+
+
 def test_no_library_module_imports_the_command_line():
     """Below the command line (every vsc module but vsc.cli itself and the L5 commands), nothing imports vsc.cli."""
     commands = ("vsc.cli", "vsc.licensing.cli", "vsc.demo", "vsc.conformance")

@@ -168,10 +168,11 @@ class FakeSession:
         return 10 + delta
 
     async def data_put(self, name, value):
-        self.calls.append(("data_put", name, value))
+        self.calls.append(("data_put", name, bytes(value)))  # the daemon lends a locked buffer for the call
 
-    async def data_get(self, name):
-        return name.encode() * 2
+    async def data_get(self, name, into=None):
+        value = name.encode() * 2
+        return value if into is None else into(memoryview(value))
 
     async def fund_counter(self, keyfile, vendor_key):
         return f"lic:{keyfile}", len(vendor_key)

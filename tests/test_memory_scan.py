@@ -37,12 +37,13 @@ audit of ``d2i_AutoPrivateKey`` (reported, not asserted) finds OpenSSL 3's
 decoder freeing copies of the DER uncleansed.
 
 What is asserted is what the design guarantees: no private key, prime or
-scalar is ever found. The data object's value necessarily crosses the
-control socket in Python objects (the AMP box on the way in, the answer on
-the way out); CPython frees them without zeroing, so it may be found after
-the operation: the test records where, and whether it is still found after a
-garbage collection in the daemon (a test-only SIGUSR1 handler installed by a
-sitecustomize on the daemon's PYTHONPATH). The figures are written to
+scalar is ever found, and no copy of the data object's plaintext either,
+after ``data put`` or ``data get`` or later: the daemon reads the control
+socket into locked memory and answers a DataGet from locked memory
+(vsc.card.control), so the value never rests in a Python object. The
+password-derived keys are reported, with whether they are still found after
+a garbage collection in the daemon (a test-only SIGUSR1 handler installed by
+a sitecustomize on the daemon's PYTHONPATH). The figures are written to
 ``memory-scan.json`` in the test's directory and printed (pytest -s).
 """
 
@@ -307,10 +308,10 @@ def test_no_private_key_material_in_the_card_daemons_memory(tmp_path):
     Keys (PKCS#8 DER, RSA p/q/d/dP/dQ/qInv, EC scalar, both byte orders) are
     never found in the card daemon's memory after insert and between
     operations (sign with every slot, counter steps, data put/get, PIV
-    GENERAL AUTHENTICATE: PKCS#1 and PSS signatures and a decipher); the
+    GENERAL AUTHENTICATE: PKCS#1 and PSS signatures and a decipher), nor is
+    a data object's plaintext after ``data put`` and ``data get``; the
     scanner finds a known DER and an OpenSSL-held prime in a control process.
-    Where the data object's plaintext (and the password-derived keys) are
-    found is measured and reported.
+    Where the password-derived keys are found is measured and reported.
     """
     if os.geteuid() != 0:
         missing("reading another process's memory (/proc/PID/mem) needs root")
@@ -426,6 +427,8 @@ def test_no_private_key_material_in_the_card_daemons_memory(tmp_path):
 
         key_hits = [h for s in scans for h in s.hits if h.needle.startswith("key:")]
         assert key_hits == [], key_hits
+        data_hits = [(s.label, h) for s in scans for h in s.hits if h.needle.startswith("data:")]
+        assert data_hits == [], data_hits
         assert all(s.bytes_scanned > 10_000_000 and s.unreadable == 0 for s in scans), report["scans"]
 
         cards.card(home, "remove")

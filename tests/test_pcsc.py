@@ -372,6 +372,49 @@ def test_rsa_signature_verifies_with_openssl(stack):
     assert "Verified OK" in _run(["openssl", "dgst", "-sha256", "-verify", pub, "-signature", sig, data]).stdout
 
 
+EXTENDED_CLIENT = r"""
+import sys
+from smartcard.CardConnection import CardConnection
+from smartcard.System import readers
+reader = [r for r in readers() if str(r).startswith(sys.argv[1])][0]
+conn = reader.createConnection()
+conn.connect(CardConnection.T1_protocol)
+print(" ".join(bytes(d).hex() + "%02x%02x" % (sw1, sw2)
+               for d, sw1, sw2 in (conn.transmit(list(bytes.fromhex(a))) for a in sys.argv[2:])))
+"""
+
+
+def test_an_extended_length_general_authenticate_is_one_apdu(stack):
+    """
+    Through pcscd + vpcd (pyscard in the system python3), an RSA-2048
+    GENERAL AUTHENTICATE sent as ONE extended-length APDU (the ATR advertises
+    extended Lc/Le) is answered by one response, 9000 and no 61xx, holding a
+    signature that openssl verifies with the 9A certificate.
+    """
+    import hashlib
+
+    from vsc.protocol import piv
+    from vsc.wire import apdu, tlv
+
+    if subprocess.run(["/usr/bin/python3", "-c", "import smartcard"], capture_output=True).returncode:
+        missing("the system python3 has no pyscard (apt-get install python3-pyscard)")
+    data = stack["tmp"] / "data-ext.txt"
+    data.write_bytes(b"one extended APDU\n")
+    info = bytes.fromhex("3031300d060960864801650304020105000420") + hashlib.sha256(data.read_bytes()).digest()
+    block = b"\x00\x01" + b"\xff" * (256 - 3 - len(info)) + b"\x00" + info
+    ga = apdu.command(0, 0x87, 0x07, 0x9A, tlv.encode(0x7C, tlv.encode_many([(0x82, b""), (0x81, block)])), 65536,
+                      extended=True)
+    argv = ["/usr/bin/python3", "-c", EXTENDED_CLIENT, READER, apdu.command(0, 0xA4, 0x04, 0x00, piv.PIV_AID).hex(),
+            apdu.command(0, 0x20, 0x00, 0x80, apdu.pad_pin(PIN.encode())).hex(), ga.hex()]
+    responses = _run(argv).stdout.split()
+    assert [r[-4:] for r in responses] == ["9000", "9000", "9000"], responses
+    body = bytes.fromhex(responses[2][:-4])
+    sig = stack["tmp"] / "sig.ext"
+    sig.write_bytes(tlv.to_dict(tlv.decode_one(body, 0x7C))[0x82])
+    pub = _cert_public_pem(stack, "01")
+    assert "Verified OK" in _run(["openssl", "dgst", "-sha256", "-verify", pub, "-signature", sig, data]).stdout
+
+
 @pytest.mark.parametrize("obj_id", ["02", "04"])
 def test_ecdsa_signature_verifies_with_openssl(stack, obj_id):
     """pkcs11-tool -m ECDSA-SHA256 (9C digital signature, 9E card authentication) in DER; openssl verifies it."""

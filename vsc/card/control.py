@@ -4,20 +4,35 @@ The card daemon's side of its local control socket: AMP over a UNIX socket
 vsc.wire.control, made into ``amp.Command`` classes here; the daemon
 (``twistd vsc-card``) answers them through a CardSession. The one client is
 vsc.card.client (``vsc card ...``, the licensing API, ``vsc run``).
+
+Data objects never rest in Python objects here (issue 15, docs/security.md):
+the socket is read with ``recv_into`` straight into a locked buffer
+(vsc.card.memory; ``listen`` makes the port whose connections do that), the
+boxes are parsed in place (vsc.wire.ampbox.locate_box), a DataPut value is
+copied locked buffer to locked buffer and sealed from there, and a DataGet
+answer is built in a locked buffer from the item opened for it and sent
+from that buffer (``LockedServer.write_locked``). Every other command is
+handed to Twisted's AMP dispatch as an ordinary box. The receive buffer is
+zeroed behind every box it held.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
 import os
 import stat
 from pathlib import Path
 
+from twisted.internet import main, unix
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from vsc.card.memory import LockedBuffer
 from vsc.card.session import CardError, CardSession, explain
+from vsc.wire import ampbox
 from vsc.wire import control as wc
 
 _AMP_TYPES = {wc.TEXT: amp.Unicode, wc.BYTES: amp.String, wc.INT: amp.Integer, wc.FLOAT: amp.Float,
@@ -71,11 +86,210 @@ def _guard(coro_fn):
     return lambda *a, **kw: ensureDeferred(run(*a, **kw))
 
 
+_DATA_PUT, _DATA_GET = wc.DATA_PUT.name.encode("ascii"), wc.DATA_GET.name.encode("ascii")
+_SIGN_DIGEST = wc.SIGN_DIGEST.name.encode("ascii")
+_RX_START = 8192
+#: the longest box the daemon reads: three arguments of AMP's longest value, and then some
+_RX_MAX = 4 * (ampbox.MAX_VALUE + ampbox.MAX_KEY + 4) + 2
+_log = Logger()
+
+
 class ControlProtocol(amp.AMP):
+    """
+    AMP, except that boxes are read from a locked receive buffer (see the
+    module docstring) and DataPut / DataGet are answered here, their values
+    kept in locked buffers; the rest go to the responders below.
+    """
+
     def __init__(self, session: CardSession, on_remove=None):
         super().__init__()
         self.session = session
         self.on_remove = on_remove
+        self._rx: LockedBuffer | None = None
+        self._fill = 0
+        self._refused = False
+
+    # -- reading into locked memory
+
+    def receive_window(self) -> memoryview:
+        """The free part of the locked receive buffer (grown as a box needs; empty when a box is too long)."""
+        if self._rx is None:
+            self._rx = LockedBuffer(_RX_START)
+        if self._fill == self._rx.size and self._rx.size < _RX_MAX:
+            bigger = LockedBuffer(min(self._rx.size * 4, _RX_MAX))
+            bigger.view[:self._fill] = self._rx.view[:self._fill]
+            self._rx.free()
+            self._rx = bigger
+        return self._rx.view[self._fill:]
+
+    def received(self, n: int) -> None:
+        """``n`` more bytes were read into the window: answer every whole box."""
+        self._fill += n
+        while self._fill and self._rx is not None and not self._refused:
+            window = self._rx.view[:self._fill]
+            try:
+                fields, used = ampbox.locate_box(window)
+            except ampbox.Incomplete:
+                if self._fill >= _RX_MAX:
+                    self._refuse_connection("a control message longer than the daemon reads")
+                return
+            except ampbox.Malformed as e:
+                self._refuse_connection(str(e))
+                return
+            finally:
+                window.release()
+            try:
+                self._box_received(fields)
+            finally:
+                self._consume(used)
+
+    def dataReceived(self, data: bytes) -> None:
+        """A transport that reads into bytes (a test's StringTransport): the same path, through the locked buffer."""
+        data = memoryview(data)
+        pos = 0
+        while pos < len(data) and not self._refused:
+            window = self.receive_window()
+            k = min(len(window), len(data) - pos)
+            window[:k] = data[pos:pos + k]
+            window.release()
+            if k == 0:
+                self._refuse_connection("a control message longer than the daemon reads")
+                return
+            pos += k
+            self.received(k)
+
+    def _consume(self, used: int) -> None:
+        """Drop the first ``used`` bytes of the receive buffer, zeroing what they occupied."""
+        if self._rx is None:
+            return
+        rest = self._fill - used
+        if rest:
+            self._rx.view[:rest] = self._rx.view[used:self._fill]
+        self._rx.zero(rest, self._fill)
+        self._fill = rest
+
+    def _refuse_connection(self, why: str) -> None:
+        _log.warn("control connection closed: {why}", why=why)
+        self._refused = True
+        self._fill = 0
+        if self._rx is not None:
+            self._rx.zero()
+        self.transport.loseConnection()
+
+    def makeConnection(self, transport):
+        """AMP's, without its info line per connection (every ``vsc card`` process is one connection)."""
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason):
+        if self._rx is not None:
+            self._rx.free()
+            self._rx = None
+            self._fill = 0
+        amp.BinaryBoxProtocol.connectionLost(self, reason)  # AMP's, without its info line
+        self.transport = None
+
+    def _box_received(self, fields: list[tuple[bytes, int, int]]) -> None:
+        view = self._rx.view[:self._fill]
+        try:
+            where = {key: (start, end) for key, start, end in fields}
+            command = bytes(view[slice(*where[wc.COMMAND])]) if wc.COMMAND in where else None
+            if command in (_DATA_PUT, _DATA_GET):
+                ask = bytes(view[slice(*where[wc.ASK])]) if wc.ASK in where else None
+                name = bytes(view[slice(*where[b"name"])]) if b"name" in where else None
+                if command == _DATA_PUT:
+                    value, length = None, 0
+                    if b"value" in where:  # its own locked copy: the receive buffer moves on
+                        start, end = where[b"value"]
+                        length = end - start
+                        value = LockedBuffer(length)
+                        value.view[:length] = view[start:end]
+                    self._data_put(ask, name, value, length)
+                else:
+                    self._data_get(ask, name)
+                return
+            if command == _SIGN_DIGEST:  # the local API's hot path: answered here, not through AMP's dispatch
+                args = {key: bytes(view[start:end]) for key, start, end in fields}
+                self._sign_digest(args.get(wc.ASK), args.get(b"slot"), args.get(b"digest"))
+                return
+            box = amp.AmpBox({key: bytes(view[start:end]) for key, start, end in fields})
+        finally:
+            view.release()
+        self.ampBoxReceived(box)
+
+    # -- DataPut and DataGet, in locked memory
+
+    def _answer(self, ask: bytes | None, run) -> None:
+        """Run ``run()`` (async); answer ``ask`` with its box (None: already sent) or with the refusal."""
+
+        async def go():
+            try:
+                box = await run()
+            except CardError as e:
+                box = {wc.ERROR_CODE: wc.CARD_ERROR, wc.ERROR_DESCRIPTION: str(e).encode("utf-8")}
+                error = True
+            except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+                _log.failure("control command failed")
+                box = {wc.ERROR_CODE: wc.CARD_ERROR, wc.ERROR_DESCRIPTION: explain(e).encode("utf-8")}
+                error = True
+            else:
+                error = False
+            if ask is None or box is None or self.transport is None or not self.transport.connected:
+                return
+            box[wc.ERROR if error else wc.ANSWER] = ask
+            self.transport.write(ampbox.encode_box(box))
+
+        ensureDeferred(go())
+
+    def _sign_digest(self, ask, slot, digest) -> None:
+        """SignDigest without AMP's dispatch (the same answer and refusals as the responder below)."""
+
+        async def run():
+            if slot is None or digest is None:
+                raise CardError("SignDigest needs a slot and a digest")
+            return {b"signature": await self.session.sign_digest(_text(slot), digest)}
+
+        self._answer(ask, run)
+
+    def _data_put(self, ask, name, value: LockedBuffer | None, length: int) -> None:
+        async def run():
+            if name is None or value is None:
+                raise CardError("DataPut needs a name and a value")
+            view = value.view[:length]
+            try:
+                await self.session.data_put(_text(name), view)
+            finally:
+                view.release()
+            return {}
+
+        async def run_and_free():
+            try:
+                return await run()
+            finally:
+                if value is not None:
+                    value.free()
+
+        self._answer(ask, run_and_free)
+
+    def _data_get(self, ask, name) -> None:
+        def into(plain: memoryview) -> LockedBuffer:
+            box = {wc.ANSWER: ask or b"", b"value": plain}
+            out = LockedBuffer(ampbox.box_size(box))
+            ampbox.encode_box_into(box, out.view)
+            return out
+
+        async def run():
+            if name is None:
+                raise CardError("DataGet needs a name")
+            out = await self.session.data_get(_text(name), into=into)
+            if ask is None:
+                out.free()
+            else:
+                write_locked(self.transport, out)
+            return None
+
+        self._answer(ask, run)
 
     @Status.responder
     def status(self):
@@ -103,21 +317,6 @@ class ControlProtocol(amp.AMP):
     def counter(self, name, delta):
         async def run():
             return {"value": await self.session.counter(name, delta)}
-
-        return _guard(run)()
-
-    @DataPut.responder
-    def data_put(self, name, value):
-        async def run():
-            await self.session.data_put(name, value)
-            return {}
-
-        return _guard(run)()
-
-    @DataGet.responder
-    def data_get(self, name):
-        async def run():
-            return {"value": await self.session.data_get(name)}
 
         return _guard(run)()
 
@@ -161,6 +360,132 @@ class ControlProtocol(amp.AMP):
             return {}
 
         return _guard(run)()
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CardError("a name is not UTF-8 text") from None
+
+
+def write_locked(transport, out: LockedBuffer) -> None:
+    """Send ``out`` (a whole answer box) and free it: from the locked buffer itself on a LockedServer."""
+    if isinstance(transport, LockedServer):
+        transport.write_locked(out)
+        return
+    try:  # a test's transport: it keeps bytes anyway
+        transport.write(bytes(out.view))
+    finally:
+        out.free()
+
+
+class LockedServer(unix.Server):
+    """
+    A control connection that reads with ``recv_into`` into its protocol's
+    locked receive buffer (never a ``bytes`` of what arrived), and writes
+    every answer, in order, from one queue whose entries may be locked
+    buffers (freed, so zeroed, once sent).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._queue: collections.deque = collections.deque()  # [view, LockedBuffer | None]
+
+    def doRead(self):
+        window = self.protocol.receive_window()
+        try:
+            if not len(window):
+                return main.CONNECTION_LOST
+            n = self.socket.recv_into(window)
+        except InterruptedError:
+            return None
+        except OSError as e:
+            return None if e.errno == errno.EWOULDBLOCK else main.CONNECTION_LOST
+        finally:
+            window.release()
+        if not n:
+            return main.CONNECTION_DONE
+        self.protocol.received(n)
+        return None
+
+    def write(self, data) -> None:
+        if not data or not self.connected or self._writeDisconnected:
+            return
+        self._send_or_queue(memoryview(bytes(data)), None)
+
+    def writeSequence(self, iovec) -> None:
+        for data in iovec:
+            self.write(data)
+
+    def write_locked(self, out: LockedBuffer) -> None:
+        if not self.connected or self._writeDisconnected:
+            out.free()
+            return
+        self._send_or_queue(out.view[:out.size], out)
+
+    def _send_or_queue(self, view: memoryview, owner: LockedBuffer | None) -> None:
+        """Send at once when nothing waits before it (an answer goes out in this reactor turn), else queue it."""
+        if not self._queue and not self.disconnecting:
+            try:
+                sent = self.socket.send(view)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # doWrite meets the error again and loses the connection
+            if sent == len(view):
+                view.release()
+                if owner is not None:
+                    owner.free()
+                return
+            rest = view[sent:]
+            view.release()
+            view = rest
+        self._queue.append([view, owner])
+        self.startWriting()
+
+    def doWrite(self):
+        while self._queue:
+            entry = self._queue[0]
+            try:
+                sent = self.socket.send(entry[0])
+            except InterruptedError:
+                return None
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.ENOBUFS):
+                    return None
+                return main.CONNECTION_LOST
+            if sent < len(entry[0]):
+                rest = entry[0][sent:]
+                entry[0].release()
+                entry[0] = rest
+                return None
+            self._queue.popleft()
+            entry[0].release()
+            if entry[1] is not None:
+                entry[1].free()
+        return super().doWrite()  # nothing of Twisted's own buffer: stops writing, completes a loseConnection
+
+    def connectionLost(self, reason):
+        while self._queue:
+            view, owner = self._queue.popleft()
+            view.release()
+            if owner is not None:
+                owner.free()
+        super().connectionLost(reason)
+
+
+class LockedPort(unix.Port):
+    """The control socket's listening port: its connections are LockedServers."""
+
+    transport = LockedServer
+
+
+def listen(reactor, path: str, factory, mode: int = 0o600) -> LockedPort:
+    """Listen on the control socket ``path`` (mode 0600) with LockedServer connections."""
+    port = LockedPort(path, factory, mode=mode, reactor=reactor)
+    port.startListening()
+    return port
 
 
 class ControlFactory(Factory):

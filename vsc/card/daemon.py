@@ -42,9 +42,8 @@ class CardDaemon(service.Service):
         d.addErrback(lambda f: self.log.failure("card start failed", f) or self.exit(1, "internal error"))
 
     async def _start(self) -> None:
-        from twisted.internet.endpoints import UNIXServerEndpoint
-
         from vsc.card.control import ControlFactory, prepare_socket_path
+        from vsc.card.control import listen as control_listen
 
         try:
             sock = self.cfg.control_socket
@@ -55,7 +54,7 @@ class CardDaemon(service.Service):
             self.exit(1, f"insert refused: {explain(e)}")
             return
         factory = ControlFactory(self.session, on_remove=lambda: self.exit(0, ""))
-        self.port = await UNIXServerEndpoint(self.reactor, str(sock), mode=0o600).listen(factory)
+        self.port = control_listen(self.reactor, str(sock), factory)  # reads into locked memory (issue 15)
         self.log.info("card {serial} in use; control socket {sock}", serial=self.cfg.serial, sock=str(sock))
         print(f"vsc-card: card {self.cfg.serial} inserted; control socket {sock}", file=sys.stderr, flush=True)
         if self.ssh_agent is not None:

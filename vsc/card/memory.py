@@ -41,8 +41,14 @@ class LockedBuffer:
                 pass
         self.view = memoryview(self._mm)[: self.size]
 
-    def zero(self) -> None:
-        ctypes.memset(ctypes.c_void_p(self._addr), 0, ctypes.c_size_t(self._len))
+    def zero(self, start: int = 0, end: int | None = None) -> None:
+        """memset the whole mapping to 0, or bytes ``start`` to ``end`` of it."""
+        if start == 0 and end is None:
+            ctypes.memset(ctypes.c_void_p(self._addr), 0, ctypes.c_size_t(self._len))
+            return
+        end = self._len if end is None else min(end, self._len)
+        if 0 <= start < end:
+            ctypes.memset(ctypes.c_void_p(self._addr + start), 0, ctypes.c_size_t(end - start))
 
     def free(self) -> None:
         if self._mm is None:

@@ -122,7 +122,7 @@ def control_socket_for(home: str | os.PathLike) -> str:
     """The control socket of the card daemon serving ``home`` (one per resolved home)."""
     from vsc import crypto
 
-    tag = crypto.sha256(os.path.realpath(os.fspath(home)).encode()).hex()[:12]
+    tag = crypto.sha256_light(os.path.realpath(os.fspath(home)).encode()).hex()[:12]
     return os.path.join(runtime_dir(), f"card-{tag}.sock")
 
 

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from vsc import crypto
 from vsc.card import ops
 from vsc.card.machine import MachineLock, MachineLockHeld, compute_muk
+from vsc.card.memory import LockedBuffer
 from vsc.card.freshness import FreshnessStore, RollbackError
 from vsc.card.protected import CardMemory
 from vsc.net.channel import ChannelClosedError
@@ -70,6 +71,11 @@ def explain(e: Exception) -> str:
     return describe(e) or " ".join(str(e).split()) or "internal error (see the card daemon's log)"
 
 
+def parse_key_cache(text: str) -> frozenset[str]:
+    """The slots of card.ini's ``key_cache`` setting (comma or space separated, e.g. ``9a, 9c``); empty: none."""
+    return frozenset(word.strip().lower() for word in text.replace(",", " ").split() if word.strip())
+
+
 class CardSession:
     """
     One card in this process. Every service asks the life cycle first
@@ -108,6 +114,9 @@ class CardSession:
         self._pollers: list[LoopingCall] = []
         self._last_clock = 0.0
         self.inserted_at = 0.0
+        #: the key-cache policy (card.ini ``key_cache = 9a, 9c``; off by default): see ``with_key``
+        self.key_cache_slots = parse_key_cache((getattr(config, "settings", None) or {}).get("key_cache", ""))
+        self._key_cache: dict[str, tuple[LockedBuffer, crypto.PrivateKeyHandle]] = {}
 
     # ------------------------------------------------------------ the life cycle: what every service asks
 
@@ -237,16 +246,48 @@ class CardSession:
         return await self.with_key(slot, decrypt)
 
     async def with_key(self, slot: str, fn):
-        """Run ``fn(PrivateKeyHandle)`` on one slot's key (the local API, PIV, ssh-agent)."""
+        """
+        Run ``fn(PrivateKeyHandle)`` on one slot's key (the local API, PIV,
+        ssh-agent). By default the key is decrypted for this one operation
+        (into locked memory, zeroed right after) and loaded into OpenSSL for
+        it alone: the patent's decrypt-on-use ([0027]-[0030]).
+
+        The key-cache policy (card.ini ``key_cache = 9a`` — a list of slots,
+        empty by default) keeps those slots' keys decrypted in their own
+        locked buffer and loaded in OpenSSL from their first use until the
+        key changes or the card is removed: each operation then skips the
+        decryption, the key parse and OpenSSL's per-key set-up (about half
+        of an RSA-2048 signature's time). The price is that the key is in
+        the clear, in locked memory and in OpenSSL's heap, for as long as
+        the card is in use — where a memory read of the card process finds it
+        (docs/security.md).
+        """
 
         async def run():
             mem = self.require_usable()
             if not mem.has(ItemKind.KEY, slot):
                 raise CardError(f"no key in slot {slot}")
+            if slot in self.key_cache_slots:
+                cached = self._key_cache.get(slot)
+                if cached is None:
+                    with mem.open(ItemKind.KEY, slot) as der:
+                        buf = LockedBuffer(len(der))
+                        buf.view[:] = der
+                    cached = self._key_cache[slot] = (buf, crypto.PrivateKeyHandle(buf.view))
+                return fn(cached[1])
             with mem.open(ItemKind.KEY, slot) as der, crypto.PrivateKeyHandle(der) as key:
                 return fn(key)
 
         return await self._locked(run)
+
+    def _forget_keys(self, slot: str | None = None) -> None:
+        """Drop the cached key of ``slot`` (all slots: None): OpenSSL's copy freed, the locked buffer zeroed."""
+        for name in [slot] if slot is not None else list(self._key_cache):
+            cached = self._key_cache.pop(name, None)
+            if cached is not None:
+                buf, handle = cached
+                handle.__exit__(None, None, None)
+                buf.free()
 
     async def counter(self, name: str, delta: int = 0) -> int:
         """Read, or step and sync, a counter. Refuses to go below zero (rental counters)."""
@@ -296,7 +337,8 @@ class CardSession:
 
         return await self._locked(run)
 
-    async def data_put(self, name: str, value: bytes) -> None:
+    async def data_put(self, name: str, value) -> None:
+        """Store a data object; ``value`` may be any buffer (the control socket passes a locked one)."""
         if len(value) > MAX_DATA:
             raise CardError(f"a data object holds at most {MAX_DATA} bytes")
 
@@ -305,13 +347,19 @@ class CardSession:
 
         await self._locked(run)
 
-    async def data_get(self, name: str) -> bytes:
+    async def data_get(self, name: str, into=None):
+        """
+        A data object's value as bytes, or, with ``into``, what ``into(view)``
+        returns for its value opened in locked memory (zeroed right after):
+        the control socket builds its answer there without a bytes copy.
+        """
+
         async def run():
             mem = self.require_usable()
             if not mem.has(ItemKind.DATA, name):
                 raise CardError(f"no data object {name!r}")
             with mem.open(ItemKind.DATA, name) as v:
-                return bytes(v)
+                return bytes(v) if into is None else into(v)
 
         return await self._locked(run)
 
@@ -326,6 +374,8 @@ class CardSession:
     async def _modify(self, kind: ItemKind, name: str, value, alg: KeyAlg = KeyAlg.NONE, public: bytes = b"") -> None:
         """Change one item, sync it, and only then acknowledge; on failure the change is undone."""
         mem = self.require_usable()
+        if kind is ItemKind.KEY:
+            self._forget_keys(name)  # a new key for the slot: the cached one (if any) is gone
         old = mem.put(kind, name, value, alg, public)
         try:
             await self.storage.store(mem.export())
@@ -401,6 +451,7 @@ class CardSession:
         self.log.info("card {serial} removed ({reason})", serial=self.config.serial, reason=reason)
 
     def _wipe(self) -> None:
+        self._forget_keys()
         memory = self._life.memory
         if memory is not None:
             memory.wipe()

@@ -138,7 +138,7 @@ def cmd_public_key(args) -> int:
 def cmd_sign(args) -> int:
     from vsc import crypto
 
-    digest = crypto.sha256(_read_in(args.input))
+    digest = crypto.sha256_light(_read_in(args.input))
     sig = _call(args, control.SIGN_DIGEST, slot=args.slot, digest=digest)["signature"]
     _write_out(args.output, sig)
     emit(args, {"slot": args.slot, "signature_bytes": len(sig), "out": args.output},

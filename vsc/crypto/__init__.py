@@ -41,6 +41,9 @@ Which library does what, and why (figures from the project's 2-vCPU machine,
 * ``hashlib``/``hmac`` (OpenSSL underneath) for hashes and HMAC: importing them
   costs a millisecond where ``cryptography`` costs ~60, and the CLI hashes the
   data it asks the card to sign.
+  The ``vsc card`` request path goes one step lighter (``sha256_light``):
+  CPython's built-in SHA-256 module for small inputs, without loading
+  libcrypto at all.
 * the system's ``libcrypto.so.3`` through ``ctypes`` (``_libcrypto``) for one
   operation ``cryptography`` does not offer: the RSA private operation on an
   already padded block, which a PIV card performs for GENERAL AUTHENTICATE
@@ -57,6 +60,10 @@ Which library does what, and why (figures from the project's 2-vCPU machine,
   check) and frees the key, which clears its numbers. PKCS#1 v1.5 signature
   blocks for SHA-1/224/256/384/512 are recognised and signed through
   ``cryptography`` instead (same bytes, its usual path).
+  tests/test_memory_scan.py checks the result in a running card daemon:
+  after PIV PKCS#1 v1.5 and PSS signatures and a decipher, no d, p, q (nor
+  dP, dQ, qInv, in either byte order) is found in its memory, and no heap
+  block holding a piece of them is freed uncleansed.
 
 Nothing here invents a primitive: every construction is a standard one
 (RSA-OAEP-SHA256, RSA-PSS, PKCS#1 v1.5, HKDF-SHA256, HMAC-SHA256, AES-GCM,
@@ -71,6 +78,17 @@ scrypt, HOTP) or the patent's own (DES-CBC + MD5).
 from __future__ import annotations
 
 import importlib
+
+try:  # CPython's own SHA-256 module (hashlib's fallback without OpenSSL): see sha256_light
+    from _sha2 import sha256 as _builtin_sha256  # Python 3.12+
+except ImportError:
+    try:
+        from _sha256 import sha256 as _builtin_sha256  # Python 3.11
+    except ImportError:  # pragma: no cover - another interpreter
+        _builtin_sha256 = None
+
+#: sha256_light hashes up to this many bytes itself; more go to hashlib (OpenSSL is faster per byte)
+LIGHT_SHA256_MAX = 1 << 20
 
 #: public name -> the submodule that defines it
 _WHERE: dict[str, str] = {}
@@ -101,6 +119,20 @@ del _module, _names, _name
 SUBMODULES = ("errors", "random", "hashes", "kdf", "aead", "block", "rsa", "ec", "keys", "x509", "vendor", "otp")
 
 __all__ = sorted(_WHERE) + list(SUBMODULES)
+
+
+def sha256_light(data) -> bytes:
+    """
+    SHA-256 for the ``vsc card`` request path (the control socket's name,
+    the digest ``vsc card sign`` sends): the same function as ``sha256``,
+    through CPython's built-in SHA-256 module, because importing ``hashlib``
+    loads OpenSSL's libcrypto (~3 ms, a sixth of a whole ``vsc card status``
+    process; issue 15, bench/startup.py). Inputs over LIGHT_SHA256_MAX bytes
+    go to ``sha256``. tests/test_cli.py checks both give the same digests.
+    """
+    if _builtin_sha256 is None or len(data) > LIGHT_SHA256_MAX:
+        return __getattr__("sha256")(data)
+    return _builtin_sha256(data).digest()
 
 
 def __getattr__(name: str):

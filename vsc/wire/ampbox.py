@@ -3,7 +3,10 @@ Twisted AMP's box encoding (twisted.protocols.amp), for the one client of
 the card's control socket (vsc.card.client): a box is key/value pairs, each
 a 16-bit big-endian length and then the bytes (a key has 1-255 bytes, a
 value 0-65535), ended by an empty key (two zero bytes). This is the only
-AMP box codec in vsc; the card daemon's side is Twisted's own AMP.
+AMP box codec in vsc. The card daemon reads every box with ``locate_box``
+(in place, in locked memory) and writes the answers that carry a secret
+with ``encode_box_into``; the commands it does not answer itself go on to
+Twisted's own AMP dispatch (vsc.card.control).
 
 Why plain ``int.from_bytes`` here and not construct like the rest of
 vsc.wire: this module is on the request path of every ``vsc card`` command
@@ -85,3 +88,74 @@ def decode_box(data: bytes) -> tuple[dict[bytes, bytes], int]:
             raise Malformed(f"control message: the key {key!r} twice")
         box[key] = bytes(view[pos:pos + vlen])
         pos += vlen
+
+
+def locate_box(data) -> tuple[list[tuple[bytes, int, int]], int]:
+    """
+    The first box in the buffer ``data`` (any bytes-like object) as
+    ``([(key, start, end), ...], bytes consumed)``: each value stays where it
+    is, ``data[start:end]``, so a caller holding the box in locked memory
+    (the card daemon's control socket, vsc.card.control) copies no value
+    onto the Python heap. Same checks as ``decode_box`` (Incomplete, Malformed).
+    """
+    view = memoryview(data)
+    try:
+        found: list[tuple[bytes, int, int]] = []
+        keys: set[bytes] = set()
+        pos = 0
+        while True:
+            if len(view) < pos + 2:
+                raise Incomplete()
+            klen = int.from_bytes(view[pos:pos + 2], "big")
+            pos += 2
+            if klen == 0:
+                return found, pos
+            if klen > MAX_KEY:
+                raise Malformed(f"control message: a key of {klen} bytes (at most {MAX_KEY})")
+            if len(view) < pos + klen + 2:
+                raise Incomplete()
+            key = bytes(view[pos:pos + klen])
+            pos += klen
+            vlen = int.from_bytes(view[pos:pos + 2], "big")
+            pos += 2
+            if len(view) < pos + vlen:
+                raise Incomplete()
+            if key in keys:
+                raise Malformed(f"control message: the key {key!r} twice")
+            keys.add(key)
+            found.append((key, pos, pos + vlen))
+            pos += vlen
+    finally:
+        view.release()
+
+
+def box_size(box: dict) -> int:
+    """The encoded size of ``box`` (values may be any buffers)."""
+    return sum(4 + len(key) + len(value) for key, value in box.items()) + 2
+
+
+def encode_box_into(box: dict, out) -> int:
+    """
+    ``encode_box`` written into the writable buffer ``out`` (at least
+    ``box_size(box)`` bytes), values copied buffer to buffer: an answer
+    carrying a secret is built in locked memory. Returns the bytes written.
+    """
+    view = memoryview(out)
+    try:
+        pos = 0
+        for key, value in sorted(box.items()):
+            if not key or len(key) > MAX_KEY:
+                raise Malformed(f"a control message key has {len(key)} bytes (1 to {MAX_KEY})")
+            if len(value) > MAX_VALUE:
+                raise Malformed(f"{key.decode('ascii', 'replace')} has {len(value)} bytes; a control message "
+                                f"carries at most {MAX_VALUE} per value")
+            view[pos:pos + 2] = _length(len(key))
+            view[pos + 2:pos + 2 + len(key)] = key
+            pos += 2 + len(key)
+            view[pos:pos + 2] = _length(len(value))
+            view[pos + 2:pos + 2 + len(value)] = value
+            pos += 2 + len(value)
+        view[pos:pos + 2] = b"\x00\x00"
+        return pos + 2
+    finally:
+        view.release()

@@ -18,6 +18,7 @@ A password change re-wraps only the data key.
 from __future__ import annotations
 
 import enum
+import functools
 
 import attrs
 import construct as c
@@ -92,7 +93,9 @@ AadSchema = c.Struct("label" / c.PascalString(U8, "ascii"), "serial" / Text(U8, 
 CounterSchema = c.Int64sb
 
 
+@functools.lru_cache(maxsize=4096)
 def aad(label: str, serial: str, kind: int = 0, name: str = "") -> bytes:
+    """The additional data of a seal: built once per (label, serial, kind, name) (every card operation opens an item)."""
     return AadSchema.build(dict(label=label, serial=serial, kind=kind, name=name))
 
 

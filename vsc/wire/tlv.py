@@ -99,8 +99,85 @@ TlvSchema = c.Struct("tag" / BerTag, "value" / c.Prefixed(BerLength, c.GreedyByt
 TlvListSchema = c.Struct("items" / c.GreedyRange(TlvSchema), c.Terminated)
 
 
+# ---------------------------------------------------------------- the fast path
+# The card parses and builds TLVs for every APDU, and construct costs tens of microseconds per call; the
+# functions below do the same by index (encode, encode_many, decode use them). The schemas above stay the
+# definition: tests/test_apdu_fast.py checks both agree, value for value and error for error.
+
+
+def _tag_raw(tag: int) -> bytes:
+    if not 0 <= tag <= 0xFFFFFF:
+        raise WireError(ErrorCode.MALFORMED, f"BER-TLV: BER tag {tag:#x} out of range")
+    if tag < 0x100:
+        if tag & 0x1F == 0x1F:
+            raise WireError(ErrorCode.MALFORMED, f"BER-TLV: {tag:#x} is not a valid BER tag")
+        return bytes((tag,))
+    raw = tag.to_bytes((tag.bit_length() + 7) // 8, "big")
+    if raw[0] & 0x1F != 0x1F or any(not b & 0x80 for b in raw[1:-1]) or raw[-1] & 0x80:
+        raise WireError(ErrorCode.MALFORMED, f"BER-TLV: {tag:#x} is not a valid BER tag")
+    return raw
+
+
+def _length_raw(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    if n <= 0xFF:
+        return bytes((0x81, n))
+    if n <= 0xFFFF:
+        return bytes((0x82, n >> 8, n & 0xFF))
+    if n <= MAX_LENGTH:
+        return bytes((0x83, n >> 16, (n >> 8) & 0xFF, n & 0xFF))
+    raise WireError(ErrorCode.MALFORMED, f"BER-TLV: BER length {n} out of range")
+
+
+def _decode_fast(data: bytes) -> list[Tlv]:
+    out, pos, end = [], 0, len(data)
+    while pos < end:
+        first = data[pos]
+        pos += 1
+        tag = first
+        if first & 0x1F == 0x1F:
+            for _ in range(1, MAX_TAG_BYTES):
+                if pos >= end:
+                    raise WireError(ErrorCode.MALFORMED, "BER-TLV: truncated tag")
+                b = data[pos]
+                pos += 1
+                tag = (tag << 8) | b
+                if not b & 0x80:
+                    break
+            else:
+                raise WireError(ErrorCode.MALFORMED, f"BER-TLV: BER tag {tag:#x} is longer than {MAX_TAG_BYTES} bytes")
+        if pos >= end:
+            raise WireError(ErrorCode.MALFORMED, "BER-TLV: truncated length")
+        first = data[pos]
+        pos += 1
+        if first < 0x80:
+            length = first
+        else:
+            k = first & 0x7F
+            if k == 0:
+                raise WireError(ErrorCode.MALFORMED, "BER-TLV: indefinite BER length")
+            if k > 3:
+                raise WireError(ErrorCode.MALFORMED, f"BER-TLV: BER length of {k} bytes")
+            if pos + k > end:
+                raise WireError(ErrorCode.MALFORMED, "BER-TLV: truncated length")
+            length = int.from_bytes(data[pos:pos + k], "big")
+            pos += k
+        if pos + length > end:
+            raise WireError(ErrorCode.MALFORMED, f"BER-TLV: a value of {length} bytes with {end - pos} left")
+        out.append(Tlv(tag, data[pos:pos + length]))
+        pos += length
+    return out
+
+
 def encode(tag: int, value=b"") -> bytes:
     """One TLV."""
+    value = bytes(value)
+    return _tag_raw(tag) + _length_raw(len(value)) + value
+
+
+def encode_schema(tag: int, value=b"") -> bytes:
+    """``encode`` through the construct schema (the reference)."""
     try:
         return TlvSchema.build(dict(tag=tag, value=bytes(value)))
     except c.ConstructError as e:
@@ -109,6 +186,11 @@ def encode(tag: int, value=b"") -> bytes:
 
 def encode_many(items: Iterable[Tlv | tuple[int, bytes]]) -> bytes:
     """Several TLVs, concatenated in order."""
+    return b"".join(encode(it.tag, it.value) if isinstance(it, Tlv) else encode(it[0], it[1]) for it in items)
+
+
+def encode_many_schema(items: Iterable[Tlv | tuple[int, bytes]]) -> bytes:
+    """``encode_many`` through the construct schema (the reference)."""
     out = []
     for it in items:
         if isinstance(it, Tlv):
@@ -123,6 +205,11 @@ def encode_many(items: Iterable[Tlv | tuple[int, bytes]]) -> bytes:
 
 def decode(data) -> list[Tlv]:
     """Every TLV in ``data``; the whole buffer must be TLVs."""
+    return _decode_fast(bytes(data))
+
+
+def decode_schema(data) -> list[Tlv]:
+    """``decode`` through the construct schema (the reference)."""
     try:
         parsed = TlvListSchema.parse(bytes(data))
     except c.ConstructError as e:
@@ -162,9 +249,34 @@ def tag_bytes(tag: int) -> bytes:
 
 
 def parse_tag(data) -> int:
-    """A tag alone (the value of a ``5C`` tag list with one tag)."""
+    """A tag alone (the value of a ``5C`` tag list with one tag): by index, every GET DATA reads one."""
+    data = bytes(data)
+    if not data:
+        raise WireError(ErrorCode.MALFORMED, "BER-TLV tag: no bytes")
+    tag, pos = data[0], 1
+    if tag & 0x1F == 0x1F:
+        for _ in range(1, MAX_TAG_BYTES):
+            if pos >= len(data):
+                raise WireError(ErrorCode.MALFORMED, "BER-TLV tag: truncated")
+            b = data[pos]
+            pos += 1
+            tag = (tag << 8) | b
+            if not b & 0x80:
+                break
+        else:
+            raise WireError(ErrorCode.MALFORMED, f"BER-TLV tag: {tag:#x} is longer than {MAX_TAG_BYTES} bytes")
+    if pos != len(data):
+        raise WireError(ErrorCode.MALFORMED, "BER-TLV tag: bytes after the tag")
+    return tag
+
+
+_TagAlone = c.Struct("tag" / BerTag, c.Terminated)
+
+
+def parse_tag_schema(data) -> int:
+    """``parse_tag`` through the construct schema (the reference)."""
     try:
-        return c.Struct("tag" / BerTag, c.Terminated).parse(bytes(data)).tag
+        return _TagAlone.parse(bytes(data)).tag
     except c.ConstructError as e:
         raise WireError(ErrorCode.MALFORMED, f"BER-TLV tag: {str(e).strip()}") from None
 
