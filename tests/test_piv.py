@@ -690,7 +690,6 @@ def test_ecdsa_hash_lengths(card):
     assert sw == 0x9000
     EC_KEY.public_key().verify(sig, long[:32], ec.ECDSA(Prehashed(hashes.SHA256())))
     short = hashlib.sha1(b"x").digest()
-    card.verify(PIN)  # 9C's default policy is "always": one VERIFY per operation
     sig, sw = card.general_authenticate(0x11, 0x9C, 0x81, short)
     EC_KEY.public_key().verify(sig, short.rjust(32, b"\x00"), ec.ECDSA(Prehashed(hashes.SHA256())))
 
@@ -703,7 +702,6 @@ def test_ecdh(card):
     secret, sw = card.general_authenticate(0x11, 0x9D if False else 0x9C, 0x85, point)
     assert sw == 0x9000 and secret == peer.exchange(ec.ECDH(), EC_KEY.public_key())
     bad = point[:-1] + bytes([point[-1] ^ 1])
-    card.verify(PIN)  # 9C's default policy is "always": one VERIFY per operation
     assert card.general_authenticate(0x11, 0x9C, 0x85, bad)[1] == 0x6A80
 
 
@@ -1225,7 +1223,8 @@ def _with_policy(card: FakeCard, text: str) -> FakeCard:
 
 
 def test_default_policy_is_yubikeys(card):
-    """Without a stored policy: 9A once (one VERIFY, many signatures), 9C always (one VERIFY per signature), 9E never."""
+    """The enrolment default (YubiKey's): 9A once (one VERIFY, many signatures), 9C always (one VERIFY per signature), 9E never."""
+    _with_policy(card, "")
     assert card.general_authenticate(0x11, 0x9E, 0x81, bytes(32))[1] == 0x9000
     assert card.general_authenticate(0x07, 0x9A, 0x81, _pkcs1_block(bytes(32)))[1] == 0x6982
     assert card.verify(PIN) == 0x9000
@@ -1235,6 +1234,14 @@ def test_default_policy_is_yubikeys(card):
     assert card.verify(PIN) == 0x9000
     assert card.general_authenticate(0x11, 0x9C, 0x81, bytes(32))[1] == 0x9000
     assert card.general_authenticate(0x11, 0x9C, 0x81, bytes(32))[1] == 0x6982  # consumed
+
+
+def test_card_without_a_policy_keeps_its_piv_rule(card):
+    """A card enrolled before policies existed: 9A, 9C, 9D once (one VERIFY, many operations), 9E never."""
+    assert card.general_authenticate(0x11, 0x9C, 0x81, bytes(32))[1] == 0x6982
+    assert card.verify(PIN) == 0x9000
+    for _ in range(2):
+        assert card.general_authenticate(0x11, 0x9C, 0x81, bytes(32))[1] == 0x9000
 
 
 def test_policy_never_once_always_as_stored(card):

@@ -33,12 +33,13 @@ from vsc.protocol.applet import SW_BLOCKED, SW_MEMORY_FAILURE, Effect, EffectFai
 from vsc.wire import apdu
 from vsc.wire.apdu import SecretRecord
 from vsc.wire.pinpolicy import DEFAULT as DEFAULT_POLICY
+from vsc.wire.pinpolicy import LEGACY as LEGACY_POLICY
 from vsc.wire.pinpolicy import POLICY_ITEM, LocalVerify, PinPolicy, Policy, decode_policy
 from vsc.wire.protected import ItemKind
 
 __all__ = ["USER_PIN", "PUK", "DEFAULT_TRIES", "DEFAULT_PIN", "DEFAULT_PUK", "load_secret", "store_secret",
            "check_secret", "load_policy", "authorize", "verify_pin", "change_secret", "unblock_pin", "Policy",
-           "PinPolicy", "LocalVerify", "DEFAULT_POLICY", "POLICY_ITEM"]
+           "PinPolicy", "LocalVerify", "DEFAULT_POLICY", "LEGACY_POLICY", "POLICY_ITEM"]
 
 USER_PIN = "piv-pin"
 PUK = "piv-puk"
@@ -92,10 +93,10 @@ def check_secret(name: str, value: bytes, default: bytes, label: str) -> Generat
 
 
 def load_policy() -> Generator[Effect, Any, Policy]:
-    """The card's PIN policy (a card enrolled before policies existed: the defaults)."""
+    """The card's PIN policy (a card enrolled before policies existed: LEGACY, what its PIV application did)."""
     raw = yield Load(ItemKind.PIN, POLICY_ITEM)
     if not raw:
-        return DEFAULT_POLICY
+        return LEGACY_POLICY
     return decode_policy(raw)
 
 

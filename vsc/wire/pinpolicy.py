@@ -8,8 +8,11 @@ local paths (the control socket, ``vsc card``, the ssh-agent) verify:
     Policy: format 1 | count | count x (slot U8, policy U8) | local U8
 
 ``local``: PIN (the owner runs ``vsc card verify-pin``) or INSERT (the
-insert password counts as one verification of the PIN on the local paths).
-Text form (``vsc card enroll --pin-policy``): ``9a=once,9c=always,...``.
+insert password counts as one verification of the PIN on the local paths;
+the default). Text form (``vsc card enroll --pin-policy``):
+``9a=once,9c=always,...``; enrolment stores YubiKey's defaults unless told
+otherwise. A card enrolled before policies existed has no item: LEGACY, the
+rule its PIV application always had (9A, 9C, 9D once; 9E never).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ DEFAULT_SLOTS = {0x9A: PinPolicy.ONCE, 0x9C: PinPolicy.ALWAYS, 0x9D: PinPolicy.O
 @attrs.frozen
 class Policy:
     slots: dict = attrs.field(factory=lambda: dict(DEFAULT_SLOTS), hash=False)
-    local: LocalVerify = LocalVerify.PIN
+    local: LocalVerify = LocalVerify.INSERT
 
     def of(self, slot: int) -> PinPolicy:
         """A slot's policy (a slot the policy does not name: once)."""
@@ -55,6 +58,7 @@ class Policy:
 
 
 DEFAULT = Policy()
+LEGACY = Policy({0x9A: PinPolicy.ONCE, 0x9C: PinPolicy.ONCE, 0x9D: PinPolicy.ONCE, 0x9E: PinPolicy.NEVER})
 
 _Entry = c.Struct("slot" / U8, "policy" / StrictEnum(U8, PinPolicy))
 PolicySchema = c.Struct(
@@ -78,9 +82,15 @@ def decode_policy(data) -> Policy:
     return Policy({e.slot: e.policy for e in parsed.slots}, parsed.local)
 
 
-def parse_text(text: str, base: Policy = DEFAULT) -> Policy:
-    """``"9a=once,9c=always"`` over ``base`` (unnamed slots keep base's policy); ValueError with one clear line."""
+def parse_text(text: str, base: Policy = DEFAULT, local: str | None = None) -> Policy:
+    """
+    ``"9a=once,9c=always"`` over ``base`` (unnamed slots keep base's
+    policy) and ``local`` ("pin" or "insert"; None: base's); ValueError with
+    one clear line.
+    """
     slots = dict(base.slots)
+    if local is not None and local.upper() not in LocalVerify.__members__:
+        raise ValueError(f"--local-pin: {local!r} is not pin or insert")
     for part in (p.strip() for p in (text or "").split(",")):
         if not part:
             continue
@@ -95,4 +105,4 @@ def parse_text(text: str, base: Policy = DEFAULT) -> Policy:
             slots[slot] = PinPolicy[value.strip().upper()]
         except KeyError:
             raise ValueError(f"--pin-policy: {value.strip()!r} is not one of never, once, always") from None
-    return Policy(slots, base.local)
+    return Policy(slots, LocalVerify[local.upper()] if local is not None else base.local)
