@@ -144,7 +144,9 @@ def test_ssh_with_opensc_pkcs11_logs_in(dongle):
         askpass.chmod(0o700)
         env = dict(os.environ, SSH_ASKPASS=str(askpass), SSH_ASKPASS_REQUIRE="force", DISPLAY=":0")
         env.pop("SSH_AUTH_SOCK", None)
-        result = sshd.login(env, "-I", tp.PKCS11, "-o", "IdentitiesOnly=yes", batch=False)
+        # (not IdentitiesOnly: ssh then drops PKCS#11 keys that no IdentityFile names)
+        result = sshd.login(env, "-v", "-I", tp.PKCS11, batch=False)
+        (tmp / "ssh-I.stderr").write_text(result.stderr)
         assert result.returncode == 0 and "vsc-login-ok" in result.stdout, (result.stderr, sshd.log.read_text())
     finally:
         sshd.stop()
