@@ -528,6 +528,8 @@ def test_pin_policy_on_the_ssh_agent(stack, sshd):
     sshd.set_authorized([_ssh_line(stack, "9c")])
     assert not sshd.logged_in(env)
     assert "slot 9c needs the PIN with every use" in stack["daemon"].log_text()
+    refusal = stack["cards"].card(stack["home"], "status").json()["pin_refusal"]  # the owner learns why
+    assert refusal.startswith("ssh-agent: slot 9c needs the PIN with every use"), refusal
 
 
 def test_blocked_pin_refuses_on_every_path_across_a_restart(stack, sshd):

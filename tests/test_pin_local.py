@@ -184,6 +184,7 @@ def test_the_agent_obeys_the_policy(make):
 
     assert isinstance(sign(agent, "9a"), w.SignResponse)
     assert isinstance(sign(agent, "9c"), w.Failure)
+    assert local_pin(agent.session).status()["pin_refusal"].startswith("ssh-agent: slot 9c needs the PIN")
     session = make("9a=once", "pin")
     strict = sshagent.CardAgent(session)
     assert isinstance(sign(strict, "9a"), w.Failure)

@@ -57,6 +57,7 @@ class LocalPin:
     def __init__(self, session):
         self.session = session
         self._verified_in: float | None = None  # the insert (session.inserted_at) it was verified in
+        self.last_refusal = ""  # the last key operation a local path refused, and why (vsc card status)
 
     # -- effects of vsc.protocol.pins, performed on the session
 
@@ -122,7 +123,7 @@ class LocalPin:
             return {}
         policy = self.policy()
         return {"pin_policy": policy.text(), "pin_local": policy.local.name.lower(), "pin_tries": self.tries_left(),
-                "pin_verified": self.verified()}
+                "pin_verified": self.verified(), "pin_refusal": self.last_refusal}
 
     # -- the decisions
 
@@ -139,6 +140,7 @@ class LocalPin:
         if sw != pins.SW_OK:
             why = refusal(sw, slot, policy)
             self.log.warn("{path}: slot {slot} refused: {why}", path=path, slot=slot, why=why)
+            self.last_refusal = f"{path}: {why}"
             raise CardError(why)
 
     async def verify(self, pin: bytes, keep: bool = True) -> None:

@@ -104,6 +104,8 @@ def _call(args, command: control.Command, **kwargs) -> dict:
 
 def _read_pin(source: str | None, what: str = "PIN", confirm: bool = False) -> bytes:
     """A PIN or PUK from a file (or fd:N), else from the terminal."""
+    if not source and not _have_terminal():
+        raise CommandError(f"no {what} given (no terminal: give it in a file, e.g. --pin-file FILE)")
     value = read_password(source, f"{'New card ' if confirm else 'Card '}{what}: ", confirm=confirm).encode("utf-8")
     if not value:
         raise CommandError(f"no {what} given")
@@ -150,6 +152,8 @@ def cmd_status(args) -> int:
         local = ("the insert counts as verified" if status["pin_local"] == "insert"
                  else "verified" if status["pin_verified"] else "not verified (vsc card verify-pin)")
         pin = f"\nPIN: {state}; policy {status['pin_policy']}; local paths: {local}"
+        if status.get("pin_refusal"):
+            pin += f"\nlast PIN refusal: {status['pin_refusal']}"
     emit(args, status,
          f"card {status['serial']}: {status['state']} (version {status['version']}, suite {status['suite']})\n"
          f"slots: {slots or 'none'}\ncounters: {', '.join(status['counters']) or 'none'}\n"

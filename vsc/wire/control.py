@@ -87,6 +87,7 @@ STATUS = Command("Status", (), (
     # the PIN (vsc.card.pin): "9a=once,9c=always,..." ("" while not in use), how local paths verify, tries left
     # (-1 while not in use), and whether the local verification is open
     ("pin_policy", TEXT), ("pin_local", TEXT), ("pin_tries", INT), ("pin_verified", BOOL),
+    ("pin_refusal", TEXT),  # the last key operation a local path (the agent...) refused for the PIN, and why
 ), "the card's state, serial, version, where it lives (server or token), channel suite, slot keys, counter and "
    "data object names, and its PIN policy and state")
 PUBLIC_KEY = Command("PublicKey", (("slot", TEXT),), (("pem", BYTES),), "a slot's public key (PEM)")
@@ -132,6 +133,7 @@ def status_fields(status: dict) -> dict:
         "memory_locked": bool(status["memory_locked"]), "inserted_at": float(status["inserted_at"] or 0.0),
         "pin_policy": status.get("pin_policy") or "", "pin_local": status.get("pin_local") or "",
         "pin_tries": int(status.get("pin_tries", -1)), "pin_verified": bool(status.get("pin_verified")),
+        "pin_refusal": status.get("pin_refusal") or "",
     }
 
 
@@ -149,7 +151,7 @@ def status_of(fields: dict) -> dict:
         status.update(mode=fields["mode"], token=fields["token"])
     if fields["pin_policy"]:
         status.update(pin_policy=fields["pin_policy"], pin_local=fields["pin_local"], pin_tries=fields["pin_tries"],
-                      pin_verified=fields["pin_verified"])
+                      pin_verified=fields["pin_verified"], pin_refusal=fields["pin_refusal"])
     return status
 
 
