@@ -1296,3 +1296,13 @@ def test_random_challenge_keeps_the_management_authentication(card):
 def test_unknown_challenge_algorithm_is_6a86(card):
     """A challenge for an algorithm that is no management-key algorithm is 6A86 (as before)."""
     assert card.raw(bytes.fromhex("0087079B047C028100"))[1] == 0x6A86
+
+
+def test_deselect_ends_the_pin_verification(card):
+    """deselect() (another application selected by a router) clears the PIN status and the selection; 9A needs a VERIFY again."""
+    assert card.verify(PIN) == 0x9000
+    card.applet.deselect()
+    assert not card.applet.pin_verified and not card.applet.selected
+    assert card.verify(None) == 0x6D00  # nothing but SELECT until PIV is selected again
+    assert card.select()[1] == 0x9000
+    assert card.general_authenticate(0x07, 0x9A, 0x81, _pkcs1_block(bytes(32)))[1] == 0x6982

@@ -253,6 +253,14 @@ class PivApplet:
         self._chain = None
         self._out, self._out_pos = b"", 0
 
+    def deselect(self) -> None:
+        """
+        Another application on the card was selected (an application router):
+        PIV's security status ends as on reset — a PIN verified for PIV is not
+        verified any more when PIV is selected again (PIN policy "once").
+        """
+        self.reset()
+
     # -- entry point
 
     def process(self, raw: bytes) -> Generator[Effect, Any, bytes]:
