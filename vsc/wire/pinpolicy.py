@@ -18,6 +18,7 @@ rule its PIV application always had (9A, 9C, 9D once; 9E never).
 from __future__ import annotations
 
 import enum
+import functools
 
 import attrs
 import construct as c
@@ -75,8 +76,14 @@ def encode_policy(policy: Policy) -> bytes:
 
 
 def decode_policy(data) -> Policy:
+    """The policy item's value (cached: every private-key operation on every path reads it)."""
+    return _decode(bytes(data))
+
+
+@functools.lru_cache(maxsize=16)
+def _decode(data: bytes) -> Policy:
     try:
-        parsed = PolicySchema.parse(bytes(data))
+        parsed = PolicySchema.parse(data)
     except c.ConstructError as e:
         raise WireError(ErrorCode.MALFORMED, f"PIN policy: {str(e).strip()}") from None
     return Policy({e.slot: e.policy for e in parsed.slots}, parsed.local)
