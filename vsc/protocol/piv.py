@@ -25,6 +25,16 @@ ASYMMETRIC KEY PAIR (47), PUT DATA (DB), GET RESPONSE (C0); and three
 YubiKey extensions yubico-piv-tool uses: GET VERSION (FD), GET SERIAL (F8),
 SET MANAGEMENT KEY (FF).
 
+Which key needs the PIN is the card's PIN policy (vsc.wire.pinpolicy, chosen
+at enrolment; decided by vsc.protocol.pins.authorize, the same decision the
+ssh-agent and the local API take): never; once (a VERIFY until reset,
+SELECT or deselect); always (a VERIFY right before the operation, which uses
+it up). A blocked PIN (0 tries, on any path) refuses every PIN slot with
+6983, even in a session that verified before. GENERAL AUTHENTICATE with
+key reference 9B and an empty 81 for an algorithm other than the management
+key's answers random bytes of that algorithm's block size (OpenSC's
+C_GenerateRandom), leaving the management-key authentication as it was.
+
 Anti-hammering: VERIFY, CHANGE REFERENCE DATA and RESET RETRY COUNTER store
 the decremented counter BEFORE comparing; only a match stores the reset
 counter. A store that fails (server unreachable) answers 6581 without
