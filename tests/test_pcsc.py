@@ -547,7 +547,6 @@ def test_blocked_pin_refuses_on_every_path_across_a_restart(stack, sshd):
     for left in (2, 1, 0):
         r = cards.card(home, "verify-pin", "--pin-file", str(bad), json_out=False, check=False)
         assert r.returncode != 0 and f"wrong PIN ({left} tries left)" in r.stderr, r.stderr
-    env = _agent_env(stack)
     sshd.set_authorized([_ssh_line(stack, "9a")])
     msg = tmp / "blocked.txt"
     msg.write_bytes(b"blocked\n")
@@ -572,7 +571,6 @@ def test_blocked_pin_refuses_on_every_path_across_a_restart(stack, sshd):
     cards.card(home, "unblock-pin", "--puk-file", str(puk), "--new-file", str(new))
     assert sshd.logged_in(_agent_env(stack))
     assert _apdus(_verify_apdu(None), _verify_apdu(PIN)) == ["63C3", "9000"]
-    del env
 
 
 # ---------------------------------------------------------------- PIN lock across a restart, then remove
