@@ -608,6 +608,15 @@ def test_card_reconnects_when_pcscd_restarts(stack):
     assert _apdus(_verify_apdu(None)) == ["63C3"]
 
 
+def test_yubico_piv_tool_sets_a_pin_policy_with_a_new_key(stack):
+    """yubico-piv-tool -a generate --pin-policy=always: the slot's policy (vsc card status) is always from then on."""
+    cards, home = stack["cards"], stack["home"]
+    assert cards.card(home, "status").json()["pin_policy"] == "9a=once,9c=always,9d=once,9e=never"
+    _run(["yubico-piv-tool", "-r", READER, "-a", "generate", "-s", "9d", "-A", "RSA2048", "--pin-policy=always",
+          "-o", stack["tmp"] / "gen9d-always.pem"])
+    assert cards.card(home, "status").json()["pin_policy"] == "9a=once,9c=always,9d=always,9e=never"
+
+
 def test_card_leaves_pcsc_within_a_second_of_remove(stack):
     """'vsc card remove' disconnects from vpcd: the reader is empty within a second, and the daemon exits 0."""
     cards, home = stack["cards"], stack["home"]
