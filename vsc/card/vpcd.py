@@ -15,8 +15,11 @@ driver / resource manager / service provider chain of the patent
 * TCP_QUICKACK is set after every read: Debian's vpcd (vsmartcard 0.8)
   writes the length and the payload in two sends, and with Nagle on its
   side and delayed ACKs on ours every APDU would otherwise cost ~44 ms.
-* The PIV application (vsc.protocol.piv) is sans-IO; ``PivCard`` performs
-  its effects on the CardSession: items are read from the locked card
+* The card's applications — PIV (vsc.protocol.piv) and OpenPGP
+  (vsc.protocol.openpgp), those the card was enrolled with (card.ini
+  ``applications``) — sit behind one sans-IO router
+  (vsc.protocol.router: SELECT by AID picks one); ``PivCard`` performs
+  their effects on the CardSession: items are read from the locked card
   memory, every change goes through ``CardSession.put_item`` (synced to the
   server before the APDU is answered), private-key operations through
   ``CardSession.with_key``.
@@ -33,7 +36,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 
 from vsc import crypto
-from vsc.protocol import piv
+from vsc.protocol import openpgp, piv, router
 from vsc.protocol.card_lifecycle import CardError
 from vsc.wire import apdu
 from vsc.wire.protected import ItemKind, KeyAlg
@@ -46,15 +49,36 @@ DEFAULT_ENDPOINT = "tcp:127.0.0.1:35963"
 _KIND = {KeyAlg.RSA2048: crypto.KEY_RSA2048, KeyAlg.P256: crypto.KEY_P256}
 
 
+APPLICATIONS = ("piv", "openpgp")
+
+
+def carried_applications(config) -> tuple[str, ...]:
+    """The applications a card was enrolled with (card.ini ``applications``; both when it does not say)."""
+    text = (getattr(config, "settings", None) or {}).get("applications", ",".join(APPLICATIONS))
+    names = tuple(a for a in (x.strip().lower() for x in text.split(",")) if a in APPLICATIONS)
+    return names or APPLICATIONS
+
+
+def build_router(serial: str, names, rand: crypto.RandomBytes) -> router.AppletRouter:
+    """The applications ``names`` in the card's order (PIV first: it is current until something is selected)."""
+    applets = []
+    if "piv" in names:
+        applets.append((router.piv_matches, piv.PivApplet(serial, rand)))
+    if "openpgp" in names:
+        applets.append((openpgp.matches, openpgp.OpenPgpApplet(serial, rand)))
+    return router.AppletRouter(applets)
+
+
 class PivCard:
-    """The PIV application of one inserted card: APDU in, APDU out, effects on the session."""
+    """The applications of one inserted card (PIV, OpenPGP): APDU in, APDU out, effects on the session."""
 
     log = Logger()
 
-    def __init__(self, session, rand: crypto.RandomBytes = crypto.system_random):
+    def __init__(self, session, rand: crypto.RandomBytes = crypto.system_random, applications=None):
         self.session = session
         self.rand = rand
-        self.applet = piv.PivApplet(session.config.serial, rand)
+        names = applications if applications is not None else carried_applications(session.config)
+        self.applet = build_router(session.config.serial, names, rand)
 
     def reset(self) -> None:
         self.applet.reset()
@@ -105,7 +129,7 @@ class PivCard:
         if isinstance(effect, piv.Generate):
             return await self._generate(effect)
         if isinstance(effect, piv.Notice):
-            self.log.info("PIV {event} {fields}", event=effect.event, fields=effect.fields)
+            self.log.info("card {event} {fields}", event=effect.event, fields=effect.fields)
             return None
         raise piv.EffectFailed(f"unknown effect {effect!r}")
 
@@ -113,6 +137,10 @@ class PivCard:
         def run(key: crypto.PrivateKeyHandle) -> bytes:
             if effect.op == "rsa":
                 return crypto.rsa_private_block(key, effect.data)
+            if effect.op == "rsa-pkcs1":  # OpenPGP: the card pads (PSO:CDS, INTERNAL AUTHENTICATE)
+                return crypto.pkcs1_sign_payload(key, effect.data)
+            if effect.op == "rsa-decrypt":  # OpenPGP PSO:DECIPHER: PKCS#1 v1.5
+                return key.decrypt(effect.data, "pkcs1")
             if effect.op == "ecdsa":
                 return crypto.ecdsa_sign_hash(key, effect.data)
             if effect.op == "ecdh":

@@ -29,6 +29,9 @@ from vsc.wire.protected import ItemKind
 
 USER_PIN = "piv-pin"
 PUK = "piv-puk"
+#: the OpenPGP application's admin PIN (PW3) and reset code (RC); its PW1 is USER_PIN itself
+OPENPGP_PW3 = "pgp-pw3"
+OPENPGP_RC = "pgp-rc"
 DEFAULT_TRIES = 3
 
 
