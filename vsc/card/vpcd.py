@@ -78,13 +78,14 @@ class PivCard:
         self.session = session
         self.rand = rand
         names = applications if applications is not None else carried_applications(session.config)
-        self.applet = build_router(session.config.serial, names, rand)
+        self.router = build_router(session.config.serial, names, rand)
+        self.applet = self.router.applets[0]  # PIV when carried (tests reach into its state)
 
     def reset(self) -> None:
-        self.applet.reset()
+        self.router.reset()
 
     async def transmit(self, raw: bytes) -> bytes:
-        gen = self.applet.process(raw)
+        gen = self.router.process(raw)
         send = None
         throw: BaseException | None = None
         while True:
