@@ -1,0 +1,362 @@
+"""
+GnuPG with the card's OpenPGP application, through the real stack: pcscd with
+vsmartcard's vpcd reader, a real ``twistd vsc-server``, a real ``twistd
+vsc-card --pcsc`` (tests/test_pcsc.py's stack), and Debian 12's GnuPG 2.2:
+gpg, gpg-agent and scdaemon set to use pcscd (``disable-ccid``,
+``pcsc-driver``) in a temporary GNUPGHOME, with a scripted pinentry that
+answers from a JSON file (the user PIN, the admin PIN, the reset code).
+
+``gpg --card-edit`` is driven through ``--command-fd``/``--status-fd``: each
+prompt keyword (``cardedit.prompt``, ``keygen.name``...) gets its scripted
+answer. The tests run in file order on one card: status, key generation,
+sign/verify, encrypt/decrypt, ssh through gpg-agent to a private sshd, the
+PIN blocked and unblocked with the reset code, then everything again after
+``vsc card remove`` and a new insert. They skip locally when a tool is
+missing and fail under VSC_REQUIRE_INTEGRATION=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration import missing
+from tests import test_pcsc as pcsc
+
+pytestmark = pytest.mark.integration
+
+PIN = pcsc.PIN
+ADMIN_PIN = "12345678"
+RESET_CODE = "reset-code-1"
+LIBPCSC = next((p for p in ("/usr/lib/x86_64-linux-gnu/libpcsclite.so.1", "/usr/lib/aarch64-linux-gnu/libpcsclite.so.1",
+                            "/usr/lib/libpcsclite.so.1") if os.path.exists(p)), None)
+SCDAEMON = Path("/usr/lib/gnupg/scdaemon")
+SSHD = Path("/usr/sbin/sshd")
+NAME, EMAIL = "Card Holder", "holder@example.org"
+TIMEOUT = 120.0
+
+PINENTRY = '''#!{python}
+"""A scripted pinentry: the Assuan dialogue, PINs from {pins}."""
+import json, sys
+print("OK scripted pinentry", flush=True)
+desc = ""
+for line in sys.stdin:
+    cmd, _, arg = line.rstrip("\\n").partition(" ")
+    cmd = cmd.upper()
+    if cmd == "SETDESC":
+        desc = arg.replace("%0A", " ")
+    elif cmd == "GETPIN":
+        pins = json.load(open({pins!r}))
+        key = "admin" if "Admin" in desc else "reset" if "Reset" in desc else "pin"
+        with open({log!r}, "a") as f:
+            f.write(key + "\\n")
+        print("D " + pins[key].replace("%", "%25"), flush=True)
+    elif cmd == "BYE":
+        print("OK", flush=True)
+        break
+    print("OK", flush=True)
+'''
+
+
+class GnuPG:
+    """A temporary GNUPGHOME whose scdaemon talks to pcscd and whose pinentry is scripted."""
+
+    def __init__(self, root: Path):
+        self.home = root / "gnupg"
+        self.home.mkdir(mode=0o700)
+        self.pins_file = root / "pins.json"
+        self.pinentry_log = root / "pinentry.log"
+        self.set_pins(pin=PIN, admin=ADMIN_PIN, reset=RESET_CODE)
+        pinentry = root / "pinentry.py"
+        pinentry.write_text(PINENTRY.format(python=sys.executable, pins=str(self.pins_file),
+                                            log=str(self.pinentry_log)))
+        pinentry.chmod(0o755)
+        (self.home / "scdaemon.conf").write_text(f"disable-ccid\npcsc-driver {LIBPCSC}\n"
+                                                 f"log-file {root / 'scdaemon.log'}\n")
+        (self.home / "gpg-agent.conf").write_text(f"pinentry-program {pinentry}\nenable-ssh-support\n"
+                                                  f"log-file {root / 'gpg-agent.log'}\n")
+        self.env = dict(os.environ, GNUPGHOME=str(self.home))
+        self.env.pop("GPG_AGENT_INFO", None)
+
+    def set_pins(self, **pins: str) -> None:
+        self.pins_file.write_text(json.dumps(pins))
+
+    def gpg(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["gpg", "--batch", "--no-tty", *args], input=input, capture_output=True, text=True,
+                              timeout=TIMEOUT, env=self.env, stdin=None if input is not None else subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"gpg {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def card_edit(self, answers: dict[str, list[str]]) -> str:
+        """
+        ``gpg --card-edit`` with ``--command-fd 0 --status-fd 1``: every GET_LINE/GET_BOOL prompt gets the next
+        scripted answer for its keyword; returns the status lines. A prompt without an answer left fails.
+        """
+        p = subprocess.Popen(["gpg", "--command-fd", "0", "--status-fd", "1", "--no-tty", "--card-edit"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             bufsize=1, env=self.env)
+        lines, unanswered = [], None
+        queues = {k: list(v) for k, v in answers.items()}
+        try:
+            for line in p.stdout:
+                lines.append(line.rstrip())
+                parts = line.split()
+                if len(parts) >= 3 and parts[0] == "[GNUPG:]" and parts[1] in ("GET_LINE", "GET_BOOL", "GET_HIDDEN"):
+                    queue = queues.get(parts[2])
+                    if not queue:
+                        unanswered = parts[2]
+                        break
+                    p.stdin.write(queue.pop(0) + "\n")
+                    p.stdin.flush()
+        finally:
+            p.stdin.close()
+            try:
+                p.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        err = p.stderr.read()
+        p.stdout.close()
+        p.stderr.close()
+        if unanswered is not None:
+            raise AssertionError(f"gpg --card-edit asked {unanswered!r} with no scripted answer:\n"
+                                 + "\n".join(lines) + "\n" + err)
+        return "\n".join(lines) + "\n" + err
+
+    def card_status(self) -> str:
+        return self.gpg("--card-status").stdout
+
+    def field(self, status: str, name: str) -> str:
+        m = re.search(rf"^{re.escape(name)} ?\.*: ?(.*)$", status, re.M)
+        assert m, f"no {name!r} in:\n{status}"
+        return m.group(1).strip()
+
+    def ssh_socket(self) -> str:
+        return subprocess.run(["gpgconf", "--list-dirs", "agent-ssh-socket"], capture_output=True, text=True,
+                              env=self.env, timeout=30, check=True).stdout.strip()
+
+    def close(self) -> None:
+        subprocess.run(["gpgconf", "--kill", "all"], env=self.env, capture_output=True, timeout=30)
+
+
+def _prerequisites() -> None:
+    for program in ("gpg", "gpg-agent", "gpgconf", "ssh", "ssh-add", "ssh-keygen"):
+        if shutil.which(program) is None:
+            missing(f"{program} is not installed (apt-get install gnupg scdaemon openssh-client)")
+    if not SCDAEMON.exists():
+        missing("scdaemon is not installed (apt-get install scdaemon)")
+    if LIBPCSC is None:
+        missing("libpcsclite.so.1 is not installed (apt-get install libpcsclite1)")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """tests/test_pcsc.py's stack (pcscd, a real server, the card inserted with --pcsc) and a GnuPG home for it."""
+    pcsc._prerequisites()
+    _prerequisites()
+    from tests.cards import Cards
+    from tests.servers import Servers, admin, init_data_dir
+
+    root = tmp_path_factory.mktemp("gnupg")
+    with pcsc._machine_lock(), pcsc._reserve_vpcd_ports():
+        gen = pcsc._stack(root, Cards, Servers, admin, init_data_dir)
+        st = next(gen)
+        gnupg = GnuPG(root)
+        st["gnupg"] = gnupg
+        try:
+            yield st
+        finally:
+            gnupg.close()
+            gen.close()
+
+
+def _sign_and_verify(stack, name: str) -> None:
+    g, tmp = stack["gnupg"], stack["tmp"]
+    msg = tmp / f"{name}.txt"
+    msg.write_text(f"signed by the card: {name}\n")
+    g.gpg("--yes", "-u", EMAIL, "--output", f"{msg}.sig", "--detach-sign", str(msg))
+    out = g.gpg("--verify", f"{msg}.sig", str(msg)).stderr
+    assert f'Good signature from "{NAME} <{EMAIL}>"' in out
+
+
+def _encrypt_and_decrypt(stack, name: str) -> None:
+    g, tmp = stack["gnupg"], stack["tmp"]
+    msg = tmp / f"{name}.txt"
+    msg.write_text(f"for the card's eyes only: {name}\n")
+    g.gpg("--yes", "--trust-model", "always", "-r", EMAIL, "--output", f"{msg}.gpg", "--encrypt", str(msg))
+    out = g.gpg("--output", "-", "--decrypt", f"{msg}.gpg")
+    assert out.stdout == msg.read_text()
+
+
+def _three_wrong_pins(g: GnuPG) -> None:
+    """card-edit 'verify' three times with a wrong PIN (a fresh scdaemon first: it skips VERIFY once it verified)."""
+    g.close()
+    g.set_pins(pin="999999", admin=ADMIN_PIN, reset=RESET_CODE)
+    for _ in range(3):
+        g.card_edit({"cardedit.prompt": ["verify", "quit"]})
+
+
+# ---------------------------------------------------------------- the card in GnuPG
+
+
+def test_card_status_shows_the_openpgp_card(stack):
+    """gpg --card-status: an OpenPGP 3.4 card in 'Virtual PCD 00 00', RSA-2048 keys, PIN retry counter 3 0 3."""
+    g = stack["gnupg"]
+    status = g.card_status()
+    assert g.field(status, "Reader") == pcsc.READER
+    assert g.field(status, "Application type") == "OpenPGP"
+    assert g.field(status, "Version") == "3.4"
+    assert g.field(status, "Key attributes") == "rsa2048 rsa2048 rsa2048"
+    assert g.field(status, "Max. PIN lengths") == "8 32 32"
+    assert g.field(status, "PIN retry counter") == "3 0 3"
+    assert g.field(status, "Signature key") == "[none]"
+
+
+def test_card_edit_generates_keys_on_the_card(stack):
+    """gpg --card-edit admin/generate (admin PIN, then the PIN): three keys on the card, fingerprints shown."""
+    g = stack["gnupg"]
+    out = g.card_edit({"cardedit.prompt": ["admin", "generate", "quit"], "cardedit.genkeys.backup_enc": ["n"],
+                       "cardedit.genkeys.replace_keys": ["y"], "keygen.valid": ["0"], "keygen.name": [NAME],
+                       "keygen.email": [EMAIL], "keygen.comment": [""]})
+    created = re.search(r"KEY_CREATED B ([0-9A-F]{40})", out)
+    assert created, out
+    status = g.card_status()
+    assert g.field(status, "Signature key").replace(" ", "") == created.group(1)
+    for name in ("Encryption key", "Authentication key"):
+        assert re.fullmatch(r"[0-9A-F ]{50}", g.field(status, name))
+    assert "admin" in g.pinentry_log.read_text().split()
+    secret = g.gpg("--list-secret-keys", EMAIL).stdout
+    assert "sec>" in secret and secret.count("ssb>") == 2  # stubs: the private keys are on the card
+    slots = stack["cards"].card(stack["home"], "status").json()["slots"]
+    assert {"pgp-sig", "pgp-dec", "pgp-aut"} <= set(slots)
+
+
+def test_sign_and_verify(stack):
+    """gpg --detach-sign with the card's signature key (one PIN per signature), gpg --verify: Good signature; the
+    signature counter goes up by one."""
+    g = stack["gnupg"]
+    before = int(g.field(g.card_status(), "Signature counter"))
+    _sign_and_verify(stack, "first")
+    assert int(g.field(g.card_status(), "Signature counter")) == before + 1
+
+
+def test_encrypt_and_decrypt_through_the_card(stack):
+    """gpg --encrypt to the card's key, gpg --decrypt through the card (PSO:DECIPHER, RSA-2048)."""
+    _encrypt_and_decrypt(stack, "first")
+
+
+def _sshd(tmp: Path, authorized: str):
+    """A private sshd on a free loopback port accepting ``authorized`` for this user; (process, port)."""
+    host_key = tmp / "ssh_host_ed25519_key"
+    if not host_key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True, timeout=30)
+    keys = tmp / "authorized_keys"
+    keys.write_text(authorized)
+    keys.chmod(0o600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp / "sshd_config"
+    config.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {keys}\n"
+                      "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+                      f"PidFile {tmp / 'sshd.pid'}\nPermitRootLogin prohibit-password\n")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
+                            stdout=open(tmp / "sshd.log", "ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while not pcsc._port_open(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"sshd did not start:\n{(tmp / 'sshd.log').read_text()}")
+        time.sleep(0.05)
+    return proc, port
+
+
+def test_ssh_through_gpg_agent(stack):
+    """ssh-add -L (gpg-agent's ssh support) lists the card's authentication key; ssh logs in with it to an sshd."""
+    if not SSHD.exists():
+        missing("sshd is not installed (apt-get install openssh-server)")
+    if os.geteuid() != 0 and not os.access("/run/sshd", os.W_OK):
+        missing("a private sshd needs /run/sshd")
+    g, tmp = stack["gnupg"], stack["tmp"]
+    env = dict(g.env, SSH_AUTH_SOCK=g.ssh_socket())
+    subprocess.run(["gpg-connect-agent", "/bye"], env=g.env, capture_output=True, timeout=30)
+    listed = subprocess.run(["ssh-add", "-L"], env=env, capture_output=True, text=True, timeout=60)
+    card_keys = [line for line in listed.stdout.splitlines() if "cardno:" in line]
+    assert len(card_keys) == 1 and card_keys[0].startswith("ssh-rsa "), listed.stdout + listed.stderr
+    proc, port = _sshd(tmp, card_keys[0] + "\n")
+    try:
+        user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+        login = subprocess.run(["ssh", "-p", str(port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                                "-o", f"UserKnownHostsFile={tmp / 'known_hosts'}", "-o", "IdentityFile=none",
+                                "-o", "PreferredAuthentications=publickey", f"{user}@127.0.0.1",
+                                "echo logged-in-with-the-card"],
+                               env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+        assert login.stdout.strip() == "logged-in-with-the-card", login.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_wrong_pin_blocks_and_reset_code_unblocks(stack):
+    """
+    The admin sets a reset code (passwd, 4); three wrong PINs (card-edit verify) block PW1 — and the PIV PIN,
+    which is the same PIN (VERIFY through OpenSC answers 6983); signing fails; 'unblock' with the reset code sets
+    the PIN again and signing works.
+    """
+    g = stack["gnupg"]
+    g.card_edit({"cardedit.prompt": ["admin", "passwd", "quit"], "cardutil.change_pin.menu": ["4", "q"]})
+    assert g.field(g.card_status(), "PIN retry counter") == "3 3 3"
+    _three_wrong_pins(g)
+    assert g.field(g.card_status(), "PIN retry counter") == "0 3 3"
+    g.close()  # gpg-agent and its scdaemon hold the reader exclusively; the next gpg starts them again
+    assert pcsc._apdus(pcsc._verify_apdu(None)) == ["6983"]  # the PIV application: the same, blocked PIN
+    msg = stack["tmp"] / "blocked.txt"
+    msg.write_text("no\n")
+    g.set_pins(pin=PIN, admin=ADMIN_PIN, reset=RESET_CODE)
+    assert g.gpg("--yes", "-u", EMAIL, "--detach-sign", str(msg), check=False).returncode != 0
+    g.card_edit({"cardedit.prompt": ["unblock", "quit"]})
+    assert g.field(g.card_status(), "PIN retry counter") == "3 3 3"
+    _sign_and_verify(stack, "unblocked")
+
+
+def test_everything_holds_after_remove_and_insert(stack):
+    """
+    After 'vsc card remove' and a new insert (everything from the server): the same fingerprints, signature
+    counter and retry counters; three wrong PINs leave PW1 blocked across another remove and insert; the reset
+    code unblocks it; signing, decryption and the ssh key all still work.
+    """
+    g, cards, home = stack["gnupg"], stack["cards"], stack["home"]
+
+    def reinsert():
+        cards.card(home, "remove")
+        assert stack["daemon"].wait_exit() == 0
+        pcsc._wait_card(False)
+        stack["daemon"] = stack["start_card"]()
+
+    before = g.card_status()
+    reinsert()
+    after = g.card_status()
+    for name in ("Signature key", "Encryption key", "Authentication key", "Signature counter", "PIN retry counter",
+                 "Application ID"):
+        assert g.field(after, name) == g.field(before, name)
+    _sign_and_verify(stack, "after-insert")
+    _encrypt_and_decrypt(stack, "after-insert")
+    _three_wrong_pins(g)
+    reinsert()
+    assert g.field(g.card_status(), "PIN retry counter") == "0 3 3"
+    g.set_pins(pin=PIN, admin=ADMIN_PIN, reset=RESET_CODE)
+    g.card_edit({"cardedit.prompt": ["unblock", "quit"]})
+    _sign_and_verify(stack, "after-unblock")
+    listed = subprocess.run(["ssh-add", "-L"], env=dict(g.env, SSH_AUTH_SOCK=g.ssh_socket()), capture_output=True,
+                            text=True, timeout=60)
+    assert "cardno:" in listed.stdout
