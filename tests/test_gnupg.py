@@ -223,7 +223,8 @@ def test_card_status_shows_the_openpgp_card(stack):
 
 
 def test_card_edit_generates_keys_on_the_card(stack):
-    """gpg --card-edit admin/generate (admin PIN, then the PIN): three keys on the card, fingerprints shown."""
+    """gpg --card-edit admin/generate (admin PIN, then the PIN): three keys on the card, fingerprints shown;
+    'vsc card status' lists the keys and both applications."""
     g = stack["gnupg"]
     out = g.card_edit({"cardedit.prompt": ["admin", "generate", "quit"], "cardedit.genkeys.backup_enc": ["n"],
                        "cardedit.genkeys.replace_keys": ["y"], "keygen.valid": ["0"], "keygen.name": [NAME],
@@ -237,8 +238,9 @@ def test_card_edit_generates_keys_on_the_card(stack):
     assert "admin" in g.pinentry_log.read_text().split()
     secret = g.gpg("--list-secret-keys", EMAIL).stdout
     assert "sec>" in secret and secret.count("ssb>") == 2  # stubs: the private keys are on the card
-    slots = stack["cards"].card(stack["home"], "status").json()["slots"]
-    assert {"pgp-sig", "pgp-dec", "pgp-aut"} <= set(slots)
+    card_status = stack["cards"].card(stack["home"], "status").json()
+    assert {"pgp-sig", "pgp-dec", "pgp-aut"} <= set(card_status["slots"])
+    assert card_status["applications"] == ["piv", "openpgp"]  # enrolled without --applications: both
 
 
 def test_sign_and_verify(stack):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import attrs
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -439,3 +440,55 @@ def test_wire_forms():
                                                                 (0x5F48, b"")])))
     with pytest.raises(WireError):
         wire.decipher_rsa(b"\x02" + bytes(10))
+
+
+# ---------------------------------------------------------------- the glue and the enrolment choice
+
+
+def _glue_exchange(session, applications, *apdus: bytes) -> list[tuple[bytes, int]]:
+    """Drive PivCard.transmit by hand: none of these APDUs stores anything, so each completes without waiting."""
+    from vsc.card import vpcd
+
+    card = vpcd.PivCard(session, Drbg(b"glue"), applications)
+    out = []
+    for raw in apdus:
+        coro = card.transmit(raw)
+        try:
+            coro.send(None)
+        except StopIteration as stop:
+            out.append(apdu.parse_response(stop.value))
+        else:
+            raise AssertionError("the glue waited on something")
+    return out
+
+
+def test_glue_answers_select_only_for_carried_applications(tmp_path):
+    """Through vsc.card.vpcd on a real session: OpenPGP answers when carried; a PIV-only card answers 6A82."""
+    from tests.cardfakes import MemoryStorage, in_use_session, release
+    from vsc.card.config import CardConfig
+    from vsc.card.protected import seal_envelope
+
+    envelope = seal_envelope(SERIAL, bytes(32), [], Drbg(b"seal"))
+    cfg = CardConfig(home=tmp_path, server="tcp:127.0.0.1:1", server_key="SHA256:unused", serial=SERIAL)
+    s = in_use_session(cfg, MemoryStorage(SERIAL, envelope, bytes(32), Drbg(b"load")), Drbg(b"session"))
+    try:
+        select = apdu.command(0, 0xA4, 0x04, 0x00, AID6)
+        (both,) = _glue_exchange(s, ("piv", "openpgp"), select)
+        (piv_only,) = _glue_exchange(s, ("piv",), select)
+        assert both[1] == 0x9000 and piv_only[1] == 0x6A82
+        aid, sw = _glue_exchange(s, ("openpgp",), select, apdu.command(0, 0xCA, 0x00, 0x4F, le=256))[1]
+        assert sw == 0x9000 and aid[:6] == AID6
+    finally:
+        release(s)
+
+
+def test_applications_setting():
+    """card.ini 'applications': parsed in the card's order; an unknown name is one clear error; absent means both."""
+    from vsc.card import config as cc
+
+    assert cc.parse_applications("openpgp, PIV") == ("piv", "openpgp")
+    with pytest.raises(cc.CardConfigError, match="pkcs15"):
+        cc.parse_applications("piv,pkcs15")
+    cfg = cc.CardConfig(home=Path("/nonexistent"), server="s", server_key="k", serial="x")
+    assert cc.applications_of(cfg) == ("piv", "openpgp")
+    assert cc.applications_of(attrs.evolve(cfg, settings={"applications": "openpgp"})) == ("openpgp",)

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from vsc import crypto
 from vsc.card import ops
+from vsc.card.config import applications_of
 from vsc.card.machine import MachineLock, MachineLockHeld, compute_muk
 from vsc.card.freshness import FreshnessStore, RollbackError
 from vsc.card.protected import CardMemory
@@ -195,6 +196,7 @@ class CardSession:
             "data": sorted(data),
             "memory_locked": bool(self.memory and self.memory.locked),
             "inserted_at": self.inserted_at or None,
+            "applications": list(applications_of(self.config)),
         }
         status.update(self.storage.status())  # server and suite; a token card: mode and token
         return status

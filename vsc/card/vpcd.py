@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 
 from vsc import crypto
+from vsc.card.config import applications_of
 from vsc.protocol import openpgp, piv, router
 from vsc.protocol.card_lifecycle import CardError
 from vsc.wire import apdu
@@ -47,16 +48,6 @@ ATR = apdu.build_atr(HISTORICAL)
 DEFAULT_ENDPOINT = "tcp:127.0.0.1:35963"
 
 _KIND = {KeyAlg.RSA2048: crypto.KEY_RSA2048, KeyAlg.P256: crypto.KEY_P256}
-
-
-APPLICATIONS = ("piv", "openpgp")
-
-
-def carried_applications(config) -> tuple[str, ...]:
-    """The applications a card was enrolled with (card.ini ``applications``; both when it does not say)."""
-    text = (getattr(config, "settings", None) or {}).get("applications", ",".join(APPLICATIONS))
-    names = tuple(a for a in (x.strip().lower() for x in text.split(",")) if a in APPLICATIONS)
-    return names or APPLICATIONS
 
 
 def build_router(serial: str, names, rand: crypto.RandomBytes) -> router.AppletRouter:
@@ -77,7 +68,7 @@ class PivCard:
     def __init__(self, session, rand: crypto.RandomBytes = crypto.system_random, applications=None):
         self.session = session
         self.rand = rand
-        names = applications if applications is not None else carried_applications(session.config)
+        names = applications if applications is not None else applications_of(session.config)
         self.router = build_router(session.config.serial, names, rand)
         self.applet = self.router.applets[0]  # PIV when carried (tests reach into its state)
 

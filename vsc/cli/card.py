@@ -125,7 +125,8 @@ def cmd_status(args) -> int:
     emit(args, status,
          f"card {status['serial']}: {status['state']} (version {status['version']}, suite {status['suite']})\n"
          f"slots: {slots or 'none'}\ncounters: {', '.join(status['counters']) or 'none'}\n"
-         f"data objects: {', '.join(status['data']) or 'none'}\nmemory locked: {status['memory_locked']}")
+         f"data objects: {', '.join(status['data']) or 'none'}\nmemory locked: {status['memory_locked']}\n"
+         f"applications: {', '.join(status.get('applications') or []) or 'none'}")
     return 0
 
 

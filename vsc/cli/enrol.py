@@ -33,6 +33,10 @@ def cmd_enroll(args) -> int:
     except serials.SerialError as e:
         raise CommandError(str(e), 2) from None
     home = Path(home_dir(args))
+    try:
+        applications = cc.parse_applications(args.applications)
+    except cc.CardConfigError as e:
+        raise CommandError(str(e), 2) from None
     if (home / cc.CARD_INI).exists() and not args.force:
         raise CommandError(f"{home} already holds a card ({home / cc.CARD_INI}); use another --home")
     channel = channel_config(args)
@@ -68,11 +72,13 @@ def cmd_enroll(args) -> int:
         except ops.OperationRefused as e:
             raise CommandError(f"enrolment refused ({e.status.name}): check the serial and the one-time code")
         proto.closeChannel()
-        result.update(serial=args.serial, server=args.server, slots=slots, kdf=kdf.alg.name.lower())
+        result.update(serial=args.serial, server=args.server, slots=slots, kdf=kdf.alg.name.lower(),
+                      applications=list(applications))
 
     run_async(run)
     values = dict(server=args.server, server_key=args.server_key, serial=args.serial,
-                  kdf_floor="legacy" if args.legacy_kdf else f"scrypt:{args.scrypt_log2n}")
+                  kdf_floor="legacy" if args.legacy_kdf else f"scrypt:{args.scrypt_log2n}",
+                  applications=",".join(applications))
     if args.suites:
         values["suites"] = args.suites
     if args.forward_secrecy:
@@ -89,6 +95,7 @@ def cmd_enroll(args) -> int:
          f"card {args.serial} enrolled at {args.server}; settings in {home / cc.CARD_INI}\n"
          f"keys: " + ", ".join(f"{s} {k}" for s, k in slots.items()) + " (each with a self-signed certificate)\n"
          f"{piv_note}\n"
+         f"applications: {', '.join(applications)}\n"
          f"insert it with: twistd -n vsc-card --home {home}")
     return 0
 
@@ -293,6 +300,8 @@ def add_actions(add) -> None:
     p.add_argument("--force", action="store_true", help="overwrite the settings of a card already in HOME")
     p.add_argument("--pin-file", help="read the new PIV PIN (6-8 characters) from this file or fd:N (default: prompt)")
     p.add_argument("--puk-file", help="read the new PIV PUK (6-8 characters) from this file or fd:N (default: prompt)")
+    p.add_argument("--applications", default="piv,openpgp",
+                   help="the card applications the card carries on PC/SC: piv, openpgp or both (default piv,openpgp)")
     add_channel_options(p)
 
     for name, func, help_ in (("recover", cmd_recover, "free a card lost in a crash (only on the same machine)"),

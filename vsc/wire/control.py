@@ -84,6 +84,7 @@ STATUS = Command("Status", (), (
     ("slots", Records(("slot", TEXT), ("algorithm", TEXT), ("public_key_sha256", TEXT))),
     ("counters", TEXT_LIST), ("data", TEXT_LIST), ("memory_locked", BOOL),
     ("inserted_at", FLOAT),  # seconds since the epoch; 0.0 before the first insert
+    ("applications", TEXT_LIST),  # the card applications it carries (piv, openpgp)
 ), "the card's state, serial, version, where it lives (server or token), channel suite, slot keys, counter and "
    "data object names")
 PUBLIC_KEY = Command("PublicKey", (("slot", TEXT),), (("pem", BYTES),), "a slot's public key (PEM)")
@@ -119,6 +120,7 @@ def status_fields(status: dict) -> dict:
         "slots": [{"slot": slot, **info} for slot, info in sorted(status["slots"].items())],
         "counters": list(status["counters"]), "data": list(status["data"]),
         "memory_locked": bool(status["memory_locked"]), "inserted_at": float(status["inserted_at"] or 0.0),
+        "applications": list(status.get("applications", ())),
     }
 
 
@@ -131,6 +133,7 @@ def status_of(fields: dict) -> dict:
                   for r in fields["slots"]},
         "counters": fields["counters"], "data": fields["data"], "memory_locked": fields["memory_locked"],
         "inserted_at": fields["inserted_at"] or None,
+        "applications": fields.get("applications", []),
     }
     if fields["mode"]:
         status.update(mode=fields["mode"], token=fields["token"])
