@@ -17,13 +17,11 @@ missing and fail under VSC_REQUIRE_INTEGRATION=1.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,122 +29,13 @@ import pytest
 
 from tests.integration import missing
 from tests import test_pcsc as pcsc
+from vsc.devtools.gnupg import (ADMIN_PIN, EMAIL, LIBPCSC, NAME, RESET_CODE, SCDAEMON, TIMEOUT, GnuPG,
+                                generate_card_keys)
 
 pytestmark = pytest.mark.integration
 
 PIN = pcsc.PIN
-ADMIN_PIN = "12345678"
-RESET_CODE = "reset-code-1"
-LIBPCSC = next((p for p in ("/usr/lib/x86_64-linux-gnu/libpcsclite.so.1", "/usr/lib/aarch64-linux-gnu/libpcsclite.so.1",
-                            "/usr/lib/libpcsclite.so.1") if os.path.exists(p)), None)
-SCDAEMON = Path("/usr/lib/gnupg/scdaemon")
 SSHD = Path("/usr/sbin/sshd")
-NAME, EMAIL = "Card Holder", "holder@example.org"
-TIMEOUT = 120.0
-
-PINENTRY = '''#!{python}
-"""A scripted pinentry: the Assuan dialogue, PINs from {pins}."""
-import json, sys
-print("OK scripted pinentry", flush=True)
-desc = ""
-for line in sys.stdin:
-    cmd, _, arg = line.rstrip("\\n").partition(" ")
-    cmd = cmd.upper()
-    if cmd == "SETDESC":
-        desc = arg.replace("%0A", " ")
-    elif cmd == "GETPIN":
-        pins = json.load(open({pins!r}))
-        key = "admin" if "Admin" in desc else "reset" if "Reset" in desc else "pin"
-        with open({log!r}, "a") as f:
-            f.write(key + "\\n")
-        print("D " + pins[key].replace("%", "%25"), flush=True)
-    elif cmd == "BYE":
-        print("OK", flush=True)
-        break
-    print("OK", flush=True)
-'''
-
-
-class GnuPG:
-    """A temporary GNUPGHOME whose scdaemon talks to pcscd and whose pinentry is scripted."""
-
-    def __init__(self, root: Path):
-        self.home = root / "gnupg"
-        self.home.mkdir(mode=0o700)
-        self.pins_file = root / "pins.json"
-        self.pinentry_log = root / "pinentry.log"
-        self.set_pins(pin=PIN, admin=ADMIN_PIN, reset=RESET_CODE)
-        pinentry = root / "pinentry.py"
-        pinentry.write_text(PINENTRY.format(python=sys.executable, pins=str(self.pins_file),
-                                            log=str(self.pinentry_log)))
-        pinentry.chmod(0o755)
-        (self.home / "scdaemon.conf").write_text(f"disable-ccid\npcsc-driver {LIBPCSC}\n"
-                                                 f"log-file {root / 'scdaemon.log'}\n")
-        (self.home / "gpg-agent.conf").write_text(f"pinentry-program {pinentry}\nenable-ssh-support\n"
-                                                  f"log-file {root / 'gpg-agent.log'}\n")
-        self.env = dict(os.environ, GNUPGHOME=str(self.home))
-        self.env.pop("GPG_AGENT_INFO", None)
-
-    def set_pins(self, **pins: str) -> None:
-        self.pins_file.write_text(json.dumps(pins))
-
-    def gpg(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run(["gpg", "--batch", "--no-tty", *args], input=input, capture_output=True, text=True,
-                              timeout=TIMEOUT, env=self.env, stdin=None if input is not None else subprocess.DEVNULL)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"gpg {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-        return proc
-
-    def card_edit(self, answers: dict[str, list[str]]) -> str:
-        """
-        ``gpg --card-edit`` with ``--command-fd 0 --status-fd 1``: every GET_LINE/GET_BOOL prompt gets the next
-        scripted answer for its keyword; returns the status lines. A prompt without an answer left fails.
-        """
-        p = subprocess.Popen(["gpg", "--command-fd", "0", "--status-fd", "1", "--no-tty", "--card-edit"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             bufsize=1, env=self.env)
-        lines, unanswered = [], None
-        queues = {k: list(v) for k, v in answers.items()}
-        try:
-            for line in p.stdout:
-                lines.append(line.rstrip())
-                parts = line.split()
-                if len(parts) >= 3 and parts[0] == "[GNUPG:]" and parts[1] in ("GET_LINE", "GET_BOOL", "GET_HIDDEN"):
-                    queue = queues.get(parts[2])
-                    if not queue:
-                        unanswered = parts[2]
-                        break
-                    p.stdin.write(queue.pop(0) + "\n")
-                    p.stdin.flush()
-        finally:
-            p.stdin.close()
-            try:
-                p.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        err = p.stderr.read()
-        p.stdout.close()
-        p.stderr.close()
-        if unanswered is not None:
-            raise AssertionError(f"gpg --card-edit asked {unanswered!r} with no scripted answer:\n"
-                                 + "\n".join(lines) + "\n" + err)
-        return "\n".join(lines) + "\n" + err
-
-    def card_status(self) -> str:
-        return self.gpg("--card-status").stdout
-
-    def field(self, status: str, name: str) -> str:
-        m = re.search(rf"^{re.escape(name)} ?\.*: ?(.*)$", status, re.M)
-        assert m, f"no {name!r} in:\n{status}"
-        return m.group(1).strip()
-
-    def ssh_socket(self) -> str:
-        return subprocess.run(["gpgconf", "--list-dirs", "agent-ssh-socket"], capture_output=True, text=True,
-                              env=self.env, timeout=30, check=True).stdout.strip()
-
-    def close(self) -> None:
-        subprocess.run(["gpgconf", "--kill", "all"], env=self.env, capture_output=True, timeout=30)
 
 
 def _prerequisites() -> None:
@@ -171,7 +60,7 @@ def stack(tmp_path_factory):
     with pcsc._machine_lock(), pcsc._reserve_vpcd_ports():
         gen = pcsc._stack(root, Cards, Servers, admin, init_data_dir)
         st = next(gen)
-        gnupg = GnuPG(root)
+        gnupg = GnuPG(root, PIN)
         st["gnupg"] = gnupg
         try:
             yield st
@@ -226,13 +115,9 @@ def test_card_edit_generates_keys_on_the_card(stack):
     """gpg --card-edit admin/generate (admin PIN, then the PIN): three keys on the card, fingerprints shown;
     'vsc card status' lists the keys and both applications."""
     g = stack["gnupg"]
-    out = g.card_edit({"cardedit.prompt": ["admin", "generate", "quit"], "cardedit.genkeys.backup_enc": ["n"],
-                       "cardedit.genkeys.replace_keys": ["y"], "keygen.valid": ["0"], "keygen.name": [NAME],
-                       "keygen.email": [EMAIL], "keygen.comment": [""]})
-    created = re.search(r"KEY_CREATED B ([0-9A-F]{40})", out)
-    assert created, out
+    fingerprint = generate_card_keys(g)
     status = g.card_status()
-    assert g.field(status, "Signature key").replace(" ", "") == created.group(1)
+    assert g.field(status, "Signature key").replace(" ", "") == fingerprint
     for name in ("Encryption key", "Authentication key"):
         assert re.fullmatch(r"[0-9A-F ]{50}", g.field(status, name))
     assert "admin" in g.pinentry_log.read_text().split()
