@@ -22,6 +22,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -126,6 +127,23 @@ def test_card_edit_generates_keys_on_the_card(stack):
     card_status = stack["cards"].card(stack["home"], "status").json()
     assert {"pgp-sig", "pgp-dec", "pgp-aut"} <= set(card_status["slots"])
     assert card_status["applications"] == ["piv", "openpgp"]  # enrolled without --applications: both
+
+
+def test_openpgp_keys_serve_through_gnupg_only(stack):
+    """The local API's SignDigest with slot pgp-sig is refused with one line (no PW1, no counter there; the CLI
+    offers PIV slots only); the card daemon's own ssh-agent offers the PIV keys but none of the OpenPGP keys."""
+    cards, home = stack["cards"], stack["home"]
+    code = ("import sys\nfrom vsc.card import client\nfrom vsc.wire import control\n"
+            "try:\n    client.call(sys.argv[1], control.SIGN_DIGEST, slot='pgp-sig', digest=bytes(32))\n"
+            "except client.Refused as e:\n    print(e)\nelse:\n    print('SIGNED')\n")
+    refused = subprocess.run([sys.executable, "-c", code, str(home)], env=cards.env(), capture_output=True, text=True,
+                             timeout=60)
+    assert "OpenPGP application" in refused.stdout and "SIGNED" not in refused.stdout, refused.stdout + refused.stderr
+    sock = cards.card(home, "ssh-agent-env").json()["SSH_AUTH_SOCK"]
+    listed = subprocess.run(["ssh-add", "-L"], env=dict(os.environ, SSH_AUTH_SOCK=sock), capture_output=True,
+                            text=True, timeout=60)
+    comments = [line.split()[-1] for line in listed.stdout.splitlines()]
+    assert comments and not any("pgp-" in c for c in comments), listed.stdout
 
 
 def test_sign_and_verify(stack):

@@ -71,6 +71,15 @@ def explain(e: Exception) -> str:
     return describe(e) or " ".join(str(e).split()) or "internal error (see the card daemon's log)"
 
 
+OPENPGP_KEY_PREFIX = "pgp-"
+
+
+def _not_openpgp(slot: str) -> None:
+    """The OpenPGP application's keys serve only through it (PW1, the signature counter): not the local API."""
+    if slot.startswith(OPENPGP_KEY_PREFIX):
+        raise CardError(f"{slot} is a key of the OpenPGP application: use it through GnuPG")
+
+
 class CardSession:
     """
     One card in this process. Every service asks the life cycle first
@@ -221,6 +230,8 @@ class CardSession:
         ``openssl dgst -sha256 -sign`` gives over the data it came from.
         """
 
+        _not_openpgp(slot)
+
         def sign(key: crypto.PrivateKeyHandle) -> bytes:
             try:
                 return key.sign_digest(digest)
@@ -230,6 +241,8 @@ class CardSession:
         return await self.with_key(slot, sign)
 
     async def decrypt(self, slot: str, ciphertext: bytes, padding: str = "pkcs1") -> bytes:
+        _not_openpgp(slot)
+
         def decrypt(key: crypto.PrivateKeyHandle) -> bytes:
             try:
                 return key.decrypt(ciphertext, padding)
