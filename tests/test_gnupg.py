@@ -31,7 +31,7 @@ import pytest
 from tests.integration import missing
 from tests import test_pcsc as pcsc
 from vsc.devtools.gnupg import (ADMIN_PIN, EMAIL, LIBPCSC, NAME, RESET_CODE, SCDAEMON, TIMEOUT, GnuPG,
-                                generate_card_keys)
+                                generate_card_keys, set_card_key_attributes)
 
 pytestmark = pytest.mark.integration
 
@@ -265,3 +265,24 @@ def test_everything_holds_after_remove_and_insert(stack):
     listed = subprocess.run(["ssh-add", "-L"], env=dict(g.env, SSH_AUTH_SOCK=g.ssh_socket()), capture_output=True,
                             text=True, timeout=60)
     assert "cardno:" in listed.stdout
+
+
+def test_nist_p256_keys(stack):
+    """key-attr ECC NIST P-256 for all three keys (--expert), generated on the card: ECDSA signature verifies,
+    ECDH decryption through the card, ssh-add -L offers an ecdsa-sha2-nistp256 key."""
+    g = stack["gnupg"]
+    set_card_key_attributes(g, "nistp256")
+    assert g.field(g.card_status(), "Key attributes") == "nistp256 nistp256 nistp256"
+    fingerprint = generate_card_keys(g, "EC Holder", "ec@example.org")
+    assert g.field(g.card_status(), "Signature key").replace(" ", "") == fingerprint
+    g_tmp = stack["tmp"]
+    msg = g_tmp / "ec.txt"
+    msg.write_text("P-256 on the card\n")
+    g.gpg("--yes", "-u", "ec@example.org", "--output", f"{msg}.sig", "--detach-sign", str(msg))
+    assert 'Good signature from "EC Holder <ec@example.org>"' in g.gpg("--verify", f"{msg}.sig", str(msg)).stderr
+    g.gpg("--yes", "--trust-model", "always", "-r", "ec@example.org", "--output", f"{msg}.gpg", "--encrypt", str(msg))
+    out = g.gpg("--output", "-", "--decrypt", f"{msg}.gpg")
+    assert out.stdout == msg.read_text() and "256-bit ECDH key" in out.stderr
+    listed = subprocess.run(["ssh-add", "-L"], env=dict(g.env, SSH_AUTH_SOCK=g.ssh_socket()), capture_output=True,
+                            text=True, timeout=60)
+    assert any(line.startswith("ecdsa-sha2-nistp256 ") and "cardno:" in line for line in listed.stdout.splitlines())

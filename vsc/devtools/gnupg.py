@@ -78,12 +78,12 @@ class GnuPG:
             raise AssertionError(f"gpg {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def card_edit(self, answers: dict[str, list[str]]) -> str:
+    def card_edit(self, answers: dict[str, list[str]], *options: str) -> str:
         """
         ``gpg --card-edit`` with ``--command-fd 0 --status-fd 1``: every GET_LINE/GET_BOOL prompt gets the next
         scripted answer for its keyword; returns the status lines. A prompt without an answer left fails.
         """
-        p = subprocess.Popen(["gpg", "--command-fd", "0", "--status-fd", "1", "--no-tty", "--card-edit"],
+        p = subprocess.Popen(["gpg", "--command-fd", "0", "--status-fd", "1", "--no-tty", *options, "--card-edit"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              bufsize=1, env=self.env)
         lines, unanswered = [], None
@@ -130,12 +130,23 @@ class GnuPG:
         subprocess.run(["gpgconf", "--kill", "all"], env=self.env, capture_output=True, timeout=30)
 
 
-def generate_card_keys(g: GnuPG) -> str:
+def generate_card_keys(g: GnuPG, name: str = NAME, email: str = EMAIL) -> str:
     """``gpg --card-edit`` admin / generate (no off-card backup, no expiry): the fingerprint of the new key."""
     out = g.card_edit({"cardedit.prompt": ["admin", "generate", "quit"], "cardedit.genkeys.backup_enc": ["n"],
-                       "cardedit.genkeys.replace_keys": ["y"], "keygen.valid": ["0"], "keygen.name": [NAME],
-                       "keygen.email": [EMAIL], "keygen.comment": [""]})
+                       "cardedit.genkeys.replace_keys": ["y"], "keygen.valid": ["0"], "keygen.name": [name],
+                       "keygen.email": [email], "keygen.comment": [""]})
     created = re.search(r"KEY_CREATED B ([0-9A-F]{40})", out)
     if not created:
         raise AssertionError(f"gpg --card-edit generate made no key:\n{out}")
     return created.group(1)
+
+
+#: gpg 2.2's curve menu for card keys with --expert: 1 Curve 25519, 2 Curve 448, 3 NIST P-256, ...
+CURVE_MENU = {"cv25519": "1", "nistp256": "3"}
+
+
+def set_card_key_attributes(g: GnuPG, curve: str) -> str:
+    """``gpg --expert --card-edit`` admin / key-attr: all three keys to ECC ``curve`` (admin PIN)."""
+    choice = CURVE_MENU[curve]
+    return g.card_edit({"cardedit.prompt": ["admin", "key-attr", "quit"], "cardedit.genkeys.algo": ["2"] * 3,
+                        "keygen.curve": [choice] * 3}, "--expert")
