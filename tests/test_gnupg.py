@@ -186,8 +186,8 @@ def _sshd(tmp: Path, authorized: str):
     return proc, port
 
 
-def test_ssh_through_gpg_agent(stack):
-    """ssh-add -L (gpg-agent's ssh support) lists the card's authentication key; ssh logs in with it to an sshd."""
+def _ssh_login(stack, key_type: str) -> None:
+    """ssh-add -L through gpg-agent lists one card key of ``key_type``; ssh logs in with it to a private sshd."""
     if not SSHD.exists():
         missing("sshd is not installed (apt-get install openssh-server)")
     if os.geteuid() != 0 and not os.access("/run/sshd", os.W_OK):
@@ -197,7 +197,7 @@ def test_ssh_through_gpg_agent(stack):
     subprocess.run(["gpg-connect-agent", "/bye"], env=g.env, capture_output=True, timeout=30)
     listed = subprocess.run(["ssh-add", "-L"], env=env, capture_output=True, text=True, timeout=60)
     card_keys = [line for line in listed.stdout.splitlines() if "cardno:" in line]
-    assert len(card_keys) == 1 and card_keys[0].startswith("ssh-rsa "), listed.stdout + listed.stderr
+    assert len(card_keys) == 1 and card_keys[0].startswith(key_type + " "), listed.stdout + listed.stderr
     proc, port = _sshd(tmp, card_keys[0] + "\n")
     try:
         user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
@@ -210,6 +210,11 @@ def test_ssh_through_gpg_agent(stack):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_ssh_through_gpg_agent(stack):
+    """ssh-add -L (gpg-agent's ssh support) lists the card's authentication key; ssh logs in with it to an sshd."""
+    _ssh_login(stack, "ssh-rsa")
 
 
 def test_wrong_pin_blocks_and_reset_code_unblocks(stack):
@@ -269,7 +274,7 @@ def test_everything_holds_after_remove_and_insert(stack):
 
 def test_nist_p256_keys(stack):
     """key-attr ECC NIST P-256 for all three keys (--expert), generated on the card: ECDSA signature verifies,
-    ECDH decryption through the card, ssh-add -L offers an ecdsa-sha2-nistp256 key."""
+    ECDH decryption through the card, ssh logs in with the ecdsa-sha2-nistp256 key gpg-agent offers."""
     g = stack["gnupg"]
     set_card_key_attributes(g, "nistp256")
     assert g.field(g.card_status(), "Key attributes") == "nistp256 nistp256 nistp256"
@@ -283,6 +288,22 @@ def test_nist_p256_keys(stack):
     g.gpg("--yes", "--trust-model", "always", "-r", "ec@example.org", "--output", f"{msg}.gpg", "--encrypt", str(msg))
     out = g.gpg("--output", "-", "--decrypt", f"{msg}.gpg")
     assert out.stdout == msg.read_text() and "256-bit ECDH key" in out.stderr
-    listed = subprocess.run(["ssh-add", "-L"], env=dict(g.env, SSH_AUTH_SOCK=g.ssh_socket()), capture_output=True,
-                            text=True, timeout=60)
-    assert any(line.startswith("ecdsa-sha2-nistp256 ") and "cardno:" in line for line in listed.stdout.splitlines())
+    _ssh_login(stack, "ecdsa-sha2-nistp256")
+
+
+def test_curve25519_keys(stack):
+    """key-attr ECC Curve 25519 (ed25519 / cv25519 / ed25519), generated on the card: the EdDSA signature
+    verifies, Cv25519 decryption goes through the card, ssh logs in with the ssh-ed25519 key gpg-agent offers."""
+    g, tmp = stack["gnupg"], stack["tmp"]
+    set_card_key_attributes(g, "cv25519")
+    assert g.field(g.card_status(), "Key attributes") == "ed25519 cv25519 ed25519"
+    fingerprint = generate_card_keys(g, "Ed Holder", "ed@example.org")
+    assert g.field(g.card_status(), "Signature key").replace(" ", "") == fingerprint
+    msg = tmp / "ed.txt"
+    msg.write_text("Curve25519 on the card\n")
+    g.gpg("--yes", "-u", "ed@example.org", "--output", f"{msg}.sig", "--detach-sign", str(msg))
+    assert 'Good signature from "Ed Holder <ed@example.org>"' in g.gpg("--verify", f"{msg}.sig", str(msg)).stderr
+    g.gpg("--yes", "--trust-model", "always", "-r", "ed@example.org", "--output", f"{msg}.gpg", "--encrypt", str(msg))
+    out = g.gpg("--output", "-", "--decrypt", f"{msg}.gpg")
+    assert out.stdout == msg.read_text() and "ECDH key" in out.stderr
+    _ssh_login(stack, "ssh-ed25519")

@@ -17,7 +17,7 @@ from pathlib import Path
 import attrs
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
 from vsc import crypto
@@ -43,7 +43,10 @@ def _der(key) -> bytes:
 
 RSA_KEY = serialization.load_pem_private_key((VECTORS / "test-server-key-rsa2048.pem").read_bytes(), None)
 EC_KEY = ec.derive_private_key(0x5EED5EED5EED5EED5EED5EED5EED5EED5EED5EED5EED5EED5EED5EED5EED5EED, ec.SECP256R1())
-FIXED = {KeyAlg.RSA2048: _der(RSA_KEY), KeyAlg.P256: _der(EC_KEY)}
+ED_KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+X_KEY = x25519.X25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
+FIXED = {KeyAlg.RSA2048: _der(RSA_KEY), KeyAlg.P256: _der(EC_KEY), KeyAlg.ED25519: _der(ED_KEY),
+         KeyAlg.X25519: _der(X_KEY)}
 
 
 class Drbg:
@@ -94,6 +97,10 @@ class FakeCard:
                         return key.decrypt(effect.data, "pkcs1")
                     if effect.op == "ecdsa":
                         return crypto.ecdsa_sign_hash(key, effect.data)
+                    if effect.op == "eddsa":
+                        return key.eddsa_sign(effect.data)
+                    if effect.op == "x25519":
+                        return key.x25519(effect.data)
                     return key.ecdh(effect.data)
                 except (crypto.CryptoError, ValueError) as e:
                     raise EffectFailed(str(e), 0x6A80) from None
@@ -362,6 +369,40 @@ def test_p256_keys(card):
     card.verify(0x82, PW1)
     shared, sw = card.send(0x2A, 0x80, 0x86, tlv.encode(0xA6, tlv.encode(0x7F49, tlv.encode(0x86, eph_point))), le=256)
     assert sw == 0x9000 and shared == eph.exchange(ec.ECDH(), pub)
+
+
+def test_curve25519_keys(card):
+    """Ed25519 (C1, C3) and Cv25519 (C2): the public keys are 32 raw bytes, the signature is Ed25519 over the data,
+    DECIPHER is X25519 (with or without GnuPG's 40 prefix); a Curve25519 key import is refused."""
+    card.verify(0x83, PW3)
+    ed_attr = wire.ec_attributes(wire.ALGO_EDDSA, wire.OID_ED25519)
+    assert card.send(0xDA, 0x00, 0xC1, ed_attr + b"\xff")[1] == 0x9000  # an import-format byte is dropped
+    assert card.get_data(0xC1)[0] == ed_attr
+    assert card.send(0xDA, 0x00, 0xC3, ed_attr)[1] == 0x9000
+    assert card.send(0xDA, 0x00, 0xC2, wire.ec_attributes(wire.ALGO_ECDH, wire.OID_CV25519))[1] == 0x9000
+    assert card.send(0xDA, 0x00, 0xC2, ed_attr)[1] == 0x6A80  # EdDSA cannot decrypt
+    raw = tlv.decode_one(tlv.decode_one(card.generate(0xB6)[0], 0x7F49), 0x86)
+    assert raw == ED_KEY.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    card.generate(0xB8)
+    card.generate(0xA4)
+    card.verify(0x81, PW1)
+    digest = hashlib.sha256(b"ed").digest()
+    sig, sw = card.send(0x2A, 0x9E, 0x9A, digest, le=256)
+    assert sw == 0x9000 and len(sig) == 64
+    ED_KEY.public_key().verify(sig, digest)
+    card.verify(0x82, PW1)
+    ssh_data = bytes(range(200))
+    sig, sw = card.send(0x88, 0, 0, ssh_data, le=256)
+    assert sw == 0x9000
+    ED_KEY.public_key().verify(sig, ssh_data)
+    eph = x25519.X25519PrivateKey.from_private_bytes(bytes(range(100, 132)))
+    eph_pub = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    expected = eph.exchange(X_KEY.public_key())
+    for point in (eph_pub, b"\x40" + eph_pub):
+        data = tlv.encode(0xA6, tlv.encode(0x7F49, tlv.encode(0x86, point)))
+        assert card.send(0x2A, 0x80, 0x86, data, le=256) == (expected, 0x9000)
+    body = tlv.encode(0x4D, tlv.encode_many([(0xB6, b""), (0x7F48, bytes.fromhex("9220")), (0x5F48, bytes(32))]))
+    assert card.send(0xDB, 0x3F, 0xFF, body)[1] == 0x6985
 
 
 def test_key_import_rsa(card):

@@ -47,7 +47,8 @@ HISTORICAL = bytes.fromhex("80") + bytes.fromhex("67") + b"vsc-piv" + bytes.from
 ATR = apdu.build_atr(HISTORICAL)
 DEFAULT_ENDPOINT = "tcp:127.0.0.1:35963"
 
-_KIND = {KeyAlg.RSA2048: crypto.KEY_RSA2048, KeyAlg.P256: crypto.KEY_P256}
+_KIND = {KeyAlg.RSA2048: crypto.KEY_RSA2048, KeyAlg.P256: crypto.KEY_P256, KeyAlg.ED25519: crypto.KEY_ED25519,
+         KeyAlg.X25519: crypto.KEY_X25519}
 
 
 def build_router(serial: str, names, rand: crypto.RandomBytes) -> router.AppletRouter:
@@ -133,6 +134,10 @@ class PivCard:
                 return crypto.pkcs1_sign_payload(key, effect.data)
             if effect.op == "rsa-decrypt":  # OpenPGP PSO:DECIPHER: PKCS#1 v1.5
                 return key.decrypt(effect.data, "pkcs1")
+            if effect.op == "eddsa":  # OpenPGP: Ed25519 signature and authentication keys
+                return key.eddsa_sign(effect.data)
+            if effect.op == "x25519":  # OpenPGP: Cv25519 decryption key
+                return key.x25519(effect.data)
             if effect.op == "ecdsa":
                 return crypto.ecdsa_sign_hash(key, effect.data)
             if effect.op == "ecdh":

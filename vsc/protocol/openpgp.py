@@ -21,8 +21,9 @@ their own (pins.OPENPGP_PW3, pins.OPENPGP_RC), checked the shared
 store-before-compare way (vsc.protocol.pins.check_secret).
 
 Keys: signature (B6, item "pgp-sig"), decryption (B8, "pgp-dec"),
-authentication (A4, "pgp-aut"), RSA-2048 or NIST P-256 (algorithm
-attributes C1-C3, changeable with PW3). Instructions: SELECT, GET DATA (CA),
+authentication (A4, "pgp-aut"), RSA-2048, NIST P-256 (ECDSA / ECDH) or
+Curve25519 (Ed25519 / Cv25519): algorithm attributes C1-C3, changeable
+with PW3. Instructions: SELECT, GET DATA (CA),
 PUT DATA (DA, and DB with the extended header list for key import), VERIFY
 (20), CHANGE REFERENCE DATA (24), RESET RETRY COUNTER (2C), GENERATE
 ASYMMETRIC KEY PAIR (47), PSO (2A: COMPUTE DIGITAL SIGNATURE 9E9A and
@@ -140,10 +141,30 @@ def attr_name(role: str) -> str:
     return f"pgp-attr-{role}"
 
 
-#: algorithm attributes the card accepts for each key role, and the key kind each means
-def supported_attributes(role: str) -> dict[bytes, KeyAlg]:
-    ec_algo = wire.ALGO_ECDH if role == "dec" else wire.ALGO_ECDSA
-    return {wire.rsa_attributes(2048): KeyAlg.RSA2048, wire.ec_attributes(ec_algo, wire.OID_P256): KeyAlg.P256}
+#: the algorithms each key role may have: (algorithm id, RSA bits or curve OID) -> key kind
+_ALGORITHMS = {
+    "sig": {(wire.ALGO_RSA, 2048): KeyAlg.RSA2048, (wire.ALGO_ECDSA, wire.OID_P256): KeyAlg.P256,
+            (wire.ALGO_EDDSA, wire.OID_ED25519): KeyAlg.ED25519},
+    "dec": {(wire.ALGO_RSA, 2048): KeyAlg.RSA2048, (wire.ALGO_ECDH, wire.OID_P256): KeyAlg.P256,
+            (wire.ALGO_ECDH, wire.OID_CV25519): KeyAlg.X25519},
+}
+_ALGORITHMS["aut"] = _ALGORITHMS["sig"]
+
+
+def attributes_alg(role: str, raw: bytes) -> KeyAlg | None:
+    """The key kind algorithm attributes ``raw`` name for ``role``, or None when the card does not do them."""
+    try:
+        return _ALGORITHMS[role].get(wire.parse_attributes(raw))
+    except WireError:
+        return None
+
+
+def canonical_attributes(alg: KeyAlg, role: str) -> bytes:
+    """The attributes the card shows for a key kind (RSA with its import format; ECC without one)."""
+    for (algo, param), kind in _ALGORITHMS[role].items():
+        if kind is alg:
+            return wire.rsa_attributes(param) if algo == wire.ALGO_RSA else wire.ec_attributes(algo, param)
+    raise ValueError(f"{alg!r} is not a {role} algorithm")
 
 
 def matches(aid: bytes) -> bool:
@@ -521,9 +542,10 @@ class OpenPgpApplet:
             return b"", SW_OK
         if tag in TAG_ROLE_ATTR:
             role = TAG_ROLE_ATTR[tag]
-            if bytes(data) not in supported_attributes(role):
+            alg = attributes_alg(role, data)
+            if alg is None:
                 return b"", SW_WRONG_DATA
-            yield Store(ItemKind.DATA, attr_name(role), bytes(data))
+            yield Store(ItemKind.DATA, attr_name(role), canonical_attributes(alg, role))
             return b"", SW_OK
         limit = WRITABLE.get(tag)
         if limit is None:
@@ -540,17 +562,18 @@ class OpenPgpApplet:
     # ---------------------------------------------------------------- keys
 
     def _key_alg(self, role: str) -> Generator[Effect, Any, KeyAlg]:
-        attrs_ = yield from self._attributes(role)
-        return supported_attributes(role).get(attrs_, KeyAlg.RSA2048)
+        raw = yield from self._attributes(role)
+        return attributes_alg(role, raw) or KeyAlg.RSA2048
 
     @staticmethod
     def public_key_template(public_der: bytes) -> bytes:
-        """7F49 { 81 modulus, 82 exponent } (RSA) or 7F49 { 86 point } (EC)."""
+        """7F49 { 81 modulus, 82 exponent } (RSA), 7F49 { 86 point } (P-256) or { 86 32 raw bytes } (25519)."""
         nums = crypto.public_numbers(public_der)
         if "rsa" in nums:
             n, e = nums["rsa"]
             return tlv.encode(0x7F49, tlv.encode_many([(0x81, n), (0x82, e)]))
-        return tlv.encode(0x7F49, tlv.encode(0x86, nums["ec"]))
+        (point,) = nums.values()
+        return tlv.encode(0x7F49, tlv.encode(0x86, point))
 
     def _generate(self, cmd: Command, data: bytes) -> Step:
         if cmd.p1 not in (0x80, 0x81) or cmd.p2 != 0x00:
@@ -587,10 +610,12 @@ class OpenPgpApplet:
                     return b"", SW_WRONG_DATA
                 der = bytearray(crypto.rsa_private_der_from_parts(imp.parts[0x91], imp.parts[0x92],
                                                                   imp.parts[0x93]))
-            else:
+            elif alg is KeyAlg.P256:
                 if 0x92 not in imp.parts:
                     return b"", SW_WRONG_DATA
                 der = bytearray(crypto.p256_private_der_from_scalar(imp.parts[0x92]))
+            else:
+                return b"", SW_CONDITIONS  # Curve25519 keys are generated on the card, not imported
         except crypto.CryptoError:
             return b"", SW_WRONG_DATA
         try:
@@ -616,6 +641,10 @@ class OpenPgpApplet:
     def _sign(self, role: str, alg: KeyAlg, data: bytes) -> Generator[Effect, Any, bytes]:
         if alg is KeyAlg.RSA2048:
             return (yield PrivateOp(key_name(role), "rsa-pkcs1", data))
+        if alg is KeyAlg.ED25519:
+            if not data:
+                raise ApduError(SW_WRONG_DATA, "nothing to sign")
+            return (yield PrivateOp(key_name(role), "eddsa", data))
         if not 1 <= len(data) <= 64:
             raise ApduError(SW_WRONG_DATA, "an ECDSA input is a hash")
         der = yield PrivateOp(key_name(role), "ecdsa", data)
@@ -657,6 +686,12 @@ class OpenPgpApplet:
             plain = yield PrivateOp(key_name("dec"), "rsa-decrypt", cryptogram.rjust(size, b"\x00"))
             return plain, SW_OK
         point = wire.decipher_ecdh(data)
+        if alg is KeyAlg.X25519:
+            if len(point) == 33 and point[0] == 0x40:
+                point = point[1:]  # GnuPG's native-point prefix
+            if len(point) != 32:
+                return b"", SW_WRONG_DATA
+            return (yield PrivateOp(key_name("dec"), "x25519", point)), SW_OK
         if len(point) != 65 or point[0] != 0x04:
             return b"", SW_WRONG_DATA
         return (yield PrivateOp(key_name("dec"), "ecdh", point)), SW_OK

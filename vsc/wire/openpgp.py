@@ -35,6 +35,8 @@ ALGO_ECDH = 0x12
 ALGO_ECDSA = 0x13
 ALGO_EDDSA = 0x16
 OID_P256 = bytes.fromhex("2a8648ce3d030107")
+OID_ED25519 = bytes.fromhex("2b06010401da470f01")  # 1.3.6.1.4.1.11591.15.1
+OID_CV25519 = bytes.fromhex("2b060104019755010501")  # 1.3.6.1.4.1.3029.1.5.1
 
 
 def _wrap(what: str, fn, *args):
