@@ -308,6 +308,19 @@ def test_signature_counter_and_pw1_once(card):
     assert wire.parse_pw_status(card.get_data(0xC4)[0]).pw1_multiple is True
 
 
+def test_pin_blocked_elsewhere_drops_the_verification(card):
+    """PW1 verified, then blocked on another path (the record's counter at 0): signing and decryption answer 6983."""
+    card.verify(0x83, PW3)
+    _gen_rsa(card, 0xB6)
+    _gen_rsa(card, 0xB8)
+    assert card.verify(0x81, PW1) == 0x9000 and card.verify(0x82, PW1) == 0x9000
+    rec = apdu.decode_secret(card.items[(ItemKind.PIN, pins.USER_PIN)][0])
+    card.items[(ItemKind.PIN, pins.USER_PIN)] = (apdu.encode_secret(attrs.evolve(rec, tries_left=0)), KeyAlg.NONE, b"")
+    assert card.send(0x2A, 0x9E, 0x9A, SHA256_PREFIX + bytes(32), le=256)[1] == 0x6983
+    assert card.send(0x2A, 0x80, 0x86, b"\x00" + bytes(256), le=256, extended=True)[1] == 0x6982  # dropped already
+    assert tlv.to_dict(card.get_data(0x7A)[0])[0x93] == b"\x00\x00\x00"
+
+
 def test_counter_is_stored_before_the_signature(card):
     """The incremented counter is a Store that precedes the private-key operation; a failed store signs nothing."""
     card.verify(0x83, PW3)

@@ -632,6 +632,19 @@ class OpenPgpApplet:
 
     # ---------------------------------------------------------------- private-key operations
 
+    def _pw1_status(self, ref: int) -> Generator[Effect, Any, int]:
+        """
+        0 if PW1 was verified for ``ref`` and is not blocked now, else the status word. The PIN is the card's
+        one user PIN: blocked on another path since it was verified here, it no longer counts here either.
+        """
+        if ref not in self.verified:
+            return SW_SECURITY
+        rec = yield from self._pw1()
+        if rec.tries_left == 0:
+            self.verified.difference_update((PW1, PW1_OTHER))
+            return SW_BLOCKED
+        return 0
+
     def _key(self, role: str) -> Generator[Effect, Any, tuple[KeyAlg, bytes]]:
         info = yield KeyInfo(key_name(role))
         if info is None:
@@ -659,8 +672,9 @@ class OpenPgpApplet:
         return b"", SW_WRONG_P1P2
 
     def _compute_signature(self, data: bytes) -> Step:
-        if PW1 not in self.verified:
-            return b"", SW_SECURITY
+        refused = yield from self._pw1_status(PW1)
+        if refused:
+            return b"", refused
         alg, _public = yield from self._key("sig")
         policy = yield Load(ItemKind.DATA, PW1_POLICY)
         if not (policy and bytes(policy) == b"\x01"):
@@ -675,8 +689,9 @@ class OpenPgpApplet:
         return signature, SW_OK
 
     def _decipher(self, data: bytes) -> Step:
-        if PW1_OTHER not in self.verified:
-            return b"", SW_SECURITY
+        refused = yield from self._pw1_status(PW1_OTHER)
+        if refused:
+            return b"", refused
         alg, public = yield from self._key("dec")
         if alg is KeyAlg.RSA2048:
             cryptogram = wire.decipher_rsa(data)
@@ -699,8 +714,9 @@ class OpenPgpApplet:
     def _internal_authenticate(self, cmd: Command, data: bytes) -> Step:
         if (cmd.p1, cmd.p2) != (0x00, 0x00):
             return b"", SW_WRONG_P1P2
-        if PW1_OTHER not in self.verified:
-            return b"", SW_SECURITY
+        refused = yield from self._pw1_status(PW1_OTHER)
+        if refused:
+            return b"", refused
         alg, public = yield from self._key("aut")
         if alg is KeyAlg.RSA2048 and len(data) > len(crypto.public_numbers(public)["rsa"][0]) * 2 // 5:
             return b"", SW_WRONG_DATA  # at most 40 % of the modulus (spec 7.2.13)
