@@ -546,3 +546,43 @@ def test_applications_setting():
     cfg = cc.CardConfig(home=Path("/nonexistent"), server="s", server_key="k", serial="x")
     assert cc.applications_of(cfg) == ("piv", "openpgp")
     assert cc.applications_of(attrs.evolve(cfg, settings={"applications": "openpgp"})) == ("openpgp",)
+
+
+def test_signature_counter_is_a_rollback_floor():
+    """The card's rollback floors (vsc.card.freshness) keep the signature counter: an older, lower copy is
+    raised back to it when a rollback is accepted; PW3 and reset-code tries are floors like the PIN's."""
+    from vsc.card.freshness import apply_floors, floors_of
+    from vsc.card.protected import CardMemory, PlainItem, seal_envelope
+
+    pk = bytes(range(32))
+
+    def memory(count: int, pw3_tries: int) -> CardMemory:
+        items = [PlainItem(ItemKind.DATA, openpgp.SIG_COUNTER, wire.encode_sig_counter(count)),
+                 PlainItem(ItemKind.PIN, pins.OPENPGP_PW3,
+                           apdu.encode_secret(apdu.SecretRecord(b"12345678", pw3_tries, 3)))]
+        return CardMemory.load(SERIAL, seal_envelope(SERIAL, pk, items, Drbg(b"seal")), pk)
+
+    floors = floors_of(memory(7, 1))
+    old = memory(3, 3)
+    assert sorted(apply_floors(old, floors)) == [pins.OPENPGP_PW3, openpgp.SIG_COUNTER]
+    with old.open(ItemKind.DATA, openpgp.SIG_COUNTER) as v:
+        assert wire.decode_sig_counter(v) == 7
+    with old.open(ItemKind.PIN, pins.OPENPGP_PW3) as v:
+        assert apdu.decode_secret(v).tries_left == 1
+    newer = memory(9, 3)
+    assert apply_floors(newer, floors) == [pins.OPENPGP_PW3]  # a higher count stays
+
+
+def test_enrol_refuses_an_unknown_application(tmp_path):
+    """'vsc card enroll --applications piv,bogus' stops with one line naming it, before asking anything."""
+    import subprocess
+    import sys
+
+    vsc = Path(sys.executable).parent / "vsc"
+    proc = subprocess.run([str(vsc), "card", "--home", str(tmp_path / "home"), "enroll", "--server",
+                           "tcp:127.0.0.1:1", "--server-key", "SHA256:unused", "--serial", "s-1", "--code", "c",
+                           "--applications", "piv,bogus"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "bogus" in lines[0], proc.stderr
+    assert not (tmp_path / "home" / "card.ini").exists()
