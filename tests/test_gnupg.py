@@ -147,12 +147,18 @@ def test_openpgp_keys_serve_through_gnupg_only(stack):
 
 
 def test_sign_and_verify(stack):
-    """gpg --detach-sign with the card's signature key (one PIN per signature), gpg --verify: Good signature; the
-    signature counter goes up by one."""
-    g = stack["gnupg"]
+    """gpg --sign (a signed file) and gpg --detach-sign with the card's signature key (one PIN per signature),
+    gpg --verify: Good signature, the signed file's content intact; the signature counter goes up by two."""
+    g, tmp = stack["gnupg"], stack["tmp"]
     before = int(g.field(g.card_status(), "Signature counter"))
+    msg = tmp / "inline.txt"
+    msg.write_text("signed inline by the card\n")
+    g.gpg("--yes", "-u", EMAIL, "--output", f"{msg}.gpg", "--sign", str(msg))
+    verified = g.gpg("--output", "-", "--decrypt", f"{msg}.gpg")
+    assert verified.stdout == msg.read_text() and f'Good signature from "{NAME} <{EMAIL}>"' in verified.stderr
+    assert f'Good signature from "{NAME} <{EMAIL}>"' in g.gpg("--verify", f"{msg}.gpg").stderr
     _sign_and_verify(stack, "first")
-    assert int(g.field(g.card_status(), "Signature counter")) == before + 1
+    assert int(g.field(g.card_status(), "Signature counter")) == before + 2
 
 
 def test_encrypt_and_decrypt_through_the_card(stack):
