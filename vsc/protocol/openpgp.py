@@ -332,7 +332,7 @@ class OpenPgpApplet:
         return apdu.pad_pin(pin)
 
     def _check(self, ref: int, value: bytes) -> Generator[Effect, Any, SecretRecord | int]:
-        """The shared store-before-compare check of PW1 or PW3 (RC: _check_rc); a record or a status word."""
+        """PW1 or PW3 checked the shared store-before-compare way: the record, or the status word to answer."""
         if ref == PW3:
             return (yield from pins.check_secret(pins.OPENPGP_PW3, value, DEFAULT_PW3, "admin-pin"))
         block = self._pw1_block(value)
