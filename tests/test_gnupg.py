@@ -11,7 +11,8 @@ prompt keyword (``cardedit.prompt``, ``keygen.name``...) gets its scripted
 answer. The tests run in file order on one card: status, key generation,
 sign/verify, encrypt/decrypt, ssh through gpg-agent to a private sshd, the
 PIN blocked and unblocked with the reset code, then everything again after
-``vsc card remove`` and a new insert. They skip locally when a tool is
+``vsc card remove`` and a new insert; then a software key moved to the card
+with ``keytocard``, and keys generated as NIST P-256 and as Curve25519. They skip locally when a tool is
 missing and fail under VSC_REQUIRE_INTEGRATION=1.
 """
 
@@ -276,6 +277,25 @@ def test_everything_holds_after_remove_and_insert(stack):
     listed = subprocess.run(["ssh-add", "-L"], env=dict(g.env, SSH_AUTH_SOCK=g.ssh_socket()), capture_output=True,
                             text=True, timeout=60)
     assert "cardno:" in listed.stdout
+
+
+def test_keytocard_imports_an_rsa_key(stack):
+    """A software RSA-2048 key made by gpg goes to the card with 'keytocard' (PUT DATA with the extended header
+    list, admin PIN); gpg then signs with the card (the local key is a stub) and the signature verifies."""
+    g, tmp = stack["gnupg"], stack["tmp"]
+    g.gpg("--passphrase", "", "--pinentry-mode", "loopback", "--quick-gen-key", "Soft Key <soft@example.org>",
+          "rsa2048", "sign", "0")
+    colons = g.gpg("--with-colons", "--list-keys", "soft@example.org").stdout
+    fingerprint = next(line.split(":")[9] for line in colons.splitlines() if line.startswith("fpr:"))
+    g.command({"keyedit.prompt": ["keytocard", "save"], "keyedit.keytocard.use_primary": ["y"],
+               "cardedit.genkeys.storekeytype": ["1"], "cardedit.genkeys.replace_key": ["y"]},
+              "--edit-key", fingerprint)
+    assert g.field(g.card_status(), "Signature key").replace(" ", "") == fingerprint
+    assert "sec>" in g.gpg("--list-secret-keys", "soft@example.org").stdout  # the private key is on the card now
+    msg = tmp / "imported.txt"
+    msg.write_text("signed with an imported key\n")
+    g.gpg("--yes", "-u", "soft@example.org", "--output", f"{msg}.sig", "--detach-sign", str(msg))
+    assert 'Good signature from "Soft Key <soft@example.org>"' in g.gpg("--verify", f"{msg}.sig", str(msg)).stderr
 
 
 def test_nist_p256_keys(stack):

@@ -79,11 +79,15 @@ class GnuPG:
         return proc
 
     def card_edit(self, answers: dict[str, list[str]], *options: str) -> str:
+        """``gpg [options] --card-edit`` driven by ``answers`` (see ``command``)."""
+        return self.command(answers, *options, "--card-edit")
+
+    def command(self, answers: dict[str, list[str]], *args: str) -> str:
         """
-        ``gpg --card-edit`` with ``--command-fd 0 --status-fd 1``: every GET_LINE/GET_BOOL prompt gets the next
-        scripted answer for its keyword; returns the status lines. A prompt without an answer left fails.
+        ``gpg --command-fd 0 --status-fd 1 ARGS``: every GET_LINE/GET_BOOL prompt gets the next scripted answer
+        for its keyword; returns the status lines. A prompt without an answer left fails.
         """
-        p = subprocess.Popen(["gpg", "--command-fd", "0", "--status-fd", "1", "--no-tty", *options, "--card-edit"],
+        p = subprocess.Popen(["gpg", "--command-fd", "0", "--status-fd", "1", "--no-tty", *args],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              bufsize=1, env=self.env)
         lines, unanswered = [], None
@@ -110,7 +114,7 @@ class GnuPG:
         p.stdout.close()
         p.stderr.close()
         if unanswered is not None:
-            raise AssertionError(f"gpg --card-edit asked {unanswered!r} with no scripted answer:\n"
+            raise AssertionError(f"gpg {' '.join(args)} asked {unanswered!r} with no scripted answer:\n"
                                  + "\n".join(lines) + "\n" + err)
         return "\n".join(lines) + "\n" + err
 
