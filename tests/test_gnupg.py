@@ -12,8 +12,9 @@ answer. The tests run in file order on one card: status, key generation,
 sign/verify, encrypt/decrypt, ssh through gpg-agent to a private sshd, the
 PIN blocked and unblocked with the reset code, then everything again after
 ``vsc card remove`` and a new insert; then a software key moved to the card
-with ``keytocard``, and keys generated as NIST P-256 and as Curve25519. They skip locally when a tool is
-missing and fail under VSC_REQUIRE_INTEGRATION=1.
+with ``keytocard``, and keys generated as NIST P-256 and as Curve25519.
+They skip locally when a tool is missing and fail under
+VSC_REQUIRE_INTEGRATION=1.
 """
 
 from __future__ import annotations
