@@ -12,7 +12,8 @@ answer. The tests run in file order on one card: status, key generation,
 sign/verify, encrypt/decrypt, ssh through gpg-agent to a private sshd, the
 PIN blocked and unblocked with the reset code, then everything again after
 ``vsc card remove`` and a new insert; then a software key moved to the card
-with ``keytocard``, and keys generated as NIST P-256 and as Curve25519.
+with ``keytocard``, keys generated as NIST P-256 and as Curve25519, and
+``factory-reset``.
 They skip locally when a tool is missing and fail under
 VSC_REQUIRE_INTEGRATION=1.
 """
@@ -334,3 +335,26 @@ def test_curve25519_keys(stack):
     out = g.gpg("--output", "-", "--decrypt", f"{msg}.gpg")
     assert out.stdout == msg.read_text() and "ECDH key" in out.stderr
     _ssh_login(stack, "ssh-ed25519")
+
+
+def test_factory_reset(stack):
+    """gpg --card-edit admin/factory-reset (PW3 blocked by gpg, TERMINATE DF, ACTIVATE FILE): no keys, default
+    admin PIN and no reset code afterwards, while the user PIN — the PIV PIN too — is untouched; new keys can be
+    generated and sign."""
+    g = stack["gnupg"]
+    g.close()
+    g.card_edit({"cardedit.prompt": ["admin", "factory-reset", "quit"], "cardedit.factory-reset.proceed": ["y"],
+                 "cardedit.factory-reset.really": ["yes"]})
+    g.close()
+    status = g.card_status()
+    for name in ("Signature key", "Encryption key", "Authentication key"):
+        assert g.field(status, name) == "[none]"
+    assert g.field(status, "PIN retry counter") == "3 0 3"
+    assert g.field(status, "Key attributes") == "rsa2048 rsa2048 rsa2048"
+    g.close()
+    assert pcsc._apdus(pcsc._verify_apdu(PIN)) == ["9000"]  # the PIV PIN is still the enrolled one
+    fingerprint = generate_card_keys(g, "Reset Holder", "reset@example.org")
+    msg = stack["tmp"] / "after-reset.txt"
+    msg.write_text("after the factory reset\n")
+    g.gpg("--yes", "-u", fingerprint, "--output", f"{msg}.sig", "--detach-sign", str(msg))
+    assert 'Good signature from "Reset Holder <reset@example.org>"' in g.gpg("--verify", f"{msg}.sig", str(msg)).stderr

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_ds
 
 from vsc import crypto
 from vsc.protocol import openpgp, pins, piv, router
-from vsc.protocol.applet import EffectFailed, Generate, KeyInfo, Load, Notice, PrivateOp, Store, run_sync
+from vsc.protocol.applet import Clear, EffectFailed, Generate, KeyInfo, Load, Notice, PrivateOp, Store, run_sync
 from vsc.wire import apdu, tlv
 from vsc.wire import openpgp as wire
 from vsc.wire.errors import WireError
@@ -109,6 +109,11 @@ class FakeCard:
             public = crypto.public_der_of(der)
             self.items[(ItemKind.KEY, effect.slot)] = (der, effect.alg, public)
             return public
+        if isinstance(effect, Clear):
+            if self.fail_stores:
+                raise EffectFailed("server unreachable", 0x6581)
+            self.items = {k: v for k, v in self.items.items() if not k[1].startswith(effect.prefix)}
+            return None
         if isinstance(effect, Notice):
             self.notices.append(effect)
             return None
@@ -454,6 +459,42 @@ def test_get_challenge_uses_the_injected_source(card):
     expected(0)
     body, sw = card.send(0x84, 0, 0, le=32)
     assert sw == 0x9000 and body == Drbg()(32)
+
+
+def test_terminate_and_activate_is_a_factory_reset_that_keeps_the_pin(card):
+    """TERMINATE DF needs PW3 (or PW3 blocked); terminated, only ACTIVATE FILE works and SELECT says 6285;
+    ACTIVATE removes every OpenPGP item (keys, PW3, data objects) but PW1, the card's PIN, stays as it was."""
+    assert card.send(0x24, 0x00, 0x81, PW1 + b"24681357")[1] == 0x9000
+    assert card.send(0xE6, 0, 0)[1] == 0x6982
+    card.verify(0x83, PW3)
+    _gen_rsa(card, 0xB6)
+    card.send(0xDA, 0x00, 0x5B, b"Doe<<John")
+    card.send(0x24, 0x00, 0x83, PW3 + b"admin-secret")
+    assert card.send(0xE6, 0, 0)[1] == 0x9000
+    assert card.get_data(0x6E)[1] == 0x6985
+    assert card.select() == 0x6285
+    assert card.send(0x44, 0, 0)[1] == 0x9000
+    assert not any(name.startswith("pgp-") for _kind, name in card.items)
+    assert (ItemKind.PIN, pins.USER_PIN) in card.items
+    assert card.select() == 0x9000
+    assert card.get_all(0x47, 0x81, 0x00, b"\xb6\x00")[1] == 0x6A88
+    assert card.verify(0x83, PW3) == 0x9000  # the default admin PIN again
+    assert card.verify(0x82, b"24681357") == 0x9000  # the PIN as it was
+    assert card.send(0x44, 0, 0)[1] == 0x9000  # not terminated: nothing to do
+
+
+def test_terminate_once_pw3_is_blocked(card):
+    """A holder who lost PW3 blocks it (three wrong tries) and may then TERMINATE DF, as gpg's factory-reset does;
+    a failed sync of the factory reset answers 6581 and the application stays terminated."""
+    for _ in range(3):
+        card.verify(0x83, b"wrong-admin")
+    assert card.send(0xE6, 0, 0)[1] == 0x9000
+    card.fail_stores = True
+    assert card.send(0x44, 0, 0)[1] == 0x6581
+    card.fail_stores = False
+    assert card.get_data(0x4F)[1] == 0x6985
+    assert card.send(0x44, 0, 0)[1] == 0x9000
+    assert wire.parse_pw_status(card.get_data(0xC4)[0]).pw3_tries == 3
 
 
 # ---------------------------------------------------------------- the router

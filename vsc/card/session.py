@@ -338,6 +338,30 @@ class CardSession:
 
         await self._locked(run)
 
+    async def clear_items(self, prefix: str) -> int:
+        """
+        Remove every item whose name starts with ``prefix`` (the OpenPGP application's factory reset: "pgp-"),
+        synced before it is acknowledged (undone if the sync fails); the number removed.
+        """
+        if not prefix:
+            raise CardError("no prefix: refusing to clear every item")
+
+        async def run():
+            mem = self.require_usable()
+            gone = mem.remove_prefix(prefix)
+            if not gone:
+                return 0
+            try:
+                await self.storage.store(mem.export())
+            except BaseException:
+                mem.restore(gone)
+                raise
+            mem.discard_removed(gone)
+            self._stored(mem)
+            return len(gone)
+
+        return await self._locked(run)
+
     async def _modify(self, kind: ItemKind, name: str, value, alg: KeyAlg = KeyAlg.NONE, public: bytes = b"") -> None:
         """Change one item, sync it, and only then acknowledge; on failure the change is undone."""
         mem = self.require_usable()

@@ -38,6 +38,7 @@ from twisted.protocols.basic import Int16StringReceiver
 from vsc import crypto
 from vsc.card.config import applications_of
 from vsc.protocol import openpgp, piv, router
+from vsc.protocol.applet import Clear
 from vsc.protocol.card_lifecycle import CardError
 from vsc.wire import apdu
 from vsc.wire.protected import ItemKind, KeyAlg
@@ -114,6 +115,12 @@ class PivCard:
         if isinstance(effect, piv.Store):
             try:
                 await self.session.put_item(effect.kind, effect.name, effect.value, effect.alg, effect.public)
+            except Exception as e:  # noqa: BLE001 - the APDU fails; the session undid the change
+                raise piv.EffectFailed(f"not stored: {e}", piv.SW_MEMORY_FAILURE) from None
+            return None
+        if isinstance(effect, Clear):
+            try:
+                await self.session.clear_items(effect.prefix)
             except Exception as e:  # noqa: BLE001 - the APDU fails; the session undid the change
                 raise piv.EffectFailed(f"not stored: {e}", piv.SW_MEMORY_FAILURE) from None
             return None

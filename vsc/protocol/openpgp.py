@@ -28,7 +28,10 @@ PUT DATA (DA, and DB with the extended header list for key import), VERIFY
 (20), CHANGE REFERENCE DATA (24), RESET RETRY COUNTER (2C), GENERATE
 ASYMMETRIC KEY PAIR (47), PSO (2A: COMPUTE DIGITAL SIGNATURE 9E9A and
 DECIPHER 8086), INTERNAL AUTHENTICATE (88), GET CHALLENGE (84), GET RESPONSE
-(C0). Command chaining and extended lengths both work (historical bytes).
+(C0), TERMINATE DF (E6) and ACTIVATE FILE (44): the factory reset GnuPG's
+``factory-reset`` performs, which removes every item of the application but
+not PW1 (the card's PIN). Command chaining and extended lengths both work
+(historical bytes).
 
 One responsibility (and so one module despite its length): the OpenPGP card application.
 """
@@ -53,6 +56,7 @@ from vsc.protocol.applet import (
     SW_WRONG_DATA,
     SW_WRONG_LENGTH,
     SW_WRONG_P1P2,
+    Clear,
     Effect,
     EffectFailed,
     Generate,
@@ -81,6 +85,9 @@ INS_PSO = 0x2A
 INS_INTERNAL_AUTH = 0x88
 INS_GET_CHALLENGE = 0x84
 INS_GET_RESPONSE = 0xC0
+INS_TERMINATE = 0xE6
+INS_ACTIVATE = 0x44
+SW_TERMINATED = 0x6285  # SELECT: the application is in its termination state
 
 CHAINABLE = frozenset({INS_PUT_DATA, INS_PUT_DATA_ODD, INS_VERIFY, INS_CHANGE, INS_RESET_RETRY, INS_PSO,
                        INS_INTERNAL_AUTH, INS_GENERATE})
@@ -126,6 +133,10 @@ WRITE_ACCESS = {0x0101: PW1_OTHER, 0x0103: PW1_OTHER}
 READ_ACCESS = {0x0103: PW1_OTHER, 0x0104: PW3}
 
 SIG_COUNTER = "pgp-sig-counter"
+TERMINATED = "pgp-terminated"
+#: ACTIVATE FILE after TERMINATE DF removes every item of the application (keys, PW3, reset code, data objects,
+#: counter); PW1 stays: it is the card's one user PIN, shared with PIV, and must not come back to a default
+ITEM_PREFIX = "pgp-"
 PW1_POLICY = "pgp-pw1-policy"  # C4 first byte: 00 one PSO:CDS per verification, 01 several
 
 
@@ -179,6 +190,7 @@ class OpenPgpApplet:
         self.serial = serial
         self.rand = rand
         self.selected = False
+        self.terminated = False
         self.verified: set[int] = set()
         self._chain: tuple[tuple[int, int, int], bytearray] | None = None
         self._out: bytes = b""
@@ -281,6 +293,10 @@ class OpenPgpApplet:
             return (yield from self._select(cmd, data))
         if not self.selected:
             return b"", SW_INS
+        if cmd.ins == INS_ACTIVATE:
+            return (yield from self._activate(cmd, data))
+        if self.terminated:
+            return b"", SW_CONDITIONS  # nothing but ACTIVATE FILE in the termination state
         handler = {
             INS_GET_DATA: self._get_data,
             INS_PUT_DATA: self._put_data,
@@ -292,6 +308,7 @@ class OpenPgpApplet:
             INS_PSO: self._pso,
             INS_INTERNAL_AUTH: self._internal_authenticate,
             INS_GET_CHALLENGE: self._get_challenge,
+            INS_TERMINATE: self._terminate,
         }.get(cmd.ins)
         if handler is None:
             return b"", SW_INS
@@ -300,13 +317,41 @@ class OpenPgpApplet:
     # ---------------------------------------------------------------- SELECT
 
     def _select(self, cmd: Command, data: bytes) -> Step:
-        yield from ()
         if cmd.p1 != 0x04 or cmd.p2 not in (0x00, 0x0C):
             return b"", SW_WRONG_P1P2
         if not matches(data) or not self.aid.startswith(data):
             return b"", SW_NOT_FOUND
         self.selected = True
         self.verified.clear()
+        self.terminated = bool((yield Load(ItemKind.DATA, TERMINATED)))
+        return b"", SW_TERMINATED if self.terminated else SW_OK
+
+    # ---------------------------------------------------------------- TERMINATE DF / ACTIVATE FILE (factory reset)
+
+    def _terminate(self, cmd: Command, data: bytes) -> Step:
+        """TERMINATE DF: with PW3 verified, or once PW3 is blocked (so a holder who lost it can start over)."""
+        if (cmd.p1, cmd.p2) != (0x00, 0x00) or data:
+            return b"", SW_WRONG_P1P2 if cmd.p1 or cmd.p2 else SW_WRONG_DATA
+        if PW3 not in self.verified:
+            pw3 = yield from self._pw3()
+            if pw3.tries_left:
+                return b"", SW_SECURITY
+        yield Store(ItemKind.DATA, TERMINATED, b"\x01")
+        self.terminated = True
+        self.verified.clear()
+        yield Notice("terminated", {"application": "openpgp"})
+        return b"", SW_OK
+
+    def _activate(self, cmd: Command, data: bytes) -> Step:
+        """ACTIVATE FILE: in the termination state, the factory reset (every "pgp-" item removed); else nothing."""
+        if (cmd.p1, cmd.p2) != (0x00, 0x00):
+            return b"", SW_WRONG_P1P2
+        if not self.terminated:
+            return b"", SW_OK
+        yield Clear(ITEM_PREFIX)
+        self.terminated = False
+        self.verified.clear()
+        yield Notice("factory-reset", {"application": "openpgp"})
         return b"", SW_OK
 
     # ---------------------------------------------------------------- secrets
