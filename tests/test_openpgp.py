@@ -627,3 +627,42 @@ def test_enrol_refuses_an_unknown_application(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "bogus" in lines[0], proc.stderr
     assert not (tmp_path / "home" / "card.ini").exists()
+
+
+def _run_now(coro):
+    """Drive a coroutine that never has to wait (in-memory storage): its result, or its exception raised."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("the coroutine waited on something")
+
+
+def test_session_clear_items_is_synced_and_undone_on_failure(tmp_path):
+    """CardSession.clear_items('pgp-') removes only pgp- items in one upload; a failed upload restores them."""
+    from tests.cardfakes import MemoryStorage, in_use_session, release
+    from vsc.card.config import CardConfig
+    from vsc.card.protected import CardMemory, PlainItem, seal_envelope
+    from vsc.protocol.card_lifecycle import CardError
+
+    items = [PlainItem(ItemKind.DATA, "pgp-do-5b", b"Doe<<John"), PlainItem(ItemKind.DATA, "notes", b"keep"),
+             PlainItem(ItemKind.PIN, pins.OPENPGP_PW3, apdu.encode_secret(apdu.SecretRecord(b"12345678", 3, 3))),
+             PlainItem(ItemKind.PIN, pins.USER_PIN, apdu.encode_secret(apdu.SecretRecord(apdu.pad_pin(PW1), 3, 3)))]
+    envelope = seal_envelope(SERIAL, bytes(32), items, Drbg(b"seal"))
+    cfg = CardConfig(home=tmp_path, server="tcp:127.0.0.1:1", server_key="SHA256:unused", serial=SERIAL)
+    storage = MemoryStorage(SERIAL, envelope, bytes(32), Drbg(b"load"))
+    s = in_use_session(cfg, storage, Drbg(b"session"))
+    try:
+        names = lambda mem: sorted(name for _k, name, _a, _p in mem.items())  # noqa: E731
+        storage.fail_store = "server unreachable"
+        with pytest.raises(CardError):
+            _run_now(s.clear_items("pgp-"))
+        assert names(s.memory) == sorted(["pgp-do-5b", "notes", pins.OPENPGP_PW3, pins.USER_PIN])
+        storage.fail_store = None
+        assert _run_now(s.clear_items("pgp-")) == 2
+        assert names(s.memory) == sorted(["notes", pins.USER_PIN]) and len(storage.stored) == 1
+        uploaded = CardMemory.load(SERIAL, storage.stored[-1], bytes(32))
+        assert names(uploaded) == sorted(["notes", pins.USER_PIN])
+        assert _run_now(s.clear_items("pgp-")) == 0 and len(storage.stored) == 1  # nothing to remove: no upload
+    finally:
+        release(s)
