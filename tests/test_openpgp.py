@@ -666,3 +666,28 @@ def test_session_clear_items_is_synced_and_undone_on_failure(tmp_path):
         assert _run_now(s.clear_items("pgp-")) == 0 and len(storage.stored) == 1  # nothing to remove: no upload
     finally:
         release(s)
+
+
+def test_local_api_keeps_out_of_the_openpgp_items(tmp_path):
+    """The local API refuses pgp- names with one line: no signing or decrypting with its keys, no reading or
+    writing its data objects (0104 needs PW3 on the card), no stepping a counter named like them."""
+    from tests.cardfakes import MemoryStorage, in_use_session, release
+    from vsc.card.config import CardConfig
+    from vsc.card.protected import PlainItem, seal_envelope
+    from vsc.protocol.card_lifecycle import CardError
+
+    items = [PlainItem(ItemKind.DATA, "pgp-do-104", b"admin only"),
+             PlainItem(ItemKind.KEY, "pgp-sig", FIXED[KeyAlg.P256], KeyAlg.P256,
+                       crypto.public_der_of(FIXED[KeyAlg.P256]))]
+    envelope = seal_envelope(SERIAL, bytes(32), items, Drbg(b"seal"))
+    cfg = CardConfig(home=tmp_path, server="tcp:127.0.0.1:1", server_key="SHA256:unused", serial=SERIAL)
+    storage = MemoryStorage(SERIAL, envelope, bytes(32), Drbg(b"load"))
+    s = in_use_session(cfg, storage, Drbg(b"session"))
+    try:
+        for coro in (s.sign_digest("pgp-sig", bytes(32)), s.decrypt("pgp-dec", bytes(256)), s.data_get("pgp-do-104"),
+                     s.data_put("pgp-do-104", b"x"), s.counter("pgp-sig-counter", 1)):
+            with pytest.raises(CardError, match="belongs to the OpenPGP application"):
+                _run_now(coro)
+        assert storage.stored == []
+    finally:
+        release(s)

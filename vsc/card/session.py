@@ -74,10 +74,13 @@ def explain(e: Exception) -> str:
 OPENPGP_KEY_PREFIX = "pgp-"
 
 
-def _not_openpgp(slot: str) -> None:
-    """The OpenPGP application's keys serve only through it (PW1, the signature counter): not the local API."""
-    if slot.startswith(OPENPGP_KEY_PREFIX):
-        raise CardError(f"{slot} is a key of the OpenPGP application: use it through GnuPG")
+def _not_openpgp(name: str) -> None:
+    """
+    The OpenPGP application's items serve only through it, under its own rules (PW1 for its keys, PW3 for its
+    data objects, the signature counter): the local API neither uses its keys nor reads or writes its items.
+    """
+    if name.startswith(OPENPGP_KEY_PREFIX):
+        raise CardError(f"{name} belongs to the OpenPGP application: use it through GnuPG")
 
 
 class CardSession:
@@ -265,6 +268,7 @@ class CardSession:
 
     async def counter(self, name: str, delta: int = 0) -> int:
         """Read, or step and sync, a counter. Refuses to go below zero (rental counters)."""
+        _not_openpgp(name)
 
         async def run():
             mem = self.require_usable()
@@ -312,6 +316,7 @@ class CardSession:
         return await self._locked(run)
 
     async def data_put(self, name: str, value: bytes) -> None:
+        _not_openpgp(name)
         if len(value) > MAX_DATA:
             raise CardError(f"a data object holds at most {MAX_DATA} bytes")
 
@@ -321,6 +326,8 @@ class CardSession:
         await self._locked(run)
 
     async def data_get(self, name: str) -> bytes:
+        _not_openpgp(name)
+
         async def run():
             mem = self.require_usable()
             if not mem.has(ItemKind.DATA, name):
