@@ -115,6 +115,23 @@ def test_card_status_shows_the_openpgp_card(stack):
     assert g.field(status, "Signature key") == "[none]"
 
 
+def test_random_bytes_from_the_card(stack):
+    """scdaemon's RANDOM (GET CHALLENGE on the card) returns the bytes asked for, different each time."""
+    g = stack["gnupg"]
+
+    def random16() -> bytes:
+        out = subprocess.run(["gpg-connect-agent", "--hex", "SCD SERIALNO openpgp", "SCD RANDOM 16", "/bye"],
+                             env=g.env, capture_output=True, text=True, timeout=60).stdout
+        assert out.rstrip().endswith("OK"), out
+        # --hex: "D[offset]  " then up to 16 bytes as hex (the Assuan data line, still %-escaped), then ASCII
+        raw = bytes.fromhex("".join(re.findall(r"[0-9A-F]{2}", "".join(line[9:58] for line in out.splitlines()
+                                                                       if line.startswith("D[")))))
+        return re.sub(rb"%([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), raw)
+
+    first, second = random16(), random16()
+    assert len(first) == len(second) == 16 and first != second
+
+
 def test_card_edit_generates_keys_on_the_card(stack):
     """gpg --card-edit admin/generate (admin PIN, then the PIN): three keys on the card, fingerprints shown;
     'vsc card status' lists the keys and both applications."""
