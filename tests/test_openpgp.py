@@ -535,6 +535,14 @@ def test_wire_forms():
                                                                 (0x5F48, b"")])))
     with pytest.raises(WireError):
         wire.decipher_rsa(b"\x02" + bytes(10))
+    assert wire.decipher_rsa(b"\x00\x01\x02", 4) == b"\x00\x00\x01\x02"  # GnuPG drops leading zeros
+    with pytest.raises(WireError):
+        wire.decipher_rsa(b"\x00" + bytes(5), 4)
+    u = b"\x40" + bytes(31)  # a key that happens to start with 40 is not a prefixed one
+    assert wire.x25519_point(u) == u and wire.x25519_point(b"\x40" + u) == u
+    for bad in (bytes(31), b"\x41" + bytes(32), bytes(34)):
+        with pytest.raises(WireError):
+            wire.x25519_point(bad)
 
 
 # ---------------------------------------------------------------- the glue and the enrolment choice

@@ -739,19 +739,11 @@ class OpenPgpApplet:
             return b"", refused
         alg, public = yield from self._key("dec")
         if alg is KeyAlg.RSA2048:
-            cryptogram = wire.decipher_rsa(data)
-            size = len(crypto.public_numbers(public)["rsa"][0])
-            if not 1 <= len(cryptogram) <= size:
-                return b"", SW_WRONG_DATA
-            plain = yield PrivateOp(key_name("dec"), "rsa-decrypt", cryptogram.rjust(size, b"\x00"))
-            return plain, SW_OK
+            cryptogram = wire.decipher_rsa(data, len(crypto.public_numbers(public)["rsa"][0]))
+            return (yield PrivateOp(key_name("dec"), "rsa-decrypt", cryptogram)), SW_OK
         point = wire.decipher_ecdh(data)
         if alg is KeyAlg.X25519:
-            if len(point) == 33 and point[0] == 0x40:
-                point = point[1:]  # GnuPG's native-point prefix
-            if len(point) != 32:
-                return b"", SW_WRONG_DATA
-            return (yield PrivateOp(key_name("dec"), "x25519", point)), SW_OK
+            return (yield PrivateOp(key_name("dec"), "x25519", wire.x25519_point(point))), SW_OK
         if len(point) != 65 or point[0] != 0x04:
             return b"", SW_WRONG_DATA
         return (yield PrivateOp(key_name("dec"), "ecdh", point)), SW_OK

@@ -245,15 +245,30 @@ def ecdsa_raw(r: int, s: int, size: int = 32) -> bytes:
 DecipherRsa = c.Struct("padding" / c.Const(b"\x00"), "cryptogram" / c.GreedyBytes)
 
 
-def decipher_rsa(data: bytes) -> bytes:
-    """00 || RSA cryptogram -> the cryptogram."""
-    return _wrap("PSO:DECIPHER", DecipherRsa.parse, bytes(data)).cryptogram
+def decipher_rsa(data: bytes, size: int | None = None) -> bytes:
+    """00 || RSA cryptogram -> the cryptogram, left-padded with zeros to ``size`` (the modulus length) when given:
+    GnuPG drops leading zero bytes of the cryptogram (an MPI)."""
+    cryptogram = _wrap("PSO:DECIPHER", DecipherRsa.parse, bytes(data)).cryptogram
+    if size is None:
+        return cryptogram
+    if not 1 <= len(cryptogram) <= size:
+        raise WireError(ErrorCode.MALFORMED, f"PSO:DECIPHER: a cryptogram of {len(cryptogram)} bytes for {size}")
+    return _wrap("PSO:DECIPHER", c.BytesInteger(size).build, int.from_bytes(cryptogram, "big"))
 
 
 def decipher_ecdh(data: bytes) -> bytes:
     """A6 { 7F49 { 86 public point } } -> the point."""
     inner = tlv.decode_one(tlv.decode_one(data, 0xA6), 0x7F49)
     return tlv.decode_one(inner, 0x86)
+
+
+X25519Point = c.Select(c.Struct(c.Const(b"\x40"), "u" / c.Bytes(32), c.Terminated),
+                       c.Struct("u" / c.Bytes(32), c.Terminated))
+
+
+def x25519_point(point: bytes) -> bytes:
+    """A Curve25519 public key as 32 bytes: GnuPG's native form may carry a 40 prefix."""
+    return _wrap("X25519 point", X25519Point.parse, bytes(point)).u
 
 
 # ---------------------------------------------------------------- key import: the extended header list (spec 4.4.3.12)
