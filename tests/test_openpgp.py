@@ -82,7 +82,7 @@ class FakeCard:
             if self.fail_stores:
                 raise EffectFailed("server unreachable", 0x6581)
             self.stores.append(effect)
-            self.items[(effect.kind, effect.name)] = (effect.value, effect.alg, effect.public)
+            self.items[(effect.kind, effect.name)] = (bytes(effect.value), effect.alg, effect.public)
             return None
         if isinstance(effect, KeyInfo):
             item = self.items.get((ItemKind.KEY, effect.slot))

@@ -489,11 +489,10 @@ class OpenPgpApplet:
         return wire.decode_sig_counter(raw) if raw else 0
 
     def _concat(self, tags: dict[str, int], size: int) -> Generator[Effect, Any, bytes]:
-        out = b""
+        values = []
         for role in ROLES:
-            value = yield from self._load_do(tags[role])
-            out += value if len(value) == size else bytes(size)
-        return out
+            values.append((yield from self._load_do(tags[role])))
+        return wire.per_key(values, size)
 
     def _cardholder(self) -> Generator[Effect, Any, bytes]:
         parts = []
@@ -667,7 +666,7 @@ class OpenPgpApplet:
             public = crypto.public_der_of(der)
             if crypto.public_kind(public) != ("rsa2048" if alg is KeyAlg.RSA2048 else "p256"):
                 return b"", SW_WRONG_DATA
-            yield Store(ItemKind.KEY, key_name(imp.role), bytes(der), alg, public)
+            yield Store(ItemKind.KEY, key_name(imp.role), der, alg, public)  # sealed by the glue, then zeroed here
         finally:
             der[:] = bytes(len(der))
         if imp.role == "sig":

@@ -223,6 +223,12 @@ def decode_sig_counter(raw) -> int:
     return _wrap("signature counter", SignatureCounter.parse, bytes(raw)).count
 
 
+def per_key(values: list[bytes], size: int) -> bytes:
+    """C5 / C6 / CD: the three keys' fingerprints (20 bytes) or times (4) in a row; an unset one is zeros."""
+    fixed = [v if len(v) == size else bytes(size) for v in values]
+    return _wrap("per-key list", c.Array(len(fixed), c.Bytes(size)).build, fixed)
+
+
 def check_fingerprint(raw: bytes) -> bytes:
     return _wrap("fingerprint", Fingerprint.parse, bytes(raw)).fpr
 
