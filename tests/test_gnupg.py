@@ -171,6 +171,7 @@ def test_sign_and_verify(stack):
     gpg --verify: Good signature, the signed file's content intact; the signature counter goes up by two."""
     g, tmp = stack["gnupg"], stack["tmp"]
     before = int(g.field(g.card_status(), "Signature counter"))
+    asked = g.pinentry_log.read_text().split().count("pin")
     msg = tmp / "inline.txt"
     msg.write_text("signed inline by the card\n")
     g.gpg("--yes", "-u", EMAIL, "--output", f"{msg}.gpg", "--sign", str(msg))
@@ -179,6 +180,7 @@ def test_sign_and_verify(stack):
     assert f'Good signature from "{NAME} <{EMAIL}>"' in g.gpg("--verify", f"{msg}.gpg").stderr
     _sign_and_verify(stack, "first")
     assert int(g.field(g.card_status(), "Signature counter")) == before + 2
+    assert g.pinentry_log.read_text().split().count("pin") == asked + 2  # "Signature PIN: forced"
 
 
 def test_encrypt_and_decrypt_through_the_card(stack):
