@@ -454,9 +454,7 @@ def test_fingerprints_and_times(card):
 
 
 def test_get_challenge_uses_the_injected_source(card):
-    """GET CHALLENGE returns Le bytes of the card's randomness source."""
-    expected = Drbg()
-    expected(0)
+    """GET CHALLENGE returns Le bytes of the card's randomness source (a fresh DRBG's first bytes here)."""
     body, sw = card.send(0x84, 0, 0, le=32)
     assert sw == 0x9000 and body == Drbg()(32)
 
