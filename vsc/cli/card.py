@@ -124,9 +124,9 @@ def cmd_status(args) -> int:
     slots = ", ".join(f"{k} {v['algorithm']}" for k, v in sorted(status["slots"].items()))
     emit(args, status,
          f"card {status['serial']}: {status['state']} (version {status['version']}, suite {status['suite']})\n"
+         f"applications: {', '.join(status.get('applications') or []) or 'none'}\n"
          f"slots: {slots or 'none'}\ncounters: {', '.join(status['counters']) or 'none'}\n"
-         f"data objects: {', '.join(status['data']) or 'none'}\nmemory locked: {status['memory_locked']}\n"
-         f"applications: {', '.join(status.get('applications') or []) or 'none'}")
+         f"data objects: {', '.join(status['data']) or 'none'}\nmemory locked: {status['memory_locked']}")
     return 0
 
 

@@ -294,14 +294,14 @@ def add_actions(add) -> None:
     p.add_argument("--server-key", required=True, help="the server key fingerprint to pin (SHA256:...)")
     p.add_argument("--serial", required=True)
     p.add_argument("--code", required=True, help="the one-time enrolment code from 'vsc admin issue'")
+    p.add_argument("--applications", default="piv,openpgp",
+                   help="the card applications the card carries on PC/SC: piv, openpgp or both (default piv,openpgp)")
     p.add_argument("--password-file", help="read the new password from this file or fd:N")
     p.add_argument("--legacy-kdf", action="store_true", help="the patent's MD5+SALT derivation (conformance only)")
     p.add_argument("--scrypt-log2n", type=int, default=15, help="scrypt cost, log2(N) (default 15)")
     p.add_argument("--force", action="store_true", help="overwrite the settings of a card already in HOME")
     p.add_argument("--pin-file", help="read the new PIV PIN (6-8 characters) from this file or fd:N (default: prompt)")
     p.add_argument("--puk-file", help="read the new PIV PUK (6-8 characters) from this file or fd:N (default: prompt)")
-    p.add_argument("--applications", default="piv,openpgp",
-                   help="the card applications the card carries on PC/SC: piv, openpgp or both (default piv,openpgp)")
     add_channel_options(p)
 
     for name, func, help_ in (("recover", cmd_recover, "free a card lost in a crash (only on the same machine)"),
