@@ -71,18 +71,6 @@ def explain(e: Exception) -> str:
     return describe(e) or " ".join(str(e).split()) or "internal error (see the card daemon's log)"
 
 
-OPENPGP_KEY_PREFIX = "pgp-"
-
-
-def _not_openpgp(name: str) -> None:
-    """
-    The OpenPGP application's items serve only through it, under its own rules (PW1 for its keys, PW3 for its
-    data objects, the signature counter): the local API neither uses its keys nor reads or writes its items.
-    """
-    if name.startswith(OPENPGP_KEY_PREFIX):
-        raise CardError(f"{name} belongs to the OpenPGP application: use it through GnuPG")
-
-
 class CardSession:
     """
     One card in this process. Every service asks the life cycle first
@@ -316,19 +304,18 @@ class CardSession:
         return await self._locked(run)
 
     async def data_put(self, name: str, value: bytes) -> None:
-        _not_openpgp(name)
         if len(value) > MAX_DATA:
             raise CardError(f"a data object holds at most {MAX_DATA} bytes")
 
         async def run():
+            _not_openpgp(name)
             await self._modify(ItemKind.DATA, name, value)
 
         await self._locked(run)
 
     async def data_get(self, name: str) -> bytes:
-        _not_openpgp(name)
-
         async def run():
+            _not_openpgp(name)
             mem = self.require_usable()
             if not mem.has(ItemKind.DATA, name):
                 raise CardError(f"no data object {name!r}")
@@ -522,3 +509,15 @@ class CardSession:
                 self.abort(f"{why}; the card was removed", code=EXIT_STORAGE)
 
         return ensureDeferred(run())
+
+
+OPENPGP_KEY_PREFIX = "pgp-"
+
+
+def _not_openpgp(name: str) -> None:
+    """
+    The OpenPGP application's items serve only through it, under its own rules (PW1 for its keys, PW3 for its
+    data objects, the signature counter): the local API neither uses its keys nor reads or writes its items.
+    """
+    if name.startswith(OPENPGP_KEY_PREFIX):
+        raise CardError(f"{name} belongs to the OpenPGP application: use it through GnuPG")

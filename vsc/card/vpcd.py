@@ -129,7 +129,7 @@ class PivCard:
         if isinstance(effect, piv.Generate):
             return await self._generate(effect)
         if isinstance(effect, piv.Notice):
-            self.log.info("card {event} {fields}", event=effect.event, fields=effect.fields)
+            self.log.info("PIV {event} {fields}", event=effect.event, fields=effect.fields)
             return None
         raise piv.EffectFailed(f"unknown effect {effect!r}")
 
