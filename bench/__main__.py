@@ -323,7 +323,24 @@ def part_cycles(quick: bool) -> dict:
 def part_latency(quick: bool) -> dict:
     from bench import latency
 
-    return latency.run_isolated(quick, pcsc=True, progress=progress)
+    res = latency.run_isolated(quick, pcsc=True, progress=progress)
+    res["openpgp"] = part_latency_openpgp(quick)
+    return res
+
+
+def part_latency_openpgp(quick: bool) -> dict:
+    """The OpenPGP row of the latency part: gpg through scdaemon beside pkcs11-tool through OpenSC (bench/pcsc.py)."""
+    from bench import pcsc as bpcsc
+    from bench.latency import summary
+
+    progress("  latency: OpenPGP through scdaemon beside PIV through OpenSC (bench/pcsc.py)...")
+    try:
+        r = bpcsc.openpgp_latency(2 if quick else 8, progress=lambda m: progress(f"    {m}"))
+    except Exception as e:  # noqa: BLE001 - reported in the document
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    if "skipped" in r:
+        return {"error": r["skipped"]}
+    return {"n": r["n"], "gpg": summary(r["gpg_sign_ms"]), "pkcs11_tool": summary(r["pkcs11_tool_sign_ms"])}
 
 
 def part_capacity(quick: bool) -> dict:
@@ -788,6 +805,7 @@ def targets_section(results: dict) -> list[str]:
 def document(results: dict, facts: dict, command: str, quick: bool, started: str, load_start: str,
              load_end: str, elapsed: float) -> str:
     from bench import capacity, latency, startup
+    from bench._util import markdown_table
 
     lines = [
         "# vsc benchmarks",
@@ -868,6 +886,26 @@ def document(results: dict, facts: dict, command: str, quick: bool, started: str
             "measures the same stack as rates, with a no-op card as the PC/SC floor.",
             f"Namespace: {lat.get('namespace', '—')}.",
         ]
+        pgp = lat.get("openpgp") or {"error": "not measured"}
+        lines += ["", "OpenPGP through scdaemon beside PIV through OpenSC (one card, RSA-2048, one process per "
+                  "signature):", ""]
+        if "error" in pgp:
+            lines.append(f"Not measured: {pgp['error']}")
+        else:
+            lines += [
+                markdown_table(["signature", "p50 ms", "p95 ms", "n"], [
+                    ["OpenPGP: `gpg --detach-sign` (gpg-agent, scdaemon, VERIFY + PSO:CDS)",
+                     f"{pgp['gpg']['p50']:.1f}", f"{pgp['gpg']['p95']:.1f}", str(pgp['gpg']['n'])],
+                    ["PIV: `pkcs11-tool --sign --id 01` (OpenSC, login + GENERAL AUTHENTICATE)",
+                     f"{pgp['pkcs11_tool']['p50']:.1f}", f"{pgp['pkcs11_tool']['p95']:.1f}",
+                     str(pgp['pkcs11_tool']['n'])],
+                ]),
+                "",
+                "bench/pcsc.py `openpgp_latency`: the host's pcscd (not a namespace), a real server and card daemon "
+                "(`--pcsc`), keys generated on the card with `gpg --card-edit`; gpg-agent and scdaemon stay up "
+                "between signatures; the signature PIN is forced, so each gpg signature verifies PW1 first "
+                "(scripted pinentry). The last gpg signature is checked with `gpg --verify`.",
+            ]
     lines += ["", "## 6. Start-up of the `vsc` command", ""]
     st = results.get("startup", {"error": "skipped"})
     if "error" in st:

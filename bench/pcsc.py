@@ -586,5 +586,68 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- OpenPGP through scdaemon beside PIV through OpenSC
+
+
+def openpgp_latency(n: int = 8, progress=lambda m: None) -> dict:
+    """
+    One signature per process, on ONE card, through each application: ``gpg --detach-sign`` with the card's
+    OpenPGP signature key (gpg -> gpg-agent -> scdaemon -> pcscd -> vpcd -> the card; the signature PIN is
+    forced, so every signature is a VERIFY (scripted pinentry) and a PSO:COMPUTE DIGITAL SIGNATURE) and
+    ``pkcs11-tool --sign`` with PIV 9A (OpenSC: C_Initialize, login, sign). Both RSA-2048 and timed as whole
+    processes. The keys are generated on the card first (``gpg --card-edit`` generate); gpg-agent and
+    scdaemon stay up between signatures, as for a user, and are stopped before the PIV runs (scdaemon holds
+    the reader exclusively). The last OpenPGP signature is checked with ``gpg --verify``.
+
+    Returns ``{"n", "gpg_sign_ms", "pkcs11_tool_sign_ms"}`` (lists of milliseconds) or ``{"skipped": why}``.
+    Takes /tmp/vsc-pcsc.lock (shared with the PC/SC tests) and uses a running pcscd if there is one.
+    """
+    import fcntl
+
+    from vsc.devtools import gnupg
+
+    missing = [t for t in ("pcscd", "gpg", "gpg-agent", "gpgconf", "pkcs11-tool") if shutil.which(t) is None]
+    if missing or not gnupg.SCDAEMON.exists() or gnupg.LIBPCSC is None or OPENSC is None:
+        return {"skipped": "missing: " + ", ".join(missing or ["scdaemon, libpcsclite or opensc-pkcs11.so"])}
+    lock = open("/tmp/vsc-pcsc.lock", "a+")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    tmp = Path(tempfile.mkdtemp(prefix="vsc-bench-pgp-", dir="/tmp"))
+    stack = Stack(tmp, progress)
+    g = None
+    try:
+        stack.start()
+        g = gnupg.GnuPG(tmp, PIN)
+        progress("OpenPGP: gpg --card-edit generate (three RSA-2048 keys on the card)")
+        gnupg.generate_card_keys(g)
+        data = tmp / "data.txt"
+        data.write_bytes(b"benchmark data\n")
+        g.gpg("--yes", "-u", gnupg.EMAIL, "--output", str(tmp / "warm.sig"), "--detach-sign", str(data))
+        progress(f"OpenPGP: {n} x gpg --detach-sign")
+        gpg_ms = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            g.gpg("--yes", "-u", gnupg.EMAIL, "--output", str(tmp / "data.sig"), "--detach-sign", str(data))
+            gpg_ms.append((time.perf_counter() - t0) * 1000)
+        if "Good signature" not in g.gpg("--verify", str(tmp / "data.sig"), str(data)).stderr:
+            raise RuntimeError("gpg --verify did not accept the card's signature")
+        g.close()
+        progress(f"PIV: {n} x pkcs11-tool --sign (OpenSC)")
+        piv_ms = []
+        argv = ["pkcs11-tool", "--module", OPENSC, "--login", "--pin", PIN, "--sign", "--id", "01", "--mechanism",
+                "SHA256-RSA-PKCS", "--input-file", str(data), "--output-file", str(tmp / "data.p11")]
+        subprocess.run(argv, capture_output=True, timeout=120, check=True)  # warm-up
+        for i in range(n):
+            t0 = time.perf_counter()
+            subprocess.run(argv, capture_output=True, timeout=120, check=True)
+            piv_ms.append((time.perf_counter() - t0) * 1000)
+        return {"n": n, "gpg_sign_ms": gpg_ms, "pkcs11_tool_sign_ms": piv_ms}
+    finally:
+        if g is not None:
+            g.close()
+        stack.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        lock.close()
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

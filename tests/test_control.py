@@ -33,7 +33,7 @@ STATUS = {"state": "in-use", "serial": "s-1", "server": "tcp:127.0.0.1:7390", "v
           "slots": {"9c": {"algorithm": "p256", "public_key_sha256": "ab" * 32},
                     "9a": {"algorithm": "rsa2048", "public_key_sha256": "cd" * 32}},
           "counters": ["lic:editor:01f03a7183add438:d4887ce23df8", "runs \u00e9"], "data": [],
-          "memory_locked": True, "inserted_at": 1764680000.25}
+          "memory_locked": True, "inserted_at": 1764680000.25, "applications": ["piv", "openpgp"]}
 
 
 # ================================================================ the box codec

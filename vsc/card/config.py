@@ -28,6 +28,8 @@ from vsc.card import paths
 from vsc.protocol.suites import DEFAULT_SUITES, ChannelConfig, ForwardSecrecy, parse_suites
 
 CARD_INI = "card.ini"
+#: the card applications a card can carry (card.ini ``applications``, chosen at enrolment)
+APPLICATIONS = ("piv", "openpgp")
 KEYFILE_NAME = "keyfile.vsc"
 PENDING_KEYFILE_NAME = KEYFILE_NAME + ".new"
 
@@ -95,6 +97,24 @@ def load(home: str | os.PathLike | None) -> CardConfig:
         )
     except (KeyError, ValueError, configparser.Error) as e:
         raise CardConfigError(f"{path}: invalid or missing setting: {e}") from None
+
+
+def parse_applications(text: str) -> tuple[str, ...]:
+    """``piv,openpgp`` -> the names in the card's order; CardConfigError for an unknown or empty list."""
+    names = [x.strip().lower() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in APPLICATIONS]
+    if unknown or not names:
+        raise CardConfigError(f"applications: {', '.join(unknown) or 'none'} (choose from {', '.join(APPLICATIONS)})")
+    return tuple(a for a in APPLICATIONS if a in names)
+
+
+def applications_of(config: "CardConfig") -> tuple[str, ...]:
+    """The applications the card carries: card.ini's ``applications``, both when it does not say (older cards)."""
+    try:
+        settings = getattr(config, "settings", None) or {}
+        return parse_applications(settings.get("applications", ",".join(APPLICATIONS)))
+    except CardConfigError:
+        return APPLICATIONS
 
 
 def _serial(path: Path, text: str) -> str:

@@ -36,6 +36,7 @@ from typing import Callable
 
 import attrs
 
+from vsc.wire import openpgp as pgp_wire
 from vsc.wire.protected import ItemKind, decode_counter, encode_counter
 
 RECORD_NAME = "freshness"
@@ -77,6 +78,9 @@ MONOTONIC: list[tuple[ItemKind, Callable[[str], bool], Callable, Callable]] = [
     (ItemKind.COUNTER, lambda name: name.startswith(LICENCE_PREFIX), decode_counter,
      lambda value, floor: encode_counter(min(decode_counter(value), floor))),
     (ItemKind.PIN, lambda name: name.startswith(("piv-pin", "piv-puk", "pgp-")), _pin_tries, _with_pin_tries),
+    # the OpenPGP signature counter only grows: "more used" is a higher count, so it is read negated
+    (ItemKind.DATA, lambda name: name == "pgp-sig-counter", lambda value: -pgp_wire.decode_sig_counter(value),
+     lambda value, floor: pgp_wire.encode_sig_counter(max(pgp_wire.decode_sig_counter(value), -floor))),
 ]
 
 

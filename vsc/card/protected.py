@@ -258,6 +258,23 @@ class CardMemory:
         self._items[(kind, name)] = self._seal(kind, name, alg, public, value)
         return old
 
+    def remove_prefix(self, prefix: str) -> dict:
+        """
+        Take out every item whose name starts with ``prefix`` (an application's factory reset). Returns them:
+        pass them to ``restore`` if the sync failed, or to ``discard_removed`` once it is stored.
+        """
+        gone = {key: held for key, held in self._items.items() if key[1].startswith(prefix)}
+        for key in gone:
+            del self._items[key]
+        return gone
+
+    def restore(self, gone: dict) -> None:
+        self._items.update(gone)
+
+    def discard_removed(self, gone: dict) -> None:
+        for held in gone.values():
+            held.buf.free()
+
     def discard(self, old: "_Held | None") -> None:
         if old is not None:
             old.buf.free()

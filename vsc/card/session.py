@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from vsc import crypto
 from vsc.card import ops
+from vsc.card.config import applications_of
 from vsc.card.machine import MachineLock, MachineLockHeld, compute_muk
 from vsc.card.memory import LockedBuffer
 from vsc.card.freshness import FreshnessStore, RollbackError
@@ -204,6 +205,7 @@ class CardSession:
             "data": sorted(data),
             "memory_locked": bool(self.memory and self.memory.locked),
             "inserted_at": self.inserted_at or None,
+            "applications": list(applications_of(self.config)),
         }
         status.update(self.storage.status())  # server and suite; a token card: mode and token
         return status
@@ -228,6 +230,8 @@ class CardSession:
         ``openssl dgst -sha256 -sign`` gives over the data it came from.
         """
 
+        _not_openpgp(slot)
+
         def sign(key: crypto.PrivateKeyHandle) -> bytes:
             try:
                 return key.sign_digest(digest)
@@ -237,6 +241,8 @@ class CardSession:
         return await self.with_key(slot, sign)
 
     async def decrypt(self, slot: str, ciphertext: bytes, padding: str = "pkcs1") -> bytes:
+        _not_openpgp(slot)
+
         def decrypt(key: crypto.PrivateKeyHandle) -> bytes:
             try:
                 return key.decrypt(ciphertext, padding)
@@ -291,6 +297,7 @@ class CardSession:
 
     async def counter(self, name: str, delta: int = 0) -> int:
         """Read, or step and sync, a counter. Refuses to go below zero (rental counters)."""
+        _not_openpgp(name)
 
         async def run():
             mem = self.require_usable()
@@ -343,6 +350,7 @@ class CardSession:
             raise CardError(f"a data object holds at most {MAX_DATA} bytes")
 
         async def run():
+            _not_openpgp(name)
             await self._modify(ItemKind.DATA, name, value)
 
         await self._locked(run)
@@ -355,6 +363,7 @@ class CardSession:
         """
 
         async def run():
+            _not_openpgp(name)
             mem = self.require_usable()
             if not mem.has(ItemKind.DATA, name):
                 raise CardError(f"no data object {name!r}")
@@ -370,6 +379,30 @@ class CardSession:
             await self._modify(kind, name, value, alg, public)
 
         await self._locked(run)
+
+    async def clear_items(self, prefix: str) -> int:
+        """
+        Remove every item whose name starts with ``prefix`` (the OpenPGP application's factory reset: "pgp-"),
+        synced before it is acknowledged (undone if the sync fails); the number removed.
+        """
+        if not prefix:
+            raise CardError("no prefix: refusing to clear every item")
+
+        async def run():
+            mem = self.require_usable()
+            gone = mem.remove_prefix(prefix)
+            if not gone:
+                return 0
+            try:
+                await self.storage.store(mem.export())
+            except BaseException:
+                mem.restore(gone)
+                raise
+            mem.discard_removed(gone)
+            self._stored(mem)
+            return len(gone)
+
+        return await self._locked(run)
 
     async def _modify(self, kind: ItemKind, name: str, value, alg: KeyAlg = KeyAlg.NONE, public: bytes = b"") -> None:
         """Change one item, sync it, and only then acknowledge; on failure the change is undone."""
@@ -527,3 +560,15 @@ class CardSession:
                 self.abort(f"{why}; the card was removed", code=EXIT_STORAGE)
 
         return ensureDeferred(run())
+
+
+OPENPGP_KEY_PREFIX = "pgp-"
+
+
+def _not_openpgp(name: str) -> None:
+    """
+    The OpenPGP application's items serve only through it, under its own rules (PW1 for its keys, PW3 for its
+    data objects, the signature counter): the local API neither uses its keys nor reads or writes its items.
+    """
+    if name.startswith(OPENPGP_KEY_PREFIX):
+        raise CardError(f"{name} belongs to the OpenPGP application: use it through GnuPG")

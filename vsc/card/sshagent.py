@@ -154,8 +154,8 @@ class CardAgent:
         out = []
         serial = self.session.config.serial
         for kind, name, alg, public in memory.items():
-            if kind is not ItemKind.KEY or alg not in SSH_ALGORITHMS or not public:
-                continue
+            if kind is not ItemKind.KEY or alg not in SSH_ALGORITHMS or not public or name.startswith("pgp-"):
+                continue  # the OpenPGP application's keys serve through it only (gpg-agent has their ssh side)
             if self.slots is not None and name not in self.slots:
                 continue
             out.append(AgentKey(name, alg, self._blob(public), key_comment(serial, name)))

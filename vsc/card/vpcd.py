@@ -15,8 +15,11 @@ driver / resource manager / service provider chain of the patent
 * TCP_QUICKACK is set after every read: Debian's vpcd (vsmartcard 0.8)
   writes the length and the payload in two sends, and with Nagle on its
   side and delayed ACKs on ours every APDU would otherwise cost ~44 ms.
-* The PIV application (vsc.protocol.piv) is sans-IO; ``PivCard`` performs
-  its effects on the CardSession: items are read from the locked card
+* The card's applications — PIV (vsc.protocol.piv) and OpenPGP
+  (vsc.protocol.openpgp), those the card was enrolled with (card.ini
+  ``applications``) — sit behind one sans-IO router
+  (vsc.protocol.router: SELECT by AID picks one); ``PivCard`` performs
+  their effects on the CardSession: items are read from the locked card
   memory, every change goes through ``CardSession.put_item`` (synced to the
   server before the APDU is answered), private-key operations through
   ``CardSession.with_key``.
@@ -34,7 +37,9 @@ from twisted.protocols.basic import Int16StringReceiver
 from twisted.python.failure import Failure
 
 from vsc import crypto
-from vsc.protocol import piv
+from vsc.card.config import applications_of
+from vsc.protocol import openpgp, piv, router
+from vsc.protocol.applet import Clear
 from vsc.protocol.card_lifecycle import CardError
 from vsc.wire import apdu
 from vsc.wire.protected import ItemKind, KeyAlg
@@ -49,7 +54,18 @@ HISTORICAL = bytes.fromhex("80") + bytes.fromhex("67") + b"vsc-piv" + bytes.from
 ATR = apdu.build_atr(HISTORICAL)
 DEFAULT_ENDPOINT = "tcp:127.0.0.1:35963"
 
-_KIND = {KeyAlg.RSA2048: crypto.KEY_RSA2048, KeyAlg.P256: crypto.KEY_P256}
+_KIND = {KeyAlg.RSA2048: crypto.KEY_RSA2048, KeyAlg.P256: crypto.KEY_P256, KeyAlg.ED25519: crypto.KEY_ED25519,
+         KeyAlg.X25519: crypto.KEY_X25519}
+
+
+def build_router(serial: str, names, rand: crypto.RandomBytes) -> router.AppletRouter:
+    """The applications ``names`` in the card's order (PIV first: it is current until something is selected)."""
+    applets = []
+    if "piv" in names:
+        applets.append((router.piv_matches, piv.PivApplet(serial, rand)))
+    if "openpgp" in names:
+        applets.append((openpgp.matches, openpgp.OpenPgpApplet(serial, rand)))
+    return router.AppletRouter(applets)
 
 
 #: the applet's effects PivCard performs at once (no reactor wait): see PivCard.begin
@@ -57,17 +73,19 @@ _IMMEDIATE = (piv.Load, piv.KeyInfo, piv.Notice)
 
 
 class PivCard:
-    """The PIV application of one inserted card: APDU in, APDU out, effects on the session."""
+    """The applications of one inserted card (PIV, OpenPGP): APDU in, APDU out, effects on the session."""
 
     log = Logger()
 
-    def __init__(self, session, rand: crypto.RandomBytes = crypto.system_random):
+    def __init__(self, session, rand: crypto.RandomBytes = crypto.system_random, applications=None):
         self.session = session
         self.rand = rand
-        self.applet = piv.PivApplet(session.config.serial, rand)
+        names = applications if applications is not None else applications_of(session.config)
+        self.router = build_router(session.config.serial, names, rand)
+        self.applet = self.router.applets[0]  # PIV when carried (tests reach into its state)
 
     def reset(self) -> None:
-        self.applet.reset()
+        self.router.reset()
 
     async def transmit(self, raw: bytes) -> bytes:
         """One command APDU in, its response APDU out."""
@@ -83,7 +101,7 @@ class PivCard:
         a change synced to the server) is done. Saves the coroutine and its
         Deferred on the APDUs that never wait.
         """
-        return self._run(self.applet.process(raw), None, None)
+        return self._run(self.router.process(raw), None, None)
 
     def _run(self, gen, send, throw):
         while True:
@@ -143,6 +161,12 @@ class PivCard:
             except Exception as e:  # noqa: BLE001 - the APDU fails; the session undid the change
                 raise piv.EffectFailed(f"not stored: {e}", piv.SW_MEMORY_FAILURE) from None
             return None
+        if isinstance(effect, Clear):
+            try:
+                await self.session.clear_items(effect.prefix)
+            except Exception as e:  # noqa: BLE001 - the APDU fails; the session undid the change
+                raise piv.EffectFailed(f"not stored: {e}", piv.SW_MEMORY_FAILURE) from None
+            return None
         if isinstance(effect, piv.PrivateOp):
             return await self._private_op(effect)
         if isinstance(effect, piv.Generate):
@@ -153,6 +177,14 @@ class PivCard:
         def run(key: crypto.PrivateKeyHandle) -> bytes:
             if effect.op == "rsa":
                 return crypto.rsa_private_block(key, effect.data)
+            if effect.op == "rsa-pkcs1":  # OpenPGP: the card pads (PSO:CDS, INTERNAL AUTHENTICATE)
+                return crypto.pkcs1_sign_payload(key, effect.data)
+            if effect.op == "rsa-decrypt":  # OpenPGP PSO:DECIPHER: PKCS#1 v1.5
+                return key.decrypt(effect.data, "pkcs1")
+            if effect.op == "eddsa":  # OpenPGP: Ed25519 signature and authentication keys
+                return key.eddsa_sign(effect.data)
+            if effect.op == "x25519":  # OpenPGP: Cv25519 decryption key
+                return key.x25519(effect.data)
             if effect.op == "ecdsa":
                 return crypto.ecdsa_sign_hash(key, effect.data)
             if effect.op == "ecdh":

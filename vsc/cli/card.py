@@ -156,6 +156,7 @@ def cmd_status(args) -> int:
             pin += f"\nlast PIN refusal: {status['pin_refusal']}"
     emit(args, status,
          f"card {status['serial']}: {status['state']} (version {status['version']}, suite {status['suite']})\n"
+         f"applications: {', '.join(status.get('applications') or []) or 'none'}\n"
          f"slots: {slots or 'none'}\ncounters: {', '.join(status['counters']) or 'none'}\n"
          f"data objects: {', '.join(status['data']) or 'none'}\nmemory locked: {status['memory_locked']}{pin}")
     return 0

@@ -33,6 +33,10 @@ def cmd_enroll(args) -> int:
     except serials.SerialError as e:
         raise CommandError(str(e), 2) from None
     home = Path(home_dir(args))
+    try:
+        applications = cc.parse_applications(args.applications)
+    except cc.CardConfigError as e:
+        raise CommandError(str(e), 2) from None
     if (home / cc.CARD_INI).exists() and not args.force:
         raise CommandError(f"{home} already holds a card ({home / cc.CARD_INI}); use another --home")
     channel = channel_config(args)
@@ -69,11 +73,13 @@ def cmd_enroll(args) -> int:
         except ops.OperationRefused as e:
             raise CommandError(f"enrolment refused ({e.status.name}): check the serial and the one-time code")
         proto.closeChannel()
-        result.update(serial=args.serial, server=args.server, slots=slots, kdf=kdf.alg.name.lower())
+        result.update(serial=args.serial, server=args.server, slots=slots, kdf=kdf.alg.name.lower(),
+                      applications=list(applications))
 
     run_async(run)
     values = dict(server=args.server, server_key=args.server_key, serial=args.serial,
-                  kdf_floor="legacy" if args.legacy_kdf else f"scrypt:{args.scrypt_log2n}")
+                  kdf_floor="legacy" if args.legacy_kdf else f"scrypt:{args.scrypt_log2n}",
+                  applications=",".join(applications))
     if args.suites:
         values["suites"] = args.suites
     if args.forward_secrecy:
@@ -90,6 +96,7 @@ def cmd_enroll(args) -> int:
          f"card {args.serial} enrolled at {args.server}; settings in {home / cc.CARD_INI}\n"
          f"keys: " + ", ".join(f"{s} {k}" for s, k in slots.items()) + " (each with a self-signed certificate)\n"
          f"{piv_note}\n"
+         f"applications: {', '.join(applications)}\n"
          f"insert it with: twistd -n vsc-card --home {home}")
     return 0
 
@@ -315,6 +322,8 @@ def add_actions(add) -> None:
     p.add_argument("--server-key", required=True, help="the server key fingerprint to pin (SHA256:...)")
     p.add_argument("--serial", required=True)
     p.add_argument("--code", required=True, help="the one-time enrolment code from 'vsc admin issue'")
+    p.add_argument("--applications", default="piv,openpgp",
+                   help="the card applications the card carries on PC/SC: piv, openpgp or both (default piv,openpgp)")
     p.add_argument("--password-file", help="read the new password from this file or fd:N")
     p.add_argument("--legacy-kdf", action="store_true", help="the patent's MD5+SALT derivation (conformance only)")
     p.add_argument("--scrypt-log2n", type=int, default=15, help="scrypt cost, log2(N) (default 15)")

@@ -96,3 +96,13 @@ def ecdsa_der_to_rs(signature: bytes) -> tuple[int, int]:
         return decode_dss_signature(signature)
     except ValueError as e:
         raise CryptoError("not a DER ECDSA signature") from e
+
+
+def p256_private_der_from_scalar(scalar: bytes) -> bytes:
+    """PKCS#8 DER of a P-256 key imported as its private scalar (OpenPGP key import, tag 92)."""
+    try:
+        key = _ec.derive_private_key(int.from_bytes(bytes(scalar), "big"), _ec.SECP256R1())
+    except ValueError as e:
+        raise CryptoError("not a P-256 private scalar") from e
+    return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())

@@ -9,14 +9,18 @@ from __future__ import annotations
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec as _ec
+from cryptography.hazmat.primitives.asymmetric import ed25519 as _ed25519
 from cryptography.hazmat.primitives.asymmetric import padding as _padding
 from cryptography.hazmat.primitives.asymmetric import rsa as _rsa
+from cryptography.hazmat.primitives.asymmetric import x25519 as _x25519
 
 from vsc.crypto import ec, rsa
 from vsc.crypto.errors import CryptoError
 
 KEY_RSA2048 = "rsa2048"
 KEY_P256 = "p256"
+KEY_ED25519 = "ed25519"
+KEY_X25519 = "x25519"
 
 
 def generate_private_der(kind: str) -> bytes:
@@ -25,6 +29,10 @@ def generate_private_der(kind: str) -> bytes:
         key = _rsa.generate_private_key(public_exponent=65537, key_size=2048)
     elif kind == KEY_P256:
         key = _ec.generate_private_key(_ec.SECP256R1())
+    elif kind == KEY_ED25519:
+        key = _ed25519.Ed25519PrivateKey.generate()
+    elif kind == KEY_X25519:
+        key = _x25519.X25519PrivateKey.generate()
     else:
         raise ValueError(f"unknown key kind {kind!r}")
     return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -112,6 +120,23 @@ class PrivateKeyHandle:
             raise CryptoError("ECDH needs an EC key")
         return ec.ecdh(key, peer_point)
 
+    def eddsa_sign(self, data: bytes) -> bytes:
+        """Ed25519 (RFC 8032, pure) over ``data``: R || S, 64 bytes."""
+        key = self.openssl_key
+        if not isinstance(key, _ed25519.Ed25519PrivateKey):
+            raise CryptoError("EdDSA needs an Ed25519 key")
+        return key.sign(bytes(data))
+
+    def x25519(self, peer_public: bytes) -> bytes:
+        """X25519 (RFC 7748) with a 32-byte peer public key; CryptoError for a bad or small-order peer key."""
+        key = self.openssl_key
+        if not isinstance(key, _x25519.X25519PrivateKey):
+            raise CryptoError("X25519 needs an X25519 key")
+        try:
+            return key.exchange(_x25519.X25519PublicKey.from_public_bytes(bytes(peer_public)))
+        except ValueError as e:
+            raise CryptoError("X25519 with an invalid peer key") from e
+
 
 # ---------------------------------------------------------------- public keys
 
@@ -147,11 +172,16 @@ def public_kind(public_der: bytes) -> str:
         return f"rsa{key.key_size}"
     if isinstance(key, _ec.EllipticCurvePublicKey):
         return {"secp256r1": KEY_P256}.get(key.curve.name, key.curve.name)
+    if isinstance(key, _ed25519.Ed25519PublicKey):
+        return KEY_ED25519
+    if isinstance(key, _x25519.X25519PublicKey):
+        return KEY_X25519
     return "unknown"
 
 
 def public_numbers(public_der: bytes) -> dict:
-    """``{"rsa": (modulus, exponent)}`` as big-endian bytes, or ``{"ec": uncompressed point}``."""
+    """``{"rsa": (modulus, exponent)}`` as big-endian bytes, ``{"ec": uncompressed point}``, or the raw 32 bytes
+    of an Ed25519 / X25519 key as ``{"ed25519": ...}`` / ``{"x25519": ...}``."""
     key = serialization.load_der_public_key(public_der)
     if isinstance(key, _rsa.RSAPublicKey):
         nums = key.public_numbers()
@@ -159,6 +189,10 @@ def public_numbers(public_der: bytes) -> dict:
                         nums.e.to_bytes((nums.e.bit_length() + 7) // 8, "big"))}
     if isinstance(key, _ec.EllipticCurvePublicKey):
         return {"ec": key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)}
+    if isinstance(key, _ed25519.Ed25519PublicKey):
+        return {"ed25519": key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)}
+    if isinstance(key, _x25519.X25519PublicKey):
+        return {"x25519": key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)}
     raise CryptoError("unsupported public key type")
 
 

@@ -240,3 +240,45 @@ def rsa_private_block(handle: "PrivateKeyHandle", block: bytes) -> bytes:
         raise CryptoError(f"the block must be {size} bytes (the modulus length), not {len(block)}")
     algorithm, digest = recognised
     return key.sign(digest, _padding.PKCS1v15(), Prehashed(algorithm))
+
+
+def pkcs1_sign_payload(handle: "PrivateKeyHandle", payload: bytes) -> bytes:
+    """
+    An RSA PKCS#1 v1.5 signature (EMSA-PKCS1-v1_5 block type 1) over a
+    payload the host chose, as an OpenPGP card signs: PSO:COMPUTE DIGITAL
+    SIGNATURE sends a DigestInfo, INTERNAL AUTHENTICATE whatever the client
+    authenticates with (at most 40 % of the modulus, spec 7.2.13). A
+    recognised DigestInfo goes through ``cryptography``; anything else
+    through libcrypto's raw operation (``rsa_private_block``).
+    """
+    key = handle.openssl_key
+    if not isinstance(key, _rsa.RSAPrivateKey):
+        raise CryptoError("an RSA signature needs an RSA key")
+    size = (key.key_size + 7) // 8
+    payload = bytes(payload)
+    if not payload or len(payload) > size - 11:
+        raise CryptoError(f"a PKCS#1 v1.5 payload has 1 to {size - 11} bytes, not {len(payload)}")
+    block = b"\x00\x01" + b"\xff" * (size - 3 - len(payload)) + b"\x00" + payload
+    return rsa_private_block(handle, block)
+
+
+def rsa_private_der_from_parts(e: bytes, p: bytes, q: bytes) -> bytes:
+    """
+    PKCS#8 DER of an RSA key imported as (e, p, q) big-endian (OpenPGP key
+    import, standard format). OpenSSL computes and checks the rest; the
+    numbers pass through Python integers once, on import only.
+    """
+    ei, pi, qi = (int.from_bytes(x, "big") for x in (e, p, q))
+    if ei < 3 or pi < 3 or qi < 3 or pi == qi:
+        raise CryptoError("not an RSA key")
+    n = pi * qi
+    phi = (pi - 1) * (qi - 1)
+    try:
+        d = pow(ei, -1, phi)
+        numbers = _rsa.RSAPrivateNumbers(pi, qi, d, _rsa.rsa_crt_dmp1(d, pi), _rsa.rsa_crt_dmq1(d, qi),
+                                         _rsa.rsa_crt_iqmp(pi, qi), _rsa.RSAPublicNumbers(ei, n))
+        key = numbers.private_key()
+    except ValueError as exc:
+        raise CryptoError("not an RSA key") from exc
+    return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())

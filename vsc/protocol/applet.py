@@ -80,6 +80,13 @@ class Generate:
 
 
 @attrs.frozen
+class Clear:
+    """Remove every item whose name starts with ``prefix``, synced (one upload); result None, or EffectFailed."""
+
+    prefix: str
+
+
+@attrs.frozen
 class Notice:
     """Something worth a log line (the glue logs ``event`` with ``fields``); result None."""
 
@@ -95,7 +102,7 @@ class EffectFailed(Exception):
         self.sw = sw
 
 
-Effect = Load | Store | KeyInfo | PrivateOp | Generate | Notice
+Effect = Load | Store | KeyInfo | PrivateOp | Generate | Clear | Notice
 Step = Generator[Effect, Any, tuple[bytes, int]]
 
 

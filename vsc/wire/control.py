@@ -82,6 +82,7 @@ STATUS = Command("Status", (), (
     ("suite", TEXT),  # "" while no channel is open
     ("mode", TEXT), ("token", TEXT),  # "dongle" and the token's label for a card on a token, else ""
     ("slots", Records(("slot", TEXT), ("algorithm", TEXT), ("public_key_sha256", TEXT))),
+    ("applications", TEXT_LIST),  # the card applications it carries (piv, openpgp)
     ("counters", TEXT_LIST), ("data", TEXT_LIST), ("memory_locked", BOOL),
     ("inserted_at", FLOAT),  # seconds since the epoch; 0.0 before the first insert
     # the PIN (vsc.card.pin): "9a=once,9c=always,..." ("" while not in use), how local paths verify, tries left
@@ -129,6 +130,7 @@ def status_fields(status: dict) -> dict:
         "server": status.get("server") or "", "suite": status.get("suite") or "",
         "mode": status.get("mode") or "", "token": status.get("token") or "",
         "slots": [{"slot": slot, **info} for slot, info in sorted(status["slots"].items())],
+        "applications": list(status.get("applications", ())),
         "counters": list(status["counters"]), "data": list(status["data"]),
         "memory_locked": bool(status["memory_locked"]), "inserted_at": float(status["inserted_at"] or 0.0),
         "pin_policy": status.get("pin_policy") or "", "pin_local": status.get("pin_local") or "",
@@ -144,6 +146,7 @@ def status_of(fields: dict) -> dict:
         "server": fields["server"] or None, "suite": fields["suite"] or None,
         "slots": {r["slot"]: {"algorithm": r["algorithm"], "public_key_sha256": r["public_key_sha256"]}
                   for r in fields["slots"]},
+        "applications": fields.get("applications", []),
         "counters": fields["counters"], "data": fields["data"], "memory_locked": fields["memory_locked"],
         "inserted_at": fields["inserted_at"] or None,
     }

@@ -42,6 +42,8 @@ class KeyAlg(enum.IntEnum):
     NONE = 0
     RSA2048 = 1
     P256 = 2
+    ED25519 = 3  # the OpenPGP application's EdDSA keys
+    X25519 = 4  # the OpenPGP application's Cv25519 (ECDH) decryption key
 
 
 @attrs.frozen

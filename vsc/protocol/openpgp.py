@@ -1,0 +1,769 @@
+"""
+The OpenPGP card application (OpenPGP Smart Card Application 3.4, "the
+spec") of a Virtual Smart Card, sans-IO, next to PIV on the same card: what
+GnuPG's scdaemon (app-openpgp.c) speaks — ``gpg --card-status``,
+``gpg --card-edit`` (generate, passwd, name, url, ...), signing, decryption
+and ssh authentication through gpg-agent.
+
+``OpenPgpApplet.process(apdu)`` is a generator of effects exactly like
+vsc.protocol.piv (vsc.protocol.applet): every key, PIN, counter and data
+object is read from the protected information per command, and every change
+is a ``Store`` that the glue syncs to the server before the response goes
+out. In memory: the selection, the three verification states (PW1 for
+signing "81", PW1 for the rest "82", PW3 "83"), the chaining and GET
+RESPONSE buffers.
+
+One PIN state: PW1 IS the card's user PIN (vsc.protocol.pins.USER_PIN, the
+PIV PIN: same value, same retry counter), so it has 6 to 8 characters (C4
+says 8) and a PIN blocked through PIV is blocked here and the other way
+round. PW3 (admin PIN, default 12345678) and the reset code are records of
+their own (pins.OPENPGP_PW3, pins.OPENPGP_RC), checked the shared
+store-before-compare way (vsc.protocol.pins.check_secret).
+
+Keys: signature (B6, item "pgp-sig"), decryption (B8, "pgp-dec"),
+authentication (A4, "pgp-aut"), RSA-2048, NIST P-256 (ECDSA / ECDH) or
+Curve25519 (Ed25519 / Cv25519): algorithm attributes C1-C3, changeable
+with PW3. Instructions: SELECT, GET DATA (CA),
+PUT DATA (DA, and DB with the extended header list for key import), VERIFY
+(20), CHANGE REFERENCE DATA (24), RESET RETRY COUNTER (2C), GENERATE
+ASYMMETRIC KEY PAIR (47), PSO (2A: COMPUTE DIGITAL SIGNATURE 9E9A and
+DECIPHER 8086), INTERNAL AUTHENTICATE (88), GET CHALLENGE (84), GET RESPONSE
+(C0), TERMINATE DF (E6) and ACTIVATE FILE (44): the factory reset GnuPG's
+``factory-reset`` performs, which removes every item of the application but
+not PW1 (the card's PIN). Command chaining and extended lengths both work
+(historical bytes).
+
+One responsibility (and so one module despite its length): the OpenPGP card application.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Generator
+
+from vsc import crypto
+from vsc.protocol import pins
+from vsc.protocol.applet import (
+    SW_BLOCKED,
+    SW_CHAIN_UNSUPPORTED,
+    SW_CLA,
+    SW_CONDITIONS,
+    SW_INS,
+    SW_NO_MEMORY,
+    SW_NOT_FOUND,
+    SW_OK,
+    SW_REF_NOT_FOUND,
+    SW_SECURITY,
+    SW_WRONG_DATA,
+    SW_WRONG_LENGTH,
+    SW_WRONG_P1P2,
+    Clear,
+    Effect,
+    EffectFailed,
+    Generate,
+    KeyInfo,
+    Load,
+    Notice,
+    PrivateOp,
+    Step,
+    Store,
+)
+from vsc.wire import apdu, tlv
+from vsc.wire import openpgp as wire
+from vsc.wire.apdu import ApduError, Command, SecretRecord
+from vsc.wire.errors import WireError
+from vsc.wire.protected import ItemKind, KeyAlg
+
+INS_SELECT = 0xA4
+INS_GET_DATA = 0xCA
+INS_PUT_DATA = 0xDA
+INS_PUT_DATA_ODD = 0xDB
+INS_VERIFY = 0x20
+INS_CHANGE = 0x24
+INS_RESET_RETRY = 0x2C
+INS_GENERATE = 0x47
+INS_PSO = 0x2A
+INS_INTERNAL_AUTH = 0x88
+INS_GET_CHALLENGE = 0x84
+INS_GET_RESPONSE = 0xC0
+INS_TERMINATE = 0xE6
+INS_ACTIVATE = 0x44
+SW_TERMINATED = 0x6285  # SELECT: the application is in its termination state
+
+CHAINABLE = frozenset({INS_PUT_DATA, INS_PUT_DATA_ODD, INS_VERIFY, INS_CHANGE, INS_RESET_RETRY, INS_PSO,
+                       INS_INTERNAL_AUTH, INS_GENERATE})
+MAX_COMMAND = 0x0800  # 7F66: a key import of RSA-2048 is ~600 bytes; a cardholder certificate up to MAX_CERT
+MAX_RESPONSE = 0x0800
+MAX_CHAIN = 4 * 1024
+MAX_CHALLENGE = 0x0400
+MAX_CERT = 0x0800
+MAX_SPECIAL = 0x00FF
+
+PW1, PW1_OTHER, PW3 = 0x81, 0x82, 0x83
+PW1_MAX = 8  # the PIV PIN's limit: PW1 is that PIN
+PW1_MIN = 6
+PW3_MIN, PW3_MAX = 8, 32
+RC_MIN, RC_MAX = 8, 32
+DEFAULT_PW1 = b"123456"
+DEFAULT_PW3 = b"12345678"
+DEFAULT_TRIES = pins.DEFAULT_TRIES
+
+ROLES = ("sig", "dec", "aut")
+CRT_ROLE = {0xB6: "sig", 0xB8: "dec", 0xA4: "aut"}
+ATTR_TAG = {"sig": 0xC1, "dec": 0xC2, "aut": 0xC3}
+FPR_TAG = {"sig": 0xC7, "dec": 0xC8, "aut": 0xC9}
+CA_FPR_TAG = {"sig": 0xCA, "dec": 0xCB, "aut": 0xCC}
+TIME_TAG = {"sig": 0xCE, "dec": 0xCF, "aut": 0xD0}
+TAG_ROLE_ATTR = {v: k for k, v in ATTR_TAG.items()}
+
+TAG_AID, TAG_LOGIN, TAG_CARDHOLDER, TAG_APP_DATA, TAG_SECURITY = 0x4F, 0x5E, 0x65, 0x6E, 0x7A
+TAG_NAME, TAG_LANG, TAG_SEX, TAG_URL, TAG_HIST = 0x5B, 0x5F2D, 0x5F35, 0x5F50, 0x5F52
+TAG_CERT, TAG_EXT_LEN, TAG_EXT_CAPS, TAG_PW_STATUS = 0x7F21, 0x7F66, 0xC0, 0xC4
+TAG_FPRS, TAG_CA_FPRS, TAG_TIMES, TAG_RC, TAG_SIG_COUNT = 0xC5, 0xC6, 0xCD, 0xD3, 0x93
+PRIVATE_DOS = (0x0101, 0x0102, 0x0103, 0x0104)
+
+#: stored data objects (an item "pgp-do-<tag>" each): the largest value PUT DATA accepts
+WRITABLE = {
+    TAG_NAME: 39, TAG_LANG: 8, TAG_SEX: 1, TAG_URL: 255, TAG_LOGIN: 254, TAG_CERT: MAX_CERT,
+    **{t: MAX_SPECIAL for t in PRIVATE_DOS},
+    **{t: 20 for t in FPR_TAG.values()}, **{t: 20 for t in CA_FPR_TAG.values()},
+    **{t: 4 for t in TIME_TAG.values()},
+}
+#: who may write (PW1 "82" or PW3 "83") and read (None: anyone) what
+WRITE_ACCESS = {0x0101: PW1_OTHER, 0x0103: PW1_OTHER}
+READ_ACCESS = {0x0103: PW1_OTHER, 0x0104: PW3}
+
+SIG_COUNTER = "pgp-sig-counter"
+TERMINATED = "pgp-terminated"
+#: ACTIVATE FILE after TERMINATE DF removes every item of the application (keys, PW3, reset code, data objects,
+#: counter); PW1 stays: it is the card's one user PIN, shared with PIV, and must not come back to a default
+ITEM_PREFIX = "pgp-"
+PW1_POLICY = "pgp-pw1-policy"  # C4 first byte: 00 one PSO:CDS per verification, 01 several
+
+
+def do_name(tag: int) -> str:
+    return f"pgp-do-{tag:x}"
+
+
+def key_name(role: str) -> str:
+    return f"pgp-{role}"
+
+
+def attr_name(role: str) -> str:
+    return f"pgp-attr-{role}"
+
+
+#: the algorithms each key role may have: (algorithm id, RSA bits or curve OID) -> key kind
+_ALGORITHMS = {
+    "sig": {(wire.ALGO_RSA, 2048): KeyAlg.RSA2048, (wire.ALGO_ECDSA, wire.OID_P256): KeyAlg.P256,
+            (wire.ALGO_EDDSA, wire.OID_ED25519): KeyAlg.ED25519},
+    "dec": {(wire.ALGO_RSA, 2048): KeyAlg.RSA2048, (wire.ALGO_ECDH, wire.OID_P256): KeyAlg.P256,
+            (wire.ALGO_ECDH, wire.OID_CV25519): KeyAlg.X25519},
+}
+_ALGORITHMS["aut"] = _ALGORITHMS["sig"]
+
+
+def attributes_alg(role: str, raw: bytes) -> KeyAlg | None:
+    """The key kind algorithm attributes ``raw`` name for ``role``, or None when the card does not do them."""
+    try:
+        return _ALGORITHMS[role].get(wire.parse_attributes(raw))
+    except WireError:
+        return None
+
+
+def canonical_attributes(alg: KeyAlg, role: str) -> bytes:
+    """The attributes the card shows for a key kind (RSA with its import format; ECC without one)."""
+    for (algo, param), kind in _ALGORITHMS[role].items():
+        if kind is alg:
+            return wire.rsa_attributes(param) if algo == wire.ALGO_RSA else wire.ec_attributes(algo, param)
+    raise ValueError(f"{alg!r} is not a {role} algorithm")
+
+
+def matches(aid: bytes) -> bool:
+    """SELECT names the OpenPGP application with its RID/application (6 bytes) up to the full 16-byte AID."""
+    return 6 <= len(aid) <= 16 and aid.startswith(wire.RID_APP)
+
+
+class OpenPgpApplet:
+    """One card's OpenPGP application: a dispatcher over the instructions, volatile state only."""
+
+    def __init__(self, serial: str, rand: crypto.RandomBytes = crypto.system_random):
+        self.serial = serial
+        self.rand = rand
+        self.selected = False
+        self.terminated = False
+        self.verified: set[int] = set()
+        self._chain: tuple[tuple[int, int, int], bytearray] | None = None
+        self._out: bytes = b""
+        self._out_pos = 0
+        self._static: dict[str, bytes] = {}
+
+    def _cached(self, name: str, build: Callable[[], bytes]) -> bytes:
+        if name not in self._static:
+            self._static[name] = build()
+        return self._static[name]
+
+    @property
+    def aid(self) -> bytes:
+        return self._cached("aid", lambda: wire.build_aid(crypto.sha256(b"vsc openpgp\x00" + self.serial.encode())[:4]))
+
+    def reset(self) -> None:
+        """Power off, reset, another application selected: the security status and buffers are cleared."""
+        self.selected = False
+        self.verified.clear()
+        self._chain = None
+        self._out, self._out_pos = b"", 0
+
+    # ---------------------------------------------------------------- entry point (as vsc.protocol.piv)
+
+    def process(self, raw: bytes) -> Generator[Effect, Any, bytes]:
+        try:
+            cmd = apdu.parse_command(raw)
+        except ApduError as e:
+            self._chain = None
+            self._out, self._out_pos = b"", 0
+            return apdu.build_response(b"", e.sw)
+        if cmd.cla & ~0x10:
+            self._chain = None
+            return apdu.build_response(b"", SW_CLA)
+        if cmd.ins == INS_GET_RESPONSE and not cmd.chained:
+            return self._get_response(cmd)
+        self._out, self._out_pos = b"", 0
+        header = (cmd.ins, cmd.p1, cmd.p2)
+        if self._chain is not None and self._chain[0] != header:
+            self._chain = None
+        if cmd.chained:
+            if cmd.ins not in CHAINABLE:
+                self._chain = None
+                return apdu.build_response(b"", SW_CHAIN_UNSUPPORTED)
+            if self._chain is None:
+                self._chain = (header, bytearray())
+            self._chain[1].extend(cmd.data)
+            if len(self._chain[1]) > MAX_CHAIN:
+                self._chain = None
+                return apdu.build_response(b"", SW_NO_MEMORY)
+            return apdu.build_response(b"", SW_OK)
+        data = cmd.data
+        if self._chain is not None:
+            buf = self._chain[1]
+            buf.extend(cmd.data)
+            self._chain = None
+            if len(buf) > MAX_CHAIN:
+                return apdu.build_response(b"", SW_NO_MEMORY)
+            data = bytes(buf)
+        try:
+            body, sw = yield from self._dispatch(cmd, data)
+        except ApduError as e:
+            body, sw = b"", e.sw
+        except WireError:
+            body, sw = b"", SW_WRONG_DATA
+        except EffectFailed as e:
+            yield Notice("effect-failed", {"ins": cmd.ins, "why": str(e), "sw": e.sw})
+            body, sw = b"", e.sw
+        if sw != SW_OK or not body:
+            return apdu.build_response(b"", sw)
+        return self._respond(body, cmd)
+
+    def _respond(self, body: bytes, cmd: Command) -> bytes:
+        limit = cmd.le if cmd.le is not None else (65536 if cmd.extended else 256)
+        if len(body) <= limit:
+            return apdu.build_response(body, SW_OK)
+        self._out, self._out_pos = body, limit
+        return apdu.build_response(body[:limit], self._more_sw())
+
+    def _more_sw(self) -> int:
+        left = len(self._out) - self._out_pos
+        return 0x6100 | (left if left < 256 else 0)
+
+    def _get_response(self, cmd: Command) -> bytes:
+        if cmd.p1 or cmd.p2:
+            return apdu.build_response(b"", SW_WRONG_P1P2)
+        if not self._out or self._out_pos >= len(self._out):
+            self._out, self._out_pos = b"", 0
+            return apdu.build_response(b"", SW_CONDITIONS)
+        n = cmd.le if cmd.le is not None else 256
+        chunk = self._out[self._out_pos:self._out_pos + n]
+        self._out_pos += len(chunk)
+        if self._out_pos >= len(self._out):
+            self._out, self._out_pos = b"", 0
+            return apdu.build_response(chunk, SW_OK)
+        return apdu.build_response(chunk, self._more_sw())
+
+    def _dispatch(self, cmd: Command, data: bytes) -> Step:
+        if cmd.ins == INS_SELECT:
+            return (yield from self._select(cmd, data))
+        if not self.selected:
+            return b"", SW_INS
+        if cmd.ins == INS_ACTIVATE:
+            return (yield from self._activate(cmd, data))
+        if self.terminated:
+            return b"", SW_CONDITIONS  # nothing but ACTIVATE FILE in the termination state
+        handler = {
+            INS_GET_DATA: self._get_data,
+            INS_PUT_DATA: self._put_data,
+            INS_PUT_DATA_ODD: self._put_data_odd,
+            INS_VERIFY: self._verify,
+            INS_CHANGE: self._change,
+            INS_RESET_RETRY: self._reset_retry,
+            INS_GENERATE: self._generate,
+            INS_PSO: self._pso,
+            INS_INTERNAL_AUTH: self._internal_authenticate,
+            INS_GET_CHALLENGE: self._get_challenge,
+            INS_TERMINATE: self._terminate,
+        }.get(cmd.ins)
+        if handler is None:
+            return b"", SW_INS
+        return (yield from handler(cmd, data))
+
+    # ---------------------------------------------------------------- SELECT
+
+    def _select(self, cmd: Command, data: bytes) -> Step:
+        if cmd.p1 != 0x04 or cmd.p2 not in (0x00, 0x0C):
+            return b"", SW_WRONG_P1P2
+        if not matches(data) or not self.aid.startswith(data):
+            return b"", SW_NOT_FOUND
+        self.selected = True
+        self.verified.clear()
+        self.terminated = bool((yield Load(ItemKind.DATA, TERMINATED)))
+        return b"", SW_TERMINATED if self.terminated else SW_OK
+
+    # ---------------------------------------------------------------- TERMINATE DF / ACTIVATE FILE (factory reset)
+
+    def _terminate(self, cmd: Command, data: bytes) -> Step:
+        """TERMINATE DF: with PW3 verified, or once PW3 is blocked (so a holder who lost it can start over)."""
+        if (cmd.p1, cmd.p2) != (0x00, 0x00) or data:
+            return b"", SW_WRONG_P1P2 if cmd.p1 or cmd.p2 else SW_WRONG_DATA
+        if PW3 not in self.verified:
+            pw3 = yield from self._pw3()
+            if pw3.tries_left:
+                return b"", SW_SECURITY
+        yield Store(ItemKind.DATA, TERMINATED, b"\x01")
+        self.terminated = True
+        self.verified.clear()
+        yield Notice("terminated", {"application": "openpgp"})
+        return b"", SW_OK
+
+    def _activate(self, cmd: Command, data: bytes) -> Step:
+        """ACTIVATE FILE: in the termination state, the factory reset (every "pgp-" item removed); else nothing."""
+        if (cmd.p1, cmd.p2) != (0x00, 0x00):
+            return b"", SW_WRONG_P1P2
+        if not self.terminated:
+            return b"", SW_OK
+        yield Clear(ITEM_PREFIX)
+        self.terminated = False
+        self.verified.clear()
+        yield Notice("factory-reset", {"application": "openpgp"})
+        return b"", SW_OK
+
+    # ---------------------------------------------------------------- secrets
+
+    def _pw1(self) -> Generator[Effect, Any, SecretRecord]:
+        return (yield from pins.load_secret(pins.USER_PIN, apdu.pad_pin(DEFAULT_PW1)))
+
+    def _pw3(self) -> Generator[Effect, Any, SecretRecord]:
+        return (yield from pins.load_secret(pins.OPENPGP_PW3, DEFAULT_PW3))
+
+    def _rc(self) -> Generator[Effect, Any, SecretRecord | None]:
+        raw = yield Load(ItemKind.PIN, pins.OPENPGP_RC)
+        if not raw:
+            return None
+        rec = apdu.decode_secret(raw)
+        return rec if rec.value and rec.max_tries else None
+
+    @staticmethod
+    def _pw1_block(pin: bytes) -> bytes | None:
+        """PW1 as the PIV PIN record holds it (8 bytes, FF padded), or None if it cannot be a PIN."""
+        if not 1 <= len(pin) <= PW1_MAX or b"\xff" in pin:
+            return None
+        return apdu.pad_pin(pin)
+
+    def _check(self, ref: int, value: bytes) -> Generator[Effect, Any, SecretRecord | int]:
+        """PW1 or PW3 checked the shared store-before-compare way: the record, or the status word to answer."""
+        if ref == PW3:
+            return (yield from pins.check_secret(pins.OPENPGP_PW3, value, DEFAULT_PW3, "admin-pin"))
+        block = self._pw1_block(value)
+        if block is None:
+            return SW_WRONG_DATA
+        return (yield from pins.check_secret(pins.USER_PIN, block, apdu.pad_pin(DEFAULT_PW1), "pin"))
+
+    def _verify(self, cmd: Command, data: bytes) -> Step:
+        if cmd.p2 not in (PW1, PW1_OTHER, PW3):
+            return b"", SW_REF_NOT_FOUND
+        if cmd.p1 == 0xFF:  # reset the verification status (spec 7.2.2)
+            if data:
+                return b"", SW_WRONG_DATA
+            self.verified.discard(cmd.p2)
+            return b"", SW_OK
+        if cmd.p1 != 0x00:
+            return b"", SW_WRONG_P1P2
+        if not data:
+            if cmd.p2 in self.verified:
+                return b"", SW_OK
+            rec = yield from (self._pw3() if cmd.p2 == PW3 else self._pw1())
+            return b"", SW_BLOCKED if rec.tries_left == 0 else 0x63C0 | min(rec.tries_left, 15)
+        self.verified.discard(cmd.p2)
+        result = yield from self._check(PW3 if cmd.p2 == PW3 else PW1, data)
+        if isinstance(result, int):
+            return b"", result
+        self.verified.add(cmd.p2)
+        return b"", SW_OK
+
+    def _new_pw1(self, value: bytes) -> bytes:
+        if not PW1_MIN <= len(value) <= PW1_MAX or b"\xff" in value:
+            raise ApduError(SW_WRONG_DATA, "PW1 has 6 to 8 characters")
+        return apdu.pad_pin(value)
+
+    def _change(self, cmd: Command, data: bytes) -> Step:
+        if cmd.p1 != 0x00 or cmd.p2 not in (PW1, PW3):
+            return b"", SW_WRONG_P1P2 if cmd.p1 else SW_REF_NOT_FOUND
+        if cmd.p2 == PW1:
+            rec = yield from self._pw1()
+            try:
+                old_len = len(apdu.unpad_pin(rec.value))
+            except WireError:
+                old_len = len(rec.value)
+        else:
+            rec = yield from self._pw3()
+            old_len = len(rec.value)
+        old, new = data[:old_len], data[old_len:]
+        # the old value is checked (and a try spent) before the new one is looked at: the answer never tells
+        # the length of the current PIN for free
+        result = yield from self._check(cmd.p2, old)
+        if isinstance(result, int):
+            self.verified.discard(cmd.p2)
+            if cmd.p2 == PW1:
+                self.verified.difference_update((PW1, PW1_OTHER))
+            return b"", result
+        if cmd.p2 == PW1:
+            yield from pins.store_secret(pins.USER_PIN, SecretRecord(self._new_pw1(new), result.max_tries,
+                                                                     result.max_tries))
+            yield Notice("pin-changed", {"application": "openpgp"})
+        else:
+            if not PW3_MIN <= len(new) <= PW3_MAX:
+                return b"", SW_WRONG_DATA
+            yield from pins.store_secret(pins.OPENPGP_PW3, SecretRecord(new, result.max_tries, result.max_tries))
+            yield Notice("admin-pin-changed", {})
+        return b"", SW_OK
+
+    def _reset_retry(self, cmd: Command, data: bytes) -> Step:
+        if cmd.p2 != PW1 or cmd.p1 not in (0x00, 0x02):
+            return b"", SW_WRONG_P1P2
+        pw1 = yield from self._pw1()
+        if cmd.p1 == 0x02:  # with PW3 verified: data is the new PW1
+            if PW3 not in self.verified:
+                return b"", SW_SECURITY
+            new = data
+        else:  # reset code || new PW1
+            rc = yield from self._rc()
+            if rc is None:
+                return b"", SW_BLOCKED
+            result = yield from pins.check_secret(pins.OPENPGP_RC, data[:len(rc.value)], rc.value, "reset-code")
+            if isinstance(result, int):
+                return b"", result
+            new = data[len(rc.value):]
+        yield from pins.store_secret(pins.USER_PIN, SecretRecord(self._new_pw1(new), pw1.max_tries, pw1.max_tries))
+        yield Notice("pin-unblocked", {"application": "openpgp", "with": "admin-pin" if cmd.p1 else "reset-code"})
+        self.verified.difference_update((PW1, PW1_OTHER))
+        return b"", SW_OK
+
+    # ---------------------------------------------------------------- data objects
+
+    def _load_do(self, tag: int) -> Generator[Effect, Any, bytes]:
+        raw = yield Load(ItemKind.DATA, do_name(tag))
+        return bytes(raw) if raw else b""
+
+    def _attributes(self, role: str) -> Generator[Effect, Any, bytes]:
+        raw = yield Load(ItemKind.DATA, attr_name(role))
+        return bytes(raw) if raw else wire.rsa_attributes(2048)
+
+    def _pw_status(self) -> Generator[Effect, Any, bytes]:
+        policy = yield Load(ItemKind.DATA, PW1_POLICY)
+        pw1 = yield from self._pw1()
+        rc = yield from self._rc()
+        pw3 = yield from self._pw3()
+        return wire.build_pw_status(wire.PwStatus(
+            pw1_multiple=bool(policy) and bytes(policy) == b"\x01", pw1_max=PW1_MAX, rc_max=RC_MAX, pw3_max=PW3_MAX,
+            pw1_tries=pw1.tries_left, rc_tries=rc.tries_left if rc else 0, pw3_tries=pw3.tries_left))
+
+    def _sig_count(self) -> Generator[Effect, Any, int]:
+        raw = yield Load(ItemKind.DATA, SIG_COUNTER)
+        return wire.decode_sig_counter(raw) if raw else 0
+
+    def _concat(self, tags: dict[str, int], size: int) -> Generator[Effect, Any, bytes]:
+        values = []
+        for role in ROLES:
+            values.append((yield from self._load_do(tags[role])))
+        return wire.per_key(values, size)
+
+    def _cardholder(self) -> Generator[Effect, Any, bytes]:
+        parts = []
+        for tag in (TAG_NAME, TAG_LANG, TAG_SEX):
+            value = yield from self._load_do(tag)
+            if tag == TAG_SEX and not value:
+                value = b"9"  # not announced (ISO 5218)
+            parts.append((tag, value))
+        return tlv.encode_many(parts)
+
+    def extended_capabilities(self) -> bytes:
+        flags = (wire.EXT_GET_CHALLENGE | wire.EXT_KEY_IMPORT | wire.EXT_PW_STATUS_CHANGE | wire.EXT_PRIVATE_DOS
+                 | wire.EXT_ALGO_ATTR_CHANGE)
+        return wire.extended_capabilities(flags, MAX_CHALLENGE, MAX_CERT, MAX_SPECIAL)
+
+    def _discretionary(self) -> Generator[Effect, Any, bytes]:
+        parts = [(TAG_EXT_CAPS, self._cached("caps", self.extended_capabilities))]
+        for role in ROLES:
+            parts.append((ATTR_TAG[role], (yield from self._attributes(role))))
+        parts.append((TAG_PW_STATUS, (yield from self._pw_status())))
+        parts.append((TAG_FPRS, (yield from self._concat(FPR_TAG, 20))))
+        parts.append((TAG_CA_FPRS, (yield from self._concat(CA_FPR_TAG, 20))))
+        parts.append((TAG_TIMES, (yield from self._concat(TIME_TAG, 4))))
+        return tlv.encode_many(parts)
+
+    def _application_data(self) -> Generator[Effect, Any, bytes]:
+        return tlv.encode_many([
+            (TAG_AID, self.aid),
+            (TAG_HIST, wire.historical_bytes()),
+            (TAG_EXT_LEN, wire.extended_length_info(MAX_COMMAND, MAX_RESPONSE)),
+            (0x73, (yield from self._discretionary())),
+        ])
+
+    def _get_data(self, cmd: Command, data: bytes) -> Step:
+        tag = (cmd.p1 << 8) | cmd.p2
+        if tag in READ_ACCESS and READ_ACCESS[tag] not in self.verified:
+            return b"", SW_SECURITY
+        if tag == TAG_AID:
+            return self.aid, SW_OK
+        if tag == TAG_APP_DATA:
+            return (yield from self._application_data()), SW_OK
+        if tag == TAG_CARDHOLDER:
+            return (yield from self._cardholder()), SW_OK
+        if tag == TAG_SECURITY:
+            count = yield from self._sig_count()
+            return tlv.encode(TAG_SIG_COUNT, wire.encode_sig_counter(count)), SW_OK
+        if tag == TAG_HIST:
+            return wire.historical_bytes(), SW_OK
+        if tag == TAG_EXT_LEN:
+            return wire.extended_length_info(MAX_COMMAND, MAX_RESPONSE), SW_OK
+        if tag == TAG_EXT_CAPS:
+            return self._cached("caps", self.extended_capabilities), SW_OK
+        if tag == TAG_PW_STATUS:
+            return (yield from self._pw_status()), SW_OK
+        if tag in TAG_ROLE_ATTR:
+            return (yield from self._attributes(TAG_ROLE_ATTR[tag])), SW_OK
+        if tag == TAG_FPRS:
+            return (yield from self._concat(FPR_TAG, 20)), SW_OK
+        if tag == TAG_CA_FPRS:
+            return (yield from self._concat(CA_FPR_TAG, 20)), SW_OK
+        if tag == TAG_TIMES:
+            return (yield from self._concat(TIME_TAG, 4)), SW_OK
+        if tag in (TAG_NAME, TAG_LANG, TAG_SEX, TAG_URL, TAG_LOGIN, TAG_CERT) or tag in PRIVATE_DOS:
+            value = yield from self._load_do(tag)
+            if tag == TAG_SEX and not value:
+                value = b"9"
+            return value, SW_OK  # an empty DO is 9000 with no data
+        return b"", SW_REF_NOT_FOUND
+
+    def _put_data(self, cmd: Command, data: bytes) -> Step:
+        tag = (cmd.p1 << 8) | cmd.p2
+        need = WRITE_ACCESS.get(tag, PW3)
+        if need not in self.verified:
+            return b"", SW_SECURITY
+        if tag == TAG_PW_STATUS:
+            multiple = wire.parse_pw1_policy(data[:1]) if len(data) in (1, 4) else None
+            if multiple is None:
+                return b"", SW_WRONG_DATA
+            yield Store(ItemKind.DATA, PW1_POLICY, b"\x01" if multiple else b"\x00")
+            return b"", SW_OK
+        if tag == TAG_RC:
+            if not data:
+                yield Store(ItemKind.PIN, pins.OPENPGP_RC, apdu.encode_secret(SecretRecord(b"", 0, 0)))
+                yield Notice("reset-code-removed", {})
+                return b"", SW_OK
+            if not RC_MIN <= len(data) <= RC_MAX:
+                return b"", SW_WRONG_DATA
+            yield Store(ItemKind.PIN, pins.OPENPGP_RC,
+                        apdu.encode_secret(SecretRecord(data, DEFAULT_TRIES, DEFAULT_TRIES)))
+            yield Notice("reset-code-set", {})
+            return b"", SW_OK
+        if tag in TAG_ROLE_ATTR:
+            role = TAG_ROLE_ATTR[tag]
+            alg = attributes_alg(role, data)
+            if alg is None:
+                return b"", SW_WRONG_DATA
+            yield Store(ItemKind.DATA, attr_name(role), canonical_attributes(alg, role))
+            return b"", SW_OK
+        limit = WRITABLE.get(tag)
+        if limit is None:
+            return b"", SW_REF_NOT_FOUND
+        if len(data) > limit:
+            return b"", SW_WRONG_LENGTH
+        if tag in FPR_TAG.values() or tag in CA_FPR_TAG.values():
+            wire.check_fingerprint(data)
+        elif tag in TIME_TAG.values():
+            wire.check_timestamp(data)
+        yield Store(ItemKind.DATA, do_name(tag), bytes(data))
+        return b"", SW_OK
+
+    # ---------------------------------------------------------------- keys
+
+    def _key_alg(self, role: str) -> Generator[Effect, Any, KeyAlg]:
+        raw = yield from self._attributes(role)
+        return attributes_alg(role, raw) or KeyAlg.RSA2048
+
+    @staticmethod
+    def public_key_template(public_der: bytes) -> bytes:
+        """7F49 { 81 modulus, 82 exponent } (RSA), 7F49 { 86 point } (P-256) or { 86 32 raw bytes } (25519)."""
+        nums = crypto.public_numbers(public_der)
+        if "rsa" in nums:
+            n, e = nums["rsa"]
+            return tlv.encode(0x7F49, tlv.encode_many([(0x81, n), (0x82, e)]))
+        (point,) = nums.values()
+        return tlv.encode(0x7F49, tlv.encode(0x86, point))
+
+    def _generate(self, cmd: Command, data: bytes) -> Step:
+        if cmd.p1 not in (0x80, 0x81) or cmd.p2 != 0x00:
+            return b"", SW_WRONG_P1P2
+        items = tlv.decode(data)
+        if not items or items[0].tag not in CRT_ROLE:
+            return b"", SW_WRONG_DATA
+        role = CRT_ROLE[items[0].tag]
+        if cmd.p1 == 0x81:  # read the public key
+            info = yield KeyInfo(key_name(role))
+            if info is None:
+                return b"", SW_REF_NOT_FOUND
+            return self.public_key_template(info[1]), SW_OK
+        if PW3 not in self.verified:
+            return b"", SW_SECURITY
+        alg = yield from self._key_alg(role)
+        public = yield Generate(key_name(role), alg)
+        if role == "sig":
+            yield Store(ItemKind.DATA, SIG_COUNTER, wire.encode_sig_counter(0))
+        yield Notice("key-generated", {"application": "openpgp", "key": role, "alg": alg.name.lower()})
+        return self.public_key_template(public), SW_OK
+
+    def _put_data_odd(self, cmd: Command, data: bytes) -> Step:
+        """Key import: 00 DB 3F FF with the extended header list (spec 4.4.3.12)."""
+        if (cmd.p1, cmd.p2) != (0x3F, 0xFF):
+            return b"", SW_WRONG_P1P2
+        if PW3 not in self.verified:
+            return b"", SW_SECURITY
+        imp = wire.parse_key_import(data)
+        alg = yield from self._key_alg(imp.role)
+        try:
+            if alg is KeyAlg.RSA2048:
+                if not all(t in imp.parts for t in (0x91, 0x92, 0x93)):
+                    return b"", SW_WRONG_DATA
+                der = bytearray(crypto.rsa_private_der_from_parts(imp.parts[0x91], imp.parts[0x92],
+                                                                  imp.parts[0x93]))
+            elif alg is KeyAlg.P256:
+                if 0x92 not in imp.parts:
+                    return b"", SW_WRONG_DATA
+                der = bytearray(crypto.p256_private_der_from_scalar(imp.parts[0x92]))
+            else:
+                return b"", SW_CONDITIONS  # Curve25519 keys are generated on the card, not imported
+        except crypto.CryptoError:
+            return b"", SW_WRONG_DATA
+        try:
+            public = crypto.public_der_of(der)
+            if crypto.public_kind(public) != ("rsa2048" if alg is KeyAlg.RSA2048 else "p256"):
+                return b"", SW_WRONG_DATA
+            yield Store(ItemKind.KEY, key_name(imp.role), der, alg, public)  # sealed by the glue, then zeroed here
+        finally:
+            der[:] = bytes(len(der))
+        if imp.role == "sig":
+            yield Store(ItemKind.DATA, SIG_COUNTER, wire.encode_sig_counter(0))
+        yield Notice("key-imported", {"application": "openpgp", "key": imp.role, "alg": alg.name.lower()})
+        return b"", SW_OK
+
+    # ---------------------------------------------------------------- private-key operations
+
+    def _pw1_status(self, ref: int) -> Generator[Effect, Any, int]:
+        """
+        0 if PW1 was verified for ``ref`` and is not blocked now, else the status word. The PIN is the card's
+        one user PIN: blocked on another path since it was verified here, it no longer counts here either.
+        """
+        if ref not in self.verified:
+            return SW_SECURITY
+        rec = yield from self._pw1()
+        if rec.tries_left == 0:
+            self.verified.difference_update((PW1, PW1_OTHER))
+            return SW_BLOCKED
+        return 0
+
+    def _key(self, role: str) -> Generator[Effect, Any, tuple[KeyAlg, bytes]]:
+        info = yield KeyInfo(key_name(role))
+        if info is None:
+            raise ApduError(SW_REF_NOT_FOUND, f"no {role} key")
+        return info
+
+    def _sign(self, role: str, alg: KeyAlg, data: bytes) -> Generator[Effect, Any, bytes]:
+        if alg is KeyAlg.RSA2048:
+            return (yield PrivateOp(key_name(role), "rsa-pkcs1", data))
+        if alg is KeyAlg.ED25519:
+            if not data:
+                raise ApduError(SW_WRONG_DATA, "nothing to sign")
+            return (yield PrivateOp(key_name(role), "eddsa", data))
+        if not 1 <= len(data) <= 64:
+            raise ApduError(SW_WRONG_DATA, "an ECDSA input is a hash")
+        der = yield PrivateOp(key_name(role), "ecdsa", data)
+        r, s = crypto.ecdsa_der_to_rs(der)
+        return wire.ecdsa_raw(r, s)
+
+    def _pso(self, cmd: Command, data: bytes) -> Step:
+        if (cmd.p1, cmd.p2) == (0x9E, 0x9A):
+            return (yield from self._compute_signature(data))
+        if (cmd.p1, cmd.p2) == (0x80, 0x86):
+            return (yield from self._decipher(data))
+        return b"", SW_WRONG_P1P2
+
+    def _compute_signature(self, data: bytes) -> Step:
+        refused = yield from self._pw1_status(PW1)
+        if refused:
+            return b"", refused
+        alg, _public = yield from self._key("sig")
+        policy = yield Load(ItemKind.DATA, PW1_POLICY)
+        if not (policy and bytes(policy) == b"\x01"):
+            self.verified.discard(PW1)  # valid for one PSO:CDS (C4 byte 1 = 00)
+        count = yield from self._sig_count()
+        if count >= wire.MAX_SIGNATURES:
+            return b"", SW_CONDITIONS
+        # the counter is stored (synced) before the signature exists
+        yield Store(ItemKind.DATA, SIG_COUNTER, wire.encode_sig_counter(count + 1))
+        signature = yield from self._sign("sig", alg, data)
+        yield Notice("signed", {"application": "openpgp", "count": count + 1})
+        return signature, SW_OK
+
+    def _decipher(self, data: bytes) -> Step:
+        refused = yield from self._pw1_status(PW1_OTHER)
+        if refused:
+            return b"", refused
+        alg, public = yield from self._key("dec")
+        if alg is KeyAlg.RSA2048:
+            cryptogram = wire.decipher_rsa(data, len(crypto.public_numbers(public)["rsa"][0]))
+            return (yield PrivateOp(key_name("dec"), "rsa-decrypt", cryptogram)), SW_OK
+        point = wire.decipher_ecdh(data)
+        if alg is KeyAlg.X25519:
+            return (yield PrivateOp(key_name("dec"), "x25519", wire.x25519_point(point))), SW_OK
+        if len(point) != 65 or point[0] != 0x04:
+            return b"", SW_WRONG_DATA
+        return (yield PrivateOp(key_name("dec"), "ecdh", point)), SW_OK
+
+    def _internal_authenticate(self, cmd: Command, data: bytes) -> Step:
+        if (cmd.p1, cmd.p2) != (0x00, 0x00):
+            return b"", SW_WRONG_P1P2
+        refused = yield from self._pw1_status(PW1_OTHER)
+        if refused:
+            return b"", refused
+        alg, public = yield from self._key("aut")
+        if alg is KeyAlg.RSA2048 and len(data) > len(crypto.public_numbers(public)["rsa"][0]) * 2 // 5:
+            return b"", SW_WRONG_DATA  # at most 40 % of the modulus (spec 7.2.13)
+        return (yield from self._sign("aut", alg, data)), SW_OK
+
+    def _get_challenge(self, cmd: Command, data: bytes) -> Step:
+        yield from ()
+        if cmd.p1 or cmd.p2 or data:
+            return b"", SW_WRONG_P1P2 if cmd.p1 or cmd.p2 else SW_WRONG_DATA
+        n = cmd.le or 0
+        if not 1 <= n <= MAX_CHALLENGE:
+            return b"", SW_WRONG_LENGTH
+        return self.rand(n), SW_OK
+
