@@ -439,6 +439,24 @@ class Store:
             )
             self._history(cur, serial, "issue", "ok", peer, detail=f"enrolment code valid for {ttl:g} s")
 
+    def revoke(self, serial: str, peer: str = "admin") -> float:
+        """
+        `vsc admin revoke`: the enrolment code of a serial issued but not
+        enrolled is deleted (it can no longer enrol the card), with a history
+        row. Returns when the code would have expired. An enrolled card has no
+        code to revoke (StoreError: destroy it instead).
+        """
+        with self._txn() as cur:
+            row = self._x(cur, "SELECT expires FROM enrolment_codes WHERE serial = ?", (serial,)).fetchone()
+            if row is None:
+                if self._get_for_update(cur, serial) is not None:
+                    raise StoreError(f"card {serial} is enrolled: there is no code to revoke "
+                                     "(vsc admin destroy retires a card)")
+                raise StoreError(f"no enrolment code for {serial}")
+            self._x(cur, "DELETE FROM enrolment_codes WHERE serial = ?", (serial,))
+            self._history(cur, serial, "revoke", "ok", peer, detail="enrolment code revoked")
+            return float(row[0])
+
     def enrolment(self, serial: str) -> tuple[bytes, str, float] | None:
         rows = self._read("SELECT code_hash, auth_info, expires FROM enrolment_codes WHERE serial = ?", (serial,))
         return (bytes(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
