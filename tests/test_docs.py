@@ -86,3 +86,46 @@ def test_doc_session(session, tmp_path):
         docrun.run_session(session, scratch=tmp_path)
     except docrun.DocError as e:
         pytest.fail(str(e), pytrace=False)
+
+
+@pytest.mark.integration
+def test_editable_install_finds_the_plugins(tmp_path):
+    """
+    ``pip install -e .`` (PEP 660, no --config-settings) of a copy of this
+    checkout into a new venv, then ``twistd vsc-server --help`` and ``twistd
+    vsc-card --help`` print the plugins' usage: tools/build_backend.py makes
+    the editable install the compat kind. The venv borrows this venv's
+    packages (--no-deps and a .pth), so only the build runs.
+    """
+    import subprocess
+    import sys
+    import sysconfig
+
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "-C", str(docrun.ROOT), "ls-files", "-z", "--cached", "--others",
+                            "--exclude-standard"], capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, files):
+        p = docrun.ROOT / name.decode()
+        if p.is_file():
+            (src / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            (src / name.decode()).write_bytes(p.read_bytes())
+    venv = tmp_path / "v"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c",
+                              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (docrun.Path(purelib) / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    try:
+        pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                              "--no-deps", "--no-input", "--disable-pip-version-check", "-q", "-e", str(src)],
+                             capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        missing("pip install -e could not build within 300 s (no network or pip cache for setuptools?)")
+    if pip.returncode != 0 and "Could not find a version" in pip.stderr + pip.stdout:
+        missing(f"pip cannot get the build requirements here: {pip.stderr.strip().splitlines()[-1]}")
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    for plugin, usage in (("vsc-server", "vsc-server --data-dir DIR"), ("vsc-card", "vsc-card --home HOME")):
+        out = subprocess.run([str(venv / "bin" / "python"), "-c",
+                              "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+                              plugin, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert usage in out.stdout, out.stdout + out.stderr
