@@ -300,7 +300,9 @@ class Shell:
         """Run ``cmd`` in the session's shell: (exit status, its output lines)."""
         self.n += 1
         out = self.cwd / f".docrun-{self.n}.out"
-        self.proc.stdin.write(f"{{ {cmd}\n}} </dev/null >{_q(out)} 2>&1; echo {_END} $?\n".encode())
+        # `$?` survives for the next command ("$ echo $?" shows the exit status, as in a terminal)
+        self.proc.stdin.write(f"{{ {cmd}\n}} </dev/null >{_q(out)} 2>&1; __s=$?; echo {_END} $__s; (exit $__s)\n"
+                              .encode())
         self.proc.stdin.flush()
         try:
             status = int(self._read_until_end(timeout))
