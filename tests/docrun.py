@@ -12,9 +12,12 @@ before a fenced block:
 * ``<!-- doc-test: session SESSION after FILE#OTHER -->`` (anywhere on the
   page): SESSION first runs the blocks of FILE's session OTHER, in the same
   scratch directory (the page says "first, as in the README").
-* ``<!-- doc-test: session SESSION needs WHAT... -->``: the programs the
-  session needs (skipped when missing, a failure with
-  VSC_REQUIRE_INTEGRATION=1). ``pcscd`` is started privately for the session.
+* ``<!-- doc-test: session SESSION needs WHAT... -->``: the programs (or
+  absolute paths) the session needs (skipped when missing, a failure with
+  VSC_REQUIRE_INTEGRATION=1). The machine services a page takes for granted
+  are started privately for the session: ``pcscd`` (with vpcd, as Debian's
+  pcscd package runs it) and ``/usr/sbin/sshd`` (port 22, logins with keys in
+  ``~/.ssh/authorized_keys``, as Debian's openssh-server).
 * ``<!-- doc-test: session SESSION path venv -->``: the session starts with
   the venv's bin directory on PATH (every page but the README, which says how
   to put it there).
@@ -39,7 +42,9 @@ the log it is redirected to says it is ready (the server listens, the card is
 inserted) and stops it (SIGTERM) when the session ends, as it does every
 process whose pid file is in the scratch directory. When run as root with
 unshare(1), each session has its own network and mount namespace: the
-documented default port 7390 is the session's own, and so is pcscd.
+documented default ports (7390, vpcd's 35963, ssh's 22) are the session's own,
+and so are pcscd and sshd; the scratch ``~/.ssh`` is bound over the user's
+real ``~/.ssh`` there, so ssh and sshd (which ask passwd, not $HOME) use it.
 
     python -m tests.docrun docs/admin.md#revoke   # one session, verbosely
     python -m tests.docrun docs/admin.md          # every session of a page
@@ -277,6 +282,18 @@ class Shell:
         self.n = 0
         if self.ns:
             self.run("ip link set lo up", timeout=20)
+            # ~/.ssh of the scratch home is also the user's ~/.ssh for programs that ask passwd, not $HOME
+            # (ssh's known_hosts, sshd's authorized_keys); the rest of the real home stays as it is
+            import pwd
+
+            ssh_dir = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh"
+            (cwd / ".ssh").mkdir(mode=0o700, exist_ok=True)
+            with contextlib.suppress(OSError):
+                ssh_dir.mkdir(mode=0o700)
+            if ssh_dir.resolve() != (cwd / ".ssh").resolve():
+                status, got = self.run(f"mount --bind {_q(cwd / '.ssh')} {_q(ssh_dir)}", timeout=20)
+                if status:
+                    raise DocError(f"cannot bind the scratch ~/.ssh over {ssh_dir}: " + " ".join(got))
 
     def _read_until_end(self, timeout: float) -> str:
         buf = b""
@@ -380,6 +397,9 @@ def _service_log(cmd: str, cwd: Path) -> Path | None:
 
 def _wait_ready(shell: Shell, pid: int, cmd: str, where: str) -> None:
     plugin = next((p for p in READY if re.search(rf"\b{p}\b", cmd)), None)
+    pattern = READY.get(plugin)
+    if plugin == "vsc-card" and "--pcsc" in cmd:  # in the reader, not only inserted
+        pattern = re.compile(r"card presented to PC/SC")
     log = _service_log(cmd, shell.cwd)
     if plugin is None or log is None:
         time.sleep(0.5)
@@ -387,7 +407,7 @@ def _wait_ready(shell: Shell, pid: int, cmd: str, where: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         text = _tail(log, 1 << 20)
-        if READY[plugin].search(text):
+        if pattern.search(text):
             return
         if not _alive(pid):
             raise DocError(f"{where}: the service `{cmd}` exited before it was ready; its log:\n{text[-3000:]}")
@@ -418,9 +438,13 @@ def missing_needs(session: Session) -> list[str]:
                     out.append(need)
             elif shutil.which(need) is None:
                 out.append(need)
-    if any("pcscd" in s.needs for s in chain) and not _namespaces():
-        out.append("root with unshare(1) for a private pcscd")
+    if (_needs(chain, "pcscd") or _needs(chain, "sshd")) and not _namespaces():
+        out.append("root with unshare(1) for a private pcscd/sshd")
     return out
+
+
+def _needs(chain: list[Session], service: str) -> bool:
+    return any(os.path.basename(n) == service for s in chain for n in s.needs)
 
 
 def _chain(session: Session) -> list[Session]:
@@ -447,8 +471,10 @@ def run_session(session: Session, scratch: Path | None = None, verbose: bool = F
     shell = Shell(scratch, _env(home, chain[0].venv_path), out)
     ran = 0
     try:
-        if any("pcscd" in s.needs for s in chain):
+        if _needs(chain, "pcscd"):
             _start_pcscd(shell)
+        if _needs(chain, "sshd"):
+            _start_sshd(shell)
         for s in chain:
             for block in s.blocks:
                 for cmd in block.commands():
@@ -489,6 +515,47 @@ def _start_pcscd(shell: Shell) -> None:
             break
         time.sleep(0.1)
     raise DocError(f"the session's pcscd did not start:\n{_tail(shell.cwd / '.pcscd.log')}")
+
+
+SSHD_CONFIG = """\
+Port 22
+ListenAddress 127.0.0.1
+ListenAddress ::1
+HostKey {dir}/host_ed25519
+PidFile none
+UsePAM no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+PubkeyAcceptedAlgorithms +ssh-rsa
+"""
+
+
+def _start_sshd(shell: Shell) -> None:
+    """
+    An sshd like Debian's openssh-server (port 22, keys in ~/.ssh/authorized_keys)
+    in the session's namespaces; the scratch directory is the user's home there.
+    """
+    if not shell.ns:
+        raise DocError("a session that needs sshd runs only as root with unshare(1) (port 22 must be its own)")
+    d = shell.cwd / ".sshd"
+    d.mkdir(mode=0o700, exist_ok=True)
+    (d / "sshd_config").write_text(SSHD_CONFIG.format(dir=d))
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    status, got = shell.run(f"ssh-keygen -q -t ed25519 -N '' -f {_q(d / 'host_ed25519')}")
+    if status:
+        raise DocError("ssh-keygen for the session's sshd failed: " + " ".join(got))
+    pid = shell.background(f"/usr/sbin/sshd -D -e -f {_q(d / 'sshd_config')} >{_q(d / 'sshd.log')} 2>&1 &")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        st, _ = shell.run("(exec 3<>/dev/tcp/127.0.0.1/22) 2>/dev/null")
+        if st == 0:
+            return
+        if not _alive(pid):
+            break
+        time.sleep(0.1)
+    raise DocError(f"the session's sshd did not start:\n{_tail(d / 'sshd.log')}")
 
 
 def _check(block: Block, cmd: Command, status: int, got: list[str], verbose: bool, out) -> None:
