@@ -408,12 +408,26 @@ def _wait_ready(shell: Shell, pid: int, cmd: str, where: str) -> None:
     while time.monotonic() < deadline:
         text = _tail(log, 1 << 20)
         if pattern.search(text):
+            if plugin == "vsc-card" and "--pcsc" in cmd:
+                _wait_in_reader(shell, pid, cmd, where, deadline)
             return
         if not _alive(pid):
             raise DocError(f"{where}: the service `{cmd}` exited before it was ready; its log:\n{text[-3000:]}")
         time.sleep(0.05)
     raise DocError(f"{where}: the service `{cmd}` was not ready within {READY_TIMEOUT:g} s; "
                    f"its log:\n{_tail(log)}")
+
+
+def _wait_in_reader(shell: Shell, pid: int, cmd: str, where: str, deadline: float) -> None:
+    """pcscd notices a card in the vpcd reader at its next poll: wait until `opensc-tool -l` shows one (a user types slower)."""
+    while time.monotonic() < deadline:
+        status, got = shell.run("opensc-tool -l", timeout=30)
+        if any(re.match(r"\d+\s+Yes\s", line) for line in got):
+            return
+        if not _alive(pid):
+            break
+        time.sleep(0.2)
+    raise DocError(f"{where}: the card of `{cmd}` did not appear in a PC/SC reader within {READY_TIMEOUT:g} s")
 
 
 def _env(home: Path, venv_path: bool) -> dict:
