@@ -431,7 +431,7 @@ def _wait_in_reader(shell: Shell, pid: int, cmd: str, where: str, deadline: floa
 
 
 def _env(home: Path, venv_path: bool) -> dict:
-    keep = ("LANG", "LC_ALL", "TERM", "TZ", "PYTHONHASHSEED")
+    keep = ("LANG", "LC_ALL", "TERM", "TZ", "PYTHONHASHSEED", "PYTHONPATH")
     env = {k: v for k, v in os.environ.items() if k in keep}
     path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     env.update(HOME=str(home), USER=os.environ.get("USER", "root"), LOGNAME=os.environ.get("USER", "root"),
