@@ -359,7 +359,7 @@ class CardInUse:
         proc = subprocess.run([str(VSC), "card", "--home", str(self.home), "enroll", "--server",
                                self.server.endpoint, "--server-key", fp, "--serial", SERIAL, "--code", code,
                                "--password-file", str(base / "pw"), "--pin-file", str(base / "pin"), "--puk-file",
-                               str(base / "puk"), "--scrypt-log2n", "10", "--json"],
+                               str(base / "puk"), "--scrypt-log2n", "10", "--pin-policy", "9c=once", "--json"],
                               env=self.env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             raise RuntimeError(f"vsc card enroll failed: {proc.stderr.strip()[-500:]}")

@@ -338,7 +338,9 @@ class Stack:
         self.progress("card: vsc card enroll, twistd vsc-card --pcsc")
         self._vsc("card", "--home", home, "enroll", "--server", f"tcp:127.0.0.1:{port}", "--server-key",
                   info["fingerprint"], "--serial", "bench-1", "--code", code, "--password-file", self.tmp / "pw",
-                  "--pin-file", self.tmp / "pin", "--puk-file", self.tmp / "puk", "--scrypt-log2n", "10", env=env)
+                  "--pin-file", self.tmp / "pin", "--puk-file", self.tmp / "puk", "--scrypt-log2n", "10",
+                  # one VERIFY, then many 9C signatures: PIN policy once (the default, always, needs a VERIFY each)
+                  "--pin-policy", "9c=once", env=env)
         self.card = self._spawn([BIN / "twistd", "-n", "--pidfile=", "vsc-card", "--home", home, "--password-file",
                                  self.tmp / "pw", "--pcsc", "tcp:127.0.0.1:35963"], "card.log", env=env)
         _wait(lambda: _readers_present().get(READER) is True, 60, "the card in PC/SC")

@@ -204,7 +204,9 @@ class Cards:
         pw = self.password_file(f"pw-{serial}", password)
         out = self.card(home, "enroll", "--server", server.endpoint, "--server-key", fingerprint,
                         "--serial", serial, "--code", code, "--password-file", str(pw),
-                        "--scrypt-log2n", str(log2n)).json()
+                        "--scrypt-log2n", str(log2n),
+                        # these tests sign with 9C locally without a PIN; the policies: tests/test_pin_*.py
+                        "--pin-policy", "9c=once").json()
         assert out["serial"] == serial, out
         return home, pw
 

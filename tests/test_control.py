@@ -139,12 +139,41 @@ def test_status_survives_the_wire():
     assert wc.status_of(wc.status_fields(on_a_token)) == on_a_token
 
 
+class FakePin:
+    """What ControlProtocol asks of the session's LocalPin (vsc.card.pin): it records, and allows every slot."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def status(self):
+        return {}
+
+    async def authorize(self, slot, fresh, path):
+        self.calls.append(("authorize", slot, fresh))
+
+    async def verify(self, pin, keep):
+        self.calls.append(("verify", pin, keep))
+
+    def forget(self):
+        self.calls.append(("forget",))
+
+    async def change(self, old, new):
+        self.calls.append(("change", old, new))
+
+    async def change_puk(self, old, new):
+        self.calls.append(("change_puk", old, new))
+
+    async def unblock(self, puk, new):
+        self.calls.append(("unblock", puk, new))
+
+
 class FakeSession:
     """What ControlProtocol asks of a CardSession, answering from fixed values (and refusing slot 9x)."""
 
     def __init__(self):
         self.reactor = Clock()
         self.calls: list[tuple] = []
+        self._local_pin = FakePin(self.calls)
 
     def _slot(self, slot):
         if slot == "9x":
@@ -195,6 +224,13 @@ EXCHANGES = [  # (command, arguments, answer the FakeSession gives)
     (wc.CERT_PUT, {"slot": "9a", "der": b"\x30\x00"}, {}),
     (wc.CERT_GET, {"slot": "9a"}, {"der": b"\x30\x01"}),
     (wc.CHANGE_PASSWORD, {"old": "a", "new": "b"}, {"version": 4}),
+    (wc.VERIFY_PIN, {"pin": b"123456", "keep": False}, {}),
+    (wc.SIGN_DIGEST, {"slot": "9a", "digest": bytes(32)}, {"signature": b"sig:" + bytes(32)}),
+    (wc.VERIFY_PIN, {"pin": b"654321", "keep": True}, {}),
+    (wc.FORGET_PIN, {}, {}),
+    (wc.CHANGE_PIN, {"which": "pin", "old": b"123456", "new": b"654321"}, {}),
+    (wc.CHANGE_PIN, {"which": "puk", "old": b"12345678", "new": b"87654321"}, {}),
+    (wc.UNBLOCK_PIN, {"puk": b"87654321", "new": b"111111"}, {}),
     (wc.REMOVE, {}, {}),
 ]
 
@@ -229,6 +265,11 @@ def test_every_command_round_trips_between_the_client_codec_and_the_daemon(monke
         assert exchange(proto, transport, command, args, ask) == expected, command
     assert ("data_put", "d", b"v" * 60000) in session.calls and ("cert_put", "9a", b"\x30\x00") in session.calls
     assert ("remove", "vsc card remove") in session.calls
+    # the PIN policy is asked before every private-key operation; a VerifyPin(keep=False) counts for the next one only
+    assert [c for c in session.calls if c[0] == "authorize"] == [("authorize", "9c", False), ("authorize", "9a", False),
+                                                                ("authorize", "9a", True)]
+    assert ("verify", b"654321", True) in session.calls and ("unblock", b"87654321", b"111111") in session.calls
+    assert ("change_puk", b"12345678", b"87654321") in session.calls
     session.reactor.advance(0)
     assert removed == [True]
 

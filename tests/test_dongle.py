@@ -197,12 +197,13 @@ class Lab:
                  "--issuer-dir", str(self.issuer), hsm=hsm)
         return table
 
-    def enroll(self, home: Path, label: str, table: Path, hsm: Hsm | None = None) -> None:
-        """Owner: keys made locally, sealed under the password key, written to the token; HOME/card.ini."""
+    def enroll(self, home: Path, label: str, table: Path, hsm: Hsm | None = None, *extra: str) -> None:
+        """Owner: keys made locally, sealed under the password key, written to the token; HOME/card.ini.
+        These tests sign with 9C locally without a PIN, so 9C's policy is once (the policies: tests/test_pin_*.py)."""
         self.vsc("dongle", "enroll", "--home", str(home), "--token", (hsm or self.hsm).uri(label),
                  "--token-pin-file", str(self.pin_file), "--table", str(table), "--password-file",
                  str(self.password_file), "--scrypt-log2n", "12", "--poll", str(POLL),
-                 "--issuer-dir", str(self.issuer), hsm=hsm)
+                 "--issuer-dir", str(self.issuer), *(extra or ("--pin-policy", "9c=once")), hsm=hsm)
 
     def new_card(self) -> tuple[Path, Path]:
         """A fresh token "dongle1", provisioned and enrolled as card dg-1: (HOME, table)."""

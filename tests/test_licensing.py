@@ -787,7 +787,7 @@ def world(tmp_path_factory):
                   servers=servers)
         w.vsc("card", "--home", str(w.home), "enroll", "--server", server.endpoint, "--server-key",
               info["fingerprint"], "--serial", "carol", "--code", code, "--password-file", str(w.password_file),
-              "--scrypt-log2n", "12")
+              "--scrypt-log2n", "12", "--pin-policy", "9c=once")  # the licence key is 9C, used without a PIN
         w.card = CardDaemon(w)
         w.card.start()
         w.card_pem.write_text(w.vsc("card", "--home", str(w.home), "public-key", "--slot", "9c").stdout)

@@ -333,7 +333,7 @@ def test_no_private_key_material_in_the_card_daemons_memory(tmp_path):
             [sys.executable, "-c", ENROL_AND_RECORD, str(record), "card", "--home", str(home), "enroll",
              "--server", server.endpoint, "--server-key", fingerprint, "--serial", "scan-1", "--code", code,
              "--password-file", str(pw), "--pin-file", str(pin_file), "--puk-file", str(puk_file),
-             "--scrypt-log2n", "10", "--json"],
+             "--scrypt-log2n", "10", "--pin-policy", "9c=once", "--json"],
             env=cards.env(), capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
         )
         assert enrol.returncode == 0, enrol.stderr

@@ -431,6 +431,150 @@ def test_wrong_management_key_cannot_provision(stack):
     assert f"CN={SERIAL} 9c" in _pkcs11("-O").stdout
 
 
+# ---------------------------------------------------------------- random numbers and the PIN policy (issue 12)
+
+
+def test_pkcs11_tool_generates_random_numbers(stack):
+    """pkcs11-tool --generate-random 32 (OpenSC asks GENERAL AUTHENTICATE for challenges): 32 bytes, different each time."""
+    outs = []
+    for n in (1, 2):
+        out = stack["tmp"] / f"random{n}.bin"
+        _pkcs11("--generate-random", "32", "-o", str(out))
+        outs.append(out.read_bytes())
+    assert [len(o) for o in outs] == [32, 32] and outs[0] != outs[1]
+    assert _apdus("00:87:00:9B:04:7C:02:81:00") == ["9000"]
+
+
+def _ga_9c() -> str:
+    """GENERAL AUTHENTICATE with the 9C key (ECDSA P-256 over a 32-byte hash)."""
+    return "00:87:11:9C:26:7C:24:82:00:81:20:" + ":".join(["5A"] * 32)
+
+
+def _ga_9e() -> str:
+    return "00:87:11:9E:26:7C:24:82:00:81:20:" + ":".join(["A5"] * 32)
+
+
+def _agent_env(stack) -> dict:
+    sock = stack["cards"].card(stack["home"], "ssh-agent-env").json()["SSH_AUTH_SOCK"]
+    return dict(os.environ, SSH_AUTH_SOCK=sock)
+
+
+def _ssh_line(stack, slot: str) -> str:
+    return stack["cards"].card(stack["home"], "ssh-pubkey", "--slot", slot).json()["keys"][0]["line"]
+
+
+@pytest.fixture(scope="module")
+def sshd(stack):
+    from tests.sshd import Sshd
+
+    server = Sshd(stack["tmp"] / "sshd", [])
+    yield server
+    server.stop()
+
+
+def test_pin_policy_on_pcsc(stack):
+    """
+    The enrolment default policy over PC/SC: 9C (always) needs a VERIFY
+    right before each operation — the second GENERAL AUTHENTICATE after one
+    VERIFY is 6982; 9E (never) signs without one; pkcs11-tool signs with 9C
+    (OpenSC logs in again for the key, CKA_ALWAYS_AUTHENTICATE) and 9E.
+    (pkcs11-tool --sign logs in before any signature, 9E's included, so it
+    is given the PIN for both; the card itself asks none for 9E.)
+    """
+    assert _apdus(_verify_apdu(PIN), _ga_9c(), _ga_9c(), _verify_apdu(PIN), _ga_9c()) == \
+        ["9000", "9000", "6982", "9000", "9000"]
+    assert _apdus(_ga_9e()) == ["9000"]
+    data = stack["tmp"] / "policy.txt"
+    data.write_bytes(b"policy\n")
+    for obj_id in ("02", "04"):
+        sig = stack["tmp"] / f"policy.{obj_id}"
+        _pkcs11("--login", "--pin", PIN, "--sign", "--id", obj_id, "-m", "ECDSA-SHA256", "--signature-format", "openssl",
+                "-i", str(data), "-o", str(sig))
+        pub = _cert_public_pem(stack, obj_id)
+        assert "Verified OK" in _run(["openssl", "dgst", "-sha256", "-verify", pub, "-signature", sig, data]).stdout
+
+
+def test_pin_policy_on_the_cli_and_status(stack):
+    """
+    vsc card: 9A (once) signs after the insert (local=insert), 9C (always)
+    is refused without --pin-file and signs with it; status shows the
+    policy and the tries.
+    """
+    cards, home, tmp = stack["cards"], stack["home"], stack["tmp"]
+    msg = tmp / "cli-policy.txt"
+    msg.write_bytes(b"local policy\n")
+    pin_file = tmp / "pin"
+    cards.card(home, "sign", "--slot", "9a", "--in", str(msg), "--out", str(tmp / "cli.9a"))
+    refused = cards.card(home, "sign", "--slot", "9c", "--in", str(msg), "--out", str(tmp / "cli.9c"),
+                         json_out=False, check=False)
+    assert refused.returncode != 0 and "slot 9c needs the PIN with every use" in refused.stderr
+    cards.card(home, "sign", "--slot", "9c", "--in", str(msg), "--out", str(tmp / "cli.9c"), "--pin-file",
+               str(pin_file))
+    pub = _cert_public_pem(stack, "02")
+    assert "Verified OK" in _run(["openssl", "dgst", "-sha256", "-verify", pub, "-signature", tmp / "cli.9c",
+                                  msg]).stdout
+    status = cards.card(home, "status").json()
+    assert status["pin_policy"] == "9a=once,9c=always,9d=once,9e=never"
+    assert (status["pin_local"], status["pin_tries"]) == ("insert", 3)
+    text = cards.card(home, "status", json_out=False).stdout
+    assert "PIN: 3 tries left; policy 9a=once,9c=always,9d=once,9e=never" in text
+
+
+def test_pin_policy_on_the_ssh_agent(stack, sshd):
+    """A real ssh through the card's agent: the 9A key (once; the insert counts) logs in, the 9C key (always) cannot."""
+    env = _agent_env(stack)
+    sshd.set_authorized([_ssh_line(stack, "9a")])
+    assert sshd.logged_in(env), sshd.login(env).stderr
+    sshd.set_authorized([_ssh_line(stack, "9c")])
+    assert not sshd.logged_in(env)
+    assert "slot 9c needs the PIN with every use" in stack["daemon"].log_text()
+    refusal = stack["cards"].card(stack["home"], "status").json()["pin_refusal"]  # the owner learns why
+    assert refusal.startswith("ssh-agent: slot 9c needs the PIN with every use"), refusal
+
+
+def test_blocked_pin_refuses_on_every_path_across_a_restart(stack, sshd):
+    """
+    Three wrong PINs on the local path (vsc card verify-pin) block the one
+    PIN: PC/SC's VERIFY answers 6983, pkcs11-tool cannot sign with 9A, ssh
+    through the agent cannot log in, vsc card sign --slot 9a is refused — and
+    all of it still after the card daemon is restarted (the counter was
+    synced to the server). 9E (never) still signs. The PUK unblocks it
+    (vsc card unblock-pin) and ssh logs in again.
+    """
+    cards, home, tmp = stack["cards"], stack["home"], stack["tmp"]
+    bad = tmp / "bad-pin"
+    bad.write_text("000000\n")
+    for left in (2, 1, 0):
+        r = cards.card(home, "verify-pin", "--pin-file", str(bad), json_out=False, check=False)
+        assert r.returncode != 0 and f"wrong PIN ({left} tries left)" in r.stderr, r.stderr
+    env = _agent_env(stack)
+    sshd.set_authorized([_ssh_line(stack, "9a")])
+    msg = tmp / "blocked.txt"
+    msg.write_bytes(b"blocked\n")
+
+    def refused_everywhere():
+        assert _apdus(_verify_apdu(None)) == ["6983"]
+        assert _pkcs11("--login", "--pin", PIN, "--sign", "--id", "01", "-m", "SHA256-RSA-PKCS", "-i", str(msg),
+                       "-o", str(tmp / "blocked.sig"), check=False).returncode != 0
+        assert not sshd.logged_in(_agent_env(stack))
+        r = cards.card(home, "sign", "--slot", "9a", "--in", str(msg), "--out", str(tmp / "b.9a"), json_out=False,
+                       check=False)
+        assert r.returncode != 0 and "the PIN is blocked" in r.stderr
+        cards.card(home, "sign", "--slot", "9e", "--in", str(msg), "--out", str(tmp / "b.9e"))
+        assert cards.card(home, "status").json()["pin_tries"] == 0
+
+    refused_everywhere()
+    stack["daemon"].kill(signal.SIGTERM)  # remove (uploads), exit
+    _wait_card(False)
+    stack["daemon"] = stack["start_card"]()
+    refused_everywhere()
+    puk, new = tmp / "puk", tmp / "pin"
+    cards.card(home, "unblock-pin", "--puk-file", str(puk), "--new-file", str(new))
+    assert sshd.logged_in(_agent_env(stack))
+    assert _apdus(_verify_apdu(None), _verify_apdu(PIN)) == ["63C3", "9000"]
+    del env
+
+
 # ---------------------------------------------------------------- PIN lock across a restart, then remove
 
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from vsc import crypto
-from vsc.protocol import piv
+from vsc.protocol import pins, piv
 from vsc.wire import apdu, tlv
 from vsc.wire.errors import WireError
 from vsc.wire.protected import ItemKind, KeyAlg
@@ -1209,3 +1209,100 @@ def test_a_lost_connection_frees_the_reader_slot(session):
     first.connectionLost(Failure(ConnectionLost()))
     assert factory.active is None
     assert factory.buildProtocol(None) is not None
+
+
+# ---------------------------------------------------------------- PIN policy and random numbers (issue 12)
+
+
+def _with_policy(card: FakeCard, text: str) -> FakeCard:
+    from vsc.wire import pinpolicy
+
+    card.items[(ItemKind.PIN, pinpolicy.POLICY_ITEM)] = (pinpolicy.encode_policy(pinpolicy.parse_text(text)),
+                                                         KeyAlg.NONE, b"")
+    return card
+
+
+def test_default_policy_is_yubikeys(card):
+    """The enrolment default (YubiKey's): 9A once (one VERIFY, many signatures), 9C always (one VERIFY per signature), 9E never."""
+    _with_policy(card, "")
+    assert card.general_authenticate(0x11, 0x9E, 0x81, bytes(32))[1] == 0x9000
+    assert card.general_authenticate(0x07, 0x9A, 0x81, _pkcs1_block(bytes(32)))[1] == 0x6982
+    assert card.verify(PIN) == 0x9000
+    for _ in range(2):
+        assert card.general_authenticate(0x07, 0x9A, 0x81, _pkcs1_block(bytes(32)))[1] == 0x9000
+    assert card.general_authenticate(0x11, 0x9C, 0x81, bytes(32))[1] == 0x6982  # the VERIFY was used by 9A
+    assert card.verify(PIN) == 0x9000
+    assert card.general_authenticate(0x11, 0x9C, 0x81, bytes(32))[1] == 0x9000
+    assert card.general_authenticate(0x11, 0x9C, 0x81, bytes(32))[1] == 0x6982  # consumed
+
+
+def test_card_without_a_policy_keeps_its_piv_rule(card):
+    """A card enrolled before policies existed: 9A, 9C, 9D once (one VERIFY, many operations), 9E never."""
+    assert card.general_authenticate(0x11, 0x9C, 0x81, bytes(32))[1] == 0x6982
+    assert card.verify(PIN) == 0x9000
+    for _ in range(2):
+        assert card.general_authenticate(0x11, 0x9C, 0x81, bytes(32))[1] == 0x9000
+
+
+def test_policy_never_once_always_as_stored(card):
+    """A stored policy rules: 9A never signs without a VERIFY, 9E always needs one per use, 9D once until reset."""
+    _with_policy(card, "9a=never,9d=once,9e=always")
+    ops_before = card.ops
+    assert card.general_authenticate(0x07, 0x9A, 0x81, _pkcs1_block(bytes(32)))[1] == 0x9000
+    assert card.general_authenticate(0x11, 0x9E, 0x81, bytes(32))[1] == 0x6982
+    assert card.general_authenticate(0x07, 0x9D, 0x81, _pkcs1_block(bytes(32)))[1] == 0x6982
+    assert card.verify(PIN) == 0x9000
+    assert card.general_authenticate(0x11, 0x9E, 0x81, bytes(32))[1] == 0x9000
+    assert card.general_authenticate(0x11, 0x9E, 0x81, bytes(32))[1] == 0x6982
+    assert card.general_authenticate(0x07, 0x9D, 0x81, _pkcs1_block(bytes(32)))[1] == 0x9000
+    card.applet.reset()
+    card.select()
+    assert card.general_authenticate(0x07, 0x9D, 0x81, _pkcs1_block(bytes(32)))[1] == 0x6982
+    assert card.ops == ops_before + 3
+
+
+def test_blocked_pin_refuses_every_pin_slot_even_when_verified(card):
+    """A PIN blocked elsewhere (the record at 0 tries) refuses 9A with 6983 although this session verified; 9E (never) still signs."""
+    assert card.verify(PIN) == 0x9000
+    rec = card.secret(pins.USER_PIN)
+    card.items[(ItemKind.PIN, pins.USER_PIN)] = (apdu.encode_secret(apdu.SecretRecord(rec.value, 0, rec.max_tries)),
+                                                 KeyAlg.NONE, b"")
+    ops = card.ops
+    assert card.general_authenticate(0x07, 0x9A, 0x81, _pkcs1_block(bytes(32)))[1] == 0x6983
+    assert card.ops == ops
+    assert card.general_authenticate(0x11, 0x9E, 0x81, bytes(32))[1] == 0x9000
+
+
+@pytest.mark.parametrize("p1, size", [(0x00, 8), (0x08, 16), (0x0A, 16), (0x0C, 16)])
+def test_random_challenge_as_opensc_asks(card, p1, size):
+    """00 87 P1 9B 04 7C 02 81 00 with an algorithm other than the management key's: 7C { 81 random } of the block size."""
+    body, sw = card.raw(bytes([0x00, 0x87, p1, 0x9B, 0x04, 0x7C, 0x02, 0x81, 0x00]))
+    assert sw == 0x9000
+    value = tlv.to_dict(tlv.decode_one(body, 0x7C))[0x81]
+    assert len(value) == size
+    second = tlv.to_dict(tlv.decode_one(card.raw(bytes([0x00, 0x87, p1, 0x9B, 0x04, 0x7C, 0x02, 0x81, 0x00]))[0],
+                                        0x7C))[0x81]
+    assert second != value
+
+
+def test_random_challenge_keeps_the_management_authentication(card):
+    """Random numbers asked between a management-key authentication and PUT DATA do not drop the authentication."""
+    assert card.mgmt_auth() == 0x9000
+    assert card.raw(bytes.fromhex("0087009B047C028100"))[1] == 0x9000
+    assert card.applet.mgmt.authenticated()
+    assert card.send(0xDB, 0x3F, 0xFF, tlv.encode(0x5C, tlv.tag_bytes(0x5FC102)) + tlv.encode(0x53, b"x"))[1] == 0x9000
+
+
+def test_unknown_challenge_algorithm_is_6a86(card):
+    """A challenge for an algorithm that is no management-key algorithm is 6A86 (as before)."""
+    assert card.raw(bytes.fromhex("0087079B047C028100"))[1] == 0x6A86
+
+
+def test_deselect_ends_the_pin_verification(card):
+    """deselect() (another application selected by a router) clears the PIN status and the selection; 9A needs a VERIFY again."""
+    assert card.verify(PIN) == 0x9000
+    card.applet.deselect()
+    assert not card.applet.pin_verified and not card.applet.selected
+    assert card.verify(None) == 0x6D00  # nothing but SELECT until PIV is selected again
+    assert card.select()[1] == 0x9000
+    assert card.general_authenticate(0x07, 0x9A, 0x81, _pkcs1_block(bytes(32)))[1] == 0x6982

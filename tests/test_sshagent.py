@@ -514,7 +514,8 @@ def card_env(servers, tmp_path):
     home.mkdir(mode=0o700)
     (home / "password").write_text("correct horse battery staple\n")
     _run([VSC, "card", "--home", home, "enroll", "--server", server.endpoint, "--server-key", fingerprint,
-          "--serial", SERIAL, "--code", code, "--password-file", home / "password", "--scrypt-log2n", "10"], env)
+          "--serial", SERIAL, "--code", code, "--password-file", home / "password", "--scrypt-log2n", "10",
+          "--pin-policy", "9c=once"], env)  # the agent signs with 9C (policy always would refuse: tests/test_pin_*.py)
     daemons: list[CardDaemon] = []
 
     def start(*extra: str) -> CardDaemon:

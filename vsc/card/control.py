@@ -17,6 +17,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from vsc.card.pin import local_pin
 from vsc.card.session import CardError, CardSession, explain
 from vsc.wire import control as wc
 
@@ -54,6 +55,10 @@ CertPut = _amp_command(wc.CERT_PUT)
 CertGet = _amp_command(wc.CERT_GET)
 ChangePassword = _amp_command(wc.CHANGE_PASSWORD)
 Remove = _amp_command(wc.REMOVE)
+VerifyPin = _amp_command(wc.VERIFY_PIN)
+ForgetPin = _amp_command(wc.FORGET_PIN)
+ChangePin = _amp_command(wc.CHANGE_PIN)
+UnblockPin = _amp_command(wc.UNBLOCK_PIN)
 
 
 def _guard(coro_fn):
@@ -76,10 +81,22 @@ class ControlProtocol(amp.AMP):
         super().__init__()
         self.session = session
         self.on_remove = on_remove
+        self.pin = local_pin(session)
+        self._fresh = False  # VerifyPin(keep=False) on this connection: one private-key operation
+
+    async def _authorize(self, slot: str) -> None:
+        """The PIN policy before a private-key operation (vsc.card.pin); a one-operation verification is used up."""
+        fresh, self._fresh = self._fresh, False
+        await self.pin.authorize(slot, fresh, "local API")
 
     @Status.responder
     def status(self):
-        return wc.status_fields(self.session.status())
+        status = dict(self.session.status())
+        try:
+            status.update(self.pin.status())
+        except CardError:
+            pass  # not in use: no PIN state to show
+        return wc.status_fields(status)
 
     @PublicKey.responder
     def public_key(self, slot):
@@ -88,6 +105,7 @@ class ControlProtocol(amp.AMP):
     @SignDigest.responder
     def sign_digest(self, slot, digest):
         async def run():
+            await self._authorize(slot)
             return {"signature": await self.session.sign_digest(slot, digest)}
 
         return _guard(run)()
@@ -95,7 +113,44 @@ class ControlProtocol(amp.AMP):
     @Decrypt.responder
     def decrypt(self, slot, ciphertext, padding):
         async def run():
+            await self._authorize(slot)
             return {"plaintext": await self.session.decrypt(slot, ciphertext, padding)}
+
+        return _guard(run)()
+
+    @VerifyPin.responder
+    def verify_pin(self, pin, keep):
+        async def run():
+            self._fresh = False
+            await self.pin.verify(pin, keep)
+            self._fresh = not keep
+            return {}
+
+        return _guard(run)()
+
+    @ForgetPin.responder
+    def forget_pin(self):
+        self.pin.forget()
+        return {}
+
+    @ChangePin.responder
+    def change_pin(self, which, old, new):
+        async def run():
+            if which == "pin":
+                await self.pin.change(old, new)
+            elif which == "puk":
+                await self.pin.change_puk(old, new)
+            else:
+                raise CardError("which is pin or puk")
+            return {}
+
+        return _guard(run)()
+
+    @UnblockPin.responder
+    def unblock_pin(self, puk, new):
+        async def run():
+            await self.pin.unblock(puk, new)
+            return {}
 
         return _guard(run)()
 

@@ -16,6 +16,12 @@ socket, served by the card daemon (``twistd vsc-card``) from its CardSession.
       A card key should not produce signatures an attacker could reuse.
     - P-256 slots: ecdsa-sha2-nistp256 (ECDSA over SHA-256; signature blob
       ``mpint r, mpint s``), RFC 5656.
+* The PIN policy (vsc.card.pin, chosen at enrolment) rules every
+  signature: a slot that needs the PIN signs only while the local PIN
+  verification is open (the insert, or ``vsc card verify-pin``); a slot of
+  policy ``always`` (the agent cannot ask for a PIN) and any PIN slot while
+  the PIN is blocked are refused with SSH_AGENT_FAILURE and a log line
+  saying why. REQUEST_IDENTITIES still lists them.
 * Everything else (add/remove identities, lock/unlock, smartcard keys,
   extensions such as session-bind@openssh.com, SSH1) → SSH_AGENT_FAILURE.
 * Once the card is not in use (removed, removing, exited) every request →
@@ -215,6 +221,12 @@ class CardAgent:
                 r, s = crypto.ecdsa_der_to_rs(handle.sign_digest(crypto.sha256(data)))
                 return encode_ecdsa_signature(EcdsaSignature(r=r, s=s))
 
+        # the PIN policy (vsc.card.pin): a slot that needs the PIN signs only while the local verification is
+        # open; a slot of policy "always" and a blocked PIN are refused — an ordinary agent failure, and a log
+        # line that tells the owner why
+        from vsc.card.pin import local_pin
+
+        await local_pin(self.session).authorize(key.slot, False, "ssh-agent")
         signature = await self.session.with_key(key.slot, op)
         self.log.info("ssh-agent: slot {slot} signed {size} bytes ({algorithm})", slot=key.slot, size=len(data),
                       algorithm=algorithm)

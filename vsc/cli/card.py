@@ -102,6 +102,29 @@ def _call(args, command: control.Command, **kwargs) -> dict:
         return card.call(command, **kwargs)
 
 
+def _read_pin(source: str | None, what: str = "PIN", confirm: bool = False) -> bytes:
+    """A PIN or PUK from a file (or fd:N), else from the terminal."""
+    if not source and not _have_terminal():
+        raise CommandError(f"no {what} given (no terminal: give it in a file, e.g. --pin-file FILE)")
+    value = read_password(source, f"{'New card ' if confirm else 'Card '}{what}: ", confirm=confirm).encode("utf-8")
+    if not value:
+        raise CommandError(f"no {what} given")
+    return value
+
+
+def _key_call(args, command: control.Command, **kwargs) -> dict:
+    """
+    A private-key request; with ``--pin-file`` the PIN is verified for this
+    one request first, on the same connection (what a slot of PIN policy
+    "always" needs; vsc.card.pin).
+    """
+    pin = _read_pin(args.pin_file) if getattr(args, "pin_file", None) else None
+    with _daemon(args) as card:
+        if pin is not None:
+            card.call(control.VERIFY_PIN, pin=pin, keep=False)
+        return card.call(command, **kwargs)
+
+
 def _read_in(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
@@ -122,10 +145,49 @@ def _write_out(path: str, data: bytes) -> None:
 def cmd_status(args) -> int:
     status = control.status_of(_call(args, control.STATUS))
     slots = ", ".join(f"{k} {v['algorithm']}" for k, v in sorted(status["slots"].items()))
+    pin = ""
+    if status.get("pin_policy"):
+        tries = status["pin_tries"]
+        state = "BLOCKED (unblock it with the PUK: vsc card unblock-pin)" if tries == 0 else f"{tries} tries left"
+        local = ("the insert counts as verified" if status["pin_local"] == "insert"
+                 else "verified" if status["pin_verified"] else "not verified (vsc card verify-pin)")
+        pin = f"\nPIN: {state}; policy {status['pin_policy']}; local paths: {local}"
+        if status.get("pin_refusal"):
+            pin += f"\nlast PIN refusal: {status['pin_refusal']}"
     emit(args, status,
          f"card {status['serial']}: {status['state']} (version {status['version']}, suite {status['suite']})\n"
          f"slots: {slots or 'none'}\ncounters: {', '.join(status['counters']) or 'none'}\n"
-         f"data objects: {', '.join(status['data']) or 'none'}\nmemory locked: {status['memory_locked']}")
+         f"data objects: {', '.join(status['data']) or 'none'}\nmemory locked: {status['memory_locked']}{pin}")
+    return 0
+
+
+def cmd_verify_pin(args) -> int:
+    """Open the local PIN verification (until remove), or close it (--forget)."""
+    if args.forget:
+        _call(args, control.FORGET_PIN)
+        emit(args, {"verified": False}, "local PIN verification closed")
+        return 0
+    _call(args, control.VERIFY_PIN, pin=_read_pin(args.pin_file), keep=True)
+    emit(args, {"verified": True},
+         "PIN verified: slots of PIN policy once are open to the local API, vsc card and the ssh-agent until the "
+         "card is removed (slots of policy always still need --pin-file with each use)")
+    return 0
+
+
+def cmd_change_pin(args) -> int:
+    what = "PUK" if args.puk else "PIN"
+    old = _read_pin(args.old_file, f"current {what}")
+    new = _read_pin(args.new_file, what, confirm=True)
+    _call(args, control.CHANGE_PIN, which=what.lower(), old=old, new=new)
+    emit(args, {"changed": what.lower()}, f"{what} changed (synced before this answer)")
+    return 0
+
+
+def cmd_unblock_pin(args) -> int:
+    puk = _read_pin(args.puk_file, "PUK")
+    new = _read_pin(args.new_file, "PIN", confirm=True)
+    _call(args, control.UNBLOCK_PIN, puk=puk, new=new)
+    emit(args, {"unblocked": True}, "PIN set and unblocked (3 tries)")
     return 0
 
 
@@ -139,7 +201,7 @@ def cmd_sign(args) -> int:
     from vsc import crypto
 
     digest = crypto.sha256(_read_in(args.input))
-    sig = _call(args, control.SIGN_DIGEST, slot=args.slot, digest=digest)["signature"]
+    sig = _key_call(args, control.SIGN_DIGEST, slot=args.slot, digest=digest)["signature"]
     _write_out(args.output, sig)
     emit(args, {"slot": args.slot, "signature_bytes": len(sig), "out": args.output},
          f"signed with slot {args.slot}: {len(sig)} bytes written to {args.output}")
@@ -147,7 +209,8 @@ def cmd_sign(args) -> int:
 
 
 def cmd_decrypt(args) -> int:
-    plain = _call(args, control.DECRYPT, slot=args.slot, ciphertext=_read_in(args.input), padding=args.padding)["plaintext"]
+    plain = _key_call(args, control.DECRYPT, slot=args.slot, ciphertext=_read_in(args.input),
+                      padding=args.padding)["plaintext"]
     _write_out(args.output, plain)
     emit(args, {"slot": args.slot, "bytes": len(plain), "out": args.output},
          f"decrypted with slot {args.slot}: {len(plain)} bytes written to {args.output}")
@@ -264,6 +327,8 @@ def cmd_cert(args) -> int:
             spki = crypto.public_der_from_pem(card.call(control.PUBLIC_KEY, slot=args.slot)["pem"])
             info = tlv.csr_info(subject, spki)
             algorithm = tlv.ALG_SHA256_RSA if crypto.public_kind(spki).startswith("rsa") else tlv.ALG_ECDSA_SHA256
+            if args.pin_file:
+                card.call(control.VERIFY_PIN, pin=_read_pin(args.pin_file), keep=False)
             signature = card.call(control.SIGN_DIGEST, slot=args.slot, digest=crypto.sha256(info))["signature"]
         try:
             pem = crypto.csr_pem(tlv.csr(info, algorithm, signature))
@@ -292,15 +357,17 @@ _SLOT = Option("--slot", required=True, choices=SLOTS)
 _IN = Option("--in", dest="input", required=True)
 _OUT = Option("--out", dest="output", required=True)
 _JSON = Option("--json", "machine-readable output", switch=True)
+_PIN = Option("--pin-file", "verify the PIN for this one request first (a slot of PIN policy always needs it); "
+              "a file or fd:N")
 
 #: The requests to the daemon with plain options: name -> (function, help, options). argparse is built
 #: from these rows (configure), and so is the fast path that reads a plain argv without argparse (fast_args).
 REQUESTS = {
     "status": (cmd_status, "state, serial, slots, counters", ()),
     "public-key": (cmd_public_key, "print a slot's public key (PEM)", (_SLOT,)),
-    "sign": (cmd_sign, "sign a file (SHA-256), as openssl dgst -sha256 -sign", (_SLOT, _IN, _OUT)),
+    "sign": (cmd_sign, "sign a file (SHA-256), as openssl dgst -sha256 -sign", (_SLOT, _IN, _OUT, _PIN)),
     "decrypt": (cmd_decrypt, "decrypt a file with a slot's RSA key", (
-        _SLOT, _IN, _OUT,
+        _SLOT, _IN, _OUT, _PIN,
         Option("--padding", "pkcs1 (openssl pkeyutl -encrypt default) or oaep (SHA-256)", choices=("pkcs1", "oaep"),
                default="pkcs1"))),
     "counter": (cmd_counter, "read or step a counter (synced before it is acknowledged)", (
@@ -367,6 +434,18 @@ def configure(card) -> None:
     g.add_argument("--csr", action="store_true", help="write a PKCS#10 request signed by the slot's key")
     p.add_argument("--subject", help="the CSR subject, e.g. /CN=alice/O=Example")
     p.add_argument("--out", dest="output", help="write the CSR (or the certificate) here")
+    p.add_argument("--pin-file", help="with --csr: verify the PIN for the signature first (a file or fd:N)")
+    p = add("verify-pin", cmd_verify_pin, "verify the PIN for the local paths (vsc card, the local API, the ssh-agent) "
+                                          "until the card is removed")
+    p.add_argument("--pin-file", help="read the PIN from this file or fd:N (default: the terminal)")
+    p.add_argument("--forget", action="store_true", help="close the local verification instead")
+    p = add("change-pin", cmd_change_pin, "change the PIN (or, with --puk, the PUK): the same PIN on every path")
+    p.add_argument("--puk", action="store_true", help="change the PUK instead of the PIN")
+    p.add_argument("--old-file", help="read the current PIN/PUK from this file or fd:N")
+    p.add_argument("--new-file", help="read the new PIN/PUK (6-8 characters) from this file or fd:N")
+    p = add("unblock-pin", cmd_unblock_pin, "set a new PIN with the PUK (restores its tries)")
+    p.add_argument("--puk-file", help="read the PUK from this file or fd:N")
+    p.add_argument("--new-file", help="read the new PIN (6-8 characters) from this file or fd:N")
     p = add("ssh-pubkey", cmd_ssh_pubkey, "print the card's keys as authorized_keys lines (ssh-rsa, ecdsa-sha2-nistp256)")
     p.add_argument("--slot", choices=SLOTS, help="only this slot (default: every slot)")
     add("ssh-agent-env", *REQUESTS["ssh-agent-env"])

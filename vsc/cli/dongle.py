@@ -82,6 +82,7 @@ def cmd_enroll(args) -> int:
     from vsc.card import ops
     from vsc.cli.card import SLOT_KEYS
     from vsc.cli.card import read_password
+    from vsc.cli.enrol import _piv_secrets, _self_signed, pin_policy
     from vsc.card.protected import PlainItem, seal_envelope
     from vsc.dongle.token import KDF_LABEL, PROTECTED_LABEL, Token, TokenError
     from vsc.wire.dongle import decode_table
@@ -96,14 +97,21 @@ def cmd_enroll(args) -> int:
     except Exception as e:  # noqa: BLE001 - WireError
         raise CommandError(f"{args.table}: {e}") from None
     ref = _ref(args.token, args.token_pin_file)
+    pin_policy(args)  # a bad --pin-policy stops here, before any prompt
     password = read_password(args.password_file, "New card password: ", confirm=True)
+    piv_items, piv_note = _piv_secrets(args)
     kdf = ops.new_kdf(crypto.system_random, log2_n=args.scrypt_log2n)
     keys = ops.derive_keys(password, kdf)
     items = []
+    # the same card as vsc card enroll makes: the four slot keys, each with a self-signed certificate (what
+    # OpenSC's PIV driver finds keys by), the PIN, PUK, management key and PIN policy
     for slot, kind in SLOT_KEYS.items():
         der = crypto.generate_private_der(kind)
         alg = KeyAlg.RSA2048 if kind == "rsa2048" else KeyAlg.P256
         items.append(PlainItem(ItemKind.KEY, slot, der, alg, crypto.public_der_of(der)))
+        items.append(PlainItem(ItemKind.CERT, slot, _self_signed(der, table.serial, slot)))
+        del der
+    items.extend(PlainItem(kind, name, value) for kind, name, value in piv_items)
     envelope = seal_envelope(table.serial, keys.protection_key, items, crypto.system_random)
     items.clear()
     from vsc.card.protected import rewrap
@@ -133,6 +141,8 @@ def cmd_enroll(args) -> int:
         write_private(record, json.dumps(data, indent=2).encode())
     emit(args, {"serial": table.serial, "home": str(home), "token": ref.token_label},
          f"card {table.serial} enrolled on the token {ref.token_label}; settings in {home / cc.CARD_INI}\n"
+         f"keys: " + ", ".join(f"{s} {k}" for s, k in SLOT_KEYS.items()) + " (each with a self-signed certificate)\n"
+         f"{piv_note}\n"
          f"insert it with: twistd -n vsc-card --home {home} --token-pin-file PINFILE")
     return 0
 
@@ -217,6 +227,9 @@ def configure(d) -> None:
     p.add_argument("--issuer-dir", help="update the issuer's record (the sealed card, for replace)")
     p.add_argument("--keep-pin-in-uri", action="store_true", help="store pin-value= in card.ini (automation only)")
     p.add_argument("--force", action="store_true")
+    from vsc.cli.enrol import add_pin_options
+
+    add_pin_options(p)  # the card's PIV PIN/PUK and PIN policy, as vsc card enroll (not the token's PIN)
     p.set_defaults(func=cmd_enroll)
 
     p = dsub.add_parser("replace", help="issuer: a lost token → a new token from the issuer's records ([0107])")

@@ -36,6 +36,7 @@ def cmd_enroll(args) -> int:
     if (home / cc.CARD_INI).exists() and not args.force:
         raise CommandError(f"{home} already holds a card ({home / cc.CARD_INI}); use another --home")
     channel = channel_config(args)
+    pin_policy(args)  # a bad --pin-policy stops here, before any prompt
     password = read_password(args.password_file, "New card password: ", confirm=True)
     piv_items, piv_note = _piv_secrets(args)
     rand = crypto.system_random
@@ -218,7 +219,7 @@ def _piv_secrets(args) -> tuple[list, str]:
     management key. Returns (kind, name, value) items and a line for the user.
     """
     from vsc.protocol import piv
-    from vsc.wire import apdu
+    from vsc.wire import apdu, pinpolicy
     from vsc.wire.protected import ItemKind
 
     def read(source, what, default):
@@ -229,6 +230,7 @@ def _piv_secrets(args) -> tuple[list, str]:
             raise CommandError(f"the PIV {what} must have 6 to 8 characters")
         return value, False
 
+    policy = pin_policy(args)
     pin, pin_default = read(args.pin_file, "PIN", piv.DEFAULT_PIN)
     puk, puk_default = read(args.puk_file, "PUK", piv.DEFAULT_PUK)
     tries = piv.DEFAULT_TRIES
@@ -236,12 +238,38 @@ def _piv_secrets(args) -> tuple[list, str]:
         (ItemKind.PIN, piv.PIN_ITEM[piv.PIN_REF], apdu.encode_secret(apdu.SecretRecord(apdu.pad_pin(pin), tries, tries))),
         (ItemKind.PIN, piv.PIN_ITEM[piv.PUK_REF], apdu.encode_secret(apdu.SecretRecord(apdu.pad_pin(puk), tries, tries))),
         (ItemKind.PIN, piv.MGMT_ITEM, apdu.encode_mgmt(piv.DEFAULT_MGMT)),
+        (ItemKind.PIN, pinpolicy.POLICY_ITEM, pinpolicy.encode_policy(policy)),
     ]
     defaults = [w for w, d in (("PIN 123456", pin_default), ("PUK 12345678", puk_default)) if d]
-    note = "PIV: PIN and PUK set (3 tries each); management key: the PIV default (change it with yubico-piv-tool)"
+    note = (f"PIV: PIN and PUK set (3 tries each); PIN policy {policy.text()}, local paths: "
+            f"{'the insert counts as one PIN verification' if policy.local.name == 'INSERT' else 'vsc card verify-pin'}"
+            "; management key: the PIV default (change it with yubico-piv-tool)")
     if defaults:
         note += f"; no terminal and no file, so the default {' and '.join(defaults)}: change them"
     return items, note
+
+
+def pin_policy(args):
+    """The PIN policy of --pin-policy / --local-pin over YubiKey's defaults (vsc.wire.pinpolicy)."""
+    from vsc.wire import pinpolicy
+
+    try:
+        return pinpolicy.parse_text(getattr(args, "pin_policy", None) or "", pinpolicy.DEFAULT,
+                                    getattr(args, "local_pin", None))
+    except ValueError as e:
+        raise CommandError(str(e), 2) from None
+
+
+def add_pin_options(p) -> None:
+    """--pin-file, --puk-file, --pin-policy, --local-pin (vsc card enroll and vsc dongle enroll)."""
+    p.add_argument("--pin-file", help="read the new PIV PIN (6-8 characters) from this file or fd:N (default: prompt)")
+    p.add_argument("--puk-file", help="read the new PIV PUK (6-8 characters) from this file or fd:N (default: prompt)")
+    p.add_argument("--pin-policy", metavar="SLOT=POLICY,...",
+                   help="when each slot's key needs the PIN: never, once or always (default, as a YubiKey: "
+                        "9a=once,9c=always,9d=once,9e=never); on every path")
+    p.add_argument("--local-pin", choices=("insert", "pin"), default=None,
+                   help="how the local paths (vsc card, the local API, the ssh-agent) verify the PIN: insert (the "
+                        "insert password counts as one verification; the default) or pin (vsc card verify-pin)")
 
 
 def _self_signed(private_der, serial: str, slot: str) -> bytes:
@@ -291,8 +319,7 @@ def add_actions(add) -> None:
     p.add_argument("--legacy-kdf", action="store_true", help="the patent's MD5+SALT derivation (conformance only)")
     p.add_argument("--scrypt-log2n", type=int, default=15, help="scrypt cost, log2(N) (default 15)")
     p.add_argument("--force", action="store_true", help="overwrite the settings of a card already in HOME")
-    p.add_argument("--pin-file", help="read the new PIV PIN (6-8 characters) from this file or fd:N (default: prompt)")
-    p.add_argument("--puk-file", help="read the new PIV PUK (6-8 characters) from this file or fd:N (default: prompt)")
+    add_pin_options(p)
     add_channel_options(p)
 
     for name, func, help_ in (("recover", cmd_recover, "free a card lost in a crash (only on the same machine)"),

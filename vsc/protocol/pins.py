@@ -13,6 +13,13 @@ Anti-hammering: the counter is decremented and STORED (synced to the
 storage) before the comparison; only a match stores it back at its maximum.
 A store that fails answers 6581 without having compared anything, so
 cutting the network gives an attacker no free guesses.
+
+The PIN policy (vsc.wire.pinpolicy, an item of the protected information
+chosen at enrolment) says for each key slot whether its key needs the PIN
+never, once or always; ``authorize`` is the one decision every path takes
+before a private-key operation (the PIV applet over PC/SC, the local API
+and ``vsc card``, the ssh-agent): a blocked PIN refuses every slot that
+needs the PIN, whatever the path and whatever was verified before.
 """
 
 from __future__ import annotations
@@ -25,11 +32,25 @@ from vsc import crypto
 from vsc.protocol.applet import SW_BLOCKED, SW_MEMORY_FAILURE, Effect, EffectFailed, Load, Notice, Store
 from vsc.wire import apdu
 from vsc.wire.apdu import SecretRecord
+from vsc.wire.pinpolicy import DEFAULT as DEFAULT_POLICY
+from vsc.wire.pinpolicy import LEGACY as LEGACY_POLICY
+from vsc.wire.pinpolicy import POLICY_ITEM, LocalVerify, PinPolicy, Policy, decode_policy
 from vsc.wire.protected import ItemKind
+
+__all__ = ["USER_PIN", "PUK", "DEFAULT_TRIES", "DEFAULT_PIN", "DEFAULT_PUK", "load_secret", "store_secret",
+           "check_secret", "load_policy", "authorize", "verify_pin", "change_secret", "unblock_pin", "Policy",
+           "PinPolicy", "LocalVerify", "DEFAULT_POLICY", "LEGACY_POLICY", "POLICY_ITEM"]
 
 USER_PIN = "piv-pin"
 PUK = "piv-puk"
 DEFAULT_TRIES = 3
+DEFAULT_PIN = b"123456"  # the PIV defaults, before the owner set their own (vsc card enroll sets them)
+DEFAULT_PUK = b"12345678"
+_DEFAULTS = {USER_PIN: DEFAULT_PIN, PUK: DEFAULT_PUK}
+
+#: authorize's answers besides SW_OK: the PIN is needed (6982) or blocked (6983)
+SW_OK = 0x9000
+SW_PIN_NEEDED = 0x6982
 
 
 def load_secret(name: str, default: bytes) -> Generator[Effect, Any, SecretRecord]:
@@ -69,3 +90,77 @@ def check_secret(name: str, value: bytes, default: bytes, label: str) -> Generat
     if left == 0:
         yield Notice(f"{label}-blocked", {})
     return 0x63C0 | min(left, 15)
+
+
+def load_policy() -> Generator[Effect, Any, Policy]:
+    """The card's PIN policy (a card enrolled before policies existed: LEGACY, what its PIV application did)."""
+    raw = yield Load(ItemKind.PIN, POLICY_ITEM)
+    if not raw:
+        return LEGACY_POLICY
+    return decode_policy(raw)
+
+
+def authorize(slot: int, verified: bool, fresh: bool) -> Generator[Effect, Any, tuple[int, PinPolicy]]:
+    """
+    May slot ``slot``'s key be used now? ``verified``: the path's PIN
+    verification is open (PIV: VERIFY since the last reset or SELECT; local:
+    verify-pin or the insert, vsc.card.pin); ``fresh``: a verification made
+    for this one operation (PIV: a VERIFY not yet consumed; local: the PIN
+    given with the request). Returns (SW_OK, policy), (6982: the PIN is
+    needed, policy) or (6983: the PIN is blocked, policy). Checked against
+    the stored record every time: a PIN blocked on any path blocks here too.
+    """
+    policy = (yield from load_policy()).of(slot)
+    if policy is PinPolicy.NEVER:
+        return SW_OK, policy
+    rec = yield from load_secret(USER_PIN, apdu.pad_pin(DEFAULT_PIN))
+    if rec.tries_left == 0:
+        return SW_BLOCKED, policy
+    if policy is PinPolicy.ALWAYS:
+        return (SW_OK if fresh else SW_PIN_NEEDED), policy
+    return (SW_OK if verified or fresh else SW_PIN_NEEDED), policy
+
+
+def _block(value: bytes) -> bytes | None:
+    """A PIN as typed -> the stored form (FF-padded 8 bytes); None when it cannot be one."""
+    if not 1 <= len(value) <= 8 or b"\xff" in value:
+        return None
+    return apdu.pad_pin(bytes(value))
+
+
+def verify_pin(value: bytes) -> Generator[Effect, Any, int]:
+    """Check the user PIN as typed (the local paths): SW_OK, 63Cx or 6983 — the same counter as PC/SC's VERIFY."""
+    block = _block(value)
+    if block is None:
+        block = b"\x00" * 8  # never matches (a stored PIN is FF-padded) but counts as a wrong try
+    result = yield from check_secret(USER_PIN, block, apdu.pad_pin(DEFAULT_PIN), "pin")
+    return result if isinstance(result, int) else SW_OK
+
+
+def change_secret(name: str, old: bytes, new: bytes) -> Generator[Effect, Any, int]:
+    """Change the PIN or the PUK (``name``) given the current value: SW_OK, 63Cx, 6983, or 6A80 for a bad new value."""
+    new_block = _block(new)
+    if new_block is None or len(new) < 6:
+        return 0x6A80
+    old_block = _block(old) or b"\x00" * 8
+    label = "pin" if name == USER_PIN else "puk"
+    result = yield from check_secret(name, old_block, apdu.pad_pin(_DEFAULTS[name]), label)
+    if isinstance(result, int):
+        return result
+    yield from store_secret(name, SecretRecord(new_block, result.max_tries, result.max_tries))
+    yield Notice(f"{label}-changed", {})
+    return SW_OK
+
+
+def unblock_pin(puk: bytes, new: bytes) -> Generator[Effect, Any, int]:
+    """RESET RETRY COUNTER: the PUK sets a new PIN with its tries restored: SW_OK, 63Cx, 6983 or 6A80."""
+    new_block = _block(new)
+    if new_block is None or len(new) < 6:
+        return 0x6A80
+    result = yield from check_secret(PUK, _block(puk) or b"\x00" * 8, apdu.pad_pin(DEFAULT_PUK), "puk")
+    if isinstance(result, int):
+        return result
+    pin = yield from load_secret(USER_PIN, apdu.pad_pin(DEFAULT_PIN))
+    yield from store_secret(USER_PIN, SecretRecord(new_block, pin.max_tries, pin.max_tries))
+    yield Notice("pin-unblocked", {})
+    return SW_OK

@@ -25,6 +25,16 @@ ASYMMETRIC KEY PAIR (47), PUT DATA (DB), GET RESPONSE (C0); and three
 YubiKey extensions yubico-piv-tool uses: GET VERSION (FD), GET SERIAL (F8),
 SET MANAGEMENT KEY (FF).
 
+Which key needs the PIN is the card's PIN policy (vsc.wire.pinpolicy, chosen
+at enrolment; decided by vsc.protocol.pins.authorize, the same decision the
+ssh-agent and the local API take): never; once (a VERIFY until reset,
+SELECT or deselect); always (a VERIFY right before the operation, which uses
+it up). A blocked PIN (0 tries, on any path) refuses every PIN slot with
+6983, even in a session that verified before. GENERAL AUTHENTICATE with
+key reference 9B and an empty 81 for an algorithm other than the management
+key's answers random bytes of that algorithm's block size (OpenSC's
+C_GenerateRandom), leaving the management-key authentication as it was.
+
 Anti-hammering: VERIFY, CHANGE REFERENCE DATA and RESET RETRY COUNTER store
 the decremented counter BEFORE comparing; only a match stores the reset
 counter. A store that fails (server unreachable) answers 6581 without
@@ -105,8 +115,11 @@ PUK_REF = 0x81
 MGMT_REF = 0x9B
 PIN_ITEM = {PIN_REF: pins.USER_PIN, PUK_REF: pins.PUK}
 MGMT_ITEM = "piv-mgmt"
-DEFAULT_PIN = b"123456"
-DEFAULT_PUK = b"12345678"
+#: GENERAL AUTHENTICATE challenge (random number) sizes: the algorithm's block size; 00 is 3DES (SP 800-78)
+CHALLENGE_SIZE = {0x00: 8, crypto.PIV_MGMT_3DES: 8, crypto.PIV_MGMT_AES128: 16, crypto.PIV_MGMT_AES192: 16,
+                  crypto.PIV_MGMT_AES256: 16}
+DEFAULT_PIN = pins.DEFAULT_PIN
+DEFAULT_PUK = pins.DEFAULT_PUK
 DEFAULT_TRIES = pins.DEFAULT_TRIES
 DEFAULT_MGMT = ManagementKeyRecord(crypto.PIV_MGMT_3DES, bytes.fromhex("010203040506070801020304050607080102030405060708"))
 
@@ -115,10 +128,10 @@ ALG_P256 = 0x11
 PIV_ALG = {KeyAlg.RSA2048: ALG_RSA2048, KeyAlg.P256: ALG_P256}
 KEY_ALG = {v: k for k, v in PIV_ALG.items()}
 
-#: slot (key reference) -> certificate object tag, and whether the key needs the PIN
+#: slot (key reference) -> certificate object tag; whether a key needs the PIN is the card's PIN policy
+#: (vsc.wire.pinpolicy, chosen at enrolment; YubiKey's defaults 9A once, 9C always, 9D once, 9E never)
 SLOTS = {0x9A: 0x5FC105, 0x9C: 0x5FC10A, 0x9D: 0x5FC10B, 0x9E: 0x5FC101}
 CERT_SLOT = {tag: slot for slot, tag in SLOTS.items()}
-NEEDS_PIN = {0x9A: True, 0x9C: True, 0x9D: True, 0x9E: False}
 
 TAG_DISCOVERY = 0x7E
 TAG_CHUID = 0x5FC102
@@ -228,6 +241,7 @@ class PivApplet:
         self.mgmt = _MgmtMachine(_MgmtCore())
         self.selected = False
         self.pin_verified = False
+        self.pin_fresh = False  # a VERIFY not yet consumed by a private-key operation (PIN policy "always")
         self._chain: tuple[tuple[int, int, int], bytearray] | None = None
         self._out: bytes = b""
         self._out_pos = 0
@@ -244,9 +258,18 @@ class PivApplet:
         """Power off, power on, warm reset: every security status and buffer is cleared ([SP 800-73-4 3.1])."""
         self.selected = False
         self.pin_verified = False
+        self.pin_fresh = False
         self.mgmt.reset()
         self._chain = None
         self._out, self._out_pos = b"", 0
+
+    def deselect(self) -> None:
+        """
+        Another application on the card was selected (an application router):
+        PIV's security status ends as on reset — a PIN verified for PIV is not
+        verified any more when PIV is selected again (PIN policy "once").
+        """
+        self.reset()
 
     # -- entry point
 
@@ -364,6 +387,7 @@ class PivApplet:
         # re-verifies from its PIN cache when a card answers 6982, so nothing breaks either way.
         self.selected = True
         self.pin_verified = False
+        self.pin_fresh = False
         self.mgmt.reset()
         if cmd.p2 == 0x0C:
             return b"", SW_OK
@@ -510,7 +534,7 @@ class PivApplet:
             if data:
                 return b"", SW_WRONG_DATA
             if cmd.p2 == PIN_REF:
-                self.pin_verified = False
+                self.pin_verified = self.pin_fresh = False
             return b"", SW_OK
         if cmd.p1 != 0x00 or cmd.p2 not in (PIN_REF, PUK_REF):
             return b"", SW_REF_NOT_FOUND if cmd.p1 == 0x00 else SW_WRONG_P1P2
@@ -522,12 +546,12 @@ class PivApplet:
         if len(data) != 8:
             return b"", SW_WRONG_DATA
         if cmd.p2 == PIN_REF:
-            self.pin_verified = False
+            self.pin_verified = self.pin_fresh = False
         result = yield from self._check_secret(cmd.p2, data)
         if isinstance(result, int):
             return b"", result
         if cmd.p2 == PIN_REF:
-            self.pin_verified = True
+            self.pin_verified = self.pin_fresh = True
         return b"", SW_OK
 
     def _change(self, cmd: Command, data: bytes) -> Step:
@@ -539,7 +563,7 @@ class PivApplet:
         result = yield from self._check_secret(cmd.p2, data[:8])
         if isinstance(result, int):
             if cmd.p2 == PIN_REF:
-                self.pin_verified = False
+                self.pin_verified = self.pin_fresh = False
             return b"", result
         yield from self._store_secret(cmd.p2, SecretRecord(new, result.max_tries, result.max_tries))
         yield Notice("pin-changed" if cmd.p2 == PIN_REF else "puk-changed", {})
@@ -559,7 +583,7 @@ class PivApplet:
         pin = yield from self._load_secret(PIN_REF)
         yield from self._store_secret(PIN_REF, SecretRecord(new, pin.max_tries, pin.max_tries))
         yield Notice("pin-unblocked", {})
-        self.pin_verified = False
+        self.pin_verified = self.pin_fresh = False
         return b"", SW_OK
 
     # ---------------------------------------------------------------- management key
@@ -570,6 +594,12 @@ class PivApplet:
 
     def _mgmt_authenticate(self, cmd: Command, fields: dict[int, bytes]) -> Step:
         rec = yield from self._load_mgmt()
+        if cmd.p1 != rec.alg and set(fields) == {0x81} and fields[0x81] == b"" and cmd.p1 in CHALLENGE_SIZE:
+            # a request for random bytes (OpenSC's piv_get_challenge: 00 87 00 9B 04 7C 02 81 00) with another
+            # algorithm than the management key's: it cannot start an authentication, so the authentication
+            # state is left as it is; the bytes come from the kernel (the injected random source)
+            n = CHALLENGE_SIZE[cmd.p1]
+            return tlv.encode(0x7C, tlv.encode(0x81, self.rand(n))), SW_OK
         if cmd.p1 != rec.alg:
             self.mgmt.reset()
             return b"", SW_WRONG_P1P2
@@ -644,8 +674,12 @@ class PivApplet:
         challenge, point = fields.get(0x81), fields.get(0x85)
         if (challenge is None) == (point is None) or fields.get(0x80) is not None:
             return b"", SW_WRONG_DATA
-        if NEEDS_PIN[cmd.p2] and not self.pin_verified:
-            return b"", SW_SECURITY
+        sw, policy = yield from pins.authorize(cmd.p2, self.pin_verified, self.pin_fresh)
+        if sw != SW_OK:
+            yield Notice("pin-required" if sw == SW_SECURITY else "pin-blocked-refused",
+                         {"slot": slot, "policy": policy.name.lower()})
+            return b"", sw
+        self.pin_fresh = False  # a VERIFY counts for one operation only (what PIN policy "always" asks for)
         if alg is KeyAlg.RSA2048:
             if point is not None or len(challenge) != 256:
                 return b"", SW_WRONG_DATA

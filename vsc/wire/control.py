@@ -84,8 +84,12 @@ STATUS = Command("Status", (), (
     ("slots", Records(("slot", TEXT), ("algorithm", TEXT), ("public_key_sha256", TEXT))),
     ("counters", TEXT_LIST), ("data", TEXT_LIST), ("memory_locked", BOOL),
     ("inserted_at", FLOAT),  # seconds since the epoch; 0.0 before the first insert
+    # the PIN (vsc.card.pin): "9a=once,9c=always,..." ("" while not in use), how local paths verify, tries left
+    # (-1 while not in use), and whether the local verification is open
+    ("pin_policy", TEXT), ("pin_local", TEXT), ("pin_tries", INT), ("pin_verified", BOOL),
+    ("pin_refusal", TEXT),  # the last key operation a local path (the agent...) refused for the PIN, and why
 ), "the card's state, serial, version, where it lives (server or token), channel suite, slot keys, counter and "
-   "data object names")
+   "data object names, and its PIN policy and state")
 PUBLIC_KEY = Command("PublicKey", (("slot", TEXT),), (("pem", BYTES),), "a slot's public key (PEM)")
 SIGN_DIGEST = Command("SignDigest", (("slot", TEXT), ("digest", BYTES)), (("signature", BYTES),),
                       "sign a SHA-256 digest with a slot's key")
@@ -105,9 +109,17 @@ CERT_GET = Command("CertGet", (("slot", TEXT),), (("der", BYTES),), "a slot's ce
 CHANGE_PASSWORD = Command("ChangePassword", (("old", TEXT), ("new", TEXT)), (("version", INT),),
                           "change the owner's password while the card is in use (the daemon stores neither)")
 REMOVE = Command("Remove", (), (), "remove the card (upload, set idle); the daemon then exits")
+VERIFY_PIN = Command("VerifyPin", (("pin", BYTES), ("keep", BOOL)), (),
+                     "verify the user PIN (counted like PC/SC's VERIFY): keep True opens the local verification until "
+                     "remove; keep False verifies for the next private-key operation on this connection only")
+FORGET_PIN = Command("ForgetPin", (), (), "close the local PIN verification")
+CHANGE_PIN = Command("ChangePin", (("which", TEXT), ("old", BYTES), ("new", BYTES)), (),
+                     "change the PIN (which=pin) or the PUK (which=puk), given the current one")
+UNBLOCK_PIN = Command("UnblockPin", (("puk", BYTES), ("new", BYTES)), (),
+                      "set a new PIN with its tries restored, given the PUK")
 
 COMMANDS = (STATUS, PUBLIC_KEY, SIGN_DIGEST, DECRYPT, COUNTER, DATA_PUT, DATA_GET, LICENSE_FUND, CERT_PUT, CERT_GET,
-            CHANGE_PASSWORD, REMOVE)
+            CHANGE_PASSWORD, REMOVE, VERIFY_PIN, FORGET_PIN, CHANGE_PIN, UNBLOCK_PIN)
 
 
 def status_fields(status: dict) -> dict:
@@ -119,6 +131,9 @@ def status_fields(status: dict) -> dict:
         "slots": [{"slot": slot, **info} for slot, info in sorted(status["slots"].items())],
         "counters": list(status["counters"]), "data": list(status["data"]),
         "memory_locked": bool(status["memory_locked"]), "inserted_at": float(status["inserted_at"] or 0.0),
+        "pin_policy": status.get("pin_policy") or "", "pin_local": status.get("pin_local") or "",
+        "pin_tries": int(status.get("pin_tries", -1)), "pin_verified": bool(status.get("pin_verified")),
+        "pin_refusal": status.get("pin_refusal") or "",
     }
 
 
@@ -134,6 +149,9 @@ def status_of(fields: dict) -> dict:
     }
     if fields["mode"]:
         status.update(mode=fields["mode"], token=fields["token"])
+    if fields["pin_policy"]:
+        status.update(pin_policy=fields["pin_policy"], pin_local=fields["pin_local"], pin_tries=fields["pin_tries"],
+                      pin_verified=fields["pin_verified"], pin_refusal=fields["pin_refusal"])
     return status
 
 
