@@ -331,7 +331,7 @@ class Shell:
 
     def background(self, cmd: str) -> int:
         """Start ``cmd`` (ending in '&') in the session's shell: its pid."""
-        self.proc.stdin.write(f"{cmd.rstrip().rstrip('&')} </dev/null & echo {_END} $!\n".encode())
+        self.proc.stdin.write(f"{cmd.rstrip().rstrip('&')} </dev/null & echo {_END} $!\n".encode())  # noqa: E501
         self.proc.stdin.flush()
         pid = int(self._read_until_end(20))
         self.services.append((pid, cmd))
@@ -495,8 +495,9 @@ def run_session(session: Session, scratch: Path | None = None, verbose: bool = F
                     where = f"{block.path}:{cmd.line}"
                     if verbose:
                         print(f"{where}: $ {cmd.text}", file=out, flush=True)
-                    if cmd.text.rstrip().endswith("&") and not cmd.text.rstrip().endswith("&&"):
-                        pid = shell.background(cmd.text)
+                    background = _background(cmd.text)
+                    if background is not None:
+                        pid = shell.background(background)
                         _wait_ready(shell, pid, cmd.text, where)
                         status, got = 0, []
                     else:
@@ -570,6 +571,14 @@ def _start_sshd(shell: Shell) -> None:
             break
         time.sleep(0.1)
     raise DocError(f"the session's sshd did not start:\n{_tail(d / 'sshd.log')}")
+
+
+def _background(cmd: str) -> str | None:
+    """The command without its '&' (and a trailing '# comment') when it ends in one, else None."""
+    text = re.sub(r"\s+#[^'\"\n]*$", "", cmd.rstrip()).rstrip()
+    if text.endswith("&") and not text.endswith("&&"):
+        return text[:-1].rstrip() + " &"
+    return None
 
 
 def _check(block: Block, cmd: Command, status: int, got: list[str], verbose: bool, out) -> None:

@@ -129,3 +129,11 @@ def test_editable_install_finds_the_plugins(tmp_path):
                               "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
                               plugin, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
         assert usage in out.stdout, out.stdout + out.stderr
+
+
+def test_a_background_command_is_recognised_with_a_trailing_comment():
+    """'CMD &' and 'CMD &  # comment' start a service; 'a && b' and a '#' inside quotes do not."""
+    assert docrun._background("twistd -n vsc-server >s.log 2>&1 &") == "twistd -n vsc-server >s.log 2>&1 &"
+    assert docrun._background("twistd -n vsc-card >c.log 2>&1 &    # also PC/SC") == "twistd -n vsc-card >c.log 2>&1 &"
+    assert docrun._background("true && false") is None
+    assert docrun._background("echo '# not a comment &'") is None
