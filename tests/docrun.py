@@ -390,12 +390,22 @@ def _tail(p: Path, n: int = 3000) -> str:
         return "(no output file)"
 
 
+def _read_from(p: Path, offset: int) -> str:
+    try:
+        with open(p, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _service_log(cmd: str, cwd: Path) -> Path | None:
     m = re.search(r"(?<![0-9&])>>?\s*(\S+)", cmd)
     return (cwd / os.path.expanduser(m.group(1))) if m else None
 
 
-def _wait_ready(shell: Shell, pid: int, cmd: str, where: str) -> None:
+def _wait_ready(shell: Shell, pid: int, cmd: str, where: str, offset: int = 0) -> None:
+    """Wait until what the service wrote to its log since ``offset`` (``>>`` appends) says it is ready."""
     plugin = next((p for p in READY if re.search(rf"\b{p}\b", cmd)), None)
     pattern = READY.get(plugin)
     if plugin == "vsc-card" and "--pcsc" in cmd:  # in the reader, not only inserted
@@ -406,7 +416,7 @@ def _wait_ready(shell: Shell, pid: int, cmd: str, where: str) -> None:
         return
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
-        text = _tail(log, 1 << 20)
+        text = _read_from(log, offset)
         if pattern.search(text):
             if plugin == "vsc-card" and "--pcsc" in cmd:
                 _wait_in_reader(shell, pid, cmd, where, deadline)
@@ -497,8 +507,11 @@ def run_session(session: Session, scratch: Path | None = None, verbose: bool = F
                         print(f"{where}: $ {cmd.text}", file=out, flush=True)
                     background = _background(cmd.text)
                     if background is not None:
+                        log = _service_log(cmd.text, shell.cwd)
+                        appends = re.search(r"(?<![0-9&])>>", cmd.text) is not None
+                        offset = log.stat().st_size if appends and log is not None and log.exists() else 0
                         pid = shell.background(background)
-                        _wait_ready(shell, pid, cmd.text, where)
+                        _wait_ready(shell, pid, cmd.text, where, offset)
                         status, got = 0, []
                     else:
                         try:
