@@ -547,7 +547,6 @@ def test_blocked_pin_refuses_on_every_path_across_a_restart(stack, sshd):
     for left in (2, 1, 0):
         r = cards.card(home, "verify-pin", "--pin-file", str(bad), json_out=False, check=False)
         assert r.returncode != 0 and f"wrong PIN ({left} tries left)" in r.stderr, r.stderr
-    env = _agent_env(stack)
     sshd.set_authorized([_ssh_line(stack, "9a")])
     msg = tmp / "blocked.txt"
     msg.write_bytes(b"blocked\n")
@@ -572,7 +571,6 @@ def test_blocked_pin_refuses_on_every_path_across_a_restart(stack, sshd):
     cards.card(home, "unblock-pin", "--puk-file", str(puk), "--new-file", str(new))
     assert sshd.logged_in(_agent_env(stack))
     assert _apdus(_verify_apdu(None), _verify_apdu(PIN)) == ["63C3", "9000"]
-    del env
 
 
 # ---------------------------------------------------------------- PIN lock across a restart, then remove
@@ -608,6 +606,15 @@ def test_card_reconnects_when_pcscd_restarts(stack):
     pcscd.start()
     _wait_card(True, timeout=30)
     assert _apdus(_verify_apdu(None)) == ["63C3"]
+
+
+def test_yubico_piv_tool_sets_a_pin_policy_with_a_new_key(stack):
+    """yubico-piv-tool -a generate --pin-policy=always: the slot's policy (vsc card status) is always from then on."""
+    cards, home = stack["cards"], stack["home"]
+    assert cards.card(home, "status").json()["pin_policy"] == "9a=once,9c=always,9d=once,9e=never"
+    _run(["yubico-piv-tool", "-r", READER, "-a", "generate", "-s", "9d", "-A", "RSA2048", "--pin-policy=always",
+          "-o", stack["tmp"] / "gen9d-always.pem"])
+    assert cards.card(home, "status").json()["pin_policy"] == "9a=once,9c=always,9d=always,9e=never"
 
 
 def test_card_leaves_pcsc_within_a_second_of_remove(stack):

@@ -1306,3 +1306,17 @@ def test_deselect_ends_the_pin_verification(card):
     assert card.verify(None) == 0x6D00  # nothing but SELECT until PIV is selected again
     assert card.select()[1] == 0x9000
     assert card.general_authenticate(0x07, 0x9A, 0x81, _pkcs1_block(bytes(32)))[1] == 0x6982
+
+
+def test_generate_with_yubikeys_pin_policy_tag(card):
+    """GENERATE with AA 01 (yubico-piv-tool --pin-policy=never) sets the slot's policy with the new key; AA 05 is 6A80."""
+    assert card.mgmt_auth() == 0x9000
+    template = tlv.encode(0xAC, tlv.encode_many([(0x80, b"\x11"), (0xAA, b"\x05")]))
+    assert card.get_all(0x47, 0x00, 0x9C, template)[1] == 0x6A80
+    template = tlv.encode(0xAC, tlv.encode_many([(0x80, b"\x11"), (0xAA, b"\x01")]))
+    assert card.get_all(0x47, 0x00, 0x9C, template)[1] == 0x9000
+    from vsc.wire import pinpolicy
+
+    stored = pinpolicy.decode_policy(card.items[(ItemKind.PIN, pinpolicy.POLICY_ITEM)][0])
+    assert stored.text() == "9a=once,9c=never,9d=once,9e=never"
+    assert card.general_authenticate(0x11, 0x9C, 0x81, bytes(32))[1] == 0x9000  # no VERIFY: never

@@ -113,8 +113,8 @@ def authorize(slot: int, verified: bool, fresh: bool) -> Generator[Effect, Any, 
     policy = (yield from load_policy()).of(slot)
     if policy is PinPolicy.NEVER:
         return SW_OK, policy
-    rec = yield from load_secret(USER_PIN, apdu.pad_pin(DEFAULT_PIN))
-    if rec.tries_left == 0:
+    raw = yield Load(ItemKind.PIN, USER_PIN)
+    if raw and apdu.secret_tries(raw) == 0:
         return SW_BLOCKED, policy
     if policy is PinPolicy.ALWAYS:
         return (SW_OK if fresh else SW_PIN_NEEDED), policy

@@ -55,6 +55,7 @@ from vsc import crypto
 from vsc.wire import apdu, tlv
 from vsc.wire.apdu import ApduError, Command, ManagementKeyRecord, SecretRecord
 from vsc.wire.errors import WireError
+from vsc.wire.pinpolicy import encode_policy
 from vsc.wire.protected import ItemKind, KeyAlg
 from vsc.protocol import pins
 from vsc.protocol.applet import (  # noqa: F401  (the effects and status words are the applet framework's)
@@ -709,9 +710,19 @@ class PivApplet:
         alg = KEY_ALG.get(int.from_bytes(template.get(0x80, b""), "big") if len(template.get(0x80, b"")) == 1 else -1)
         if alg is None:
             return b"", SW_WRONG_DATA
+        # YubiKey's PIN policy tag (yubico-piv-tool --pin-policy): 00 default (the card's policy stays), 01 never,
+        # 02 once, 03 always — set with the new key, behind the management key, as a YubiKey does
+        pin_policy = template.get(0xAA)
+        if pin_policy is not None and (len(pin_policy) != 1 or pin_policy[0] > pins.PinPolicy.ALWAYS):
+            return b"", SW_WRONG_DATA
         slot = slot_name(cmd.p2)
         public = yield Generate(slot, alg)
         yield Notice("key-generated", {"slot": slot, "alg": alg.name.lower()})
+        if pin_policy and pin_policy[0]:
+            policy = yield from pins.load_policy()
+            chosen = pins.PinPolicy(pin_policy[0])
+            yield Store(ItemKind.PIN, pins.POLICY_ITEM, encode_policy(policy.with_slot(cmd.p2, chosen)))
+            yield Notice("pin-policy-set", {"slot": slot, "policy": chosen.name.lower()})
         nums = crypto.public_numbers(public)
         if "rsa" in nums:
             n, e = nums["rsa"]

@@ -332,6 +332,17 @@ def encode_secret(rec: SecretRecord) -> bytes:
     return _SecretRecord.build(dict(tries_left=rec.tries_left, max_tries=rec.max_tries, value=rec.value))
 
 
+_SecretHead = c.Struct("format" / c.Const(1, U8), "tries_left" / U8, "max_tries" / U8)
+
+
+def secret_tries(data) -> int:
+    """The tries left of a PIN record, read from its header alone (the check before every key operation)."""
+    try:
+        return _SecretHead.parse(bytes(data[:3])).tries_left
+    except c.ConstructError as e:
+        raise WireError(ErrorCode.MALFORMED, f"PIN record: {str(e).strip()}") from None
+
+
 def decode_secret(data) -> SecretRecord:
     try:
         p = _SecretRecord.parse(bytes(data))

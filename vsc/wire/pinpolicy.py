@@ -54,6 +54,9 @@ class Policy:
         """A slot's policy (a slot the policy does not name: once)."""
         return self.slots.get(slot, PinPolicy.ONCE)
 
+    def with_slot(self, slot: int, policy: PinPolicy) -> "Policy":
+        return Policy({**self.slots, slot: policy}, self.local)
+
     def text(self) -> str:
         return ",".join(f"{s:02x}={self.of(s).name.lower()}" for s in SLOTS)
 
