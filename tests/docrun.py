@@ -510,6 +510,10 @@ def run_session(session: Session, scratch: Path | None = None, verbose: bool = F
                         log = _service_log(cmd.text, shell.cwd)
                         appends = re.search(r"(?<![0-9&])>>", cmd.text) is not None
                         offset = log.stat().st_size if appends and log is not None and log.exists() else 0
+                        if log is not None and not appends:
+                            # '>' truncates it anyway, but only once the job runs: an old log must not read as ready
+                            with contextlib.suppress(FileNotFoundError):
+                                log.unlink()
                         pid = shell.background(background)
                         _wait_ready(shell, pid, cmd.text, where, offset)
                         status, got = 0, []

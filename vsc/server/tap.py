@@ -32,7 +32,7 @@ class Options(usage.Options):
         default_pidfile(self, os.path.join(self["data-dir"], "twistd.pid"))
 
 
-def default_pidfile(options: usage.Options, path: str) -> None:
+def default_pidfile(options: usage.Options, path: str, argv: list[str] | None = None) -> None:
     """
     twistd's pid file defaults to ./twistd.pid, so a server and a card started
     from one directory collide ("Another twistd server is running"). Unless
@@ -42,7 +42,8 @@ def default_pidfile(options: usage.Options, path: str) -> None:
     parent = getattr(options, "parent", None)
     if parent is None or "pidfile" not in parent:
         return
-    given = any(a == "--pidfile" or a.startswith("--pidfile=") for a in sys.argv[1:])
+    argv = sys.argv[1:] if argv is None else argv  # twistd parses sys.argv; an explicit --pidfile is kept
+    given = any(a == "--pidfile" or a.startswith("--pidfile=") for a in argv)
     if not given and parent["pidfile"] == "twistd.pid":
         parent["pidfile"] = path
 
