@@ -167,7 +167,7 @@ def parse(path: str, text: str | None = None) -> Page:
 
     while i < len(lines):
         line = lines[i]
-        for m in _MARK.finditer(line):
+        for m in _MARK.finditer(line) if _MARK.fullmatch(line.strip()) else ():  # a marker is a line of its own
             words = m.group(1)
             if words.startswith("session "):
                 parts = words.split()
@@ -206,7 +206,7 @@ def parse(path: str, text: str | None = None) -> Page:
                     raise DocError(f"{path}:{at}: unknown doc-test marker: {words!r}")
                 pending = None
             blocks.append(block)
-        elif line.strip() and pending is not None and not _MARK.search(line):
+        elif line.strip() and pending is not None and not _MARK.fullmatch(line.strip()):
             raise DocError(f"{path}:{pending[0]}: a doc-test marker must be followed by a fenced block "
                            f"(line {i + 1} is text)")
         i += 1

@@ -58,6 +58,12 @@ def test_parse_commands_output_and_continuations():
     assert page.blocks[1].why == "placeholder"
 
 
+def test_a_marker_quoted_in_text_is_not_a_marker():
+    """Only a comment on a line of its own marks a block; one quoted in a sentence does not."""
+    page = docrun.parse("x.md", "Mark it with `<!-- doc-test: run s -->` before a block.\n\n```console\n$ true\n```\n")
+    assert page.sessions == {} and page.blocks[0].marker is None
+
+
 def test_a_mismatch_names_file_line_expected_and_got(tmp_path):
     """A failing page names the file:line of the first differing expected line, what was expected and what came."""
     page = docrun.parse("x.md", "<!-- doc-test: run s -->\n```console\n$ echo one; echo two\none\nthree\n```\n")
