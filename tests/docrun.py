@@ -1,8 +1,9 @@
 """
 The doc-test harness: the console examples of README.md and docs/*.md, run.
 
-Markers (HTML comments, invisible on a rendered page), each on the line(s)
-before a fenced block:
+Markers (HTML comments, invisible on a rendered page), each on a line of its
+own before a fenced block (an ``illustrative`` or ``run`` marker may instead be
+on the line right after a block's closing fence):
 
 * ``<!-- doc-test: run SESSION -->`` before a ```console block: the block is
   run in SESSION (one per page; a page may have several). A session's blocks
@@ -103,6 +104,7 @@ class Block:
     line: int  # the fence's line, 1-based
     lang: str
     body: list[tuple[int, str]]
+    end: int = 0  # the closing fence's line, 1-based
     marker: str | None = None  # "run", "illustrative" or None
     session: str | None = None
     why: str = ""
@@ -179,6 +181,9 @@ def parse(path: str, text: str | None = None) -> Page:
                     session(parts[1]).venv_path = True
                 else:
                     raise DocError(f"{path}:{i + 1}: unknown doc-test session marker: {words!r}")
+            elif blocks and blocks[-1].marker is None and blocks[-1].end == i:
+                # right under a block's closing fence: that block's marker (the style of a marker after it)
+                _mark(blocks[-1], words, i + 1, session)
             else:
                 pending = (i + 1, words)
         fence = _FENCE.match(line)
@@ -190,20 +195,9 @@ def parse(path: str, text: str | None = None) -> Page:
             while i < len(lines) and not lines[i].strip().startswith(ticks):
                 body.append((i + 1, lines[i][len(indent):] if lines[i].startswith(indent) else lines[i].lstrip()))
                 i += 1
-            block = Block(path, start, lang, body)
+            block = Block(path, start, lang, body, end=i + 1)
             if pending is not None:
-                at, words = pending
-                if words.startswith("run "):
-                    block.marker, block.session = "run", words.split()[1]
-                    if lang != "console":
-                        raise DocError(f"{path}:{start}: a run block must be ```console, not ```{lang}")
-                    session(block.session).blocks.append(block)
-                elif words.startswith("illustrative"):
-                    block.marker, block.why = "illustrative", words.partition(":")[2].strip()
-                    if not block.why:
-                        raise DocError(f"{path}:{at}: 'illustrative' needs a reason: illustrative: WHY")
-                else:
-                    raise DocError(f"{path}:{at}: unknown doc-test marker: {words!r}")
+                _mark(block, pending[1], pending[0], session)
                 pending = None
             blocks.append(block)
         elif line.strip() and pending is not None and not _MARK.fullmatch(line.strip()):
@@ -211,6 +205,21 @@ def parse(path: str, text: str | None = None) -> Page:
                            f"(line {i + 1} is text)")
         i += 1
     return Page(path, blocks, sessions)
+
+
+def _mark(block: Block, words: str, at: int, session) -> None:
+    path = block.path
+    if words.startswith("run "):
+        block.marker, block.session = "run", words.split()[1]
+        if block.lang != "console":
+            raise DocError(f"{path}:{block.line}: a run block must be ```console, not ```{block.lang}")
+        session(block.session).blocks.append(block)
+    elif words.startswith("illustrative"):
+        block.marker, block.why = "illustrative", words.partition(":")[2].strip()
+        if not block.why:
+            raise DocError(f"{path}:{at}: 'illustrative' needs a reason: illustrative: WHY")
+    else:
+        raise DocError(f"{path}:{at}: unknown doc-test marker: {words!r}")
 
 
 def pages() -> list[Page]:

@@ -58,6 +58,12 @@ def test_parse_commands_output_and_continuations():
     assert page.blocks[1].why == "placeholder"
 
 
+def test_a_marker_right_under_a_block_marks_that_block():
+    """An illustrative marker on the line after a closing fence marks the block above; the next block needs its own."""
+    page = docrun.parse("x.md", "```sh\nvsc X\n```\n<!-- doc-test: illustrative: placeholder -->\n\n```sh\nvsc Y\n```\n")
+    assert [b.marker for b in page.blocks] == ["illustrative", None]
+
+
 def test_a_marker_quoted_in_text_is_not_a_marker():
     """Only a comment on a line of its own marks a block; one quoted in a sentence does not."""
     page = docrun.parse("x.md", "Mark it with `<!-- doc-test: run s -->` before a block.\n\n```console\n$ true\n```\n")
