@@ -78,6 +78,16 @@ def test_a_card_without_a_registration_keeps_failing_the_method():
     assert AuthMethod.KEYFILE in [i.method for i in ch.challenges]
 
 
+def test_a_registration_without_a_seal_key_keeps_the_keyfile_challenge():
+    """A registration with no seal key (not what vsc's card sends) gets no grace: keyfile stays required."""
+    from vsc.wire.implauth import Registration
+
+    m = machine(policy=POLICY)
+    bare = Registration(card_key=b"CARD-9E-KEY", seal_key=b"").encode().hex()
+    ch = challenge_of(m, record({"methods": ["password", "master-key"], "registration": bare}))
+    assert AuthMethod.KEYFILE in [i.method for i in ch.challenges]
+
+
 def test_a_keyfile_for_a_copy_names_the_new_serial_and_opens_with_the_original_seal_key():
     """Registrar.enrol(sealed_as=original): the keyfile body names the copy's serial; it unseals with the original serial's key."""
     material = registrar().enrol("copy-1", registration(), [AuthMethod.KEYFILE], sealed_as=SERIAL)

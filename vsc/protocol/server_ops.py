@@ -59,6 +59,7 @@ from vsc.protocol.lifecycle import Condition, Operation, decide
 from vsc.protocol.lockout import LockoutPolicy, SourceLimits
 from vsc.protocol.methods import METHODS, Issued, ServerSide
 from vsc.wire import WireError
+from vsc.wire.implauth import Registration
 from vsc.wire.ops import (
     AuthChallenge,
     AuthItem,
@@ -488,10 +489,13 @@ def material_due(auth_info: str, methods: tuple) -> tuple[AuthMethod, ...]:
     show it to): such a card keeps failing that method until replaced.
     """
     material = implauth.stored_material(auth_info)
-    registration = material.get("registration", "")
-    if AuthMethod.KEYFILE in methods and "keyfile" not in material and isinstance(registration, str) and registration:
-        return (AuthMethod.KEYFILE,)
-    return ()
+    if AuthMethod.KEYFILE not in methods or "keyfile" in material:
+        return ()
+    try:  # a registration without a seal key (not one vsc's card makes) never escapes the keyfile challenge
+        reg = Registration.decode(bytes.fromhex(material.get("registration", "")))
+    except (WireError, ValueError, TypeError):
+        return ()
+    return (AuthMethod.KEYFILE,) if reg.seal_key else ()
 
 
 def _verify(core: OpsCore, resp: AuthResponse, now: float) -> tuple[bool, str, int | None]:

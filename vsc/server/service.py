@@ -225,15 +225,18 @@ class ServerProtocol(ChannelProtocol):
         In a database thread: make the material the insert re-issues (a keyfile:
         one RSA signature), then check the card out and store the material in
         one transaction; the result carries it to the card. Material that
-        cannot be made is logged and the card is checked out without it.
+        cannot be made fails the insert (INTERNAL, nothing changed): the card
+        was let in without that method only to be given it.
         """
+        from vsc.protocol.cardstore import Outcome
+
         backend: Backend = self.factory.backend
         try:
             material = self.factory.registrar.enrol(e.serial, e.registration, e.reissue, sealed_as=e.registered_as)
         except implauth.ImplAuthError as why:
-            self.log.warn("{serial}: cannot re-issue implementation-authentication material: {why}",
-                          serial=e.serial, why=str(why))
-            return backend.store.check_out(attrs.evolve(e, reissue=()))
+            self.log.error("{serial}: cannot re-issue implementation-authentication material: {why}",
+                           serial=e.serial, why=str(why))
+            return Outcome(Status.INTERNAL)
         outcome = backend.store.check_out(attrs.evolve(e, auth_extra=dict(material.auth_info)))
         if outcome.status is Status.OK:
             return attrs.evolve(outcome, registration=material.reply)
