@@ -177,8 +177,10 @@ class ServerStorage:
             except crypto.CryptoError:
                 raise CardError("the protected information does not decrypt with this password's key") from None
             self.kdf = keys.kdf
-            del keys
             self._settle_keyfile(creds)
+            if result.registration:
+                self._take_material(result.registration, keys.protection_key, result.protected)
+            del keys
         except BaseException:
             self._secret = b""
             raise
@@ -229,6 +231,42 @@ class ServerStorage:
         else:
             cc.discard_pending_keyfile(self.config.home)
             self.log.info("discarded the keyfile of a password change the server never stored")
+
+    def _take_material(self, reply: bytes, protection_key: bytes, envelope: bytes) -> None:
+        """
+        Material the server re-issued with this insert (issue 13): a keyfile, when
+        ``impl_auth`` gained ``keyfile`` after this card enrolled, or for a
+        duplicate (its old keyfile named the old serial). It is sealed to the key
+        registered at enrolment (derived with the serial the card was enrolled
+        as); it must open, be signed by the pinned server key and name this
+        serial. It is saved in HOME sealed for this serial, like an enrolment's.
+        """
+        from vsc.wire import WireError
+        from vsc.wire.implauth import EnrolReply
+        from vsc.wire.protected import envelope_card_id
+
+        serial = self.config.serial
+        try:
+            keyfile = EnrolReply.decode(reply).keyfile
+            if not keyfile:
+                return
+            signed = None
+            for name in dict.fromkeys((serial, envelope_card_id(envelope))):
+                try:
+                    signed = implauth.unseal_keyfile(keyfile, name, protection_key)
+                    break
+                except implauth.KeyfileError:
+                    continue
+            if signed is None:
+                raise implauth.KeyfileError("it does not open with this card's keys")
+            sealed = implauth.seal_keyfile(signed, serial, implauth.seal_public(protection_key, serial), self.rand)
+            implauth.open_keyfile(sealed, serial, protection_key, self.config.server_key)
+        except (WireError, implauth.KeyfileError) as e:
+            self.log.warn("the server issued this card a keyfile that it cannot use: {why}", why=str(e))
+            return
+        path = cc.save_keyfile(self.config.home, sealed)
+        self.log.info("the server issued this card a new keyfile (implementation authentication): saved as {path}",
+                      path=str(path))
 
     # ------------------------------------------------------------ in use
 

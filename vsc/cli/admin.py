@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import sqlite3
 import time  # clock-ok: a command-line tool (or the harness) reads the wall clock
 from typing import Iterator
@@ -188,6 +189,18 @@ def _code_text(serial: str, code: str, expires: float) -> str:
     )
 
 
+def _write_code(path: str, code: str) -> None:
+    """The code alone on one line, in a new file of mode 0600 (an existing file is not overwritten)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise CommandError(f"{path} exists; not overwriting it (remove it, or name another file)") from None
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(code + "\n")
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -200,6 +213,10 @@ def cmd_issue(args) -> int:
         replaced = store.enrolment(serial) is not None
         code, expires = _new_code(store, policy, serial, _ttl(args.ttl, policy.code_ttl))
     text = _code_text(serial, code, expires)
+    if args.code_file:
+        _write_code(args.code_file, code)
+        text = (f"enrolment code for card {serial} written to {args.code_file} (valid until {_when(expires)}); "
+                "give it to the card's owner, who enrols the card with it; it works once")
     if replaced:
         text += "\n(the earlier code for this serial no longer works)"
     emit(args, {"serial": serial, "code": code, "expires": expires, "replaced": replaced}, text)
@@ -310,6 +327,15 @@ def cmd_destroy(args) -> int:
         {"serial": serial, "state": "destroyed", "was": before},
         f"card {serial} destroyed (was {before}); this is final: its protected information is wiped",
     )
+    return EXIT_OK
+
+
+def cmd_revoke(args) -> int:
+    serial = _check_serial(args.serial)
+    with _database(args) as (_cfg, _policy, store):
+        expires = store.revoke(serial, peer="admin")
+    emit(args, {"serial": serial, "state": "revoked", "expires": expires},
+         f"enrolment code for card {serial} revoked (it was valid until {_when(expires)}); it no longer works")
     return EXIT_OK
 
 
@@ -446,10 +472,13 @@ def configure(admin: argparse.ArgumentParser) -> None:
     action("fingerprint", cmd_fingerprint, "print the server key fingerprint that cards pin")
     a = action("issue", cmd_issue, "issue a one-time enrolment code for a new card", "serial")
     a.add_argument("--ttl", metavar="SECONDS", help="code validity, 60 s to 366 days (default: code_ttl, 7 days)")
+    a.add_argument("--code-file", metavar="FILE", help="write the code to this new file (mode 0600) instead of "
+                                                      "showing it")
     action("list", cmd_list, "list every card and pending enrolment")
     action("show", cmd_show, "show one card's record", "serial")
     action("history", cmd_history, "show the history of one serial", "serial")
     action("destroy", cmd_destroy, "destroy a card (final; its information is wiped)", "serial")
+    action("revoke", cmd_revoke, "revoke the enrolment code of a card issued but not enrolled yet", "serial")
     action("duplicate", cmd_duplicate, "make a new card with a copy of a card's information ([0102])",
            "serial", "new_serial")
     a = action("replace", cmd_replace, "replace a lost card ([0062]): destroy it and issue a replacement", "serial")

@@ -53,6 +53,13 @@ class Options(usage.Options):
     ]
 
 
+    def postOptions(self) -> None:
+        from vsc.card import paths
+        from vsc.server.tap import default_pidfile
+
+        default_pidfile(self, os.path.join(paths.home_of(self["home"]), "twistd.pid"))
+
+
 def _fail(line: str):
     sys.stderr.write(f"vsc-card: {line}\n")
     raise SystemExit(2)

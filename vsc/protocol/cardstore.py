@@ -122,6 +122,13 @@ class CheckOut:
     verifier: bytes = attrs.field(repr=False)  # the verifier the answer was checked against
     totp_step: int | None = None
     own_machine: bool = False  # which failure bucket to reset
+    #: implementation-authentication material to issue with this insert (issue 13): the methods the card must
+    #: pass but has no material for (impl_auth changed after it enrolled; a duplicate's keyfile), the card's
+    #: registration, and the serial its seal key was registered under
+    reissue: tuple = ()
+    registration: bytes = attrs.field(default=b"", repr=False)
+    registered_as: str = ""
+    auth_extra: dict = attrs.Factory(dict)  # the server's side of the material made (filled in by the glue)
 
 
 @attrs.frozen

@@ -277,7 +277,9 @@ class Registrar:
         self.rand = rand
         self.now = now
 
-    def enrol(self, serial: str, registration: bytes, methods: Iterable[AuthMethod]) -> EnrolMaterial:
+    def enrol(self, serial: str, registration: bytes, methods: Iterable[AuthMethod],
+              sealed_as: str | None = None) -> EnrolMaterial:
+        """``sealed_as``: the serial the registration's seal key was derived with (a duplicate's original)."""
         methods = set(methods)
         info: dict = {}
         reply = EnrolReply()
@@ -295,7 +297,7 @@ class Registrar:
             as1 = self.rand(AS1_SIZE)
             body = KeyfileBody(serial=serial, card_key=reg.card_key, as1=as1, issued=int(self.now()))
             signed = sign_keyfile(body, self.sign, self.signer)
-            reply = attrs.evolve(reply, keyfile=seal_keyfile(signed, serial, reg.seal_key, self.rand))
+            reply = attrs.evolve(reply, keyfile=seal_keyfile(signed, sealed_as or serial, reg.seal_key, self.rand))
             info["keyfile"] = {"as1": as1.hex(), "issued": body.issued}
         if AuthMethod.TOTP in methods:
             secret = self.rand(TOTP_SECRET_SIZE)

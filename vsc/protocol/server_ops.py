@@ -60,6 +60,7 @@ from vsc.protocol.machines import indexed
 from vsc.protocol.lockout import LockoutPolicy, SourceLimits
 from vsc.protocol.methods import METHODS, Issued, ServerSide
 from vsc.wire import WireError
+from vsc.wire.implauth import Registration
 from vsc.wire.ops import (
     AuthChallenge,
     AuthItem,
@@ -164,6 +165,7 @@ class OpsCore:
     issued: tuple = ()  # ((AuthItem, Issued), ...) in challenge order
     own_machine: bool = False
     enrol_reply: bytes = b""
+    due: tuple = ()  # methods whose material is issued with this insert (not challenged now)
 
     def emit(self, effect) -> None:
         self.outbox.append(effect)
@@ -173,7 +175,7 @@ class OpsCore:
 
     def finish(self) -> None:
         self.serial, self.op, self.request, self.card, self.issued = "", None, None, None, ()
-        self.pending, self.own_machine, self.enrol_reply = None, False, b""
+        self.pending, self.own_machine, self.enrol_reply, self.due = None, False, b"", ()
 
     def refuse(self, status: Status, result: str, detail: str, muk: bytes | None = None) -> None:
         """Answer ``status`` once the refusal's history line is stored (nothing else changes)."""
@@ -300,6 +302,9 @@ def _build():
         if card is not None:
             kdf = card.kdf
             methods = required_methods(card.auth_info, core.policy)
+            due = material_due(card.auth_info, methods)
+            methods = tuple(x for x in methods if x not in due)
+            core.due = due if core.op is Op.INSERT else ()
         else:  # a decoy: shaped like a real card's challenge, refused after the answer
             kdf = auth.decoy_kdf(core.decoy_secret, core.serial)
             methods = (AuthMethod.PASSWORD,) + tuple(core.policy.impl_auth)
@@ -339,9 +344,12 @@ def _build():
                 core.refuse(Status.BAD_REQUEST, "bad-request", "insert needs a MUK and an insert secret",
                             resp.muk or None)
                 return
+            info = implauth.stored_material(card.auth_info)
             core.emit(CheckOut(serial=core.serial, muk=resp.muk, session=crypto.sha256(req.insert_secret),
                                channel={"suite": core.suite, "peer": core.peer}, peer=core.peer,
-                               verifier=card.verifier, totp_step=totp_step, own_machine=own))
+                               verifier=card.verifier, totp_step=totp_step, own_machine=own, reissue=core.due,
+                               registration=bytes.fromhex(info.get("registration", "")) if core.due else b"",
+                               registered_as=str(info.get("registered_as", core.serial)) if core.due else ""))
         elif req.op is Op.RECOVER:
             core.emit(RecoverCard(serial=core.serial, muk=resp.muk, peer=core.peer, verifier=card.verifier,
                                   totp_step=totp_step, own_machine=own))
@@ -467,6 +475,28 @@ def required_methods(auth_info: str, policy: OpsPolicy) -> tuple[AuthMethod, ...
         if m not in methods:
             methods.append(m)
     return tuple(methods)
+
+
+def material_due(auth_info: str, methods: tuple) -> tuple[AuthMethod, ...]:
+    """
+    The methods among ``methods`` the card must pass but holds no material
+    for, which the server re-issues with its next insert (issue 13): a keyfile
+    when ``impl_auth`` gained ``keyfile`` after the card enrolled, or for a
+    duplicate (whose keyfile named the old serial). Such a method is not
+    challenged at that insert (the card cannot answer it; it never could), the
+    others are, and the material comes with the insert's result. Only a card
+    with a registration (its seal key, sent at enrolment) can be issued one;
+    TOTP is not re-issued (its seed belongs on a device the card process cannot
+    show it to): such a card keeps failing that method until replaced.
+    """
+    material = implauth.stored_material(auth_info)
+    if AuthMethod.KEYFILE not in methods or "keyfile" in material:
+        return ()
+    try:  # a registration without a seal key (not one vsc's card makes) never escapes the keyfile challenge
+        reg = Registration.decode(bytes.fromhex(material.get("registration", "")))
+    except (WireError, ValueError, TypeError):
+        return ()
+    return (AuthMethod.KEYFILE,) if reg.seal_key else ()
 
 
 def _verify(core: OpsCore, resp: AuthResponse, now: float) -> tuple[bool, str, int | None]:

@@ -23,7 +23,7 @@ from vsc.net.channel import ChannelFactory, ChannelProtocol, peer_host
 from vsc.protocol.channel import ChannelInfo, private_decrypt, server_channel
 from vsc.server.admission import Admission, AdmissionLimits, Refused
 from vsc.protocol import implauth
-from vsc.protocol.cardstore import STORE_CALLS, LoadCard
+from vsc.protocol.cardstore import STORE_CALLS, CheckOut, LoadCard
 from vsc.protocol.implauth import Registrar
 from vsc.protocol.lockout import SourceLimits, source_of
 from vsc.protocol.server_ops import (
@@ -43,6 +43,7 @@ from twisted.internet.protocol import Factory, Protocol
 from vsc.wire import MAX_FRAME_BODY, ErrorCode, Message, encode_frame
 from vsc.wire.messages import Alert
 from vsc.wire.messages import EchoReply
+from vsc.wire.ops import Status
 
 
 class Backend:
@@ -196,6 +197,9 @@ class ServerProtocol(ChannelProtocol):
                     self.sendMessage(e.message)
             elif isinstance(e, LoadCard):
                 backend.run(e).addCallbacks(lambda card: self._effects(self.ops.loaded(card)), self._store_error)
+            elif isinstance(e, CheckOut) and e.reissue:
+                backend.work(self._check_out_reissuing, e).addCallbacks(
+                    lambda outcome: self._effects(self.ops.stored(outcome)), self._store_error)
             elif type(e) in STORE_CALLS:
                 backend.run(e).addCallbacks(lambda outcome: self._effects(self.ops.stored(outcome)), self._store_error)
             elif isinstance(e, IssueMaterial):
@@ -215,6 +219,28 @@ class ServerProtocol(ChannelProtocol):
                 self.log.info("{peer} broke the operation protocol: {reason}", peer=self.peer, reason=e.reason)
                 if not self.channel.closed:
                     self.closeChannel(ErrorCode.UNEXPECTED_MESSAGE)
+
+    def _check_out_reissuing(self, e: CheckOut):
+        """
+        In a database thread: make the material the insert re-issues (a keyfile:
+        one RSA signature), then check the card out and store the material in
+        one transaction; the result carries it to the card. Material that
+        cannot be made fails the insert (INTERNAL, nothing changed): the card
+        was let in without that method only to be given it.
+        """
+        from vsc.protocol.cardstore import Outcome
+
+        backend: Backend = self.factory.backend
+        try:
+            material = self.factory.registrar.enrol(e.serial, e.registration, e.reissue, sealed_as=e.registered_as)
+        except implauth.ImplAuthError as why:
+            self.log.error("{serial}: cannot re-issue implementation-authentication material: {why}",
+                           serial=e.serial, why=str(why))
+            return Outcome(Status.INTERNAL)
+        outcome = backend.store.check_out(attrs.evolve(e, auth_extra=dict(material.auth_info)))
+        if outcome.status is Status.OK:
+            return attrs.evolve(outcome, registration=material.reply)
+        return outcome
 
     def _store_error(self, failure: Failure) -> None:
         from vsc.server.store import StorageFull

@@ -439,6 +439,24 @@ class Store:
             )
             self._history(cur, serial, "issue", "ok", peer, detail=f"enrolment code valid for {ttl:g} s")
 
+    def revoke(self, serial: str, peer: str = "admin") -> float:
+        """
+        `vsc admin revoke`: the enrolment code of a serial issued but not
+        enrolled is deleted (it can no longer enrol the card), with a history
+        row. Returns when the code would have expired. An enrolled card has no
+        code to revoke (StoreError: destroy it instead).
+        """
+        with self._txn() as cur:
+            row = self._x(cur, "SELECT expires FROM enrolment_codes WHERE serial = ?", (serial,)).fetchone()
+            if row is None:
+                if self._get_for_update(cur, serial) is not None:
+                    raise StoreError(f"card {serial} is enrolled: there is no code to revoke "
+                                     "(vsc admin destroy retires a card)")
+                raise StoreError(f"no enrolment code for {serial}")
+            self._x(cur, "DELETE FROM enrolment_codes WHERE serial = ?", (serial,))
+            self._history(cur, serial, "revoke", "ok", peer, detail="enrolment code revoked")
+            return float(row[0])
+
     def enrolment(self, serial: str) -> tuple[bytes, str, float] | None:
         rows = self._read("SELECT code_hash, auth_info, expires FROM enrolment_codes WHERE serial = ?", (serial,))
         return (bytes(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
@@ -615,10 +633,21 @@ class Store:
                 self._authenticated_ok(cur, card, totp_step, own_machine, now)
                 self._carry_out(cur, card, decision, e, now)
             self._history(cur, serial, op.value, decision.history, peer, muk, detail)
+            if decision.status is Status.OK and op is Operation.INSERT and getattr(e, "auth_extra", None):
+                self._reissued(cur, serial, e, peer, muk)
             if decision.status is Status.OK and op is Operation.INSERT:
                 after = self._get_for_update(cur, serial)
                 return Outcome(Status.OK, version=after.version, protected=after.protected)
             return Outcome(decision.status)
+
+    def _reissued(self, cur, serial: str, e: CheckOut, peer: str, muk: bytes | None) -> None:
+        """The material an insert re-issues (issue 13) is the card's from now on, with a history row."""
+        card = self._get_for_update(cur, serial)
+        info = json.loads(card.auth_info or "{}")
+        self._merge_material(info, e.auth_extra)
+        self._x(cur, "UPDATE cards SET auth_info = ? WHERE serial = ?", (json.dumps(info, sort_keys=True), serial))
+        names = ", ".join(m.name.lower().replace("_", "-") for m in e.reissue)
+        self._history(cur, serial, "reissue", "ok", peer, muk, f"{names} issued with this insert")
 
     def _session(self, op: Operation, serial: str, peer: str, req: RequestFacts, e) -> Outcome:
         """Sync, password change, remove: the insert secret is the authority."""
@@ -735,10 +764,18 @@ class Store:
             if self._x(cur, "SELECT 1 FROM enrolment_codes WHERE serial = ?", (new_serial,)).fetchone():
                 raise StoreError(f"serial {new_serial} has a pending enrolment code")
             self._refuse_new_serial(cur, new_serial)
+            info = json.loads(card.auth_info or "{}")
+            detail = f"copy of {serial}"
+            if "keyfile" in info:
+                # the keyfile names the old serial: the copy's first insert is issued one for its own (issue 13)
+                del info["keyfile"]
+                info.setdefault("registered_as", serial)
+                detail += "; a keyfile for this serial is issued at its first insert"
             self._x(
                 cur,
                 f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES (?, 'idle', NULL, ?, NULL, ?, ?, ?, ?, 0, 0, ?, ?, NULL, NULL, 0, 0)",
-                (new_serial, card.protected, card.verifier, card.kdf, card.auth_info, card.version, now, now),
+                (new_serial, card.protected, card.verifier, card.kdf, json.dumps(info, sort_keys=True), card.version,
+                 now, now),
             )
             self._history(cur, serial, "duplicate", "ok", peer, detail=f"copied to {new_serial}")
-            self._history(cur, new_serial, "duplicate", "ok", peer, detail=f"copy of {serial}")
+            self._history(cur, new_serial, "duplicate", "ok", peer, detail=detail)

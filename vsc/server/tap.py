@@ -29,6 +29,23 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["data-dir"]:
             raise usage.UsageError("--data-dir is required")
+        default_pidfile(self, os.path.join(self["data-dir"], "twistd.pid"))
+
+
+def default_pidfile(options: usage.Options, path: str, argv: list[str] | None = None) -> None:
+    """
+    twistd's pid file defaults to ./twistd.pid, so a server and a card started
+    from one directory collide ("Another twistd server is running"). Unless
+    --pidfile was given, the plugin's own default is used instead: the server's
+    data directory, the card's home.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None or "pidfile" not in parent:
+        return
+    argv = sys.argv[1:] if argv is None else argv  # twistd parses sys.argv; an explicit --pidfile is kept
+    given = any(a == "--pidfile" or a.startswith("--pidfile=") for a in argv)
+    if not given and parent["pidfile"] == "twistd.pid":
+        parent["pidfile"] = path
 
 
 class PoolService(service.Service):
