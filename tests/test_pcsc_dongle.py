@@ -42,10 +42,11 @@ class PcscCard(td.Card):
     def spawn(self, lock_dir=None) -> "PcscCard":
         env = self.lab.env(self.hsm)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(td.TWISTD), "-n", "--pidfile=", "vsc-card", "--home", str(self.home),
-                 "--password-file", str(self.password_file), "--token-pin-file", str(self.pin_file),
-                 "--pcsc", tp.VPCD_ENDPOINT],
+            self.proc = subprocess.Popen(  # inside the PC/SC stack's private network namespace, where vpcd listens
+                tp._in_netns(tp.current_netns(), [
+                    str(td.TWISTD), "-n", "--pidfile=", "vsc-card", "--home", str(self.home),
+                    "--password-file", str(self.password_file), "--token-pin-file", str(self.pin_file),
+                    "--pcsc", tp.VPCD_ENDPOINT]),
                 cwd=self.lab.root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )

@@ -399,6 +399,8 @@ class CardSession:
                 mem.restore(gone)
                 raise
             mem.discard_removed(gone)
+            for name in [n for n in self._key_cache if n.startswith(prefix)]:
+                self._forget_keys(name)  # a cached key (key_cache) of a removed slot goes with it
             self._stored(mem)
             return len(gone)
 

@@ -197,8 +197,8 @@ def configure_license(lic) -> None:
     p.add_argument("--vendor-key", required=True, help="the vendor's private signing key (PEM)")
     p.add_argument("--product", required=True)
     p.add_argument("--card-key", required=True, help="the customer card's public key (PEM, from 'vsc card public-key')")
-    p.add_argument("--slot", default="9c", choices=("9a", "9c", "9d", "9e"),
-                   help="the card slot holding that key (default 9c)")
+    p.add_argument("--slot", default="9e", choices=("9a", "9c", "9d", "9e"),
+                   help="the card slot holding that key (default 9e: card authentication, PIN policy never, so every proof works without a PIN)")
     p.add_argument("--expires", help="YYYY-MM-DD or epoch seconds (default: never)")
     p.add_argument("--runs", type=int, help="a rental grant: this many runs, counted on the card")
     p.add_argument("--counter", help="charge runs to this named card counter instead of one per grant")
