@@ -234,7 +234,7 @@ def test_issue_refuses_what_would_not_protect(vendor, card_key, tmp_path, capsys
 
     (tmp_path / "v.key").write_bytes(vendor[0])
     (tmp_path / "card.pem").write_bytes(crypto.public_pem(card_key[1]))
-    base = ["license", "issue", "--vendor-key", str(tmp_path / "v.key"), "--card-key", str(tmp_path / "card.pem"),
+    base = ["license", "issue", "--slot", "9c", "--vendor-key", str(tmp_path / "v.key"), "--card-key", str(tmp_path / "card.pem"),
             "--out", str(tmp_path / "k")]
     for extra, text in ((["--product", "p", "--counter", "credits"], "must start with 'lic:'"),
                         (["--product", "p", "--runs", "0"], "--runs must be at least 1"),
@@ -732,7 +732,7 @@ class World:
     def issue(self, name: str, *options: str, product: str = "editor", vendor_key: Path | None = None,
               card_pem: Path | None = None) -> Path:
         out = self.root / name
-        self.vsc("license", "issue", "--vendor-key", str(vendor_key or self.vendor_key), "--product", product,
+        self.vsc("license", "issue", "--slot", "9c", "--vendor-key", str(vendor_key or self.vendor_key), "--product", product,
                  "--card-key", str(card_pem or self.card_pem), "--out", str(out), *options)
         return out
 

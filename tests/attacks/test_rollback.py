@@ -40,7 +40,7 @@ class Rental:
         self.vendor_key, self.vendor_pub = root / "vendor.key", root / "vendor.pub"
         cards.vsc("license", "keygen", "--private", str(self.vendor_key), "--public", str(self.vendor_pub))
         self.keyfile = root / "rental.key"
-        cards.vsc("license", "issue", "--vendor-key", str(self.vendor_key), "--product", "editor",
+        cards.vsc("license", "issue", "--slot", "9c", "--vendor-key", str(self.vendor_key), "--product", "editor",
                   "--card-key", str(card_pem), "--out", str(self.keyfile), "--runs", str(runs))
         shown = cards.vsc("license", "show", "--license", str(self.keyfile), "--vendor-key", str(self.vendor_pub),
                           "--json").json()

@@ -32,7 +32,7 @@ from twisted.protocols import amp
 
 from vsc.card.memory import LockedBuffer
 from vsc.card.pin import local_pin
-from vsc.card.session import CardError, CardSession, explain
+from vsc.card.session import CardError, CardSession, _not_openpgp, explain
 from vsc.wire import ampbox
 from vsc.wire import control as wc
 
@@ -118,6 +118,7 @@ class ControlProtocol(amp.AMP):
 
     async def _authorize(self, slot: str) -> None:
         """The PIN policy before a private-key operation (vsc.card.pin); a one-operation verification is used up."""
+        _not_openpgp(slot)  # the OpenPGP application's keys are refused before any PIN question
         fresh, self._fresh = self._fresh, False
         await self.pin.authorize(slot, fresh, "local API")
 
