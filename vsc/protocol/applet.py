@@ -15,6 +15,8 @@ from typing import Any, Callable, Generator
 
 import attrs
 
+from vsc.wire import apdu
+from vsc.wire.apdu import Command
 from vsc.wire.protected import ItemKind, KeyAlg
 
 SW_OK = 0x9000
@@ -122,3 +124,40 @@ def run_sync(gen: Generator, perform: Callable[[Effect], Any]) -> bytes:
             throw = e
 
 
+
+
+class ResponseBuffer:
+    """
+    A response longer than the command's Le, handed out in parts (ISO 7816-4
+    61xx and GET RESPONSE), shared by the card's applications (PIV, OpenPGP).
+    The application keeps ``_out`` (the whole body) and ``_out_pos`` (how much
+    was sent) and clears them when another command comes.
+    """
+
+    _out: bytes = b""
+    _out_pos: int = 0
+
+    def _respond(self, body: bytes, cmd: Command) -> bytes:
+        limit = cmd.le if cmd.le is not None else (65536 if cmd.extended else 256)
+        if len(body) <= limit:
+            return apdu.build_response(body, SW_OK)
+        self._out, self._out_pos = body, limit
+        return apdu.build_response(body[:limit], self._more_sw())
+
+    def _more_sw(self) -> int:
+        left = len(self._out) - self._out_pos
+        return 0x6100 | (left if left < 256 else 0)
+
+    def _get_response(self, cmd: Command) -> bytes:
+        if cmd.p1 or cmd.p2:
+            return apdu.build_response(b"", SW_WRONG_P1P2)
+        if not self._out or self._out_pos >= len(self._out):
+            self._out, self._out_pos = b"", 0
+            return apdu.build_response(b"", SW_CONDITIONS)
+        n = cmd.le if cmd.le is not None else 256
+        chunk = self._out[self._out_pos:self._out_pos + n]
+        self._out_pos += len(chunk)
+        if self._out_pos >= len(self._out):
+            self._out, self._out_pos = b"", 0
+            return apdu.build_response(chunk, SW_OK)
+        return apdu.build_response(chunk, self._more_sw())

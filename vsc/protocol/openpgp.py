@@ -43,6 +43,7 @@ from typing import Any, Callable, Generator
 from vsc import crypto
 from vsc.protocol import pins
 from vsc.protocol.applet import (
+    ResponseBuffer,
     SW_BLOCKED,
     SW_CHAIN_UNSUPPORTED,
     SW_CLA,
@@ -183,7 +184,7 @@ def matches(aid: bytes) -> bool:
     return 6 <= len(aid) <= 16 and aid.startswith(wire.RID_APP)
 
 
-class OpenPgpApplet:
+class OpenPgpApplet(ResponseBuffer):
     """One card's OpenPGP application: a dispatcher over the instructions, volatile state only."""
 
     def __init__(self, serial: str, rand: crypto.RandomBytes = crypto.system_random):
@@ -262,31 +263,6 @@ class OpenPgpApplet:
         if sw != SW_OK or not body:
             return apdu.build_response(b"", sw)
         return self._respond(body, cmd)
-
-    def _respond(self, body: bytes, cmd: Command) -> bytes:
-        limit = cmd.le if cmd.le is not None else (65536 if cmd.extended else 256)
-        if len(body) <= limit:
-            return apdu.build_response(body, SW_OK)
-        self._out, self._out_pos = body, limit
-        return apdu.build_response(body[:limit], self._more_sw())
-
-    def _more_sw(self) -> int:
-        left = len(self._out) - self._out_pos
-        return 0x6100 | (left if left < 256 else 0)
-
-    def _get_response(self, cmd: Command) -> bytes:
-        if cmd.p1 or cmd.p2:
-            return apdu.build_response(b"", SW_WRONG_P1P2)
-        if not self._out or self._out_pos >= len(self._out):
-            self._out, self._out_pos = b"", 0
-            return apdu.build_response(b"", SW_CONDITIONS)
-        n = cmd.le if cmd.le is not None else 256
-        chunk = self._out[self._out_pos:self._out_pos + n]
-        self._out_pos += len(chunk)
-        if self._out_pos >= len(self._out):
-            self._out, self._out_pos = b"", 0
-            return apdu.build_response(chunk, SW_OK)
-        return apdu.build_response(chunk, self._more_sw())
 
     def _dispatch(self, cmd: Command, data: bytes) -> Step:
         if cmd.ins == INS_SELECT:

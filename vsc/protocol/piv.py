@@ -59,6 +59,7 @@ from vsc.wire.pinpolicy import encode_policy
 from vsc.wire.protected import ItemKind, KeyAlg
 from vsc.protocol import pins
 from vsc.protocol.applet import (  # noqa: F401  (the effects and status words are the applet framework's)
+    ResponseBuffer,
     SW_BLOCKED,
     SW_CHAIN_UNSUPPORTED,
     SW_CLA,
@@ -231,7 +232,7 @@ _MgmtMachine = _build_mgmt()
 # ---------------------------------------------------------------- the applet
 
 
-class PivApplet:
+class PivApplet(ResponseBuffer):
     """One card's PIV application: a dispatcher over the instructions, volatile state only."""
 
     def __init__(self, serial: str, rand: crypto.RandomBytes = crypto.system_random,
@@ -324,32 +325,7 @@ class PivApplet:
             return apdu.build_response(b"", sw)
         return self._respond(body, cmd)
 
-    # -- response buffering (61xx / GET RESPONSE)
-
-    def _respond(self, body: bytes, cmd: Command) -> bytes:
-        limit = cmd.le if cmd.le is not None else (65536 if cmd.extended else 256)
-        if len(body) <= limit:
-            return apdu.build_response(body, SW_OK)
-        self._out, self._out_pos = body, limit
-        return apdu.build_response(body[:limit], self._more_sw())
-
-    def _more_sw(self) -> int:
-        left = len(self._out) - self._out_pos
-        return 0x6100 | (left if left < 256 else 0)
-
-    def _get_response(self, cmd: Command) -> bytes:
-        if cmd.p1 or cmd.p2:
-            return apdu.build_response(b"", SW_WRONG_P1P2)
-        if not self._out or self._out_pos >= len(self._out):
-            self._out, self._out_pos = b"", 0
-            return apdu.build_response(b"", SW_CONDITIONS)
-        n = cmd.le if cmd.le is not None else 256
-        chunk = self._out[self._out_pos : self._out_pos + n]
-        self._out_pos += len(chunk)
-        if self._out_pos >= len(self._out):
-            self._out, self._out_pos = b"", 0
-            return apdu.build_response(chunk, SW_OK)
-        return apdu.build_response(chunk, self._more_sw())
+    # -- response buffering (61xx / GET RESPONSE): applet.ResponseBuffer
 
     # -- dispatch
 
