@@ -25,7 +25,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from vsc.protocol import pins
-from vsc.protocol.applet import SW_BLOCKED, EffectFailed, Load, Notice, Store
+from vsc.protocol.applet import SW_BLOCKED, EffectFailed, Load, Notice, Store, run_async
 from vsc.protocol.card_lifecycle import CardError
 from vsc.wire import apdu
 from vsc.wire.protected import ItemKind
@@ -62,17 +62,7 @@ class LocalPin:
     # -- effects of vsc.protocol.pins, performed on the session
 
     async def _run(self, gen):
-        send, throw = None, None
-        while True:
-            try:
-                effect = gen.throw(throw) if throw is not None else gen.send(send)
-            except StopIteration as stop:
-                return stop.value
-            send, throw = None, None
-            try:
-                send = await self._perform(effect)
-            except EffectFailed as e:
-                throw = e
+        return await run_async(gen, self._perform)
 
     async def _perform(self, effect):
         if isinstance(effect, Load):

@@ -126,6 +126,22 @@ def run_sync(gen: Generator, perform: Callable[[Effect], Any]) -> bytes:
 
 
 
+
+async def run_async(gen: Generator, perform: Callable[[Effect], Any]) -> Any:
+    """Drive ``process`` with an async ``perform`` (the card's glue): its result, or EffectFailed thrown back in."""
+    send: Any = None
+    throw: BaseException | None = None
+    while True:
+        try:
+            effect = gen.throw(throw) if throw is not None else gen.send(send)
+        except StopIteration as stop:
+            return stop.value
+        send, throw = None, None
+        try:
+            send = await perform(effect)
+        except EffectFailed as e:
+            throw = e
+
 class ResponseBuffer:
     """
     A response longer than the command's Le, handed out in parts (ISO 7816-4
