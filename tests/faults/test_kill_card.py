@@ -37,6 +37,7 @@ import pytest
 import pytest_twisted
 
 from tests.cards import Cards, unshare_available
+from tests.integration import wait_for
 from tests.faults.common import PASSWORD, check_card, cheap_keys, enrol_cards, within
 from tests.servers import VSC, _env, admin, init_data_dir, open_store, servers  # noqa: F401  (servers is a fixture)
 from vsc import crypto
@@ -268,10 +269,9 @@ def test_kill_9_card_daemon_in_use(tmp_path, servers, cards):  # noqa: F811
         env=cards.env(), stdin=subprocess.DEVNULL, stdout=open(steps, "w"), stderr=subprocess.DEVNULL,
         start_new_session=True)
     try:
-        deadline = time.monotonic() + WAIT
-        while len(json_stream(steps.read_text())) < 3:
-            assert time.monotonic() < deadline and loop.poll() is None, "the counter loop did not get going"
-            time.sleep(0.05)
+        wait_for(lambda: len(json_stream(steps.read_text())) >= 3 or loop.poll() is not None, WAIT,
+                 "the counter loop to step the counter three times")
+        assert loop.poll() is None, "the counter loop ended before the kill"
         assert daemon.kill(signal.SIGKILL) == -signal.SIGKILL
         loop.wait(WAIT)
     finally:
