@@ -111,9 +111,11 @@ def test_line_protocol_over_pipes(tmp_path):
 def test_children_die_with_their_supervisor(tmp_path):
     """When the supervising process is SIGKILLed (no cleanup runs), the kernel sends its child SIGTERM."""
     child_argv = program(tmp_path, "grandchild", """
-        import signal, sys, time
+        import os, signal, sys, time
         def bye(*_):
-            open(sys.argv[1], "w").write("got SIGTERM")
+            with open(sys.argv[1] + ".part", "w") as f:
+                f.write("got SIGTERM")
+            os.replace(sys.argv[1] + ".part", sys.argv[1])  # the marker appears whole or not at all
             sys.exit(0)
         signal.signal(signal.SIGTERM, bye)
         print("up", flush=True)
@@ -133,7 +135,7 @@ def test_children_die_with_their_supervisor(tmp_path):
     assert running(grandchild)
     supervisor.kill()
     wait_for(marker.exists, 30, "the grandchild's SIGTERM marker")
-    assert marker.read_text() == "got SIGTERM"
+    assert marker.read_text() == "got SIGTERM"  # written to a side file and renamed: no half-written read
     wait_for(lambda: not running(grandchild), 30, "the grandchild to exit")
 
 
