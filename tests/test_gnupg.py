@@ -280,6 +280,7 @@ def test_everything_holds_after_remove_and_insert(stack):
         assert stack["daemon"].wait_exit() == 0
         pcsc._wait_card(False)
         stack["daemon"] = stack["start_card"]()
+        g.wait_for_card()  # scdaemon sees the new card on its own ticker, after pcscd
 
     before = g.card_status()
     reinsert()

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import time  # clock-ok: waits for scdaemon to see a card, against the monotonic clock
 from pathlib import Path
 
 LIBPCSC = next((p for p in ("/usr/lib/x86_64-linux-gnu/libpcsclite.so.1", "/usr/lib/aarch64-linux-gnu/libpcsclite.so.1",
@@ -120,6 +121,22 @@ class GnuPG:
 
     def card_status(self) -> str:
         return self.gpg("--card-status").stdout
+
+    def wait_for_card(self, timeout: float = TIMEOUT) -> str:
+        """
+        ``gpg --card-status`` once scdaemon has seen a newly inserted card; its output. scdaemon notices a removal
+        and a new card on its own ticker, after pcscd does: until then it answers "Card not present" (or "Card
+        removed") although the reader holds the card. Any other failure, or the card still unseen after
+        ``timeout`` seconds, raises.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = self.gpg("--card-status", check=False)
+            if proc.returncode == 0:
+                return proc.stdout
+            if not re.search(r"Card not present|Card removed", proc.stderr) or time.monotonic() > deadline:
+                raise AssertionError(f"gpg --card-status exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+            time.sleep(0.2)  # clock-ok
 
     def field(self, status: str, name: str) -> str:
         m = re.search(rf"^{re.escape(name)} ?\.*: ?(.*)$", status, re.M)
