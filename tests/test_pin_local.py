@@ -146,6 +146,32 @@ def test_wrong_pins_count_against_the_one_counter_and_block_every_path(make, key
     assert isinstance(answer, w.Failure)
 
 
+def test_the_pin_check_before_each_key_operation_does_not_open_the_pin(make, monkeypatch):
+    """authorize reads the policy and the PIN record's tries left through Load(derive=...): decrypted once and
+    kept while the items are unchanged (the PIN itself is not copied per operation); a wrong PIN stores a new
+    record, so the next check sees the new count at once and a blocked PIN refuses."""
+    from vsc.card.protected import CardMemory
+
+    session = make("")
+    c = Control(session)
+    opened = []
+    real_open = CardMemory._open
+
+    def counting(self, held):
+        opened.append(held.name)
+        return real_open(self, held)
+
+    monkeypatch.setattr(CardMemory, "_open", counting)
+    assert c.sign("9a")["signature"]
+    opened.clear()
+    for _ in range(3):
+        assert c.sign("9a")["signature"]
+    assert opened == ["9a"] * 3  # the key, per operation; neither the PIN record nor the policy again
+    for _ in range(3):
+        _refused(lambda: c.call(wc.VERIFY_PIN, pin=b"000000", keep=True), "wrong PIN")
+    _refused(lambda: c.sign("9a"), "the PIN is blocked")
+
+
 def _stored_pin(session) -> bytes:
     from vsc.card.protected import CardMemory
 

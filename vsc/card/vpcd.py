@@ -137,11 +137,7 @@ class PivCard:
     def _perform_now(self, effect):
         """The effects that never wait (_IMMEDIATE): reading locked memory, a log line."""
         if isinstance(effect, piv.Load):
-            mem = self._memory()
-            if not mem.has(effect.kind, effect.name):
-                return None
-            with mem.open(effect.kind, effect.name) as view:
-                return bytes(view)
+            return self._memory().read(effect.kind, effect.name, effect.derive)
         if isinstance(effect, piv.KeyInfo):
             for kind, name, alg, public in self._memory().items():
                 if kind is ItemKind.KEY and name == effect.slot:
