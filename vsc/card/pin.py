@@ -25,7 +25,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from vsc.protocol import pins
-from vsc.protocol.applet import SW_BLOCKED, EffectFailed, Load, Notice, Store, run_async
+from vsc.protocol.applet import SW_BLOCKED, EffectFailed, Load, Notice, Store, run_async, run_sync
 from vsc.protocol.card_lifecycle import CardError
 from vsc.wire.protected import ItemKind
 
@@ -117,7 +117,25 @@ class LocalPin:
         ref = _SLOTS.get(slot)
         if ref is None:
             raise CardError(f"no key in slot {slot}")
-        sw, policy = await self._run(pins.authorize(ref, self.verified(), fresh))
+        self._decided(slot, path, *(await self._run(pins.authorize(ref, self.verified(), fresh))))
+
+    def authorize_now(self, slot: str, fresh: bool = False, path: str = "local API") -> None:
+        """
+        ``authorize`` at once: the decision only reads the card memory (its
+        effects are Loads), so the local API's hot path takes it without a
+        coroutine (vsc.card.control).
+        """
+        ref = _SLOTS.get(slot)
+        if ref is None:
+            raise CardError(f"no key in slot {slot}")
+        self._decided(slot, path, *run_sync(pins.authorize(ref, self.verified(), fresh), self._perform_now))
+
+    def _perform_now(self, effect):
+        if isinstance(effect, Load):
+            return self.session.require_usable().read(effect.kind, effect.name, effect.derive)
+        raise EffectFailed(f"not an effect the PIN check performs at once: {effect!r}")
+
+    def _decided(self, slot: str, path: str, sw: int, policy) -> None:
         if sw != pins.SW_OK:
             why = refusal(sw, slot, policy)
             self.log.warn("{path}: slot {slot} refused: {why}", path=path, slot=slot, why=why)
