@@ -111,7 +111,15 @@ class PivCard:
                 return stop.value, None
             send, throw = None, None
             if not isinstance(effect, _IMMEDIATE):
-                return None, self._resume(gen, effect)
+                if not (isinstance(effect, piv.PrivateOp) and not self.session.busy):
+                    return None, self._resume(gen, effect)
+                # a private-key operation while nothing holds the card: done now, under the same lock
+                # (CardSession.with_key_now), without a coroutine and its Deferreds
+                try:
+                    send = self._private_op_now(effect)
+                except piv.EffectFailed as e:
+                    throw = e
+                continue
             try:
                 send = self._perform_now(effect)
             except piv.EffectFailed as e:
@@ -170,31 +178,17 @@ class PivCard:
         raise piv.EffectFailed(f"unknown effect {effect!r}")
 
     async def _private_op(self, effect: piv.PrivateOp) -> bytes:
-        def run(key: crypto.PrivateKeyHandle) -> bytes:
-            if effect.op == "rsa":
-                return crypto.rsa_private_block(key, effect.data)
-            if effect.op == "rsa-pkcs1":  # OpenPGP: the card pads (PSO:CDS, INTERNAL AUTHENTICATE)
-                return crypto.pkcs1_sign_payload(key, effect.data)
-            if effect.op == "rsa-decrypt":  # OpenPGP PSO:DECIPHER: PKCS#1 v1.5
-                return key.decrypt(effect.data, "pkcs1")
-            if effect.op == "eddsa":  # OpenPGP: Ed25519 signature and authentication keys
-                return key.eddsa_sign(effect.data)
-            if effect.op == "x25519":  # OpenPGP: Cv25519 decryption key
-                return key.x25519(effect.data)
-            if effect.op == "ecdsa":
-                return crypto.ecdsa_sign_hash(key, effect.data)
-            if effect.op == "ecdh":
-                return key.ecdh(effect.data)
-            raise crypto.CryptoError(f"unknown operation {effect.op}")
-
         try:
-            return await self.session.with_key(effect.slot, run)
-        except crypto.CryptoError as e:
-            raise piv.EffectFailed(str(e), piv.SW_WRONG_DATA) from None
-        except ValueError as e:  # e.g. a point not on the curve
-            raise piv.EffectFailed(str(e), piv.SW_WRONG_DATA) from None
-        except Exception as e:  # noqa: BLE001 - card removed, no key
-            raise piv.EffectFailed(str(e)) from None
+            return await self.session.with_key(effect.slot, _key_op(effect))
+        except Exception as e:  # noqa: BLE001 - mapped to the status word the host sees
+            raise _op_failed(e) from None
+
+    def _private_op_now(self, effect: piv.PrivateOp) -> bytes:
+        """``_private_op`` at once (the caller saw that no operation holds the card)."""
+        try:
+            return self.session.with_key_now(effect.slot, _key_op(effect))
+        except Exception as e:  # noqa: BLE001 - mapped to the status word the host sees
+            raise _op_failed(e) from None
 
     async def _generate(self, effect: piv.Generate) -> bytes:
         """
@@ -213,6 +207,38 @@ class PivCard:
             return public
         finally:
             der[:] = bytes(len(der))
+
+
+def _key_op(effect: piv.PrivateOp):
+    """The function of a key that performs ``effect`` (CardSession.with_key / with_key_now run it)."""
+
+    def run(key: crypto.PrivateKeyHandle) -> bytes:
+        if effect.op == "rsa":
+            return crypto.rsa_private_block(key, effect.data)
+        if effect.op == "rsa-pkcs1":  # OpenPGP: the card pads (PSO:CDS, INTERNAL AUTHENTICATE)
+            return crypto.pkcs1_sign_payload(key, effect.data)
+        if effect.op == "rsa-decrypt":  # OpenPGP PSO:DECIPHER: PKCS#1 v1.5
+            return key.decrypt(effect.data, "pkcs1")
+        if effect.op == "eddsa":  # OpenPGP: Ed25519 signature and authentication keys
+            return key.eddsa_sign(effect.data)
+        if effect.op == "x25519":  # OpenPGP: Cv25519 decryption key
+            return key.x25519(effect.data)
+        if effect.op == "ecdsa":
+            return crypto.ecdsa_sign_hash(key, effect.data)
+        if effect.op == "ecdh":
+            return key.ecdh(effect.data)
+        raise crypto.CryptoError(f"unknown operation {effect.op}")
+
+    return run
+
+
+def _op_failed(e: Exception) -> piv.EffectFailed:
+    """What a failed private-key operation answers: bad data 6A80 (a bad block or point), anything else 6F00."""
+    if isinstance(e, piv.EffectFailed):
+        return e
+    if isinstance(e, (crypto.CryptoError, ValueError)):  # ValueError: e.g. a point not on the curve
+        return piv.EffectFailed(str(e), piv.SW_WRONG_DATA)
+    return piv.EffectFailed(str(e))  # card removed, no key
 
 
 def send_now(transport, data: bytes) -> None:
@@ -263,8 +289,23 @@ class VpcdProtocol(Int16StringReceiver):
 
     def connectionMade(self) -> None:
         self._quickack()
+        self._direct_reads()
         self.card.reset()  # a new connection is a freshly inserted card
         self.log.info("card presented to PC/SC (vpcd {peer})", peer=str(self.transport.getPeer()))
+
+    def _direct_reads(self) -> None:
+        """
+        Have the TCP transport hand what it reads straight to this protocol.
+        Through PcscLink's ClientService a read passes the endpoint's
+        _WrappingProtocol and ClientService's proxy (a ``__getattr__``) on its
+        way here, and Debian's vpcd sends every APDU as two writes (length,
+        payload): two reads per APDU. Only ``dataReceived`` is short-cut (an
+        attribute of the transport's own protocol object); connectionLost
+        still passes both, so reconnecting is unchanged.
+        """
+        outer = getattr(self.transport, "protocol", None)
+        if outer is not None and outer is not self and hasattr(outer, "_wrappedProtocol"):
+            outer.dataReceived = self.dataReceived
 
     def dataReceived(self, data: bytes) -> None:
         self._quickack()  # the 44 ms pitfall: see the module docstring
