@@ -229,8 +229,9 @@ class ControlProtocol(amp.AMP):
                     self._data_get(ask, name)
                 return
             if command == _SIGN_DIGEST:  # the local API's hot path: answered here, not through AMP's dispatch
-                args = {key: bytes(view[start:end]) for key, start, end in fields}
-                self._sign_digest(args.get(wc.ASK), args.get(b"slot"), args.get(b"digest"))
+                ask, slot, digest = (bytes(view[slice(*where[k])]) if k in where else None
+                                     for k in (wc.ASK, b"slot", b"digest"))
+                self._sign_digest(ask, slot, digest)
                 return
             box = amp.AmpBox({key: bytes(view[start:end]) for key, start, end in fields})
         finally:

@@ -209,6 +209,9 @@ class CardLifecycle:
 
     @property
     def usable(self) -> bool:
+        memory = self._in_use
+        if memory is not None:  # in use: the machine's answer is whether the memory was wiped
+            return not memory.wiped
         return self._m.usable()
 
     @property
