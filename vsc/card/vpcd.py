@@ -30,7 +30,7 @@ from __future__ import annotations
 import socket
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import DeferredLock, ensureDeferred, succeed
+from twisted.internet.defer import DeferredLock, ensureDeferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
@@ -324,6 +324,9 @@ class VpcdProtocol(Int16StringReceiver):
             self._lock.release()
             self._failed(Failure())
             return
+        if d is None:  # answered in this turn (most messages): no Deferred to wait on
+            self._lock.release()
+            return
         d.addBoth(self._handled).addErrback(self._failed)
 
     def _handled(self, result):
@@ -349,13 +352,14 @@ class VpcdProtocol(Int16StringReceiver):
         send_now(self.transport, apdu.encode_vpcd(response))
 
     def _handle(self, payload: bytes):
+        """Answer one vpcd message: None when answered in this turn, else a Deferred that fires once it is."""
         ctl = apdu.control_of(payload)
         if ctl is apdu.VpcdControl.GET_ATR:
             send_now(self.transport, apdu.encode_vpcd(self.atr))
-            return succeed(None)
+            return None
         if ctl is not None:  # power off, power on, reset: volatile state cleared, no reply
             self.card.reset()
-            return succeed(None)
+            return None
         try:
             response, rest = self.card.begin(payload)
         except Exception:  # noqa: BLE001 - a bug: answer 6F00 rather than leave the host waiting
@@ -363,7 +367,7 @@ class VpcdProtocol(Int16StringReceiver):
             response, rest = apdu.build_response(b"", piv.SW_UNKNOWN), None
         if rest is None:  # answered without waiting (most APDUs)
             self._respond(response)
-            return succeed(None)
+            return None
         return ensureDeferred(self._answer(rest))
 
     def connectionLost(self, reason) -> None:
