@@ -703,11 +703,97 @@ def target_flood_poll(r: dict) -> list[str] | None:
                 fl["poll_p99_ratio"], 2.0)
 
 
+# ---- the card side (bench/latency.py): local API, PIV over PC/SC, pkcs11-tool, the APDU round trip
+
+
+def _lat(r: dict, *keys) -> float | None:
+    """The p50 at ``keys`` of the latency part's results, or None."""
+    d = r.get("latency")
+    if not _ok(d):
+        return None
+    for k in keys:
+        d = (d or {}).get(k)
+    return d.get("p50") if isinstance(d, dict) and d.get("n") else None
+
+
+def target_local_api(r: dict) -> list[str] | None:
+    amp, floor = _lat(r, "amp", "9a"), _lat(r, "floor", "load_sign_9a")
+    if amp is None:
+        return None
+    return _row("#15 local API sign RSA-2048 (p50, decrypt-on-use, the default) ≤ 1.15× load-and-sign",
+                f"{amp:.3f} ms", f"{floor:.3f} ms (load the PKCS#8 key + sign, the client's process)",
+                amp / floor if floor else None, 1.15)
+
+
+def target_local_api_cache(r: dict) -> list[str] | None:
+    amp, held = _lat(r, "key_cache", "amp", "9a"), _lat(r, "floor", "held_sign_9a")
+    if amp is None:
+        return None
+    return _row("#15 local API sign RSA-2048 (p50) with the key-cache policy on (card.ini key_cache; off by "
+                "default) ≤ 1.15× its floor, a sign with the key held", f"{amp:.3f} ms",
+                f"{held:.3f} ms (sign, key loaded once)", amp / held if held else None, 1.15)
+
+
+def _piv_row(r: dict, label: str, keys: tuple, cached: bool) -> list[str] | None:
+    ga, held, load = _lat(r, *keys), _lat(r, "floor", "held_sign_9a"), _lat(r, "floor", "load_sign_9a")
+    if ga is None or not held:
+        return None
+    why = ""
+    if not cached and load:
+        why = (f"; with decrypt-on-use the key is loaded per signature, which alone allows at most "
+               f"{held / load:.2f}× (load-and-sign {load:.3f} ms): out of reach by construction")
+    return _row(f"#15 PIV RSA-2048 signatures/s over PC/SC, {label} ≥ 0.5× the OpenSSL sign rate",
+                f"{1000.0 / ga:,.0f}/s ({ga:.3f} ms)", f"{1000.0 / held:,.0f}/s (key loaded once){why}",
+                held / ga, 0.5, at_least=True)
+
+
+def target_piv_chained(r: dict) -> list[str] | None:
+    return _piv_row(r, "chained as OpenSC sends it (3 APDUs), decrypt-on-use", ("pcsc", "9a"), False)
+
+
+def target_piv_extended(r: dict) -> list[str] | None:
+    return _piv_row(r, "one extended-length APDU, decrypt-on-use", ("pcsc", "9a_ext"), False)
+
+
+def target_piv_cached_chained(r: dict) -> list[str] | None:
+    return _piv_row(r, "chained (3 APDUs), key-cache policy on", ("key_cache", "pcsc", "9a"), True)
+
+
+def target_piv_cached_extended(r: dict) -> list[str] | None:
+    return _piv_row(r, "one extended APDU, key-cache policy on", ("key_cache", "pcsc", "9a_ext"), True)
+
+
+def target_pkcs11_tool(r: dict) -> list[str] | None:
+    tool, hsm = _lat(r, "pcsc_tool_9a"), _lat(r, "softhsm", "tool_rsa2048")
+    if tool is None:
+        return None
+    floor = f"{hsm:.2f} ms (SoftHSM2, the same command)" if hsm else "—"
+    oc = (r.get("latency") or {}).get("opensc") or {}
+    replay, card = (oc.get("replay") or {}).get("p50"), (oc.get("card") or {}).get("p50")
+    if replay and hsm:
+        floor += (f"; OpenSC + pcscd + the process alone, against a replay card answering the same "
+                  f"{oc['apdus']} APDUs from a table: {replay:.2f} ms ({replay / hsm:.2f}× SoftHSM2, ours "
+                  f"{card:.2f} ms beside it)")
+    return _row("#15 `pkcs11-tool --sign` per process through OpenSC ≤ 2× SoftHSM2's", f"{tool:.2f} ms", floor,
+                tool / hsm if hsm else None, 2.0)
+
+
+def target_apdu_roundtrip(r: dict) -> list[str] | None:
+    rt, floor = _lat(r, "pcsc", "roundtrip"), _lat(r, "pcsc_floor")
+    if rt is None:
+        return None
+    return _row("#15 APDU round trip (GET DATA Discovery, pyscard) ≤ 1.5× a no-op card's", f"{rt:.3f} ms",
+                f"{floor:.3f} ms (no-op card, same pcscd + vpcd)" if floor else "—",
+                rt / floor if floor else None, 1.5)
+
+
 #: One function per done-when figure; each returns a Targets row or None (not measured in this run).
 #: Parts add their own rows here.
 TARGETS = [target_cycle_cpu, target_handshake_cpu, target_handshake_wall, target_cycle_wall, target_pg_two,
            target_capacity_p99, target_capacity_rss, target_capacity_poll, target_sealed_records,
-           target_flood_insert, target_flood_poll]
+           target_flood_insert, target_flood_poll, target_local_api, target_local_api_cache, target_piv_chained,
+           target_piv_extended, target_piv_cached_chained, target_piv_cached_extended, target_pkcs11_tool,
+           target_apdu_roundtrip]
 
 
 def section_targets(results: dict) -> list[str]:
@@ -787,21 +873,6 @@ def headline(results: dict) -> list[str]:
     return out
 
 
-def targets_section(results: dict) -> list[str]:
-    """
-    Issue 15's targets: every part may return ``targets`` (rows made by
-    bench.latency.target: the figure, its floor from the same run, the ratio
-    and the bound); they are gathered here into one table.
-    """
-    from bench.latency import targets_table
-
-    rows = [dict(r, target=f"{r['target']} ({part})") for part in PARTS
-            for r in (results.get(part) or {}).get("targets", [])]
-    if not rows:
-        return []
-    return ["## Targets (issue 15)", "", targets_table(rows), ""]
-
-
 def document(results: dict, facts: dict, command: str, quick: bool, started: str, load_start: str,
              load_end: str, elapsed: float) -> str:
     from bench import capacity, latency, startup
@@ -831,7 +902,6 @@ def document(results: dict, facts: dict, command: str, quick: bool, started: str
         "",
         *headline(results),
         "",
-        *targets_section(results),
         "## 1. The floor: bare private-key operations",
         "",
         *section_floor(results.get("floor", {"error": "skipped"})),

@@ -82,9 +82,14 @@ PUK = "24680246"
 
 
 class FloorCard(threading.Thread):
-    """A card that answers 9000 to every APDU, on a plain blocking socket; optionally without TCP_QUICKACK."""
+    """
+    A card that answers 9000 to every APDU, on a plain blocking socket;
+    optionally without TCP_QUICKACK. ``responder`` (APDU bytes -> response
+    bytes) answers instead of 9000: bench/latency.py's replay card answers
+    from a recorded conversation, at no cost of its own.
+    """
 
-    def __init__(self, port: int, quickack: bool = True):
+    def __init__(self, port: int, quickack: bool = True, responder=None):
         super().__init__(daemon=True)
         from vsc.card.vpcd import ATR
         from vsc.wire import apdu
@@ -92,6 +97,7 @@ class FloorCard(threading.Thread):
         self.apdu = apdu
         self.atr = ATR
         self.port, self.quickack = port, quickack
+        self.responder = responder
         self.stop_flag = threading.Event()
         self.connected = threading.Event()
         self.sock: socket.socket | None = None
@@ -135,7 +141,8 @@ class FloorCard(threading.Thread):
                     self.sock.sendall(self.apdu.encode_vpcd(self.atr))
                 elif ctl is None:
                     self.apdus += 1
-                    self.sock.sendall(self.apdu.encode_vpcd(b"\x90\x00"))
+                    answer = b"\x90\x00" if self.responder is None else self.responder(payload)
+                    self.sock.sendall(self.apdu.encode_vpcd(answer))
 
     def stop(self) -> None:
         self.stop_flag.set()

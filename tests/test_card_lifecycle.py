@@ -235,3 +235,22 @@ def test_a_storage_that_is_safe_without_checkin_removes_anyway(tmp_path):
     assert exits == []
     clock.advance(0)
     assert exits == [(5, "the token is gone; the card was removed anyway")]
+
+
+@pytest.mark.parametrize("state", list(LifeState), ids=lambda s: s.value)
+@pytest.mark.parametrize("name", INPUTS)
+def test_require_usable_answers_as_the_machine_after_every_input(state, name):
+    """require_usable's shortcut (the memory kept while in use) gives what the machine's own usable() and
+    memory() give after every input, allowed or refused, and never returns wiped memory."""
+    machine, memory = _machine_in(state)
+    try:
+        _fire(machine, name, memory)
+    except CardError:
+        pass
+    for wiped in (False, True):
+        memory.wiped = wiped
+        if machine._m.usable():
+            assert machine.require_usable() is machine._m.memory() is memory
+        else:
+            with pytest.raises(CardError, match=r"^the card is not inserted"):
+                machine.require_usable()

@@ -10,6 +10,7 @@ server replaced by fakes.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from vsc import crypto
 from vsc.card import machine, ops
 from vsc.card.config import CardConfig
 from vsc.card.machine import MachineLock, MachineLockHeld, compute_muk, muk_sources
-from vsc.card.memory import LockedBuffer
+from vsc.card.memory import LockedBuffer, ScratchPool, scratch
 from vsc.card.protected import CardMemory, PlainItem, seal_envelope
 from vsc.card.session import LifeState
 from vsc.net.channel import ChannelClosedError
@@ -145,6 +146,67 @@ def test_memory_is_locked_and_wipe_zeroes_and_unmaps(ec_der):
     assert bytes(buf.view) == bytes(100)
     buf.free()
     buf.free()  # idempotent
+
+
+def test_scratch_pool_reuses_zeroed_locked_buffers():
+    """A buffer given back is zeroed before reuse and taken again without a new mapping; at most ``keep`` stay spare."""
+    pool = ScratchPool(keep=2)
+    a = pool.take(100)
+    assert a.size >= 100 and a.size % mmap.PAGESIZE == 0 and bytes(a.view) == bytes(a.size)
+    if os.geteuid() == 0:
+        assert a.locked
+    a.view[:100] = b"\xaa" * 100
+    pool.give(a)
+    assert a._mm is not None and bytes(a.view) == bytes(a.size) and pool.spare() == 1
+    assert pool.take(4000) is a and pool.spare() == 0  # the same page count: the spare one
+    b, c = pool.take(10), pool.take(10)
+    for buf in (a, b, c):
+        pool.give(buf)
+    assert pool.spare() == 2 and c._mm is None  # the third was freed (zeroed and unmapped), not kept
+    big = pool.take(mmap.PAGESIZE + 1)
+    assert big.size == 2 * mmap.PAGESIZE and big is not a and big is not b
+    pool.give(big)
+    pool.clear()
+    assert pool.spare() == 0 and a._mm is None and b._mm is None and big._mm is None
+
+
+def test_memory_open_uses_the_pool_and_zeroes_after_each_operation(ec_der):
+    """open() decrypts into a pooled locked buffer that is zeroed when the operation ends, and reuses it next time."""
+    mem = CardMemory.load(SERIAL, _envelope(ec_der), PROTECTION_KEY)
+    try:
+        with mem.open(ItemKind.KEY, "9c") as view:
+            assert bytes(view) == ec_der
+            buf = view.obj  # the mmap behind the view
+        spare = [b for bs in scratch._spare.values() for b in bs if b._mm is buf]
+        assert len(spare) == 1 and bytes(spare[0].view) == bytes(spare[0].size)
+        with mem.open(ItemKind.KEY, "9c") as view:
+            assert view.obj is buf  # taken again from the pool
+    finally:
+        mem.wipe()
+
+
+def test_memory_read_caches_a_derived_value_until_the_item_changes(ec_der):
+    """read(derive=f) opens the item once and keeps f's answer; a put, a revert or a wipe makes it stale."""
+    mem = CardMemory.load(SERIAL, _envelope(ec_der), PROTECTION_KEY)
+    calls = []
+
+    def first_byte(view):
+        calls.append(bytes(view))
+        return view[0]
+
+    try:
+        assert mem.read(ItemKind.DATA, "absent", first_byte) is None and calls == []
+        assert mem.read(ItemKind.COUNTER, "runs") == encode_counter(5)  # no derive: a copy of the value
+        assert mem.read(ItemKind.COUNTER, "runs", first_byte) == encode_counter(5)[0]
+        assert mem.read(ItemKind.COUNTER, "runs", first_byte) == encode_counter(5)[0] and len(calls) == 1
+        old = mem.put(ItemKind.COUNTER, "runs", b"\x07" + encode_counter(5)[1:])
+        assert mem.read(ItemKind.COUNTER, "runs", first_byte) == 7 and len(calls) == 2
+        mem.revert(ItemKind.COUNTER, "runs", old)
+        assert mem.read(ItemKind.COUNTER, "runs", first_byte) == encode_counter(5)[0] and len(calls) == 3
+        assert mem.read(ItemKind.COUNTER, "runs", lambda v: len(v)) == len(encode_counter(5))  # another derive
+    finally:
+        mem.wipe()
+    assert mem._derived == {}
 
 
 def test_memory_plaintext_is_never_held_sealed_under_temp(ec_der):
@@ -451,3 +513,32 @@ def test_counter_refuses_below_zero_and_licence_top_up(world):
     with pytest.raises(CardError, match="licence counters"):
         _done(world.session.counter("lic:app", 1))
     assert world.server.syncs == []
+
+
+def test_compiled_index_and_envelope_give_the_schemas_bytes_and_errors():
+    """encode_index / encode_envelope build through the compiled twins (vsc.wire.codec.Fast): the same bytes as
+    the interpreted IndexSchema / EnvelopeSchema, and a value the schema refuses is refused the same way."""
+    import attrs as _attrs
+    import construct as c
+
+    from vsc.wire import protected as wp
+
+    rand = _counter_rand()
+    items = [wp.Item(ItemKind.KEY, f"9{i}", KeyAlg.P256, rand(91), wp.SealedValue(rand(12), rand(40 * i), rand(16)))
+             for i in range(6)]
+    for generation in (0, 1, 2**40):
+        obj = dict(format=2, generation=generation, items=[dict(kind=i.kind, name=i.name, alg=i.alg, public=i.public,
+                                                                value=_attrs.asdict(i.value)) for i in items])
+        assert wp.encode_index(items, generation) == wp.IndexSchema.build(obj)
+        assert wp.decode_index_generation(wp.encode_index(items, generation)) == (items, generation)
+    wrap, index = wp.SealedValue(rand(12), rand(48), rand(16)), wp.SealedValue(rand(12), rand(300), rand(16))
+    env = wp.encode_envelope(wrap, index, "unit-1")
+    assert env == wp.EnvelopeSchema.build(dict(card_id="unit-1", wrap=_attrs.asdict(wrap), index=_attrs.asdict(index)))
+    bad = [wp.Item(ItemKind.KEY, "n" * 65, KeyAlg.P256, b"", wp.SealedValue(rand(12), b"", rand(16)))]
+    with pytest.raises(c.ConstructError) as compiled:
+        wp.encode_index(bad)
+    with pytest.raises(c.ConstructError) as interpreted:
+        wp.IndexSchema.build(dict(format=2, generation=0, items=[dict(kind=i.kind, name=i.name, alg=i.alg,
+                                                                      public=i.public, value=_attrs.asdict(i.value))
+                                                                 for i in bad]))
+    assert type(compiled.value) is type(interpreted.value) and str(compiled.value) == str(interpreted.value)

@@ -151,6 +151,9 @@ class FakePin:
     async def authorize(self, slot, fresh, path):
         self.calls.append(("authorize", slot, fresh))
 
+    def authorize_now(self, slot, fresh, path):
+        self.calls.append(("authorize", slot, fresh))
+
     async def verify(self, pin, keep):
         self.calls.append(("verify", pin, keep))
 
@@ -186,7 +189,13 @@ class FakeSession:
         self._slot(slot)
         return b"-----BEGIN PUBLIC KEY-----\n"
 
+    busy = False  # no other operation holds the card: SignDigest takes the synchronous path
+
     async def sign_digest(self, slot, digest):
+        self._slot(slot)
+        return b"sig:" + digest
+
+    def sign_digest_now(self, slot, digest):
         self._slot(slot)
         return b"sig:" + digest
 

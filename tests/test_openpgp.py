@@ -77,7 +77,9 @@ class FakeCard:
     def perform(self, effect):
         if isinstance(effect, Load):
             item = self.items.get((effect.kind, effect.name))
-            return item[0] if item else None
+            if item is None:
+                return None
+            return effect.derive(item[0]) if effect.derive is not None else item[0]
         if isinstance(effect, Store):
             if self.fail_stores:
                 raise EffectFailed("server unreachable", 0x6581)

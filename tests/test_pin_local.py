@@ -146,6 +146,51 @@ def test_wrong_pins_count_against_the_one_counter_and_block_every_path(make, key
     assert isinstance(answer, w.Failure)
 
 
+def test_the_pin_check_before_each_key_operation_does_not_open_the_pin(make, monkeypatch):
+    """authorize reads the policy and the PIN record's tries left through Load(derive=...): decrypted once and
+    kept while the items are unchanged (the PIN itself is not copied per operation); a wrong PIN stores a new
+    record, so the next check sees the new count at once and a blocked PIN refuses."""
+    from vsc.card.protected import CardMemory
+
+    session = make("")
+    c = Control(session)
+    opened = []
+    real_open = CardMemory._open
+
+    def counting(self, held):
+        opened.append(held.name)
+        return real_open(self, held)
+
+    monkeypatch.setattr(CardMemory, "_open", counting)
+    assert c.sign("9a")["signature"]
+    opened.clear()
+    for _ in range(3):
+        assert c.sign("9a")["signature"]
+    assert opened == ["9a"] * 3  # the key, per operation; neither the PIN record nor the policy again
+    for _ in range(3):
+        _refused(lambda: c.call(wc.VERIFY_PIN, pin=b"000000", keep=True), "wrong PIN")
+    _refused(lambda: c.sign("9a"), "the PIN is blocked")
+
+
+def test_sign_digest_is_answered_at_once_when_free_and_after_the_holder_when_busy(make):
+    """The local API's SignDigest is answered in the turn it arrives when no operation holds the card (no
+    coroutine: the answer is written before dataReceived returns); while another operation holds the card it
+    waits for it and is answered once the lock is released, with the same PIN checks."""
+    session = make("")
+    c = Control(session)
+    assert c.sign("9a")["signature"]  # answered synchronously: Control.call reads the answer right away
+    held = done(session._oplock.acquire())
+    assert session.busy
+    c.transport.clear()
+    c.ask += 1
+    c.proto.dataReceived(ampbox.encode_box(wc.request(wc.SIGN_DIGEST, c.ask, {"slot": "9a", "digest": bytes(32)})))
+    assert c.transport.value() == b""  # waits for the holder
+    held.release()
+    box, _used = ampbox.decode_box(c.transport.value())
+    assert wc.answer(wc.SIGN_DIGEST, c.ask, box)["signature"] and not session.busy
+    _refused(lambda: c.sign("9c"), "needs the PIN with every use")  # the fast path keeps the policy
+
+
 def _stored_pin(session) -> bytes:
     from vsc.card.protected import CardMemory
 

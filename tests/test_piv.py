@@ -85,7 +85,9 @@ class FakeCard:
     def perform(self, effect):
         if isinstance(effect, piv.Load):
             item = self.items.get((effect.kind, effect.name))
-            return item[0] if item else None
+            if item is None:
+                return None
+            return effect.derive(item[0]) if effect.derive is not None else item[0]
         if isinstance(effect, piv.Store):
             if self.fail_stores:
                 raise piv.EffectFailed("server unreachable", piv.SW_MEMORY_FAILURE)
@@ -898,6 +900,7 @@ from vsc.card.config import CardConfig  # noqa: E402
 from vsc.card.protected import PlainItem, seal_envelope  # noqa: E402
 from vsc.card.session import LifeState  # noqa: E402
 from tests.cardfakes import MemoryStorage, in_use_session, leave_use, release  # noqa: E402
+from tests.cardfakes import done as cardfakes_done  # noqa: E402
 
 
 @pytest.fixture
@@ -1021,6 +1024,57 @@ def test_glue_signs_with_the_session_key_and_keeps_order(session):
     assert sw == 0x9000 and atr == vpcd.ATR
     RSA_KEY.public_key().verify(tlv.to_dict(tlv.decode_one(body, 0x7C))[0x82], digest, padding.PKCS1v15(),
                                 Prehashed(hashes.SHA256()))
+
+
+def test_glue_private_key_operation_is_answered_at_once_when_the_card_is_free(session):
+    """With no operation holding the card, GENERAL AUTHENTICATE finishes in PivCard.begin (no coroutine to
+    await: the key is used under the session's lock, taken and released synchronously) and verifies; a block
+    OpenSSL refuses is 6A80 the same way; a busy card still defers it."""
+    card = vpcd.PivCard(session, Drbg(b"now"))
+    sel = apdu.command(0, 0xA4, 4, 0, piv.PIV_AID[:9], 256)
+    assert card.begin(sel)[1] is None
+    response, rest = card.begin(apdu.command(0, 0x20, 0, 0x80, apdu.pad_pin(PIN)))
+    assert rest is not None  # VERIFY stores the retry counter (a sync): it waits
+    cardfakes_done(rest)
+    digest = hashlib.sha256(b"at once").digest()
+    data = tlv.encode(0x7C, tlv.encode_many([(0x82, b""), (0x81, _pkcs1_block(digest))]))
+    response, rest = card.begin(apdu.command(0, 0x87, 0x07, 0x9A, data, 65536, extended=True))
+    assert rest is None and not session.busy
+    body, sw = apdu.parse_response(response)
+    assert sw == 0x9000
+    RSA_KEY.public_key().verify(tlv.to_dict(tlv.decode_one(body, 0x7C))[0x82], digest, padding.PKCS1v15(),
+                                Prehashed(hashes.SHA256()))
+    too_big = tlv.encode(0x7C, tlv.encode_many([(0x82, b""), (0x81, b"\xff" * 256)]))  # >= the modulus
+    response, rest = card.begin(apdu.command(0, 0x87, 0x07, 0x9A, too_big, 65536, extended=True))
+    assert rest is None and apdu.parse_response(response)[1] == 0x6A80 and not session.busy
+    session._oplock.acquire()
+    response, rest = card.begin(apdu.command(0, 0x87, 0x07, 0x9A, data, 65536, extended=True))
+    assert response is None and rest is not None  # waits for the holder
+    rest.close()
+    session._oplock.release()
+
+
+def test_vpcd_reads_skip_the_client_service_wrappers_but_connection_lost_does_not(session):
+    """Behind ClientService (an endpoint's _WrappingProtocol around ClientService's proxy) the transport's
+    protocol hands reads straight to VpcdProtocol.dataReceived; connectionLost still passes the proxy, whose
+    notification is what makes ClientService reconnect."""
+    from twisted.application._client_service import _ReconnectingProtocolProxy
+    from twisted.internet.defer import Deferred
+    from twisted.internet.endpoints import _WrappingProtocol
+    from twisted.python.failure import Failure
+
+    card = vpcd.PivCard(session, Drbg(b"wrap"))
+    proto = vpcd.VpcdFactory(card).buildProtocol(None)
+    lost = []
+    outer = _WrappingProtocol(Deferred(), _ReconnectingProtocolProxy(proto, lost.append))
+    transport = VpcdTransport()
+    transport.protocol = outer
+    outer.makeConnection(transport)
+    assert outer.dataReceived == proto.dataReceived
+    outer.dataReceived(apdu.encode_vpcd(b"\x04"))
+    assert vpcd_payloads(transport.value()) == [vpcd.ATR]
+    outer.connectionLost(Failure(ConnectionError("vpcd went away")))
+    assert len(lost) == 1 and not proto.connected
 
 
 def test_glue_persists_the_retry_counter(session):

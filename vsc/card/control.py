@@ -116,6 +116,12 @@ class ControlProtocol(amp.AMP):
         self._fill = 0
         self._refused = False
 
+    def _authorize_now(self, slot: str) -> None:
+        """``_authorize`` at once (the PIN check only reads the card memory)."""
+        _not_openpgp(slot)
+        fresh, self._fresh = self._fresh, False
+        self.pin.authorize_now(slot, fresh, "local API")
+
     async def _authorize(self, slot: str) -> None:
         """The PIN policy before a private-key operation (vsc.card.pin); a one-operation verification is used up."""
         _not_openpgp(slot)  # the OpenPGP application's keys are refused before any PIN question
@@ -223,8 +229,9 @@ class ControlProtocol(amp.AMP):
                     self._data_get(ask, name)
                 return
             if command == _SIGN_DIGEST:  # the local API's hot path: answered here, not through AMP's dispatch
-                args = {key: bytes(view[start:end]) for key, start, end in fields}
-                self._sign_digest(args.get(wc.ASK), args.get(b"slot"), args.get(b"digest"))
+                ask, slot, digest = (bytes(view[slice(*where[k])]) if k in where else None
+                                     for k in (wc.ASK, b"slot", b"digest"))
+                self._sign_digest(ask, slot, digest)
                 return
             box = amp.AmpBox({key: bytes(view[start:end]) for key, start, end in fields})
         finally:
@@ -248,15 +255,37 @@ class ControlProtocol(amp.AMP):
                 error = True
             else:
                 error = False
-            if ask is None or box is None or self.transport is None or not self.transport.connected:
-                return
-            box[wc.ERROR if error else wc.ANSWER] = ask
-            self.transport.write(ampbox.encode_box(box))
+            if box is not None:
+                self._send_box(ask, box, error)
 
         ensureDeferred(go())
 
+    def _send_box(self, ask, box: dict, error: bool) -> None:
+        """Answer request ``ask`` (none: nobody waits) with ``box``, as its answer or as its error."""
+        if ask is None or self.transport is None or not self.transport.connected:
+            return
+        box[wc.ERROR if error else wc.ANSWER] = ask
+        self.transport.write(ampbox.encode_box(box))
+
     def _sign_digest(self, ask, slot, digest) -> None:
-        """SignDigest without AMP's dispatch (the same answer and refusals as the responder below)."""
+        """
+        SignDigest without AMP's dispatch (the same answer and refusals as
+        the responder below). When no other operation holds the card it is
+        answered in this reactor turn, synchronously (the PIN check and the
+        signature wait for nothing): no coroutine, Deferred or lock waiter.
+        """
+        if slot is not None and digest is not None and not self.session.busy:
+            try:
+                name = _text(slot)
+                self._authorize_now(name)  # the PIN policy, as on every path (vsc.card.pin)
+                box, error = {b"signature": self.session.sign_digest_now(name, digest)}, False
+            except CardError as e:
+                box, error = {wc.ERROR_CODE: wc.CARD_ERROR, wc.ERROR_DESCRIPTION: str(e).encode("utf-8")}, True
+            except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+                _log.failure("control command failed")
+                box, error = {wc.ERROR_CODE: wc.CARD_ERROR, wc.ERROR_DESCRIPTION: explain(e).encode("utf-8")}, True
+            self._send_box(ask, box, error)
+            return
 
         async def run():
             if slot is None or digest is None:

@@ -89,9 +89,8 @@ def floors_of(memory) -> dict:
     out = {}
     for kind, name, _alg, _public in memory.items():
         for mkind, match, read, _lower in MONOTONIC:
-            if kind is mkind and match(name):
-                with memory.open(kind, name) as value:
-                    out[f"{int(kind)}:{name}"] = read(value)
+            if kind is mkind and match(name):  # read once per stored value (CardMemory.read's derived cache)
+                out[f"{int(kind)}:{name}"] = memory.read(kind, name, read)
     return out
 
 

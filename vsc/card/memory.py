@@ -75,6 +75,61 @@ class LockedBuffer:
             pass
 
 
+class ScratchPool:
+    """
+    Locked pages for the plaintext of one operation (an item of the card
+    memory opened to sign, to check a PIN, to answer a GET DATA), reused
+    instead of mapped per operation: a LockedBuffer costs five system calls
+    (mmap, mlock, madvise, munlock, munmap) and about 15 us, and a local API
+    signature opened four of them (issue 15). A buffer taken is the same
+    kind of memory as a new LockedBuffer (mlocked, out of core dumps); it is
+    zeroed when given back, before it goes on the spare list, and at most
+    ``keep`` spare buffers of each size are kept (the rest are freed).
+    List pops and appends are atomic under the GIL, so worker threads may
+    take buffers too.
+    """
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._spare: dict[int, list[LockedBuffer]] = {}
+
+    def take(self, size: int) -> LockedBuffer:
+        """A zeroed locked buffer of at least ``size`` bytes (whole pages): use ``view[:size]``, then ``give``."""
+        pages = (max(1, size) + _PAGE - 1) // _PAGE * _PAGE
+        spare = self._spare.get(pages)
+        if spare:
+            try:
+                return spare.pop()
+            except IndexError:  # another thread took the last one
+                pass
+        return LockedBuffer(pages)
+
+    def give(self, buf: LockedBuffer) -> None:
+        """Zero ``buf`` and keep it for the next ``take`` (or free it when enough are kept)."""
+        if buf._mm is None:
+            return
+        buf.zero()
+        spare = self._spare.setdefault(buf._len, [])
+        if len(spare) < self.keep and buf.size == buf._len:
+            spare.append(buf)
+        else:
+            buf.free()
+
+    def clear(self) -> None:
+        """Free every spare buffer."""
+        for spare in self._spare.values():
+            while spare:
+                spare.pop().free()
+
+    def spare(self) -> int:
+        """How many zeroed buffers are kept."""
+        return sum(len(s) for s in self._spare.values())
+
+
+#: the card process's pool of one-operation plaintext buffers (vsc.card.protected.CardMemory.open)
+scratch = ScratchPool()
+
+
 def random_into(buf: memoryview) -> None:
     """Fill ``buf`` from the kernel CSPRNG without a Python bytes copy."""
     fd = os.open("/dev/urandom", os.O_RDONLY)

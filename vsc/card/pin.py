@@ -25,9 +25,8 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from vsc.protocol import pins
-from vsc.protocol.applet import SW_BLOCKED, EffectFailed, Load, Notice, Store, run_async
+from vsc.protocol.applet import SW_BLOCKED, EffectFailed, Load, Notice, Store, run_async, run_sync
 from vsc.protocol.card_lifecycle import CardError
-from vsc.wire import apdu
 from vsc.wire.protected import ItemKind
 
 _SLOTS = {"9a": 0x9A, "9c": 0x9C, "9d": 0x9D, "9e": 0x9E}
@@ -66,11 +65,7 @@ class LocalPin:
 
     async def _perform(self, effect):
         if isinstance(effect, Load):
-            mem = self.session.require_usable()
-            if not mem.has(effect.kind, effect.name):
-                return None
-            with mem.open(effect.kind, effect.name) as view:
-                return bytes(view)
+            return self.session.require_usable().read(effect.kind, effect.name, effect.derive)
         if isinstance(effect, Store):
             try:
                 await self.session.put_item(effect.kind, effect.name, effect.value)
@@ -82,18 +77,14 @@ class LocalPin:
             return None
         raise EffectFailed(f"unknown effect {effect!r}")
 
-    def _load(self, name: str) -> bytes | None:
-        mem = self.session.require_usable()
-        if not mem.has(ItemKind.PIN, name):
-            return None
-        with mem.open(ItemKind.PIN, name) as view:
-            return bytes(view)
+    def _load(self, name: str, derive):
+        return self.session.require_usable().read(ItemKind.PIN, name, derive)
 
     # -- state
 
     def policy(self) -> pins.Policy:
-        raw = self._load(pins.POLICY_ITEM)
-        return pins.LEGACY_POLICY if not raw else pins.decode_policy(raw)
+        policy = self._load(pins.POLICY_ITEM, pins.policy_of)
+        return pins.LEGACY_POLICY if policy is None else policy
 
     def verified(self) -> bool:
         """Whether the local verification is open (local=insert: while in use; local=pin: since verify-pin)."""
@@ -104,8 +95,8 @@ class LocalPin:
         return self._verified_in is not None and self._verified_in == self.session.inserted_at
 
     def tries_left(self) -> int:
-        raw = self._load(pins.USER_PIN)
-        return pins.DEFAULT_TRIES if not raw else apdu.decode_secret(raw).tries_left
+        tries = self._load(pins.USER_PIN, pins.tries_of)
+        return pins.DEFAULT_TRIES if tries is None else tries
 
     def status(self) -> dict:
         """What ``vsc card status`` shows about the PIN (empty when the card is not in use)."""
@@ -126,7 +117,25 @@ class LocalPin:
         ref = _SLOTS.get(slot)
         if ref is None:
             raise CardError(f"no key in slot {slot}")
-        sw, policy = await self._run(pins.authorize(ref, self.verified(), fresh))
+        self._decided(slot, path, *(await self._run(pins.authorize(ref, self.verified(), fresh))))
+
+    def authorize_now(self, slot: str, fresh: bool = False, path: str = "local API") -> None:
+        """
+        ``authorize`` at once: the decision only reads the card memory (its
+        effects are Loads), so the local API's hot path takes it without a
+        coroutine (vsc.card.control).
+        """
+        ref = _SLOTS.get(slot)
+        if ref is None:
+            raise CardError(f"no key in slot {slot}")
+        self._decided(slot, path, *run_sync(pins.authorize(ref, self.verified(), fresh), self._perform_now))
+
+    def _perform_now(self, effect):
+        if isinstance(effect, Load):
+            return self.session.require_usable().read(effect.kind, effect.name, effect.derive)
+        raise EffectFailed(f"not an effect the PIN check performs at once: {effect!r}")
+
+    def _decided(self, slot: str, path: str, sw: int, policy) -> None:
         if sw != pins.SW_OK:
             why = refusal(sw, slot, policy)
             self.log.warn("{path}: slot {slot} refused: {why}", path=path, slot=slot, why=why)

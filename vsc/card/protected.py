@@ -21,7 +21,7 @@ from typing import Iterator
 import attrs
 
 from vsc import crypto
-from vsc.card.memory import LockedBuffer, random_into
+from vsc.card.memory import LockedBuffer, random_into, scratch
 from vsc.wire.protected import (
     Item,
     ItemKind,
@@ -118,6 +118,8 @@ class CardMemory:
         self._temp = LockedBuffer(32)
         random_into(self._temp.view)
         self._items: dict[tuple[ItemKind, str], _Held] = {}
+        #: ``read``'s derived values: (kind, name) -> (the sealed item they came from, derive, value)
+        self._derived: dict[tuple[ItemKind, str], tuple[_Held, object, object]] = {}
         self._data_key: _Held | None = None
         self._wrap: SealedValue | None = None
         self.wiped = False
@@ -219,15 +221,21 @@ class CardMemory:
     def _open(self, held: _Held) -> Iterator[memoryview]:
         if self.wiped:
             raise RuntimeError("the card has been removed")
-        plain = LockedBuffer(held.length)
+        plain = scratch.take(held.length)  # locked, zeroed when given back (vsc.card.memory.ScratchPool)
+        view = plain.view[: held.length]
         try:
             crypto.gcm_open_into(
-                self._temp.view, held.nonce, held.buf.view[: held.length], held.tag, plain.view,
+                self._temp.view, held.nonce, held.buf.view[: held.length], held.tag, view,
                 aad("temp", self.serial, held.kind, held.name),
             )
-            yield plain.view
+            yield view
         finally:
-            plain.free()
+            try:
+                view.release()
+            except BufferError:  # a view of the plaintext outlived the operation: zeroed, never reused
+                plain.zero()
+                raise
+            scratch.give(plain)
 
     # -- what operations use
 
@@ -245,6 +253,29 @@ class CardMemory:
             raise KeyError(f"no {kind.name.lower()} {name!r}")
         with self._open(held) as view:
             yield view
+
+    def read(self, kind: ItemKind, name: str, derive=None):
+        """
+        What an applet's ``Load`` effect asks (vsc.protocol.applet.Load):
+        None when the item is absent; else ``derive(value)`` when a
+        ``derive`` is given, computed on the plaintext in locked memory and
+        kept until the item is replaced (the cache entry names the sealed
+        item it came from, so any put, revert or removal makes it stale);
+        else a bytes copy of the value.
+        """
+        held = self._items.get((kind, name))
+        if held is None:
+            return None
+        if derive is None:
+            with self._open(held) as view:
+                return bytes(view)
+        cached = self._derived.get((kind, name))
+        if cached is not None and cached[0] is held and cached[1] is derive:
+            return cached[2]
+        with self._open(held) as view:
+            value = derive(view)
+        self._derived[(kind, name)] = (held, derive, value)
+        return value
 
     def put(self, kind: ItemKind, name: str, value, alg: KeyAlg = KeyAlg.NONE, public: bytes = b"") -> "_Held | None":
         """
@@ -291,6 +322,7 @@ class CardMemory:
         for held in self._items.values():
             held.buf.free()
         self._items.clear()
+        self._derived.clear()
         if self._data_key is not None:
             self._data_key.buf.free()
             self._data_key = None

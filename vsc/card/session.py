@@ -231,14 +231,12 @@ class CardSession:
         """
 
         _not_openpgp(slot)
+        return await self.with_key(slot, _signer(digest))
 
-        def sign(key: crypto.PrivateKeyHandle) -> bytes:
-            try:
-                return key.sign_digest(digest)
-            except crypto.CryptoError as e:
-                raise CardError(str(e)) from None
-
-        return await self.with_key(slot, sign)
+    def sign_digest_now(self, slot: str, digest: bytes) -> bytes:
+        """``sign_digest`` at once, when no other operation holds the card (``busy`` is False)."""
+        _not_openpgp(slot)
+        return self.with_key_now(slot, _signer(digest))
 
     async def decrypt(self, slot: str, ciphertext: bytes, padding: str = "pkcs1") -> bytes:
         _not_openpgp(slot)
@@ -270,21 +268,44 @@ class CardSession:
         """
 
         async def run():
-            mem = self.require_usable()
-            if not mem.has(ItemKind.KEY, slot):
-                raise CardError(f"no key in slot {slot}")
-            if slot in self.key_cache_slots:
-                cached = self._key_cache.get(slot)
-                if cached is None:
-                    with mem.open(ItemKind.KEY, slot) as der:
-                        buf = LockedBuffer(len(der))
-                        buf.view[:] = der
-                    cached = self._key_cache[slot] = (buf, crypto.PrivateKeyHandle(buf.view))
-                return fn(cached[1])
-            with mem.open(ItemKind.KEY, slot) as der, crypto.PrivateKeyHandle(der) as key:
-                return fn(key)
+            return self._use_key(slot, fn)
 
         return await self._locked(run)
+
+    @property
+    def busy(self) -> bool:
+        """Another operation holds the card (its one-at-a-time lock): ``with_key_now`` must wait its turn."""
+        return self._oplock.locked
+
+    def with_key_now(self, slot: str, fn):
+        """
+        ``with_key`` run at once, in this reactor turn, when no other
+        operation holds the card (the caller checks ``busy``; the local
+        API's hot path, vsc.card.control): the same lock held around the
+        same work, without the coroutine and Deferreds that waiting needs.
+        """
+        if self._oplock.locked:
+            raise RuntimeError("with_key_now while another operation holds the card")
+        self._oplock.locked = True  # DeferredLock.acquire() when free, without its Deferred
+        try:
+            return self._use_key(slot, fn)
+        finally:
+            self._oplock.release()
+
+    def _use_key(self, slot: str, fn):
+        mem = self.require_usable()
+        if not mem.has(ItemKind.KEY, slot):
+            raise CardError(f"no key in slot {slot}")
+        if slot in self.key_cache_slots:
+            cached = self._key_cache.get(slot)
+            if cached is None:
+                with mem.open(ItemKind.KEY, slot) as der:
+                    buf = LockedBuffer(len(der))
+                    buf.view[:] = der
+                cached = self._key_cache[slot] = (buf, crypto.PrivateKeyHandle(buf.view))
+            return fn(cached[1])
+        with mem.open(ItemKind.KEY, slot) as der, crypto.PrivateKeyHandle(der) as key:
+            return fn(key)
 
     def _forget_keys(self, slot: str | None = None) -> None:
         """Drop the cached key of ``slot`` (all slots: None): OpenSSL's copy freed, the locked buffer zeroed."""
@@ -565,6 +586,18 @@ class CardSession:
 
 
 OPENPGP_KEY_PREFIX = "pgp-"
+
+
+def _signer(digest: bytes):
+    """The operation ``sign_digest`` runs on a key: its signature, a crypto failure as one CardError line."""
+
+    def sign(key: crypto.PrivateKeyHandle) -> bytes:
+        try:
+            return key.sign_digest(digest)
+        except crypto.CryptoError as e:
+            raise CardError(str(e)) from None
+
+    return sign
 
 
 def _not_openpgp(name: str) -> None:

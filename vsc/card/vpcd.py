@@ -30,7 +30,7 @@ from __future__ import annotations
 import socket
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import DeferredLock, ensureDeferred, succeed
+from twisted.internet.defer import DeferredLock, ensureDeferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
@@ -111,7 +111,15 @@ class PivCard:
                 return stop.value, None
             send, throw = None, None
             if not isinstance(effect, _IMMEDIATE):
-                return None, self._resume(gen, effect)
+                if not (isinstance(effect, piv.PrivateOp) and not self.session.busy):
+                    return None, self._resume(gen, effect)
+                # a private-key operation while nothing holds the card: done now, under the same lock
+                # (CardSession.with_key_now), without a coroutine and its Deferreds
+                try:
+                    send = self._private_op_now(effect)
+                except piv.EffectFailed as e:
+                    throw = e
+                continue
             try:
                 send = self._perform_now(effect)
             except piv.EffectFailed as e:
@@ -137,11 +145,7 @@ class PivCard:
     def _perform_now(self, effect):
         """The effects that never wait (_IMMEDIATE): reading locked memory, a log line."""
         if isinstance(effect, piv.Load):
-            mem = self._memory()
-            if not mem.has(effect.kind, effect.name):
-                return None
-            with mem.open(effect.kind, effect.name) as view:
-                return bytes(view)
+            return self._memory().read(effect.kind, effect.name, effect.derive)
         if isinstance(effect, piv.KeyInfo):
             for kind, name, alg, public in self._memory().items():
                 if kind is ItemKind.KEY and name == effect.slot:
@@ -174,31 +178,17 @@ class PivCard:
         raise piv.EffectFailed(f"unknown effect {effect!r}")
 
     async def _private_op(self, effect: piv.PrivateOp) -> bytes:
-        def run(key: crypto.PrivateKeyHandle) -> bytes:
-            if effect.op == "rsa":
-                return crypto.rsa_private_block(key, effect.data)
-            if effect.op == "rsa-pkcs1":  # OpenPGP: the card pads (PSO:CDS, INTERNAL AUTHENTICATE)
-                return crypto.pkcs1_sign_payload(key, effect.data)
-            if effect.op == "rsa-decrypt":  # OpenPGP PSO:DECIPHER: PKCS#1 v1.5
-                return key.decrypt(effect.data, "pkcs1")
-            if effect.op == "eddsa":  # OpenPGP: Ed25519 signature and authentication keys
-                return key.eddsa_sign(effect.data)
-            if effect.op == "x25519":  # OpenPGP: Cv25519 decryption key
-                return key.x25519(effect.data)
-            if effect.op == "ecdsa":
-                return crypto.ecdsa_sign_hash(key, effect.data)
-            if effect.op == "ecdh":
-                return key.ecdh(effect.data)
-            raise crypto.CryptoError(f"unknown operation {effect.op}")
-
         try:
-            return await self.session.with_key(effect.slot, run)
-        except crypto.CryptoError as e:
-            raise piv.EffectFailed(str(e), piv.SW_WRONG_DATA) from None
-        except ValueError as e:  # e.g. a point not on the curve
-            raise piv.EffectFailed(str(e), piv.SW_WRONG_DATA) from None
-        except Exception as e:  # noqa: BLE001 - card removed, no key
-            raise piv.EffectFailed(str(e)) from None
+            return await self.session.with_key(effect.slot, _key_op(effect))
+        except Exception as e:  # noqa: BLE001 - mapped to the status word the host sees
+            raise _op_failed(e) from None
+
+    def _private_op_now(self, effect: piv.PrivateOp) -> bytes:
+        """``_private_op`` at once (the caller saw that no operation holds the card)."""
+        try:
+            return self.session.with_key_now(effect.slot, _key_op(effect))
+        except Exception as e:  # noqa: BLE001 - mapped to the status word the host sees
+            raise _op_failed(e) from None
 
     async def _generate(self, effect: piv.Generate) -> bytes:
         """
@@ -217,6 +207,38 @@ class PivCard:
             return public
         finally:
             der[:] = bytes(len(der))
+
+
+def _key_op(effect: piv.PrivateOp):
+    """The function of a key that performs ``effect`` (CardSession.with_key / with_key_now run it)."""
+
+    def run(key: crypto.PrivateKeyHandle) -> bytes:
+        if effect.op == "rsa":
+            return crypto.rsa_private_block(key, effect.data)
+        if effect.op == "rsa-pkcs1":  # OpenPGP: the card pads (PSO:CDS, INTERNAL AUTHENTICATE)
+            return crypto.pkcs1_sign_payload(key, effect.data)
+        if effect.op == "rsa-decrypt":  # OpenPGP PSO:DECIPHER: PKCS#1 v1.5
+            return key.decrypt(effect.data, "pkcs1")
+        if effect.op == "eddsa":  # OpenPGP: Ed25519 signature and authentication keys
+            return key.eddsa_sign(effect.data)
+        if effect.op == "x25519":  # OpenPGP: Cv25519 decryption key
+            return key.x25519(effect.data)
+        if effect.op == "ecdsa":
+            return crypto.ecdsa_sign_hash(key, effect.data)
+        if effect.op == "ecdh":
+            return key.ecdh(effect.data)
+        raise crypto.CryptoError(f"unknown operation {effect.op}")
+
+    return run
+
+
+def _op_failed(e: Exception) -> piv.EffectFailed:
+    """What a failed private-key operation answers: bad data 6A80 (a bad block or point), anything else 6F00."""
+    if isinstance(e, piv.EffectFailed):
+        return e
+    if isinstance(e, (crypto.CryptoError, ValueError)):  # ValueError: e.g. a point not on the curve
+        return piv.EffectFailed(str(e), piv.SW_WRONG_DATA)
+    return piv.EffectFailed(str(e))  # card removed, no key
 
 
 def send_now(transport, data: bytes) -> None:
@@ -267,8 +289,23 @@ class VpcdProtocol(Int16StringReceiver):
 
     def connectionMade(self) -> None:
         self._quickack()
+        self._direct_reads()
         self.card.reset()  # a new connection is a freshly inserted card
         self.log.info("card presented to PC/SC (vpcd {peer})", peer=str(self.transport.getPeer()))
+
+    def _direct_reads(self) -> None:
+        """
+        Have the TCP transport hand what it reads straight to this protocol.
+        Through PcscLink's ClientService a read passes the endpoint's
+        _WrappingProtocol and ClientService's proxy (a ``__getattr__``) on its
+        way here, and Debian's vpcd sends every APDU as two writes (length,
+        payload): two reads per APDU. Only ``dataReceived`` is short-cut (an
+        attribute of the transport's own protocol object); connectionLost
+        still passes both, so reconnecting is unchanged.
+        """
+        outer = getattr(self.transport, "protocol", None)
+        if outer is not None and outer is not self and hasattr(outer, "_wrappedProtocol"):
+            outer.dataReceived = self.dataReceived
 
     def dataReceived(self, data: bytes) -> None:
         self._quickack()  # the 44 ms pitfall: see the module docstring
@@ -286,6 +323,9 @@ class VpcdProtocol(Int16StringReceiver):
         except BaseException:
             self._lock.release()
             self._failed(Failure())
+            return
+        if d is None:  # answered in this turn (most messages): no Deferred to wait on
+            self._lock.release()
             return
         d.addBoth(self._handled).addErrback(self._failed)
 
@@ -312,13 +352,14 @@ class VpcdProtocol(Int16StringReceiver):
         send_now(self.transport, apdu.encode_vpcd(response))
 
     def _handle(self, payload: bytes):
+        """Answer one vpcd message: None when answered in this turn, else a Deferred that fires once it is."""
         ctl = apdu.control_of(payload)
         if ctl is apdu.VpcdControl.GET_ATR:
             send_now(self.transport, apdu.encode_vpcd(self.atr))
-            return succeed(None)
+            return None
         if ctl is not None:  # power off, power on, reset: volatile state cleared, no reply
             self.card.reset()
-            return succeed(None)
+            return None
         try:
             response, rest = self.card.begin(payload)
         except Exception:  # noqa: BLE001 - a bug: answer 6F00 rather than leave the host waiting
@@ -326,7 +367,7 @@ class VpcdProtocol(Int16StringReceiver):
             response, rest = apdu.build_response(b"", piv.SW_UNKNOWN), None
         if rest is None:  # answered without waiting (most APDUs)
             self._respond(response)
-            return succeed(None)
+            return None
         return ensureDeferred(self._answer(rest))
 
     def connectionLost(self, reason) -> None:

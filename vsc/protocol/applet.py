@@ -40,10 +40,19 @@ SW_UNKNOWN = 0x6F00
 
 @attrs.frozen
 class Load:
-    """Read an item of the protected information; the result is its value (bytes) or None."""
+    """
+    Read an item of the protected information; the result is its value
+    (bytes) or None. With ``derive`` the result is ``derive(value)`` instead
+    (None still when the item is absent): a pure function of the value that
+    reveals no secret (a PIN record's tries left, the PIN policy). The glue
+    may compute it once and keep it until the item changes
+    (vsc.card.protected.CardMemory.read), so the check every private-key
+    operation makes neither decrypts the PIN record nor copies the PIN.
+    """
 
     kind: ItemKind
     name: str
+    derive: Callable[[Any], Any] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen

@@ -27,6 +27,8 @@ from typing import Callable, Protocol
 import attrs
 from automat import NoTransition, TypeMachineBuilder
 
+from vsc.protocol.machines import indexed
+
 
 class CardError(Exception):
     """A refusal to report to the user as one line (every service of the card raises this one)."""
@@ -129,7 +131,7 @@ def _build():
     return b.build()
 
 
-_Machine = _build()
+_Machine = indexed(_build())  # dispatch by table: every service asks require_usable per request
 
 #: what each event is, in a refusal ("cannot remove: the card is not inserted")
 _EVENT = {
@@ -166,12 +168,17 @@ class CardLifecycle:
 
     def __init__(self) -> None:
         self._m = _Machine(_Core())
+        #: the memory while the machine is in use (set after every event): require_usable's answer without
+        #: two machine inputs, asked several times per request by every service
+        self._in_use: Memory | None = None
 
     def _fire(self, event: str, fire: Callable[..., None], *args) -> None:
         try:
             fire(*args)
         except NoTransition:
             raise CardError(f"cannot {_EVENT[event]}: the card is {_WHERE[self._m.state()]}") from None
+        finally:
+            self._in_use = self._m.memory() if self._m.state() is LifeState.IN_USE else None
 
     # -- events and outcomes
     def insert(self) -> None:
@@ -202,6 +209,9 @@ class CardLifecycle:
 
     @property
     def usable(self) -> bool:
+        memory = self._in_use
+        if memory is not None:  # in use: the machine's answer is whether the memory was wiped
+            return not memory.wiped
         return self._m.usable()
 
     @property
@@ -210,6 +220,9 @@ class CardLifecycle:
 
     def require_usable(self) -> Memory:
         """The memory of a usable card, or the one refusal every service of the card gives."""
+        memory = self._in_use
+        if memory is not None and not memory.wiped:  # what the machine's usable() answers in use
+            return memory
         if not self._m.usable():
             raise CardError(_NOT_USABLE[self._m.state()])
         memory = self._m.memory()

@@ -95,12 +95,20 @@ def check_secret(name: str, value: bytes, default: bytes, label: str) -> Generat
     return 0x63C0 | min(left, 15)
 
 
+def policy_of(raw) -> Policy:
+    """The PIN policy of a stored policy item (empty: LEGACY); a Load's ``derive``, kept while the item is unchanged."""
+    return decode_policy(raw) if len(raw) else LEGACY_POLICY
+
+
+def tries_of(raw) -> int | None:
+    """A PIN record's tries left, from its header alone (empty: None); a Load's ``derive``: the PIN is not read."""
+    return apdu.secret_tries(raw) if len(raw) else None
+
+
 def load_policy() -> Generator[Effect, Any, Policy]:
     """The card's PIN policy (a card enrolled before policies existed: LEGACY, what its PIV application did)."""
-    raw = yield Load(ItemKind.PIN, POLICY_ITEM)
-    if not raw:
-        return LEGACY_POLICY
-    return decode_policy(raw)
+    policy = yield Load(ItemKind.PIN, POLICY_ITEM, derive=policy_of)
+    return LEGACY_POLICY if policy is None else policy
 
 
 def authorize(slot: int, verified: bool, fresh: bool) -> Generator[Effect, Any, tuple[int, PinPolicy]]:
@@ -116,8 +124,8 @@ def authorize(slot: int, verified: bool, fresh: bool) -> Generator[Effect, Any, 
     policy = (yield from load_policy()).of(slot)
     if policy is PinPolicy.NEVER:
         return SW_OK, policy
-    raw = yield Load(ItemKind.PIN, USER_PIN)
-    if raw and apdu.secret_tries(raw) == 0:
+    tries = yield Load(ItemKind.PIN, USER_PIN, derive=tries_of)
+    if tries == 0:
         return SW_BLOCKED, policy
     if policy is PinPolicy.ALWAYS:
         return (SW_OK if fresh else SW_PIN_NEEDED), policy

@@ -47,6 +47,8 @@ class AppletRouter:
 
     def _target(self, raw: bytes) -> Applet | None:
         """The applet a SELECT by DF name names (None: no such application), else the current one."""
+        if len(raw) < 4 or raw[1] != INS_SELECT or raw[2] != SELECT_BY_NAME or raw[0] & 0x10:
+            return self.current  # not a SELECT by name (what the parsed command would say): no parse needed
         try:
             cmd = apdu.parse_command(raw)
         except ApduError:

@@ -70,7 +70,7 @@ def decode_box(data: bytes) -> tuple[dict[bytes, bytes], int]:
     while True:
         if len(view) < pos + 2:
             raise Incomplete()
-        klen = int.from_bytes(view[pos:pos + 2], "big")
+        klen = (view[pos] << 8 | view[pos + 1])
         pos += 2
         if klen == 0:
             return box, pos
@@ -80,7 +80,7 @@ def decode_box(data: bytes) -> tuple[dict[bytes, bytes], int]:
             raise Incomplete()
         key = bytes(view[pos:pos + klen])
         pos += klen
-        vlen = int.from_bytes(view[pos:pos + 2], "big")
+        vlen = (view[pos] << 8 | view[pos + 1])
         pos += 2
         if len(view) < pos + vlen:
             raise Incomplete()
@@ -106,7 +106,7 @@ def locate_box(data) -> tuple[list[tuple[bytes, int, int]], int]:
         while True:
             if len(view) < pos + 2:
                 raise Incomplete()
-            klen = int.from_bytes(view[pos:pos + 2], "big")
+            klen = (view[pos] << 8 | view[pos + 1])
             pos += 2
             if klen == 0:
                 return found, pos
@@ -116,7 +116,7 @@ def locate_box(data) -> tuple[list[tuple[bytes, int, int]], int]:
                 raise Incomplete()
             key = bytes(view[pos:pos + klen])
             pos += klen
-            vlen = int.from_bytes(view[pos:pos + 2], "big")
+            vlen = (view[pos] << 8 | view[pos + 1])
             pos += 2
             if len(view) < pos + vlen:
                 raise Incomplete()
