@@ -16,7 +16,8 @@ from typing import Any, Callable, Generator
 import attrs
 
 from vsc.wire import apdu
-from vsc.wire.apdu import Command
+from vsc.wire.apdu import ApduError, Command
+from vsc.wire.errors import WireError
 from vsc.wire.protected import ItemKind, KeyAlg
 
 SW_OK = 0x9000
@@ -186,3 +187,83 @@ class ResponseBuffer:
             self._out, self._out_pos = b"", 0
             return apdu.build_response(chunk, SW_OK)
         return apdu.build_response(chunk, self._more_sw())
+
+
+class CommandFront(ResponseBuffer):
+    """
+    The front every application of the card puts before its own commands
+    (PIV, OpenPGP): parse the APDU (a malformed one is answered with its
+    status word), refuse a class byte other than 00 / 10, hand out GET
+    RESPONSE parts, collect command chaining (ISO 7816-4 5.3.3: CLA 10 on all
+    but the last part of one header; a different header abandons the chain;
+    at most ``MAX_CHAIN`` bytes, else 6A84), then ``_dispatch(cmd, data)``
+    with the whole data. Its ``(body, sw)`` comes back as the response, in
+    parts when longer than Le; an ``ApduError``, a ``WireError`` (6A80) or an
+    ``EffectFailed`` (with a notice) becomes the status word.
+
+    Subclasses set ``CHAINABLE`` (the INS bytes that may be chained) and
+    ``MAX_CHAIN``, and define ``_dispatch``.
+    """
+
+    CHAINABLE: frozenset[int] = frozenset()
+    MAX_CHAIN: int = 4096
+    INS_GET_RESPONSE = 0xC0
+    _chain: tuple[tuple[int, int, int], bytearray] | None = None
+    _static: dict[str, bytes]  # answers that never change, built once (the subclass makes the dict)
+
+    def _cached(self, name: str, build: Callable[[], bytes]) -> bytes:
+        if name not in self._static:
+            self._static[name] = build()
+        return self._static[name]
+
+    def process(self, raw: bytes) -> Generator[Effect, Any, bytes]:
+        """One command APDU in, one response APDU out (a generator of effects)."""
+        try:
+            cmd = apdu.parse_command(raw)
+        except ApduError as e:
+            self._chain = None
+            self._out, self._out_pos = b"", 0
+            return apdu.build_response(b"", e.sw)
+        if cmd.cla & ~0x10:
+            self._chain = None
+            return apdu.build_response(b"", SW_CLA)
+        if cmd.ins == self.INS_GET_RESPONSE and not cmd.chained:
+            return self._get_response(cmd)
+        self._out, self._out_pos = b"", 0
+        header = (cmd.ins, cmd.p1, cmd.p2)
+        if self._chain is not None and self._chain[0] != header:
+            self._chain = None  # a different command abandons the chain
+        if cmd.chained:
+            if cmd.ins not in self.CHAINABLE:
+                self._chain = None
+                return apdu.build_response(b"", SW_CHAIN_UNSUPPORTED)
+            if self._chain is None:
+                self._chain = (header, bytearray())
+            self._chain[1].extend(cmd.data)
+            if len(self._chain[1]) > self.MAX_CHAIN:
+                self._chain = None
+                return apdu.build_response(b"", SW_NO_MEMORY)
+            return apdu.build_response(b"", SW_OK)
+        data = cmd.data
+        if self._chain is not None:
+            buf = self._chain[1]
+            buf.extend(cmd.data)
+            self._chain = None
+            if len(buf) > self.MAX_CHAIN:
+                return apdu.build_response(b"", SW_NO_MEMORY)
+            data = bytes(buf)
+        try:
+            body, sw = yield from self._dispatch(cmd, data)
+        except ApduError as e:
+            body, sw = b"", e.sw
+        except WireError:
+            body, sw = b"", SW_WRONG_DATA
+        except EffectFailed as e:
+            yield Notice("effect-failed", {"ins": cmd.ins, "why": str(e), "sw": e.sw})
+            body, sw = b"", e.sw
+        if sw != SW_OK or not body:
+            return apdu.build_response(b"", sw)
+        return self._respond(body, cmd)
+
+    def _dispatch(self, cmd: Command, data: bytes) -> Generator[Effect, Any, tuple[bytes, int]]:  # pragma: no cover
+        raise NotImplementedError

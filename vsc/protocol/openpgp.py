@@ -38,18 +38,15 @@ One responsibility (and so one module despite its length): the OpenPGP card appl
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generator
+from typing import Any, Generator
 
 from vsc import crypto
 from vsc.protocol import pins
 from vsc.protocol.applet import (
-    ResponseBuffer,
+    CommandFront,
     SW_BLOCKED,
-    SW_CHAIN_UNSUPPORTED,
-    SW_CLA,
     SW_CONDITIONS,
     SW_INS,
-    SW_NO_MEMORY,
     SW_NOT_FOUND,
     SW_OK,
     SW_REF_NOT_FOUND,
@@ -59,7 +56,6 @@ from vsc.protocol.applet import (
     SW_WRONG_P1P2,
     Clear,
     Effect,
-    EffectFailed,
     Generate,
     KeyInfo,
     Load,
@@ -184,8 +180,11 @@ def matches(aid: bytes) -> bool:
     return 6 <= len(aid) <= 16 and aid.startswith(wire.RID_APP)
 
 
-class OpenPgpApplet(ResponseBuffer):
+class OpenPgpApplet(CommandFront):
     """One card's OpenPGP application: a dispatcher over the instructions, volatile state only."""
+
+    CHAINABLE = CHAINABLE
+    MAX_CHAIN = MAX_CHAIN
 
     def __init__(self, serial: str, rand: crypto.RandomBytes = crypto.system_random):
         self.serial = serial
@@ -197,11 +196,6 @@ class OpenPgpApplet(ResponseBuffer):
         self._out: bytes = b""
         self._out_pos = 0
         self._static: dict[str, bytes] = {}
-
-    def _cached(self, name: str, build: Callable[[], bytes]) -> bytes:
-        if name not in self._static:
-            self._static[name] = build()
-        return self._static[name]
 
     @property
     def aid(self) -> bytes:
@@ -216,53 +210,7 @@ class OpenPgpApplet(ResponseBuffer):
 
     # ---------------------------------------------------------------- entry point (as vsc.protocol.piv)
 
-    def process(self, raw: bytes) -> Generator[Effect, Any, bytes]:
-        try:
-            cmd = apdu.parse_command(raw)
-        except ApduError as e:
-            self._chain = None
-            self._out, self._out_pos = b"", 0
-            return apdu.build_response(b"", e.sw)
-        if cmd.cla & ~0x10:
-            self._chain = None
-            return apdu.build_response(b"", SW_CLA)
-        if cmd.ins == INS_GET_RESPONSE and not cmd.chained:
-            return self._get_response(cmd)
-        self._out, self._out_pos = b"", 0
-        header = (cmd.ins, cmd.p1, cmd.p2)
-        if self._chain is not None and self._chain[0] != header:
-            self._chain = None
-        if cmd.chained:
-            if cmd.ins not in CHAINABLE:
-                self._chain = None
-                return apdu.build_response(b"", SW_CHAIN_UNSUPPORTED)
-            if self._chain is None:
-                self._chain = (header, bytearray())
-            self._chain[1].extend(cmd.data)
-            if len(self._chain[1]) > MAX_CHAIN:
-                self._chain = None
-                return apdu.build_response(b"", SW_NO_MEMORY)
-            return apdu.build_response(b"", SW_OK)
-        data = cmd.data
-        if self._chain is not None:
-            buf = self._chain[1]
-            buf.extend(cmd.data)
-            self._chain = None
-            if len(buf) > MAX_CHAIN:
-                return apdu.build_response(b"", SW_NO_MEMORY)
-            data = bytes(buf)
-        try:
-            body, sw = yield from self._dispatch(cmd, data)
-        except ApduError as e:
-            body, sw = b"", e.sw
-        except WireError:
-            body, sw = b"", SW_WRONG_DATA
-        except EffectFailed as e:
-            yield Notice("effect-failed", {"ins": cmd.ins, "why": str(e), "sw": e.sw})
-            body, sw = b"", e.sw
-        if sw != SW_OK or not body:
-            return apdu.build_response(b"", sw)
-        return self._respond(body, cmd)
+    # process(): applet.CommandFront (parsing, class byte, GET RESPONSE, chaining, then _dispatch)
 
     def _dispatch(self, cmd: Command, data: bytes) -> Step:
         if cmd.ins == INS_SELECT:

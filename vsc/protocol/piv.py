@@ -46,7 +46,7 @@ One responsibility (and so one module despite its length): the PIV card applicat
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generator, Protocol
+from typing import Any, Generator, Protocol
 
 import attrs
 from automat import TypeMachineBuilder
@@ -59,7 +59,7 @@ from vsc.wire.pinpolicy import encode_policy
 from vsc.wire.protected import ItemKind, KeyAlg
 from vsc.protocol import pins
 from vsc.protocol.applet import (  # noqa: F401  (the effects and status words are the applet framework's)
-    ResponseBuffer,
+    CommandFront,
     SW_BLOCKED,
     SW_CHAIN_UNSUPPORTED,
     SW_CLA,
@@ -232,8 +232,11 @@ _MgmtMachine = _build_mgmt()
 # ---------------------------------------------------------------- the applet
 
 
-class PivApplet(ResponseBuffer):
+class PivApplet(CommandFront):
     """One card's PIV application: a dispatcher over the instructions, volatile state only."""
+
+    CHAINABLE = CHAINABLE
+    MAX_CHAIN = MAX_CHAIN
 
     def __init__(self, serial: str, rand: crypto.RandomBytes = crypto.system_random,
                  version: tuple[int, int, int] = (5, 4, 3)):
@@ -248,11 +251,6 @@ class PivApplet(ResponseBuffer):
         self._out: bytes = b""
         self._out_pos = 0
         self._static: dict[str, bytes] = {}  # answers that never change (built once: construct is not free)
-
-    def _cached(self, name: str, build: Callable[[], bytes]) -> bytes:
-        if name not in self._static:
-            self._static[name] = build()
-        return self._static[name]
 
     # -- volatile state
 
@@ -275,55 +273,7 @@ class PivApplet(ResponseBuffer):
 
     # -- entry point
 
-    def process(self, raw: bytes) -> Generator[Effect, Any, bytes]:
-        """One command APDU in, one response APDU out (a generator of effects)."""
-        try:
-            cmd = apdu.parse_command(raw)
-        except ApduError as e:
-            self._chain = None
-            self._out, self._out_pos = b"", 0
-            return apdu.build_response(b"", e.sw)
-        if cmd.cla & ~0x10:
-            self._chain = None
-            return apdu.build_response(b"", SW_CLA)
-        if cmd.ins == INS_GET_RESPONSE and not cmd.chained:
-            return self._get_response(cmd)
-        self._out, self._out_pos = b"", 0
-        header = (cmd.ins, cmd.p1, cmd.p2)
-        if self._chain is not None and self._chain[0] != header:
-            self._chain = None  # a different command abandons the chain
-        if cmd.chained:
-            if cmd.ins not in CHAINABLE:
-                self._chain = None
-                return apdu.build_response(b"", SW_CHAIN_UNSUPPORTED)
-            if self._chain is None:
-                self._chain = (header, bytearray())
-            self._chain[1].extend(cmd.data)
-            if len(self._chain[1]) > MAX_CHAIN:
-                self._chain = None
-                return apdu.build_response(b"", SW_NO_MEMORY)
-            return apdu.build_response(b"", SW_OK)
-        data = cmd.data
-        if self._chain is not None:
-            buf = self._chain[1]
-            buf.extend(cmd.data)
-            if len(buf) > MAX_CHAIN:
-                self._chain = None
-                return apdu.build_response(b"", SW_NO_MEMORY)
-            data = bytes(buf)
-            self._chain = None
-        try:
-            body, sw = yield from self._dispatch(cmd, data)
-        except ApduError as e:
-            body, sw = b"", e.sw
-        except WireError:
-            body, sw = b"", SW_WRONG_DATA
-        except EffectFailed as e:
-            yield Notice("effect-failed", {"ins": cmd.ins, "why": str(e), "sw": e.sw})
-            body, sw = b"", e.sw
-        if sw != SW_OK or not body:
-            return apdu.build_response(b"", sw)
-        return self._respond(body, cmd)
+    # process(): applet.CommandFront (parsing, class byte, GET RESPONSE, chaining, then _dispatch)
 
     # -- response buffering (61xx / GET RESPONSE): applet.ResponseBuffer
 
