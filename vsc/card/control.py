@@ -14,6 +14,8 @@ answer is built in a locked buffer from the item opened for it and sent
 from that buffer (``LockedServer.write_locked``). Every other command is
 handed to Twisted's AMP dispatch as an ordinary box. The receive buffer is
 zeroed behind every box it held.
+
+One responsibility (and so one module despite its length): the daemon's end of the control socket.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ modification stored before it is acknowledged, and the checks of
 [0031]-[0033] while in use. Where the protected information lives — a VSC
 Server (vsc.card.storage.ServerStorage) or a token (vsc.dongle.storage) — is
 a ``CardStorage`` strategy the session is given; it runs either the same way.
+
+One responsibility (and so one module despite its length): the inserted card's session.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ The server-mode checks, one async function each, taking the run's
 docs/protocol.md says and raises ``Failed`` (one line) when it did not.
 Which checks run, under which name and for which § of the spec:
 vsc.conformance.items.
+
+One responsibility (and so one module despite its length): the server-mode checks, each short and
+independent; a file per check group would only scatter the shared harness calls.
 """
 
 from __future__ import annotations
