@@ -3,9 +3,10 @@ The steps a user of ``vsc demo`` sees, in order (``Demo``): the server's
 data directory, the server, the demo card enrolled or reused, inserted,
 used to sign (verified with openssl), a counter stepped, the server's view,
 optionally every channel suite, then staying up and the shutdown that
-removes the card and stops the server.
-One responsibility (and so one module despite its length): the demo's walkthrough, step by step. The programs it runs are in
+removes the card and stops the server. The programs it runs are in
 vsc.demo.processes, what it prints in vsc.demo.guidance.
+
+One responsibility (and so one module despite its length): the demo's walkthrough, step by step.
 
 This is a command-line program, not library code: it polls its children and
 reads the wall clock for its messages (each marked ``# clock-ok``).
