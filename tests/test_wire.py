@@ -651,6 +651,37 @@ def test_struct_twins_give_the_schemas_bytes():
         record_aad(256, 0)
 
 
+def test_record_and_key_schedule_twins_give_the_schemas_bytes():
+    """Record's struct twin (both ways) and the key-schedule inputs' builders equal their construct schemas."""
+    from construct import Container
+
+    from vsc.wire.messages import FinishedInputSchema, KeyInfoSchema, Record, finished_input, key_info
+
+    for seq, sealed in ((0, b""), (1, b"x"), (7, bytes(range(256)) * 9), ((1 << 64) - 1, b"\0" * 40)):
+        msg = Record(seq=seq, sealed=sealed)
+        body = encode_body(msg)
+        assert body == Record.SCHEMA.build(dict(seq=seq, sealed=sealed))
+        assert decode_body(Record.TYPE, body, inner=False) == msg
+        assert Record.SCHEMA.parse(body) == Container(seq=seq, sealed=sealed)
+    for short in (b"", b"\0" * 7):  # too short for the sequence number: the schema's error, as before
+        with pytest.raises(WireError) as e:
+            decode_body(Record.TYPE, short, inner=False)
+        assert e.value.code is ErrorCode.MALFORMED
+    with pytest.raises(WireError):
+        encode_body(Record(seq=1 << 64, sealed=b""))
+    transcript = bytes(range(32))
+    for label in ("c2s key", "server finished", "", "x" * 255):
+        for suite in (0, 1, 4, 255):
+            assert key_info(label, suite, transcript) == KeyInfoSchema.build(
+                dict(label=label, suite=suite, transcript=transcript))
+            for fs in (False, True):
+                assert finished_input(label, transcript, suite, fs) == FinishedInputSchema.build(
+                    dict(label=label, transcript=transcript, suite=suite, forward_secret=fs))
+    for bad in (("é", 1, transcript), ("x" * 256, 1, transcript), ("k", 256, transcript)):
+        with pytest.raises(Exception):
+            key_info(*bad)
+
+
 def test_compiled_codec_leaves_no_reference_cycles():
     """
     Fast.parse and Fast.build free their contexts and streams by reference

@@ -433,6 +433,11 @@ def _fields(msg: Message) -> dict[str, Any]:
 
 
 def encode_body(msg: Message) -> bytes:
+    twin = getattr(type(msg), "_TWIN", None)  # a struct twin of the schema (messages.Record)
+    if twin is not None:
+        body = twin[0](msg)
+        if body is not None:
+            return body
     try:
         return type(msg)._FAST.build(_fields(msg))  # type: ignore[attr-defined]
     except c.ConstructError as e:
@@ -459,6 +464,11 @@ def decode_body(msg_type: int, body: bytes, inner: bool | None = None) -> Messag
     if inner is not None and cls.INNER is not inner:
         where = "only valid inside a sealed record" if cls.INNER else "not valid inside a record"
         raise WireError(ErrorCode.UNEXPECTED_MESSAGE, f"{cls.__name__} is {where}")
+    twin = getattr(cls, "_TWIN", None)
+    if twin is not None:
+        msg = twin[1](body)
+        if msg is not None:
+            return msg
     try:
         parsed = cls._FAST.parse(body)  # type: ignore[attr-defined]
     except c.TerminatedError:
