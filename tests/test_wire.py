@@ -669,6 +669,19 @@ def test_record_and_key_schedule_twins_give_the_schemas_bytes():
         assert e.value.code is ErrorCode.MALFORMED
     with pytest.raises(WireError):
         encode_body(Record(seq=1 << 64, sealed=b""))
+    from vsc.wire.messages import MAX_ECHO, EchoReply, EchoRequest
+
+    for cls in (EchoRequest, EchoReply):
+        for data in (b"", b"x", bytes(range(256)) * 4, b"y" * MAX_ECHO):
+            body = encode_body(cls(data))
+            assert body == cls.SCHEMA.build(dict(data=data))
+            assert decode_body(cls.TYPE, body, inner=True) == cls(data)
+        for bad in (b"", b"\0\0\0", b"\0\0\0\x02x", b"\0\0\0\x01xy"):  # short, truncated, trailing bytes
+            with pytest.raises(WireError) as e:
+                decode_body(cls.TYPE, bad, inner=True)
+            assert e.value.code is ErrorCode.MALFORMED
+        with pytest.raises(WireError):
+            encode_body(cls(b"z" * (MAX_ECHO + 1)))
     transcript = bytes(range(32))
     for label in ("c2s key", "server finished", "", "x" * 255):
         for suite in (0, 1, 4, 255):

@@ -226,6 +226,29 @@ class EchoReply(Message):
     data: bytes = b""
 
 
+# EchoRequest's and EchoReply's struct twin (a card's liveness poll and its answer): a 4-byte length, then
+# the data. Used when the values fit; anything else goes through SCHEMA and raises its error.
+_LEN32 = struct.Struct(">I")
+
+
+def _echo_twin(cls):
+    def body(msg) -> bytes | None:
+        if type(msg.data) is bytes and len(msg.data) <= MAX_ECHO:
+            return _LEN32.pack(len(msg.data)) + msg.data
+        return None
+
+    def parse(data: bytes):
+        if len(data) >= 4 and _LEN32.unpack_from(data)[0] == len(data) - 4 <= MAX_ECHO:
+            return cls(data=bytes(data[4:]))
+        return None
+
+    cls._TWIN = (body, parse)
+
+
+_echo_twin(EchoRequest)
+_echo_twin(EchoReply)
+
+
 @attrs.frozen
 class SessionSecrets:
     """The RSA-OAEP plaintext carried by KeyTransport: r1 || r2 || s1 || s2."""
