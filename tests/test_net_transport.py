@@ -216,3 +216,21 @@ def test_the_channel_glue_writes_hello_at_once_and_closes_at_once(pair):
     proto.dataReceived(encode_frame(Alert(ErrorCode.CLOSE_NOTIFY)))
     assert len(lost) == 1 and lost[0].check(error.ConnectionDone)
     assert proto.channel.closed and not transport.connected
+
+
+def test_a_connection_refused_at_accept_is_answered_and_closed_before_connection_made_returns(pair):
+    """The server's refusal (issue 11's flood path): SERVER_BUSY is on the wire and the socket closed at once."""
+    from vsc.server.service import _Refused
+    from vsc.wire import ErrorCode, decode_frame
+    from vsc.wire.messages import Alert
+
+    transport, _, reactor, peer = pair
+    refused = _Refused()
+    lost = []
+    refused.connectionLost = lost.append
+    transport.protocol = refused
+    refused.makeConnection(transport)
+    assert len(lost) == 1 and lost[0].check(error.ConnectionDone)
+    assert not transport.connected and transport not in reactor.readers
+    assert decode_frame(drain(peer)) == Alert(ErrorCode.SERVER_BUSY)
+    assert peer.recv(10) == b""
