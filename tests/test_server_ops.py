@@ -1102,3 +1102,15 @@ def test_glue_reply_follows_the_commit_and_the_next_operation_goes_through(tmp_p
     result, _ = result_of(d)
     assert result.status is Status.OK
     assert result_of(h.run(card_ops.sync(client, SERIAL, SECRET, 1, b"P2"))).status is Status.OK
+
+
+def test_source_of_counts_ipv4_addresses_and_ipv6_slash_64s_and_caches_the_answer():
+    """The address limits count: IPv4 as is, IPv6 by its /64, anything else as given; the same answer every time."""
+    from vsc.protocol.lockout import source_of
+
+    for _ in range(2):  # the second round comes from the cache
+        assert source_of("192.0.2.7") == "192.0.2.7"
+        assert source_of("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+        assert source_of("2001:db8:1:2::ffff") == "2001:db8:1:2::/64"
+        assert source_of("not an address") == "not an address"
+    assert source_of.cache_info().hits >= 4

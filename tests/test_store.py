@@ -784,3 +784,24 @@ def test_duplicate_refusals(store):
     with pytest.raises(StoreError, match="destroyed"):
         store.duplicate("b", "c")
     assert store.get("c") is None
+
+
+def test_a_check_out_reads_the_card_row_once(clock, tmp_path):
+    """
+    The check-out's one transaction reads the locked row once and answers
+    from it (version and protected information, which a check-out does not
+    change): one SELECT of the card, not a second read after the write.
+    """
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", clock)
+    store.migrate()
+    try:
+        serial = enrolled(store)
+        statements: list[str] = []
+        store._conn().set_trace_callback(statements.append)
+        out = insert(store, serial, b"m" * 32, b"s" * 32)
+        store._conn().set_trace_callback(None)
+        assert out.status is OK and out.version == 1 and out.protected == P1
+        assert sum(1 for s in statements if s.lstrip().upper().startswith("SELECT")) == 1, statements
+        assert store.get(serial).state is CardState.IN_USE
+    finally:
+        store.close()

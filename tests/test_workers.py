@@ -77,3 +77,54 @@ def test_at_least_one_thread():
     """A pool of zero threads is refused."""
     with pytest.raises(ValueError):
         WorkerPool(0, "test")
+
+
+def _wait_idle(pool: WorkerPool, n: int) -> None:
+    """Until ``n`` workers wait for work (bounded: a failure, not a speed budget)."""
+    pause = threading.Event()
+    for _ in range(int(WAIT * 1000)):
+        with pool._lock:
+            if len(pool._idle) == n:
+                return
+        pause.wait(0.001)
+    raise AssertionError(f"{n} workers never became idle")
+
+
+def test_the_most_recently_idle_worker_takes_the_next_call():
+    """Calls one at a time all run on one thread (last in, first out), not on each of the pool's threads in turn."""
+    pool = WorkerPool(4, "test")
+    pool.start()
+    names = []
+    try:
+        for _ in range(12):
+            _wait_idle(pool, 4)
+            done = threading.Event()
+            pool.callInThreadWithCallback(lambda ok, r: done.set(), lambda: names.append(threading.current_thread().name))
+            assert done.wait(WAIT)
+    finally:
+        pool.stop()
+    assert len(set(names[1:])) == 1, names
+
+
+def test_calls_that_find_no_idle_worker_run_in_order_and_calls_before_start_wait_for_it():
+    """A busy pool's backlog is first in, first out; calls made before start() run once it starts."""
+    pool = WorkerPool(1, "test")
+    ran: list = []
+    pool.callInThread(ran.append, "early")
+    pool.start()
+    gate = threading.Event()
+    started = threading.Event()
+
+    def block():
+        started.set()
+        assert gate.wait(WAIT)
+
+    try:
+        pool.callInThread(block)
+        assert started.wait(WAIT)
+        for i in range(10):
+            pool.callInThread(ran.append, i)
+        gate.set()
+    finally:
+        pool.stop()
+    assert ran == ["early"] + list(range(10))

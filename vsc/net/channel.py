@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from vsc.net.framing import FrameReceiver
+from vsc.net.transport import close_now, write_now
 from vsc.protocol.channel import (
     CancelTimer,
     Channel,
@@ -163,7 +164,7 @@ class ChannelProtocol(FrameReceiver):
     def _run(self, effects: list[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, Send):
-                self.transport.write(effect.data)
+                write_now(self.transport, effect.data)  # a frame on an idle socket leaves now, not next turn
             elif isinstance(effect, SetTimer):
                 if self._timer is not None and self._timer.active():
                     self._timer.reset(effect.seconds)  # cheaper than cancel + callLater on every record
@@ -216,7 +217,6 @@ class ChannelProtocol(FrameReceiver):
                 reason=effect.reason,
                 by=" reported by the peer" if effect.by_peer else "",
             )
-        self.transport.loseConnection()
         err = ChannelClosedError(effect.code, effect.reason)
         waiting, self._established = self._established, []
         for d in waiting:
@@ -225,6 +225,8 @@ class ChannelProtocol(FrameReceiver):
         for d in closed:
             d.callback((effect.code, effect.reason))
         self._guard(lambda: self.channelClosed(effect.code, effect.reason, effect.by_peer))
+        # last: on an idle TCP socket this runs connectionLost before it returns (vsc.net.transport)
+        close_now(self.transport)
 
 
 class ChannelClosedError(Exception):

@@ -28,6 +28,7 @@ it. A success resets the bucket it was counted in.
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 from typing import Callable
 
@@ -76,6 +77,7 @@ class LockoutPolicy:
             n += 1
 
 
+@functools.lru_cache(maxsize=4096)  # twice per accepted connection (admission, then the protocol); a pure function
 def source_of(host: str) -> str:
     """A source address as limits count it: the IPv4 address, or the /64 of an IPv6 one."""
     try:

@@ -20,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 
 from vsc import crypto
 from vsc.net.channel import ChannelFactory, ChannelProtocol, peer_host
+from vsc.net.transport import close_now, write_now
 from vsc.protocol.channel import ChannelInfo, private_decrypt, server_channel
 from vsc.server.admission import Admission, AdmissionLimits, Refused
 from vsc.protocol import implauth
@@ -71,8 +72,9 @@ class _Refused(Protocol):
     """A connection refused at accept time: the SERVER_BUSY alert and close, and nothing else built or spent."""
 
     def connectionMade(self) -> None:
-        self.transport.write(_BUSY_ALERT)
-        self.transport.loseConnection()
+        # at once, not on the reactor's next turns: a flood is thousands of these a second (vsc.net.transport)
+        write_now(self.transport, _BUSY_ALERT)
+        close_now(self.transport)
 
 
 class ServerProtocol(ChannelProtocol):
@@ -100,8 +102,8 @@ class ServerProtocol(ChannelProtocol):
 
     def _refuse(self) -> None:
         """Refused at accept: the SERVER_BUSY alert (a few bytes, no key material) and close; nothing else is spent."""
-        self.transport.write(_BUSY_ALERT)
-        self.transport.loseConnection()
+        write_now(self.transport, _BUSY_ALERT)
+        close_now(self.transport)
 
     def _make_room(self, admission: Admission) -> bool:
         """At the overall cap: close the oldest unauthenticated connection of the most crowded source, if any."""

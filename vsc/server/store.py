@@ -636,8 +636,9 @@ class Store:
             if decision.status is Status.OK and op is Operation.INSERT and getattr(e, "auth_extra", None):
                 self._reissued(cur, serial, e, peer, muk)
             if decision.status is Status.OK and op is Operation.INSERT:
-                after = self._get_for_update(cur, serial)
-                return Outcome(Status.OK, version=after.version, protected=after.protected)
+                # a check-out (or its retry) changes neither the version nor the protected information: the
+                # row read under this lock is what the card gets, without reading it again
+                return Outcome(Status.OK, version=card.version, protected=card.protected)
             return Outcome(decision.status)
 
     def _reissued(self, cur, serial: str, e: CheckOut, peer: str, muk: bytes | None) -> None:

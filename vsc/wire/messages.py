@@ -7,6 +7,7 @@ docs/protocol.md is normative; field sizes here must match it.
 from __future__ import annotations
 
 import enum
+import struct
 
 import attrs
 import construct as c
@@ -171,6 +172,27 @@ class Record(Message):
     sealed: bytes
 
 
+# Record's struct twin (every sealed record in either direction goes through it): the 8-byte sequence number,
+# then the sealed bytes. Used when the values fit; anything else goes through SCHEMA and raises its error
+# (tests/test_wire.py checks the twin gives the schema's bytes and values).
+_SEQ = struct.Struct(">Q")
+
+
+def _record_body(msg: Record) -> bytes | None:
+    if type(msg.seq) is int and 0 <= msg.seq < 1 << 64 and type(msg.sealed) is bytes:
+        return _SEQ.pack(msg.seq) + msg.sealed
+    return None
+
+
+def _record_parse(body: bytes) -> Record | None:
+    if len(body) >= _SEQ.size:
+        return Record(seq=_SEQ.unpack_from(body)[0], sealed=bytes(body[_SEQ.size:]))
+    return None
+
+
+Record._TWIN = (_record_body, _record_parse)  # type: ignore[attr-defined]
+
+
 @register
 @attrs.frozen
 class Close(Message):
@@ -202,6 +224,29 @@ class EchoReply(Message):
     INNER = True
     SCHEMA = c.Struct("data" / Bytes(c.Int32ub, MAX_ECHO, 0, "data"))
     data: bytes = b""
+
+
+# EchoRequest's and EchoReply's struct twin (a card's liveness poll and its answer): a 4-byte length, then
+# the data. Used when the values fit; anything else goes through SCHEMA and raises its error.
+_LEN32 = struct.Struct(">I")
+
+
+def _echo_twin(cls):
+    def body(msg) -> bytes | None:
+        if type(msg.data) is bytes and len(msg.data) <= MAX_ECHO:
+            return _LEN32.pack(len(msg.data)) + msg.data
+        return None
+
+    def parse(data: bytes):
+        if len(data) >= 4 and _LEN32.unpack_from(data)[0] == len(data) - 4 <= MAX_ECHO:
+            return cls(data=bytes(data[4:]))
+        return None
+
+    cls._TWIN = (body, parse)
+
+
+_echo_twin(EchoRequest)
+_echo_twin(EchoReply)
 
 
 @attrs.frozen
@@ -245,11 +290,28 @@ FinishedInputSchema = c.Struct(
 _KeyInfo, _FinishedInput = Fast(KeyInfoSchema), Fast(FinishedInputSchema)
 
 
+def _pascal_ascii(label: str) -> bytes | None:
+    """PascalString(U8, "ascii")'s bytes when the label fits (None: let the schema say why not)."""
+    if type(label) is not str or not label.isascii() or len(label) > 0xFF:
+        return None
+    return bytes((len(label),)) + label.encode("ascii")
+
+
 def key_info(label: str, suite: int, transcript: bytes) -> bytes:
+    # KeyInfoSchema's struct twin (six per handshake); anything out of range goes through the schema
+    lab = _pascal_ascii(label)
+    if lab is not None and isinstance(suite, int) and 0 <= suite <= 0xFF and type(transcript) is bytes \
+            and len(transcript) == 32:
+        return b"vsc1 " + lab + bytes((suite,)) + transcript
     return _KeyInfo.build(dict(label=label, suite=suite, transcript=transcript))
 
 
 def finished_input(label: str, transcript: bytes, suite: int, forward_secret: bool) -> bytes:
+    # FinishedInputSchema's struct twin (two per handshake); anything out of range goes through the schema
+    lab = _pascal_ascii(label)
+    if lab is not None and isinstance(suite, int) and 0 <= suite <= 0xFF and type(transcript) is bytes \
+            and len(transcript) == 32 and forward_secret in (0, 1):
+        return lab + transcript + bytes((suite, int(forward_secret)))
     return _FinishedInput.build(
         dict(label=label, transcript=transcript, suite=suite, forward_secret=forward_secret)
     )

@@ -1,0 +1,236 @@
+"""
+vsc.net.transport: write_now sends a frame on an idle TCP connection at
+once and leaves Twisted only what the kernel did not take; close_now closes
+an idle one without the extra reactor turn. Deterministic: a real
+``twisted.internet.tcp.Connection`` over a local socketpair (no network)
+with a reactor that only records which descriptors it would watch; nothing
+runs a reactor loop.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from twisted.internet import error, tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+
+from vsc.net.transport import close_now, write_now
+
+
+class FDSet:
+    """The IReactorFDSet part a tcp.Connection uses, recording instead of polling."""
+
+    def __init__(self):
+        self.readers: set = set()
+        self.writers: set = set()
+
+    def addReader(self, r):  # noqa: N802 - Twisted's names
+        self.readers.add(r)
+
+    def addWriter(self, w):  # noqa: N802
+        self.writers.add(w)
+
+    def removeReader(self, r):  # noqa: N802
+        self.readers.discard(r)
+
+    def removeWriter(self, w):  # noqa: N802
+        self.writers.discard(w)
+
+
+class Lost(Protocol):
+    def __init__(self):
+        self.reasons: list = []
+
+    def connectionLost(self, reason=None):  # noqa: N802
+        self.reasons.append(reason)
+
+
+@pytest.fixture
+def pair():
+    """(transport, protocol, reactor, peer socket): our end a tcp.Connection, the peer a plain socket."""
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reactor = FDSet()
+    proto = Lost()
+    transport = tcp.Connection(ours, proto, reactor)
+    transport.connected = 1
+    proto.makeConnection(transport)
+    transport.startReading()
+    yield transport, proto, reactor, peer
+    peer.close()
+    if hasattr(transport, "socket"):
+        transport.socket.close()
+
+
+def drain(peer: socket.socket) -> bytes:
+    peer.setblocking(False)
+    out = b""
+    while True:
+        try:
+            chunk = peer.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_a_frame_on_an_idle_connection_is_sent_at_once(pair):
+    """The bytes are in the peer's socket when write_now returns; nothing is buffered, no write turn asked for."""
+    transport, _, reactor, peer = pair
+    write_now(transport, b"hello frame")
+    assert drain(peer) == b"hello frame"
+    assert transport not in reactor.writers
+    assert transport._tempDataLen == 0 and transport.dataBuffer == b""
+
+
+def test_what_the_kernel_does_not_take_is_buffered_and_sent_by_the_reactor_in_order(pair):
+    """A partial send leaves the rest to Twisted; a later frame queues behind it, never before it."""
+    transport, _, reactor, peer = pair
+    big = bytes(range(256)) * 4096  # 1 MiB: far more than the socket buffers hold
+    write_now(transport, big)
+    assert transport in reactor.writers  # the rest waits for the reactor
+    buffered = transport._tempDataLen
+    assert 0 < buffered < len(big)
+    write_now(transport, b"next frame")  # must not overtake the buffered bytes
+    assert transport._tempDataLen == buffered + len(b"next frame")
+    received = b""
+    while transport in reactor.writers:  # what the reactor would do on each EPOLLOUT
+        received += drain(peer)
+        assert transport.doWrite() is None
+    received += drain(peer)
+    assert received == big + b"next frame"
+
+
+def test_a_full_socket_buffers_everything(pair):
+    """EAGAIN on the first send: the whole frame goes to Twisted's buffer."""
+    transport, _, reactor, peer = pair
+    transport.socket.setblocking(False)
+    try:
+        while True:
+            transport.socket.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    write_now(transport, b"frame")
+    assert transport._tempDataLen == len(b"frame")
+    assert transport in reactor.writers
+
+
+def test_a_send_error_is_left_to_twisteds_write_path(pair):
+    """A closed peer: write_now does not raise or close; Twisted's own write meets the error and reports it."""
+    transport, proto, reactor, peer = pair
+    peer.close()
+    write_now(transport, b"frame")
+    assert proto.reasons == []  # nothing lost synchronously
+    assert transport in reactor.writers
+    why = transport.doWrite()
+    assert isinstance(why, error.ConnectionLost)
+
+
+def test_other_transports_use_their_own_write():
+    """Not a TCP connection (StringTransport, iosim, TLS): transport.write, as before."""
+    t = StringTransport()
+    write_now(t, b"frame")
+    assert t.value() == b"frame"
+    close_now(t)
+    assert t.disconnecting
+
+
+def test_a_tls_connection_is_written_through_twisted(pair):
+    """TLS wraps the bytes: write_now must not put plaintext on the socket."""
+    transport, _, reactor, peer = pair
+    written = []
+    transport.TLS = True
+    transport.protocol.write = written.append  # what _newtls routes a TLS write to
+    write_now(transport, b"frame")
+    assert written == [b"frame"]
+    assert drain(peer) == b""
+
+
+def test_close_now_closes_an_idle_connection_before_returning(pair):
+    """Nothing buffered: the socket is closed and connectionLost(ConnectionDone) has run."""
+    transport, proto, reactor, peer = pair
+    write_now(transport, b"last frame")
+    close_now(transport)
+    assert len(proto.reasons) == 1 and proto.reasons[0].check(error.ConnectionDone)
+    assert not transport.connected
+    assert transport not in reactor.readers and transport not in reactor.writers
+    assert drain(peer) == b"last frame"  # the frame, then EOF (drain stops at it)
+    assert peer.recv(10) == b""
+
+
+def test_close_now_with_buffered_bytes_waits_for_them(pair):
+    """Bytes still in Twisted's buffer: loseConnection (flush, then close), nothing lost now."""
+    transport, proto, reactor, peer = pair
+    big = b"y" * (1 << 20)
+    write_now(transport, big)
+    close_now(transport)
+    assert proto.reasons == [] and transport.disconnecting
+    received = b""
+    why = None
+    while why is None:
+        received += drain(peer)
+        why = transport.doWrite()
+    assert isinstance(why, error.ConnectionDone)
+    received += drain(peer)
+    assert received == big
+
+
+def test_nothing_is_sent_after_close(pair):
+    """A write after the connection is gone is dropped, as transport.write drops it."""
+    transport, proto, reactor, peer = pair
+    close_now(transport)
+    write_now(transport, b"late")
+    assert drain(peer) == b""
+
+
+def test_the_channel_glue_writes_hello_at_once_and_closes_at_once(pair):
+    """ChannelProtocol on a TCP connection: Hello is on the wire after connectionMade; a peer's alert closes now."""
+    from vsc.net.channel import ChannelProtocol
+    from vsc.protocol.channel import server_channel
+    from vsc.protocol.suites import ChannelConfig
+    from vsc.wire import ErrorCode, decode_frame, encode_frame
+    from vsc.wire.messages import Alert, Hello
+
+    from tests.vectors.support import DRBG, fixed_key
+
+    transport, _, reactor, peer = pair
+    lost = []
+
+    class Glue(ChannelProtocol):
+        def connectionLost(self, reason=None):
+            lost.append(reason)
+            super().connectionLost(reason)
+
+    from twisted.internet.task import Clock
+
+    proto = Glue(server_channel(ChannelConfig(), fixed_key(), DRBG(b"transport")), Clock())
+    transport.protocol = proto
+    transport.setTcpNoDelay = lambda enabled: None  # a UNIX socketpair has no Nagle to turn off
+    proto.makeConnection(transport)
+    assert isinstance(decode_frame(drain(peer)), Hello)
+    assert transport not in reactor.writers
+    proto.dataReceived(encode_frame(Alert(ErrorCode.CLOSE_NOTIFY)))
+    assert len(lost) == 1 and lost[0].check(error.ConnectionDone)
+    assert proto.channel.closed and not transport.connected
+
+
+def test_a_connection_refused_at_accept_is_answered_and_closed_before_connection_made_returns(pair):
+    """The server's refusal (issue 11's flood path): SERVER_BUSY is on the wire and the socket closed at once."""
+    from vsc.server.service import _Refused
+    from vsc.wire import ErrorCode, decode_frame
+    from vsc.wire.messages import Alert
+
+    transport, _, reactor, peer = pair
+    refused = _Refused()
+    lost = []
+    refused.connectionLost = lost.append
+    transport.protocol = refused
+    refused.makeConnection(transport)
+    assert len(lost) == 1 and lost[0].check(error.ConnectionDone)
+    assert not transport.connected and transport not in reactor.readers
+    assert decode_frame(drain(peer)) == Alert(ErrorCode.SERVER_BUSY)
+    assert peer.recv(10) == b""
