@@ -9,11 +9,16 @@ against the same unloaded, in one run.
 Set-up. One real ``twistd -n vsc-server`` with its DEFAULT admission settings
 (vsc/server/admission.py: 20 handshakes/s per source, bursts of 40, 64
 pending, 2 RSA threads) and the default RSA-3072 key; two cards, "owner" and
-"live", enrolled through the Store API. The live card inserts once and keeps
-its channel open, polling (a sealed EchoRequest) every 20 ms; meanwhile the
-owner measures connect + handshake + insert, then removes, a few times —
-the same in the unloaded phase and in the flooded one (one process does
-both, so the owner's client work delays some polls alike in both).
+"live", enrolled through the Store API. The live card is a process of its
+own (``--poller``, as a real card is): it inserts once and keeps its channel
+open, polling (a sealed EchoRequest) every 20 ms and noting each poll's start
+(CLOCK_MONOTONIC, system-wide) and round trip, until told to stop; the polls
+of each phase are those that started inside it. Meanwhile this process, the
+owner, measures connect + handshake + insert, then removes, a few times — the
+same in the unloaded phase and in the flooded one. (Until 2026-12-03 the
+polls ran in the owner's process, whose own client work — scrypt, the OAEP
+encryption — held them up: with about 500 polls per phase their p99 was the
+few that met an insert of the owner, which measured the bench, not the server.)
 
 The flood. A process of its own (``--flooder``) binds 127.0.0.2 (the owner and
 the live card use 127.0.0.1) and starts new handshakes at the rate at which
@@ -109,6 +114,46 @@ def flooder_main(endpoint: str, fp: str, rate: float, seconds: float) -> None:
     print(json.dumps(counts), flush=True)
 
 
+# ---------------------------------------------------------------- the live card (a process of its own)
+
+
+def poller_main(endpoint: str, fp: str, workdir: str) -> None:
+    """
+    ``--poller ENDPOINT FP DIR``: insert the card "live", write DIR/ready, poll every POLL_EVERY seconds until
+    DIR/stop exists, remove it, and write DIR/polls.json: [[start (time.monotonic), round trip ms], ...].
+    """
+    from twisted.internet import defer, task
+
+    from bench import server as bs
+    from vsc.card import ops
+    from vsc.card.connect import connect
+    from vsc.protocol.auth import DEFAULT_MASTER_KEY
+    from vsc.wire.messages import EchoRequest
+
+    d = Path(workdir)
+
+    async def run(reactor) -> None:
+        live = await connect(reactor, endpoint, fp)
+        secret = os.urandom(32)
+        result, _ = await ops.insert(live, "live", bs.PASSWORD, os.urandom(32), secret, DEFAULT_MASTER_KEY)
+        (d / "ready").write_text("")
+        out = []
+        while not (d / "stop").exists():
+            t0 = time.monotonic()
+            await live.request(EchoRequest(b"poll"))
+            out.append([t0, (time.monotonic() - t0) * 1000.0])
+            await task.deferLater(reactor, POLL_EVERY, lambda: None)
+        await ops.remove(live, "live", secret, result.version, os.urandom(bs.PROTECTED_SIZE))
+        live.closeChannel()
+        (d / "polls.json.part").write_text(json.dumps(out))
+        os.replace(d / "polls.json.part", d / "polls.json")
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    except SystemExit:
+        pass
+
+
 # ---------------------------------------------------------------- the measurement
 
 
@@ -158,22 +203,25 @@ def run(quick: bool = False, progress=lambda msg: None, write: bool = False) -> 
 
 
 async def _measure(reactor, server, fp, rsa_rate, flood_s, inserts, unloaded_polls_s, progress) -> dict:
-    from twisted.internet import defer, task
+    from twisted.internet import task
 
     from bench import server as bs
     from vsc.card import ops
     from vsc.card.connect import connect
     from vsc.protocol.auth import DEFAULT_MASTER_KEY
-    from vsc.wire.messages import EchoRequest
 
     def sleep(s: float):
         return task.deferLater(reactor, s, lambda: None)
 
     endpoint = server.endpoint
-    live = await connect(reactor, endpoint, fp)
-    live_secret = os.urandom(32)
-    result, _ = await ops.insert(live, "live", bs.PASSWORD, os.urandom(32), live_secret, DEFAULT_MASTER_KEY)
     muk = os.urandom(32)
+    polldir = Path(tempfile.mkdtemp(prefix="vsc-bench-poller-"))
+    poller = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--poller", endpoint, fp, str(polldir)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=str(ROOT))
+    while not (polldir / "ready").exists():
+        if poller.poll() is not None:
+            raise RuntimeError(f"the live card's poller exited: {poller.stderr.read().decode()[-500:]}")
+        await sleep(0.05)
 
     async def owner_insert() -> float:
         t0 = time.perf_counter()
@@ -185,48 +233,57 @@ async def _measure(reactor, server, fp, rsa_rate, flood_s, inserts, unloaded_pol
         proto.closeChannel()
         return took
 
-    async def polls(seconds: float) -> list[float]:
-        out, end = [], time.monotonic() + seconds
-        while time.monotonic() < end:
-            t0 = time.perf_counter()
-            await live.request(EchoRequest(b"poll"))
-            out.append((time.perf_counter() - t0) * 1000.0)
-            await sleep(POLL_EVERY)
-        return out
-
-    async def phase(seconds: float) -> tuple[list[float], list[float]]:
-        """The live card polls for ``seconds`` while the owner inserts ``inserts`` times, spread over them (the
-        same in both phases: the polls share this process's reactor with the owner's inserts)."""
-        polls_d = defer.ensureDeferred(polls(seconds))
+    async def phase(seconds: float) -> tuple[list[float], tuple[float, float]]:
+        """The owner inserts ``inserts`` times, spread over ``seconds`` (the same in both phases), while the
+        live card polls in its own process; the phase's monotonic window, to pick its polls."""
+        t0 = time.monotonic()
         done = []
         gap = max(0.1, seconds / inserts - 0.2)
         for _ in range(inserts):
             done.append(await owner_insert())
             await sleep(gap)
-        return done, await polls_d
+        return done, (t0, time.monotonic())
 
-    await owner_insert()  # warm-up
-    inserts_unloaded, polls_unloaded = await phase(flood_s - 3.0)
-
-    flood_endpoint = f"tcp:host=127.0.0.1:port={server.port}:bindAddress={FLOOD_SOURCE}"
-    progress(f"  flood: {rsa_rate:.0f} handshakes/s offered from {FLOOD_SOURCE} for {flood_s:g} s...")
-    flooder = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--flooder", flood_endpoint, fp, f"{rsa_rate:.1f}",
-         f"{flood_s:g}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT))
     try:
-        await sleep(1.5)
-        inserts_flooded, polls_flooded = await phase(flood_s - 3.0)
-        while flooder.poll() is None:
-            await sleep(0.2)
-        stdout = flooder.stdout.read().decode()
-        counts = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else {"error": flooder.stderr.read()
-                                                                                      .decode()[-500:]}
+        await owner_insert()  # warm-up
+        inserts_unloaded, unloaded_window = await phase(flood_s - 3.0)
+
+        flood_endpoint = f"tcp:host=127.0.0.1:port={server.port}:bindAddress={FLOOD_SOURCE}"
+        progress(f"  flood: {rsa_rate:.0f} handshakes/s offered from {FLOOD_SOURCE} for {flood_s:g} s...")
+        flooder = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--flooder", flood_endpoint, fp, f"{rsa_rate:.1f}",
+             f"{flood_s:g}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT))
+        try:
+            await sleep(1.5)
+            inserts_flooded, flooded_window = await phase(flood_s - 3.0)
+            while flooder.poll() is None:
+                await sleep(0.2)
+            stdout = flooder.stdout.read().decode()
+            counts = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else {"error": flooder.stderr.read()
+                                                                                          .decode()[-500:]}
+        finally:
+            if flooder.poll() is None:
+                flooder.kill()
+                flooder.wait(10)
     finally:
-        if flooder.poll() is None:
-            flooder.kill()
-            flooder.wait(10)
-    await ops.remove(live, "live", live_secret, result.version, os.urandom(bs.PROTECTED_SIZE))
-    live.closeChannel()
+        (polldir / "stop").write_text("")
+        try:
+            poller.wait(30)
+        except subprocess.TimeoutExpired:
+            poller.kill()
+            poller.wait(10)
+    try:
+        stamped = json.loads((polldir / "polls.json").read_text())
+    except OSError:
+        raise RuntimeError(f"the live card's poller left no polls: {poller.stderr.read().decode()[-500:]}") from None
+    finally:
+        shutil.rmtree(polldir, ignore_errors=True)
+
+    def inside(window: tuple[float, float]) -> list[float]:
+        return [rtt for t, rtt in stamped if window[0] <= t < window[1]]
+
+    polls_unloaded, polls_flooded = inside(unloaded_window), inside(flooded_window)
+
     return {"inserts_unloaded": inserts_unloaded, "inserts_flooded": inserts_flooded,
             "polls_unloaded": polls_unloaded, "polls_flooded": polls_flooded, "flooder": counts}
 
@@ -278,6 +335,9 @@ def write_security_md(res: dict, path: Path = SECURITY_MD) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--poller":
+        poller_main(argv[1], argv[2], argv[3])
+        return 0
     if argv and argv[0] == "--flooder":
         flooder_main(argv[1], argv[2], float(argv[3]), float(argv[4]))
         return 0
