@@ -219,13 +219,14 @@ def test_the_channel_glue_writes_hello_at_once_and_closes_at_once(pair):
 
 
 def test_a_connection_refused_at_accept_is_answered_and_closed_before_connection_made_returns(pair):
-    """The server's refusal (issue 11's flood path): SERVER_BUSY is on the wire and the socket closed at once."""
-    from vsc.server.service import _Refused
+    """A Refusal on an ordinary transport (issue 11's flood path): SERVER_BUSY is on the wire and the socket closed at once."""
+    from vsc.net.transport import Refusal
+    from vsc.server.service import _BUSY_ALERT
     from vsc.wire import ErrorCode, decode_frame
     from vsc.wire.messages import Alert
 
     transport, _, reactor, peer = pair
-    refused = _Refused()
+    refused = Refusal(_BUSY_ALERT)
     lost = []
     refused.connectionLost = lost.append
     transport.protocol = refused
@@ -234,3 +235,85 @@ def test_a_connection_refused_at_accept_is_answered_and_closed_before_connection
     assert not transport.connected and transport not in reactor.readers
     assert decode_frame(drain(peer)) == Alert(ErrorCode.SERVER_BUSY)
     assert peer.recv(10) == b""
+
+
+def _lean_port():
+    """A tcp.Port (not listening: only its per-connection transport factory is used) made lean, and what it built."""
+    from twisted.internet.protocol import Factory
+
+    from vsc.net.transport import lean_refusals
+
+    built = []
+
+    class Spy(tcp.Server):
+        def __init__(self, *args):
+            built.append(self)
+            super().__init__(*args)
+
+    port = tcp.Port(0, Factory.forProtocol(Lost), interface="127.0.0.1", reactor=FDSet())
+    port.transport = Spy
+    assert lean_refusals(port) is port and lean_refusals(port) is port  # twice is once
+    return port, built
+
+
+def test_a_lean_port_answers_a_refusal_on_the_socket_without_a_transport():
+    """Behind a lean port a Refusal costs one send and one close: the peer reads the alert, then the end of the
+    stream; no Twisted transport is built and nothing is registered with the reactor."""
+    from vsc.net.transport import Refusal
+    from vsc.server.service import _BUSY_ALERT
+    from vsc.wire import ErrorCode, decode_frame
+    from vsc.wire.messages import Alert
+
+    port, built = _lean_port()
+    ours, peer = socket.socketpair()
+    refusal = Refusal(_BUSY_ALERT)
+    transport = port.transport(ours, refusal, ("127.0.0.2", 5), port, 1, port.reactor)
+    refusal.makeConnection(transport)  # what tcp.Port.doRead does next
+    assert built == [] and ours.fileno() == -1
+    assert not port.reactor.readers and not port.reactor.writers
+    peer.settimeout(5)
+    assert decode_frame(peer.recv(100)) == Alert(ErrorCode.SERVER_BUSY)
+    assert peer.recv(10) == b""
+    peer.close()
+
+
+def test_a_lean_port_builds_ordinary_transports_for_everything_else():
+    """Only a Refusal takes the short path: any other protocol gets the port's own transport class, as before."""
+    port, built = _lean_port()
+    ours, peer = socket.socketpair()
+    proto = Lost()
+    transport = port.transport(ours, proto, ("127.0.0.1", 5), port, 1, port.reactor)
+    assert built == [transport] and isinstance(transport, tcp.Server)
+    transport.socket.close()
+    peer.close()
+
+
+def test_a_refusal_to_a_peer_already_gone_is_quiet():
+    """The peer reset before the alert could be sent: the socket is closed all the same and nothing raises."""
+    from vsc.net.transport import Refusal
+
+    port, built = _lean_port()
+    ours, peer = socket.socketpair()
+    peer.close()
+    refusal = Refusal(b"\x00" * 8)
+    refusal.makeConnection(port.transport(ours, refusal, ("127.0.0.2", 5), port, 1, port.reactor))
+    assert built == [] and ours.fileno() == -1
+
+
+def test_the_server_listens_through_a_lean_endpoint():
+    """vsc-server's listening port is wrapped so that refusals take the short path (vsc.server.tap)."""
+    from twisted.internet.defer import succeed
+
+    from vsc.net.transport import LeanRefusalsEndpoint
+
+    port, built = _lean_port()
+    port.transport = tcp.Server
+    del port._vsc_lean
+
+    class Inner:
+        def listen(self, factory):
+            return succeed(port)
+
+    got = []
+    LeanRefusalsEndpoint(Inner()).listen(None).addCallback(got.append)
+    assert got == [port] and port.transport is not tcp.Server

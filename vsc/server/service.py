@@ -20,7 +20,7 @@ from twisted.python.threadpool import ThreadPool
 
 from vsc import crypto
 from vsc.net.channel import ChannelFactory, ChannelProtocol, peer_host
-from vsc.net.transport import close_now, write_now
+from vsc.net.transport import Refusal, close_now, write_now
 from vsc.protocol.channel import ChannelInfo, private_decrypt, server_channel
 from vsc.server.admission import Admission, AdmissionLimits, Refused
 from vsc.protocol import implauth
@@ -39,7 +39,6 @@ from vsc.protocol.server_ops import (
     StartDeadline,
 )
 from vsc.protocol.suites import ChannelConfig
-from twisted.internet.protocol import Factory, Protocol
 
 from vsc.wire import MAX_FRAME_BODY, ErrorCode, Message, encode_frame
 from vsc.wire.messages import Alert
@@ -66,15 +65,6 @@ class Backend:
 
 
 _BUSY_ALERT = encode_frame(Alert(ErrorCode.SERVER_BUSY))
-
-
-class _Refused(Protocol):
-    """A connection refused at accept time: the SERVER_BUSY alert and close, and nothing else built or spent."""
-
-    def connectionMade(self) -> None:
-        # at once, not on the reactor's next turns: a flood is thousands of these a second (vsc.net.transport)
-        write_now(self.transport, _BUSY_ALERT)
-        close_now(self.transport)
 
 
 class ServerProtocol(ChannelProtocol):
@@ -301,7 +291,6 @@ class ServerFactory(ChannelFactory):
         # enrolment material for implementation authentication: keyfiles signed with this server's key
         self.registrar = Registrar(lambda data: crypto.rsa_pss_sign(key, data), key.public_key().spki_der, rand,
                                    clock.seconds)
-        self.refused = Factory.forProtocol(_Refused)
         # guessing limits per source address, in this process's memory (vsc.protocol.lockout)
         self.limits = SourceLimits(ops_policy.lockout, clock.seconds)
 
@@ -310,7 +299,7 @@ class ServerFactory(ChannelFactory):
         # a source over its handshake rate is refused before a channel is even built (issue 11: a flood of
         # handshakes must cost the server next to nothing per refusal)
         if self.admission is not None and not self.admission.handshake_allowed(source_of(getattr(addr, "host", ""))):
-            return self.refused.buildProtocol(addr)
+            return Refusal(_BUSY_ALERT)
         return super().buildProtocol(addr)
 
 

@@ -74,6 +74,7 @@ def makeService(options: Options) -> service.IService:
 
     from vsc.server.admission import Admission, AdmissionLimits
     from vsc.server.service import Backend, server_factory
+    from vsc.net.transport import LeanRefusalsEndpoint
     from vsc.server.settings import SettingError, override
     from vsc.server.store import Store, StoreError
     from vsc.server.workers import WorkerPool
@@ -112,7 +113,9 @@ def makeService(options: Options) -> service.IService:
     backend = Backend(reactor, store, pool)
     factory = server_factory(cfg.channel, key, reactor, backend=backend, ops_policy=policy.ops(), master=master,
                              admission=admission)
-    strports.service(with_backlog(listen), factory).setServiceParent(top)
+    listening = strports.service(with_backlog(listen), factory)
+    listening.endpoint = LeanRefusalsEndpoint(listening.endpoint)  # refusals answered on the socket (vsc.net.transport)
+    listening.setServiceParent(top)
     return top
 
 
