@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from twisted.internet import main, tcp
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -87,7 +88,7 @@ def close_now(transport) -> None:
 # ---------------------------------------------------------------- refusing at accept, without a transport
 
 
-class Refusal:
+class Refusal(Protocol):
     """
     What a factory's ``buildProtocol`` returns for a connection it refuses at
     accept time (vsc.server: a source over its handshake rate): ``alert``,
@@ -101,20 +102,14 @@ class Refusal:
 
     def __init__(self, alert: bytes):
         self.alert = alert
-        self.transport = None
 
     def makeConnection(self, transport) -> None:  # noqa: N802 - IProtocol
         self.transport = transport
         if transport is _REFUSED:
             return  # already answered and closed on the socket
+        self.connected = 1
         write_now(transport, self.alert)
         close_now(transport)
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - IProtocol
-        pass
-
-    def connectionLost(self, reason=None) -> None:  # noqa: N802 - IProtocol
-        pass
 
 
 class _Refused:
