@@ -136,9 +136,11 @@ def lean_refusals(port):
     per refusal fell from about 75 to about 48 µs here (the rest is the
     kernel's accept and close, and Twisted's accept loop), and the reactor's
     turn that accepted a batch of them ends sooner for the connections it
-    serves (issue 11's poll p99 during a flood). Other ports
-    (TLS, UNIX) are returned unchanged. Returns ``port`` (an endpoint's
-    ``listen`` callback).
+    serves (issue 11's poll p99 during a flood). A port that is not a
+    ``tcp.Port`` (UNIX) is returned unchanged; behind TLS the factory hands
+    the port a TLS wrapper, not a ``Refusal``, so every connection there
+    keeps its ordinary transport. Returns ``port`` (an endpoint's ``listen``
+    callback).
     """
     if not isinstance(port, tcp.Port) or getattr(port, "_vsc_lean", False):
         return port
