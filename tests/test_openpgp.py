@@ -267,9 +267,10 @@ def test_reset_retry_counter_with_pw3(card):
 
 
 def test_failed_store_compares_nothing(card):
-    """When the decremented counter cannot be stored VERIFY answers 6581 and the counter is unchanged."""
+    """When the try cannot be stored VERIFY answers 6581, wrong or right, and the counter is unchanged."""
     card.fail_stores = True
     assert card.verify(0x81, b"000000") == 0x6581
+    assert card.verify(0x81, PW1) == 0x6581
     card.fail_stores = False
     assert wire.parse_pw_status(card.get_data(0xC4)[0]).pw1_tries == 3
 

@@ -576,21 +576,58 @@ def test_pin_status_counts_and_lockout(card):
     assert [n.event for n in card.notices][-2:] == ["wrong-pin", "pin-blocked"]
 
 
-def test_counter_is_stored_before_the_comparison(card):
-    """Every VERIFY with data stores the decremented counter first; a match stores it back at its maximum."""
+def test_every_try_is_stored_once_before_it_is_answered(card):
+    """A VERIFY with data makes exactly one store, before the answer: the counter back at 3 after a match, 2 after a mismatch."""
     card.verify(PIN)
-    assert [apdu.decode_secret(s.value).tries_left for s in card.stores] == [2, 3]
+    assert [apdu.decode_secret(s.value).tries_left for s in card.stores] == [3]
     card.stores.clear()
     card.verify(b"111111")
     assert [apdu.decode_secret(s.value).tries_left for s in card.stores] == [2]
+    card.stores.clear()
+    card.verify(PIN)  # a match at 2 tries left stores 3 again: still one store
+    assert [apdu.decode_secret(s.value).tries_left for s in card.stores] == [3]
+
+
+def _effects_until_the_store(pin: bytes) -> list:
+    """The effects a VERIFY with ``pin`` yields up to and including its store (a fresh applet and card)."""
+    card = FakeCard()
+    card.send(0xA4, 0x04, 0x00, piv.PIV_AID)
+    seen = []
+    gen = card.applet.process(apdu.command(0, 0x20, 0x00, 0x80, apdu.pad_pin(pin)))
+    value = None
+    while True:
+        effect = gen.send(value)
+        seen.append(effect)
+        if isinstance(effect, piv.Store):
+            return seen
+        value = card.perform(effect)
+
+
+def test_a_match_and_a_mismatch_look_the_same_until_stored(card):
+    """
+    Tearing: an attacker who kills the card (or cuts its link) the moment a
+    store starts must learn nothing and lose the try. Up to and including
+    the store, a right and a wrong PIN yield the same effects, and the same
+    store (same item, same length): no notice, no answer, no skipped or
+    extra store tells them apart.
+    """
+    right, wrong = _effects_until_the_store(PIN), _effects_until_the_store(b"000000")
+    assert [type(e) for e in right] == [type(e) for e in wrong]
+    assert [(e.kind, e.name) for e in right if isinstance(e, piv.Store)] == \
+        [(e.kind, e.name) for e in wrong if isinstance(e, piv.Store)]
+    assert len(right[-1].value) == len(wrong[-1].value)
+    assert not any(isinstance(e, piv.Notice) for e in right + wrong)
 
 
 def test_no_free_guesses_when_the_store_fails(card):
-    """If the counter cannot be stored (server down) the answer is 6581 whatever the PIN, and nothing is verified."""
+    """If the try cannot be stored (server down) the answer is 6581 whatever the PIN, and nothing is verified."""
     card.fail_stores = True
     assert card.verify(b"000000") == 0x6581
     assert card.verify(PIN) == 0x6581
     assert not card.applet.pin_verified
+    # the same notice for both (the failed store), no "wrong-pin": the result never left the card
+    assert [n.event for n in card.notices] == ["effect-failed", "effect-failed"]
+    assert card.notices[0] == card.notices[1]
     card.fail_stores = False
     assert card.verify(None) == 0x63C3
 

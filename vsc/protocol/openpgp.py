@@ -18,7 +18,7 @@ PIV PIN: same value, same retry counter), so it has 6 to 8 characters (C4
 says 8) and a PIN blocked through PIV is blocked here and the other way
 round. PW3 (admin PIN, default 12345678) and the reset code are records of
 their own (pins.OPENPGP_PW3, pins.OPENPGP_RC), checked the shared
-store-before-compare way (vsc.protocol.pins.check_secret).
+store-before-answer way (vsc.protocol.pins.check_secret).
 
 Keys: signature (B6, item "pgp-sig"), decryption (B8, "pgp-dec"),
 authentication (A4, "pgp-aut"), RSA-2048, NIST P-256 (ECDSA / ECDH) or
@@ -301,7 +301,7 @@ class OpenPgpApplet(CommandFront):
         return apdu.pad_pin(pin)
 
     def _check(self, ref: int, value: bytes) -> Generator[Effect, Any, SecretRecord | int]:
-        """PW1 or PW3 checked the shared store-before-compare way: the record, or the status word to answer."""
+        """PW1 or PW3 checked the shared store-before-answer way: the record, or the status word to answer."""
         if ref == PW3:
             return (yield from pins.check_secret(pins.OPENPGP_PW3, value, DEFAULT_PW3, "admin-pin"))
         block = self._pw1_block(value)

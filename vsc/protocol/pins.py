@@ -9,10 +9,20 @@ every application and every path (the PIV PIN is the same secret as any
 other application's user PIN), so a PIN blocked on one path is blocked on
 all of them.
 
-Anti-hammering: the counter is decremented and STORED (synced to the
-storage) before the comparison; only a match stores it back at its maximum.
-A store that fails answers 6581 without having compared anything, so
-cutting the network gives an attacker no free guesses.
+Anti-hammering: every try with a value is STORED (synced to the storage)
+before it is answered: exactly one store per try, whatever its result, of a
+record of the same length — the counter decremented after a mismatch, back
+at its maximum after a match. Nothing about the comparison leaves the card
+before that store has succeeded: no answer, no notice, no second store
+whose presence would tell a match from a mismatch (an attacker who cuts
+the link or kills the process when a store starts learns nothing, and a
+mismatch is never uncounted). A store that fails answers 6581 and the
+session undoes the change in memory, so cutting the network gives no free
+guesses either. (The classic smart-card rule is "decrement, store, then
+compare": it exists because a chip's power trace shows the comparison
+before the answer. Here the comparison is constant-time and in-process and
+the one observable step is the store, so store-then-answer holds the same
+line with one sync per correct VERIFY instead of two.)
 
 The PIN policy (vsc.wire.pinpolicy, an item of the protected information
 chosen at enrolment) says for each key slot whether its key needs the PIN
@@ -75,19 +85,20 @@ def store_secret(name: str, rec: SecretRecord) -> Generator[Effect, Any, None]:
 def check_secret(name: str, value: bytes, default: bytes, label: str) -> Generator[Effect, Any, SecretRecord | int]:
     """
     Compare ``value`` (as stored: the PIV form is an FF-padded 8-byte block)
-    with secret ``name``, the counter decremented and stored first. Returns
-    the record (a match; the counter stored back at its maximum) or the
-    status word to answer: 63Cx (x tries left) or 6983 (blocked).
-    ``label`` names it in the notices ("pin", "puk", ...).
+    with secret ``name`` and store the try's result before anything is
+    answered: one store every time, of the same length (the counter back at
+    its maximum after a match, decremented after a mismatch). Returns the
+    record (a match) or the status word to answer: 63Cx (x tries left) or
+    6983 (blocked). ``label`` names it in the notices ("pin", "puk", ...).
+    A failed store raises EffectFailed (6581) whatever the comparison said.
     """
     rec = yield from load_secret(name, default)
     if rec.tries_left == 0:
         return SW_BLOCKED
-    left = rec.tries_left - 1
+    match = crypto.constant_time_equal(bytes(value), rec.value)
+    left = rec.max_tries if match else rec.tries_left - 1
     yield from store_secret(name, attrs.evolve(rec, tries_left=left))
-    if crypto.constant_time_equal(bytes(value), rec.value):
-        if left != rec.max_tries:
-            yield from store_secret(name, attrs.evolve(rec, tries_left=rec.max_tries))
+    if match:
         return rec
     yield Notice(f"wrong-{label}", {"tries_left": left})
     if left == 0:
