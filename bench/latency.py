@@ -30,8 +30,11 @@ is measured. Per-call wall-clock latency, p50 and p95 (nearest rank):
   application and VERIFY the PIN once, then GENERAL AUTHENTICATE timed per
   call: P-256 ECDSA over a SHA-256 digest in slot 9c, and a raw RSA-2048
   operation on a PKCS#1 v1.5 block in slot 9a (command chaining, 61xx + GET
-  RESPONSE, as OpenSC does); and one ``pkcs11-tool --sign`` process per
-  signature through OpenSC's PKCS#11 module;
+  RESPONSE, as OpenSC does); the APDU round trip (GET DATA Discovery)
+  against a no-op card on vpcd's second reader, present meanwhile: the same
+  client takes turns exchange by exchange between the two, in PCSC_ROUNDS
+  rounds, and the figure is the median of the rounds' ratios; and one
+  ``pkcs11-tool --sign`` process per signature through OpenSC's PKCS#11 module;
 * SoftHSM2 — a token in a temporary SOFTHSM2_CONF tokendir; python-pkcs11 in
   one process (SHA256-RSA-PKCS with RSA-2048, CKM_ECDSA over a digest with
   P-256), and one ``pkcs11-tool --sign`` process per signature.
@@ -199,10 +202,18 @@ if alt:  # this card and a no-op card on another reader of the same pcscd + vpcd
     sides = {"card": ([bytes.fromhex(a) for a in alt["card"]], conn),
              "noop": ([bytes.fromhex(a) for a in alt["noop"]], other)}
     rounds = []
-    for r in range(alt["rounds"]):
-        got = {}
-        for side in (("noop", "card") if r % 2 == 0 else ("card", "noop")):
-            got[side] = timed(side, sides[side][0], alt["n"], sides[side][1])[0]
+    for r in range(alt["rounds"]):  # within a round the two cards take turns exchange by exchange
+        got = {"card": [], "noop": []}
+        for i in range(alt["n"] + 2):
+            for side in (("noop", "card") if i % 2 == 0 else ("card", "noop")):
+                seq, c = sides[side]
+                t0 = time.perf_counter()
+                for a in seq:
+                    _, sw = tx(a, c)
+                    if sw != 0x9000:
+                        print(json.dumps({"error": "%s: APDU answered %04X" % (side, sw)})); sys.exit(0)
+                if i >= 2:  # two warm-up exchanges
+                    got[side].append((time.perf_counter() - t0) * 1000.0)
         rounds.append(got)
     other.disconnect()
     out["alternated"] = rounds
@@ -210,17 +221,18 @@ conn.disconnect()
 print(json.dumps(out))
 """
 
-#: the APDU round trip against a no-op card: this many alternated rounds of ``n_pcsc`` exchanges on each side
-PCSC_ROUNDS = 5
+#: the APDU round trip against a no-op card: this many rounds of ``n_pcsc`` exchanges on each side, taking turns
+PCSC_ROUNDS = 9
 
 
 def alternated_rounds(rounds: list[dict]) -> dict:
     """
-    The APDU round trip measured in alternated rounds (no-op card, ours, ours,
-    no-op, ...: the same client, the same pcscd + vpcd, the same method on
-    both sides): each round's p50s and their ratio, the median of the rounds'
-    ratios as the figure (as bench/flood.py does), and every sample of each
-    side pooled (``card``, ``noop``).
+    The APDU round trip measured in rounds in which the no-op card and ours
+    take turns exchange by exchange (no-op, ours, ours, no-op, ...: the same
+    client, the same pcscd + vpcd, the same method on both sides): each
+    round's p50s and their ratio, the median of the rounds' ratios as the
+    figure (as bench/flood.py does), and every sample of each side pooled
+    (``card``, ``noop``).
     """
     import statistics
 
