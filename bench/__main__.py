@@ -727,8 +727,11 @@ def target_local_api(r: dict) -> list[str] | None:
     amp, floor = _lat(r, "amp", "9a"), _lat(r, "floor", "load_sign_9a")
     if amp is None:
         return None
+    ipc = _lat(r, "floor", "ipc_sign_9a")
     return _row("#15 local API sign RSA-2048 (p50, decrypt-on-use, the default) ≤ 1.15× load-and-sign",
-                f"{amp:.3f} ms", f"{floor:.3f} ms (load the PKCS#8 key + sign, the client's process)",
+                f"{amp:.3f} ms", f"{floor:.3f} ms (load the PKCS#8 key + sign, the client's process)" + (
+                    f"; for reference the same load + sign in a minimal server process behind a UNIX socket, "
+                    f"alternated: {ipc:.3f} ms (ours {amp / ipc:.2f}×)" if ipc else ""),
                 amp / floor if floor else None, 1.15)
 
 

@@ -21,7 +21,12 @@ is measured. Per-call wall-clock latency, p50 and p95 (nearest rank):
 * in-process AMP — one long-lived client process calls ``SignDigest`` on the
   control socket through the one control client (vsc.card.client; the daemon
   loads the slot's key from its locked memory and signs); also "new
-  connection + call", what a fresh client pays besides its interpreter;
+  connection + call", what a fresh client pays besides its interpreter.
+  Alternated with each call in the same client: the target's floor (load
+  the PKCS#8 key + sign in this process), a sign with the key held, and a
+  reference that is not the target's floor: the same load + sign in a
+  minimal forked server process behind a UNIX socket (blocking, no Twisted),
+  i.e. what any cross-process call costs on this machine;
 * PC/SC — when pcscd, vsmartcard's vpcd and the system's pyscard are
   installed and no pcscd is running already (a running one belongs to
   someone else and is left alone): this script starts ``pcscd -f``, the card
@@ -105,10 +110,13 @@ def amp_main(home: str, n: int) -> None:
     with ControlClient(home) as card:
         for slot in ("9a", "9c"):
             # the floor, in this process, alternated with the calls: load a PKCS#8 key of the slot's kind and
-            # sign (what the card does per call), and sign with a key loaded once (OpenSSL's sign rate)
+            # sign (what the card does per call), and sign with a key loaded once (OpenSSL's sign rate); and a
+            # reference beside it, not the target's floor: the same load-and-sign in a minimal server process
+            # behind a UNIX socket (what any cross-process call pays on this machine, without vsc's code)
             der = crypto.generate_private_der(kinds[slot])
             held = crypto.PrivateKeyHandle(der)
-            times, sigs, load_sign, held_sign = [], [], [], []
+            ipc, ipc_pid = _ipc_signer(der)
+            times, sigs, load_sign, held_sign, ipc_sign = [], [], [], [], []
             for i in range(n + 2):
                 digest = hashlib.sha256(f"amp {slot} {i}".encode()).digest()
                 t0 = time.perf_counter()
@@ -119,15 +127,21 @@ def amp_main(home: str, n: int) -> None:
                 t2 = time.perf_counter()
                 held.sign_digest(digest)
                 t3 = time.perf_counter()
+                _ipc_sign(ipc, digest)
+                t4 = time.perf_counter()
                 if i >= 2:  # two warm-up calls
                     times.append((t1 - t0) * 1000.0)
                     load_sign.append((t2 - t1) * 1000.0)
                     held_sign.append((t3 - t2) * 1000.0)
+                    ipc_sign.append((t4 - t3) * 1000.0)
                 sigs.append(sig)
             held.__exit__(None, None, None)
+            ipc.close()
+            os.waitpid(ipc_pid, 0)
             out[slot] = {"ms": times, "sig_hex": sigs[-1].hex(), "data": f"amp {slot} {n + 1}"}
             out[f"load_sign_{slot}"] = {"ms": load_sign}
             out[f"held_sign_{slot}"] = {"ms": held_sign}
+            out[f"ipc_sign_{slot}"] = {"ms": ipc_sign}
     fresh = []
     for i in range(max(5, n // 5)):
         digest = hashlib.sha256(f"fresh {i}".encode()).digest()
@@ -137,6 +151,46 @@ def amp_main(home: str, n: int) -> None:
         fresh.append((time.perf_counter() - t0) * 1000.0)
     out["fresh_9a"] = {"ms": fresh}
     print(json.dumps(out))
+
+
+def _ipc_signer(der: bytes) -> tuple[socket.socket, int]:
+    """
+    A minimal signing server in a forked process on a socketpair: per request
+    (a 32-byte digest) it loads ``der`` and signs, as the card does per call,
+    and answers with a 2-byte length and the signature; blocking socket, no
+    Twisted, no card memory, no PIN check. The AMP client times it beside the
+    card: the cross-process cost of this machine (two wake-ups per call),
+    which the in-process floor does not pay.
+    """
+    from vsc import crypto
+
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the server
+        ours.close()
+        try:
+            while True:
+                digest = theirs.recv(64)
+                if not digest:
+                    break
+                with crypto.PrivateKeyHandle(der) as key:
+                    sig = key.sign_digest(digest)
+                theirs.sendall(len(sig).to_bytes(2, "big") + sig)
+        finally:
+            os._exit(0)
+    theirs.close()
+    return ours, pid
+
+
+def _ipc_sign(sock: socket.socket, digest: bytes) -> bytes:
+    sock.sendall(digest)
+    data = b""
+    while len(data) < 2 or len(data) < 2 + int.from_bytes(data[:2], "big"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("the reference signer went away")
+        data += chunk
+    return data[2:]
 
 
 # ---------------------------------------------------------------- the PC/SC client (system python3 + pyscard)
@@ -667,7 +721,7 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
         res["amp"] = {"9a": summary(amp_res["9a"]["ms"]), "9c": summary(amp_res["9c"]["ms"]),
                       "fresh_9a": summary(amp_res["fresh_9a"]["ms"])}
         res["floor"] = {k: summary(amp_res[k]["ms"]) for k in ("load_sign_9a", "load_sign_9c", "held_sign_9a",
-                                                               "held_sign_9c")}
+                                                               "held_sign_9c", "ipc_sign_9a", "ipc_sign_9c")}
 
         # ---- the local API: the whole CLI per signature
         (base / "doc").write_bytes(b"a document to sign\n" * 50)
@@ -842,9 +896,12 @@ def target(name: str, value: float | None, floor: float | None, unit: str, bound
 def targets(res: dict) -> list[dict]:
     """The card-side targets this part measures, each beside its floor from the same run."""
     p50 = lambda d, *keys: _dig(d, *keys, "p50")  # noqa: E731
+    ipc, amp = p50(res, "floor", "ipc_sign_9a"), p50(res, "amp", "9a")
     rows = [
-        target("local API sign RSA-2048 (p50) / load-and-sign", p50(res, "amp", "9a"),
-               p50(res, "floor", "load_sign_9a"), "ms", 1.15, floor_name="load the PKCS#8 key + sign, same process"),
+        target("local API sign RSA-2048 (p50) / load-and-sign", amp,
+               p50(res, "floor", "load_sign_9a"), "ms", 1.15, floor_name="load the PKCS#8 key + sign, same process" + (
+                   f"; the same in a minimal server process behind a UNIX socket, alternated: {ipc:.3f} ms "
+                   f"(ours {amp / ipc:.2f}x that)" if ipc and amp else "")),
     ]
     held, load = p50(res, "floor", "held_sign_9a"), p50(res, "floor", "load_sign_9a")
     ga, ga_ext = p50(res, "pcsc", "9a"), p50(res, "pcsc", "9a_ext")
@@ -916,6 +973,10 @@ def report(res: dict, floor: dict | None = None) -> str:
                  *_cell(fl.get("load_sign_9a"))])
     rows.append(["floor: load the PKCS#8 key + sign, in the AMP client's process", "P-256", *_cell(fl.get("load_sign_9c"))])
     rows.append(["floor: sign with a key loaded once (OpenSSL's sign rate)", "RSA-2048", *_cell(fl.get("held_sign_9a"))])
+    rows.append(["reference: load + sign in a minimal server process behind a UNIX socket (no Twisted)", "RSA-2048",
+                 *_cell(fl.get("ipc_sign_9a"))])
+    rows.append(["reference: load + sign in a minimal server process behind a UNIX socket (no Twisted)", "P-256",
+                 *_cell(fl.get("ipc_sign_9c"))])
     if res.get("pcsc_floor"):
         rows.append(["floor: PC/SC round trip to a no-op card (9000 to everything), same pcscd + vpcd", "—",
                      *_cell(res.get("pcsc_floor"))])

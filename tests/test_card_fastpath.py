@@ -314,3 +314,38 @@ def test_alternated_rounds_give_each_rounds_ratio_and_their_median():
     assert row["ratio"] == 1.375 and row["met"] is True and "median of 3 alternated rounds" in row["floor_name"]
     got = runner.target_apdu_roundtrip({"latency": res})
     assert got[3] == "1.38 (median of 3 rounds: 1.38, 2.10, 1.00)" and got[4] == "**yes**"
+
+
+def test_the_local_api_row_shows_the_cross_process_reference_beside_the_floor():
+    """The local API target is still its figure / the in-process load-and-sign floor; the minimal server
+    process's time (measured alternated in the same client) is shown beside it, with ours as a multiple of it."""
+    from bench import __main__ as runner
+    from bench import latency
+
+    def p(v):
+        return {"n": 10, "p50": v, "p95": v, "min": v}
+
+    res = {"amp": {"9a": p(0.60)}, "floor": {"load_sign_9a": p(0.45), "held_sign_9a": p(0.23), "ipc_sign_9a": p(0.50)}}
+    row = latency.targets(res)[0]
+    assert row["ratio"] == pytest.approx(0.60 / 0.45, abs=1e-3) and "0.500 ms (ours 1.20x that)" in row["floor_name"]
+    got = runner.target_local_api({"latency": res})
+    assert got[3] == "1.33" and "0.500 ms (ours 1.20×)" in got[2]
+
+
+def test_the_reference_signer_signs_what_the_card_would():
+    """bench/latency.py's minimal server process (forked, on a socketpair) answers a digest with a signature
+    that verifies under the key's public half, and exits when the socket closes."""
+    import hashlib
+    import os
+
+    from bench import latency
+
+    der = crypto.generate_private_der(crypto.KEY_P256)
+    sock, pid = latency._ipc_signer(der)
+    try:
+        digest = hashlib.sha256(b"reference").digest()
+        sig = latency._ipc_sign(sock, digest)
+        assert crypto.verify_sha256(crypto.public_der_of(der), b"reference", sig)
+    finally:
+        sock.close()
+        assert os.waitpid(pid, 0)[1] == 0
