@@ -21,7 +21,12 @@ is measured. Per-call wall-clock latency, p50 and p95 (nearest rank):
 * in-process AMP — one long-lived client process calls ``SignDigest`` on the
   control socket through the one control client (vsc.card.client; the daemon
   loads the slot's key from its locked memory and signs); also "new
-  connection + call", what a fresh client pays besides its interpreter;
+  connection + call", what a fresh client pays besides its interpreter.
+  Alternated with each call in the same client: the target's floor (load
+  the PKCS#8 key + sign in this process), a sign with the key held, and a
+  reference that is not the target's floor: the same load + sign in a
+  minimal forked server process behind a UNIX socket (blocking, no Twisted),
+  i.e. what any cross-process call costs on this machine;
 * PC/SC — when pcscd, vsmartcard's vpcd and the system's pyscard are
   installed and no pcscd is running already (a running one belongs to
   someone else and is left alone): this script starts ``pcscd -f``, the card
@@ -30,8 +35,11 @@ is measured. Per-call wall-clock latency, p50 and p95 (nearest rank):
   application and VERIFY the PIN once, then GENERAL AUTHENTICATE timed per
   call: P-256 ECDSA over a SHA-256 digest in slot 9c, and a raw RSA-2048
   operation on a PKCS#1 v1.5 block in slot 9a (command chaining, 61xx + GET
-  RESPONSE, as OpenSC does); and one ``pkcs11-tool --sign`` process per
-  signature through OpenSC's PKCS#11 module;
+  RESPONSE, as OpenSC does); the APDU round trip (GET DATA Discovery)
+  against a no-op card on vpcd's second reader, present meanwhile: the same
+  client takes turns exchange by exchange between the two, in PCSC_ROUNDS
+  rounds, and the figure is the median of the rounds' ratios; and one
+  ``pkcs11-tool --sign`` process per signature through OpenSC's PKCS#11 module;
 * SoftHSM2 — a token in a temporary SOFTHSM2_CONF tokendir; python-pkcs11 in
   one process (SHA256-RSA-PKCS with RSA-2048, CKM_ECDSA over a digest with
   P-256), and one ``pkcs11-tool --sign`` process per signature.
@@ -102,10 +110,13 @@ def amp_main(home: str, n: int) -> None:
     with ControlClient(home) as card:
         for slot in ("9a", "9c"):
             # the floor, in this process, alternated with the calls: load a PKCS#8 key of the slot's kind and
-            # sign (what the card does per call), and sign with a key loaded once (OpenSSL's sign rate)
+            # sign (what the card does per call), and sign with a key loaded once (OpenSSL's sign rate); and a
+            # reference beside it, not the target's floor: the same load-and-sign in a minimal server process
+            # behind a UNIX socket (what any cross-process call pays on this machine, without vsc's code)
             der = crypto.generate_private_der(kinds[slot])
             held = crypto.PrivateKeyHandle(der)
-            times, sigs, load_sign, held_sign = [], [], [], []
+            ipc, ipc_pid = _ipc_signer(der)
+            times, sigs, load_sign, held_sign, ipc_sign = [], [], [], [], []
             for i in range(n + 2):
                 digest = hashlib.sha256(f"amp {slot} {i}".encode()).digest()
                 t0 = time.perf_counter()
@@ -116,15 +127,21 @@ def amp_main(home: str, n: int) -> None:
                 t2 = time.perf_counter()
                 held.sign_digest(digest)
                 t3 = time.perf_counter()
+                _ipc_sign(ipc, digest)
+                t4 = time.perf_counter()
                 if i >= 2:  # two warm-up calls
                     times.append((t1 - t0) * 1000.0)
                     load_sign.append((t2 - t1) * 1000.0)
                     held_sign.append((t3 - t2) * 1000.0)
+                    ipc_sign.append((t4 - t3) * 1000.0)
                 sigs.append(sig)
             held.__exit__(None, None, None)
+            ipc.close()
+            os.waitpid(ipc_pid, 0)
             out[slot] = {"ms": times, "sig_hex": sigs[-1].hex(), "data": f"amp {slot} {n + 1}"}
             out[f"load_sign_{slot}"] = {"ms": load_sign}
             out[f"held_sign_{slot}"] = {"ms": held_sign}
+            out[f"ipc_sign_{slot}"] = {"ms": ipc_sign}
     fresh = []
     for i in range(max(5, n // 5)):
         digest = hashlib.sha256(f"fresh {i}".encode()).digest()
@@ -136,37 +153,92 @@ def amp_main(home: str, n: int) -> None:
     print(json.dumps(out))
 
 
+def _ipc_signer(der: bytes) -> tuple[socket.socket, int]:
+    """
+    A minimal signing server in a forked process on a socketpair: per request
+    (a 32-byte digest) it loads ``der`` and signs, as the card does per call,
+    and answers with a 2-byte length and the signature; blocking socket, no
+    Twisted, no card memory, no PIN check. The AMP client times it beside the
+    card: the cross-process cost of this machine (two wake-ups per call),
+    which the in-process floor does not pay.
+    """
+    from vsc import crypto
+
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the server
+        ours.close()
+        try:
+            while True:
+                digest = theirs.recv(64)
+                if not digest:
+                    break
+                with crypto.PrivateKeyHandle(der) as key:
+                    sig = key.sign_digest(digest)
+                theirs.sendall(len(sig).to_bytes(2, "big") + sig)
+        finally:
+            os._exit(0)
+    theirs.close()
+    return ours, pid
+
+
+def _ipc_sign(sock: socket.socket, digest: bytes) -> bytes:
+    sock.sendall(digest)
+    data = b""
+    while len(data) < 2 or len(data) < 2 + int.from_bytes(data[:2], "big"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("the reference signer went away")
+        data += chunk
+    return data[2:]
+
+
 # ---------------------------------------------------------------- the PC/SC client (system python3 + pyscard)
 
 PCSC_CLIENT = r"""
-import json, sys, time
+import json, statistics, sys, time
 from smartcard.System import readers
 
 plan = json.loads(sys.argv[1])
-deadline = time.time() + plan["wait"]
-conn, last_error = None, ""
-while time.time() < deadline:
-    try:
-        rs = [r for r in readers() if str(r).startswith(plan["reader"])]
-        if rs:
-            c = rs[0].createConnection()
-            c.connect()
-            conn = c
-            break
-    except Exception as e:  # no reader yet, no card yet
-        last_error = str(e)
-    time.sleep(0.1)
-if conn is None:
-    print(json.dumps({"error": "no card appeared in %s within %ss (%s)" % (plan["reader"], plan["wait"], last_error)}))
+
+def connect(prefix):
+    deadline = time.time() + plan["wait"]
+    last_error = ""
+    while time.time() < deadline:
+        try:
+            rs = [r for r in readers() if str(r).startswith(prefix)]
+            if rs:
+                c = rs[0].createConnection()
+                c.connect()
+                return c
+        except Exception as e:  # no reader yet, no card yet
+            last_error = str(e)
+        time.sleep(0.1)
+    print(json.dumps({"error": "no card appeared in %s within %ss (%s)" % (prefix, plan["wait"], last_error)}))
     sys.exit(0)
 
-def tx(apdu):
-    data, sw1, sw2 = conn.transmit(list(apdu))
+conn = connect(plan["reader"])
+
+def tx(apdu, c=None):
+    c = c or conn
+    data, sw1, sw2 = c.transmit(list(apdu))
     out = bytes(data)
     while sw1 == 0x61:  # GET RESPONSE, as OpenSC does
-        more, sw1, sw2 = conn.transmit([0x00, 0xC0, 0x00, 0x00, sw2])
+        more, sw1, sw2 = c.transmit([0x00, 0xC0, 0x00, 0x00, sw2])
         out += bytes(more)
     return out, (sw1 << 8) | sw2
+
+def timed(name, seq, n, c=None):
+    times, last = [], b""
+    for i in range(n + 2):
+        t0 = time.perf_counter()
+        for a in seq:
+            last, sw = tx(a, c)
+            if sw != 0x9000:
+                print(json.dumps({"error": "%s: APDU answered %04X" % (name, sw)})); sys.exit(0)
+        if i >= 2:  # two warm-up calls
+            times.append((time.perf_counter() - t0) * 1000.0)
+    return times, last
 
 for apdu in plan["setup"]:
     _, sw = tx(bytes.fromhex(apdu))
@@ -175,20 +247,57 @@ for apdu in plan["setup"]:
 
 out = {}
 for name, seq in plan["ops"]:
-    seq = [bytes.fromhex(a) for a in seq]
-    times, last = [], b""
-    for i in range(plan["n"] + 2):
-        t0 = time.perf_counter()
-        for a in seq:
-            last, sw = tx(a)
-            if sw != 0x9000:
-                print(json.dumps({"error": "%s: APDU answered %04X" % (name, sw)})); sys.exit(0)
-        if i >= 2:  # two warm-up calls
-            times.append((time.perf_counter() - t0) * 1000.0)
+    times, last = timed(name, [bytes.fromhex(a) for a in seq], plan["n"])
     out[name] = {"ms": times, "resp_hex": last.hex()}
+
+alt = plan.get("alternate")
+if alt:  # this card and a no-op card on another reader of the same pcscd + vpcd, in alternated rounds
+    other = connect(alt["reader"])
+    sides = {"card": ([bytes.fromhex(a) for a in alt["card"]], conn),
+             "noop": ([bytes.fromhex(a) for a in alt["noop"]], other)}
+    rounds = []
+    for r in range(alt["rounds"]):  # within a round the two cards take turns exchange by exchange
+        got = {"card": [], "noop": []}
+        for i in range(alt["n"] + 2):
+            for side in (("noop", "card") if i % 2 == 0 else ("card", "noop")):
+                seq, c = sides[side]
+                t0 = time.perf_counter()
+                for a in seq:
+                    _, sw = tx(a, c)
+                    if sw != 0x9000:
+                        print(json.dumps({"error": "%s: APDU answered %04X" % (side, sw)})); sys.exit(0)
+                if i >= 2:  # two warm-up exchanges
+                    got[side].append((time.perf_counter() - t0) * 1000.0)
+        rounds.append(got)
+    other.disconnect()
+    out["alternated"] = rounds
 conn.disconnect()
 print(json.dumps(out))
 """
+
+#: the APDU round trip against a no-op card: this many rounds of ``n_pcsc`` exchanges on each side, taking turns
+PCSC_ROUNDS = 9
+
+
+def alternated_rounds(rounds: list[dict]) -> dict:
+    """
+    The APDU round trip measured in rounds in which the no-op card and ours
+    take turns exchange by exchange (no-op, ours, ours, no-op, ...: the same
+    client, the same pcscd + vpcd, the same method on both sides): each
+    round's p50s and their ratio, the median of the rounds' ratios as the
+    figure (as bench/flood.py does), and every sample of each side pooled
+    (``card``, ``noop``).
+    """
+    import statistics
+
+    each = []
+    for rnd in rounds:
+        card, noop = pct(rnd["card"], 0.50), pct(rnd["noop"], 0.50)
+        each.append({"card": card, "noop": noop, "ratio": card / noop if card and noop else None})
+    ratios = [r["ratio"] for r in each if r["ratio"] is not None]
+    return {"rounds": each, "ratio": statistics.median(ratios) if ratios and len(ratios) == len(each) else None,
+            "card": summary([x for rnd in rounds for x in rnd["card"]]),
+            "noop": summary([x for rnd in rounds for x in rnd["noop"]])}
 
 
 def _with_key_cache(world: "CardInUse", pcsc: bool, n_amp: int, n_pcsc: int, env: dict, publics: dict,
@@ -612,7 +721,7 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
         res["amp"] = {"9a": summary(amp_res["9a"]["ms"]), "9c": summary(amp_res["9c"]["ms"]),
                       "fresh_9a": summary(amp_res["fresh_9a"]["ms"])}
         res["floor"] = {k: summary(amp_res[k]["ms"]) for k in ("load_sign_9a", "load_sign_9c", "held_sign_9a",
-                                                               "held_sign_9c")}
+                                                               "held_sign_9c", "ipc_sign_9a", "ipc_sign_9c")}
 
         # ---- the local API: the whole CLI per signature
         (base / "doc").write_bytes(b"a document to sign\n" * 50)
@@ -634,32 +743,23 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
 
             progress("  latency: PC/SC (pyscard GENERAL AUTHENTICATE, pkcs11-tool through OpenSC)...")
             apdus = bpcsc.piv_apdus()  # bench/pcsc.py's: SELECT + VERIFY, GENERAL AUTHENTICATE as OpenSC sends it
-            # the floor of the same pcscd + vpcd: a no-op card (9000 to everything) on vpcd's second reader
-            progress("  latency: PC/SC floor (a no-op card on Virtual PCD 00 01)...")
+            # the floor of the same pcscd + vpcd: a no-op card (9000 to everything) on vpcd's second reader, present
+            # while this card is measured; the round trip alternates between the two in rounds (PCSC_ROUNDS)
+            progress("  latency: PC/SC, with a no-op card on Virtual PCD 00 01 for the round trip's floor...")
             floor_card = bpcsc.FloorCard(35964)
             floor_card.start()
             try:
                 floor_card.connected.wait(10)
-                plan = json.dumps({"reader": bpcsc.FLOOR_READER, "n": n_pcsc, "wait": 20, "setup": [],
-                                   "ops": [["noop", apdus["floor"]]]})
+                plan = json.dumps({"reader": READER, "n": n_pcsc, "wait": 20, "setup": apdus["setup"],
+                                   "ops": [["9c", apdus["ecdsa"]], ["9a", apdus["rsa"]],
+                                           ["9a_ext", apdus["rsa_ext"]]],
+                                   "alternate": {"reader": bpcsc.FLOOR_READER, "rounds": PCSC_ROUNDS, "n": n_pcsc,
+                                                 "card": apdus["getdata"], "noop": apdus["floor"]}})
                 p = subprocess.run([SYSTEM_PYTHON, "-c", PCSC_CLIENT, plan], env=env, capture_output=True,
                                    text=True, timeout=600)
-                try:
-                    fres = json.loads(p.stdout.strip().splitlines()[-1])
-                except (IndexError, ValueError):
-                    fres = {"error": (p.stderr or p.stdout).strip()[-300:]}
             finally:
                 floor_card.stop()
-            if "error" in fres:
-                res["notes"].append(f"PC/SC floor card: {fres['error']}")
-            else:
-                res["pcsc_floor"] = summary(fres["noop"]["ms"])
             _wait(lambda: not _reader_present(bpcsc.FLOOR_READER, env), 20, "the no-op card to leave")
-            plan = json.dumps({"reader": READER, "n": n_pcsc, "wait": 20, "setup": apdus["setup"],
-                               "ops": [["9c", apdus["ecdsa"]], ["9a", apdus["rsa"]], ["9a_ext", apdus["rsa_ext"]],
-                                       ["roundtrip", apdus["getdata"]]]})
-            p = subprocess.run([SYSTEM_PYTHON, "-c", PCSC_CLIENT, plan], env=env, capture_output=True, text=True,
-                               timeout=600)
             try:
                 pres = json.loads(p.stdout.strip().splitlines()[-1])
             except (IndexError, ValueError):
@@ -667,7 +767,10 @@ def run(quick: bool = False, pcsc: bool = True, keep: bool = False, progress=lam
             if "error" in pres:
                 res["notes"].append(f"PC/SC client: {pres['error']}")
             else:
-                res["pcsc"] = {"roundtrip": summary(pres["roundtrip"]["ms"])}
+                alt = alternated_rounds(pres["alternated"])
+                res["pcsc"] = {"roundtrip": alt["card"], "roundtrip_rounds": alt["rounds"],
+                               "roundtrip_ratio": alt["ratio"]}
+                res["pcsc_floor"] = alt["noop"]
                 for slot in ("9c", "9a", "9a_ext"):
                     r = pres[slot]
                     res["pcsc"][slot] = summary(r["ms"])
@@ -774,13 +877,16 @@ def run_isolated(quick: bool = False, pcsc: bool = True, keep: bool = False, pro
 
 
 def target(name: str, value: float | None, floor: float | None, unit: str, bound: float, higher: bool = False,
-           floor_name: str = "") -> dict:
+           floor_name: str = "", ratio: float | None = None) -> dict:
     """
     One row of issue 15's targets: ``value`` beside its ``floor`` measured in
     the same run, their ratio, and whether it is within ``bound`` (a ratio at
     most ``bound``; with ``higher``, a rate ratio at least ``bound``).
+    ``ratio``: the figure's own ratio when it is not value / floor (the
+    median of alternated rounds' ratios).
     """
-    ratio = (value / floor) if value and floor else None
+    if ratio is None:
+        ratio = (value / floor) if value and floor else None
     met = None if ratio is None else (ratio >= bound if higher else ratio <= bound)
     return {"target": name, "value": value, "floor": floor, "floor_name": floor_name, "unit": unit,
             "ratio": None if ratio is None else round(ratio, 3), "bound": bound,
@@ -790,9 +896,12 @@ def target(name: str, value: float | None, floor: float | None, unit: str, bound
 def targets(res: dict) -> list[dict]:
     """The card-side targets this part measures, each beside its floor from the same run."""
     p50 = lambda d, *keys: _dig(d, *keys, "p50")  # noqa: E731
+    ipc, amp = p50(res, "floor", "ipc_sign_9a"), p50(res, "amp", "9a")
     rows = [
-        target("local API sign RSA-2048 (p50) / load-and-sign", p50(res, "amp", "9a"),
-               p50(res, "floor", "load_sign_9a"), "ms", 1.15, floor_name="load the PKCS#8 key + sign, same process"),
+        target("local API sign RSA-2048 (p50) / load-and-sign", amp,
+               p50(res, "floor", "load_sign_9a"), "ms", 1.15, floor_name="load the PKCS#8 key + sign, same process" + (
+                   f"; the same in a minimal server process behind a UNIX socket, alternated: {ipc:.3f} ms "
+                   f"(ours {amp / ipc:.2f}x that)" if ipc and amp else "")),
     ]
     held, load = p50(res, "floor", "held_sign_9a"), p50(res, "floor", "load_sign_9a")
     ga, ga_ext = p50(res, "pcsc", "9a"), p50(res, "pcsc", "9a_ext")
@@ -820,8 +929,13 @@ def targets(res: dict) -> list[dict]:
                        p50(res, "softhsm", "tool_rsa2048"), "ms", 2.0,
                        floor_name="`pkcs11-tool --sign` on SoftHSM2" + (
                            f"; OpenSC + pcscd alone, against a replay card: {replay:.2f} ms" if replay else "")))
+    rounds = _dig(res, "pcsc", "roundtrip_rounds") or []
     rows.append(target("APDU round trip (GET DATA Discovery) / a no-op card's", p50(res, "pcsc", "roundtrip"),
-                       p50(res, "pcsc_floor"), "ms", 1.5, floor_name="no-op card on the same pcscd + vpcd"))
+                       p50(res, "pcsc_floor"), "ms", 1.5,
+                       floor_name="no-op card on the same pcscd + vpcd" + (
+                           f"; the ratio is the median of {len(rounds)} alternated rounds' (each "
+                           + ", ".join(f"{r['ratio']:.2f}" for r in rounds if r.get("ratio")) + ")" if rounds else ""),
+                       ratio=_dig(res, "pcsc", "roundtrip_ratio")))
     return rows
 
 
@@ -859,6 +973,10 @@ def report(res: dict, floor: dict | None = None) -> str:
                  *_cell(fl.get("load_sign_9a"))])
     rows.append(["floor: load the PKCS#8 key + sign, in the AMP client's process", "P-256", *_cell(fl.get("load_sign_9c"))])
     rows.append(["floor: sign with a key loaded once (OpenSSL's sign rate)", "RSA-2048", *_cell(fl.get("held_sign_9a"))])
+    rows.append(["reference: load + sign in a minimal server process behind a UNIX socket (no Twisted)", "RSA-2048",
+                 *_cell(fl.get("ipc_sign_9a"))])
+    rows.append(["reference: load + sign in a minimal server process behind a UNIX socket (no Twisted)", "P-256",
+                 *_cell(fl.get("ipc_sign_9c"))])
     if res.get("pcsc_floor"):
         rows.append(["floor: PC/SC round trip to a no-op card (9000 to everything), same pcscd + vpcd", "—",
                      *_cell(res.get("pcsc_floor"))])

@@ -14,9 +14,16 @@ its subclasses say which kind (no daemon, the card refused, no answer in
 time, the connection dropped).
 
 It uses ``_socket``, the C module that ``socket`` wraps, for the few calls
-it makes (connect, sendall, recv, settimeout, close): ``socket``'s own
-import (its enums, selectors) costs about as much as this whole request
-(bench/startup.py, ``python -X importtime``).
+it makes (connect, sendall, recv, settimeout, setsockopt, close):
+``socket``'s own import (its enums, selectors) costs about as much as this
+whole request (bench/startup.py, ``python -X importtime``).
+
+Once connected the socket is a blocking one whose waits the kernel bounds
+(SO_SNDTIMEO / SO_RCVTIMEO, vsc.wire.control.socket_wait): a request is one
+send and one receive. With Python's own socket timeout every call would
+also switch the socket's blocking mode and poll(2) before the send and
+before the receive: six system calls instead of two, on the local API's
+path (issue 15).
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ class ControlClient:
         self._sock = None
         self._buf = b""
         self._ask = 0
+        self._kernel_wait = False  # the socket's waits are bounded by SO_RCVTIMEO / SO_SNDTIMEO (see connect)
+        self._shortened = False  # SO_RCVTIMEO was set below the timeout for the rest of an answer
 
     def __enter__(self) -> "ControlClient":
         self.connect()
@@ -93,6 +102,15 @@ class ControlClient:
         except OSError:
             s.close()
             raise NotRunning(self.home, self.path, stale=True) from None
+        try:  # blocking from here on, each send and receive bounded by the kernel (the module docstring)
+            wait = wc.socket_wait(self.timeout)
+            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, wait)
+            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, wait)
+            s.settimeout(None)
+            self._kernel_wait = True
+        except (OSError, AttributeError, OverflowError):  # no such option here: Python's timeout, as before
+            s.settimeout(self.timeout)
+            self._kernel_wait = False
         self._sock = s
 
     def close(self) -> None:
@@ -111,10 +129,14 @@ class ControlClient:
             raise ControlError(str(e)) from None
         deadline = time.monotonic() + self.timeout  # clock-ok
         try:
-            self._sock.settimeout(self.timeout)
+            if not self._kernel_wait:
+                self._sock.settimeout(self.timeout)
+            elif self._shortened:
+                self._sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, wc.socket_wait(self.timeout))
+                self._shortened = False
             self._sock.sendall(data)
             box = self._read_box(deadline)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO / SO_SNDTIMEO ran out
             self.close()
             raise NoAnswer("the card did not answer in time") from None
         except (ConnectionResetError, BrokenPipeError):  # the daemon went away mid-request
@@ -134,6 +156,7 @@ class ControlClient:
             raise ControlError(f"the card daemon's answer is malformed: {e}") from None
 
     def _read_box(self, deadline: float) -> dict[bytes, bytes]:
+        first = True  # the first receive waits at most the timeout set on the socket; later ones what is left
         while True:
             if self._buf:
                 try:
@@ -146,10 +169,16 @@ class ControlClient:
                 else:
                     self._buf = self._buf[used:]
                     return box
-            left = deadline - time.monotonic()  # clock-ok
-            if left <= 0:
-                raise TimeoutError()
-            self._sock.settimeout(left)
+            if not (first and self._kernel_wait):
+                left = deadline - time.monotonic()  # clock-ok
+                if left <= 0:
+                    raise TimeoutError()
+                if self._kernel_wait:
+                    self._sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, wc.socket_wait(left))
+                    self._shortened = True
+                else:
+                    self._sock.settimeout(left)
+            first = False
             chunk = self._sock.recv(65536)
             if not chunk:
                 self.close()

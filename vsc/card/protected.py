@@ -15,9 +15,6 @@ and sync can re-seal without the password.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import attrs
 
 from vsc import crypto
@@ -97,16 +94,46 @@ def rewrap(serial: str, envelope: bytes, old_protection_key: bytes, new_protecti
 
 @attrs.define
 class _Held:
-    """One item sealed under the temporary key, in locked memory."""
+    """
+    One item sealed under the temporary key, in locked memory: ``buf`` holds
+    the ciphertext and then its tag (``length`` + 16 bytes), ``aad`` is the
+    seal's additional data, built once.
+    """
 
     kind: ItemKind
     name: str
     alg: KeyAlg
     public: bytes
     nonce: bytes
-    tag: bytes
+    aad: bytes
     length: int
     buf: LockedBuffer
+
+
+class _Opened:
+    """
+    An item's plaintext for one operation (``CardMemory.open``): ``with``
+    gives the view of it, and leaving the block releases the view and gives
+    the locked buffer back to the pool, zeroed. A class rather than a
+    generator-based context manager: it is on every operation's path.
+    """
+
+    __slots__ = ("plain", "view")
+
+    def __init__(self, plain: LockedBuffer, view: memoryview):
+        self.plain = plain
+        self.view = view
+
+    def __enter__(self) -> memoryview:
+        return self.view
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.view.release()
+        except BufferError:  # a view of the plaintext outlived the operation: zeroed, never reused
+            self.plain.zero()
+            raise
+        scratch.give(self.plain)
 
 
 class CardMemory:
@@ -214,28 +241,22 @@ class CardMemory:
     def _seal(self, kind, name, alg, public, plaintext) -> _Held:
         buf = LockedBuffer(len(plaintext) + 16)
         nonce = self.rand(12)
-        tag = crypto.gcm_seal_into(self._temp.view, nonce, plaintext, buf.view, aad("temp", self.serial, kind, name))
-        return _Held(kind, name, alg, public, nonce, tag, len(plaintext), buf)
+        extra = aad("temp", self.serial, kind, name)
+        crypto.gcm_seal_joined_into(self._temp.view, nonce, plaintext, buf.view, extra)
+        return _Held(kind, name, alg, public, nonce, extra, len(plaintext), buf)
 
-    @contextlib.contextmanager
-    def _open(self, held: _Held) -> Iterator[memoryview]:
+    def _open(self, held: _Held) -> "_Opened":
+        """``with self._open(held) as view``: the item decrypted into a pooled locked buffer, given back zeroed."""
         if self.wiped:
             raise RuntimeError("the card has been removed")
         plain = scratch.take(held.length)  # locked, zeroed when given back (vsc.card.memory.ScratchPool)
         view = plain.view[: held.length]
         try:
-            crypto.gcm_open_into(
-                self._temp.view, held.nonce, held.buf.view[: held.length], held.tag, view,
-                aad("temp", self.serial, held.kind, held.name),
-            )
-            yield view
-        finally:
-            try:
-                view.release()
-            except BufferError:  # a view of the plaintext outlived the operation: zeroed, never reused
-                plain.zero()
-                raise
-            scratch.give(plain)
+            crypto.gcm_open_joined_into(self._temp.view, held.nonce, held.buf.view, view, held.aad)
+        except BaseException:
+            _Opened(plain, view).__exit__(None, None, None)
+            raise
+        return _Opened(plain, view)
 
     # -- what operations use
 
@@ -245,14 +266,12 @@ class CardMemory:
     def has(self, kind: ItemKind, name: str) -> bool:
         return (kind, name) in self._items
 
-    @contextlib.contextmanager
-    def open(self, kind: ItemKind, name: str) -> Iterator[memoryview]:
-        """Decrypt one item into locked memory for one operation; zeroed on exit."""
+    def open(self, kind: ItemKind, name: str) -> "_Opened":
+        """``with memory.open(kind, name) as view``: one item decrypted into locked memory for one operation; zeroed on exit."""
         held = self._items.get((kind, name))
         if held is None:
             raise KeyError(f"no {kind.name.lower()} {name!r}")
-        with self._open(held) as view:
-            yield view
+        return self._open(held)
 
     def read(self, kind: ItemKind, name: str, derive=None):
         """

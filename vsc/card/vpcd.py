@@ -68,6 +68,8 @@ def build_router(serial: str, names, rand: crypto.RandomBytes) -> router.AppletR
     return router.AppletRouter(applets)
 
 
+_UNSET = object()
+
 #: the applet's effects PivCard performs at once (no reactor wait): see PivCard.begin
 _IMMEDIATE = (piv.Load, piv.KeyInfo, piv.Notice)
 
@@ -280,14 +282,24 @@ class VpcdProtocol(Int16StringReceiver):
         self.atr = atr
         self._lock = DeferredLock()
         self.apdus = 0
+        self._rest = b""  # the beginning of a frame not all read yet
+        self._sockopt = _UNSET  # the connection's socket's setsockopt (None: not a socket), found once
 
     def _quickack(self) -> None:
-        try:
-            self.transport.getHandle().setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except (AttributeError, OSError):
-            pass  # not a TCP socket (tests use in-memory transports)
+        sockopt = self._sockopt
+        if sockopt is _UNSET:
+            try:
+                sockopt = self._sockopt = self.transport.getHandle().setsockopt
+            except AttributeError:
+                sockopt = self._sockopt = None  # not a TCP socket (tests use in-memory transports)
+        if sockopt is not None:
+            try:
+                sockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                pass
 
     def connectionMade(self) -> None:
+        self._sockopt = _UNSET  # this connection's socket
         self._quickack()
         self._direct_reads()
         self.card.reset()  # a new connection is a freshly inserted card
@@ -308,8 +320,17 @@ class VpcdProtocol(Int16StringReceiver):
             outer.dataReceived = self.dataReceived
 
     def dataReceived(self, data: bytes) -> None:
+        """
+        Int16StringReceiver's framing, through vsc.wire.apdu.split_vpcd: the
+        whole frames of what arrived, each to ``stringReceived`` in order
+        (half of the glue's time per APDU was Twisted's generic reader).
+        """
         self._quickack()  # the 44 ms pitfall: see the module docstring
-        super().dataReceived(data)
+        if self._rest:
+            data = self._rest + data
+        payloads, self._rest = apdu.split_vpcd(data)
+        for payload in payloads:
+            self.stringReceived(payload)
 
     def stringReceived(self, payload: bytes) -> None:
         if self._lock.locked:  # an earlier message is still waiting on an effect: this one queues behind it

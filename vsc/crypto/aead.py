@@ -198,6 +198,31 @@ def gcm_seal_into(key, nonce: bytes, plaintext, out, aad: bytes = b"") -> bytes:
     return enc.tag
 
 
+def gcm_seal_joined_into(key, nonce: bytes, plaintext, out, aad: bytes = b"") -> None:
+    """
+    AES-256-GCM encrypt ``plaintext`` into ``out``, exactly len(plaintext) +
+    16 bytes: the ciphertext and then the tag, joined as
+    ``gcm_open_joined_into`` reads them. ``key`` may be a memoryview into
+    locked memory: as with ``gcm_seal_into`` OpenSSL gets the key for this
+    one call (its context, cleansed when freed) and nothing is copied onto
+    the Python heap; one call into the library instead of the five objects
+    of the Cipher interface (about 2 us against 6 for an RSA key's item).
+    """
+    AESGCM(key).encrypt_into(nonce, plaintext, aad, out)
+
+
+def gcm_open_joined_into(key, nonce: bytes, sealed, out, aad: bytes = b"") -> int:
+    """
+    AES-256-GCM decrypt ``sealed`` (ciphertext and then its 16-byte tag, as
+    ``gcm_seal_joined_into`` writes them) into ``out``, exactly len(sealed) -
+    16 bytes; CryptoError (never swallowed) on a bad tag.
+    """
+    try:
+        return AESGCM(key).decrypt_into(nonce, sealed, aad, out)
+    except InvalidTag as e:
+        raise CryptoError("protected information failed authentication (wrong key or tampered)") from e
+
+
 def gcm_open_into(key, nonce: bytes, ciphertext, tag: bytes, out, aad: bytes = b"") -> int:
     """AES-256-GCM decrypt into ``out``; raises CryptoError (never swallowed) on a bad tag."""
     dec = Cipher(algorithms.AES(key), modes.GCM(nonce, tag)).decryptor()

@@ -49,12 +49,13 @@ def encode_box(box: dict[bytes, bytes]) -> bytes:
     """
     out = []
     for key, value in sorted(box.items()):
-        if not key or len(key) > MAX_KEY:
-            raise Malformed(f"a control message key has {len(key)} bytes (1 to {MAX_KEY})")
-        if len(value) > MAX_VALUE:
-            raise Malformed(f"{key.decode('ascii', 'replace')} has {len(value)} bytes; a control message carries "
+        klen, vlen = len(key), len(value)
+        if not 0 < klen <= MAX_KEY:
+            raise Malformed(f"a control message key has {klen} bytes (1 to {MAX_KEY})")
+        if vlen > MAX_VALUE:
+            raise Malformed(f"{key.decode('ascii', 'replace')} has {vlen} bytes; a control message carries "
                             f"at most {MAX_VALUE} per value")
-        out += (_length(len(key)), key, _length(len(value)), value)
+        out += (klen.to_bytes(2, "big"), key, vlen.to_bytes(2, "big"), value)  # _length, inlined (every request)
     out.append(b"\x00\x00")
     return b"".join(out)
 
@@ -100,31 +101,30 @@ def locate_box(data) -> tuple[list[tuple[bytes, int, int]], int]:
     """
     view = memoryview(data)
     try:
+        size = len(view)
         found: list[tuple[bytes, int, int]] = []
         keys: set[bytes] = set()
         pos = 0
         while True:
-            if len(view) < pos + 2:
+            if size < pos + 2:
                 raise Incomplete()
-            klen = (view[pos] << 8 | view[pos + 1])
-            pos += 2
+            klen = view[pos] << 8 | view[pos + 1]
             if klen == 0:
-                return found, pos
+                return found, pos + 2
             if klen > MAX_KEY:
                 raise Malformed(f"control message: a key of {klen} bytes (at most {MAX_KEY})")
-            if len(view) < pos + klen + 2:
+            at = pos + 2 + klen  # the value's length
+            if size < at + 2:
                 raise Incomplete()
-            key = bytes(view[pos:pos + klen])
-            pos += klen
-            vlen = (view[pos] << 8 | view[pos + 1])
-            pos += 2
-            if len(view) < pos + vlen:
+            key = view[pos + 2:at].tobytes()
+            start = at + 2
+            pos = start + (view[at] << 8 | view[at + 1])
+            if size < pos:
                 raise Incomplete()
             if key in keys:
                 raise Malformed(f"control message: the key {key!r} twice")
             keys.add(key)
-            found.append((key, pos, pos + vlen))
-            pos += vlen
+            found.append((key, start, pos))
     finally:
         view.release()
 

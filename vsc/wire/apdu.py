@@ -245,6 +245,24 @@ def encode_vpcd(payload: bytes) -> bytes:
     return len(payload).to_bytes(2, "big") + bytes(payload)
 
 
+def split_vpcd(data: bytes) -> tuple[list[bytes], bytes]:
+    """
+    The payloads of the whole vpcd frames at the start of ``data``, and the
+    bytes left over (the beginning of the next frame): the card's reader of
+    the vpcd link (vsc.card.vpcd), one call per read and no struct format
+    (a 2-byte length cannot exceed VPCD_MAX).
+    """
+    out = []
+    pos, size = 0, len(data)
+    while size - pos >= 2:
+        end = pos + 2 + (data[pos] << 8 | data[pos + 1])
+        if end > size:
+            break
+        out.append(data[pos + 2:end])
+        pos = end
+    return out, (data[pos:] if pos else data)
+
+
 def control_of(payload: bytes) -> VpcdControl | None:
     """The control message a 1-byte payload is, else None (a command APDU)."""
     if len(payload) != 1:

@@ -31,6 +31,8 @@ request (issue 15).
 
 from __future__ import annotations
 
+import sys
+
 from vsc.wire.ampbox import Incomplete, Malformed, decode_box, encode_box
 
 TEXT = "text"
@@ -231,6 +233,16 @@ def _fields(fields: tuple, box: dict[bytes, bytes], where: str) -> dict:
             raise Malformed(f"control answer: {where} without {name}")
         out[name] = decode_value(kind, name, raw)
     return out
+
+
+def socket_wait(seconds: float) -> bytes:
+    """
+    The ``struct timeval`` (two native 64-bit integers: seconds, microseconds)
+    that SO_RCVTIMEO / SO_SNDTIMEO take: the client's bound on one blocking
+    send or receive (vsc.card.client), at least 1 us (zero would mean "wait forever").
+    """
+    us = max(1, int(seconds * 1_000_000))
+    return (us // 1_000_000).to_bytes(8, sys.byteorder) + (us % 1_000_000).to_bytes(8, sys.byteorder)
 
 
 def request(command: Command, ask: int, args: dict) -> dict[bytes, bytes]:
