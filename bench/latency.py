@@ -1064,9 +1064,10 @@ on one request; the shares are of the daemon's busy samples).
   answer) and Twisted's per-event path, about 60-90 us of CPU on the two sides.
 * `pkcs11-tool --sign`: 42-46 APDUs per process (OpenSC's driver matching, Discovery read several times,
   every certificate read as 8 bytes then whole in 256-byte GET RESPONSE pieces, VERIFY status twice,
-  VERIFY, the chained signature). The one slow answer is VERIFY with the PIN: 4-10 ms, two syncs to the
-  server (anti-hammering: the decremented counter is stored before the comparison, the restored one after
-  a match; each sync re-seals the card memory, waits for the server and fsyncs the freshness record). A
+  VERIFY, the chained signature). The one slow answer is VERIFY with the PIN: one sync to the
+  server (anti-hammering: every try is stored, right or wrong, before it is answered; the sync re-seals
+  the card memory, waits for the server and fsyncs the freshness record). It made two before (decrement,
+  compare, restore), 4-10 ms together. A
   replay card answering the same APDUs from a table takes 17-24 ms per process: OpenSC, pcscd and the
   process start alone are about 2.5-3x SoftHSM2's whole command (bench/profile.md, card side)."""
 
