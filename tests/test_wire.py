@@ -746,17 +746,31 @@ def _wire_outcome(fn, *args):
         return ("error", e.code, str(e))
 
 
-_TWINNED = (m.Hello, m.KeyTransport, m.ServerFinished, m.ClientFinished, m.Alert, m.Close)
+from vsc.wire import ops as _ops  # noqa: E402
+
+_TWINNED = (m.Hello, m.KeyTransport, m.ServerFinished, m.ClientFinished, m.Alert, m.Close,
+            _ops.OpRequest, _ops.OpResult, _ops.AuthChallenge, _ops.AuthResponse)
+
+
+def _more_ops_samples() -> list:
+    item = _ops.AuthItem(_ops.AuthMethod(max(_ops.AuthMethod)), b"")
+    return [
+        _ops.OpRequest(_ops.Op(max(_ops.Op)), "café-ß", b"", b"m" * 32, (1 << 32) - 1, b""),
+        _ops.OpRequest(next(iter(_ops.Op)), "x" * 64, b"i" * 32, b"", 0, b"\xff" * 3),
+        _ops.OpResult(next(iter(_ops.Status))),
+        _ops.AuthChallenge(b"k" * 3, (item,) * 8),
+        _ops.AuthResponse((item,), b""),
+    ]
 
 
 @pytest.mark.parametrize("cls", _TWINNED, ids=lambda c: c.__name__)
 def test_handshake_twins_agree_with_the_schemas(cls, monkeypatch):
     """
-    Each handshake frame's struct twin (and Alert's / Close's) builds the schema's bytes and, on every sample,
-    truncation, trailing byte and one-byte mutation, decodes to exactly what the schema decodes, or fails with
-    the schema's own error (code and message).
+    Each handshake frame's struct twin (and Alert's / Close's, and the operation messages' a cycle uses) builds
+    the schema's bytes and, on every sample, truncation, trailing byte and one-byte mutation, decodes to exactly
+    what the schema decodes, or fails with the schema's own error (code and message).
     """
-    samples = [x for x in FRAME_SAMPLES + INNER_SAMPLES if type(x) is cls]
+    samples = [x for x in FRAME_SAMPLES + INNER_SAMPLES + _ops_samples() + _more_ops_samples() if type(x) is cls]
     assert samples and cls._TWIN
     inner = cls.INNER
     bodies = []
@@ -772,7 +786,7 @@ def test_handshake_twins_agree_with_the_schemas(cls, monkeypatch):
 
 
 def test_handshake_twins_leave_out_of_range_values_to_the_schema():
-    """Values the twins do not take (wrong types or lengths, unknown suites or codes) still raise the schema's MALFORMED."""
+    """Values the twins do not take (wrong types or lengths, unknown enum values, counts) still raise the schema's MALFORMED."""
     bad = [
         m.Hello(r1=R, server_key=b""),
         m.Hello(r1=R, server_key=b"k" * (MAX_SPKI + 1)),
@@ -786,6 +800,18 @@ def test_handshake_twins_leave_out_of_range_values_to_the_schema():
         m.ServerFinished(suite=Suite.AES256_GCM, forward_secret=2, mac=X),
         m.Alert(code=0xFFFF),
         m.Close(code=0xFFFF),
+        _ops.OpRequest(op=0x7F, serial="s"),
+        _ops.OpRequest(op=_ops.Op(1), serial=""),
+        _ops.OpRequest(op=_ops.Op(1), serial="x" * 65),
+        _ops.OpRequest(op=_ops.Op(1), serial="s", insert_secret=b"i" * 33),
+        _ops.OpRequest(op=_ops.Op(1), serial="s", version=1 << 32),
+        _ops.OpResult(status=0x7F),
+        _ops.OpResult(status=_ops.Status(0), version=-1),
+        _ops.AuthChallenge(kdf=b"", challenges=(_ops.AuthItem(_ops.AuthMethod(1)),)),
+        _ops.AuthChallenge(kdf=b"k", challenges=()),
+        _ops.AuthChallenge(kdf=b"k", challenges=(_ops.AuthItem(_ops.AuthMethod(1)),) * 9),
+        _ops.AuthResponse(responses=(_ops.AuthItem(0x7F),)),
+        _ops.AuthResponse(responses=(_ops.AuthItem(_ops.AuthMethod(1)),), muk=b"m" * 33),
     ]
     for msg in bad:
         assert type(msg)._TWIN[0](msg) is None
