@@ -837,3 +837,28 @@ def test_session_secrets_twin_agrees_with_the_schema():
         assert e.value.code is ErrorCode.HANDSHAKE_FAILED
     odd = SessionSecrets(r1=R[:31], r2=X, s1=X, s2=X)  # not the twin's: whatever the schema path makes of it
     assert odd.encode() == m._KeyTransportPlaintext.build(dict(r1=R[:31], r2=X, s1=X, s2=X))
+
+
+def test_kdf_master_twins_agree_with_the_schemas():
+    """KdfParams.decode, MasterResponse.decode and master_input (struct twins) agree with their construct schemas:
+    the same bytes built, and on samples, truncations, a trailing byte and one-byte mutations the same value or
+    the same error."""
+    from vsc.wire import ops
+
+    def schema_decode(fast, cls, data, what):
+        return _wire_outcome(ops._decode_struct, fast, cls, data, what)
+
+    kdfs = [ops.KdfParams(ops.KdfAlg.SCRYPT, b"s" * 16, 15, 8, 1), ops.KdfParams(ops.KdfAlg.LEGACY_MD5),
+            ops.KdfParams(ops.KdfAlg.SCRYPT, b"\xff" * 64, 22, 255, 0)]
+    for kdf in kdfs:
+        for v in _twin_variants(kdf.encode()):
+            assert _wire_outcome(ops.KdfParams.decode, v) == schema_decode(ops._Kdf, ops.KdfParams, v, "KDF parameters")
+    resp = ops.MasterResponse(ri2=R, mac=X)
+    for v in _twin_variants(resp.encode()):
+        assert _wire_outcome(ops.MasterResponse.decode, v) == schema_decode(ops._Master, ops.MasterResponse, v,
+                                                                            "Master-key response")
+    for serial in ("card-1", "café", "x" * 64):
+        assert ops.master_input(R, X, serial) == ops.MasterInput.build(dict(ri1=R, ri2=X, serial=serial))
+    for bad in ("", "x" * 65):
+        with pytest.raises(Exception):
+            ops.master_input(R, X, bad)

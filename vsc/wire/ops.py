@@ -228,6 +228,12 @@ class KdfParams:
 
     @classmethod
     def decode(cls, data: bytes) -> "KdfParams":
+        # the layout's struct twin (once per insert); anything it does not take, the schema decodes or refuses
+        if type(data) is bytes and len(data) >= 5:
+            alg, salt = _KDF_ALGS.get(data[0]), _take(data, 1, 1, 0, 64)
+            if alg is not None and salt is not None and salt[1] + 3 == len(data):
+                at = salt[1]
+                return cls(alg=alg, salt=salt[0], log2_n=data[at], r=data[at + 1], p=data[at + 2])
         return _decode_struct(_Kdf, cls, data, "KDF parameters")
 
 
@@ -254,6 +260,8 @@ class MasterResponse:
 
     @classmethod
     def decode(cls, data: bytes) -> "MasterResponse":
+        if type(data) is bytes and len(data) == 64:  # the layout's struct twin: ri2, then the MAC
+            return cls(ri2=data[:32], mac=data[32:])
         return _decode_struct(_Master, cls, data, "Master-key response")
 
 
@@ -271,6 +279,10 @@ _MasterInput = Fast(MasterInput)
 
 
 def master_input(ri1: bytes, ri2: bytes, serial: str) -> bytes:
+    if type(ri1) is bytes and len(ri1) == 32 and type(ri2) is bytes and len(ri2) == 32:  # MasterInput's twin
+        text = _put_text(serial, 1, MAX_SERIAL)
+        if text is not None:
+            return b"vsc1 master-key" + ri1 + ri2 + text
     return _MasterInput.build(dict(ri1=ri1, ri2=ri2, serial=serial))
 
 
@@ -295,6 +307,7 @@ def _decode_struct(schema, cls, data: bytes, what: str):
 _OPS = {int(v): v for v in Op}
 _METHODS = {int(v): v for v in AuthMethod}
 _STATUSES = {int(v): v for v in Status}
+_KDF_ALGS = {int(v): v for v in KdfAlg}
 
 
 def _put(value, width: int, lo: int, hi: int) -> bytes | None:
