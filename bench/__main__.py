@@ -190,7 +190,8 @@ def part_handshakes(quick: bool) -> dict:
         endpoint = f"tcp:127.0.0.1:{server.port}"
 
         async def both(reactor):
-            idle = await channel.measure_wall_cpu(reactor, endpoint, fp, server.child.pid, 60 if quick else 300)
+            idle = await channel.measure_wall_cpu(reactor, endpoint, fp, server.child.pid, 60 if quick else 300,
+                                                  paced_key=key)
             return idle, await channel.measure_tcp(reactor, endpoint, fp, budget_tcp, progress)
 
         wall_cpu, tcp = channel.run_in_reactor(both)
@@ -500,7 +501,20 @@ def section_handshakes(hs: dict) -> list[str]:
             f"{hs['wall_cpu']['server_cpu_ms']:.2f} ms (/proc), card side {hs['wall_cpu']['card_cpu_ms']:.2f} ms "
             f"(process_time of this child, reactor included); wall / CPU both ends "
             f"{f_ratio(hs['wall_cpu']['wall_ms'], hs['wall_cpu']['server_cpu_ms'] + hs['wall_cpu']['card_cpu_ms'])}. "
-            f"Both ends set TCP_NODELAY (vsc/net/channel.py), so no frame waits for a delayed ACK."]),
+            f"Both ends set TCP_NODELAY (vsc/net/channel.py), so no frame waits for a delayed ACK.",
+            *([] if "paced_decrypt_ms" not in hs["wall_cpu"] else [
+                "",
+                f"The RSA-3072 decrypt floor two ways, same run: back to back in a hot loop "
+                f"{1000 / rsa:.3f} ms (thread CPU; the table's floor and the issue-15 target's), and one decryption "
+                f"every 5 ms right after the idle-loopback handshakes, as the server meets them "
+                f"{hs['wall_cpu']['paced_decrypt_ms']:.3f} ms (thread CPU; "
+                f"{f_ratio(hs['wall_cpu']['paced_decrypt_ms'], 1000 / rsa)}x the hot figure). Server CPU per "
+                f"handshake / floor: {f_ratio(hs['wall_cpu']['server_cpu_ms'], 1000 / rsa)} hot, "
+                f"{f_ratio(hs['wall_cpu']['server_cpu_ms'], hs['wall_cpu']['paced_decrypt_ms'])} paced. Neither "
+                f"floor paces the rest of the handshake's work: the interpreter-bound part (the sans-IO handshake, "
+                f"Twisted, X25519) costs 2-3x its hot-loop figure when it runs once every 5 ms on a loaded machine "
+                f"(bench/profile.md), so on a busy machine the ratio rises whichever floor is used."]),
+            ]),
     ]
 
 
@@ -584,8 +598,12 @@ def target_handshake_cpu(r: dict) -> list[str] | None:
         return None
     floor = 1000 / hs["rsa_decrypt"]["3072"]
     cpu = hs["wall_cpu"]["server_cpu_ms"]
+    paced = hs["wall_cpu"].get("paced_decrypt_ms")
+    # judged against the hot-loop floor (the stricter one); the paced floor, one decryption per 5 ms as the
+    # server meets them, is shown beside it with its own ratio
     return _row("#15 server CPU per handshake ≤ 1.5× one RSA-3072 decrypt (idle loopback)", f"{cpu:.2f} ms",
-                f"{floor:.2f} ms", cpu / floor, 1.5)
+                f"{floor:.2f} ms back to back" + (f"; {paced:.2f} ms one per 5 ms (ratio {cpu / paced:.2f})"
+                                                  if paced else ""), cpu / floor, 1.5)
 
 
 def target_handshake_wall(r: dict) -> list[str] | None:

@@ -182,3 +182,25 @@ def test_token_urlsafe_is_unpadded_urlsafe_base64_of_the_injected_bytes():
     raw = bytes(range(250, 256)) + bytes(range(18))
     assert crypto.token_urlsafe(24, lambda n: raw[:n]) == base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
     assert len(crypto.token_urlsafe(24)) == 32
+
+
+def test_hkdf_expand_one_block_agrees_with_cryptography():
+    """hkdf_expand's one-HMAC path (outputs up to 32 bytes) gives cryptography's HKDFExpand output; longer ones too."""
+    import os
+
+    from cryptography.hazmat.primitives import hashes as _h
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+    from vsc.crypto import hkdf_expand
+
+    for prk_len in (16, 32, 64):
+        for info_len in (0, 1, 44, 300):
+            prk, info = os.urandom(prk_len), os.urandom(info_len)
+            for n in (1, 12, 31, 32, 33, 64, 100):
+                assert hkdf_expand(prk, info, n) == HKDFExpand(_h.SHA256(), n, info).derive(prk)
+    # RFC 5869 test case 1 (SHA-256), first 32 bytes of OKM
+    prk = bytes.fromhex("077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5")
+    okm = bytes.fromhex("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865")
+    info = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9")
+    assert hkdf_expand(prk, info, 32) == okm[:32]
+    assert hkdf_expand(prk, info, 42) == okm

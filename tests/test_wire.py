@@ -722,3 +722,143 @@ def test_compiled_codec_leaves_no_reference_cycles():
     finally:
         if was:
             gc.enable()
+
+
+# ---------------------------------------------------------------- the handshake frames' struct twins
+
+
+def _twin_variants(data: bytes):
+    """The input, every truncation, a trailing byte, and every byte set to 0x00, 0x01, 0x20, 0x80 and 0xFF."""
+    yield data
+    for n in range(len(data)):
+        yield data[:n]
+    yield data + b"\x00"
+    for i in range(len(data)):
+        for v in (0x00, 0x01, 0x20, 0x80, 0xFF):
+            if data[i] != v:
+                yield data[:i] + bytes([v]) + data[i + 1:]
+
+
+def _wire_outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except WireError as e:
+        return ("error", e.code, str(e))
+
+
+from vsc.wire import ops as _ops  # noqa: E402
+
+_TWINNED = (m.Hello, m.KeyTransport, m.ServerFinished, m.ClientFinished, m.Alert, m.Close,
+            _ops.OpRequest, _ops.OpResult, _ops.AuthChallenge, _ops.AuthResponse)
+
+
+def _more_ops_samples() -> list:
+    item = _ops.AuthItem(_ops.AuthMethod(max(_ops.AuthMethod)), b"")
+    return [
+        _ops.OpRequest(_ops.Op(max(_ops.Op)), "café-ß", b"", b"m" * 32, (1 << 32) - 1, b""),
+        _ops.OpRequest(next(iter(_ops.Op)), "x" * 64, b"i" * 32, b"", 0, b"\xff" * 3),
+        _ops.OpResult(next(iter(_ops.Status))),
+        _ops.AuthChallenge(b"k" * 3, (item,) * 8),
+        _ops.AuthResponse((item,), b""),
+    ]
+
+
+@pytest.mark.parametrize("cls", _TWINNED, ids=lambda c: c.__name__)
+def test_handshake_twins_agree_with_the_schemas(cls, monkeypatch):
+    """
+    Each handshake frame's struct twin (and Alert's / Close's, and the operation messages' a cycle uses) builds
+    the schema's bytes and, on every sample, truncation, trailing byte and one-byte mutation, decodes to exactly
+    what the schema decodes, or fails with the schema's own error (code and message).
+    """
+    samples = [x for x in FRAME_SAMPLES + INNER_SAMPLES + _ops_samples() + _more_ops_samples() if type(x) is cls]
+    assert samples and cls._TWIN
+    inner = cls.INNER
+    bodies = []
+    for msg in samples:
+        body = encode_body(msg)
+        assert cls._TWIN[0](msg) == body == cls.SCHEMA.build({n: getattr(msg, n) for n in cls._NAMES})
+        bodies.append(body)
+    with_twin = [[_wire_outcome(decode_body, cls.TYPE, v, inner) for v in _twin_variants(b)] for b in bodies]
+    monkeypatch.setattr(cls, "_TWIN", None)
+    schema_only = [[_wire_outcome(decode_body, cls.TYPE, v, inner) for v in _twin_variants(b)] for b in bodies]
+    assert with_twin == schema_only
+    assert any(o[0] == "ok" for rows in with_twin for o in rows[1:])  # mutations that stay valid were covered
+
+
+def test_handshake_twins_leave_out_of_range_values_to_the_schema():
+    """Values the twins do not take (wrong types or lengths, unknown enum values, counts) still raise the schema's MALFORMED."""
+    bad = [
+        m.Hello(r1=R, server_key=b""),
+        m.Hello(r1=R, server_key=b"k" * (MAX_SPKI + 1)),
+        m.Hello(r1=R, server_key=SPKI, fs_public=b"x" * 31),
+        m.KeyTransport(r2=R, suites=(), ciphertext=b"c"),
+        m.KeyTransport(r2=R, suites=(Suite.AES256_GCM,) * (MAX_SUITES + 1), ciphertext=b"c"),
+        m.KeyTransport(r2=R, suites=(0x7F,), ciphertext=b"c"),
+        m.KeyTransport(r2=R, suites=(Suite.AES256_GCM,), ciphertext=b""),
+        m.KeyTransport(r2=R, suites=(Suite.AES256_GCM,), ciphertext=b"c" * (MAX_KEY_TRANSPORT + 1)),
+        m.ServerFinished(suite=0x7F, forward_secret=True, mac=X),
+        m.ServerFinished(suite=Suite.AES256_GCM, forward_secret=2, mac=X),
+        m.Alert(code=0xFFFF),
+        m.Close(code=0xFFFF),
+        _ops.OpRequest(op=0x7F, serial="s"),
+        _ops.OpRequest(op=_ops.Op(1), serial=""),
+        _ops.OpRequest(op=_ops.Op(1), serial="x" * 65),
+        _ops.OpRequest(op=_ops.Op(1), serial="s", insert_secret=b"i" * 33),
+        _ops.OpRequest(op=_ops.Op(1), serial="s", version=1 << 32),
+        _ops.OpResult(status=0x7F),
+        _ops.OpResult(status=_ops.Status(0), version=-1),
+        _ops.AuthChallenge(kdf=b"", challenges=(_ops.AuthItem(_ops.AuthMethod(1)),)),
+        _ops.AuthChallenge(kdf=b"k", challenges=()),
+        _ops.AuthChallenge(kdf=b"k", challenges=(_ops.AuthItem(_ops.AuthMethod(1)),) * 9),
+        _ops.AuthResponse(responses=(_ops.AuthItem(0x7F),)),
+        _ops.AuthResponse(responses=(_ops.AuthItem(_ops.AuthMethod(1)),), muk=b"m" * 33),
+    ]
+    for msg in bad:
+        assert type(msg)._TWIN[0](msg) is None
+        with pytest.raises(WireError) as e:
+            encode_body(msg)
+        assert e.value.code is ErrorCode.MALFORMED
+    # ints equal to a member are built as the schema builds them
+    assert encode_body(m.ServerFinished(suite=1, forward_secret=1, mac=X)) == m.ServerFinished.SCHEMA.build(
+        dict(suite=1, forward_secret=1, mac=X))
+    assert encode_body(m.KeyTransport(r2=R, suites=(1, 2), ciphertext=b"c")) == m.KeyTransport.SCHEMA.build(
+        dict(r2=R, suites=[1, 2], fs_public=b"", ciphertext=b"c"))
+
+
+def test_session_secrets_twin_agrees_with_the_schema():
+    """SessionSecrets.encode / decode (a struct twin) give the KeyTransportPlaintext schema's bytes and errors."""
+    s = SessionSecrets(r1=R, r2=X, s1=bytes(32), s2=b"\xff" * 32)
+    data = s.encode()
+    assert data == m.KeyTransportPlaintext.build(dict(r1=R, r2=X, s1=bytes(32), s2=b"\xff" * 32))
+    assert SessionSecrets.decode(data) == s
+    for bad in (data[:-1], data + b"\0", b""):
+        with pytest.raises(WireError) as e:
+            SessionSecrets.decode(bad)
+        assert e.value.code is ErrorCode.HANDSHAKE_FAILED
+    odd = SessionSecrets(r1=R[:31], r2=X, s1=X, s2=X)  # not the twin's: whatever the schema path makes of it
+    assert odd.encode() == m._KeyTransportPlaintext.build(dict(r1=R[:31], r2=X, s1=X, s2=X))
+
+
+def test_kdf_master_twins_agree_with_the_schemas():
+    """KdfParams.decode, MasterResponse.decode and master_input (struct twins) agree with their construct schemas:
+    the same bytes built, and on samples, truncations, a trailing byte and one-byte mutations the same value or
+    the same error."""
+    from vsc.wire import ops
+
+    def schema_decode(fast, cls, data, what):
+        return _wire_outcome(ops._decode_struct, fast, cls, data, what)
+
+    kdfs = [ops.KdfParams(ops.KdfAlg.SCRYPT, b"s" * 16, 15, 8, 1), ops.KdfParams(ops.KdfAlg.LEGACY_MD5),
+            ops.KdfParams(ops.KdfAlg.SCRYPT, b"\xff" * 64, 22, 255, 0)]
+    for kdf in kdfs:
+        for v in _twin_variants(kdf.encode()):
+            assert _wire_outcome(ops.KdfParams.decode, v) == schema_decode(ops._Kdf, ops.KdfParams, v, "KDF parameters")
+    resp = ops.MasterResponse(ri2=R, mac=X)
+    for v in _twin_variants(resp.encode()):
+        assert _wire_outcome(ops.MasterResponse.decode, v) == schema_decode(ops._Master, ops.MasterResponse, v,
+                                                                            "Master-key response")
+    for serial in ("card-1", "café", "x" * 64):
+        assert ops.master_input(R, X, serial) == ops.MasterInput.build(dict(ri1=R, ri2=X, serial=serial))
+    for bad in ("", "x" * 65):
+        with pytest.raises(Exception):
+            ops.master_input(R, X, bad)

@@ -166,7 +166,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "if not crypto.constant_time_equal(msg.mac, msg.mac):"),
     # ---- frame limits and timeouts (§3, §9.3)
     Mutant("frame-limit-ignores-lowered-cap", "§3 F4 / §9.3: a frame over the current limit is FRAME_TOO_LARGE",
-           "vsc/wire/codec.py", "if header.length > self.max_body:", "if header.length > MAX_FRAME_BODY:"),
+           "vsc/wire/codec.py", "if length > self.max_body:", "if length > MAX_FRAME_BODY:"),
     Mutant("handshake-frame-cap-lifted", "§3 F4: frames are at most 4 KiB until the handshake completes",
            CH, "return self._core.max_body if self._core.established else MAX_HANDSHAKE_BODY",
            "return self._core.max_body"),

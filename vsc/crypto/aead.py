@@ -62,8 +62,9 @@ class AEADRecordCipher(RecordCipher):
     def __init__(self, algorithm: str, key: bytes, iv: bytes):
         if algorithm not in _AEADS:
             raise ValueError(algorithm)
-        _AEADS[algorithm](key)  # checks the key now (its length), as building the object here did
-        self._algorithm, self._key = algorithm, bytes(key)
+        key = bytes(key)
+        _aead(algorithm, key)  # checks the key now (its length), and the first seal or open finds it built
+        self._algorithm, self._key = algorithm, key
         if len(iv) != 12:
             raise ValueError("AEAD IV must be 12 bytes")
         self._iv_head = iv[:4]

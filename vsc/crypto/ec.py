@@ -26,7 +26,7 @@ class X25519Ephemeral:
 
     def __init__(self, rand: RandomBytes):
         self._key = X25519PrivateKey.from_private_bytes(rand(32))
-        self.public = self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.public = self._key.public_key().public_bytes_raw()  # Raw/Raw's bytes without the format arguments
 
     def exchange(self, peer_public: bytes) -> bytes:
         try:

@@ -21,7 +21,7 @@ def md5(data) -> bytes:
 
 
 def hmac_sha256(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
+    return hmac.digest(key, data, "sha256")  # one call into OpenSSL (hmac.new(...).digest() builds an HMAC object)
 
 
 def constant_time_equal(a: bytes, b: bytes) -> bool:

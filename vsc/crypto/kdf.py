@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 
 from cryptography.hazmat.primitives import hashes as _hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
@@ -21,7 +22,16 @@ def hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
 
 
 def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
-    """HKDF-Expand with SHA-256 (RFC 5869 section 2.3)."""
+    """
+    HKDF-Expand with SHA-256 (RFC 5869 section 2.3). Up to one hash length
+    (every key of the channel's key schedule: six per handshake) it is one
+    HMAC, T(1) = HMAC-SHA256(PRK, info || 0x01), computed in one call to
+    OpenSSL through ``hmac.digest``; longer outputs and anything unusual go
+    through ``cryptography``'s HKDFExpand (tests/test_crypto.py checks both
+    agree, and the RFC's test vectors).
+    """
+    if type(prk) is bytes and type(info) is bytes and type(length) is int and 0 < length <= 32:
+        return hmac.digest(prk, info + b"\x01", "sha256")[:length]
     return HKDFExpand(algorithm=_hashes.SHA256(), length=length, info=info).derive(prk)
 
 

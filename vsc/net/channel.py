@@ -34,22 +34,23 @@ from vsc.wire import ErrorCode, Message, WireError
 
 def peer_host(transport) -> str:
     """The peer's address without the port ("" for transports without one)."""
-    try:
-        return str(getattr(transport.getPeer(), "host", "") or "")
-    except Exception:  # noqa: BLE001 - some test transports have no peer
-        return ""
+    return peer_of(transport)[1]
 
 
 def peer_name(transport) -> str:
+    return peer_of(transport)[0]
+
+
+def peer_of(transport) -> tuple[str, str]:
+    """``(peer_name, peer_host)`` from one ``getPeer()`` (each call builds an address object)."""
     try:
         peer = transport.getPeer()
     except Exception:  # noqa: BLE001 - some test transports have no peer
-        return "?"
+        return "?", ""
     host = getattr(peer, "host", None)
-    port = getattr(peer, "port", None)
     if host is not None:
-        return f"{host}:{port}"
-    return str(getattr(peer, "name", peer))
+        return f"{host}:{getattr(peer, 'port', None)}", str(host or "")
+    return str(getattr(peer, "name", peer)), ""
 
 
 def no_delay(transport) -> None:
@@ -137,8 +138,8 @@ class ChannelProtocol(FrameReceiver):
     # -- Twisted side
     def connectionMade(self) -> None:
         no_delay(self.transport)
-        self.peer = peer_name(self.transport)
-        self.peer_host = peer_host(self.transport)
+        if not self.peer_host:  # a subclass may have asked already (vsc.server: the source address)
+            self.peer, self.peer_host = peer_of(self.transport)
         self._run(self.channel.start())
 
     def frameReceived(self, frame: bytes) -> None:

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from vsc import crypto
-from vsc.net.channel import ChannelFactory, ChannelProtocol, peer_host
+from vsc.net.channel import ChannelFactory, ChannelProtocol, peer_of
 from vsc.net.transport import Refusal, close_now, write_now
 from vsc.protocol.channel import ChannelInfo, private_decrypt, server_channel
 from vsc.server.admission import Admission, AdmissionLimits, Refused
@@ -79,7 +79,8 @@ class ServerProtocol(ChannelProtocol):
 
     def connectionMade(self) -> None:
         admission: Admission | None = self.factory.admission
-        self.source = source_of(peer_host(self.transport))
+        self.peer, self.peer_host = peer_of(self.transport)  # once: ChannelProtocol.connectionMade keeps them
+        self.source = source_of(self.peer_host)
         if admission is not None:
             if not admission.opened(self.source) and not self._make_room(admission):
                 self.log.debug("{source}: connection refused: too many unauthenticated connections",

@@ -327,6 +327,12 @@ class FrameHeader:
 
 def parse_header(data: bytes) -> FrameHeader:
     """Parse the 8-byte frame header and check magic and version (not type)."""
+    msg_type, length = _header(data)
+    return FrameHeader(type=msg_type, length=length, version=PROTOCOL_VERSION)
+
+
+def _header(data) -> tuple[int, int]:
+    """``parse_header``'s checks and errors, giving (type, length) without building a FrameHeader (twice per frame)."""
     if len(data) < HEADER_SIZE:
         raise WireError(ErrorCode.MALFORMED, f"frame header needs {HEADER_SIZE} bytes, got {len(data)}")
     magic, version, msg_type, length = _HEADER.unpack_from(data)  # FrameHeaderSchema's layout (fixed size)
@@ -337,7 +343,7 @@ def parse_header(data: bytes) -> FrameHeader:
             ErrorCode.PROTOCOL_VERSION,
             f"protocol version {version}, this implementation speaks {PROTOCOL_VERSION}",
         )
-    return FrameHeader(type=msg_type, length=length, version=version)
+    return msg_type, length
 
 
 # The fixed-size layouts of every frame and record, as struct twins of their construct schemas (the schemas stay
@@ -376,13 +382,13 @@ class Deframer:
         # ``max_body`` is read before each frame, so the owner may raise it
         # between frames (e.g. once the handshake completes).
         while len(self._buffer) >= HEADER_SIZE:
-            header = parse_header(bytes(self._buffer[:HEADER_SIZE]))
-            if header.length > self.max_body:
+            _, length = _header(self._buffer)  # reads the first HEADER_SIZE bytes only
+            if length > self.max_body:
                 raise WireError(
                     ErrorCode.FRAME_TOO_LARGE,
-                    f"frame body of {header.length} bytes exceeds the limit of {self.max_body}",
+                    f"frame body of {length} bytes exceeds the limit of {self.max_body}",
                 )
-            end = HEADER_SIZE + header.length
+            end = HEADER_SIZE + length
             if len(self._buffer) < end:
                 return
             frame = bytes(self._buffer[:end])
@@ -497,15 +503,15 @@ def encode_frame(msg: Message) -> bytes:
 
 def decode_frame(frame: bytes, max_body: int = MAX_FRAME_BODY) -> Message:
     """Decode exactly one whole frame (as produced by ``Deframer``)."""
-    header = parse_header(frame)
-    if header.length > max_body:
-        raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame body of {header.length} bytes exceeds {max_body}")
-    if len(frame) != HEADER_SIZE + header.length:
+    msg_type, length = _header(frame)
+    if length > max_body:
+        raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame body of {length} bytes exceeds {max_body}")
+    if len(frame) != HEADER_SIZE + length:
         raise WireError(
             ErrorCode.MALFORMED,
-            f"frame length field says {header.length} body bytes, frame has {len(frame) - HEADER_SIZE}",
+            f"frame length field says {length} body bytes, frame has {len(frame) - HEADER_SIZE}",
         )
-    return decode_body(header.type, frame[HEADER_SIZE:], inner=False)
+    return decode_body(msg_type, frame[HEADER_SIZE:], inner=False)
 
 
 # Inner plaintext of a sealed record: one type byte, then the message body.

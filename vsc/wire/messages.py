@@ -249,6 +249,114 @@ _echo_twin(EchoRequest)
 _echo_twin(EchoReply)
 
 
+# The handshake frames' struct twins (one Hello, KeyTransport, ServerFinished and ClientFinished per handshake,
+# an Alert or Close per refusal or close): the same layouts as the schemas above, used when every value is in
+# range and of the exact type; anything else (a wrong length, an unknown suite or code, trailing bytes) returns
+# None and goes through SCHEMA, which raises its error (tests/test_wire.py checks the twins against the schemas
+# on samples, every truncation and every one-byte mutation).
+_U16 = struct.Struct(">H")
+_SUITES = {int(s): s for s in Suite}
+_CODES = {int(e): e for e in ErrorCode}
+
+
+def _is(value, n: int) -> bool:
+    return type(value) is bytes and len(value) == n
+
+
+def _hello_body(msg: Hello) -> bytes | None:
+    key, fs = msg.server_key, msg.fs_public
+    if _is(msg.r1, RANDOM_SIZE) and type(key) is bytes and 1 <= len(key) <= MAX_SPKI and type(fs) is bytes \
+            and len(fs) in (0, X25519_SIZE):
+        return msg.r1 + _U16.pack(len(key)) + key + bytes((len(fs),)) + fs
+    return None
+
+
+def _hello_parse(body: bytes) -> Hello | None:
+    if type(body) is not bytes or len(body) < RANDOM_SIZE + 3:
+        return None
+    end = RANDOM_SIZE + 2 + _U16.unpack_from(body, RANDOM_SIZE)[0]
+    if not RANDOM_SIZE + 3 <= end <= RANDOM_SIZE + 2 + MAX_SPKI or len(body) <= end:
+        return None
+    fs_len = body[end]
+    if fs_len not in (0, X25519_SIZE) or len(body) != end + 1 + fs_len:
+        return None
+    return Hello(r1=body[:RANDOM_SIZE], server_key=body[RANDOM_SIZE + 2:end], fs_public=body[end + 1:])
+
+
+def _key_transport_body(msg: KeyTransport) -> bytes | None:
+    suites, fs, ct = msg.suites, msg.fs_public, msg.ciphertext
+    if _is(msg.r2, RANDOM_SIZE) and type(suites) is tuple and 1 <= len(suites) <= MAX_SUITES \
+            and all(type(s) in (int, Suite) and s in _SUITES for s in suites) and type(fs) is bytes \
+            and len(fs) in (0, X25519_SIZE) and type(ct) is bytes and 1 <= len(ct) <= MAX_KEY_TRANSPORT:
+        return (msg.r2 + bytes((len(suites),)) + bytes(suites) + bytes((len(fs),)) + fs + _U16.pack(len(ct)) + ct)
+    return None
+
+
+def _key_transport_parse(body: bytes) -> KeyTransport | None:
+    if type(body) is not bytes or len(body) < RANDOM_SIZE + 1:
+        return None
+    count = body[RANDOM_SIZE]
+    at = RANDOM_SIZE + 1 + count
+    if not 1 <= count <= MAX_SUITES or len(body) < at + 1:
+        return None
+    suites = tuple(_SUITES.get(b) for b in body[RANDOM_SIZE + 1:at])
+    if None in suites:
+        return None
+    fs_len = body[at]
+    at += 1 + fs_len
+    if fs_len not in (0, X25519_SIZE) or len(body) < at + 2:
+        return None
+    ct_len = _U16.unpack_from(body, at)[0]
+    if not 1 <= ct_len <= MAX_KEY_TRANSPORT or len(body) != at + 2 + ct_len:
+        return None
+    return KeyTransport(r2=body[:RANDOM_SIZE], suites=suites, fs_public=body[at - fs_len:at], ciphertext=body[at + 2:])
+
+
+def _server_finished_body(msg: ServerFinished) -> bytes | None:
+    if type(msg.suite) in (int, Suite) and msg.suite in _SUITES and type(msg.forward_secret) is bool \
+            and _is(msg.mac, MAC_SIZE):
+        return bytes((msg.suite, msg.forward_secret)) + msg.mac
+    return None
+
+
+def _server_finished_parse(body: bytes) -> ServerFinished | None:
+    if type(body) is bytes and len(body) == 2 + MAC_SIZE and body[0] in _SUITES and body[1] in (0, 1):
+        return ServerFinished(suite=_SUITES[body[0]], forward_secret=bool(body[1]), mac=body[2:])
+    return None
+
+
+def _client_finished_body(msg: ClientFinished) -> bytes | None:
+    return msg.mac if _is(msg.mac, MAC_SIZE) else None
+
+
+def _client_finished_parse(body: bytes) -> ClientFinished | None:
+    return ClientFinished(mac=body) if _is(body, MAC_SIZE) else None
+
+
+def _code_twin(cls):
+    def body(msg) -> bytes | None:
+        if type(msg.code) in (int, ErrorCode) and msg.code in _CODES:
+            return _U16.pack(msg.code)
+        return None
+
+    def parse(data: bytes):
+        if type(data) is bytes and len(data) == 2:
+            code = _CODES.get(_U16.unpack(data)[0])
+            if code is not None:
+                return cls(code=code)
+        return None
+
+    cls._TWIN = (body, parse)
+
+
+Hello._TWIN = (_hello_body, _hello_parse)  # type: ignore[attr-defined]
+KeyTransport._TWIN = (_key_transport_body, _key_transport_parse)  # type: ignore[attr-defined]
+ServerFinished._TWIN = (_server_finished_body, _server_finished_parse)  # type: ignore[attr-defined]
+ClientFinished._TWIN = (_client_finished_body, _client_finished_parse)  # type: ignore[attr-defined]
+_code_twin(Alert)
+_code_twin(Close)
+
+
 @attrs.frozen
 class SessionSecrets:
     """The RSA-OAEP plaintext carried by KeyTransport: r1 || r2 || s1 || s2."""
@@ -259,12 +367,18 @@ class SessionSecrets:
     s2: bytes
 
     def encode(self) -> bytes:
+        # KeyTransportPlaintext's struct twin: four 32-byte strings back to back (else the schema's error)
+        if _is(self.r1, RANDOM_SIZE) and _is(self.r2, RANDOM_SIZE) and _is(self.s1, SESSION_KEY_SIZE) \
+                and _is(self.s2, SESSION_KEY_SIZE):
+            return self.r1 + self.r2 + self.s1 + self.s2
         return _KeyTransportPlaintext.build(attrs.asdict(self))
 
     @classmethod
     def decode(cls, data: bytes) -> "SessionSecrets":
         from vsc.wire.errors import WireError
 
+        if type(data) is bytes and len(data) == 2 * RANDOM_SIZE + 2 * SESSION_KEY_SIZE:  # the schema's twin
+            return cls(r1=data[:32], r2=data[32:64], s1=data[64:96], s2=data[96:])
         try:
             p = _KeyTransportPlaintext.parse(data)
         except c.ConstructError:

@@ -228,6 +228,12 @@ class KdfParams:
 
     @classmethod
     def decode(cls, data: bytes) -> "KdfParams":
+        # the layout's struct twin (once per insert); anything it does not take, the schema decodes or refuses
+        if type(data) is bytes and len(data) >= 5:
+            alg, salt = _KDF_ALGS.get(data[0]), _take(data, 1, 1, 0, 64)
+            if alg is not None and salt is not None and salt[1] + 3 == len(data):
+                at = salt[1]
+                return cls(alg=alg, salt=salt[0], log2_n=data[at], r=data[at + 1], p=data[at + 2])
         return _decode_struct(_Kdf, cls, data, "KDF parameters")
 
 
@@ -254,6 +260,8 @@ class MasterResponse:
 
     @classmethod
     def decode(cls, data: bytes) -> "MasterResponse":
+        if type(data) is bytes and len(data) == 64:  # the layout's struct twin: ri2, then the MAC
+            return cls(ri2=data[:32], mac=data[32:])
         return _decode_struct(_Master, cls, data, "Master-key response")
 
 
@@ -271,6 +279,10 @@ _MasterInput = Fast(MasterInput)
 
 
 def master_input(ri1: bytes, ri2: bytes, serial: str) -> bytes:
+    if type(ri1) is bytes and len(ri1) == 32 and type(ri2) is bytes and len(ri2) == 32:  # MasterInput's twin
+        text = _put_text(serial, 1, MAX_SERIAL)
+        if text is not None:
+            return b"vsc1 master-key" + ri1 + ri2 + text
     return _MasterInput.build(dict(ri1=ri1, ri2=ri2, serial=serial))
 
 
@@ -282,3 +294,164 @@ def _decode_struct(schema, cls, data: bytes, what: str):
     except c.ConstructError as e:
         raise WireError(ErrorCode.MALFORMED, f"{what}: {str(e).strip()}") from None
     return cls(**{f.name: parsed[f.name] for f in attrs.fields(cls)})
+
+
+# ---------------------------------------------------------------- struct twins of the operation messages
+#
+# A cycle (insert + remove) decodes two OpRequests and an AuthResponse and builds an AuthChallenge and two
+# OpResults: plain byte layouts, built and split here without construct when every value is in range and of
+# the exact type. Anything else (a length out of bounds, an unknown enum value, text that is not UTF-8,
+# truncation, trailing bytes) returns None and goes through SCHEMA, which raises its own error
+# (tests/test_wire.py compares each twin with its schema on samples, truncations and one-byte mutations).
+
+_OPS = {int(v): v for v in Op}
+_METHODS = {int(v): v for v in AuthMethod}
+_STATUSES = {int(v): v for v in Status}
+_KDF_ALGS = {int(v): v for v in KdfAlg}
+
+
+def _put(value, width: int, lo: int, hi: int) -> bytes | None:
+    if type(value) is not bytes or not lo <= len(value) <= hi:
+        return None
+    return len(value).to_bytes(width, "big") + value
+
+
+def _put_text(value, lo: int, hi: int) -> bytes | None:
+    if type(value) is not str:
+        return None
+    try:
+        return _put(value.encode("utf-8"), 1, lo, hi)
+    except UnicodeEncodeError:
+        return None
+
+
+def _take(body: bytes, at: int, width: int, lo: int, hi: int):
+    """(the length-prefixed bytes at ``at``, the offset after them), or None."""
+    start = at + width
+    if start > len(body):
+        return None
+    n = int.from_bytes(body[at:start], "big")
+    end = start + n
+    if not lo <= n <= hi or end > len(body):
+        return None
+    return body[start:end], end
+
+
+def _u32(value) -> bytes | None:
+    return value.to_bytes(4, "big") if type(value) is int and 0 <= value < 1 << 32 else None
+
+
+def _op_request_body(msg: OpRequest) -> bytes | None:
+    parts = (bytes((msg.op,)) if type(msg.op) in (int, Op) and msg.op in _OPS else None,
+             _put_text(msg.serial, 1, MAX_SERIAL), _put(msg.insert_secret, 1, 0, SECRET_SIZE),
+             _put(msg.muk, 1, 0, MUK_SIZE), _u32(msg.version), _put(msg.protected, 4, 0, MAX_PROTECTED))
+    return None if None in parts else b"".join(parts)
+
+
+def _op_request_parse(body: bytes) -> OpRequest | None:
+    if type(body) is not bytes or not body:
+        return None
+    op = _OPS.get(body[0])
+    serial = _take(body, 1, 1, 1, MAX_SERIAL)
+    if op is None or serial is None:
+        return None
+    secret = _take(body, serial[1], 1, 0, SECRET_SIZE)
+    muk = secret and _take(body, secret[1], 1, 0, MUK_SIZE)
+    if not muk or muk[1] + 4 > len(body):
+        return None
+    protected = _take(body, muk[1] + 4, 4, 0, MAX_PROTECTED)
+    if protected is None or protected[1] != len(body):
+        return None
+    try:
+        text = serial[0].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return OpRequest(op=op, serial=text, insert_secret=secret[0], muk=muk[0],
+                     version=int.from_bytes(body[muk[1]:muk[1] + 4], "big"), protected=protected[0])
+
+
+def _op_result_body(msg: OpResult) -> bytes | None:
+    parts = (bytes((msg.status,)) if type(msg.status) in (int, Status) and msg.status in _STATUSES else None,
+             _u32(msg.version), _put(msg.protected, 4, 0, MAX_PROTECTED),
+             _put(msg.registration, 2, 0, MAX_REGISTRATION))
+    return None if None in parts else b"".join(parts)
+
+
+def _op_result_parse(body: bytes) -> OpResult | None:
+    if type(body) is not bytes or len(body) < 5:
+        return None
+    status = _STATUSES.get(body[0])
+    protected = _take(body, 5, 4, 0, MAX_PROTECTED)
+    registration = protected and _take(body, protected[1], 2, 0, MAX_REGISTRATION)
+    if status is None or not registration or registration[1] != len(body):
+        return None
+    return OpResult(status=status, version=int.from_bytes(body[1:5], "big"), protected=protected[0],
+                    registration=registration[0])
+
+
+def _items_body(items) -> bytes | None:
+    if type(items) is not tuple or not 1 <= len(items) <= 8:
+        return None
+    out = [bytes((len(items),))]
+    for item in items:
+        if type(item) is not AuthItem or type(item.method) not in (int, AuthMethod) or item.method not in _METHODS:
+            return None
+        data = _put(item.data, 2, 0, MAX_AUTH_DATA)
+        if data is None:
+            return None
+        out += (bytes((item.method,)), data)
+    return b"".join(out)
+
+
+def _items_parse(body: bytes, at: int):
+    """(a tuple of AuthItems, the offset after them), or None."""
+    if at >= len(body) or not 1 <= body[at] <= 8:
+        return None
+    count, at = body[at], at + 1
+    items = []
+    for _ in range(count):
+        if at >= len(body):
+            return None
+        method = _METHODS.get(body[at])
+        data = _take(body, at + 1, 2, 0, MAX_AUTH_DATA)
+        if method is None or data is None:
+            return None
+        items.append(AuthItem(method=method, data=data[0]))
+        at = data[1]
+    return tuple(items), at
+
+
+def _auth_challenge_body(msg: AuthChallenge) -> bytes | None:
+    kdf, items = _put(msg.kdf, 2, 1, MAX_KDF), _items_body(msg.challenges)
+    return None if kdf is None or items is None else kdf + items
+
+
+def _auth_challenge_parse(body: bytes) -> AuthChallenge | None:
+    if type(body) is not bytes:
+        return None
+    kdf = _take(body, 0, 2, 1, MAX_KDF)
+    items = kdf and _items_parse(body, kdf[1])
+    if not items or items[1] != len(body):
+        return None
+    return AuthChallenge(kdf=kdf[0], challenges=items[0])
+
+
+def _auth_response_body(msg: AuthResponse) -> bytes | None:
+    items, muk = _items_body(msg.responses), _put(msg.muk, 1, 0, MUK_SIZE)
+    return None if items is None or muk is None else items + muk
+
+
+def _auth_response_parse(body: bytes) -> AuthResponse | None:
+    if type(body) is not bytes:
+        return None
+    items = _items_parse(body, 0)
+    muk = items and _take(body, items[1], 1, 0, MUK_SIZE)
+    if not muk or muk[1] != len(body):
+        return None
+    return AuthResponse(responses=items[0], muk=muk[0])
+
+
+OpRequest._TWIN = (_op_request_body, _op_request_parse)  # type: ignore[attr-defined]
+OpResult._TWIN = (_op_result_body, _op_result_parse)  # type: ignore[attr-defined]
+AuthChallenge._TWIN = (_auth_challenge_body, _auth_challenge_parse)  # type: ignore[attr-defined]
+AuthResponse._TWIN = (_auth_response_body, _auth_response_parse)  # type: ignore[attr-defined]
