@@ -835,8 +835,11 @@ def test_session_secrets_twin_agrees_with_the_schema():
         with pytest.raises(WireError) as e:
             SessionSecrets.decode(bad)
         assert e.value.code is ErrorCode.HANDSHAKE_FAILED
-    odd = SessionSecrets(r1=R[:31], r2=X, s1=X, s2=X)  # not the twin's: whatever the schema path makes of it
-    assert odd.encode() == m._KeyTransportPlaintext.build(dict(r1=R[:31], r2=X, s1=X, s2=X))
+    odd = SessionSecrets(r1=R[:31], r2=X, s1=X, s2=X)  # not the twin's: the schema's error (not 127 bytes)
+    with pytest.raises(Exception) as e:
+        odd.encode()
+    with pytest.raises(type(e.value), match="wrong length"):
+        m.KeyTransportPlaintext.build(dict(r1=R[:31], r2=X, s1=X, s2=X))
 
 
 def test_kdf_master_twins_agree_with_the_schemas():
@@ -862,3 +865,55 @@ def test_kdf_master_twins_agree_with_the_schemas():
     for bad in ("", "x" * 65):
         with pytest.raises(Exception):
             ops.master_input(R, X, bad)
+
+
+# ---------------------------------------------------------------- regressions found by tests/test_wire_twins_fuzz.py
+
+
+def test_compiled_builds_refuse_fixed_fields_of_the_wrong_length_or_type():
+    """
+    codec.Fast's compiled build of ``c.Bytes(n)`` / ``c.GreedyBytes`` wrote whatever it was given (construct
+    emits a bare ``io.write``): a 0- or 31-byte r1, mac, transcript or ri1, or a bytearray / memoryview, came out
+    as short or non-canonical bytes where the interpreted schema raises. Each now raises the schema's error.
+    """
+    from construct import StreamError, StringError
+
+    from vsc.wire import ops
+
+    bad = []  # (the attrs validators refuse these lengths: built field by field, as a caller without them could)
+    for cls, fields in ((Hello, dict(r1=b"", server_key=b"k", fs_public=b"")),
+                        (KeyTransport, dict(r2=R[:31], suites=(1,), fs_public=b"", ciphertext=b"c")),
+                        (ServerFinished, dict(suite=Suite.AES256_GCM, forward_secret=True, mac=b"")),
+                        (ClientFinished, dict(mac=b"m" * 33)),
+                        (Record, dict(seq=1, sealed=memoryview(b"sealed")))):
+        msg = object.__new__(cls)
+        for k, v in fields.items():
+            object.__setattr__(msg, k, v)
+        bad.append(msg)
+    for msg in bad:
+        with raises(ErrorCode.MALFORMED, f"cannot encode {type(msg).__name__}"):
+            encode_body(msg)
+    with pytest.raises(StreamError, match="wrong length"):
+        ops.master_input(b"", X, "card-1")  # the card's Master-key answer to a challenge that is not 32 bytes
+    with pytest.raises(StreamError, match="wrong length"):
+        ops.master_input(R + b"!", X, "card-1")
+    with pytest.raises(StringError):
+        ops.master_input(memoryview(R), X, "card-1")
+    assert ops.master_input(bytearray(R), X, "c") == ops.master_input(R, X, "c")  # as the schema takes it
+    with pytest.raises(StreamError, match="wrong length"):
+        key_info("c2s key", 1, X[:31])
+    with pytest.raises(StreamError, match="wrong length"):
+        finished_input("server finished", X + b"!", 1, True)
+    with pytest.raises(StreamError, match="wrong length"):
+        SessionSecrets(r1=R, r2=X, s1=X[:31], s2=X + b"!").encode()
+    with pytest.raises(StreamError, match="wrong length"):
+        ops.MasterResponse(ri2=b"", mac=X).encode()
+    # values of the right length and type still take the compiled path, to the schema's bytes (GreedyBytes
+    # takes a bytearray, as the interpreted schema does)
+    sealed = object.__new__(Record)
+    object.__setattr__(sealed, "seq", 1)
+    object.__setattr__(sealed, "sealed", bytearray(b"sealed"))
+    assert encode_body(sealed) == Record.SCHEMA.build(dict(seq=1, sealed=b"sealed"))
+    assert ops.master_input(R, X, "c") == ops.MasterInput.build(dict(ri1=R, ri2=X, serial="c"))
+    assert ops.MasterResponse(ri2=R, mac=X).encode() == R + X
+

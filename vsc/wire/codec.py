@@ -234,6 +234,28 @@ class _Terminated(type(c.Terminated)):  # type: ignore[misc]
 Terminated = _Terminated()
 
 
+def _strict_builders(con: c.Construct, seen: set | None = None) -> None:
+    """
+    Make the compiled builds of ``c.Bytes(n)`` and ``c.GreedyBytes`` in ``con`` as strict as the interpreted ones
+    (Bytes(n): ``bytes`` of exactly n; GreedyBytes: ``bytes`` or a bytearray): construct's compiler emits a bare
+    ``io.write(obj)``, which wrote 0 or 31 bytes for a 32-byte field, or a bytearray / memoryview the interpreted
+    schema refuses. A value the check does not take fails there (``b''[obj]``), so Fast.build re-runs the
+    interpreted schema, which builds it as it always did or raises its error.
+    """
+    seen = set() if seen is None else seen
+    if id(con) in seen:
+        return
+    seen.add(id(con))
+    if type(con) is c.Bytes and type(con.length) is int:
+        n = con.length
+        con._emitbuild = lambda code: f"(io.write(obj if type(obj) is bytes and len(obj) == {n} else b''[obj]), obj)[1]"
+    elif con is c.GreedyBytes:
+        con._emitbuild = lambda code: "(io.write(obj if isinstance(obj, (bytes, bytearray)) else b''[obj]), obj)[1]"
+    for sub in (getattr(con, "subcon", None), *(getattr(con, "subcons", None) or ())):
+        if isinstance(sub, c.Construct):
+            _strict_builders(sub, seen)
+
+
 class Fast:
     """
     A schema and its compiled twin (``Construct.compile()``: generated Python,
@@ -256,6 +278,7 @@ class Fast:
     def compiled(self) -> c.Construct:
         if self._compiled is None:
             try:
+                _strict_builders(self.schema)
                 compiled = self.schema.compile()
                 compiled.module.BytesIO = _StrictIO  # its substreams (Prefixed) read strictly too
             except Exception:  # noqa: BLE001 - a construct the compiler cannot emit: interpreted only
