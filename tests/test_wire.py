@@ -917,3 +917,16 @@ def test_compiled_builds_refuse_fixed_fields_of_the_wrong_length_or_type():
     assert ops.master_input(R, X, "c") == ops.MasterInput.build(dict(ri1=R, ri2=X, serial="c"))
     assert ops.MasterResponse(ri2=R, mac=X).encode() == R + X
 
+
+def test_record_aad_seq_bytes_and_header_raise_the_schemas_errors():
+    """record_aad, seq_bytes and build_header raised struct.error or TypeError (the struct twin, or the schema
+    compiled without codec.Fast) for a value out of range or not an int; now the schema's FormatFieldError."""
+    from construct import FormatFieldError
+
+    for call in (lambda: record_aad(256, 0), lambda: record_aad(0, 1 << 64), lambda: record_aad(0, -1),
+                 lambda: record_aad(1.0, 0), lambda: seq_bytes(1 << 64), lambda: seq_bytes(-1), lambda: seq_bytes(2.0),
+                 lambda: build_header(None, 0), lambda: build_header(1.0, 0), lambda: build_header(1, 0.5)):
+        with pytest.raises(FormatFieldError):
+            call()
+    assert record_aad(True, 5) == record_aad(1, 5)  # a bool is built as the schema builds it
+    assert seq_bytes(7) == b"\0" * 7 + b"\x07" and build_header(0x10, 3) == b"VS\x01\x10\x00\x00\x00\x03"

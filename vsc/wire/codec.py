@@ -379,7 +379,7 @@ _Header = Fast(FrameHeaderSchema)
 def build_header(msg_type: int, length: int) -> bytes:
     if length > MAX_FRAME_BODY:
         raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame body of {length} bytes exceeds {MAX_FRAME_BODY}")
-    if 0 <= msg_type <= 0xFF and 0 <= length:
+    if type(msg_type) is int and type(length) is int and 0 <= msg_type <= 0xFF and 0 <= length:
         return _HEADER.pack(MAGIC, PROTOCOL_VERSION, msg_type, length)
     return _Header.build(dict(magic=MAGIC, version=PROTOCOL_VERSION, type=msg_type, length=length))
 
@@ -568,8 +568,8 @@ CARD_TO_SERVER = 0
 SERVER_TO_CARD = 1
 
 
-_RecordAAD = RecordAADSchema.compile()  # same bytes, ~3x faster on the record path
-_U64 = U64.compile()
+# what the twins below do not take (out of range, not an int) goes through the schemas and raises their errors
+_RecordAAD, _U64 = Fast(RecordAADSchema), Fast(U64)
 
 
 _AAD = struct.Struct(">2sBBBQ")  # RecordAADSchema
@@ -578,13 +578,13 @@ _RECORD = int(MessageType.RECORD)
 
 
 def record_aad(direction: int, seq: int) -> bytes:
-    if 0 <= direction <= 0xFF and 0 <= seq < 1 << 64:
+    if type(direction) is int and type(seq) is int and 0 <= direction <= 0xFF and 0 <= seq < 1 << 64:
         return _AAD.pack(MAGIC, PROTOCOL_VERSION, _RECORD, direction, seq)
     return _RecordAAD.build(dict(direction=direction, seq=seq))
 
 
 def seq_bytes(seq: int) -> bytes:
     """The 8-byte big-endian sequence number used in AEAD nonces."""
-    if 0 <= seq < 1 << 64:
+    if type(seq) is int and 0 <= seq < 1 << 64:
         return _SEQ.pack(seq)
     return _U64.build(seq)
