@@ -844,3 +844,25 @@ def test_negative_cases_end_to_end_are_refused_identically(world):
                      str(world.password_file), "--totp", world.fresh_code(), check=False)
     assert proc.returncode == 0 and "destroyed" in proc.stdout, (proc.stderr, _history(world)[-3:])
     assert (_history(world)[-1].op, _history(world)[-1].result) == ("destroy", "ok")
+
+
+@pytest.mark.parametrize("size", [0, 31, 33, 64, 16384])
+@pytest.mark.parametrize("method", ["MASTER_KEY", "KEYFILE"])
+def test_a_challenge_of_the_wrong_size_is_not_answered(method, size):
+    """
+    A malicious server (the holder of the pinned key) sends a Master-key or
+    keyfile challenge that is not 32 bytes: the card makes no MAC under the
+    implementation's shared key over bytes of the server's choosing (a
+    33-byte ri1 would shift the serial's length byte into the MAC input),
+    answers empty and says why.
+    """
+    from vsc.protocol import methods
+    from vsc.wire.ops import AuthMethod
+
+    creds = methods.Credentials()
+    side = methods.CardSide("CARD-1", b"a" * 32, b"p" * 32, b"m" * 32, creds, lambda n: b"\x01" * n)
+    m = methods.METHODS[AuthMethod[method]]
+    assert m.answer(side, b"\x07" * size) == b""
+    assert creds.notes and f"is {size} bytes, not 32" in creds.notes[-1]
+    if method == "MASTER_KEY":  # the right size is answered (Figure 10: ri2 || MAC)
+        assert len(m.answer(side, b"\x07" * 32)) > 32

@@ -124,13 +124,32 @@ class Password:
         return Verdict(auth.check_password(server.verifier, answer))
 
 
+#: the random challenge of the Master-key and keyfile methods (Figure 10's ri1 / rm1); a card answers no other length
+CHALLENGE_SIZE = 32
+
+
+def _challenge_ok(card: CardSide, data: bytes, label: str) -> bool:
+    """
+    Whether ``data`` is a challenge of CHALLENGE_SIZE bytes; else it is noted
+    and the card answers nothing: a MAC under a key shared by every card of
+    the implementation is made only over the canonical layout, never over
+    bytes of the server's choosing.
+    """
+    if len(data) == CHALLENGE_SIZE:
+        return True
+    card.creds.note(f"{label}: the server's challenge is {len(data)} bytes, not {CHALLENGE_SIZE}; not answered")
+    return False
+
+
 class MasterKey:
     method, label = AuthMethod.MASTER_KEY, auth.METHOD_LABELS[AuthMethod.MASTER_KEY]
 
     def challenge(self, serial, rand) -> Issued:
-        return Issued(rand(32))  # rm1 (Figure 10)
+        return Issued(rand(CHALLENGE_SIZE))  # rm1 (Figure 10)
 
     def answer(self, card: CardSide, data: bytes) -> bytes:
+        if not _challenge_ok(card, data, "master key"):
+            return b""
         return auth.master_answer(card.master, data, card.serial, card.rand)
 
     def check(self, server: ServerSide, issued: Issued, answer: bytes) -> Verdict:
@@ -144,11 +163,13 @@ class Keyfile:
     method, label = AuthMethod.KEYFILE, auth.METHOD_LABELS[AuthMethod.KEYFILE]
 
     def challenge(self, serial, rand) -> Issued:
-        return Issued(rand(32))  # ri1 ([0046])
+        return Issued(rand(CHALLENGE_SIZE))  # ri1 ([0046])
 
     def answer(self, card: CardSide, data: bytes) -> bytes:
         """Open the keyfile (decrypt, check the pinned server's signature), then Figure 10 with as1."""
         creds = card.creds
+        if not _challenge_ok(card, data, "keyfile"):
+            return b""
         if not creds.keyfiles:
             creds.note("the server requires keyfile authentication, but this card has no keyfile in its HOME")
             return b""
