@@ -143,13 +143,13 @@ def _misbehaving(scenario: str, key):
 # database) and drives the card under test through its driver (vsc.conformance.vscdriver's actions:
 # enrol, insert, step, remove, stop). Between two actions a scenario may act as a hostile server.
 
-OPS_SCENARIOS = ("ops-correct", "rolls-back", "relabels", "weak-kdf")
+OPS_SCENARIOS = ("ops-correct", "rolls-back", "relabels", "weak-kdf", "long-challenge")
 
 
 class _OpsServer:
     """A real vsc server in this process, on 127.0.0.1, whose store and channel a scenario may tamper with."""
 
-    def __init__(self, reactor, key, directory: str, weak_kdf: bool):
+    def __init__(self, reactor, key, directory: str, tamper: str = ""):
         from twisted.python.threadpool import ThreadPool
 
         from vsc.protocol.auth import load_master_key
@@ -166,10 +166,12 @@ class _OpsServer:
         self.policy = Policy.from_settings({})
         self.factory = server_factory(ChannelConfig(), key, reactor, backend=Backend(reactor, self.store, self.pool),
                                       ops_policy=self.policy.ops(), master=load_master_key(None))
-        self.weak_kdf = weak_kdf
         self.answers_seen = 0  # AUTH_RESPONSEs received after a tampered challenge
-        if weak_kdf:
+        self.macs_seen = 0  # non-empty MASTER_KEY answers to a challenge that is not 32 bytes
+        if tamper == "weak-kdf":
             self.factory.make_channel = self._weak_kdf_channel(self.factory.make_channel)
+        elif tamper == "long-challenge":
+            self.factory.make_channel = self._long_challenge_channel(self.factory.make_channel)
         self.port = None
 
     def _weak_kdf_channel(self, make):
@@ -189,6 +191,37 @@ class _OpsServer:
                 effects = orig_receive(frame)
                 self.answers_seen += sum(isinstance(e, ch.Received) and isinstance(e.message, AuthResponse)
                                          for e in effects)
+                return effects
+
+            c.send, c.receive_frame = send, receive_frame
+            return c
+
+        return wrapped
+
+    def _long_challenge_channel(self, make):
+        """
+        §10.6.2 K9: every AUTH_CHALLENGE's MASTER_KEY challenge is 33 bytes (ri1 and one more): a card that
+        MACs it makes a non-canonical MasterInput under the Master key every card shares.
+        """
+        from vsc.wire.ops import AuthChallenge, AuthMethod, AuthResponse
+
+        def wrapped():
+            c = make()
+            orig_send, orig_receive = c.send, c.receive_frame
+
+            def send(msg):
+                if isinstance(msg, AuthChallenge):
+                    msg = attrs.evolve(msg, challenges=tuple(
+                        attrs.evolve(item, data=bytes(item.data) + b"\x01") if item.method == AuthMethod.MASTER_KEY
+                        else item for item in msg.challenges))
+                return orig_send(msg)
+
+            def receive_frame(frame):
+                effects = orig_receive(frame)
+                for e in effects:
+                    if isinstance(e, ch.Received) and isinstance(e.message, AuthResponse):
+                        self.macs_seen += sum(item.method == AuthMethod.MASTER_KEY and len(item.data) > 0
+                                              for item in e.message.responses)
                 return effects
 
             c.send, c.receive_frame = send, receive_frame
@@ -247,11 +280,13 @@ async def run_ops_item(reactor, scenario: str, driver: str, key, timeout: float)
       than any it stored; the insert must be refused;
     * ``weak-kdf``: enrol (scrypt), then the server asks for the legacy derivation at insert; the
       insert must fail and the card must send no AUTH_RESPONSE (§10.5: before deriving or sending).
+    * ``long-challenge``: enrol, then the server's MASTER_KEY challenge at insert is 33 bytes; the insert
+      must fail and no MASTER_KEY answer may carry anything (§10.6.2: the card MACs only 32-byte challenges).
     """
     if scenario not in OPS_SCENARIOS:
         raise ValueError(f"the harness has no operations scenario {scenario!r}")
     with tempfile.TemporaryDirectory(prefix="vsc-conf-") as tmp:
-        server = _OpsServer(reactor, key, tmp, weak_kdf=scenario == "weak-kdf")
+        server = _OpsServer(reactor, key, tmp, tamper=scenario)
         endpoint = await server.listen()
         serial = "conf-" + crypto.system_random(4).hex()
         fields = dict(dir=os.path.join(tmp, "card"), endpoint=endpoint, fingerprint=key.public_key().fingerprint(),
@@ -280,6 +315,11 @@ async def run_ops_item(reactor, scenario: str, driver: str, key, timeout: float)
                 await act("insert", False)
                 if server.answers_seen:
                     return False, "the card answered a challenge with legacy KDF parameters (below its floor)"
+                return True, ""
+            if scenario == "long-challenge":
+                await act("insert", False)
+                if server.macs_seen:
+                    return False, "the card MACed a 33-byte Master-key challenge (a non-canonical MasterInput)"
                 return True, ""
             await act("insert", True)
             await act("step", True)
