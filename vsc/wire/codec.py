@@ -379,7 +379,9 @@ _Header = Fast(FrameHeaderSchema)
 def build_header(msg_type: int, length: int) -> bytes:
     if length > MAX_FRAME_BODY:
         raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame body of {length} bytes exceeds {MAX_FRAME_BODY}")
-    if type(msg_type) is int and type(length) is int and 0 <= msg_type <= 0xFF and 0 <= length:
+    # isinstance, not type(...) is int: every frame's msg.TYPE is a MessageType (an IntEnum); a float, None or
+    # str still goes to the schema and its error
+    if isinstance(msg_type, int) and isinstance(length, int) and 0 <= msg_type <= 0xFF and 0 <= length:
         return _HEADER.pack(MAGIC, PROTOCOL_VERSION, msg_type, length)
     return _Header.build(dict(magic=MAGIC, version=PROTOCOL_VERSION, type=msg_type, length=length))
 
