@@ -180,16 +180,37 @@ def test_the_client_socket_blocks_with_kernel_bounded_waits(fake_home):  # noqa:
         card.close()
 
 
-def test_a_partial_answer_and_then_silence_is_no_answer_within_the_timeout(fake_home):  # noqa: F811
+def test_a_partial_answer_and_then_silence_is_no_answer_within_the_timeout(fake_home, monkeypatch):  # noqa: F811
     """Half a box and then nothing: the rest is waited for only as long as the timeout has left (NoAnswer),
-    not a whole timeout more."""
+    not a whole timeout more. The client's clock jumps past the 30 s deadline once the first part is in:
+    the client must give up at once, without a second receive (which would wait another 30 s)."""
+    import threading
+
     box = ampbox.encode_box({b"_answer": b"1", b"value": b"7"})
     card = FakeCardSocket(fake_home, lambda command, args: box[:5])
+    readings = iter([1000.0])  # the deadline is taken at 1000 s; every later reading is past it
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return next(readings, 1031.0)
+
+    monkeypatch.setattr(client, "time", Clock)
+    outcome: list = []
+
+    def ask() -> None:
+        try:
+            client.call(fake_home, wc.COUNTER, 30.0, name="n", delta=0)
+        except Exception as e:  # noqa: BLE001 - the outcome is asserted below
+            outcome.append(e)
+
     try:
-        t0 = time.monotonic()
-        with pytest.raises(client.NoAnswer, match="^the card did not answer in time$"):
-            client.call(fake_home, wc.COUNTER, 0.6, name="n", delta=0)
-        assert time.monotonic() - t0 < 1.1  # 0.6 s, plus scheduling slack; a second whole wait would be 1.2 s
+        worker = threading.Thread(target=ask, daemon=True)
+        worker.start()
+        worker.join(10)  # liveness, not speed: a second whole wait would still be blocked in recv here
+        assert not worker.is_alive(), "the client waited a whole timeout again for the rest of the answer"
+        assert len(outcome) == 1 and isinstance(outcome[0], client.NoAnswer)
+        assert str(outcome[0]) == "the card did not answer in time"
     finally:
         card.close()
 

@@ -50,7 +50,6 @@ call, so one parametrized @given function nests its wrappers and fails.
 
 from __future__ import annotations
 
-import collections
 import enum
 import functools
 import io
@@ -119,8 +118,6 @@ ENCODE = _settings(120)
 OTHER = _settings(100)
 STRUCTURED = _settings(150)
 
-#: inputs actually run, per property (reported by the last test)
-TRIED: collections.Counter = collections.Counter()
 
 
 # ---------------------------------------------------------------- strict outcomes
@@ -364,14 +361,11 @@ class Decoder:
         self.name, self.twin, self.reference, self.valid, self.others = name, twin, reference, valid, others
 
     def check(self, data, label: str) -> str:
-        TRIED[f"{label}: {self.name}"] += 1
         got = outcome(self.twin, data)
         want = outcome(self.reference, data)
         assert got == want, (self.name, bytes(data)[:200], len(data), got, want)
         for other in self.others:
             assert outcome(other, data) == want, (self.name, "old path", bytes(data)[:200])
-        if got[0] == "ok" and label in ("mutated", "structured"):
-            TRIED[f"{label}, valid: {self.name}"] += 1
         return got[0]
 
 
@@ -650,7 +644,6 @@ def frames(draw) -> bytes:
 def test_decode_frame_and_parse_header_agree_with_the_schemas(frame, max_body):
     """decode_frame (the header's struct twin, then the body's) gives the value or error of FrameHeaderSchema,
     the same checks, and the interpreted body schema; parse_header gives the schema's header fields."""
-    TRIED["decode_frame"] += 1
     assert outcome(decode_frame, frame, max_body) == outcome(schema_decode_frame, frame, max_body)
     got = outcome(lambda d: (lambda h: (h.type, h.length, h.version))(parse_header(d)), frame)
     want = outcome(lambda d: schema_header(d) + (PROTOCOL_VERSION,), frame)
@@ -671,7 +664,6 @@ def inner_plaintexts(draw) -> bytes:
 def test_decode_inner_agrees_with_the_schemas(plaintext):
     """decode_inner (the type byte by hand, then the body's twin) gives InnerSchema's and the body schema's
     value or error."""
-    TRIED["decode_inner"] += 1
     assert outcome(decode_inner, plaintext) == outcome(schema_decode_inner, plaintext)
 
 
@@ -706,7 +698,6 @@ def deframe(stream: bytes, cuts: list[int], max_body: int):
 def test_deframer_splits_as_the_header_schema_says(frame_list, data, max_body):
     """The Deframer (header twin over its bytearray) yields the frames and raises the error FrameHeaderSchema
     and the same checks give, for streams of valid and mutated frames cut anywhere."""
-    TRIED["deframer"] += 1
     stream = b"".join(frame_list)
     cuts = sorted(set(data.draw(st.lists(st.integers(0, len(stream)), max_size=4))))
     assert outcome(deframe, stream, cuts, max_body) == outcome(schema_deframe, stream, cuts, max_body)
@@ -740,7 +731,6 @@ def test_split_vpcd_agrees_with_the_vpcd_frame_schema_and_twisted(data):
     keeps exactly the unread rest, for valid, truncated, mutated and arbitrary streams."""
     from twisted.protocols.basic import Int16StringReceiver
 
-    TRIED["split_vpcd"] += 1
     got = apdu.split_vpcd(data)
     assert ([bytes(p) for p in got[0]], bytes(got[1])) == schema_split_vpcd(data)
     assert all(type(p) is bytes for p in got[0]) and type(got[1]) is bytes
@@ -777,7 +767,6 @@ def _decoded(data):
 @given(st.one_of(boxes(), st.binary(max_size=64)))
 def test_locate_box_agrees_with_decode_box(data):
     """locate_box (rewritten for speed) finds the values, order, bytes used, Incomplete and Malformed of decode_box."""
-    TRIED["locate_box"] += 1
     assert outcome(_located, data) == outcome(_decoded, data)
     assert outcome(_located, bytearray(data)) == outcome(_decoded, data)
 
@@ -891,7 +880,6 @@ def _encoder_test(cls):
 def check_encoder(cls, data):
     """encode_body (the struct twin, else the schema through codec.Fast) gives the interpreted schema's bytes or
     raises its error (type, code, message), for valid, out-of-range and wrongly typed field values."""
-    TRIED[f"encode: {cls.__name__}"] += 1
     msg = _raw(cls, **data.draw(any_fields(cls), label="fields"))
     got, want = outcome(encode_body, msg), outcome(schema_encode_body, msg)
     assert got == want, (cls.__name__, got, want)
@@ -959,7 +947,6 @@ def _other_encoder_test(name):
 def check_other_encoder(name, data):
     """SessionSecrets.encode, master_input, key_info, finished_input, record_aad, seq_bytes and build_header give
     their schema's bytes, or its error (type and message), for valid, out-of-range and wrongly typed values."""
-    TRIED[f"encode: {name}"] += 1
     twin, reference, args = OTHER_ENCODERS[name]
     a = data.draw(args, label="args")
     got, want = outcome(twin, a), outcome(reference, a)
@@ -988,7 +975,6 @@ def _schema_vpcd(payload):
 def test_encode_inner_and_encode_vpcd_agree_with_the_schemas(msg, payload):
     """encode_inner gives InnerSchema's bytes around the schema's body (or the same error); encode_vpcd gives
     VpcdFrame's bytes (or FRAME_TOO_LARGE above 65535 bytes)."""
-    TRIED["encode_inner / encode_vpcd"] += 1
     assert outcome(encode_inner, msg) == outcome(_schema_inner, msg)
     assert outcome(apdu.encode_vpcd, payload) == outcome(_schema_vpcd, payload)
 
@@ -1010,20 +996,3 @@ def test_the_harness_sees_a_planted_divergence(monkeypatch):
     monkeypatch.setattr(m.Hello, "_TWIN", (lambda msg: msg.r1 + b"\0\1k\0", parse))
     short = _raw(m.Hello, r1=b"r" * 31, server_key=b"k", fs_public=b"")
     assert outcome(encode_body, short) != outcome(schema_encode_body, short)
-
-
-# ---------------------------------------------------------------- volume
-
-
-def test_zz_twin_fuzz_volume(record_property):
-    """Reports how many inputs each property tried in this session (run the whole file) and that each ran."""
-    if not TRIED:
-        pytest.skip("run the whole file: this test reports the volume of the properties above it")
-    for name, n in sorted(TRIED.items()):
-        record_property(f"hypothesis inputs: {name}", n)
-        print(f"inputs: {name}: {n}")
-    for dec in DECODERS:
-        for label in ("arbitrary", "valid", "mutated", "boundary", "structured"):
-            assert TRIED[f"{label}: {dec.name}"] > 0, (label, dec.name)
-    for cls in TWINNED:
-        assert TRIED[f"encode: {cls.__name__}"] > 0
