@@ -228,14 +228,20 @@ def tx(apdu, c=None):
         out += bytes(more)
     return out, (sw1 << 8) | sw2
 
+def exchange(name, seq, c=None):
+    # send the APDUs of seq in turn (each must answer 9000); the last answer's data
+    last = b""
+    for a in seq:
+        last, sw = tx(a, c)
+        if sw != 0x9000:
+            print(json.dumps({"error": "%s: APDU answered %04X" % (name, sw)})); sys.exit(0)
+    return last
+
 def timed(name, seq, n, c=None):
     times, last = [], b""
     for i in range(n + 2):
         t0 = time.perf_counter()
-        for a in seq:
-            last, sw = tx(a, c)
-            if sw != 0x9000:
-                print(json.dumps({"error": "%s: APDU answered %04X" % (name, sw)})); sys.exit(0)
+        last = exchange(name, seq, c)
         if i >= 2:  # two warm-up calls
             times.append((time.perf_counter() - t0) * 1000.0)
     return times, last
@@ -262,10 +268,7 @@ if alt:  # this card and a no-op card on another reader of the same pcscd + vpcd
             for side in (("noop", "card") if i % 2 == 0 else ("card", "noop")):
                 seq, c = sides[side]
                 t0 = time.perf_counter()
-                for a in seq:
-                    _, sw = tx(a, c)
-                    if sw != 0x9000:
-                        print(json.dumps({"error": "%s: APDU answered %04X" % (side, sw)})); sys.exit(0)
+                exchange(side, seq, c)
                 if i >= 2:  # two warm-up exchanges
                     got[side].append((time.perf_counter() - t0) * 1000.0)
         rounds.append(got)

@@ -401,34 +401,28 @@ DECODERS = [_message_decoder(cls) for cls in TWINNED] + [
 DECODER_IDS = [d.name for d in DECODERS]
 
 
-def _per_case(prefix: str, cases: dict, make) -> None:
-    """One hypothesis test per case (``test_<prefix>__<case>``): pytest-twisted's hook rewraps a @given function's
-    inner test on every call, so the same @given function cannot be parametrized (each call would nest)."""
+def _per_case(prefix: str, cases: dict, settings, check, extra=lambda case: ()) -> None:
+    """
+    One hypothesis test per case (``test_<prefix>__<case>``), each calling ``check(case, *extra(case), data)``
+    under ``settings``, its docstring ``check``'s: pytest-twisted's hook rewraps a @given function's inner test
+    on every call, so the same @given function cannot be parametrized (each call would nest).
+    """
+    def make(case_id, case):
+        args = extra(case)
+
+        @settings
+        @given(data=st.data())
+        def test(data):
+            return check(case, *args, data)
+
+        test.__doc__ = f"{case_id}: " + check.__doc__
+        return test
+
     for case_id, case in cases.items():
-        test = make(case)
+        test = make(case_id, case)
         name = f"test_{prefix}__{''.join(ch if ch.isalnum() else '_' for ch in case_id)}"
         test.__name__ = test.__qualname__ = name
         globals()[name] = test
-
-
-def _arbitrary_bytes_test(dec):
-    @ARBITRARY
-    @given(data=st.data())
-    def test(data):
-        return check_arbitrary_bytes(dec, data)
-
-    test.__doc__ = f"{dec.name}: " + check_arbitrary_bytes.__doc__
-    return test
-
-
-def _mutated_test(dec):
-    @MUTATED
-    @given(data=st.data())
-    def test(data):
-        return check_mutated_valid_encodings(dec, data)
-
-    test.__doc__ = f"{dec.name}: " + check_mutated_valid_encodings.__doc__
-    return test
 
 
 def check_arbitrary_bytes(dec, data):
@@ -549,27 +543,16 @@ def near_bounds(draw, layout) -> bytes:
     return data
 
 
-def _structured_test(dec):
-    strategy = near_bounds(tuple(LAYOUTS[dec.name]))
-
-    @STRUCTURED
-    @given(data=st.data())
-    def test(data):
-        return check_structured(dec, strategy, data)
-
-    test.__doc__ = f"{dec.name}: " + check_structured.__doc__
-    return test
-
-
 def check_structured(dec, strategy, data):
     """Bodies built field by field at and next to every bound (lengths lo-1..hi+1, counts 0 and 9, lying length
     prefixes, enum values just past the last member, flag bytes 2 and 0xFF, invalid UTF-8): twin and schema agree."""
     dec.check(data.draw(strategy, label="body"), "structured")
 
 
-_per_case("decode_arbitrary_bytes", {d.name: d for d in DECODERS}, _arbitrary_bytes_test)
-_per_case("decode_mutated_valid", {d.name: d for d in DECODERS}, _mutated_test)
-_per_case("decode_near_bounds", {d.name: d for d in DECODERS}, _structured_test)
+_per_case("decode_arbitrary_bytes", {d.name: d for d in DECODERS}, ARBITRARY, check_arbitrary_bytes)
+_per_case("decode_mutated_valid", {d.name: d for d in DECODERS}, MUTATED, check_mutated_valid_encodings)
+_per_case("decode_near_bounds", {d.name: d for d in DECODERS}, STRUCTURED, check_structured,
+          lambda dec: (near_bounds(tuple(LAYOUTS[dec.name])),))
 
 
 def _boundary_bodies(dec: Decoder) -> list[bytes]:
@@ -867,16 +850,6 @@ def any_fields(draw, cls) -> dict:
     return fields
 
 
-def _encoder_test(cls):
-    @ENCODE
-    @given(data=st.data())
-    def test(data):
-        return check_encoder(cls, data)
-
-    test.__doc__ = f"{cls.__name__}: " + check_encoder.__doc__
-    return test
-
-
 def check_encoder(cls, data):
     """encode_body (the struct twin, else the schema through codec.Fast) gives the interpreted schema's bytes or
     raises its error (type, code, message), for valid, out-of-range and wrongly typed field values."""
@@ -887,7 +860,7 @@ def check_encoder(cls, data):
         assert outcome(decode_body, cls.TYPE, got[1][1], cls.INNER) == outcome(schema_decode_body, cls, got[1][1])
 
 
-_per_case("encode_body", {k.__name__: k for k in TWINNED}, _encoder_test)
+_per_case("encode_body", {k.__name__: k for k in TWINNED}, ENCODE, check_encoder)
 
 
 def _plaintext_schema(s):
@@ -934,16 +907,6 @@ OTHER_ENCODERS["build_header"] = (
                                                 st.sampled_from(list(ErrorCode))))))
 
 
-def _other_encoder_test(name):
-    @ENCODE
-    @given(data=st.data())
-    def test(data):
-        return check_other_encoder(name, data)
-
-    test.__doc__ = f"{name}: " + check_other_encoder.__doc__
-    return test
-
-
 def check_other_encoder(name, data):
     """SessionSecrets.encode, master_input, key_info, finished_input, record_aad, seq_bytes and build_header give
     their schema's bytes, or its error (type and message), for valid, out-of-range and wrongly typed values."""
@@ -953,7 +916,7 @@ def check_other_encoder(name, data):
     assert got == want, (name, a, got, want)
 
 
-_per_case("encode", {n: n for n in OTHER_ENCODERS}, _other_encoder_test)
+_per_case("encode", {n: n for n in OTHER_ENCODERS}, ENCODE, check_other_encoder)
 
 
 def _schema_inner(msg):
