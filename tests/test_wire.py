@@ -485,6 +485,30 @@ def test_deframer_keeps_data_fed_without_iterating():
     assert list(d.feed(STREAM[5:])) == STREAM_FRAMES
 
 
+def test_deframer_whole_takes_exactly_one_whole_valid_frame_and_nothing_else():
+    """``whole`` hands back a piece only when nothing is buffered and the piece is one whole frame with a valid
+    header within max_body; every other piece gets None (and ``feed`` then gives the frames or the error)."""
+    one = STREAM_FRAMES[4]
+    assert Deframer().whole(one) is one
+    assert Deframer().whole(encode_frame(Record(seq=0, sealed=b""))) is not None  # an empty sealed part
+    refused = {
+        "part of a frame": one[:-1],
+        "a frame and a byte": one + b"\x00",
+        "two frames": one + one,
+        "a header alone": one[:HEADER_SIZE],
+        "bad magic": b"XS" + one[2:],
+        "another version": one[:2] + bytes((PROTOCOL_VERSION + 1,)) + one[3:],
+        "nothing": b"",
+    }
+    for why, piece in refused.items():
+        assert Deframer().whole(piece) is None, why
+    assert Deframer(max_body=len(one) - HEADER_SIZE - 1).whole(one) is None  # over the limit: feed raises
+    d = Deframer()
+    assert list(d.feed(one[:3])) == []
+    assert d.whole(one[3:]) is None  # something is buffered: the piece belongs after it
+    assert list(d.feed(one[3:])) == [one]
+
+
 def test_deframer_frame_too_large_before_body():
     """A header announcing more than max_body raises FRAME_TOO_LARGE as soon as the header is complete."""
     d = Deframer(max_body=100)

@@ -676,14 +676,31 @@ def deframe(stream: bytes, cuts: list[int], max_body: int):
     return out, d.buffered
 
 
+def deframe_whole_first(stream: bytes, cuts: list[int], max_body: int):
+    """As vsc.net.framing.FrameReceiver reads: each piece is first offered to ``Deframer.whole``, then fed."""
+    d = Deframer(max_body)
+    out = []
+    for a, b in zip([0] + cuts, cuts + [len(stream)]):
+        piece = stream[a:b]
+        frame = d.whole(piece)
+        if frame is not None:
+            out.append(frame)
+        else:
+            out += list(d.feed(piece))
+    return out, d.buffered
+
+
 @OTHER
 @given(st.lists(frames(), min_size=1, max_size=4), st.data(), st.sampled_from([MAX_FRAME_BODY, 64, 0]))
 def test_deframer_splits_as_the_header_schema_says(frame_list, data, max_body):
     """The Deframer (header twin over its bytearray) yields the frames and raises the error FrameHeaderSchema
-    and the same checks give, for streams of valid and mutated frames cut anywhere."""
+    and the same checks give, for streams of valid and mutated frames cut anywhere; so does its shortcut for
+    a piece that is exactly one whole frame (``whole``, then ``feed``, as the Twisted glue reads)."""
     stream = b"".join(frame_list)
     cuts = sorted(set(data.draw(st.lists(st.integers(0, len(stream)), max_size=4))))
-    assert outcome(deframe, stream, cuts, max_body) == outcome(schema_deframe, stream, cuts, max_body)
+    want = outcome(schema_deframe, stream, cuts, max_body)
+    assert outcome(deframe, stream, cuts, max_body) == want
+    assert outcome(deframe_whole_first, stream, cuts, max_body) == want
 
 
 # ---------------------------------------------------------------- the vpcd link and the control socket's boxes
@@ -907,9 +924,21 @@ OTHER_ENCODERS["build_header"] = (
                                                 st.sampled_from(list(ErrorCode))))))
 
 
+def _schema_record_frame(a):
+    """encode_frame(Record(...)) the long way: the interpreted Record schema, then the header schema's checks."""
+    body = schema_encode_body(_raw(m.Record, **a))
+    return _schema_header_bytes(dict(msg_type=MessageType.RECORD, length=len(body))) + body
+
+
+OTHER_ENCODERS["record_frame"] = (
+    lambda a: m.record_frame(**a), _schema_record_frame,
+    st.fixed_dictionaries(dict(seq=any_int(64),
+                               sealed=st.one_of(any_bytes(0, 40), sized(MAX_FRAME_BODY - 9, MAX_FRAME_BODY - 7)))))
+
+
 def check_other_encoder(name, data):
-    """SessionSecrets.encode, master_input, key_info, finished_input, record_aad, seq_bytes and build_header give
-    their schema's bytes, or its error (type and message), for valid, out-of-range and wrongly typed values."""
+    """SessionSecrets.encode, master_input, key_info, finished_input, record_aad, seq_bytes, build_header and
+    record_frame give their schema's bytes, or its error (type and message), for valid, out-of-range and wrongly typed values."""
     twin, reference, args = OTHER_ENCODERS[name]
     a = data.draw(args, label="args")
     got, want = outcome(twin, a), outcome(reference, a)

@@ -89,6 +89,7 @@ class ChannelProtocol(FrameReceiver):
         self._established: list[Deferred] = []
         self._closed: list[Deferred] = []
         self.MAX_LENGTH = channel.max_frame_body()
+        self._limit_settled = False
 
     # -- API for subclasses and users
     def whenEstablished(self) -> Deferred:
@@ -144,7 +145,11 @@ class ChannelProtocol(FrameReceiver):
 
     def frameReceived(self, frame: bytes) -> None:
         self._run(self.channel.receive_frame(frame))
-        self.MAX_LENGTH = self.channel.max_frame_body()
+        if not self._limit_settled:
+            # the frame limit changes with the handshake; once established, only raise_limits changes it,
+            # and whoever calls that sets MAX_LENGTH (vsc.server.service)
+            self.MAX_LENGTH = self.channel.max_frame_body()
+            self._limit_settled = self.channel.established
 
     def frameError(self, error: WireError) -> None:
         self._run(self.channel.frame_error(error))

@@ -46,7 +46,12 @@ class FrameReceiver(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._broken:
             return
-        frames = self.deframer.feed(data)
+        deframer = self.deframer
+        frame = deframer.whole(data)
+        if frame is not None:  # the common case, one whole frame in one read: no buffer, no generator
+            self.frameReceived(frame)
+            return
+        frames = deframer.feed(data)
         while not self._broken:
             try:
                 frame = next(frames)

@@ -63,6 +63,7 @@ from vsc.wire import (
     seq_bytes,
 )
 from vsc.wire.messages import (
+    record_frame,
     Alert,
     ClientFinished,
     Close,
@@ -199,23 +200,24 @@ class ChannelCore:
         seq = self.send_seq
         sealed = cipher.seal(seq_bytes(seq), encode_inner(msg), record_aad(direction, seq))
         self.send_seq += 1
-        self.send_frame(Record(seq=seq, sealed=sealed))
+        self.outbox.append(Send(record_frame(seq, sealed)))  # send_frame(Record(seq, sealed)), one pack
 
     def open(self, record: Record, direction: int) -> Message:
         """Check order, authenticate and decode one record; raises WireError."""
         assert self.keys is not None
-        if record.seq < self.recv_seq:
-            raise WireError(ErrorCode.REPLAYED_RECORD, f"record {record.seq} replayed (expected {self.recv_seq})")
-        if record.seq > self.recv_seq:
+        seq = record.seq
+        if seq != self.recv_seq:
+            if seq < self.recv_seq:
+                raise WireError(ErrorCode.REPLAYED_RECORD, f"record {seq} replayed (expected {self.recv_seq})")
             raise WireError(
                 ErrorCode.OUT_OF_ORDER_RECORD,
-                f"record {record.seq} arrived, expected {self.recv_seq}: dropped or reordered",
+                f"record {seq} arrived, expected {self.recv_seq}: dropped or reordered",
             )
         cipher = self.keys.card_to_server if direction == CARD_TO_SERVER else self.keys.server_to_card
         try:
-            plaintext = cipher.open(seq_bytes(record.seq), record.sealed, record_aad(direction, record.seq))
+            plaintext = cipher.open(seq_bytes(seq), record.sealed, record_aad(direction, seq))
         except crypto.CryptoError as e:
-            raise WireError(ErrorCode.BAD_RECORD, f"record {record.seq}: {e}") from None
+            raise WireError(ErrorCode.BAD_RECORD, f"record {seq}: {e}") from None
         self.recv_seq += 1
         try:
             return decode_inner(plaintext)
@@ -604,9 +606,10 @@ class Channel:
                     return out[:i] + self.decrypted(private_decrypt(self._core.private_key, effect.ciphertext)) + out[i + 1:]
         return out
 
-    def _fire(self, fn: Callable[[], None]) -> list[Effect]:
+    def _fire(self, fn: Callable[..., None], *args) -> list[Effect]:
+        """One input (``fn(*args)``, a bound input of the machine), then the effects it left."""
         try:
-            fn()
+            fn(*args)
         except NoTransition:
             self._machine.fail(ErrorCode.UNEXPECTED_MESSAGE, "message not valid in this state")
         except WireError as e:
@@ -628,54 +631,55 @@ class Channel:
                     break
                 self._deframer.max_body = self.max_frame_body()
         except WireError as e:
-            effects += self._fire(lambda: self._machine.fail(e.code, str(e)))
+            effects += self._fire(self._machine.fail, e.code, str(e))
         return effects
 
     def receive_frame(self, frame: bytes) -> list[Effect]:
         """Feed exactly one whole frame (header + body)."""
-        if self._core.closed:
+        core = self._core
+        if core.closed:
             return []
-        limit = self.max_frame_body()
+        limit = core.max_body if core.established else MAX_HANDSHAKE_BODY  # max_frame_body(), inline
         try:
             msg = decode_frame(frame, max_body=limit)
         except WireError as e:
             if e.code is ErrorCode.MALFORMED and frame[:4] == _ALERT_HEADER:
                 # an ALERT whose code we cannot read still ends the channel, and is never answered (§9.2)
-                return self._fire(lambda: self._machine.got_alert(Alert(ErrorCode.MALFORMED)))
-            return self._fire(lambda: self._machine.fail(e.code, str(e)))
+                return self._fire(self._machine.got_alert, Alert(ErrorCode.MALFORMED))
+            return self._fire(self._machine.fail, e.code, str(e))
         m = self._machine
         if isinstance(msg, Record):
-            return self._fire(lambda: m.got_record(msg))
+            return self._fire(m.got_record, msg)
         if isinstance(msg, Hello):
-            return self._fire(lambda: m.got_hello(msg, frame))
+            return self._fire(m.got_hello, msg, frame)
         if isinstance(msg, KeyTransport):
-            return self._fire(lambda: m.got_key_transport(msg, frame))
+            return self._fire(m.got_key_transport, msg, frame)
         if isinstance(msg, ServerFinished):
-            return self._fire(lambda: m.got_server_finished(msg))
+            return self._fire(m.got_server_finished, msg)
         if isinstance(msg, ClientFinished):
-            return self._fire(lambda: m.got_client_finished(msg))
+            return self._fire(m.got_client_finished, msg)
         if isinstance(msg, Alert):
-            return self._fire(lambda: m.got_alert(msg))
-        return self._fire(lambda: m.fail(ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} not expected"))
+            return self._fire(m.got_alert, msg)
+        return self._fire(m.fail, ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} not expected")
 
     def decrypted(self, plaintext: bytes | None) -> list[Effect]:
         """The result of a ``Decrypt`` effect (None: it did not decrypt)."""
-        return self._fire(lambda: self._machine.decrypted(plaintext))
+        return self._fire(self._machine.decrypted, plaintext)
 
     def frame_error(self, error: WireError) -> list[Effect]:
         """The framing layer rejected the byte stream (bad header, too long)."""
         if self._core.closed:
             return []
-        return self._fire(lambda: self._machine.fail(error.code, str(error)))
+        return self._fire(self._machine.fail, error.code, str(error))
 
     def send(self, msg: Message) -> list[Effect]:
         """Seal and send an inner message; only once established."""
         if not self.established:
             raise RuntimeError("channel is not established")
-        return self._fire(lambda: self._machine.send(msg))
+        return self._fire(self._machine.send, msg)
 
     def close(self, code: ErrorCode = ErrorCode.CLOSE_NOTIFY) -> list[Effect]:
-        return self._fire(lambda: self._machine.close(code))
+        return self._fire(self._machine.close, code)
 
     def timeout(self) -> list[Effect]:
         return self._fire(self._machine.timeout)

@@ -397,6 +397,20 @@ class Deframer:
         self.max_body = max_body
         self._buffer = bytearray()
 
+    def whole(self, data: bytes) -> bytes | None:
+        """
+        ``data`` itself if nothing is buffered and it is exactly one whole
+        frame whose header is valid and whose length is within ``max_body``
+        (the common case: one frame per read); otherwise None, and the caller
+        feeds it (``feed`` gives the same frame, or the error, the long way).
+        """
+        if self._buffer or len(data) < HEADER_SIZE:
+            return None
+        magic, version, _, length = _HEADER.unpack_from(data)
+        if magic == MAGIC and version == PROTOCOL_VERSION and length <= self.max_body and len(data) == HEADER_SIZE + length:
+            return data
+        return None
+
     def feed(self, data: bytes) -> Iterator[bytes]:
         # Buffer now, not on the first next(): a caller that expects no whole
         # frame yet (and does not iterate) must not lose the partial data.
@@ -430,6 +444,7 @@ class Deframer:
 M = TypeVar("M", bound="Message")
 
 _REGISTRY: dict[MessageType, type["Message"]] = {}
+_BY_NUMBER: dict[int, type["Message"]] = {}  # the same, keyed by the plain number (no MessageType(...) per decode)
 
 
 class Message:
@@ -451,6 +466,7 @@ def register(cls: type[M]) -> type[M]:
     cls._FAST = Fast(cls._TERMINATED)  # type: ignore[attr-defined]
     cls._NAMES = tuple(f.name for f in attrs.fields(cls))  # type: ignore[attr-defined]  # (attrs.fields is slow)
     _REGISTRY[cls.TYPE] = cls
+    _BY_NUMBER[int(cls.TYPE)] = cls
     return cls
 
 
@@ -476,10 +492,10 @@ def encode_body(msg: Message) -> bytes:
 
 
 def _message_class(msg_type: int) -> type[Message]:
-    try:
-        return _REGISTRY[MessageType(msg_type)]
-    except (ValueError, KeyError):
-        raise WireError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type:#04x}") from None
+    cls = _BY_NUMBER.get(msg_type)  # an int from a header or a record's first byte (MessageType members hash alike)
+    if cls is None:
+        raise WireError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type:#04x}")
+    return cls
 
 
 def decode_body(msg_type: int, body: bytes, inner: bool | None = None) -> Message:
