@@ -29,3 +29,18 @@ def test_table_dispatch_matches_the_linear_scan(machine):
                 assert automaton.outputForInput(state, symbol) == expected
             checked += 1
     assert checked == len(states) * len(symbols) > 0
+
+
+def test_a_copy_of_a_state_is_refused_loudly_not_dispatched_differently():
+    """The table is keyed by the states' identity (their dataclass __hash__ is a Python call per input): a state
+    object equal to one of the machine's but not it (which Automat's scan would have matched by ==) raises
+    RuntimeError, rather than quietly taking no transition."""
+    import copy
+
+    automaton = channel._ServerMachine.__automat_automaton__
+    state, symbol, _, _ = next(iter(automaton._transitions))
+    twin = copy.copy(state)
+    assert twin == state and twin is not state
+    assert automaton.outputForInput(state, symbol) == Automaton.outputForInput(automaton, state, symbol)
+    with pytest.raises(RuntimeError, match="not one of the machine's own state objects"):
+        automaton.outputForInput(twin, symbol)
