@@ -691,7 +691,8 @@ def target_pg_two(r: dict) -> list[str] | None:
     alt = cy.get("pg_alternated")
     if alt and alt["rounds"] and all(x["ratio"] for x in alt["rounds"]):
         ratios = [x["ratio"] for x in alt["rounds"]]
-        busy = sum(x["busy"] for x in alt["rounds"])
+        busy = sum(x["busy"] for x in alt["rounds"]) + sum(  # and the table's PostgreSQL cells
+            sum(x["busy"].values()) for x in cy["rows"] if x["backend"] == "postgresql")
         med = statistics.median(ratios)
         one = statistics.median(x["one_ms"] for x in alt["rounds"])
         two = statistics.median(x["two_ms"] for x in alt["rounds"])
