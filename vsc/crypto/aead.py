@@ -78,19 +78,12 @@ class AEADRecordCipher(RecordCipher):
     def overhead(self, plaintext_length: int) -> int:
         return self.TAG
 
-    # seal and open compute the nonce inline (as _nonce does): they run once per record each way
     def seal(self, seq: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        if len(seq) != 8:
-            raise ValueError("a record sequence number is 8 bytes")
-        nonce = self._iv_head + (self._iv_tail ^ int.from_bytes(seq, "big")).to_bytes(8, "big")
-        return _aead(self._algorithm, self._key).encrypt(nonce, plaintext, aad)
+        return _aead(self._algorithm, self._key).encrypt(self._nonce(seq), plaintext, aad)
 
     def open(self, seq: bytes, sealed: bytes, aad: bytes) -> bytes:
-        if len(seq) != 8:
-            raise ValueError("a record sequence number is 8 bytes")
-        nonce = self._iv_head + (self._iv_tail ^ int.from_bytes(seq, "big")).to_bytes(8, "big")
         try:
-            return _aead(self._algorithm, self._key).decrypt(nonce, sealed, aad)
+            return _aead(self._algorithm, self._key).decrypt(self._nonce(seq), sealed, aad)
         except InvalidTag as e:
             raise CryptoError("record authentication tag mismatch") from e
 

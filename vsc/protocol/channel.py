@@ -205,14 +205,14 @@ class ChannelCore:
     def open(self, record: Record, direction: int) -> Message:
         """Check order, authenticate and decode one record; raises WireError."""
         assert self.keys is not None
-        seq = record.seq
-        if seq != self.recv_seq:
-            if seq < self.recv_seq:
-                raise WireError(ErrorCode.REPLAYED_RECORD, f"record {seq} replayed (expected {self.recv_seq})")
+        if record.seq < self.recv_seq:
+            raise WireError(ErrorCode.REPLAYED_RECORD, f"record {record.seq} replayed (expected {self.recv_seq})")
+        if record.seq > self.recv_seq:
             raise WireError(
                 ErrorCode.OUT_OF_ORDER_RECORD,
-                f"record {seq} arrived, expected {self.recv_seq}: dropped or reordered",
+                f"record {record.seq} arrived, expected {self.recv_seq}: dropped or reordered",
             )
+        seq = record.seq
         cipher = self.keys.card_to_server if direction == CARD_TO_SERVER else self.keys.server_to_card
         try:
             plaintext = cipher.open(seq_bytes(seq), record.sealed, record_aad(direction, seq))
