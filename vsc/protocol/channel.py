@@ -636,10 +636,9 @@ class Channel:
 
     def receive_frame(self, frame: bytes) -> list[Effect]:
         """Feed exactly one whole frame (header + body)."""
-        core = self._core
-        if core.closed:
+        if self._core.closed:
             return []
-        limit = core.max_body if core.established else MAX_HANDSHAKE_BODY  # max_frame_body(), inline
+        limit = self.max_frame_body()
         try:
             msg = decode_frame(frame, max_body=limit)
         except WireError as e:
