@@ -63,7 +63,6 @@ from vsc.wire import (
     seq_bytes,
 )
 from vsc.wire.messages import (
-    record_frame,
     Alert,
     ClientFinished,
     Close,
@@ -75,6 +74,7 @@ from vsc.wire.messages import (
     ServerFinished,
     SessionSecrets,
     Suite,
+    record_frame,
 )
 
 MAX_SEQ = (1 << 64) - 1
