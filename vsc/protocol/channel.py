@@ -200,7 +200,7 @@ class ChannelCore:
         seq = self.send_seq
         sealed = cipher.seal(seq_bytes(seq), encode_inner(msg), record_aad(direction, seq))
         self.send_seq += 1
-        self.outbox.append(Send(record_frame(seq, sealed)))  # send_frame(Record(seq, sealed)), one pack
+        self.emit(Send(record_frame(seq, sealed)))  # send_frame(Record(seq, sealed)) in one pack
 
     def open(self, record: Record, direction: int) -> Message:
         """Check order, authenticate and decode one record; raises WireError."""
@@ -212,12 +212,11 @@ class ChannelCore:
                 ErrorCode.OUT_OF_ORDER_RECORD,
                 f"record {record.seq} arrived, expected {self.recv_seq}: dropped or reordered",
             )
-        seq = record.seq
         cipher = self.keys.card_to_server if direction == CARD_TO_SERVER else self.keys.server_to_card
         try:
-            plaintext = cipher.open(seq_bytes(seq), record.sealed, record_aad(direction, seq))
+            plaintext = cipher.open(seq_bytes(record.seq), record.sealed, record_aad(direction, record.seq))
         except crypto.CryptoError as e:
-            raise WireError(ErrorCode.BAD_RECORD, f"record {seq}: {e}") from None
+            raise WireError(ErrorCode.BAD_RECORD, f"record {record.seq}: {e}") from None
         self.recv_seq += 1
         try:
             return decode_inner(plaintext)
