@@ -130,14 +130,20 @@ class Card:
     def start(self, **kw) -> "Card":
         """Start and wait (bounded) until the card is inserted."""
         self.spawn(**kw)
-        deadline = time.monotonic() + START_TIMEOUT
-        while "inserted; control socket" not in self.log():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"vsc-card exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vsc-card not inserted within {START_TIMEOUT:g} s:\n{self.log()[-3000:]}")
-            time.sleep(0.05)
+        self.wait_for("inserted; control socket")
         return self
+
+    def wait_for(self, text: str) -> str:
+        """Wait (bounded) until ``text`` is in the log, and return the log. The daemon's services start one
+        after another, so a line printed after the insert (the ssh-agent's) can come a moment later."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while text not in (log := self.log()):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vsc-card exited with {self.proc.returncode} before {text!r}:\n{log[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} from vsc-card within {START_TIMEOUT:g} s:\n{log[-3000:]}")
+            time.sleep(0.05)
+        return log
 
     def refused(self, **kw) -> tuple[int, list[str]]:
         """Start a card that must NOT insert: its exit status and its vsc-card: lines."""
@@ -830,7 +836,7 @@ def test_ssh_agent_in_dongle_mode(enrolled):
     ssh_keygen = need_program("ssh-keygen")
     lab, home, _ = enrolled
     card = lab.card(home).start()
-    sock = re.search(r"ssh-agent on (\S+);", card.log())
+    sock = re.search(r"ssh-agent on (\S+);", card.wait_for("vsc-card: ssh-agent on "))
     assert sock, card.log()
     env = dict(lab.env(), SSH_AUTH_SOCK=sock.group(1))
     listed = subprocess.run([ssh_add, "-L"], env=env, capture_output=True, text=True, timeout=30)
