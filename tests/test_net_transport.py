@@ -13,16 +13,21 @@ import socket
 
 import pytest
 from twisted.internet import error, tcp
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from vsc.net.transport import close_now, write_now
 
 
-class FDSet:
-    """The IReactorFDSet part a tcp.Connection uses, recording instead of polling."""
+class FDSet(Clock):
+    """The IReactorFDSet part a tcp.Connection uses, recording instead of polling, and a Clock (abortConnection
+    schedules its connectionLost with callLater)."""
 
     def __init__(self):
+        super().__init__()
         self.readers: set = set()
         self.writers: set = set()
 
@@ -185,6 +190,81 @@ def test_nothing_is_sent_after_close(pair):
     close_now(transport)
     write_now(transport, b"late")
     assert drain(peer) == b""
+
+
+def test_write_after_abort_connection_sends_nothing_and_the_abort_stands(pair):
+    """After abortConnection Twisted drops whatever is written and reports ConnectionAborted on the next turn
+    (an abortive close). write_now and close_now keep to that: nothing reaches the peer, and the close does not
+    turn into an orderly one (ConnectionDone, at once). Both once sent and closed on the socket of an aborted
+    connection, which only sets ``_aborting`` (found by review)."""
+    transport, proto, reactor, peer = pair
+    transport.abortConnection()
+    write_now(transport, b"late frame")
+    close_now(transport)
+    assert proto.reasons == []  # nothing before the turn the abort scheduled
+    reactor.advance(0)
+    assert drain(peer) == b""
+    assert len(proto.reasons) == 1 and proto.reasons[0].check(error.ConnectionAborted)
+
+
+def test_a_connection_evicted_to_make_room_gets_nothing_more_on_the_wire():
+    """At the cap on unauthenticated connections the server aborts the oldest one of the most crowded source
+    (ServerProtocol._make_room). If that connection's handshake decryption comes back from the worker pool
+    before the abort's connectionLost runs (a reactor turn runs thread results before timed calls), its
+    ServerFinished must not be sent: the connection was aborted. It was sent (found by review)."""
+    from tests.vectors.support import DRBG, fixed_fingerprint, fixed_key
+    from vsc.protocol.channel import Send, card_channel
+    from vsc.protocol.suites import ChannelConfig
+    from vsc.server.admission import Admission, AdmissionLimits
+    from vsc.server.service import ServerFactory
+    from vsc.wire import decode_frame
+    from vsc.wire.messages import Hello
+
+    reactor = FDSet()
+    admission = Admission(AdmissionLimits(max_unauthenticated=2), reactor.seconds)
+    pending: list = []
+
+    def decrypt(source, fn):  # the worker pool: the result comes back later
+        d = Deferred()
+        pending.append((d, fn))
+        return d
+
+    admission.decrypt = decrypt
+    factory = ServerFactory(ChannelConfig(), fixed_key(), reactor, admission=admission)
+    ours, peer = socket.socketpair()
+    transport = tcp.Connection(ours, None, reactor)
+    try:
+        # the victim: a real TCP connection from 10.0.0.1 that has sent its KeyTransport
+        transport.connected = 1
+        transport.getPeer = lambda: IPv4Address("TCP", "10.0.0.1", 4000)
+        transport.setTcpNoDelay = lambda enabled: None
+        victim = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 4000))
+        transport.protocol = victim
+        victim.makeConnection(transport)
+        transport.startReading()
+        hello = drain(peer)
+        assert isinstance(decode_frame(hello), Hello)
+        card = card_channel(ChannelConfig(), fixed_fingerprint(), DRBG(b"evicted"))
+        card.start()
+        victim.dataReceived([e.data for e in card.receive_frame(hello) if isinstance(e, Send)][0])
+        assert len(pending) == 1  # its decryption is on the pool
+
+        # a second connection from the same source fills the cap; a newcomer from another source evicts the victim
+        other = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 4001))
+        other.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 4001)))
+        newcomer = factory.buildProtocol(IPv4Address("TCP", "10.0.0.2", 5000))
+        newcomer.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.2", 5000)))
+        assert transport._aborting and newcomer._counted
+
+        d, fn = pending.pop()
+        d.callback(fn())  # the pool's result, before the abort's connectionLost
+        sent_after_abort = drain(peer)
+        reactor.advance(0)
+        assert sent_after_abort == b"", f"{len(sent_after_abort)} bytes sent on an aborted connection"
+    finally:
+        peer.close()
+        if hasattr(transport, "socket"):
+            transport.socket.close()
 
 
 def test_the_channel_glue_writes_hello_at_once_and_closes_at_once(pair):

@@ -13,7 +13,9 @@ away (one ``send``) and hands Twisted only what the kernel did not take;
 extra turn.
 
 Only a plain (not TLS) ``twisted.internet.tcp`` connection with nothing
-buffered, no producer, open and not closing is written to directly; every
+buffered, no producer, open, not closing and not aborted is written to
+directly (after ``abortConnection`` Twisted drops every write and closes
+abortively on its next turn; so does this, through Twisted); every
 other transport (TLS, UNIX sockets behind another class, StringTransport,
 iosim) and every other case goes through ``transport.write`` /
 ``loseConnection`` unchanged. Bytes never overtake bytes already buffered.
@@ -37,12 +39,13 @@ from zope.interface import implementer
 
 
 def _writable_now(transport) -> bool:
-    """A plain TCP connection, open, with no producer and nothing buffered in Twisted."""
+    """A plain TCP connection, open, not closing or aborted, with no producer and nothing buffered in Twisted."""
     return (
         isinstance(transport, tcp.Connection)
         and not transport.TLS
         and transport.connected
         and not transport.disconnecting
+        and not transport._aborting  # abortConnection sets only this: Twisted then drops every write
         and not transport._writeDisconnected
         and transport.producer is None
         and not transport._tempDataLen
