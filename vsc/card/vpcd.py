@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 
 from vsc import crypto
 from vsc.card.config import applications_of
+from vsc.net.transport import write_now
 from vsc.protocol import openpgp, piv, router
 from vsc.protocol.applet import Clear
 from vsc.protocol.card_lifecycle import CardError
@@ -243,30 +244,6 @@ def _op_failed(e: Exception) -> piv.EffectFailed:
     return piv.EffectFailed(str(e))  # card removed, no key
 
 
-def send_now(transport, data: bytes) -> None:
-    """
-    Write ``data`` on a TCP transport in this reactor turn when nothing is
-    queued before it (Twisted's ``write`` only queues it and sends on the
-    next turn: one more epoll round per APDU); whatever the socket does not
-    take, and any other transport (tests' in-memory ones), goes through
-    ``write`` as usual.
-    """
-    sock = getattr(transport, "socket", None)
-    queued = getattr(transport, "_tempDataLen", 1) or len(getattr(transport, "dataBuffer", b"x")) - getattr(
-        transport, "offset", 0)
-    if sock is None or queued or getattr(transport, "disconnecting", True) or not getattr(transport, "connected", 0):
-        transport.write(data)
-        return
-    try:
-        sent = sock.send(data)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    except OSError:
-        sent = 0  # Twisted's own write meets the error and closes the connection
-    if sent < len(data):
-        transport.write(data[sent:])
-
-
 class VpcdProtocol(Int16StringReceiver):
     """
     One connection to vpcd = the card in the reader: Twisted's 2-byte length
@@ -370,13 +347,13 @@ class VpcdProtocol(Int16StringReceiver):
 
     def _respond(self, response: bytes) -> None:
         self.apdus += 1
-        send_now(self.transport, apdu.encode_vpcd(response))
+        write_now(self.transport, apdu.encode_vpcd(response))
 
     def _handle(self, payload: bytes):
         """Answer one vpcd message: None when answered in this turn, else a Deferred that fires once it is."""
         ctl = apdu.control_of(payload)
         if ctl is apdu.VpcdControl.GET_ATR:
-            send_now(self.transport, apdu.encode_vpcd(self.atr))
+            write_now(self.transport, apdu.encode_vpcd(self.atr))
             return None
         if ctl is not None:  # power off, power on, reset: volatile state cleared, no reply
             self.card.reset()
