@@ -515,11 +515,21 @@ def test_failures_from_other_machines_throttle_after_the_shared_threshold_and_un
     Failures from anywhere but the card's last machine count in the card's
     shared bucket: below ``shared_threshold`` (4) nothing is throttled; from
     it the next answer is evaluated only base*2^k (capped) seconds after the
-    last failure; unlock clears both buckets.
+    last failure, and a failure inside that waiting time is not counted (it
+    can only be an answer to a challenge sent before the bucket closed);
+    unlock clears both buckets.
     """
     serial = enrolled(store)
     expected = {1: 0.0, 2: 0.0, 3: 0.0, 4: 10.0, 5: 20.0, 6: 35.0, 7: 35.0}  # shared 4, base 10, maximum 35
+    wait = 0.0
     for failures, delay in expected.items():
+        if wait:  # inside the window: not counted, the window unchanged
+            until = store.get(serial).locked_until
+            fail(store, serial, peer="peer-x", detail="failed: password")
+            assert (store.get(serial).failures, store.get(serial).locked_until) == (failures - 1, until)
+            assert "not counted" in last(store, serial).detail
+        clock.advance(wait)
+        wait = delay
         fail(store, serial, peer="peer-x", detail="failed: password")
         card = store.get(serial)
         assert (card.failures, card.machine_failures) == (failures, 0)
@@ -548,6 +558,7 @@ def test_the_owners_machine_has_its_own_bucket(store, clock):
     serial = in_state(store, CardState.IN_USE)
     assert store.get(serial).last_muk == MUK_A
     for _ in range(10):
+        clock.advance(max(0.0, store.get(serial).locked_until - clock.t))  # each one when it may be evaluated
         fail(store, serial, own=False)
     card = store.get(serial)
     assert card.throttled(clock.t, False) and not card.throttled(clock.t, True) and card.machine_failures == 0

@@ -86,6 +86,9 @@ class Outcome:
     version: int = 0
     protected: bytes = attrs.field(default=b"", repr=False)
     registration: bytes = b""
+    #: False: a session operation refused to a requester who did not show the card's current insert secret
+    #: (or named no card); the machine counts it for its source like a failed authentication
+    holder: bool = True
 
 
 # ---------------------------------------------------------------- effects, one per store operation
@@ -138,6 +141,9 @@ class SyncCard:
     version: int
     protected: bytes = attrs.field(repr=False)
     peer: str
+    #: False: the source is throttled; a refusal to a requester without the insert secret is only logged,
+    #: not written to the history (a stranger who keeps asking cannot grow it without bound)
+    record: bool = True
 
 
 @attrs.frozen
@@ -149,6 +155,9 @@ class ChangeCardPassword:
     kdf: bytes
     protected: bytes = attrs.field(repr=False)
     peer: str
+    #: False: the source is throttled; a refusal to a requester without the insert secret is only logged,
+    #: not written to the history (a stranger who keeps asking cannot grow it without bound)
+    record: bool = True
 
 
 @attrs.frozen
@@ -160,6 +169,9 @@ class CheckIn:
     version: int
     protected: bytes = attrs.field(repr=False)
     peer: str
+    #: False: the source is throttled; a refusal to a requester without the insert secret is only logged,
+    #: not written to the history (a stranger who keeps asking cannot grow it without bound)
+    record: bool = True
 
 
 @attrs.frozen
@@ -169,6 +181,9 @@ class AttachCard:
     serial: str
     session: bytes
     peer: str
+    #: False: the source is throttled; a refusal to a requester without the insert secret is only logged,
+    #: not written to the history (a stranger who keeps asking cannot grow it without bound)
+    record: bool = True
 
 
 @attrs.frozen

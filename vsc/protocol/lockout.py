@@ -79,11 +79,18 @@ class LockoutPolicy:
 
 @functools.lru_cache(maxsize=4096)  # twice per accepted connection (admission, then the protocol); a pure function
 def source_of(host: str) -> str:
-    """A source address as limits count it: the IPv4 address, or the /64 of an IPv6 one."""
+    """
+    A source address as limits count it: the IPv4 address, or the /64 of an
+    IPv6 one. An IPv4-mapped address (``::ffff:a.b.c.d``, what a dual-stack
+    ``tcp6`` listener sees of an IPv4 client) is its IPv4 address: its /64
+    would make every IPv4 client one source.
+    """
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
         return host
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
     if addr.version == 6:
         return str(ipaddress.ip_network(f"{addr}/64", strict=False))
     return str(addr)

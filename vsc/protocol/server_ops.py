@@ -166,6 +166,7 @@ class OpsCore:
     own_machine: bool = False
     enrol_reply: bytes = b""
     due: tuple = ()  # methods whose material is issued with this insert (not challenged now)
+    record: bool = True  # a session operation's refusal to a non-holder goes to the history (source not throttled)
 
     def emit(self, effect) -> None:
         self.outbox.append(effect)
@@ -175,7 +176,7 @@ class OpsCore:
 
     def finish(self) -> None:
         self.serial, self.op, self.request, self.card, self.issued = "", None, None, None, ()
-        self.pending, self.own_machine, self.enrol_reply, self.due = None, False, b"", ()
+        self.pending, self.own_machine, self.enrol_reply, self.due, self.record = None, False, b"", (), True
 
     def refuse(self, status: Status, result: str, detail: str, muk: bytes | None = None) -> None:
         """Answer ``status`` once the refusal's history line is stored (nothing else changes)."""
@@ -272,12 +273,13 @@ def _build():
     def session_op(m: OpsInputs, core: OpsCore, req: OpRequest) -> None:
         core.start(req.serial, req.op, req)
         session = crypto.sha256(req.insert_secret) if req.insert_secret else b""
+        record = core.record = not core.limits.throttled(core.source, req.serial)  # see stored
         if req.op is Op.ATTACH:
-            core.emit(AttachCard(serial=req.serial, session=session, peer=core.peer))
+            core.emit(AttachCard(serial=req.serial, session=session, peer=core.peer, record=record))
             return
         cls = SyncCard if req.op is Op.SYNC else CheckIn
         core.emit(cls(serial=req.serial, session=session, version=req.version, protected=req.protected,
-                      peer=core.peer))
+                      peer=core.peer, record=record))
 
     @idle.upon(OpsInputs.bad_op_requested).to(committing)
     def bad_op(m: OpsInputs, core: OpsCore, req: OpRequest) -> None:
@@ -291,8 +293,10 @@ def _build():
         if problem:
             core.refuse(Status.BAD_REQUEST, "bad-request", problem)
             return
+        core.record = not core.limits.throttled(core.source, req.serial)  # see stored
         core.emit(ChangeCardPassword(serial=req.serial, session=crypto.sha256(req.insert_secret), version=req.version,
-                                     verifier=req.verifier, kdf=req.kdf, protected=req.protected, peer=core.peer))
+                                     verifier=req.verifier, kdf=req.kdf, protected=req.protected, peer=core.peer,
+                                     record=core.record))
 
     # ---- authentication (Figure 8)
 
@@ -382,6 +386,14 @@ def _build():
 
     @committing.upon(OpsInputs.stored).to(idle)
     def stored(m: OpsInputs, core: OpsCore, outcome: object) -> None:
+        if not getattr(outcome, "holder", True):  # (some store calls return nothing: None)
+            # a session operation refused to a requester without the card's insert secret (or for no card):
+            # counted for its source like a failed authentication, so once the source is throttled its
+            # refusals are only logged (the request's ``record``), and the history stays bounded. The answer
+            # is the same either way, and a holder's requests are never throttled or unrecorded
+            core.limits.failed(core.source, core.serial)
+            if not core.record:
+                core.emit(Logged("throttled", core.serial, f"{core.op.name.lower()} refused; not recorded"))
         if core.pending is not None:
             core.emit(Reply(OpResult(status=core.pending)))
         else:

@@ -542,7 +542,12 @@ class Store:
         with self._txn() as cur:
             card = self._get_for_update(cur, e.serial)
             detail = e.detail
-            if card is not None:
+            if card is not None and card.throttled(now, e.own_machine):
+                # the answer was let through on a row read before another failure closed the bucket (the
+                # machine checks the row it loaded with the challenge): inside the window it is not counted,
+                # so answers held back on many challenges cannot extend the wait
+                detail += "; not counted: it came inside the waiting time another failure started"
+            elif card is not None:
                 if e.own_machine:
                     failures = card.machine_failures + 1
                     until = self.lockout.next_allowed(failures, now, self.lockout.threshold)
@@ -619,6 +624,13 @@ class Store:
             if card is None:
                 decision = decide(State.NONE, op, Condition.ANY)
                 detail = "no such card"
+            elif card.throttled(now, own_machine):
+                # the machine checked the bucket on the row it loaded with the challenge; another failure may
+                # have closed it since. Under the row lock the current row decides: inside the waiting time
+                # the answer is refused as a failed one, unevaluated, so challenges loaded while the bucket
+                # was open (from many sources) do not get their answers evaluated after it closed
+                decision = decide(card.state, op, Condition.AUTH_FAILED)
+                detail = "throttled: not evaluated (the bucket closed after the challenge was sent)"
             elif card.verifier != verifier:
                 # the password changed between the challenge and this answer: the answer proves the old one
                 decision = decide(card.state, op, Condition.CHANGED)
@@ -670,7 +682,7 @@ class Store:
             elif card is None:
                 detail = "no such card"
             holder = card is not None and condition in (Condition.CURRENT, Condition.RETRY, Condition.CONFLICT)
-            if decision.history != "-":
+            if decision.history != "-" and (holder or e.record):
                 self._history(cur, serial, op.value, decision.history, peer, card.muk if holder else None, detail)
             if decision.status is Status.OK:
                 version = card.version + 1 if decision.action in (Action.STORE, Action.STORE_PASSWORD,
@@ -678,7 +690,7 @@ class Store:
                 return Outcome(Status.OK, version=version)
             if decision.status is Status.VERSION_CONFLICT:
                 return Outcome(decision.status, version=card.version)
-            return Outcome(decision.status)
+            return Outcome(decision.status, holder=holder)
 
     def _totp_fresh(self, card: CardRecord, step: int | None) -> bool:
         if step is None:
