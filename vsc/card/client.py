@@ -102,6 +102,11 @@ class ControlClient:
         except OSError:
             s.close()
             raise NotRunning(self.home, self.path, stale=True) from None
+        try:
+            self._check_peer(s)
+        except ControlError:
+            s.close()
+            raise
         try:  # blocking from here on, each send and receive bounded by the kernel (the module docstring)
             wait = wc.socket_wait(self.timeout)
             s.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, wait)
@@ -112,6 +117,32 @@ class ControlClient:
             s.settimeout(self.timeout)
             self._kernel_wait = False
         self._sock = s
+
+    def _check_peer(self, s) -> None:
+        """
+        Before anything is sent: the socket just connected is this user's
+        daemon's. The directory check above passes a directory that does not
+        exist yet, and another local user may make one (in a shared TMPDIR)
+        between that check and the connect. So the directory must exist and
+        be private now, and the process at the other end must run as this
+        user (SO_PEERCRED, where the kernel has it).
+        """
+        directory = os.path.dirname(self.path)
+        try:
+            if not os.path.isdir(directory):
+                raise paths.UnsafeDirectory(f"{directory} went away while connecting; not used")
+            paths.check_private_dir(directory)
+        except paths.UnsafeDirectory as e:
+            raise ControlError(str(e)) from None
+        option = getattr(_socket, "SO_PEERCRED", None)
+        if option is None:
+            return
+        try:
+            uid = wc.peer_uid(s.getsockopt(_socket.SOL_SOCKET, option, 12))
+        except (OSError, Malformed) as e:
+            raise ControlError(f"cannot tell who serves {self.path}: {e}") from None
+        if uid != os.getuid():
+            raise ControlError(f"{self.path} is served by another user (uid {uid}); not used")
 
     def close(self) -> None:
         if self._sock is not None:
@@ -184,6 +215,9 @@ class ControlClient:
                 self.close()
                 raise Dropped("the card daemon closed the connection (the card was removed)")
             self._buf += chunk
+            if len(self._buf) > wc.MAX_BOX:  # no answer is this long: the peer is not a card daemon
+                self.close()
+                raise ControlError(f"the card daemon's answer is malformed: longer than {wc.MAX_BOX} bytes")
 
 
 def call(home: str | os.PathLike | None, command: wc.Command, timeout: float = 30.0, **args) -> dict:

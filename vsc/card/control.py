@@ -96,9 +96,19 @@ def _guard(coro_fn):
 _DATA_PUT, _DATA_GET = wc.DATA_PUT.name.encode("ascii"), wc.DATA_GET.name.encode("ascii")
 _SIGN_DIGEST = wc.SIGN_DIGEST.name.encode("ascii")
 _RX_START = 8192
-#: the longest box the daemon reads: three arguments of AMP's longest value, and then some
-_RX_MAX = 4 * (ampbox.MAX_VALUE + ampbox.MAX_KEY + 4) + 2
+#: the longest box the daemon reads (the client reads no longer an answer)
+_RX_MAX = wc.MAX_BOX
 _log = Logger()
+#: a refusal's text is cut to this many characters: it may quote what the client sent (a data object's
+#: name), and a longer one could not be sent in one AMP value (the request would go unanswered)
+_REFUSAL_CHARS = 1000
+
+
+def _refusal(text: str) -> dict:
+    """The CardError box for ``text``, cut to ``_REFUSAL_CHARS`` characters (at most 4 KB of UTF-8)."""
+    if len(text) > _REFUSAL_CHARS:
+        text = text[:_REFUSAL_CHARS - 1] + "…"
+    return {wc.ERROR_CODE: wc.CARD_ERROR, wc.ERROR_DESCRIPTION: text.encode("utf-8", "backslashreplace")}
 
 
 class ControlProtocol(amp.AMP):
@@ -249,11 +259,11 @@ class ControlProtocol(amp.AMP):
             try:
                 box = await run()
             except CardError as e:
-                box = {wc.ERROR_CODE: wc.CARD_ERROR, wc.ERROR_DESCRIPTION: str(e).encode("utf-8")}
+                box = _refusal(str(e))
                 error = True
             except Exception as e:  # noqa: BLE001 - reported to the client, logged here
                 _log.failure("control command failed")
-                box = {wc.ERROR_CODE: wc.CARD_ERROR, wc.ERROR_DESCRIPTION: explain(e).encode("utf-8")}
+                box = _refusal(explain(e))
                 error = True
             else:
                 error = False
@@ -282,10 +292,10 @@ class ControlProtocol(amp.AMP):
                 self._authorize_now(name)  # the PIN policy, as on every path (vsc.card.pin)
                 box, error = {b"signature": self.session.sign_digest_now(name, digest)}, False
             except CardError as e:
-                box, error = {wc.ERROR_CODE: wc.CARD_ERROR, wc.ERROR_DESCRIPTION: str(e).encode("utf-8")}, True
+                box, error = _refusal(str(e)), True
             except Exception as e:  # noqa: BLE001 - reported to the client, logged here
                 _log.failure("control command failed")
-                box, error = {wc.ERROR_CODE: wc.CARD_ERROR, wc.ERROR_DESCRIPTION: explain(e).encode("utf-8")}, True
+                box, error = _refusal(explain(e)), True
             self._send_box(ask, box, error)
             return
 

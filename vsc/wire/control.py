@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import sys
 
-from vsc.wire.ampbox import Incomplete, Malformed, decode_box, encode_box
+from vsc.wire.ampbox import MAX_KEY, MAX_VALUE, Incomplete, Malformed, decode_box, encode_box
 
 TEXT = "text"
 BYTES = "bytes"
@@ -233,6 +233,18 @@ def _fields(fields: tuple, box: dict[bytes, bytes], where: str) -> dict:
             raise Malformed(f"control answer: {where} without {name}")
         out[name] = decode_value(kind, name, raw)
     return out
+
+
+#: the longest box either side reads, a request the daemon takes or an answer the client takes: four of
+#: AMP's longest values with their keys, and then some (no command's box comes near it)
+MAX_BOX = 4 * (MAX_VALUE + MAX_KEY + 4) + 2
+
+
+def peer_uid(ucred: bytes) -> int:
+    """The uid in a Linux ``struct ucred`` (what SO_PEERCRED gives: pid, uid, gid, native 32-bit integers)."""
+    if len(ucred) != 12:
+        raise Malformed(f"SO_PEERCRED gave {len(ucred)} bytes, not 12")
+    return int.from_bytes(ucred[4:8], sys.byteorder)
 
 
 def socket_wait(seconds: float) -> bytes:
