@@ -9,7 +9,13 @@ from vsc import crypto
 from vsc.net.channel import ChannelFactory, ChannelProtocol
 from vsc.protocol.channel import card_channel
 from vsc.protocol.suites import ChannelConfig
-from vsc.wire import Message
+from vsc.wire import ErrorCode, Message
+
+
+#: messages the server may send ahead of the card's asking for them; one more is a protocol violation
+#: (the protocol is request / response), and the channel is closed rather than keep what a malicious
+#: server pushes (each message can be half a megabyte)
+MAX_UNCLAIMED = 4
 
 
 class CardProtocol(ChannelProtocol):
@@ -23,8 +29,13 @@ class CardProtocol(ChannelProtocol):
     def messageReceived(self, msg: Message) -> None:
         if self._waiting:
             self._waiting.pop(0).callback(msg)
-        else:
+        elif len(self._unclaimed) < MAX_UNCLAIMED:
             self._unclaimed.append(msg)
+        else:
+            self.log.warn("the server sent {n} messages the card did not ask for: channel closed",
+                          n=len(self._unclaimed) + 1)
+            self._unclaimed.clear()
+            self.closeChannel(ErrorCode.UNEXPECTED_MESSAGE)
 
     def channelClosed(self, code, reason, byPeer) -> None:
         from vsc.net.channel import ChannelClosedError
