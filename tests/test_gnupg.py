@@ -4,13 +4,14 @@ vsmartcard's vpcd reader, a real ``twistd vsc-server``, a real ``twistd
 vsc-card --pcsc`` (tests/test_pcsc.py's stack), and Debian 12's GnuPG 2.2:
 gpg, gpg-agent and scdaemon set to use pcscd (``disable-ccid``,
 ``pcsc-driver``) in a temporary GNUPGHOME, with a scripted pinentry that
-answers from a JSON file (the user PIN, the admin PIN, the reset code).
+answers from a JSON file (the user PIN, the admin PIN, the reset code: on
+this card the PIV PUK).
 
 ``gpg --card-edit`` is driven through ``--command-fd``/``--status-fd``: each
 prompt keyword (``cardedit.prompt``, ``keygen.name``...) gets its scripted
 answer. The tests run in file order on one card: status, key generation,
 sign/verify, encrypt/decrypt, ssh through gpg-agent to a private sshd, the
-PIN blocked and unblocked with the reset code, then everything again after
+PIN blocked and unblocked with the PUK as the reset code, then everything again after
 ``vsc card remove`` and a new insert; then a software key moved to the card
 with ``keytocard``, keys generated as NIST P-256 and as Curve25519, and
 ``factory-reset``.
@@ -103,7 +104,8 @@ def _three_wrong_pins(g: GnuPG) -> None:
 
 
 def test_card_status_shows_the_openpgp_card(stack):
-    """gpg --card-status: an OpenPGP 3.4 card in 'Virtual PCD 00 00', RSA-2048 keys, PIN retry counter 3 0 3."""
+    """gpg --card-status: an OpenPGP 3.4 card in 'Virtual PCD 00 00', RSA-2048 keys, PIN retry counter 3 3 3
+    (the middle one is the resetting code's: the PIV PUK's tries)."""
     g = stack["gnupg"]
     status = g.card_status()
     assert g.field(status, "Reader") == pcsc.READER
@@ -111,7 +113,7 @@ def test_card_status_shows_the_openpgp_card(stack):
     assert g.field(status, "Version") == "3.4"
     assert g.field(status, "Key attributes") == "rsa2048 rsa2048 rsa2048"
     assert g.field(status, "Max. PIN lengths") == "8 32 32"
-    assert g.field(status, "PIN retry counter") == "3 0 3"
+    assert g.field(status, "PIN retry counter") == "3 3 3"
     assert g.field(status, "Signature key") == "[none]"
 
 
@@ -245,22 +247,25 @@ def test_ssh_through_gpg_agent(stack):
     _ssh_login(stack, "ssh-rsa")
 
 
-def test_wrong_pin_blocks_and_reset_code_unblocks(stack):
+def test_wrong_pin_blocks_and_the_puk_unblocks(stack):
     """
-    The admin sets a reset code (passwd, 4); three wrong PINs (card-edit verify) block PW1 — and the PIV PIN,
-    which is the same PIN (VERIFY through OpenSC answers 6983); signing fails; 'unblock' with the reset code sets
-    the PIN again and signing works.
+    Three wrong PINs (card-edit verify) block PW1 — and the PIV PIN, which is the same PIN (VERIFY through
+    OpenSC answers 6983); signing fails; 'unblock' with the resetting code, which on this card is the PIV PUK,
+    sets the PIN again and signing works. The admin can neither set a reset code of its own nor unblock with
+    the admin PIN (6985): only the PUK resets the PIV PIN.
     """
     g = stack["gnupg"]
-    g.card_edit({"cardedit.prompt": ["admin", "passwd", "quit"], "cardutil.change_pin.menu": ["4", "q"]})
     assert g.field(g.card_status(), "PIN retry counter") == "3 3 3"
+    out = g.card_edit({"cardedit.prompt": ["admin", "passwd", "quit"], "cardutil.change_pin.menu": ["4", "q"]})
+    assert "[GNUPG:] SC_OP_FAILURE" in out, out  # PUT DATA D3 answered 6985: no reset code of its own
+    g.close()
     _three_wrong_pins(g)
     assert g.field(g.card_status(), "PIN retry counter") == "0 3 3"
     g.close()  # gpg-agent and its scdaemon hold the reader exclusively; the next gpg starts them again
     assert pcsc._apdus(pcsc._verify_apdu(None)) == ["6983"]  # the PIV application: the same, blocked PIN
     msg = stack["tmp"] / "blocked.txt"
     msg.write_text("no\n")
-    g.set_pins(pin=PIN, admin=ADMIN_PIN, reset=RESET_CODE)
+    g.set_pins(pin=PIN, admin=ADMIN_PIN, reset=pcsc.PUK)
     assert g.gpg("--yes", "-u", EMAIL, "--detach-sign", str(msg), check=False).returncode != 0
     g.card_edit({"cardedit.prompt": ["unblock", "quit"]})
     assert g.field(g.card_status(), "PIN retry counter") == "3 3 3"
@@ -271,7 +276,7 @@ def test_everything_holds_after_remove_and_insert(stack):
     """
     After 'vsc card remove' and a new insert (everything from the server): the same fingerprints, signature
     counter and retry counters; three wrong PINs leave PW1 blocked across another remove and insert; the reset
-    code unblocks it; signing, decryption and the ssh key all still work.
+    code (the PUK) unblocks it; signing, decryption and the ssh key all still work.
     """
     g, cards, home = stack["gnupg"], stack["cards"], stack["home"]
 
@@ -293,7 +298,7 @@ def test_everything_holds_after_remove_and_insert(stack):
     _three_wrong_pins(g)
     reinsert()
     assert g.field(g.card_status(), "PIN retry counter") == "0 3 3"
-    g.set_pins(pin=PIN, admin=ADMIN_PIN, reset=RESET_CODE)
+    g.set_pins(pin=PIN, admin=ADMIN_PIN, reset=pcsc.PUK)
     g.card_edit({"cardedit.prompt": ["unblock", "quit"]})
     _sign_and_verify(stack, "after-unblock")
     listed = subprocess.run(["ssh-add", "-L"], env=dict(g.env, SSH_AUTH_SOCK=g.ssh_socket()), capture_output=True,
@@ -358,9 +363,9 @@ def test_curve25519_keys(stack):
 
 
 def test_factory_reset(stack):
-    """gpg --card-edit admin/factory-reset (PW3 blocked by gpg, TERMINATE DF, ACTIVATE FILE): no keys, default
-    admin PIN and no reset code afterwards, while the user PIN — the PIV PIN too — is untouched; new keys can be
-    generated and sign."""
+    """gpg --card-edit admin/factory-reset (PW3 blocked by gpg, TERMINATE DF, ACTIVATE FILE): no keys and the
+    default admin PIN afterwards, while the user PIN — the PIV PIN too — and the PUK are untouched; new keys can
+    be generated and sign."""
     g = stack["gnupg"]
     g.close()
     g.card_edit({"cardedit.prompt": ["admin", "factory-reset", "quit"], "cardedit.factory-reset.proceed": ["y"],
@@ -369,7 +374,7 @@ def test_factory_reset(stack):
     status = g.card_status()
     for name in ("Signature key", "Encryption key", "Authentication key"):
         assert g.field(status, name) == "[none]"
-    assert g.field(status, "PIN retry counter") == "3 0 3"
+    assert g.field(status, "PIN retry counter") == "3 3 3"
     assert g.field(status, "Key attributes") == "rsa2048 rsa2048 rsa2048"
     g.close()
     assert pcsc._apdus(pcsc._verify_apdu(PIN)) == ["9000"]  # the PIV PIN is still the enrolled one

@@ -191,7 +191,7 @@ def test_application_related_data(card):
     assert caps.flags & wire.EXT_GET_CHALLENGE and caps.flags & wire.EXT_KEY_IMPORT
     assert d[0xC1] == d[0xC2] == d[0xC3] == bytes.fromhex("010800002000")
     status = wire.parse_pw_status(d[0xC4])
-    assert status == wire.PwStatus(False, 8, 32, 32, 3, 0, 3)
+    assert status == wire.PwStatus(False, 8, 32, 32, 3, 3, 3)  # the resetting code is the PUK: its 3 tries
     assert d[0xC5] == bytes(60) and d[0xC6] == bytes(60) and d[0xCD] == bytes(12)
 
 
@@ -244,26 +244,22 @@ def test_change_pw1_and_pw3(card):
     assert card.verify(0x83, b"admin-secret") == 0x9000
 
 
-def test_reset_code_unblocks_pw1(card):
-    """Without a reset code RESET RETRY COUNTER P1=00 answers 6983; PW3 sets one (C4 shows 3 tries); it unblocks."""
+def test_the_puk_is_the_resetting_code_and_pw3_cannot_reset_pw1(card):
+    """The resetting code is the card's PIV PUK (value and counter; C4 shows its tries): RESET RETRY COUNTER
+    P1=00 with the PUK sets a new PW1, a wrong one is counted on the PUK. PW3 cannot reset PW1 or set a reset
+    code of its own (6985): whoever knows PW3 (public on a new card and after a factory reset) would choose the
+    PIV PIN."""
     for _ in range(3):
         card.verify(0x82, b"000000")
-    assert card.send(0x2C, 0x00, 0x81, b"resetcode" + b"112233")[1] == 0x6983
-    assert card.verify(0x83, PW3) == 0x9000
-    assert card.send(0xDA, 0x00, 0xD3, b"resetcode")[1] == 0x9000
     assert wire.parse_pw_status(card.get_data(0xC4)[0]).rc_tries == 3
-    assert card.send(0x2C, 0x00, 0x81, b"wrongcode" + b"112233")[1] == 0x63C2
-    assert card.send(0x2C, 0x00, 0x81, b"resetcode" + b"112233")[1] == 0x9000
+    assert card.verify(0x83, PW3) == 0x9000
+    assert card.send(0x2C, 0x02, 0x81, b"445566")[1] == 0x6985
+    assert card.send(0xDA, 0x00, 0xD3, b"resetcode")[1] == 0x6985
+    assert card.send(0x2C, 0x00, 0x81, b"87654321" + b"112233")[1] == 0x63C2  # a wrong PUK, counted
+    assert wire.parse_pw_status(card.get_data(0xC4)[0]).rc_tries == 2
+    assert card.send(0x2C, 0x00, 0x81, pins.DEFAULT_PUK + b"112233")[1] == 0x9000
     assert card.verify(0x82, b"112233") == 0x9000
     assert wire.parse_pw_status(card.get_data(0xC4)[0]).rc_tries == 3
-
-
-def test_reset_retry_counter_with_pw3(card):
-    """RESET RETRY COUNTER P1=02 needs PW3 verified and sets a new PW1."""
-    assert card.send(0x2C, 0x02, 0x81, b"445566")[1] == 0x6982
-    assert card.verify(0x83, PW3) == 0x9000
-    assert card.send(0x2C, 0x02, 0x81, b"445566")[1] == 0x9000
-    assert card.verify(0x81, b"445566") == 0x9000
 
 
 def test_failed_store_compares_nothing(card):

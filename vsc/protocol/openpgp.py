@@ -16,9 +16,11 @@ RESPONSE buffers.
 One PIN state: PW1 IS the card's user PIN (vsc.protocol.pins.USER_PIN, the
 PIV PIN: same value, same retry counter), so it has 6 to 8 characters (C4
 says 8) and a PIN blocked through PIV is blocked here and the other way
-round. PW3 (admin PIN, default 12345678) and the reset code are records of
-their own (pins.OPENPGP_PW3, pins.OPENPGP_RC), checked the shared
-store-before-answer way (vsc.protocol.pins.check_secret).
+round. The resetting code is the card's PIV PUK in the same way (only the
+PUK resets the PIV PIN), so RESET RETRY COUNTER takes the PUK and PW3
+cannot reset PW1 (P1=02 and PUT DATA D3 answer 6985). PW3 (admin PIN,
+default 12345678) is a record of its own (pins.OPENPGP_PW3). All are
+checked the shared store-before-answer way (vsc.protocol.pins.check_secret).
 
 Keys: signature (B6, item "pgp-sig"), decryption (B8, "pgp-dec"),
 authentication (A4, "pgp-aut"), RSA-2048, NIST P-256 (ECDSA / ECDH) or
@@ -286,12 +288,15 @@ class OpenPgpApplet(CommandFront):
     def _pw3(self) -> Generator[Effect, Any, SecretRecord]:
         return (yield from pins.load_secret(pins.OPENPGP_PW3, DEFAULT_PW3))
 
-    def _rc(self) -> Generator[Effect, Any, SecretRecord | None]:
-        raw = yield Load(ItemKind.PIN, pins.OPENPGP_RC)
-        if not raw:
-            return None
-        rec = apdu.decode_secret(raw)
-        return rec if rec.value and rec.max_tries else None
+    def _rc(self) -> Generator[Effect, Any, SecretRecord]:
+        """
+        The resetting code is the card's PIV PUK, its value and its counter,
+        as PW1 is its PIV PIN: only the PUK resets the PIV PIN (SP 800-73-4).
+        An OpenPGP reset code of its own, set with PW3, would let whoever
+        knows PW3 choose the PIV PIN, and PW3 is public on a new card and
+        after a factory reset, which anyone can start by blocking PW3.
+        """
+        return (yield from pins.load_secret(pins.PUK, apdu.pad_pin(pins.DEFAULT_PUK)))
 
     @staticmethod
     def _pw1_block(pin: bytes) -> bytes | None:
@@ -372,20 +377,18 @@ class OpenPgpApplet(CommandFront):
         if cmd.p2 != PW1 or cmd.p1 not in (0x00, 0x02):
             return b"", SW_WRONG_P1P2
         pw1 = yield from self._pw1()
-        if cmd.p1 == 0x02:  # with PW3 verified: data is the new PW1
-            if PW3 not in self.verified:
-                return b"", SW_SECURITY
-            new = data
-        else:  # reset code || new PW1
-            rc = yield from self._rc()
-            if rc is None:
-                return b"", SW_BLOCKED
-            result = yield from pins.check_secret(pins.OPENPGP_RC, data[:len(rc.value)], rc.value, "reset-code")
-            if isinstance(result, int):
-                return b"", result
-            new = data[len(rc.value):]
+        if cmd.p1 == 0x02:  # with PW3: refused, PW3 does not reset the card's PIN (see _rc)
+            return b"", SW_CONDITIONS
+        # the resetting code (the PUK, as the PIV form holds it: 8 bytes, FF padded) || the new PW1
+        rc = yield from self._rc()
+        length = len(rc.value.rstrip(b"\xff")) or len(rc.value)
+        result = yield from pins.check_secret(pins.PUK, apdu.pad_pin(data[:length]) if 0 < length <= 8 else b"",
+                                              apdu.pad_pin(pins.DEFAULT_PUK), "puk")
+        if isinstance(result, int):
+            return b"", result
+        new = data[length:]
         yield from pins.store_secret(pins.USER_PIN, SecretRecord(self._new_pw1(new), pw1.max_tries, pw1.max_tries))
-        yield Notice("pin-unblocked", {"application": "openpgp", "with": "admin-pin" if cmd.p1 else "reset-code"})
+        yield Notice("pin-unblocked", {"application": "openpgp", "with": "puk"})
         self.verified.difference_update((PW1, PW1_OTHER))
         return b"", SW_OK
 
@@ -406,7 +409,7 @@ class OpenPgpApplet(CommandFront):
         pw3 = yield from self._pw3()
         return wire.build_pw_status(wire.PwStatus(
             pw1_multiple=bool(policy) and bytes(policy) == b"\x01", pw1_max=PW1_MAX, rc_max=RC_MAX, pw3_max=PW3_MAX,
-            pw1_tries=pw1.tries_left, rc_tries=rc.tries_left if rc else 0, pw3_tries=pw3.tries_left))
+            pw1_tries=pw1.tries_left, rc_tries=rc.tries_left, pw3_tries=pw3.tries_left))
 
     def _sig_count(self) -> Generator[Effect, Any, int]:
         raw = yield Load(ItemKind.DATA, SIG_COUNTER)
@@ -497,17 +500,8 @@ class OpenPgpApplet(CommandFront):
                 return b"", SW_WRONG_DATA
             yield Store(ItemKind.DATA, PW1_POLICY, b"\x01" if multiple else b"\x00")
             return b"", SW_OK
-        if tag == TAG_RC:
-            if not data:
-                yield Store(ItemKind.PIN, pins.OPENPGP_RC, apdu.encode_secret(SecretRecord(b"", 0, 0)))
-                yield Notice("reset-code-removed", {})
-                return b"", SW_OK
-            if not RC_MIN <= len(data) <= RC_MAX:
-                return b"", SW_WRONG_DATA
-            yield Store(ItemKind.PIN, pins.OPENPGP_RC,
-                        apdu.encode_secret(SecretRecord(data, DEFAULT_TRIES, DEFAULT_TRIES)))
-            yield Notice("reset-code-set", {})
-            return b"", SW_OK
+        if tag == TAG_RC:  # the resetting code is the PIV PUK (see _rc): changed with the PUK, not with PW3
+            return b"", SW_CONDITIONS
         if tag in TAG_ROLE_ATTR:
             role = TAG_ROLE_ATTR[tag]
             alg = attributes_alg(role, data)
