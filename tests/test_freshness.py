@@ -108,7 +108,7 @@ def test_a_forged_or_foreign_record_is_ignored(tmp_path):
     mem = CardMemory.load(SERIAL, envelope(), PK)
     step(mem, store)
     data = json.loads(store.path.read_text())
-    data["generation"] = 99
+    data["records"][SERIAL]["generation"] = 99
     store.path.write_text(json.dumps(data))
     assert store.load(mem) is None
     other = CardMemory.load(SERIAL, seal_envelope(SERIAL, PK, [], lambda n: b"\x02" * n), PK)

@@ -10,7 +10,9 @@ tries without anyone noticing.
 So the card seals a **generation** into the protected information itself
 (the index of the VSCP envelope, format 2: vsc.wire.protected), raises it
 with every upload, and keeps in its HOME the highest generation a storage
-has acknowledged (``HOME/freshness``), authenticated with an HMAC under a key
+has acknowledged (``HOME/freshness``, one record per card ID, so another
+card's blob handed to this card cannot replace this card's record),
+authenticated with an HMAC under a key
 derived from the card's data key — a key only the password opens, so the
 file can be neither forged nor moved to another card by anyone without the
 password. On insert the card refuses protected information whose sealed
@@ -118,30 +120,50 @@ class FreshnessStore:
         self.path = Path(home) / RECORD_NAME
         self.accept_path = Path(home) / ACCEPT_NAME
 
-    def load(self, memory) -> Record | None:
-        """The record, if there is one this card's data key authenticates (else None: no history here)."""
+    def _records(self) -> dict:
+        """
+        The records in ``HOME/freshness``, one per card ID, each with its own
+        MAC. One card's upload never replaces another card's record: a server
+        that hands this card another card's blob (same password, its salt)
+        would otherwise overwrite the record and could then hand back an older
+        copy of this card unnoticed. A file of the earlier format (one record)
+        reads as that one record.
+        """
         try:
             data = json.loads(self.path.read_text())
-            body = _body(data["card_id"], int(data["generation"]), dict(data["floors"]))
-            mac = bytes.fromhex(data["mac"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
+            return {}
+        if isinstance(data, dict) and isinstance(data.get("records"), dict):
+            return dict(data["records"])
+        if isinstance(data, dict) and isinstance(data.get("card_id"), str):
+            return {data["card_id"]: data}
+        return {}
+
+    def load(self, memory) -> Record | None:
+        """This card's record, if its data key authenticates one (else None: no history here)."""
+        entry = self._records().get(memory.serial)
+        try:
+            body = _body(memory.serial, int(entry["generation"]), dict(entry["floors"]))
+            mac = bytes.fromhex(entry["mac"])
+        except (ValueError, KeyError, TypeError):
             return None
         from vsc import crypto
 
-        if data["card_id"] != memory.serial or not crypto.constant_time_equal(
+        if entry.get("card_id") != memory.serial or not crypto.constant_time_equal(
                 mac, memory.data_key_mac(b"vsc freshness", body)):
             return None
-        return Record(data["card_id"], int(data["generation"]), {k: int(v) for k, v in data["floors"].items()})
+        return Record(memory.serial, int(entry["generation"]), {k: int(v) for k, v in entry["floors"].items()})
 
     def save(self, memory) -> Record:
         """Record ``memory``'s generation (just acknowledged by the storage) and floors; atomic, fsynced."""
         rec = Record(memory.serial, memory.generation, floors_of(memory))
         body = _body(rec.card_id, rec.generation, rec.floors)
-        data = dict(json.loads(body), mac=memory.data_key_mac(b"vsc freshness", body).hex())
+        records = self._records()
+        records[rec.card_id] = dict(json.loads(body), mac=memory.data_key_mac(b"vsc freshness", body).hex())
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, sort_keys=True))
+            f.write(json.dumps({"records": records}, sort_keys=True))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
