@@ -128,3 +128,20 @@ def test_the_record_is_owner_only(tmp_path):
     step(CardMemory.load(SERIAL, envelope(), PK), store)
     assert store.path.stat().st_mode & 0o777 == 0o600
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_record_of_the_earlier_one_record_format_still_counts(tmp_path):
+    """HOME/freshness written before records were kept per card ID (one record at the top level) reads as that
+    card's record, and the next save keeps it under the card's ID beside any other card's."""
+    from vsc.card.freshness import _body
+
+    store = FreshnessStore(tmp_path)
+    mem = CardMemory.load(SERIAL, envelope(), PK)
+    body = _body(SERIAL, 5, {})
+    store.path.write_text(json.dumps(dict(json.loads(body), mac=mem.data_key_mac(b"vsc freshness", body).hex())))
+    assert store.load(mem).generation == 5
+    with pytest.raises(RollbackError):
+        store.check(mem)  # its generation (0) is older than the record's 5
+    mem.generation = 6
+    store.save(mem)
+    assert list(json.loads(store.path.read_text())["records"]) == [SERIAL] and store.load(mem).generation == 6
