@@ -101,7 +101,7 @@ PW1, PW1_OTHER, PW3 = 0x81, 0x82, 0x83
 PW1_MAX = 8  # the PIV PIN's limit: PW1 is that PIN
 PW1_MIN = 6
 PW3_MIN, PW3_MAX = 8, 32
-RC_MIN, RC_MAX = 8, 32
+RC_MAX = 32  # C4's maximum resetting-code length (the resetting code is the PUK: 8)
 DEFAULT_PW1 = b"123456"
 DEFAULT_PW3 = b"12345678"
 DEFAULT_TRIES = pins.DEFAULT_TRIES
@@ -376,19 +376,14 @@ class OpenPgpApplet(CommandFront):
     def _reset_retry(self, cmd: Command, data: bytes) -> Step:
         if cmd.p2 != PW1 or cmd.p1 not in (0x00, 0x02):
             return b"", SW_WRONG_P1P2
-        pw1 = yield from self._pw1()
         if cmd.p1 == 0x02:  # with PW3: refused, PW3 does not reset the card's PIN (see _rc)
             return b"", SW_CONDITIONS
-        # the resetting code (the PUK, as the PIV form holds it: 8 bytes, FF padded) || the new PW1
+        # the resetting code (the PUK: its length as stored, without the FF padding) || the new PW1: PIV's unblock
         rc = yield from self._rc()
         length = len(rc.value.rstrip(b"\xff")) or len(rc.value)
-        result = yield from pins.check_secret(pins.PUK, apdu.pad_pin(data[:length]) if 0 < length <= 8 else b"",
-                                              apdu.pad_pin(pins.DEFAULT_PUK), "puk")
-        if isinstance(result, int):
-            return b"", result
-        new = data[length:]
-        yield from pins.store_secret(pins.USER_PIN, SecretRecord(self._new_pw1(new), pw1.max_tries, pw1.max_tries))
-        yield Notice("pin-unblocked", {"application": "openpgp", "with": "puk"})
+        sw = yield from pins.unblock_pin(data[:length], data[length:])
+        if sw != SW_OK:
+            return b"", sw
         self.verified.difference_update((PW1, PW1_OTHER))
         return b"", SW_OK
 

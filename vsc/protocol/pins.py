@@ -53,9 +53,8 @@ __all__ = ["USER_PIN", "PUK", "DEFAULT_TRIES", "DEFAULT_PIN", "DEFAULT_PUK", "lo
 
 USER_PIN = "piv-pin"
 PUK = "piv-puk"
-#: the OpenPGP application's admin PIN (PW3) and reset code (RC); its PW1 is USER_PIN itself
+#: the OpenPGP application's admin PIN (PW3); its PW1 is USER_PIN and its resetting code is PUK
 OPENPGP_PW3 = "pgp-pw3"
-OPENPGP_RC = "pgp-rc"
 DEFAULT_TRIES = 3
 DEFAULT_PIN = b"123456"  # the PIV defaults, before the owner set their own (vsc card enroll sets them)
 DEFAULT_PUK = b"12345678"
