@@ -291,9 +291,22 @@ def cmd_ssh_pubkey(args) -> int:
 
 def cmd_ssh_agent_env(args) -> int:
     import shlex
+    import stat
 
     path = paths.agent_socket_for(home_dir(args))
-    if not os.path.exists(path):
+    # ssh, ssh-add and ssh -A trust whatever this names: only a socket in the user's own 0700 runtime dir
+    # (another user may have made /tmp/vsc-UID first and put their own agent there), and of this user
+    try:
+        paths.check_runtime_dir()
+    except paths.UnsafeDirectory as e:
+        raise CommandError(str(e)) from None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and (not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid()):
+        raise CommandError(f"{path} is not a socket of yours: not used")
+    if st is None:
         raise CommandError(f"no ssh-agent socket at {path}: is the card daemon for {home_dir(args)} running "
                            f"(it serves one unless started with --no-ssh-agent or --ssh-agent PATH)?")
     emit(args, {"SSH_AUTH_SOCK": path}, f"SSH_AUTH_SOCK={shlex.quote(path)}; export SSH_AUTH_SOCK;")
