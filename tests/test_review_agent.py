@@ -86,3 +86,53 @@ def test_ssh_agent_env_still_names_the_daemons_socket_in_a_private_runtime_dir(t
         assert agent_path in capsys.readouterr().out
     finally:
         served.close()
+
+
+# ================================================================ 2. the agent's bound on queued card work
+
+
+from tests.test_sshagent import DATA, Client, private_keys, public_keys, session  # noqa: E402,F401  (fixtures)
+from vsc.card import sshagent  # noqa: E402
+from vsc.wire import sshagent as w  # noqa: E402
+
+
+def test_a_closed_connection_leaves_no_card_work_behind(session, monkeypatch):
+    """
+    AgentProtocol bounds a connection's unanswered requests (MAX_PENDING,
+    then the connection is closed "instead of queueing without bound"). But
+    closing did not drop them: every request a connection had queued still
+    waited for the card and was signed, with nobody to read the answer. So a
+    client that queues MAX_PENDING signatures, hangs up and does it again
+    queues card work without bound (here 8 connections: 8 waiters on the
+    card's lock, 256 signatures to come), and the owner's own PIV, local API
+    and ssh operations wait behind all of it. The rule: what a connection
+    leaves behind when it closes is dropped, including a request waiting for
+    the card; nothing is signed for a client that is gone.
+    """
+    blob = Client(session).blob("9a")
+    signed = []
+    real = session.with_key
+
+    async def counting(slot, fn):
+        result = await real(slot, fn)
+        signed.append(slot)
+        return result
+
+    monkeypatch.setattr(session, "with_key", counting)
+    session._oplock.acquire()  # another card operation is running (a PIV signature, a store...)
+    clients = []
+    for _ in range(8):
+        client = Client(session)
+        client.send_raw(w.encode_request(w.SignRequest(blob, DATA, w.SignFlags.RSA_SHA2_256))
+                        * sshagent.AgentProtocol.MAX_PENDING)
+        assert not client.transport.disconnecting  # within the bound
+        client.protocol.connectionLost(None)
+        clients.append(client)
+    assert len(session._oplock.waiting) == 0  # nothing of theirs waits for the card
+    session._oplock.release()
+    assert signed == []
+    assert all(c.transport.value() == b"" for c in clients)
+    # the agent still serves a connection that stays
+    live = Client(session)
+    assert isinstance(live.ask(w.SignRequest(blob, DATA, w.SignFlags.RSA_SHA2_256)), w.SignResponse)
+    assert signed == ["9a"]

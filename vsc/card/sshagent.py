@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Iterable
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
@@ -184,6 +184,8 @@ class CardAgent:
         except AgentRefused as e:
             self.log.info("ssh-agent: refused: {why}", why=str(e))
             return Failure()
+        except CancelledError:
+            raise  # the client went away (AgentProtocol.connectionLost): nothing to answer
         except Exception as e:  # noqa: BLE001 - a card error (removed meanwhile...) is a refusal too
             from vsc.card.session import CardError, explain
 
@@ -237,7 +239,10 @@ class AgentProtocol(Int32StringReceiver):
     """
     One client connection: Twisted's 4-byte length framing with OpenSSH's
     256 KiB limit (a longer length closes the connection, as ssh-agent
-    does), and answers in request order.
+    does), and answers in request order. When the connection closes, what
+    it left behind is dropped: the queued requests, and the one waiting for
+    the card is cancelled, so a client that is gone gets nothing signed and
+    cannot queue card work beyond MAX_PENDING by hanging up and coming back.
     """
 
     log = Logger()
@@ -249,6 +254,7 @@ class AgentProtocol(Int32StringReceiver):
         self._tail: Deferred = succeed(None)
         self._pending = 0
         self._closed = False
+        self._current: Deferred | None = None  # the request being answered (cancelled if the client goes)
 
     def dataReceived(self, data: bytes) -> None:
         if not self._closed:
@@ -261,7 +267,15 @@ class AgentProtocol(Int32StringReceiver):
             self._close(f"more than {self.MAX_PENDING} requests waiting for an answer")
             return
         self._pending += 1
-        self._tail.addCallback(lambda _: ensureDeferred(self._answer(body)))
+        self._tail.addCallback(self._next, body)
+
+    def _next(self, _, body: bytes) -> Deferred | None:
+        if self._closed:  # the client went away: nothing is done for it
+            self._pending -= 1
+            return None
+        d = self._current = ensureDeferred(self._answer(body))
+        d.addErrback(lambda f: f.trap(CancelledError) and None)
+        return d
 
     def lengthLimitExceeded(self, length: int) -> None:
         self._close(f"a message of {length} bytes exceeds the limit of {self.MAX_LENGTH}")
@@ -269,6 +283,9 @@ class AgentProtocol(Int32StringReceiver):
     async def _answer(self, body: bytes) -> None:
         try:
             response = await self.agent.answer(body)
+        except CancelledError:
+            self._pending -= 1
+            raise
         except Exception:  # noqa: BLE001 - answer() already maps refusals; this is a bug
             self.log.failure("ssh-agent: internal error")
             response = Failure()
@@ -283,6 +300,9 @@ class AgentProtocol(Int32StringReceiver):
 
     def connectionLost(self, reason=None) -> None:
         self._closed = True
+        current, self._current = self._current, None
+        if current is not None:
+            current.cancel()  # a request waiting for the card gives up its place (a running operation finishes)
 
 
 class AgentFactory(Factory):
