@@ -34,6 +34,7 @@ keyfile logic itself is vsc.protocol.licence (pure functions, re-exported here).
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time  # clock-ok: the API's edge reads the wall clock when the caller passes no time
 from pathlib import Path
@@ -54,7 +55,7 @@ from vsc.protocol.licence import (
     verify_proof,
 )
 from vsc.wire import control
-from vsc.wire.license import License
+from vsc.wire.license import MAX_KEYFILE_TEXT, License
 
 __all__ = [
     "EXIT_LICENSE", "LICENCE_PREFIX", "Guard", "License", "LicenseError", "charge_sync", "check", "check_limits",
@@ -77,10 +78,36 @@ def load(keyfile: str | os.PathLike, vendor_public_pem: bytes) -> License:
 
 
 def read_keyfile(keyfile: str | os.PathLike) -> str:
+    """
+    A keyfile's text: a regular file of at most MAX_KEYFILE_TEXT bytes, opened
+    without blocking. A FIFO in its place (which would block a Guard's check
+    for ever), a device or an oversize file is refused unread.
+    """
     try:
-        return Path(keyfile).read_text()
+        fd = os.open(keyfile, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise LicenseError(f"cannot read the keyfile {keyfile}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LicenseError(f"{keyfile} is not a regular file: not a vsc keyfile")
+        if st.st_size > MAX_KEYFILE_TEXT:
+            raise LicenseError(f"{keyfile} is longer than any keyfile: not a vsc keyfile")
+        chunks, size = [], 0
+        while size <= MAX_KEYFILE_TEXT:
+            chunk = os.read(fd, MAX_KEYFILE_TEXT + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise LicenseError(f"cannot read the keyfile {keyfile}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_KEYFILE_TEXT:  # it grew while being read
+        raise LicenseError(f"{keyfile} is longer than any keyfile: not a vsc keyfile")
+    try:
+        return b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError:
         raise LicenseError(f"{keyfile} is not a vsc keyfile") from None
 

@@ -20,6 +20,8 @@ from vsc.wire.errors import ErrorCode, WireError
 
 ARMOR_BEGIN = "-----BEGIN VSC KEYFILE-----"
 ARMOR_END = "-----END VSC KEYFILE-----"
+#: no keyfile's text is longer (the largest, armored, is under 6 KiB): a longer file is refused unread
+MAX_KEYFILE_TEXT = 64 * 1024
 
 
 @attrs.frozen

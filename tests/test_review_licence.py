@@ -1,0 +1,116 @@
+"""
+Rules of licence and copy protection (vsc.licensing, vsc.protocol.licence,
+vsc.wire.license, the card's rental counters) that an adversarial review
+found broken, each with how it was broken; they hold since the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from tests.fakecard import FakeCardSocket, fake_home  # noqa: F401  (a fixture)
+from vsc import crypto
+from vsc.licensing import lcp
+from vsc.wire.license import License
+
+# a bounded wait for a thread of the code under test (never a sleep): long enough for a loaded machine
+JOIN = 20.0
+
+
+@pytest.fixture(scope="module")
+def vendor():
+    return crypto.vendor_keygen()
+
+
+@pytest.fixture(scope="module")
+def card_key():
+    der = crypto.generate_private_der("p256")
+    return der, crypto.public_der_of(der)
+
+
+def make_license(card_public: bytes, **changes) -> License:
+    values = dict(product="editor", license_id=bytes(range(16)), card_key=card_public, slot="9c",
+                  issued=1_700_000_000, expires=0, runs=0, counter="", cost=1, features=("pro",), vendor="ACME")
+    values.update(changes)
+    return License(**values)
+
+
+def signing_card(home, private_der):
+    """A stand-in card daemon that holds ``private_der`` and signs every digest it is asked to."""
+
+    def respond(command, args):
+        with crypto.PrivateKeyHandle(private_der) as key:
+            return {b"signature": key.sign_digest(args[b"digest"])}
+
+    return FakeCardSocket(home, respond)
+
+
+# ================================================================ 1. the Guard of a protected program fails closed
+
+
+def test_guard_is_not_stalled_by_a_fifo_in_place_of_the_keyfile(vendor, card_key, fake_home, tmp_path):
+    """
+    Rule: a protected program's Guard re-checks the licence every interval
+    and calls on_failure when the card is gone; nothing the user does to the
+    keyfile may stop it from deciding.
+
+    Broken: the Guard re-reads the keyfile with ``Path.read_text()`` on every
+    check. The user starts the program with the card, replaces the keyfile
+    with a FIFO (``mkfifo editor.keyfile``) and removes the card: the next
+    check blocks in open(2) for ever, waiting for a writer, so the Guard
+    neither re-proves nor fails, and the program runs on without the card.
+    (A keyfile symlinked to /dev/zero made it read until memory ran out.)
+    The keyfile must be read as a regular file of bounded size, without
+    blocking, and anything else refused.
+    """
+    keyfile = tmp_path / "editor.keyfile"
+    keyfile.write_text(lcp.issue(vendor[0], make_license(card_key[1])))
+    card = signing_card(fake_home, card_key[0])
+    try:
+        assert lcp.check(str(keyfile), vendor[1], home=fake_home, product="editor").product == "editor"
+    finally:
+        card.close()  # the card is removed
+    keyfile.unlink()
+    os.mkfifo(keyfile)  # ... and the keyfile is now a FIFO nobody writes to
+    failures: list[str] = []
+    decided = threading.Event()
+
+    def on_failure(why: str) -> None:
+        failures.append(why)
+        decided.set()
+
+    guard = lcp.Guard(str(keyfile), vendor[1], interval=0.001, home=fake_home, product="editor",
+                      on_failure=on_failure)
+    guard.start()
+    try:
+        assert decided.wait(JOIN), "the Guard is stuck reading the keyfile: the program runs on without the card"
+        assert len(failures) == 1 and "not a regular file" in failures[0], failures
+    finally:
+        guard.stop()
+        if not decided.is_set():  # unblock the reader stuck in open(2) so that the thread can end
+            os.close(os.open(keyfile, os.O_WRONLY))
+        guard._thread.join(JOIN)
+
+
+def test_check_refuses_a_keyfile_larger_than_any_keyfile(vendor, card_key, tmp_path):
+    """
+    Rule: a malformed licence file is refused cleanly. Broken: the whole
+    file was read into memory whatever its size or kind (here 64 MiB were
+    read to find no BEGIN line; ``/dev/zero`` was read until the process ran
+    out of memory, a MemoryError the Guard did not catch). No keyfile is
+    longer than a few KiB: a longer file, or one that is not a regular
+    file, is refused unread.
+    """
+    big = tmp_path / "big.keyfile"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)  # sparse: costs no disk
+    with pytest.raises(lcp.LicenseError, match="is longer than any keyfile"):
+        lcp.load(big, vendor[1])
+    with pytest.raises(lcp.LicenseError, match="not a regular file"):
+        lcp.load("/dev/null", vendor[1])
+    ok = tmp_path / "ok.keyfile"
+    ok.write_text(lcp.issue(vendor[0], make_license(card_key[1], product="p" * 128, features=("f" * 64,) * 55)))
+    assert lcp.load(ok, vendor[1]).product == "p" * 128  # the largest keyfile still loads
