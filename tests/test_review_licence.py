@@ -114,3 +114,34 @@ def test_check_refuses_a_keyfile_larger_than_any_keyfile(vendor, card_key, tmp_p
     ok = tmp_path / "ok.keyfile"
     ok.write_text(lcp.issue(vendor[0], make_license(card_key[1], product="p" * 128, features=("f" * 64,) * 55)))
     assert lcp.load(ok, vendor[1]).product == "p" * 128  # the largest keyfile still loads
+
+
+def test_guard_fails_closed_on_an_unexpected_error(vendor, card_key, fake_home, tmp_path, monkeypatch):
+    """
+    Rule: the Guard fails closed: a check that cannot be completed stops the
+    program (on_failure), never leaves it running unwatched.
+
+    Broken: ``Guard._run`` caught only LicenseError. Any other exception
+    from a check (here the card client cannot even make its socket: EMFILE,
+    as in a program that ran out of descriptors; likewise a MemoryError)
+    ended the Guard's thread silently: on_failure was never called, no
+    later check ran, and the program went on without the card for as long
+    as it liked.
+    """
+    from vsc.card import client
+
+    keyfile = tmp_path / "editor.keyfile"
+    keyfile.write_text(lcp.issue(vendor[0], make_license(card_key[1])))
+
+    def no_socket(*a, **kw):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(client, "call", no_socket)
+    failures: list[str] = []
+    guard = lcp.Guard(str(keyfile), vendor[1], interval=0.001, home=fake_home, product="editor",
+                      on_failure=failures.append)
+    guard.start()
+    guard._thread.join(JOIN)
+    guard.stop()
+    assert not guard._thread.is_alive()
+    assert failures == ["licence check failed: Too many open files"], failures

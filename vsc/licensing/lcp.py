@@ -188,7 +188,10 @@ def check(keyfile: str, vendor_public_key, home: str | None = None, feature: str
 
 
 class Guard:
-    """Re-proves the licence every ``interval`` seconds in a daemon thread; calls ``on_failure(reason)`` once."""
+    """
+    Re-proves the licence every ``interval`` seconds in a daemon thread; calls ``on_failure(reason)`` once
+    when a check fails, for whatever reason (fail closed: an unexpected error stops the program too).
+    """
 
     def __init__(self, keyfile: str, vendor_public_key, interval: float = 60.0, home: str | None = None,
                  on_failure: Callable[[str], None] = lambda why: os._exit(EXIT_LICENSE),
@@ -217,7 +220,9 @@ class Guard:
             try:
                 check(*self.args, home=self.home, product=self.product, feature=self.feature,
                       timeout=max(self.interval, 10.0), now=self.clock(), rand=self.rand)
-            except LicenseError as e:
+            except Exception as e:  # noqa: BLE001 - fail closed: a check that cannot finish stops the program
                 if not self._stop.is_set():
-                    self.on_failure(str(e))
+                    why = str(e) if isinstance(e, LicenseError) else \
+                        f"licence check failed: {getattr(e, 'strerror', None) or e or type(e).__name__}"
+                    self.on_failure(why)
                 return
