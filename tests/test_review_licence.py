@@ -145,3 +145,51 @@ def test_guard_fails_closed_on_an_unexpected_error(vendor, card_key, fake_home, 
     guard.stop()
     assert not guard._thread.is_alive()
     assert failures == ["licence check failed: Too many open files"], failures
+
+
+# ================================================================ 2. a rental keyfile the card can never fund
+
+
+def test_a_rental_keyfile_is_issued_only_if_the_card_can_hold_its_counter(vendor, card_key, tmp_path, capsys):
+    """
+    Rule: a keyfile the vendor's generator signs works for the customer
+    whose card it names (a paid rental grant funds its counter and runs).
+
+    Broken: the card names items with at most 64 bytes, and a grant's
+    counter is ``lic:PRODUCT:<16 hex>:<12 hex>`` (34 bytes + the product),
+    a named one ``COUNTER:<12 hex>``. ``vsc license issue --product "Acme
+    Photo Editor Professional 2026" --runs 10`` (product 35 bytes, field limit
+    128) signed a keyfile whose counter can never be created: every run the
+    customer paid for was refused by the card ("name has 69 items/bytes,
+    allowed 0..64"). The generator must refuse such a keyfile, with one line.
+    """
+    from vsc import cli
+
+    too_long = make_license(card_key[1], product="Acme Photo Editor Professional 2026", runs=10)
+    with pytest.raises(ValueError, match="at most 64"):
+        lcp.issue(vendor[0], too_long)
+    with pytest.raises(ValueError, match="at most 64"):
+        lcp.issue(vendor[0], make_license(card_key[1], counter="lic:" + "c" * 50))
+    # what still fits is still issued: a 30-byte product, a 51-byte named counter, any product without a counter
+    for fits in (make_license(card_key[1], product="p" * 30, runs=10),
+                 make_license(card_key[1], counter="lic:" + "c" * 47),
+                 make_license(card_key[1], product="p" * 128)):
+        lic = lcp.loads(lcp.issue(vendor[0], fits), vendor[1])
+        if lcp.is_rental(lic):
+            assert len(lcp.counter_name(lic, vendor[1]).encode()) == 64
+    (tmp_path / "v.key").write_bytes(vendor[0])
+    (tmp_path / "card.pem").write_bytes(crypto.public_pem(card_key[1]))
+    assert cli.main(["license", "issue", "--slot", "9c", "--vendor-key", str(tmp_path / "v.key"),
+                     "--card-key", str(tmp_path / "card.pem"), "--out", str(tmp_path / "k"),
+                     "--product", "Acme Photo Editor Professional 2026", "--runs", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot issue this keyfile" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "k").exists()
+    # a keyfile signed some other way is refused by the card with the same reason, before anything is stored
+    from vsc.protocol import licence
+    from vsc.wire.license import armor, encode_body
+
+    body = encode_body(too_long)
+    text = armor(body, crypto.vendor_sign(vendor[0], body))
+    with pytest.raises(lcp.LicenseError, match="cannot be used: .* at most 64"):
+        licence.fund_request(text, vendor[1], {"9c": card_key[1]})

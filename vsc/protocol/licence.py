@@ -21,6 +21,7 @@ from __future__ import annotations
 from vsc import crypto
 from vsc.wire import WireError
 from vsc.wire.license import License, armor, challenge, decode_body, dearmor, encode_body
+from vsc.wire.protected import MAX_ITEM_NAME
 
 LICENCE_PREFIX = "lic:"  # the card only funds, and never lets the user increase, counters named so
 
@@ -67,12 +68,32 @@ def vendor_tag(vendor_public_pem: bytes) -> str:
     return crypto.sha256(crypto.vendor_public_der(vendor_public_pem)).hex()[:12]
 
 
+VENDOR_TAG_HEX = 12
+
+
+def _unqualified_counter(lic: License) -> str:
+    return lic.counter or f"{LICENCE_PREFIX}{lic.product}:{lic.license_id.hex()[:16]}"
+
+
 def counter_name(lic: License, vendor_public_pem: bytes) -> str:
     """The card counter a run costs: the keyfile's own, or one per rental grant, qualified by the vendor key."""
-    vendor = vendor_tag(vendor_public_pem)
-    if lic.counter:
-        return f"{lic.counter}:{vendor}"
-    return f"{LICENCE_PREFIX}{lic.product}:{lic.license_id.hex()[:16]}:{vendor}"
+    return f"{_unqualified_counter(lic)}:{vendor_tag(vendor_public_pem)}"
+
+
+def counter_too_long(lic: License) -> str:
+    """
+    Why the card could never hold this rental keyfile's counter (its name is
+    longer than an item name may be), or "" when it can (or there is no counter).
+    """
+    if not is_rental(lic):
+        return ""
+    base = _unqualified_counter(lic)
+    size = len(base.encode("utf-8")) + 1 + VENDOR_TAG_HEX
+    if size <= MAX_ITEM_NAME:
+        return ""
+    what = "--counter" if lic.counter else "the product name"
+    return (f"the rental counter {base}:<vendor tag> would have {size} bytes; a card holds names of at most "
+            f"{MAX_ITEM_NAME} (shorten {what} by {size - MAX_ITEM_NAME})")
 
 
 def proof_challenge(lic: License, nonce: bytes) -> bytes:
@@ -103,6 +124,8 @@ def fund_request(keyfile_text: str, vendor_public_pem: bytes, card_public_keys: 
     never from the caller. Returns (counter name, units).
     """
     lic = loads(keyfile_text, vendor_public_pem)
+    if counter_too_long(lic):
+        raise LicenseError(f"the keyfile for {lic.product} cannot be used: {counter_too_long(lic)}")
     if card_public_keys.get(lic.slot) != lic.card_key:
         raise LicenseError(f"the keyfile for {lic.product} was not issued to this card's slot {lic.slot}")
     if not lic.runs:
@@ -111,9 +134,14 @@ def fund_request(keyfile_text: str, vendor_public_pem: bytes, card_public_keys: 
 
 
 def issue(vendor_private_pem: bytes, lic: License) -> str:
-    """The vendor's keyfile generator: sign and armor. ValueError for a licence that does not encode."""
+    """
+    The vendor's keyfile generator: sign and armor. ValueError for a licence
+    that does not encode, or whose rental counter no card could hold.
+    """
     try:
         body = encode_body(lic)
     except WireError as e:
         raise ValueError(e.message) from None
+    if counter_too_long(lic):
+        raise ValueError(counter_too_long(lic))
     return armor(body, crypto.vendor_sign(vendor_private_pem, body))

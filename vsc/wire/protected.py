@@ -64,9 +64,12 @@ class Item:
 
 _Sealed = c.Struct("nonce" / c.Bytes(12), "ciphertext" / Bytes(U32, MAX_VALUE, 0, "item value"), "tag" / c.Bytes(16))
 
+#: the longest name of an item (a key slot, a counter, a data object), in UTF-8 bytes
+MAX_ITEM_NAME = 64
+
 _Item = c.Struct(
     "kind" / StrictEnum(U8, ItemKind),
-    "name" / Text(U8, 64, 1, "item name"),
+    "name" / Text(U8, MAX_ITEM_NAME, 1, "item name"),
     "alg" / StrictEnum(U8, KeyAlg),
     "public" / Bytes(U16, 4096, 0, "public key"),
     "value" / _Sealed,
