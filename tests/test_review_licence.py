@@ -193,3 +193,43 @@ def test_a_rental_keyfile_is_issued_only_if_the_card_can_hold_its_counter(vendor
     text = armor(body, crypto.vendor_sign(vendor[0], body))
     with pytest.raises(lcp.LicenseError, match="cannot be used: .* at most 64"):
         licence.fund_request(text, vendor[1], {"9c": card_key[1]})
+
+
+# ================================================================ 3. a rental counter the user can top up
+
+
+def test_a_keyfile_never_charges_a_counter_the_user_can_increase(vendor, card_key, fake_home):
+    """
+    Rule (docs/licensing.md, "Licence counters are funded only by
+    keyfiles"): the runs of a rental keyfile are taken from a ``lic:``
+    counter, which the card never lets the user increase.
+
+    Broken: only ``vsc license issue`` (the CLI) checked that ``--counter``
+    starts with ``lic:``. A vendor who issues keyfiles with the documented
+    Python API (``lcp.issue``) and ``counter="credits"`` got a signed
+    keyfile that funds and charges the counter ``credits:<vendor tag>``;
+    the customer then ran ``vsc card counter credits:<tag> --add 1000000``
+    (allowed: not a ``lic:`` name) and had a million paid runs. The rule
+    must hold where keyfiles are made and where they are used: issue
+    refuses such a keyfile, and the card and the licensing API neither
+    fund nor charge a counter whose name the user could increase.
+    """
+    from vsc.protocol import licence
+    from vsc.wire.license import armor, encode_body
+
+    credits = make_license(card_key[1], counter="credits", runs=5)
+    with pytest.raises(ValueError, match="must start with 'lic:'"):
+        lcp.issue(vendor[0], credits)
+    body = encode_body(credits)  # the same keyfile, signed without issue's check (an older vsc, another tool)
+    text = armor(body, crypto.vendor_sign(vendor[0], body))
+    lic = lcp.loads(text, vendor[1])
+    with pytest.raises(lcp.LicenseError, match="must start with 'lic:'"):
+        licence.fund_request(text, vendor[1], {"9c": card_key[1]})  # the card funds nothing
+    asked = []
+    card = FakeCardSocket(fake_home, lambda command, args: asked.append(command) or {b"name": b"credits:x", b"value": b"5"})
+    try:
+        with pytest.raises(lcp.LicenseError, match="must start with 'lic:'"):
+            lcp.charge_sync(lic, text, vendor[1], home=fake_home)
+    finally:
+        card.close()
+    assert asked == []  # refused before the card was asked to fund or charge anything

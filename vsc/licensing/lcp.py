@@ -47,6 +47,7 @@ from vsc.protocol.licence import (
     LicenseError,
     check_limits,
     counter_name,
+    counter_problem,
     is_rental,
     issue,
     loads,
@@ -156,6 +157,8 @@ def charge_sync(lic: License, keyfile_text: str, vendor_public_pem: bytes, home=
     (once, from the signed keyfile), then ``cost`` units are taken; the card
     syncs with the server before it answers. Returns the units left.
     """
+    if counter_problem(lic):  # a counter the user could increase (or no card could hold): never used
+        raise LicenseError(f"the keyfile for {lic.product} cannot be used: {counter_problem(lic)}")
     name = counter_name(lic, vendor_public_pem)
     try:
         if lic.runs:

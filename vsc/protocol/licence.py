@@ -14,6 +14,10 @@ user's own, say) can never fund or drain the real vendor's counter:
 
 * one per rental grant: ``lic:PRODUCT:<first 16 hex of the licence id>:<vendor tag>``
 * a counter the keyfile names (``--counter lic:NAME``): ``lic:NAME:<vendor tag>``
+
+Only ``lic:`` counters are funded or charged (the card never lets the user
+increase them), and only names a card can hold (counter_problem): issue
+signs no other keyfile, and the card and the API use none.
 """
 
 from __future__ import annotations
@@ -80,13 +84,17 @@ def counter_name(lic: License, vendor_public_pem: bytes) -> str:
     return f"{_unqualified_counter(lic)}:{vendor_tag(vendor_public_pem)}"
 
 
-def counter_too_long(lic: License) -> str:
+def counter_problem(lic: License) -> str:
     """
-    Why the card could never hold this rental keyfile's counter (its name is
-    longer than an item name may be), or "" when it can (or there is no counter).
+    Why this rental keyfile must not fund or charge its counter, or "" when
+    it may (or it has no counter): the counter is not a ``lic:`` one (the
+    user could increase it), or its name is longer than a card's item names.
     """
     if not is_rental(lic):
         return ""
+    if lic.counter and not lic.counter.startswith(LICENCE_PREFIX):
+        return (f"its counter {lic.counter!r} must start with {LICENCE_PREFIX!r} (the user could increase any other "
+                "counter)")
     base = _unqualified_counter(lic)
     size = len(base.encode("utf-8")) + 1 + VENDOR_TAG_HEX
     if size <= MAX_ITEM_NAME:
@@ -124,8 +132,8 @@ def fund_request(keyfile_text: str, vendor_public_pem: bytes, card_public_keys: 
     never from the caller. Returns (counter name, units).
     """
     lic = loads(keyfile_text, vendor_public_pem)
-    if counter_too_long(lic):
-        raise LicenseError(f"the keyfile for {lic.product} cannot be used: {counter_too_long(lic)}")
+    if counter_problem(lic):
+        raise LicenseError(f"the keyfile for {lic.product} cannot be used: {counter_problem(lic)}")
     if card_public_keys.get(lic.slot) != lic.card_key:
         raise LicenseError(f"the keyfile for {lic.product} was not issued to this card's slot {lic.slot}")
     if not lic.runs:
@@ -142,6 +150,6 @@ def issue(vendor_private_pem: bytes, lic: License) -> str:
         body = encode_body(lic)
     except WireError as e:
         raise ValueError(e.message) from None
-    if counter_too_long(lic):
-        raise ValueError(counter_too_long(lic))
+    if counter_problem(lic):
+        raise ValueError(counter_problem(lic))
     return armor(body, crypto.vendor_sign(vendor_private_pem, body))
