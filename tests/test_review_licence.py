@@ -233,3 +233,42 @@ def test_a_keyfile_never_charges_a_counter_the_user_can_increase(vendor, card_ke
     finally:
         card.close()
     assert asked == []  # refused before the card was asked to fund or charge anything
+
+
+# ================================================================ 4. an accepted rollback refunds a whole grant
+
+
+def test_an_accepted_rollback_does_not_refund_a_grant_funded_after_the_copy(tmp_path):
+    """
+    Rule (docs/security.md, "Rollback"): after ``vsc card accept-rollback``
+    the floors still apply, "so a rollback the card can see never refunds a
+    rental run".
+
+    Broken: the floors were applied only to the counters the older copy
+    holds. A copy from before a rental grant was first run has no counter
+    for it: the card loaded it without one, the next ``vsc run`` funded the
+    counter afresh from the keyfile, and every run spent since came back
+    (here: 10 runs granted, 9 spent, 10 again after the rollback). The
+    server's database restored from a backup, and the owner accepting it as
+    docs/security.md says, is enough. The card must bring back a spent
+    ``lic:`` counter the copy lacks at its floor.
+    """
+    from tests.test_freshness import PK, SERIAL, counter, envelope, step
+    from vsc.card.freshness import FreshnessStore
+    from vsc.card.protected import CardMemory
+    from vsc.wire.protected import ItemKind, encode_counter
+
+    store = FreshnessStore(tmp_path)
+    mem = CardMemory.load(SERIAL, envelope(), PK)
+    backup = step(mem, store)  # generation 1: the grant below has never been run
+    grant = "lic:editor:0001020304050607:0123456789ab"
+    mem.discard(mem.put(ItemKind.COUNTER, grant, encode_counter(10)))  # the first run funds it...
+    step(mem, store)
+    for left in range(9, 0, -1):  # ... and nine runs are spent
+        mem.discard(mem.put(ItemKind.COUNTER, grant, encode_counter(left)))
+        step(mem, store)
+    store.accept_next_rollback()
+    restored = CardMemory.load(SERIAL, backup, PK)
+    _rec, lowered = store.check(restored)
+    assert restored.has(ItemKind.COUNTER, grant), "the grant's counter is gone: the next run funds 10 runs again"
+    assert counter(restored, grant) == 1 and grant in lowered

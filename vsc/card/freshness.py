@@ -97,7 +97,10 @@ def floors_of(memory) -> dict:
 
 
 def apply_floors(memory, floors: dict) -> list[str]:
-    """Lower every monotonic item to its floor (after an accepted rollback). Returns what changed."""
+    """
+    Lower every monotonic item to its floor (after an accepted rollback), and put back at its floor a
+    ``lic:`` counter the copy lacks. Returns what changed.
+    """
     changed = []
     for kind, name, _alg, _public in list(memory.items()):
         for mkind, match, read, lower in MONOTONIC:
@@ -110,6 +113,15 @@ def apply_floors(memory, floors: dict) -> list[str]:
                 old = memory.put(kind, name, new)
                 memory.discard(old)
                 changed.append(name)
+    # a rental counter the older copy lacks (funded after it was made) comes back at its floor: absent, the next
+    # run would fund it afresh from its keyfile and every run spent since would be refunded
+    present = {f"{int(kind)}:{name}" for kind, name, _alg, _public in memory.items()}
+    prefix = f"{int(ItemKind.COUNTER)}:{LICENCE_PREFIX}"
+    for key, floor in floors.items():
+        if key.startswith(prefix) and key not in present:
+            name = key.split(":", 1)[1]
+            memory.discard(memory.put(ItemKind.COUNTER, name, encode_counter(max(floor, 0))))
+            changed.append(name)
     return changed
 
 
