@@ -272,3 +272,32 @@ def test_an_accepted_rollback_does_not_refund_a_grant_funded_after_the_copy(tmp_
     _rec, lowered = store.check(restored)
     assert restored.has(ItemKind.COUNTER, grant), "the grant's counter is gone: the next run funds 10 runs again"
     assert counter(restored, grant) == 1 and grant in lowered
+
+
+def test_a_rental_run_always_costs_at_least_one_unit(vendor, card_key, fake_home):
+    """
+    Rule: each run of a rental keyfile takes ``cost`` (at least 1) units
+    from its counter; when they are spent, runs are refused.
+
+    Broken: only the CLI refused ``--cost 0``. A keyfile made with the
+    documented ``lcp.issue`` with ``runs=10, cost=0`` was signed, and each
+    "charge" was a counter step of 0, which the card treats as a read:
+    unlimited runs from a ten-run rental, the counter never moving. Issue
+    must refuse it, and the API must not treat a zero-cost step as a charge.
+    """
+    from vsc.wire.license import armor, encode_body
+
+    free = make_license(card_key[1], runs=10, cost=0)
+    with pytest.raises(ValueError, match="cost"):
+        lcp.issue(vendor[0], free)
+    body = encode_body(free)
+    text = armor(body, crypto.vendor_sign(vendor[0], body))
+    asked = []
+    card = FakeCardSocket(fake_home, lambda command, args: asked.append((command, dict(args))) or
+                          {b"name": b"lic:x", b"value": b"10"})
+    try:
+        with pytest.raises(lcp.LicenseError, match="cost"):
+            lcp.charge_sync(lcp.loads(text, vendor[1]), text, vendor[1], home=fake_home)
+    finally:
+        card.close()
+    assert asked == []

@@ -87,11 +87,14 @@ def counter_name(lic: License, vendor_public_pem: bytes) -> str:
 def counter_problem(lic: License) -> str:
     """
     Why this rental keyfile must not fund or charge its counter, or "" when
-    it may (or it has no counter): the counter is not a ``lic:`` one (the
-    user could increase it), or its name is longer than a card's item names.
+    it may (or it has no counter): a run costs nothing, the counter is not a
+    ``lic:`` one (the user could increase it), or its name is longer than a
+    card's item names.
     """
     if not is_rental(lic):
         return ""
+    if lic.cost < 1:  # a step of 0 is a read: every run would be free
+        return f"a run must cost at least 1 unit, not {lic.cost}"
     if lic.counter and not lic.counter.startswith(LICENCE_PREFIX):
         return (f"its counter {lic.counter!r} must start with {LICENCE_PREFIX!r} (the user could increase any other "
                 "counter)")
