@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import threading
 
+import attrs
 import pytest
 
 from tests.fakecard import FakeCardSocket, fake_home  # noqa: F401  (a fixture)
+from tests.test_card_units import _done, ec_der, world  # noqa: F401  (fixtures)
 from vsc import crypto
 from vsc.licensing import lcp
 from vsc.wire.license import License
@@ -306,37 +308,68 @@ def test_a_rental_run_always_costs_at_least_one_unit(vendor, card_key, fake_home
 # ================================================================ 5. the vendor tag is 48 bits
 
 
-@pytest.mark.xfail(strict=True, reason="a rental counter is bound to its vendor by a 48-bit tag in its name only; a "
-                   "longer tag changes every counter name (funded grants would be funded again) and the names' "
-                   "64-byte budget, binding the full key needs the charge to carry it: a protocol change")
-def test_a_vendor_key_with_a_colliding_tag_cannot_prefund_the_real_vendors_counter(vendor, card_key, monkeypatch):
+def test_a_vendor_key_with_a_colliding_tag_cannot_prefund_the_real_vendors_counter(world, vendor, monkeypatch):
     """
-    Rule (docs/licensing.md): "a grant signed with another vendor key funds
-    a counter with another vendor tag, which the real vendor's keyfiles
-    never charge".
+    Rule (docs/licensing.md): "a grant signed with another vendor key never
+    funds a counter the real vendor's keyfiles charge".
 
-    How it breaks: the tag is the first 12 hex digits (48 bits) of SHA-256
-    of the vendor's public key, and it is all that separates the counters
-    of two vendor keys: the card funds whatever counter a keyfile signed by
-    *any* key names. An attacker who grinds Ed25519 keys until one has the
+    How it broke: the tag is the first 12 hex digits (48 bits) of SHA-256
+    of the vendor's public key, and it was all that separated the counters
+    of two vendor keys: the card funded whatever counter a keyfile signed by
+    *any* key named. An attacker who grinds Ed25519 keys until one has the
     vendor's tag (2^48 tries on average: days on GPUs, once per vendor, and
     the key can then be published) signs a copy of a customer's rental
     grant (same product and licence id, 2^32 - 1 runs) and funds it before
-    the first real run: the real keyfile then finds its counter funded and
-    charges it for ever. The grind is stood in for here by making the tag
-    function collide. Fix (not done: a protocol change): the card records
-    the full vendor key in a counter it funds and the charge names it.
+    the first real run: the real keyfile then found its counter funded and
+    charged it for ever. The grind is stood in for here by making the tag
+    function collide. The card now records the whole vendor key on a counter
+    it funds, and a fund request with another key (the API makes one before
+    every charge) is refused.
     """
+    from vsc.card.session import CardError
     from vsc.protocol import licence
+    from vsc.wire.protected import ItemKind, decode_counter
 
+    session = world.session
+    card_public = session.memory.public_of(ItemKind.KEY, "9c")
     attacker_private, attacker_public = crypto.vendor_keygen()
     real_tag = licence.vendor_tag(vendor[1])
     monkeypatch.setattr(licence, "vendor_tag", lambda pem: real_tag)  # the 2^48 grind, assumed done
-    grant = make_license(card_key[1], runs=10)
+    grant = make_license(card_public, runs=10)
     real_text = lcp.issue(vendor[0], grant)
-    forged_text = lcp.issue(attacker_private, make_license(card_key[1], runs=2**32 - 1))  # same product and id
-    own = {"9c": card_key[1]}
-    name, runs = licence.fund_request(forged_text, attacker_public, own)
-    real_name, real_runs = licence.fund_request(real_text, vendor[1], own)
-    assert (real_name, real_runs) == (licence.counter_name(grant, vendor[1]), 10)
-    assert name != real_name, f"the forged grant funds the very counter the real keyfile charges: {runs} runs"
+    forged_text = lcp.issue(attacker_private, attrs.evolve(grant, runs=2**32 - 1))  # same product and id
+    name, runs = _done(session.fund_counter(forged_text, attacker_public))
+    assert (name, runs) == (licence.counter_name(grant, vendor[1]), 2**32 - 1)  # the same name: the tags collide
+    with pytest.raises(CardError, match="another vendor key"):
+        _done(session.fund_counter(real_text, vendor[1]))
+    with session.memory.open(ItemKind.COUNTER, name) as v:
+        assert decode_counter(v) == 2**32 - 1  # untouched, and never charged by the real program
+
+
+def test_a_counter_keeps_its_vendor_key_when_runs_are_spent(world, vendor):
+    """
+    The vendor key a card records on a rental counter survives every charge
+    (a counter step keeps the item's public part): the real vendor's keyfile
+    funds, is charged, and is accepted again; another key is refused after
+    the charges as before them; a keyfile that only draws on a shared
+    counter (``counter`` without runs) funds nothing.
+    """
+    from vsc.card.session import CardError
+    from vsc.protocol import licence
+    from vsc.wire.protected import ItemKind
+
+    session = world.session
+    card_public = session.memory.public_of(ItemKind.KEY, "9c")
+    text = lcp.issue(vendor[0], make_license(card_public, runs=3))
+    name, left = _done(session.fund_counter(text, vendor[1]))
+    assert left == 3 and session.memory.public_of(ItemKind.COUNTER, name) == licence.vendor_binding(vendor[1])
+    assert _done(session.counter(name, -1)) == 2
+    assert _done(session.fund_counter(text, vendor[1])) == (name, 2)  # never topped up
+    assert session.memory.public_of(ItemKind.COUNTER, name) == licence.vendor_binding(vendor[1])
+    other_private, other_public = crypto.vendor_keygen()
+    drawer = make_license(card_public, counter="lic:shared", license_id=bytes(16))
+    with pytest.raises(CardError, match="no counter"):
+        _done(session.fund_counter(lcp.issue(vendor[0], drawer), vendor[1]))
+    assert not session.memory.has(ItemKind.COUNTER, licence.counter_name(drawer, vendor[1]))
+    with pytest.raises(CardError, match="does not verify"):
+        _done(session.fund_counter(text, other_public))

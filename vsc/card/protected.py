@@ -266,6 +266,11 @@ class CardMemory:
     def has(self, kind: ItemKind, name: str) -> bool:
         return (kind, name) in self._items
 
+    def public_of(self, kind: ItemKind, name: str) -> bytes | None:
+        """An item's public part (a key's public key, a licence counter's vendor key), None when it is absent."""
+        held = self._items.get((kind, name))
+        return None if held is None else held.public
+
     def open(self, kind: ItemKind, name: str) -> "_Opened":
         """``with memory.open(kind, name) as view``: one item decrypted into locked memory for one operation; zeroed on exit."""
         held = self._items.get((kind, name))

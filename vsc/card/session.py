@@ -347,8 +347,10 @@ class CardSession:
         """
         A rental keyfile funds its counter once: the card checks the vendor's
         signature and that the keyfile names one of its own keys, and creates
-        the counter (name and units from the signed keyfile) if it is absent.
-        Never topped up. Returns (counter name, current value).
+        the counter (name and units from the signed keyfile) if it is absent,
+        recording the vendor's key on it. Never topped up. A counter recorded
+        with another vendor key is refused (its name's 48-bit vendor tag alone
+        could be ground to collide). Returns (counter name, current value).
         """
         from vsc.protocol import licence
 
@@ -357,12 +359,19 @@ class CardSession:
             own = {name: public for kind, name, alg, public in mem.items() if kind is ItemKind.KEY}
             try:
                 name, amount = licence.fund_request(keyfile_text, vendor_pem, own)
+                vendor = licence.vendor_binding(vendor_pem)
             except licence.LicenseError as e:
                 raise CardError(str(e)) from None
-            if mem.has(ItemKind.COUNTER, name):
+            recorded = mem.public_of(ItemKind.COUNTER, name)
+            if recorded is not None:
+                # b"": funded before counters recorded their vendor key
+                if recorded and recorded != vendor:
+                    raise CardError(f"counter {name!r} was funded by another vendor key; not used")
                 with mem.open(ItemKind.COUNTER, name) as v:
                     return name, decode_counter(v)
-            await self._modify(ItemKind.COUNTER, name, encode_counter(amount))
+            if not amount:
+                raise CardError(f"no counter {name!r}")
+            await self._modify(ItemKind.COUNTER, name, encode_counter(amount), public=vendor)
             return name, amount
 
         return await self._locked(run)

@@ -161,9 +161,9 @@ def charge_sync(lic: License, keyfile_text: str, vendor_public_pem: bytes, home=
         raise LicenseError(f"the keyfile for {lic.product} cannot be used: {counter_problem(lic)}")
     name = counter_name(lic, vendor_public_pem)
     try:
-        if lic.runs:
-            name = _card_call(home, control.LICENSE_FUND, timeout, keyfile=keyfile_text,
-                              vendor_key=vendor_public_pem)["name"]
+        # always through the card's fund check, which also refuses a counter another vendor key funded
+        name = _card_call(home, control.LICENSE_FUND, timeout, keyfile=keyfile_text,
+                          vendor_key=vendor_public_pem)["name"]
         return _card_call(home, control.COUNTER, timeout, name=name, delta=-lic.cost)["value"]
     except control_client.Refused as e:
         raise no_runs_left(lic, str(e), name) or LicenseError(f"the card refused: {e}") from None

@@ -132,16 +132,28 @@ def fund_request(keyfile_text: str, vendor_public_pem: bytes, card_public_keys: 
     What the CARD checks before it creates a rental counter: the keyfile's
     vendor signature, that it names one of this card's own keys, and that it
     is a rental; the counter's name and funding come from the signed keyfile,
-    never from the caller. Returns (counter name, units).
+    never from the caller. Returns (counter name, units): 0 units for a
+    keyfile that draws on a shared counter (``--counter`` without runs),
+    which funds nothing.
     """
     lic = loads(keyfile_text, vendor_public_pem)
     if counter_problem(lic):
         raise LicenseError(f"the keyfile for {lic.product} cannot be used: {counter_problem(lic)}")
     if card_public_keys.get(lic.slot) != lic.card_key:
         raise LicenseError(f"the keyfile for {lic.product} was not issued to this card's slot {lic.slot}")
-    if not lic.runs:
+    if not is_rental(lic):
         raise LicenseError(f"the keyfile for {lic.product} grants no runs")
     return counter_name(lic, vendor_public_pem), lic.runs
+
+
+def vendor_binding(vendor_public_pem: bytes) -> bytes:
+    """
+    What a card records on a licence counter it funds, and compares on every
+    later fund request: the vendor's whole public key (DER). The 48-bit tag in
+    the counter's name keeps two vendors' names apart; this keeps a key ground
+    to collide with a vendor's tag from funding that vendor's counters.
+    """
+    return crypto.vendor_public_der(vendor_public_pem)
 
 
 def issue(vendor_private_pem: bytes, lic: License) -> str:
