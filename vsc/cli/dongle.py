@@ -148,7 +148,14 @@ def cmd_enroll(args) -> int:
 
 
 def _strip_pin(uri: str) -> str:
-    return ";".join(p for p in uri.split(";") if not p.startswith("pin-value="))
+    """The URI without pin-value=, wherever TokenRef.parse would find it (any attribute, ';', '?' or '&')."""
+    import re
+
+    if not uri.startswith("pkcs11:"):
+        return uri
+    parts = [p for p in re.split(r"[;?&]", uri[len("pkcs11:"):]) if p]
+    kept = [p for p in parts if p.partition("=")[0] != "pin-value"]
+    return uri if kept == parts else "pkcs11:" + ";".join(kept)  # TokenRef.parse reads ';' like '?' and '&'
 
 
 def cmd_replace(args) -> int:
