@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.test_dongle import dongle_stack, enrolled, lab, template  # noqa: F401  (fixtures)
+
 
 # ================================================================ 1. the token PIN stays out of card.ini
 
@@ -44,3 +46,68 @@ def test_enroll_and_replace_strip_the_token_pin_of_every_uri_form_before_card_in
         TokenRef.parse(stripped)
     plain = "pkcs11:token=t;module-path=/m.so"
     assert _strip_pin(plain) == plain  # a URI without a PIN is written as given
+
+
+# ================================================================ 2. objects anyone can make on the token
+
+
+PLANT = """
+    # a party WITHOUT the token PIN: a read-write public session (no login) on the owner's token
+    s = pkcs11.lib(ref.module).get_token(token_label=ref.token_label).open(rw=True)
+    try:
+        for label in (PROTECTED_LABEL, KDF_LABEL):
+            s.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label,
+                             Attribute.APPLICATION: "vsc:999999", Attribute.VALUE: b"planted",
+                             Attribute.TOKEN: True, Attribute.PRIVATE: False})
+        s.generate_key(KeyType.AES, 256, label=DONGLE_KEY_LABEL, store=True,
+                       template={Attribute.PRIVATE: False, Attribute.SENSITIVE: False, Attribute.ENCRYPT: True})
+    finally:
+        s.close()
+"""
+
+
+def test_public_objects_planted_without_the_token_pin_neither_replace_the_card_nor_the_dongle_key(enrolled):
+    """
+    What the card reads from its token — the protected information, the KDF
+    parameters, the DongleKey — is what was written with the token PIN. A
+    party without the PIN (another local user reaching the token through
+    pcscd, someone holding it for a moment) gets nothing, not even a denial
+    of service.
+
+    Broken: PKCS#11 lets a session that never logged in create *public*
+    token objects. The card took any data object with its label, the highest
+    `vsc:<generation>` winning, and looked its DongleKey up by label. Public
+    objects `vsc-protected` / `vsc-kdf` at generation 999999 and a public AES
+    key `vsc-dongle-key`, all made without the PIN, made every insert fail
+    ("failed to find its DongleKey: MultipleObjectsReturned"; without the key,
+    "the password does not open the card"), and the key alone stopped a
+    card in use at its next check (exit 5).
+    """
+    lab, home, _table = enrolled
+    card = lab.card(home).start()
+    keys = lab.status(home)["slots"]
+    card.remove()
+    answer = lab.pk11("""
+        with Token(ref) as tok:
+            out["answer"] = tok.respond(bytes(16)).hex()
+    """)["answer"]
+
+    lab.pk11(PLANT)
+    got = lab.pk11("""
+        with Token(ref) as tok:  # what the card's check, insert and periodic check read
+            out["protected"] = tok.read(PROTECTED_LABEL) == b"planted"
+            out["kdf"] = tok.read(KDF_LABEL) == b"planted"
+            try:
+                out["answer"] = tok.respond(bytes(16)).hex()
+            except TokenError as e:
+                out["answer"] = str(e)
+    """)
+    assert got == {"protected": False, "kdf": False, "answer": answer}, got
+
+    lab.card(home).start()  # a fresh insert reads the card, not the planted objects
+    assert lab.status(home)["slots"] == keys
+    assert lab.counter(home, "c", add=1) == 1  # and writes its next generation after them
+    assert lab.pk11("""
+        with Token(ref) as tok:
+            out["planted"] = tok.read(PROTECTED_LABEL) == b"planted"
+    """) == {"planted": False}

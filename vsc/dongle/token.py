@@ -130,16 +130,20 @@ class Token:
         )
 
     def _find_key(self):
-        from pkcs11 import KeyType
-        from pkcs11.exceptions import NoSuchKey
+        """The DongleKey: a private key, so one made without the PIN (a public one, same label) is not it."""
+        from pkcs11 import Attribute, KeyType, ObjectClass
 
         try:
-            return self._session.get_key(label=DONGLE_KEY_LABEL, key_type=KeyType.AES)
-        except NoSuchKey:
-            return None
-        except Exception as e:  # noqa: BLE001 - the token went away between open and lookup, or has two keys
+            keys = list(self._session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                                                   Attribute.KEY_TYPE: KeyType.AES,
+                                                   Attribute.LABEL: DONGLE_KEY_LABEL, Attribute.PRIVATE: True}))
+        except Exception as e:  # noqa: BLE001 - the token went away between open and lookup
             raise TokenError(f"the token {self.ref.token_label!r} failed to find its DongleKey: "
                              f"{e.__class__.__name__}") from None
+        if len(keys) > 1:
+            raise TokenError(f"the token {self.ref.token_label!r} failed to find its DongleKey: "
+                             "MultipleObjectsReturned")
+        return keys[0] if keys else None
 
     def respond(self, challenge: bytes) -> bytes:
         """Figure 14, 1207-1208: the token encrypts one 16-byte challenge with the DongleKey."""
@@ -156,9 +160,12 @@ class Token:
     # -- data objects
 
     def _objects(self, label: str) -> list:
+        """The card's objects: private ones only. A session that never logged in can make public token objects
+        (any label, any generation); the card neither reads nor deletes those."""
         from pkcs11 import Attribute, ObjectClass
 
-        return list(self._session.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label}))
+        return list(self._session.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label,
+                                               Attribute.PRIVATE: True}))
 
     @staticmethod
     def _generation(obj) -> int:
