@@ -10,6 +10,8 @@ skip like those tests when SoftHSM2 or python-pkcs11 is missing.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.test_dongle import dongle_stack, enrolled, lab, template  # noqa: F401  (fixtures)
@@ -111,3 +113,43 @@ def test_public_objects_planted_without_the_token_pin_neither_replace_the_card_n
         with Token(ref) as tok:
             out["planted"] = tok.read(PROTECTED_LABEL) == b"planted"
     """) == {"planted": False}
+
+
+# ================================================================ 3. the table and the issuer's record: private files
+
+
+NOBODY = 65534
+
+
+def test_a_table_written_where_another_user_made_its_temporary_file_first_is_still_private(tmp_path):
+    """
+    `vsc dongle provision|replace` write the challenge table (`--table`) and
+    the issuer's record with write_private: mode 0600, the writer's own file.
+    A table handed over through /tmp is a plausible place.
+
+    Broken: write_private opened the fixed name PATH.tmp with O_CREAT and no
+    O_EXCL, so a file another user made there first (in a sticky,
+    world-writable directory like /tmp) was opened, written and renamed into
+    place: the table (or the issuer's record, with the sealed card for an
+    offline password attack) ended up in the other user's file, mode 0666,
+    which that user could read and rewrite at will.
+    """
+    from vsc.card.paths import write_private
+    from vsc.wire.dongle import ChallengeTable, decode_table, encode_table
+
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp
+    table = shared / "alice.table"
+    planted = shared / "alice.table.tmp"
+    planted.write_bytes(b"")
+    planted.chmod(0o666)
+    if os.getuid() == 0:
+        os.chown(planted, NOBODY, NOBODY)  # the other user's file
+    data = encode_table(ChallengeTable(serial="alice", entries=((b"c" * 16, b"r" * 16),) * 8))
+
+    write_private(table, data)
+    st = table.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (os.getuid(), 0o600), (st.st_uid, oct(st.st_mode))
+    assert decode_table(table.read_bytes()).serial == "alice"
+    assert not planted.exists() or planted.read_bytes() == b""  # nothing went into the other user's file
