@@ -153,3 +153,60 @@ def test_a_table_written_where_another_user_made_its_temporary_file_first_is_sti
     assert (st.st_uid, st.st_mode & 0o777) == (os.getuid(), 0o600), (st.st_uid, oct(st.st_mode))
     assert decode_table(table.read_bytes()).serial == "alice"
     assert not planted.exists() or planted.read_bytes() == b""  # nothing went into the other user's file
+
+
+# ================================================================ 4. a token that stops answering
+
+
+def test_a_token_check_that_never_answers_removes_the_card(tmp_path):
+    """
+    The card runs only while the dongle answers ([0105], Figure 14's 1211):
+    a card whose token is gone stops within one poll interval plus one
+    token round trip (docs/dongle.md).
+
+    Broken: the periodic check waited for the token without a bound, and the
+    next check is only scheduled once the last one ended. A token that stops
+    answering instead of failing — a network token (USB/IP, p11-kit
+    remoting) whose link dropped, a hung module, a token another process
+    holds — left the check pending forever, and the card went on signing
+    with no dongle for as long as the process lived (a simulated day here).
+    """
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+
+    from tests.cardfakes import MemoryStorage, in_use_session, release
+    from vsc.card.config import CardConfig
+    from vsc.card.protected import seal_envelope
+    from vsc.card.session import LifeState
+    from vsc.dongle.storage import TokenCalls, TokenStorage
+    from vsc.dongle.token import TokenRef
+    from vsc.wire.dongle import ChallengeTable
+
+    ref = TokenRef.parse("pkcs11:token=t;module-path=/m.so", "1")
+    table = ChallengeTable(serial="dg-1", entries=((b"c" * 16, b"r" * 16),))
+    config = CardConfig(home=tmp_path, server="", server_key="", serial="dg-1", muk_poll=0, clock_poll=0)
+    clock, exits, calls = Clock(), [], []
+
+    def worker(fn, *args):
+        calls.append(fn)
+        return Deferred()  # the token never answers
+
+    token = TokenStorage(config, ref, table, 60.0, worker=worker, calls=TokenCalls(), clock=clock)
+    storage = MemoryStorage("dg-1", seal_envelope("dg-1", b"k" * 32, [], os.urandom), b"k" * 32, os.urandom,
+                            checks=token.checks())
+    s = in_use_session(config, storage, os.urandom, clock, on_exit=lambda code, why: exits.append((code, why)))
+    memory = s.memory
+    try:
+        clock.advance(60)  # the first periodic check asks the token...
+        assert len(calls) == 1 and s.life is LifeState.IN_USE
+        for _ in range(24 * 60):  # ...which never answers
+            clock.advance(60)
+            if exits:
+                break
+        assert s.life is LifeState.EXITED and memory.wiped, (s.life, clock.seconds())
+        assert clock.seconds() <= 60 + TokenStorage.CHECK_TIMEOUT + 60, clock.seconds()
+        assert len(exits) == 1 and exits[0][0] == 5, exits
+        assert exits[0][1].startswith("dongle check failed: the token did not answer"), exits
+        assert exits[0][1].endswith("; the card was removed"), exits
+    finally:
+        release(s)

@@ -74,7 +74,7 @@ def storage_for(options: Options, cfg: card_config.CardConfig, reactor, master: 
             token, table, poll = dongle_setup(cfg, options["dongle"], options["token-pin-file"])
         except Exception as e:  # noqa: BLE001 - one line for the user
             _fail(str(e))
-        return TokenStorage(cfg, token, table, poll)
+        return TokenStorage(cfg, token, table, poll, clock=reactor)
     totp = card_config.totp_source(options["totp"], options["totp-file"],
                                    cfg.settings.get("totp", "").lower() == "true")
     return ServerStorage(cfg, reactor, master, totp=totp)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import attrs
+from twisted.internet.defer import TimeoutError as DeferTimeout
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -85,9 +86,13 @@ class TokenStorage:
 
     log = Logger()
 
+    #: seconds the token has to answer a check; a token that does not (a dropped network token, a hung module)
+    #: counts as gone, or a pending check would keep the card in use without the dongle
+    CHECK_TIMEOUT = 30.0
+
     def __init__(self, config: CardConfig, token: TokenRef, table: ChallengeTable, poll: float,
                  rand: crypto.RandomBytes = crypto.system_random, worker: Worker = deferToThread,
-                 calls: TokenCalls = TokenCalls()):
+                 calls: TokenCalls = TokenCalls(), clock=None):
         self.config = config
         self.token = token
         self.table = table
@@ -95,6 +100,9 @@ class TokenStorage:
         self.rand = rand
         self.worker = worker
         self.calls = calls
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock  # IReactorTime: bounds every check
         self.version = 0  # generations written by this process
 
     def _pick(self) -> int:
@@ -103,7 +111,10 @@ class TokenStorage:
     async def check(self) -> None:
         """Figure 14 once: CardError("dongle check failed: ...") unless the token answers as the table says."""
         try:
-            ok = await self.worker(self.calls.check, self.token, self.table, self._pick())
+            ok = await self.worker(self.calls.check, self.token, self.table, self._pick()).addTimeout(
+                self.CHECK_TIMEOUT, self.clock)
+        except DeferTimeout:
+            raise CardError(f"dongle check failed: the token did not answer within {self.CHECK_TIMEOUT:g} s") from None
         except TokenError as e:
             raise CardError(f"dongle check failed: {e}") from None
         except Exception as e:  # noqa: BLE001 - any other PKCS#11 error (token pulled mid-session) fails the check too
