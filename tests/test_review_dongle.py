@@ -210,3 +210,25 @@ def test_a_token_check_that_never_answers_removes_the_card(tmp_path):
         assert exits[0][1].endswith("; the card was removed"), exits
     finally:
         release(s)
+
+
+# ================================================================ 5. refusals that repeat the URI
+
+
+def test_a_refused_token_uri_is_not_echoed_with_its_pin():
+    """
+    The token PIN is never printed or logged: a refusal of the token URI
+    names what is wrong, not the URI's pin-value=.
+
+    Broken: a URI that did not start with `pkcs11:` (a typo: `pkcs11;`,
+    `pkcs:`) was refused as "not a pkcs11: URI: '<the whole URI>'", PIN
+    included, on stderr and in the daemon's log (twistd vsc-card with
+    card.ini's token written by `enroll --keep-pin-in-uri`).
+    """
+    from vsc.dongle.token import TokenError, TokenRef
+
+    for uri in ("pkcs11;token=t;module-path=/m.so;pin-value=7391", "pkcs:token=t?pin-value=7391",
+                "PKCS11:token=t;pin-value=7391"):
+        with pytest.raises(TokenError, match="not a pkcs11: URI") as e:
+            TokenRef.parse(uri)
+        assert "7391" not in str(e.value), str(e.value)

@@ -51,7 +51,8 @@ class TokenRef:
     def parse(cls, uri: str, pin: str | None = None) -> "TokenRef":
         """``pkcs11:token=LABEL;module-path=/path/lib.so[;pin-value=PIN]`` (RFC 7512 subset)."""
         if not uri.startswith("pkcs11:"):
-            raise TokenError(f"not a pkcs11: URI: {uri!r}")
+            # not echoed: it may hold pin-value=
+            raise TokenError("not a pkcs11: URI (pkcs11:token=LABEL;module-path=LIB)")
         attrs_ = {}
         for part in re.split(r"[;?&]", uri[len("pkcs11:"):]):
             if part:
