@@ -36,9 +36,13 @@ def test_enroll_and_replace_strip_the_token_pin_of_every_uri_form_before_card_in
     first one. TokenRef.parse takes pin-value= also as the first attribute
     and in RFC 7512's query form (`?...&pin-value=`, which the docs accept),
     and those forms went to card.ini with the PIN in them.
+
+    (Since test 6, a pin-value= on the command line is refused outright; the
+    same strip_pin finds it there, in every form.)
     """
-    from vsc.cli.dongle import _strip_pin
     from vsc.dongle.token import TokenError, TokenRef
+
+    _strip_pin = TokenRef.strip_pin
 
     stripped = _strip_pin(uri)
     assert "7391" not in stripped and "pin-value" not in stripped, stripped
@@ -232,3 +236,52 @@ def test_a_refused_token_uri_is_not_echoed_with_its_pin():
         with pytest.raises(TokenError, match="not a pkcs11: URI") as e:
             TokenRef.parse(uri)
         assert "7391" not in str(e.value), str(e.value)
+
+
+# ================================================================ 6. the token PIN on a command line
+
+
+@pytest.mark.parametrize("uri", ["pkcs11:token=t;module-path=/m.so;pin-value=7391",
+                                 "pkcs11:token=t?module-path=/m.so&pin-value=7391"])
+def test_a_token_pin_on_the_command_line_is_refused(tmp_path, uri):
+    """
+    The token PIN never sits on a command line: every local user can read a
+    process's arguments (ps, /proc/PID/cmdline) for as long as it runs, and
+    with the PIN another user reaches the DongleKey and the card's objects
+    on a token attached to this machine (shared through pcscd).
+
+    Broken: `twistd vsc-card --dongle URI` (running for hours) and `vsc
+    dongle provision|enroll|replace --token URI` took pin-value= from the
+    URI, and the "no token PIN" refusal even told the user to add it there.
+    Now a pin-value= on a command line is refused with one line before any
+    token is touched; the PIN comes from --token-pin-file (or card.ini, which
+    `enroll --keep-pin-in-uri` writes from that file).
+    """
+    from vsc.card import config as cc
+    from vsc.cli import CommandError
+    from vsc.cli.dongle import _ref
+    from vsc.dongle.config import TABLE_NAME, dongle_setup
+    from vsc.dongle.token import TokenError, TokenRef
+    from vsc.wire.dongle import ChallengeTable, encode_table
+
+    pin = tmp_path / "pin"
+    pin.write_text("7391\n")
+    with pytest.raises(CommandError, match="--token-pin-file") as e:
+        _ref(uri, None)
+    assert "7391" not in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(CommandError, match="--token-pin-file"):
+        _ref(uri, str(pin))  # refused even when the file gives the PIN too: it is on the command line already
+    assert _ref("pkcs11:token=t;module-path=/m.so", str(pin)).pin == "7391"
+
+    home = tmp_path / "home"
+    cc.save(home, mode="dongle", serial="dg-1", token="pkcs11:token=t;module-path=/m.so", table=TABLE_NAME)
+    (home / TABLE_NAME).write_bytes(encode_table(ChallengeTable(serial="dg-1", entries=((b"c" * 16,) * 2,))))
+    with pytest.raises(ValueError, match="--token-pin-file") as e:
+        dongle_setup(cc.load(home), uri, str(pin))  # twistd vsc-card --dongle URI
+    assert "7391" not in str(e.value)
+    assert dongle_setup(cc.load(home), "pkcs11:token=t;module-path=/m.so", str(pin))[0].pin == "7391"
+    cc.save(home, mode="dongle", serial="dg-1", token=uri, table=TABLE_NAME)  # card.ini: enroll --keep-pin-in-uri
+    assert dongle_setup(cc.load(home), None, None)[0].pin == "7391"
+    with pytest.raises(TokenError, match="no token PIN") as e:
+        TokenRef.parse("pkcs11:token=t;module-path=/m.so")
+    assert "pin-value" not in str(e.value)  # no advice to put it on a command line

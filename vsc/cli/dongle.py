@@ -17,6 +17,7 @@ import base64
 import json
 import os
 from pathlib import Path
+from urllib.parse import quote
 
 from vsc.card.paths import write_private
 from vsc.cli import CommandError, emit
@@ -28,7 +29,7 @@ def _ref(uri: str, pin_file: str | None):
     from vsc.dongle.token import TokenError, TokenRef
 
     try:
-        return TokenRef.parse(uri, read_pin(pin_file))
+        return TokenRef.from_command_line(uri, read_pin(pin_file))
     except (TokenError, CardConfigError) as e:
         raise CommandError(str(e)) from None
 
@@ -130,7 +131,8 @@ def cmd_enroll(args) -> int:
         raise CommandError(str(e)) from None
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_private(home / TABLE_NAME, table_bytes)
-    token_uri = args.token if args.keep_pin_in_uri else _strip_pin(args.token)
+    # --keep-pin-in-uri: the PIN from --token-pin-file goes into card.ini's URI (never onto a command line)
+    token_uri = f"{args.token};pin-value={quote(ref.pin, safe='')}" if args.keep_pin_in_uri else args.token
     # the table's name, resolved against HOME when the card starts (a relative --home must not make it cwd-relative)
     cc.save(home, mode="dongle", serial=table.serial, token=token_uri, table=TABLE_NAME,
             dongle_poll=str(args.poll))
@@ -145,17 +147,6 @@ def cmd_enroll(args) -> int:
          f"{piv_note}\n"
          f"insert it with: twistd -n vsc-card --home {home} --token-pin-file PINFILE")
     return 0
-
-
-def _strip_pin(uri: str) -> str:
-    """The URI without pin-value=, wherever TokenRef.parse would find it (any attribute, ';', '?' or '&')."""
-    import re
-
-    if not uri.startswith("pkcs11:"):
-        return uri
-    parts = [p for p in re.split(r"[;?&]", uri[len("pkcs11:"):]) if p]
-    kept = [p for p in parts if p.partition("=")[0] != "pin-value"]
-    return uri if kept == parts else "pkcs11:" + ";".join(kept)  # TokenRef.parse reads ';' like '?' and '&'
 
 
 def cmd_replace(args) -> int:
@@ -194,7 +185,7 @@ def cmd_replace(args) -> int:
 
         write_private(cfg.home / TABLE_NAME, encode_table(table))
         values = dict(cfg.settings)
-        values.update(token=_strip_pin(args.token), table=TABLE_NAME)
+        values.update(token=args.token, table=TABLE_NAME)  # no pin-value= (refused on the command line)
         cc.save(cfg.home, **values)
         # the issuer's record is the card as enrolled: older than what this HOME has seen stored. Restoring
         # it here is the owner's deliberate choice, so the next insert accepts it once (vsc.card.freshness;
@@ -212,7 +203,8 @@ def configure(d) -> None:
     dsub = d.add_subparsers(dest="dongle_command", required=True, metavar="ACTION")
 
     def token_opts(p):
-        p.add_argument("--token", required=True, help="pkcs11:token=LABEL;module-path=/path/to/lib.so[;pin-value=PIN]")
+        p.add_argument("--token", required=True,
+                       help="pkcs11:token=LABEL;module-path=/path/to/lib.so (the PIN: --token-pin-file)")
         p.add_argument("--token-pin-file", help="read the token's user PIN from this file")
         p.add_argument("--json", action="store_true")
 
@@ -232,7 +224,8 @@ def configure(d) -> None:
     p.add_argument("--scrypt-log2n", type=int, default=15)
     p.add_argument("--poll", type=float, default=60.0, help="repeat the token check every N seconds (default 60)")
     p.add_argument("--issuer-dir", help="update the issuer's record (the sealed card, for replace)")
-    p.add_argument("--keep-pin-in-uri", action="store_true", help="store pin-value= in card.ini (automation only)")
+    p.add_argument("--keep-pin-in-uri", action="store_true",
+                   help="store the token PIN (from --token-pin-file) as pin-value= in card.ini (automation only)")
     p.add_argument("--force", action="store_true")
     from vsc.cli.enrol import add_pin_options
 

@@ -22,10 +22,12 @@ def read_pin(pin_file: str | None) -> str | None:
 
 def dongle_setup(cfg, uri: str | None, pin_file: str | None):
     """For twistd vsc-card: (TokenRef, ChallengeTable, poll) from options and card.ini."""
-    from vsc.dongle.token import TokenRef
+    from vsc.dongle.token import PIN_ON_COMMAND_LINE, TokenRef
     from vsc.wire.dongle import decode_table
     from vsc.wire.errors import WireError
 
+    if uri and TokenRef.strip_pin(uri) != uri:  # --dongle: a command line, readable by every local user
+        raise ValueError(PIN_ON_COMMAND_LINE)
     uri = uri or cfg.settings.get("token")
     if not uri:
         raise ValueError("dongle mode needs --dongle pkcs11:token=...;module-path=...")

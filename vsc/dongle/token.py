@@ -32,6 +32,9 @@ PROTECTED_LABEL = "vsc-protected"
 KDF_LABEL = "vsc-kdf"
 SERIAL_LABEL = "vsc-serial"
 
+PIN_ON_COMMAND_LINE = ("the token PIN does not belong on the command line, where other users can read it: "
+                       "remove pin-value= from the URI and give --token-pin-file")
+
 
 #: one Token session at a time in this process (see the module docstring)
 _MODULE_LOCK = threading.RLock()
@@ -65,8 +68,24 @@ class TokenRef:
         module = attrs_.get("module-path") or os.environ.get("VSC_PKCS11_MODULE") or "/usr/lib/softhsm/libsofthsm2.so"
         the_pin = pin if pin is not None else attrs_.get("pin-value")
         if the_pin is None:
-            raise TokenError("no token PIN: add pin-value= to the URI or give --token-pin-file")
+            raise TokenError("no token PIN: give --token-pin-file")
         return cls(module=module, token_label=attrs_["token"], pin=the_pin)
+
+    @staticmethod
+    def strip_pin(uri: str) -> str:
+        """The URI without pin-value=, wherever ``parse`` would find it (any attribute, after ';', '?' or '&')."""
+        if not uri.startswith("pkcs11:"):
+            return uri
+        parts = [p for p in re.split(r"[;?&]", uri[len("pkcs11:"):]) if p]
+        kept = [p for p in parts if p.partition("=")[0] != "pin-value"]
+        return uri if kept == parts else "pkcs11:" + ";".join(kept)  # parse reads ';' like '?' and '&'
+
+    @classmethod
+    def from_command_line(cls, uri: str, pin: str | None) -> "TokenRef":
+        """A URI given as an argument: its pin-value= is refused (any local user can read a process's arguments)."""
+        if cls.strip_pin(uri) != uri:
+            raise TokenError(PIN_ON_COMMAND_LINE)
+        return cls.parse(uri, pin)
 
 
 class Token:
