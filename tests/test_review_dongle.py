@@ -285,3 +285,54 @@ def test_a_token_pin_on_the_command_line_is_refused(tmp_path, uri):
     with pytest.raises(TokenError, match="no token PIN") as e:
         TokenRef.parse("pkcs11:token=t;module-path=/m.so")
     assert "pin-value" not in str(e.value)  # no advice to put it on a command line
+
+
+# ================================================================ 7. a token pulled in the middle of an insert
+
+
+@pytest.mark.parametrize("step", ["read", "bind", "write"])
+def test_a_token_that_fails_in_the_middle_of_an_insert_is_refused_with_one_clear_line(tmp_path, step):
+    """
+    A refused insert says why in one line (docs/dongle.md, "Messages"); a
+    token pulled mid-way fails like the check does: "the token failed: X".
+
+    Broken: only the Figure 14 check turned a PKCS#11 error other than
+    TokenError (python-pkcs11 raises DeviceRemoved, TokenNotPresent, ...
+    once a session is open and the token goes) into a refusal. The same
+    error while reading the card, binding it to the DongleKey or writing
+    back a restored card escaped as a bare exception, which the daemon could
+    only report as "internal error (see the card daemon's log)".
+    """
+    from twisted.internet.defer import ensureDeferred, maybeDeferred
+
+    from tests.cardfakes import SCRYPT_CHEAP
+    from vsc.card import ops
+    from vsc.card.config import CardConfig
+    from vsc.card.protected import seal_envelope
+    from vsc.dongle.storage import TokenCalls, TokenStorage
+    from vsc.dongle.token import TokenRef
+    from vsc.protocol.card_lifecycle import CardError
+    from vsc.wire.dongle import ChallengeTable
+
+    class DeviceRemoved(Exception):
+        """What python-pkcs11 raises (an exception with no message) when the token goes mid-session."""
+
+    def pulled(*args):
+        raise DeviceRemoved()
+
+    kdf = ops.new_kdf(os.urandom, log2_n=SCRYPT_CHEAP)
+    keys = ops.derive_keys("pw", kdf)
+    envelope = seal_envelope("dg-1", keys.protection_key, [], os.urandom)  # as replace leaves it: not yet bound
+    calls = dict(check=lambda *a: True, read=lambda ref: (envelope, kdf.encode()), bind=lambda *a: b"b" * 32,
+                 write=lambda *a: None)
+    calls[step] = pulled
+    config = CardConfig(home=tmp_path, server="", server_key="", serial="dg-1", muk_poll=0, clock_poll=0)
+    token = TokenStorage(config, TokenRef.parse("pkcs11:token=t;module-path=/m.so", "1"),
+                         ChallengeTable(serial="dg-1", entries=((b"c" * 16, b"r" * 16),)), 60.0,
+                         worker=lambda fn, *a: maybeDeferred(fn, *a), calls=TokenCalls(**calls))
+    failures = []
+    ensureDeferred(token.open("pw", b"m" * 32)).addErrback(failures.append)
+    assert len(failures) == 1
+    error = failures[0].value
+    assert isinstance(error, CardError), repr(error)
+    assert "the token failed: DeviceRemoved" in str(error) and "\n" not in str(error), str(error)

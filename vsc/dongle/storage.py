@@ -125,16 +125,11 @@ class TokenStorage:
     async def open(self, password: str, muk: bytes) -> CardMemory:
         """Figure 14, then read the card from the token and open it with the password key bound to the DongleKey."""
         await self.check()
-        try:
-            envelope, kdf = await self.worker(self.calls.read, self.token)
-        except TokenError as e:
-            raise CardError(str(e)) from None
+        envelope, kdf = await self._on_token("", self.calls.read, self.token)
         params = KdfParams.decode(kdf)
         keys = await self.worker(ops.derive_keys, password, params)
-        try:
-            bound = await self.worker(self.calls.bind, self.token, keys.protection_key, params)
-        except TokenError as e:
-            raise CardError(f"dongle check failed: {e}") from None
+        bound = await self._on_token("dongle check failed: ", self.calls.bind, self.token, keys.protection_key,
+                                     params)
         try:
             return CardMemory.load(self.config.serial, envelope, bound, self.rand)
         except crypto.CryptoError:
@@ -147,7 +142,8 @@ class TokenStorage:
             raise CardError("refused: the password does not open the card on this token") from None
         try:
             rebound = rewrap(self.config.serial, envelope, keys.protection_key, bound, self.rand)
-            await self.worker(self.calls.write, self.token, rebound)
+            await self._on_token("could not write the change to the token: ", self.calls.write, self.token,
+                                 rebound)
             memory.adopt_wrap(rebound)
         except BaseException:
             memory.wipe()
@@ -155,6 +151,16 @@ class TokenStorage:
         self.log.info("card {serial} bound to the token {token}", serial=self.config.serial,
                       token=self.token.token_label)
         return memory
+
+    async def _on_token(self, prefix: str, fn, *args):
+        """One token call on the worker: a TokenError, or any other PKCS#11 error (the token pulled mid-session),
+        is a CardError of one line."""
+        try:
+            return await self.worker(fn, *args)
+        except TokenError as e:
+            raise CardError(f"{prefix}{e}") from None
+        except Exception as e:  # noqa: BLE001 - PKCS#11 errors: DeviceRemoved, TokenNotPresent, ...
+            raise CardError(f"{prefix}the token failed: {e.__class__.__name__}") from None
 
     async def store(self, envelope: bytes) -> None:
         """A new generation of the protected information on the token, before the change is acknowledged."""
