@@ -10,6 +10,13 @@ MUK sources on Linux (hashed together with SHA-256; docs/card.md lists them):
   * fixed-disk sizes: /sys/block/*/size in 512-byte sectors, for every block
     device that is not loop, ram, zram, or removable (/sys/block/*/removable)
   * swap size: SwapTotal from /proc/meminfo
+
+Every one of those is world-readable, and the login name is in /etc/passwd:
+any user of the host could compute them. So the card's MUK is an HMAC of
+them under the machine secret, 32 random bytes in the card's HOME
+(``machine-secret``, 0600, made at the first use) that only the owner can
+read (``machine_muk``): another user of the host cannot produce the owner's
+MUK, to recover the card or to fill the owner's own lockout bucket.
 """
 
 from __future__ import annotations
@@ -71,10 +78,101 @@ def muk_sources(sys_root: str = "/") -> dict:
     }
 
 
-def compute_muk(sources: dict | None = None) -> bytes:
-    """MUK = SHA-256 of the canonical JSON of the sources (32 bytes)."""
+def compute_muk(sources: dict | None = None, secret: bytes | None = None) -> bytes:
+    """
+    The canonical JSON of the sources, hashed (32 bytes): HMAC-SHA256 under
+    ``secret`` (the machine secret: what the card sends), or SHA-256 without
+    one (anyone who can read the sources can compute that one).
+    """
     src = sources if sources is not None else muk_sources()
-    return crypto.sha256(json.dumps(src, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    text = json.dumps(src, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return crypto.hmac_sha256(secret, text) if secret is not None else crypto.sha256(text)
+
+
+SECRET_NAME = "machine-secret"
+SECRET_SIZE = 32
+
+
+class MachineKeyError(Exception):
+    """The machine secret cannot be used safely (message: one plain line)."""
+
+
+def machine_secret(home: str | os.PathLike, rand: crypto.RandomBytes = crypto.system_random) -> bytes:
+    """
+    ``HOME/machine-secret``, made on first use (0600, written aside and
+    linked into place, so a reader never sees half of one and two first uses
+    agree). One that is a symbolic link, not a regular file of this user,
+    readable by anyone else, or not 32 bytes is refused, never repaired.
+    """
+    home = os.fspath(home)
+    path = os.path.join(home, SECRET_NAME)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            _make_secret(home, path, rand)
+            continue
+        except OSError as e:
+            raise MachineKeyError(f"the machine secret {path} is not a file of yours ({e.strerror}): "
+                                  "vsc will not use it") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                raise MachineKeyError(f"the machine secret {path} is not a file of yours: vsc will not use it")
+            mode = stat.S_IMODE(st.st_mode)
+            if mode & 0o077:
+                raise MachineKeyError(f"the machine secret {path} is readable by others (mode {mode:04o}): vsc will "
+                                      f"not use it (chmod 600 it to recover a card in use; delete it once the card "
+                                      f"is idle)")
+            data = os.pread(fd, SECRET_SIZE + 1, 0)
+        finally:
+            os.close(fd)
+        if len(data) != SECRET_SIZE:
+            raise MachineKeyError(f"the machine secret {path} is damaged ({len(data)} bytes, not {SECRET_SIZE})")
+        return data
+    raise MachineKeyError(f"cannot make the machine secret {path}")  # pragma: no cover - made, then gone at once
+
+
+def _make_secret(home: str, path: str, rand: crypto.RandomBytes) -> None:
+    try:
+        os.makedirs(home, 0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{rand(8).hex()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, rand(SECRET_SIZE))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # never replaces: the first one made stays
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    except OSError as e:
+        raise MachineKeyError(f"cannot make the machine secret {path}: {e.strerror}") from None
+
+
+def machine_muk(home: str | os.PathLike, sources: dict | None = None) -> bytes:
+    """The MUK the card sends: the sources under the machine secret of the card's HOME."""
+    return compute_muk(sources, machine_secret(home))
+
+
+class MachineKey:
+    """
+    ``machine_muk`` for one card HOME as a session polls it ([0031]): the
+    secret read at the first call (the insert) and kept, the sources read at
+    every call.
+    """
+
+    def __init__(self, home: str | os.PathLike):
+        self.home = home
+        self._secret: bytes | None = None
+
+    def __call__(self) -> bytes:
+        if self._secret is None:
+            self._secret = machine_secret(self.home)
+        return compute_muk(None, self._secret)
 
 
 class MachineLockHeld(Exception):

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from vsc import crypto
 from vsc.card import ops
 from vsc.card.config import applications_of
-from vsc.card.machine import MachineLock, MachineLockHeld, compute_muk
+from vsc.card.machine import MachineKey, MachineKeyError, MachineLock, MachineLockHeld
 from vsc.card.memory import LockedBuffer
 from vsc.card.freshness import FreshnessStore, RollbackError
 from vsc.card.protected import CardMemory
@@ -67,7 +67,7 @@ def explain(e: Exception) -> str:
         if getattr(e, "notes", ()):
             text += " (this card could not answer: " + "; ".join(e.notes) + ")"
         return text
-    if isinstance(e, (MachineLockHeld, CardError, ops.WeakKdfRefused)):
+    if isinstance(e, (MachineLockHeld, MachineKeyError, CardError, ops.WeakKdfRefused)):
         return str(e)
     from vsc.net.errors import describe
 
@@ -95,7 +95,7 @@ class CardSession:
         reactor,
         storage: CardStorage,
         rand: crypto.RandomBytes = crypto.system_random,
-        muk: Callable[[], bytes] = compute_muk,
+        muk: Callable[[], bytes] | None = None,
         pid: Callable[[], int] = os.getpid,
         lock: MachineLock | None = None,
         on_exit: Callable[[int, str], None] = lambda code, why: None,
@@ -104,7 +104,7 @@ class CardSession:
         self.reactor = reactor
         self.storage = storage
         self.rand = rand
-        self._muk_fn = muk
+        self._muk_fn = muk if muk is not None else MachineKey(config.home)  # this machine, this user only
         self._pid_fn = pid
         self.lock = lock or MachineLock()
         self.on_exit = on_exit

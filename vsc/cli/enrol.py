@@ -164,7 +164,7 @@ def _offline(args, op: str) -> int:
     from vsc import crypto
     from vsc.card import ops
     from vsc.card.connect import connect
-    from vsc.card.machine import MachineLock, MachineLockHeld, compute_muk
+    from vsc.card.machine import MachineKeyError, MachineLock, MachineLockHeld, machine_muk
     from vsc.protocol.auth import load_master_key
 
     cfg = card_config(args)
@@ -179,7 +179,11 @@ def _offline(args, op: str) -> int:
             lock.acquire()  # [0059]-[0060]: no other copy may run here while recovering
         except MachineLockHeld as e:
             raise CommandError(f"recover refused: {e}")
-    muk = compute_muk()
+    try:
+        muk = machine_muk(cfg.home)  # what this machine's insert sent: recover needs the same
+    except MachineKeyError as e:
+        lock.release()
+        raise CommandError(f"{op} refused: {e}") from None
     creds = _credentials(args, cfg)
 
     async def run(reactor):
