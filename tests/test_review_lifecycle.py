@@ -19,7 +19,7 @@ from vsc.card import machine
 from vsc.card.config import CardConfig
 from vsc.card.machine import MachineLock, compute_muk, muk_sources
 from vsc.card.protected import PlainItem, seal_envelope
-from vsc.card.session import CardSession
+from vsc.card.session import CardError, CardSession
 from vsc.wire.protected import ItemKind, encode_counter
 
 SERIAL = "review-life-1"
@@ -95,3 +95,74 @@ def test_the_machine_secret_is_the_owners_alone(tmp_path):
     with pytest.raises(machine.MachineKeyError, match="not a file of yours"):
         machine.machine_muk(other)
     assert machine.machine_muk(home) == first
+
+
+# ================================================================ 2. one generation, one copy
+
+
+class KeepingServer(MemoryStorage):
+    """A malicious storage: keeps every upload, also those it answers with a failure; hands out what it likes."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.sent: list[bytes] = []
+
+    async def store(self, envelope: bytes) -> None:
+        self.sent.append(envelope)  # kept, whatever the answer
+        await super().store(envelope)
+
+    async def hand_back(self) -> None:
+        pass
+
+
+def _runs_envelope(runs: int) -> bytes:
+    return seal_envelope(SERIAL, KEY, [PlainItem(ItemKind.COUNTER, "lic:app", encode_counter(runs))], os.urandom)
+
+
+def _card(home, storage) -> CardSession:
+    return CardSession(_config(home), Clock(), storage, rand=os.urandom, muk=lambda: b"m" * 32, pid=lambda: 1,
+                       lock=MachineLock(str(home / "lock")))
+
+
+@pytest.mark.parametrize("where", ["one card process", "a later card process"])
+def test_a_failed_upload_of_the_same_generation_is_no_way_back(tmp_path, where):
+    """
+    docs/security.md "Rollback": the generation sealed in the protected
+    information and the HOME/freshness record cover "a malicious server
+    that hands back any older copy", and even an accepted rollback refunds
+    no rental run. Broken: a generation number was reused. A sync the
+    server answers with a failure is undone on the card, but the server
+    keeps the upload; the card's next upload carried the same generation
+    (in the same process, because a failed export did not use its number
+    up; in a later process, because it starts from the copy it is given).
+    Here the malicious server fails a ``data put`` (kept: 3 runs), then
+    stores a spent run (2 runs, acknowledged and recorded), and at the next
+    insert hands back the failed upload: same generation as the record, so
+    it was accepted — the acknowledged change silently gone and the run
+    refunded. A copy of the recorded generation that is not the recorded
+    copy must be refused like an older one.
+    """
+    storage = KeepingServer(SERIAL, _runs_envelope(3), KEY, os.urandom)
+    card = _card(tmp_path, storage)
+    done(card.insert("pw"))
+    base = storage.envelope
+    storage.fail_store = "the server failed"
+    with pytest.raises(CardError):
+        done(card.data_put("note", b"x"))
+    kept = storage.sent[-1]  # failed for the card, kept by the server
+    storage.fail_store = None
+    if where == "a later card process":
+        card.abort("the owner gives up on this process", code=None)  # nothing acknowledged since the insert
+        card = _card(tmp_path, storage)
+        storage.envelope = base  # the server hands out the copy before the failed upload
+        done(card.insert("pw"))
+    assert done(card.counter("lic:app", -1)) == 2  # acknowledged: HOME/freshness records it
+    card.abort("the process ends without remove", code=None)
+
+    storage.envelope = kept
+    again = _card(tmp_path, storage)
+    try:
+        with pytest.raises(CardError, match="older copy|another copy"):
+            done(again.insert("pw"))
+    finally:
+        release(again)

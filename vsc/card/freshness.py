@@ -55,10 +55,16 @@ class Record:
     card_id: str
     generation: int
     floors: dict  # "kind:name" -> the lowest value it may be lowered to
+    #: the acknowledged copy's index tag (hex): a failed upload the server kept may carry the same generation
+    #: (None: a record written before it was kept)
+    index: str | None = None
 
 
-def _body(card_id: str, generation: int, floors: dict) -> bytes:
-    return json.dumps({"card_id": card_id, "generation": generation, "floors": floors}, sort_keys=True).encode()
+def _body(card_id: str, generation: int, floors: dict, index: str | None = None) -> bytes:
+    body = {"card_id": card_id, "generation": generation, "floors": floors}
+    if index is not None:
+        body["index"] = index
+    return json.dumps(body, sort_keys=True).encode()
 
 
 def _pin_tries(value) -> int:
@@ -154,8 +160,13 @@ class FreshnessStore:
     def load(self, memory) -> Record | None:
         """This card's record, if its data key authenticates one (else None: no history here)."""
         entry = self._records().get(memory.serial)
+        if not isinstance(entry, dict):
+            return None
         try:
-            body = _body(memory.serial, int(entry["generation"]), dict(entry["floors"]))
+            index = entry.get("index")
+            if index is not None and not isinstance(index, str):
+                return None
+            body = _body(memory.serial, int(entry["generation"]), dict(entry["floors"]), index)
             mac = bytes.fromhex(entry["mac"])
         except (ValueError, KeyError, TypeError):
             return None
@@ -164,12 +175,12 @@ class FreshnessStore:
         if entry.get("card_id") != memory.serial or not crypto.constant_time_equal(
                 mac, memory.data_key_mac(b"vsc freshness", body)):
             return None
-        return Record(memory.serial, int(entry["generation"]), {k: int(v) for k, v in entry["floors"].items()})
+        return Record(memory.serial, int(entry["generation"]), {k: int(v) for k, v in entry["floors"].items()}, index)
 
     def save(self, memory) -> Record:
         """Record ``memory``'s generation (just acknowledged by the storage) and floors; atomic, fsynced."""
-        rec = Record(memory.serial, memory.generation, floors_of(memory))
-        body = _body(rec.card_id, rec.generation, rec.floors)
+        rec = Record(memory.serial, memory.generation, floors_of(memory), memory.index_tag.hex() or None)
+        body = _body(rec.card_id, rec.generation, rec.floors, rec.index)
         records = self._records()
         records[rec.card_id] = dict(json.loads(body), mac=memory.data_key_mac(b"vsc freshness", body).hex())
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -197,9 +208,18 @@ class FreshnessStore:
         lowered) and the acceptance is used up.
         """
         rec = self.load(memory)
-        if rec is None or memory.generation >= rec.generation:
+        if rec is None or memory.generation > rec.generation:
             return rec, []
-        if not self.rollback_accepted():
+        if memory.generation == rec.generation:
+            if rec.index is None or rec.index == memory.index_tag.hex():
+                return rec, []  # the very copy this machine saw stored
+            if not self.rollback_accepted():
+                raise RollbackError(
+                    f"refused: the server handed back another copy of generation {rec.generation} than the one "
+                    f"this machine saw stored (an upload the card was told had failed). Nothing was served. If "
+                    f"you know why and want that copy, run 'vsc card accept-rollback' and insert again (rental "
+                    f"runs and PIN tries stay as they were)")
+        elif not self.rollback_accepted():
             raise RollbackError(
                 f"refused: the server handed back an older copy of this card (generation {memory.generation}; "
                 f"this machine has seen generation {rec.generation} stored). It may have been restored from "

@@ -154,6 +154,10 @@ class CardMemory:
         #: storage (vsc.card.freshness); every export carries the next one
         self.generation = 0
         self._exported = 0
+        #: the tag of the sealed index of that copy (loaded, or last acknowledged): it names the copy, where
+        #: the generation only numbers it (a failed upload the server kept has the next number too)
+        self.index_tag = b""
+        self._exported_tag = b""
 
     # -- loading (insert) and exporting (sync, remove)
 
@@ -177,6 +181,7 @@ class CardMemory:
                 idx = bytearray(len(index.ciphertext) + 16)
                 n = crypto.gcm_open_into(dk.view, index.nonce, index.ciphertext, index.tag, idx, aad("index", serial))
                 items, mem.generation = decode_index_generation(memoryview(idx)[:n])
+                mem.index_tag = index.tag
                 for it in items:
                     with LockedBuffer(len(it.value.ciphertext)) as plain:
                         crypto.gcm_open_into(
@@ -213,11 +218,13 @@ class CardMemory:
             out = bytearray(len(index) + 16)
             nonce = self.rand(12)
             tag = crypto.gcm_seal_into(dk, nonce, index, out, aad("index", self.serial))
+            self._exported_tag = tag
             return encode_envelope(self._wrap, SealedValue(nonce, bytes(out[: len(index)]), tag), self.serial)
 
     def acknowledge(self) -> int:
         """The storage has the last export: its generation is now this card's. Returns it."""
-        self.generation = max(self.generation, self._exported)
+        if self._exported >= self.generation:
+            self.generation, self.index_tag = self._exported, self._exported_tag
         return self.generation
 
     def data_key_mac(self, label: bytes, data: bytes) -> bytes:
