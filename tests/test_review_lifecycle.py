@@ -166,3 +166,51 @@ def test_a_failed_upload_of_the_same_generation_is_no_way_back(tmp_path, where):
             done(again.insert("pw"))
     finally:
         release(again)
+
+
+# ================================================================ 3. the card's home is the owner's
+
+
+NOBODY = 65534
+
+
+def _squatted_home(tmp_path):
+    """A HOME another local user made first (as in /tmp, where anyone may): theirs, open to all."""
+    home = tmp_path / "card"
+    home.mkdir()
+    os.chmod(home, 0o777)
+    return home
+
+
+def test_a_card_home_another_user_can_write_is_refused(tmp_path):
+    """
+    The card's HOME holds what decides where the password goes: card.ini's
+    server, its pinned ``server_key`` and ``kdf_floor``; and the machine
+    secret, the keyfile and the freshness record. Broken: neither enrolment
+    (``config.save``) nor any use (``config.load``: the daemon, ``vsc card
+    recover``) looked at who can write HOME. Another local user who made the
+    directory first (``--home /tmp/card``), or any HOME writable by others,
+    can swap card.ini for one naming their own server and key and
+    ``kdf_floor = legacy``: the owner's next insert then answers that
+    server's challenge with an MD5-derived authentication key, a fast
+    offline guess of the password. HOME must be a directory of the user (or
+    root) that nobody else can write, like the lock's directory; anything
+    else is refused with one line, never repaired.
+    """
+    from vsc.card import config as cc
+
+    home = _squatted_home(tmp_path)
+    with pytest.raises(cc.CardConfigError, match="writable by others"):
+        cc.save(home, server="tcp:127.0.0.1:9", server_key="SHA256:x", serial=SERIAL)
+
+    os.chmod(home, 0o700)
+    cc.save(home, server="tcp:127.0.0.1:9", server_key="SHA256:x", serial=SERIAL)  # the owner's own: fine
+    assert cc.load(home).serial == SERIAL
+    os.chmod(home, 0o777)  # later opened up to others: the squatter may have replaced card.ini
+    with pytest.raises(cc.CardConfigError, match="writable by others"):
+        cc.load(home)
+
+    os.chmod(home, 0o755)
+    os.chown(home, NOBODY, NOBODY)  # made by another user, not writable by us or others: still theirs
+    with pytest.raises(cc.CardConfigError, match="belongs to"):
+        cc.load(home)

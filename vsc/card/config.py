@@ -68,8 +68,36 @@ def control_socket_for(home: Path) -> Path:
     return Path(paths.control_socket_for(home))
 
 
+def check_home(home: Path) -> None:
+    """
+    HOME decides where the password goes (card.ini's server, pinned key and
+    ``kdf_floor``) and holds the machine secret: it must be a directory of
+    this user (or root) that nobody else can write. A missing one passes
+    (``save`` makes it 0700); anything else is one CardConfigError line, and
+    HOME is not used — never repaired: a directory another user made is theirs.
+    """
+    import stat
+
+    try:
+        st = os.stat(home)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise CardConfigError(f"cannot use the card's home {home}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CardConfigError(f"the card's home {home} is not a directory")
+    if st.st_uid not in (0, os.getuid()):
+        raise CardConfigError(f"the card's home {home} belongs to {paths._who(st.st_uid)}, not to you: vsc will "
+                              f"not use it")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise CardConfigError(f"the card's home {home} is writable by others (mode {mode:04o}): vsc will not use it "
+                              f"(chmod go-w {home} if it is yours and nobody else changed what it holds)")
+
+
 def load(home: str | os.PathLike | None) -> CardConfig:
     home = Path(home) if home else default_home()
+    check_home(home)
     path = home / CARD_INI
     if not path.exists():
         raise CardConfigError(f"{path} not found: enroll first with 'vsc card --home {home} enroll ...'")
@@ -128,6 +156,7 @@ def _serial(path: Path, text: str) -> str:
 
 
 def save(home: Path, **values: str) -> None:
+    check_home(home)
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     parser = configparser.ConfigParser()
     parser["card"] = {k: str(v) for k, v in values.items()}

@@ -90,6 +90,10 @@ def cmd_enroll(args) -> int:
     from vsc.wire.protected import ItemKind, KeyAlg
 
     home = Path(args.home) if args.home else cc.default_home()
+    try:
+        cc.check_home(home)  # before anything is written to the token or to HOME
+    except cc.CardConfigError as e:
+        raise CommandError(str(e)) from None
     if (home / cc.CARD_INI).exists() and not args.force:
         raise CommandError(f"{home} already holds a card; use another --home")
     table_bytes = Path(args.table).read_bytes()

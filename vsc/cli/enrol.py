@@ -34,6 +34,10 @@ def cmd_enroll(args) -> int:
         raise CommandError(str(e), 2) from None
     home = Path(home_dir(args))
     try:
+        cc.check_home(home)  # before the one-time code is spent on the server
+    except cc.CardConfigError as e:
+        raise CommandError(str(e)) from None
+    try:
         applications = cc.parse_applications(args.applications)
     except cc.CardConfigError as e:
         raise CommandError(str(e), 2) from None
