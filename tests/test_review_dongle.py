@@ -336,3 +336,69 @@ def test_a_token_that_fails_in_the_middle_of_an_insert_is_refused_with_one_clear
     error = failures[0].value
     assert isinstance(error, CardError), repr(error)
     assert "the token failed: DeviceRemoved" in str(error) and "\n" not in str(error), str(error)
+
+
+class _Reactor:
+    """callFromThread only: what detached_worker needs; the calls are queued and run by the test."""
+
+    def __init__(self):
+        self.queued = []
+
+    def callFromThread(self, fn, *args):
+        self.queued.append((fn, args))
+
+    def run_queued(self):
+        for fn, args in self.queued:
+            fn(*args)
+        self.queued.clear()
+
+
+def test_a_hung_token_call_does_not_hold_the_process_at_shutdown():
+    """
+    After a check gives up on a token that does not answer, the card
+    process exits (status 5). The token calls ran on the reactor's thread
+    pool, which shutdown joins: a call that hangs for ever kept the process
+    up after the card said it was exiting (found by an adversarial review).
+    The daemon's worker runs each call on a daemon thread that shutdown does
+    not wait for, and hands results back through callFromThread; a result
+    that comes after the caller gave up is dropped.
+    """
+    import threading
+
+    from twisted.internet.defer import CancelledError
+
+    from vsc.dongle.storage import detached_worker
+
+    reactor = _Reactor()
+    worker = detached_worker(reactor)
+    release, seen = threading.Event(), []
+
+    def hung():
+        seen.append(threading.current_thread())
+        release.wait(20)
+        return "late"
+
+    d = worker(hung)
+    for _ in range(2000):  # the thread has started (a bounded wait for it, not a sleep in the code under test)
+        if seen:
+            break
+        threading.Event().wait(0.005)
+    assert seen and seen[0].daemon and seen[0] is not threading.main_thread()
+    assert seen[0].name == "vsc-token"
+    failures = []
+    d.addErrback(lambda f: failures.append(f.check(CancelledError)))
+    d.cancel()  # the check's timeout gives up on it
+    release.set()
+    seen[0].join(20)
+    reactor.run_queued()  # the late answer is dropped, not an AlreadyCalledError
+    assert failures == [CancelledError]
+
+    ok, bad = worker(lambda a, b=0: a + b, 2, b=3), worker(lambda: 1 // 0)
+    for t in threading.enumerate():
+        if t.name == "vsc-token":
+            t.join(20)
+    reactor.run_queued()
+    results = []
+    ok.addCallback(results.append)
+    bad.addErrback(lambda f: results.append(f.check(ZeroDivisionError)))
+    assert results == [5, ZeroDivisionError]

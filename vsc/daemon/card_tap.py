@@ -20,7 +20,7 @@ from vsc.card import config as card_config
 from vsc.card import sshagent
 from vsc.card.daemon import CardDaemon
 from vsc.card.storage import CardStorage, ServerStorage
-from vsc.dongle.storage import TokenStorage
+from vsc.dongle.storage import TokenStorage, detached_worker
 from vsc.protocol.auth import load_master_key
 
 
@@ -74,7 +74,8 @@ def storage_for(options: Options, cfg: card_config.CardConfig, reactor, master: 
             token, table, poll = dongle_setup(cfg, options["dongle"], options["token-pin-file"])
         except Exception as e:  # noqa: BLE001 - one line for the user
             _fail(str(e))
-        return TokenStorage(cfg, token, table, poll, clock=reactor)
+        # a thread per token call that shutdown does not join: a hung token cannot keep the process up
+        return TokenStorage(cfg, token, table, poll, clock=reactor, worker=detached_worker(reactor))
     totp = card_config.totp_source(options["totp"], options["totp-file"],
                                    cfg.settings.get("totp", "").lower() == "true")
     return ServerStorage(cfg, reactor, master, totp=totp)

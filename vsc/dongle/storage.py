@@ -13,17 +13,24 @@ back; if that write fails, every change is already on the token, so the card
 is removed anyway. A password change does not apply.
 
 Every PKCS#11 call and the password derivation run on the worker (a thread),
-never on the reactor.
+never on the reactor. The daemon's worker (``detached_worker``) gives each
+call a daemon thread of its own that shutdown never waits for: a token call
+that hangs, which the check gives up on after CHECK_TIMEOUT, cannot keep the
+card process from exiting (the reactor's thread pool joins its threads at
+shutdown).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Sequence
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.defer import TimeoutError as DeferTimeout
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from vsc import crypto
 from vsc.card import ops
@@ -34,6 +41,32 @@ from vsc.dongle.token import KDF_LABEL, PROTECTED_LABEL, Token, TokenError, Toke
 from vsc.protocol.card_lifecycle import CardError
 from vsc.wire.dongle import ChallengeTable
 from vsc.wire.ops import KdfParams
+
+
+def detached_worker(reactor) -> Worker:
+    """
+    A Worker that runs each call on a daemon thread of its own and hands the
+    result back on the reactor (``callFromThread``). Shutdown does not wait
+    for these threads, so a hung PKCS#11 call cannot hold the process after
+    the card has given up on it; a result that comes after the caller gave
+    up (a cancelled Deferred) is dropped.
+    """
+
+    def run(fn: Callable, *args, **kwargs) -> Deferred:
+        d: Deferred = Deferred()
+
+        def body() -> None:
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException:  # noqa: BLE001 - handed to the caller's errback
+                reactor.callFromThread(d.errback, Failure())
+            else:
+                reactor.callFromThread(d.callback, result)
+
+        threading.Thread(target=body, name="vsc-token", daemon=True).start()
+        return d
+
+    return run
 
 
 def token_check(ref: TokenRef, table: ChallengeTable, pick: int) -> bool:
