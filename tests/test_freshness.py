@@ -67,9 +67,11 @@ def test_a_restored_backup_is_refused(tmp_path):
     backup = step(mem, store)  # generation 1, 10 runs
     step(mem, store, runs=9)  # generation 2, one run spent
     again = CardMemory.load(SERIAL, backup, PK)
-    with pytest.raises(RollbackError, match="older copy"):
+    with pytest.raises(RollbackError, match="the server handed back an older copy"):
         store.check(again)
     assert store.load(again).generation == 2
+    with pytest.raises(RollbackError, match="the token handed back an older copy"):  # dongle mode says where
+        store.check(again, "the token")
 
 
 def test_a_relabelled_blob_is_refused_whatever_the_server_says(tmp_path):

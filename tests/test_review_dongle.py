@@ -402,3 +402,27 @@ def test_a_hung_token_call_does_not_hold_the_process_at_shutdown():
     ok.addCallback(results.append)
     bad.addErrback(lambda f: results.append(f.check(ZeroDivisionError)))
     assert results == [5, ZeroDivisionError]
+
+
+def test_card_ini_is_written_private(tmp_path):
+    """
+    ``vsc dongle enroll --keep-pin-in-uri`` keeps the token's PIN in
+    card.ini's token URI. card.ini was written with the process's umask
+    (usually 0644): any local user could read the PIN. It is written 0600
+    like every other file of the card's HOME, through paths.write_private
+    (a temporary file of our own, never one another user made first).
+    """
+    import stat
+
+    from vsc.card import config as cc
+
+    home = tmp_path / "card"
+    old = os.umask(0o022)
+    try:
+        cc.save(home, mode="dongle", serial="dg-1", token="pkcs11:token=t;pin-value=1234")
+    finally:
+        os.umask(old)
+    st = (home / cc.CARD_INI).stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert "pin-value=1234" in (home / cc.CARD_INI).read_text()
+    assert [p.name for p in home.iterdir()] == [cc.CARD_INI]  # no temporary file left behind

@@ -19,6 +19,7 @@ lives on the server (or a dongle).
 from __future__ import annotations
 
 import configparser
+import io
 import os
 from pathlib import Path
 
@@ -160,11 +161,11 @@ def save(home: Path, **values: str) -> None:
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     parser = configparser.ConfigParser()
     parser["card"] = {k: str(v) for k, v in values.items()}
-    tmp = home / (CARD_INI + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("# vsc card settings (no secrets here); see docs/card.md\n")
-        parser.write(f)
-    os.replace(tmp, home / CARD_INI)
+    text = io.StringIO()
+    text.write("# vsc card settings (no secrets here); see docs/card.md\n")
+    parser.write(text)
+    # 0600 all the same: a token URI kept with its PIN (vsc dongle enroll --keep-pin-in-uri) is one
+    paths.write_private(home / CARD_INI, text.getvalue().encode("utf-8"))
 
 
 def read_password(source: str | None, prompt: str = "Card password: ", confirm: bool = False) -> str:

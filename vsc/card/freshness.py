@@ -200,12 +200,13 @@ class FreshnessStore:
     def rollback_accepted(self) -> bool:
         return self.accept_path.exists()
 
-    def check(self, memory) -> tuple[Record | None, list[str]]:
+    def check(self, memory, source: str = "the server") -> tuple[Record | None, list[str]]:
         """
         On insert: refuse ``memory`` if its sealed generation is older than
         the record (RollbackError), unless the owner accepted the next
         rollback, in which case the floors are applied (returned: what was
-        lowered) and the acceptance is used up.
+        lowered) and the acceptance is used up. ``source`` names where the
+        copy came from in the refusal ("the server", "the token").
         """
         rec = self.load(memory)
         if rec is None or memory.generation > rec.generation:
@@ -215,13 +216,13 @@ class FreshnessStore:
                 return rec, []  # the very copy this machine saw stored
             if not self.rollback_accepted():
                 raise RollbackError(
-                    f"refused: the server handed back another copy of generation {rec.generation} than the one "
+                    f"refused: {source} handed back another copy of generation {rec.generation} than the one "
                     f"this machine saw stored (an upload the card was told had failed). Nothing was served. If "
                     f"you know why and want that copy, run 'vsc card accept-rollback' and insert again (rental "
                     f"runs and PIN tries stay as they were)")
         elif not self.rollback_accepted():
             raise RollbackError(
-                f"refused: the server handed back an older copy of this card (generation {memory.generation}; "
+                f"refused: {source} handed back an older copy of this card (generation {memory.generation}; "
                 f"this machine has seen generation {rec.generation} stored). It may have been restored from "
                 f"a backup or tampered with. Nothing was served. If you know why and want that copy, run "
                 f"'vsc card accept-rollback' and insert again (rental runs and PIN tries stay as they were)")

@@ -162,7 +162,7 @@ class CardSession:
             self.pid = self._pid_fn()
             memory = await self.storage.open(password, self.muk)
             try:
-                _record, lowered = self.freshness.check(memory)
+                _record, lowered = self.freshness.check(memory, getattr(self.storage, "source", "the server"))
             except RollbackError as e:
                 memory.wipe()
                 try:  # idle again on the server, as it was: the next insert needs no recover

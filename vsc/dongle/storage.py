@@ -119,6 +119,9 @@ class TokenStorage:
 
     log = Logger()
 
+    #: where an inserted copy comes from, as a refusal names it (vsc.card.freshness)
+    source = "the token"
+
     #: seconds the token has to answer a check; a token that does not (a dropped network token, a hung module)
     #: counts as gone, or a pending check would keep the card in use without the dongle
     CHECK_TIMEOUT = 30.0
