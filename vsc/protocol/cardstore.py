@@ -111,6 +111,9 @@ class EnrolCard:
     registration: bytes
     auth_extra: dict  # the server's side of material issued now (keyfile as1, TOTP seed)
     peer: str
+    #: False: the source is throttled; a refused enrolment (no valid code) is only logged, not written to
+    #: the history (a stranger who keeps asking cannot grow it without bound)
+    record: bool = True
 
 
 @attrs.frozen

@@ -256,12 +256,20 @@ def _build():
     def issued(m: OpsInputs, core: OpsCore, material: implauth.EnrolMaterial) -> None:
         req = core.request
         core.enrol_reply = material.reply
+        core.record = not core.limits.throttled(core.source, req.serial)  # see stored
         core.emit(EnrolCard(serial=req.serial, code_hash=auth.code_hash(req.code), verifier=req.verifier, kdf=req.kdf,
                             protected=req.protected, registration=req.registration,
-                            auth_extra=dict(material.auth_info), peer=core.peer))
+                            auth_extra=dict(material.auth_info), peer=core.peer, record=core.record))
 
     @issuing.upon(OpsInputs.material_refused).to(committing)
     def not_issued(m: OpsInputs, core: OpsCore, reason: str) -> None:
+        # nothing is proven yet (the code is checked with the EnrolCard): counted for the source, and once it
+        # is throttled only logged, so a stranger cannot grow the history without bound with bad requests
+        if core.limits.throttled(core.source, core.serial):
+            core.pending = Status.BAD_REQUEST
+            m.unevaluated(f"enrolment refused ({reason}); not recorded")
+            return
+        core.limits.failed(core.source, core.serial)
         core.refuse(Status.BAD_REQUEST, "bad-request", reason)
 
     @idle.upon(OpsInputs.auth_op_requested).to(loading)
@@ -387,13 +395,15 @@ def _build():
     @committing.upon(OpsInputs.stored).to(idle)
     def stored(m: OpsInputs, core: OpsCore, outcome: object) -> None:
         if not getattr(outcome, "holder", True):  # (some store calls return nothing: None)
-            # a session operation refused to a requester without the card's insert secret (or for no card):
-            # counted for its source like a failed authentication, so once the source is throttled its
+            # a session operation refused to a requester without the card's insert secret (or for no card), an
+            # enrolment refused for want of a valid code (whichever serial it names): counted for its source
+            # like a failed authentication, so once the source is throttled its
             # refusals are only logged (the request's ``record``), and the history stays bounded. The answer
             # is the same either way, and a holder's requests are never throttled or unrecorded
             core.limits.failed(core.source, core.serial)
             if not core.record:
-                core.emit(Logged("throttled", core.serial, f"{core.op.name.lower()} refused; not recorded"))
+                what = core.op.name.lower() if core.op is not None else "enrolment"
+                core.emit(Logged("throttled", core.serial, f"{what} refused; not recorded"))
         if core.pending is not None:
             core.emit(Reply(OpResult(status=core.pending)))
         else:

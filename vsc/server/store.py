@@ -515,8 +515,12 @@ class Store:
                 detail = "same enrolment retried; answered again"
             else:
                 detail = "no valid enrolment code"
-            self._history(cur, e.serial, "enrol", decision.history, e.peer, detail=detail)
-            return Outcome(decision.status, version=1 if decision.status is Status.OK else 0)
+            if decision.status is Status.OK or e.record:
+                self._history(cur, e.serial, "enrol", decision.history, e.peer, detail=detail)
+            if decision.status is not Status.OK:
+                # nothing proven (the code is the authority): counted for the source like a failed authentication
+                return Outcome(decision.status, holder=False)
+            return Outcome(decision.status, version=1)
 
     @staticmethod
     def _merge_material(info: dict, extra: dict) -> None:

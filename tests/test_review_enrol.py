@@ -1,0 +1,95 @@
+"""
+Rules of enrolment and administration (vsc.protocol.server_ops's enrolment,
+vsc.server.store, vsc.server.service, vsc.cli.admin) that an adversarial
+review found broken, each with how it was broken; they hold since the fix.
+Deterministic: a fixed clock, a real SQLite Store on a temporary file driven
+by hand.
+"""
+
+from __future__ import annotations
+
+from tests.test_review_server import _drive, _store
+from tests.test_server_ops import AUTH_INFO, KDF, Now, machine
+from vsc.protocol import auth
+from vsc.protocol.lockout import LockoutPolicy, SourceLimits
+from vsc.wire.ops import EnrolRequest, Status
+
+STRANGER = "198.51.100.7"
+
+
+def _enrol(serial: str, code: str, verifier: bytes = b"V" * 32) -> EnrolRequest:
+    return EnrolRequest(serial=serial, code=code, verifier=verifier, kdf=KDF, protected=b"P", registration=b"")
+
+
+# ---------------------------------------------------------------- 1. refused enrolments and the history
+
+
+def test_a_stranger_cannot_grow_the_history_without_bound_with_enrolment_requests(tmp_path):
+    """
+    Rule (docs/admin.md §9, §9a; docs/security.md "holding"): a stranger who
+    keeps asking cannot grow the history without bound; requests that prove
+    nothing are counted for their source, and once it is throttled its
+    refusals are only logged.
+
+    An enrolment proves itself with the one-time code. Before the fix every
+    refused enrolment (a wrong, used or expired code; a serial that was never
+    issued) was a permanent history row, written in its own fsynced
+    transaction, and never counted for its source: one unauthenticated
+    channel wrote a row per request, for any serial it named (300 rows for
+    300 requests here). Now a refused enrolment counts for its source, and
+    once the source is throttled its refusals are only logged: at most
+    ``source_threshold`` rows, the same answer to every request, and the
+    owner's enrolment with the right code from the same (throttled) address
+    still goes through.
+    """
+    now = Now()
+    store = _store(tmp_path, now)
+    store.issue("bob", auth.code_hash("RIGHT-CODE"), AUTH_INFO, 3600)
+    policy = LockoutPolicy()
+    limits = SourceLimits(policy, now)
+    before = len(store.history())
+    stranger = machine(now=now, peer=f"{STRANGER}:2000", limits=limits)
+    for i in range(150):
+        for serial in ("bob", f"no-such-{i}"):
+            replies = _drive(stranger, stranger.message(_enrol(serial, f"GUESS-{i}")), store)
+            assert [r.status for r in replies] == [Status.REFUSED]  # recorded or not, the same answer
+    grown = len(store.history()) - before
+    assert grown <= policy.source_threshold, f"{grown} history rows written for one unauthenticated source"
+    assert store.get("bob") is None and store.enrolment("bob") is not None
+    # the owner, behind the same address, enrols with the right code as ever, and it is recorded
+    owner = machine(now=now, peer=f"{STRANGER}:3000", limits=limits)
+    replies = _drive(owner, owner.message(_enrol("bob", "RIGHT-CODE")), store)
+    assert [r.status for r in replies] == [Status.OK]
+    assert store.get("bob") is not None and store.history("bob")[-1].op == "enrol"
+
+
+def test_enrolments_refused_as_bad_requests_cannot_grow_the_history_without_bound():
+    """
+    The same rule for an enrolment whose material cannot be made: under a
+    ``keyfile`` policy, an EnrolRequest without a registration is refused
+    BAD_REQUEST before any code is checked. Before the fix each one was a
+    history row (LogRefusal) and never counted for its source, so a stranger
+    with no code at all wrote one row per request (300 here). Now it counts
+    for the source like a wrong code, and once the source is throttled the
+    refusal is only logged; the answer stays BAD_REQUEST.
+    """
+    from vsc.protocol.cardstore import LogRefusal
+    from vsc.protocol.server_ops import IssueMaterial, Logged, OpsPolicy, Reply
+    from vsc.wire.ops import AuthMethod
+
+    now = Now()
+    policy = OpsPolicy(impl_auth=(AuthMethod.KEYFILE,))
+    limits = SourceLimits(policy.lockout, now)
+    stranger = machine(policy=policy, now=now, peer=f"{STRANGER}:2000", limits=limits)
+    rows = 0
+    for i in range(150):
+        for serial in ("bob", f"no-such-{i}"):
+            effects = stranger.message(_enrol(serial, f"GUESS-{i}"))
+            assert [type(e) for e in effects] == [IssueMaterial]
+            effects = stranger.material_refused("keyfile authentication is required, but the card sent no registration")
+            if effects and isinstance(effects[0], LogRefusal):
+                rows += 1
+                effects = stranger.stored(None)
+            assert all(isinstance(e, (Logged, Reply)) for e in effects)
+            assert effects[-1].message.status is Status.BAD_REQUEST
+    assert rows <= policy.lockout.source_threshold, f"{rows} history rows written for one unauthenticated source"
