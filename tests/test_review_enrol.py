@@ -93,3 +93,55 @@ def test_enrolments_refused_as_bad_requests_cannot_grow_the_history_without_boun
             assert all(isinstance(e, (Logged, Reply)) for e in effects)
             assert effects[-1].message.status is Status.BAD_REQUEST
     assert rows <= policy.lockout.source_threshold, f"{rows} history rows written for one unauthenticated source"
+
+
+# ---------------------------------------------------------------- 2. no private-key work for a request that proved nothing
+
+
+def test_a_wrong_enrolment_code_costs_the_server_no_signature(tmp_path):
+    """
+    Rule (docs/admin.md §9a): until an operation has shown its authority (an
+    enrolment code here) the server spends little on it; private-key work is
+    rate-limited per source (the handshake) and never done for free.
+
+    Under a ``keyfile`` policy the server makes a card's keyfile at
+    enrolment: an RSA signature with the server's key, on the same worker
+    pool as every database call. Before the fix it did so before it looked
+    at the code: every EnrolRequest with a made-up code and any
+    well-formed registration cost one RSA signature, and one channel (one
+    handshake) could send them one after another without limit, filling the
+    pool the owners' inserts wait on. Now the code (or, for a retried
+    enrolment, the stored card's verifier) is checked first, with a plain
+    read, and nothing is signed for a request that shows neither: 40
+    refused enrolments sign nothing, and the owner's enrolment with the
+    right code is signed once and gets its keyfile.
+    """
+    from tests.test_implauth import registration
+    from tests.test_server_ops import SERIAL, Harness, result_of
+    from vsc.card import ops as card_ops
+    from vsc.crypto import system_random
+    from vsc.server.policy import Policy, code_hash, new_enrolment_code
+    from vsc.protocol.server_ops import OpsPolicy
+    from vsc.wire.ops import AuthMethod
+
+    h = Harness(tmp_path, OpsPolicy(impl_auth=(AuthMethod.MASTER_KEY, AuthMethod.KEYFILE)))
+    code = new_enrolment_code()
+    h.store.issue(SERIAL, code_hash(code), Policy().initial_auth_info(), 3600)
+    signatures = []
+    sign = h.factory.registrar.sign
+    h.factory.registrar.sign = lambda data: signatures.append(data) or sign(data)
+    client, _, _ = h.connect()
+    kdf = card_ops.new_kdf(system_random, log2_n=10)
+    keys = card_ops.derive_keys("pw", kdf)
+    for i in range(20):
+        for serial in (SERIAL, f"no-such-{i}"):
+            d = h.run(card_ops.enrol(client, serial, new_enrolment_code(), keys, kdf, b"P",
+                                     registration=registration(keys, serial)))
+            d.addErrback(lambda f: f.trap(card_ops.OperationRefused))
+            result_of(d)
+    signed = len(signatures)
+    assert signed == 0, f"{signed} keyfiles signed for 40 enrolments with made-up codes"
+    result = result_of(h.run(card_ops.enrol(client, SERIAL, code, keys, kdf, b"P",
+                                            registration=registration(keys, SERIAL))))
+    assert result.status is Status.OK and result.registration
+    assert len(signatures) == 1 and "keyfile" in h.store.get(SERIAL).auth_info

@@ -93,11 +93,17 @@ class Reply:
 
 @attrs.frozen
 class IssueMaterial:
-    """Make (and sign: a private-key operation, off the reactor) what the policy's methods need at enrolment."""
+    """
+    Make (and sign: a private-key operation, off the reactor) what the policy's methods need at enrolment,
+    once a plain read shows the request may enrol (``Store.may_enrol``: the code is valid, or the card is this
+    very enrolment, retried); for any other request nothing is made (the EnrolCard is then refused).
+    """
 
     serial: str
     registration: bytes
     methods: tuple[AuthMethod, ...]
+    code_hash: bytes = b""
+    verifier: bytes = attrs.field(default=b"", repr=False)
 
 
 @attrs.frozen
@@ -248,7 +254,7 @@ def _build():
         core.start(req.serial, None, req)
         needed = tuple(x for x in core.policy.impl_auth if x in (AuthMethod.KEYFILE, AuthMethod.TOTP))
         if needed:
-            core.emit(IssueMaterial(req.serial, req.registration, needed))
+            core.emit(IssueMaterial(req.serial, req.registration, needed, auth.code_hash(req.code), req.verifier))
         else:
             m.material_issued(implauth.EnrolMaterial({}, b""))
 

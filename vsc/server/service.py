@@ -196,7 +196,7 @@ class ServerProtocol(ChannelProtocol):
             elif type(e) in STORE_CALLS:
                 backend.run(e).addCallbacks(lambda outcome: self._effects(self.ops.stored(outcome)), self._store_error)
             elif isinstance(e, IssueMaterial):
-                backend.work(self.factory.registrar.enrol, e.serial, e.registration, e.methods).addCallbacks(
+                backend.work(self._enrol_material, e).addCallbacks(
                     lambda material: self._effects(self.ops.material(material)), self._material_refused)
             elif isinstance(e, StartDeadline):
                 self._cancel_deadline()
@@ -212,6 +212,16 @@ class ServerProtocol(ChannelProtocol):
                 self.log.info("{peer} broke the operation protocol: {reason}", peer=self.peer, reason=e.reason)
                 if not self.channel.closed:
                     self.closeChannel(ErrorCode.UNEXPECTED_MESSAGE)
+
+    def _enrol_material(self, e: IssueMaterial) -> implauth.EnrolMaterial:
+        """
+        In a database thread: the material an enrolment needs (a keyfile: one RSA signature), made only for a
+        request that may enrol (a plain read); for any other, none (its EnrolCard is refused), so a made-up
+        code costs the server no private-key operation.
+        """
+        if not self.factory.backend.store.may_enrol(e.serial, e.code_hash, e.verifier):
+            return implauth.EnrolMaterial({}, b"")
+        return self.factory.registrar.enrol(e.serial, e.registration, e.methods)
 
     def _check_out_reissuing(self, e: CheckOut):
         """

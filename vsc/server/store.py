@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 
 import attrs
 
+from vsc import crypto
 from vsc.protocol.cardstore import (
     AttachCard,
     CardRecord,
@@ -460,6 +461,20 @@ class Store:
     def enrolment(self, serial: str) -> tuple[bytes, str, float] | None:
         rows = self._read("SELECT code_hash, auth_info, expires FROM enrolment_codes WHERE serial = ?", (serial,))
         return (bytes(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
+
+    def may_enrol(self, serial: str, code_hash: bytes, verifier: bytes) -> bool:
+        """
+        A plain read before any work is done for an enrolment (a keyfile's
+        signature): whether its code is valid now, or the card exists as this
+        very enrolment, untouched (a retry: idle, version 1, the same
+        verifier). ``enrol`` decides again under its lock.
+        """
+        rows = self._read("SELECT code_hash, expires FROM enrolment_codes WHERE serial = ?", (serial,))
+        if rows and crypto.constant_time_equal(bytes(rows[0][0]), code_hash) and rows[0][1] >= self.now():
+            return True
+        card = self.get(serial)
+        return (card is not None and card.state is State.IDLE and card.version == 1
+                and crypto.constant_time_equal(bytes(card.verifier), verifier))
 
     def enrol(self, e: EnrolCard) -> Outcome:
         """
