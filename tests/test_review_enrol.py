@@ -145,3 +145,87 @@ def test_a_wrong_enrolment_code_costs_the_server_no_signature(tmp_path):
                                             registration=registration(keys, SERIAL))))
     assert result.status is Status.OK and result.registration
     assert len(signatures) == 1 and "keyfile" in h.store.get(SERIAL).auth_info
+
+
+# ---------------------------------------------------------------- 3. the data directory: created, or trusted only if safe
+
+
+NOBODY = 65534
+
+
+def _umask(mask: int):
+    import contextlib
+    import os
+
+    @contextlib.contextmanager
+    def cm():
+        old = os.umask(mask)
+        try:
+            yield
+        finally:
+            os.umask(old)
+
+    return cm()
+
+
+def test_init_writes_the_config_with_the_database_password_for_its_owner_only(tmp_path):
+    """
+    Rule (docs/admin.md §2, §4; docs/security.md "Other users"): nothing of
+    the server's data directory that holds a secret is readable by other
+    local users. ``vsc-server.ini`` may hold the database URL with its
+    password (``postgresql://vsc:PASSWORD@HOST/vsc``: vsc redacts it in every
+    message for that reason).
+
+    ``init`` wrote the config with ``open(path, "w")``: mode 0666 & ~umask,
+    0644 under the usual umask 022. In a data directory that already
+    existed (an administrator's ``mkdir /var/lib/vsc``, mode 0755), every
+    local user could read the database password. Now the config is created
+    new (O_EXCL, never through a link planted there) with mode 0600.
+    """
+    import os
+    import stat
+
+    from vsc.server import config
+
+    d = tmp_path / "srv"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    with _umask(0o022):
+        config.init(d, database="postgresql://vsc:s3cret@127.0.0.1:5432/vsc", key_bits=2048)
+    ini = d / config.CONFIG_NAME
+    assert "s3cret" in ini.read_text()
+    mode = stat.S_IMODE(os.stat(ini).st_mode)
+    assert mode & 0o077 == 0, f"{ini} is mode {mode:o}: other local users read the database password"
+
+
+def test_init_refuses_a_data_directory_another_user_can_write(tmp_path):
+    """
+    Rule (docs/admin.md §2: "Whoever holds server-key.pem can impersonate
+    the server to every card"; docs/security.md: other users of the same
+    machine get nothing): the data directory is the server's own.
+
+    ``init`` used ``mkdir(exist_ok=True)`` and went on in whatever directory
+    it found: one another local user had made (``/srv/vsc`` created in
+    advance by ``nobody``), or one anyone can write (mode 0777). That user
+    can then rename ``server-key.pem`` away and put a key of its own in its
+    place (the directory is theirs, the 0600 file does not help), or point
+    ``vsc-server.ini`` at another database. Now ``init`` refuses such a
+    directory with one line and creates nothing in it.
+    """
+    import os
+
+    import pytest
+
+    from vsc.server import config
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, NOBODY, NOBODY)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    for d in (theirs, shared):
+        with pytest.raises(config.ConfigError) as e:
+            config.init(d, key_bits=2048)
+        assert str(d) in str(e.value) and "\n" not in str(e.value)
+        assert os.listdir(d) == []

@@ -10,7 +10,9 @@ default) its SQLite database.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import os
+import stat
 from pathlib import Path
 
 import attrs
@@ -93,10 +95,25 @@ def load(data_dir: str | os.PathLike) -> ServerConfig:
     )
 
 
+def _check_own(data_dir: Path) -> None:
+    """
+    The data directory holds the server key and (by default) the database: one another local user owns, or
+    anyone may write, would let them swap the key or the config. Root's own is trusted, as is ours.
+    """
+    st = os.stat(data_dir)
+    if st.st_uid not in (os.geteuid(), 0):
+        raise ConfigError(f"{data_dir} belongs to another user (uid {st.st_uid}); the server's data directory "
+                          "must be its own: use a new directory, or chown it first")
+    if st.st_mode & 0o022:
+        raise ConfigError(f"{data_dir} can be written by other users (mode {stat.S_IMODE(st.st_mode):o}); "
+                          "the server's data directory must not be: chmod go-w it, or use a new directory")
+
+
 def init(data_dir: str | os.PathLike, database: str = "", key_bits: int = 3072, listen: str = DEFAULT_LISTEN) -> ServerConfig:
     """Create the data dir, config file and key pair. Refuses to overwrite a key."""
     data_dir = Path(data_dir).absolute()
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_own(data_dir)
     key_path = data_dir / KEY_NAME
     if key_path.exists():
         raise ConfigError(f"{key_path} already exists; refusing to replace the server key cards have pinned")
@@ -115,7 +132,13 @@ def init(data_dir: str | os.PathLike, database: str = "", key_bits: int = 3072, 
         "forward_secrecy": "prefer",
         "handshake_timeout": "30",
     }
-    with open(data_dir / CONFIG_NAME, "w") as f:
+    # it may hold the database password (postgresql://USER:PASSWORD@...): a new file (never through a link
+    # found there; one there is replaced, as before), the owner's only
+    config_path = data_dir / CONFIG_NAME
+    with contextlib.suppress(FileNotFoundError):
+        config_path.unlink()
+    fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
         f.write("# vsc server settings; see docs/admin.md\n")
         parser.write(f)
     return load(data_dir)
