@@ -229,3 +229,39 @@ def test_init_refuses_a_data_directory_another_user_can_write(tmp_path):
             config.init(d, key_bits=2048)
         assert str(d) in str(e.value) and "\n" not in str(e.value)
         assert os.listdir(d) == []
+
+
+# ---------------------------------------------------------------- 4. the one-time code stays off the command line
+
+
+def test_the_enrolment_code_can_be_given_without_showing_it_to_other_local_users(tmp_path, monkeypatch):
+    """
+    Rule (docs/security.md "Other users of the same machine": they get
+    nothing; the one-time code is the only thing that proves an enrolment):
+    the owner can give ``vsc card enroll`` its code the way it gives its
+    password, from a file (or fd:N) or the terminal, never in argv.
+
+    ``vsc card enroll`` took the code only as ``--code CODE`` (required), so
+    it was in /proc/PID/cmdline, readable by every local user, for the whole
+    enrolment (scrypt, four key pairs and their certificates, the connect:
+    most of a second), next to the serial and the server's address and key
+    in the same argv. Another user watching the process list could enrol the
+    card first under a password of their own (the code works once): the
+    owner's enrolment is then refused and the serial is theirs. Now
+    ``--code-file FILE|fd:N`` reads it, and with neither option the terminal
+    is asked (like the password); ``--code`` remains for scripts.
+    """
+    from vsc.cli import enrol, parse
+
+    code_file = tmp_path / "alice.code"
+    code_file.write_text("ABCDE-FGHIJ-KLMNO-PQRST-UVWXY-Z2345\n")
+    argv = ["card", "--home", str(tmp_path / "home"), "enroll", "--server", "tcp:127.0.0.1:7390",
+            "--server-key", "SHA256:x", "--serial", "alice", "--code-file", str(code_file)]
+    args = parse(argv)
+    assert "ABCDE" not in " ".join(argv)
+    assert enrol.enrolment_code(args) == "ABCDE-FGHIJ-KLMNO-PQRST-UVWXY-Z2345"
+    # with no option at all, the terminal is asked (never an echoing read of stdin)
+    args = parse(argv[:-2])
+    monkeypatch.setattr("vsc.cli.card._have_terminal", lambda: True)
+    monkeypatch.setattr("getpass.getpass", lambda prompt: "ABCDE-FGHIJ")
+    assert enrol.enrolment_code(args) == "ABCDE-FGHIJ"

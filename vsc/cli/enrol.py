@@ -46,6 +46,7 @@ def cmd_enroll(args) -> int:
     channel = channel_config(args)
     pin_policy(args)  # a bad --pin-policy stops here, before any prompt
     password = read_password(args.password_file, "New card password: ", confirm=True)
+    code = enrolment_code(args)
     piv_items, piv_note = _piv_secrets(args)
     rand = crypto.system_random
     kdf = ops.new_kdf(rand, legacy=args.legacy_kdf, log2_n=args.scrypt_log2n)
@@ -72,7 +73,7 @@ def cmd_enroll(args) -> int:
     async def run(reactor):
         proto = await connect(reactor, args.server, args.server_key, channel)
         try:
-            reply["registration"] = (await ops.enrol(proto, args.serial, args.code, keys, kdf, envelope,
+            reply["registration"] = (await ops.enrol(proto, args.serial, code, keys, kdf, envelope,
                                                      registration)).registration
         except ops.OperationRefused as e:
             raise CommandError(f"enrolment refused ({e.status.name}): check the serial and the one-time code")
@@ -103,6 +104,43 @@ def cmd_enroll(args) -> int:
          f"applications: {', '.join(applications)}\n"
          f"insert it with: twistd -n vsc-card --home {home}")
     return 0
+
+
+def enrolment_code(args) -> str:
+    """
+    The one-time code: ``--code-file`` (a file or fd:N), else the terminal; ``--code`` (scripts) puts it in
+    argv, where every local user can read it while the enrolment runs.
+    """
+    from vsc.cli.card import _have_terminal
+
+    if args.code:
+        return args.code
+    source = args.code_file
+    if source:
+        try:
+            if source.startswith("fd:"):
+                with os.fdopen(int(source[3:]), "r", closefd=False) as f:
+                    text = f.readline()
+            else:
+                with open(source) as f:
+                    text = f.readline()
+        except (OSError, ValueError) as e:
+            raise CommandError(f"cannot read the enrolment code from {source}: {getattr(e, 'strerror', None) or e}")
+        text = text.strip()
+        if not text:
+            raise CommandError(f"{source} holds no enrolment code")
+        return text
+    if not _have_terminal():
+        raise CommandError("no enrolment code given (use --code-file FILE for automation)")
+    import getpass
+
+    try:
+        code = getpass.getpass("One-time enrolment code: ").strip()
+    except (EOFError, KeyboardInterrupt):
+        code = ""
+    if not code:
+        raise CommandError("no enrolment code given")
+    return code
 
 
 def _registration(serial: str, keys, publics: dict) -> bytes:
@@ -329,7 +367,11 @@ def add_actions(add) -> None:
     p.add_argument("--server", required=True, help="server endpoint, e.g. tcp:127.0.0.1:7390")
     p.add_argument("--server-key", required=True, help="the server key fingerprint to pin (SHA256:...)")
     p.add_argument("--serial", required=True)
-    p.add_argument("--code", required=True, help="the one-time enrolment code from 'vsc admin issue'")
+    code = p.add_mutually_exclusive_group()
+    code.add_argument("--code-file", help="read the one-time enrolment code from 'vsc admin issue' from this file or "
+                                          "fd:N (default: prompt)")
+    code.add_argument("--code", help="the one-time enrolment code itself (visible to other local users while the "
+                                     "enrolment runs: prefer --code-file)")
     p.add_argument("--applications", default="piv,openpgp",
                    help="the card applications the card carries on PC/SC: piv, openpgp or both (default piv,openpgp)")
     p.add_argument("--password-file", help="read the new password from this file or fd:N")
