@@ -265,3 +265,50 @@ def test_the_enrolment_code_can_be_given_without_showing_it_to_other_local_users
     monkeypatch.setattr("vsc.cli.card._have_terminal", lambda: True)
     monkeypatch.setattr("getpass.getpass", lambda prompt: "ABCDE-FGHIJ")
     assert enrol.enrolment_code(args) == "ABCDE-FGHIJ"
+
+
+# ---------------------------------------------------------------- 5. a stranger's serial in the operator's log
+
+
+def test_a_serial_a_stranger_sends_cannot_forge_lines_or_escapes_in_the_servers_log(tmp_path):
+    """
+    Rule (docs/admin.md §6, §11: the operator reads the server's log for
+    what strangers did; docs/security.md: unauthenticated peers get
+    nothing): what a stranger sends cannot write lines of its own, or
+    terminal escape sequences, into the server's log.
+
+    A request's serial is any UTF-8 on the wire (up to 64 bytes; a serial
+    stored by an earlier vsc may lie outside today's alphabet, so the server
+    cannot simply refuse it), and the server logged it as it came
+    (``"{peer}: {serial}: {event} ({detail})"`` for every refusal of a
+    throttled source). A stranger sent sync requests for the serial
+    ``"x\\n<a line of its choice>"`` or one holding ``ESC ]`` / ``ESC [``
+    sequences: the text log (twistd's default) then had a forged line, and
+    ``tail`` on the operator's terminal ran the escapes. Now a serial that
+    is not printable is logged escaped (``'x\\n...'``), on one line.
+    """
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from tests.test_server_ops import Harness, result_of
+    from vsc.wire.ops import Op, OpRequest
+
+    forged = "x\n2026-12-03T12:00:00 [vsc] alice destroyed\x1b]0;pwn\x07\x1b[2J"
+    h = Harness(tmp_path)
+    client, _, _ = h.connect()
+    lines: list[str] = []
+
+    def observe(event):
+        if event.get("serial") is not None:
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for _ in range(8):
+            d = h.run(client.request(OpRequest(op=Op.SYNC, serial=forged, insert_secret=b"S" * 32, version=1,
+                                               protected=b"x")))
+            assert result_of(d).status is Status.REFUSED
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert lines, "the throttled source's refusals were not logged"
+    for line in lines:
+        assert "\n" not in line and "\x1b" not in line and "\x07" not in line, repr(line)

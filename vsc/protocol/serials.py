@@ -53,6 +53,12 @@ def _shown(serial: str) -> str:
                    for c in serial[:80])
 
 
+def for_log(serial: str) -> str:
+    """A serial as it came off the wire, for a log line: as it is when printable, else escaped (one line, no
+    terminal escape sequences: a stranger's serial cannot forge log lines)."""
+    return serial if serial.isprintable() else _shown(serial)
+
+
 def problem(serial: str) -> str:
     """Why ``serial`` (already NFC) is outside the alphabet; '' when it is fine."""
     if not serial:

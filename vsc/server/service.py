@@ -23,7 +23,7 @@ from vsc.net.channel import ChannelFactory, ChannelProtocol, peer_of
 from vsc.net.transport import Refusal, close_now, write_now
 from vsc.protocol.channel import ChannelInfo, private_decrypt, server_channel
 from vsc.server.admission import Admission, AdmissionLimits, Refused
-from vsc.protocol import implauth
+from vsc.protocol import implauth, serials
 from vsc.protocol.cardstore import STORE_CALLS, CheckOut, LoadCard
 from vsc.protocol.implauth import Registrar
 from vsc.protocol.lockout import SourceLimits, source_of
@@ -206,8 +206,8 @@ class ServerProtocol(ChannelProtocol):
             elif isinstance(e, Authenticated):
                 self._authenticated()
             elif isinstance(e, Logged):
-                self.log.info("{peer}: {serial}: {event} ({detail})", peer=self.peer, serial=e.serial, event=e.event,
-                              detail=e.detail)
+                self.log.info("{peer}: {serial}: {event} ({detail})", peer=self.peer, serial=serials.for_log(e.serial),
+                              event=e.event, detail=e.detail)
             elif isinstance(e, ProtocolViolation):
                 self.log.info("{peer} broke the operation protocol: {reason}", peer=self.peer, reason=e.reason)
                 if not self.channel.closed:
