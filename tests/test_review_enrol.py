@@ -312,3 +312,37 @@ def test_a_serial_a_stranger_sends_cannot_forge_lines_or_escapes_in_the_servers_
     assert lines, "the throttled source's refusals were not logged"
     for line in lines:
         assert "\n" not in line and "\x1b" not in line and "\x07" not in line, repr(line)
+
+
+# ---------------------------------------------------------------- 6. the database password in the server's messages
+
+
+def test_the_server_never_prints_the_database_password(tmp_path, capsys):
+    """
+    Rule (docs/admin.md §4: a database URL may hold a password; `vsc admin`
+    shows it as ``***`` in every message,
+    tests/test_admin.py::test_init_with_an_unreachable_postgresql_hides_the_password):
+    the password is not written to a terminal or a log.
+
+    ``twistd vsc-server`` printed the whole URL when it could not open the
+    database at start-up (``vsc-server: cannot open the database
+    postgresql://vsc:s3cret@...``) and, for a URL of a kind it does not
+    support, the StoreError that quotes it: into twistd's stderr, which
+    systemd's journal or a log file keeps, for whoever reads those. Now the
+    password is ``***`` there too, as in `vsc admin`.
+    """
+    import pytest
+
+    from vsc.server import config, tap
+
+    for url in ("postgresql://vsc:s3cret@127.0.0.1:1/vsc", "mysql://vsc:s3cret@127.0.0.1:1/vsc"):
+        d = tmp_path / url.split(":", 1)[0]
+        config.init(d, database=url, key_bits=2048)
+        options = tap.Options()
+        options.parseOptions(["--data-dir", str(d)])
+        with pytest.raises(SystemExit) as e:
+            tap.makeService(options)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vsc-server: ") and "vsc:***@127.0.0.1:1" in err, err
+        assert "s3cret" not in err, err

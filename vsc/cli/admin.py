@@ -27,7 +27,6 @@ import os
 import sqlite3
 import time  # clock-ok: a command-line tool (or the harness) reads the wall clock
 from typing import Iterator
-from urllib.parse import urlparse, urlunparse
 
 from vsc.cli import EXIT_OK, EXIT_USAGE, CommandError, emit
 
@@ -43,11 +42,9 @@ def _one_line(e: BaseException) -> str:
 
 def _redact(url: str) -> str:
     """The URL without a password, for messages."""
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    netloc = parsed.netloc.rsplit("@", 1)
-    return urlunparse(parsed._replace(netloc=f"{parsed.username}:***@{netloc[-1]}"))
+    from vsc.server.store import redact
+
+    return redact(url)
 
 
 def _when(t) -> str:

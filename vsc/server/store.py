@@ -29,7 +29,7 @@ import os
 import sqlite3
 import threading
 from typing import Any, Callable, Iterator
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlunparse
 
 import attrs
 
@@ -191,6 +191,19 @@ _MIGRATIONS: dict[int, list[str]] = {
     ],
 }
 
+def redact(url: str) -> str:
+    """A database URL without its password (``USER:***@HOST``), for every message and log line."""
+    try:
+        parsed = urlparse(url)
+        password = parsed.password
+    except ValueError:  # a URL urlparse cannot take apart (a bad port): say nothing of what it holds
+        return "(the database URL)"
+    if password is None:
+        return url
+    netloc = parsed.netloc.rsplit("@", 1)
+    return urlunparse(parsed._replace(netloc=f"{parsed.username}:***@{netloc[-1]}"))
+
+
 class Store:
     """Open with ``Store.open(url, now)``; ``now`` is the injected clock (reactor.seconds)."""
 
@@ -211,7 +224,7 @@ class Store:
             except ImportError:
                 raise StoreError("PostgreSQL needs psycopg: pip install 'vsc[postgres]'") from None
         else:
-            raise StoreError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://...")
+            raise StoreError(f"unsupported database URL {redact(url)!r}: use sqlite:///PATH or postgresql://...")
         self._local = threading.local()
         self._all: list[Any] = []
         self._all_lock = threading.Lock()

@@ -91,7 +91,10 @@ def makeService(options: Options) -> service.IService:
         sys.stderr.write(f"vsc-server: {e}\n")
         raise SystemExit(2)
     except Exception as e:  # a database that cannot be reached, for one
-        sys.stderr.write(f"vsc-server: cannot open the database {cfg.database_url}: {e}\n")
+        from vsc.server.store import redact
+
+        why = " ".join(str(e).split()) or type(e).__name__
+        sys.stderr.write(f"vsc-server: cannot open the database {redact(cfg.database_url)}: {why}\n")
         raise SystemExit(2)
     listen = options["listen"] or cfg.listen
     settings = cfg.settings
