@@ -346,3 +346,49 @@ def test_the_server_never_prints_the_database_password(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("vsc-server: ") and "vsc:***@127.0.0.1:1" in err, err
         assert "s3cret" not in err, err
+
+
+# ---------------------------------------------------------------- 7. replace --policy fresh: all or nothing
+
+
+def test_replace_fresh_that_cannot_issue_the_new_code_destroys_nothing(tmp_path, capsys):
+    """
+    Rule (docs/admin.md §7 replace; "every vsc admin failure is one line
+    and a non-zero exit"): a command that fails changes nothing; replace
+    ``--policy duplicate`` copies first so that a refused copy leaves the
+    card alone.
+
+    ``replace --policy fresh`` destroyed the card first and only then issued
+    the replacement's code. When the code could not be issued (the default
+    ``SERIAL-r1`` looks like a serial that exists, ``SERIAL-rl``; or a
+    ``--new-serial`` that does) the command failed with one line, but the
+    card was already destroyed (final) and no replacement existed. Now the
+    code is issued first: a refusal leaves the card as it was.
+    """
+    import time
+
+    from vsc.cli import main
+    from vsc.protocol.cardstore import EnrolCard
+    from vsc.server import config
+    from vsc.server.store import Store
+
+    d = tmp_path / "srv"
+    config.init(d, key_bits=2048)
+    store = Store(config.load(d).database_url, time.time)  # clock-ok: the CLI uses wall time too
+    store.migrate()
+    try:
+        store.issue("lost", auth.code_hash("C1"), AUTH_INFO, 3600)
+        assert store.enrol(EnrolCard("lost", auth.code_hash("C1"), b"v" * 32, KDF, b"P", b"", {}, "p")).status \
+            is Status.OK
+        store.issue("lost-rl", auth.code_hash("C2"), AUTH_INFO, 3600)
+    finally:
+        store.close()
+    for extra in ([], ["--new-serial", "LOST-RL"]):
+        assert main(["admin", "--data-dir", str(d), "replace", "lost", "--policy", "fresh", *extra]) != 0
+        err = capsys.readouterr().err
+        assert err.startswith("vsc: ") and "looks like" in err, err
+        store = Store(config.load(d).database_url, time.time)  # clock-ok
+        try:
+            assert store.get("lost").state.value == "idle", "the card was destroyed by a replace that failed"
+        finally:
+            store.close()

@@ -384,9 +384,10 @@ def cmd_replace(args) -> int:
         else:
             from vsc.server.store import CardState
 
-            if card.state is not CardState.DESTROYED:
-                _destroy(store, serial)
+            # the code first: a new serial the store refuses (one that looks like another) leaves the card as it was
             code, expires = _new_code(store, policy, new, _ttl(args.ttl, policy.code_ttl))
+            if card.state is not CardState.DESTROYED:
+                store.destroy_by_admin(serial, peer="admin")  # destroyed meanwhile is destroyed too: the code stands
             data.update(code=code, expires=expires, state="issued")
             text = f"card {serial} destroyed; its replacement {new} starts afresh.\n" + _code_text(new, code, expires)
     emit(args, data, text)
