@@ -392,3 +392,41 @@ def test_replace_fresh_that_cannot_issue_the_new_code_destroys_nothing(tmp_path,
             assert store.get("lost").state.value == "idle", "the card was destroyed by a replace that failed"
         finally:
             store.close()
+
+
+# ---------------------------------------------------------------- 8. issue --code-file: all or nothing
+
+
+def test_issue_to_a_code_file_that_exists_leaves_the_earlier_code_working(tmp_path, capsys):
+    """
+    Rule (docs/admin.md §7 issue, Troubleshooting: ``FILE exists; not
+    overwriting it`` is a refusal): a command that fails changes nothing.
+
+    ``issue SERIAL --code-file FILE`` stored the new code (which replaces
+    the serial's earlier one) and only then found that FILE existed: it
+    failed with that line, the new code was shown to no one, and the code
+    the owner had already been given no longer worked. Now the file is
+    created first: when it exists nothing is issued, and the earlier code
+    still works.
+    """
+    import json
+    import time
+
+    from vsc.cli import main
+    from vsc.server import config
+    from vsc.server.store import Store
+
+    d = tmp_path / "srv"
+    config.init(d, key_bits=2048)
+    assert main(["admin", "--data-dir", str(d), "issue", "bob", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)["code"]
+    taken = tmp_path / "bob.code"
+    taken.write_text("something else\n")
+    assert main(["admin", "--data-dir", str(d), "issue", "bob", "--code-file", str(taken)]) != 0
+    assert "exists" in capsys.readouterr().err
+    assert taken.read_text() == "something else\n"
+    store = Store(config.load(d).database_url, time.time)  # clock-ok: the CLI uses wall time too
+    try:
+        assert store.enrolment("bob")[0] == auth.code_hash(first), "the code the owner holds was replaced"
+    finally:
+        store.close()

@@ -186,16 +186,14 @@ def _code_text(serial: str, code: str, expires: float) -> str:
     )
 
 
-def _write_code(path: str, code: str) -> None:
-    """The code alone on one line, in a new file of mode 0600 (an existing file is not overwritten)."""
+def _code_file(path: str) -> int:
+    """A new file of mode 0600 for the code, made before anything is issued (an existing file is not overwritten)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise CommandError(f"{path} exists; not overwriting it (remove it, or name another file)") from None
     except OSError as e:
         raise CommandError(f"cannot write {path}: {e.strerror}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(code + "\n")
 
 
 # ---------------------------------------------------------------- commands
@@ -204,14 +202,24 @@ def _write_code(path: str, code: str) -> None:
 def cmd_issue(args) -> int:
     serial = _new_serial(args.serial)
     _ttl(args.ttl, 60.0)  # checked before the database is even opened
-    with _database(args) as (_cfg, policy, store):
-        if store.get(serial) is not None:
-            raise CommandError(f"card {serial} already exists")
-        replaced = store.enrolment(serial) is not None
-        code, expires = _new_code(store, policy, serial, _ttl(args.ttl, policy.code_ttl))
+    # the file first: one that exists stops the command before a new code replaces the one the owner holds
+    fd = _code_file(args.code_file) if args.code_file else None
+    try:
+        with _database(args) as (_cfg, policy, store):
+            if store.get(serial) is not None:
+                raise CommandError(f"card {serial} already exists")
+            replaced = store.enrolment(serial) is not None
+            code, expires = _new_code(store, policy, serial, _ttl(args.ttl, policy.code_ttl))
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(args.code_file)
+        raise
     text = _code_text(serial, code, expires)
-    if args.code_file:
-        _write_code(args.code_file, code)
+    if fd is not None:
+        with os.fdopen(fd, "w") as f:
+            f.write(code + "\n")
         text = (f"enrolment code for card {serial} written to {args.code_file} (valid until {_when(expires)}); "
                 "give it to the card's owner, who enrols the card with it; it works once")
     if replaced:
