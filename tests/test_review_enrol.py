@@ -430,3 +430,64 @@ def test_issue_to_a_code_file_that_exists_leaves_the_earlier_code_working(tmp_pa
         assert store.enrolment("bob")[0] == auth.code_hash(first), "the code the owner holds was replaced"
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------- 9. a lost enrolment reply
+
+
+def test_an_enrolment_whose_reply_is_lost_is_retried_and_the_card_is_made(tmp_path, monkeypatch):
+    """
+    Rule (docs/admin.md §7 issue: the code "works once"; vsc.server.store
+    ``enrol``: "the same enrolment retried after its answer was lost ... is
+    answered OK again"): an enrolment the server stored is never left
+    half-made because its answer did not arrive.
+
+    ``vsc card enroll`` sent its EnrolRequest once. When the connection
+    dropped after the server had stored the card but before its OK arrived
+    (a network attacker needs to drop one record), the command failed
+    (``CLOSE_NOTIFY: connection lost``) and wrote no ``card.ini``: the
+    code was used up, the card existed on the server under the owner's
+    password, and running enroll again made new keys, so its request was no
+    longer "the same" and was refused. The owner was kept out until an
+    administrator destroyed the card and issued a new code. Now enroll
+    sends the identical request again on a new channel, which the server
+    answers OK, and the card is made.
+    """
+    from tests.test_server_ops import Harness, result_of
+    from vsc.cli import enrol as enrol_cli
+    from vsc.cli import parse
+    from vsc.server.policy import Policy, code_hash, new_enrolment_code
+
+    h = Harness(tmp_path)
+    code = new_enrolment_code()
+    h.store.issue("alice", code_hash(code), Policy().initial_auth_info(), 3600)
+    for name, text in (("code", code), ("password", "correct horse"), ("pin", "123456"), ("puk", "12345678")):
+        (tmp_path / name).write_text(text + "\n")
+    channels = []
+    real_enrol = h.store.enrol
+
+    def enrol_and_lose_the_answer(e):
+        outcome = real_enrol(e)
+        if len(channels) == 1:  # the first channel: stored, then the answer is lost with the connection
+            server = channels[0]
+            server.transport.write = server.transport.writeSequence = lambda data: None
+            server.transport.loseConnection()
+        return outcome
+
+    async def connect(reactor, endpoint, fingerprint, config, *rest, **kw):
+        client, server, _ = h.connect()
+        channels.append(server)
+        return client
+
+    monkeypatch.setattr(h.store, "enrol", enrol_and_lose_the_answer)
+    monkeypatch.setattr("vsc.card.connect.connect", connect)
+    monkeypatch.setattr(enrol_cli, "run_async", lambda run: result_of(h.run(run(h.clock))))
+    home = tmp_path / "home"
+    args = parse(["card", "--home", str(home), "enroll", "--server", "tcp:127.0.0.1:7390", "--server-key",
+                  h.fingerprint, "--serial", "alice", "--code-file", str(tmp_path / "code"),
+                  "--password-file", str(tmp_path / "password"), "--pin-file", str(tmp_path / "pin"),
+                  "--puk-file", str(tmp_path / "puk"), "--scrypt-log2n", "10"])
+    assert enrol_cli.cmd_enroll(args) == 0
+    assert len(channels) == 2 and (home / "card.ini").exists()
+    assert [(e.op, e.result) for e in h.store.history("alice")] == [("issue", "ok"), ("enrol", "ok"),
+                                                                    ("enrol", "repeat")]

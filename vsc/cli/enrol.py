@@ -15,6 +15,10 @@ from vsc.cli import CommandError, emit, run_async
 from vsc.cli.card import SLOT_KEYS, card_config, explain, home_dir, read_password
 
 
+#: channels an enrolment tries when the connection is lost before the answer (the request is the same each time)
+ENROL_ATTEMPTS = 3
+
+
 def cmd_enroll(args) -> int:
     from pathlib import Path
 
@@ -71,13 +75,23 @@ def cmd_enroll(args) -> int:
     reply: dict = {}
 
     async def run(reactor):
-        proto = await connect(reactor, args.server, args.server_key, channel)
-        try:
-            reply["registration"] = (await ops.enrol(proto, args.serial, code, keys, kdf, envelope,
-                                                     registration)).registration
-        except ops.OperationRefused as e:
-            raise CommandError(f"enrolment refused ({e.status.name}): check the serial and the one-time code")
-        proto.closeChannel()
+        from vsc.net.channel import ChannelClosedError
+
+        # a connection lost before the answer came may have lost only the answer: the server answers the
+        # identical request again ("same enrolment retried"), so send it again on a new channel
+        for attempt in range(ENROL_ATTEMPTS):
+            proto = await connect(reactor, args.server, args.server_key, channel)
+            try:
+                reply["registration"] = (await ops.enrol(proto, args.serial, code, keys, kdf, envelope,
+                                                         registration)).registration
+                break
+            except ops.OperationRefused as e:
+                raise CommandError(f"enrolment refused ({e.status.name}): check the serial and the one-time code")
+            except ChannelClosedError:
+                if attempt + 1 == ENROL_ATTEMPTS:
+                    raise
+            finally:
+                proto.closeChannel()
         result.update(serial=args.serial, server=args.server, slots=slots, kdf=kdf.alg.name.lower(),
                       applications=list(applications))
 
