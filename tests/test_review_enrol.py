@@ -145,6 +145,14 @@ def test_a_wrong_enrolment_code_costs_the_server_no_signature(tmp_path):
                                             registration=registration(keys, SERIAL))))
     assert result.status is Status.OK and result.registration
     assert len(signatures) == 1 and "keyfile" in h.store.get(SERIAL).auth_info
+    # the same enrolment retried (its answer lost) is still signed for: the stored card is this very enrolment
+    from vsc.protocol import auth as auth_
+
+    verifier = auth_.verifier_for(keys.auth_key, kdf.alg)
+    assert h.store.may_enrol(SERIAL, b"", verifier) and not h.store.may_enrol(SERIAL, b"", b"\0" * 32)
+    result = result_of(h.run(card_ops.enrol(client, SERIAL, code, keys, kdf, b"P",
+                                            registration=registration(keys, SERIAL))))
+    assert result.status is Status.OK and result.registration and len(signatures) == 2
 
 
 # ---------------------------------------------------------------- 3. the data directory: created, or trusted only if safe
