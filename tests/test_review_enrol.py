@@ -499,3 +499,32 @@ def test_an_enrolment_whose_reply_is_lost_is_retried_and_the_card_is_made(tmp_pa
     assert len(channels) == 2 and (home / "card.ini").exists()
     assert [(e.op, e.result) for e in h.store.history("alice")] == [("issue", "ok"), ("enrol", "ok"),
                                                                     ("enrol", "repeat")]
+
+
+def test_bad_password_changes_and_password_op_requests_cannot_grow_the_history_without_bound(tmp_path):
+    """
+    The same rule for the other requests refused before they prove
+    anything: an OpRequest(op=PASSWORD) (a password change is its own
+    message) and a ChangePassword whose new KDF parameters or verifier are
+    malformed. Each was a history row and never counted for its source, so a
+    stranger wrote one row per request (300 here; left open by the review of
+    enrolment, fixed with it). They now count for the source, and once it is
+    throttled they are only logged; the answer stays BAD_REQUEST.
+    """
+    from vsc.wire.ops import ChangePassword, Op, OpRequest
+
+    now = Now()
+    store = _store(tmp_path, now)
+    limits = SourceLimits(LockoutPolicy(), now)
+    before = len(store.history())
+    stranger = machine(now=now, peer=f"{STRANGER}:2000", limits=limits)
+    for i in range(100):
+        for request in (OpRequest(op=Op.PASSWORD, serial=f"s-{i}", insert_secret=b"S" * 32),
+                        ChangePassword(serial="bob", insert_secret=b"S" * 32, version=1, verifier=b"V" * 32,
+                                       kdf=b"not kdf parameters", protected=b"P"),
+                        ChangePassword(serial=f"s-{i}", insert_secret=b"S" * 32, version=1, verifier=b"V" * 3,
+                                       kdf=KDF, protected=b"P")):
+            replies = _drive(stranger, stranger.message(request), store)
+            assert [r.status for r in replies] == [Status.BAD_REQUEST]  # recorded or not, the same answer
+    grown = len(store.history()) - before
+    assert grown <= LockoutPolicy().source_threshold, f"{grown} history rows written for one unauthenticated source"

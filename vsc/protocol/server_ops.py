@@ -269,14 +269,8 @@ def _build():
 
     @issuing.upon(OpsInputs.material_refused).to(committing)
     def not_issued(m: OpsInputs, core: OpsCore, reason: str) -> None:
-        # nothing is proven yet (the code is checked with the EnrolCard): counted for the source, and once it
-        # is throttled only logged, so a stranger cannot grow the history without bound with bad requests
-        if core.limits.throttled(core.source, core.serial):
-            core.pending = Status.BAD_REQUEST
-            m.unevaluated(f"enrolment refused ({reason}); not recorded")
-            return
-        core.limits.failed(core.source, core.serial)
-        core.refuse(Status.BAD_REQUEST, "bad-request", reason)
+        # nothing is proven yet (the code is checked with the EnrolCard)
+        _refuse_unproven(m, core, Status.BAD_REQUEST, reason)
 
     @idle.upon(OpsInputs.auth_op_requested).to(loading)
     def start(m: OpsInputs, core: OpsCore, req: OpRequest) -> None:
@@ -298,14 +292,14 @@ def _build():
     @idle.upon(OpsInputs.bad_op_requested).to(committing)
     def bad_op(m: OpsInputs, core: OpsCore, req: OpRequest) -> None:
         core.start(req.serial, req.op, req)
-        core.refuse(Status.BAD_REQUEST, "bad-request", "a password change is a ChangePassword message, not an OpRequest")
+        _refuse_unproven(m, core, Status.BAD_REQUEST, "a password change is a ChangePassword message, not an OpRequest")
 
     @idle.upon(OpsInputs.password_change_requested).to(committing)
     def password(m: OpsInputs, core: OpsCore, req: ChangePassword) -> None:
         core.start(req.serial, Op.PASSWORD, req)
         problem = _password_change_problem(req)
-        if problem:
-            core.refuse(Status.BAD_REQUEST, "bad-request", problem)
+        if problem:  # refused before its insert secret is looked at: it proved nothing
+            _refuse_unproven(m, core, Status.BAD_REQUEST, problem)
             return
         core.record = not core.limits.throttled(core.source, req.serial)  # see stored
         core.emit(ChangeCardPassword(serial=req.serial, session=crypto.sha256(req.insert_secret), version=req.version,
@@ -470,6 +464,21 @@ def _own_machine(card, muk: bytes) -> bool:
     """Whether the answer carries the MUK of the card's last insert (the owner's own bucket)."""
     last = getattr(card, "last_muk", None) if card is not None else None
     return bool(last) and len(muk) == len(last) and crypto.constant_time_equal(muk, last)
+
+
+def _refuse_unproven(m: OpsInputs, core: OpsCore, status: Status, detail: str) -> None:
+    """
+    Refuse a request that proved nothing (no code, no insert secret looked
+    at): it counts for its source, and once the source is throttled the
+    refusal is only logged, never a history row, so a stranger cannot grow
+    the history without bound. The answer is the same either way.
+    """
+    if core.limits.throttled(core.source, core.serial):
+        core.pending = status
+        m.unevaluated(f"{detail}; not recorded")
+        return
+    core.limits.failed(core.source, core.serial)
+    core.refuse(status, "bad-request", detail)
 
 
 def _password_change_problem(req: ChangePassword) -> str:
