@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from vsc.net.framing import FrameReceiver
 from vsc.net.transport import close_now, write_now
@@ -68,8 +69,19 @@ def no_delay(transport) -> None:
             pass
 
 
+@implementer(IPushProducer)
 class ChannelProtocol(FrameReceiver):
-    """One end of a protected channel over any stream transport."""
+    """
+    One end of a protected channel over any stream transport.
+
+    It is its transport's streaming producer (flow control): what it writes
+    is mostly answers to what it reads (an ECHO_REPLY for every ECHO_REQUEST,
+    the channel answers those itself, for anyone who completed a handshake),
+    so when the peer leaves them unread and the transport's buffer fills, it
+    stops reading from that peer until the buffer has drained. A peer that
+    never reads therefore makes it buffer about one read's worth, not
+    everything it sends.
+    """
 
     log = Logger()
     #: Emit the per-handshake debug event ("channel ... established"). Off by default: twistd drops debug
@@ -90,6 +102,7 @@ class ChannelProtocol(FrameReceiver):
         self._closed: list[Deferred] = []
         self.MAX_LENGTH = channel.max_frame_body()
         self._limit_settled = False
+        self._producing = False  # registered as the transport's producer
 
     # -- API for subclasses and users
     def whenEstablished(self) -> Deferred:
@@ -136,11 +149,39 @@ class ChannelProtocol(FrameReceiver):
         """
         self._run(self.channel.decrypted(private_decrypt(self.channel._core.private_key, ciphertext)))
 
+    # -- flow control (IPushProducer, called by the transport)
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full (the peer is not reading): stop reading from the peer."""
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The transport's buffer drained: read again."""
+        if not self.channel.closed:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; connectionLost follows."""
+        self._producing = False
+
+    def _register_producer(self) -> None:
+        try:
+            self.transport.registerProducer(self, True)
+        except (AttributeError, RuntimeError):  # no consumer interface, or another producer already
+            return
+        self._producing = True
+
+    def _unregister_producer(self) -> None:
+        if self._producing:
+            self._producing = False
+            # a transport with a producer would wait for it before finishing loseConnection
+            self.transport.unregisterProducer()
+
     # -- Twisted side
     def connectionMade(self) -> None:
         no_delay(self.transport)
         if not self.peer_host:  # a subclass may have asked already (vsc.server: the source address)
             self.peer, self.peer_host = peer_of(self.transport)
+        self._register_producer()
         self._run(self.channel.start())
 
     def frameReceived(self, frame: bytes) -> None:
@@ -155,6 +196,7 @@ class ChannelProtocol(FrameReceiver):
         self._run(self.channel.frame_error(error))
 
     def connectionLost(self, reason: Failure = None) -> None:
+        self._producing = False
         self._run(self.channel.connection_lost())
         self._cancel_timer()
 
@@ -232,6 +274,7 @@ class ChannelProtocol(FrameReceiver):
             d.callback((effect.code, effect.reason))
         self._guard(lambda: self.channelClosed(effect.code, effect.reason, effect.by_peer))
         # last: on an idle TCP socket this runs connectionLost before it returns (vsc.net.transport)
+        self._unregister_producer()
         close_now(self.transport)
 
 

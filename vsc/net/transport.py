@@ -13,7 +13,8 @@ away (one ``send``) and hands Twisted only what the kernel did not take;
 extra turn.
 
 Only a plain (not TLS) ``twisted.internet.tcp`` connection with nothing
-buffered, no producer, open, not closing and not aborted is written to
+buffered, no producer but a streaming one that is not paused (the channel's
+flow control, vsc.net.channel), open, not closing and not aborted is written to
 directly (after ``abortConnection`` Twisted drops every write and closes
 abortively on its next turn; so does this, through Twisted); every
 other transport (TLS, UNIX sockets behind another class, StringTransport,
@@ -39,7 +40,11 @@ from zope.interface import implementer
 
 
 def _writable_now(transport) -> bool:
-    """A plain TCP connection, open, not closing or aborted, with no producer and nothing buffered in Twisted."""
+    """
+    A plain TCP connection, open, not closing or aborted, with nothing buffered in Twisted and no producer
+    but a streaming one that is not paused (with nothing buffered, Twisted's own write would neither pause
+    nor resume it).
+    """
     return (
         isinstance(transport, tcp.Connection)
         and not transport.TLS
@@ -47,7 +52,7 @@ def _writable_now(transport) -> bool:
         and not transport.disconnecting
         and not transport._aborting  # abortConnection sets only this: Twisted then drops every write
         and not transport._writeDisconnected
-        and transport.producer is None
+        and (transport.producer is None or (transport.streamingProducer and not transport.producerPaused))
         and not transport._tempDataLen
         and transport.offset == len(transport.dataBuffer)
     )

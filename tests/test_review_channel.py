@@ -1,0 +1,100 @@
+"""
+Rules of the protected channel and its network-facing glue (vsc.protocol.channel,
+vsc.net.channel, vsc.net.framing) that an adversarial review found broken, each
+with how it was broken; they hold since the fix.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.testing import StringTransport
+
+from vsc.wire.messages import EchoReply, EchoRequest
+
+from tests.test_net import CARD_ADDR, SERVER_ADDR, Harness
+from tests.vectors.support import sends
+
+
+# ================================================================ 1. a peer that does not read its answers
+
+
+class UnreadTransport(StringTransport):
+    """
+    A TCP connection whose peer reads nothing: every byte written stays
+    queued (``value()``), and, as Twisted's FileDescriptor does, a registered
+    streaming producer is paused once more than ``bufferSize`` bytes wait
+    and resumed when the queue has drained (``drain``).
+    """
+
+    bufferSize = 65536
+
+    def __init__(self):
+        super().__init__(hostAddress=SERVER_ADDR, peerAddress=CARD_ADDR)
+        self.producer_paused = False
+
+    def write(self, data):
+        super().write(data)
+        if self.producer is not None and self.streaming and not self.producer_paused \
+                and len(self.value()) > self.bufferSize:
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        data = self.value()
+        self.clear()
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return data
+
+    @property
+    def reading(self) -> bool:
+        """Whether the protocol still reads (it paused the transport, its own producer, to stop)."""
+        return self.producerState == "producing"
+
+
+def test_a_peer_that_never_reads_its_echo_replies_cannot_grow_the_servers_write_buffer():
+    """
+    Rule: what the server queues for a peer is bounded, whoever the peer is.
+    Anyone may complete the handshake (the channel authenticates the server,
+    not the card), and the channel itself answers every ECHO_REQUEST with an
+    ECHO_REPLY of the same data. Broken: the glue wrote every reply and kept
+    reading, with no flow control; a peer that sent 64 KiB echo requests and
+    never read the replies made the server's transport buffer 200 × 64 KiB =
+    12.5 MiB (and without limit) for one unauthenticated connection: the
+    idle timer restarts with every request. Now ChannelProtocol is the
+    transport's streaming producer: once the peer's unread answers fill the
+    transport's buffer it stops reading from that peer (TCP then pushes back
+    on the sender), and reads again once the peer has taken them.
+    """
+    h = Harness()
+    h.transport = UnreadTransport()
+    h.handshake()
+    sent = 0
+    while sent < 200 and h.transport.reading:  # once it stops reading, the rest waits in the kernel
+        h.proto.dataReceived(sends(h.card.send(EchoRequest(bytes(60000))))[0])
+        sent += 1
+    assert not h.proto.channel.closed
+    assert len(h.transport.value()) <= 2 * h.transport.bufferSize, len(h.transport.value())
+    assert not h.transport.reading
+
+    # the peer reads: the server reads again, and the channel still works
+    replies = h.card.receive_bytes(h.transport.drain())
+    assert h.transport.reading
+    assert all(e.message == EchoReply(bytes(60000)) for e in replies if hasattr(e, "message"))
+    h.card_send(EchoRequest(b"still there"))
+    assert not h.proto.channel.closed
+
+
+def test_closing_the_channel_lets_go_of_the_transport():
+    """
+    Rule: when the channel closes, the transport closes after what was
+    written. A transport with a registered producer does not finish a
+    ``loseConnection`` until the producer is unregistered (Twisted's
+    FileDescriptor), so the glue must unregister itself when it closes.
+    """
+    h = Harness()
+    h.transport = UnreadTransport()
+    h.handshake()
+    h.proto.closeChannel()
+    assert h.transport.producer is None
+    assert h.transport.disconnecting
