@@ -203,6 +203,9 @@ def test_handshake_timer_fires_on_the_clock():
         h.clock.advance(0.001)
     assert h.transport.value() == encode_frame(Alert(ErrorCode.HANDSHAKE_TIMEOUT))
     assert h.transport.disconnecting
+    # the handshake timer is gone; only the guard that aborts a transport still open closeGrace later runs
+    assert [c.func for c in h.clock.getDelayedCalls()] == [h.proto._abort]
+    h.proto.connectionLost(None)
     assert h.clock.getDelayedCalls() == []
     assert closed_of(h.proto) == [(ErrorCode.HANDSHAKE_TIMEOUT, False)]
     failure = result(established)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from twisted.internet.testing import StringTransport
 
+from vsc.protocol.suites import ChannelConfig
+from vsc.wire import ErrorCode
 from vsc.wire.messages import EchoReply, EchoRequest
 
-from tests.test_net import CARD_ADDR, SERVER_ADDR, Harness
+from tests.test_net import CARD_ADDR, SERVER_ADDR, Harness, closed_of
 from tests.vectors.support import sends
 
 
@@ -98,3 +100,66 @@ def test_closing_the_channel_lets_go_of_the_transport():
     h.proto.closeChannel()
     assert h.transport.producer is None
     assert h.transport.disconnecting
+
+
+# ================================================================ 2. a closed channel's transport goes, read or not
+
+
+class NeverDrainsTransport(UnreadTransport):
+    """
+    A TCP connection whose peer reads nothing: ``loseConnection`` waits for
+    the queued bytes to leave, which they never do (a peer that keeps its
+    receive window at zero); ``abortConnection`` drops them and the
+    connection is lost (TCP does so on the reactor's next turn).
+    """
+
+    aborted = False
+
+    def abortConnection(self):
+        if not self.aborted:
+            self.aborted = True
+            self.disconnecting = True
+            self.protocol.connectionLost(None)
+
+
+def test_a_connection_the_server_closed_does_not_linger_when_the_peer_never_reads():
+    """
+    Rule: when the server ends a channel (here its idle timer: an
+    unauthenticated peer that stopped sending), the connection is gone
+    soon after, and with it its descriptor, its buffers and its place among
+    the unauthenticated connections (vsc.server.admission counts a
+    connection until connectionLost). Broken: the glue only called
+    ``loseConnection``, which waits until everything queued has been sent;
+    a peer that had left answers unread and kept its receive window shut
+    held the closed connection for ever (a day in the test), so the idle
+    timer "closed" it without ever freeing anything. Now a transport that
+    has not gone ``closeGrace`` seconds after the close is aborted.
+    """
+    h = Harness(ChannelConfig(idle_timeout=60))
+    h.transport = NeverDrainsTransport()
+    h.transport.protocol = h.proto
+    h.handshake()
+    for _ in range(20):  # answers the peer never reads
+        if not h.transport.reading:
+            break
+        h.proto.dataReceived(sends(h.card.send(EchoRequest(bytes(60000))))[0])
+    h.clock.advance(60)
+    assert h.proto.channel.closed and h.transport.disconnecting
+    assert closed_of(h.proto) == [(ErrorCode.IDLE_TIMEOUT, False)]
+    h.clock.advance(86400)
+    assert h.transport.aborted
+    assert not h.clock.getDelayedCalls()
+
+
+def test_a_connection_that_closes_in_time_is_not_aborted():
+    """The grace timer goes with the connection: nothing is left scheduled and nothing aborted."""
+    h = Harness(ChannelConfig(idle_timeout=60))
+    h.transport = NeverDrainsTransport()
+    h.transport.protocol = h.proto
+    h.handshake()
+    h.clock.advance(60)
+    assert h.proto.channel.closed
+    h.proto.connectionLost(None)  # the peer read the CLOSE; the transport went
+    assert not h.clock.getDelayedCalls()
+    h.clock.advance(86400)
+    assert not h.transport.aborted

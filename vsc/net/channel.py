@@ -88,6 +88,12 @@ class ChannelProtocol(FrameReceiver):
     #: events only after building them (a Logger per access, the event, the publisher), which cost about
     #: as much per handshake as the rest of the glue; turn on (on the class) to trace handshakes.
     debug_events = False
+    #: once the channel is over, how long the transport may take to send what is queued (its last answers,
+    #: the CLOSE) before it is aborted: ``loseConnection`` waits for the peer to read, and a peer that keeps
+    #: its receive window shut would hold the connection (and its admission slot) for ever
+    closeGrace = 30.0
+    _abort_call: IDelayedCall | None = None
+    _lost = False
 
     def __init__(self, channel: Channel, clock: IReactorTime):
         self.channel = channel
@@ -196,7 +202,11 @@ class ChannelProtocol(FrameReceiver):
         self._run(self.channel.frame_error(error))
 
     def connectionLost(self, reason: Failure = None) -> None:
+        self._lost = True
         self._producing = False
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
         self._run(self.channel.connection_lost())
         self._cancel_timer()
 
@@ -276,6 +286,19 @@ class ChannelProtocol(FrameReceiver):
         # last: on an idle TCP socket this runs connectionLost before it returns (vsc.net.transport)
         self._unregister_producer()
         close_now(self.transport)
+        if not self._lost and self._abort_call is None:
+            self._abort_call = self.clock.callLater(self.closeGrace, self._abort)
+
+    def _abort(self) -> None:
+        """The peer did not take the channel's last bytes within ``closeGrace``: drop them and the connection."""
+        self._abort_call = None
+        if not self._lost:
+            self.log.info(
+                "{peer} left the channel's last bytes unread {seconds:g} s after it closed: connection aborted",
+                peer=self.peer,
+                seconds=self.closeGrace,
+            )
+            getattr(self.transport, "abortConnection", self.transport.loseConnection)()
 
 
 class ChannelClosedError(Exception):
