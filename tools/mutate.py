@@ -264,8 +264,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "vsc/card/ops.py", "    if not floor or floor == \"legacy\":\n        return",
            "    if floor or floor == \"legacy\":\n        return", mode="card"),
     Mutant("card-rollback-window-one-generation", "§10.12 K8: the card refuses a copy older than the last it saw stored",
-           "vsc/card/freshness.py", "if rec is None or memory.generation >= rec.generation:",
-           "if rec is None or memory.generation >= rec.generation - 1:", mode="card"),
+           "vsc/card/freshness.py", "if rec is None or memory.generation > rec.generation:",
+           "if rec is None or memory.generation > rec.generation - 2:", mode="card"),
     Mutant("card-no-handshake-timer", "§6.3 B3: the card gives up on a server that does not finish the handshake",
            CH, "    def start(inputs: ChannelInputs, core: ChannelCore) -> None:\n"
                "        core.emit(SetTimer(core.config.handshake_timeout))",
