@@ -214,3 +214,37 @@ def test_a_card_home_another_user_can_write_is_refused(tmp_path):
     os.chown(home, NOBODY, NOBODY)  # made by another user, not writable by us or others: still theirs
     with pytest.raises(cc.CardConfigError, match="belongs to"):
         cc.load(home)
+
+
+def test_a_card_home_made_by_another_user_between_the_check_and_the_mkdir_is_refused(tmp_path, monkeypatch):
+    """
+    ``config.save`` checked HOME and then made it with ``mkdir(exist_ok=True)``:
+    a HOME another user made in between (under /tmp, say) was used, and
+    card.ini written into it. The race is made deterministic by creating
+    the other user's directory right after the first check returns; save
+    must check again once the directory exists.
+    """
+    import stat
+
+    import pytest
+
+    from vsc.card import config as cc
+
+    if os.getuid() != 0:
+        pytest.skip("making a directory of another user needs root (CI runs as root)")
+    home = tmp_path / "card"
+    real = cc.check_home
+    calls = []
+
+    def check_then_squat(path):
+        real(path)
+        if not calls:
+            calls.append(path)
+            home.mkdir(mode=0o755)
+            os.chown(home, NOBODY, NOBODY)
+
+    monkeypatch.setattr(cc, "check_home", check_then_squat)
+    with pytest.raises(cc.CardConfigError, match="not to you"):
+        cc.save(home, serial="s", server="tcp:127.0.0.1:1", server_key="SHA256:x")
+    assert not (home / cc.CARD_INI).exists()
+    assert stat.S_IMODE(home.stat().st_mode) == 0o755

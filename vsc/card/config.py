@@ -159,6 +159,7 @@ def _serial(path: Path, text: str) -> str:
 def save(home: Path, **values: str) -> None:
     check_home(home)
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_home(home)  # again: another user may have made it between the check and the mkdir (in /tmp, say)
     parser = configparser.ConfigParser()
     parser["card"] = {k: str(v) for k, v in values.items()}
     text = io.StringIO()
