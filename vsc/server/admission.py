@@ -16,6 +16,12 @@ code), the connection is *unauthenticated*, and:
 * its frames are capped (vsc.protocol.channel: 4 KiB before the handshake,
   ``max_unauthenticated_body`` after) and it closes after
   ``unauthenticated_idle`` seconds without a record;
+* once an operation on it passed its authority for a serial, it counts
+  among that serial's authenticated channels, of which at most
+  ``max_channels_per_card`` stay open (the oldest is closed past it: a card
+  uses one channel at a time, and its reconnection is the newest), so
+  whoever holds one card's credentials cannot hold descriptors without
+  bound either;
 * its handshake's RSA decryption (the one private-key operation a stranger
   can make the server do) runs on a bounded worker pool, admitted only if the
   source has a token left (``handshakes_per_second`` per source, bursts of
@@ -60,6 +66,8 @@ class AdmissionLimits:
     handshake_burst: int = attrs.field(default=40, validator=_finite(1, 100_000))
     max_pending_handshakes: int = attrs.field(default=64, validator=_finite(1, 100_000))
     handshake_threads: int = attrs.field(default=2, validator=_finite(1, 256))
+    #: authenticated channels of one serial kept open at once (a card uses one; the oldest is closed past this)
+    max_channels_per_card: int = attrs.field(default=4, validator=_finite(1, 1000))
 
 
 class Refused(Exception):

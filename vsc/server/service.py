@@ -73,6 +73,7 @@ class ServerProtocol(ChannelProtocol):
     ops: ServerOps | None = None
     _deadline: IDelayedCall | None = None
     _counted = False  # admitted, and still counted as unauthenticated
+    _serials: frozenset = frozenset()  # the serials an operation on this channel passed its authority for
     source = ""
 
     # -- admission (vsc.server.admission)
@@ -123,6 +124,7 @@ class ServerProtocol(ChannelProtocol):
     def connectionLost(self, reason=None) -> None:
         if self._uncount():
             self.factory.admission.closed(self.source, True)
+        self._let_go()
         super().connectionLost(reason)
 
     def runDecrypt(self, ciphertext: bytes) -> None:
@@ -144,13 +146,44 @@ class ServerProtocol(ChannelProtocol):
 
         d.addCallbacks(decrypted, refused).addErrback(lambda f: self.log.failure("handshake decryption", f))
 
-    def _authenticated(self) -> None:
+    def _authenticated(self, serial: str) -> None:
         if self._uncount():
             self.factory.admission.authenticated(self.source)
+        if self.factory.admission is not None:
+            self._hold(serial, self.factory.admission.limits.max_channels_per_card)
         limits = self.factory.admission.limits if self.factory.admission is not None else None
         idle = limits.idle_timeout if limits is not None else 0.0
         self._run(self.channel.raise_limits(MAX_FRAME_BODY, idle))  # restarts the idle timer with the new time
         self.MAX_LENGTH = self.channel.max_frame_body()
+
+    def _hold(self, serial: str, cap: int) -> None:
+        """
+        Count this channel among ``serial``'s authenticated ones (newest
+        last); past ``cap`` close the oldest. A card uses one channel at a
+        time: without this, whoever holds its insert secret could open and
+        ATTACH connections without bound, each out of the unauthenticated
+        count, until the server had no descriptor left for anyone.
+        """
+        held = self.factory.authenticated.setdefault(serial, {})
+        held.pop(id(self), None)
+        held[id(self)] = self
+        self._serials = self._serials | {serial}
+        while len(held) > cap:
+            victim = held.pop(next(iter(held)))
+            self.log.info("{peer}: {serial}: closing its oldest channel ({old}): at most {cap} per card",
+                          peer=self.peer, serial=serials.for_log(serial), old=victim.peer, cap=cap)
+            if not victim.channel.closed:
+                victim.closeChannel(ErrorCode.CLOSE_NOTIFY)
+
+    def _let_go(self) -> None:
+        """This channel no longer counts among its serials' authenticated channels."""
+        for serial in self._serials:
+            held = self.factory.authenticated.get(serial)
+            if held is not None and held.get(id(self)) is self:
+                del held[id(self)]
+                if not held:
+                    del self.factory.authenticated[serial]
+        self._serials = frozenset()
 
     def channelEstablished(self, info: ChannelInfo) -> None:
         f = self.factory
@@ -177,6 +210,7 @@ class ServerProtocol(ChannelProtocol):
         self._effects(self.ops.message(msg))
 
     def channelClosed(self, code, reason, byPeer) -> None:
+        self._let_go()
         if self.ops is not None:
             self._effects(self.ops.connection_lost())
 
@@ -204,7 +238,7 @@ class ServerProtocol(ChannelProtocol):
             elif isinstance(e, CancelDeadline):
                 self._cancel_deadline()
             elif isinstance(e, Authenticated):
-                self._authenticated()
+                self._authenticated(e.serial)
             elif isinstance(e, Logged):
                 self.log.info("{peer}: {serial}: {event} ({detail})", peer=self.peer, serial=serials.for_log(e.serial),
                               event=e.event, detail=e.detail)
@@ -293,6 +327,8 @@ class ServerFactory(ChannelFactory):
         self.admission = admission
         #: unauthenticated connections by source, oldest first (admission's room-making closes the oldest)
         self.unauthenticated: dict[str, dict[int, ServerProtocol]] = {}
+        #: authenticated channels by serial, oldest first (at most ``max_channels_per_card`` each)
+        self.authenticated: dict[str, dict[int, ServerProtocol]] = {}
         self.backend = backend
         self.ops_policy = ops_policy
         self.master = master

@@ -105,6 +105,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     _s("handshake_burst", 40, _int(1, 100000)),
     _s("max_pending_handshakes", 64, _int(1, 100000)),
     _s("handshake_threads", 2, _int(1, 256)),
+    _s("max_channels_per_card", 4, _int(1, 1000)),
 )}
 
 
