@@ -608,7 +608,8 @@ def test_enrol_issues_keyfile_and_totp_seed_and_stores_the_server_side():
     req = EnrolRequest(serial=SERIAL, code="abcde", verifier=b"V" * 32, kdf=KDF.encode(), protected=b"P",
                        registration=reg)
     effects = m.message(req)
-    assert effects == [IssueMaterial(SERIAL, reg, (AuthMethod.KEYFILE, AuthMethod.TOTP), auth.code_hash("abcde"), b"V" * 32)]
+    assert effects == [IssueMaterial(SERIAL, reg, (AuthMethod.KEYFILE, AuthMethod.TOTP), auth.code_hash("abcde"), b"V" * 32,
+                                     KDF.encode(), b"P")]
     [call] = issue(m, effects)
     assert isinstance(call, EnrolCard) and call.registration == reg
     extra = call.auth_extra

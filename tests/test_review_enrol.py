@@ -149,7 +149,9 @@ def test_a_wrong_enrolment_code_costs_the_server_no_signature(tmp_path):
     from vsc.protocol import auth as auth_
 
     verifier = auth_.verifier_for(keys.auth_key, kdf.alg)
-    assert h.store.may_enrol(SERIAL, b"", verifier) and not h.store.may_enrol(SERIAL, b"", b"\0" * 32)
+    reg = registration(keys, SERIAL)
+    assert h.store.may_enrol(SERIAL, b"", verifier, kdf.encode(), b"P", reg)
+    assert not h.store.may_enrol(SERIAL, b"", b"\0" * 32, kdf.encode(), b"P", reg)
     result = result_of(h.run(card_ops.enrol(client, SERIAL, code, keys, kdf, b"P",
                                             registration=registration(keys, SERIAL))))
     assert result.status is Status.OK and result.registration and len(signatures) == 2

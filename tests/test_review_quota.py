@@ -82,3 +82,63 @@ def test_an_owner_cannot_hold_unbounded_authenticated_channels_of_one_card(tmp_p
     h.clock.advance(0)
     held = h.factory.authenticated.get(SERIAL, {})
     assert len(held) <= cap and all(not p.channel.closed for p in held.values())
+
+
+# ---------------------------------------------------------------- 2. the enrolment retry's signature
+
+
+def test_an_enrolment_that_is_not_the_stored_one_costs_no_signature_and_tells_nothing(tmp_path):
+    """
+    Rule (docs/admin.md §9a; vsc.protocol.server_ops ``IssueMaterial``): an
+    enrolment's keyfile (an RSA signature on the database pool) is made only
+    for a request that may enrol: its code is valid, or it *is* the
+    enrolment that made the card, retried after its answer was lost. Online
+    guesses are evaluated only within the lockout buckets (docs/security.md
+    "Online guessing"), and a refusal looks the same whatever its reason.
+
+    Before the fix ``Store.may_enrol`` let a retry through on the verifier
+    alone, while ``Store.enrol`` refuses anything but the identical
+    enrolment (verifier, KDF, protected information, registration). So a
+    request with a made-up code, its own upload and the verifier of the
+    card's password was signed for, then refused: an RSA signature spent for
+    a refusal, from any channel (no limit, no handshake token), and one a
+    stranger could time. For a card enrolled and not yet inserted (idle,
+    version 1), under a ``keyfile`` policy, the extra milliseconds of a
+    signature told a right password guess (the KDF parameters come with any
+    challenge) from a wrong one, on every request, throttled source or not:
+    a guessing oracle outside the lockout. Now only the identical enrolment
+    is signed for: the right guess, like a wrong one, signs nothing, and
+    the owner's retried enrolment is still signed for and answered.
+    """
+    from tests.test_implauth import registration
+    from vsc.crypto import system_random
+    from vsc.protocol.server_ops import OpsPolicy
+    from vsc.server.policy import Policy, code_hash, new_enrolment_code
+    from vsc.wire.ops import AuthMethod
+
+    h = Harness(tmp_path, OpsPolicy(impl_auth=(AuthMethod.MASTER_KEY, AuthMethod.KEYFILE)))
+    code = new_enrolment_code()
+    h.store.issue(SERIAL, code_hash(code), Policy().initial_auth_info(), 3600)
+    signatures = []
+    sign = h.factory.registrar.sign
+    h.factory.registrar.sign = lambda data: signatures.append(data) or sign(data)
+    owner, _, _ = h.connect()
+    kdf = card_ops.new_kdf(system_random, log2_n=10)
+    keys = card_ops.derive_keys("pw", kdf)
+    reg = registration(keys, SERIAL)
+    assert result_of(h.run(card_ops.enrol(owner, SERIAL, code, keys, kdf, b"P", registration=reg))).status is Status.OK
+    assert len(signatures) == 1
+
+    stranger, _, _ = h.connect()
+    for guess in ("wrong", "pw"):  # the card's KDF parameters, as any challenge gives them
+        guessed = card_ops.derive_keys(guess, kdf)
+        d = h.run(card_ops.enrol(stranger, SERIAL, new_enrolment_code(), guessed, kdf, b"NOT THE CARD'S",
+                                 registration=registration(guessed, SERIAL)))
+        d.addErrback(lambda f: f.trap(card_ops.OperationRefused))
+        result_of(d)
+        assert len(signatures) == 1, f"a refused enrolment with the {guess!r} password was signed for"
+    assert h.store.get(SERIAL).protected == b"P"
+
+    # the owner's enrolment retried (its answer lost) is still signed for and answered with a keyfile
+    result = result_of(h.run(card_ops.enrol(owner, SERIAL, code, keys, kdf, b"P", registration=reg)))
+    assert result.status is Status.OK and result.registration and len(signatures) == 2

@@ -319,7 +319,8 @@ def test_enrol(outcome, reply):
 def test_enrol_issues_material_for_keyfile_and_totp_policies(impl_auth, needed):
     """A keyfile or TOTP policy makes enrolment ask for the material first (IssueMaterial: signed off the reactor by the glue); the server's side goes into the EnrolCard, the card's reply comes back only with OK."""
     m = machine(policy=OpsPolicy(impl_auth=impl_auth))
-    assert m.message(ENROL) == [IssueMaterial(SERIAL, b"R", needed, auth.code_hash("abcde-fghij"), b"V" * 32)]
+    assert m.message(ENROL) == [IssueMaterial(SERIAL, b"R", needed, auth.code_hash("abcde-fghij"), b"V" * 32, KDF,
+                                              b"P")]
     extra = {"totp": {"secret": "00", "last_step": -1}}
     assert m.material(implauth.EnrolMaterial(extra, b"SEALED")) == [enrol_card(extra)]
     assert m.stored(Outcome(Status.OK, version=1)) == replied(OpResult(status=Status.OK, version=1, registration=b"SEALED"))

@@ -95,8 +95,11 @@ class Reply:
 class IssueMaterial:
     """
     Make (and sign: a private-key operation, off the reactor) what the policy's methods need at enrolment,
-    once a plain read shows the request may enrol (``Store.may_enrol``: the code is valid, or the card is this
-    very enrolment, retried); for any other request nothing is made (the EnrolCard is then refused).
+    once a plain read shows the request may enrol (``Store.may_enrol``: the code is valid, or the stored card
+    is this very enrolment, retried: the same verifier, KDF parameters, upload and registration); for any
+    other request nothing is made (the EnrolCard is then refused). Not the verifier alone: a signature made
+    for a request then refused would cost the server for nothing, and its time would tell a stranger that
+    the password behind a guessed verifier is right.
     """
 
     serial: str
@@ -104,6 +107,8 @@ class IssueMaterial:
     methods: tuple[AuthMethod, ...]
     code_hash: bytes = b""
     verifier: bytes = attrs.field(default=b"", repr=False)
+    kdf: bytes = b""
+    protected: bytes = attrs.field(default=b"", repr=False)
 
 
 @attrs.frozen
@@ -254,7 +259,8 @@ def _build():
         core.start(req.serial, None, req)
         needed = tuple(x for x in core.policy.impl_auth if x in (AuthMethod.KEYFILE, AuthMethod.TOTP))
         if needed:
-            core.emit(IssueMaterial(req.serial, req.registration, needed, auth.code_hash(req.code), req.verifier))
+            core.emit(IssueMaterial(req.serial, req.registration, needed, auth.code_hash(req.code), req.verifier,
+                                    req.kdf, req.protected))
         else:
             m.material_issued(implauth.EnrolMaterial({}, b""))
 

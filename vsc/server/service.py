@@ -251,9 +251,10 @@ class ServerProtocol(ChannelProtocol):
         """
         In a database thread: the material an enrolment needs (a keyfile: one RSA signature), made only for a
         request that may enrol (a plain read); for any other, none (its EnrolCard is refused), so a made-up
-        code costs the server no private-key operation.
+        code, or a guessed verifier, costs the server no private-key operation.
         """
-        if not self.factory.backend.store.may_enrol(e.serial, e.code_hash, e.verifier):
+        if not self.factory.backend.store.may_enrol(e.serial, e.code_hash, e.verifier, e.kdf, e.protected,
+                                                    e.registration):
             return implauth.EnrolMaterial({}, b"")
         return self.factory.registrar.enrol(e.serial, e.registration, e.methods)
 

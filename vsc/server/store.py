@@ -191,6 +191,17 @@ _MIGRATIONS: dict[int, list[str]] = {
     ],
 }
 
+def _identical_enrolment(card: CardRecord, verifier: bytes, kdf: bytes, protected: bytes, registration: bytes) -> bool:
+    """Whether the stored card is exactly this enrolment, untouched since (idle, version 1): a retry of it."""
+    try:
+        stored_registration = json.loads(card.auth_info or "{}").get("registration", "")
+    except (ValueError, AttributeError):
+        return False
+    return (card.state is State.IDLE and card.version == 1
+            and crypto.constant_time_equal(bytes(card.verifier), verifier)
+            and (card.kdf, card.protected) == (kdf, protected) and stored_registration == registration.hex())
+
+
 def redact(url: str) -> str:
     """A database URL without its password (``USER:***@HOST``), for every message and log line."""
     try:
@@ -475,19 +486,22 @@ class Store:
         rows = self._read("SELECT code_hash, auth_info, expires FROM enrolment_codes WHERE serial = ?", (serial,))
         return (bytes(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
 
-    def may_enrol(self, serial: str, code_hash: bytes, verifier: bytes) -> bool:
+    def may_enrol(self, serial: str, code_hash: bytes, verifier: bytes, kdf: bytes, protected: bytes,
+                  registration: bytes) -> bool:
         """
         A plain read before any work is done for an enrolment (a keyfile's
         signature): whether its code is valid now, or the card exists as this
         very enrolment, untouched (a retry: idle, version 1, the same
-        verifier). ``enrol`` decides again under its lock.
+        verifier, KDF parameters, upload and registration — what ``enrol``
+        answers OK again, and nothing less: the verifier alone would have a
+        guessed password's request signed for, then refused). ``enrol``
+        decides again under its lock.
         """
         rows = self._read("SELECT code_hash, expires FROM enrolment_codes WHERE serial = ?", (serial,))
         if rows and crypto.constant_time_equal(bytes(rows[0][0]), code_hash) and rows[0][1] >= self.now():
             return True
         card = self.get(serial)
-        return (card is not None and card.state is State.IDLE and card.version == 1
-                and crypto.constant_time_equal(bytes(card.verifier), verifier))
+        return card is not None and _identical_enrolment(card, verifier, kdf, protected, registration)
 
     def enrol(self, e: EnrolCard) -> Outcome:
         """
@@ -512,9 +526,7 @@ class Store:
             info = {}
             if card is not None:
                 info = json.loads(card.auth_info or "{}")
-                identical = (card.state is State.IDLE and card.version == 1
-                             and (card.verifier, card.kdf, card.protected) == (e.verifier, e.kdf, e.protected)
-                             and info.get("registration", "") == e.registration.hex())
+                identical = _identical_enrolment(card, e.verifier, e.kdf, e.protected, e.registration)
                 req = RequestFacts(identical_enrolment=identical)
             else:
                 valid = row is not None and bytes(row[0]) == e.code_hash and row[1] >= now
