@@ -9,7 +9,7 @@ temporary file, a manual pool run by hand, iosim connections.
 
 from __future__ import annotations
 
-from twisted.internet.task import Clock
+import pytest
 
 from tests.test_server_ops import MASTER, MUK, SECRET, SERIAL, Harness, result_of, server_key
 from vsc.card import ops as card_ops
@@ -142,3 +142,42 @@ def test_an_enrolment_that_is_not_the_stored_one_costs_no_signature_and_tells_no
     # the owner's enrolment retried (its answer lost) is still signed for and answered with a keyfile
     result = result_of(h.run(card_ops.enrol(owner, SERIAL, code, keys, kdf, b"P", registration=reg)))
     assert result.status is Status.OK and result.registration and len(signatures) == 2
+
+
+# ---------------------------------------------------------------- 3. history rows per authenticated request (open)
+
+
+@pytest.mark.xfail(strict=True, reason="no per-card bound on history rows written for the card's holder: needs a "
+                                       "design decision (a per-card rate or quota for session operations, or "
+                                       "coalescing identical repeats) that the fault checkers' 'repeat' lines "
+                                       "(tests/faults/common.py) and the audit trail depend on")
+def test_an_owner_cannot_grow_the_history_without_bound(tmp_path):
+    """
+    Rule (docs/security.md: other owners of a multi-tenant server get no
+    denial of service from one of them; docs/admin.md §9a bounds what a
+    stranger's requests write): what one card's requests make the server
+    store should be bounded per card, or one owner fills the database's disk
+    (STORAGE_FULL for every owner) or the history every audit reads.
+
+    Still broken: the protected information is replaced in place (one
+    upload per card, at most 512 KiB), but every request of the card's
+    holder writes a permanent history row and none is throttled
+    (``Store._session``: ``holder or e.record``). Even a sync retried
+    identically, which changes nothing, is a "repeat" row: here 500 of them
+    from one channel write 500 rows, and nothing stops 500 000.
+    """
+    from tests.test_review_server import _challenge, _drive, _store
+    from tests.test_server_ops import Now, answer, machine, request
+    from vsc.wire.ops import Op
+
+    now = Now()
+    store = _store(tmp_path, now)
+    owner = machine(now=now, peer="198.51.100.7:1000")
+    assert _drive(owner, owner.message(answer(_challenge(owner, store))), store)[0].status is Status.OK
+    sync = request(Op.SYNC, insert_secret=SECRET, version=1, protected=b"P2")
+    assert _drive(owner, owner.message(sync), store)[0].version == 2
+    before = len(store.history(SERIAL))
+    for _ in range(500):
+        assert _drive(owner, owner.message(sync), store)[0].status is Status.OK  # the identical retry
+    grown = len(store.history(SERIAL)) - before
+    assert grown <= 50, f"{grown} history rows written for 500 identical retries of one sync"
