@@ -147,10 +147,6 @@ def test_an_enrolment_that_is_not_the_stored_one_costs_no_signature_and_tells_no
 # ---------------------------------------------------------------- 3. history rows per authenticated request (open)
 
 
-@pytest.mark.xfail(strict=True, reason="no per-card bound on history rows written for the card's holder: needs a "
-                                       "design decision (a per-card rate or quota for session operations, or "
-                                       "coalescing identical repeats) that the fault checkers' 'repeat' lines "
-                                       "(tests/faults/common.py) and the audit trail depend on")
 def test_an_owner_cannot_grow_the_history_without_bound(tmp_path):
     """
     Rule (docs/security.md: other owners of a multi-tenant server get no
@@ -159,19 +155,26 @@ def test_an_owner_cannot_grow_the_history_without_bound(tmp_path):
     store should be bounded per card, or one owner fills the database's disk
     (STORAGE_FULL for every owner) or the history every audit reads.
 
-    Still broken: the protected information is replaced in place (one
-    upload per card, at most 512 KiB), but every request of the card's
-    holder writes a permanent history row and none is throttled
-    (``Store._session``: ``holder or e.record``). Even a sync retried
-    identically, which changes nothing, is a "repeat" row: here 500 of them
-    from one channel write 500 rows, and nothing stops 500 000.
+    Broken: the protected information is replaced in place (one upload per
+    card, at most 512 KiB), but every request of the card's holder wrote a
+    permanent history row and none is throttled (``Store._session``:
+    ``holder or e.record``). Even a sync retried identically, which changes
+    nothing, is a "repeat" row: 500 of them from one channel wrote 500 rows,
+    and nothing stopped 500 000. The history now keeps a card's newest
+    ``history_per_card`` rows (10,000 by default; 100 here), pruned in the
+    same transaction every HISTORY_PRUNE_EVERY rows; every row is still
+    written (the audit trail and the fault checkers' "repeat" lines), and the
+    newest ones are never the ones pruned.
     """
     from tests.test_review_server import _challenge, _drive, _store
     from tests.test_server_ops import Now, answer, machine, request
     from vsc.wire.ops import Op
 
     now = Now()
+    from vsc.server import store as store_module
+
     store = _store(tmp_path, now)
+    store.history_per_card = 100
     owner = machine(now=now, peer="198.51.100.7:1000")
     assert _drive(owner, owner.message(answer(_challenge(owner, store))), store)[0].status is Status.OK
     sync = request(Op.SYNC, insert_secret=SECRET, version=1, protected=b"P2")
@@ -179,5 +182,7 @@ def test_an_owner_cannot_grow_the_history_without_bound(tmp_path):
     before = len(store.history(SERIAL))
     for _ in range(500):
         assert _drive(owner, owner.message(sync), store)[0].status is Status.OK  # the identical retry
-    grown = len(store.history(SERIAL)) - before
-    assert grown <= 50, f"{grown} history rows written for 500 identical retries of one sync"
+    kept = store.history(SERIAL)
+    assert len(kept) <= 100 + store_module.HISTORY_PRUNE_EVERY, f"{len(kept)} history rows kept for one card"
+    assert len(kept) >= 100 and kept[-1].op == "sync" and kept[-1].result == "repeat"  # the newest stay
+    assert [e.id for e in kept] == sorted(e.id for e in kept) and len(kept) < before + 500

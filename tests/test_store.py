@@ -816,3 +816,26 @@ def test_a_check_out_reads_the_card_row_once(clock, tmp_path):
         assert store.get(serial).state is CardState.IN_USE
     finally:
         store.close()
+
+
+def test_the_history_keeps_each_cards_newest_rows(store):
+    """
+    Every request of a card's holder is a history row (an identical retry
+    too), so the history keeps a card's newest ``history_per_card`` rows:
+    pruned in the same transaction once every HISTORY_PRUNE_EVERY rows the
+    process wrote for the card. Another card's rows are untouched, and the
+    newest row is always kept. On SQLite and PostgreSQL.
+    """
+    from vsc.server import store as store_module
+
+    store.history_per_card = 10
+    every = store_module.HISTORY_PRUNE_EVERY
+    for i in range(3):
+        store.log_refusal(LogRefusal("other", Operation.INSERT, "bad-request", f"o-{i}", "kept", None))
+    for i in range(every * 3 + 5):
+        store.log_refusal(LogRefusal("card-1", Operation.INSERT, "bad-request", f"p-{i}", "pruned", None))
+    rows = store.history("card-1")
+    assert 10 <= len(rows) <= 10 + every
+    assert rows[-1].peer == f"p-{every * 3 + 4}"  # the newest is kept
+    assert [r.peer for r in rows] == [f"p-{i}" for i in range(every * 3 + 5 - len(rows), every * 3 + 5)]
+    assert [r.peer for r in store.history("other")] == ["o-0", "o-1", "o-2"]

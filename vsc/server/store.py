@@ -83,6 +83,14 @@ _DETAILS: dict[tuple[Operation, Condition], str] = {
 }
 
 
+#: the history rows kept per card (the newest): every request of a card's holder is a row, so without a
+#: bound one owner could grow the database without end (docs/admin.md, "The history")
+HISTORY_PER_CARD = 10_000
+#: how many rows a process writes for a card between two prunes (a card holds at most the sum of the two)
+HISTORY_PRUNE_EVERY = 64
+_UNPRUNED_MAX = 100_000
+
+
 class StoreError(Exception):
     """A database-level refusal meant for an administrator (message is user-facing)."""
 
@@ -218,10 +226,13 @@ def redact(url: str) -> str:
 class Store:
     """Open with ``Store.open(url, now)``; ``now`` is the injected clock (reactor.seconds)."""
 
-    def __init__(self, url: str, now: Callable[[], float], lockout: LockoutPolicy = LockoutPolicy()):
+    def __init__(self, url: str, now: Callable[[], float], lockout: LockoutPolicy = LockoutPolicy(),
+                 history_per_card: int = HISTORY_PER_CARD):
         self.url = url
         self.now = now
         self.lockout = lockout
+        self.history_per_card = max(1, history_per_card)
+        self._unpruned: dict[str, int] = {}  # history rows written per serial since it was last pruned
         parsed = urlparse(url)
         if parsed.scheme == "sqlite":
             self.kind = "sqlite"
@@ -411,6 +422,17 @@ class Store:
             "INSERT INTO history (serial, op, result, muk, peer, at, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (serial, op, result, muk, peer, self.now(), detail),
         )
+        # the history keeps a card's newest history_per_card rows: pruned in the same transaction once every
+        # HISTORY_PRUNE_EVERY rows this process wrote for the card, so one owner's requests (each is a row,
+        # an identical retry too) cannot fill the database for everyone
+        unpruned = self._unpruned.get(serial, 0) + 1
+        if unpruned >= HISTORY_PRUNE_EVERY:
+            self._x(cur, "DELETE FROM history WHERE serial = ? AND id < (SELECT id FROM history WHERE serial = ? "
+                         "ORDER BY id DESC LIMIT 1 OFFSET ?)", (serial, serial, self.history_per_card - 1))
+            unpruned = 0
+            if len(self._unpruned) > _UNPRUNED_MAX:  # a bound of its own (strangers name any serial)
+                self._unpruned.clear()
+        self._unpruned[serial] = unpruned
 
     def get(self, serial: str) -> CardRecord | None:
         rows = self._read(f"SELECT {_CARD_COLUMNS} FROM cards WHERE serial = ?", (serial,))
