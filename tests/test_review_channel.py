@@ -163,3 +163,31 @@ def test_a_connection_that_closes_in_time_is_not_aborted():
     assert not h.clock.getDelayedCalls()
     h.clock.advance(86400)
     assert not h.transport.aborted
+
+
+def test_a_request_on_a_closed_card_channel_fails_with_channel_closed():
+    """
+    CardProtocol.request on a channel that has closed failed the Deferred it
+    made (ChannelClosedError) and then raised RuntimeError from sendMessage,
+    leaving that failed Deferred unhandled. It now returns the failed
+    Deferred and sends nothing (left open by the channel review).
+    """
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+
+    from vsc.card.connect import CardProtocol
+    from vsc.net.channel import ChannelClosedError
+    from vsc.wire import ErrorCode
+    from vsc.wire.messages import EchoRequest
+
+    proto = CardProtocol.__new__(CardProtocol)
+    proto._waiting, proto._unclaimed = [], []
+    proto.channel = SimpleNamespace(closed=True)
+    proto.clock = Clock()
+    proto.closeCode, proto.closeReason = ErrorCode.CLOSE_NOTIFY, "gone"
+    sent = []
+    proto.sendMessage = sent.append
+    failures = []
+    proto.request(EchoRequest(b"x")).addErrback(lambda f: failures.append(f.check(ChannelClosedError)))
+    assert failures == [ChannelClosedError] and sent == []

@@ -60,9 +60,10 @@ class CardProtocol(ChannelProtocol):
         return d
 
     def request(self, msg: Message) -> Deferred:
-        """Send ``msg`` and fire with the server's next message."""
+        """Send ``msg`` and fire with the server's next message (a closed channel: ChannelClosedError, unsent)."""
         d = self.nextMessage()
-        self.sendMessage(msg)
+        if not self.channel.closed:
+            self.sendMessage(msg)
         return d
 
 
