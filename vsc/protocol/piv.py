@@ -150,8 +150,14 @@ def object_name(tag: int) -> str:
     return f"piv-{tag:x}"
 
 
+#: a YubiKey's own data objects, read and written like the PIV ones (yubico-piv-tool's lib/internal.h): ADMIN DATA
+#: 5FFF00 (ykman's PIN-protected management key), the attestation certificate 5FFF01, MSCMAP 5FFF10 and MSROOTS
+#: 5FFF11-5FFF15 (the Yubico minidriver)
+YUBIKEY_OBJECTS = frozenset({0x5FFF00, 0x5FFF01, *range(0x5FFF10, 0x5FFF16)})
+
+
 def valid_object_tag(tag: int) -> bool:
-    return 0x5FC101 <= tag <= 0x5FC123 or tag in (0x7F61, TAG_DISCOVERY)
+    return 0x5FC101 <= tag <= 0x5FC123 or tag in (0x7F61, TAG_DISCOVERY) or tag in YUBIKEY_OBJECTS
 
 
 # ---------------------------------------------------------------- management-key authentication (Automat)
