@@ -8,10 +8,14 @@ YubiKey's answer and how vsc answered; they hold since the fix.
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
-from tests.test_piv import FakeCard, _put_data
-from vsc.wire import tlv
+from tests import test_openpgp as pgp_t
+from tests.test_piv import FakeCard, PIN, _put_data
+from vsc.protocol import pins
+from vsc.wire import apdu, tlv
+from vsc.wire.protected import ItemKind, KeyAlg
 
 
 @pytest.fixture
@@ -19,6 +23,13 @@ def card() -> FakeCard:
     c = FakeCard()
     assert c.select()[1] == 0x9000
     return c
+
+
+def _block_pin_elsewhere(items: dict) -> None:
+    """The card's one user PIN blocked on another path (the ssh-agent, the local API, OpenPGP): its counter at 0."""
+    rec = apdu.decode_secret(items[(ItemKind.PIN, pins.USER_PIN)][0]) if (ItemKind.PIN, pins.USER_PIN) in items \
+        else apdu.SecretRecord(apdu.pad_pin(PIN), 3, 3)
+    items[(ItemKind.PIN, pins.USER_PIN)] = (apdu.encode_secret(attrs.evolve(rec, tries_left=0)), KeyAlg.NONE, b"")
 
 
 # ================================================================ 1. YubiKey's own data objects
@@ -44,3 +55,38 @@ def test_put_data_stores_the_yubikey_vendor_objects(card, tag):
     assert card.get_data(tag) == (b"", 0x6A82)  # absent: 6A82, as on a YubiKey
     assert card.send(0xDB, 0x3F, 0xFF, _put_data(card, tag, content)) == (b"", 0x9000)
     assert card.get_data(tag) == (tlv.encode(0x53, content), 0x9000)
+
+
+# ================================================================ 2. VERIFY without data on a blocked PIN
+
+
+def test_piv_verify_status_of_a_pin_blocked_elsewhere_is_6983(card):
+    """
+    VERIFY without data answers 9000 (verified), 63Cx (x tries left) or
+    6983 (blocked) (SP 800-73-4 3.2.1; Yubico.NET.SDK apdu/verify.md: 6983
+    whenever no tries remain). The PIN is the card's one user PIN: blocked on
+    another path after this session verified it, every PIN slot answers
+    6983 (docs/pcsc.md) — but VERIFY's status answered 9000 from the
+    session's flag, so yubikit's get_pin_attempts (which falls back to
+    VERIFY without data) and yubico-piv-tool -a status reported a verified
+    PIN with tries left on a blocked card.
+    """
+    assert card.verify(PIN) == 0x9000
+    _block_pin_elsewhere(card.items)
+    assert card.general_authenticate(0x07, 0x9A, 0x81, bytes(256))[1] == 0x6983
+    assert card.verify(None) == 0x6983
+
+
+def test_openpgp_verify_status_of_a_pin_blocked_elsewhere_is_6983():
+    """
+    The same rule for OpenPGP (spec 3.4 7.2.2: VERIFY without data answers
+    9000 only while the verification holds; a blocked PW1 is 6983): PW1
+    verified for 81/82, then the shared PIN blocked through PIV or the
+    local API — PSO already answered 6983, VERIFY's status still 9000.
+    """
+    card = pgp_t.FakeCard()
+    assert card.select() == 0x9000
+    assert card.verify(0x81, pgp_t.PW1) == 0x9000 and card.verify(0x82, pgp_t.PW1) == 0x9000
+    _block_pin_elsewhere(card.items)
+    assert card.send(0x20, 0x00, 0x81)[1] == 0x6983
+    assert card.send(0x20, 0x00, 0x82)[1] == 0x6983

@@ -324,11 +324,15 @@ class OpenPgpApplet(CommandFront):
             return b"", SW_OK
         if cmd.p1 != 0x00:
             return b"", SW_WRONG_P1P2
-        if not data:
+        if not data:  # status; PW1 blocked on another path (it is the card's PIN) is 6983 even after a VERIFY here
+            rec = yield from (self._pw3() if cmd.p2 == PW3 else self._pw1())
+            if rec.tries_left == 0:
+                if cmd.p2 != PW3:
+                    self.verified.difference_update((PW1, PW1_OTHER))
+                return b"", SW_BLOCKED
             if cmd.p2 in self.verified:
                 return b"", SW_OK
-            rec = yield from (self._pw3() if cmd.p2 == PW3 else self._pw1())
-            return b"", SW_BLOCKED if rec.tries_left == 0 else 0x63C0 | min(rec.tries_left, 15)
+            return b"", 0x63C0 | min(rec.tries_left, 15)
         self.verified.discard(cmd.p2)
         result = yield from self._check(PW3 if cmd.p2 == PW3 else PW1, data)
         if isinstance(result, int):

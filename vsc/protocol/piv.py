@@ -460,11 +460,13 @@ class PivApplet(CommandFront):
             return b"", SW_OK
         if cmd.p1 != 0x00 or cmd.p2 not in (PIN_REF, PUK_REF):
             return b"", SW_REF_NOT_FOUND if cmd.p1 == 0x00 else SW_WRONG_P1P2
-        if not data:  # status: verified, or tries left
+        if not data:  # status: verified, or tries left; blocked (on any path) is 6983 even after a VERIFY here
+            rec = yield from self._load_secret(cmd.p2)
+            if rec.tries_left == 0:
+                return b"", SW_BLOCKED
             if cmd.p2 == PIN_REF and self.pin_verified:
                 return b"", SW_OK
-            rec = yield from self._load_secret(cmd.p2)
-            return b"", SW_BLOCKED if rec.tries_left == 0 else 0x63C0 | min(rec.tries_left, 15)
+            return b"", 0x63C0 | min(rec.tries_left, 15)
         if len(data) != 8:
             return b"", SW_WRONG_DATA
         if cmd.p2 == PIN_REF:
