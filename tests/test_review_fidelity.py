@@ -12,7 +12,7 @@ import attrs
 import pytest
 
 from tests import test_openpgp as pgp_t
-from tests.test_piv import FakeCard, PIN, _put_data
+from tests.test_piv import FakeCard, PIN, PUK, _put_data
 from vsc.protocol import pins
 from vsc.wire import apdu, tlv
 from vsc.wire.protected import ItemKind, KeyAlg
@@ -90,3 +90,40 @@ def test_openpgp_verify_status_of_a_pin_blocked_elsewhere_is_6983():
     _block_pin_elsewhere(card.items)
     assert card.send(0x20, 0x00, 0x81)[1] == 0x6983
     assert card.send(0x20, 0x00, 0x82)[1] == 0x6983
+
+
+# ================================================================ 3. the PUK / old PIN is checked before the new value
+
+
+def test_reset_retry_counter_checks_the_puk_before_the_new_pin(card):
+    """
+    RESET RETRY COUNTER with a wrong PUK answers 63Cx and counts the try,
+    whatever the new PIN (Yubico.NET.SDK apdu/reset-retry.md; yubikit's
+    PivSession.reset blocks the PUK with ``_change_reference(INS_RESET_RETRY,
+    PIN_P2, "", "")`` — 16 bytes of FF — and loops on 63Cx until 6983). vsc
+    looked at the new PIN first and answered 6A80 without counting, so
+    yubikit's loop raised on 6A80 and a PUK could not be blocked that way.
+    """
+    for left in (2, 1, 0):
+        assert card.send(0x2C, 0x00, 0x80, b"\xff" * 16)[1] == (0x63C0 | left if left else 0x63C0)
+        assert card.secret(pins.PUK).tries_left == left
+    assert card.send(0x2C, 0x00, 0x80, apdu.pad_pin(PUK) + apdu.pad_pin(b"654321"))[1] == 0x6983
+
+
+def test_change_reference_checks_the_old_value_before_the_new_one(card):
+    """
+    CHANGE REFERENCE DATA with a wrong current PIN or PUK answers 63Cx and
+    counts the try (Yubico.NET.SDK apdu/change-ref.md), whatever the new
+    value: yubikit's _change_reference maps only 63Cx / 6983 to
+    InvalidPinError, and an owner blocking the PUK on purpose (PIN-only
+    mode, pin-only.md "PUK blocked") types anything as the new value. vsc
+    refused a too-short new value first (6A80) and counted nothing. A
+    correct current value with a bad new one is still 6A80 and changes
+    nothing.
+    """
+    assert card.send(0x24, 0x00, 0x81, apdu.pad_pin(b"4711") + apdu.pad_pin(b"67567"))[1] == 0x63C2
+    assert card.secret(pins.PUK).tries_left == 2
+    assert card.send(0x24, 0x00, 0x80, apdu.pad_pin(b"4711") + apdu.pad_pin(b"67567"))[1] == 0x63C2
+    assert card.send(0x24, 0x00, 0x81, apdu.pad_pin(PUK) + apdu.pad_pin(b"67567"))[1] == 0x6A80
+    assert card.secret(pins.PUK) == apdu.SecretRecord(apdu.pad_pin(PUK), 3, 3)
+    assert card.send(0x24, 0x00, 0x81, apdu.pad_pin(PUK) + apdu.pad_pin(b"87654321")) == (b"", 0x9000)

@@ -483,12 +483,13 @@ class PivApplet(CommandFront):
             return b"", SW_REF_NOT_FOUND if cmd.p1 == 0x00 else SW_WRONG_P1P2
         if len(data) != 16:
             return b"", SW_WRONG_DATA
-        new = self._new_value(data[8:])
+        # the current value first, whatever the new one (a YubiKey answers 63Cx, and the try counts)
         result = yield from self._check_secret(cmd.p2, data[:8])
         if isinstance(result, int):
             if cmd.p2 == PIN_REF:
                 self.pin_verified = self.pin_fresh = False
             return b"", result
+        new = self._new_value(data[8:])
         yield from self._store_secret(cmd.p2, SecretRecord(new, result.max_tries, result.max_tries))
         yield Notice("pin-changed" if cmd.p2 == PIN_REF else "puk-changed", {})
         if cmd.p2 == PIN_REF:
@@ -500,10 +501,11 @@ class PivApplet(CommandFront):
             return b"", SW_REF_NOT_FOUND if cmd.p1 == 0x00 else SW_WRONG_P1P2
         if len(data) != 16:
             return b"", SW_WRONG_DATA
-        new = self._new_value(data[8:])
+        # the PUK first, whatever the new PIN (yubikit blocks the PUK with 16 bytes of FF and expects 63Cx)
         result = yield from self._check_secret(PUK_REF, data[:8])
         if isinstance(result, int):
             return b"", result
+        new = self._new_value(data[8:])
         pin = yield from self._load_secret(PIN_REF)
         yield from self._store_secret(PIN_REF, SecretRecord(new, pin.max_tries, pin.max_tries))
         yield Notice("pin-unblocked", {})
