@@ -13,7 +13,7 @@ import pytest
 
 from tests import test_openpgp as pgp_t
 from tests.test_piv import FakeCard, PIN, PUK, _put_data
-from vsc.protocol import pins
+from vsc.protocol import pins, piv
 from vsc.wire import apdu, tlv
 from vsc.wire.protected import ItemKind, KeyAlg
 
@@ -127,3 +127,83 @@ def test_change_reference_checks_the_old_value_before_the_new_one(card):
     assert card.send(0x24, 0x00, 0x81, apdu.pad_pin(PUK) + apdu.pad_pin(b"67567"))[1] == 0x6A80
     assert card.secret(pins.PUK) == apdu.SecretRecord(apdu.pad_pin(PUK), 3, 3)
     assert card.send(0x24, 0x00, 0x81, apdu.pad_pin(PUK) + apdu.pad_pin(b"87654321")) == (b"", 0x9000)
+
+
+# ================================================================ 4. IMPORT ASYMMETRIC KEY (YubiKey INS FE)
+
+
+class SealingCard(FakeCard):
+    """FakeCard that copies a stored value at once, as the glue seals it (the applet zeroes its key DER after)."""
+
+    def perform(self, effect):
+        if isinstance(effect, piv.Store):
+            effect = attrs.evolve(effect, value=bytes(effect.value))
+        return super().perform(effect)
+
+
+def _import_data(key) -> bytes:
+    """yubikit's PivSession.put_key body: RSA 01 p, 02 q, 03 dP, 04 dQ, 05 qInv (each n/2 bytes); EC 06 scalar."""
+    from cryptography.hazmat.primitives.asymmetric import rsa as _rsa
+    nums = key.private_numbers()
+    if isinstance(key, _rsa.RSAPrivateKey):
+        ln = key.key_size // 16
+        return tlv.encode_many([(0x01, nums.p.to_bytes(ln, "big")), (0x02, nums.q.to_bytes(ln, "big")),
+                                (0x03, nums.dmp1.to_bytes(ln, "big")), (0x04, nums.dmq1.to_bytes(ln, "big")),
+                                (0x05, nums.iqmp.to_bytes(ln, "big"))])
+    return tlv.encode(0x06, nums.private_value.to_bytes(32, "big"))
+
+
+def test_import_asymmetric_key_rsa_and_p256(card):
+    """
+    A YubiKey imports a private key into a slot with its IMPORT ASYMMETRIC
+    KEY (00 FE alg slot, RSA CRT parts 01-05 or the EC scalar 06, optional
+    PIN policy AA and touch policy AB; behind the management key, 6982
+    without it; 9000 and no data) — Yubico.NET.SDK apdu/import-asym.md,
+    yubikit PivSession.put_key, used by ``ykman piv keys import`` and
+    ``yubico-piv-tool -a import-key``. vsc answered 6D00 (and docs/pcsc.md
+    did not list it among the YubiKey commands it lacks), so neither tool
+    could put an existing key on the card. The imported key then signs
+    like a generated one and keeps the slot's certificate object.
+    """
+    from tests.test_piv import EC_KEY, RSA_KEY, _pkcs1_block
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+    fresh = SealingCard(certs=False)
+    fresh.select()
+    for slot in ("9a", "9c"):
+        fresh.items.pop((ItemKind.KEY, slot))
+    assert fresh.send(0xFE, 0x07, 0x9A, _import_data(RSA_KEY))[1] == 0x6982  # the management key first
+    fresh.mgmt_auth()
+    assert fresh.send(0xFE, 0x07, 0x9A, _import_data(RSA_KEY) + tlv.encode(0xAA, b"\x01")) == (b"", 0x9000)
+    assert fresh.send(0xFE, 0x11, 0x9C, _import_data(EC_KEY)) == (b"", 0x9000)
+    digest = bytes(range(32))
+    sig, sw = fresh.general_authenticate(0x07, 0x9A, 0x81, _pkcs1_block(digest))  # policy never: no PIN
+    assert sw == 0x9000
+    assert pow(int.from_bytes(sig, "big"), RSA_KEY.public_key().public_numbers().e,
+               RSA_KEY.public_key().public_numbers().n) == int.from_bytes(_pkcs1_block(digest), "big")
+    assert fresh.verify(PIN) == 0x9000
+    sig, sw = fresh.general_authenticate(0x11, 0x9C, 0x81, digest)
+    assert sw == 0x9000
+    EC_KEY.public_key().verify(sig, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+def test_import_asymmetric_key_refusals(card):
+    """
+    Wrong parts for the algorithm, CRT values that do not belong to p and q
+    (or an RSA exponent other than 65537, all a YubiKey supports), an
+    unknown algorithm or slot: 6A80 / 6A86 / 6A88, nothing stored.
+    """
+    from tests.test_piv import EC_KEY, RSA_KEY
+    card.mgmt_auth()
+    rsa_parts = _import_data(RSA_KEY)
+    bad = bytearray(rsa_parts)
+    bad[-1] ^= 1  # qInv off by one
+    assert card.send(0xFE, 0x07, 0x9A, bytes(bad))[1] == 0x6A80
+    assert card.send(0xFE, 0x07, 0x9A, _import_data(EC_KEY))[1] == 0x6A80
+    assert card.send(0xFE, 0x11, 0x9A, rsa_parts)[1] == 0x6A80
+    assert card.send(0xFE, 0x11, 0x9A, tlv.encode(0x06, b"\x00" * 32))[1] == 0x6A80
+    assert card.send(0xFE, 0x14, 0x9A, tlv.encode(0x06, b"\x01" * 48))[1] == 0x6A86
+    assert card.send(0xFE, 0x11, 0x9B, _import_data(EC_KEY))[1] == 0x6A88
+    assert card.send(0xFE, 0x11, 0x9A, _import_data(EC_KEY) + tlv.encode(0xAA, b"\x07"))[1] == 0x6A80
+    assert card.stores == []

@@ -262,6 +262,20 @@ def pkcs1_sign_payload(handle: "PrivateKeyHandle", payload: bytes) -> bytes:
     return rsa_private_block(handle, block)
 
 
+def rsa_private_der_from_crt(p: bytes, q: bytes, dmp1: bytes, dmq1: bytes, iqmp: bytes) -> bytes:
+    """
+    PKCS#8 DER of an RSA key imported as its CRT parts (a YubiKey's IMPORT
+    ASYMMETRIC KEY: p, q, dP, dQ, qInv big-endian) with the exponent 65537,
+    the only one a YubiKey takes: parts that are not those of (p, q, 65537)
+    raise CryptoError.
+    """
+    der = rsa_private_der_from_parts(b"\x01\x00\x01", p, q)
+    nums = serialization.load_der_private_key(der, password=None).private_numbers()
+    if (nums.dmp1, nums.dmq1, nums.iqmp) != tuple(int.from_bytes(x, "big") for x in (dmp1, dmq1, iqmp)):
+        raise CryptoError("the CRT parts are not those of p, q and the exponent 65537")
+    return der
+
+
 def rsa_private_der_from_parts(e: bytes, p: bytes, q: bytes) -> bytes:
     """
     PKCS#8 DER of an RSA key imported as (e, p, q) big-endian (OpenPGP key

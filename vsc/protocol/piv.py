@@ -21,9 +21,9 @@ information and are read per command.
 
 Instructions: SELECT (A4), GET DATA (CB), VERIFY (20), CHANGE REFERENCE
 DATA (24), RESET RETRY COUNTER (2C), GENERAL AUTHENTICATE (87), GENERATE
-ASYMMETRIC KEY PAIR (47), PUT DATA (DB), GET RESPONSE (C0); and three
-YubiKey extensions yubico-piv-tool uses: GET VERSION (FD), GET SERIAL (F8),
-SET MANAGEMENT KEY (FF).
+ASYMMETRIC KEY PAIR (47), PUT DATA (DB), GET RESPONSE (C0); and four
+YubiKey extensions yubico-piv-tool and ykman use: GET VERSION (FD), GET SERIAL
+(F8), SET MANAGEMENT KEY (FF), IMPORT ASYMMETRIC KEY (FE).
 
 Which key needs the PIN is the card's PIN policy (vsc.wire.pinpolicy, chosen
 at enrolment; decided by vsc.protocol.pins.authorize, the same decision the
@@ -106,9 +106,10 @@ INS_GET_RESPONSE = 0xC0
 INS_GET_VERSION = 0xFD
 INS_GET_SERIAL = 0xF8
 INS_SET_MGMT = 0xFF
+INS_IMPORT = 0xFE
 
 CHAINABLE = frozenset({INS_GET_DATA, INS_VERIFY, INS_CHANGE, INS_RESET_RETRY, INS_GENERAL_AUTH, INS_GENERATE,
-                       INS_PUT_DATA, INS_SET_MGMT})
+                       INS_PUT_DATA, INS_SET_MGMT, INS_IMPORT})
 MAX_CHAIN = 16 * 1024  # a certificate object of a few kB, with room to spare
 MAX_OBJECT = 12 * 1024
 
@@ -638,16 +639,12 @@ class PivApplet(CommandFront):
         # YubiKey's PIN policy tag (yubico-piv-tool --pin-policy): 00 default (the card's policy stays), 01 never,
         # 02 once, 03 always — set with the new key, behind the management key, as a YubiKey does
         pin_policy = template.get(0xAA)
-        if pin_policy is not None and (len(pin_policy) != 1 or pin_policy[0] > pins.PinPolicy.ALWAYS):
+        if not self._valid_pin_policy(pin_policy):
             return b"", SW_WRONG_DATA
         slot = slot_name(cmd.p2)
         public = yield Generate(slot, alg)
         yield Notice("key-generated", {"slot": slot, "alg": alg.name.lower()})
-        if pin_policy and pin_policy[0]:
-            policy = yield from pins.load_policy()
-            chosen = pins.PinPolicy(pin_policy[0])
-            yield Store(ItemKind.PIN, pins.POLICY_ITEM, encode_policy(policy.with_slot(cmd.p2, chosen)))
-            yield Notice("pin-policy-set", {"slot": slot, "policy": chosen.name.lower()})
+        yield from self._set_pin_policy(cmd.p2, pin_policy)
         nums = crypto.public_numbers(public)
         if "rsa" in nums:
             n, e = nums["rsa"]
@@ -655,6 +652,62 @@ class PivApplet(CommandFront):
         else:
             body = tlv.encode(0x86, nums["ec"])
         return tlv.encode(0x7F49, body), SW_OK
+
+    @staticmethod
+    def _valid_pin_policy(pin_policy: bytes | None) -> bool:
+        return pin_policy is None or (len(pin_policy) == 1 and pin_policy[0] <= pins.PinPolicy.ALWAYS)
+
+    def _set_pin_policy(self, ref: int, pin_policy: bytes | None) -> Generator[Effect, Any, None]:
+        """A new key's PIN policy (tag AA: 00 default, the slot keeps its policy; 01 never, 02 once, 03 always)."""
+        if pin_policy and pin_policy[0]:
+            policy = yield from pins.load_policy()
+            chosen = pins.PinPolicy(pin_policy[0])
+            yield Store(ItemKind.PIN, pins.POLICY_ITEM, encode_policy(policy.with_slot(ref, chosen)))
+            yield Notice("pin-policy-set", {"slot": slot_name(ref), "policy": chosen.name.lower()})
+
+    # ---------------------------------------------------------------- IMPORT ASYMMETRIC KEY (YubiKey)
+
+    def _import_key(self, cmd: Command, data: bytes) -> Step:
+        """
+        YubiKey IMPORT ASYMMETRIC KEY: ``00 FE alg slot`` with RSA-2048's CRT
+        parts (01 p, 02 q, 03 dP, 04 dQ, 05 qInv; exponent 65537) or
+        P-256's private scalar (06), optional PIN policy AA and touch policy
+        AB (accepted, no touch here); behind the management key, as
+        GENERATE. The key is sealed into the slot like a generated one.
+        """
+        if cmd.p2 not in SLOTS:
+            return b"", SW_REF_NOT_FOUND
+        alg = KEY_ALG.get(cmd.p1)
+        if alg is None:
+            return b"", SW_WRONG_P1P2
+        if not self.mgmt.authenticated():
+            return b"", SW_SECURITY
+        parts = tlv.to_dict(data, allowed=(0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0xAA, 0xAB))
+        pin_policy = parts.pop(0xAA, None)
+        parts.pop(0xAB, None)
+        if not self._valid_pin_policy(pin_policy):
+            return b"", SW_WRONG_DATA
+        rsa = alg is KeyAlg.RSA2048
+        if set(parts) != ({0x01, 0x02, 0x03, 0x04, 0x05} if rsa else {0x06}):
+            return b"", SW_WRONG_DATA
+        try:
+            if rsa:
+                der = bytearray(crypto.rsa_private_der_from_crt(*(parts[t] for t in (0x01, 0x02, 0x03, 0x04, 0x05))))
+            else:
+                der = bytearray(crypto.p256_private_der_from_scalar(parts[0x06]))
+        except crypto.CryptoError:
+            return b"", SW_WRONG_DATA
+        slot = slot_name(cmd.p2)
+        try:
+            public = crypto.public_der_of(der)
+            if crypto.public_kind(public) != (crypto.KEY_RSA2048 if rsa else crypto.KEY_P256):
+                return b"", SW_WRONG_DATA
+            yield Store(ItemKind.KEY, slot, der, alg, public)  # sealed by the glue, then zeroed here
+        finally:
+            der[:] = bytes(len(der))
+        yield Notice("key-imported", {"slot": slot, "alg": alg.name.lower()})
+        yield from self._set_pin_policy(cmd.p2, pin_policy)
+        return b"", SW_OK
 
     # ---------------------------------------------------------------- YubiKey extensions
 
@@ -680,4 +733,5 @@ _HANDLERS = {
     INS_GET_VERSION: PivApplet._get_version,
     INS_GET_SERIAL: PivApplet._get_serial,
     INS_SET_MGMT: PivApplet._set_mgmt,
+    INS_IMPORT: PivApplet._import_key,
 }
