@@ -207,3 +207,38 @@ def test_import_asymmetric_key_refusals(card):
     assert card.send(0xFE, 0x11, 0x9B, _import_data(EC_KEY))[1] == 0x6A88
     assert card.send(0xFE, 0x11, 0x9A, _import_data(EC_KEY) + tlv.encode(0xAA, b"\x07"))[1] == 0x6A80
     assert card.stores == []
+
+
+# ================================================================ 5. algorithm 00 is 3DES for the management key
+
+
+def test_mutual_authentication_with_algorithm_00_and_a_3des_key(card):
+    """
+    SP 800-78-4 table 6-2 names 3DES both 00 and 03, and a YubiKey with a
+    3DES management key answers the mutual authentication with P1 00:
+    Yubico.NET.SDK apdu/auth-mgmt.md shows ``00 87 00 9B 04 7C 02 80 00``
+    answered ``7C 0A 80 08 <witness>`` 9000 (and a wrong second step 6982).
+    vsc took only 03 for a 3DES key: the witness request with 00 answered
+    6A86. (The one-way request ``81 00`` with 00 stays OpenSC's random
+    numbers, leaving the authentication as it was: docs/pcsc.md "Random
+    numbers", a documented choice.)
+    """
+    from tests.test_piv import DEFAULT_MGMT
+    from vsc import crypto
+    body, sw = card.raw(bytes.fromhex("0087009B047C028000"))
+    assert sw == 0x9000
+    witness = crypto.mgmt_cipher(0x03, DEFAULT_MGMT, tlv.to_dict(tlv.decode_one(body, 0x7C))[0x80], encrypt=False)
+    challenge = bytes(range(8))
+    body, sw = card.send(0x87, 0x00, 0x9B, tlv.encode(0x7C, tlv.encode_many([(0x80, witness), (0x81, challenge),
+                                                                              (0x82, b"")])), le=256)
+    assert sw == 0x9000
+    assert tlv.to_dict(tlv.decode_one(body, 0x7C))[0x82] == crypto.mgmt_cipher(0x03, DEFAULT_MGMT, challenge, True)
+    assert card.applet.mgmt.authenticated()
+    # a wrong witness with 00: 6982, as on the YubiKey
+    card.raw(bytes.fromhex("0087009B047C028000"))
+    assert card.send(0x87, 0x00, 0x9B, tlv.encode(0x7C, tlv.encode_many([(0x80, bytes(8)), (0x81, challenge)])),
+                     le=256)[1] == 0x6982
+    # 00 is 3DES only: with an AES key it names another algorithm
+    card.mgmt_auth()
+    assert card.send(0xFF, 0xFF, 0xFF, bytes([0x08, 0x9B, 16]) + bytes(range(16))) == (b"", 0x9000)
+    assert card.raw(bytes.fromhex("0087009B047C028000"))[1] == 0x6A86

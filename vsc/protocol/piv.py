@@ -527,7 +527,8 @@ class PivApplet(CommandFront):
             # state is left as it is; the bytes come from the kernel (the injected random source)
             n = CHALLENGE_SIZE[cmd.p1]
             return tlv.encode(0x7C, tlv.encode(0x81, self.rand(n))), SW_OK
-        if cmd.p1 != rec.alg:
+        # 00 is 3DES too (SP 800-78-4 table 6-2; a YubiKey takes it for a 3DES key: Yubico's PIV APDU docs)
+        if cmd.p1 != rec.alg and not (cmd.p1 == 0x00 and rec.alg == crypto.PIV_MGMT_3DES):
             self.mgmt.reset()
             return b"", SW_WRONG_P1P2
         bs = crypto.mgmt_block_size(rec.alg)
