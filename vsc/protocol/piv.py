@@ -92,7 +92,6 @@ from vsc.protocol.applet import (  # noqa: F401  (the effects and status words a
 PIV_AID = bytes.fromhex("a000000308000010000100")
 PIV_PIX = bytes.fromhex("000010000100")
 MIN_AID_PREFIX = 5  # yubico-piv-tool selects with the RID only (A0 00 00 03 08)
-APP_LABEL = b"VSC PIV (EP 0 936 530)"
 
 INS_SELECT = 0xA4
 INS_GET_DATA = 0xCB
@@ -318,13 +317,14 @@ class PivApplet(CommandFront):
 
     @staticmethod
     def application_property_template() -> bytes:
-        algs = [(0x80, bytes([a])) for a in (crypto.PIV_MGMT_3DES, crypto.PIV_MGMT_AES128, crypto.PIV_MGMT_AES192,
-                                             crypto.PIV_MGMT_AES256, ALG_RSA2048, ALG_P256)]
+        """
+        A YubiKey 5's answer, byte for byte: 61 11 { 4F 06 PIX, 79 07 { 4F 05 RID } } (no label, no
+        algorithm list, the coexistent tag allocation authority as the RID, where SP 800-73-4 3.1.1 would
+        give 50 and AC and the whole AID): a tool that tells cards apart by their SELECT answer sees one.
+        """
         return tlv.encode(0x61, tlv.encode_many([
             (0x4F, PIV_PIX),
-            (0x79, tlv.encode(0x4F, PIV_AID)),
-            (0x50, APP_LABEL),
-            (0xAC, tlv.encode_many(algs + [(0x06, b"")])),
+            (0x79, tlv.encode(0x4F, PIV_AID[:5])),
         ]))
 
     # ---------------------------------------------------------------- GET DATA / PUT DATA
