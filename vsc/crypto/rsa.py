@@ -276,16 +276,24 @@ def rsa_private_der_from_crt(p: bytes, q: bytes, dmp1: bytes, dmq1: bytes, iqmp:
     return der
 
 
-def rsa_private_der_from_parts(e: bytes, p: bytes, q: bytes) -> bytes:
+def rsa_private_der_from_parts(e: bytes, p: bytes, q: bytes, bits: int = 2048) -> bytes:
     """
-    PKCS#8 DER of an RSA key imported as (e, p, q) big-endian (OpenPGP key
-    import, standard format). OpenSSL computes and checks the rest; the
-    numbers pass through Python integers once, on import only.
+    PKCS#8 DER of an RSA key of a ``bits``-bit modulus imported as (e, p, q)
+    big-endian (OpenPGP key import, standard format). OpenSSL computes and
+    checks the rest; the numbers pass through Python integers once, on
+    import only. The parts come from the host: a modulus of any other size
+    is refused before any arithmetic with it (the inversion and OpenSSL's
+    primality tests grow with the cube of the size), and so is an exponent
+    longer than the modulus.
     """
+    if len(p.lstrip(b"\x00")) + len(q.lstrip(b"\x00")) > (bits + 7) // 8 + 1 or len(e.lstrip(b"\x00")) > (bits + 7) // 8:
+        raise CryptoError(f"not an RSA-{bits} key")
     ei, pi, qi = (int.from_bytes(x, "big") for x in (e, p, q))
     if ei < 3 or pi < 3 or qi < 3 or pi == qi:
         raise CryptoError("not an RSA key")
     n = pi * qi
+    if n.bit_length() != bits or ei >= n:
+        raise CryptoError(f"not an RSA-{bits} key")
     phi = (pi - 1) * (qi - 1)
     try:
         d = pow(ei, -1, phi)
