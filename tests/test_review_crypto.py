@@ -54,3 +54,61 @@ def test_rsa_import_still_takes_an_rsa2048_key():
     assert crypto.public_der_of(crypto.rsa_private_der_from_parts(*parts)) == crypto.public_der_of(der)
     with pytest.raises(crypto.CryptoError):  # a key of the right size but not RSA (p = q)
         crypto.rsa_private_der_from_parts(parts[0], parts[1], parts[1])
+
+
+# ================================================================ 2. scrypt parameters from the server are bounded
+
+
+def test_the_card_refuses_scrypt_parameters_beyond_its_work_before_deriving(monkeypatch):
+    """
+    The card takes its scrypt parameters (N, r, p; a byte each) from every
+    AUTH_CHALLENGE, and check_kdf only had a floor: a server could ask a card
+    enrolled at scrypt:15 for N = 2^17, r = 8, p = 255 (128 MiB, 1,020 times
+    the default work: over a minute of the card's CPU per insert, and any
+    time it liked) and the card derived it. It now refuses, before deriving
+    anything, parameters beyond 256 MiB (128·r·N) or 32 times the default
+    work (N·r·p), as it refuses weaker ones.
+    """
+    from vsc.card import ops
+    from vsc.wire.ops import AuthChallenge, AuthItem, AuthMethod, KdfAlg, KdfParams
+
+    monkeypatch.setattr(ops, "derive_keys", lambda *a: pytest.fail("derived keys for a costly KDF"))
+    for log2_n, r, p in ((17, 8, 255), (15, 255, 1), (19, 8, 1)):
+        costly = KdfParams(alg=KdfAlg.SCRYPT, salt=b"s" * 16, log2_n=log2_n, r=r, p=p)
+        for floor in ("scrypt:15", ""):
+            with pytest.raises(ops.WeakKdfRefused, match="does not do"):
+                ops.check_kdf(costly, floor)
+        challenge = AuthChallenge(kdf=costly.encode(), challenges=(AuthItem(AuthMethod.PASSWORD),))
+        with pytest.raises(ops.WeakKdfRefused):
+            ops.answer(challenge, "card-1", "pw", b"m" * 32, lambda n: b"\0" * n,
+                       creds=ops.Credentials(kdf_floor="scrypt:15"))
+    ops.check_kdf(KdfParams(alg=KdfAlg.SCRYPT, salt=b"s" * 16, log2_n=18), "scrypt:15")  # 256 MiB: still done
+    ops.check_kdf(KdfParams(alg=KdfAlg.SCRYPT, salt=b"s" * 16, log2_n=15, p=32), "scrypt:15")  # 32 times
+
+
+def test_scrypt_gives_openssl_the_memory_its_accepted_parameters_need(monkeypatch):
+    """
+    docs/protocol.md said the card derives log2(N) 10..22, and crypto.scrypt
+    accepted them, but it passed OpenSSL maxmem = 256 MiB while N = 2^18
+    with r = 8 needs 128·r·(N + 2) + 128·r·p bytes (a little more): every
+    N from 2^18 up failed inside OpenSSL with "memory limit exceeded" (a
+    card enrolled with --scrypt-log2n 18 could not be enrolled). Every
+    parameter set scrypt accepts now gets the memory it needs, and those it
+    cannot afford are refused by name (scrypt_refusal).
+    """
+    from vsc.crypto import kdf
+
+    seen = {}
+
+    def fake(password, *, salt, n, r, p, maxmem, dklen):
+        seen.update(n=n, r=r, p=p, maxmem=maxmem)
+        return bytes(dklen)
+
+    monkeypatch.setattr(kdf.hashlib, "scrypt", fake)
+    crypto.scrypt(b"pw", b"s" * 16, 18, 8, 1, 64)
+    assert seen["maxmem"] >= 128 * 8 * ((1 << 18) + 2 + 1), seen
+    assert crypto.scrypt_refusal(18, 8, 1) is None
+    for bad in ((19, 8, 1), (15, 8, 33), (9, 8, 1), (15, 0, 1)):
+        assert crypto.scrypt_refusal(*bad)
+        with pytest.raises(ValueError):
+            crypto.scrypt(b"pw", b"s" * 16, *bad, 64)

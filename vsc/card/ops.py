@@ -57,13 +57,24 @@ class WeakKdfRefused(Exception):
     """The server asked for a weaker password derivation than the one this card was enrolled with."""
 
 
+class CostlyKdfRefused(WeakKdfRefused):
+    """The server asked for a password derivation beyond the memory or work this card spends on one."""
+
+
 def check_kdf(kdf: KdfParams, floor: str) -> None:
     """
     A malicious server could ask for the legacy MD5 derivation (or a cheap
     scrypt) to turn the verifier it receives into a fast offline guess. The
     card pins its derivation at enrolment and refuses anything weaker —
-    before it derives or sends anything.
+    before it derives or sends anything. Whatever the floor, it also refuses
+    scrypt parameters beyond the memory or work it spends on one derivation
+    (``crypto.scrypt_refusal``): N, r and p come from the server.
     """
+    if kdf.alg is KdfAlg.SCRYPT:
+        # whatever the floor: the server chooses N, r and p (up to 255 each) at every insert
+        why = crypto.scrypt_refusal(kdf.log2_n, kdf.r, kdf.p)
+        if why is not None:
+            raise CostlyKdfRefused(f"refused: the server asked for a password derivation this card does not do ({why})")
     if not floor or floor == "legacy":
         return
     alg, _, cost = floor.partition(":")

@@ -96,7 +96,7 @@ for _module, _names in {
     "errors": ("CryptoError",),
     "random": ("RandomBytes", "system_random", "token_urlsafe"),
     "hashes": ("sha256", "md5", "hmac_sha256", "constant_time_equal", "fingerprint"),
-    "kdf": ("hkdf_extract_expand", "hkdf_extract", "hkdf_expand", "scrypt"),
+    "kdf": ("hkdf_extract_expand", "hkdf_extract", "hkdf_expand", "scrypt", "scrypt_refusal"),
     "aead": ("RecordCipher", "AEADRecordCipher", "CBCHMACRecordCipher", "LegacyDESMD5RecordCipher",
              "GCM_NONCE", "GCM_TAG", "gcm_seal_into", "gcm_open_into", "gcm_seal_joined_into", "gcm_open_joined_into",
              "aes_gcm_seal", "aes_gcm_open"),

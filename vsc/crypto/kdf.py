@@ -35,8 +35,35 @@ def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
     return HKDFExpand(algorithm=_hashes.SHA256(), length=length, info=info).derive(prk)
 
 
-def scrypt(password: bytes, salt: bytes, log2_n: int, r: int, p: int, length: int) -> bytes:
-    """scrypt (RFC 7914) through OpenSSL."""
+#: the most memory one scrypt derivation may take, 128·r·N bytes (N = 2^18 with r = 8)
+SCRYPT_MAX_MEMORY = 256 * 1024 * 1024
+#: the most work one scrypt derivation may take, N·r·p (32 times the default N = 2^15, r = 8, p = 1)
+SCRYPT_MAX_WORK = 1 << 23
+
+
+def scrypt_refusal(log2_n: int, r: int, p: int) -> str | None:
+    """
+    Why scrypt with these parameters is not derived here (one line), or None.
+    The parameters come from the server at every insert: they are bounded in
+    memory and in work, so no server can have a card allocate or compute
+    without limit (r and p are up to 255 on the wire).
+    """
     if not 10 <= log2_n <= 22:
-        raise ValueError("scrypt cost log2(N) must be 10..22")
-    return hashlib.scrypt(password, salt=salt, n=1 << log2_n, r=r, p=p, maxmem=256 * 1024 * 1024, dklen=length)
+        return "scrypt cost log2(N) must be 10..22"
+    if r < 1 or p < 1:
+        return "scrypt r and p must be at least 1"
+    if 128 * r << log2_n > SCRYPT_MAX_MEMORY:
+        return f"scrypt with N = 2^{log2_n} and r = {r} needs more than {SCRYPT_MAX_MEMORY >> 20} MiB"
+    if (r * p) << log2_n > SCRYPT_MAX_WORK:
+        return f"scrypt with N = 2^{log2_n}, r = {r} and p = {p} is more than {SCRYPT_MAX_WORK >> 18} times the default work"
+    return None
+
+
+def scrypt(password: bytes, salt: bytes, log2_n: int, r: int, p: int, length: int) -> bytes:
+    """scrypt (RFC 7914) through OpenSSL; ValueError for parameters ``scrypt_refusal`` refuses."""
+    why = scrypt_refusal(log2_n, r, p)
+    if why is not None:
+        raise ValueError(why)
+    # OpenSSL's own limit counts V (128·r·(N+2) bytes) and B (128·r·p): the bound above, exactly
+    maxmem = 128 * r * ((1 << log2_n) + 2 + p)
+    return hashlib.scrypt(password, salt=salt, n=1 << log2_n, r=r, p=p, maxmem=maxmem, dklen=length)
