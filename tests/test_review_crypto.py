@@ -112,3 +112,30 @@ def test_scrypt_gives_openssl_the_memory_its_accepted_parameters_need(monkeypatc
         assert crypto.scrypt_refusal(*bad)
         with pytest.raises(ValueError):
             crypto.scrypt(b"pw", b"s" * 16, *bad, 64)
+
+
+# ================================================================ 3. a card's X25519 seal key is checked like any peer key
+
+
+def test_registrar_refuses_a_small_order_seal_key_as_a_refusal_not_a_server_fault():
+    """
+    The server seals a card's keyfile to the X25519 seal key the card
+    registered at enrolment. crypto.x25519_shared refuses a small-order key
+    (the all-zero shared secret, RFC 7748 6.1) with CryptoError, and the
+    Registrar let it through. The server's glue (ServerProtocol
+    _material_refused) maps an ImplAuthError to a BAD_REQUEST refusal
+    counted for its source; anything else it logs as "database call failed"
+    with a traceback and feeds the operation machine a store failure, which
+    it does not expect while issuing material (so the enroller's channel was
+    closed as a protocol violation, nothing counted). A registration whose
+    seal key is small-order (0 or 1 here) is now an ImplAuthError, as a
+    malformed one is.
+    """
+    from tests.test_implauth import SERIAL, registrar
+    from vsc.protocol import implauth
+    from vsc.wire.implauth import Registration
+    from vsc.wire.ops import AuthMethod
+
+    for seal_key in (bytes(32), b"\x01" + bytes(31)):
+        with pytest.raises(implauth.ImplAuthError, match="seal key"):
+            registrar().enrol(SERIAL, Registration(card_key=b"K", seal_key=seal_key).encode(), [AuthMethod.KEYFILE])

@@ -297,7 +297,11 @@ class Registrar:
             as1 = self.rand(AS1_SIZE)
             body = KeyfileBody(serial=serial, card_key=reg.card_key, as1=as1, issued=int(self.now()))
             signed = sign_keyfile(body, self.sign, self.signer)
-            reply = attrs.evolve(reply, keyfile=seal_keyfile(signed, sealed_as or serial, reg.seal_key, self.rand))
+            try:
+                sealed = seal_keyfile(signed, sealed_as or serial, reg.seal_key, self.rand)
+            except crypto.CryptoError:  # a small-order point: the card's to fix, not a server fault
+                raise ImplAuthError("the card's seal key is not a usable X25519 public key") from None
+            reply = attrs.evolve(reply, keyfile=sealed)
             info["keyfile"] = {"as1": as1.hex(), "issued": body.issued}
         if AuthMethod.TOTP in methods:
             secret = self.rand(TOTP_SECRET_SIZE)
