@@ -139,6 +139,8 @@ EXPECTED_SERVER_ITEMS = [
     "an answer missing a challenged method -> REFUSED",
     "the owner's last machine is throttled after its own 5 failures too",
     "insert without an insert secret -> BAD_REQUEST",
+    ("password change: OK v+1, then the new password opens the card and the old is REFUSED; "
+     "a retry with another verifier -> VERSION_CONFLICT"),
 ]
 
 

@@ -17,6 +17,7 @@ from vsc import crypto
 from vsc.card import ops
 from vsc.conformance.raw import Failed, RawCard, expect
 from vsc.conformance.server import ServerHarness
+from vsc.protocol import auth
 from vsc.protocol.suites import ForwardSecrecy
 from vsc.wire import (
     CARD_TO_SERVER,
@@ -1106,3 +1107,39 @@ async def owner_machine_throttled(h: ServerHarness) -> None:
     st = await h.status(h.insert(serial, owner_muk, h.rand(32)))
     expect(st is Status.REFUSED, f"after {threshold} failures from the card's last machine its correct answer got "
                                  f"{st.name}: that machine's bucket does not throttle")
+
+
+async def password_change(h: ServerHarness) -> None:
+    """
+    §10.9, §10.13: a password change while in use is OK with v + 1 and stores
+    the new verifier and KDF with the upload: after the remove the old
+    password is REFUSED and the new one inserts (downloading that upload).
+    Its identical retry is OK with the stored version; one "retried" with
+    another verifier is VERSION_CONFLICT (it is not the change that was
+    stored).
+    """
+    serial, _ = await h.enrolled()
+    muk, secret = h.rand(32), h.rand(32)
+    await h.insert(serial, muk, secret)
+    kdf = ops.new_kdf(h.rand, log2_n=10)
+    verifier = auth.verifier_for(ops.derive_keys("changed", kdf).auth_key, kdf.alg)
+
+    def change(v: bytes):
+        return _request(h, ChangePassword(serial=serial, insert_secret=secret, version=1, verifier=v,
+                                          kdf=kdf.encode(), protected=b"re-wrapped"))
+
+    r = await change(verifier)
+    expect(isinstance(r, OpResult) and r.status is Status.OK and r.version == 2, f"password change on v1: {r!r:.100}")
+    r = await change(verifier)
+    expect(r.status is Status.OK and r.version == 2, f"the identical retry: expected OK v2, got {r!r:.100}")
+    r = await change(h.rand(32))
+    expect(r.status is Status.VERSION_CONFLICT and r.version == 2,
+           f"a 'retry' with another verifier: expected VERSION_CONFLICT with v2, got {r!r:.100}")
+    r = await _request(h, OpRequest(op=Op.REMOVE, serial=serial, insert_secret=secret, version=2,
+                                    protected=b"re-wrapped"))
+    expect(r.status is Status.OK and r.version == 3, f"remove on v2: {r!r:.100}")
+    st = await h.status(h.insert(serial, h.rand(32), h.rand(32)))
+    expect(st is Status.REFUSED, f"an insert with the old password after the change: expected REFUSED, got {st.name}")
+    # from the card's last machine (its own lockout bucket: the refusals above count for this source)
+    got = await h.insert(serial, muk, h.rand(32), password="changed")
+    expect((got.version, got.protected) == (3, b"re-wrapped"), f"the insert with the new password got v{got.version}")

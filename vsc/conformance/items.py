@@ -192,6 +192,9 @@ SERVER_ITEMS: tuple[Item, ...] = (
          "§10.6.1", ("O3", "O11"), checks.owner_machine_throttled, provision=True),
     Item("life cycle", "insert without an insert secret -> BAD_REQUEST", "§10.8", ("O5",),
          checks.insert_without_secret, provision=True),
+    Item("versions", "password change: OK v+1, then the new password opens the card and the old is REFUSED; "
+         "a retry with another verifier -> VERSION_CONFLICT", "§10.9", ("O5", "O6"), checks.password_change,
+         provision=True),
 )
 
 CARD_ITEMS: tuple[CardItem, ...] = (
