@@ -1143,3 +1143,29 @@ async def password_change(h: ServerHarness) -> None:
     # from the card's last machine (its own lockout bucket: the refusals above count for this source)
     got = await h.insert(serial, muk, h.rand(32), password="changed")
     expect((got.version, got.protected) == (3, b"re-wrapped"), f"the insert with the new password got v{got.version}")
+
+
+async def idle_remove_retry(h: ServerHarness) -> None:
+    """
+    §10.10: on an idle card a remove is OK only as the remove that made it
+    idle, retried: the same insert secret, v = stored - 1 and the stored
+    upload; the same secret with another upload, or based on the stored
+    version, is REFUSED and changes nothing.
+    """
+    serial, _ = await h.enrolled()
+    muk, secret = h.rand(32), h.rand(32)
+    await h.insert(serial, muk, secret)
+
+    def remove(v: int, p: bytes):
+        return _request(h, OpRequest(op=Op.REMOVE, serial=serial, insert_secret=secret, version=v, protected=p))
+
+    r = await remove(1, b"removed")
+    expect(isinstance(r, OpResult) and r.status is Status.OK and r.version == 2, f"remove on v1: {r!r:.100}")
+    for v, p, what in ((1, b"another upload", "with another upload"), (2, b"removed", "based on the stored v2")):
+        r = await remove(v, p)
+        expect(r.status is Status.REFUSED, f"a remove 'retried' on the idle card {what}: expected REFUSED, "
+                                           f"got {r!r:.100}")
+    r = await remove(1, b"removed")
+    expect(r.status is Status.OK and r.version == 2, f"the remove retried: expected OK v2, got {r!r:.100}")
+    got = await h.insert(serial, muk, h.rand(32))  # the last machine: the refusals above count for this source
+    expect((got.version, got.protected) == (2, b"removed"), f"the next insert downloaded v{got.version}")

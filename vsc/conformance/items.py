@@ -195,6 +195,8 @@ SERVER_ITEMS: tuple[Item, ...] = (
     Item("versions", "password change: OK v+1, then the new password opens the card and the old is REFUSED; "
          "a retry with another verifier -> VERSION_CONFLICT", "§10.9", ("O5", "O6"), checks.password_change,
          provision=True),
+    Item("versions", "a remove retried on an idle card: OK only with the stored upload on stored-1, else REFUSED",
+         "§10.10", ("O5", "O6"), checks.idle_remove_retry, provision=True),
 )
 
 CARD_ITEMS: tuple[CardItem, ...] = (
