@@ -142,6 +142,7 @@ EXPECTED_SERVER_ITEMS = [
     ("password change: OK v+1, then the new password opens the card and the old is REFUSED; "
      "a retry with another verifier -> VERSION_CONFLICT"),
     "a remove retried on an idle card: OK only with the stored upload on stored-1, else REFUSED",
+    "recover forgets the insert: a remove retried with its secret -> REFUSED",
 ]
 
 

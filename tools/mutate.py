@@ -232,6 +232,10 @@ MUTANTS: tuple[Mutant, ...] = (
            LC, "and req.protected == card.protected and req.version == card.version - 1)",
            "and req.protected == card.protected)",
            areas=("versions",)),
+    Mutant("recover-keeps-session", "§10.11 O10: recover forgets the insert secret (no retried remove)",
+           STORE, "sql = (\"UPDATE cards SET state = 'idle', muk = NULL, channel_info = NULL, last_session = NULL, \"",
+           "sql = (\"UPDATE cards SET state = 'idle', muk = NULL, channel_info = NULL, \"",
+           areas=("life cycle",)),
     # ---- enrolment (§10.7)
     Mutant("enrol-code-unchecked", "§10.7 O3: enrolment needs the issued one-time code",
            STORE, "valid = row is not None and bytes(row[0]) == e.code_hash and row[1] >= now",

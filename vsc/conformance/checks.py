@@ -1169,3 +1169,26 @@ async def idle_remove_retry(h: ServerHarness) -> None:
     expect(r.status is Status.OK and r.version == 2, f"the remove retried: expected OK v2, got {r!r:.100}")
     got = await h.insert(serial, muk, h.rand(32))  # the last machine: the refusals above count for this source
     expect((got.version, got.protected) == (2, b"removed"), f"the next insert downloaded v{got.version}")
+
+
+async def recover_forgets_session(h: ServerHarness) -> None:
+    """
+    §10.11, §10.13: recover forgets the insert's MUK and session, so that
+    insert's secret has no authority left: a remove "retried" with it after
+    the recover (v = stored - 1, the stored upload) is REFUSED; the next
+    insert downloads the last sync.
+    """
+    serial, _ = await h.enrolled()
+    muk, secret = h.rand(32), h.rand(32)
+    await h.insert(serial, muk, secret)
+    r = await _request(h, OpRequest(op=Op.SYNC, serial=serial, insert_secret=secret, version=1, protected=b"synced"))
+    expect(r.status is Status.OK and r.version == 2, f"sync on v1: {r!r:.100}")
+    proto = await h.connect()
+    try:
+        await ops.recover(proto, serial, "conformance", muk, h.master)
+    finally:
+        proto.closeChannel()
+    r = await _request(h, OpRequest(op=Op.REMOVE, serial=serial, insert_secret=secret, version=1, protected=b"synced"))
+    expect(r.status is Status.REFUSED, f"a remove with the recovered insert's secret: expected REFUSED, got {r!r:.100}")
+    got = await h.insert(serial, muk, h.rand(32))
+    expect((got.version, got.protected) == (2, b"synced"), f"the next insert downloaded v{got.version}")

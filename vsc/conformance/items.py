@@ -197,6 +197,8 @@ SERVER_ITEMS: tuple[Item, ...] = (
          provision=True),
     Item("versions", "a remove retried on an idle card: OK only with the stored upload on stored-1, else REFUSED",
          "§10.10", ("O5", "O6"), checks.idle_remove_retry, provision=True),
+    Item("life cycle", "recover forgets the insert: a remove retried with its secret -> REFUSED", "§10.11",
+         ("O7", "O10"), checks.recover_forgets_session, provision=True),
 )
 
 CARD_ITEMS: tuple[CardItem, ...] = (
