@@ -1192,3 +1192,27 @@ async def recover_forgets_session(h: ServerHarness) -> None:
     expect(r.status is Status.REFUSED, f"a remove with the recovered insert's secret: expected REFUSED, got {r!r:.100}")
     got = await h.insert(serial, muk, h.rand(32))
     expect((got.version, got.protected) == (2, b"synced"), f"the next insert downloaded v{got.version}")
+
+
+async def success_resets_source_bucket(h: ServerHarness) -> None:
+    """
+    §10.6.1: a success resets the bucket it was counted in and the source's
+    bucket for that card: after lockout_threshold - 1 wrong passwords, a
+    correct insert (then a remove) and one more wrong password, a correct
+    answer from another machine is still evaluated and OK.
+    """
+    t = h.settings.lockout_threshold
+    serial, _ = await h.enrolled()
+    for i in range(t - 1):
+        st = await h.status(h.insert(serial, h.rand(32), h.rand(32), password=f"wrong {i}"))
+        expect(st is Status.REFUSED, f"wrong password {i + 1}: expected REFUSED, got {st.name}")
+    secret = h.rand(32)
+    await h.insert(serial, h.rand(32), secret)
+    r = await _request(h, OpRequest(op=Op.REMOVE, serial=serial, insert_secret=secret, version=1, protected=b"p"))
+    expect(r.status is Status.OK, f"remove: {r.status.name}")
+    if t >= 2:
+        st = await h.status(h.insert(serial, h.rand(32), h.rand(32), password="wrong again"))
+        expect(st is Status.REFUSED, f"a wrong password after the success: expected REFUSED, got {st.name}")
+    st = await h.status(h.insert(serial, h.rand(32), h.rand(32)))
+    expect(st is Status.OK, f"a correct answer after {t - 1} failures, a success and one failure got {st.name}: "
+                            "the success did not reset the source's count")

@@ -199,6 +199,9 @@ SERVER_ITEMS: tuple[Item, ...] = (
          "§10.10", ("O5", "O6"), checks.idle_remove_retry, provision=True),
     Item("life cycle", "recover forgets the insert: a remove retried with its secret -> REFUSED", "§10.11",
          ("O7", "O10"), checks.recover_forgets_session, provision=True),
+    Item("refusal", "a success resets this source's failures on the card: failures before it do not throttle",
+         "§10.6.1", ("O3", "O11"), checks.success_resets_source_bucket,
+         provision=True),
 )
 
 CARD_ITEMS: tuple[CardItem, ...] = (
