@@ -144,6 +144,7 @@ EXPECTED_SERVER_ITEMS = [
     "a remove retried on an idle card: OK only with the stored upload on stored-1, else REFUSED",
     "recover forgets the insert: a remove retried with its secret -> REFUSED",
     "a success resets this source's failures on the card: failures before it do not throttle",
+    "a refused sync and attach leave the channel unauthenticated: one byte over 65536 -> FRAME_TOO_LARGE",
 ]
 
 

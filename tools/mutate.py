@@ -232,6 +232,11 @@ MUTANTS: tuple[Mutant, ...] = (
            LC, "and req.protected == card.protected and req.version == card.version - 1)",
            "and req.protected == card.protected)",
            areas=("versions",)),
+    Mutant("refused-operation-raises-limits", "§9.3: only an operation that passed its authority raises the limits",
+           OPS, "            if outcome.status is Status.OK:\n                core.emit(Authenticated(core.serial))",
+           "            if outcome.status in (Status.OK, Status.REFUSED):\n"
+           "                core.emit(Authenticated(core.serial))",
+           areas=("limits",)),
     Mutant("recover-keeps-session", "§10.11 O10: recover forgets the insert secret (no retried remove)",
            STORE, "sql = (\"UPDATE cards SET state = 'idle', muk = NULL, channel_info = NULL, last_session = NULL, \"",
            "sql = (\"UPDATE cards SET state = 'idle', muk = NULL, channel_info = NULL, \"",

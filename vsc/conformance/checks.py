@@ -1216,3 +1216,25 @@ async def success_resets_source_bucket(h: ServerHarness) -> None:
     st = await h.status(h.insert(serial, h.rand(32), h.rand(32)))
     expect(st is Status.OK, f"a correct answer after {t - 1} failures, a success and one failure got {st.name}: "
                             "the success did not reset the source's count")
+
+
+async def refused_operation_keeps_limits(h: ServerHarness) -> None:
+    """
+    §9.3, L1: only an operation that passed its authority raises a channel's
+    limits: after a sync and an attach refused (another insert secret; no such
+    card), a header one byte over the unauthenticated limit is still
+    FRAME_TOO_LARGE.
+    """
+    limit = h.settings.unauthenticated_body
+    card = await h.established()
+    try:
+        serial = "conf-none-" + h.rand(5).hex()
+        for msg in (OpRequest(op=Op.SYNC, serial=serial, insert_secret=h.rand(32), version=1, protected=b"x"),
+                    OpRequest(op=Op.ATTACH, serial=serial, insert_secret=h.rand(32))):
+            r = await card.request(msg)
+            expect(isinstance(r, OpResult) and r.status is Status.REFUSED,
+                   f"{msg.op.name} for no card: expected REFUSED, got {r!r:.100}")
+        card.write(_header(0x10, limit + 1))
+        await card.expect_close(ErrorCode.FRAME_TOO_LARGE)
+    finally:
+        card.close()

@@ -202,6 +202,8 @@ SERVER_ITEMS: tuple[Item, ...] = (
     Item("refusal", "a success resets this source's failures on the card: failures before it do not throttle",
          "§10.6.1", ("O3", "O11"), checks.success_resets_source_bucket,
          provision=True),
+    Item("limits", "a refused sync and attach leave the channel unauthenticated: one byte over "
+         "{unauthenticated_body} -> FRAME_TOO_LARGE", "§9.3", ("F4", "L1"), checks.refused_operation_keeps_limits),
 )
 
 CARD_ITEMS: tuple[CardItem, ...] = (
