@@ -92,6 +92,7 @@ EXPECTED_SERVER_ITEMS = [
     "any one CLIENT_FINISHED MAC byte flipped -> KEY_CONFIRMATION_FAILED",
     "handshake messages out of order, a record before CLIENT_FINISHED -> UNEXPECTED_MESSAGE",
     "no key transport within 3 s -> HANDSHAKE_TIMEOUT",
+    "a KEY_TRANSPORT replayed on a new connection -> HANDSHAKE_FAILED (r1 is fresh)",
     "tampered record -> BAD_RECORD",
     *(name for suite in ("aes256-gcm", "chacha20-poly1305", "aes256-cbc-hmac-sha256", "des-cbc-md5")
       for name in (f"{suite}: every byte of a record, each tag byte, flipped -> BAD_RECORD; reflected -> BAD_RECORD",

@@ -164,6 +164,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("client-finished-mac-unchecked", "§7.3 S5: the client finished MAC is checked",
            CH, "if not crypto.constant_time_equal(msg.mac, core.keys.client_mac()):",
            "if not crypto.constant_time_equal(msg.mac, msg.mac):"),
+    Mutant("hello-r1-fixed", "§6.5 S1: HELLO has a fresh random r1 per connection (no handshake replays)",
+           CH, "        r1 = core.rand(32)\n", "        r1 = bytes(32)\n",
+           areas=("handshake",)),
     # ---- frame limits and timeouts (§3, §9.3)
     Mutant("frame-limit-ignores-lowered-cap", "§3 F4 / §9.3: a frame over the current limit is FRAME_TOO_LARGE",
            "vsc/wire/codec.py", "if length > self.max_body:", "if length > MAX_FRAME_BODY:"),

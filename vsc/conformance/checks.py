@@ -1238,3 +1238,31 @@ async def refused_operation_keeps_limits(h: ServerHarness) -> None:
         await card.expect_close(ErrorCode.FRAME_TOO_LARGE)
     finally:
         card.close()
+
+
+async def replayed_key_transport(h: ServerHarness) -> None:
+    """
+    §6.3, S1: HELLO's r1 is fresh per connection, so a recorded handshake
+    cannot be replayed: a KEY_TRANSPORT the server accepted on one connection,
+    sent again on a new one, -> HANDSHAKE_FAILED (wrong r1).
+    """
+    card = await h.raw(fs=ForwardSecrecy.OFF)
+    try:
+        first = await card.next_frame()
+        (kt,) = card._effects(card.channel.receive_frame(first))
+        card.write(kt)
+        sf = await card.next_frame()
+        expect(isinstance(sf, bytes) and sf[3] == 0x03, f"the server did not accept the key transport: {sf!r:.80}")
+    finally:
+        card.close()
+    again = await h.raw(fs=ForwardSecrecy.OFF)
+    try:
+        hello = await again.next_frame()
+        expect(decode_frame(hello).r1 != decode_frame(first).r1, "two connections got the same r1 in HELLO")
+        again.write(kt)
+        try:
+            await _expect_alert(again, ErrorCode.HANDSHAKE_FAILED)
+        except Failed as e:
+            raise Failed(f"a replayed KEY_TRANSPORT: {e}") from None
+    finally:
+        again.close()

@@ -117,6 +117,8 @@ SERVER_ITEMS: tuple[Item, ...] = (
          "§6.2", ("B4", "S6"), checks.handshake_out_of_order),
     Item("handshake", "no key transport within {handshake_timeout:g} s -> HANDSHAKE_TIMEOUT", "§6.3", ("B3",),
          checks.handshake_timer),
+    Item("handshake", "a KEY_TRANSPORT replayed on a new connection -> HANDSHAKE_FAILED (r1 is fresh)", "§6.5",
+         ("S1", "S2"), checks.replayed_key_transport),
     Item("record", "tampered record -> BAD_RECORD", "§8", ("R2", "R4", "E1"), checks.tampered),
     *_per_suite(),
     Item("record", "replay of the last record and of one 3 back -> REPLAYED_RECORD (no window)", "§8", ("R4",),
