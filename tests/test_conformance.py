@@ -93,6 +93,7 @@ EXPECTED_SERVER_ITEMS = [
     "handshake messages out of order, a record before CLIENT_FINISHED -> UNEXPECTED_MESSAGE",
     "no key transport within 3 s -> HANDSHAKE_TIMEOUT",
     "a KEY_TRANSPORT replayed on a new connection -> HANDSHAKE_FAILED (r1 is fresh)",
+    "an all-zero (small-order) X25519 key -> HANDSHAKE_FAILED",
     "tampered record -> BAD_RECORD",
     *(name for suite in ("aes256-gcm", "chacha20-poly1305", "aes256-cbc-hmac-sha256", "des-cbc-md5")
       for name in (f"{suite}: every byte of a record, each tag byte, flipped -> BAD_RECORD; reflected -> BAD_RECORD",

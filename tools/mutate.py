@@ -167,6 +167,12 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("hello-r1-fixed", "§6.5 S1: HELLO has a fresh random r1 per connection (no handshake replays)",
            CH, "        r1 = core.rand(32)\n", "        r1 = bytes(32)\n",
            areas=("handshake",)),
+    Mutant("x25519-small-order-accepted", "§6.5 B2: an all-zero X25519 secret (small-order key) is HANDSHAKE_FAILED",
+           CH, "dh = core.ephemeral.exchange(msg.fs_public)\n            except crypto.CryptoError as e:\n"
+               "                inputs.fail(ErrorCode.HANDSHAKE_FAILED, str(e))\n                return",
+           "dh = core.ephemeral.exchange(msg.fs_public)\n            except crypto.CryptoError as e:\n"
+               "                dh = bytes(32)",
+           areas=("handshake",)),
     # ---- frame limits and timeouts (§3, §9.3)
     Mutant("frame-limit-ignores-lowered-cap", "§3 F4 / §9.3: a frame over the current limit is FRAME_TOO_LARGE",
            "vsc/wire/codec.py", "if length > self.max_body:", "if length > MAX_FRAME_BODY:"),

@@ -1266,3 +1266,22 @@ async def replayed_key_transport(h: ServerHarness) -> None:
             raise Failed(f"a replayed KEY_TRANSPORT: {e}") from None
     finally:
         again.close()
+
+
+async def small_order_x25519(h: ServerHarness) -> None:
+    """
+    §6.5, B2 (S3): a KEY_TRANSPORT whose X25519 key is all zero (a small-order
+    point: the shared secret is all zero) -> HANDSHAKE_FAILED, every other field
+    right; a server that offered no X25519 key answers UNEXPECTED_MESSAGE.
+    """
+    card = await h.raw()
+    try:
+        hello = decode_frame(await card.next_frame())
+        secrets = SessionSecrets(r1=hello.r1, r2=h.rand(32), s1=h.rand(32), s2=h.rand(32))
+        ct = crypto.RSAPublicKey(hello.server_key).oaep_encrypt(secrets.encode(), h.rand)
+        suites = tuple(s for s in h.settings.suites if s is not Suite.DES_CBC_MD5) or (Suite.AES256_GCM,)
+        card.write(encode_frame(KeyTransport(r2=secrets.r2, suites=suites, fs_public=bytes(32), ciphertext=ct)))
+        code = ErrorCode.HANDSHAKE_FAILED if hello.fs_public else ErrorCode.UNEXPECTED_MESSAGE
+        await _expect_alert(card, code)
+    finally:
+        card.close()

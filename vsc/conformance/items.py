@@ -119,6 +119,8 @@ SERVER_ITEMS: tuple[Item, ...] = (
          checks.handshake_timer),
     Item("handshake", "a KEY_TRANSPORT replayed on a new connection -> HANDSHAKE_FAILED (r1 is fresh)", "§6.5",
          ("S1", "S2"), checks.replayed_key_transport),
+    Item("handshake", "an all-zero (small-order) X25519 key -> HANDSHAKE_FAILED", "§6.5", ("B2", "S3"),
+         checks.small_order_x25519),
     Item("record", "tampered record -> BAD_RECORD", "§8", ("R2", "R4", "E1"), checks.tampered),
     *_per_suite(),
     Item("record", "replay of the last record and of one 3 back -> REPLAYED_RECORD (no window)", "§8", ("R4",),
