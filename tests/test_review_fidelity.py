@@ -242,3 +242,156 @@ def test_mutual_authentication_with_algorithm_00_and_a_3des_key(card):
     card.mgmt_auth()
     assert card.send(0xFF, 0xFF, 0xFF, bytes([0x08, 0x9B, 16]) + bytes(range(16))) == (b"", 0x9000)
     assert card.raw(bytes.fromhex("0087009B047C028000"))[1] == 0x6A86
+
+
+# ================================================================ 6. GET METADATA (YubiKey INS F7)
+
+#: yubikit/piv.py at Yubico/yubikey-manager b0dbb7f17b333d7e94cfb5999c00b3f1a1d602aa (PivSession.get_pin_metadata,
+#: get_puk_metadata, get_management_key_metadata, get_slot_metadata, _parse_device_public_key), transcribed: yubikit
+#: is not installed here. Tlv.parse_dict, then these fields; a missing tag is a KeyError there, as here.
+def _yubikit_parse(data: bytes) -> dict[int, bytes]:
+    return {item.tag: item.value for item in tlv.decode(data)}
+
+
+def _yubikit_pin_metadata(data: bytes) -> tuple[bool, int, int]:
+    """PinMetadata(default_value, total_attempts, attempts_remaining)."""
+    d = _yubikit_parse(data)
+    return d[0x05] != b"\0", d[0x06][0], d[0x06][1]
+
+
+def _yubikit_management_key_metadata(data: bytes) -> tuple[int, bool, int]:
+    """ManagementKeyMetadata(key_type = algo or 03, default_value, touch_policy = policy[1])."""
+    d = _yubikit_parse(data)
+    return d.get(0x01, b"\x03")[0], d[0x05] != b"\0", d[0x02][1]
+
+
+def _yubikit_slot_metadata(data: bytes) -> tuple[int, int, int, bool, bytes]:
+    """SlotMetadata(key_type, pin_policy, touch_policy, generated, public key as SubjectPublicKeyInfo DER)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec as _ec
+    from cryptography.hazmat.primitives.asymmetric import rsa as _rsa
+    d = _yubikit_parse(data)
+    key_type, policy, pub = d[0x01][0], d[0x02], _yubikit_parse(d[0x04])
+    if key_type == 0x07:
+        key = _rsa.RSAPublicNumbers(int.from_bytes(pub[0x82], "big"), int.from_bytes(pub[0x81], "big")).public_key()
+    else:
+        assert key_type == 0x11
+        key = _ec.EllipticCurvePublicKey.from_encoded_point(_ec.SECP256R1(), pub[0x86])
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key_type, policy[0], policy[1], d[0x03][0] == 0x01, spki
+
+
+def test_get_metadata_pin_and_puk(card):
+    """
+    ``00 F7 00 80`` / ``00 F7 00 81``: 01 algorithm FF, 05 default, 06
+    (retry limit, tries left) — Yubico.NET.SDK apdu/metadata.md table 2 (80,
+    81: tags 01, 05, 06); yubikit's get_pin_metadata / get_puk_metadata read
+    05 and 06 (``ykman piv info`` warns on a default PIN from 05;
+    PivSession.get_pin_attempts and reset read 06). vsc answered 6D00, so
+    yubikit fell back to VERIFY's 63Cx and ykman could not tell a default PIN.
+    No PIN is needed and nothing is stored or counted.
+    """
+    assert card.send(0xF7, 0x00, 0x80) == (bytes.fromhex("0101ff 050101 06020303"), 0x9000)
+    assert card.send(0xF7, 0x00, 0x81) == (bytes.fromhex("0101ff 050101 06020303"), 0x9000)
+    assert card.stores == []
+    assert card.verify(b"654321") == 0x63C2
+    body, sw = card.send(0xF7, 0x00, 0x80)
+    assert sw == 0x9000 and _yubikit_pin_metadata(body) == (True, 3, 2)
+    assert card.send(0x24, 0x00, 0x80, apdu.pad_pin(PIN) + apdu.pad_pin(b"246810"))[1] == 0x9000
+    assert card.send(0xF7, 0x00, 0x80) == (bytes.fromhex("0101ff 050100 06020303"), 0x9000)
+    assert card.send(0x24, 0x00, 0x81, apdu.pad_pin(PUK) + apdu.pad_pin(b"87654321"))[1] == 0x9000
+    body, _ = card.send(0xF7, 0x00, 0x81)
+    assert _yubikit_pin_metadata(body) == (False, 3, 3)
+    _block_pin_elsewhere(card.items)
+    body, sw = card.send(0xF7, 0x00, 0x80)
+    assert sw == 0x9000 and _yubikit_pin_metadata(body) == (False, 3, 0)  # blocked: 0 left, still 9000
+
+
+def test_get_metadata_management_key(card):
+    """
+    ``00 F7 00 9B``: 01 algorithm, 02 policy (touch policy second: 01
+    never), 05 default — Yubico.NET.SDK apdu/metadata.md (9B: tags 01, 02,
+    05); yubikit's PivSession reads it when it opens (management_key_type)
+    and ykman warns on the default key. vsc has no touch: 01. The PIN policy
+    byte is 00 (none applies to a management key; yubikit does not read it).
+    """
+    assert card.send(0xF7, 0x00, 0x9B) == (bytes.fromhex("010103 02020001 050101"), 0x9000)
+    card.mgmt_auth()
+    assert card.send(0xFF, 0xFF, 0xFF, bytes([0x08, 0x9B, 16]) + bytes(range(16))) == (b"", 0x9000)
+    body, sw = card.send(0xF7, 0x00, 0x9B)
+    assert (body, sw) == (bytes.fromhex("010108 02020001 050100"), 0x9000)
+    assert _yubikit_management_key_metadata(body) == (0x08, False, 0x01)
+    # the default key bytes under AES-192 (a YubiKey 5.7's factory key) are still the default value
+    card.mgmt_auth(bytes(range(16)), 0x08)
+    assert card.send(0xFF, 0xFF, 0xFF, bytes([0x0A, 0x9B, 24]) + bytes.fromhex("0102030405060708" * 3))[1] == 0x9000
+    assert _yubikit_management_key_metadata(card.send(0xF7, 0x00, 0x9B)[0]) == (0x0A, True, 0x01)
+
+
+@pytest.mark.parametrize("slot, alg, policy", [(0x9A, 0x07, 0x02), (0x9C, 0x11, 0x02), (0x9D, 0x07, 0x02),
+                                               (0x9E, 0x11, 0x01)])
+def test_get_metadata_key_slots(card, slot, alg, policy):
+    """
+    ``00 F7 00 slot``: 01 algorithm, 02 (PIN policy, touch policy), 03
+    origin (01 generated), 04 public key (RSA 81 n 82 e, EC 86 point: what
+    yubikit's _parse_device_public_key reads) — Yubico.NET.SDK
+    apdu/metadata.md (9A-9E: tags 01, 02, 03, 04). ``ykman piv info`` and
+    ``ykman piv keys export`` read the public key from here. The PIN policy
+    is the card's (FakeCard has none stored: LEGACY, 9E never, the others
+    once).
+    """
+    from tests.test_piv import PUBLIC
+    body, sw = card.get_all(0xF7, 0x00, slot)  # an RSA key's answer is longer than 256 bytes: 61xx, GET RESPONSE
+    assert sw == 0x9000
+    d = _yubikit_parse(body)
+    assert list(d) == [0x01, 0x02, 0x03, 0x04]
+    assert (d[0x01], d[0x02], d[0x03]) == (bytes([alg]), bytes([policy, 0x01]), b"\x01")
+    assert _yubikit_slot_metadata(body) == (alg, policy, 0x01, True, PUBLIC[f"{slot:02x}"])
+    if alg == 0x11:
+        assert body[10:14] == bytes.fromhex("04438641") and len(body) == 14 + 65  # 04 43 { 86 41 04 X Y }
+    else:  # 04 82 01 09 { 81 82 01 00 n, 82 03 01 00 01 }
+        assert body[10:18] == bytes.fromhex("0482010981820100") and body[-5:] == bytes.fromhex("8203010001")
+        assert len(body) == 10 + 4 + 0x109
+
+
+def test_get_metadata_origin_follows_import_and_generate(card):
+    """
+    A key put with IMPORT ASYMMETRIC KEY is origin 02 (yubikit: generated
+    False; ykman piv info "Origin: IMPORTED"), with the PIN policy given there
+    (yubikit's device test test_slot_metadata_put); a GENERATE into the slot
+    makes it 01 again. vsc records the imported slots in the protected
+    information (item ``piv-imported``); every other key is generated (by
+    GENERATE, or by vsc card/dongle enroll).
+    """
+    from tests.test_piv import EC_KEY, PUBLIC
+    from tests.test_review_fidelity import _import_data
+    card.mgmt_auth()
+    assert card.send(0xFE, 0x11, 0x9A, _import_data(EC_KEY) + tlv.encode(0xAA, b"\x03")) == (b"", 0x9000)
+    body, sw = card.get_all(0xF7, 0x00, 0x9A)
+    assert sw == 0x9000 and _yubikit_slot_metadata(body) == (0x11, 0x03, 0x01, False, PUBLIC["9c"])
+    assert card.items[(ItemKind.PIN, piv.ORIGIN_ITEM)][0] == b"\x9a"
+    assert _yubikit_parse(card.get_all(0xF7, 0x00, 0x9C)[0])[0x03] == b"\x01"  # the other slots stay generated
+    stores = len(card.stores)
+    assert card.send(0x47, 0x00, 0x9E, tlv.encode(0xAC, tlv.encode(0x80, b"\x11")))[1] == 0x9000
+    assert len(card.stores) == stores  # a slot never imported: no extra store
+    assert card.get_all(0x47, 0x00, 0x9A, tlv.encode(0xAC, tlv.encode(0x80, b"\x07")))[1] == 0x9000
+    body, _ = card.get_all(0xF7, 0x00, 0x9A)
+    key_type, pin_policy, _touch, generated, _spki = _yubikit_slot_metadata(body)
+    assert (key_type, pin_policy, generated) == (0x07, 0x03, True)
+    assert card.items[(ItemKind.PIN, piv.ORIGIN_ITEM)][0] == b""
+
+
+def test_get_metadata_refusals(card):
+    """
+    An empty slot, the retired slots 82-95 and the attestation key F9 (vsc
+    has neither) and any other reference answer 6A88, as a YubiKey answers
+    for an empty slot (yubikit's test_delete_key expects an ApduError from
+    get_slot_metadata); P1 other than 00 is 6A86. Before SELECT: 6D00, as
+    for every PIV command.
+    """
+    card.items.pop((ItemKind.KEY, "9d"))
+    for ref in (0x9D, 0x82, 0x95, 0xF9, 0x96, 0x00, 0x55):
+        assert card.send(0xF7, 0x00, ref) == (b"", 0x6A88), hex(ref)
+    assert card.send(0xF7, 0x01, 0x9A) == (b"", 0x6A86)
+    assert card.send(0xF7, 0x01, 0x80) == (b"", 0x6A86)
+    assert FakeCard().send(0xF7, 0x00, 0x80) == (b"", 0x6D00)
+    assert card.stores == []

@@ -21,9 +21,9 @@ information and are read per command.
 
 Instructions: SELECT (A4), GET DATA (CB), VERIFY (20), CHANGE REFERENCE
 DATA (24), RESET RETRY COUNTER (2C), GENERAL AUTHENTICATE (87), GENERATE
-ASYMMETRIC KEY PAIR (47), PUT DATA (DB), GET RESPONSE (C0); and four
+ASYMMETRIC KEY PAIR (47), PUT DATA (DB), GET RESPONSE (C0); and five
 YubiKey extensions yubico-piv-tool and ykman use: GET VERSION (FD), GET SERIAL
-(F8), SET MANAGEMENT KEY (FF), IMPORT ASYMMETRIC KEY (FE).
+(F8), SET MANAGEMENT KEY (FF), IMPORT ASYMMETRIC KEY (FE), GET METADATA (F7).
 
 Which key needs the PIN is the card's PIN policy (vsc.wire.pinpolicy, chosen
 at enrolment; decided by vsc.protocol.pins.authorize, the same decision the
@@ -106,6 +106,7 @@ INS_GET_VERSION = 0xFD
 INS_GET_SERIAL = 0xF8
 INS_SET_MGMT = 0xFF
 INS_IMPORT = 0xFE
+INS_GET_METADATA = 0xF7
 
 CHAINABLE = frozenset({INS_GET_DATA, INS_VERIFY, INS_CHANGE, INS_RESET_RETRY, INS_GENERAL_AUTH, INS_GENERATE,
                        INS_PUT_DATA, INS_SET_MGMT, INS_IMPORT})
@@ -117,6 +118,9 @@ PUK_REF = 0x81
 MGMT_REF = 0x9B
 PIN_ITEM = {PIN_REF: pins.USER_PIN, PUK_REF: pins.PUK}
 MGMT_ITEM = "piv-mgmt"
+#: the key references whose key came in by IMPORT ASYMMETRIC KEY (one byte each); any other key was generated
+#: (GENERATE, or vsc card/dongle enroll), which GET METADATA reports as its origin
+ORIGIN_ITEM = "piv-imported"
 #: GENERAL AUTHENTICATE challenge (random number) sizes: the algorithm's block size; 00 is 3DES (SP 800-78)
 CHALLENGE_SIZE = {0x00: 8, crypto.PIV_MGMT_3DES: 8, crypto.PIV_MGMT_AES128: 16, crypto.PIV_MGMT_AES192: 16,
                   crypto.PIV_MGMT_AES256: 16}
@@ -127,6 +131,18 @@ DEFAULT_MGMT = ManagementKeyRecord(crypto.PIV_MGMT_3DES, bytes.fromhex("01020304
 
 ALG_RSA2048 = 0x07
 ALG_P256 = 0x11
+ALG_PIN = 0xFF  # GET METADATA's algorithm of the PIN and the PUK
+
+#: YubiKey GET METADATA (INS F7) tags (yubikit.piv TAG_METADATA_*) and values
+TAG_METADATA_ALGO = 0x01
+TAG_METADATA_POLICY = 0x02  # PIN policy, touch policy
+TAG_METADATA_ORIGIN = 0x03  # 01 generated, 02 imported
+TAG_METADATA_PUBLIC_KEY = 0x04  # RSA 81 modulus 82 exponent, EC 86 point (GENERATE's 7F49 content)
+TAG_METADATA_IS_DEFAULT = 0x05
+TAG_METADATA_RETRIES = 0x06  # total, remaining
+ORIGIN_GENERATED = 0x01
+ORIGIN_IMPORTED = 0x02
+TOUCH_NEVER = 0x01  # vsc has no touch sensor: every key and the management key are touch policy "never"
 PIV_ALG = {KeyAlg.RSA2048: ALG_RSA2048, KeyAlg.P256: ALG_P256}
 KEY_ALG = {v: k for k, v in PIV_ALG.items()}
 
@@ -646,13 +662,29 @@ class PivApplet(CommandFront):
         public = yield Generate(slot, alg)
         yield Notice("key-generated", {"slot": slot, "alg": alg.name.lower()})
         yield from self._set_pin_policy(cmd.p2, pin_policy)
+        # after the key: if this store fails, the new key is still called imported (the cautious mistake)
+        yield from self._set_origin(cmd.p2, imported=False)
+        return tlv.encode(0x7F49, self.public_key_body(public)), SW_OK
+
+    @staticmethod
+    def public_key_body(public: bytes) -> bytes:
+        """A public key as GENERATE's 7F49 and GET METADATA's 04 carry it: RSA 81 modulus 82 exponent, EC 86 point."""
         nums = crypto.public_numbers(public)
         if "rsa" in nums:
             n, e = nums["rsa"]
-            body = tlv.encode_many([(0x81, n), (0x82, e)])
-        else:
-            body = tlv.encode(0x86, nums["ec"])
-        return tlv.encode(0x7F49, body), SW_OK
+            return tlv.encode_many([(0x81, n), (0x82, e)])
+        return tlv.encode(0x86, nums["ec"])
+
+    def _imported_slots(self) -> Generator[Effect, Any, bytes]:
+        raw = yield Load(ItemKind.PIN, ORIGIN_ITEM)
+        return bytes(raw) if raw else b""
+
+    def _set_origin(self, ref: int, imported: bool) -> Generator[Effect, Any, None]:
+        """Record whether slot ``ref``'s key was imported (GET METADATA's origin); stored only when it changes."""
+        marked = yield from self._imported_slots()
+        if (ref in marked) != imported:
+            slots = (set(marked) | {ref}) if imported else (set(marked) - {ref})
+            yield Store(ItemKind.PIN, ORIGIN_ITEM, bytes(sorted(slots)))
 
     @staticmethod
     def _valid_pin_policy(pin_policy: bytes | None) -> bool:
@@ -703,12 +735,72 @@ class PivApplet(CommandFront):
             public = crypto.public_der_of(der)
             if crypto.public_kind(public) != (crypto.KEY_RSA2048 if rsa else crypto.KEY_P256):
                 return b"", SW_WRONG_DATA
+            # the origin before the key: if the key's store fails, the old key is called imported, never the
+            # imported one generated
+            yield from self._set_origin(cmd.p2, imported=True)
             yield Store(ItemKind.KEY, slot, der, alg, public)  # sealed by the glue, then zeroed here
         finally:
             der[:] = bytes(len(der))
         yield Notice("key-imported", {"slot": slot, "alg": alg.name.lower()})
         yield from self._set_pin_policy(cmd.p2, pin_policy)
         return b"", SW_OK
+
+    # ---------------------------------------------------------------- GET METADATA (YubiKey)
+
+    def _get_metadata(self, cmd: Command, data: bytes) -> Step:
+        """
+        YubiKey GET METADATA (firmware 5.3+): ``00 F7 00 ref``, no PIN nor
+        management key needed; the answer is a set of TLVs (yubikit.piv
+        PivSession.get_pin_metadata / get_management_key_metadata /
+        get_slot_metadata; Yubico.NET.SDK apdu/metadata.md):
+
+        * 80 PIN, 81 PUK: 01 algorithm FF, 05 default (01: still 123456 /
+          12345678), 06 retries (limit, left);
+        * 9B management key: 01 algorithm (03 3DES, 08/0A/0C AES), 02 policy
+          (PIN policy 00: none applies, touch 01 never), 05 default (01: the
+          key bytes are 0102..08 three times, whatever the algorithm);
+        * 9A/9C/9D/9E: 01 algorithm (07 RSA-2048, 11 P-256), 02 policy (the
+          slot's PIN policy, touch 01 never), 03 origin (01 generated, 02
+          imported), 04 public key (81 n 82 e, or 86 point).
+
+        An empty slot, and every other reference (the retired slots 82-95 and
+        the attestation key F9, which vsc has not), answer 6A88; P1 other
+        than 00 answers 6A86.
+        """
+        if cmd.p1 != 0x00:
+            return b"", SW_WRONG_P1P2
+        ref = cmd.p2
+        if ref in (PIN_REF, PUK_REF):
+            rec = yield from self._load_secret(ref)
+            default = apdu.pad_pin(DEFAULT_PIN if ref == PIN_REF else DEFAULT_PUK)
+            is_default = crypto.constant_time_equal(rec.value, default)
+            return tlv.encode_many([
+                (TAG_METADATA_ALGO, bytes([ALG_PIN])),
+                (TAG_METADATA_IS_DEFAULT, b"\x01" if is_default else b"\x00"),
+                (TAG_METADATA_RETRIES, bytes([rec.max_tries, rec.tries_left])),
+            ]), SW_OK
+        if ref == MGMT_REF:
+            rec = yield from self._load_mgmt()
+            is_default = crypto.constant_time_equal(rec.key, DEFAULT_MGMT.key)
+            return tlv.encode_many([
+                (TAG_METADATA_ALGO, bytes([rec.alg])),
+                (TAG_METADATA_POLICY, bytes([0x00, TOUCH_NEVER])),
+                (TAG_METADATA_IS_DEFAULT, b"\x01" if is_default else b"\x00"),
+            ]), SW_OK
+        if ref not in SLOTS:
+            return b"", SW_REF_NOT_FOUND
+        info = yield KeyInfo(slot_name(ref))
+        if info is None or info[0] not in PIV_ALG or not info[1]:
+            return b"", SW_REF_NOT_FOUND
+        alg, public = info
+        policy = (yield from pins.load_policy()).of(ref)
+        imported = ref in (yield from self._imported_slots())
+        return tlv.encode_many([
+            (TAG_METADATA_ALGO, bytes([PIV_ALG[alg]])),
+            (TAG_METADATA_POLICY, bytes([int(policy), TOUCH_NEVER])),
+            (TAG_METADATA_ORIGIN, bytes([ORIGIN_IMPORTED if imported else ORIGIN_GENERATED])),
+            (TAG_METADATA_PUBLIC_KEY, self.public_key_body(bytes(public))),
+        ]), SW_OK
 
     # ---------------------------------------------------------------- YubiKey extensions
 
@@ -735,4 +827,5 @@ _HANDLERS = {
     INS_GET_SERIAL: PivApplet._get_serial,
     INS_SET_MGMT: PivApplet._set_mgmt,
     INS_IMPORT: PivApplet._import_key,
+    INS_GET_METADATA: PivApplet._get_metadata,
 }
