@@ -10,6 +10,7 @@ status`` and ``vsc card sign`` cost little more than starting Python
 from __future__ import annotations
 
 import os
+import stat
 
 from vsc.card import paths
 from vsc.cli import CommandError, emit
@@ -134,9 +135,18 @@ def _read_in(path: str) -> bytes:
 
 
 def _write_out(path: str, data: bytes) -> None:
+    """
+    Write ``data`` (a decrypted plaintext, a data object) to ``path``, a
+    file of mode 0600: the mode os.open gives applies to a new file only, so
+    an existing regular file is made 0600 (or refused: another user's) before
+    it is emptied and written. A pipe or terminal (/dev/stdout) is left as it is.
+    """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.fchmod(fd, 0o600)
+                os.ftruncate(fd, 0)
             f.write(data)
     except OSError as e:
         raise CommandError(f"cannot write {path}: {e.strerror}") from None
