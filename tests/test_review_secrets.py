@@ -63,3 +63,40 @@ def test_decrypt_into_an_existing_readable_file_leaves_it_private(tmp_path, monk
                                             json=False, pin_file=None))
     assert out.read_bytes() == SECRET
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+# ================================================================ 2. error messages about a password
+
+
+@pytest.mark.parametrize("via_fd", [False, True])
+def test_a_password_file_that_is_not_utf8_is_refused_without_quoting_the_password(tmp_path, via_fd):
+    """
+    A password (or PIN, PUK, token PIN) file is read as UTF-8 text. One
+    that is not (a password typed in a Latin-1 editor) raised the codec's
+    UnicodeDecodeError, whose text is "'utf-8' codec can't decode byte
+    0xe9 in position 9": one byte of the password and where it is. The
+    daemon (``twistd vsc-card``) writes that line to stderr, which twistd
+    routes into its log file, and ``vsc card`` prints it. The refusal must
+    be one line that says what is wrong without any part of the secret.
+    """
+    from vsc.card import config as cc
+
+    secret = b"correct-h\xe9rse-battery"
+    path = tmp_path / "pw"
+    path.write_bytes(secret + b"\n")
+    os.chmod(path, 0o600)
+    fd = os.open(path, os.O_RDONLY) if via_fd else None
+    try:
+        with pytest.raises(cc.CardConfigError) as e:
+            cc.read_password(f"fd:{fd}" if via_fd else str(path))
+    finally:
+        if fd is not None:
+            os.close(fd)
+    text = str(e.value)
+    assert "UTF-8" in text
+    for leak in ("0xe9", "\\xe9", "position", "é"):
+        assert leak not in text.replace(str(path), "").replace(f"fd:{fd}", ""), text
+    # the CLI's one line, too
+    with pytest.raises(CommandError) as e2:
+        card_cli.read_password(str(path))
+    assert "0xe9" not in str(e2.value) and "position" not in str(e2.value)

@@ -172,15 +172,19 @@ def save(home: Path, **values: str) -> None:
 def read_password(source: str | None, prompt: str = "Card password: ", confirm: bool = False) -> str:
     """From a file, from ``fd:N``, or from the terminal (default)."""
     if source:
-        if source.startswith("fd:"):
-            with os.fdopen(int(source[3:]), "r", closefd=False) as f:
-                text = f.readline()
-        else:
-            try:
-                with open(source) as f:
+        try:
+            if source.startswith("fd:"):
+                with os.fdopen(int(source[3:]), "r", closefd=False) as f:
                     text = f.readline()
-            except OSError as e:
-                raise CardConfigError(f"cannot read the password file {source}: {e.strerror}") from None
+            else:
+                try:
+                    with open(source) as f:
+                        text = f.readline()
+                except OSError as e:
+                    raise CardConfigError(f"cannot read the password file {source}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            # not the codec's text: it quotes a byte of the secret and its position
+            raise CardConfigError(f"the password file {source} is not UTF-8 text") from None
         text = text.rstrip("\r\n")
         if not text:
             raise CardConfigError(f"the password file {source} is empty")
