@@ -102,7 +102,7 @@ def load(home: str | os.PathLike | None) -> CardConfig:
     path = home / CARD_INI
     if not path.exists():
         raise CardConfigError(f"{path} not found: enroll first with 'vsc card --home {home} enroll ...'")
-    parser = configparser.ConfigParser()
+    parser = configparser.ConfigParser(interpolation=None)  # plain values: a kept token URI is %-encoded
     try:
         parser.read(path)
         s = parser["card"]
@@ -160,7 +160,8 @@ def save(home: Path, **values: str) -> None:
     check_home(home)
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     check_home(home)  # again: another user may have made it between the check and the mkdir (in /tmp, say)
-    parser = configparser.ConfigParser()
+    # no %-interpolation: it refused a %-encoded token URI (--keep-pin-in-uri) quoting it, PIN and all
+    parser = configparser.ConfigParser(interpolation=None)
     parser["card"] = {k: str(v) for k, v in values.items()}
     text = io.StringIO()
     text.write("# vsc card settings (no secrets here); see docs/card.md\n")
