@@ -75,7 +75,7 @@ def load(data_dir: str | os.PathLike) -> ServerConfig:
     path = data_dir / CONFIG_NAME
     if not path.exists():
         raise ConfigError(f"{path} not found: run 'vsc admin --data-dir {data_dir} init' first")
-    parser = configparser.ConfigParser()
+    parser = configparser.ConfigParser(interpolation=None)  # plain values: a database URL is %-encoded
     try:
         parser.read(path)
     except configparser.Error as e:
@@ -123,7 +123,8 @@ def init(data_dir: str | os.PathLike, database: str = "", key_bits: int = 3072, 
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key.to_pem())
-    parser = configparser.ConfigParser()
+    # no %-interpolation: it refused a %-encoded database password, quoting the URL
+    parser = configparser.ConfigParser(interpolation=None)
     parser["server"] = {
         "listen": listen,
         "database": database,
