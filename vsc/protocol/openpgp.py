@@ -30,7 +30,7 @@ PUT DATA (DA, and DB with the extended header list for key import), VERIFY
 (20), CHANGE REFERENCE DATA (24), RESET RETRY COUNTER (2C), GENERATE
 ASYMMETRIC KEY PAIR (47), PSO (2A: COMPUTE DIGITAL SIGNATURE 9E9A and
 DECIPHER 8086), INTERNAL AUTHENTICATE (88), GET CHALLENGE (84), GET RESPONSE
-(C0), TERMINATE DF (E6) and ACTIVATE FILE (44): the factory reset GnuPG's
+(C0), YubiKey's GET VERSION (F1), TERMINATE DF (E6) and ACTIVATE FILE (44): the factory reset GnuPG's
 ``factory-reset`` performs, which removes every item of the application but
 not PW1 (the card's PIN). Command chaining and extended lengths both work
 (historical bytes).
@@ -86,6 +86,7 @@ INS_GET_CHALLENGE = 0x84
 INS_GET_RESPONSE = 0xC0
 INS_TERMINATE = 0xE6
 INS_ACTIVATE = 0x44
+INS_GET_VERSION = 0xF1  # YubiKey: the firmware version, as PIV's INS FD reports it
 SW_TERMINATED = 0x6285  # SELECT: the application is in its termination state
 
 CHAINABLE = frozenset({INS_PUT_DATA, INS_PUT_DATA_ODD, INS_VERIFY, INS_CHANGE, INS_RESET_RETRY, INS_PSO,
@@ -188,9 +189,11 @@ class OpenPgpApplet(CommandFront):
     CHAINABLE = CHAINABLE
     MAX_CHAIN = MAX_CHAIN
 
-    def __init__(self, serial: str, rand: crypto.RandomBytes = crypto.system_random):
+    def __init__(self, serial: str, rand: crypto.RandomBytes = crypto.system_random,
+                 version: tuple[int, int, int] = (5, 4, 3)):
         self.serial = serial
         self.rand = rand
+        self.version = version  # the firmware version GET VERSION answers: the PIV applet's default
         self.selected = False
         self.terminated = False
         self.verified: set[int] = set()
@@ -235,6 +238,7 @@ class OpenPgpApplet(CommandFront):
             INS_INTERNAL_AUTH: self._internal_authenticate,
             INS_GET_CHALLENGE: self._get_challenge,
             INS_TERMINATE: self._terminate,
+            INS_GET_VERSION: self._get_version,
         }.get(cmd.ins)
         if handler is None:
             return b"", SW_INS
@@ -674,6 +678,11 @@ class OpenPgpApplet(CommandFront):
         if alg is KeyAlg.RSA2048 and len(data) > len(crypto.public_numbers(public)["rsa"][0]) * 2 // 5:
             return b"", SW_WRONG_DATA  # at most 40 % of the modulus (spec 7.2.13)
         return (yield from self._sign("aut", alg, data)), SW_OK
+
+    def _get_version(self, cmd: Command, data: bytes) -> Step:
+        """YubiKey GET VERSION (00 F1 00 00): the firmware version in BCD, which yubikit reads in every session."""
+        yield from ()
+        return self._cached("version", lambda: wire.firmware_version(self.version)), SW_OK
 
     def _get_challenge(self, cmd: Command, data: bytes) -> Step:
         yield from ()

@@ -69,6 +69,20 @@ def parse_aid(raw: bytes):
     return _wrap("AID", AidSchema.parse, bytes(raw))
 
 
+# ---------------------------------------------------------------- GET VERSION (INS F1, YubiKey)
+
+#: the firmware version, one BCD byte per part (ykneo-openpgp's VERSION; yubikit's _read_version decodes _bcd)
+FirmwareVersion = c.Array(3, c.ExprAdapter(U8, lambda b, ctx: 10 * (b >> 4) + (b & 0xF),
+                                           lambda v, ctx: (v // 10) << 4 | v % 10))
+
+
+def firmware_version(version: tuple[int, int, int]) -> bytes:
+    """5.4.3 -> 05 04 03 (each part 0-99)."""
+    if not all(0 <= v <= 99 for v in version):
+        raise WireError(ErrorCode.MALFORMED, f"firmware version {version}: each part is 0-99 (BCD)")
+    return _wrap("firmware version", FirmwareVersion.build, list(version))
+
+
 # ---------------------------------------------------------------- historical bytes (spec 6, ISO 7816-4 8.1.1)
 
 HistoricalSchema = c.Struct(
