@@ -41,3 +41,33 @@ def test_get_version_answers_the_firmware_version_in_bcd(card):
     assert piv.send(0xA4, 0x04, 0x00, bytes.fromhex("a000000308"))[1] == 0x9000
     assert piv.send(0xFD)[0] == b"\x05\x04\x03"  # the same firmware version through PIV
     assert wire.firmware_version((5, 7, 10)) == b"\x05\x07\x10"  # BCD, not binary: yubikit reads 10 back
+
+
+# ================================================================ 2. constructed DOs answered with their own tag
+
+
+@pytest.mark.parametrize("tag", [0x6E, 0x65, 0x7A])
+def test_constructed_data_objects_carry_their_own_tag(card, tag):
+    """
+    GET DATA of a constructed DO — 6E application related data, 65
+    cardholder related data, 7A security support template — answers the DO
+    itself, tag and length included: Yubico's ykneo-openpgp writes
+    ``6E 81 len``, ``65 len``, ``7A 05 93 03 ...`` (OpenPGPApplet.java
+    getData), and yubikit parses exactly that: ApplicationRelatedData.parse
+    is ``Tlv.unpack(DO.APPLICATION_RELATED_DATA, ...)``,
+    SecuritySupportTemplate.parse ``Tlv.unpack(0x7A, ...)``,
+    CardholderRelatedData.parse ``Tlv.unpack(0x65, ...)``; GnuPG's find_tlv
+    descends into the outer tag. vsc answered the contents alone
+    (``4F 10 ...``, ``93 03 ...``, ``5B ...``), so yubikit raised "Wrong tag"
+    in the constructor of every OpenPgpSession (it reads 6E) and in
+    get_signature_counter.
+    """
+    body, sw = card.get_data(tag)
+    assert sw == 0x9000
+    inner = tlv.to_dict(tlv.decode_one(body, tag))  # exactly one TLV, this tag, nothing after it
+    first = {0x6E: 0x4F, 0x65: 0x5B, 0x7A: 0x93}[tag]
+    assert first in inner
+    if tag == 0x6E:
+        assert 0xC4 in tlv.to_dict(inner[0x73])
+    if tag == 0x7A:
+        assert inner[0x93] == b"\x00\x00\x00"

@@ -462,13 +462,14 @@ class OpenPgpApplet(CommandFront):
             return b"", SW_SECURITY
         if tag == TAG_AID:
             return self.aid, SW_OK
+        # a constructed DO answers with its own tag and length, as a YubiKey does (yubikit Tlv.unpack()s 6E, 65, 7A)
         if tag == TAG_APP_DATA:
-            return (yield from self._application_data()), SW_OK
+            return tlv.encode(TAG_APP_DATA, (yield from self._application_data())), SW_OK
         if tag == TAG_CARDHOLDER:
-            return (yield from self._cardholder()), SW_OK
+            return tlv.encode(TAG_CARDHOLDER, (yield from self._cardholder())), SW_OK
         if tag == TAG_SECURITY:
             count = yield from self._sig_count()
-            return tlv.encode(TAG_SIG_COUNT, wire.encode_sig_counter(count)), SW_OK
+            return tlv.encode(TAG_SECURITY, tlv.encode(TAG_SIG_COUNT, wire.encode_sig_counter(count))), SW_OK
         if tag == TAG_HIST:
             return wire.historical_bytes(), SW_OK
         if tag == TAG_EXT_LEN:
