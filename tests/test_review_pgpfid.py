@@ -71,3 +71,52 @@ def test_constructed_data_objects_carry_their_own_tag(card, tag):
         assert 0xC4 in tlv.to_dict(inner[0x73])
     if tag == 0x7A:
         assert inner[0x93] == b"\x00\x00\x00"
+
+
+# ================================================================ 3. key information (DE) and touch policies (D6-D8)
+
+
+def _discretionary(card) -> dict[int, bytes]:
+    body, sw = card.get_data(0x6E)
+    assert sw == 0x9000
+    return tlv.to_dict(tlv.to_dict(tlv.decode_one(body, 0x6E))[0x73])
+
+
+def _key_information(raw: bytes) -> dict[int, int]:
+    """yubikit's _parse_key_information: key reference, status (00 none, 01 generated, 02 imported) pairs."""
+    return {raw[i]: raw[i + 1] for i in range(0, len(raw), 2)}
+
+
+def test_key_information_and_touch_policies_as_ykman_openpgp_info_reads_them(card):
+    """
+    ``ykman openpgp info`` (ykman/openpgp.py get_openpgp_info) on a card
+    reporting firmware 5.2 or later looks up each key's status in the key
+    information DO DE of 73 (``discretionary.key_information[ref]``,
+    yubikit parses DE as key-reference/status pairs: 00 no key, 01
+    generated, 02 imported; OpenPGP card spec 3.4 4.4.3.11) and shows each
+    key's touch policy from UIF D6/D7/D8; older ykman reads them with GET
+    DATA D6-D8 (OpenPgpSession.get_uif: any status but 6B00 raises). A
+    YubiKey 5 has both (UIF ``00 20``: off, button). vsc (now answering
+    GET VERSION 5.4.3) had neither: DE missing made ykman's info a
+    KeyError, GET DATA D6 answered 6A88, so the older get_uif raised.
+    """
+    d = _discretionary(card)
+    assert _key_information(d[0xDE]) == {1: 0, 2: 0, 3: 0}
+    assert d[0xD6] == d[0xD7] == d[0xD8] == b"\x00\x20"
+    for tag in (0xD6, 0xD7, 0xD8):
+        assert card.get_data(tag) == (b"\x00\x20", 0x9000)
+
+    card.verify(0x83, b"12345678")
+    assert card.generate(0xB6)[1] == 0x9000  # the signature key generated on the card
+    assert _key_information(_discretionary(card)[0xDE]) == {1: 1, 2: 0, 3: 0}
+    # the decryption key imported (P-256, the extended header list), then the authentication key generated
+    from tests.test_openpgp import EC_KEY
+    assert card.send(0xDA, 0x00, 0xC2, wire.ec_attributes(wire.ALGO_ECDH, wire.OID_P256))[1] == 0x9000
+    scalar = EC_KEY.private_numbers().private_value.to_bytes(32, "big")
+    body = tlv.encode_many([(0xB8, b""), (0x7F48, bytes.fromhex("9220")), (0x5F48, scalar)])
+    assert card.send(0xDB, 0x3F, 0xFF, tlv.encode(0x4D, body))[1] == 0x9000
+    assert card.generate(0xA4)[1] == 0x9000
+    assert _key_information(_discretionary(card)[0xDE]) == {1: 1, 2: 2, 3: 1}
+    # generated over an imported key: generated again
+    assert card.generate(0xB8)[1] == 0x9000
+    assert _key_information(_discretionary(card)[0xDE]) == {1: 1, 2: 1, 3: 1}

@@ -119,6 +119,13 @@ TAG_AID, TAG_LOGIN, TAG_CARDHOLDER, TAG_APP_DATA, TAG_SECURITY = 0x4F, 0x5E, 0x6
 TAG_NAME, TAG_LANG, TAG_SEX, TAG_URL, TAG_HIST = 0x5B, 0x5F2D, 0x5F35, 0x5F50, 0x5F52
 TAG_CERT, TAG_EXT_LEN, TAG_EXT_CAPS, TAG_PW_STATUS = 0x7F21, 0x7F66, 0xC0, 0xC4
 TAG_FPRS, TAG_CA_FPRS, TAG_TIMES, TAG_RC, TAG_SIG_COUNT = 0xC5, 0xC6, 0xCD, 0xD3, 0x93
+TAG_KEY_INFO = 0xDE  # key information (spec 4.4.3.11): key reference, status (00 none, 01 generated, 02 imported)
+KEY_REF = {"sig": 0x01, "dec": 0x02, "aut": 0x03}
+KEY_NONE, KEY_GENERATED, KEY_IMPORTED = 0x00, 0x01, 0x02
+#: user interaction flags D6-D8 (YubiKey): touch off, the card's feature a button (7F74 81 20), as a YubiKey answers
+#: with touch never set; this card has no button, so none is ever asked
+UIF_TAG = {"sig": 0xD6, "dec": 0xD7, "aut": 0xD8}
+UIF_OFF = b"\x00\x20"
 PRIVATE_DOS = (0x0101, 0x0102, 0x0103, 0x0104)
 
 #: stored data objects (an item "pgp-do-<tag>" each): the largest value PUT DATA accepts
@@ -138,6 +145,7 @@ TERMINATED = "pgp-terminated"
 #: counter); PW1 stays: it is the card's one user PIN, shared with PIV, and must not come back to a default
 ITEM_PREFIX = "pgp-"
 PW1_POLICY = "pgp-pw1-policy"  # C4 first byte: 00 one PSO:CDS per verification, 01 several
+IMPORTED = "pgp-imported"  # the key references (one byte each) whose key was imported; any other key was generated
 
 
 def do_name(tag: int) -> str:
@@ -446,7 +454,31 @@ class OpenPgpApplet(CommandFront):
         parts.append((TAG_FPRS, (yield from self._concat(FPR_TAG, 20))))
         parts.append((TAG_CA_FPRS, (yield from self._concat(CA_FPR_TAG, 20))))
         parts.append((TAG_TIMES, (yield from self._concat(TIME_TAG, 4))))
+        parts.append((TAG_KEY_INFO, (yield from self._key_information())))
+        parts.extend((UIF_TAG[role], UIF_OFF) for role in ROLES)
         return tlv.encode_many(parts)
+
+    def _imported(self) -> Generator[Effect, Any, bytes]:
+        raw = yield Load(ItemKind.DATA, IMPORTED)
+        return bytes(raw) if raw else b""
+
+    def _set_origin(self, role: str, imported: bool) -> Generator[Effect, Any, None]:
+        """Record whether ``role``'s key was imported (DE's status); stored only when it changes."""
+        marked = yield from self._imported()
+        ref = KEY_REF[role]
+        if (ref in marked) != imported:
+            refs = (set(marked) | {ref}) if imported else (set(marked) - {ref})
+            yield Store(ItemKind.DATA, IMPORTED, bytes(sorted(refs)))
+
+    def _key_information(self) -> Generator[Effect, Any, bytes]:
+        """DE: 01 st 02 st 03 st, st 00 no key, 01 generated on the card, 02 imported."""
+        marked = yield from self._imported()
+        out = bytearray()
+        for role in ROLES:
+            info = yield KeyInfo(key_name(role))
+            ref = KEY_REF[role]
+            out += bytes([ref, KEY_NONE if info is None else KEY_IMPORTED if ref in marked else KEY_GENERATED])
+        return bytes(out)
 
     def _application_data(self) -> Generator[Effect, Any, bytes]:
         return tlv.encode_many([
@@ -486,6 +518,8 @@ class OpenPgpApplet(CommandFront):
             return (yield from self._concat(CA_FPR_TAG, 20)), SW_OK
         if tag == TAG_TIMES:
             return (yield from self._concat(TIME_TAG, 4)), SW_OK
+        if tag in UIF_TAG.values():
+            return UIF_OFF, SW_OK
         if tag in (TAG_NAME, TAG_LANG, TAG_SEX, TAG_URL, TAG_LOGIN, TAG_CERT) or tag in PRIVATE_DOS:
             value = yield from self._load_do(tag)
             if tag == TAG_SEX and not value:
@@ -557,6 +591,8 @@ class OpenPgpApplet(CommandFront):
             return b"", SW_SECURITY
         alg = yield from self._key_alg(role)
         public = yield Generate(key_name(role), alg)
+        # after the key: if this store fails, the new key is still called imported (the cautious mistake)
+        yield from self._set_origin(role, imported=False)
         if role == "sig":
             yield Store(ItemKind.DATA, SIG_COUNTER, wire.encode_sig_counter(0))
         yield Notice("key-generated", {"application": "openpgp", "key": role, "alg": alg.name.lower()})
@@ -588,6 +624,9 @@ class OpenPgpApplet(CommandFront):
             public = crypto.public_der_of(der)
             if crypto.public_kind(public) != ("rsa2048" if alg is KeyAlg.RSA2048 else "p256"):
                 return b"", SW_WRONG_DATA
+            # the origin before the key: if the key's store fails, the old key is called imported, never the
+            # imported one generated
+            yield from self._set_origin(imp.role, imported=True)
             yield Store(ItemKind.KEY, key_name(imp.role), der, alg, public)  # sealed by the glue, then zeroed here
         finally:
             der[:] = bytes(len(der))
