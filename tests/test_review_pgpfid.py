@@ -120,3 +120,58 @@ def test_key_information_and_touch_policies_as_ykman_openpgp_info_reads_them(car
     # generated over an imported key: generated again
     assert card.generate(0xB8)[1] == 0x9000
     assert _key_information(_discretionary(card)[0xDE]) == {1: 1, 2: 1, 3: 1}
+
+
+# ================================================================ 4. algorithm information (FA)
+
+RSA2048_YK = bytes.fromhex("010800001100")  # yubikit RsaAttributes.create(RSA2048): e length 17
+ECDSA_P256 = b"\x13" + wire.OID_P256
+ECDH_P256 = b"\x12" + wire.OID_P256
+EDDSA_ED25519 = b"\x16" + wire.OID_ED25519
+ECDH_X25519 = b"\x12" + wire.OID_CV25519
+EDDSA_X25519 = b"\x16" + wire.OID_CV25519  # firmware before 5.6.1 lists X25519 under EdDSA (yubikit removes it)
+
+
+def _yubikit_algorithm_information(body: bytes) -> dict[int, list[bytes]]:
+    """
+    What yubikit's OpenPgpSession.get_algorithm_information does with GET DATA FA on firmware 5.2-5.6.0: unpack
+    FA, group the attributes by C1/C2/C3/DA, then list.remove() the entries those firmwares list wrongly (a
+    ValueError or KeyError if one is missing) and add ECDH X25519 to the decryption key if it is not there.
+    """
+    data: dict[int, list[bytes]] = {}
+    for item in tlv.decode(tlv.decode_one(body, 0xFA)):
+        data.setdefault(item.tag, []).append(item.value)
+    for values in data.values():
+        values.remove(EDDSA_X25519)
+    if ECDH_X25519 not in data[0xC2]:
+        data[0xC2].append(ECDH_X25519)
+    data[0xC2].remove(EDDSA_ED25519)
+    data[0xDA].remove(EDDSA_ED25519)
+    return data
+
+
+def test_algorithm_information_lets_yubikit_generate_and_import(card):
+    """
+    yubikit's generate_rsa_key, generate_ec_key and put_key (``ykman
+    openpgp keys import``, every tool built on yubikit) first call
+    set_algorithm_attributes, which on firmware 5.2 or later reads the
+    algorithm information DO FA (OpenPGP card spec 3.4 4.4.3.11: the
+    attributes each key may take, as C1/C2/C3/DA entries) and refuses
+    attributes not listed there. For firmware before 5.6.1 it also
+    removes the entries a YubiKey of that age lists wrongly — X25519 under
+    EdDSA in every list, Ed25519 in the decryption and attestation lists —
+    with list.remove, so a card reporting 5.4.3 must list them as such a
+    YubiKey does. vsc answered 6A88: every yubikit key generation and
+    import failed with an ApduError. FA now lists what the card does
+    (RSA-2048 as yubikit writes it, P-256, Curve25519) plus those entries,
+    and each listed attribute the card does is accepted by PUT DATA.
+    """
+    body, sw = card.get_data(0xFA)
+    assert sw == 0x9000
+    info = _yubikit_algorithm_information(body)
+    assert info[0xC1] == info[0xC3] == [RSA2048_YK, ECDSA_P256, EDDSA_ED25519]
+    assert info[0xC2] == [RSA2048_YK, ECDH_P256, ECDH_X25519]
+    card.verify(0x83, b"12345678")
+    for tag in (0xC1, 0xC2, 0xC3):
+        for attributes in info[tag]:
+            assert card.send(0xDA, 0x00, tag, attributes)[1] == 0x9000, (hex(tag), attributes.hex())

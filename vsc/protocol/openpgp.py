@@ -114,11 +114,13 @@ FPR_TAG = {"sig": 0xC7, "dec": 0xC8, "aut": 0xC9}
 CA_FPR_TAG = {"sig": 0xCA, "dec": 0xCB, "aut": 0xCC}
 TIME_TAG = {"sig": 0xCE, "dec": 0xCF, "aut": 0xD0}
 TAG_ROLE_ATTR = {v: k for k, v in ATTR_TAG.items()}
+TAG_ATTR_ATT = 0xDA  # the attestation key's algorithm attributes (YubiKey); listed in FA only
 
 TAG_AID, TAG_LOGIN, TAG_CARDHOLDER, TAG_APP_DATA, TAG_SECURITY = 0x4F, 0x5E, 0x65, 0x6E, 0x7A
 TAG_NAME, TAG_LANG, TAG_SEX, TAG_URL, TAG_HIST = 0x5B, 0x5F2D, 0x5F35, 0x5F50, 0x5F52
 TAG_CERT, TAG_EXT_LEN, TAG_EXT_CAPS, TAG_PW_STATUS = 0x7F21, 0x7F66, 0xC0, 0xC4
 TAG_FPRS, TAG_CA_FPRS, TAG_TIMES, TAG_RC, TAG_SIG_COUNT = 0xC5, 0xC6, 0xCD, 0xD3, 0x93
+TAG_ALGO_INFO = 0xFA  # algorithm information (spec 4.4.3.11): the attributes each key may take
 TAG_KEY_INFO = 0xDE  # key information (spec 4.4.3.11): key reference, status (00 none, 01 generated, 02 imported)
 KEY_REF = {"sig": 0x01, "dec": 0x02, "aut": 0x03}
 KEY_NONE, KEY_GENERATED, KEY_IMPORTED = 0x00, 0x01, 0x02
@@ -184,6 +186,26 @@ def canonical_attributes(alg: KeyAlg, role: str) -> bytes:
         if kind is alg:
             return wire.rsa_attributes(param) if algo == wire.ALGO_RSA else wire.ec_attributes(algo, param)
     raise ValueError(f"{alg!r} is not a {role} algorithm")
+
+
+def algorithm_information() -> bytes:
+    """
+    FA: C1/C2/C3 entries, the attributes PUT DATA accepts for each key (RSA-2048 as yubikit writes it, e length
+    17), then what a YubiKey before firmware 5.6.1 lists besides and yubikit (get_algorithm_information) removes
+    with list.remove, failing if one is missing: X25519 under EdDSA in every list, Ed25519 in the decryption and
+    attestation (DA) lists. This card has no attestation key: DA holds nothing else.
+    """
+    eddsa_ed25519 = wire.ec_attributes(wire.ALGO_EDDSA, wire.OID_ED25519)
+    eddsa_x25519 = wire.ec_attributes(wire.ALGO_EDDSA, wire.OID_CV25519)
+    entries = []
+    for role in ROLES:
+        listed = [wire.rsa_attributes(param, e_bits=17) if algo == wire.ALGO_RSA else wire.ec_attributes(algo, param)
+                  for algo, param in _ALGORITHMS[role]]
+        if eddsa_ed25519 not in listed:
+            listed.append(eddsa_ed25519)
+        entries += [(ATTR_TAG[role], a) for a in listed + [eddsa_x25519]]
+    entries += [(TAG_ATTR_ATT, eddsa_ed25519), (TAG_ATTR_ATT, eddsa_x25519)]
+    return tlv.encode(TAG_ALGO_INFO, b"".join(tlv.encode(t, v) for t, v in entries))
 
 
 def matches(aid: bytes) -> bool:
@@ -520,6 +542,8 @@ class OpenPgpApplet(CommandFront):
             return (yield from self._concat(TIME_TAG, 4)), SW_OK
         if tag in UIF_TAG.values():
             return UIF_OFF, SW_OK
+        if tag == TAG_ALGO_INFO:
+            return self._cached("algorithm-information", algorithm_information), SW_OK
         if tag in (TAG_NAME, TAG_LANG, TAG_SEX, TAG_URL, TAG_LOGIN, TAG_CERT) or tag in PRIVATE_DOS:
             value = yield from self._load_do(tag)
             if tag == TAG_SEX and not value:

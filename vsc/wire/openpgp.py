@@ -200,8 +200,8 @@ EcAttributesSchema = c.Struct(
 )
 
 
-def rsa_attributes(bits: int = 2048) -> bytes:
-    return RsaAttributesSchema.build(dict(n_bits=bits, e_bits=32, import_format=0))
+def rsa_attributes(bits: int = 2048, e_bits: int = 32) -> bytes:
+    return RsaAttributesSchema.build(dict(n_bits=bits, e_bits=e_bits, import_format=0))
 
 
 def ec_attributes(algo: int, oid: bytes) -> bytes:
