@@ -175,3 +175,36 @@ def test_algorithm_information_lets_yubikit_generate_and_import(card):
     for tag in (0xC1, 0xC2, 0xC3):
         for attributes in info[tag]:
             assert card.send(0xDA, 0x00, tag, attributes)[1] == 0x9000, (hex(tag), attributes.hex())
+
+
+# ================================================================ 5. SELECT DATA: three cardholder certificates
+
+SELECT_CERT = bytes.fromhex("60045c027f21")  # 60 { 5C 7F21 }: the DO whose occurrence is selected
+
+
+@pytest.mark.parametrize("quirk", [b"", b"\x06"])
+def test_select_data_picks_the_certificate_of_each_key(card, quirk):
+    """
+    A YubiKey 5.2+ keeps a cardholder certificate 7F21 per key; SELECT
+    DATA ``00 A5 occurrence 04 {60 {5C 7F21}}`` (spec 3.4 7.2.5:
+    occurrence 00 the authentication key's, 01 decryption, 02 signature)
+    picks the one GET DATA / PUT DATA 7F21 then read and write. yubikit's
+    get_certificate / put_certificate (``ykman openpgp certificates
+    export|import``) send it for every key on 5.2+, firmware up to 5.4.3
+    with a non-standard leading length byte 06 (yubikit
+    _select_certificate). vsc answered 6D00, so yubikit failed for every
+    key, the authentication key's too; and one 7F21 served all three.
+    The selection is volatile: SELECT of the application resets it to 00.
+    """
+    card.verify(0x83, b"12345678")
+    for occurrence in (0, 1, 2):
+        assert card.send(0xA5, occurrence, 0x04, quirk + SELECT_CERT) == (b"", 0x9000)
+        assert card.send(0xDA, 0x7F, 0x21, b"cert %d" % occurrence)[1] == 0x9000
+    for occurrence in (2, 0, 1):
+        assert card.send(0xA5, occurrence, 0x04, quirk + SELECT_CERT)[1] == 0x9000
+        assert card.get_data(0x7F21) == (b"cert %d" % occurrence, 0x9000)
+    assert card.select() == 0x9000  # the application selected again: occurrence 00, the authentication key's
+    assert card.get_data(0x7F21) == (b"cert 0", 0x9000)
+    assert card.send(0xA5, 0x03, 0x04, quirk + SELECT_CERT)[1] == 0x6A88  # no fourth certificate
+    assert card.send(0xA5, 0x00, 0x00, quirk + SELECT_CERT)[1] == 0x6A86  # P2 is 04: incorrect P1-P2
+    assert card.send(0xA5, 0x00, 0x04, quirk + bytes.fromhex("60045c02005b"))[1] == 0x6A88  # only 7F21 repeats

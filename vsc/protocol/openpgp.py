@@ -30,7 +30,8 @@ PUT DATA (DA, and DB with the extended header list for key import), VERIFY
 (20), CHANGE REFERENCE DATA (24), RESET RETRY COUNTER (2C), GENERATE
 ASYMMETRIC KEY PAIR (47), PSO (2A: COMPUTE DIGITAL SIGNATURE 9E9A and
 DECIPHER 8086), INTERNAL AUTHENTICATE (88), GET CHALLENGE (84), GET RESPONSE
-(C0), YubiKey's GET VERSION (F1), TERMINATE DF (E6) and ACTIVATE FILE (44): the factory reset GnuPG's
+(C0), SELECT DATA (A5: the certificate of each key), YubiKey's GET VERSION
+(F1), TERMINATE DF (E6) and ACTIVATE FILE (44): the factory reset GnuPG's
 ``factory-reset`` performs, which removes every item of the application but
 not PW1 (the card's PIN). Command chaining and extended lengths both work
 (historical bytes).
@@ -86,6 +87,7 @@ INS_GET_CHALLENGE = 0x84
 INS_GET_RESPONSE = 0xC0
 INS_TERMINATE = 0xE6
 INS_ACTIVATE = 0x44
+INS_SELECT_DATA = 0xA5  # which occurrence of 7F21 (one per key) GET DATA and PUT DATA use
 INS_GET_VERSION = 0xF1  # YubiKey: the firmware version, as PIV's INS FD reports it
 SW_TERMINATED = 0x6285  # SELECT: the application is in its termination state
 
@@ -120,6 +122,8 @@ TAG_AID, TAG_LOGIN, TAG_CARDHOLDER, TAG_APP_DATA, TAG_SECURITY = 0x4F, 0x5E, 0x6
 TAG_NAME, TAG_LANG, TAG_SEX, TAG_URL, TAG_HIST = 0x5B, 0x5F2D, 0x5F35, 0x5F50, 0x5F52
 TAG_CERT, TAG_EXT_LEN, TAG_EXT_CAPS, TAG_PW_STATUS = 0x7F21, 0x7F66, 0xC0, 0xC4
 TAG_FPRS, TAG_CA_FPRS, TAG_TIMES, TAG_RC, TAG_SIG_COUNT = 0xC5, 0xC6, 0xCD, 0xD3, 0x93
+#: SELECT DATA's occurrences of 7F21 (spec 7.2.5): 00 authentication, 01 decryption, 02 signature key
+CERT_OCCURRENCES = 3
 TAG_ALGO_INFO = 0xFA  # algorithm information (spec 4.4.3.11): the attributes each key may take
 TAG_KEY_INFO = 0xDE  # key information (spec 4.4.3.11): key reference, status (00 none, 01 generated, 02 imported)
 KEY_REF = {"sig": 0x01, "dec": 0x02, "aut": 0x03}
@@ -152,6 +156,12 @@ IMPORTED = "pgp-imported"  # the key references (one byte each) whose key was im
 
 def do_name(tag: int) -> str:
     return f"pgp-do-{tag:x}"
+
+
+def cert_name(occurrence: int) -> str:
+    """7F21's item: occurrence 00 (the authentication key's, the one GET DATA reads without SELECT DATA) keeps
+    the name of the single 7F21 before SELECT DATA existed."""
+    return do_name(TAG_CERT) if occurrence == 0 else f"{do_name(TAG_CERT)}-{occurrence}"
 
 
 def key_name(role: str) -> str:
@@ -227,6 +237,7 @@ class OpenPgpApplet(CommandFront):
         self.selected = False
         self.terminated = False
         self.verified: set[int] = set()
+        self.cert_occurrence = 0
         self._chain: tuple[tuple[int, int, int], bytearray] | None = None
         self._out: bytes = b""
         self._out_pos = 0
@@ -240,6 +251,7 @@ class OpenPgpApplet(CommandFront):
         """Power off, reset, another application selected: the security status and buffers are cleared."""
         self.selected = False
         self.verified.clear()
+        self.cert_occurrence = 0
         self._chain = None
         self._out, self._out_pos = b"", 0
 
@@ -269,6 +281,7 @@ class OpenPgpApplet(CommandFront):
             INS_GET_CHALLENGE: self._get_challenge,
             INS_TERMINATE: self._terminate,
             INS_GET_VERSION: self._get_version,
+            INS_SELECT_DATA: self._select_data,
         }.get(cmd.ins)
         if handler is None:
             return b"", SW_INS
@@ -283,6 +296,7 @@ class OpenPgpApplet(CommandFront):
             return b"", SW_NOT_FOUND
         self.selected = True
         self.verified.clear()
+        self.cert_occurrence = 0
         self.terminated = bool((yield Load(ItemKind.DATA, TERMINATED)))
         return b"", SW_TERMINATED if self.terminated else SW_OK
 
@@ -544,7 +558,10 @@ class OpenPgpApplet(CommandFront):
             return UIF_OFF, SW_OK
         if tag == TAG_ALGO_INFO:
             return self._cached("algorithm-information", algorithm_information), SW_OK
-        if tag in (TAG_NAME, TAG_LANG, TAG_SEX, TAG_URL, TAG_LOGIN, TAG_CERT) or tag in PRIVATE_DOS:
+        if tag == TAG_CERT:
+            raw = yield Load(ItemKind.DATA, cert_name(self.cert_occurrence))
+            return (bytes(raw) if raw else b""), SW_OK
+        if tag in (TAG_NAME, TAG_LANG, TAG_SEX, TAG_URL, TAG_LOGIN) or tag in PRIVATE_DOS:
             value = yield from self._load_do(tag)
             if tag == TAG_SEX and not value:
                 value = b"9"
@@ -580,7 +597,7 @@ class OpenPgpApplet(CommandFront):
             wire.check_fingerprint(data)
         elif tag in TIME_TAG.values():
             wire.check_timestamp(data)
-        yield Store(ItemKind.DATA, do_name(tag), bytes(data))
+        yield Store(ItemKind.DATA, cert_name(self.cert_occurrence) if tag == TAG_CERT else do_name(tag), bytes(data))
         return b"", SW_OK
 
     # ---------------------------------------------------------------- keys
@@ -742,6 +759,26 @@ class OpenPgpApplet(CommandFront):
         if alg is KeyAlg.RSA2048 and len(data) > len(crypto.public_numbers(public)["rsa"][0]) * 2 // 5:
             return b"", SW_WRONG_DATA  # at most 40 % of the modulus (spec 7.2.13)
         return (yield from self._sign("aut", alg, data)), SW_OK
+
+    def _select_data(self, cmd: Command, data: bytes) -> Step:
+        """
+        SELECT DATA ``00 A5 occurrence 04 {60 {5C 7F21}}`` (spec 7.2.5): which of the three cardholder
+        certificates GET DATA / PUT DATA 7F21 use until the next SELECT. YubiKey firmware up to 5.4.3 expects,
+        and yubikit sends it, a non-standard leading length byte (06): accepted as well.
+        """
+        yield from ()
+        if cmd.p2 != 0x04:
+            return b"", SW_WRONG_P1P2
+        if len(data) == 7 and data[0] == 6:
+            data = data[1:]
+        try:
+            tag = tlv.decode_one(tlv.decode_one(data, 0x60), 0x5C)
+        except WireError:
+            return b"", SW_WRONG_DATA
+        if tag != TAG_CERT.to_bytes(2, "big") or cmd.p1 >= CERT_OCCURRENCES:
+            return b"", SW_REF_NOT_FOUND
+        self.cert_occurrence = cmd.p1
+        return b"", SW_OK
 
     def _get_version(self, cmd: Command, data: bytes) -> Step:
         """YubiKey GET VERSION (00 F1 00 00): the firmware version in BCD, which yubikit reads in every session."""
