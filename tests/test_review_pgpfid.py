@@ -208,3 +208,32 @@ def test_select_data_picks_the_certificate_of_each_key(card, quirk):
     assert card.send(0xA5, 0x03, 0x04, quirk + SELECT_CERT)[1] == 0x6A88  # no fourth certificate
     assert card.send(0xA5, 0x00, 0x00, quirk + SELECT_CERT)[1] == 0x6A86  # P2 is 04: incorrect P1-P2
     assert card.send(0xA5, 0x00, 0x04, quirk + bytes.fromhex("60045c02005b"))[1] == 0x6A88  # only 7F21 repeats
+
+
+# ================================================================ 6. new algorithm attributes delete the key
+
+
+def test_changing_a_keys_algorithm_attributes_deletes_its_key(card):
+    """
+    On a YubiKey, PUT DATA of other algorithm attributes (C1-C3) deletes
+    the key of that role (yubikit set_algorithm_attributes: "WARNING: This
+    will delete any key already stored in the slot if the attributes are
+    changed!"; delete_key relies on it). vsc stored the attributes and
+    kept the old key: 6E then said ECDSA P-256 while 47 81 answered the
+    RSA key's 7F49 {81 82} (yubikit's get_public_key parses it by the
+    attributes: KeyError 0x86), DE said "generated", and PSO:CDS made an
+    RSA signature for a key the card calls ECDSA. Attributes naming the
+    same algorithm keep the key (yubikit sets them before every generate
+    and import).
+    """
+    card.verify(0x83, b"12345678")
+    assert card.generate(0xB6)[1] == 0x9000 and card.generate(0xB8)[1] == 0x9000  # RSA-2048
+    assert card.send(0xDA, 0x00, 0xC2, bytes.fromhex("010800001100"))[1] == 0x9000  # RSA-2048 again: kept
+    assert card.send(0xDA, 0x00, 0xC1, b"\x13" + wire.OID_P256)[1] == 0x9000  # ECDSA P-256: the RSA key goes
+    assert card.send(0x47, 0x81, 0x00, b"\xb6\x00")[1] == 0x6A88
+    assert card.get_all(0x47, 0x81, 0x00, b"\xb8\x00")[1] == 0x9000
+    assert _key_information(_discretionary(card)[0xDE]) == {1: 0, 2: 1, 3: 0}
+    card.verify(0x81, b"123456")
+    assert card.send(0x2A, 0x9E, 0x9A, bytes(32))[1] == 0x6A88  # no signature key: nothing signs
+    tlv.decode_one(card.generate(0xB6)[0], 0x7F49)  # a new P-256 key: 7F49 { 86 point }
+    assert 0x86 in tlv.to_dict(tlv.decode_one(card.get_all(0x47, 0x81, 0x00, b"\xb6\x00")[0], 0x7F49))

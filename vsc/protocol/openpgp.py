@@ -586,6 +586,12 @@ class OpenPgpApplet(CommandFront):
             alg = attributes_alg(role, data)
             if alg is None:
                 return b"", SW_WRONG_DATA
+            info = yield KeyInfo(key_name(role))
+            if info is not None and info[0] is not alg:
+                # another algorithm deletes the role's key, as on a YubiKey (the signature key takes its counter
+                # "pgp-sig-counter" with it, as a new key resets it); first, so no key outlives its attributes
+                yield Clear(key_name(role))
+                yield Notice("key-deleted", {"application": "openpgp", "key": role, "alg": alg.name.lower()})
             yield Store(ItemKind.DATA, attr_name(role), canonical_attributes(alg, role))
             return b"", SW_OK
         limit = WRITABLE.get(tag)
