@@ -73,3 +73,89 @@ def test_card_ini_keeps_a_percent_encoded_token_uri(tmp_path):
     uri = "pkcs11:token=My%20Token;module-path=/usr/lib/softhsm/libsofthsm2.so;pin-value=p%40ss"
     cc.save(home, mode="dongle", serial="card1", token=uri, table="table.bin")
     assert cc.load(home).settings["token"] == uri
+
+
+# ================================================================ 2. an endpoint description that is not one
+
+
+@pytest.mark.parametrize("listen", ["notanendpoint", "tcp:abc", "bogus:1", "tcp:99999999"])
+def test_vsc_server_with_a_listen_that_is_not_an_endpoint_is_one_line(tmp_path, capsys, listen):
+    """
+    ``listen`` (vsc-server.ini, or --listen) must be a Twisted server
+    endpoint. One that is not (a typo'd kind, a port that is no number)
+    went unchecked until strports.service parsed it, and ``twistd
+    vsc-server`` died with a Python traceback (ValueError: Unknown endpoint
+    type / invalid literal for int()). Now it is one line naming the
+    setting, and exit 2, like every other bad setting.
+    """
+    from vsc.server import tap
+
+    data = tmp_path / "data"
+    server_config.init(data, key_bits=2048)
+    options = tap.Options()
+    options.parseOptions(["--data-dir", str(data), "--listen", listen])
+    with pytest.raises(SystemExit) as e:
+        tap.makeService(options)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vsc-server: ") and err.count("\n") == 1 and repr(listen) in err, err
+
+
+@pytest.mark.parametrize("server", ["tcp:abc", "bogus:1", "tcp:127.0.0.1", "tcp:127.0.0.1:99999999"])
+def test_enroll_and_ping_with_a_server_that_is_not_an_endpoint_is_one_usage_line(tmp_path, capsys, server):
+    """
+    ``--server`` must be a Twisted client endpoint. One that is not was
+    found only when the channel was opened, after the password and code were
+    read, the keys derived and generated: "TCP4ClientEndpoint.__init__()
+    missing 1 required positional argument: 'port' (set VSC_DEBUG=1 for a
+    traceback)" (a Python class name, which vsc.cli promises never to show)
+    or "Unknown endpoint type: 'bogus' (set VSC_DEBUG=1 ...)", exit 1.
+    Now it is one line naming --server, exit 2, before anything is read.
+    """
+    from vsc import cli
+
+    home = _private_dir(tmp_path / "home")
+    never = tmp_path / "never-read"  # the password file: must not be needed to find the mistake
+    argvs = (
+        ["card", "--home", str(home), "enroll", "--server", server, "--server-key", SERVER_KEY, "--serial", "c1",
+         "--code", "x", "--password-file", str(never)],
+        ["ping", "--server", server, "--server-key", SERVER_KEY],
+    )
+    for argv in argvs:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("vsc: --server ") and err.count("\n") == 1, err
+        assert "VSC_DEBUG" not in err and "Endpoint" not in err and "never-read" not in err, err
+    assert not (home / cc.CARD_INI).exists()
+
+
+def test_vsc_card_with_a_pcsc_that_is_not_an_endpoint_stops_before_the_password(tmp_path, capsys):
+    """
+    ``twistd vsc-card --pcsc ENDPOINT`` was parsed only after the card was
+    inserted (the password read, the server asked): the PcscLink built
+    outside the daemon's error handling raised, and the daemon logged a
+    traceback and exited 1 with "internal error", removing the card it had
+    just inserted. Now a --pcsc that is not an endpoint is one line naming
+    it, exit 2, before the password is read; so is a card.ini server that
+    is not one.
+    """
+    from vsc.daemon import card_tap
+
+    home = _private_dir(tmp_path / "home")
+    cc.save(home, server="tcp:127.0.0.1:7390", server_key=SERVER_KEY, serial="c1")
+    never = tmp_path / "never-read"
+    for pcsc in ("bogus:1", "listen:tcp:abc"):
+        options = card_tap.Options()
+        options.parseOptions(["--home", str(home), "--password-file", str(never), "--pcsc", pcsc, "--no-ssh-agent"])
+        with pytest.raises(SystemExit) as e:
+            card_tap.makeService(options)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vsc-card: --pcsc ") and err.count("\n") == 1 and "never-read" not in err, err
+    cc.save(home, server="tcp:abc", server_key=SERVER_KEY, serial="c1")
+    options = card_tap.Options()
+    options.parseOptions(["--home", str(home), "--password-file", str(never), "--no-ssh-agent"])
+    with pytest.raises(SystemExit) as e:
+        card_tap.makeService(options)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "'tcp:abc'" in err and "never-read" not in err, err

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import clientFromString
 
 from vsc import crypto
+from vsc.net import endpoints
 from vsc.net.channel import ChannelFactory, ChannelProtocol
 from vsc.protocol.channel import card_channel
 from vsc.protocol.suites import ChannelConfig
@@ -77,6 +77,6 @@ def connect(
 ):
     """Connect and complete the handshake; fires with the established CardProtocol."""
     factory = ChannelFactory(lambda: card_channel(config, server_fingerprint, rand), reactor, CardProtocol)
-    proto = yield clientFromString(reactor, endpoint).connect(factory)
+    proto = yield endpoints.client(reactor, endpoint, "the server").connect(factory)
     yield proto.whenEstablished()
     return proto

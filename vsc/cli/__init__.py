@@ -160,6 +160,7 @@ USER_FACING = (
     ("vsc.card.session", "CardError"),
     ("vsc.protocol.licence", "LicenseError"),
     ("vsc.dongle.token", "TokenError"),
+    ("vsc.net.endpoints", "EndpointError"),
 )
 
 

@@ -27,7 +27,7 @@ def cmd_enroll(args) -> int:
     from vsc.card import ops
     from vsc.card.connect import connect
     from vsc.card.protected import PlainItem, seal_envelope
-    from vsc.cli.ping import channel_config
+    from vsc.cli.ping import channel_config, check_server
     from vsc.wire.protected import ItemKind, KeyAlg
 
     from vsc.protocol import serials
@@ -48,6 +48,7 @@ def cmd_enroll(args) -> int:
     if (home / cc.CARD_INI).exists() and not args.force:
         raise CommandError(f"{home} already holds a card ({home / cc.CARD_INI}); use another --home")
     channel = channel_config(args)
+    check_server(args)
     pin_policy(args)  # a bad --pin-policy stops here, before any prompt
     password = read_password(args.password_file, "New card password: ", confirm=True)
     code = enrolment_code(args)

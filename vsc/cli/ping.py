@@ -37,11 +37,24 @@ def channel_config(args):
         raise CommandError(str(e), EXIT_USAGE) from None
 
 
+def check_server(args) -> None:
+    """``--server`` must name a client endpoint: CommandError (usage) if not, before anything is read or sent."""
+    from twisted.internet import reactor
+
+    from vsc.net.endpoints import EndpointError, client
+
+    try:
+        client(reactor, args.server, "--server")
+    except EndpointError as e:
+        raise CommandError(str(e), EXIT_USAGE) from None
+
+
 def cmd_ping(args) -> int:
     """Open a channel, exchange sealed echo records, report the suite and timing."""
     from vsc import crypto
 
     config = channel_config(args)
+    check_server(args)
     result: dict = {}
 
     async def run(reactor):

@@ -81,12 +81,31 @@ def storage_for(options: Options, cfg: card_config.CardConfig, reactor, master: 
     return ServerStorage(cfg, reactor, master, totp=totp)
 
 
+def check_endpoints(options: Options, cfg: card_config.CardConfig, reactor) -> None:
+    """card.ini's server (unless the card runs from a token) and --pcsc must be endpoints: one line if not."""
+    from vsc.net import endpoints
+
+    try:
+        if not (options["dongle"] or cfg.settings.get("mode") == "dongle"):
+            endpoints.client(reactor, cfg.server, f"{card_config.CARD_INI}'s server")
+        pcsc = options["pcsc"]
+        if pcsc is not None:
+            listen = "listen:"  # vsc.card.vpcd.LISTEN_PREFIX: vpcd's reversed mode
+            if pcsc.startswith(listen):
+                endpoints.server(reactor, pcsc[len(listen):], "--pcsc")
+            else:
+                endpoints.client(reactor, pcsc, "--pcsc")
+    except endpoints.EndpointError as e:
+        _fail(str(e))
+
+
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     try:
         cfg = card_config.load(options["home"])
         master = load_master_key(os.environ.get("VSC_MASTER_KEY_FILE"))
+        check_endpoints(options, cfg, reactor)  # before the password is asked for
         password = card_config.read_password(options["password-file"])
     except (card_config.CardConfigError, ValueError, OSError) as e:
         _fail(str(e))

@@ -74,6 +74,7 @@ def makeService(options: Options) -> service.IService:
 
     from vsc.server.admission import Admission, AdmissionLimits
     from vsc.server.service import Backend, server_factory
+    from vsc.net import endpoints
     from vsc.net.transport import LeanRefusalsEndpoint
     from vsc.server.settings import SettingError, override
     from vsc.server.store import Store, StoreError
@@ -97,6 +98,11 @@ def makeService(options: Options) -> service.IService:
         sys.stderr.write(f"vsc-server: cannot open the database {redact(cfg.database_url)}: {why}\n")
         raise SystemExit(2)
     listen = options["listen"] or cfg.listen
+    try:
+        endpoints.server(reactor, listen, "--listen" if options["listen"] else f"{server_config.CONFIG_NAME} listen")
+    except endpoints.EndpointError as e:
+        sys.stderr.write(f"vsc-server: {e}\n")
+        raise SystemExit(2)
     settings = cfg.settings
     if options["threads"]:
         try:
