@@ -159,3 +159,45 @@ def test_vsc_card_with_a_pcsc_that_is_not_an_endpoint_stops_before_the_password(
         card_tap.makeService(options)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "'tcp:abc'" in err and "never-read" not in err, err
+
+
+# ================================================================ 3. a server key fingerprint of the wrong form
+
+
+@pytest.mark.parametrize("key", ["6v8bgBMl8Ape01+fZjZQ+3P0dbjKIGgKoyhh6WtHedE",  # without SHA256:
+                                 SERVER_KEY + "\n", " " + SERVER_KEY, "SHA256:" + "ab" * 16, "MD5:aa:bb", ""])
+def test_a_server_key_of_the_wrong_form_is_one_usage_line(tmp_path, capsys, key):
+    """
+    ``--server-key`` is the pin of the server's key, in the one form
+    ``vsc admin fingerprint`` prints (``SHA256:`` and 43 base64
+    characters). A value of another form (pasted without ``SHA256:``, with
+    a blank, a hex digest, empty) can never match, but it was only compared
+    after the connect: enroll read the password and code, derived and
+    generated keys, then said "channel closed: SERVER_KEY_MISMATCH: the
+    server's key is not the one pinned (wrong server, or a man in the
+    middle)", exit 1 — an alarm for a typo. Now it is one line naming
+    --server-key and its form, exit 2, before anything is read or sent.
+    """
+    from vsc import cli
+
+    home = _private_dir(tmp_path / "home")
+    never = tmp_path / "never-read"
+    argvs = (
+        ["card", "--home", str(home), "enroll", "--server", "tcp:127.0.0.1:1", "--server-key", key, "--serial", "c1",
+         "--code", "x", "--password-file", str(never)],
+        ["ping", "--server", "tcp:127.0.0.1:1", "--server-key", key],
+    )
+    for argv in argvs:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("vsc: --server-key ") and "SHA256:" in err and err.count("\n") == 1, err
+        assert "never-read" not in err and "connect" not in err, err
+
+
+def test_a_well_formed_server_key_passes_the_form_check():
+    """The check refuses only the form: what `vsc admin fingerprint` prints passes."""
+    from vsc import crypto
+
+    assert crypto.is_fingerprint(SERVER_KEY)
+    assert crypto.is_fingerprint(crypto.fingerprint(b"any key"))
+    assert not crypto.is_fingerprint(SERVER_KEY[:-1]) and not crypto.is_fingerprint(SERVER_KEY + "=")

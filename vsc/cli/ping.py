@@ -38,11 +38,19 @@ def channel_config(args):
 
 
 def check_server(args) -> None:
-    """``--server`` must name a client endpoint: CommandError (usage) if not, before anything is read or sent."""
+    """
+    ``--server`` must name a client endpoint and ``--server-key`` be a fingerprint in the form ``vsc admin
+    fingerprint`` prints: CommandError (usage) if not, before anything is read or sent (a pin of another form
+    could only fail later as a key mismatch, the alarm for a man in the middle).
+    """
     from twisted.internet import reactor
 
+    from vsc import crypto
     from vsc.net.endpoints import EndpointError, client
 
+    if not crypto.is_fingerprint(args.server_key):
+        raise CommandError(f"--server-key {args.server_key[:80]!r} is not a server key fingerprint: it is SHA256: "
+                           "and 43 base64 characters, as 'vsc admin fingerprint' prints it", EXIT_USAGE)
     try:
         client(reactor, args.server, "--server")
     except EndpointError as e:

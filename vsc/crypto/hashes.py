@@ -31,3 +31,16 @@ def constant_time_equal(a: bytes, b: bytes) -> bool:
 def fingerprint(spki_der: bytes) -> str:
     """The pin of a public key: ``SHA256:`` + unpadded base64 of its SubjectPublicKeyInfo, as OpenSSH prints."""
     return "SHA256:" + binascii.b2a_base64(sha256(spki_der), newline=False).decode("ascii").rstrip("=")
+
+
+_B64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+
+
+def is_fingerprint(text: str) -> bool:
+    """Whether ``text`` has the form ``fingerprint`` gives (``SHA256:`` and 43 base64 characters of 32 bytes)."""
+    if not text.startswith("SHA256:") or len(text) != 50 or not set(text[7:]) <= _B64:
+        return False
+    try:
+        return len(binascii.a2b_base64(text[7:] + "=")) == 32
+    except binascii.Error:
+        return False
