@@ -201,3 +201,43 @@ def test_a_well_formed_server_key_passes_the_form_check():
     assert crypto.is_fingerprint(SERVER_KEY)
     assert crypto.is_fingerprint(crypto.fingerprint(b"any key"))
     assert not crypto.is_fingerprint(SERVER_KEY[:-1]) and not crypto.is_fingerprint(SERVER_KEY + "=")
+
+
+# ================================================================ 4. a server key that is not usable
+
+
+def _encrypted_key_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.BestAvailableEncryption(b"secret"))
+
+
+def test_an_encrypted_server_key_is_one_line_naming_the_key_not_the_database(tmp_path, capsys):
+    """
+    server-key.pem protected with a passphrase (an operator's
+    ``openssl pkcs8 -topk8 -v2 aes256``) cannot be used: the server reads
+    it without one. cryptography says so with a TypeError, which
+    ConfigServer.load_key did not turn into a ConfigError: ``twistd
+    vsc-server`` fell into its catch-all and printed "cannot open the
+    database sqlite:///...: Password was not given but private key is
+    encrypted" (the database is fine), and ``vsc admin fingerprint`` ended
+    with "(set VSC_DEBUG=1 for a traceback)". Now both name the key file.
+    """
+    from vsc import cli
+    from vsc.server import tap
+
+    data = tmp_path / "data"
+    server_config.init(data, key_bits=2048)
+    (data / server_config.KEY_NAME).write_bytes(_encrypted_key_pem())
+    options = tap.Options()
+    options.parseOptions(["--data-dir", str(data)])
+    with pytest.raises(SystemExit) as e:
+        tap.makeService(options)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and server_config.KEY_NAME in err and "database" not in err, err
+    assert cli.main(["admin", "--data-dir", str(data), "fingerprint"]) == 1
+    err = capsys.readouterr().err
+    assert server_config.KEY_NAME in err and "VSC_DEBUG" not in err and err.count("\n") == 1, err

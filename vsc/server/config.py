@@ -52,7 +52,7 @@ class ServerConfig:
             return crypto.RSAPrivateKey.from_pem(self.key_path.read_bytes())
         except FileNotFoundError:
             raise ConfigError(f"{self.key_path} is missing: run 'vsc admin --data-dir {self.data_dir} init'") from None
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # TypeError: encrypted (the server has no passphrase to give)
             raise ConfigError(f"{self.key_path} is not a usable private key: {e}") from None
 
 

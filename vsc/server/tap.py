@@ -85,6 +85,10 @@ def makeService(options: Options) -> service.IService:
         key = cfg.load_key()
         policy = Policy.from_settings(cfg.settings)
         master = load_master_key(cfg.settings.get("master_key_file") or os.environ.get("VSC_MASTER_KEY_FILE") or None)
+    except (server_config.ConfigError, ValueError, OSError) as e:
+        sys.stderr.write(f"vsc-server: {e}\n")
+        raise SystemExit(2)
+    try:  # only the database from here: the catch-all below names it
         store = Store(cfg.database_url, reactor.seconds, policy.lockout)
         store.migrate()
         store.close()
