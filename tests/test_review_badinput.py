@@ -8,12 +8,15 @@ They hold since the fix.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
 from vsc.card import config as cc
 from vsc.server import config as server_config
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER_KEY = "SHA256:6v8bgBMl8Ape01+fZjZQ+3P0dbjKIGgKoyhh6WtHedE"
 
 
@@ -241,3 +244,36 @@ def test_an_encrypted_server_key_is_one_line_naming_the_key_not_the_database(tmp
     assert cli.main(["admin", "--data-dir", str(data), "fingerprint"]) == 1
     err = capsys.readouterr().err
     assert server_config.KEY_NAME in err and "VSC_DEBUG" not in err and err.count("\n") == 1, err
+
+
+# ================================================================ 5. a HOME whose name is not UTF-8
+
+
+def test_a_home_whose_name_is_not_utf8_has_a_control_socket(tmp_path, monkeypatch, capsys):
+    """
+    A POSIX file name is bytes; Python hands a non-UTF-8 one over with
+    surrogate escapes (``--home $'/home/al\\xefce'`` from a Latin-1
+    system). The control socket's name is a hash of the resolved HOME, and
+    that hash encoded the name as strict UTF-8: every ``vsc card`` command
+    for such a HOME said "'utf-8' codec can't encode character '\\udcef'
+    ... (set VSC_DEBUG=1 for a traceback)", and so did the card daemon
+    when it inserted, although ``vsc card enroll`` had already enrolled the
+    card there (its one-time code spent). The name is now hashed as the
+    bytes it is (os.fsencode); a UTF-8 name hashes as before.
+    """
+    from vsc import crypto
+    from vsc.card import paths
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(_private_dir(tmp_path / "run")))
+    home = _private_dir(tmp_path / "al\udcefce")
+    sock = paths.control_socket_for(home)
+    assert os.path.dirname(sock) == os.path.join(str(tmp_path / "run"), "vsc")
+    utf8 = _private_dir(tmp_path / "café")
+    tag = crypto.sha256_light(os.path.realpath(utf8).encode()).hex()[:12]
+    assert paths.control_socket_for(utf8).endswith(f"card-{tag}.sock")  # unchanged for every name that worked
+    # a process of its own: its stderr escapes what it cannot encode, as a terminal's does (capsys's does not)
+    proc = subprocess.run([sys.executable, "-c", "import sys; from vsc.cli import main; sys.exit(main())", "card",
+                           "--home", os.fsencode(home), "status"], capture_output=True, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run"), "PYTHONPATH": ROOT}, timeout=60)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 1 and "no card daemon is running" in err and "codec" not in err, err

@@ -122,7 +122,8 @@ def control_socket_for(home: str | os.PathLike) -> str:
     """The control socket of the card daemon serving ``home`` (one per resolved home)."""
     from vsc import crypto
 
-    tag = crypto.sha256_light(os.path.realpath(os.fspath(home)).encode()).hex()[:12]
+    # the name as the bytes it is: a non-UTF-8 one comes with surrogate escapes (os.fsencode gives them back)
+    tag = crypto.sha256_light(os.fsencode(os.path.realpath(os.fspath(home)))).hex()[:12]
     return os.path.join(runtime_dir(), f"card-{tag}.sock")
 
 
