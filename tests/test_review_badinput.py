@@ -277,3 +277,36 @@ def test_a_home_whose_name_is_not_utf8_has_a_control_socket(tmp_path, monkeypatc
                           env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run"), "PYTHONPATH": ROOT}, timeout=60)
     err = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 1 and "no card daemon is running" in err and "codec" not in err, err
+
+
+# ================================================================ 6. a password source that cannot be read
+
+
+@pytest.mark.parametrize("source", ["fd:abc", "fd:", "fd:-1", "fd:99999", "fd:" + "9" * 40, "latin1", "dir", "/dev/zero"])
+def test_a_password_source_that_cannot_be_read_is_one_line_naming_it(tmp_path, capsys, source):
+    """
+    ``--password-file`` (and --pin-file, --token-pin-file, ...) is a file or
+    ``fd:N``. ``fd:abc`` gave "invalid literal for int() with base 10:
+    'abc' (set VSC_DEBUG=1 for a traceback)", a descriptor that is not open
+    "Bad file descriptor" (naming neither), a huge N "Python int too large
+    to convert to C int", ``/dev/zero`` was read until memory ran out (a
+    line that never ends), and a file that is not UTF-8 "'utf-8' codec can't
+    decode byte 0xe9 ...": no line said which option was wrong, and
+    ``twistd vsc-card`` printed the same. Now each is a CardConfigError
+    naming the source, so one line in vsc and in the daemon.
+    """
+    from vsc import cli
+
+    if source == "latin1":
+        source = str(tmp_path / "latin1")
+        (tmp_path / "latin1").write_bytes("caf\xe9\n".encode("latin-1"))
+    elif source == "dir":
+        source = str(tmp_path)
+    with pytest.raises(cc.CardConfigError) as e:
+        cc.read_password(source)
+    assert source in str(e.value), e.value
+    home = _private_dir(tmp_path / "home")
+    cc.save(home, server="tcp:127.0.0.1:1", server_key=SERVER_KEY, serial="c1")
+    assert cli.main(["card", "--home", str(home), "recover", "--password-file", source]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and source in err and "VSC_DEBUG" not in err, err

@@ -170,22 +170,30 @@ def save(home: Path, **values: str) -> None:
     paths.write_private(home / CARD_INI, text.getvalue().encode("utf-8"))
 
 
+#: the longest first line a password (or PIN) file may have: one without an end of line is not read forever
+MAX_SECRET_LINE = 65536
+
+
 def read_password(source: str | None, prompt: str = "Card password: ", confirm: bool = False) -> str:
     """From a file, from ``fd:N``, or from the terminal (default)."""
     if source:
         try:
             if source.startswith("fd:"):
-                with os.fdopen(int(source[3:]), "r", closefd=False) as f:
-                    text = f.readline()
+                fd = source[3:]
+                if not fd.isascii() or not fd.isdigit() or len(fd) > 9:
+                    raise CardConfigError(f"{source} is not fd:N with N an open file descriptor's number")
+                with os.fdopen(int(fd), "r", closefd=False) as f:
+                    text = f.readline(MAX_SECRET_LINE + 1)
             else:
-                try:
-                    with open(source) as f:
-                        text = f.readline()
-                except OSError as e:
-                    raise CardConfigError(f"cannot read the password file {source}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            # not the codec's text: it quotes a byte of the secret and its position
+                with open(source) as f:
+                    text = f.readline(MAX_SECRET_LINE + 1)
+        except OSError as e:
+            raise CardConfigError(f"cannot read the password file {source}: {e.strerror or e}") from None
+        except UnicodeDecodeError:  # not the codec's text: it quotes a byte of the secret and its position
             raise CardConfigError(f"the password file {source} is not UTF-8 text") from None
+        if len(text) > MAX_SECRET_LINE:  # /dev/zero, say: no end of line to stop at
+            raise CardConfigError(f"the first line of the password file {source} is longer than "
+                                  f"{MAX_SECRET_LINE} characters")
         text = text.rstrip("\r\n")
         if not text:
             raise CardConfigError(f"the password file {source} is empty")
