@@ -282,7 +282,8 @@ def test_a_home_whose_name_is_not_utf8_has_a_control_socket(tmp_path, monkeypatc
 # ================================================================ 6. a password source that cannot be read
 
 
-@pytest.mark.parametrize("source", ["fd:abc", "fd:", "fd:-1", "fd:99999", "fd:" + "9" * 40, "latin1", "dir", "/dev/zero"])
+@pytest.mark.parametrize("source", ["fd:abc", "fd:", "fd:-1", "fd:99999", "fd:" + "9" * 40, "latin1", "dir",
+                                    "/dev/zero"])
 def test_a_password_source_that_cannot_be_read_is_one_line_naming_it(tmp_path, capsys, source):
     """
     ``--password-file`` (and --pin-file, --token-pin-file, ...) is a file or
@@ -310,3 +311,48 @@ def test_a_password_source_that_cannot_be_read_is_one_line_naming_it(tmp_path, c
     assert cli.main(["card", "--home", str(home), "recover", "--password-file", source]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and source in err and "VSC_DEBUG" not in err, err
+
+
+# ================================================================ 7. card.ini's numbers
+
+
+@pytest.mark.parametrize("name, value", [
+    ("muk_poll", "nan"), ("muk_poll", "-5"), ("muk_poll", "inf"), ("muk_poll", "1e-9"),
+    ("clock_poll", "nan"), ("clock_tolerance", "nan"), ("clock_tolerance", "-1"), ("clock_tolerance", "60"),
+    ("reconnect_attempts", "1000000000000"), ("reconnect_attempts", "abc"),
+    ("dongle_poll", "nan"), ("dongle_poll", "abc"), ("dongle_poll", "-1"),
+])
+def test_card_ini_numbers_out_of_range_are_one_line_naming_the_setting(tmp_path, name, value):
+    """
+    card.ini's polling settings are read with getfloat/getint and used as
+    they came: ``muk_poll = nan`` (or -5) silently turned the MUK and
+    process-id check of [0031]-[0032] off (docs/card.md: only 0 is off),
+    ``clock_tolerance = nan`` the clock check of [0033], ``dongle_poll =
+    nan`` the token check of Figure 14; ``muk_poll = 1e-9`` made the daemon
+    spin; ``clock_tolerance`` below ``clock_poll`` removed the card at its
+    first clock check; ``reconnect_attempts = 10**12`` retried a server that
+    is down forever; ``dongle_poll = abc`` stopped the daemon with "could
+    not convert string to float: 'abc'", naming no setting. Each is now one
+    CardConfigError line naming card.ini, the setting and what it accepts.
+    """
+    home = _private_dir(tmp_path / "home")
+    cc.save(home, server="tcp:127.0.0.1:1", server_key=SERVER_KEY, serial="c1", **{name: value})
+    with pytest.raises(cc.CardConfigError) as e:
+        cc.load(home)
+    assert str(e.value).startswith(str(home / cc.CARD_INI)) and name in str(e.value), e.value
+
+
+def test_card_ini_numbers_in_range_load():
+    """What the docs and the tests use still loads: 0 (off) and ordinary values."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        home = _private_dir(Path(d) / "home")
+        cc.save(home, server="tcp:127.0.0.1:1", server_key=SERVER_KEY, serial="c1", muk_poll="0",
+                clock_poll="0", clock_tolerance="5400", reconnect_attempts="1", dongle_poll="2.5")
+        cfg = cc.load(home)
+        assert (cfg.muk_poll, cfg.clock_poll, cfg.reconnect_attempts) == (0, 0, 1)
+        cc.save(home, server="tcp:127.0.0.1:1", server_key=SERVER_KEY, serial="c1")
+        cfg = cc.load(home)
+        assert (cfg.muk_poll, cfg.clock_poll, cfg.clock_tolerance, cfg.reconnect_attempts) == (60, 3600, 5400, 5)

@@ -118,14 +118,52 @@ def load(home: str | os.PathLike | None) -> CardConfig:
             server_key=s.get("server_key", "") if s.get("mode") == "dongle" else s["server_key"],
             serial=_serial(path, s["serial"]),
             channel=channel,
-            muk_poll=s.getfloat("muk_poll", 60.0),
-            clock_poll=s.getfloat("clock_poll", 3600.0),
-            clock_tolerance=s.getfloat("clock_tolerance", 5400.0),
-            reconnect_attempts=s.getint("reconnect_attempts", 5),
-            settings=dict(s),
+            muk_poll=_number(path, s, "muk_poll", 60.0, POLL),
+            clock_poll=_number(path, s, "clock_poll", 3600.0, POLL),
+            clock_tolerance=_number(path, s, "clock_tolerance", 5400.0, TOLERANCE),
+            reconnect_attempts=_number(path, s, "reconnect_attempts", 5, ATTEMPTS),
+            settings=_checked(path, s),
         )
     except (KeyError, ValueError, configparser.Error) as e:
         raise CardConfigError(f"{path}: invalid or missing setting: {e}") from None
+
+
+#: card.ini's numbers: (type, lowest, highest, 0 also accepted (off)); a poll faster than POLL's lowest would spin
+POLL = (float, 0.1, 30 * 86400.0, True)
+TOLERANCE = (float, 1.0, 366 * 86400.0, False)
+ATTEMPTS = (int, 1, 100, False)
+
+
+def _number(path: Path, s, name: str, default, rule):
+    """card.ini's ``name``: a finite number in its range (NaN and infinities refused), else one line naming it."""
+    import math
+
+    kind, lo, hi, zero_off = rule
+    text = s.get(name)
+    if text is None:
+        return default
+    try:
+        value = kind(text.strip())
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not (lo <= value <= hi or (zero_off and value == 0)):
+        what = "an integer" if kind is int else "a number"
+        accepts = f"{'0 (off) or ' if zero_off else ''}{what} from {lo:g} to {hi:g}"
+        raise CardConfigError(f"{path}: {name} = {text[:40]!r} is not accepted ({accepts})")
+    return value
+
+
+def _checked(path: Path, s) -> dict:
+    """The section as a dict, after the cross-checks and the numbers read elsewhere (dongle_poll) are checked."""
+    settings = dict(s)
+    if "dongle_poll" in settings:
+        _number(path, s, "dongle_poll", 60.0, POLL)
+    poll = _number(path, s, "clock_poll", 3600.0, POLL)
+    tolerance = _number(path, s, "clock_tolerance", 5400.0, TOLERANCE)
+    if poll and tolerance <= poll:
+        raise CardConfigError(f"{path}: clock_tolerance ({tolerance:g}) must be longer than clock_poll ({poll:g}), or "
+                              "the first clock check would remove the card")
+    return settings
 
 
 def parse_applications(text: str) -> tuple[str, ...]:
