@@ -356,3 +356,28 @@ def test_card_ini_numbers_in_range_load():
         cc.save(home, server="tcp:127.0.0.1:1", server_key=SERVER_KEY, serial="c1")
         cfg = cc.load(home)
         assert (cfg.muk_poll, cfg.clock_poll, cfg.clock_tolerance, cfg.reconnect_attempts) == (60, 3600, 5400, 5)
+
+
+# ================================================================ 8. vsc run's --interval and --grace
+
+
+@pytest.mark.parametrize("option, value", [("--interval", "nan"), ("--interval", "inf"), ("--interval", "1e-9"),
+                                           ("--grace", "nan"), ("--grace", "inf"), ("--interval", "0")])
+def test_vsc_run_refuses_an_interval_or_grace_that_is_not_a_finite_time(tmp_path, capsys, option, value):
+    """
+    docs/licensing.md: ``vsc run`` re-proves the licence every --interval
+    seconds and stops the program at most interval + grace seconds after
+    the card is removed. Only ``interval <= 0 or grace < 0`` was refused,
+    and that after the keyfile was read: ``--interval nan`` or ``inf``
+    (NaN compares false; max(nan, 10) is nan) started the program and never
+    proved the licence again, so it ran on without the card; ``--grace
+    inf`` never sent SIGKILL; ``--interval 1e-9`` proved in a busy loop.
+    Now each is one line naming the option, before anything is read.
+    """
+    from vsc import cli
+
+    argv = ["run", "--license", str(tmp_path / "none.keyfile"), "--vendor-key", str(tmp_path / "none.pem"),
+            option, value, "--", "true"]
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and option in err and "none." not in err, err

@@ -8,6 +8,7 @@ command line and a protected program make the very same proof.
 from __future__ import annotations
 
 import calendar
+import math
 import os
 import shutil
 import sys
@@ -15,7 +16,7 @@ import time  # clock-ok: a command-line tool (or the harness) reads the wall clo
 from pathlib import Path
 
 from vsc import crypto
-from vsc.cli import CommandError, emit
+from vsc.cli import EXIT_USAGE, CommandError, emit
 from vsc.licensing import lcp
 
 
@@ -158,6 +159,11 @@ def cmd_check(args) -> int:
 # ---------------------------------------------------------------- vsc run
 
 
+#: vsc run: --interval's range (a shorter one proves in a busy loop) and --grace's most, in seconds
+RUN_INTERVAL = (0.1, 86400.0)
+RUN_GRACE_MAX = 3600.0
+
+
 def cmd_run(args) -> int:
     from twisted.internet import reactor
 
@@ -169,12 +175,16 @@ def cmd_run(args) -> int:
     program = args.program[1:] if args.program[0] == "--" else args.program
     if not program:
         raise CommandError("no program given: vsc run --license K --vendor-key V -- PROGRAM ARGS")
+    # finite (NaN compares false, and an infinite interval never proves again), before anything is read
+    if not (math.isfinite(args.interval) and RUN_INTERVAL[0] <= args.interval <= RUN_INTERVAL[1]):
+        raise CommandError(f"--interval {args.interval:g} must be from {RUN_INTERVAL[0]:g} to {RUN_INTERVAL[1]:g} "
+                           "seconds", EXIT_USAGE)
+    if not (math.isfinite(args.grace) and 0 <= args.grace <= RUN_GRACE_MAX):
+        raise CommandError(f"--grace {args.grace:g} must be from 0 to {RUN_GRACE_MAX:g} seconds", EXIT_USAGE)
     lic = _load(args)
     # before the card is asked (and a rental unit charged): a typo must not cost a run
     if shutil.which(program[0]) is None:
         raise CommandError(f"cannot start {program[0]}: no such executable", 127)
-    if args.interval <= 0 or args.grace < 0:
-        raise CommandError("--interval must be positive and --grace not negative")
     answer_timeout = max(args.interval, 10.0)  # a proof not answered in time counts as a removed card
     prove, charge = card_steps(_read(args.license).decode(), _read(args.vendor_key), answer_timeout)
     key = IgnitionKey(reactor, home_of(args.home), lic, program, interval=args.interval, grace=args.grace,
