@@ -381,3 +381,64 @@ def test_vsc_run_refuses_an_interval_or_grace_that_is_not_a_finite_time(tmp_path
     assert cli.main(argv) != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and option in err and "none." not in err, err
+
+
+# ================================================================ 9. numeric options of enroll and the dongle commands
+
+
+def test_dongle_provision_refuses_more_entries_than_a_table_holds_before_the_token_is_touched(tmp_path, capsys,
+                                                                                              monkeypatch):
+    """
+    A challenge table holds 1 to 4096 entries (vsc.wire.dongle). ``vsc
+    dongle provision --entries 5000`` (or replace) checked only ``< 8``:
+    it generated the DongleKey on the token and 5000 responses, then
+    encode_table failed ("(set VSC_DEBUG=1 for a traceback)"), so the token
+    held a DongleKey with no table written, and create_dongle_key refuses a
+    second one: the token was spent for nothing. Now --entries is checked
+    (8 to 4096) before the token is opened.
+    """
+    from vsc import cli
+    from vsc.cli import dongle
+
+    touched = []
+    monkeypatch.setattr(dongle, "_ref", lambda uri, pin_file: touched.append("ref") or object())
+    monkeypatch.setattr(dongle, "_new_table", lambda *a: touched.append("table"))
+    for action in (["provision", "--serial", "c1"], ["replace", "--serial", "c1", "--issuer-dir", str(tmp_path)]):
+        argv = ["dongle", *action[:1], "--token", "pkcs11:token=t", "--table", str(tmp_path / "table"),
+                "--entries", "5000", *action[1:]]
+        if action[0] == "replace":
+            (tmp_path / "c1.json").write_text('{"serial": "c1", "envelope": "", "kdf": ""}')
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "--entries" in err and "4096" in err and err.count("\n") == 1, err
+    assert touched == [] and not (tmp_path / "table").exists()
+
+
+@pytest.mark.parametrize("extra", [["--poll", "nan"], ["--poll", "-1"], ["--poll", "1e-9"],
+                                   ["--scrypt-log2n", "30"], ["--scrypt-log2n", "20"]])
+def test_enroll_numbers_are_checked_before_anything_is_read_or_written(tmp_path, capsys, extra):
+    """
+    ``vsc dongle enroll --poll nan`` wrote ``dongle_poll = nan`` into
+    card.ini after the card was stored on the token (the daemon then
+    polled never, or refuses it); ``--scrypt-log2n 30`` (or 20: 128·r·N
+    over the 256 MiB a card derives) failed only after the password was
+    read, as "scrypt cost log2(N) must be 10..22 (set VSC_DEBUG=1 for a
+    traceback)", exit 1 (20 is in 10..22, but its 1 GiB is over what the
+    card derives: the same late failure, with a misleading range). Now
+    each is one usage line (exit 2) naming the option and what it accepts,
+    before anything is read.
+    """
+    from vsc import cli
+
+    home = _private_dir(tmp_path / "home")
+    never = str(tmp_path / "never-read")
+    argvs = [["dongle", "enroll", "--token", "pkcs11:token=t", "--home", str(home), "--table", never,
+              "--password-file", never, *extra]]
+    if extra[0] == "--scrypt-log2n":
+        argvs.append(["card", "--home", str(home), "enroll", "--server", "tcp:127.0.0.1:1", "--server-key",
+                      SERVER_KEY, "--serial", "c1", "--code", "x", "--password-file", never, *extra])
+    for argv in argvs:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert extra[0] in err and "never-read" not in err and err.count("\n") == 1, err
+    assert not (home / cc.CARD_INI).exists()

@@ -20,8 +20,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 from vsc.card.paths import write_private
-from vsc.cli import CommandError, emit
+from vsc.cli import EXIT_USAGE, CommandError, emit
 from vsc.dongle.config import TABLE_NAME, read_pin
+
+#: a challenge table's entries: at least MIN_ENTRIES, and at most what its format holds (vsc.wire.dongle)
+MIN_ENTRIES, MAX_ENTRIES = 8, 4096
 
 
 def _ref(uri: str, pin_file: str | None):
@@ -58,12 +61,30 @@ def _issuer_record(issuer_dir: str | None, serial: str) -> Path | None:
     return d / f"{serial}.json"
 
 
+def _check_entries(entries: int) -> None:
+    """--entries: what a challenge table holds, checked before the token is opened (a DongleKey is made once)."""
+    if not MIN_ENTRIES <= entries <= MAX_ENTRIES:
+        raise CommandError(f"--entries {entries} must be from {MIN_ENTRIES} to {MAX_ENTRIES} (what a challenge "
+                           "table holds)", EXIT_USAGE)
+
+
+def _check_poll(poll: float) -> None:
+    """--poll: what card.ini's dongle_poll accepts (vsc.card.config.POLL), before anything is read or written."""
+    import math
+
+    from vsc.card.config import POLL
+
+    _kind, lo, hi, _off = POLL
+    if not (math.isfinite(poll) and (poll == 0 or lo <= poll <= hi)):
+        raise CommandError(f"--poll {poll:g} must be 0 (no periodic check) or from {lo:g} to {hi:g} seconds",
+                           EXIT_USAGE)
+
+
 def cmd_provision(args) -> int:
     from vsc.wire.dongle import encode_table
 
+    _check_entries(args.entries)
     ref = _ref(args.token, args.token_pin_file)
-    if args.entries < 8:
-        raise CommandError("--entries must be at least 8")
     table = _new_table(ref, args.serial, args.entries)
     write_private(Path(args.table), encode_table(table))
     record = _issuer_record(args.issuer_dir, args.serial)
@@ -83,12 +104,14 @@ def cmd_enroll(args) -> int:
     from vsc.card import ops
     from vsc.cli.card import SLOT_KEYS
     from vsc.cli.card import read_password
-    from vsc.cli.enrol import _piv_secrets, _self_signed, pin_policy
+    from vsc.cli.enrol import _piv_secrets, _self_signed, check_scrypt, pin_policy
     from vsc.card.protected import PlainItem, seal_envelope
     from vsc.dongle.token import KDF_LABEL, PROTECTED_LABEL, Token, TokenError
     from vsc.wire.dongle import decode_table
     from vsc.wire.protected import ItemKind, KeyAlg
 
+    _check_poll(args.poll)  # numbers first: before the token, the table or a password is read
+    check_scrypt(args)
     home = Path(args.home) if args.home else cc.default_home()
     try:
         cc.check_home(home)  # before anything is written to the token or to HOME
@@ -157,6 +180,7 @@ def cmd_replace(args) -> int:
     from vsc.dongle.token import KDF_LABEL, PROTECTED_LABEL, Token, TokenError
     from vsc.wire.dongle import encode_table
 
+    _check_entries(args.entries)
     record = _issuer_record(args.issuer_dir, args.serial)
     if record is None or not record.exists():
         raise CommandError(f"no issuer record for {args.serial} in {args.issuer_dir}")

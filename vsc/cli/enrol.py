@@ -49,6 +49,7 @@ def cmd_enroll(args) -> int:
         raise CommandError(f"{home} already holds a card ({home / cc.CARD_INI}); use another --home")
     channel = channel_config(args)
     check_server(args)
+    check_scrypt(args)
     pin_policy(args)  # a bad --pin-policy stops here, before any prompt
     password = read_password(args.password_file, "New card password: ", confirm=True)
     code = enrolment_code(args)
@@ -315,6 +316,18 @@ def _piv_secrets(args) -> tuple[list, str]:
     if defaults:
         note += f"; no terminal and no file, so the default {' and '.join(defaults)}: change them"
     return items, note
+
+
+def check_scrypt(args) -> None:
+    """``--scrypt-log2n``: one this card can derive (scrypt_refusal, r = 8, p = 1), or a usage line before any read."""
+    from vsc import crypto
+
+    if getattr(args, "legacy_kdf", False):
+        return
+    why = crypto.scrypt_refusal(args.scrypt_log2n, 8, 1)
+    if why is not None:
+        usable = [n for n in range(10, 23) if crypto.scrypt_refusal(n, 8, 1) is None]
+        raise CommandError(f"--scrypt-log2n {args.scrypt_log2n}: {why}; use {usable[0]} to {usable[-1]}", 2)
 
 
 def pin_policy(args):
