@@ -442,3 +442,66 @@ def test_enroll_numbers_are_checked_before_anything_is_read_or_written(tmp_path,
         err = capsys.readouterr().err
         assert extra[0] in err and "never-read" not in err and err.count("\n") == 1, err
     assert not (home / cc.CARD_INI).exists()
+
+
+# ================================================================ 10. a config file that is not a small UTF-8 text file
+
+
+def _load_soon(load, path, fifo=None):
+    """``load(path)``'s exception (or None), failing the test if it does not return within 10 s (a FIFO blocks)."""
+    import threading
+
+    box: list = []
+
+    def run():
+        try:
+            load(path)
+            box.append(None)
+        except Exception as e:  # noqa: BLE001 - what load raised is the result
+            box.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive() and fifo is not None:  # let the blocked reader go: a writer that closes at once
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(10)
+    assert box, f"loading {path} did not return (blocked)"
+    return box[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "latin1", "huge"])
+def test_a_config_file_that_is_not_a_small_utf8_text_file_is_one_line_naming_it(tmp_path, kind):
+    """
+    vsc-server.ini and card.ini were read with ConfigParser.read, which
+    opens whatever the name is and skips what it cannot open: one that is a
+    FIFO (or a link to one) blocked ``twistd vsc-server``, ``vsc admin`` and
+    every ``vsc card`` command for ever; a directory read as no file at all
+    ("has no [server] section", "invalid or missing setting: 'card'"); a
+    Latin-1 vsc-server.ini gave "'utf-8' codec can't decode byte ... (set
+    VSC_DEBUG=1 for a traceback)" naming no file; a huge one was read
+    whole. Now each is one line naming the file and what is wrong with it.
+    """
+    data = tmp_path / "data"
+    server_config.init(data, key_bits=2048)
+    home = _private_dir(tmp_path / "home")
+    targets = ((data / server_config.CONFIG_NAME, server_config.load, server_config.ConfigError, data),
+               (home / cc.CARD_INI, cc.load, cc.CardConfigError, home))
+    for path, load, error, arg in targets:
+        if path.exists():
+            path.unlink()
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "directory":
+            path.mkdir()
+        elif kind == "latin1":
+            path.write_bytes(b"[server]\n[card]\n# caf\xe9\n")
+        else:
+            path.write_text("[server]\n[card]\n" + "# padding\n" * 200_000)
+        e = _load_soon(load, arg, str(path) if kind == "fifo" else None)
+        assert isinstance(e, error) and str(path) in str(e), (path, e)
+        assert "section" not in str(e) and "codec" not in str(e), e
+        if kind == "directory":
+            path.rmdir()
+        else:
+            path.unlink()

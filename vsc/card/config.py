@@ -26,6 +26,7 @@ from pathlib import Path
 import attrs
 
 from vsc.card import paths
+from vsc.util.textfile import TextFileError, read_text
 from vsc.protocol.suites import DEFAULT_SUITES, ChannelConfig, ForwardSecrecy, parse_suites
 
 CARD_INI = "card.ini"
@@ -104,7 +105,11 @@ def load(home: str | os.PathLike | None) -> CardConfig:
         raise CardConfigError(f"{path} not found: enroll first with 'vsc card --home {home} enroll ...'")
     parser = configparser.ConfigParser(interpolation=None)  # plain values: a kept token URI is %-encoded
     try:
-        parser.read(path)
+        text = read_text(path)
+    except TextFileError as e:
+        raise CardConfigError(str(e)) from None
+    try:
+        parser.read_string(text, source=str(path))
         s = parser["card"]
         channel = ChannelConfig(
             suites=parse_suites(s.get("suites", ",".join(x.label for x in DEFAULT_SUITES))),

@@ -20,6 +20,7 @@ import attrs
 from vsc import crypto
 from vsc.protocol.suites import DEFAULT_SUITES, ChannelConfig, ForwardSecrecy, parse_suites
 from vsc.server.settings import SettingError, validate
+from vsc.util.textfile import TextFileError, read_text
 
 CONFIG_NAME = "vsc-server.ini"
 KEY_NAME = "server-key.pem"
@@ -77,7 +78,9 @@ def load(data_dir: str | os.PathLike) -> ServerConfig:
         raise ConfigError(f"{path} not found: run 'vsc admin --data-dir {data_dir} init' first")
     parser = configparser.ConfigParser(interpolation=None)  # plain values: a database URL is %-encoded
     try:
-        parser.read(path)
+        parser.read_string(read_text(path), source=str(path))
+    except TextFileError as e:
+        raise ConfigError(str(e)) from None
     except configparser.Error as e:
         raise ConfigError(f"{path}: {e}") from None
     if not parser.has_section("server"):
