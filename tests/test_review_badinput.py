@@ -505,3 +505,22 @@ def test_a_config_file_that_is_not_a_small_utf8_text_file_is_one_line_naming_it(
             path.rmdir()
         else:
             path.unlink()
+
+
+# ================================================================ 11. a server socket that is not there
+
+
+def test_a_unix_server_socket_that_is_not_there_is_worded_not_a_number():
+    """
+    ``--server unix:/run/vsc.sock`` (a UNIX socket endpoint) when the
+    socket is missing: Twisted reports the errno as a number (osError=2)
+    with its words beside it, and vsc said "cannot connect to the server:
+    2". Now the words are shown.
+    """
+    from twisted.internet import error
+
+    from vsc.net.errors import describe
+
+    assert describe(error.getConnectError((2, "No such file or directory"))) == \
+        "cannot connect to the server: No such file or directory"
+    assert describe(error.getConnectError((13, ""))) == "cannot connect to the server: Permission denied"

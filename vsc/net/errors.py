@@ -49,6 +49,11 @@ def describe(e: BaseException) -> str | None:
             if cls is not None and isinstance(e, cls):
                 return f"cannot connect to the server: {words}"
         os_error = getattr(e, "osError", None)
-        detail = getattr(os_error, "strerror", None) or (str(os_error) if os_error else "") or "connection failed"
+        if isinstance(os_error, int):  # an errno, its words beside it (a UNIX socket endpoint)
+            import os
+
+            detail = (e.args[0] if e.args and isinstance(e.args[0], str) and e.args[0] else "") or os.strerror(os_error)
+        else:
+            detail = getattr(os_error, "strerror", None) or (str(os_error) if os_error else "") or "connection failed"
         return f"cannot connect to the server: {detail}"
     return None
