@@ -524,3 +524,34 @@ def test_a_unix_server_socket_that_is_not_there_is_worded_not_a_number():
     assert describe(error.getConnectError((2, "No such file or directory"))) == \
         "cannot connect to the server: No such file or directory"
     assert describe(error.getConnectError((13, ""))) == "cannot connect to the server: Permission denied"
+
+
+# ================================================================ 12. the card daemon with no terminal to ask on
+
+
+@pytest.mark.parametrize("stdin", ["devnull", "closed"])
+def test_the_card_daemon_without_a_terminal_or_password_file_is_one_line(tmp_path, stdin):
+    """
+    ``twistd vsc-card`` without --password-file asks on the terminal. With
+    none (a service, a cron job: no controlling terminal), getpass fell
+    back to reading stdin with warnings ("GetPassWarning: Can not control
+    echo on the terminal", "Warning: Password input may be echoed", the
+    prompt) — what ``vsc card`` deliberately avoids — and with stdin closed
+    it died with a traceback ("AttributeError: 'NoneType' object has no
+    attribute 'readline'"). Now it is one line saying to use
+    --password-file, exit 2, as ``vsc card`` says.
+    """
+    home = _private_dir(tmp_path / "home")
+    cc.save(home, server="tcp:127.0.0.1:1", server_key=SERVER_KEY, serial="c1")
+    code = ("import sys\n"
+            f"if {stdin == 'closed'}:\n    sys.stdin = None\n"
+            "from vsc.daemon import card_tap\n"
+            "o = card_tap.Options()\n"
+            f"o.parseOptions(['--home', {str(home)!r}, '--no-ssh-agent'])\n"
+            "card_tap.makeService(o)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          start_new_session=True,  # no controlling terminal: /dev/tty cannot be opened
+                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=60)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("vsc-card: no password given") and "--password-file" in lines[0], proc.stderr

@@ -213,6 +213,15 @@ def save(home: Path, **values: str) -> None:
     paths.write_private(home / CARD_INI, text.getvalue().encode("utf-8"))
 
 
+def have_terminal() -> bool:
+    """Can getpass prompt on a terminal (it opens /dev/tty)?"""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+    except OSError:
+        return False
+    return True
+
+
 #: the longest first line a password (or PIN) file may have: one without an end of line is not read forever
 MAX_SECRET_LINE = 65536
 
@@ -241,6 +250,8 @@ def read_password(source: str | None, prompt: str = "Card password: ", confirm: 
         if not text:
             raise CardConfigError(f"the password file {source} is empty")
         return text
+    if not have_terminal():  # else getpass reads stdin, echoing, with warnings (and fails if stdin is closed)
+        raise CardConfigError("no password given (no terminal to ask on: use --password-file)")
     import getpass
 
     try:
