@@ -555,3 +555,22 @@ def test_the_card_daemon_without_a_terminal_or_password_file_is_one_line(tmp_pat
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("vsc-card: no password given") and "--password-file" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["latin1", "zero"])
+def test_a_totp_file_that_is_not_a_short_utf8_line_is_one_line_naming_it(tmp_path, kind):
+    """
+    ``--totp-file F`` is read when the server asks for the code. A Latin-1
+    file raised UnicodeDecodeError into the insert ("insert refused:
+    'utf-8' codec can't decode byte 0xe9 ...", naming no file), and
+    ``/dev/zero`` was read until memory ran out. Now both are a
+    CardConfigError naming the file, like --password-file's.
+    """
+    path = "/dev/zero"
+    if kind == "latin1":
+        path = str(tmp_path / "totp")
+        (tmp_path / "totp").write_bytes(b"12345\xe9\n")
+    read = cc.totp_source(None, path, True)
+    with pytest.raises(cc.CardConfigError) as e:
+        read()
+    assert path in str(e.value), e.value

@@ -318,9 +318,15 @@ def totp_source(code: str | None, path: str | None, wanted: bool, prompt: bool =
         def read() -> str:
             try:
                 with open(path) as f:
-                    return f.readline().strip()
+                    line = f.readline(MAX_SECRET_LINE + 1)
             except OSError as e:
                 raise CardConfigError(f"cannot read the TOTP file {path}: {e.strerror}") from None
+            except UnicodeDecodeError:
+                raise CardConfigError(f"the TOTP file {path} is not UTF-8 text") from None
+            if len(line) > MAX_SECRET_LINE:
+                raise CardConfigError(f"the first line of the TOTP file {path} is longer than {MAX_SECRET_LINE} "
+                                      "characters")
+            return line.strip()
 
         return read
     if wanted and prompt:
