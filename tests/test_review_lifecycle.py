@@ -231,7 +231,9 @@ def test_a_card_home_made_by_another_user_between_the_check_and_the_mkdir_is_ref
     from vsc.card import config as cc
 
     if os.getuid() != 0:
-        pytest.skip("making a directory of another user needs root (CI runs as root)")
+        from tests.integration import missing
+
+        missing("making a directory of another user needs root (CI runs as root)")
     home = tmp_path / "card"
     real = cc.check_home
     calls = []
