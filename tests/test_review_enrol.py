@@ -98,6 +98,27 @@ def test_enrolments_refused_as_bad_requests_cannot_grow_the_history_without_boun
 # ---------------------------------------------------------------- 2. no private-key work for a request that proved nothing
 
 
+
+def keyfile_harness(tmp_path):
+    """
+    A server Harness under a master-key + keyfile policy with SERIAL's
+    enrolment code issued, counting the RSA signatures its registrar makes:
+    (harness, code, signatures).
+    """
+    from tests.test_server_ops import SERIAL, Harness
+    from vsc.protocol.server_ops import OpsPolicy
+    from vsc.server.policy import Policy, code_hash, new_enrolment_code
+    from vsc.wire.ops import AuthMethod
+
+    h = Harness(tmp_path, OpsPolicy(impl_auth=(AuthMethod.MASTER_KEY, AuthMethod.KEYFILE)))
+    code = new_enrolment_code()
+    h.store.issue(SERIAL, code_hash(code), Policy().initial_auth_info(), 3600)
+    signatures = []
+    sign = h.factory.registrar.sign
+    h.factory.registrar.sign = lambda data: signatures.append(data) or sign(data)
+    return h, code, signatures
+
+
 def test_a_wrong_enrolment_code_costs_the_server_no_signature(tmp_path):
     """
     Rule (docs/admin.md §9a): until an operation has shown its authority (an
@@ -117,19 +138,12 @@ def test_a_wrong_enrolment_code_costs_the_server_no_signature(tmp_path):
     right code is signed once and gets its keyfile.
     """
     from tests.test_implauth import registration
-    from tests.test_server_ops import SERIAL, Harness, result_of
+    from tests.test_server_ops import SERIAL, result_of
     from vsc.card import ops as card_ops
     from vsc.crypto import system_random
-    from vsc.server.policy import Policy, code_hash, new_enrolment_code
-    from vsc.protocol.server_ops import OpsPolicy
-    from vsc.wire.ops import AuthMethod
+    from vsc.server.policy import new_enrolment_code
 
-    h = Harness(tmp_path, OpsPolicy(impl_auth=(AuthMethod.MASTER_KEY, AuthMethod.KEYFILE)))
-    code = new_enrolment_code()
-    h.store.issue(SERIAL, code_hash(code), Policy().initial_auth_info(), 3600)
-    signatures = []
-    sign = h.factory.registrar.sign
-    h.factory.registrar.sign = lambda data: signatures.append(data) or sign(data)
+    h, code, signatures = keyfile_harness(tmp_path)
     client, _, _ = h.connect()
     kdf = card_ops.new_kdf(system_random, log2_n=10)
     keys = card_ops.derive_keys("pw", kdf)

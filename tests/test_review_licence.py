@@ -14,6 +14,8 @@ import pytest
 
 from tests.fakecard import FakeCardSocket, fake_home  # noqa: F401  (a fixture)
 from tests.test_card_units import _done, ec_der, world  # noqa: F401  (fixtures)
+from tests.test_licensing import card_key, vendor  # noqa: F401  (fixtures)
+from tests.test_licensing import make_license as licensing_license
 from vsc import crypto
 from vsc.licensing import lcp
 from vsc.wire.license import License
@@ -22,22 +24,9 @@ from vsc.wire.license import License
 JOIN = 20.0
 
 
-@pytest.fixture(scope="module")
-def vendor():
-    return crypto.vendor_keygen()
-
-
-@pytest.fixture(scope="module")
-def card_key():
-    der = crypto.generate_private_der("p256")
-    return der, crypto.public_der_of(der)
-
-
 def make_license(card_public: bytes, **changes) -> License:
-    values = dict(product="editor", license_id=bytes(range(16)), card_key=card_public, slot="9c",
-                  issued=1_700_000_000, expires=0, runs=0, counter="", cost=1, features=("pro",), vendor="ACME")
-    values.update(changes)
-    return License(**values)
+    """tests.test_licensing's licence, with a fixed licence ID (tests here name its counter)."""
+    return licensing_license(card_public, **{"license_id": bytes(range(16)), **changes})
 
 
 def signing_card(home, private_der):

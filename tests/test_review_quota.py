@@ -9,7 +9,6 @@ temporary file, a manual pool run by hand, iosim connections.
 
 from __future__ import annotations
 
-import pytest
 
 from tests.test_server_ops import MASTER, MUK, SECRET, SERIAL, Harness, result_of, server_key
 from vsc.card import ops as card_ops
@@ -111,17 +110,11 @@ def test_an_enrolment_that_is_not_the_stored_one_costs_no_signature_and_tells_no
     the owner's retried enrolment is still signed for and answered.
     """
     from tests.test_implauth import registration
+    from tests.test_review_enrol import keyfile_harness
     from vsc.crypto import system_random
-    from vsc.protocol.server_ops import OpsPolicy
-    from vsc.server.policy import Policy, code_hash, new_enrolment_code
-    from vsc.wire.ops import AuthMethod
+    from vsc.server.policy import new_enrolment_code
 
-    h = Harness(tmp_path, OpsPolicy(impl_auth=(AuthMethod.MASTER_KEY, AuthMethod.KEYFILE)))
-    code = new_enrolment_code()
-    h.store.issue(SERIAL, code_hash(code), Policy().initial_auth_info(), 3600)
-    signatures = []
-    sign = h.factory.registrar.sign
-    h.factory.registrar.sign = lambda data: signatures.append(data) or sign(data)
+    h, code, signatures = keyfile_harness(tmp_path)
     owner, _, _ = h.connect()
     kdf = card_ops.new_kdf(system_random, log2_n=10)
     keys = card_ops.derive_keys("pw", kdf)
