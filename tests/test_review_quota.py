@@ -9,7 +9,6 @@ temporary file, a manual pool run by hand, iosim connections.
 
 from __future__ import annotations
 
-
 from tests.test_server_ops import MASTER, MUK, SECRET, SERIAL, Harness, result_of, server_key
 from vsc.card import ops as card_ops
 from vsc.protocol.lifecycle import State
