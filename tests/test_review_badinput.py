@@ -574,3 +574,38 @@ def test_a_totp_file_that_is_not_a_short_utf8_line_is_one_line_naming_it(tmp_pat
     with pytest.raises(cc.CardConfigError) as e:
         read()
     assert path in str(e.value), e.value
+
+
+@pytest.mark.parametrize("option,value", [("--count", "0"), ("--count", "-3"), ("--count", "100001"),
+                                          ("--size", "-1"), ("--size", "40000")])
+def test_ping_counts_and_sizes_out_of_range_are_one_usage_line(capsys, option, value):
+    """
+    ``vsc ping --count`` and ``--size`` were used as given, after the
+    channel was opened: a negative or zero count, a negative size or one
+    larger than the conformance echo, a count that runs for hours (left open
+    by the review of bad input). Now each is one usage line, exit 2, before
+    anything is connected.
+    """
+    from vsc import cli
+
+    assert cli.main(["ping", "--server", "tcp:127.0.0.1:9", "--server-key", SERVER_KEY, option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vsc: {option} {value} must be from ") and err.count("\n") == 1, err
+
+
+def test_a_master_key_file_that_is_not_hex_is_named(tmp_path):
+    """
+    A VSC_MASTER_KEY_FILE that is not hex gave fromhex's "non-hexadecimal
+    number found in fromhex() arg at position N", naming no file (left open
+    by the review of bad input). The refusal now names the file; a good one
+    still loads.
+    """
+    from vsc.protocol.auth import load_master_key
+
+    bad = tmp_path / "master.key"
+    bad.write_text("not hex at all\n")
+    with pytest.raises(ValueError, match=f"^{bad}: a Master key is 32 bytes"):
+        load_master_key(str(bad))
+    good = tmp_path / "good.key"
+    good.write_text("ab" * 32 + "\n")
+    assert load_master_key(str(good)) == bytes([0xAB]) * 32

@@ -57,12 +57,22 @@ def check_server(args) -> None:
         raise CommandError(str(e), EXIT_USAGE) from None
 
 
+#: what ``vsc ping`` exchanges at most: records per run, and bytes per record (the conformance echo's 32 KiB,
+#: well inside an unauthenticated channel's frame limit)
+MAX_COUNT = 100_000
+MAX_SIZE = 32 * 1024
+
+
 def cmd_ping(args) -> int:
     """Open a channel, exchange sealed echo records, report the suite and timing."""
     from vsc import crypto
 
     config = channel_config(args)
     check_server(args)
+    if not 1 <= args.count <= MAX_COUNT:
+        raise CommandError(f"--count {args.count} must be from 1 to {MAX_COUNT}", EXIT_USAGE)
+    if not 0 <= args.size <= MAX_SIZE:
+        raise CommandError(f"--size {args.size} must be from 0 to {MAX_SIZE} bytes (one echo record)", EXIT_USAGE)
     result: dict = {}
 
     async def run(reactor):

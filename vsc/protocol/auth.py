@@ -29,8 +29,12 @@ def load_master_key(path: str | None) -> bytes:
     if not path:
         return DEFAULT_MASTER_KEY
     with open(path) as f:
-        text = f.read().strip()
-    key = bytes.fromhex(text)
+        text = f.read(200).strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:  # not fromhex's words: they name no file
+        raise ValueError(f"{path}: a Master key is 32 bytes (64 hex digits), and this file holds something else") \
+            from None
     if len(key) != 32:
         raise ValueError(f"{path}: a Master key is 32 bytes (64 hex digits)")
     return key
