@@ -57,12 +57,10 @@ def read_password(source: str | None, prompt: str = "Card password: ", confirm: 
 
 
 def _have_terminal() -> bool:
-    """Can getpass prompt on a terminal (it opens /dev/tty)?"""
-    try:
-        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
-    except OSError:
-        return False
-    return True
+    """vsc.card.config.have_terminal, imported when needed (the CLI's start imports little)."""
+    from vsc.card.config import have_terminal
+
+    return have_terminal()
 
 
 # ---------------------------------------------------------------- daemon commands
