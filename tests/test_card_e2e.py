@@ -321,12 +321,15 @@ def test_wrong_password_and_unknown_serial_fail_the_same_way(sqlite_deployment, 
     """
     A daemon for a serial the server never heard of, and one with a wrong
     password for a real serial, exit with the same status and the same one
-    stderr line: a refusal never reveals whether the serial exists.
+    stderr line: a refusal never reveals whether the serial exists. (The
+    ghost's card.ini pins no salt: a copy of real-1's, salt and all, is
+    refused by the card itself, since the server's decoy salt is not
+    real-1's, as tests/test_kdf_salt.py shows.)
     """
     dep = sqlite_deployment
     serial = "real-1"
     home, pw = cards.enrol(dep.server, dep.fingerprint, dep.data_dir, serial, PASSWORD)
-    ghost = copy_home(home, tmp_path / "home-ghost", serial="no-such-card")
+    ghost = copy_home(home, tmp_path / "home-ghost", serial="no-such-card", kdf_salt="")
     wrong = cards.password_file("wrong", "not the password")
 
     code_ghost, lines_ghost = cards.daemon(ghost, pw, name="ghost").refused()

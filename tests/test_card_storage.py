@@ -27,6 +27,7 @@ from vsc.card.protected import CardMemory, PlainItem, seal_envelope
 from vsc.card.session import CardError, CardSession, LifeState
 from vsc.card.storage import CardStorage, ServerStorage, prepare_password_change
 from vsc.dongle.storage import TokenCalls, TokenStorage
+from vsc.protocol import auth
 from vsc.dongle.token import TokenError, TokenRef
 from vsc.wire.dongle import ChallengeTable
 from vsc.wire.ops import KdfAlg, KdfParams, Status
@@ -129,7 +130,8 @@ def test_server_sync_remove_and_version(tmp_path, server):
 
 def test_server_password_change_runs_on_the_worker(tmp_path, server):
     """The password change's derivations and re-wrap are one call on the worker; then the server stores the
-    new verifier, scrypt parameters (fresh salt, same cost) and the re-wrapped protected information, the next
+    new verifier, scrypt parameters (the card's salt, pinned on every machine; same cost) and the re-wrapped
+    protected information, the next
     insert needs the new password, and the items are untouched."""
     worker = HeldWorker()
     storage = _server_storage(tmp_path, server, worker)
@@ -143,7 +145,8 @@ def test_server_password_change_runs_on_the_worker(tmp_path, server):
     assert done(changing) == 2
     (sent,) = server.passwords
     kdf = KdfParams.decode(sent.kdf)
-    assert kdf.alg is KdfAlg.SCRYPT and kdf.log2_n == SCRYPT_CHEAP and kdf.salt != b"s" * 16
+    assert kdf.alg is KdfAlg.SCRYPT and kdf.log2_n == SCRYPT_CHEAP and kdf.salt == b"s" * 16
+    assert sent.verifier != auth.verifier_for(ops.derive_keys("pw", kdf).auth_key, kdf.alg)
     new_key = ops.derive_keys("new pw", kdf).protection_key
     assert _runs(server.envelope, new_key) == 3
     done(session.remove("test"))

@@ -200,7 +200,8 @@ EXPECTED_CARD_ITEMS = [
     "bad-finished-mac: card must refuse", "finished-mac-first-byte: card must refuse",
     "tampered-record: card must refuse", "alert: card must refuse",
     "silent: card must refuse", "ops-correct: card must succeed", "rolls-back: card must refuse",
-    "relabels: card must refuse", "weak-kdf: card must refuse", "long-challenge: card must refuse",
+    "relabels: card must refuse", "weak-kdf: card must refuse", "other-salt: card must refuse",
+    "long-challenge: card must refuse",
 ]
 
 

@@ -477,16 +477,11 @@ def test_an_enrolment_whose_reply_is_lost_is_retried_and_the_card_is_made(tmp_pa
     sends the identical request again on a new channel, which the server
     answers OK, and the card is made.
     """
-    from tests.test_server_ops import Harness, result_of
+    from tests.test_server_ops import Harness, cli_enrolment, result_of
     from vsc.cli import enrol as enrol_cli
-    from vsc.cli import parse
-    from vsc.server.policy import Policy, code_hash, new_enrolment_code
 
     h = Harness(tmp_path)
-    code = new_enrolment_code()
-    h.store.issue("alice", code_hash(code), Policy().initial_auth_info(), 3600)
-    for name, text in (("code", code), ("password", "correct horse"), ("pin", "123456"), ("puk", "12345678")):
-        (tmp_path / name).write_text(text + "\n")
+    args = cli_enrolment(h, tmp_path)
     channels = []
     real_enrol = h.store.enrol
 
@@ -507,10 +502,6 @@ def test_an_enrolment_whose_reply_is_lost_is_retried_and_the_card_is_made(tmp_pa
     monkeypatch.setattr("vsc.card.connect.connect", connect)
     monkeypatch.setattr(enrol_cli, "run_async", lambda run: result_of(h.run(run(h.clock))))
     home = tmp_path / "home"
-    args = parse(["card", "--home", str(home), "enroll", "--server", "tcp:127.0.0.1:7390", "--server-key",
-                  h.fingerprint, "--serial", "alice", "--code-file", str(tmp_path / "code"),
-                  "--password-file", str(tmp_path / "password"), "--pin-file", str(tmp_path / "pin"),
-                  "--puk-file", str(tmp_path / "puk"), "--scrypt-log2n", "10"])
     assert enrol_cli.cmd_enroll(args) == 0
     assert len(channels) == 2 and (home / "card.ini").exists()
     assert [(e.op, e.result) for e in h.store.history("alice")] == [("issue", "ok"), ("enrol", "ok"),

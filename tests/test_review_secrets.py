@@ -105,37 +105,33 @@ def test_a_password_file_that_is_not_utf8_is_refused_without_quoting_the_passwor
 # ================================================================ 3. what the card sends the server
 
 
-@pytest.mark.xfail(strict=True, reason="the scrypt salt comes from the server at every insert and is not bound to "
-                   "the card: binding it (the serial mixed into the salt, a new KdfAlg both sides know, or the "
-                   "salt pinned per card on every machine and kept across password changes) changes the "
-                   "derivation of enrolled cards: too big for this review")
-def test_a_server_chosen_salt_gives_no_answer_reusable_across_cards():
+def test_a_server_chosen_salt_gives_no_answer_reusable_across_cards(monkeypatch):
     """
     docs/security.md: an offline guess costs one scrypt per candidate *per
     card* (the per-card 16-byte salt), and a malicious server cannot turn
-    what the card sends into a cheaper guess (the KDF floor). But the card
-    takes the salt from the server's challenge at every insert and sends
+    what the card sends into a cheaper guess (the KDF floor). The card used
+    to take the salt from the server's challenge at every insert and send
     the authentication key itself (the PASSWORD method's answer is
     scrypt(password, salt)[:32]); the floor checks the cost, never the
-    salt. So a malicious server sends every card the same salt S (chosen
-    in advance): one dictionary pass scrypt(w, S) then tests each word
-    against every card at once, and can be computed before any card
-    connects (a precomputed table), instead of one pass per card. Shown
-    here: two cards (different serials) with the same password answer
-    the same challenge with the same bytes. The answer must depend on the
-    card, so that one guess tests one card.
+    salt. So a malicious server sent every card the same salt S (chosen
+    in advance): one dictionary pass scrypt(w, S) then tested each word
+    against every card at once (a table computed before any card
+    connects). Now each card pins the salt it chose at enrolment (card.ini
+    ``kdf_salt``, kept across password changes): two cards, each with its
+    own pinned salt, refuse the shared-salt challenge before deriving
+    anything, so there is no answer to test a guess against.
     """
     from vsc.card import ops
     from vsc.wire.ops import AuthChallenge, AuthItem, AuthMethod, KdfAlg, KdfParams
 
+    monkeypatch.setattr(ops, "derive_keys", lambda *a: pytest.fail("derived keys for another card's salt"))
     chosen = KdfParams(alg=KdfAlg.SCRYPT, salt=b"S" * 16, log2_n=15)  # meets the floor
     challenge = AuthChallenge(kdf=chosen.encode(), challenges=(AuthItem(AuthMethod.PASSWORD),))
-    creds = ops.Credentials(kdf_floor="scrypt:15")
-    one, _ = ops.answer(challenge, "alice-card", "correct horse", b"m" * 32, lambda n: b"\0" * n, creds=creds)
-    two, _ = ops.answer(challenge, "bob-card", "correct horse", b"m" * 32, lambda n: b"\0" * n,
-                        creds=ops.Credentials(kdf_floor="scrypt:15"))
-    assert one[0].data and two[0].data
-    assert one[0].data != two[0].data, "the same server-chosen salt gives every card the same answer"
+    for serial, own in (("alice-card", b"a" * 16), ("bob-card", b"b" * 16)):
+        creds = ops.Credentials(kdf_floor="scrypt:15", kdf_salt=own)
+        with pytest.raises(ops.KdfSaltRefused, match="another salt"):
+            ops.answer(challenge, serial, "correct horse", b"m" * 32, lambda n: b"\0" * n, creds=creds)
+        assert creds.notes == []
 
 
 # ================================================================ 4. card.ini: a token PIN kept in the URI

@@ -851,6 +851,26 @@ def result_of(d: Deferred):
     return out[0]
 
 
+def cli_enrolment(h: Harness, tmp_path, serial: str = "alice", password: str = "correct horse"):
+    """
+    ``vsc card enroll`` arguments for a code just issued on ``h``'s store:
+    the code, password, PIN and PUK in files under ``tmp_path``, HOME
+    ``tmp_path/home``, scrypt 2^10. The caller points vsc.card.connect.connect
+    and vsc.cli.enrol.run_async at ``h``.
+    """
+    from vsc.cli import parse
+    from vsc.server.policy import Policy, code_hash, new_enrolment_code
+
+    code = new_enrolment_code()
+    h.store.issue(serial, code_hash(code), Policy().initial_auth_info(), 3600)
+    for name, text in (("code", code), ("password", password), ("pin", "123456"), ("puk", "12345678")):
+        (tmp_path / name).write_text(text + "\n")
+    return parse(["card", "--home", str(tmp_path / "home"), "enroll", "--server", "tcp:127.0.0.1:7390",
+                  "--server-key", h.fingerprint, "--serial", serial, "--code-file", str(tmp_path / "code"),
+                  "--password-file", str(tmp_path / "password"), "--pin-file", str(tmp_path / "pin"),
+                  "--puk-file", str(tmp_path / "puk"), "--scrypt-log2n", "10"])
+
+
 def answers_to(challenge: AuthChallenge, keys, muk: bytes) -> AuthResponse:
     items, _ = card_ops.answer(challenge, SERIAL, "pw", MASTER, crypto.system_random, keys)
     return AuthResponse(responses=tuple(items), muk=muk)

@@ -4,7 +4,9 @@ settings only. The password is never stored; the protected information
 lives on the server (or a dongle).
 
     HOME/card.ini    [card] server, server_key, serial, channel policy, polling,
-                     totp = true when the server gave the card a TOTP seed
+                     totp = true when the server gave the card a TOTP seed,
+                     kdf_floor and kdf_salt: the password derivation the card
+                     accepts from a server (vsc.card.ops.check_kdf)
     HOME/keyfile.vsc the keyfile for keyfile authentication ([0044]-[0046]), when the
                      server issued one. It is kept HERE, not in the protected information,
                      because it authenticates the very insert that downloads the protected
@@ -159,8 +161,13 @@ def _number(path: Path, s, name: str, default, rule):
 
 
 def _checked(path: Path, s) -> dict:
-    """The section as a dict, after the cross-checks and the numbers read elsewhere (dongle_poll) are checked."""
+    """The section as a dict, after the cross-checks and the numbers read elsewhere (dongle_poll, kdf_salt) are checked."""
     settings = dict(s)
+    if "kdf_salt" in settings:
+        try:
+            kdf_salt(settings)
+        except CardConfigError as e:
+            raise CardConfigError(f"{path}: {e}") from None
     if "dongle_poll" in settings:
         _number(path, s, "dongle_poll", 60.0, POLL)
     poll = _number(path, s, "clock_poll", 3600.0, POLL)
@@ -169,6 +176,30 @@ def _checked(path: Path, s) -> dict:
         raise CardConfigError(f"{path}: clock_tolerance ({tolerance:g}) must be longer than clock_poll ({poll:g}), or "
                               "the first clock check would remove the card")
     return settings
+
+
+#: the salt scrypt takes (vsc.wire.ops.KdfParams): 16 bytes by default, at most 64
+SALT_SIZES = (16, 64)
+
+
+def kdf_salt(settings: dict) -> bytes:
+    """
+    card.ini's ``kdf_salt``: the salt the card derives its password keys
+    with, chosen at enrolment (or pinned at the first insert of a card
+    enrolled before it existed) and kept across password changes; b"" when
+    there is none. A challenge naming another salt is refused (vsc.card.ops.check_kdf).
+    """
+    text = (settings.get("kdf_salt") or "").strip()
+    if not text:
+        return b""
+    lo, hi = SALT_SIZES
+    try:
+        salt = bytes.fromhex(text)
+    except ValueError:
+        salt = None
+    if salt is None or not lo <= len(salt) <= hi:
+        raise CardConfigError(f"kdf_salt = {text[:40]!r} is not accepted (hex, {lo} to {hi} bytes)")
+    return salt
 
 
 def parse_applications(text: str) -> tuple[str, ...]:
@@ -211,6 +242,28 @@ def save(home: Path, **values: str) -> None:
     parser.write(text)
     # 0600 all the same: a token URI kept with its PIN (vsc dongle enroll --keep-pin-in-uri) is one
     paths.write_private(home / CARD_INI, text.getvalue().encode("utf-8"))
+
+
+def pin(home: Path, **values: str) -> dict:
+    """
+    Add ``values`` that card.ini does not hold yet to it (a setting already
+    there is kept) and return what was added; nothing when there is no
+    card.ini. The rest of the file is written back as it was read.
+    """
+    check_home(home)
+    path = home / CARD_INI
+    if not path.exists():
+        return {}
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(read_text(path), source=str(path))
+        section = parser["card"]
+    except (TextFileError, KeyError, configparser.Error) as e:
+        raise CardConfigError(f"{path}: {e}") from None
+    added = {k: str(v) for k, v in values.items() if not section.get(k)}
+    if added:
+        save(home, **dict(section, **added))
+    return added
 
 
 def have_terminal() -> bool:

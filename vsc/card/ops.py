@@ -61,7 +61,11 @@ class CostlyKdfRefused(WeakKdfRefused):
     """The server asked for a password derivation beyond the memory or work this card spends on one."""
 
 
-def check_kdf(kdf: KdfParams, floor: str) -> None:
+class KdfSaltRefused(WeakKdfRefused):
+    """The server named another salt than the one this card was enrolled with (or first inserted with)."""
+
+
+def check_kdf(kdf: KdfParams, floor: str, salt: bytes = b"") -> None:
     """
     A malicious server could ask for the legacy MD5 derivation (or a cheap
     scrypt) to turn the verifier it receives into a fast offline guess. The
@@ -69,7 +73,20 @@ def check_kdf(kdf: KdfParams, floor: str) -> None:
     before it derives or sends anything. Whatever the floor, it also refuses
     scrypt parameters beyond the memory or work it spends on one derivation
     (``crypto.scrypt_refusal``): N, r and p come from the server.
+
+    ``salt`` is the card's pinned salt (card.ini ``kdf_salt``): the one it
+    chose at enrolment, kept across password changes. A server that names
+    another one — the same salt for every card, say, so that one dictionary
+    pass (computable in advance) tests every card's answer at once — is
+    refused before anything is derived. Empty: not pinned yet (cards
+    enrolled before the pin; pinned at their next insert).
     """
+    if salt and (kdf.alg is not KdfAlg.SCRYPT or not crypto.constant_time_equal(kdf.salt, salt)):
+        raise KdfSaltRefused(
+            "refused: the server asked for a password derivation with another salt than this card's "
+            "(kdf_salt in its card.ini); a server that does this may be collecting answers it can test "
+            "a password guess against many cards at once"
+        )
     if kdf.alg is KdfAlg.SCRYPT:
         # whatever the floor: the server chooses N, r and p (up to 255 each) at every insert
         why = crypto.scrypt_refusal(kdf.log2_n, kdf.r, kdf.p)
@@ -102,10 +119,11 @@ def derive_keys(password: str, kdf: KdfParams) -> PasswordKeys:
     return PasswordKeys(out[:32], out[32:], kdf)
 
 
-def new_kdf(rand: crypto.RandomBytes, legacy: bool = False, log2_n: int = 15) -> KdfParams:
+def new_kdf(rand: crypto.RandomBytes, legacy: bool = False, log2_n: int = 15, salt: bytes = b"") -> KdfParams:
+    """A fresh derivation: a new random 16-byte salt, or ``salt`` (a password change keeps the card's salt)."""
     if legacy:
         return KdfParams(alg=KdfAlg.LEGACY_MD5, salt=b"", log2_n=0, r=0, p=0)
-    return KdfParams(alg=KdfAlg.SCRYPT, salt=rand(16), log2_n=log2_n)
+    return KdfParams(alg=KdfAlg.SCRYPT, salt=salt or rand(16), log2_n=log2_n)
 
 
 def _check(result, what: str, notes: tuple = ()) -> OpResult:
@@ -144,7 +162,7 @@ def answer(challenge: AuthChallenge, serial: str, password: str, master: bytes, 
     serial = serials.normalise(serial)  # every MAC input names the serial in NFC, as the server does (§10.1)
     if keys is None:
         kdf = KdfParams.decode(challenge.kdf)
-        check_kdf(kdf, creds.kdf_floor)
+        check_kdf(kdf, creds.kdf_floor, creds.kdf_salt)
         keys = derive_keys(password, kdf)
     side = CardSide(serial, keys.auth_key, keys.protection_key, master, creds, rand)
     noted = len(creds.notes)

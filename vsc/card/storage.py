@@ -177,6 +177,7 @@ class ServerStorage:
             except crypto.CryptoError:
                 raise CardError("the protected information does not decrypt with this password's key") from None
             self.kdf = keys.kdf
+            self._pin_derivation(keys.kdf)
             self._settle_keyfile(creds)
             if result.registration:
                 self._take_material(result.registration, keys.protection_key, result.protected)
@@ -218,7 +219,28 @@ class ServerStorage:
     def credentials(self) -> ops.Credentials:
         """The keyfile(s) in HOME, the pinned server key, and the TOTP source, for implementation challenges."""
         return ops.Credentials(keyfiles=cc.load_keyfiles(self.config.home), server_key=self.config.server_key,
-                               totp=self.totp, kdf_floor=self.config.settings.get("kdf_floor", ""))
+                               totp=self.totp, kdf_floor=self.config.settings.get("kdf_floor", ""),
+                               kdf_salt=cc.kdf_salt(self.config.settings))
+
+    def _pin_derivation(self, kdf: KdfParams) -> None:
+        """
+        A card enrolled before card.ini pinned its salt (or its floor) pins
+        them at its first insert that the server accepted: trust on first
+        use, as an ssh host key. From then on a server that names another
+        salt, or a weaker derivation, is refused before anything is derived.
+        """
+        settings = self.config.settings
+        if kdf.alg is not KdfAlg.SCRYPT or (settings.get("kdf_salt") and settings.get("kdf_floor")):
+            return
+        try:
+            added = cc.pin(self.config.home, kdf_salt=kdf.salt.hex(), kdf_floor=f"scrypt:{kdf.log2_n}")
+        except (OSError, cc.CardConfigError) as e:
+            self.log.warn("could not pin this card's password derivation in card.ini: {why}", why=str(e))
+            return
+        if added:
+            settings.update(added)
+            self.log.info("pinned this card's password derivation in card.ini: {what}",
+                          what=", ".join(f"{k} = {v}" for k, v in sorted(added.items())))
 
     def _settle_keyfile(self, creds: ops.Credentials) -> None:
         """After an interrupted password change, keep the keyfile that opened with the password the server accepted."""
@@ -298,14 +320,16 @@ class ServerStorage:
     async def change_password(self, memory: CardMemory, old: str, new: str) -> int:
         """
         Check the old password by unwrapping the data key, derive new keys
-        with a fresh salt, re-wrap only the data key, re-seal the keyfile
+        with the card's own salt, re-wrap only the data key, re-seal the keyfile
         (all on the worker), and have the server store the new verifier, KDF
         parameters and protected information atomically (Op.PASSWORD).
         """
         if self.kdf is None:
             raise CardError("a password change is not available for this card")
         legacy = self.kdf.alg is KdfAlg.LEGACY_MD5
-        new_kdf = ops.new_kdf(self.rand, legacy=legacy, log2_n=self.kdf.log2_n if not legacy else 15)
+        # the same salt: it is pinned on every machine this card is used from (card.ini kdf_salt)
+        new_kdf = ops.new_kdf(self.rand, legacy=legacy, log2_n=self.kdf.log2_n if not legacy else 15,
+                              salt=self.kdf.salt if not legacy else b"")
         keyfiles = cc.load_keyfiles(self.config.home)
         change = await self.worker(prepare_password_change, self.config.serial, memory.export(), old, new, self.kdf,
                                    new_kdf, keyfiles[0] if keyfiles else None, self.rand)

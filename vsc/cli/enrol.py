@@ -101,6 +101,8 @@ def cmd_enroll(args) -> int:
     values = dict(server=args.server, server_key=args.server_key, serial=args.serial,
                   kdf_floor="legacy" if args.legacy_kdf else f"scrypt:{args.scrypt_log2n}",
                   applications=",".join(applications))
+    if not args.legacy_kdf:
+        values["kdf_salt"] = kdf.salt.hex()  # every challenge must name it (vsc.card.ops.check_kdf)
     if args.suites:
         values["suites"] = args.suites
     if args.forward_secrecy:
@@ -215,7 +217,7 @@ def _credentials(args, cfg):
     totp = cc.totp_source(getattr(args, "totp", None), getattr(args, "totp_file", None),
                           cfg.settings.get("totp", "").lower() == "true")
     return ops.Credentials(keyfiles=cc.load_keyfiles(cfg.home), server_key=cfg.server_key, totp=totp,
-                           kdf_floor=cfg.settings.get("kdf_floor", ""))
+                           kdf_floor=cfg.settings.get("kdf_floor", ""), kdf_salt=cc.kdf_salt(cfg.settings))
 
 
 def _offline(args, op: str) -> int:

@@ -143,7 +143,7 @@ def _misbehaving(scenario: str, key):
 # database) and drives the card under test through its driver (vsc.conformance.vscdriver's actions:
 # enrol, insert, step, remove, stop). Between two actions a scenario may act as a hostile server.
 
-OPS_SCENARIOS = ("ops-correct", "rolls-back", "relabels", "weak-kdf", "long-challenge")
+OPS_SCENARIOS = ("ops-correct", "rolls-back", "relabels", "weak-kdf", "other-salt", "long-challenge")
 
 
 class _OpsServer:
@@ -168,15 +168,25 @@ class _OpsServer:
                                       ops_policy=self.policy.ops(), master=load_master_key(None))
         self.answers_seen = 0  # AUTH_RESPONSEs received after a tampered challenge
         self.macs_seen = 0  # non-empty MASTER_KEY answers to a challenge that is not 32 bytes
-        if tamper == "weak-kdf":
-            self.factory.make_channel = self._weak_kdf_channel(self.factory.make_channel)
+        if tamper in ("weak-kdf", "other-salt"):
+            self.factory.make_channel = self._weak_kdf_channel(self.factory.make_channel, tamper)
         elif tamper == "long-challenge":
             self.factory.make_channel = self._long_challenge_channel(self.factory.make_channel)
         self.port = None
 
-    def _weak_kdf_channel(self, make):
-        """The KDF-floor attack (§10.5): every AUTH_CHALLENGE asks for the legacy derivation."""
+    def _weak_kdf_channel(self, make, tamper: str):
+        """
+        The KDF attacks (§10.5): every AUTH_CHALLENGE asks for a cheaper derivation with the card's own salt
+        (``weak-kdf``, K1: r = 1, eight times cheaper; with its own salt, so that only the floor refuses it), or
+        names another salt of the same cost (``other-salt``, K10: the salt a server would send every card).
+        """
         from vsc.wire.ops import AuthChallenge, AuthResponse, KdfAlg, KdfParams
+
+        def tampered(kdf: bytes) -> bytes:
+            real = KdfParams.decode(kdf)
+            if tamper == "weak-kdf":
+                return attrs.evolve(real, alg=KdfAlg.SCRYPT, r=1).encode()
+            return attrs.evolve(real, salt=bytes(b ^ 0x5A for b in real.salt)).encode()
 
         def wrapped():
             c = make()
@@ -184,7 +194,7 @@ class _OpsServer:
 
             def send(msg):
                 if isinstance(msg, AuthChallenge):
-                    msg = attrs.evolve(msg, kdf=KdfParams(alg=KdfAlg.LEGACY_MD5).encode())
+                    msg = attrs.evolve(msg, kdf=tampered(msg.kdf))
                 return orig_send(msg)
 
             def receive_frame(frame):
@@ -278,8 +288,11 @@ async def run_ops_item(reactor, scenario: str, driver: str, key, timeout: float)
       upload older than the last (a restored backup: that version and blob); the insert must be refused;
     * ``relabels``: the same, but the server serves the enrolment blob under a version number higher
       than any it stored; the insert must be refused;
-    * ``weak-kdf``: enrol (scrypt), then the server asks for the legacy derivation at insert; the
-      insert must fail and the card must send no AUTH_RESPONSE (§10.5: before deriving or sending).
+    * ``weak-kdf``: enrol (scrypt), then the server asks at insert for a cheaper derivation (r = 1) with the
+      card's own salt; the insert must fail and the card must send no AUTH_RESPONSE (§10.5: before
+      deriving or sending).
+    * ``other-salt``: the same, but the server names another salt of the same cost (every byte of the
+      card's own flipped): the card must refuse it the same way (§10.5, K10: the salt is pinned).
     * ``long-challenge``: enrol, then the server's MASTER_KEY challenge at insert is 33 bytes; the insert
       must fail and no MASTER_KEY answer may carry anything (§10.6.2: the card MACs only 32-byte challenges).
     """
@@ -311,10 +324,12 @@ async def run_ops_item(reactor, scenario: str, driver: str, key, timeout: float)
         try:
             await act("enrol", True)
             enrolled = server.row(serial)
-            if scenario == "weak-kdf":
+            if scenario in ("weak-kdf", "other-salt"):
                 await act("insert", False)
                 if server.answers_seen:
-                    return False, "the card answered a challenge with legacy KDF parameters (below its floor)"
+                    return False, ("the card answered a challenge with cheaper KDF parameters (below its floor)"
+                                   if scenario == "weak-kdf" else
+                                   "the card answered a challenge naming another salt than the one it enrolled with")
                 return True, ""
             if scenario == "long-challenge":
                 await act("insert", False)

@@ -224,5 +224,6 @@ CARD_ITEMS: tuple[CardItem, ...] = (
     CardItem("rolls-back", "§10.12", ("K8",)),
     CardItem("relabels", "§10.12", ("K8",)),
     CardItem("weak-kdf", "§10.5", ("K1",)),
+    CardItem("other-salt", "§10.5", ("K10",)),
     CardItem("long-challenge", "§10.6.2", ("K9",)),
 )

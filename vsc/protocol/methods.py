@@ -46,6 +46,8 @@ class Credentials:
     keyfile_used: int | None = None
     #: the weakest password derivation this card accepts from a server ("scrypt:15", "legacy", "" = any)
     kdf_floor: str = ""
+    #: the salt this card derives with (card.ini ``kdf_salt``); a challenge naming another is refused (b"" = any)
+    kdf_salt: bytes = b""
 
     def note(self, text: str) -> None:
         self.notes.append(text)

@@ -123,7 +123,7 @@ class ChangePassword(Message):
     """
     Change the owner's password while the card is in use (Op.PASSWORD):
     presented with the per-insert secret like sync; carries the new verifier,
-    the new KDF parameters (a fresh salt) and the protected information whose
+    the new KDF parameters (the card's own salt) and the protected information whose
     data key is re-wrapped under the new protection key, based on ``version``.
     The server never sees either password.
     """
