@@ -34,7 +34,6 @@ keyfile logic itself is vsc.protocol.licence (pure functions, re-exported here).
 from __future__ import annotations
 
 import os
-import stat
 import threading
 import time  # clock-ok: the API's edge reads the wall clock when the caller passes no time
 from pathlib import Path
@@ -55,6 +54,7 @@ from vsc.protocol.licence import (
     proof_challenge,
     verify_proof,
 )
+from vsc.util.textfile import TextFileError, read_text
 from vsc.wire import control
 from vsc.wire.license import MAX_KEYFILE_TEXT, License
 
@@ -85,32 +85,14 @@ def read_keyfile(keyfile: str | os.PathLike) -> str:
     for ever), a device or an oversize file is refused unread.
     """
     try:
-        fd = os.open(keyfile, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise LicenseError(f"cannot read the keyfile {keyfile}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise LicenseError(f"{keyfile} is not a regular file: not a vsc keyfile")
-        if st.st_size > MAX_KEYFILE_TEXT:
-            raise LicenseError(f"{keyfile} is longer than any keyfile: not a vsc keyfile")
-        chunks, size = [], 0
-        while size <= MAX_KEYFILE_TEXT:
-            chunk = os.read(fd, MAX_KEYFILE_TEXT + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as e:
-        raise LicenseError(f"cannot read the keyfile {keyfile}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if size > MAX_KEYFILE_TEXT:  # it grew while being read
-        raise LicenseError(f"{keyfile} is longer than any keyfile: not a vsc keyfile")
-    try:
-        return b"".join(chunks).decode("utf-8")
-    except UnicodeDecodeError:
-        raise LicenseError(f"{keyfile} is not a vsc keyfile") from None
+        return read_text(keyfile, MAX_KEYFILE_TEXT)
+    except TextFileError as e:
+        why = {
+            "not-regular": f"{keyfile} is not a regular file: not a vsc keyfile",
+            "too-large": f"{keyfile} is longer than any keyfile: not a vsc keyfile",
+            "not-utf8": f"{keyfile} is not a vsc keyfile",
+        }.get(e.kind, f"cannot read the keyfile {keyfile}: {e.strerror}")
+        raise LicenseError(why) from None
 
 
 def vendor_pem(vendor_public_key) -> bytes:

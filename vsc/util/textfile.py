@@ -16,7 +16,17 @@ MAX_BYTES = 1 << 20
 
 
 class TextFileError(Exception):
-    """The file cannot be a settings file (message names it; one line)."""
+    """
+    The file cannot be a settings file (message names it; one line).
+    ``kind`` says why, for a caller with words of its own (vsc.licensing.lcp):
+    ``cannot-read`` (``strerror`` says why), ``not-regular``, ``too-large``
+    or ``not-utf8``.
+    """
+
+    def __init__(self, message: str, kind: str, strerror: str = ""):
+        super().__init__(message)
+        self.kind = kind
+        self.strerror = strerror
 
 
 def read_text(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> str:
@@ -24,19 +34,29 @@ def read_text(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise TextFileError(f"cannot read {path}: {e.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise TextFileError(f"{path} is not a regular file")
-    os.set_blocking(fd, True)
-    with os.fdopen(fd, "rb") as f:
-        try:
-            data = f.read(max_bytes + 1)
-        except OSError as e:
-            raise TextFileError(f"cannot read {path}: {e.strerror}") from None
-    if len(data) > max_bytes:
-        raise TextFileError(f"{path} is larger than {max_bytes >> 10} KiB: it is not a settings file")
+        raise TextFileError(f"cannot read {path}: {e.strerror}", "cannot-read", e.strerror or "") from None
+    too_large = TextFileError(f"{path} is larger than {max_bytes >> 10} KiB: it is not a settings file", "too-large")
     try:
-        return data.decode("utf-8")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TextFileError(f"{path} is not a regular file", "not-regular")
+        if st.st_size > max_bytes:
+            raise too_large
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while size <= max_bytes:  # a regular file may still grow while it is read
+            chunk = os.read(fd, max_bytes + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise TextFileError(f"cannot read {path}: {e.strerror}", "cannot-read", e.strerror or "") from None
+    finally:
+        os.close(fd)
+    if size > max_bytes:
+        raise too_large
+    try:
+        return b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError as e:
-        raise TextFileError(f"{path} is not UTF-8 text (byte {e.start})") from None
+        raise TextFileError(f"{path} is not UTF-8 text (byte {e.start})", "not-utf8") from None
