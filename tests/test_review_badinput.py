@@ -313,6 +313,36 @@ def test_a_password_source_that_cannot_be_read_is_one_line_naming_it(tmp_path, c
     assert err.count("\n") == 1 and source in err and "VSC_DEBUG" not in err, err
 
 
+@pytest.mark.parametrize("source", ["fd:abc", "fd:99999", "latin1", "dir", "/dev/zero", "blank"])
+def test_an_enrolment_code_source_that_cannot_be_read_is_one_line_naming_it(tmp_path, capsys, source):
+    """
+    ``vsc card enroll --code-file FILE|fd:N`` read the code with its own
+    reader: ``fd:abc`` gave int()'s words, ``/dev/zero`` was read until
+    memory ran out, a file that is not UTF-8 quoted a byte of the one-time
+    code and its position, and a blank line enrolled with an empty code (a
+    refusal from the server after the password was read and the keys made).
+    Now it is the password file's reader (vsc.card.config.read_secret_line):
+    one line naming the source, before the password is asked for.
+    """
+    from vsc import cli
+
+    if source == "latin1":
+        source = str(tmp_path / "latin1")
+        (tmp_path / "latin1").write_bytes("ABCD-\xe9FGH\n".encode("latin-1"))
+    elif source == "blank":
+        source = str(tmp_path / "blank")
+        (tmp_path / "blank").write_text("   \n")
+    elif source == "dir":
+        source = str(tmp_path)
+    # the password file does not exist: the code's line, not the password's, shows the code is read first
+    code = cli.main(["card", "--home", str(tmp_path / "home"), "enroll", "--server", "tcp:127.0.0.1:1",
+                     "--server-key", SERVER_KEY, "--serial", "c1", "--code-file", source,
+                     "--password-file", "/nonexistent/password"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and source in err and "enrolment code" in err, err
+    assert "VSC_DEBUG" not in err and "codec" not in err and "0xe9" not in err, err
+
+
 # ================================================================ 7. card.ini's numbers
 
 

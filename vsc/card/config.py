@@ -279,30 +279,37 @@ def have_terminal() -> bool:
 MAX_SECRET_LINE = 65536
 
 
+def read_secret_line(source: str, what: str = "the password file") -> str:
+    """
+    The first line of the file ``source`` or of ``fd:N``, bounded (MAX_SECRET_LINE), without its end of line;
+    CardConfigError (one line naming ``what``, never a byte of the secret) if it cannot be read or is empty.
+    """
+    try:
+        if source.startswith("fd:"):
+            fd = source[3:]
+            if not fd.isascii() or not fd.isdigit() or len(fd) > 9:
+                raise CardConfigError(f"{what} {source} is not fd:N with N an open file descriptor's number")
+            with os.fdopen(int(fd), "r", closefd=False) as f:
+                text = f.readline(MAX_SECRET_LINE + 1)
+        else:
+            with open(source) as f:
+                text = f.readline(MAX_SECRET_LINE + 1)
+    except OSError as e:
+        raise CardConfigError(f"cannot read {what} {source}: {e.strerror or e}") from None
+    except UnicodeDecodeError:  # not the codec's text: it quotes a byte of the secret and its position
+        raise CardConfigError(f"{what} {source} is not UTF-8 text") from None
+    if len(text) > MAX_SECRET_LINE:  # /dev/zero, say: no end of line to stop at
+        raise CardConfigError(f"the first line of {what} {source} is longer than {MAX_SECRET_LINE} characters")
+    text = text.rstrip("\r\n")
+    if not text:
+        raise CardConfigError(f"{what} {source} is empty")
+    return text
+
+
 def read_password(source: str | None, prompt: str = "Card password: ", confirm: bool = False) -> str:
     """From a file, from ``fd:N``, or from the terminal (default)."""
     if source:
-        try:
-            if source.startswith("fd:"):
-                fd = source[3:]
-                if not fd.isascii() or not fd.isdigit() or len(fd) > 9:
-                    raise CardConfigError(f"{source} is not fd:N with N an open file descriptor's number")
-                with os.fdopen(int(fd), "r", closefd=False) as f:
-                    text = f.readline(MAX_SECRET_LINE + 1)
-            else:
-                with open(source) as f:
-                    text = f.readline(MAX_SECRET_LINE + 1)
-        except OSError as e:
-            raise CardConfigError(f"cannot read the password file {source}: {e.strerror or e}") from None
-        except UnicodeDecodeError:  # not the codec's text: it quotes a byte of the secret and its position
-            raise CardConfigError(f"the password file {source} is not UTF-8 text") from None
-        if len(text) > MAX_SECRET_LINE:  # /dev/zero, say: no end of line to stop at
-            raise CardConfigError(f"the first line of the password file {source} is longer than "
-                                  f"{MAX_SECRET_LINE} characters")
-        text = text.rstrip("\r\n")
-        if not text:
-            raise CardConfigError(f"the password file {source} is empty")
-        return text
+        return read_secret_line(source)
     if not have_terminal():  # else getpass reads stdin, echoing, with warnings (and fails if stdin is closed)
         raise CardConfigError("no password given (no terminal to ask on: use --password-file)")
     import getpass

@@ -51,8 +51,8 @@ def cmd_enroll(args) -> int:
     check_server(args)
     check_scrypt(args)
     pin_policy(args)  # a bad --pin-policy stops here, before any prompt
+    code = enrolment_code(args)  # first: a code that cannot be read stops before the password is typed twice
     password = read_password(args.password_file, "New card password: ", confirm=True)
-    code = enrolment_code(args)
     piv_items, piv_note = _piv_secrets(args)
     rand = crypto.system_random
     kdf = ops.new_kdf(rand, legacy=args.legacy_kdf, log2_n=args.scrypt_log2n)
@@ -133,21 +133,16 @@ def enrolment_code(args) -> str:
 
     if args.code:
         return args.code
-    source = args.code_file
-    if source:
+    if args.code_file:
+        from vsc.card.config import CardConfigError, read_secret_line
+
         try:
-            if source.startswith("fd:"):
-                with os.fdopen(int(source[3:]), "r", closefd=False) as f:
-                    text = f.readline()
-            else:
-                with open(source) as f:
-                    text = f.readline()
-        except (OSError, ValueError) as e:
-            raise CommandError(f"cannot read the enrolment code from {source}: {getattr(e, 'strerror', None) or e}")
-        text = text.strip()
-        if not text:
-            raise CommandError(f"{source} holds no enrolment code")
-        return text
+            code = read_secret_line(args.code_file, "the enrolment code file").strip()
+        except CardConfigError as e:
+            raise CommandError(str(e)) from None
+        if not code:
+            raise CommandError(f"the enrolment code file {args.code_file} holds no enrolment code")
+        return code
     if not _have_terminal():
         raise CommandError("no enrolment code given (use --code-file FILE for automation)")
     import getpass
