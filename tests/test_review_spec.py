@@ -387,3 +387,83 @@ def test_enumerations_in_the_document_are_the_codes():
     assert _table(r"\n\| `(0x[0-9A-Fa-f]+)` \| ([A-Z_]+) \|", "## 4. Message types", "## 5.") == names(MessageType)
     assert _table(r"\n\| `(0x[0-9A-Fa-f]+)` \| `([a-z0-9-]+)` \|", "### 5.1 Suites", "### 5.2") == \
         {int(s): s.label for s in Suite}
+
+
+# ---------------------------------------------------------------- §5 and §10 length bounds are the schemas'
+
+
+def _bounds(con) -> tuple:
+    """(prefix width, minimum, maximum, "0 or N") of a length-prefixed field of vsc.wire.codec, read off the schema."""
+    import construct as c
+
+    from vsc.wire import codec
+
+    if isinstance(con, c.Renamed):
+        con = con.subcon
+    if isinstance(con, codec._Utf8):
+        con = con.subcon
+    assert isinstance(con, codec._Bounded), con
+    inner = con.subcon
+    width = inner.lengthfield.sizeof() if hasattr(inner, "lengthfield") else inner.subcons[0].subcon.sizeof()
+    return width, con.minimum, con.maximum, isinstance(con, codec._EmptyOrExact)
+
+
+def _field(schema, name: str):
+    import construct as c
+
+    while not isinstance(schema, c.Struct):
+        schema = schema.subcon
+    return next(sc for sc in schema.subcons if sc.name == name)
+
+
+def test_every_length_bound_in_the_document_is_the_schemas():
+    """
+    Rule (§2): "the length MUST lie in min..max" of each `vec<uN, min..max>` and `list<u8, min..max, T>` the
+    document gives; a second implementation enforces exactly these, so each must be the bound vsc's construct
+    schema enforces (a tighter schema would refuse a conforming peer, a looser one accept what the peer calls
+    MALFORMED). Every such bound in the document, in order, against its schema field; and the fixed counts and
+    "0 or N" fields of §5.2, §5.3, §10.6.4, §10.7 and §10.12.
+    """
+    from vsc.wire import implauth, messages, onetime_agent, ops, protected
+
+    expected = [
+        (messages.EchoRequest.SCHEMA, "data"), (messages.EchoReply.SCHEMA, "data"),
+        *[(ops.EnrolRequest.SCHEMA, f) for f in ("serial", "code", "verifier", "kdf", "protected", "registration")],
+        *[(ops.OpRequest.SCHEMA, f) for f in ("serial", "insert_secret", "muk", "protected")],
+        (ops.AuthChallenge.SCHEMA, "kdf"), (ops.AuthChallenge.SCHEMA, "challenges"),
+        (ops.AuthResponse.SCHEMA, "responses"), (ops.AuthResponse.SCHEMA, "muk"),
+        (ops._Item, "data"),
+        (ops.OpResult.SCHEMA, "protected"), (ops.OpResult.SCHEMA, "registration"),
+        *[(ops.ChangePassword.SCHEMA, f) for f in ("serial", "insert_secret", "verifier", "kdf", "protected")],
+        (ops._KdfSchema, "salt"),
+        (implauth.KeyfileBody.SCHEMA, "serial"), (implauth.KeyfileBody.SCHEMA, "card_key"),
+        *[(implauth.SignedKeyfile.SCHEMA, f) for f in ("body", "signer", "signature")],
+        (implauth.SealedKeyfile.SCHEMA, "sealed"),
+        (onetime_agent._ChallengeSchema, "program"),
+        (implauth.Registration.SCHEMA, "card_key"), (implauth.EnrolReply.SCHEMA, "keyfile"),
+        (protected.EnvelopeSchema, "card_id"), (protected._Sealed, "ciphertext"),
+        (protected._Item, "name"), (protected._Item, "public"),
+    ]
+    stated = re.findall(r"`(\w+)`(?:\s*\|\s*|:\s*|\s+)`(?:vec|list)<u(\d+), (\d+)\.\.(\d+)", DOC)
+    assert [name for name, *_ in stated] == [name for _, name in expected]
+    for (name, bits, lo, hi), (schema, field) in zip(stated, expected):
+        assert (int(bits) // 8, int(lo), int(hi), False) == _bounds(_field(schema, field)), name
+
+    assert re.search(r"the code as `vec<u8, 1..10>`", DOC)
+    assert _bounds(_field(implauth.TotpAnswer.SCHEMA, "code")) == (1, 1, 10, False)
+    assert "| 32 | 2 | `L` = length of `server_key` | 1..1200 |" in DOC
+    assert _bounds(_field(messages.Hello.SCHEMA, "server_key")) == (2, 1, 1200, False)
+    assert "| 32 | 1 | `n` = number of suites | 1..8 |" in DOC
+    assert _bounds(_field(messages.KeyTransport.SCHEMA, "suites")) == (1, 1, 8, False)
+    assert re.search(r"\| `C` = ciphertext length \| 1\.\.512 ", DOC)
+    assert _bounds(_field(messages.KeyTransport.SCHEMA, "ciphertext")) == (2, 1, 512, False)
+    for schema in (messages.Hello.SCHEMA, messages.KeyTransport.SCHEMA):
+        assert _bounds(_field(schema, "fs_public")) == (1, 0, 32, True)
+    assert "`u16` instruction count (1..1024)" in DOC
+    assert _bounds(_field(onetime_agent.ProgramSchema, "code")) == (2, 1, 1024, False)
+    assert re.search(r"`u16`\s+item count \(0\.\.256\)", DOC)
+    assert _bounds(_field(protected.IndexSchema, "items")) == (2, 0, 256, False)
+    assert "`seal_key` (`u8` length 0 or 32" in DOC
+    assert _bounds(_field(implauth.Registration.SCHEMA, "seal_key")) == (1, 0, 32, True)
+    assert "`totp_secret`\n(`u8` length 0 or 20" in DOC
+    assert _bounds(_field(implauth.EnrolReply.SCHEMA, "totp_secret")) == (1, 0, 20, True)
