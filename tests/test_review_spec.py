@@ -467,3 +467,31 @@ def test_every_length_bound_in_the_document_is_the_schemas():
     assert _bounds(_field(implauth.Registration.SCHEMA, "seal_key")) == (1, 0, 32, True)
     assert "`totp_secret`\n(`u8` length 0 or 20" in DOC
     assert _bounds(_field(implauth.EnrolReply.SCHEMA, "totp_secret")) == (1, 0, 20, True)
+
+
+# ---------------------------------------------------------------- §5.8: a card ignores an ECHO_REPLY it did not ask for
+
+
+def test_card_ignores_an_unsolicited_echo_reply(tmp_path):
+    """
+    Rule (§5.8): "A card MAY ignore an ECHO_REPLY it did not ask for (vsc's does)". It did not: CardProtocol
+    queued every inner message and handed the oldest to the next request, so one stray ECHO_REPLY on the
+    channel became the answer to the card's next sync (OperationRefused "unexpected EchoReply", though the
+    server stored the upload), and the sync's real OP_RESULT then answered the request after it: every later
+    sync, remove or password change on that channel took the previous one's result as its own, i.e. was
+    acknowledged before the server had answered it (§10.9: an upload is acknowledged only once stored).
+    Now an ECHO_REPLY with no ECHO_REQUEST outstanding is dropped; a requested one still answers its request.
+    """
+    from tests.test_server_ops import SECRET, SERIAL, Harness, result_of
+    from vsc.wire.messages import EchoReply, EchoRequest
+    from vsc.wire.ops import Op, OpRequest, OpResult, Status
+
+    h = Harness(tmp_path)
+    client, server, _pump = h.connect()
+    server.sendMessage(EchoReply(b"stray"))
+    h.settle()
+    answer = result_of(h.run(client.request(OpRequest(op=Op.SYNC, serial=SERIAL, insert_secret=SECRET, version=1,
+                                                      protected=b"P"))))
+    assert isinstance(answer, OpResult) and answer.status is Status.REFUSED, answer
+    assert result_of(h.run(client.request(EchoRequest(b"ping")))) == EchoReply(b"ping")
+    assert not client.channel.closed and client._unclaimed == []

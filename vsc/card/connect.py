@@ -10,6 +10,7 @@ from vsc.net.channel import ChannelFactory, ChannelProtocol
 from vsc.protocol.channel import card_channel
 from vsc.protocol.suites import ChannelConfig
 from vsc.wire import ErrorCode, Message
+from vsc.wire.messages import EchoReply, EchoRequest
 
 
 #: messages the server may send ahead of the card's asking for them; one more is a protocol violation
@@ -25,8 +26,14 @@ class CardProtocol(ChannelProtocol):
         super().__init__(channel, clock)
         self._waiting: list[Deferred] = []
         self._unclaimed: list[Message] = []
+        self._echoes = 0  # ECHO_REQUESTs sent whose ECHO_REPLY has not come yet
 
     def messageReceived(self, msg: Message) -> None:
+        if isinstance(msg, EchoReply):
+            if not self._echoes:  # one the card did not ask for: ignored, never an answer to a request (§5.8)
+                self.log.debug("ignored an ECHO_REPLY this card did not ask for")
+                return
+            self._echoes -= 1
         if self._waiting:
             self._waiting.pop(0).callback(msg)
         elif len(self._unclaimed) < MAX_UNCLAIMED:
@@ -64,6 +71,8 @@ class CardProtocol(ChannelProtocol):
         d = self.nextMessage()
         if not self.channel.closed:
             self.sendMessage(msg)
+            if isinstance(msg, EchoRequest):
+                self._echoes += 1
         return d
 
 
