@@ -495,3 +495,38 @@ def test_card_ignores_an_unsolicited_echo_reply(tmp_path):
     assert isinstance(answer, OpResult) and answer.status is Status.REFUSED, answer
     assert result_of(h.run(client.request(EchoRequest(b"ping")))) == EchoReply(b"ping")
     assert not client.channel.closed and client._unclaimed == []
+
+
+# ---------------------------------------------------------------- §10.6.1 / §10.8: the keyfile re-issue is specified
+
+
+def test_the_keyfile_reissue_is_in_the_specification():
+    """
+    Rule (§10.6.1): the challenge lists "every method of the server's current impl_auth", and §10.4 said
+    OP_RESULT.registration is empty for everything but an enrolment. The server does otherwise, by design
+    (docs/admin.md "When impl_auth gains keyfile"): a card that holds no keyfile but registered a seal key is
+    NOT challenged with KEYFILE (material_due), and its insert's OP_RESULT carries an EnrolReply with a
+    re-issued keyfile. None of this was in protocol.md, so a second server built from it challenged such
+    cards with KEYFILE (refusing them for good), and a second card ignored the keyfile it was given (and was
+    refused at its next insert, which does challenge KEYFILE). The document now specifies the exception and
+    the re-issue (§10.6.1, §10.4, §10.8); the behaviour it states is checked here.
+    """
+    import json
+
+    from vsc.protocol.server_ops import OpsPolicy, material_due, required_methods
+    from vsc.wire.implauth import Registration
+    from vsc.wire.ops import AuthMethod
+
+    policy = OpsPolicy(impl_auth=(AuthMethod.MASTER_KEY, AuthMethod.KEYFILE))
+    with_seal = json.dumps({"methods": ["password", "master-key"],
+                            "registration": Registration(card_key=b"", seal_key=b"\x09" * 32).encode().hex()})
+    without = json.dumps({"methods": ["password", "master-key"]})
+    for info, due in ((with_seal, (AuthMethod.KEYFILE,)), (without, ())):
+        methods = required_methods(info, policy)
+        assert methods == (AuthMethod.PASSWORD, AuthMethod.MASTER_KEY, AuthMethod.KEYFILE)
+        assert material_due(info, methods) == due
+
+    flat = " ".join(DOC.split())
+    assert "One exception (`material_due` in `vsc/protocol/server_ops.py`): KEYFILE is left out" in flat
+    assert "insert with OK: an EnrolReply carrying a re-issued keyfile (§10.8)" in flat
+    assert "**Re-issue** (§10.6.1's exception)." in flat
