@@ -86,8 +86,18 @@ class PivCard:
         names = applications if applications is not None else applications_of(session.config)
         self.router = build_router(session.config.serial, names, rand)
         self.applet = self.router.applets[0]  # PIV when carried (tests reach into its state)
+        self._epoch = 0  # counts resets: a command begun before the last one is ended when its effect is done
 
     def reset(self) -> None:
+        """
+        Power off, reset, a new or lost vpcd connection: every application's
+        volatile state is cleared, and a command still waiting on an effect
+        (a sync to the server, a private-key operation) is ended when that
+        effect is done — what it stored stays stored, but nothing it would do
+        next (a PIN status set, a response buffered) lands in the state of the
+        session after the reset.
+        """
+        self._epoch += 1
         self.router.reset()
 
     async def transmit(self, raw: bytes) -> bytes:
@@ -104,9 +114,9 @@ class PivCard:
         a change synced to the server) is done. Saves the coroutine and its
         Deferred on the APDUs that never wait.
         """
-        return self._run(self.router.process(raw), None, None)
+        return self._run(self.router.process(raw), None, None, self._epoch)
 
-    def _run(self, gen, send, throw):
+    def _run(self, gen, send, throw, epoch):
         while True:
             try:
                 effect = gen.throw(throw) if throw is not None else gen.send(send)
@@ -115,7 +125,7 @@ class PivCard:
             send, throw = None, None
             if not isinstance(effect, _IMMEDIATE):
                 if not (isinstance(effect, piv.PrivateOp) and not self.session.busy):
-                    return None, self._resume(gen, effect)
+                    return None, self._resume(gen, effect, epoch)
                 # a private-key operation while nothing holds the card: done now, under the same lock
                 # (CardSession.with_key_now), without a coroutine and its Deferreds
                 try:
@@ -128,13 +138,16 @@ class PivCard:
             except piv.EffectFailed as e:
                 throw = e
 
-    async def _resume(self, gen, effect) -> bytes:
+    async def _resume(self, gen, effect, epoch) -> bytes:
         send, throw = None, None
         try:
             send = await self._perform(effect)
         except piv.EffectFailed as e:
             throw = e
-        response, rest = self._run(gen, send, throw)
+        if epoch != self._epoch:  # the card was reset while the effect ran: the command ends here
+            gen.close()
+            return apdu.build_response(b"", piv.SW_UNKNOWN)
+        response, rest = self._run(gen, send, throw, epoch)
         return response if rest is None else await rest
 
     # -- effects
