@@ -9,9 +9,11 @@ what holds since the fix.
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from tests.test_openpgp import AID6, PW1
 from tests.test_piv import PIN, Drbg, VpcdTransport, _exchange, session  # noqa: F401 - session is a fixture
 from vsc.card import vpcd
 from vsc.protocol import piv
@@ -77,3 +79,57 @@ def test_a_verify_pending_across_a_reconnection_does_not_verify_the_next_session
         held.pop(0).callback(None)  # the server answers the old VERIFY's syncs at last
     assert _exchange(new, t2, PIN_STATUS)[0][:1] == b"\x63"
     assert not card.applet.pin_verified
+
+
+# ================================================================ 2. a refused SELECT changes nothing
+
+
+def _both_with_pins():
+    """PIV and OpenPGP behind the router (tests/test_openpgp's FakeCard)."""
+    from tests.test_openpgp import FakeCard
+
+    return FakeCard()
+
+
+OTHER_PGP_AID = bytes.fromhex("d2760001240103040000deadbeef0000")  # a full OpenPGP AID, another card's serial
+
+
+@pytest.mark.parametrize("select, current", [
+    (apdu.command(0, 0xA4, 0x04, 0x00, OTHER_PGP_AID), "piv"),  # no such application on this card: 6A82
+    (apdu.command(0, 0xA4, 0x04, 0x04, AID6), "piv"),  # the OpenPGP application, a P2 it refuses: 6A86
+    (apdu.command(0x80, 0xA4, 0x04, 0x00, AID6), "piv"),  # the OpenPGP application, a class it refuses: 6E00
+    (apdu.command(0, 0xA4, 0x04, 0x04, piv.PIV_AID), "openpgp"),
+    (apdu.command(0x80, 0xA4, 0x04, 0x00, piv.PIV_AID), "openpgp"),
+], ids=["other-openpgp-aid", "openpgp-p2", "openpgp-cla", "piv-p2", "piv-cla"])
+def test_a_refused_select_keeps_the_current_application_and_its_status(select, current):
+    """
+    Rule (vsc.protocol.router docstring; ISO/IEC 7816-4 7.1.1): a SELECT of an
+    AID no carried application has is answered 6A82 and changes nothing; a
+    SELECT that fails leaves the current application selected, with its
+    security status.
+
+    Broken: the router switched to (and reset the status of) whichever
+    application's AID test matched before that application had looked at
+    the command. A SELECT of a 16-byte OpenPGP AID with another card's
+    serial (the router's test takes any OpenPGP AID, the application only
+    its own) was answered 6A82, yet PIV was deselected — its PIN status gone
+    — and the card then answered 6D00 to every PIV command: any local PC/SC
+    program (or a middleware probing AIDs) could knock the owner's session
+    off its application while being told nothing changed. The same with a
+    SELECT the application refused for its P2 (6A86) or class (6E00).
+
+    Now: the router switches only when the named application accepts the
+    SELECT (9000, 61xx, or OpenPGP's 6285); otherwise nothing changes.
+    """
+    c = _both_with_pins()
+    if current == "piv":
+        assert c.send(0xA4, 0x04, 0x00, piv.PIV_AID)[1] == 0x9000
+        assert c.send(0x20, 0x00, 0x80, apdu.pad_pin(PIN))[1] == 0x9000
+        status = apdu.command(0, 0x20, 0x00, 0x80)
+    else:
+        assert c.select() == 0x9000
+        assert c.verify(0x82, PW1) == 0x9000
+        status = apdu.command(0, 0x20, 0x00, 0x82)
+    assert c.raw(status)[1] == 0x9000
+    assert c.raw(select)[1] != 0x9000
+    assert c.raw(status)[1] == 0x9000, "the current application lost its selection or its PIN status"

@@ -3,8 +3,11 @@ Several card applications on one card and one PC/SC link (a YubiKey carries
 PIV and OpenPGP side by side): SELECT by DF name (00 A4 04 xx AID) picks the
 application whose AID it names; every other command goes to the application
 selected last. Selecting another application deselects the previous one (its
-volatile security status is cleared, ISO/IEC 7816-4 7.1.1); a SELECT of an
-AID no carried application has is answered 6A82 and changes nothing.
+volatile security status is cleared, ISO/IEC 7816-4 7.1.1) once the named
+application has accepted the SELECT (9000, 61xx, or a 62xx warning such as
+OpenPGP's 6285 "terminated"); a SELECT of an AID no carried application has
+(6A82), or one the named application refuses (its own AID test, P2, class),
+changes nothing.
 
 Each application is a sans-IO applet (vsc.protocol.applet) with
 ``process(raw)`` (a generator of effects) and ``reset()``, given to the
@@ -65,10 +68,21 @@ class AppletRouter:
         if target is None:
             yield from ()
             return apdu.build_response(b"", SW_NOT_FOUND)
-        if target is not self.current:
+        if target is self.current:
+            return (yield from target.process(raw))
+        response = yield from target.process(raw)
+        if _accepted(response):
             self.current.reset()  # deselected: its security status goes
             self.current = target
-        return (yield from target.process(raw))
+        else:
+            target.reset()  # refused: the current application stays selected, the other one as it was
+        return response
+
+
+def _accepted(response: bytes) -> bool:
+    """Whether a SELECT's response says the application is now selected: 9000, 61xx (more data), 62xx (a warning)."""
+    sw = int.from_bytes(response[-2:], "big")
+    return sw == 0x9000 or sw >> 8 in (0x61, 0x62)
 
 
 def piv_matches(aid: bytes) -> bool:
