@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from tests.test_openpgp import AID6, PW1
-from tests.test_piv import PIN, Drbg, VpcdTransport, _exchange, session  # noqa: F401 - session is a fixture
+from tests.test_piv import PIN, Drbg, VpcdTransport, _exchange, session, vpcd_payloads  # noqa: F401 - session is a fixture
 from vsc.card import vpcd
 from vsc.protocol import piv
 from vsc.wire import apdu
@@ -133,3 +133,82 @@ def test_a_refused_select_keeps_the_current_application_and_its_status(select, c
     assert c.raw(status)[1] == 0x9000
     assert c.raw(select)[1] != 0x9000
     assert c.raw(status)[1] == 0x9000, "the current application lost its selection or its PIN status"
+
+
+# ================================================================ 3. a vpcd peer that floods the card
+
+
+GET_CHUID = apdu.command(0, 0xCB, 0x3F, 0xFF, bytes.fromhex("5c035fc102"), 256)
+
+
+def _linked(session):
+    proto = vpcd.VpcdFactory(vpcd.PivCard(session, Drbg(b"flood"))).buildProtocol(None)
+    transport = VpcdTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def test_the_card_stops_reading_while_an_apdu_waits(session):
+    """
+    Rule (VpcdProtocol: messages are answered strictly in order, one at a
+    time): while an APDU waits on an effect (a sync to the server, a busy
+    key), what the peer sends next waits in the peer's socket, not in the
+    card process.
+
+    Broken: every further frame became an entry in a DeferredLock's waiting
+    list (a Deferred and the payload), with the connection still read: a
+    peer on the vpcd link (anyone local, in listen mode; whoever holds port
+    35963 before pcscd) sent one VERIFY while the server was slow, then an
+    endless stream of APDUs, and the card process grew until it was killed —
+    the owner's card gone from every path (PC/SC, ssh-agent, local API).
+
+    Now: the card stops reading from the link while an APDU is in flight
+    (what one read already brought is kept, in order) and reads again once
+    it is answered; vpcd itself never sends a second APDU before the answer,
+    so nothing changes for it.
+    """
+    held = _hold_stores(session.storage)
+    proto, transport = _linked(session)
+    _exchange(proto, transport, SELECT_PIV)
+    flood = apdu.encode_vpcd(apdu.command(0, 0x20, 0, 0x80, apdu.pad_pin(PIN))) + apdu.encode_vpcd(GET_CHUID) * 500
+    transport.clear()
+    proto.dataReceived(flood)
+    assert transport.value() == b"" and len(held) == 1
+    assert transport.producerState == "paused", "the card kept reading while an APDU waited"
+    while held:
+        held.pop(0).callback(None)
+    answers = vpcd_payloads(transport.value())
+    assert len(answers) == 501 and answers[0] == b"\x90\x00" and answers[1] == answers[-1]
+    assert apdu.parse_response(answers[1])[1] == 0x9000
+    assert transport.producerState == "producing"
+
+
+def test_a_peer_that_does_not_read_its_answers_stops_the_card_reading(session):
+    """
+    Rule: a peer that never reads what the card answers cannot make the card
+    buffer answers without bound (Twisted's producer/consumer flow control,
+    twisted.internet.interfaces.IPushProducer).
+
+    Broken: VpcdProtocol answered every frame that arrived and never
+    registered as the transport's producer, so when the peer stopped reading
+    the answers piled up in the transport's write buffer: each 17-byte GET
+    DATA of the CHUID (or a 12 KB certificate, or 1 KiB of GET CHALLENGE
+    with an extended Le) queued its whole answer, and a peer writing without
+    reading grew the card process without limit.
+
+    Now: the protocol is the transport's streaming producer; when the write
+    buffer is full (the transport calls pauseProducing) the card stops
+    reading and stops answering what it already read, and goes on when the
+    buffer drained (resumeProducing), in order.
+    """
+    proto, transport = _linked(session)
+    _exchange(proto, transport, SELECT_PIV)
+    assert transport.producer is proto and transport.streaming
+    transport.clear()
+    transport.producer.pauseProducing()  # what a TCP transport does once its write buffer is full
+    proto.dataReceived(apdu.encode_vpcd(GET_CHUID) * 300)
+    assert transport.value() == b"" and transport.producerState == "paused"
+    transport.producer.resumeProducing()  # the peer read: the buffer drained
+    answers = vpcd_payloads(transport.value())
+    assert len(answers) == 300 and len(set(answers)) == 1 and apdu.parse_response(answers[0])[1] == 0x9000
+    assert transport.producerState == "producing"

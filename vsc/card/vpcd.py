@@ -27,10 +27,11 @@ driver / resource manager / service provider chain of the patent
 
 from __future__ import annotations
 
+import collections
 import socket
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import DeferredLock, ensureDeferred
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
@@ -262,6 +263,13 @@ class VpcdProtocol(Int16StringReceiver):
     One connection to vpcd = the card in the reader: Twisted's 2-byte length
     framing (a payload is at most 0xFFFF bytes by construction), TCP_QUICKACK
     after every read, and answers strictly in order.
+
+    Flow control: the card reads from the link only while nothing waits —
+    no APDU in flight on an effect, no message of an earlier read still
+    queued, and no answer the peer has not taken (the protocol is the
+    transport's streaming producer: a full write buffer pauses it). vpcd
+    sends one message and waits for its answer, so this never delays it;
+    a peer that floods the link, or never reads, only fills its own socket.
     """
 
     log = Logger()
@@ -270,7 +278,11 @@ class VpcdProtocol(Int16StringReceiver):
     def __init__(self, card: PivCard, atr: bytes = ATR):
         self.card = card
         self.atr = atr
-        self._lock = DeferredLock()
+        self._queue: collections.deque[bytes] = collections.deque()  # messages read, not handled yet
+        self._busy = False  # an APDU waits on an effect
+        self._held = False  # the transport's write buffer is full (it called pauseProducing)
+        self._draining = False
+        self._stopped = False  # reading from the transport is paused
         self.apdus = 0
         self._rest = b""  # the beginning of a frame not all read yet
         self._sockopt = _UNSET  # the connection's socket's setsockopt (None: not a socket), found once
@@ -292,6 +304,7 @@ class VpcdProtocol(Int16StringReceiver):
         self._sockopt = _UNSET  # this connection's socket
         self._quickack()
         self._direct_reads()
+        self.transport.registerProducer(self, True)  # a full write buffer pauses the reading (flow control)
         self.card.reset()  # a new connection is a freshly inserted card
         self.log.info("card presented to PC/SC (vpcd {peer})", peer=str(self.transport.getPeer()))
 
@@ -319,30 +332,65 @@ class VpcdProtocol(Int16StringReceiver):
         if self._rest:
             data = self._rest + data
         payloads, self._rest = apdu.split_vpcd(data)
-        for payload in payloads:
-            self.stringReceived(payload)
+        if payloads:
+            self._queue.extend(payloads)
+            self._drain()
 
     def stringReceived(self, payload: bytes) -> None:
-        if self._lock.locked:  # an earlier message is still waiting on an effect: this one queues behind it
-            self._lock.run(self._handle, payload).addErrback(self._failed)
+        self._queue.append(payload)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Handle the queued messages in order until one waits or the peer must take answers first."""
+        if self._draining:  # an answer that came at once, from inside the loop below: the loop goes on
             return
-        # the usual case, nothing in flight: handle it now, holding the lock until its answer is written
-        # (what DeferredLock.run does, without its extra Deferreds on every APDU)
-        self._lock.locked = True
+        self._draining = True
+        try:
+            queue = self._queue
+            while queue and not self._busy and not self._held:
+                self._message(queue.popleft())
+        finally:
+            self._draining = False
+        self._flow()
+
+    def _flow(self) -> None:
+        """Read from the link only when nothing waits (see the class docstring)."""
+        stop = self._busy or self._held or bool(self._queue)
+        if stop is not self._stopped and self.transport is not None:
+            self._stopped = stop
+            if stop:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def _message(self, payload: bytes) -> None:
         try:
             d = self._handle(payload)
         except BaseException:
-            self._lock.release()
             self._failed(Failure())
             return
-        if d is None:  # answered in this turn (most messages): no Deferred to wait on
-            self._lock.release()
-            return
-        d.addBoth(self._handled).addErrback(self._failed)
+        if d is not None:  # waits on an effect: the next message waits for its answer
+            self._busy = True
+            d.addBoth(self._handled).addErrback(self._failed)
 
     def _handled(self, result):
-        self._lock.release()
+        self._busy = False
+        self._drain()
         return result
+
+    # -- IPushProducer: the transport pauses the card while its write buffer is full
+
+    def pauseProducing(self) -> None:
+        self._held = True
+        self._flow()
+
+    def resumeProducing(self) -> None:
+        self._held = False
+        self._drain()
+
+    def stopProducing(self) -> None:
+        self._held = True
+        self._queue.clear()
 
     def _failed(self, failure) -> None:
         self.log.failure("vpcd message failed", failure)
@@ -383,6 +431,7 @@ class VpcdProtocol(Int16StringReceiver):
 
     def connectionLost(self, reason) -> None:
         self.connected = False
+        self._queue.clear()
         factory = getattr(self, "factory", None)
         if factory is not None and factory.active is self:
             factory.active = None
