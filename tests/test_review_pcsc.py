@@ -57,7 +57,7 @@ def test_a_verify_pending_across_a_reconnection_does_not_verify_the_next_session
     which could now sign with 9A without knowing the PIN.
 
     Now: a reset ends the commands still in flight (PivCard.reset); whatever
-    they had already synced stays (the decremented counter), their volatile
+    they had already synced stays (the try's retry counter), their volatile
     effects never land, and the new session stays unverified.
     """
     held = _hold_stores(session.storage)
@@ -212,3 +212,41 @@ def test_a_peer_that_does_not_read_its_answers_stops_the_card_reading(session):
     answers = vpcd_payloads(transport.value())
     assert len(answers) == 300 and len(set(answers)) == 1 and apdu.parse_response(answers[0])[1] == 0x9000
     assert transport.producerState == "producing"
+
+
+# ================================================================ 4. an extended Le and the vpcd link's frame
+
+
+def test_an_extended_le_answer_fits_the_vpcd_link():
+    """
+    Rule (vsc.wire.apdu, the vpcd link; docs/anchors: "every message both
+    ways is a 2-byte big-endian length, then the payload (max 0xFFFF)"): every
+    response APDU must fit one vpcd message.
+
+    Broken: an extended Le of 0000 (65536) let ResponseBuffer answer up to
+    65536 data bytes plus the status word in one response APDU, 65538 bytes,
+    which encode_vpcd refuses: VpcdProtocol failed the message and dropped
+    the connection, and the card left PC/SC. A certificate the owner put
+    through the local API (CertPut carries up to 64 KiB) did it for every
+    client that read its object with an extended Le of 0000.
+
+    Now: one response carries at most 0xFFFF - 2 data bytes; the rest comes
+    in 61xx / GET RESPONSE parts, extended Le or not.
+    """
+    from tests.test_piv import FakeCard
+    from vsc.wire.protected import ItemKind, KeyAlg
+
+    c = FakeCard()
+    assert c.select()[1] == 0x9000
+    cert = bytes(range(256)) * 255 + b"\x01" * 250  # 65530 bytes: the object is 65530 + 13
+    c.items[(ItemKind.CERT, "9a")] = (cert, KeyAlg.NONE, b"")
+    raw = apdu.command(0, 0xCB, 0x3F, 0xFF, bytes.fromhex("5c035fc105"), 65536, extended=True)
+    response = piv.run_sync(c.applet.process(raw), c.perform)
+    apdu.encode_vpcd(response)  # raised WireError: a frame of more than 0xFFFF bytes
+    body, sw = apdu.parse_response(response)
+    while sw >> 8 == 0x61:
+        more = piv.run_sync(c.applet.process(apdu.command(0, 0xC0, 0, 0, le=65536, extended=True)), c.perform)
+        apdu.encode_vpcd(more)
+        part, sw = apdu.parse_response(more)
+        body += part
+    assert sw == 0x9000 and body == piv.PivApplet.certificate_object(cert)

@@ -162,9 +162,12 @@ class ResponseBuffer:
 
     _out: bytes = b""
     _out_pos: int = 0
+    #: the most data one response APDU carries: with its status word it must fit one vpcd message (0xFFFF bytes),
+    #: so an extended Le of 0000 (65536) gets at most this much and the rest by GET RESPONSE
+    MAX_RESPONSE_DATA = apdu.VPCD_MAX - 2
 
     def _respond(self, body: bytes, cmd: Command) -> bytes:
-        limit = cmd.le if cmd.le is not None else (65536 if cmd.extended else 256)
+        limit = min(cmd.le if cmd.le is not None else (65536 if cmd.extended else 256), self.MAX_RESPONSE_DATA)
         if len(body) <= limit:
             return apdu.build_response(body, SW_OK)
         self._out, self._out_pos = body, limit
@@ -180,7 +183,7 @@ class ResponseBuffer:
         if not self._out or self._out_pos >= len(self._out):
             self._out, self._out_pos = b"", 0
             return apdu.build_response(b"", SW_CONDITIONS)
-        n = cmd.le if cmd.le is not None else 256
+        n = min(cmd.le if cmd.le is not None else 256, self.MAX_RESPONSE_DATA)
         chunk = self._out[self._out_pos:self._out_pos + n]
         self._out_pos += len(chunk)
         if self._out_pos >= len(self._out):
