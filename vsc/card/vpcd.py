@@ -332,7 +332,16 @@ class VpcdProtocol(Int16StringReceiver):
         if self._rest:
             data = self._rest + data
         payloads, self._rest = apdu.split_vpcd(data)
-        if payloads:
+        if len(payloads) == 1 and not (self._queue or self._busy or self._held or self._draining):
+            # the usual case (vpcd sends one message and waits): handled at once, no queue
+            self._draining = True
+            try:
+                self._message(payloads[0])
+            finally:
+                self._draining = False
+            if self._busy or self._held:
+                self._flow()
+        elif payloads:
             self._queue.extend(payloads)
             self._drain()
 
