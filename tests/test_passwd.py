@@ -1,7 +1,7 @@
 """
 Password change while the card is in use (Op.PASSWORD, the ChangePassword
 message): the daemon checks the old password by unwrapping the data key,
-derives new keys with a fresh salt, re-wraps only the data key, re-seals the
+derives new keys with the card's own salt, re-wraps only the data key, re-seals the
 keyfile, and the server stores the new verifier, KDF parameters and
 protected information atomically (version + 1, history "password"). The
 server never sees either password.
@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from tests.servers import TWISTD, VSC, Servers, _env, admin, init_data_dir, open_store
 from vsc import crypto
+from vsc.card import config as cc
 from vsc.card import ops as card_ops
 from vsc.card.protected import CardMemory, PlainItem, rewrap, seal_envelope
 from vsc.protocol import auth
@@ -277,7 +278,7 @@ def _sign(w: World, slot: str, data: bytes) -> bytes:
 
 @pytest.mark.integration
 def test_password_change_end_to_end(world):
-    """`vsc card passwd` while in use: a wrong current password is refused locally; the change is stored (version + 1, fresh salt, new verifier, history "password") and the keyfile re-sealed; after remove the old password is REFUSED and the new one inserts (finishing an interrupted keyfile rename); the keys are the same and still sign."""
+    """`vsc card passwd` while in use: a wrong current password is refused locally; the change is stored (version + 1, the card's pinned salt kept, new verifier, history "password") and the keyfile re-sealed; after remove the old password is REFUSED and the new one inserts (finishing an interrupted keyfile rename); the keys are the same and still sign."""
     rc, log = world.insert(OLD)
     assert rc is None, log
     keys_before = _public_keys(world)
@@ -295,9 +296,9 @@ def test_password_change_end_to_end(world):
                                     world.pw(NEW), "--json").stdout)
     after, history = world.record()
     assert out == {"changed": True, "version": before.version + 1} and after.version == before.version + 1
-    assert after.verifier != before.verifier and after.kdf != before.kdf
+    assert after.verifier != before.verifier and after.kdf == before.kdf  # the salt is pinned on every machine
     old_kdf, new_kdf = KdfParams.decode(before.kdf), KdfParams.decode(after.kdf)
-    assert new_kdf.salt != old_kdf.salt and (new_kdf.alg, new_kdf.log2_n) == (old_kdf.alg, old_kdf.log2_n)
+    assert bytes.fromhex(cc.load(world.home).settings["kdf_salt"]) == new_kdf.salt
     assert after.verifier == auth.verifier_for(card_ops.derive_keys(NEW, new_kdf).auth_key, new_kdf.alg)
     assert (history[-1].op, history[-1].result) == ("password", "ok")
     # the keyfile was re-sealed for the new password (the insert below needs it: keyfile authentication is on)
