@@ -23,6 +23,15 @@ the next attempt be *evaluated* only ``delay(failures)`` seconds after the
 last failure (``base`` doubling to ``maximum``). Attempts inside that window
 are refused without being evaluated or counted, so hammering does not extend
 it. A success resets the bucket it was counted in.
+
+A bucket keeps *when* it opens again, in wall-clock time (the reactor's
+``seconds()``; the per-card buckets are in the database and outlive the
+process). A wall clock stepped back (NTP correcting a clock that ran ahead, a
+VM started with the wrong time) would keep every closed bucket closed for the
+whole size of the step, owner's included. So a bucket found to open further
+ahead than ``maximum`` is brought back to ``maximum`` from then
+(``LockoutPolicy.bound``): a step back never shortens a wait, and never
+makes one longer than ``maximum`` from the first attempt that meets it.
 """
 
 from __future__ import annotations
@@ -56,6 +65,14 @@ class LockoutPolicy:
         if failures < t:
             return 0.0
         return min(self.maximum, self.base * (2.0 ** min(failures - t, 64)))
+
+    def bound(self, until: float, now: float) -> float:
+        """
+        ``until`` (when a bucket opens again), no further ahead of ``now``
+        than ``maximum``: a wait longer than that was not set by this schedule
+        at this clock, which has been stepped back since (module docstring).
+        """
+        return min(until, now + self.maximum)
 
     def next_allowed(self, failures: int, last_failure: float, threshold: int | None = None) -> float:
         """When an attempt may next be evaluated (0.0: now)."""
@@ -127,8 +144,10 @@ class SourceLimits:
         now = self.now()
         for key in ((source, serial), (source, "")):
             b = self._get(key)
-            if b is not None and b.next_allowed > now:
-                return True
+            if b is not None:
+                b.next_allowed = self.policy.bound(b.next_allowed, now)
+                if b.next_allowed > now:
+                    return True
         return False
 
     def failed(self, source: str, serial: str) -> None:

@@ -439,8 +439,34 @@ class Store:
         return self._card(rows[0]) if rows else None
 
     def load_card(self, e: LoadCard) -> CardRecord | None:
-        """The row a challenge is made from: a plain read, nothing is held."""
-        return self.get(e.serial)
+        """
+        The row a challenge is made from: a plain read, nothing is held —
+        unless a bucket on it opens further ahead than ``lockout_max``: the
+        wall clock was stepped back since its last failure, and the bucket is
+        brought back to ``lockout_max`` from now (vsc.protocol.lockout), or
+        it would keep the owner out for the whole size of the step.
+        """
+        card = self.get(e.serial)
+        if card is not None and max(card.locked_until, card.machine_locked_until) > self.now() + self.lockout.maximum:
+            card = self._bound_throttles(e.serial)
+        return card
+
+    def _bound_throttles(self, serial: str) -> CardRecord | None:
+        now = self.now()
+        with self._txn() as cur:
+            card = self._get_for_update(cur, serial)
+            if card is None:
+                return None
+            locked = self.lockout.bound(card.locked_until, now)
+            machine = self.lockout.bound(card.machine_locked_until, now)
+            if (locked, machine) == (card.locked_until, card.machine_locked_until):
+                return card
+            self._x(cur, "UPDATE cards SET locked_until = ?, machine_locked_until = ? WHERE serial = ?",
+                    (locked, machine, serial))
+            self._history(cur, serial, "throttle", "ok", "server", detail=(
+                f"the server's clock was stepped back: the throttle now ends within {self.lockout.maximum:g} s "
+                "(lockout_max)"))
+            return attrs.evolve(card, locked_until=locked, machine_locked_until=machine)
 
     def list_cards(self) -> list[CardRecord]:
         return [self._card(r) for r in self._read(f"SELECT {_CARD_COLUMNS} FROM cards ORDER BY serial")]
