@@ -69,3 +69,62 @@ def test_a_clock_stepped_back_never_keeps_a_bucket_closed_longer_than_lockout_ma
     assert replies == [OpResult(status=Status.OK, version=1, protected=b"PROTECTED")], \
         f"the owner's right answer is still refused, a year long: {replies}"
     assert store.get(SERIAL).state is State.IN_USE
+
+
+# ---------------------------------------------------------------- 2. the card waits for the server's answer
+
+
+def test_a_card_request_the_server_never_answers_fails_within_the_answer_timeout(tmp_path):
+    """
+    Rule (docs/card.md "Reconnecting"; vsc.card.session ``remove``: "A
+    failed check-in leaves the card in use" for a retry or a recover): a card
+    operation that reaches the server either completes or fails with one
+    line, and every change is stored before it is acknowledged; a sync whose
+    channel broke is tried once more on a fresh one (ServerStorage.store).
+
+    Before the fix: CardProtocol.request waited for the server's next message
+    for ever. A server that stops answering — its database stuck on a lock,
+    or a connection that died silently while a laptop slept (NAT state gone,
+    no RST) — left the card's sync, remove or password change pending for
+    ever, holding the card's operation lock: every PIV signature, ssh-agent
+    request and ``vsc card`` command queued behind it, ``vsc card remove``
+    never returned, and SIGTERM never ended the daemon (its stop awaits the
+    remove). Here the server's store call never runs: a day later the card
+    is still waiting.
+
+    Now a request unanswered within ``CardProtocol.answerTimeout`` (60 s)
+    fails with "the server did not answer within 60 s" and the channel is
+    closed (IDLE_TIMEOUT), so the storage reconnects (a sync is retried) or
+    the operation fails with one line; an answered request leaves no timer
+    behind.
+    """
+    from twisted.python.failure import Failure
+
+    from tests.test_server_ops import SECRET, Harness
+    from vsc.net.channel import ChannelClosedError
+    from vsc.net.errors import describe
+    from vsc.wire import ErrorCode
+    from vsc.wire.ops import Op, OpRequest
+
+    h = Harness(tmp_path)
+    client, _server, _pump = h.connect()
+    h.enrol(client)
+    assert not [c for c in h.clock.getDelayedCalls() if c.active()], "an answered request leaves a timer"
+
+    d = client.request(OpRequest(op=Op.SYNC, serial=SERIAL, insert_secret=SECRET, version=1, protected=b"P2"))
+    h.settle(pool=False)  # the server's database never answers
+    out: list = []
+    d.addBoth(out.append)
+    h.clock.advance(59)
+    assert out == [] and not client.channel.closed
+    h.clock.advance(2)
+    if not out:
+        h.clock.advance(86400)
+        assert out, "a day later the card is still waiting for the server's answer"
+    assert isinstance(out[0], Failure) and out[0].check(ChannelClosedError), out
+    assert out[0].value.code is ErrorCode.IDLE_TIMEOUT
+    assert describe(out[0].value) == "channel closed: IDLE_TIMEOUT (the server did not answer within 60 s)"
+    h.settle(pool=False)
+    assert client.channel.closed
+    assert not [c for c in h.clock.getDelayedCalls() if c.active() and c.func.__self__ is client
+                and c.func.__name__ != "_abort"]

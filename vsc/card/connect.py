@@ -22,11 +22,18 @@ MAX_UNCLAIMED = 4
 class CardProtocol(ChannelProtocol):
     """A card-side channel that hands received messages to waiting requests, in order."""
 
+    #: seconds a request waits for the server's answer; then the channel is closed (IDLE_TIMEOUT) and the
+    #: request fails, so a server that stopped answering (a stuck database, a connection that died silently
+    #: while the machine slept) never holds the card's operations for ever. The card's own work (scrypt) is
+    #: never inside this wait: it runs between one answer and the next request
+    answerTimeout = 60.0
+
     def __init__(self, channel, clock):
         super().__init__(channel, clock)
         self._waiting: list[Deferred] = []
         self._unclaimed: list[Message] = []
         self._echoes = 0  # ECHO_REQUESTs sent whose ECHO_REPLY has not come yet
+        self._answer_timer = None
 
     def messageReceived(self, msg: Message) -> None:
         if isinstance(msg, EchoReply):
@@ -35,7 +42,9 @@ class CardProtocol(ChannelProtocol):
                 return
             self._echoes -= 1
         if self._waiting:
-            self._waiting.pop(0).callback(msg)
+            d = self._waiting.pop(0)
+            self._wait_for_answer()
+            d.callback(msg)
         elif len(self._unclaimed) < MAX_UNCLAIMED:
             self._unclaimed.append(msg)
         else:
@@ -47,9 +56,33 @@ class CardProtocol(ChannelProtocol):
     def channelClosed(self, code, reason, byPeer) -> None:
         from vsc.net.channel import ChannelClosedError
 
+        self._stop_answer_timer()
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.errback(ChannelClosedError(code, reason))
+
+    def _wait_for_answer(self) -> None:
+        """The answer timer runs while a request waits (restarted by each answer), and only then."""
+        self._stop_answer_timer()
+        if self._waiting and self.answerTimeout and not self.channel.closed:
+            self._answer_timer = self.clock.callLater(self.answerTimeout, self._no_answer)
+
+    def _stop_answer_timer(self) -> None:
+        if self._answer_timer is not None and self._answer_timer.active():
+            self._answer_timer.cancel()
+        self._answer_timer = None
+
+    def _no_answer(self) -> None:
+        from vsc.net.channel import ChannelClosedError
+
+        self._answer_timer = None
+        why = f"the server did not answer within {self.answerTimeout:g} s"
+        self.log.warn("{peer}: {why}: channel closed", peer=self.peer, why=why)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(ChannelClosedError(ErrorCode.IDLE_TIMEOUT, why))
+        if not self.channel.closed:
+            self.closeChannel(ErrorCode.IDLE_TIMEOUT)
 
     def nextMessage(self) -> Deferred:
         """Fires with the next inner message the server sends."""
@@ -73,6 +106,8 @@ class CardProtocol(ChannelProtocol):
             self.sendMessage(msg)
             if isinstance(msg, EchoRequest):
                 self._echoes += 1
+            if self._answer_timer is None:
+                self._wait_for_answer()
         return d
 
 
