@@ -13,6 +13,7 @@ from tests.test_server_ops import SERIAL, Now, answer, machine
 from vsc.protocol.cardstore import CountFailure
 from vsc.protocol.lifecycle import Operation, State
 from vsc.protocol.lockout import LockoutPolicy, SourceLimits
+from vsc.card.session import LifeState
 from vsc.wire.ops import OpResult, Status
 
 YEAR = 365 * 86400.0
@@ -128,3 +129,51 @@ def test_a_card_request_the_server_never_answers_fails_within_the_answer_timeout
     assert client.channel.closed
     assert not [c for c in h.clock.getDelayedCalls() if c.active() and c.func.__self__ is client
                 and c.func.__name__ != "_abort"]
+
+
+# ---------------------------------------------------------------- 3. the clock check's remove after a suspend
+
+
+from tests.test_card_units import ec_der, world  # noqa: E402,F401  (fixtures: an in-use card on a FakeServer, a Clock)
+
+
+def test_the_clock_checks_remove_after_a_suspend_reconnects_instead_of_failing_on_the_dead_channel(world):  # noqa: F811
+    """
+    Rule (docs/card.md "While in use"): after a gap of more than
+    ``clock_tolerance`` between clock checks — "a suspended laptop triggers
+    this" — the card removes itself (status 4); and "Reconnecting. If the
+    connection to the server drops, the card opens a new channel ... Remove
+    works after a reconnect."
+
+    Before the fix: a suspend long enough for the clock check (over 30 min
+    with the defaults) is always longer than the server's idle_timeout
+    (600 s), so the server closed the card's channel while the machine slept
+    and its CLOSE never arrived: the card's channel still looks open, and the
+    remove the clock check starts goes out on it and meets a reset.
+    ServerStorage.check_in tried only that channel (sync and password change
+    retry once on a fresh one): the remove failed, the card stayed in use on
+    the server, and the card exited 4 saying it had been removed (recover
+    needed if the stop's own remove failed too).
+
+    Now the check-in is tried once more on a fresh channel (the server
+    answers a retried check-in of the same version OK), and the card is
+    removed.
+    """
+    from twisted.internet.defer import fail
+
+    from vsc.net.channel import ChannelClosedError
+    from vsc.wire import ErrorCode
+
+    proto = world.storage._proto
+    assert proto is not None and not proto.channel.closed
+
+    def dead(msg):  # the server closed it during the suspend: the first record out meets a reset
+        proto.channel.closed = True
+        return fail(ChannelClosedError(ErrorCode.CLOSE_NOTIFY, "connection lost"))
+
+    world.clock.advance(3600)
+    proto.request = dead
+    world.clock.advance(3 * 3600)  # the laptop slept for two hours
+    assert [c for c, _ in world.exits] == [4]
+    assert len(world.server.removes) == 1, "the clock check's remove failed on the channel the server had closed"
+    assert world.session.life is LifeState.IDLE and not world.lock.held

@@ -374,9 +374,22 @@ class ServerStorage:
     # ------------------------------------------------------------ remove
 
     async def check_in(self, envelope: bytes) -> None:
-        """Remove's upload 804 and set-idle 806; the channel is closed after it."""
-        proto = await self._channel()
-        result = await ops.remove(proto, self.config.serial, self._secret, self.version, envelope)
+        """
+        Remove's upload 804 and set-idle 806; the channel is closed after it.
+        Once on the live channel, once more on a fresh one, like a sync: the
+        live one may be a channel the server closed while the machine slept
+        (its CLOSE never arrived), which is what the clock check's remove
+        after a suspend meets first.
+        """
+        for attempt in range(2):
+            try:
+                proto = await self._channel()
+                result = await ops.remove(proto, self.config.serial, self._secret, self.version, envelope)
+                break
+            except ChannelClosedError:
+                self._proto = None
+                if attempt:
+                    raise
         self.version = result.version
         if not proto.channel.closed:
             proto.closeChannel()
