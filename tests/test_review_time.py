@@ -177,3 +177,32 @@ def test_the_clock_checks_remove_after_a_suspend_reconnects_instead_of_failing_o
     assert [c for c, _ in world.exits] == [4]
     assert len(world.server.removes) == 1, "the clock check's remove failed on the channel the server had closed"
     assert world.session.life is LifeState.IDLE and not world.lock.held
+
+
+def test_a_clock_check_whose_remove_failed_does_not_say_the_card_was_removed(world):  # noqa: F811
+    """
+    Rule (the preamble of every review, docs/card.md "Exit status"): one
+    true line for the user. Exit status 4 is "clock check failed: the card
+    was removed" when it was.
+
+    Before the fix: the clock check passed "clock check failed: the card was
+    removed" to on_exit whatever the remove did. When the server could not be
+    reached the card was still in use on the server (the daemon's stop then
+    tried once more and, failing, printed "recover from this machine later"
+    right under the line saying it had been removed), and the log got a
+    traceback for an ordinary network failure.
+
+    Now the line says the remove failed, and why, and the card is still in
+    use on the server.
+    """
+    from vsc.net.channel import ChannelClosedError
+    from vsc.wire import ErrorCode
+
+    world.server.remove_error = ChannelClosedError(ErrorCode.INTERNAL_ERROR, "gone")
+    world.clock.advance(3600)
+    world.clock.advance(3 * 3600)
+    assert world.server.removes == [] and world.session.life is LifeState.IN_USE
+    [(code, why)] = world.exits
+    assert code == 4
+    assert "was removed" not in why, why
+    assert why.startswith("clock check failed, and its remove failed") and "still in use on the server" in why, why

@@ -572,8 +572,18 @@ class CardSession:
         if elapsed > self.config.clock_tolerance or elapsed < 0:
             self.log.warn("clock check failed: {elapsed:.0f} s between polls; removing the card", elapsed=elapsed)
             d = ensureDeferred(self.remove("clock check failed"))
-            d.addErrback(lambda f: self.log.failure("remove after the clock check failed", f))
-            d.addBoth(lambda _: self.on_exit(EXIT_CLOCK, "clock check failed: the card was removed"))
+            d.addCallbacks(lambda _: self.on_exit(EXIT_CLOCK, "clock check failed: the card was removed"),
+                           self._clock_remove_failed)
+
+    def _clock_remove_failed(self, failure) -> None:
+        """The clock check's remove failed: one true line (the card is still in use on the server), no traceback."""
+        why = explain(failure.value) if isinstance(failure.value, Exception) else "internal error"
+        self.log.warn("remove after the clock check failed: {why}", why=why)
+        if self.life is not LifeState.IN_USE:  # removed anyway (a token: every change was already on it)
+            self.on_exit(EXIT_CLOCK, "clock check failed: the card was removed")
+            return
+        self.on_exit(EXIT_CLOCK, f"clock check failed, and its remove failed ({why}): the card is still in use on "
+                                 f"the server (remove it again, or recover it from this machine)")
 
     def poll_storage(self, check):
         """
