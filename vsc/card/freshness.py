@@ -25,8 +25,11 @@ copy deliberately (``vsc card accept-rollback``, then insert): the card then
 lowers every such value to its floor before serving, so even an accepted
 rollback refunds no run and no PIN try.
 
-What this cannot do: a machine with no record (a new machine, a deleted or
-unreadable HOME) accepts whatever it is given first; docs/security.md says so.
+What this cannot do: a machine with no record (a new machine, a deleted
+HOME) accepts whatever it is given first; docs/security.md says so. A
+record that is there but cannot be read (cut short, emptied, overwritten)
+is not taken for none: it refuses the insert, and is never written over,
+until the owner puts back a good copy or moves it away.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ LICENCE_PREFIX = "lic:"
 
 class RollbackError(Exception):
     """The storage handed back protected information older than this card has seen stored."""
+
+
+class RecordUnreadable(RollbackError):
+    """HOME/freshness is there but cannot be read: the card cannot tell an older copy (message: one line)."""
 
 
 @attrs.frozen
@@ -145,20 +152,34 @@ class FreshnessStore:
         that hands this card another card's blob (same password, its salt)
         would otherwise overwrite the record and could then hand back an older
         copy of this card unnoticed. A file of the earlier format (one record)
-        reads as that one record.
+        reads as that one record. No file is no record; a file that cannot be
+        read as records is RecordUnreadable, never taken for none.
         """
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            text = self.path.read_text()
+        except FileNotFoundError:
             return {}
+        except (OSError, ValueError) as e:  # ValueError: not UTF-8
+            raise self._unreadable(getattr(e, "strerror", None) or "not text") from None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
         if isinstance(data, dict) and isinstance(data.get("records"), dict):
             return dict(data["records"])
         if isinstance(data, dict) and isinstance(data.get("card_id"), str):
             return {data["card_id"]: data}
-        return {}
+        raise self._unreadable("empty" if not text.strip() else "not a freshness record")
+
+    def _unreadable(self, why: str) -> RecordUnreadable:
+        return RecordUnreadable(
+            f"refused: {self.path} cannot be read ({why}), so this machine cannot tell an older copy of the card "
+            f"from the last one it saw stored. Nothing was served. Put back a good copy of that file, or move it "
+            f"away to take the copy handed out next as a new machine would")
 
     def load(self, memory) -> Record | None:
-        """This card's record, if its data key authenticates one (else None: no history here)."""
+        """This card's record, if its data key authenticates one (else None: no history here); RecordUnreadable
+        when the file is there but cannot be read."""
         entry = self._records().get(memory.serial)
         if not isinstance(entry, dict):
             return None
@@ -178,7 +199,9 @@ class FreshnessStore:
         return Record(memory.serial, int(entry["generation"]), {k: int(v) for k, v in entry["floors"].items()}, index)
 
     def save(self, memory) -> Record:
-        """Record ``memory``'s generation (just acknowledged by the storage) and floors; atomic, fsynced."""
+        """Record ``memory``'s generation (just acknowledged by the storage) and floors; atomic, fsynced.
+        RecordUnreadable (nothing written) when the file there cannot be read: writing over it would drop
+        every other card's record."""
         rec = Record(memory.serial, memory.generation, floors_of(memory), memory.index_tag.hex() or None)
         body = _body(rec.card_id, rec.generation, rec.floors, rec.index)
         records = self._records()

@@ -457,9 +457,9 @@ class CardSession:
         mem.acknowledge()
         try:
             self.freshness.save(mem)
-        except OSError as e:  # the change is stored; only this machine's rollback check is weaker
+        except (OSError, RollbackError) as e:  # the change is stored; only this machine's rollback check is weaker
             self.log.warn("cannot record the stored generation in {path}: {why}", path=str(self.freshness.path),
-                          why=e.strerror or str(e))
+                          why=getattr(e, "strerror", None) or str(e))
 
     # ------------------------------------------------------------ password change
 

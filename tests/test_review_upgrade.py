@@ -1,0 +1,53 @@
+"""
+Rules about running vsc for real across versions and restarts -- the
+server's schema and config file, the files the card keeps in its HOME --
+that an adversarial review found broken, each with how it was broken; they
+hold since the fix.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_freshness import PK, SERIAL, envelope, step
+from vsc.card.freshness import FreshnessStore, RollbackError
+from vsc.card.protected import CardMemory
+
+
+# ================================================================ 1. a damaged HOME/freshness fails closed
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not-a-record"])
+def test_a_damaged_freshness_record_does_not_let_an_older_copy_in(tmp_path, damage):
+    """
+    HOME/freshness is what lets the card refuse "a restored backup, a
+    relabelled blob, a malicious server that hands back any older copy"
+    (docs/security.md, "Rollback"); only a machine with NO record is said
+    to accept the first copy it is given. Broken: a file that is there but
+    cannot be read as a record (cut short by a full disk or a crash of an
+    editor, emptied, overwritten with something else) was read exactly like
+    no file at all: the next insert accepted an older copy (rental runs and
+    PIN tries refunded) without a word, and the next upload rewrote the file
+    with that card's record alone, dropping every other card's. Now such a
+    file refuses the insert with one line naming it (nothing is served), and
+    is never rewritten over; moving it away is the owner's deliberate choice.
+    """
+    store = FreshnessStore(tmp_path)
+    mem = CardMemory.load(SERIAL, envelope(runs=10), PK)
+    backup = step(mem, store)  # generation 1, 10 runs
+    step(mem, store, runs=9)  # generation 2: one run spent and acknowledged
+    text = store.path.read_text()
+    store.path.write_text({"truncated": text[: len(text) // 2], "empty": "",
+                           "not-a-record": json.dumps(["records"])}[damage])
+    older = CardMemory.load(SERIAL, backup, PK)
+    with pytest.raises(RollbackError, match=f"{store.path} cannot be read") as refused:
+        store.check(older)
+    assert "\n" not in str(refused.value) and "Nothing was served" in str(refused.value)
+    damaged = store.path.read_bytes()
+    with pytest.raises(RollbackError, match="cannot be read"):  # an upload does not write over it either
+        store.save(mem)
+    assert store.path.read_bytes() == damaged
+    store.path.unlink()  # the owner's deliberate choice: as on a new machine, the first copy is taken
+    assert store.check(CardMemory.load(SERIAL, backup, PK)) == (None, [])
