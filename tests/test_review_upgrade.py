@@ -51,3 +51,33 @@ def test_a_damaged_freshness_record_does_not_let_an_older_copy_in(tmp_path, dama
     assert store.path.read_bytes() == damaged
     store.path.unlink()  # the owner's deliberate choice: as on a new machine, the first copy is taken
     assert store.check(CardMemory.load(SERIAL, backup, PK)) == (None, [])
+
+
+# ================================================================ 2. a setting outside [server] is not ignored
+
+
+def test_a_setting_in_another_section_of_the_server_config_is_refused(tmp_path):
+    """
+    docs/admin.md §5: "an unknown name ... stops it with one line on stderr
+    naming the setting" -- a typo must not silently keep a default
+    (vsc/server/settings.py). Broken: only the [server] section was read;
+    every other section of vsc-server.ini was skipped without a word, so
+    ``[lockout]`` (or ``[sever]``, or a second copy pasted under
+    ``[Server]``) holding ``lockout_threshold = 2`` or ``forward_secrecy =
+    require`` started a server with the defaults, the administrator believing
+    the stricter policy was in force. Now a section other than [server] stops
+    the server (and `vsc admin`) with one line naming it.
+    """
+    from vsc.server import config
+
+    config.init(tmp_path, key_bits=2048)
+    ini = tmp_path / config.CONFIG_NAME
+    good = ini.read_text()
+    for extra in ("[lockout]\nlockout_threshold = 2\n", "[Server]\nforward_secrecy = require\n"):
+        ini.write_text(good + extra)
+        name = extra[1:extra.index("]")]
+        with pytest.raises(config.ConfigError, match=rf"unknown section \[{name}\]") as refused:
+            config.load(tmp_path)
+        assert "\n" not in str(refused.value)
+    ini.write_text("[DEFAULT]\nlockout_threshold = 2\n" + good)  # configparser's defaults reach [server]: allowed
+    assert config.load(tmp_path).settings["lockout_threshold"] == 2

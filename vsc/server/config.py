@@ -85,6 +85,9 @@ def load(data_dir: str | os.PathLike) -> ServerConfig:
         raise ConfigError(f"{path}: {e}") from None
     if not parser.has_section("server"):
         raise ConfigError(f"{path} has no [server] section")
+    others = [name for name in parser.sections() if name != "server"]
+    if others:  # a setting there would be silently ignored, its default kept (a typo of [server], say)
+        raise ConfigError(f"{path}: unknown section [{others[0]}]: every setting goes in [server] (docs/admin.md §5)")
     try:
         settings = validate(dict(parser["server"]), str(path))
     except SettingError as e:
