@@ -81,3 +81,42 @@ def test_a_setting_in_another_section_of_the_server_config_is_refused(tmp_path):
         assert "\n" not in str(refused.value)
     ini.write_text("[DEFAULT]\nlockout_threshold = 2\n" + good)  # configparser's defaults reach [server]: allowed
     assert config.load(tmp_path).settings["lockout_threshold"] == 2
+
+
+# ================================================================ 3. two processes start on one new SQLite database
+
+
+def test_a_store_opening_a_new_sqlite_database_another_process_is_setting_up_waits(tmp_path):
+    """
+    Two server processes (or a server and `vsc admin`) may open one SQLite
+    database at once; each migrate()s it at start-up, and the store waits
+    (busy timeout, 10 s) for the other's write (vsc/server/store.py: "two
+    inserts ... in one process or two"). Broken: every connection first
+    switches the database to WAL, and on a new database that another process
+    was still setting up (holding its write lock in rollback mode, for a
+    moment) SQLite refuses that switch at once with "database is locked"
+    without waiting: of 12 server processes started together on a new
+    database, about one in ten rounds saw one fail to start ("cannot open the
+    database ...: database is locked"). Here the other process is held in
+    that moment for 0.3 s. Now the store waits for the write lock and
+    switches again: it opens the database once the other is done.
+    """
+    import sqlite3
+    import threading
+
+    from vsc.server.store import SCHEMA_VERSION, Store
+
+    path = tmp_path / "vsc.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # a process setting up the new database: its write lock, still rollback mode
+    other.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    done_ = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    done_.start()
+    store = Store(f"sqlite:///{path}", lambda: 1.0)
+    try:
+        assert store.migrate() == SCHEMA_VERSION
+        assert store._read("PRAGMA journal_mode") == [("wal",)]
+    finally:
+        done_.join()
+        store.close()
+        other.close()

@@ -210,6 +210,28 @@ def _identical_enrolment(card: CardRecord, verifier: bytes, kdf: bytes, protecte
             and (card.kdf, card.protected) == (kdf, protected) and stored_registration == registration.hex())
 
 
+def _wal_mode(conn: sqlite3.Connection, attempts: int = 5) -> None:
+    """
+    ``PRAGMA journal_mode=WAL``, waiting for another writer. On a database
+    still in rollback mode (a new one that another process is switching to
+    WAL and creating the schema in, in its first moments) the switch is
+    refused at once with "database is locked": SQLite does not wait (the
+    busy timeout) for a lock it would have to upgrade. So on that refusal
+    wait for the write lock the SQLite way (BEGIN IMMEDIATE honours the busy
+    timeout), let it go, and switch again: the other process has finished,
+    and the database is in WAL mode already.
+    """
+    for attempt in range(attempts):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if attempt == attempts - 1 or "locked" not in str(e):
+                raise
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+
+
 def redact(url: str) -> str:
     """A database URL without its password (``USER:***@HOST``), for every message and log line."""
     try:
@@ -258,7 +280,7 @@ class Store:
             if not os.path.exists(self.path):  # the database holds every card's record: owner-only, like the key
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _wal_mode(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=10000")
             return conn
