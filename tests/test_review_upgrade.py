@@ -120,3 +120,37 @@ def test_a_store_opening_a_new_sqlite_database_another_process_is_setting_up_wai
         done_.join()
         store.close()
         other.close()
+
+
+# ================================================================ 4. a kdf_floor that is not one is not "no floor"
+
+
+@pytest.mark.parametrize("text", ["scrpyt:17", "Scrypt:17", "scrypt 17", "scrypt:seventeen", "md5"])
+def test_a_kdf_floor_that_is_not_one_is_refused_not_dropped(tmp_path, text):
+    """
+    card.ini ``kdf_floor`` is "the weakest password derivation the card
+    accepts from the server, scrypt:N ... or legacy; weaker parameters are
+    refused before anything is derived" (docs/card.md, Settings). Broken:
+    any value but ``scrypt...`` (a typo, ``Scrypt:17``) was read as no
+    floor at all, so a malicious server could ask that card for the legacy
+    MD5 derivation (or scrypt 2^10) and receive a verifier it can test
+    password guesses against at speed, the owner believing the floor was
+    raised; ``scrypt:seventeen`` failed at the insert with int()'s words.
+    Now card.ini is refused with one line naming the setting when the card
+    starts, and check_kdf refuses a floor it cannot read (fail closed).
+    """
+    from vsc.card import config as cc
+    from vsc.card import ops
+    from vsc.wire.ops import KdfAlg, KdfParams
+
+    home = tmp_path / "home"
+    cc.save(home, server="tcp:127.0.0.1:9", server_key="SHA256:x", serial="card-1", kdf_floor=text)
+    with pytest.raises(cc.CardConfigError, match=r"card\.ini: kdf_floor = .* is not accepted") as refused:
+        cc.load(home)
+    assert "\n" not in str(refused.value)
+    legacy = KdfParams(alg=KdfAlg.LEGACY_MD5, salt=b"", log2_n=0, r=0, p=0)
+    with pytest.raises(ops.WeakKdfRefused):
+        ops.check_kdf(legacy, text)
+    for good in ("legacy", "scrypt", "scrypt:15", ""):  # what enrolment writes, and a card enrolled before it
+        cc.save(home, server="tcp:127.0.0.1:9", server_key="SHA256:x", serial="card-1", kdf_floor=good)
+        assert cc.load(home).settings["kdf_floor"] == good

@@ -168,6 +168,11 @@ def _checked(path: Path, s) -> dict:
             kdf_salt(settings)
         except CardConfigError as e:
             raise CardConfigError(f"{path}: {e}") from None
+    if "kdf_floor" in settings:
+        try:
+            kdf_floor_cost(settings["kdf_floor"])
+        except CardConfigError as e:
+            raise CardConfigError(f"{path}: {e}") from None
     if "dongle_poll" in settings:
         _number(path, s, "dongle_poll", 60.0, POLL)
     poll = _number(path, s, "clock_poll", 3600.0, POLL)
@@ -200,6 +205,25 @@ def kdf_salt(settings: dict) -> bytes:
     if salt is None or not lo <= len(salt) <= hi:
         raise CardConfigError(f"kdf_salt = {text[:40]!r} is not accepted (hex, {lo} to {hi} bytes)")
     return salt
+
+
+def kdf_floor_cost(text: str) -> int | None:
+    """
+    card.ini's ``kdf_floor``: the least scrypt cost (log2 N) the card accepts
+    from a server, or None for no floor (empty: a card enrolled before the
+    floor, pinned at its next insert; ``legacy``: enrolled with the patent's
+    derivation). ``scrypt`` alone is 2^15. Anything else is CardConfigError:
+    never read as no floor, which would let a server ask for the legacy one.
+    """
+    text = (text or "").strip()
+    if text in ("", "legacy"):
+        return None
+    alg, colon, cost = text.partition(":")
+    if alg == "scrypt" and not colon:
+        return 15
+    if alg == "scrypt" and cost.strip().isdigit() and len(cost.strip()) <= 2:
+        return int(cost)
+    raise CardConfigError(f"kdf_floor = {text[:40]!r} is not accepted (scrypt:N, scrypt or legacy)")
 
 
 def parse_applications(text: str) -> tuple[str, ...]:

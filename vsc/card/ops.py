@@ -92,12 +92,14 @@ def check_kdf(kdf: KdfParams, floor: str, salt: bytes = b"") -> None:
         why = crypto.scrypt_refusal(kdf.log2_n, kdf.r, kdf.p)
         if why is not None:
             raise CostlyKdfRefused(f"refused: the server asked for a password derivation this card does not do ({why})")
-    if not floor or floor == "legacy":
+    from vsc.card.config import CardConfigError, kdf_floor_cost
+
+    try:
+        minimum = kdf_floor_cost(floor)
+    except CardConfigError as e:  # never "no floor": that would let the server ask for the legacy derivation
+        raise WeakKdfRefused(f"refused: this card's {e}; it derives nothing until card.ini says which") from None
+    if minimum is None:
         return
-    alg, _, cost = floor.partition(":")
-    if alg != "scrypt":
-        return
-    minimum = int(cost or 15)
     if kdf.alg is not KdfAlg.SCRYPT or kdf.log2_n < minimum or kdf.r < 8 or kdf.p < 1 or len(kdf.salt) < 16:
         raise WeakKdfRefused(
             "refused: the server asked for a weaker password derivation than this card's "
