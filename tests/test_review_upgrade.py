@@ -154,3 +154,42 @@ def test_a_kdf_floor_that_is_not_one_is_refused_not_dropped(tmp_path, text):
     for good in ("legacy", "scrypt", "scrypt:15", ""):  # what enrolment writes, and a card enrolled before it
         cc.save(home, server="tcp:127.0.0.1:9", server_key="SHA256:x", serial="card-1", kdf_floor=good)
         assert cc.load(home).settings["kdf_floor"] == good
+
+
+# ================================================================ 5. card.ini: a misspelt setting is not ignored
+
+
+def test_a_misspelt_card_ini_setting_is_refused_with_one_line(tmp_path):
+    """
+    card.ini's settings include the card's security policy (docs/card.md,
+    Settings: ``forward_secrecy = require``, ``suites``, ``allow_insecure``,
+    ``kdf_floor``); the server's config already refuses an unknown name
+    because "a typo would otherwise silently keep a default"
+    (vsc/server/settings.py). Broken: card.ini's unknown names were kept and
+    never looked at, so ``forward_secercy = require`` (or the setting under
+    a ``[Card]`` section) left the card offering the server a handshake
+    without forward secrecy, the owner believing it required it. Now an
+    unknown name, or a section other than [card], stops the card with one
+    line naming it; every name vsc itself writes (enroll, dongle enroll,
+    the first-insert pin) still loads.
+    """
+    from vsc.card import config as cc
+
+    home = tmp_path / "home"
+    base = dict(server="tcp:127.0.0.1:9", server_key="SHA256:x", serial="card-1")
+    cc.save(home, **base, forward_secercy="require")
+    with pytest.raises(cc.CardConfigError, match=r"card\.ini: unknown setting 'forward_secercy'") as refused:
+        cc.load(home)
+    assert "\n" not in str(refused.value)
+    cc.save(home, **base)
+    ini = home / cc.CARD_INI
+    ini.write_text(ini.read_text() + "[Card]\nforward_secrecy = require\n")
+    with pytest.raises(cc.CardConfigError, match=r"card\.ini: unknown section \[Card\]"):
+        cc.load(home)
+    everything = dict(base, suites="aes256-gcm", allow_insecure="false", forward_secrecy="require",
+                      handshake_timeout="30", muk_poll="60", clock_poll="3600", clock_tolerance="5400",
+                      reconnect_attempts="5", kdf_floor="scrypt:15", kdf_salt="73" * 16, mode="dongle",
+                      key_cache="9a", applications="piv,openpgp", totp="true", token="pkcs11:token=t",
+                      table="dongle.table", dongle_poll="60")
+    cc.save(home, **everything)
+    assert cc.load(home).settings == everything

@@ -112,6 +112,9 @@ def load(home: str | os.PathLike | None) -> CardConfig:
         raise CardConfigError(str(e)) from None
     try:
         parser.read_string(text, source=str(path))
+        others = [name for name in parser.sections() if name != "card"]
+        if others:  # its settings would be silently ignored
+            raise CardConfigError(f"{path}: unknown section [{others[0]}]: every setting goes in [card]")
         s = parser["card"]
         channel = ChannelConfig(
             suites=parse_suites(s.get("suites", ",".join(x.label for x in DEFAULT_SUITES))),
@@ -160,9 +163,21 @@ def _number(path: Path, s, name: str, default, rule):
     return value
 
 
+#: every name card.ini may hold (docs/card.md, Settings; docs/dongle.md): another one (a typo) is refused, never
+#: silently left at its default
+SETTINGS = frozenset({
+    "server", "server_key", "serial", "suites", "allow_insecure", "forward_secrecy", "handshake_timeout",
+    "muk_poll", "clock_poll", "clock_tolerance", "reconnect_attempts", "kdf_floor", "kdf_salt", "mode",
+    "key_cache", "applications", "totp", "token", "table", "dongle_poll",
+})
+
+
 def _checked(path: Path, s) -> dict:
     """The section as a dict, after the cross-checks and the numbers read elsewhere (dongle_poll, kdf_salt) are checked."""
     settings = dict(s)
+    unknown = sorted(set(settings) - SETTINGS)
+    if unknown:
+        raise CardConfigError(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(SETTINGS))})")
     if "kdf_salt" in settings:
         try:
             kdf_salt(settings)
