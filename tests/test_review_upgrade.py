@@ -193,3 +193,53 @@ def test_a_misspelt_card_ini_setting_is_refused_with_one_line(tmp_path):
                       table="dongle.table", dongle_poll="60")
     cc.save(home, **everything)
     assert cc.load(home).settings == everything
+
+
+# ================================================================ 6. a database that is not vsc's is not taken over
+
+
+def test_a_database_that_is_not_a_vsc_one_is_refused_untouched(database_url):
+    """
+    migrate() is "Create the schema, or bring it up to SCHEMA_VERSION", and
+    a database it cannot read as vsc's must be refused with one line, like
+    one "newer than this vsc" (docs/admin.md, troubleshooting), never used or
+    damaged. Broken: a database that already held tables of vsc's names but
+    no vsc schema version -- another application's database named in
+    ``database =`` by mistake, or a vsc one whose version row was lost --
+    was stamped with the current version as if it were new: vsc's missing
+    tables were created in it, and its own ``cards``/``history`` rows were
+    then read and written as vsc's (here every later call failed with "no
+    such column: state"). A version row vsc never wrote (0) ended `vsc
+    admin` with "vsc: 0" (a KeyError). Now both are a StoreError naming the
+    database, and nothing is written to it.
+    """
+    from vsc.server.store import Store, StoreError
+
+    store = Store(database_url, lambda: 1.0)
+    try:
+        with store._txn() as cur:
+            store._x(cur, "CREATE TABLE cards (serial TEXT PRIMARY KEY, owner TEXT)")
+            store._x(cur, "INSERT INTO cards (serial, owner) VALUES ('x', 'someone else')")
+        with pytest.raises(StoreError, match="not a vsc database") as refused:
+            store.migrate()
+        assert "\n" not in str(refused.value)
+        with pytest.raises(Exception):  # nothing of vsc's was made in it
+            store._read("SELECT version FROM schema_version")
+        assert store._read("SELECT serial, owner FROM cards") == [("x", "someone else")]
+    finally:
+        store.close()
+
+
+def test_a_schema_version_vsc_never_wrote_is_one_line(database_url):
+    """(See above.) A version row below 1 is refused with one line, not a KeyError."""
+    from vsc.server.store import Store, StoreError
+
+    store = Store(database_url, lambda: 1.0)
+    try:
+        store.migrate()
+        with store._txn() as cur:
+            store._x(cur, "UPDATE schema_version SET version = ?", (0,))
+        with pytest.raises(StoreError, match="schema version 0 is not one this vsc knows"):
+            store.migrate()
+    finally:
+        store.close()

@@ -188,6 +188,9 @@ _SCHEMA = [
     )""",
 ]
 
+#: the tables of vsc's schema besides schema_version: a database holding one of them without a version is not vsc's
+_TABLES = frozenset({"cards", "history", "enrolment_codes", "leases"})
+
 #: Migrations from version N to N+1, appended as the schema evolves.
 _MIGRATIONS: dict[int, list[str]] = {
     # 2: the owner's-machine lockout bucket (vsc.protocol.lockout); per-serial leases are gone
@@ -383,6 +386,15 @@ class Store:
 
     # ------------------------------------------------------------ schema
 
+    def _tables(self, cur) -> set[str]:
+        """The names of the tables the database holds (its current schema, on PostgreSQL)."""
+        if self.kind == "sqlite":
+            rows = self._x(cur, "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        else:
+            rows = self._x(cur, "SELECT table_name FROM information_schema.tables "
+                                "WHERE table_schema = current_schema()").fetchall()
+        return {row[0] for row in rows}
+
     def migrate(self) -> int:
         """Create the schema, or bring it up to SCHEMA_VERSION. Returns the version."""
         blob = "BLOB" if self.kind == "sqlite" else "BYTEA"
@@ -391,13 +403,21 @@ class Store:
             if self.kind == "postgresql":
                 # serialise concurrent migrations across processes
                 cur.execute("SELECT pg_advisory_xact_lock(7390001)")
+            found = self._tables(cur)
             for stmt in _SCHEMA:
                 self._x(cur, stmt.format(blob=blob, serial_pk=serial_pk))
             rows = self._x(cur, "SELECT version FROM schema_version").fetchall()
             if not rows:
+                if found & _TABLES:  # never vsc's (its version row is written with its tables): not taken over
+                    raise StoreError(
+                        f"the database {redact(self.url)} holds a table named {sorted(found & _TABLES)[0]} but no "
+                        f"vsc schema version: it is not a vsc database (or it is damaged); name an empty one")
                 self._x(cur, "INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 return SCHEMA_VERSION
             version = rows[0][0]
+            if not isinstance(version, int) or version < 1:
+                raise StoreError(f"database {redact(self.url)}: schema version {version!r} is not one this vsc knows "
+                                 f"(1 to {SCHEMA_VERSION}): it is damaged")
             if version > SCHEMA_VERSION:
                 raise StoreError(f"database schema {version} is newer than this vsc ({SCHEMA_VERSION}); upgrade vsc")
             while version < SCHEMA_VERSION:
