@@ -1,0 +1,64 @@
+"""
+Follow-up review: suspicions earlier reviewers left unproven, each proved with a test that failed on the code
+before its fix (or argued in the review's report not to be a defect).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+# ---------------------------------------------------------------- §10.2: each answer belongs to one request
+
+
+def test_card_closes_the_channel_on_an_operation_answer_it_did_not_ask_for(tmp_path):
+    """
+    Rule (docs/protocol.md §10.2): one operation at a time per channel; a request gets its answers (an
+    AUTH_CHALLENGE then an OP_RESULT, or one OP_RESULT) and nothing else; a message not valid in the
+    receiver's state is a protocol violation (UNEXPECTED_MESSAGE). How it was broken: CardProtocol queued
+    every inner message it had not asked for (up to MAX_UNCLAIMED) and handed the oldest to the next request.
+    A lying or buggy server that sent one OP_RESULT(OK) while the card sat idle on its channel had it taken as
+    the answer to the card's next sync — acknowledged before the server had answered it (here: a sync with a
+    wrong insert secret, which the server refuses, came back OK), and every later request on that channel then
+    got the answer of the one before. Now an operation message with no request owed an answer closes the
+    channel (UNEXPECTED_MESSAGE) and the next request fails with ChannelClosedError (the storage reconnects).
+    """
+    from tests.test_server_ops import SERIAL, Harness, result_of
+    from vsc.net.channel import ChannelClosedError
+    from vsc.wire import ErrorCode
+    from vsc.wire.ops import Op, OpRequest, OpResult, Status
+
+    h = Harness(tmp_path)
+    client, server, _pump = h.connect()
+    server.sendMessage(OpResult(status=Status.OK, version=7))
+    h.settle()
+    d = h.run(client.request(OpRequest(op=Op.SYNC, serial=SERIAL, insert_secret=b"W" * 32, version=1,
+                                       protected=b"P")))
+    with pytest.raises(ChannelClosedError):
+        answer = result_of(d)
+        raise AssertionError(f"the sync took an answer the server sent before it was asked: {answer!r}")
+    assert client.channel.closed and client.closeCode is ErrorCode.UNEXPECTED_MESSAGE
+
+
+def test_card_keeps_an_early_timeout_as_its_operation_answer(tmp_path):
+    """
+    The one answer that may come before the card asks for it (§10.13: challenged --deadline--> TIMEOUT): the
+    OP_RESULT(TIMEOUT) the server sends when the AUTH_RESPONSE is late still answers that operation (the card
+    computing its answers sees it when it sends them), and a stray OP_RESULT after it closes the channel.
+    """
+    from tests.test_server_ops import Harness, result_of
+    from vsc.wire import ErrorCode
+    from vsc.wire.ops import AuthItem, AuthMethod, AuthResponse, OpResult, Status
+
+    h = Harness(tmp_path)
+    client, server, _pump = h.connect()
+    h.enrol(client)
+    h.challenge(client)
+    h.clock.advance(31)
+    h.settle()
+    late = h.run(client.request(AuthResponse(responses=(AuthItem(AuthMethod.PASSWORD, b"x"),), muk=b"M" * 32)))
+    assert result_of(late) == OpResult(status=Status.TIMEOUT)
+    h.settle()
+    assert client.channel.closed  # the server closes on the late answer; nothing was shifted onto a request
+    assert client.closeCode is ErrorCode.UNEXPECTED_MESSAGE
+
