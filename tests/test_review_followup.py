@@ -62,3 +62,28 @@ def test_card_keeps_an_early_timeout_as_its_operation_answer(tmp_path):
     assert client.channel.closed  # the server closes on the late answer; nothing was shifted onto a request
     assert client.closeCode is ErrorCode.UNEXPECTED_MESSAGE
 
+
+# ---------------------------------------------------------------- §10.4: the enrolment code's normal form
+
+
+def test_enrolment_code_hash_is_the_documented_normal_form():
+    """
+    Rule (docs/protocol.md §10.4, ENROL_REQUEST.code): the server compares SHA-256 of the code's upper-cased
+    letters and digits, other characters dropped. How it was broken: code_hash encoded the kept characters with
+    encode("ascii", "replace"), so every non-ASCII letter or digit became "?": two different codes ("ÄÄ" and
+    "ÖÖ", "ÉCOLE" and "ÈCOLE") had one hash, and a second server built from the document (which hashes what it
+    keeps, in UTF-8) disagreed with vsc about them. No code vsc issues is affected (new_enrolment_code is base32:
+    A-Z and 2-7), so no stored hash changes; what holds now is the documented form, with no collisions.
+    """
+    import hashlib
+
+    from vsc.protocol.auth import code_hash
+
+    def documented(code: str) -> bytes:
+        return hashlib.sha256("".join(c for c in code.upper() if c.isalnum()).encode("utf-8")).digest()
+
+    for code in ("abcde-fghij-23456", "ÄÄ", "ÖÖ", "école-42", "ÈCOLE 42", "٣٣"):
+        assert code_hash(code) == documented(code), code
+    assert code_hash("ÄÄ") != code_hash("ÖÖ")
+    assert code_hash("ab cd-ef") == code_hash("ABCDEF")  # separators and case still do not matter
+

@@ -41,9 +41,12 @@ def load_master_key(path: str | None) -> bytes:
 
 
 def code_hash(code: str) -> bytes:
-    """What the server stores and compares for an enrolment code: SHA-256 of the normalised code."""
+    """
+    What the server stores and compares for an enrolment code (§10.4): SHA-256 of the UTF-8 of its
+    upper-cased letters and digits, everything else dropped. The codes vsc issues are base32 (A-Z, 2-7).
+    """
     normal = "".join(ch for ch in code.upper() if ch.isalnum())
-    return crypto.sha256(normal.encode("ascii", "replace"))
+    return crypto.sha256(normal.encode("utf-8"))
 
 LEGACY_VERIFIER_SIZE = 16  # MD5(auth key), [0039]
 VERIFIER_SIZE = 32  # SHA-256(auth key)
