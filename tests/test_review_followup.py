@@ -87,3 +87,29 @@ def test_enrolment_code_hash_is_the_documented_normal_form():
     assert code_hash("ÄÄ") != code_hash("ÖÖ")
     assert code_hash("ab cd-ef") == code_hash("ABCDEF")  # separators and case still do not matter
 
+
+# ---------------------------------------------------------------- §5.2: the server key's size
+
+
+@pytest.mark.parametrize("bits", [1024, 4160])
+def test_server_refuses_a_key_outside_2048_to_4096_bits(tmp_path, bits):
+    """
+    Rule (docs/protocol.md §5.2): "The RSA key MUST have a modulus of 2048 to 4096 bits (4096 is the largest whose
+    KEY_TRANSPORT ciphertext fits, §5.3); a card MUST refuse a shorter key." How it was broken: ``vsc admin init``
+    only makes 2048/3072/4096-bit keys, but the server loaded whatever server-key.pem held: an administrator who
+    put a 1024-bit (or a 4160-bit) key there got a server that started, listened, and failed every handshake
+    (cards refuse the short key; a longer one's ciphertext does not fit KEY_TRANSPORT). Now loading it is
+    refused with one line naming the file and the range.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from vsc.server.config import ConfigError, ServerConfig
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    cfg = ServerConfig(data_dir=tmp_path)
+    cfg.key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    with pytest.raises(ConfigError) as e:
+        cfg.load_key()
+    assert str(e.value) == f"{cfg.key_path} is a {bits}-bit RSA key; the server key must have 2048 to 4096 bits"

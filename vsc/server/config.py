@@ -50,11 +50,15 @@ class ServerConfig:
 
     def load_key(self) -> crypto.RSAPrivateKey:
         try:
-            return crypto.RSAPrivateKey.from_pem(self.key_path.read_bytes())
+            key = crypto.RSAPrivateKey.from_pem(self.key_path.read_bytes())
         except FileNotFoundError:
             raise ConfigError(f"{self.key_path} is missing: run 'vsc admin --data-dir {self.data_dir} init'") from None
         except (ValueError, TypeError) as e:  # TypeError: encrypted (the server has no passphrase to give)
             raise ConfigError(f"{self.key_path} is not a usable private key: {e}") from None
+        if not 2048 <= key.bits <= 4096:  # docs/protocol.md §5.2: cards refuse a shorter one, a longer one's
+            # KEY_TRANSPORT ciphertext does not fit (§5.3): every handshake would fail
+            raise ConfigError(f"{self.key_path} is a {key.bits}-bit RSA key; the server key must have 2048 to 4096 bits")
+        return key
 
 
 def channel_config_from(settings: dict) -> ChannelConfig:
