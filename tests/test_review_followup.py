@@ -113,3 +113,45 @@ def test_server_refuses_a_key_outside_2048_to_4096_bits(tmp_path, bits):
     with pytest.raises(ConfigError) as e:
         cfg.load_key()
     assert str(e.value) == f"{cfg.key_path} is a {bits}-bit RSA key; the server key must have 2048 to 4096 bits"
+
+
+# ---------------------------------------------------------------- OpenPGP PSO:CDS: the input is checked first
+
+
+def _sig_count(card) -> int:
+    from vsc.wire import tlv
+
+    body, sw = card.get_data(0x7A)
+    assert sw == 0x9000
+    return int.from_bytes(tlv.to_dict(tlv.decode_one(body, 0x7A))[0x93], "big")
+
+
+@pytest.mark.parametrize("attributes, bad, good", [
+    ("13" + "2a8648ce3d030107", bytes(65), bytes(32)),  # ECDSA P-256: the input is a hash of at most 64 bytes
+    ("16" + "2b06010401da470f01", b"", b"message"),  # Ed25519: something to sign
+    ("010800001100", bytes(246), bytes(51)),  # RSA-2048: a PKCS#1 v1.5 payload of at most 245 bytes
+])
+def test_a_refused_signature_input_counts_no_signature_and_keeps_pw1(attributes, bad, good):
+    """
+    Rule (OpenPGP card spec 3.4, 4.4.1 DS-Counter: the digital signature counter counts signatures; the C4
+    PW1 status byte 00 makes PW1 valid for one PSO:CDS, i.e. one signature). Gnuk (openpgp.c cmd_pso) checks
+    the input's length first — GPG_CONDITION_NOT_SATISFIED and return, nothing changed — and increments the
+    counter only when a signature was made. How it was broken: vsc's _compute_signature consumed PW1 and stored
+    the incremented counter before _sign looked at the input, so an ECDSA input over 64 bytes, an empty EdDSA
+    input or an over-long RSA payload answered 6A80 with no signature, yet the counter GnuPG shows had gone up
+    and (single-use PW1, the default) the owner had to enter the PIN again. Now the input is checked first: a
+    refused one changes nothing, and the next good one signs with the PIN verified and counts 1.
+    """
+    from tests.test_openpgp import FakeCard
+
+    card = FakeCard()
+    assert card.select() == 0x9000
+    assert card.verify(0x83, b"12345678") == 0x9000
+    assert card.send(0xDA, 0x00, 0xC1, bytes.fromhex(attributes))[1] == 0x9000
+    assert card.generate(0xB6)[1] == 0x9000
+    assert card.verify(0x81, b"123456") == 0x9000
+    assert card.send(0x2A, 0x9E, 0x9A, bad, le=256, extended=True)[1] == 0x6A80
+    assert _sig_count(card) == 0
+    sig, sw = card.get_all(0x2A, 0x9E, 0x9A, good, le=256)
+    assert sw == 0x9000 and sig, "the PIN verified before the refused input no longer signs"
+    assert _sig_count(card) == 1

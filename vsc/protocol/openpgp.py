@@ -727,7 +727,9 @@ class OpenPgpApplet(CommandFront):
         refused = yield from self._pw1_status(PW1)
         if refused:
             return b"", refused
-        alg, _public = yield from self._key("sig")
+        alg, public = yield from self._key("sig")
+        if not _signable(alg, public, data):  # first: a refused input is no signature (counter, PW1 untouched)
+            return b"", SW_WRONG_DATA
         policy = yield Load(ItemKind.DATA, PW1_POLICY)
         if not (policy and bytes(policy) == b"\x01"):
             self.verified.discard(PW1)  # valid for one PSO:CDS (C4 byte 1 = 00)
@@ -800,3 +802,15 @@ class OpenPgpApplet(CommandFront):
             return b"", SW_WRONG_LENGTH
         return self.rand(n), SW_OK
 
+
+def _signable(alg: KeyAlg, public: bytes, data: bytes) -> bool:
+    """
+    Whether the signature key can sign ``data`` as PSO:CDS gives it (what _sign and the key operation would
+    refuse): an RSA PKCS#1 v1.5 payload of 1 to k - 11 bytes, a non-empty EdDSA message, an ECDSA hash of 1 to
+    64 bytes. Checked before PW1 is consumed and the counter stored, as Gnuk does (openpgp.c cmd_pso).
+    """
+    if alg is KeyAlg.RSA2048:
+        return 1 <= len(data) <= len(crypto.public_numbers(public)["rsa"][0]) - 11
+    if alg is KeyAlg.ED25519:
+        return bool(data)
+    return 1 <= len(data) <= 64
