@@ -155,3 +155,45 @@ def test_a_refused_signature_input_counts_no_signature_and_keeps_pw1(attributes,
     sig, sw = card.get_all(0x2A, 0x9E, 0x9A, good, le=256)
     assert sw == 0x9000 and sig, "the PIN verified before the refused input no longer signs"
     assert _sig_count(card) == 1
+
+
+# ---------------------------------------------------------------- the vpcd link: a trickled frame costs its length
+
+
+from tests.test_piv import session  # noqa: E402,F401 - a fixture
+
+
+def test_a_frame_trickling_in_on_the_vpcd_link_is_not_copied_on_every_read(session, monkeypatch):  # noqa: F811
+    """
+    Rule (VpcdProtocol: Int16StringReceiver's framing; a payload is at most 0xFFFF bytes): reading a frame costs
+    work in proportion to its length. How it was broken: dataReceived did ``self._rest + data`` and re-split the
+    whole buffer on every read, so a peer that sent a 64 KiB frame a few bytes at a time had the card copy the
+    beginning of the frame again on every read — O(n²): about 300 MB copied for one frame sent 7 bytes a read
+    (2 GB one byte a read), the card process busy on the reactor meanwhile. Now an incomplete frame grows a
+    buffer in place and is split once it is all there: the bytes the splitter sees are the frame's, once.
+    The answer is unchanged (one response to the one frame).
+    """
+    from tests.test_piv import VpcdTransport, vpcd_payloads
+    from vsc.card import vpcd
+    from vsc.wire import apdu
+
+    from tests.test_piv import Drbg
+
+    seen = []
+    split = apdu.split_vpcd
+
+    def counting(data):
+        seen.append(len(data))
+        return split(data)
+
+    monkeypatch.setattr(apdu, "split_vpcd", counting)
+    proto = vpcd.VpcdFactory(vpcd.PivCard(session, Drbg(b"trickle"))).buildProtocol(None)
+    transport = VpcdTransport()
+    proto.makeConnection(transport)
+    frame = apdu.encode_vpcd(b"\x00\xca\x00\x00\x00\xff\xf8" + bytes(0xFFFF - 7))
+    reads = [frame[:1], frame[1:2], frame[2:3]] + [frame[i:i + 7] for i in range(3, len(frame), 7)]
+    for chunk in reads:
+        proto.dataReceived(chunk)
+    answers = vpcd_payloads(transport.value())
+    assert len(answers) == 1 and len(apdu.parse_response(answers[0])[0]) == 0
+    assert sum(seen) <= 2 * len(frame), f"{sum(seen)} bytes re-examined for one {len(frame)}-byte frame"

@@ -284,7 +284,7 @@ class VpcdProtocol(Int16StringReceiver):
         self._draining = False
         self._stopped = False  # reading from the transport is paused
         self.apdus = 0
-        self._rest = b""  # the beginning of a frame not all read yet
+        self._rest = bytearray()  # the beginning of a frame not all read yet
         self._sockopt = _UNSET  # the connection's socket's setsockopt (None: not a socket), found once
 
     def _quickack(self) -> None:
@@ -329,9 +329,16 @@ class VpcdProtocol(Int16StringReceiver):
         (half of the glue's time per APDU was Twisted's generic reader).
         """
         self._quickack()  # the 44 ms pitfall: see the module docstring
-        if self._rest:
-            data = self._rest + data
-        payloads, self._rest = apdu.split_vpcd(data)
+        rest = self._rest
+        if rest:
+            rest += data  # in place: a frame that trickles in costs its length, not its length squared
+            if len(rest) < 2 or len(rest) < 2 + (rest[0] << 8 | rest[1]):
+                return  # the frame is not all here yet
+            data = bytes(rest)
+            rest.clear()
+        payloads, left = apdu.split_vpcd(data)
+        if left:
+            rest += left
         if len(payloads) == 1 and not (self._queue or self._busy or self._held or self._draining):
             # the usual case (vpcd sends one message and waits): handled at once, no queue
             self._draining = True
