@@ -1,0 +1,187 @@
+"""
+Review: docs that cannot drift. The pages promise users exact things —
+history lines an administrator alerts on, ``--json`` fields, card.ini keys,
+command-line options. Each test here reads the promise out of the markdown
+(tables, ``--json`` paragraphs, examples) and compares it with what the code
+does, so a change on either side that is not made on the other fails here.
+tests/docrun.py runs the console examples and tests/test_settings.py the
+server's settings table; these cover what those do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests import docrun
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def section(path: Path, heading: str) -> str:
+    """The text of the markdown section whose heading line starts with ``heading``, up to the next heading of its level."""
+    text = path.read_text()
+    start = next(m for m in re.finditer(r"^(#+) (.*)$", text, re.M) if m.group(2).startswith(heading))
+    level = len(start.group(1))
+    end = re.compile(rf"^#{{1,{level}}} ", re.M).search(text, start.end())
+    return text[start.end():end.start() if end else len(text)]
+
+
+def wildcard(doc: str) -> str:
+    """A documented line as a docrun pattern: numbers and placeholders (T, N, ...) match anything."""
+    return re.sub(r"\d+|\b[A-Z]\b", "...", doc)
+
+
+def matches(doc: str, real: str) -> bool:
+    return docrun.match([wildcard(doc)], [real]) is None
+
+
+def contains(doc: str, real: str) -> bool:
+    return docrun.match(["..." + wildcard(doc) + "..."], [real]) is None
+
+
+# ---------------------------------------------------------------- the lockout in the history
+
+
+def test_the_lockout_history_detail_is_the_documented_one(tmp_path):
+    """
+    docs/admin.md shows what a throttled card's history says (§7 history's
+    example, §13's troubleshooting row) and tells the administrator to alert
+    on it (§11: "lockouts (`...` in `detail`)"). The page said ``(failed:
+    password; locked out until T after N failures)``, a wording the store no
+    longer writes (since the lockout became a throttle, vsc.server.store
+    writes "N failures from ...: next answer evaluated after S s"): an alert
+    on the documented text never fired however hard a serial was guessed at.
+    Now every documented form matches the detail the store writes for the
+    fifth failure from the owner's machine (lockout_threshold, 5).
+    """
+    from vsc.protocol.cardstore import CountFailure, EnrolCard
+    from vsc.protocol.auth import code_hash
+    from vsc.protocol.lifecycle import Operation
+    from vsc.server.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'vsc.sqlite3'}", lambda: 1_795_681_431.0)
+    try:
+        store.migrate()
+        store.issue("alice", code_hash("CODE"), '{"methods": ["password"]}', ttl=600)
+        store.enrol(EnrolCard("alice", code_hash("CODE"), b"v" * 32, b"kdf", b"p", b"", {}, "tcp:127.0.0.1:1"))
+        for _ in range(5):
+            store.count_failure(CountFailure("alice", Operation.INSERT, "127.0.0.1:49630", "failed: password",
+                                             b"M" * 32, True))
+        details = [e.as_dict()["detail"] for e in store.history("alice")][-5:]
+    finally:
+        store.close()
+    first, lockout = details[0], details[-1]
+    assert first == "failed: password" and lockout != first  # the store did start a throttle
+
+    page = ROOT / "docs" / "admin.md"
+    example = section(page, "history")
+    shown = re.findall(r"^\d{4}-.* insert +refused .*\((.*)\)$", example, re.M)
+    assert len(shown) == 2, "the history section shows a refused insert, then the one that starts a lockout"
+    assert matches(shown[0], first), (shown[0], first)
+    assert matches(shown[1], lockout), (shown[1], lockout)
+    # every `insert refused ... (DETAIL)` the page quotes (§2's Master key, §13's table), for any method's failure
+    from vsc.protocol.server_ops import METHODS
+
+    real = [d.replace("password", m.label) for m in METHODS.values() for d in (first, lockout)]
+    quoted = re.findall(r"`insert refused \.\.\. \(([^`]*)\)`", page.read_text())
+    assert len(quoted) >= 2, "the page explains the history's refusals"
+    for q in quoted:
+        assert any(matches(q, r) for r in real), (q, real)
+    alerts = re.findall(r"`([^`]+)` in `detail`", page.read_text())
+    assert alerts, "the monitoring section names what to alert on in the history's detail"
+    for alert in alerts:
+        assert contains(alert.replace("...", "").strip(), lockout), (alert, lockout)
+
+
+# ---------------------------------------------------------------- vsc admin --json
+
+
+def admin_json_fields() -> dict[str, set[str]]:
+    """command -> the names the ``--json`` paragraph of its section of docs/admin.md §7 lists."""
+    text = section(ROOT / "docs" / "admin.md", "7.")
+    out = {}
+    for m in re.finditer(r"^### (\w+)(.*?)(?=^### |\Z)", text, re.M | re.S):
+        para = re.search(r"`--json`:(.*?)(?:\n\n|\Z)", m.group(2), re.S)
+        if para:
+            # `name`, or "name": inside a JSON shape such as `{"cards": [...]}`
+            out[m.group(1)] = {a or b for a, b in re.findall(r"`([a-z_]+)`|\"([a-z_]+)\":", para.group(1))}
+    return out
+
+
+def emitted_names(data) -> set[str]:
+    """The keys of a JSON answer, and of the objects one level inside it (list items, nested objects)."""
+    names = set()
+    for k, v in data.items():
+        names.add(k)
+        for item in (v if isinstance(v, list) else [v]):
+            if isinstance(item, dict):
+                names.update(item)
+    return names
+
+
+def test_every_admin_json_field_is_documented(tmp_path, capsys):
+    """
+    docs/admin.md §7 lists, under each command, the fields of its
+    ``--json`` answer: monitoring is written against that list (§11: "list
+    --json for states and lockouts; show SERIAL --json for one card").
+    ``show --json`` also carried ``machine_failures`` (the owner's-machine
+    bucket of §9, which the text output shows as "N from its last
+    machine"), documented nowhere. Now every field each command emits, on
+    an issued code, a card in use, a throttled card, a copy and a
+    replacement, is in its section's list.
+    """
+    from vsc.cli import main
+    from vsc.protocol.auth import code_hash
+    from vsc.protocol.cardstore import CheckOut, CountFailure, EnrolCard
+    from vsc.protocol.lifecycle import Operation
+    from vsc.server import config
+    from vsc.server.store import Store
+
+    d = str(tmp_path / "srv")
+
+    def run(*argv) -> dict:
+        capsys.readouterr()
+        assert main(["admin", "--data-dir", d, *argv, "--json"]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out)
+
+    assert main(["admin", "--data-dir", d, "init", "--key-bits", "2048"]) == 0
+    got: dict[str, set[str]] = {}
+
+    def note(command, data):
+        got.setdefault(command, set()).update(emitted_names(data))
+
+    note("issue", run("issue", "alice"))
+    note("show", run("show", "alice"))
+    note("list", run("list"))
+    note("issue", run("issue", "bob"))
+    note("revoke", run("revoke", "bob"))
+    store = Store(config.load(d).database_url, __import__("time").time)  # clock-ok: the CLI reads the wall clock
+    try:
+        code = run("issue", "alice")["code"]
+        store.enrol(EnrolCard("alice", code_hash(code), b"v" * 32, b"kdf", b"p", b"", {}, "tcp:127.0.0.1:1"))
+        store.check_out(CheckOut("alice", b"M" * 32, b"S" * 32, {"suite": "aes256-gcm", "peer": "p"}, "p",
+                                 b"v" * 32))
+        for _ in range(5):
+            store.count_failure(CountFailure("alice", Operation.INSERT, "p", "failed: password", b"M" * 32, True))
+    finally:
+        store.close()
+    for command in ("show", "list", "history"):
+        note(command, run(command, *(["alice"] if command != "list" else [])))
+    note("unlock", run("unlock", "alice"))
+    note("duplicate", run("duplicate", "alice", "alice-copy"))
+    note("replace", run("replace", "alice-copy"))
+    note("replace", run("replace", "alice", "--policy", "fresh"))
+    note("destroy", run("destroy", "alice-copy-r1"))
+
+    documented = admin_json_fields()
+    for command, names in got.items():
+        assert command in documented, f"admin.md §7 has no --json paragraph for {command}"
+        missing = names - documented[command]
+        assert not missing, f"vsc admin {command} --json emits {sorted(missing)}, which admin.md §7 does not list"
