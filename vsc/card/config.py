@@ -173,7 +173,7 @@ SETTINGS = frozenset({
 
 
 def _checked(path: Path, s) -> dict:
-    """The section as a dict, after the cross-checks and the numbers read elsewhere (dongle_poll, kdf_salt) are checked."""
+    """The section as a dict, after the cross-checks and the values read elsewhere (dongle_poll, kdf_salt, applications) are checked."""
     settings = dict(s)
     unknown = sorted(set(settings) - SETTINGS)
     if unknown:
@@ -190,6 +190,11 @@ def _checked(path: Path, s) -> dict:
             raise CardConfigError(f"{path}: {e}") from None
     if "dongle_poll" in settings:
         _number(path, s, "dongle_poll", 60.0, POLL)
+    if "applications" in settings:  # a typo must not widen what PC/SC sees to every application
+        try:
+            parse_applications(settings["applications"])
+        except CardConfigError as e:
+            raise CardConfigError(f"{path}: {e}") from None
     poll = _number(path, s, "clock_poll", 3600.0, POLL)
     tolerance = _number(path, s, "clock_tolerance", 5400.0, TOLERANCE)
     if poll and tolerance <= poll:
