@@ -16,6 +16,7 @@ import json
 import re
 from pathlib import Path
 
+import attrs
 import pytest
 
 from tests import docrun
@@ -185,3 +186,94 @@ def test_every_admin_json_field_is_documented(tmp_path, capsys):
         assert command in documented, f"admin.md §7 has no --json paragraph for {command}"
         missing = names - documented[command]
         assert not missing, f"vsc admin {command} --json emits {sorted(missing)}, which admin.md §7 does not list"
+
+
+# ---------------------------------------------------------------- card.ini
+
+
+def card_ini_tables() -> dict[str, str]:
+    """key -> its row, from the card.ini settings tables of docs/card.md and docs/dongle.md (a cell may name several)."""
+    rows = {}
+    for page in ("card.md", "dongle.md"):
+        text = section(ROOT / "docs" / page, "Settings (`HOME/card.ini`")
+        for line in text.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("| `") else []
+            for key in re.findall(r"`([a-z_]+)`", cells[0] if cells else ""):
+                rows[key] = line
+    return rows
+
+
+def card_ini_keys_read() -> set[str]:
+    """
+    The card.ini keys the card side reads: vsc/card/config.py's section
+    (``s.get``, ``s[...]``, ``_number(path, s, NAME, ...)``) and the
+    ``settings.get(NAME)`` of every card-side module.
+    """
+    keys = set()
+    for pkg in ("card", "cli", "daemon", "dongle", "licensing"):
+        for path in (ROOT / "vsc" / pkg).rglob("*.py"):
+            section_module = path == ROOT / "vsc" / "card" / "config.py"
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+                    recv, first = ast.unparse(node.func.value), node.args[0]
+                    if (node.func.attr in ("get", "getboolean", "getfloat", "getint")
+                            and isinstance(first, ast.Constant) and isinstance(first.value, str)
+                            and ("settings" in recv or (section_module and recv == "s"))):
+                        keys.add(first.value)
+                elif isinstance(node, ast.Call) and ast.unparse(node.func) == "_number":
+                    keys.add(node.args[2].value)
+                elif (section_module and isinstance(node, ast.Subscript) and ast.unparse(node.value) == "s"
+                      and isinstance(node.slice, ast.Constant)):
+                    keys.add(node.slice.value)
+    return keys
+
+
+def test_every_card_ini_key_is_documented_with_its_default(tmp_path):
+    """
+    docs/card.md's settings table (with docs/dongle.md's for a card on a
+    token) is where a user learns what card.ini holds and may edit. The card
+    reads ``applications`` (which card applications PC/SC sees, chosen with
+    ``enroll --applications``) and ``totp`` (whether the insert asks for a
+    TOTP code), and neither was in either table. Now the tables list every
+    key the code reads and nothing it does not, and the documented default
+    of each numeric or channel setting is the code's.
+    """
+    from vsc.card import config as cc
+
+    rows = card_ini_tables()
+    read = card_ini_keys_read()
+    assert read - set(rows) == set(), f"card.ini keys the code reads that no settings table documents: {read - set(rows)}"
+    assert set(rows) - read == set(), f"documented card.ini keys the code never reads: {set(rows) - read}"
+    home = tmp_path / "home"
+    cc.save(home, server="tcp:127.0.0.1:7390", server_key="SHA256:x", serial="alice")  # every other key: its default
+    cfg = cc.load(home)
+    effective = dict(muk_poll=cfg.muk_poll, clock_poll=cfg.clock_poll, clock_tolerance=cfg.clock_tolerance,
+                     reconnect_attempts=cfg.reconnect_attempts, suites=",".join(s.label for s in cfg.channel.suites),
+                     allow_insecure=cfg.channel.allow_insecure, forward_secrecy=cfg.channel.forward_secrecy.value,
+                     handshake_timeout=cfg.channel.handshake_timeout)
+    for key, value in effective.items():
+        default = [c.strip() for c in rows[key].strip().strip("|").split("|")][1].strip("`")
+        shown = str(value).lower() if isinstance(value, bool) else (f"{value:g}" if isinstance(value, float) else str(value))
+        assert default == shown, f"card.ini {key}: documented default {default!r}, the code's {shown!r}"
+
+
+def test_a_misspelt_applications_setting_is_refused_not_widened(tmp_path):
+    """
+    card.ini's ``applications`` says which card applications PC/SC sees
+    (docs/card.md, settings; ``enroll --applications piv`` keeps OpenPGP
+    off). A value the card does not know (``applications = pvi``, a typo
+    when narrowing it by hand) was silently read as *both* applications
+    (vsc.card.config.applications_of fell back to the default): the card
+    served more than its owner asked for, and said nothing. Now such a value
+    is one line naming the setting, and the card does not start with it, as
+    for the other settings.
+    """
+    from vsc.card import config as cc
+
+    home = tmp_path / "home"
+    cc.save(home, server="tcp:127.0.0.1:7390", server_key="SHA256:x", serial="alice", applications="piv")
+    assert cc.applications_of(cc.load(home)) == ("piv",)
+    cc.save(home, server="tcp:127.0.0.1:7390", server_key="SHA256:x", serial="alice", applications="pvi")
+    with pytest.raises(cc.CardConfigError) as e:
+        cc.load(home)
+    assert "applications" in str(e.value) and "pvi" in str(e.value) and "\n" not in str(e.value)
