@@ -277,3 +277,106 @@ def test_a_misspelt_applications_setting_is_refused_not_widened(tmp_path):
     with pytest.raises(cc.CardConfigError) as e:
         cc.load(home)
     assert "applications" in str(e.value) and "pvi" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- command-line options
+
+
+def option_tree() -> dict[tuple[str, ...], list[tuple[str, ...]]]:
+    """(command words) -> the long spellings of each of its options: every ``vsc`` parser, and the twistd plugins."""
+    from twisted.python import usage  # noqa: F401 - the plugins' Options are usage.Options
+
+    from vsc import cli
+    from vsc.daemon import card_tap
+    from vsc.server import tap
+
+    tree: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + (name,))
+            elif action.help is not argparse.SUPPRESS:
+                longs = tuple(o for o in action.option_strings if o.startswith("--") and o != "--help")
+                if longs:
+                    tree.setdefault(path, []).append(longs)
+            tree.setdefault(path, [])
+
+    for name in cli.SUBCOMMANDS:
+        top = cli.build_parser(name)
+        sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+        walk(sub.choices[name], (name,))
+    for plugin, options in (("vsc-card", card_tap.Options), ("vsc-server", tap.Options)):
+        rows = list(getattr(options, "optParameters", [])) + list(getattr(options, "optFlags", []))
+        tree[(plugin,)] = [("--" + row[0],) for row in rows]
+    return tree
+
+
+def doc_sections() -> list[str]:
+    return [s for page in DOCS for s in re.split(r"\n(?=#+ )", page.read_text())]
+
+
+def mentions(text: str, option: str) -> bool:
+    return re.search(re.escape(option) + r"(?![\w-])", text) is not None
+
+
+def test_every_option_is_documented_with_its_command():
+    """
+    The pages are the user's manual: every option of every ``vsc`` command
+    and of ``twistd vsc-card`` / ``vsc-server`` is explained in a section
+    that names its command. ``vsc card passwd`` (changing the card's
+    password, and its --password-file / --new-password-file), ``--totp`` /
+    ``--totp-file`` (how an insert, recover or destroy gives the TOTP code
+    a server with ``impl_auth = totp`` asks for), ``enroll --force``,
+    ``ssh-pubkey --slot``, ``twistd vsc-card --ssh-agent`` and the options
+    of ``vsc demo`` and ``vsc bench`` were in no page. Now each option is in
+    a section that also names its command (``--json``, which every command
+    takes, aside).
+    """
+    sections = doc_sections()
+    missing = []
+    for path, options in option_tree().items():
+        word = re.compile(r"(?<![\w-])" + re.escape(path[-1]) + r"(?![\w-])")
+        for spellings in options:
+            if "--json" in spellings:
+                continue
+            if not any(word.search(s) and any(mentions(s, o) for o in spellings) for s in sections):
+                missing.append(f"{' '.join(path)} {spellings[0]}")
+    assert not missing, "options no section of README.md / docs/*.md explains with their command:\n" + "\n".join(missing)
+
+
+def test_every_documented_vsc_option_exists():
+    """
+    Every ``vsc ... --option`` the pages show (in a console example, a
+    code span or a quick-reference table) is an option of that command or
+    of one it belongs to (``vsc card --home H status``): a renamed or
+    removed option cannot stay in the manual.
+    """
+    tree = option_tree()
+    known = {path: {o for spellings in opts for o in spellings} | {"--help", "--json"} for path, opts in tree.items()}
+    bad = []
+    for page in DOCS:
+        text = page.read_text()
+        spans = re.findall(r"`([^`\n]+)`", text) + [
+            m.replace("\\\n", " ") for m in re.findall(r"^(?:\$ )?(vsc .*(?:\\\n.*)*)", text, re.M)]
+        for span in spans:
+            for command in re.split(r"[|;&(]", span):
+                words = command.split()
+                if "vsc" not in words:
+                    continue
+                paths, opts = [()], []
+                for w in words[words.index("vsc") + 1:]:
+                    if w.startswith("--"):
+                        opts.append(w.split("=")[0])
+                    elif w.startswith(("\"", "'")):
+                        break  # a quoted command line of another program (conformance --card-command "...")
+                    else:  # "sign/decrypt/cert": any of them
+                        longer = [p + (a,) for p in paths for a in w.split("/") if p + (a,) in tree]
+                        paths = longer or paths
+                if paths == [()]:
+                    continue
+                allowed = set().union(*(known[p[:i]] for p in paths for i in range(1, len(p) + 1)))
+                bad += [f"{page.name}: vsc {' '.join(paths[0])} {o}" for o in opts
+                        if re.fullmatch(r"--[a-z][a-z0-9-]*", o) and o not in allowed]
+    assert not bad, "documented options that the command does not have:\n" + "\n".join(sorted(set(bad)))
