@@ -380,3 +380,43 @@ def test_every_documented_vsc_option_exists():
                 bad += [f"{page.name}: vsc {' '.join(paths[0])} {o}" for o in opts
                         if re.fullmatch(r"--[a-z][a-z0-9-]*", o) and o not in allowed]
     assert not bad, "documented options that the command does not have:\n" + "\n".join(sorted(set(bad)))
+
+
+# ---------------------------------------------------------------- exit statuses
+
+
+def documented_statuses(page: str, heading: str) -> dict[int, str]:
+    rows = {}
+    for line in section(ROOT / "docs" / page, heading).splitlines():
+        m = re.match(r"^\| (\d+) \| (.*) \|$", line)
+        if m:
+            rows[int(m.group(1))] = m.group(2)
+    return rows
+
+
+@pytest.mark.parametrize("plugin,argv", [
+    ("vsc-card", ["--home", "H", "--no-such-option"]),
+    ("vsc-card", ["--home"]),
+    ("vsc-server", ["--data-dir", "D", "--no-such-option"]),
+    ("vsc-server", []),
+])
+def test_a_bad_option_of_a_twistd_plugin_is_status_2_and_one_line(plugin, argv, capsys):
+    """
+    docs/card.md's exit-status table of ``twistd vsc-card``: 1 is "insert
+    refused", 2 "bad settings or options" (and docs/admin.md §13: the
+    server's start-up failures are one line ``vsc-server: ...`` and status
+    2). An option the plugin does not know, one without its value, or a
+    missing ``--data-dir`` went to twistd's own handling: the whole usage
+    text on stdout and exit status 1, so a script watching the status read
+    a typo in its unit file as a refused insert. Now the plugin's options
+    answer such an error as the documented one line and status 2.
+    """
+    from twisted.scripts._twistd_unix import ServerOptions
+
+    table = documented_statuses("card.md", "Exit status of `twistd vsc-card`")
+    assert "options" in table[2] and "refused" in table[1]
+    with pytest.raises(SystemExit) as e:
+        ServerOptions().parseOptions(["--nodaemon", plugin, *argv])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2
+    assert out == "" and len(err.strip().splitlines()) == 1 and err.startswith(f"{plugin}: "), (out, err)

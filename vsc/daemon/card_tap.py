@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from twisted.application import service
-from twisted.python import usage
 
 from vsc.card import config as card_config
 from vsc.card import sshagent
@@ -22,9 +21,11 @@ from vsc.card.daemon import CardDaemon
 from vsc.card.storage import CardStorage, ServerStorage
 from vsc.dongle.storage import TokenStorage, detached_worker
 from vsc.protocol.auth import load_master_key
+from vsc.util.twistdopts import OneLineOptions
 
 
-class Options(usage.Options):
+class Options(OneLineOptions):
+    plugin = "vsc-card"
     synopsis = "--home HOME [--password-file F]"
     longdesc = (
         "Insert the Virtual Smart Card enrolled in HOME and serve it while it is in use: "

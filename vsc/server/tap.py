@@ -9,9 +9,11 @@ from twisted.application import service, strports
 from twisted.python import usage
 
 from vsc.server import config as server_config
+from vsc.util.twistdopts import OneLineOptions
 
 
-class Options(usage.Options):
+class Options(OneLineOptions):
+    plugin = "vsc-server"
     synopsis = "--data-dir DIR [--listen ENDPOINT] [--threads N]"
     longdesc = (
         "Run the VSC Server: it keeps every card's protected information (encrypted under "
