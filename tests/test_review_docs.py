@@ -420,3 +420,37 @@ def test_a_bad_option_of_a_twistd_plugin_is_status_2_and_one_line(plugin, argv, 
     out, err = capsys.readouterr()
     assert e.value.code == 2
     assert out == "" and len(err.strip().splitlines()) == 1 and err.startswith(f"{plugin}: "), (out, err)
+
+
+def vsc_status(argv: list[str]) -> int:
+    from vsc.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse
+        return e.code
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--no-such-option", "--", "true"],
+    ["run", "--vendor-key", "v.pem", "--", "true"],  # --license missing
+    ["run", "--license", "k", "--vendor-key", "v.pem", "--interval", "0", "--", "true"],
+    ["run", "--license", "k", "--vendor-key", "v.pem", "--grace", "-1", "--", "true"],
+])
+def test_vsc_run_bad_options_exit_as_documented(argv, capsys):
+    """
+    docs/licensing.md's exit codes of ``vsc run``, which a wrapper script
+    tells apart from the program's own: the page put "bad options" under
+    1 ("anything else"), but an unknown or missing option is argparse's
+    usage error, 2, and ``--interval`` / ``--grace`` out of range are
+    refused with EXIT_USAGE, 2, on purpose. Now the table's row for bad
+    options carries the status they exit with.
+    """
+    rows = {}
+    for line in section(ROOT / "docs" / "licensing.md", "`vsc run`").splitlines():
+        m = re.match(r"^\| (\d+)[^|]* \| (.*) \|$", line)
+        if m:
+            rows[int(m.group(1))] = m.group(2)
+    documented = [code for code, meaning in rows.items() if "options" in meaning]
+    assert len(documented) == 1, rows
+    assert vsc_status(argv) == documented[0], capsys.readouterr().err
