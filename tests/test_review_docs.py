@@ -16,7 +16,6 @@ import json
 import re
 from pathlib import Path
 
-import attrs
 import pytest
 
 from tests import docrun
@@ -26,7 +25,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def section(path: Path, heading: str) -> str:
-    """The text of the markdown section whose heading line starts with ``heading``, up to the next heading of its level."""
+    """The text of the markdown section whose heading starts with ``heading``, up to the next one of its level."""
     text = path.read_text()
     start = next(m for m in re.finditer(r"^(#+) (.*)$", text, re.M) if m.group(2).startswith(heading))
     level = len(start.group(1))
@@ -192,7 +191,7 @@ def test_every_admin_json_field_is_documented(tmp_path, capsys):
 
 
 def card_ini_tables() -> dict[str, str]:
-    """key -> its row, from the card.ini settings tables of docs/card.md and docs/dongle.md (a cell may name several)."""
+    """key -> its row, from the card.ini tables of docs/card.md and docs/dongle.md (a cell may name several)."""
     rows = {}
     for page in ("card.md", "dongle.md"):
         text = section(ROOT / "docs" / page, "Settings (`HOME/card.ini`")
@@ -242,7 +241,7 @@ def test_every_card_ini_key_is_documented_with_its_default(tmp_path):
 
     rows = card_ini_tables()
     read = card_ini_keys_read()
-    assert read - set(rows) == set(), f"card.ini keys the code reads that no settings table documents: {read - set(rows)}"
+    assert read - set(rows) == set(), f"card.ini keys the code reads that no table documents: {read - set(rows)}"
     assert set(rows) - read == set(), f"documented card.ini keys the code never reads: {set(rows) - read}"
     home = tmp_path / "home"
     cc.save(home, server="tcp:127.0.0.1:7390", server_key="SHA256:x", serial="alice")  # every other key: its default
@@ -253,7 +252,8 @@ def test_every_card_ini_key_is_documented_with_its_default(tmp_path):
                      handshake_timeout=cfg.channel.handshake_timeout)
     for key, value in effective.items():
         default = [c.strip() for c in rows[key].strip().strip("|").split("|")][1].strip("`")
-        shown = str(value).lower() if isinstance(value, bool) else (f"{value:g}" if isinstance(value, float) else str(value))
+        shown = (str(value).lower() if isinstance(value, bool)
+                 else f"{value:g}" if isinstance(value, float) else str(value))
         assert default == shown, f"card.ini {key}: documented default {default!r}, the code's {shown!r}"
 
 
@@ -284,8 +284,6 @@ def test_a_misspelt_applications_setting_is_refused_not_widened(tmp_path):
 
 def option_tree() -> dict[tuple[str, ...], list[tuple[str, ...]]]:
     """(command words) -> the long spellings of each of its options: every ``vsc`` parser, and the twistd plugins."""
-    from twisted.python import usage  # noqa: F401 - the plugins' Options are usage.Options
-
     from vsc import cli
     from vsc.daemon import card_tap
     from vsc.server import tap
@@ -343,7 +341,8 @@ def test_every_option_is_documented_with_its_command():
                 continue
             if not any(word.search(s) and any(mentions(s, o) for o in spellings) for s in sections):
                 missing.append(f"{' '.join(path)} {spellings[0]}")
-    assert not missing, "options no section of README.md / docs/*.md explains with their command:\n" + "\n".join(missing)
+    assert not missing, ("options no section of README.md / docs/*.md explains with their command:\n"
+                         + "\n".join(missing))
 
 
 def test_every_documented_vsc_option_exists():
@@ -454,3 +453,71 @@ def test_vsc_run_bad_options_exit_as_documented(argv, capsys):
     documented = [code for code, meaning in rows.items() if "options" in meaning]
     assert len(documented) == 1, rows
     assert vsc_status(argv) == documented[0], capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- troubleshooting messages
+
+
+def code_strings() -> str:
+    """Every string literal of vsc's code, an f-string's fields as NUL (so no text spans a field)."""
+    out = []
+    for path in [*(ROOT / "vsc").rglob("*.py")]:
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and n.body and isinstance(n.body[0], ast.Expr)}
+        for node in ast.walk(tree):
+            if id(node) in docstrings:
+                continue  # prose, not a message
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                out.append(node.value)
+            elif isinstance(node, ast.JoinedStr):
+                out.append("".join(v.value if isinstance(v, ast.Constant) else "\0" for v in node.values))
+    return "\n\0".join(out)
+
+
+#: what a page writes for a value: ..., …, a placeholder (HOME, N, SERIAL), a number or a slot, a quote, a path
+PLACEHOLDER = re.compile(r"\.\.\.|…|\b[A-Z][A-Z0-9_]*\b|\b\w*\d\w*\b|['\"/]")
+VSC_LINE = re.compile(r"^(?:vsc|vsc-card|vsc-server): ")
+
+
+def explained(fragment: str, corpus: str, bounded: str) -> bool:
+    """
+    Whether the code can print ``fragment``: it splits into pieces (a
+    message is often built from several: "insert refused: " + the server's
+    reason), each either three or more words of one code string, or a
+    whole literal part (between two fields or ends: "\0for\0" in ``bounded``).
+    """
+    words = fragment.split()
+    ok = [False] * len(words) + [True]
+    for i in range(len(words) - 1, -1, -1):
+        for j in range(i + 1, len(words) + 1):
+            piece = " ".join(words[i:j])
+            if ok[j] and ((j - i >= 3 and piece in corpus) or f"\0{piece.strip(' ,;:()')}\0" in bounded):
+                ok[i] = True
+                break
+    return ok[0]
+
+
+def test_every_vsc_message_the_pages_quote_is_one_the_code_can_print():
+    """
+    The troubleshooting tables and the text quote vsc's own one-line
+    messages (``vsc: ...``, ``vsc-card: ...``, ``vsc-server: ...``) so a
+    user can look up what they see. Each quoted message's text between
+    its placeholders must be text the code's strings can make, so a
+    reworded message cannot leave its explanation behind (the history's
+    lockout wording did, see the first test). A guard: every message quoted
+    today passes; rewording one in the code or the page fails it.
+    """
+    corpus = code_strings()
+    bounded = re.sub(r"[\s,;:()]*\0[\s,;:()]*", "\0", corpus)
+    bad = []
+    for page in DOCS:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)  # code spans, not blocks
+        quoted = [q for q in re.findall(r"`([^`]+)`", text.replace("\n", " ")) if VSC_LINE.match(q)]
+        for q in quoted:
+            body = VSC_LINE.sub("", q)
+            for fragment in (f.strip(" ,;:()") for f in PLACEHOLDER.split(body)):
+                if len(fragment) >= 6 and fragment not in corpus and not explained(fragment, corpus, bounded):
+                    bad.append(f"{page.name}: {q!r}: {fragment!r}")
+    assert not bad, "quoted messages the code cannot print:\n" + "\n".join(bad)

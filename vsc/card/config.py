@@ -173,7 +173,7 @@ SETTINGS = frozenset({
 
 
 def _checked(path: Path, s) -> dict:
-    """The section as a dict, after the cross-checks and the values read elsewhere (dongle_poll, kdf_salt, applications) are checked."""
+    """The section as a dict, once the cross-checks and the values read elsewhere are checked."""
     settings = dict(s)
     unknown = sorted(set(settings) - SETTINGS)
     if unknown:
