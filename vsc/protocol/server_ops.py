@@ -428,6 +428,8 @@ def _build():
         core.emit(Reply(OpResult(status=core.pending if core.pending is not None else failure)))
         core.finish()
 
+    # the reads before an answer: the record (loading), the enrolment code before its material is made (issuing)
+    @issuing.upon(OpsInputs.store_failed).to(idle)
     @loading.upon(OpsInputs.store_failed).to(idle)
     def load_failed(m: OpsInputs, core: OpsCore, reason: str, full: bool) -> None:
         core.emit(Reply(OpResult(status=Status.STORAGE_FULL if full else Status.INTERNAL)))
