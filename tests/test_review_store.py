@@ -66,3 +66,105 @@ def test_a_database_failure_while_the_enrolment_material_is_made_is_internal_and
     result = result_of(h.run(card_ops.enrol(client, SERIAL, code, keys, kdf, b"P",
                                             registration=registration(keys, SERIAL))))
     assert result.status is Status.OK and result.registration
+
+
+# ---------------------------------------------------------------- 2. new serials across processes
+
+
+class _Held:
+    """Hold ``store``'s next transaction open at its first history row (its changes made, not committed)."""
+
+    def __init__(self, store):
+        self.store, self.reached, self.go = store, threading.Event(), threading.Event()
+        history = store._history
+
+        def held(*args, **kwargs):
+            if not self.reached.is_set():
+                self.reached.set()
+                assert self.go.wait(20), "the held transaction was never let go"
+            return history(*args, **kwargs)
+
+        store._history = held
+
+
+def _thread(fn) -> tuple[threading.Thread, list]:
+    out: list = []
+
+    def run():
+        try:
+            out.append(fn())
+        except Exception as e:  # noqa: BLE001 - the test looks at what it was
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def _enrolment(serial: str):
+    from tests.test_store import CODE, KDF, P1, VERIFIER, h
+    from vsc.protocol.cardstore import EnrolCard
+
+    return EnrolCard(serial, h(CODE), VERIFIER, KDF, P1, b"", {}, "tcp:10.0.0.1:1")
+
+
+#: (what the first process does, held open; what a second process does meanwhile, which must be refused)
+NEW_SERIAL_RACES = {
+    "issue-issue-lookalike": (lambda s: s.issue("alice", b"h" * 32, "{}", 600), lambda s: s.issue("Alice", b"h" * 32, "{}", 600)),
+    "duplicate-issue": (lambda s: s.duplicate("card-1", "bob"), lambda s: s.issue("bob", b"h" * 32, "{}", 600)),
+    "issue-duplicate": (lambda s: s.issue("bob", b"h" * 32, "{}", 600), lambda s: s.duplicate("card-1", "bob")),
+    "duplicate-duplicate-lookalike": (lambda s: s.duplicate("card-1", "bob"), lambda s: s.duplicate("card-1", "B0b")),
+    "enrol-issue": (lambda s: s.enrol(_enrolment("carol")), lambda s: s.issue("carol", b"h" * 32, "{}", 600)),
+    "enrol-revoke": (lambda s: s.enrol(_enrolment("carol")), lambda s: s.revoke("carol")),
+}
+
+
+@pytest.mark.parametrize("race", sorted(NEW_SERIAL_RACES))
+def test_two_processes_cannot_both_claim_one_serial_or_two_lookalikes(database_url, race):
+    """
+    Rule (docs/admin.md §7 "Serials": issue, duplicate and replace refuse a
+    new serial that exists or looks like one that exists, a card or a
+    serial with a pending code; vsc.server.store: each operation is one
+    transaction whose decision holds "in one process or two"; several
+    server processes and the admin commands share one PostgreSQL database).
+
+    Before the fix the checks were reads of rows that did not exist yet: on
+    PostgreSQL (READ COMMITTED) nothing locked the absence of a serial, so
+    two processes creating new serials at once each found the other's not
+    there and both committed: ``alice`` and ``Alice`` issued side by side,
+    a duplicate onto ``bob`` beside an enrolment code for ``bob``, two
+    look-alike copies; an ``issue`` racing the owner's enrolment left a card
+    and a new pending code for one serial, and a ``revoke`` racing it said
+    "revoked; it no longer works" (history ``revoke ok``) of a code that had
+    just enrolled the card. (SQLite serialised them by its database lock.)
+    Now new serials are decided under one lock across processes, an issue
+    waits for an enrolment using the code it replaces, and revoke locks the
+    code it deletes: the second process is refused.
+    """
+    from tests.test_store import CODE, LOCKOUT, Clock, h, enrolled
+    from vsc.server.store import Store, StoreError
+
+    clock = Clock()
+    a, b = Store(database_url, clock, LOCKOUT), Store(database_url, clock, LOCKOUT)
+    try:
+        a.migrate()
+        enrolled(a, "card-1")
+        a.issue("carol", h(CODE), "{}", 600)
+        first, second = NEW_SERIAL_RACES[race]
+        held = _Held(a)
+        ta, out_a = _thread(lambda: first(a))
+        assert held.reached.wait(10)
+        tb, out_b = _thread(lambda: second(b))
+        tb.join(1.0)  # refused at once, done (wrongly) at once, or waiting for the first one's lock
+        held.go.set()
+        ta.join(20)
+        tb.join(20)
+        assert not ta.is_alive() and not tb.is_alive()
+        assert not isinstance(out_a[0], Exception) and getattr(out_a[0], "status", Status.OK) is Status.OK, out_a
+        assert isinstance(out_b[0], StoreError), f"the second process was not refused: {out_b}"
+        cards = {c.serial for c in a.list_cards()}
+        codes = {s for s, _ in a.pending()}
+        assert not cards & codes, f"a card and a pending code for one serial: {cards & codes}"
+    finally:
+        a.close()
+        b.close()

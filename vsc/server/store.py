@@ -16,6 +16,9 @@ explains it, commit. The decision is taken on the very row it changes, so
 two inserts of one serial racing from two machines, in one process or two,
 get exactly one check-out, and nothing is held while a peer authenticates:
 the per-serial exclusion of [0081] is the row lock of one transaction.
+A row that does not exist yet locks nothing on PostgreSQL: a new serial
+(issue, duplicate) is decided under one advisory lock, and an issue or revoke
+locks the enrolment code an enrolment may be consuming.
 A crash leaves the old record or the new one, never a mix.
 
 One responsibility (and so one module despite its length): the card database, on both backends.
@@ -528,6 +531,17 @@ class Store:
 
     # ------------------------------------------------------------ enrolment
 
+    def _claim_serials(self, cur) -> None:
+        """
+        The lock under which a new serial is decided (issue, duplicate), taken
+        first in its transaction. SQLite's BEGIN IMMEDIATE already serialises
+        every writer; on PostgreSQL nothing locks a row that does not exist
+        yet, so without this two processes each found the other's new serial
+        absent (or no look-alike of it) and both committed.
+        """
+        if self.kind == "postgresql":
+            self._x(cur, "SELECT pg_advisory_xact_lock(7390002)")
+
     def _refuse_new_serial(self, cur, serial: str) -> None:
         """A new serial must be in the alphabet and look like no other (vsc.protocol.serials), under the lock."""
         from vsc.protocol import serials
@@ -542,7 +556,11 @@ class Store:
 
     def issue(self, serial: str, code_hash: bytes, auth_info: str, ttl: float, peer: str = "admin") -> None:
         now = self.now()
+        lock = " FOR UPDATE" if self.kind == "postgresql" else ""
         with self._txn() as cur:
+            self._claim_serials(cur)
+            # the code it replaces first: an enrolment using it (holding its row) ends before the card is looked for
+            self._x(cur, f"SELECT 1 FROM enrolment_codes WHERE serial = ?{lock}", (serial,)).fetchall()
             if self._get_for_update(cur, serial) is not None:
                 raise StoreError(f"card {serial} already exists")
             self._refuse_new_serial(cur, serial)
@@ -561,8 +579,10 @@ class Store:
         row. Returns when the code would have expired. An enrolled card has no
         code to revoke (StoreError: destroy it instead).
         """
+        lock = " FOR UPDATE" if self.kind == "postgresql" else ""
         with self._txn() as cur:
-            row = self._x(cur, "SELECT expires FROM enrolment_codes WHERE serial = ?", (serial,)).fetchone()
+            # locked: an enrolment consuming the code ends first (then there is none to revoke)
+            row = self._x(cur, f"SELECT expires FROM enrolment_codes WHERE serial = ?{lock}", (serial,)).fetchone()
             if row is None:
                 if self._get_for_update(cur, serial) is not None:
                     raise StoreError(f"card {serial} is enrolled: there is no code to revoke "
@@ -901,6 +921,7 @@ class Store:
         """[0102]: a new idle entry with a copy of the same information."""
         now = self.now()
         with self._txn() as cur:
+            self._claim_serials(cur)
             card = self._get_for_update(cur, serial)
             if card is None:
                 raise StoreError(f"no card {serial}")
