@@ -168,3 +168,97 @@ def test_two_processes_cannot_both_claim_one_serial_or_two_lookalikes(database_u
     finally:
         a.close()
         b.close()
+
+
+# ---------------------------------------------------------------- 3. replace is all or nothing
+
+
+@pytest.fixture(scope="module")
+def _initialised(tmp_path_factory):
+    from vsc.cli import parse
+
+    d = tmp_path_factory.mktemp("template") / "server"
+    args = parse(["admin", "--data-dir", str(d), "init", "--key-bits", "2048"])
+    assert args.func(args) == 0
+    return d
+
+
+def _admin(data_dir, *argv: str) -> int:
+    from vsc.cli import parse
+
+    args = parse(["admin", "--data-dir", str(data_dir), *argv])
+    return args.func(args)
+
+
+@pytest.mark.parametrize("policy", ["duplicate", "fresh"])
+def test_a_replace_that_fails_half_way_leaves_no_copy_beside_the_live_lost_card(_initialised, tmp_path, monkeypatch,
+                                                                               capsys, policy):
+    """
+    Rule (vsc.server.store: "A crash leaves the old record or the new one,
+    never a mix"; docs/admin.md §7 replace: "--policy duplicate copies the
+    card to a new serial and destroys the old one, so the copy works with
+    the same password and the old serial (perhaps in use on a lost machine)
+    is dead"; the admin commands run while the server runs).
+
+    Before the fix ``replace`` was two transactions: the copy committed,
+    then the destroy ran on its own. When the destroy failed (the database
+    connection dropped, a disk error, a lock timeout while the server was
+    busy) the administrator got an error, but the copy was already there
+    beside the lost card, which stayed alive and in use on the lost
+    machine: the very thing the command exists to stop, with a second live
+    card holding the same information; running ``replace`` again then made
+    a second copy (``-r2``). Between the two transactions the lost machine
+    could also still sync, so the "exact copy" missed what the old card
+    last stored. Now the copy and the destroy are one transaction: a
+    failure leaves the lost card exactly as it was and no copy, and the
+    command can simply be run again. (``--policy fresh`` the same: its
+    code, never shown, was left pending for the new serial beside the live
+    lost card.)
+    """
+    import shutil
+
+    from tests.test_store import CHANNEL, CODE, h
+    from vsc.cli import CommandError
+    from vsc.protocol.cardstore import CheckOut
+    from vsc.protocol.lifecycle import Action
+    from vsc.server import config
+    from vsc.server.store import CardState, Store
+
+    data_dir = tmp_path / "server"
+    shutil.copytree(_initialised, data_dir)
+    url = config.load(data_dir).database_url
+    store = Store(url, lambda: 1_000_000.0)
+    store.migrate()
+    store.issue("laptop", h(CODE), "{}", 600)
+    assert store.enrol(_enrolment("laptop")).status is Status.OK
+    assert store.check_out(CheckOut("laptop", b"M" * 32, b"S" * 32, CHANNEL, "thief", b"v" * 32)).status is Status.OK
+    before = store.get("laptop")
+    store.close()
+
+    carry_out = Store._carry_out
+
+    def wipe_fails(self, cur, card, decision, e, now):
+        if decision.action is Action.WIPE:
+            raise sqlite3.OperationalError("disk I/O error")
+        return carry_out(self, cur, card, decision, e, now)
+
+    monkeypatch.setattr(Store, "_carry_out", wipe_fails)
+    with pytest.raises(CommandError, match="disk I/O error"):
+        _admin(data_dir, "replace", "laptop", "--policy", policy)
+    monkeypatch.undo()
+    store = Store(url, lambda: 1_000_000.0)
+    try:
+        assert store.get("laptop") == before and store.get("laptop").state is CardState.IN_USE
+        assert store.get("laptop-r1") is None, "a copy was left beside the lost card, which is still alive"
+        assert store.enrolment("laptop-r1") is None, "a code was left pending beside the lost card, still alive"
+        assert [e.op for e in store.history("laptop-r1")] == []
+        # run again, it does the whole job
+        assert _admin(data_dir, "replace", "laptop", "--policy", policy) == 0
+        assert store.get("laptop").state is CardState.DESTROYED
+        if policy == "duplicate":
+            copy = store.get("laptop-r1")
+            assert (copy.state, copy.protected, copy.version) == (CardState.IDLE, before.protected, before.version)
+        else:
+            assert store.get("laptop-r1") is None and store.enrolment("laptop-r1") is not None
+    finally:
+        store.close()

@@ -375,14 +375,15 @@ def cmd_replace(args) -> int:
         data = {"serial": serial, "new_serial": new, "policy": args.policy}
         if args.policy == "duplicate":
             from vsc.server.store import CardState
+            from vsc.wire.ops import Status
 
             if card.state is CardState.DESTROYED:
                 raise CommandError(
                     f"card {serial} is destroyed and its information is gone: use --policy fresh"
                 )
-            # copy first (the copy of a destroyed card would be empty), then destroy the lost card
-            store.duplicate(serial, new, peer="admin")
-            _destroy(store, serial)
+            # the copy and the destroy in one transaction: a failure leaves no copy beside a lost card still alive
+            if store.replace(serial, new, peer="admin") is not Status.OK:
+                raise CommandError(f"card {serial} is already destroyed")
             copy = store.get(new)
             data.update(version=copy.version, state=copy.state.value)
             text = (
@@ -390,12 +391,14 @@ def cmd_replace(args) -> int:
                 "the owner inserts it with the same password"
             )
         else:
-            from vsc.server.store import CardState
+            from vsc.server.policy import code_hash, new_enrolment_code
 
-            # the code first: a new serial the store refuses (one that looks like another) leaves the card as it was
-            code, expires = _new_code(store, policy, new, _ttl(args.ttl, policy.code_ttl))
-            if card.state is not CardState.DESTROYED:
-                store.destroy_by_admin(serial, peer="admin")  # destroyed meanwhile is destroyed too: the code stands
+            # the code and the destroy in one transaction: a new serial the store refuses (one that looks like
+            # another) or a failure leaves the card as it was; destroyed (before or meanwhile) is destroyed too
+            code = new_enrolment_code()
+            store.replace(serial, new, peer="admin",
+                          fresh=(code_hash(code), policy.initial_auth_info(), _ttl(args.ttl, policy.code_ttl)))
+            expires = store.enrolment(new)[2]
             data.update(code=code, expires=expires, state="issued")
             text = f"card {serial} destroyed; its replacement {new} starts afresh.\n" + _code_text(new, code, expires)
     emit(args, data, text)

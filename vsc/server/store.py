@@ -555,22 +555,24 @@ class Store:
             raise StoreError(str(e)) from None
 
     def issue(self, serial: str, code_hash: bytes, auth_info: str, ttl: float, peer: str = "admin") -> None:
-        now = self.now()
-        lock = " FOR UPDATE" if self.kind == "postgresql" else ""
         with self._txn() as cur:
             self._claim_serials(cur)
-            # the code it replaces first: an enrolment using it (holding its row) ends before the card is looked for
-            self._x(cur, f"SELECT 1 FROM enrolment_codes WHERE serial = ?{lock}", (serial,)).fetchall()
-            if self._get_for_update(cur, serial) is not None:
-                raise StoreError(f"card {serial} already exists")
-            self._refuse_new_serial(cur, serial)
-            self._x(cur, "DELETE FROM enrolment_codes WHERE serial = ?", (serial,))
-            self._x(
-                cur,
-                "INSERT INTO enrolment_codes (serial, code_hash, auth_info, created, expires) VALUES (?, ?, ?, ?, ?)",
-                (serial, code_hash, auth_info, now, now + ttl),
-            )
-            self._history(cur, serial, "issue", "ok", peer, detail=f"enrolment code valid for {ttl:g} s")
+            self._issue(cur, serial, code_hash, auth_info, ttl, peer, self.now())
+
+    def _issue(self, cur, serial: str, code_hash: bytes, auth_info: str, ttl: float, peer: str, now: float) -> None:
+        lock = " FOR UPDATE" if self.kind == "postgresql" else ""
+        # the code it replaces first: an enrolment using it (holding its row) ends before the card is looked for
+        self._x(cur, f"SELECT 1 FROM enrolment_codes WHERE serial = ?{lock}", (serial,)).fetchall()
+        if self._get_for_update(cur, serial) is not None:
+            raise StoreError(f"card {serial} already exists")
+        self._refuse_new_serial(cur, serial)
+        self._x(cur, "DELETE FROM enrolment_codes WHERE serial = ?", (serial,))
+        self._x(
+            cur,
+            "INSERT INTO enrolment_codes (serial, code_hash, auth_info, created, expires) VALUES (?, ?, ?, ?, ?)",
+            (serial, code_hash, auth_info, now, now + ttl),
+        )
+        self._history(cur, serial, "issue", "ok", peer, detail=f"enrolment code valid for {ttl:g} s")
 
     def revoke(self, serial: str, peer: str = "admin") -> float:
         """
@@ -905,45 +907,73 @@ class Store:
 
     def destroy_by_admin(self, serial: str, peer: str = "admin") -> Status:
         """`vsc admin destroy`: Figure 4's destroy 107 without a card, from idle or in use."""
-        now = self.now()
         with self._txn() as cur:
-            card = self._get_for_update(cur, serial)
-            if card is None:
-                decision = decide(State.NONE, Operation.DESTROY, Condition.ANY)
-            else:
-                decision = decide(card.state, Operation.DESTROY, Condition.ANY)
-                self._carry_out(cur, card, decision, None, now)
-            detail = f"from {card.state.value}" if card is not None and decision.status is Status.OK else ""
-            self._history(cur, serial, "destroy", decision.history, peer, None, detail)
-            return decision.status
+            return self._destroy_by_admin(cur, serial, peer, self.now())
+
+    def _destroy_by_admin(self, cur, serial: str, peer: str, now: float) -> Status:
+        card = self._get_for_update(cur, serial)
+        if card is None:
+            decision = decide(State.NONE, Operation.DESTROY, Condition.ANY)
+        else:
+            decision = decide(card.state, Operation.DESTROY, Condition.ANY)
+            self._carry_out(cur, card, decision, None, now)
+        detail = f"from {card.state.value}" if card is not None and decision.status is Status.OK else ""
+        self._history(cur, serial, "destroy", decision.history, peer, None, detail)
+        return decision.status
 
     def duplicate(self, serial: str, new_serial: str, peer: str = "admin") -> None:
         """[0102]: a new idle entry with a copy of the same information."""
+        with self._txn() as cur:
+            self._claim_serials(cur)
+            self._duplicate(cur, serial, new_serial, peer, self.now())
+
+    def replace(self, serial: str, new_serial: str, peer: str = "admin",
+                fresh: tuple[bytes, str, float] | None = None) -> Status:
+        """
+        `vsc admin replace` ([0062]), ONE transaction: the lost card is copied
+        to ``new_serial`` (or, with ``fresh`` = (code hash, auth info, ttl),
+        an enrolment code is issued for it) and destroyed. A failure leaves
+        both serials as they were: never a copy beside a lost card still
+        alive. Returns the destroy's status (DESTROYED: it was already, which
+        only a fresh replacement accepts).
+        """
         now = self.now()
         with self._txn() as cur:
             self._claim_serials(cur)
             card = self._get_for_update(cur, serial)
             if card is None:
                 raise StoreError(f"no card {serial}")
+            if fresh is None:
+                self._duplicate(cur, serial, new_serial, peer, now)  # refuses a destroyed card: nothing to copy
+            else:
+                self._issue(cur, new_serial, *fresh, peer, now)
             if card.state is CardState.DESTROYED:
-                raise StoreError(f"card {serial} is destroyed; its information is gone")
-            if self._get_for_update(cur, new_serial) is not None:
-                raise StoreError(f"card {new_serial} already exists")
-            if self._x(cur, "SELECT 1 FROM enrolment_codes WHERE serial = ?", (new_serial,)).fetchone():
-                raise StoreError(f"serial {new_serial} has a pending enrolment code")
-            self._refuse_new_serial(cur, new_serial)
-            info = json.loads(card.auth_info or "{}")
-            detail = f"copy of {serial}"
-            if "keyfile" in info:
-                # the keyfile names the old serial: the copy's first insert is issued one for its own (issue 13)
-                del info["keyfile"]
-                info.setdefault("registered_as", serial)
-                detail += "; a keyfile for this serial is issued at its first insert"
-            self._x(
-                cur,
-                f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES (?, 'idle', NULL, ?, NULL, ?, ?, ?, ?, 0, 0, ?, ?, NULL, NULL, 0, 0)",
-                (new_serial, card.protected, card.verifier, card.kdf, json.dumps(info, sort_keys=True), card.version,
-                 now, now),
-            )
-            self._history(cur, serial, "duplicate", "ok", peer, detail=f"copied to {new_serial}")
-            self._history(cur, new_serial, "duplicate", "ok", peer, detail=detail)
+                return Status.DESTROYED
+            return self._destroy_by_admin(cur, serial, peer, now)
+
+    def _duplicate(self, cur, serial: str, new_serial: str, peer: str, now: float) -> None:
+        card = self._get_for_update(cur, serial)
+        if card is None:
+            raise StoreError(f"no card {serial}")
+        if card.state is CardState.DESTROYED:
+            raise StoreError(f"card {serial} is destroyed; its information is gone")
+        if self._get_for_update(cur, new_serial) is not None:
+            raise StoreError(f"card {new_serial} already exists")
+        if self._x(cur, "SELECT 1 FROM enrolment_codes WHERE serial = ?", (new_serial,)).fetchone():
+            raise StoreError(f"serial {new_serial} has a pending enrolment code")
+        self._refuse_new_serial(cur, new_serial)
+        info = json.loads(card.auth_info or "{}")
+        detail = f"copy of {serial}"
+        if "keyfile" in info:
+            # the keyfile names the old serial: the copy's first insert is issued one for its own (issue 13)
+            del info["keyfile"]
+            info.setdefault("registered_as", serial)
+            detail += "; a keyfile for this serial is issued at its first insert"
+        self._x(
+            cur,
+            f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES (?, 'idle', NULL, ?, NULL, ?, ?, ?, ?, 0, 0, ?, ?, NULL, NULL, 0, 0)",
+            (new_serial, card.protected, card.verifier, card.kdf, json.dumps(info, sort_keys=True), card.version,
+             now, now),
+        )
+        self._history(cur, serial, "duplicate", "ok", peer, detail=f"copied to {new_serial}")
+        self._history(cur, new_serial, "duplicate", "ok", peer, detail=detail)
