@@ -262,3 +262,83 @@ def test_a_replace_that_fails_half_way_leaves_no_copy_beside_the_live_lost_card(
             assert store.get("laptop-r1") is None and store.enrolment("laptop-r1") is not None
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------- 4. a serial PostgreSQL cannot hold
+
+
+def test_a_serial_with_a_nul_names_no_card_on_either_backend(database_url):
+    """
+    Rule (docs/protocol.md §10.3: refusals are uniform, a serial that names
+    no card is challenged with a decoy and refused like any other; §10.13:
+    INTERNAL means "the server failed"; docs/admin.md §9a: what a stranger
+    sends without proving anything counts for its source, and once it is
+    throttled its refusals cost a log line only).
+
+    A request's serial is any 1 to 64 bytes of UTF-8 on the wire, NUL
+    included. PostgreSQL text cannot hold a NUL: before the fix every query
+    naming such a serial raised (psycopg DataError), so on a PostgreSQL
+    server a stranger's INSERT, SYNC or ENROL naming ``card\\0-1`` got
+    INTERNAL instead of the decoy challenge or REFUSED that SQLite (and any
+    other unknown serial) gets, the server logged a database traceback for
+    each, and since a failed store call is not a refusal, the requests were
+    never counted for the source: no throttle ever stopped them. Now such a
+    serial names no card on both backends (no card can have one: the
+    alphabet has no control characters) and is answered, counted and
+    throttled like any other unknown serial.
+    """
+    from tests.test_server_ops import AUTH_INFO, KDF, Now, machine, request
+    from tests.test_store import LOCKOUT
+    from vsc.protocol import auth
+    from vsc.protocol.cardstore import STORE_CALLS
+    from vsc.protocol.lockout import LockoutPolicy, SourceLimits
+    from vsc.protocol.server_ops import Reply
+    from vsc.server.store import Store
+    from vsc.wire.ops import AuthChallenge, EnrolRequest, Op
+
+    def drive(m, effects: list) -> list:
+        """The glue: each store effect on the store, a raised one as store_failed; the replies."""
+        replies = []
+        for e in effects:
+            if isinstance(e, Reply):
+                replies.append(e.message)
+            elif type(e) in STORE_CALLS:
+                try:
+                    result = STORE_CALLS[type(e)](store, e)
+                except Exception as why:  # noqa: BLE001 - what Backend.run's errback hands the machine
+                    replies += drive(m, m.store_failed(str(why)))
+                else:
+                    replies += drive(m, m.loaded(result) if type(e).__name__ == "LoadCard" else m.stored(result))
+        return replies
+
+    def answers(serial: str, peer: str) -> list:
+        m = machine(now=now, peer=peer, limits=SourceLimits(LockoutPolicy(), now))
+        out = [type(r).__name__ if isinstance(r, AuthChallenge) else r.status
+               for r in drive(m, m.message(request(Op.INSERT, serial=serial, insert_secret=b"S" * 32)))]
+        m = machine(now=now, peer=peer, limits=SourceLimits(LockoutPolicy(), now))
+        out += [r.status for r in drive(m, m.message(request(Op.SYNC, serial=serial, insert_secret=b"S" * 32,
+                                                             version=1, protected=b"x")))]
+        out += [r.status for r in drive(m, m.message(EnrolRequest(serial=serial, code="CODE-1", verifier=b"V" * 32,
+                                                                  kdf=KDF, protected=b"P", registration=b"")))]
+        return out
+
+    now = Now()
+    store = Store(database_url, now, LOCKOUT)
+    try:
+        store.migrate()
+        store.issue("card-1", auth.code_hash("CODE-1"), AUTH_INFO, 3600)
+        unknown = answers("no-such-card", "198.51.100.7:1")
+        assert unknown == ["AuthChallenge", Status.REFUSED, Status.REFUSED]
+        assert answers("card\x00-1", "198.51.100.8:1") == unknown
+        assert store.get("card\x00-1") is None and store.enrolment("card-1") is not None
+        # counted for its source: a stranger repeating it is throttled, its refusals no longer written
+        policy = LockoutPolicy()
+        m = machine(now=now, peer="198.51.100.9:1", limits=SourceLimits(policy, now))
+        before = len(store.history())
+        for _ in range(3 * policy.source_threshold):
+            effects = m.message(request(Op.SYNC, serial="card\x00-1", insert_secret=b"S" * 32, version=1,
+                                        protected=b"x"))
+            assert [r.status for r in drive(m, effects)] == [Status.REFUSED]
+        assert len(store.history()) - before <= policy.source_threshold
+    finally:
+        store.close()

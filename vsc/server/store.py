@@ -315,6 +315,17 @@ class Store:
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.kind == "postgresql" else sql
 
+    def _params(self, params: tuple) -> tuple:
+        """
+        PostgreSQL text cannot hold a NUL (psycopg raises): a NUL in a text
+        parameter (a request's serial is any UTF-8 on the wire) is stored and
+        looked up as U+FFFD. Neither is in the serial alphabet, so such a
+        serial names no card on either backend: refused like any unknown one.
+        """
+        if self.kind != "postgresql":
+            return params
+        return tuple(p.replace("\x00", "\ufffd") if isinstance(p, str) and "\x00" in p else p for p in params)
+
     @contextlib.contextmanager
     def _txn(self) -> Iterator[Any]:
         """One write transaction (see ``_txn_raw``); a full disk is StorageFull, whatever statement met it."""
@@ -368,7 +379,7 @@ class Store:
         return False
 
     def _x(self, cur, sql: str, params: tuple = ()) -> Any:
-        cur.execute(self._sql(sql), params)
+        cur.execute(self._sql(sql), self._params(params))
         return cur
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
@@ -376,7 +387,7 @@ class Store:
             conn = self._conn()
             try:
                 cur = conn.cursor()
-                cur.execute(self._sql(sql), params)
+                cur.execute(self._sql(sql), self._params(params))
                 return cur.fetchall()
             except Exception:
                 # a connection the database dropped: forget it; a read changes nothing, so read once more
