@@ -342,3 +342,102 @@ def test_a_serial_with_a_nul_names_no_card_on_either_backend(database_url):
         assert len(store.history()) - before <= policy.source_threshold
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------- 5. a lock held elsewhere
+
+
+def test_a_card_locked_by_a_stuck_process_is_answered_internal_not_waited_on_for_ever(database_url):
+    """
+    Rule (docs/protocol.md §10.13: a database failure is answered INTERNAL,
+    nothing changed; vsc.server.store: "nothing is held while a peer
+    authenticates", a transaction holds its row for one short decision;
+    several server processes share one database).
+
+    SQLite gives up a lock wait after its busy timeout (10 s) and the card
+    is answered INTERNAL. On PostgreSQL a store call waited for a row lock
+    without any bound: when another process stopped in the middle of a
+    transaction holding a card's row (paused, its host cut off from the
+    database, which keeps the session and its locks until TCP gives up: by
+    default two hours), every request for that card in every other process
+    waited with it, each holding one of the process's few database
+    threads, until none was left for any card. Now a lock wait has the
+    same bound on both backends (``Store.lock_timeout``, 10 s; here 0.5 s):
+    the waiting call fails (INTERNAL for the card), its thread is free, and
+    the card is served again once the lock is released.
+    """
+    import time
+
+    from tests.test_store import LOCKOUT, P1, SESSION_A, MUK_A, Clock, enrolled, insert, sync
+    from vsc.server.store import Store, StorageFull
+
+    clock = Clock()
+    a, b = Store(database_url, clock, LOCKOUT), Store(database_url, clock, LOCKOUT)
+    b.lock_timeout = 0.5
+    try:
+        a.migrate()
+        enrolled(a, "card-1")
+        assert insert(a, "card-1", MUK_A, SESSION_A).status is Status.OK
+        held = _Held(a)
+        ta, _ = _thread(lambda: a.unlock("card-1"))  # holds card-1's row (and, on SQLite, the database)
+        assert held.reached.wait(10)
+        started = time.monotonic()
+        tb, out_b = _thread(lambda: sync(b, "card-1", SESSION_A, 1, P1 + b"2"))
+        tb.join(8)
+        waited = time.monotonic() - started
+        held.go.set()
+        ta.join(20)
+        tb.join(20)
+        assert waited < 8, "the store call waited for the lock without a bound"
+        assert isinstance(out_b[0], Exception) and not isinstance(out_b[0], StorageFull), out_b
+        assert sync(b, "card-1", SESSION_A, 1, P1 + b"2") == (Status.OK, 2)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_process_stopped_inside_a_transaction_does_not_keep_the_card_locked_on_postgresql(pg_database_url):
+    """
+    Rule (as above; docs/admin.md: several server processes share one
+    PostgreSQL database, so one process's fault must not take a card from
+    the others).
+
+    A server process cut off from PostgreSQL, or stopped, in the middle of
+    a transaction left its session "idle in transaction" on the database,
+    holding the card's row lock (and any lock it had taken) until TCP gave
+    up on it: hours, during which the card could not be inserted, synced
+    or removed from any other process. A store transaction never waits on
+    anything outside the database between its statements, so PostgreSQL
+    now ends a session idle inside a transaction after
+    ``Store.idle_in_transaction`` seconds (60; here 1): the stuck
+    transaction is rolled back (nothing of it is stored), its locks are
+    released, and the other process serves the card.
+    """
+    from tests.test_store import LOCKOUT, P1, SESSION_A, MUK_A, Clock, enrolled, insert, sync
+    from vsc.protocol.cardstore import CountFailure
+    from vsc.protocol.lifecycle import Operation
+    from vsc.server.store import Store
+
+    clock = Clock()
+    a, b = Store(pg_database_url, clock, LOCKOUT), Store(pg_database_url, clock, LOCKOUT)
+    a.idle_in_transaction = 1.0
+    try:
+        a.migrate()
+        enrolled(a, "card-1")
+        assert insert(a, "card-1", MUK_A, SESSION_A).status is Status.OK
+        a.count_failure(CountFailure("card-1", Operation.INSERT, "p", "bad", None, False))  # for unlock to undo
+        held = _Held(a)
+        ta, out_a = _thread(lambda: a.unlock("card-1"))  # stops inside its transaction, holding card-1's row
+        assert held.reached.wait(10)
+        tb, out_b = _thread(lambda: sync(b, "card-1", SESSION_A, 1, P1 + b"2"))
+        tb.join(8)
+        assert out_b == [(Status.OK, 2)], f"the card stayed locked by the stopped process: {out_b}"
+        held.go.set()
+        ta.join(20)
+        assert isinstance(out_a[0], Exception), out_a  # its transaction was ended: nothing of it stored
+        assert b.get("card-1").failures == 1 and [e.op for e in b.history("card-1")][-1] == "sync"
+        assert sync(a, "card-1", SESSION_A, 2, P1 + b"3") == (Status.OK, 3)  # and the process carries on
+    finally:
+        held.go.set()
+        a.close()
+        b.close()

@@ -254,6 +254,15 @@ def redact(url: str) -> str:
 class Store:
     """Open with ``Store.open(url, now)``; ``now`` is the injected clock (reactor.seconds)."""
 
+    #: seconds a statement waits for a lock another connection holds (SQLite's busy timeout, PostgreSQL's
+    #: lock_timeout) before it fails (INTERNAL for a card): a process stopped in the middle of a transaction
+    #: must not hold every other process's calls for that card, and their database threads, with it
+    lock_timeout = 10.0
+    #: PostgreSQL ends a session idle inside a transaction this long (its transaction rolled back, its locks
+    #: released): a transaction never waits on anything outside the database between its statements, so only a
+    #: process stopped or cut off mid-transaction is, and it must not keep a card locked for the others
+    idle_in_transaction = 60.0
+
     def __init__(self, url: str, now: Callable[[], float], lockout: LockoutPolicy = LockoutPolicy(),
                  history_per_card: int = HISTORY_PER_CARD):
         self.url = url
@@ -285,14 +294,22 @@ class Store:
         if self.kind == "sqlite":
             if not os.path.exists(self.path):  # the database holds every card's record: owner-only, like the key
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-            conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=self.lock_timeout, isolation_level=None,
+                                   check_same_thread=False)
             _wal_mode(conn)
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute(f"PRAGMA busy_timeout={int(self.lock_timeout * 1000)}")
             return conn
         import psycopg
 
         conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        try:
+            conn.execute("SELECT set_config('lock_timeout', %s, false), "
+                         "set_config('idle_in_transaction_session_timeout', %s, false)",
+                         (f"{int(self.lock_timeout * 1000)}ms", f"{int(self.idle_in_transaction * 1000)}ms"))
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _conn(self):
