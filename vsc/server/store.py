@@ -819,7 +819,7 @@ class Store:
                 # the password changed between the challenge and this answer: the answer proves the old one
                 decision = decide(card.state, op, Condition.CHANGED)
                 detail = "the password changed during authentication"
-            elif not self._totp_fresh(card, totp_step):
+            elif not self._totp_fresh(cur, card, totp_step):
                 decision = decide(card.state, op, Condition.AUTH_FAILED)
                 detail = "TOTP code already used"
             else:
@@ -876,11 +876,38 @@ class Store:
                 return Outcome(decision.status, version=card.version)
             return Outcome(decision.status, holder=holder)
 
-    def _totp_fresh(self, card: CardRecord, step: int | None) -> bool:
+    def _totp_fresh(self, cur, card: CardRecord, step: int | None) -> bool:
+        """
+        Whether ``step`` is later than the last step used with this card's
+        TOTP seed, on this card or on any other holding the same seed (a
+        duplicate, `vsc admin duplicate`, or a replacement's original): each
+        code is accepted once, whichever copy it is typed for. On PostgreSQL
+        the seed's advisory lock, taken after this card's row lock and held
+        to the commit, makes a concurrent answer for a copy read this step
+        once it is written (its transaction waits for the lock, and never
+        holds one this transaction waits for: only this card's row is written).
+        """
         if step is None:
             return True
         totp = json.loads(card.auth_info or "{}").get("totp")
-        return isinstance(totp, dict) and int(totp.get("last_step", -1)) < step
+        if not isinstance(totp, dict):
+            return False
+        last = int(totp.get("last_step", -1))
+        secret = str(totp.get("secret", ""))
+        if secret and all(c in "0123456789abcdef" for c in secret):
+            if self.kind == "postgresql":
+                key = int.from_bytes(crypto.sha256(b"vsc totp " + secret.encode())[:8], "big", signed=True)
+                self._x(cur, "SELECT pg_advisory_xact_lock(?)", (key,)).fetchall()
+            rows = self._x(cur, "SELECT auth_info FROM cards WHERE serial <> ? AND auth_info LIKE ?",
+                           (card.serial, f"%{secret}%")).fetchall()
+            for (info,) in rows:
+                try:
+                    other = json.loads(info or "{}").get("totp")
+                except ValueError:
+                    continue
+                if isinstance(other, dict) and other.get("secret") == secret:
+                    last = max(last, int(other.get("last_step", -1)))
+        return last < step
 
     def _authenticated_ok(self, cur, card: CardRecord, totp_step: int | None, own_machine: bool, now: float) -> None:
         """Authentication passed: consume the TOTP step (each code is good once) and reset the bucket it counted in."""
