@@ -41,3 +41,76 @@ def test_a_totp_code_used_on_a_card_is_used_up_for_its_duplicate(tmp_path):
         assert store.recover(RecoverCard("totp-a", MUK_A, "p", VERIFIER, totp_step=102)).status is Status.OK
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------- 3. private files: written safely and durably
+
+
+def _fsync_log(monkeypatch) -> list:
+    """Record what each os.fsync was called on (a directory or a file) and when, relative to os.replace."""
+    import os
+    import stat
+
+    events: list = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file"))
+        return real_fsync(fd)
+
+    def replace(a, b, **kw):
+        events.append("replace")
+        return real_replace(a, b, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_the_freshness_record_is_written_like_every_private_file(tmp_path, monkeypatch):
+    """
+    Rule (vsc/card/freshness.py: the record is saved "atomic, fsynced"; vsc/card/paths.py write_private: "a
+    new file of our own: never one another user made first"; docs/security.md "Rollback"). How it was broken:
+    FreshnessStore.save wrote through a fixed HOME/freshness.tmp opened with O_CREAT|O_TRUNC and no
+    O_NOFOLLOW/O_EXCL: a symlink left at that name (a restored backup, another program, anyone who could
+    write HOME once) had the card truncate and overwrite the file it pointed to, and the record itself became
+    that symlink. accept-rollback opened its marker the same way. And neither that nor write_private synced the
+    directory after the rename, so a power loss could bring back the previous record: one generation of
+    rollback protection lost. Now both go through write_private: a fresh O_EXCL|O_NOFOLLOW temporary file,
+    fsynced, renamed, and the directory fsynced after the rename.
+    """
+    import os
+
+    from tests.test_freshness import PK, SERIAL, envelope, step
+    from vsc.card.freshness import FreshnessStore
+    from vsc.card.protected import CardMemory
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    os.symlink(victim, home / "freshness.tmp")
+    os.symlink(victim, home / "freshness.accept-rollback")
+    store = FreshnessStore(home)
+    mem = CardMemory.load(SERIAL, envelope(), PK)
+    events = _fsync_log(monkeypatch)
+    step(mem, store)
+    assert victim.read_text() == "keep me", "the freshness record was written through a planted symlink"
+    assert not (home / "freshness").is_symlink() and store.load(mem).generation == 1
+    assert events[-2:] == ["replace", "fsync-dir"], f"the directory was not synced after the rename: {events}"
+    store.accept_next_rollback()
+    assert victim.read_text() == "keep me", "accept-rollback truncated the file its marker's symlink points to"
+
+
+def test_write_private_syncs_the_directory_after_the_rename(tmp_path, monkeypatch):
+    """
+    Rule (vsc/card/paths.py write_private: "a crash leaves the old file or the new one"). How it was broken:
+    the rename was not made durable (no fsync of the directory), so after a power loss the old card.ini, keyfile
+    or token record could come back although the command had said it was written. Now the directory is fsynced
+    after the rename.
+    """
+    from vsc.card.paths import write_private
+
+    events = _fsync_log(monkeypatch)
+    write_private(tmp_path / "card.ini", b"x")
+    assert events == ["fsync-file", "replace", "fsync-dir"]

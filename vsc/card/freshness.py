@@ -35,12 +35,12 @@ until the owner puts back a good copy or moves it away.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import attrs
 
+from vsc.card.paths import write_private
 from vsc.wire import openpgp as pgp_wire
 from vsc.wire.protected import ItemKind, decode_counter, encode_counter
 
@@ -206,19 +206,12 @@ class FreshnessStore:
         body = _body(rec.card_id, rec.generation, rec.floors, rec.index)
         records = self._records()
         records[rec.card_id] = dict(json.loads(body), mac=memory.data_key_mac(b"vsc freshness", body).hex())
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({"records": records}, sort_keys=True))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps({"records": records}, sort_keys=True).encode())
         return rec
 
     def accept_next_rollback(self) -> None:
         """The owner's deliberate choice: the next insert may load an older copy (floors still apply)."""
-        fd = os.open(self.accept_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.close(fd)
+        write_private(self.accept_path, b"")
 
     def rollback_accepted(self) -> bool:
         return self.accept_path.exists()

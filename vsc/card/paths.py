@@ -134,7 +134,15 @@ def agent_socket_for(home: str | os.PathLike) -> str:
 
 
 def write_private(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``path`` with mode 0600, atomically (a crash leaves the old file or the new one, never half of one)."""
+    """
+    Write ``path`` with mode 0600, atomically and durably: a crash leaves the
+    old file or the new one, never half of one, and once this returns a
+    power loss cannot bring the old one back (the file is fsynced before the
+    rename, its directory after). The data goes to a new file of our own
+    (O_EXCL, O_NOFOLLOW, a random name), never through whatever sits at a
+    fixed name: a symlink there is not followed. Every private file of the
+    card's home is written this way (card.ini, keyfiles, the freshness record).
+    """
     path = os.fspath(path)
     # a new file of our own: never one another user made first under a name we would pick (PATH.tmp in /tmp)
     tmp = f"{path}.{os.urandom(8).hex()}.tmp"
@@ -151,3 +159,18 @@ def write_private(path: str | os.PathLike, data: bytes) -> None:
         except OSError:
             pass
         raise
+    _sync_directory(os.path.dirname(path) or ".")
+
+
+def _sync_directory(path: str) -> None:
+    """fsync a directory, so that a rename in it survives a power loss (not supported everywhere: then skipped)."""
+    import errno
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
