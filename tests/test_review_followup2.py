@@ -114,3 +114,45 @@ def test_write_private_syncs_the_directory_after_the_rename(tmp_path, monkeypatc
     events = _fsync_log(monkeypatch)
     write_private(tmp_path / "card.ini", b"x")
     assert events == ["fsync-file", "replace", "fsync-dir"]
+
+
+# ---------------------------------------------------------------- 4. a store call's outcome is never lost
+
+
+@pytest.mark.parametrize("where", ["loaded", "stored"])
+def test_an_exception_handling_a_store_result_closes_the_channel_instead_of_hanging(tmp_path, monkeypatch, where):
+    """
+    Rule (vsc/net/channel.py ChannelProtocol._guard: a handler that fails closes the channel with
+    INTERNAL_ERROR; docs/protocol.md §10.2: a request gets its answer). How it was broken:
+    vsc/server/service.py handed each store call's result on with ``addCallbacks(cb, _store_error)``: an
+    exception raised while the operation machine took the result (or while its effects were carried out) went
+    to no handler — an "Unhandled error in Deferred" at garbage collection, no answer, and the card's request
+    waited until the channel's idle timer closed it (60 s, 600 s once authenticated), the operation machine
+    stuck in the middle of an operation. Now every outcome reaches the machine once, and a failure while it is
+    handled is logged and closes the channel with INTERNAL_ERROR at once: the card's request fails and it
+    reconnects.
+    """
+    from tests.test_server_ops import SERIAL, Harness
+    from vsc.net.channel import ChannelClosedError
+    from vsc.protocol.server_ops import ServerOps
+    from vsc.wire import ErrorCode
+    from vsc.wire.ops import Op, OpRequest
+
+    h = Harness(tmp_path)
+    client, server, _pump = h.connect()
+    h.enrol(client)
+
+    def broken(self, value):
+        raise RuntimeError(f"injected fault handling the {where} result")
+
+    monkeypatch.setattr(ServerOps, where, broken)
+    if where == "loaded":
+        d = client.request(OpRequest(op=Op.INSERT, serial=SERIAL, insert_secret=b"S" * 32))
+    else:  # a session operation: its store call's outcome goes to stored()
+        d = client.request(OpRequest(op=Op.SYNC, serial=SERIAL, insert_secret=b"S" * 32, version=1,
+                                     protected=b"P"))
+    h.settle()
+    out: list = []
+    d.addBoth(out.append)
+    assert out, "the card's request got no answer: the failure handling the store's result was lost"
+    assert out[0].check(ChannelClosedError) and server.closeCode is ErrorCode.INTERNAL_ERROR

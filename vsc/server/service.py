@@ -144,7 +144,12 @@ class ServerProtocol(ChannelProtocol):
             if not self.channel.closed:
                 self._run(self.channel.close(ErrorCode.SERVER_BUSY))
 
-        d.addCallbacks(decrypted, refused).addErrback(lambda f: self.log.failure("handshake decryption", f))
+        def failed(failure: Failure) -> None:  # a fault of this server's (in decrypted, or the decryption)
+            self.log.failure("handshake decryption for {peer}", failure, peer=self.peer)
+            if not self.channel.closed:
+                self._run(self.channel.close(ErrorCode.INTERNAL_ERROR))
+
+        d.addCallbacks(decrypted, refused).addErrback(failed)
 
     def _authenticated(self, serial: str) -> None:
         if self._uncount():
@@ -223,15 +228,15 @@ class ServerProtocol(ChannelProtocol):
                 if not self.channel.closed:
                     self.sendMessage(e.message)
             elif isinstance(e, LoadCard):
-                backend.run(e).addCallbacks(lambda card: self._effects(self.ops.loaded(card)), self._store_error)
+                self._then(backend.run(e), lambda card: self._effects(self.ops.loaded(card)))
             elif isinstance(e, CheckOut) and e.reissue:
-                backend.work(self._check_out_reissuing, e).addCallbacks(
-                    lambda outcome: self._effects(self.ops.stored(outcome)), self._store_error)
+                self._then(backend.work(self._check_out_reissuing, e),
+                           lambda outcome: self._effects(self.ops.stored(outcome)))
             elif type(e) in STORE_CALLS:
-                backend.run(e).addCallbacks(lambda outcome: self._effects(self.ops.stored(outcome)), self._store_error)
+                self._then(backend.run(e), lambda outcome: self._effects(self.ops.stored(outcome)))
             elif isinstance(e, IssueMaterial):
-                backend.work(self._enrol_material, e).addCallbacks(
-                    lambda material: self._effects(self.ops.material(material)), self._material_refused)
+                self._then(backend.work(self._enrol_material, e),
+                           lambda material: self._effects(self.ops.material(material)), self._material_refused)
             elif isinstance(e, StartDeadline):
                 self._cancel_deadline()
                 self._deadline = self.clock.callLater(e.seconds, self._deadline_passed)
@@ -246,6 +251,21 @@ class ServerProtocol(ChannelProtocol):
                 self.log.info("{peer} broke the operation protocol: {reason}", peer=self.peer, reason=e.reason)
                 if not self.channel.closed:
                     self.closeChannel(ErrorCode.UNEXPECTED_MESSAGE)
+
+    def _then(self, d: Deferred, on_result: Callable, on_failure: Callable | None = None) -> None:
+        """
+        Hand a store call's (or worker's) outcome to the operation machine,
+        exactly once: its result to ``on_result``, its failure to
+        ``on_failure`` (default ``_store_error``). An exception raised while
+        either runs (the machine taking the outcome, or its effects carried
+        out) is this server's fault, not the store's: it is logged and the
+        channel closed with INTERNAL_ERROR (``_guard``), so the card's request
+        fails now instead of waiting for an answer that would never come —
+        with ``addCallbacks(cb, eb)`` such an exception reached no handler.
+        """
+        on_failure = on_failure or self._store_error
+        d.addCallbacks(lambda result: self._guard(lambda: on_result(result)),
+                       lambda failure: self._guard(lambda: on_failure(failure)))
 
     def _enrol_material(self, e: IssueMaterial) -> implauth.EnrolMaterial:
         """
