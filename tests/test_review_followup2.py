@@ -156,3 +156,45 @@ def test_an_exception_handling_a_store_result_closes_the_channel_instead_of_hang
     d.addBoth(out.append)
     assert out, "the card's request got no answer: the failure handling the store's result was lost"
     assert out[0].check(ChannelClosedError) and server.closeCode is ErrorCode.INTERNAL_ERROR
+
+
+# ---------------------------------------------------------------- 5. enroll --force leaves nothing of the old card
+
+
+def test_enroll_force_removes_what_the_previous_card_left_in_home(tmp_path, monkeypatch):
+    """
+    Rule (vsc/card/config.py: HOME/keyfile.vsc and keyfile.vsc.new are *the card's* keyfiles; docs/security.md
+    "Rollback": a rollback is accepted only when the owner asks for it, for the next insert). How it was
+    broken: `vsc card enroll --force` overwrote card.ini but left the previous card's keyfile.vsc, its pending
+    keyfile.vsc.new and a pending freshness.accept-rollback in HOME. The new card then offered the old card's
+    keyfiles whenever its server asked for a keyfile (sent to a server that has nothing to do with them), and
+    the old owner's "accept the next rollback" applied to the new card's first older copy: a server could
+    hand it back a stale generation once without the owner having asked. Now a successful enrolment removes
+    them before it writes the new card's settings (and keyfile, if one is issued). The freshness records stay:
+    each is keyed by its card ID and authenticated with that card's data key, so another card's is ignored.
+    """
+    from tests.test_server_ops import Harness, cli_enrolment, result_of
+    from vsc.card import config as cc
+    from vsc.card.freshness import ACCEPT_NAME
+    from vsc.cli import enrol as enrol_cli
+
+    h = Harness(tmp_path)
+
+    async def connect(reactor, endpoint, fingerprint, config, *rest, **kw):
+        client, server, _ = h.connect()
+        return client
+
+    monkeypatch.setattr("vsc.card.connect.connect", connect)
+    monkeypatch.setattr(enrol_cli, "run_async", lambda run: result_of(h.run(run(h.clock))))
+    home = tmp_path / "home"
+    assert enrol_cli.cmd_enroll(cli_enrolment(h, tmp_path, serial="alice")) == 0
+    leftovers = [cc.keyfile_path(home), cc.keyfile_path(home, pending=True), home / ACCEPT_NAME]
+    for path in leftovers:
+        path.write_bytes(b"left by alice's card")
+    args = cli_enrolment(h, tmp_path, serial="bob")
+    args.force = True
+    assert enrol_cli.cmd_enroll(args) == 0
+    config = cc.load(home)
+    assert config.settings["serial"] == "bob"
+    assert [p.name for p in leftovers if p.exists()] == [], "the previous card's files are still in HOME"
+    assert enrol_cli._credentials(args, config).keyfiles == ()

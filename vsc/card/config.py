@@ -402,6 +402,29 @@ def commit_pending_keyfile(home: Path) -> None:
     os.replace(keyfile_path(home, True), keyfile_path(home, False))
 
 
+def forget_previous_card(home: Path) -> list[str]:
+    """
+    A new card was just enrolled into ``home`` (``vsc card enroll``, with
+    ``--force`` over another card): remove what belonged to the card before
+    it — its keyfile, a pending re-sealed one, a pending accept-rollback —
+    so none of it is offered to, or applied for, the new card. Returns the
+    names removed. The freshness records stay (each keyed by its card ID
+    and authenticated with that card's data key: another card's is ignored).
+    """
+    from vsc.card.freshness import ACCEPT_NAME
+
+    removed = []
+    for name in (KEYFILE_NAME, PENDING_KEYFILE_NAME, ACCEPT_NAME):
+        try:
+            (Path(home) / name).unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise CardConfigError(f"cannot remove the previous card's {Path(home) / name}: {e.strerror}") from None
+        removed.append(name)
+    return removed
+
+
 def discard_pending_keyfile(home: Path) -> None:
     try:
         keyfile_path(home, True).unlink()

@@ -157,6 +157,10 @@ def cmd_enroll(args) -> int:
     except TokenError as e:
         raise CommandError(str(e)) from None
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:  # HOME is the new card's now (vsc card enroll does the same)
+        cc.forget_previous_card(home)
+    except cc.CardConfigError as e:
+        raise CommandError(f"the card is enrolled on the token, but {e}") from None
     write_private(home / TABLE_NAME, table_bytes)
     # --keep-pin-in-uri: the PIN from --token-pin-file goes into card.ini's URI (never onto a command line)
     token_uri = f"{args.token};pin-value={quote(ref.pin, safe='')}" if args.keep_pin_in_uri else args.token

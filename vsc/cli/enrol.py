@@ -98,6 +98,10 @@ def cmd_enroll(args) -> int:
                       applications=list(applications))
 
     run_async(run)
+    try:  # HOME is the new card's now: nothing of the card before it may be offered or applied for it
+        cc.forget_previous_card(home)
+    except cc.CardConfigError as e:
+        raise CommandError(f"the card is enrolled, but {e}") from None
     values = dict(server=args.server, server_key=args.server_key, serial=args.serial,
                   kdf_floor="legacy" if args.legacy_kdf else f"scrypt:{args.scrypt_log2n}",
                   applications=",".join(applications))
