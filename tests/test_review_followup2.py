@@ -198,3 +198,39 @@ def test_enroll_force_removes_what_the_previous_card_left_in_home(tmp_path, monk
     assert config.settings["serial"] == "bob"
     assert [p.name for p in leftovers if p.exists()] == [], "the previous card's files are still in HOME"
     assert enrol_cli._credentials(args, config).keyfiles == ()
+
+
+# ---------------------------------------------------------------- 7. a command the router answers ends a chain
+
+
+def test_a_select_the_router_answers_itself_abandons_the_current_applications_chain():
+    """
+    Rule (ISO/IEC 7816-4 5.3.3 and 5.3.4, vsc/protocol/applet.py CommandFront: "a different header abandons
+    the chain"): a command chain, and the data waiting for GET RESPONSE, belong to the commands that follow
+    each other on the card; any other command received in between ends them. How it was broken: a SELECT of
+    an AID no application of the card has is answered 6A82 by the router itself (vsc/protocol/router.py), so
+    the selected application never saw it and kept its pending chain and response: after "VERIFY PW1 with
+    '12' (chained), SELECT <unknown AID>, VERIFY PW1 with '3456'" the OpenPGP application checked '123456'
+    (and accepted it), and a GET RESPONSE after the 6A82 still handed out the rest of an earlier answer.
+    The same held for a SELECT of the other application that it refused. Now a command the current
+    application does not see abandons its chain and its pending response.
+    """
+    from tests.test_openpgp import FakeCard
+
+    card = FakeCard()
+    assert card.select() == 0x9000
+    unknown = bytes.fromhex("A000000099990101")
+    assert card.send(0x20, 0x00, 0x81, b"12", cla=0x10)[1] == 0x9000  # first part of a chained VERIFY
+    assert card.send(0xA4, 0x04, 0x00, unknown)[1] == 0x6A82
+    sw = card.send(0x20, 0x00, 0x81, b"3456")[1]
+    assert sw != 0x9000, "the chain begun before the SELECT was completed after it: PW1 '12'+'3456' verified"
+    # a SELECT of the other application that it refuses (P2 it does not take) ends the chain too
+    assert card.send(0x20, 0x00, 0x81, b"12", cla=0x10)[1] == 0x9000
+    assert card.send(0xA4, 0x04, 0x7C, bytes.fromhex("A000000308"))[1] != 0x9000
+    assert card.send(0x20, 0x00, 0x81, b"3456")[1] != 0x9000
+    # and the rest of an answer waiting for GET RESPONSE
+    body, sw = card.send(0xCA, 0x00, 0x6E, le=16)
+    assert sw >> 8 == 0x61, hex(sw)
+    assert card.send(0xA4, 0x04, 0x00, unknown)[1] == 0x6A82
+    sw = card.send(0xC0, 0, 0, le=256)[1]
+    assert sw != 0x9000 and sw >> 8 != 0x61, "the rest of the answer given before the SELECT was handed out after it"

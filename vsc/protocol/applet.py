@@ -219,6 +219,17 @@ class CommandFront(ResponseBuffer):
             self._static[name] = build()
         return self._static[name]
 
+    def interrupted(self) -> None:
+        """
+        Another command reached the card without reaching this application
+        (a SELECT the router answered itself, or one another application
+        refused): a chain in progress and an answer waiting for GET RESPONSE
+        are abandoned (ISO/IEC 7816-4 5.3.3, 5.3.4), as a command of its own
+        with another header would abandon them.
+        """
+        self._chain = None
+        self._out, self._out_pos = b"", 0
+
     def process(self, raw: bytes) -> Generator[Effect, Any, bytes]:
         """One command APDU in, one response APDU out (a generator of effects)."""
         try:

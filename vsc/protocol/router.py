@@ -7,10 +7,12 @@ volatile security status is cleared, ISO/IEC 7816-4 7.1.1) once the named
 application has accepted the SELECT (9000, 61xx, or a 62xx warning such as
 OpenPGP's 6285 "terminated"); a SELECT of an AID no carried application has
 (6A82), or one the named application refuses (its own AID test, P2, class),
-changes nothing.
+changes nothing but this: like any command, it ends a command chain or an
+answer waiting for GET RESPONSE in the selected application (ISO/IEC 7816-4
+5.3.3, 5.3.4), which never sees it.
 
 Each application is a sans-IO applet (vsc.protocol.applet) with
-``process(raw)`` (a generator of effects) and ``reset()``, given to the
+``process(raw)`` (a generator of effects), ``reset()`` and ``interrupted()``, given to the
 router with the test of the AIDs it answers to. The router is an applet too,
 so the glue (vsc.card.vpcd) drives it like a single one.
 """
@@ -31,6 +33,8 @@ class Applet(Protocol):
     def process(self, raw: bytes) -> Generator[Effect, Any, bytes]: ...
 
     def reset(self) -> None: ...
+
+    def interrupted(self) -> None: ...
 
 
 class AppletRouter:
@@ -63,10 +67,14 @@ class AppletRouter:
                 return a
         return None
 
+    def interrupted(self) -> None:
+        self.current.interrupted()
+
     def process(self, raw: bytes) -> Generator[Effect, Any, bytes]:
         target = self._target(raw)
         if target is None:
             yield from ()
+            self.current.interrupted()  # a command it did not see ends its chain and pending answer all the same
             return apdu.build_response(b"", SW_NOT_FOUND)
         if target is self.current:
             return (yield from target.process(raw))
@@ -76,6 +84,7 @@ class AppletRouter:
             self.current = target
         else:
             target.reset()  # refused: the current application stays selected, the other one as it was
+            self.current.interrupted()  # ... but its chain and pending answer end, as on any other command
         return response
 
 
