@@ -11,7 +11,7 @@ import pytest
 # ---------------------------------------------------------------- 2. a TOTP code is accepted once, copies included
 
 
-def test_a_totp_code_used_on_a_card_is_used_up_for_its_duplicate(tmp_path):
+def test_a_totp_code_used_on_a_card_is_used_up_for_its_duplicate(database_url):
     """
     Rule (docs/admin.md `impl_auth`, `totp`: "each code is accepted once"; [0102] duplicate: a copy of the
     same information). How it was broken: `vsc admin duplicate` copies the card's auth_info, TOTP seed and
@@ -25,7 +25,7 @@ def test_a_totp_code_used_on_a_card_is_used_up_for_its_duplicate(tmp_path):
     from vsc.server.store import Store
     from vsc.wire.ops import Status
 
-    store = Store(f"sqlite:///{tmp_path / 'vsc.sqlite3'}", lambda: 1_000_000.0)
+    store = Store(database_url, lambda: 1_000_000.0)
     store.migrate()
     try:
         store.issue("totp-a", h(CODE), '{"methods": ["password", "totp"]}', ttl=600)
