@@ -14,7 +14,7 @@ from twisted.application import service
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 
-from vsc.card.session import CardSession, explain
+from vsc.card.session import EXIT_STORAGE, CardSession, LifeState, explain
 from vsc.card.storage import CardStorage
 
 
@@ -34,11 +34,15 @@ class CardDaemon(service.Service):
         self.session: CardSession | None = None
         self.port = None
         self.exit_code = 0
+        self._status: int | None = None  # the status the process leaves with (an os._exit after shutdown)
+        self._starting = None  # the insert and the start of the services (_start)
+        self._said = ""  # the last exit line printed (an exit reached twice says it once)
+        self._stop_asked = False
 
     def startService(self) -> None:
         super().startService()
         self.session = CardSession(self.cfg, self.reactor, self.storage, on_exit=self.exit)
-        d = ensureDeferred(self._start())
+        d = self._starting = ensureDeferred(self._start())
         d.addErrback(lambda f: self.log.failure("card start failed", f) or self.exit(1, "internal error"))
 
     async def _start(self) -> None:
@@ -53,13 +57,15 @@ class CardDaemon(service.Service):
         except Exception as e:  # noqa: BLE001 - one clear line, non-zero exit
             self.exit(1, f"insert refused: {explain(e)}")
             return
+        if not self.running:  # stopped (SIGTERM) while inserting: serve nothing; _stop removes the card
+            return
         factory = ControlFactory(self.session, on_remove=lambda: self.exit(0, ""))
         self.port = control_listen(self.reactor, str(sock), factory)  # reads into locked memory (issue 15)
         self.log.info("card {serial} in use; control socket {sock}", serial=self.cfg.serial, sock=str(sock))
         print(f"vsc-card: card {self.cfg.serial} inserted; control socket {sock}", file=sys.stderr, flush=True)
         if self.ssh_agent is not None:
             await self._start_ssh_agent(*self.ssh_agent)
-        if self.pcsc is not None:
+        if self.pcsc is not None and self.running:
             from vsc.card.vpcd import PcscLink
 
             link = PcscLink(self.reactor, self.session, self.pcsc)
@@ -87,18 +93,28 @@ class CardDaemon(service.Service):
         print(f"vsc-card: ssh-agent on {path}; use it with: export SSH_AUTH_SOCK={path}", file=sys.stderr, flush=True)
 
     def exit(self, code: int, why: str) -> None:
-        if why:
+        if why and why != self._said:
+            self._said = why
             # twistd -n routes sys.stderr into its log: the user's line goes to the real stderr
             self.log.info("card daemon exits ({code}): {why}", code=code, why=why)
             print(f"vsc-card: {why}", file=sys.__stderr__ or sys.stderr, flush=True)
         self.exit_code = code
         if code:
             # twistd has no exit status of its own: leave with ours once shut down
-            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, code)
+            self._leave_with(code)
+        if not self.running or self._stop_asked:  # already stopping (SIGTERM, or an exit before)
+            return  # (a second reactor.stop() raises ReactorNotRunning)
+        self._stop_asked = True
         if self.reactor.running:
             self.reactor.stop()
         else:
             self.reactor.callWhenRunning(self.reactor.stop)
+
+    def _leave_with(self, code: int) -> None:
+        """Leave with status ``code`` once shut down (the first status decided wins)."""
+        if self._status is None:
+            self._status = code
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, code)
 
     def stopService(self):
         super().stopService()
@@ -106,20 +122,32 @@ class CardDaemon(service.Service):
         return d
 
     async def _stop(self) -> None:
+        if self._starting is not None:  # an insert under way (SIGTERM while inserting): it ends first
+            await self._starting
         if self.pcsc_link is not None:  # first: PC/SC sees the card leave
             await self.pcsc_link.stop()
         if self.agent_port is not None:
             await self.agent_port.stopListening()
         if self.port is not None:
             await self.port.stopListening()
-        if self.session is not None and self.session.usable:
+        session = self.session
+        if session is None:
+            return
+        if session.life is LifeState.REMOVING:  # `vsc card remove` under way: its check-in is not cut off
+            await session.removal()
+            if session.life is LifeState.IDLE:
+                self._leave_with(0)  # removed normally
+        if session.usable:
             try:
-                await self.session.remove("the card process is stopping")
+                await session.remove("the card process is stopping")
                 print(f"vsc-card: card {self.cfg.serial} removed", file=sys.stderr, flush=True)
                 # removed normally: status 0 (twistd would otherwise re-raise the SIGTERM it stopped on)
-                self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 0)
+                self._leave_with(0)
             except Exception as e:  # noqa: BLE001
+                if session.life is LifeState.IDLE:  # removed anyway (a token: every change is on it), code 5
+                    self.exit(EXIT_STORAGE, explain(e))  # now: its own exit (a callLater) may not run any more
+                    return
                 why = f"remove failed: {explain(e)}; recover from this machine later"
                 print(f"vsc-card: {why}", file=sys.stderr, flush=True)
-                if self.session.usable:  # still in use (a server card): wipe it, exit without remove
-                    self.session.abort(why, code=None)
+                if session.usable:  # still in use (a server card): wipe it, exit without remove
+                    session.abort(why, code=None)

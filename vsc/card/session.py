@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Callable
 
-from twisted.internet.defer import DeferredLock, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -115,6 +115,7 @@ class CardSession:
         self.pid = 0
         self._oplock = DeferredLock()
         self._pollers: list[LoopingCall] = []
+        self._removal: list[Deferred] | None = None  # who waits for the remove under way (``removal``)
         self._last_clock = 0.0
         self.inserted_at = 0.0
         #: the key-cache policy (card.ini ``key_cache = 9a, 9c``; off by default): see ``with_key``
@@ -493,6 +494,23 @@ class CardSession:
         says so, and the process exits (code 5) once it has been answered.
         """
         self._life.remove()  # 801: every other service is refused from now on
+        self._removal = []
+        try:
+            await self._remove(reason)
+        finally:
+            waiting, self._removal = self._removal, None
+            for d in waiting:
+                d.callback(None)
+
+    def removal(self) -> Deferred:
+        """Fires once the remove under way (if any) has ended, however it ended; at once when none is."""
+        if self._removal is None:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._removal.append(d)
+        return d
+
+    async def _remove(self, reason: str) -> None:
         self._stop_polling()
 
         async def run():

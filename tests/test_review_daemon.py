@@ -1,0 +1,227 @@
+"""
+Review of the card daemon (``twistd -n vsc-card``: vsc.card.daemon) as a
+process that runs for weeks and is stopped by SIGTERM in any phase: the
+documented end state and exit status (docs/card.md "Exit status of
+``twistd vsc-card``"), the machine lock released, nothing left serving.
+
+The daemon is driven with a Clock-based fake reactor (``FakeReactor``): the
+control socket's listening port, the runtime-dir check and the machine key
+are replaced by stand-ins, the storage is tests.cardfakes.MemoryStorage.
+``reactor.stop()`` is what SIGTERM does first; ``daemon.stopService()`` is
+what twistd runs next (its Deferred is what the reactor waits for before it
+shuts down). An ``os._exit`` trigger "after shutdown" is how the daemon
+leaves with its own status (twistd would otherwise re-raise SIGTERM).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from twisted.internet import error
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from vsc.card import control
+from vsc.card import daemon as daemon_mod
+from vsc.card.config import CardConfig
+from vsc.card.machine import MachineLock
+from vsc.card.protected import PlainItem, seal_envelope
+from vsc.card.session import EXIT_STORAGE, CardError, CardSession, LifeState
+from vsc.wire.protected import ItemKind, encode_counter
+from tests.cardfakes import MemoryStorage
+
+SERIAL = "daemon-1"
+KEY = bytes(range(32))
+
+
+class FakeReactor(Clock):
+    """A Clock with the reactor-core calls CardDaemon makes; ``stop`` behaves like Twisted's (once only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.running = True
+        self._stopped = False
+        self.triggers: list[tuple] = []
+
+    def stop(self):
+        if self._stopped:
+            raise error.ReactorNotRunning("Can't stop reactor that isn't running.")
+        self._stopped = True
+
+    def addSystemEventTrigger(self, phase, event, fn, *args):
+        self.triggers.append((phase, event, fn, args))
+
+    def callWhenRunning(self, fn, *args):
+        fn(*args)
+
+    def exit_status(self):
+        """The status the process would leave with: the first os._exit "after shutdown" trigger; None: none."""
+        for phase, event, fn, args in self.triggers:
+            if (phase, event, fn) == ("after", "shutdown", os._exit):
+                return args[0]
+        return None
+
+
+class FakePort:
+    def __init__(self):
+        self.listening = True
+
+    def stopListening(self):
+        self.listening = False
+        return succeed(None)
+
+
+class HeldStorage(MemoryStorage):
+    """MemoryStorage whose ``open`` waits for ``hold`` (an insert under way, e.g. on a slow server)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.hold: Deferred | None = None
+
+    async def open(self, password, muk):
+        if self.hold is not None:
+            await self.hold
+        return await super().open(password, muk)
+
+
+def _envelope() -> bytes:
+    return seal_envelope(SERIAL, KEY, [PlainItem(ItemKind.COUNTER, "runs", encode_counter(3))], os.urandom)
+
+
+@pytest.fixture
+def rig(tmp_path, monkeypatch):
+    """(reactor, storage, make_daemon, ports): a CardDaemon on a fake reactor; ``ports`` are the control ports."""
+    reactor = FakeReactor()
+    storage = HeldStorage(SERIAL, _envelope(), KEY, os.urandom)
+    cfg = CardConfig(home=tmp_path, server="", server_key="", serial=SERIAL, muk_poll=60.0, clock_poll=0)
+    ports: list[FakePort] = []
+    locks: list[MachineLock] = []
+
+    def session(config, reactor_, storage_, on_exit):
+        lock = MachineLock(str(tmp_path / "lock"))
+        locks.append(lock)
+        return CardSession(config, reactor_, storage_, rand=os.urandom, muk=lambda: b"m" * 32, pid=lambda: 4242,
+                           lock=lock, on_exit=on_exit)
+
+    def listen(reactor_, path, factory, mode=0o600):
+        port = FakePort()
+        ports.append(port)
+        return port
+
+    monkeypatch.setattr(daemon_mod, "CardSession", session)
+    monkeypatch.setattr(control, "prepare_socket_path", lambda path: None)
+    monkeypatch.setattr(control, "listen", listen)
+
+    def make():
+        return daemon_mod.CardDaemon(reactor, cfg, "pw", storage)
+
+    yield reactor, storage, make, ports
+    for lock in locks:
+        lock.release()
+
+
+def _fired(d: Deferred) -> bool:
+    box = []
+    d.addBoth(lambda r: box.append(r) or r)
+    return bool(box)
+
+
+def _lock_free(tmp_path) -> bool:
+    other = MachineLock(str(tmp_path / "lock"))
+    try:
+        other.acquire()
+    except Exception:  # noqa: BLE001
+        return False
+    other.release()
+    return True
+
+
+def test_sigterm_while_inserting_removes_the_card_once_inserted(rig, tmp_path):
+    """
+    docs/card.md: "SIGTERM removes the card, then exits" (status 0: "removed
+    normally"). Broken: SIGTERM while the insert was still under way (the
+    server's answer not yet in) ran stopService at once — nothing to stop
+    yet — and the shutdown did not wait for the insert; when it completed,
+    _start went on and served the control socket after the daemon had
+    stopped, and nobody ever removed the card: it stayed in use on the
+    server (a recover needed), its control socket was left listening. Now
+    the stop waits for the insert, serves nothing after it, and removes the
+    card: checked in, idle, the machine lock released, exit status 0.
+    """
+    reactor, storage, make, ports = rig
+    storage.hold = Deferred()
+    daemon = make()
+    daemon.startService()
+    assert daemon.session.life is LifeState.INSERTING
+    reactor.stop()  # SIGTERM
+    stopped = daemon.stopService()
+    assert not _fired(stopped), "the shutdown did not wait for the insert under way"
+    storage.hold.callback(None)  # the server answers the insert
+    assert _fired(stopped)
+    assert daemon.session.life is LifeState.IDLE
+    assert len(storage.checked_in) == 1
+    assert not [p for p in ports if p.listening], "the control socket is served after the daemon stopped"
+    assert _lock_free(tmp_path)
+    assert reactor.exit_status() == 0
+
+
+def test_sigterm_while_a_remove_is_under_way_waits_for_it(rig, tmp_path):
+    """
+    docs/card.md: `vsc card remove` (or SIGTERM) checks the card in and
+    releases the lock; the daemon then exits 0 ("removed normally").
+    Broken: SIGTERM while a `vsc card remove` was still checking the card in
+    found the card not usable and stopped at once: the reactor shut down
+    with the check-in in flight, the channel was cut, and the card was left
+    in use on the server (or the daemon was killed by the signal's status
+    although the remove had been asked for). Now the stop waits for the
+    remove under way; the card ends idle and the status is 0.
+    """
+    reactor, storage, make, ports = rig
+    daemon = make()
+    daemon.startService()
+    assert daemon.session.life is LifeState.IN_USE
+    storage.hold_checkin = Deferred()
+    proto = control.ControlProtocol(daemon.session, on_remove=lambda: daemon.exit(0, ""))
+    removing = proto.remove()  # `vsc card remove`
+    assert daemon.session.life is LifeState.REMOVING
+    reactor.stop()  # SIGTERM
+    stopped = daemon.stopService()
+    assert not _fired(stopped), "the shutdown did not wait for the check-in under way"
+    storage.hold_checkin.callback(None)
+    assert _fired(removing)
+    reactor.advance(0)
+    assert _fired(stopped)
+    assert daemon.session.life is LifeState.IDLE
+    assert len(storage.checked_in) == 1
+    assert _lock_free(tmp_path)
+    assert reactor.exit_status() == 0
+
+
+def test_sigterm_with_the_token_gone_exits_5_with_the_true_line(rig, tmp_path, capfd):
+    """
+    docs/card.md exit-status table: 5 = "dongle mode: the token check failed
+    or the token is gone: the card was removed" (CardSession.remove: a
+    storage whose ``checkin_failed`` gives a line wipes the card and exits
+    5). Broken: on SIGTERM the daemon's stop caught that refusal and printed
+    "remove failed: ...; recover from this machine later" — false, the card
+    was wiped and is idle, there is nothing to recover — and the exit 5
+    the session scheduled (a callLater) went to ``reactor.stop()`` a second
+    time, which raises ReactorNotRunning: no status 5, the process left
+    with SIGTERM's. Now the line says what happened and the status is 5.
+    """
+    reactor, storage, make, ports = rig
+    daemon = make()
+    daemon.startService()
+    storage.fail_checkin = CardError("the token is gone")
+    storage.remove_anyway = "the token is gone; every change was already on it: the card was removed"
+    reactor.stop()  # SIGTERM
+    stopped = daemon.stopService()
+    reactor.advance(0)  # the session's exit, scheduled after its refusal was answered
+    assert _fired(stopped)
+    assert daemon.session.life is LifeState.IDLE
+    err = capfd.readouterr().err
+    assert "recover" not in err, err
+    assert err.count("the card was removed") == 1, err
+    assert reactor.exit_status() == EXIT_STORAGE
+    assert _lock_free(tmp_path)
