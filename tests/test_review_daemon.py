@@ -21,6 +21,7 @@ import pytest
 from twisted.internet import error
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from vsc.card import control
 from vsc.card import daemon as daemon_mod
@@ -225,3 +226,48 @@ def test_sigterm_with_the_token_gone_exits_5_with_the_true_line(rig, tmp_path, c
     assert err.count("the card was removed") == 1, err
     assert reactor.exit_status() == EXIT_STORAGE
     assert _lock_free(tmp_path)
+
+
+def test_a_control_client_that_hangs_up_before_its_data_get_is_answered_costs_no_traceback(tmp_path):
+    """
+    The control socket's module docstring: a DataGet answer is built in a
+    locked buffer and sent from it; docs/card.md: a failure is one line, no
+    traceback. A client that goes away is an ordinary event (Ctrl-C on
+    `vsc card data get` while a sync holds the card). Broken: when the
+    answer was ready after the client had hung up, it was written to the
+    gone connection's transport (None): an AttributeError, logged with its
+    traceback as "control command failed" — one per vanished client in a
+    log that runs for weeks. Now the answer's locked buffer is freed and
+    nothing is logged as a failure.
+    """
+    from twisted.internet.testing import StringTransport
+    from twisted.logger import globalLogPublisher
+
+    from tests.cardfakes import in_use_session, release
+    from vsc.wire import ampbox
+    from vsc.wire import control as wc
+
+    envelope = seal_envelope(SERIAL, KEY, [PlainItem(ItemKind.DATA, "note", b"secret")], os.urandom)
+    session = in_use_session(CardConfig(home=tmp_path, server="", server_key="", serial=SERIAL, muk_poll=0,
+                                        clock_poll=0), MemoryStorage(SERIAL, envelope, KEY, os.urandom), os.urandom)
+    failures = []
+
+    def observe(event):
+        if "log_failure" in event:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        held = session._oplock.acquire()  # a sync (or another client's command) holds the card
+        assert _fired(held)
+        proto = control.ControlProtocol(session)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(ampbox.encode_box(wc.request(wc.DATA_GET, 7, {"name": "note"})))
+        proto.connectionLost(Failure(error.ConnectionDone()))  # the client hangs up before its answer
+        session._oplock.release()
+        assert transport.value() == b""
+        assert failures == [], failures[0].get("log_failure")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        release(session)

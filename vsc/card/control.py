@@ -338,7 +338,7 @@ class ControlProtocol(amp.AMP):
             if name is None:
                 raise CardError("DataGet needs a name")
             out = await self.session.data_get(_text(name), into=into)
-            if ask is None:
+            if ask is None or self.transport is None:  # nobody waits, or the client has gone meanwhile
                 out.free()
             else:
                 write_locked(self.transport, out)
