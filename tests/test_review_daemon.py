@@ -271,3 +271,48 @@ def test_a_control_client_that_hangs_up_before_its_data_get_is_answered_costs_no
     finally:
         globalLogPublisher.removeObserver(observe)
         release(session)
+
+
+def test_a_reconnected_channel_the_server_refuses_to_attach_is_closed(tmp_path):
+    """
+    ServerStorage: "A dropped channel is reconnected with the per-insert
+    secret"; a refused ATTACH is the one-line CardError "the server no
+    longer knows this insert" and the card stays in use (its changes are
+    refused). Broken: the fresh channel whose ATTACH was refused was dropped
+    without being closed: every refused change (a counter step, each PIN
+    try over PC/SC) left one more open connection and handshake behind,
+    until the server's idle timer ended it. Now it is closed at once; after
+    many refused changes none of them is left open.
+    """
+    from tests.cardfakes import FakeServer, done, release
+    from vsc.card.storage import ServerStorage
+
+    def envelope_for(key):
+        return seal_envelope(SERIAL, key, [PlainItem(ItemKind.COUNTER, "runs", encode_counter(50))], os.urandom)
+
+    server = FakeServer(SERIAL, "pw", envelope_for)
+    opened = []
+
+    async def connect(*a, **kw):
+        proto = await server.connect(*a, **kw)
+        opened.append(proto)
+        return proto
+
+    cfg = CardConfig(home=tmp_path, server="tcp:127.0.0.1:9", server_key="SHA256:x", serial=SERIAL, muk_poll=0,
+                     clock_poll=0, reconnect_attempts=1)
+    storage = ServerStorage(cfg, Clock(), b"M" * 32, rand=os.urandom, worker=lambda fn, *a, **kw: succeed(fn(*a, **kw)),
+                            connect=connect)
+    session = CardSession(cfg, Clock(), storage, rand=os.urandom, muk=lambda: b"m" * 32, pid=lambda: 1,
+                          lock=MachineLock(str(tmp_path / "lock")))
+    try:
+        done(session.insert("pw"))
+        opened[0].channel.closed = True  # the live channel dropped
+        server.secret = b"another insert"  # the server no longer knows this one (recovered elsewhere)
+        for _ in range(20):
+            with pytest.raises(CardError, match="no longer knows this insert"):
+                done(session.counter("runs", -1))
+        assert session.usable
+        assert len(opened) == 21
+        assert [p for p in opened if not p.channel.closed] == [], "refused channels left open"
+    finally:
+        release(session)

@@ -152,7 +152,12 @@ class ServerStorage:
                 if self._in_use:
                     # a new channel of the in-use card: prove it belongs to this insert, so the server lifts
                     # the limits it keeps on channels nothing has authenticated on (large uploads)
-                    await ops.attach(proto, self.config.serial, self._secret)
+                    try:
+                        await ops.attach(proto, self.config.serial, self._secret)
+                    except BaseException:
+                        if not proto.channel.closed:  # not kept: closed now, not left to the server's idle timer
+                            proto.closeChannel()
+                        raise
                     self.log.info("reconnected to the server ({suite})", suite=proto.info.suite.label)
                 self._proto = proto
                 return proto
