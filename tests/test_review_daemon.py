@@ -57,11 +57,17 @@ class FakeReactor(Clock):
         fn(*args)
 
     def exit_status(self):
-        """The status the process would leave with: the first os._exit "after shutdown" trigger; None: none."""
+        """The status the process would leave with: the first exit "after shutdown" trigger; None: none."""
         for phase, event, fn, args in self.triggers:
-            if (phase, event, fn) == ("after", "shutdown", os._exit):
+            if (phase, event) == ("after", "shutdown") and getattr(fn, "__name__", "") in ("_exit", "_exit_process"):
                 return args[0]
         return None
+
+    def shut_down(self):
+        """Run the "after shutdown" triggers, as the reactor does last."""
+        for phase, event, fn, args in list(self.triggers):
+            if (phase, event) == ("after", "shutdown"):
+                fn(*args)
 
 
 class FakePort:
@@ -316,3 +322,70 @@ def test_a_reconnected_channel_the_server_refuses_to_attach_is_closed(tmp_path):
         assert [p for p in opened if not p.channel.closed] == [], "refused channels left open"
     finally:
         release(session)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "exit-1"])
+def test_the_pid_file_is_removed_when_the_daemon_leaves_with_its_own_status(rig, tmp_path, monkeypatch, how):
+    """
+    docs/card.md troubleshooting: "Another twistd server is running, PID N"
+    means a card daemon for this home runs already (its pid file is
+    HOME/twistd.pid). Broken: the daemon leaves with its own status through
+    ``os._exit`` after the reactor shut down (SIGTERM's remove: 0; an
+    insert refused: 1; 3, 4, 5), and twistd removes its pid file only after
+    the reactor returns — never, then: every stop left HOME/twistd.pid
+    naming a dead pid. Once that number was reused by any process of the
+    owner (weeks later, a reboot), the next `twistd vsc-card` refused to
+    start with "Another twistd server is running", or "Can't check status
+    of PID" for another user's process. Now the daemon removes its own pid
+    file (only if it names this process) before it leaves.
+    """
+    reactor, storage, make, ports = rig
+    pidfile = tmp_path / "twistd.pid"
+    pidfile.write_text(str(os.getpid()))
+    left = []
+    monkeypatch.setattr(os, "_exit", left.append)
+    daemon = make()
+    daemon.pidfile = str(pidfile)
+    if how == "exit-1":
+        daemon.startService()
+        daemon.exit(1, "insert refused: test")
+    else:
+        daemon.startService()
+        reactor.stop()
+        daemon.stopService()
+    reactor.shut_down()
+    assert left == [1 if how == "exit-1" else 0]
+    assert not pidfile.exists()
+
+
+def test_a_pid_file_of_another_process_is_left_alone(rig, tmp_path, monkeypatch):
+    """The pid file is removed only if it names this process (another daemon may have written it since)."""
+    reactor, storage, make, ports = rig
+    pidfile = tmp_path / "twistd.pid"
+    pidfile.write_text("1")
+    monkeypatch.setattr(os, "_exit", lambda code: None)
+    daemon = make()
+    daemon.pidfile = str(pidfile)
+    daemon.startService()
+    daemon.exit(1, "insert refused: test")
+    reactor.shut_down()
+    assert pidfile.read_text() == "1"
+
+
+def test_the_daemon_is_told_twistds_pid_file(tmp_path, monkeypatch):
+    """card_tap hands the daemon the pid file twistd writes (HOME/twistd.pid by default, --pidfile, none)."""
+    from twisted.scripts._twistd_unix import ServerOptions
+
+    from vsc.daemon.card_tap import pidfile_of
+
+    def parsed(argv):
+        monkeypatch.setattr("sys.argv", ["twistd", *argv])
+        config = ServerOptions()
+        config.parseOptions(argv)
+        return config.subOptions
+
+    home = tmp_path / "home"
+    assert pidfile_of(parsed(["-n", "vsc-card", "--home", str(home)])) == str(home / "twistd.pid")
+    monkeypatch.chdir(tmp_path)
+    assert pidfile_of(parsed(["-n", "--pidfile", "p.pid", "vsc-card", "--home", str(home)])) == str(tmp_path / "p.pid")
+    assert pidfile_of(parsed(["-n", "--pidfile=", "vsc-card", "--home", str(home)])) is None

@@ -25,6 +25,7 @@ class CardDaemon(service.Service):
     agent_port = None
     pcsc = None  # the vpcd endpoint to present the card to PC/SC (vsc.card.vpcd)
     pcsc_link = None
+    pidfile = None  # twistd's pid file (vsc.daemon.card_tap), removed when the daemon leaves with its own status
 
     def __init__(self, reactor, cfg, password: str, storage: CardStorage):
         self.reactor = reactor
@@ -114,7 +115,24 @@ class CardDaemon(service.Service):
         """Leave with status ``code`` once shut down (the first status decided wins)."""
         if self._status is None:
             self._status = code
-            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, code)
+            self.reactor.addSystemEventTrigger("after", "shutdown", self._exit_process, code)
+
+    def _exit_process(self, code: int) -> None:
+        """
+        Leave with ``code`` now. twistd removes its pid file only once the
+        reactor has returned, which this skips: the pid file is removed here
+        (if it still names this process), or the next start would meet a
+        stale one naming a pid some other process may hold by then.
+        """
+        if self.pidfile:
+            try:
+                with open(self.pidfile) as f:
+                    mine = f.read().strip() == str(os.getpid())
+                if mine:
+                    os.unlink(self.pidfile)
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
 
     def stopService(self):
         super().stopService()

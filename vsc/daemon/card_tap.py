@@ -100,6 +100,14 @@ def check_endpoints(options: Options, cfg: card_config.CardConfig, reactor) -> N
         _fail(str(e))
 
 
+def pidfile_of(options: Options) -> str | None:
+    """The absolute path of twistd's pid file (it is written relative to --rundir), or None without one."""
+    parent = getattr(options, "parent", None)
+    if parent is None or not parent.get("pidfile"):
+        return None
+    return os.path.abspath(os.path.join(parent.get("rundir") or ".", parent["pidfile"]))
+
+
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
@@ -111,6 +119,7 @@ def makeService(options: Options) -> service.IService:
     except (card_config.CardConfigError, ValueError, OSError) as e:
         _fail(str(e))
     daemon = CardDaemon(reactor, cfg, password, storage_for(options, cfg, reactor, master))
+    daemon.pidfile = pidfile_of(options)
     if options["pcsc"]:
         daemon.pcsc = options["pcsc"]
     if not options["no-ssh-agent"]:
