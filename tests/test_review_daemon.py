@@ -389,3 +389,25 @@ def test_the_daemon_is_told_twistds_pid_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert pidfile_of(parsed(["-n", "--pidfile", "p.pid", "vsc-card", "--home", str(home)])) == str(tmp_path / "p.pid")
     assert pidfile_of(parsed(["-n", "--pidfile=", "vsc-card", "--home", str(home)])) is None
+
+
+def test_sigterm_during_the_clock_checks_remove_keeps_its_status_4(rig, tmp_path):
+    """
+    docs/card.md exit-status table: 4 = "clock check failed: the card was
+    removed". SIGTERM while that remove is checking the card in waits for it
+    (as for `vsc card remove`), and the status stays the clock check's 4,
+    not the 0 of a SIGTERM remove.
+    """
+    reactor, storage, make, ports = rig
+    daemon = make()
+    daemon.startService()
+    storage.hold_checkin = Deferred()
+    reactor.advance(10_000)  # the time of day jumped
+    daemon.session.poll_clock()
+    assert daemon.session.life is LifeState.REMOVING
+    stopped = daemon.stopService()  # SIGTERM (reactor.stop() came from nobody yet)
+    storage.hold_checkin.callback(None)
+    reactor.advance(0)
+    assert _fired(stopped)
+    assert daemon.session.life is LifeState.IDLE
+    assert reactor.exit_status() == 4

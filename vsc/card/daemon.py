@@ -12,6 +12,7 @@ import sys
 
 from twisted.application import service
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from vsc.card.session import EXIT_STORAGE, CardSession, LifeState, explain
@@ -153,6 +154,8 @@ class CardDaemon(service.Service):
             return
         if session.life is LifeState.REMOVING:  # `vsc card remove` under way: its check-in is not cut off
             await session.removal()
+            # one turn: whoever asked for that remove says how the process leaves first (a clock check: 4)
+            await deferLater(self.reactor, 0, lambda: None)
             if session.life is LifeState.IDLE:
                 self._leave_with(0)  # removed normally
         if session.usable:
