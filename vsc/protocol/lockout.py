@@ -113,6 +113,24 @@ def source_of(host: str) -> str:
     return str(addr)
 
 
+@functools.lru_cache(maxsize=4096)
+def site_of(source: str) -> str:
+    """
+    The end site a source (``source_of``) belongs to, for the crowding-out
+    at the unauthenticated-connection cap (vsc.server.admission): the /48 of
+    an IPv6 source, any other source itself. One end site is usually given
+    a /48 (65,536 /64s, each its own source): without this a stranger
+    holding the cap with one connection from each of many /64s would hold
+    no more than the owner, and never be the one crowded out.
+    """
+    if not source.endswith("/64"):
+        return source
+    try:
+        return str(ipaddress.ip_network(source).supernet(new_prefix=48))
+    except ValueError:
+        return source
+
+
 @attrs.define
 class _Bucket:
     failures: int = 0

@@ -11,8 +11,9 @@ code), the connection is *unauthenticated*, and:
   ``max_unauthenticated_per_source`` from one source address — one more is
   closed as soon as it is accepted, so accepting stays fast and descriptors
   are not exhausted; at the overall cap, a source with few connections
-  (the owner's) gets in by closing the oldest connection of the source that
-  holds the most (``crowded``);
+  (the owner's) gets in by closing the oldest connection of the site (an
+  IPv6 /48, else the source: vsc.protocol.lockout.site_of) that holds the
+  most (``crowded``);
 * its frames are capped (vsc.protocol.channel: 4 KiB before the handshake,
   ``max_unauthenticated_body`` after) and it closes after
   ``unauthenticated_idle`` seconds without a record;
@@ -44,6 +45,8 @@ import attrs
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+
+from vsc.protocol.lockout import site_of
 
 
 def _finite(lo: float, hi: float):
@@ -86,6 +89,7 @@ class Admission:
         self.capacity = capacity
         self.unauthenticated = 0
         self._per_source: collections.Counter[str] = collections.Counter()
+        self._per_site: collections.Counter[str] = collections.Counter()
         self._tokens: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self.pending = 0
         self.refused_connections = 0
@@ -102,20 +106,26 @@ class Admission:
             return False
         self.unauthenticated += 1
         self._per_source[source] += 1
+        self._per_site[site_of(source)] += 1
         return True
 
     def crowded(self, source: str) -> str | None:
         """
-        At the overall cap: the source holding the most unauthenticated
-        connections, if it holds more than ``source`` would after one more
-        (so one of its oldest may be closed to make room); None otherwise.
-        Strangers flooding from many addresses then crowd out each other,
-        never a source with few connections, such as the owner's.
+        At the overall cap, for a connection from ``source`` that is under
+        its own cap: the site (``site_of``) holding the most unauthenticated
+        connections, if it holds more than ``source``'s site would after one
+        more (so one of its oldest may be closed to make room); None
+        otherwise. Strangers flooding from many addresses (or from many /64s
+        of one IPv6 site) then crowd out each other, never a source with few
+        connections, such as the owner's.
         """
-        if not self._per_source:
+        lim = self.limits
+        if not self._per_site or self.unauthenticated < lim.max_unauthenticated or \
+                self._per_source[source] >= lim.max_unauthenticated_per_source:
             return None
-        top, n = max(self._per_source.items(), key=lambda kv: kv[1])
-        return top if top != source and n > self._per_source[source] + 1 else None
+        mine = site_of(source)
+        top, n = max(self._per_site.items(), key=lambda kv: kv[1])
+        return top if top != mine and n > self._per_site[mine] + 1 else None
 
     def authenticated(self, source: str) -> None:
         """An operation on the connection passed its authority: it no longer counts as unauthenticated."""
@@ -130,6 +140,10 @@ class Admission:
         self._per_source[source] -= 1
         if self._per_source[source] <= 0:
             del self._per_source[source]
+        site = site_of(source)
+        self._per_site[site] -= 1
+        if self._per_site[site] <= 0:
+            del self._per_site[site]
 
     def count(self, source: str) -> int:
         return self._per_source[source]

@@ -26,7 +26,7 @@ from vsc.server.admission import Admission, AdmissionLimits, Refused
 from vsc.protocol import implauth, serials
 from vsc.protocol.cardstore import STORE_CALLS, CheckOut, LoadCard
 from vsc.protocol.implauth import Registrar
-from vsc.protocol.lockout import SourceLimits, source_of
+from vsc.protocol.lockout import SourceLimits, site_of, source_of
 from vsc.protocol.server_ops import (
     Authenticated,
     CancelDeadline,
@@ -89,7 +89,7 @@ class ServerProtocol(ChannelProtocol):
                 self._refuse()
                 return
             self._counted = True
-            self.factory.unauthenticated.setdefault(self.source, {})[id(self)] = self
+            self.factory.unauthenticated.setdefault(site_of(self.source), {})[id(self)] = self
         super().connectionMade()
 
     def _refuse(self) -> None:
@@ -98,7 +98,7 @@ class ServerProtocol(ChannelProtocol):
         close_now(self.transport)
 
     def _make_room(self, admission: Admission) -> bool:
-        """At the overall cap: close the oldest unauthenticated connection of the most crowded source, if any."""
+        """At the overall cap: close the oldest unauthenticated connection of the most crowded site, if any."""
         crowded = admission.crowded(self.source)
         held = self.factory.unauthenticated.get(crowded) if crowded else None
         if not held:
@@ -115,10 +115,11 @@ class ServerProtocol(ChannelProtocol):
         if not self._counted:
             return False
         self._counted = False
-        held = self.factory.unauthenticated.get(self.source, {})
+        site = site_of(self.source)
+        held = self.factory.unauthenticated.get(site, {})
         held.pop(id(self), None)
         if not held:
-            self.factory.unauthenticated.pop(self.source, None)
+            self.factory.unauthenticated.pop(site, None)
         return True
 
     def connectionLost(self, reason=None) -> None:
@@ -346,7 +347,8 @@ class ServerFactory(ChannelFactory):
             config = attrs.evolve(config, max_body=lim.max_unauthenticated_body, idle_timeout=lim.unauthenticated_idle)
         super().__init__(lambda: server_channel(config, key, rand, inline=admission is None), clock, ServerProtocol)
         self.admission = admission
-        #: unauthenticated connections by source, oldest first (admission's room-making closes the oldest)
+        #: unauthenticated connections by site (an IPv6 /48, else the source: vsc.protocol.lockout.site_of),
+        #: oldest first (admission's room-making closes the oldest of the most crowded site)
         self.unauthenticated: dict[str, dict[int, ServerProtocol]] = {}
         #: authenticated channels by serial, oldest first (at most ``max_channels_per_card`` each)
         self.authenticated: dict[str, dict[int, ServerProtocol]] = {}

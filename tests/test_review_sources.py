@@ -1,0 +1,181 @@
+"""
+Review: who a "source" is, and what each source may hold (the network attacker's view).
+
+vsc.protocol.lockout.source_of already keys IPv6 peers by their /64 and
+IPv4-mapped peers by their IPv4 address (tests/test_review_server.py); these
+tests cover what was still wrong around it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from vsc.protocol.suites import ChannelConfig
+from vsc.server.admission import Admission, AdmissionLimits
+from vsc.server.service import ServerFactory
+
+NOW = 1_800_000_000.0
+
+
+def _factory(**limits) -> tuple[ServerFactory, Admission, Clock]:
+    from tests.vectors.support import fixed_key
+
+    clock = Clock()
+    clock.advance(NOW)
+    admission = Admission(AdmissionLimits(**limits), clock.seconds)
+    return ServerFactory(ChannelConfig(), fixed_key(), clock, admission=admission), admission, clock
+
+
+def _connect(factory: ServerFactory, addr, transport=None):
+    p = factory.buildProtocol(addr)
+    t = transport if transport is not None else StringTransport(peerAddress=addr)
+    p.makeConnection(t)
+    return p, t
+
+
+# ---------------------------------------------------------------- 1. crowding out from many /64s of one site
+
+
+def test_a_flood_from_many_64s_of_one_ipv6_site_does_not_keep_the_owner_out():
+    """
+    Rule (docs/admin.md §9a, vsc.server.admission): at the overall cap "a
+    connection from an address holding fewer gets in by closing the oldest
+    unauthenticated connection of the address holding the most, so a flood
+    from many addresses crowds out itself, not the owner"; docs/security.md
+    "descriptors": "at the cap a source with few connections gets in".
+
+    Before the fix: an IPv6 source is a /64, and one end site is given a /48
+    (65,536 /64s; a tunnel broker hands one out for free). A stranger who
+    holds the whole cap with one connection from each of as many /64s of its
+    /48 is, to the crowding-out logic, as many sources holding one
+    connection each: nobody holds "more" than the owner's one to come, so
+    the owner's connection was refused (SERVER_BUSY at accept) for as long
+    as the stranger kept its connections alive. Now the crowding-out
+    compares IPv6 sources by their /48 (an IPv4 address stays its own): the
+    owner gets in by closing the stranger's oldest connection, and the
+    stranger's next connection, from yet another /64 of its /48, cannot
+    close the owner's.
+    """
+    factory, admission, _ = _factory(max_unauthenticated=8, max_unauthenticated_per_source=64)
+    flood = [_connect(factory, IPv6Address("TCP", f"2001:db8:7:{i:x}::1", 40000 + i)) for i in range(8)]
+    assert all(p._counted for p, _ in flood) and admission.unauthenticated == 8
+
+    owner, t = _connect(factory, IPv4Address("TCP", "192.0.2.10", 50000))
+    assert owner._counted and not t.disconnecting, "the owner was refused: the flood of /64s kept it out"
+    assert flood[0][1].disconnected or flood[0][1].disconnecting, "the stranger's oldest connection was kept"
+
+    again, t2 = _connect(factory, IPv6Address("TCP", "2001:db8:7:ff::1", 41000))
+    assert not again._counted and owner._counted and not t.disconnecting
+
+    # an IPv6 owner in a site of its own gets in the same way
+    owner6, t6 = _connect(factory, IPv6Address("TCP", "2001:db8:99:1::5", 50001))
+    assert owner6._counted and not t6.disconnecting
+
+
+def test_a_source_at_its_own_cap_closes_nobody_elses_connection():
+    """
+    Rule (vsc.server.admission.Admission.crowded): room is made only for a
+    connection that would then be admitted; one refused for its own
+    source's cap (``max_unauthenticated_per_source``) closes nothing.
+    Guards the site-wide crowding-out: a source at its own cap, in a site
+    holding fewer connections than another, must not close a connection of
+    that other site and then be refused all the same.
+    """
+    factory, admission, _ = _factory(max_unauthenticated=4, max_unauthenticated_per_source=1)
+    others = [_connect(factory, IPv6Address("TCP", f"2001:db8:7:{i:x}::1", 40000 + i)) for i in range(3)]
+    mine, _ = _connect(factory, IPv4Address("TCP", "192.0.2.10", 50000))
+    assert mine._counted and admission.unauthenticated == 4
+    second, _ = _connect(factory, IPv4Address("TCP", "192.0.2.10", 50001))
+    assert not second._counted
+    assert all(p._counted for p, _ in others), "a connection of another site was closed for nothing"
+    assert admission.unauthenticated == 4
+
+
+# ---------------------------------------------------------------- 2. UNIX-socket peers: every local user one source
+
+
+class _Creds:
+    """A UNIX socket's stand-in: SO_PEERCRED answers (pid, uid, gid)."""
+
+    def __init__(self, uid: int):
+        self.uid = uid
+
+    def getsockopt(self, level, option, size=None):
+        assert (level, option) == (socket.SOL_SOCKET, socket.SO_PEERCRED)
+        return struct.pack("3i", 4242, self.uid, self.uid)
+
+    def fileno(self) -> int:
+        return -1
+
+
+class _UnixTransport(StringTransport):
+    def __init__(self, uid: int):
+        super().__init__(peerAddress=UNIXAddress(None))
+        self._handle = _Creds(uid)
+
+    def getHandle(self):  # noqa: N802 - ITransport
+        return self._handle
+
+
+def test_one_local_user_cannot_use_up_every_local_users_share_on_a_unix_socket():
+    """
+    Rule (docs/admin.md §9/§9a): every per-source limit counts "one source
+    address"; a stranger's share never becomes the owner's. A server may
+    listen on ``unix:PATH`` (docs/protocol.md), which other local users
+    reach through the socket's permissions.
+
+    Before the fix: a UNIX-socket peer has no address (``UNIXAddress(None)``),
+    so every local user was one source, "" (and "None" for the lockout
+    buckets, another key than admission's): one local user holding
+    ``max_unauthenticated_per_source`` idle connections made the server
+    refuse every other local user's connection (SERVER_BUSY), spending the
+    shared handshake tokens kept every local card out, and 50 wrong answers
+    throttled every local user's authentications. Now a UNIX peer's source
+    is its user id (SO_PEERCRED), the same key for admission, the handshake
+    bucket and the lockout buckets, and the history names it.
+    """
+    factory, admission, _ = _factory(max_unauthenticated=100, max_unauthenticated_per_source=2, handshake_burst=2,
+                                     handshakes_per_second=0.01)
+    stranger = [_connect(factory, UNIXAddress(None), _UnixTransport(1001)) for _ in range(3)]
+    assert [p._counted for p, _ in stranger] == [True, True, False]
+    owner, t = _connect(factory, UNIXAddress(None), _UnixTransport(1000))
+    assert owner._counted and not t.disconnecting, "one local user's connections kept another local user out"
+    assert owner.source != stranger[0][0].source
+    assert "1000" in owner.source and "1000" in owner.peer, (owner.source, owner.peer)
+
+
+def test_a_unix_peer_without_credentials_is_one_source_for_every_limit():
+    """
+    Rule: admission and the lockout buckets count the same source
+    (vsc.server.service passes ``source`` to ServerOps). Before the fix a
+    UNIX peer was "" for admission and "None" (its peer name) for the
+    lockout buckets. A peer whose credentials cannot be read (a transport
+    without a socket) is one source, the same for both.
+    """
+    factory, _, _ = _factory()
+    p, _ = _connect(factory, UNIXAddress(None), StringTransport(peerAddress=UNIXAddress(None)))
+    assert p.source and p.source != "None"
+
+
+def test_the_source_of_a_real_unix_socket_peer_is_its_user():
+    """SO_PEERCRED on a real UNIX socket pair: the source names this process's user id."""
+    import os
+
+    from vsc.net.channel import peer_uid
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        class T(StringTransport):
+            def getHandle(self):  # noqa: N802
+                return a
+
+        assert peer_uid(T()) == os.getuid()
+        assert peer_uid(StringTransport()) is None
+    finally:
+        a.close()
+        b.close()
