@@ -6,6 +6,8 @@ its effects on a transport and a clock, and offers subclasses three hooks:
 
 from __future__ import annotations
 
+import socket
+import struct
 from typing import Callable
 
 from twisted.internet.defer import Deferred
@@ -52,6 +54,24 @@ def peer_of(transport) -> tuple[str, str]:
     if host is not None:
         return f"{host}:{getattr(peer, 'port', None)}", str(host or "")
     return str(getattr(peer, "name", peer)), ""
+
+
+def peer_uid(transport) -> int | None:
+    """
+    The user id of a UNIX-socket peer (SO_PEERCRED, Linux), or None where
+    there is none to read (not a UNIX socket, another system, a test
+    transport). A UNIX peer has no address: this is what tells one local
+    user from another (vsc.server.service: the source of a UNIX peer).
+    """
+    option = getattr(socket, "SO_PEERCRED", None)
+    try:
+        handle = transport.getHandle()
+        if option is None or getattr(handle, "family", socket.AF_UNIX) != socket.AF_UNIX:
+            return None
+        _pid, uid, _gid = struct.unpack("3i", handle.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))
+    except Exception:  # noqa: BLE001 - no handle, not a socket, closed: no user to tell
+        return None
+    return uid
 
 
 def no_delay(transport) -> None:
@@ -185,7 +205,7 @@ class ChannelProtocol(FrameReceiver):
     # -- Twisted side
     def connectionMade(self) -> None:
         no_delay(self.transport)
-        if not self.peer_host:  # a subclass may have asked already (vsc.server: the source address)
+        if not self.peer_host and self.peer == "?":  # a subclass may have asked already (vsc.server: the source)
             self.peer, self.peer_host = peer_of(self.transport)
         self._register_producer()
         self._run(self.channel.start())

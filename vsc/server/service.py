@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from vsc import crypto
-from vsc.net.channel import ChannelFactory, ChannelProtocol, peer_of
+from vsc.net.channel import ChannelFactory, ChannelProtocol, peer_of, peer_uid
 from vsc.net.transport import Refusal, close_now, write_now
 from vsc.protocol.channel import ChannelInfo, private_decrypt, server_channel
 from vsc.server.admission import Admission, AdmissionLimits, Refused
@@ -81,7 +81,13 @@ class ServerProtocol(ChannelProtocol):
     def connectionMade(self) -> None:
         admission: Admission | None = self.factory.admission
         self.peer, self.peer_host = peer_of(self.transport)  # once: ChannelProtocol.connectionMade keeps them
-        self.source = source_of(self.peer_host)
+        if self.peer_host:
+            self.source = source_of(self.peer_host)
+        else:
+            self._local_source()
+            if admission is not None and not admission.handshake_allowed(self.source):
+                self._refuse()  # (buildProtocol could not tell this local user from another: see there)
+                return
         if admission is not None:
             if not admission.opened(self.source) and not self._make_room(admission):
                 self.log.debug("{source}: connection refused: too many unauthenticated connections",
@@ -91,6 +97,17 @@ class ServerProtocol(ChannelProtocol):
             self._counted = True
             self.factory.unauthenticated.setdefault(site_of(self.source), {})[id(self)] = self
         super().connectionMade()
+
+    def _local_source(self) -> None:
+        """
+        A peer without an address (a UNIX socket): its source is its user id
+        (SO_PEERCRED), so that one local user's connections, handshakes and
+        failures are not every local user's; "local" where it cannot be read.
+        The peer name (logs, history) says the same.
+        """
+        uid = peer_uid(self.transport)
+        self.source = f"uid {uid}" if uid is not None else "local"
+        self.peer = self.source if self.peer in ("None", "", "?") else f"{self.peer} {self.source}"
 
     def _refuse(self) -> None:
         """Refused at accept: the SERVER_BUSY alert (a few bytes, no key material) and close; nothing else is spent."""
@@ -203,7 +220,7 @@ class ServerProtocol(ChannelProtocol):
                 now=f.clock.seconds,
                 rand=f.rand,
                 limits=f.limits,
-                source=self.source or source_of(self.peer_host),
+                source=self.source,
             )
 
     def messageReceived(self, msg: Message) -> None:
@@ -368,7 +385,9 @@ class ServerFactory(ChannelFactory):
     def buildProtocol(self, addr):
         # a source over its handshake rate is refused before a channel is even built (issue 11: a flood of
         # handshakes must cost the server next to nothing per refusal)
-        if self.admission is not None and not self.admission.handshake_allowed(source_of(getattr(addr, "host", ""))):
+        # (a peer without an address, a UNIX socket, is told by its user id: its token is taken in connectionMade)
+        host = getattr(addr, "host", "")
+        if host and self.admission is not None and not self.admission.handshake_allowed(source_of(host)):
             return Refusal(_BUSY_ALERT)
         return super().buildProtocol(addr)
 
