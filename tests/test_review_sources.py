@@ -179,3 +179,26 @@ def test_the_source_of_a_real_unix_socket_peer_is_its_user():
     finally:
         a.close()
         b.close()
+
+
+# ---------------------------------------------------------------- 3. the peer an IPv6 history row names
+
+
+def test_an_ipv6_peer_in_the_history_and_logs_is_unambiguous():
+    """
+    Rule (docs/admin.md §7 "history": each row's ``peer`` names the machine
+    that made the request; RFC 5952 §6: an IPv6 address with a port is
+    written ``[address]:port``).
+
+    Before the fix the peer was ``f"{host}:{port}"`` for IPv6 too:
+    ``2001:db8::1`` port 4433 was written ``2001:db8::1:4433``, which is
+    itself another valid IPv6 address — an administrator blocking the
+    address the history shows blocks the wrong machine. Now it is
+    ``[2001:db8::1]:4433``; the source (the /64) is unchanged.
+    """
+    factory, _, _ = _factory()
+    p, _ = _connect(factory, IPv6Address("TCP", "2001:db8::1", 4433))
+    assert p.peer == "[2001:db8::1]:4433"
+    assert p.source == "2001:db8::/64"
+    q, _ = _connect(factory, IPv4Address("TCP", "192.0.2.1", 4433))
+    assert q.peer == "192.0.2.1:4433"

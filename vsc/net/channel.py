@@ -52,7 +52,9 @@ def peer_of(transport) -> tuple[str, str]:
         return "?", ""
     host = getattr(peer, "host", None)
     if host is not None:
-        return f"{host}:{getattr(peer, 'port', None)}", str(host or "")
+        port = getattr(peer, "port", None)
+        shown = f"[{host}]" if ":" in str(host) else host  # RFC 5952 §6: 2001:db8::1:4433 is another address
+        return f"{shown}:{port}", str(host or "")
     return str(getattr(peer, "name", peer)), ""
 
 

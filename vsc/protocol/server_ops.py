@@ -581,7 +581,7 @@ class ServerOps:
                  limits: SourceLimits | None = None, source: str = ""):
         limits = limits if limits is not None else SourceLimits(policy.lockout, now)
         self._core = OpsCore(policy=policy, master=master, decoy_secret=decoy_secret, rand=rand, peer=peer,
-                             source=source or peer.rsplit(":", 1)[0], suite=suite, now=now, limits=limits)
+                             source=source or peer.rsplit(":", 1)[0].strip("[]"), suite=suite, now=now, limits=limits)
         self._m: OpsInputs = _Machine(self._core)
 
     def _drain(self) -> list:
