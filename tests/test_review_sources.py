@@ -11,10 +11,12 @@ from __future__ import annotations
 import socket
 import struct
 
+import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from vsc.protocol.lockout import LockoutPolicy, SourceLimits
 from vsc.protocol.suites import ChannelConfig
 from vsc.server.admission import Admission, AdmissionLimits
 from vsc.server.service import ServerFactory
@@ -202,3 +204,38 @@ def test_an_ipv6_peer_in_the_history_and_logs_is_unambiguous():
     assert p.source == "2001:db8::/64"
     q, _ = _connect(factory, IPv4Address("TCP", "192.0.2.1", 4433))
     assert q.peer == "192.0.2.1:4433"
+
+
+# ---------------------------------------------------------------- 4. the source-wide bucket never forgets
+
+
+@pytest.mark.xfail(strict=True, reason="needs a decision: how the source-wide bucket forgets (a decay after a quiet "
+                   "period, or a reset on success that an attacker's own card cannot buy); see the report")
+def test_a_source_with_one_typo_a_day_is_not_throttled_for_an_hour_after_every_typo():
+    """
+    Rule (vsc.protocol.lockout docstring, docs/admin.md §9): a bucket counts
+    *consecutive* failures ("A bucket with ``failures`` consecutive
+    failures ..."), and a success resets the bucket it was counted in.
+
+    The per-source bucket over all cards, ``(source, "")``, is never reset:
+    a success resets only ``(source, serial)``, and nothing decays. An office
+    behind one NAT (or one IPv6 /64) whose users make one failed answer a
+    day from a machine that is not the card's last (a new laptop, a stale
+    card process's sync with an old insert secret), each followed by a
+    success, reaches ``lockout_source`` (50) in 50 days; from then on every
+    single further failure closes that source for every card — 30 s, then
+    60 s, ... and after two months a whole hour in which every other user
+    behind it is refused unevaluated on any machine but their cards' last.
+    """
+    clock = Clock()
+    clock.advance(NOW)
+    limits = SourceLimits(LockoutPolicy(), clock.seconds)
+    office = "198.51.100.7"
+    for day in range(60):
+        clock.advance(86400)
+        limits.failed(office, f"card{day}")
+        limits.succeeded(office, f"card{day}")
+    clock.advance(86400)
+    limits.failed(office, "typo")  # one failed answer after a day without any
+    clock.advance(60)
+    assert not limits.throttled(office, "colleague"), "one typo closed the whole source for every card"
