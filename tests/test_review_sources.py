@@ -79,6 +79,25 @@ def test_a_flood_from_many_64s_of_one_ipv6_site_does_not_keep_the_owner_out():
     assert owner6._counted and not t6.disconnecting
 
 
+def test_crowding_out_a_site_closes_its_most_crowded_sources_connection_not_the_owners():
+    """
+    Rule (docs/admin.md §9a): room is made by closing a connection of
+    whoever holds the most, never of a source with few connections such
+    as the owner's. Guards the site-wide crowding-out above: an IPv6 site
+    (/48) is often shared (a hosting provider gives each customer a /64 of
+    one /48); the connection closed in the most crowded site is the oldest
+    of its most crowded /64, not the site's oldest, which may be the
+    owner's one connection beside a stranger's many.
+    """
+    factory, _, _ = _factory(max_unauthenticated=4, max_unauthenticated_per_source=64)
+    owner, t = _connect(factory, IPv6Address("TCP", "2001:db8:7:1::1", 40000))
+    stranger = [_connect(factory, IPv6Address("TCP", "2001:db8:7:2::1", 41000 + i)) for i in range(3)]
+    newcomer, _ = _connect(factory, IPv4Address("TCP", "192.0.2.99", 50000))
+    assert newcomer._counted
+    assert owner._counted and not t.disconnecting, "the owner's one connection was closed, not the stranger's"
+    assert stranger[0][1].disconnecting or stranger[0][1].disconnected
+
+
 def test_a_source_at_its_own_cap_closes_nobody_elses_connection():
     """
     Rule (vsc.server.admission.Admission.crowded): room is made only for a

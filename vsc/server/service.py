@@ -8,6 +8,7 @@ the signing of enrolment material.
 
 from __future__ import annotations
 
+import collections
 from typing import Callable
 
 import attrs
@@ -115,12 +116,19 @@ class ServerProtocol(ChannelProtocol):
         close_now(self.transport)
 
     def _make_room(self, admission: Admission) -> bool:
-        """At the overall cap: close the oldest unauthenticated connection of the most crowded site, if any."""
+        """
+        At the overall cap: close the oldest unauthenticated connection of
+        the most crowded source of the most crowded site, if any.
+        """
         crowded = admission.crowded(self.source)
         held = self.factory.unauthenticated.get(crowded) if crowded else None
         if not held:
             return False
-        victim = held[next(iter(held))]
+        # in that site, the oldest connection of its most crowded source (a site may be shared: a /48 of
+        # customers' /64s), never the site's oldest as such, which may be the owner's one beside a stranger's many
+        counts = collections.Counter(p.source for p in held.values())
+        most = max(counts, key=counts.__getitem__)
+        victim = next(p for p in held.values() if p.source == most)
         self.log.debug("{source}: closing an unauthenticated connection to make room for {new}", source=crowded,
                        new=self.source)
         if victim._uncount():
