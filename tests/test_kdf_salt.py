@@ -152,18 +152,12 @@ def test_a_pinned_card_on_another_machine_still_inserts_after_a_password_change(
 def test_enrolment_pins_the_salt_it_chose(tmp_path, monkeypatch):
     """``vsc card enroll`` writes the salt it derived with into card.ini (the one the server stores), with the
     floor; a later challenge naming another salt is refused by the card's credentials."""
-    from tests.test_server_ops import Harness, cli_enrolment, result_of
+    from tests.test_server_ops import Harness, cli_enrolment, route_cli_enrolment
     from vsc.cli import enrol as enrol_cli
 
     h = Harness(tmp_path)
     args = cli_enrolment(h, tmp_path)
-
-    async def connect(reactor, endpoint, fingerprint, config, *rest, **kw):
-        client, server, _ = h.connect()
-        return client
-
-    monkeypatch.setattr("vsc.card.connect.connect", connect)
-    monkeypatch.setattr(enrol_cli, "run_async", lambda run: result_of(h.run(run(h.clock))))
+    route_cli_enrolment(h, monkeypatch)
     home = tmp_path / "home"
     assert enrol_cli.cmd_enroll(args) == 0
     stored = KdfParams.decode(h.store.get("alice").kdf)

@@ -173,19 +173,13 @@ def test_enroll_force_removes_what_the_previous_card_left_in_home(tmp_path, monk
     them before it writes the new card's settings (and keyfile, if one is issued). The freshness records stay:
     each is keyed by its card ID and authenticated with that card's data key, so another card's is ignored.
     """
-    from tests.test_server_ops import Harness, cli_enrolment, result_of
+    from tests.test_server_ops import Harness, cli_enrolment, route_cli_enrolment
     from vsc.card import config as cc
     from vsc.card.freshness import ACCEPT_NAME
     from vsc.cli import enrol as enrol_cli
 
     h = Harness(tmp_path)
-
-    async def connect(reactor, endpoint, fingerprint, config, *rest, **kw):
-        client, server, _ = h.connect()
-        return client
-
-    monkeypatch.setattr("vsc.card.connect.connect", connect)
-    monkeypatch.setattr(enrol_cli, "run_async", lambda run: result_of(h.run(run(h.clock))))
+    route_cli_enrolment(h, monkeypatch)
     home = tmp_path / "home"
     assert enrol_cli.cmd_enroll(cli_enrolment(h, tmp_path, serial="alice")) == 0
     leftovers = [cc.keyfile_path(home), cc.keyfile_path(home, pending=True), home / ACCEPT_NAME]

@@ -871,6 +871,18 @@ def cli_enrolment(h: Harness, tmp_path, serial: str = "alice", password: str = "
                   "--puk-file", str(tmp_path / "puk"), "--scrypt-log2n", "10"])
 
 
+def route_cli_enrolment(h: Harness, monkeypatch) -> None:
+    """Point ``vsc card enroll``'s connect and run_async at ``h`` (each connect a new in-memory channel)."""
+    from vsc.cli import enrol as enrol_cli
+
+    async def connect(reactor, endpoint, fingerprint, config, *rest, **kw):
+        client, server, _ = h.connect()
+        return client
+
+    monkeypatch.setattr("vsc.card.connect.connect", connect)
+    monkeypatch.setattr(enrol_cli, "run_async", lambda run: result_of(h.run(run(h.clock))))
+
+
 def answers_to(challenge: AuthChallenge, keys, muk: bytes) -> AuthResponse:
     items, _ = card_ops.answer(challenge, SERIAL, "pw", MASTER, crypto.system_random, keys)
     return AuthResponse(responses=tuple(items), muk=muk)
