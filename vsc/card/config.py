@@ -178,23 +178,18 @@ def _checked(path: Path, s) -> dict:
     unknown = sorted(set(settings) - SETTINGS)
     if unknown:
         raise CardConfigError(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(SETTINGS))})")
-    if "kdf_salt" in settings:
-        try:
-            kdf_salt(settings)
-        except CardConfigError as e:
-            raise CardConfigError(f"{path}: {e}") from None
-    if "kdf_floor" in settings:
-        try:
-            kdf_floor_cost(settings["kdf_floor"])
-        except CardConfigError as e:
-            raise CardConfigError(f"{path}: {e}") from None
+    # values read elsewhere, checked here so that a bad one stops the card at load: kdf_salt, kdf_floor (never
+    # read as no floor), applications (a typo must not widen what PC/SC sees to every application)
+    for name, check in (("kdf_salt", lambda: kdf_salt(settings)),
+                        ("kdf_floor", lambda: kdf_floor_cost(settings["kdf_floor"])),
+                        ("applications", lambda: parse_applications(settings["applications"]))):
+        if name in settings:
+            try:
+                check()
+            except CardConfigError as e:
+                raise CardConfigError(f"{path}: {e}") from None
     if "dongle_poll" in settings:
         _number(path, s, "dongle_poll", 60.0, POLL)
-    if "applications" in settings:  # a typo must not widen what PC/SC sees to every application
-        try:
-            parse_applications(settings["applications"])
-        except CardConfigError as e:
-            raise CardConfigError(f"{path}: {e}") from None
     poll = _number(path, s, "clock_poll", 3600.0, POLL)
     tolerance = _number(path, s, "clock_tolerance", 5400.0, TOLERANCE)
     if poll and tolerance <= poll:
