@@ -228,8 +228,6 @@ def test_an_ipv6_peer_in_the_history_and_logs_is_unambiguous():
 # ---------------------------------------------------------------- 4. the source-wide bucket never forgets
 
 
-@pytest.mark.xfail(strict=True, reason="needs a decision: how the source-wide bucket forgets (a decay after a quiet "
-                   "period, or a reset on success that an attacker's own card cannot buy); see the report")
 def test_a_source_with_one_typo_a_day_is_not_throttled_for_an_hour_after_every_typo():
     """
     Rule (vsc.protocol.lockout docstring, docs/admin.md §9): a bucket counts
@@ -245,6 +243,10 @@ def test_a_source_with_one_typo_a_day_is_not_throttled_for_an_hour_after_every_t
     single further failure closes that source for every card — 30 s, then
     60 s, ... and after two months a whole hour in which every other user
     behind it is refused unevaluated on any machine but their cards' last.
+
+    Now that bucket forgets one failure per ``lockout_max`` (a success cannot
+    reset it: an attacker's own card would buy that reset), so a failure a
+    day never adds up.
     """
     clock = Clock()
     clock.advance(NOW)
@@ -258,3 +260,65 @@ def test_a_source_with_one_typo_a_day_is_not_throttled_for_an_hour_after_every_t
     limits.failed(office, "typo")  # one failed answer after a day without any
     clock.advance(60)
     assert not limits.throttled(office, "colleague"), "one typo closed the whole source for every card"
+
+
+def test_the_source_bucket_that_forgets_still_stops_a_scan():
+    """
+    Rule (vsc.protocol.lockout): the source-wide bucket limits one source
+    scanning many serials: ``lockout_source`` (50) free failures, then the
+    doubling delays, and in the long run one evaluated failure per
+    ``lockout_max``. Forgetting (one failure per ``lockout_max``) must not
+    buy a scanner more than that: here a source guesses a NEW serial (so
+    its per-card buckets never close) every 10 s for two days, taking every
+    attempt the server evaluates. On the second day it gets at most one per
+    hour (24, and one at the day's edge), as without forgetting.
+    """
+    clock = Clock()
+    clock.advance(NOW)
+    policy = LockoutPolicy()
+    limits = SourceLimits(policy, clock.seconds)
+    scanner = "203.0.113.9"
+    evaluated = {0: 0, 1: 0}
+    for step in range(2 * 86400 // 10):
+        day = step * 10 // 86400
+        serial = f"serial{step}"
+        if not limits.throttled(scanner, serial):
+            evaluated[day] += 1
+            limits.failed(scanner, serial)
+        clock.advance(10)
+    assert evaluated[0] <= policy.guesses_per_day(policy.source_threshold) + 24, evaluated
+    assert evaluated[0] >= policy.source_threshold, evaluated
+    assert evaluated[1] <= 25, f"the scanner had {evaluated[1]} evaluated guesses on its second day"
+    # and right after a burst the source is closed for every card
+    limits2 = SourceLimits(policy, clock.seconds)
+    for i in range(policy.source_threshold):
+        limits2.failed(scanner, f"s{i}")
+    assert limits2.throttled(scanner, "any-other-card")
+
+
+def test_after_a_clock_step_back_the_source_bucket_forgets_by_the_time_that_really_passes():
+    """
+    Rule (vsc.protocol.lockout, SourceLimits._forget): the source-wide
+    bucket forgets one failure per ``lockout_max`` of time that passes. A
+    clock stepped back (NTP, a restored VM) puts the last counted point in
+    the future: counted naively, the negative time would *add* failures
+    (an office closed longer for the server's clock fault), and kept as it
+    was it would forget nothing until the clock caught up again. Here: 51
+    failures, a step back of ten hours, then nine hours and 59 minutes of
+    real time: nine failures forgotten, no more and no fewer.
+    """
+    clock = Clock()
+    clock.advance(NOW)
+    policy = LockoutPolicy()
+    limits = SourceLimits(policy, clock.seconds)
+    src = "198.51.100.20"
+    for i in range(policy.source_threshold):
+        limits.failed(src, f"c{i}")
+    back = Clock()
+    back.advance(NOW - 10 * 3600)
+    limits.now = back.seconds
+    limits.failed(src, "c-back")  # counted at the stepped-back time: forgets nothing
+    back.advance(10 * 3600 - 1)
+    limits.failed(src, "c-forward")  # ten hours after the step, but not after the last counted point + 10 h
+    bucket = limits._buckets[(src, "")]
+    assert bucket.failures == policy.source_threshold + 2 - 9, bucket

@@ -22,7 +22,12 @@ A bucket with ``failures`` consecutive failures, from ``threshold`` on, lets
 the next attempt be *evaluated* only ``delay(failures)`` seconds after the
 last failure (``base`` doubling to ``maximum``). Attempts inside that window
 are refused without being evaluated or counted, so hammering does not extend
-it. A success resets the bucket it was counted in.
+it. A success resets the bucket it was counted in. The one bucket no success
+resets -- one source over all cards, which an attacker's own card must not be
+able to clear -- forgets instead: one failure for every ``maximum`` seconds
+(``SourceLimits``). Its long-run rate is then what the schedule allows
+anyway, one evaluated failure per ``maximum``, but an office behind one
+address whose users make a failure a day never accumulates fifty of them.
 
 A bucket keeps *when* it opens again, in wall-clock time (the reactor's
 ``seconds()``; the per-card buckets are in the database and outlive the
@@ -135,6 +140,8 @@ def site_of(source: str) -> str:
 class _Bucket:
     failures: int = 0
     next_allowed: float = 0.0
+    #: (the source-wide bucket) the time from which its next forgotten failure is counted
+    since: float = 0.0
 
 
 class SourceLimits:
@@ -168,12 +175,28 @@ class SourceLimits:
                     return True
         return False
 
+    def _forget(self, b: _Bucket, now: float) -> None:
+        """
+        The source-wide bucket forgets one failure per ``maximum`` seconds
+        since ``since``. A clock stepped back forgets nothing and counts on
+        from the new time (the wait itself is bounded in ``throttled``).
+        """
+        if now <= b.since:
+            b.since = now
+            return
+        gone = int((now - b.since) // self.policy.maximum)
+        if gone:
+            b.failures = max(0, b.failures - gone)
+            b.since = now if b.failures == 0 else b.since + gone * self.policy.maximum
+
     def failed(self, source: str, serial: str) -> None:
         now = self.now()
         for key, threshold in (((source, serial), self.policy.threshold), ((source, ""), self.policy.source_threshold)):
             b = self._get(key)
             if b is None:
-                b = self._buckets[key] = _Bucket()
+                b = self._buckets[key] = _Bucket(since=now)
+            elif key[1] == "":
+                self._forget(b, now)
             b.failures += 1
             b.next_allowed = self.policy.next_allowed(b.failures, now, threshold)
         while len(self._buckets) > self.capacity:
