@@ -55,7 +55,7 @@ REFUSAL_TEXT = {
     Status.MUK_MISMATCH: "recover refused: this is not the machine the card was last inserted on",
     Status.TIMEOUT: "the server timed out waiting for the answer",
     Status.VERSION_CONFLICT: "the server holds a newer version of the protected information",
-    Status.INTERNAL: "the server failed; nothing was changed",
+    Status.INTERNAL: "the server failed (see its log)",
     Status.STORAGE_FULL: "the server cannot store changes right now (its storage is full); nothing was changed",
     Status.BAD_REQUEST: "the server did not understand the request",
 }

@@ -31,7 +31,7 @@ from vsc.card.protected import CardMemory, rewrap
 from vsc.card.session import CardError, explain
 from vsc.net.channel import ChannelClosedError
 from vsc.protocol import auth, implauth
-from vsc.wire.ops import AuthChallenge, AuthResponse, KdfAlg, KdfParams, Op, OpRequest, OpResult, Status
+from vsc.wire.ops import AuthChallenge, AuthMethod, AuthResponse, KdfAlg, KdfParams, Op, OpRequest, OpResult, Status
 
 #: runs ``fn(*args)`` away from the reactor and fires with its result (default: a reactor thread-pool thread)
 Worker = Callable[..., Deferred]
@@ -137,6 +137,7 @@ class ServerStorage:
         self._secret = b""
         self._proto = None
         self._in_use = False
+        self._totp_asked = False  # this insert's challenge asked for a TOTP code
 
     # ------------------------------------------------------------ connection
 
@@ -174,9 +175,20 @@ class ServerStorage:
         """Figure 6: channel 301, authentication 302 with the MUK 303, mediation 305, download 308."""
         self._secret = self.rand(32)
         try:
-            proto = await self._channel()
-            creds = self.credentials()
-            result, keys = await self._insert(proto, password, muk, creds)
+            for attempt in range(2):
+                proto = await self._channel()
+                creds = self.credentials()
+                try:
+                    result, keys = await self._insert(proto, password, muk, creds)
+                    break
+                except ops.OperationRefused as e:
+                    # INTERNAL: the server's database failed, possibly at the COMMIT of this check-out (the card
+                    # may be in use by this very insert): asked once more with the same insert secret and MUK,
+                    # the server answers "ok" either way (an identical retry), never IN_USE to its own insert.
+                    # Not with a TOTP code: one the server stored as used would be refused (a failure counted)
+                    if e.status is not Status.INTERNAL or attempt or self._totp_asked:
+                        raise
+                    self.log.warn("the server failed (insert); asking once more: it may have checked the card out")
             try:
                 memory = CardMemory.load(self.config.serial, result.protected, keys.protection_key, self.rand)
             except crypto.CryptoError:
@@ -217,6 +229,7 @@ class ServerStorage:
         if not isinstance(first, AuthChallenge):
             ops._check(first, "insert")  # refused before authentication (BUSY, ...)
             raise ops.OperationRefused(Status.BAD_REQUEST, "insert: no challenge")
+        self._totp_asked = any(item.method is AuthMethod.TOTP for item in first.challenges)
         answers, keys = await self.worker(ops.answer, first, serial, password, self.master, self.rand, None, creds)
         result = await proto.request(AuthResponse(responses=tuple(answers), muk=muk))
         return ops._check(result, "insert", tuple(creds.notes)), keys
@@ -297,21 +310,42 @@ class ServerStorage:
 
     # ------------------------------------------------------------ in use
 
-    async def store(self, envelope: bytes) -> None:
-        """Sync: once on the live channel, once more on a fresh one."""
-        last: Exception | None = None
-        for _ in range(2):
+    async def _send(self, request: Callable[[Any], Awaitable[OpResult]]) -> OpResult:
+        """
+        ``request(proto)`` (a sync, a remove, a password change) on the live
+        channel, and once more, identical, when the first try's outcome is
+        unknown: the channel closed before its answer (once more on a fresh
+        channel: the live one may be a channel the server closed while the
+        machine slept), or the answer was INTERNAL — the server's database
+        call failed, possibly at its COMMIT (a PostgreSQL connection that
+        drops during the COMMIT), so the change may be stored. Either way the
+        server answers the identical retry "ok" (vsc.protocol.lifecycle's
+        identical-retry rows), so card and server agree whichever it was.
+        """
+        for attempt in range(2):
             try:
                 proto = await self._channel()
-                result = await ops.sync(proto, self.config.serial, self._secret, self.version, envelope)
-                self.version = result.version
-                return
-            except ChannelClosedError as e:
-                last = e
+                return await request(proto)
+            except ChannelClosedError:
                 self._proto = None
+                if attempt:
+                    raise
             except ops.OperationRefused as e:
-                raise CardError(f"sync refused: {explain(e)}") from None
-        raise CardError(f"could not store the change on the server: {explain(last)}")
+                if e.status is not Status.INTERNAL or attempt:
+                    raise
+                self.log.warn("the server failed ({what}); asking once more: it may have stored it", what=str(e))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def store(self, envelope: bytes) -> None:
+        """Sync (``_send``: once more, identical, when its outcome is unknown)."""
+        try:
+            result = await self._send(
+                lambda proto: ops.sync(proto, self.config.serial, self._secret, self.version, envelope))
+        except ChannelClosedError as e:
+            raise CardError(f"could not store the change on the server: {explain(e)}") from None
+        except ops.OperationRefused as e:
+            raise CardError(f"sync refused: {explain(e)}") from None
+        self.version = result.version
 
     def checks(self) -> Sequence[PeriodicCheck]:
         return ()  # the server watches the card through its syncs and the insert secret
@@ -343,17 +377,23 @@ class ServerStorage:
         try:
             result = await self._send_password_change(change)
         except ops.OperationRefused as e:
-            # refused: nothing changed on the server; the old password stays
-            if change.keyfile is not None:
-                cc.discard_pending_keyfile(self.config.home)
-            raise CardError(f"password change refused: {explain(e)}") from None
-        except Exception as e:  # noqa: BLE001 - the connection failed: reported as one line
+            if e.status is not Status.INTERNAL:
+                # refused: nothing changed on the server; the old password stays
+                if change.keyfile is not None:
+                    cc.discard_pending_keyfile(self.config.home)
+                raise CardError(f"password change refused: {explain(e)}") from None
+            unknown: Exception = e  # INTERNAL twice: its database may have stored it (a COMMIT cut off)
+        except Exception as e:  # noqa: BLE001 - the connection failed (unknown too): reported as one line
+            unknown = e
+        else:
+            unknown = None
+        if unknown is not None:
             # unknown whether the server stored it: keep both keyfiles (the next insert keeps the one
             # that opens with the password the server accepts) and the old wrap (a stale upload is
             # refused as a version conflict, never stored over the new password)
             raise CardError(
-                f"the connection failed during the password change ({explain(e)}); it may or may not have "
-                f"been stored: remove the card (if remove is refused, recover it on this machine), then "
+                f"the password change failed ({explain(unknown)}); the server may or may not have "
+                f"stored it: remove the card (if remove is refused, recover it on this machine), then "
                 f"insert it with the new password, or the old one if the new one is refused"
             ) from None
         memory.adopt_wrap(change.envelope)
@@ -364,39 +404,26 @@ class ServerStorage:
         return self.version
 
     async def _send_password_change(self, change: PasswordChange) -> OpResult:
-        """Once on the live channel, once more on a fresh one (the server answers the identical retry "ok")."""
-        for attempt in range(2):
-            try:
-                proto = await self._channel()
-                return await ops.change_password(proto, self.config.serial, self._secret, self.version,
-                                                 change.verifier, change.kdf, change.envelope)
-            except ChannelClosedError:
-                self._proto = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        """``_send``: once more, identical, when the outcome is unknown (the server answers that retry "ok")."""
+        return await self._send(lambda proto: ops.change_password(
+            proto, self.config.serial, self._secret, self.version, change.verifier, change.kdf, change.envelope))
 
     # ------------------------------------------------------------ remove
 
     async def check_in(self, envelope: bytes) -> None:
         """
         Remove's upload 804 and set-idle 806; the channel is closed after it.
-        Once on the live channel, once more on a fresh one, like a sync: the
-        live one may be a channel the server closed while the machine slept
-        (its CLOSE never arrived), which is what the clock check's remove
-        after a suspend meets first.
+        Sent like a sync (``_send``): once more on a fresh channel when the
+        live one closed (a channel the server closed while the machine slept,
+        its CLOSE never arrived: what the clock check's remove after a
+        suspend meets first), once more, identical, after INTERNAL (the check-in
+        may be stored: its retry is "ok" and the card is idle on both sides).
         """
-        for attempt in range(2):
-            try:
-                proto = await self._channel()
-                result = await ops.remove(proto, self.config.serial, self._secret, self.version, envelope)
-                break
-            except ChannelClosedError:
-                self._proto = None
-                if attempt:
-                    raise
+        result = await self._send(
+            lambda proto: ops.remove(proto, self.config.serial, self._secret, self.version, envelope))
         self.version = result.version
-        if not proto.channel.closed:
+        proto = self._proto
+        if proto is not None and not proto.channel.closed:
             proto.closeChannel()
 
     def checkin_failed(self, error: Exception) -> str | None:

@@ -60,7 +60,7 @@ class Status(enum.IntEnum):
     VERSION_CONFLICT = 7  # sync/remove based on a stale version
     BAD_REQUEST = 8  # a request that makes no sense (missing fields)
     TIMEOUT = 9  # an answer came too late (implementation auth within 30 s)
-    INTERNAL = 10  # the server failed; nothing was changed
+    INTERNAL = 10  # the server failed; nothing was changed, unless its database connection broke at the COMMIT
     STORAGE_FULL = 11  # the server's database cannot store the change now (disk full); nothing was changed
 
 

@@ -1,0 +1,198 @@
+"""
+Review follow-up 3: suspicions earlier reviews reported without proof,
+each proved here with a test that failed before its fix.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from vsc import crypto
+from vsc.card.session import LifeState
+from vsc.protocol.lifecycle import Action, CardFacts, Operation, RequestFacts, State, classify, decide
+from vsc.wire.ops import AuthResponse, ChangePassword, KdfParams, Op, OpRequest, OpResult, Status
+from tests.cardfakes import FakeServer, done, release
+from tests.test_card_storage import SERIAL, _envelope, _runs, _server_storage, _session
+
+
+# ---------------------------------------------------------------- a COMMIT whose outcome is unknown
+
+
+class CommitLostServer(FakeServer):
+    """
+    The fake server of tests.test_card_storage, deciding insert, sync,
+    password change and remove with the real Figure 4 table
+    (vsc.protocol.lifecycle.classify / decide, as vsc.server.store does on
+    the row it locks) and carrying the decision out as the store does. For
+    the operations named in ``lose``, the decision is carried out (the
+    database committed) but the answer is INTERNAL: what the server's
+    machine answers (server_ops ``store_failed``) when its PostgreSQL
+    connection drops during the COMMIT, which succeeded.
+    """
+
+    def __init__(self, *a, lose=(), **kw):
+        super().__init__(*a, **kw)
+        self.lose = list(lose)
+        self.state = State.IDLE
+        self.session_hash: bytes | None = None
+        self.last_session: bytes | None = None
+        self.muk: bytes | None = None
+        self.pending_insert = b""  # the insert secret of the insert being authenticated
+
+    def facts(self) -> CardFacts:
+        return CardFacts(state=self.state, version=self.version, session_hash=self.session_hash,
+                         last_session=self.last_session, muk=self.muk, protected=self.envelope,
+                         verifier=self.verifier, kdf=self.kdf.encode())
+
+    def _decide(self, op: Operation, req: RequestFacts):
+        decision = decide(self.state, op, classify(op, self.facts(), req))
+        a = decision.action
+        if a is Action.CHECK_OUT:
+            self.state, self.muk, self.session_hash, self.last_session = (State.IN_USE, req.muk, req.session_hash,
+                                                                          req.session_hash)
+        elif a in (Action.STORE, Action.STORE_PASSWORD, Action.CHECK_IN):
+            self.envelope, self.version = req.protected, self.version + 1
+            if a is Action.STORE_PASSWORD:
+                self.verifier, self.kdf = req.verifier, KdfParams.decode(req.kdf)
+            if a is Action.CHECK_IN:
+                self.state, self.muk, self.session_hash = State.IDLE, None, None
+        elif a is Action.CHECK_IN_AGAIN:
+            self.state, self.muk, self.session_hash = State.IDLE, None, None
+        if decision.status is Status.OK and op in self.lose:
+            self.lose.remove(op)  # committed; the answer is lost with the database connection
+            return OpResult(status=Status.INTERNAL)
+        version = self.version if decision.status in (Status.OK, Status.VERSION_CONFLICT) else 0
+        if op is Operation.INSERT and decision.status is Status.OK:
+            return OpResult(status=Status.OK, version=self.version, protected=self.envelope)
+        return OpResult(status=decision.status, version=version)
+
+    def answer(self, msg):
+        sha = crypto.sha256
+        if isinstance(msg, OpRequest) and msg.op is Op.INSERT:
+            self.pending_insert = msg.insert_secret
+            return super().answer(msg)
+        if isinstance(msg, AuthResponse):
+            checked = super().answer(msg)
+            if checked.status is not Status.OK:
+                return checked
+            return self._decide(Operation.INSERT, RequestFacts(session_hash=sha(self.pending_insert), muk=msg.muk))
+        if isinstance(msg, OpRequest) and msg.op is Op.ATTACH:
+            return OpResult(status=Status.OK if sha(msg.insert_secret) == self.session_hash else Status.REFUSED,
+                            version=self.version)
+        if isinstance(msg, OpRequest) and msg.op in (Op.SYNC, Op.REMOVE):
+            op = Operation.SYNC if msg.op is Op.SYNC else Operation.REMOVE
+            (self.syncs if op is Operation.SYNC else self.removes).append(msg.protected)
+            return self._decide(op, RequestFacts(session_hash=sha(msg.insert_secret), version=msg.version,
+                                                 protected=msg.protected))
+        if isinstance(msg, ChangePassword):
+            self.passwords.append(msg)
+            return self._decide(Operation.PASSWORD, RequestFacts(
+                session_hash=sha(msg.insert_secret), version=msg.version, protected=msg.protected,
+                verifier=msg.verifier, kdf=msg.kdf))
+        raise AssertionError(f"unexpected {msg!r}")
+
+
+def test_a_remove_whose_commit_was_lost_is_retried_identically_and_converges(tmp_path):
+    """
+    Rule (vsc.protocol.lifecycle, docs/protocol.md §10.13): a remove is
+    retried identically (same insert secret, version and upload) and the
+    retry is answered "ok" whether or not the first was stored; the card is
+    in use on at most one machine ([0054]). Broken: a PostgreSQL connection
+    that drops during the COMMIT of a check-in (the COMMIT succeeded) makes
+    the server answer INTERNAL ("nothing was changed"); the card stayed in
+    use, and the owner's next ``vsc card remove`` exported a fresh upload
+    (new nonces), which the now idle card's row refuses (REFUSED): the card
+    kept serving its keys on this machine while the server had it idle,
+    free to be inserted on another. Now ServerStorage sends the identical
+    request once more on INTERNAL; the table answers it "ok" (idle, identical
+    retry) and the card is removed here as it is on the server.
+    """
+    server = CommitLostServer(SERIAL, "pw", _envelope, lose=[Operation.REMOVE])
+    session = _session(tmp_path, _server_storage(tmp_path, server))
+    done(session.insert("pw"))
+    done(session.counter("runs", -1))
+    try:
+        done(session.remove("test"))
+    except Exception:
+        # what the owner then does: remove again
+        with pytest.raises(Exception):
+            done(session.remove("again"))
+        assert not (session.usable and server.state is State.IDLE), \
+            "the card is in use on this machine while the server has it idle (free for another machine)"
+        raise
+    assert session.life is LifeState.IDLE and not session.lock.held
+    assert server.state is State.IDLE and _runs(server.envelope, server.protection_key) == 2
+    assert len(server.removes) == 2 and server.removes[0] == server.removes[1]  # the identical retry
+
+
+def test_a_sync_whose_commit_was_lost_is_retried_and_the_card_stays_in_step(tmp_path):
+    """
+    Rule (vsc.card.session ``_modify``): a change is acknowledged only once
+    the storage has it, and undone otherwise, so card and server agree.
+    Broken: a sync committed but answered INTERNAL (the database connection
+    dropped during the COMMIT) was undone on the card while the server kept
+    it (a rental counter stepped on the server but not on the card; a new
+    key stored on the server while the owner was told it failed); from then
+    on every change and the remove were refused VERSION_CONFLICT (the card
+    is one version behind): stuck in use until a recover, after which the
+    next insert brings back the change the owner was told had failed. Now
+    the identical sync is sent once more and answered "ok" (identical
+    retry): the change stands on both sides.
+    """
+    server = CommitLostServer(SERIAL, "pw", _envelope, lose=[Operation.SYNC])
+    session = _session(tmp_path, _server_storage(tmp_path, server))
+    done(session.insert("pw"))
+    assert done(session.counter("runs", -1)) == 2
+    assert done(session.counter("runs")) == 2 and _runs(server.envelope, server.protection_key) == 2
+    done(session.counter("runs", -1))  # the next change is stored, not a conflict
+    done(session.remove("test"))
+    assert server.state is State.IDLE and _runs(server.envelope, server.protection_key) == 1
+
+
+def test_a_password_change_whose_commit_was_lost_is_not_taken_for_refused(tmp_path):
+    """
+    Rule (vsc.card.storage ``change_password``): a password change the
+    server may have stored keeps both keyfiles and the card's new wrap only
+    once it is known stored; a refused one (nothing changed) discards the
+    re-sealed keyfile. Broken: INTERNAL was taken for "refused, nothing
+    changed" although the server answers it when its database connection
+    drops during the COMMIT that stored the new verifier: the card kept the
+    old wrap and said the old password stays, the re-sealed keyfile was
+    deleted, and every later sync and the remove were refused
+    VERSION_CONFLICT; after a recover only the new password opens the card,
+    and a keyfile sealed for it no longer exists. Now the identical change
+    is sent once more (answered "ok": identical retry) and the change stands.
+    """
+    server = CommitLostServer(SERIAL, "pw", _envelope, lose=[Operation.PASSWORD])
+    session = _session(tmp_path, _server_storage(tmp_path, server))
+    done(session.insert("pw"))
+    assert done(session.change_password("pw", "new pw")) == server.version == 2
+    done(session.counter("runs", -1))
+    done(session.remove("test"))
+    assert server.state is State.IDLE
+    again = _session(tmp_path, _server_storage(tmp_path, server))
+    done(again.insert("new pw"))
+    assert done(again.counter("runs")) == 2
+    release(again)
+
+
+def test_an_insert_whose_commit_was_lost_does_not_leave_the_card_held_by_its_own_insert(tmp_path):
+    """
+    Rule (Figure 6; vsc.protocol.lifecycle: an insert retried with the same
+    insert secret and MUK is answered "ok"): an insert reported failed left
+    nothing held. Broken: a check-out committed but answered INTERNAL (the
+    database connection dropped during the COMMIT) made the card say "insert
+    refused: the server failed; nothing was changed" and exit, while the
+    server had the card in use by this very insert; every later insert was
+    refused IN_USE ("in use on another machine") until a recover. Now the
+    insert is asked once more with the same insert secret and MUK, which the
+    table answers "ok" (identical retry): the card is in use here, as on the
+    server.
+    """
+    server = CommitLostServer(SERIAL, "pw", _envelope, lose=[Operation.INSERT])
+    session = _session(tmp_path, _server_storage(tmp_path, server))
+    done(session.insert("pw"))
+    assert session.life is LifeState.IN_USE and server.state is State.IN_USE
+    assert done(session.counter("runs")) == 3
+    done(session.remove("test"))
+    assert server.state is State.IDLE
