@@ -196,3 +196,58 @@ def test_an_insert_whose_commit_was_lost_does_not_leave_the_card_held_by_its_own
     assert done(session.counter("runs")) == 3
     done(session.remove("test"))
     assert server.state is State.IDLE
+
+
+# ---------------------------------------------------------------- the control socket's box reader
+
+
+def _boxes_that_are_not_requests():
+    from vsc.wire import ampbox
+    from vsc.wire import control as wc
+
+    refused = wc.request(wc.PUBLIC_KEY, 1, {"slot": "9x"})
+    del refused[wc.ASK]
+    return {
+        "empty box": b"\x00\x00",
+        "no _command": ampbox.encode_box({wc.ASK: b"7", b"slot": b"9a"}),
+        "an _answer to nothing": ampbox.encode_box({wc.ANSWER: b"7"}),
+        "an _error to nothing": ampbox.encode_box({wc.ERROR: b"7", wc.ERROR_CODE: b"X", wc.ERROR_DESCRIPTION: b"d"}),
+        "unknown command, no _ask": ampbox.encode_box({wc.COMMAND: b"Nope"}),
+        "refused command, no _ask": ampbox.encode_box(refused),
+    }
+
+
+@pytest.mark.parametrize("name", list(_boxes_that_are_not_requests()))
+def test_a_control_box_that_is_not_a_request_is_one_log_line_not_a_traceback(name):
+    """
+    Rule (vsc.card.control ``_refuse_connection``; "one line, never a
+    traceback"): whatever a local process sends on the owner's control
+    socket is answered, or the connection is closed with one log line.
+    Broken: a box without ``_command`` (an empty box, an ``_answer`` or
+    ``_error`` to a request the daemon never made) went to AMP's dispatch,
+    which raised (NoEmptyBoxes, KeyError) out of the daemon's own box reader
+    into the reactor: a traceback in the card's log ("Unhandled Error")
+    per such box; and a command sent without ``_ask`` that was refused (or
+    unknown) logged AMP's "Amp server or network failure unhandled ...
+    Dropping connection!" with the traceback. Now each closes the connection
+    with one warning line, and nothing is raised into the reactor.
+    """
+    from twisted.internet.testing import StringTransport
+    from twisted.logger import globalLogPublisher
+
+    from tests.test_control import FakeSession
+    from vsc.card import control
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        proto = control.ControlProtocol(FakeSession())
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(_boxes_that_are_not_requests()[name])  # raised into the reactor before
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert not [e for e in events if e.get("log_failure") is not None], "a traceback was logged"
+    warned = [e for e in events if e.get("log_namespace", "").startswith("vsc.card.control")
+              and e.get("log_level").name == "warn"]
+    assert len(warned) == 1 and transport.disconnecting and transport.value() == b""

@@ -191,7 +191,7 @@ class ControlProtocol(amp.AMP):
 
     def _consume(self, used: int) -> None:
         """Drop the first ``used`` bytes of the receive buffer, zeroing what they occupied."""
-        if self._rx is None:
+        if self._rx is None or self._refused:  # refused while its box was answered: already emptied and zeroed
             return
         rest = self._fill - used
         if rest:
@@ -213,6 +213,15 @@ class ControlProtocol(amp.AMP):
         self._transportHost = transport.getHost()
         amp.BinaryBoxProtocol.makeConnection(self, transport)
 
+    def unhandledError(self, failure) -> None:
+        """
+        A command sent without ``_ask`` (nobody waits for its answer) that
+        failed: refused, or unknown. AMP's own logs a traceback and drops the
+        connection; here one line, and the connection is closed the same.
+        """
+        if self.transport is not None and not self._refused:
+            self._refuse_connection(f"a command sent without _ask failed: {failure.getErrorMessage()}")
+
     def connectionLost(self, reason):
         if self._rx is not None:
             self._rx.free()
@@ -225,7 +234,12 @@ class ControlProtocol(amp.AMP):
         view = self._rx.view[:self._fill]
         try:
             where = {key: (start, end) for key, start, end in fields}
-            command = bytes(view[slice(*where[wc.COMMAND])]) if wc.COMMAND in where else None
+            if wc.COMMAND not in where:
+                # an empty box, an answer or error to a request the daemon never made: AMP's dispatch would
+                # raise it into the reactor (a traceback); the client is one that does not speak this protocol
+                self._refuse_connection("a control message that is not a command")
+                return
+            command = bytes(view[slice(*where[wc.COMMAND])])
             if command in (_DATA_PUT, _DATA_GET):
                 ask = bytes(view[slice(*where[wc.ASK])]) if wc.ASK in where else None
                 name = bytes(view[slice(*where[b"name"])]) if b"name" in where else None
