@@ -5,6 +5,8 @@ each proved here with a test that failed before its fix.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vsc import crypto
@@ -251,3 +253,63 @@ def test_a_control_box_that_is_not_a_request_is_one_log_line_not_a_traceback(nam
     warned = [e for e in events if e.get("log_namespace", "").startswith("vsc.card.control")
               and e.get("log_level").name == "warn"]
     assert len(warned) == 1 and transport.disconnecting and transport.value() == b""
+
+
+# ---------------------------------------------------------------- PostgreSQL: a database host that vanishes
+
+
+def test_a_postgresql_connection_notices_a_vanished_database_host_within_a_minute_or_two(pg_database_url):
+    """
+    Rule (vsc.server.store ``lock_timeout`` / ``idle_in_transaction``: a
+    call must not hold a database thread, and the cards waiting on it, for
+    long; docs/admin.md): a PostgreSQL connection whose host vanished
+    without a FIN or RST (a power cut, a failover to another address, a
+    network partition) fails within about a minute, like a lock wait.
+    Broken: the store connected with libpq's defaults: TCP keepalive after
+    the kernel's tcp_keepalive_time (7200 s here) plus 9 probes of 75 s,
+    no TCP_USER_TIMEOUT: a worker thread waiting for an answer from a host
+    that is gone stayed blocked for over two hours (and one whose request
+    was never acknowledged for the ~15 minutes of TCP's retransmissions),
+    with every card whose call it held. Now the connection asks for
+    keepalive probes after 30 s idle, 3 probes 10 s apart, and a 60 s
+    TCP_USER_TIMEOUT: the socket itself says so.
+    """
+    import socket
+
+    from twisted.internet.task import Clock
+
+    from vsc.server.store import Store
+
+    store = Store(pg_database_url, Clock().seconds)
+    try:
+        conn = store._conn()
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as s:
+            assert s.family == socket.AF_INET  # the session's cluster is on 127.0.0.1: TCP
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            idle = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+            interval = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
+            count = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+            user_timeout = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+        assert idle + interval * count <= 120, (idle, interval, count)
+        assert 0 < user_timeout <= 120_000, user_timeout
+    finally:
+        store.close()
+
+
+def test_the_database_url_may_set_its_own_keepalive_options(pg_database_url):
+    """What the operator's URL says (``?keepalives_idle=5``) wins over the store's defaults."""
+    import socket
+
+    from twisted.internet.task import Clock
+
+    from vsc.server.store import Store
+
+    store = Store(pg_database_url + "?keepalives_idle=5&tcp_user_timeout=7000", Clock().seconds)
+    try:
+        conn = store._conn()
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as s:
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 5
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 7000
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    finally:
+        store.close()
