@@ -10,7 +10,8 @@ import os
 import pytest
 
 from vsc import crypto
-from vsc.card.session import LifeState
+from vsc.card.session import CardError, LifeState
+from tests.test_review_daemon import rig  # noqa: F401 - the fixture
 from vsc.protocol.lifecycle import Action, CardFacts, Operation, RequestFacts, State, classify, decide
 from vsc.wire.ops import AuthResponse, ChangePassword, KdfParams, Op, OpRequest, OpResult, Status
 from tests.cardfakes import FakeServer, done, release
@@ -313,3 +314,40 @@ def test_the_database_url_may_set_its_own_keepalive_options(pg_database_url):
             assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------- SIGTERM and a remove that fails
+
+
+def test_sigterm_whose_remove_fails_leaves_with_a_documented_status(rig, tmp_path, capfd):
+    """
+    Rule (docs/card.md "Exit status of twistd vsc-card": every way the
+    daemon leaves has a row; SIGTERM removes the card, status 0). Broken:
+    SIGTERM whose remove failed (the server unreachable: the card is wiped
+    here and still in use on the server) printed its line but set no
+    status: twistd re-raised SIGTERM and the process died of it (143 in a
+    shell) — a status the table does not list, and one systemd counts as a
+    clean stop, so a unit never showed that the card was left in use on the
+    server. Now it leaves with 6, documented: "stopped, but the remove
+    failed: recover from this machine".
+    """
+    from tests.test_review_daemon import _fired, _lock_free
+
+    reactor, storage, make, ports = rig
+    daemon = make()
+    daemon.startService()
+    storage.fail_checkin = CardError("cannot reach the server")
+    reactor.stop()  # SIGTERM
+    stopped = daemon.stopService()
+    reactor.advance(0)
+    assert _fired(stopped)
+    assert not daemon.session.usable and _lock_free(tmp_path)
+    err = capfd.readouterr().err
+    assert err.count("remove failed: cannot reach the server") == 1, err
+    assert reactor.exit_status() == 6  # None before: no status of its own, the process died of SIGTERM
+    from vsc.card.session import EXIT_REMOVE_FAILED
+
+    assert EXIT_REMOVE_FAILED == 6
+    from tests.test_review_docs import documented_statuses
+
+    assert "remove failed" in documented_statuses("card.md", "Exit status of `twistd vsc-card`")[6]

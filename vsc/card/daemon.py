@@ -15,7 +15,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from vsc.card.session import EXIT_STORAGE, CardSession, LifeState, explain
+from vsc.card.session import EXIT_REMOVE_FAILED, EXIT_STORAGE, CardSession, LifeState, explain
 from vsc.card.storage import CardStorage
 
 
@@ -172,3 +172,5 @@ class CardDaemon(service.Service):
                 print(f"vsc-card: {why}", file=sys.stderr, flush=True)
                 if session.usable:  # still in use (a server card): wipe it, exit without remove
                     session.abort(why, code=None)
+                # its own status (twistd would re-raise SIGTERM: 143, which a service manager takes for a clean stop)
+                self._leave_with(EXIT_REMOVE_FAILED)

@@ -40,10 +40,12 @@ SLOTS = ("9a", "9c", "9d", "9e")
 MAX_DATA = 60000
 LICENCE_PREFIX = "lic:"
 
-#: exit codes of the card process (on_exit): moved to another machine or process, clock check, storage check
+#: exit codes of the card process (on_exit): moved to another machine or process, clock check, storage check,
+#: stopped (SIGTERM) but its remove failed (the card is still in use on the server)
 EXIT_MOVED = 3
 EXIT_CLOCK = 4
 EXIT_STORAGE = 5
+EXIT_REMOVE_FAILED = 6
 
 
 REFUSAL_TEXT = {
