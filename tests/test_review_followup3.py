@@ -351,3 +351,46 @@ def test_sigterm_whose_remove_fails_leaves_with_a_documented_status(rig, tmp_pat
     from tests.test_review_docs import documented_statuses
 
     assert "remove failed" in documented_statuses("card.md", "Exit status of `twistd vsc-card`")[6]
+
+
+# ---------------------------------------------------------------- a second daemon and the first one's sockets
+
+
+def test_a_second_daemon_never_deletes_the_running_daemons_sockets(tmp_path, monkeypatch):
+    """
+    Not a defect (a guard for the report's argument): Twisted's unix.Port
+    removes its socket file when it stops (and, only with ``wantPID``, a
+    stale one when it starts), so a second ``twistd vsc-card`` for the same
+    home must never get as far as listening on the running daemon's path.
+    Before listening, vsc.card.control.prepare_socket_path connects to
+    whatever socket is there: one that answers is refused ("a card daemon
+    already serves ..."), left alone; only one nothing listens on (a crashed
+    daemon's) is removed. The second daemon then meets the machine lock
+    (vsc.card.machine) at insert, before any listen; the first removes its
+    sockets before it releases that lock, so no later daemon's socket can be
+    the file a stopping daemon unlinks.
+    """
+    import socket
+    from pathlib import Path
+
+    from vsc.card.control import prepare_socket_path
+    from vsc.card.paths import runtime_dir
+    from vsc.card.session import CardError as SessionCardError
+
+    base = tmp_path / "run"
+    base.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
+    path = Path(runtime_dir()) / "card-test.sock"
+    prepare_socket_path(path)  # creates the runtime dir, 0700
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(1)
+    try:
+        with pytest.raises(SessionCardError, match="a card daemon already serves"):
+            prepare_socket_path(path)
+        assert path.exists()
+    finally:
+        live.close()
+    assert path.exists()  # closed without unlink: what a crashed daemon leaves
+    prepare_socket_path(path)
+    assert not path.exists()
