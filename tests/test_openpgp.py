@@ -182,14 +182,16 @@ def test_select_and_aid():
 
 
 def test_application_related_data(card):
-    """6E carries the AID, historical bytes (chaining + extended length), 7F66, C0, RSA-2048 C1-C3 and the C4 bytes."""
+    """6E carries the AID, historical bytes (chaining + extended length), 7F74, C0, RSA-2048 C1-C3, the C4 bytes
+    and (inside 73, as on a YubiKey 5) 7F66."""
     d = _app_data(card)
     assert d[0x4F] == card.pgp.aid
-    assert d[0x5F52] == bytes.fromhex("00730000c0059000")
-    assert d[0x7F66] == bytes.fromhex("0202080002020800")
+    assert d[0x5F52] == bytes.fromhex("00730000e0059000")
+    assert d[0x7F74] == bytes.fromhex("810120")
+    assert d[0x7F66] == bytes.fromhex("02020bfe02020bfe")
     caps = wire.ExtendedCapsSchema.parse(d[0xC0])
     assert caps.flags & wire.EXT_GET_CHALLENGE and caps.flags & wire.EXT_KEY_IMPORT
-    assert d[0xC1] == d[0xC2] == d[0xC3] == bytes.fromhex("010800002000")
+    assert d[0xC1] == d[0xC2] == d[0xC3] == bytes.fromhex("010800001100")
     status = wire.parse_pw_status(d[0xC4])
     assert status == wire.PwStatus(False, 8, 32, 32, 3, 3, 3)  # the resetting code is the PUK: its 3 tries
     assert d[0xC5] == bytes(60) and d[0xC6] == bytes(60) and d[0xCD] == bytes(12)

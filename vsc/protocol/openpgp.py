@@ -93,10 +93,12 @@ SW_TERMINATED = 0x6285  # SELECT: the application is in its termination state
 
 CHAINABLE = frozenset({INS_PUT_DATA, INS_PUT_DATA_ODD, INS_VERIFY, INS_CHANGE, INS_RESET_RETRY, INS_PSO,
                        INS_INTERNAL_AUTH, INS_GENERATE})
-MAX_COMMAND = 0x0800  # 7F66: a key import of RSA-2048 is ~600 bytes; a cardholder certificate up to MAX_CERT
-MAX_RESPONSE = 0x0800
+#: 7F66 and C0 as a YubiKey 5 states them (7F66 02 02 0B FE 02 02 0B FE; C0 7D 00 0B FE 08 00 00 FF 00 00: a
+#: YubiKey 5 NFC's application related data in the openpgp-card crate's test_tlv_yubi5, src/tlv.rs)
+MAX_COMMAND = 0x0BFE
+MAX_RESPONSE = 0x0BFE
 MAX_CHAIN = 4 * 1024
-MAX_CHALLENGE = 0x0400
+MAX_CHALLENGE = 0x0BFE
 MAX_CERT = 0x0800
 MAX_SPECIAL = 0x00FF
 
@@ -122,6 +124,14 @@ TAG_AID, TAG_LOGIN, TAG_CARDHOLDER, TAG_APP_DATA, TAG_SECURITY = 0x4F, 0x5E, 0x6
 TAG_NAME, TAG_LANG, TAG_SEX, TAG_URL, TAG_HIST = 0x5B, 0x5F2D, 0x5F35, 0x5F50, 0x5F52
 TAG_CERT, TAG_EXT_LEN, TAG_EXT_CAPS, TAG_PW_STATUS = 0x7F21, 0x7F66, 0xC0, 0xC4
 TAG_FPRS, TAG_CA_FPRS, TAG_TIMES, TAG_RC, TAG_SIG_COUNT = 0xC5, 0xC6, 0xCD, 0xD3, 0x93
+#: general feature management (spec 4.1.3.2): 81 01 20, "button", as a YubiKey 5 answers (and as the second byte
+#: of D6-D8 already said); GnuPG's scdaemon reads it for has_button ("It must be: 03 81 01 20")
+TAG_FEATURES = 0x7F74
+FEATURES = tlv.encode(0x81, b"\x20")
+#: the KDF data object (spec 4.3.2): "81 01 00", no KDF (GnuPG card-util kdf_setup "off", yubikit KdfNone). PW1 is
+#: the PIV PIN, which PIV tools send as typed: it cannot become a KDF hash, so F9 is never changed (PUT DATA 6985)
+TAG_KDF = 0xF9
+KDF_NONE = tlv.encode(0x81, b"\x00")
 #: SELECT DATA's occurrences of 7F21 (spec 7.2.5): 00 authentication, 01 decryption, 02 signature key
 CERT_OCCURRENCES = 3
 TAG_ALGO_INFO = 0xFA  # algorithm information (spec 4.4.3.11): the attributes each key may take
@@ -146,6 +156,9 @@ WRITE_ACCESS = {0x0101: PW1_OTHER, 0x0103: PW1_OTHER}
 READ_ACCESS = {0x0103: PW1_OTHER, 0x0104: PW3}
 
 SIG_COUNTER = "pgp-sig-counter"
+#: the AID the card answered when its first OpenPGP key was made (16 bytes): GnuPG keys its stubs by the full AID
+#: (agent/divert-scd.c ask_for_card compares it with strcmp), so it never changes under a key (see aid_for)
+AID_ITEM = "pgp-aid"
 TERMINATED = "pgp-terminated"
 #: ACTIVATE FILE after TERMINATE DF removes every item of the application (keys, PW3, reset code, data objects,
 #: counter); PW1 stays: it is the card's one user PIN, shared with PIV, and must not come back to a default
@@ -218,6 +231,42 @@ def algorithm_information() -> bytes:
     return tlv.encode(TAG_ALGO_INFO, b"".join(tlv.encode(t, v) for t, v in entries))
 
 
+def legacy_aid(serial: str) -> bytes:
+    """The AID of cards made before the Yubico form: manufacturer FF56, 4 bytes of SHA-256 over the card's serial."""
+    return wire.build_aid(crypto.sha256(b"vsc openpgp\x00" + serial.encode())[:4], wire.MANUFACTURER_LEGACY)
+
+
+def yubikey_serial(serial: str) -> int:
+    """
+    The card's serial number as a YubiKey's, at most 8 decimal digits: the number the PIV application's GET SERIAL
+    (INS F8) answers (vsc.protocol.piv: SHA-256 of "vsc piv serial" and the card's serial, 31 bits) reduced to 8
+    digits. Equal to it when it has 8 digits or fewer, as a YubiKey's OpenPGP and PIV serials are equal.
+    """
+    number = int.from_bytes(crypto.sha256(b"vsc piv serial\x00" + serial.encode())[:4], "big") & 0x7FFFFFFF
+    return number % (wire.MAX_BCD_SERIAL + 1)
+
+
+def yubico_aid(serial: str) -> bytes:
+    """A YubiKey 5's AID: version 3.4, manufacturer 0006 (Yubico), the serial number in BCD (yubikey_serial)."""
+    return wire.build_aid(wire.bcd_serial(yubikey_serial(serial)), wire.MANUFACTURER)
+
+
+def aid_for(serial: str, stored: bytes | None, has_key: bool) -> bytes:
+    """
+    The AID a card answers: the one stored when its first key was made; else, a card holding a key made before
+    the AID was stored keeps the legacy AID (its holder's GnuPG key stubs name it: another AID would leave gpg
+    asking for "the card with serial number FF56 ..." until ``learn --force``); a card without a key takes the
+    Yubico form.
+    """
+    if stored:
+        try:
+            wire.parse_aid(stored)
+            return bytes(stored)
+        except WireError:
+            pass
+    return legacy_aid(serial) if has_key else yubico_aid(serial)
+
+
 def matches(aid: bytes) -> bool:
     """SELECT names the OpenPGP application with its RID/application (6 bytes) up to the full 16-byte AID."""
     return 6 <= len(aid) <= 16 and aid.startswith(wire.RID_APP)
@@ -242,10 +291,7 @@ class OpenPgpApplet(CommandFront):
         self._out: bytes = b""
         self._out_pos = 0
         self._static: dict[str, bytes] = {}
-
-    @property
-    def aid(self) -> bytes:
-        return self._cached("aid", lambda: wire.build_aid(crypto.sha256(b"vsc openpgp\x00" + self.serial.encode())[:4]))
+        self.aid = yubico_aid(serial)  # until SELECT reads which AID this card has (aid_for)
 
     def reset(self) -> None:
         """Power off, reset, another application selected: the security status and buffers are cleared."""
@@ -292,13 +338,31 @@ class OpenPgpApplet(CommandFront):
     def _select(self, cmd: Command, data: bytes) -> Step:
         if cmd.p1 != 0x04 or cmd.p2 not in (0x00, 0x0C):
             return b"", SW_WRONG_P1P2
-        if not matches(data) or not self.aid.startswith(data):
+        if not matches(data):
+            return b"", SW_NOT_FOUND
+        self.aid = yield from self._current_aid()
+        if not self.aid.startswith(data):
             return b"", SW_NOT_FOUND
         self.selected = True
         self.verified.clear()
         self.cert_occurrence = 0
         self.terminated = bool((yield Load(ItemKind.DATA, TERMINATED)))
         return b"", SW_TERMINATED if self.terminated else SW_OK
+
+    def _current_aid(self) -> Generator[Effect, Any, bytes]:
+        stored = yield Load(ItemKind.DATA, AID_ITEM)
+        if stored:
+            return aid_for(self.serial, bytes(stored), True)
+        has_key = False
+        for role in ROLES:
+            has_key = has_key or (yield KeyInfo(key_name(role))) is not None
+        return aid_for(self.serial, None, has_key)
+
+    def _keep_aid(self) -> Generator[Effect, Any, None]:
+        """Before a key is made: store the AID the card answers, once, so that it stays under the key."""
+        stored = yield Load(ItemKind.DATA, AID_ITEM)
+        if not stored:
+            yield Store(ItemKind.DATA, AID_ITEM, self.aid)
 
     # ---------------------------------------------------------------- TERMINATE DF / ACTIVATE FILE (factory reset)
 
@@ -325,6 +389,7 @@ class OpenPgpApplet(CommandFront):
         yield Clear(ITEM_PREFIX)
         self.terminated = False
         self.verified.clear()
+        self.aid = yield from self._current_aid()  # no key left: the Yubico form from now on
         yield Notice("factory-reset", {"application": "openpgp"})
         return b"", SW_OK
 
@@ -446,8 +511,11 @@ class OpenPgpApplet(CommandFront):
         return bytes(raw) if raw else b""
 
     def _attributes(self, role: str) -> Generator[Effect, Any, bytes]:
+        """C1-C3 in the form a YubiKey answers: stored attributes of a card from before (RSA with e length 32)
+        are shown as the key kind's canonical attributes (RSA: e length 17)."""
         raw = yield Load(ItemKind.DATA, attr_name(role))
-        return bytes(raw) if raw else wire.rsa_attributes(2048)
+        alg = attributes_alg(role, bytes(raw)) if raw else None
+        return canonical_attributes(alg, role) if alg is not None else wire.rsa_attributes(2048)
 
     def _pw_status(self) -> Generator[Effect, Any, bytes]:
         policy = yield Load(ItemKind.DATA, PW1_POLICY)
@@ -479,7 +547,7 @@ class OpenPgpApplet(CommandFront):
 
     def extended_capabilities(self) -> bytes:
         flags = (wire.EXT_GET_CHALLENGE | wire.EXT_KEY_IMPORT | wire.EXT_PW_STATUS_CHANGE | wire.EXT_PRIVATE_DOS
-                 | wire.EXT_ALGO_ATTR_CHANGE)
+                 | wire.EXT_ALGO_ATTR_CHANGE | wire.EXT_KDF)
         return wire.extended_capabilities(flags, MAX_CHALLENGE, MAX_CERT, MAX_SPECIAL)
 
     def _discretionary(self) -> Generator[Effect, Any, bytes]:
@@ -491,6 +559,7 @@ class OpenPgpApplet(CommandFront):
         parts.append((TAG_CA_FPRS, (yield from self._concat(CA_FPR_TAG, 20))))
         parts.append((TAG_TIMES, (yield from self._concat(TIME_TAG, 4))))
         parts.append((TAG_KEY_INFO, (yield from self._key_information())))
+        parts.append((TAG_EXT_LEN, wire.extended_length_info(MAX_COMMAND, MAX_RESPONSE)))
         parts.extend((UIF_TAG[role], UIF_OFF) for role in ROLES)
         return tlv.encode_many(parts)
 
@@ -517,10 +586,11 @@ class OpenPgpApplet(CommandFront):
         return bytes(out)
 
     def _application_data(self) -> Generator[Effect, Any, bytes]:
+        # the order and places of a YubiKey 5's 6E: 7F74 beside the AID, 7F66 inside 73 after DE
         return tlv.encode_many([
             (TAG_AID, self.aid),
             (TAG_HIST, wire.historical_bytes()),
-            (TAG_EXT_LEN, wire.extended_length_info(MAX_COMMAND, MAX_RESPONSE)),
+            (TAG_FEATURES, FEATURES),
             (0x73, (yield from self._discretionary())),
         ])
 
@@ -556,6 +626,10 @@ class OpenPgpApplet(CommandFront):
             return (yield from self._concat(TIME_TAG, 4)), SW_OK
         if tag in UIF_TAG.values():
             return UIF_OFF, SW_OK
+        if tag == TAG_FEATURES:
+            return FEATURES, SW_OK
+        if tag == TAG_KDF:
+            return KDF_NONE, SW_OK
         if tag == TAG_ALGO_INFO:
             return self._cached("algorithm-information", algorithm_information), SW_OK
         if tag == TAG_CERT:
@@ -581,6 +655,10 @@ class OpenPgpApplet(CommandFront):
             return b"", SW_OK
         if tag == TAG_RC:  # the resetting code is the PIV PUK (see _rc): changed with the PUK, not with PW3
             return b"", SW_CONDITIONS
+        if tag == TAG_KDF:  # no KDF, ever (TAG_KDF): a YubiKey would also reset PW1 to 123456 here
+            return b"", SW_CONDITIONS
+        if tag in UIF_TAG.values():  # touch off stays off (a no-op); on, fixed or cached needs a button: none here
+            return b"", SW_OK if bytes(data) == UIF_OFF else SW_WRONG_DATA
         if tag in TAG_ROLE_ATTR:
             role = TAG_ROLE_ATTR[tag]
             alg = attributes_alg(role, data)
@@ -637,6 +715,7 @@ class OpenPgpApplet(CommandFront):
         if PW3 not in self.verified:
             return b"", SW_SECURITY
         alg = yield from self._key_alg(role)
+        yield from self._keep_aid()
         public = yield Generate(key_name(role), alg)
         # after the key: if this store fails, the new key is still called imported (the cautious mistake)
         yield from self._set_origin(role, imported=False)
@@ -673,6 +752,7 @@ class OpenPgpApplet(CommandFront):
                 return b"", SW_WRONG_DATA
             # the origin before the key: if the key's store fails, the old key is called imported, never the
             # imported one generated
+            yield from self._keep_aid()
             yield from self._set_origin(imp.role, imported=True)
             yield Store(ItemKind.KEY, key_name(imp.role), der, alg, public)  # sealed by the glue, then zeroed here
         finally:

@@ -26,8 +26,14 @@ U16 = c.Int16ub
 #: RID D2 76 00 01 24, application 01 (OpenPGP)
 RID_APP = bytes.fromhex("d27600012401")
 VERSION = (3, 4)
-#: 0xFF00-0xFFFE: the "unmanaged S/N range" of the spec (4.2.1); 0xFFFF would be a test card
-MANUFACTURER = 0xFF56
+#: Yubico's manufacturer ID (GnuPG scd/app-openpgp.c get_manufacturer: 0x0006 "Yubico"), as a YubiKey 5's AID
+#: carries it: D2 76 00 01 24 01 | 03 04 | 00 06 | serial (BCD) | 00 00
+MANUFACTURER = 0x0006
+#: the manufacturer of cards whose OpenPGP keys predate the Yubico form: 0xFF00-0xFFFE is the spec's "unmanaged S/N
+#: range" (4.2.1). Kept for such a card while it holds a key: GnuPG's key stubs name the card by its full AID
+MANUFACTURER_LEGACY = 0xFF56
+#: a YubiKey's serial number has at most 8 decimal digits: its AID carries them in BCD (4 bytes)
+MAX_BCD_SERIAL = 99_999_999
 
 # the algorithm IDs of the algorithm attributes (spec 4.4.3.9)
 ALGO_RSA = 0x01
@@ -69,6 +75,29 @@ def parse_aid(raw: bytes):
     return _wrap("AID", AidSchema.parse, bytes(raw))
 
 
+#: two decimal digits per byte, high nibble first: 12 34 56 78 is 12345678 (yubikit OpenPgpAid.serial reads
+#: int(aid[10:14].hex()); GnuPG scd/app.c app_munge_serialno writes it so)
+BcdSerial = c.ExprAdapter(
+    c.Array(4, c.ExprAdapter(U8, lambda b, ctx: 10 * (b >> 4) + (b & 0xF), lambda v, ctx: (v // 10) << 4 | v % 10)),
+    lambda digits, ctx: int("".join(f"{d:02d}" for d in digits)),
+    lambda n, ctx: [n // 10 ** (6 - 2 * i) % 100 for i in range(4)])
+
+
+def bcd_serial(n: int) -> bytes:
+    """A serial number of up to 8 decimal digits as the 4 BCD bytes of a YubiKey's AID: 16019180 -> 16 01 91 80."""
+    if not 0 <= n <= MAX_BCD_SERIAL:
+        raise WireError(ErrorCode.MALFORMED, f"serial {n}: a YubiKey AID holds 8 decimal digits")
+    return _wrap("BCD serial", BcdSerial.build, n)
+
+
+def parse_bcd_serial(raw: bytes) -> int:
+    """The AID's 4 serial bytes as a number; a nibble above 9 is no BCD (MALFORMED)."""
+    raw = bytes(raw)
+    if len(raw) != 4 or any(b >> 4 > 9 or b & 0xF > 9 for b in raw):
+        raise WireError(ErrorCode.MALFORMED, f"BCD serial: {raw.hex()}")
+    return _wrap("BCD serial", BcdSerial.parse, raw)
+
+
 # ---------------------------------------------------------------- GET VERSION (INS F1, YubiKey)
 
 #: the firmware version, one BCD byte per part (ykneo-openpgp's VERSION; yubikit's _read_version decodes _bcd)
@@ -87,7 +116,8 @@ def firmware_version(version: tuple[int, int, int]) -> bytes:
 
 HistoricalSchema = c.Struct(
     "category" / c.Const(b"\x00"),
-    # compact TLV 73: card capabilities, 3 bytes; the third: command chaining (0x80), extended Lc and Le (0x40)
+    # compact TLV 73: card capabilities, 3 bytes; the third: command chaining (0x80), extended Lc and Le (0x40),
+    # extended length information (0x20, ISO 7816-4 table 118: the card has 7F66)
     "caps_tag" / c.Const(b"\x73"),
     "caps" / c.Bytes(3),
     # status indicator: life cycle 05 (operational, activated), SW 90 00
@@ -97,8 +127,9 @@ HistoricalSchema = c.Struct(
 
 
 def historical_bytes() -> bytes:
-    """00 73 00 00 C0 05 90 00: command chaining and extended Lc/Le, activated."""
-    return HistoricalSchema.build(dict(caps=b"\x00\x00\xc0"))
+    """00 73 00 00 E0 05 90 00: command chaining, extended Lc/Le and extended length information, activated
+    (a YubiKey 5's 5F52)."""
+    return HistoricalSchema.build(dict(caps=b"\x00\x00\xe0"))
 
 
 # ---------------------------------------------------------------- extended capabilities C0 (spec 4.4.3.7)
@@ -108,6 +139,7 @@ EXT_KEY_IMPORT = 0x20
 EXT_PW_STATUS_CHANGE = 0x10
 EXT_PRIVATE_DOS = 0x08
 EXT_ALGO_ATTR_CHANGE = 0x04
+EXT_KDF = 0x01  # the KDF data object F9 exists (spec 4.4.3.7); it may say "no KDF" (81 01 00)
 
 ExtendedCapsSchema = c.Struct(
     "flags" / U8,
@@ -200,7 +232,11 @@ EcAttributesSchema = c.Struct(
 )
 
 
-def rsa_attributes(bits: int = 2048, e_bits: int = 32) -> bytes:
+#: the public exponent's length in bits a YubiKey states (yubikit RsaAttributes.create: e_len 17, for e = 65537)
+RSA_E_BITS = 17
+
+
+def rsa_attributes(bits: int = 2048, e_bits: int = RSA_E_BITS) -> bytes:
     return RsaAttributesSchema.build(dict(n_bits=bits, e_bits=e_bits, import_format=0))
 
 
