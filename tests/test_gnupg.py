@@ -34,6 +34,7 @@ import pytest
 
 from tests.integration import missing
 from tests import test_pcsc as pcsc
+from vsc.protocol import openpgp
 from vsc.devtools.gnupg import (ADMIN_PIN, EMAIL, LIBPCSC, NAME, RESET_CODE, SCDAEMON, TIMEOUT, GnuPG,
                                 generate_card_keys, set_card_key_attributes)
 
@@ -115,6 +116,58 @@ def test_card_status_shows_the_openpgp_card(stack):
     assert g.field(status, "Max. PIN lengths") == "8 32 32"
     assert g.field(status, "PIN retry counter") == "3 3 3"
     assert g.field(status, "Signature key") == "[none]"
+
+
+def test_card_status_shows_a_yubikey(stack):
+    """
+    The AID is a YubiKey 5's (tests/test_review_pgpids.py): gpg shows manufacturer "Yubico" (0006,
+    scd/app-openpgp.c get_manufacturer) and the serial number as 8 decimal digits (BCD), the card's PIV serial
+    reduced to 8 digits; "KDF setting: off" as for a YubiKey 5 (C0 says KDF, F9 says none).
+    """
+    g = stack["gnupg"]
+    status = g.card_status()
+    aid = openpgp.yubico_aid(pcsc.SERIAL).hex().upper()
+    assert g.field(status, "Application ID") == aid and aid.startswith("D2760001240103040006")
+    assert g.field(status, "Manufacturer") == "Yubico"
+    serial = g.field(status, "Serial number")
+    assert serial == aid[20:28] and serial.isdigit() and int(serial) == openpgp.yubikey_serial(pcsc.SERIAL)
+    assert g.field(status, "KDF setting") == "off"
+
+
+def _scd(g: GnuPG, *commands: str) -> tuple[list[str], bytes]:
+    """gpg-connect-agent --hex: scdaemon's status lines and its data (Assuan %-escapes undone)."""
+    out = subprocess.run(["gpg-connect-agent", "--hex", "SCD SERIALNO openpgp", *(f"SCD {c}" for c in commands),
+                          "/bye"], env=g.env, capture_output=True, text=True, timeout=60).stdout
+    assert out.rstrip().endswith("OK") and "ERR" not in out, out
+    raw = bytes.fromhex("".join(re.findall(r"[0-9A-F]{2}", "".join(line[9:58] for line in out.splitlines()
+                                                                   if line.startswith("D[")))))
+    return ([line for line in out.splitlines() if line.startswith("S ")],
+            re.sub(rb"%([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), raw))
+
+
+def _card_apdu(g: GnuPG, apdu_hex: str) -> tuple[bytes, int]:
+    """An APDU sent through scdaemon (its APDU command): the response data and status word."""
+    _, raw = _scd(g, f"APDU {apdu_hex}")
+    return raw[:-2], int.from_bytes(raw[-2:], "big")
+
+
+def test_scdaemon_reads_a_yubikey_5s_capabilities(stack):
+    """
+    scdaemon's EXTCAP (what it parsed from C0 and 7F74 at SELECT, scd/app-openpgp.c app_select_openpgp and
+    do_getattr "EXTCAP") says key import, attributes changeable, a button (bt=1: 7F74 present) and KDF (kdf=1), as
+    for a YubiKey 5; the raw answers through scdaemon are a YubiKey 5 NFC's (tests/test_review_pgpids.py).
+    """
+    g = stack["gnupg"]
+    status, _ = _scd(g, "GETATTR EXTCAP")
+    line = next(line for line in status if line.startswith("S EXTCAP "))
+    extcap = dict(kv.split("=") for kv in line.split(" ", 2)[2].replace("+", " ").split())
+    assert {k: extcap[k] for k in ("ki", "aac", "bt", "kdf", "mcl3")} == {"ki": "1", "aac": "1", "bt": "1",
+                                                                         "kdf": "1", "mcl3": "2048"}
+    assert _card_apdu(g, "00CA5F5200") == (bytes.fromhex("00730000e0059000"), 0x9000)
+    assert _card_apdu(g, "00CA00C000") == (bytes.fromhex("7d000bfe080000ff0000"), 0x9000)
+    assert _card_apdu(g, "00CA7F7400") == (bytes.fromhex("810120"), 0x9000)
+    assert _card_apdu(g, "00CA00F900") == (bytes.fromhex("810100"), 0x9000)
+    assert _card_apdu(g, "00CA00C100") == (bytes.fromhex("010800001100"), 0x9000)
 
 
 def test_random_bytes_from_the_card(stack):
@@ -214,6 +267,45 @@ def _sshd(tmp: Path, authorized: str):
             raise AssertionError(f"sshd did not start:\n{(tmp / 'sshd.log').read_text()}")
         time.sleep(0.05)
     return proc, port
+
+
+def test_an_aid_changed_under_its_keys_orphans_gnupgs_stubs(stack):
+    """
+    Why a card holding keys keeps its AID: GnuPG's stub of each card key (private-keys-v1.d) names the card by its
+    full AID, and gpg-agent signs only on a card answering that AID (agent/divert-scd.c ask_for_card: strcmp, else
+    "Please remove the current card and insert the one with serial number ..."); gpg --card-status does not
+    rewrite an existing stub (agent/learncard.c: skipped unless --force). Here the stubs are made to name the
+    same card as it was with manufacturer FF56 - what the holder of a card from before would have had, had its
+    AID become the Yubico one: signing fails with "Card not present" although the card is in the reader and the
+    PIN is given. ``learn --force`` (the repair) writes the stubs for the AID the card answers, and signing works
+    again.
+    """
+    g, tmp = stack["gnupg"], stack["tmp"]
+    aid = g.field(g.card_status(), "Application ID").encode()
+    before = aid[:16] + b"FF56" + aid[20:]
+    stubs = {p: p.read_bytes() for p in (g.home / "private-keys-v1.d").glob("*.key") if aid in p.read_bytes()}
+    assert len(stubs) == 3  # signature, decryption, authentication
+    msg = tmp / "orphaned.txt"
+    msg.write_text("which card?\n")
+    sign = ("--pinentry-mode", "loopback", "--passphrase", PIN, "--yes", "-u", EMAIL, "--output", f"{msg}.sig",
+            "--detach-sign", str(msg))
+    try:
+        g.gpg(*sign)  # the PIN through loopback works with the right stubs (loopback asks no card confirmation)
+        for path, raw in stubs.items():
+            path.write_bytes(raw.replace(aid, before))
+        g.close()
+        failed = g.gpg(*sign, check=False)
+        # the card is in the reader, but not the card the stubs name (gpg-agent asks scdaemon for that serial)
+        assert failed.returncode != 0 and "signing failed: Card not present" in failed.stderr, failed.stderr
+        out = subprocess.run(["gpg-connect-agent", "SCD SERIALNO openpgp", "LEARN --force", "/bye"], env=g.env,
+                             capture_output=True, text=True, timeout=60).stdout
+        assert out.rstrip().endswith("OK"), out
+        g.gpg(*sign)
+        assert f'<{EMAIL}>' in g.gpg("--verify", f"{msg}.sig", str(msg)).stderr
+    finally:
+        for path, raw in stubs.items():
+            path.write_bytes(raw)
+        g.close()
 
 
 def _ssh_login(stack, key_type: str) -> None:
@@ -360,6 +452,20 @@ def test_curve25519_keys(stack):
     out = g.gpg("--output", "-", "--decrypt", f"{msg}.gpg")
     assert out.stdout == msg.read_text() and "ECDH key" in out.stderr
     _ssh_login(stack, "ssh-ed25519")
+
+
+def test_key_attr_back_to_rsa(stack):
+    """
+    gpg --card-edit key-attr from ECC back to RSA 2048: scdaemon's change_rsa_keyattr writes C1-C3 as
+    01 08 00 00 20 00 (e length 32, scd/app-openpgp.c); the card takes it (as it must, or GnuPG could not
+    return to RSA) and answers the YubiKey's 01 08 00 00 11 00 afterwards.
+    """
+    g = stack["gnupg"]
+    g.card_edit({"cardedit.prompt": ["admin", "key-attr", "quit"], "cardedit.genkeys.algo": ["1"] * 3,
+                 "cardedit.genkeys.size": ["2048"] * 3}, "--expert")
+    assert g.field(g.card_status(), "Key attributes") == "rsa2048 rsa2048 rsa2048"
+    for tag in ("C1", "C2", "C3"):
+        assert _card_apdu(g, f"00CA00{tag}00") == (bytes.fromhex("010800001100"), 0x9000)
 
 
 def test_factory_reset(stack):
