@@ -395,3 +395,50 @@ def test_touch_policy_can_be_set_off_only():
         for on in ("0120", "0220", "0320", "0420"):
             assert c.send(0xDA, 0x00, tag, bytes.fromhex(on))[1] == 0x6A80
         assert c.get_data(tag) == (bytes.fromhex("0020"), 0x9000)
+
+
+# ================================================================ 4. yubikit itself, where it is installed
+
+
+def test_yubikit_reads_a_yubikey_5():
+    """
+    yubikit's OpenPgpSession (yubikey-manager, the library behind ``ykman
+    openpgp``) over this card: firmware 5.4.3, manufacturer 6 with a positive
+    8-digit serial, the YubiKey 5's historical bytes, a button, KDF none, no
+    extended length information in 6E's outer level (as on a YubiKey 5), RSA
+    e length 17 before and after its own key generation (which first writes
+    the attributes with e length 17), and key import. Skipped where yubikit is
+    not installed (it is not a dependency of vsc); run with yubikey-manager
+    5.9.2.
+    """
+    pytest.importorskip("yubikit")
+    from yubikit.core import TRANSPORT
+    from yubikit.core.smartcard import SmartCardConnection
+    from yubikit.openpgp import KEY_REF, KEY_STATUS, RSA_SIZE, KdfNone, OpenPgpSession
+
+    card = _card(SERIAL8)
+
+    class Connection(SmartCardConnection):
+        transport = TRANSPORT.USB
+
+        def close(self) -> None:
+            pass
+
+        def send_and_receive(self, data):
+            return card.raw(bytes(data))
+
+    session = OpenPgpSession(Connection())
+    assert tuple(session.version) == (5, 4, 3)
+    data = session.get_application_related_data()
+    assert (data.aid.manufacturer, data.aid.serial, data.aid.version) == (6, 76071752, (3, 4))
+    assert data.historical == bytes.fromhex("00730000e0059000")
+    assert data.general_feature_management == 0x20 and data.extended_length_info is None
+    assert data.discretionary.extended_capabilities.challenge_max_length == 0x0BFE
+    assert isinstance(session.get_kdf(), KdfNone)
+    assert data.discretionary.attributes_sig.e_len == 17
+    session.verify_admin("12345678")
+    session.generate_rsa_key(KEY_REF.SIG, RSA_SIZE.RSA2048)
+    session.put_key(KEY_REF.DEC, RSA_KEY)
+    assert session.get_algorithm_attributes(KEY_REF.SIG).e_len == 17
+    assert session.get_key_information()[KEY_REF.DEC] == KEY_STATUS.IMPORTED
+    assert card.items[(ItemKind.DATA, openpgp.AID_ITEM)][0] == data.aid

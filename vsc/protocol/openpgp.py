@@ -36,6 +36,12 @@ DECIPHER 8086), INTERNAL AUTHENTICATE (88), GET CHALLENGE (84), GET RESPONSE
 not PW1 (the card's PIN). Command chaining and extended lengths both work
 (historical bytes).
 
+Identity: the data objects answer as a YubiKey 5's (5F52, C0, 7F74, 7F66,
+F9, RSA attributes with e length 17), and the AID is a YubiKey's
+(manufacturer 0006, serial in BCD) stored with the card's first key; a card
+that held keys before keeps its FF56 AID, which GnuPG's key stubs name
+(aid_for).
+
 One responsibility (and so one module despite its length): the OpenPGP card application.
 """
 
