@@ -866,11 +866,11 @@ def test_generate_rsa_and_ec(card):
 
 
 def test_generate_refusals(card):
-    """An unknown algorithm or template is 6A80; a slot that is not 9A/9C/9D/9E is 6A88; P1 not 00 is 6A86."""
+    """An unknown algorithm or template is 6A80; a reference that is no key slot (9A/9C/9D/9E, 82-95) is 6A88; P1 not 00 is 6A86."""
     card.mgmt_auth()
     assert card.send(0x47, 0x00, 0x9A, tlv.encode(0xAC, tlv.encode(0x80, b"\x14")))[1] == 0x6A80
     assert card.send(0x47, 0x00, 0x9A, tlv.encode(0xAB, tlv.encode(0x80, b"\x07")))[1] == 0x6A80
-    assert card.send(0x47, 0x00, 0x82, tlv.encode(0xAC, tlv.encode(0x80, b"\x07")))[1] == 0x6A88
+    assert card.send(0x47, 0x00, 0x96, tlv.encode(0xAC, tlv.encode(0x80, b"\x07")))[1] == 0x6A88
     assert card.send(0x47, 0x01, 0x9A, tlv.encode(0xAC, tlv.encode(0x80, b"\x07")))[1] == 0x6A86
 
 

@@ -382,8 +382,8 @@ def test_get_metadata_origin_follows_import_and_generate(card):
 
 def test_get_metadata_refusals(card):
     """
-    An empty slot, the retired slots 82-95 and the attestation key F9 (vsc
-    has neither) and any other reference answer 6A88, as a YubiKey answers
+    An empty slot (the retired slots 82-95 before a key is put there) and
+    any other reference answer 6A88, as a YubiKey answers
     for an empty slot (yubikit's test_delete_key expects an ApduError from
     get_slot_metadata); P1 other than 00 is 6A86. Before SELECT: 6D00, as
     for every PIV command.

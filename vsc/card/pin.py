@@ -27,9 +27,10 @@ from twisted.logger import Logger
 from vsc.protocol import pins
 from vsc.protocol.applet import SW_BLOCKED, EffectFailed, Load, Notice, Store, run_async, run_sync
 from vsc.protocol.card_lifecycle import CardError
+from vsc.wire.pinpolicy import SLOT_REFS
 from vsc.wire.protected import ItemKind
 
-_SLOTS = {"9a": 0x9A, "9c": 0x9C, "9d": 0x9D, "9e": 0x9E}
+_SLOTS = SLOT_REFS  # 9a, 9c, 9d, 9e and the retired 82..95; any other name (pgp-*, f9) has no PIN policy here
 
 
 def refusal(sw: int, slot: str = "", policy: pins.PinPolicy | None = None) -> str:

@@ -28,6 +28,7 @@ from vsc.card.protected import CardMemory
 from vsc.net.channel import ChannelClosedError
 from vsc.protocol.card_lifecycle import CardError, CardLifecycle, LifeState
 from vsc.wire.ops import Status
+from vsc.wire.pinpolicy import SLOT_REFS
 from vsc.wire.protected import ItemKind, KeyAlg, decode_counter, encode_counter
 
 if TYPE_CHECKING:
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CardError", "CardSession", "LifeState", "explain"]
 
-SLOTS = ("9a", "9c", "9d", "9e")
+#: every PIV key slot by name: 9a, 9c, 9d, 9e and the retired 82..95 (vsc.wire.pinpolicy.KEY_SLOTS)
+SLOTS = tuple(SLOT_REFS)
 MAX_DATA = 60000
 LICENCE_PREFIX = "lic:"
 

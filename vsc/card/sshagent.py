@@ -49,6 +49,7 @@ from twisted.protocols.basic import Int32StringReceiver
 
 from vsc import crypto
 from vsc.wire.errors import WireError
+from vsc.wire.pinpolicy import SLOT_REFS, slot_order
 from vsc.wire.protected import ItemKind, KeyAlg
 from vsc.wire.sshagent import (
     MAX_MESSAGE,
@@ -154,12 +155,13 @@ class CardAgent:
         out = []
         serial = self.session.config.serial
         for kind, name, alg, public in memory.items():
-            if kind is not ItemKind.KEY or alg not in SSH_ALGORITHMS or not public or name.startswith("pgp-"):
-                continue  # the OpenPGP application's keys serve through it only (gpg-agent has their ssh side)
+            if kind is not ItemKind.KEY or alg not in SSH_ALGORITHMS or not public or name not in SLOT_REFS:
+                continue  # PIV key slots only: the OpenPGP application's keys (pgp-*) serve through it (gpg-agent
+                # has their ssh side), and the attestation key (f9) signs attestations only
             if self.slots is not None and name not in self.slots:
                 continue
             out.append(AgentKey(name, alg, self._blob(public), key_comment(serial, name)))
-        return sorted(out, key=lambda k: k.slot)
+        return sorted(out, key=lambda k: slot_order(k.slot))  # 9a, 9c, 9d, 9e, then the retired 82..95
 
     async def answer(self, body: bytes) -> Response:
         """One request body → its response; every refusal is a Failure (and a log line)."""

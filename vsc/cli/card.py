@@ -16,6 +16,7 @@ from vsc.card import paths
 from vsc.cli import CommandError, emit
 from vsc.cli.argspec import Namespace, Option, add_options, parse_plain
 from vsc.wire import control
+from vsc.wire.pinpolicy import SLOT_REFS, slot_order
 
 SLOT_KEYS = {"9a": "rsa2048", "9c": "p256", "9d": "rsa2048", "9e": "p256"}
 
@@ -152,7 +153,8 @@ def _write_out(path: str, data: bytes) -> None:
 
 def cmd_status(args) -> int:
     status = control.status_of(_call(args, control.STATUS))
-    slots = ", ".join(f"{k} {v['algorithm']}" for k, v in sorted(status["slots"].items()))
+    held = sorted(status["slots"].items(), key=lambda kv: slot_order(kv[0]))  # 9a.. 9e, then the retired 82..95
+    slots = ", ".join(f"{k} {v['algorithm']}" for k, v in held)
     pin = ""
     if status.get("pin_policy"):
         tries = status["pin_tries"]
@@ -266,13 +268,19 @@ def cmd_remove(args) -> int:
 # ---------------------------------------------------------------- ssh (vsc.card.sshagent)
 
 
-def _public_keys(args, slots: list[str]) -> dict:
-    """The PEM public key of each slot, over ONE control connection; a slot without a key is left out."""
+def _public_keys(args, slots: list[str] | None) -> dict:
+    """
+    The PEM public key of each slot (None: every key slot that holds a key, as the card's status lists them),
+    over ONE control connection; a slot without a key is left out.
+    """
     from vsc.card import client
 
     out: dict = {}
     errors: list[str] = []
     with _daemon(args) as card:
+        if slots is None:
+            held = control.status_of(card.call(control.STATUS))["slots"]
+            slots = [s for s in SLOTS if s in held]
         for slot in slots:
             try:
                 out[slot] = card.call(control.PUBLIC_KEY, slot=slot)["pem"]
@@ -288,9 +296,9 @@ def cmd_ssh_pubkey(args) -> int:
     from vsc.card.sshagent import key_comment, openssh_line
 
     cfg = card_config(args)
-    pems = _public_keys(args, [args.slot] if args.slot else sorted(SLOT_KEYS))
+    pems = _public_keys(args, [args.slot] if args.slot else None)
     keys = []
-    for slot, pem in sorted(pems.items()):
+    for slot, pem in sorted(pems.items(), key=lambda item: slot_order(item[0])):
         line = openssh_line(crypto.public_der_from_pem(pem), key_comment(cfg.serial, slot))
         keys.append({"slot": slot, "algorithm": line.split()[0], "line": line})
     emit(args, {"serial": cfg.serial, "keys": keys}, "\n".join(k["line"] for k in keys))
@@ -374,7 +382,9 @@ def cmd_cert(args) -> int:
 # ---------------------------------------------------------------- parser
 
 
-SLOTS = tuple(sorted(SLOT_KEYS))
+#: every key slot ``--slot`` takes: the four enrolment slots and the retired 82..95 (keys put there by
+#: yubico-piv-tool / ykman: GENERATE or IMPORT over PC/SC)
+SLOTS = tuple(SLOT_REFS)
 _SLOT = Option("--slot", required=True, choices=SLOTS)
 _IN = Option("--in", dest="input", required=True)
 _OUT = Option("--out", dest="output", required=True)

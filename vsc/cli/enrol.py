@@ -348,7 +348,7 @@ def add_pin_options(p) -> None:
     p.add_argument("--puk-file", help="read the new PIV PUK (6-8 characters) from this file or fd:N (default: prompt)")
     p.add_argument("--pin-policy", metavar="SLOT=POLICY,...",
                    help="when each slot's key needs the PIN: never, once or always (default, as a YubiKey: "
-                        "9a=once,9c=always,9d=once,9e=never); on every path")
+                        "9a=once,9c=always,9d=once,9e=never, 82-95 once); on every path")
     p.add_argument("--local-pin", choices=("insert", "pin"), default=None,
                    help="how the local paths (vsc card, the local API, the ssh-agent) verify the PIN: insert (the "
                         "insert password counts as one verification; the default) or pin (vsc card verify-pin)")

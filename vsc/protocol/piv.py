@@ -55,7 +55,7 @@ from vsc import crypto
 from vsc.wire import apdu, tlv
 from vsc.wire.apdu import ApduError, Command, ManagementKeyRecord, SecretRecord
 from vsc.wire.errors import WireError
-from vsc.wire.pinpolicy import encode_policy
+from vsc.wire.pinpolicy import RETIRED_SLOTS, encode_policy, slot_text
 from vsc.wire.protected import ItemKind, KeyAlg
 from vsc.protocol import pins
 from vsc.protocol.applet import (  # noqa: F401  (the effects and status words are the applet framework's)
@@ -147,8 +147,11 @@ PIV_ALG = {KeyAlg.RSA2048: ALG_RSA2048, KeyAlg.P256: ALG_P256}
 KEY_ALG = {v: k for k, v in PIV_ALG.items()}
 
 #: slot (key reference) -> certificate object tag; whether a key needs the PIN is the card's PIN policy
-#: (vsc.wire.pinpolicy, chosen at enrolment; YubiKey's defaults 9A once, 9C always, 9D once, 9E never)
-SLOTS = {0x9A: 0x5FC105, 0x9C: 0x5FC10A, 0x9D: 0x5FC10B, 0x9E: 0x5FC101}
+#: (vsc.wire.pinpolicy, chosen at enrolment; YubiKey's defaults 9A once, 9C always, 9D once, 9E never, and once
+#: for the retired slots). The retired key-management slots 82..95 keep their certificates in 5FC10D..5FC120
+#: (SP 800-73-4 part 1 table 3 "Retired X.509 Certificate for Key Management 1..20", table 4b).
+SLOTS = {0x9A: 0x5FC105, 0x9C: 0x5FC10A, 0x9D: 0x5FC10B, 0x9E: 0x5FC101,
+         **{ref: 0x5FC10D + i for i, ref in enumerate(RETIRED_SLOTS)}}
 CERT_SLOT = {tag: slot for slot, tag in SLOTS.items()}
 
 TAG_DISCOVERY = 0x7E
@@ -159,7 +162,7 @@ PIN_OBJECTS = frozenset({0x5FC103, 0x5FC108, 0x5FC109, 0x5FC121})
 
 
 def slot_name(ref: int) -> str:
-    return f"{ref:02x}"
+    return slot_text(ref)
 
 
 def object_name(tag: int) -> str:
@@ -759,13 +762,12 @@ class PivApplet(CommandFront):
         * 9B management key: 01 algorithm (03 3DES, 08/0A/0C AES), 02 policy
           (PIN policy 00: none applies, touch 01 never), 05 default (01: the
           key bytes are 0102..08 three times, whatever the algorithm);
-        * 9A/9C/9D/9E: 01 algorithm (07 RSA-2048, 11 P-256), 02 policy (the
+        * 9A/9C/9D/9E and the retired 82-95: 01 algorithm (07 RSA-2048, 11 P-256), 02 policy (the
           slot's PIN policy, touch 01 never), 03 origin (01 generated, 02
           imported), 04 public key (81 n 82 e, or 86 point).
 
-        An empty slot, and every other reference (the retired slots 82-95 and
-        the attestation key F9, which vsc has not), answer 6A88; P1 other
-        than 00 answers 6A86.
+        An empty slot (a retired slot without a key), and every other
+        reference, answer 6A88; P1 other than 00 answers 6A86.
         """
         if cmd.p1 != 0x00:
             return b"", SW_WRONG_P1P2

@@ -27,7 +27,28 @@ from vsc.wire.codec import U8, Array, StrictEnum
 from vsc.wire.errors import ErrorCode, WireError
 
 POLICY_ITEM = "pin-policy"
+#: the four PIV key slots every card has a key in after enrolment (9A, 9C, 9D, 9E)
 SLOTS = (0x9A, 0x9C, 0x9D, 0x9E)
+#: the twenty retired key-management slots 82-95 (SP 800-73-4 part 1 3.3.2, table 4b; a YubiKey 5 has all of
+#: them): empty until GENERATE or IMPORT puts a key there; a YubiKey's default PIN policy for them is once
+RETIRED_SLOTS = tuple(range(0x82, 0x96))
+#: every key slot a key can be generated or imported into, in the order lists show them
+KEY_SLOTS = SLOTS + RETIRED_SLOTS
+
+
+def slot_text(ref: int) -> str:
+    """A key slot's name on every path (the protected information, vsc card, the ssh-agent): ``9a``, ``82``."""
+    return f"{ref:02x}"
+
+
+#: slot name -> key reference, for every key slot (what ``--slot``, key_cache and the ssh-agent's list accept)
+SLOT_REFS = {slot_text(ref): ref for ref in KEY_SLOTS}
+
+
+def slot_order(name: str) -> int:
+    """Sort key of a slot name: 9a, 9c, 9d, 9e, then 82..95, then anything else."""
+    ref = SLOT_REFS.get(name)
+    return KEY_SLOTS.index(ref) if ref is not None else len(KEY_SLOTS)
 
 
 class PinPolicy(enum.IntEnum):
@@ -58,7 +79,9 @@ class Policy:
         return Policy({**self.slots, slot: policy}, self.local)
 
     def text(self) -> str:
-        return ",".join(f"{s:02x}={self.of(s).name.lower()}" for s in SLOTS)
+        """The four main slots always, a retired slot only once a policy was chosen for it (its default: once)."""
+        shown = SLOTS + tuple(s for s in RETIRED_SLOTS if s in self.slots)
+        return ",".join(f"{s:02x}={self.of(s).name.lower()}" for s in shown)
 
 
 DEFAULT = Policy()
@@ -67,7 +90,7 @@ LEGACY = Policy({0x9A: PinPolicy.ONCE, 0x9C: PinPolicy.ONCE, 0x9D: PinPolicy.ONC
 _Entry = c.Struct("slot" / U8, "policy" / StrictEnum(U8, PinPolicy))
 PolicySchema = c.Struct(
     "format" / c.Const(1, U8),
-    "slots" / Array(U8, _Entry, 16, 0, "slot policies"),
+    "slots" / Array(U8, _Entry, len(KEY_SLOTS), 0, "slot policies"),
     "local" / StrictEnum(U8, LocalVerify),
     c.Terminated,
 )
@@ -109,8 +132,8 @@ def parse_text(text: str, base: Policy = DEFAULT, local: str | None = None) -> P
             slot = int(name.strip(), 16)
         except ValueError:
             slot = -1
-        if not sep or slot not in SLOTS:
-            raise ValueError(f"--pin-policy: {part!r} is not SLOT=POLICY with a slot of 9a, 9c, 9d, 9e")
+        if not sep or slot not in KEY_SLOTS:
+            raise ValueError(f"--pin-policy: {part!r} is not SLOT=POLICY with a slot of 9a, 9c, 9d, 9e or 82-95")
         try:
             slots[slot] = PinPolicy[value.strip().upper()]
         except KeyError:
