@@ -10,13 +10,14 @@ VSC_REQUIRE_INTEGRATION=1 like test_pcsc.
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.integration import missing
-from tests.test_pcsc import EXTENDED_CLIENT, PIN, READER, _run, stack  # noqa: F401  (the fixture)
+from tests.test_pcsc import EXTENDED_CLIENT, PIN, READER, SERIAL, _run, stack  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -165,3 +166,56 @@ def test_retired_slot_95_rsa_with_a_pin_policy(stack):
     pem.write_text(_run(["openssl", "x509", "-in", cert, "-pubkey", "-noout"]).stdout)
     assert "Verified OK" in _run(["openssl", "dgst", "-sha256", "-verify", pem, "-signature", tmp / "cli.95",
                                   msg]).stdout
+
+
+# ---------------------------------------------------------------- attestation (YubiKey INS F9)
+
+
+def test_yubico_piv_tool_attests_a_generated_key(stack):
+    """
+    yubico-piv-tool -a attest -s 9a (ATTEST, YubiKey INS F9) prints a certificate that openssl verifies under the
+    F9 certificate read back with -a read-certificate -s f9 (object 5FFF01: the card's own attestation key, made
+    on this first attestation and synced); its public key is slot 9a's, its subject "YubiKey PIV Attestation 9a",
+    and it carries Yubico's extensions (firmware 5.4.3, the serial yubico-piv-tool reports, PIN policy once and
+    touch never, form factor). The retired key generated in 82 is attested as well, under the same F9 key, which
+    vsc card status lists.
+    """
+    cards, home, tmp = stack["cards"], stack["home"], stack["tmp"]
+    att, f9 = tmp / "attest9a.pem", tmp / "f9.pem"
+    att.write_text(_ypt("-a", "attest", "-s", "9a"))
+    f9.write_text(_ypt("-a", "read-certificate", "-s", "f9"))
+    verified = _run(["openssl", "verify", "-CAfile", f9, att])
+    assert verified.stdout.strip() == f"{att}: OK", verified.stdout + verified.stderr
+    att_pub = _run(["openssl", "x509", "-in", att, "-pubkey", "-noout"]).stdout
+    slot_pub = cards.card(home, "public-key", "--slot", "9a", json_out=False).stdout
+    assert att_pub.split() == slot_pub.split()
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(att.read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=YubiKey PIV Attestation 9a"
+    assert cert.issuer.rfc4514_string() == f"CN=vsc PIV Attestation {SERIAL}"
+    exts = {e.oid.dotted_string: e.value.value for e in cert.extensions}
+    status = _ypt("-a", "status")
+    serial = int(re.search(r"Serial Number:\s*(\d+)", status).group(1))
+    n = serial.to_bytes(serial.bit_length() // 8 + 1, "big")
+    assert exts == {"1.3.6.1.4.1.41482.3.3": b"\x05\x04\x03", "1.3.6.1.4.1.41482.3.7": b"\x02" + bytes([len(n)]) + n,
+                    "1.3.6.1.4.1.41482.3.8": b"\x02\x01", "1.3.6.1.4.1.41482.3.9": b"\x00"}
+    assert cards.card(home, "status").json()["slots"]["f9"]["algorithm"] == "rsa2048"
+    att82 = tmp / "attest82.pem"
+    att82.write_text(_ypt("-a", "attest", "-s", "82"))
+    assert _run(["openssl", "verify", "-CAfile", f9, att82]).stdout.strip() == f"{att82}: OK"
+
+
+def test_attestation_refused_for_an_imported_key_and_an_empty_slot(stack):
+    """
+    yubico-piv-tool -a import-key -s 83 (a key made by openssl) succeeds; -a attest -s 83 then fails (the card
+    answers 6A80: only keys generated on the card are attested, as on a YubiKey), and so does -a attest -s 84
+    (no key).
+    """
+    tmp = stack["tmp"]
+    key = tmp / "imported83.pem"
+    _run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key])
+    _ypt("-a", "import-key", "-s", "83", "-i", key)
+    for slot in ("83", "84"):
+        out = _run(["yubico-piv-tool", "-r", READER, "-a", "attest", "-s", slot], check=False)
+        assert out.returncode != 0 and "BEGIN CERTIFICATE" not in out.stdout, (slot, out.stdout, out.stderr)

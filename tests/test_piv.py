@@ -370,9 +370,9 @@ def test_wrong_cla_is_6e00(card, cla):
     assert card.send(0xCB, 0x3F, 0xFF, tlv.encode(0x5C, b"\x7e"), cla=cla) == (b"", 0x6E00)
 
 
-@pytest.mark.parametrize("ins", [0x00, 0x0E, 0xB0, 0xD6, 0xE2, 0x84, 0xF6, 0xF9, 0xFB])
+@pytest.mark.parametrize("ins", [0x00, 0x0E, 0xB0, 0xD6, 0xE2, 0x84, 0xF6, 0xFB])
 def test_unknown_ins_is_6d00(card, ins):
-    """Instructions the applet does not implement (READ BINARY, YubiKey move key/attest/reset, ...) are 6D00."""
+    """Instructions the applet does not implement (READ BINARY, YubiKey move key/reset, ...) are 6D00."""
     assert card.send(ins, 0, 0, le=256) == (b"", 0x6D00)
 
 

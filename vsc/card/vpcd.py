@@ -41,7 +41,7 @@ from vsc import crypto
 from vsc.card.config import applications_of
 from vsc.net.transport import write_now
 from vsc.protocol import openpgp, piv, router
-from vsc.protocol.applet import Clear
+from vsc.protocol.applet import Certify, Clear
 from vsc.protocol.card_lifecycle import CardError
 from vsc.wire import apdu
 from vsc.wire.protected import ItemKind, KeyAlg
@@ -192,6 +192,8 @@ class PivCard:
             return await self._private_op(effect)
         if isinstance(effect, piv.Generate):
             return await self._generate(effect)
+        if isinstance(effect, Certify):
+            return await self._certify(effect)
         raise piv.EffectFailed(f"unknown effect {effect!r}")
 
     async def _private_op(self, effect: piv.PrivateOp) -> bytes:
@@ -204,6 +206,20 @@ class PivCard:
         """``_private_op`` at once (the caller saw that no operation holds the card)."""
         try:
             return self.session.with_key_now(effect.slot, _key_op(effect))
+        except Exception as e:  # noqa: BLE001 - mapped to the status word the host sees
+            raise _op_failed(e) from None
+
+    async def _certify(self, effect: Certify) -> bytes:
+        """A certificate signed by a slot's key (PIV attestation: the F9 key) inside OpenSSL; nothing is stored."""
+
+        def issue(key: crypto.PrivateKeyHandle) -> bytes:
+            if not effect.issuer:
+                return crypto.attestation_ca_certificate(key, effect.subject, effect.serial)
+            return crypto.attestation_certificate(key, effect.issuer, effect.public, effect.subject, effect.serial,
+                                                  effect.extensions)
+
+        try:
+            return await self.session.with_key(effect.signer, issue)
         except Exception as e:  # noqa: BLE001 - mapped to the status word the host sees
             raise _op_failed(e) from None
 

@@ -112,7 +112,8 @@ for _module, _names in {
              "public_pem", "public_kind", "public_numbers", "public_der_from_pem", "verify_sha256",
              "ssh_public_parts"),
     "x509": ("parse_subject", "name_der", "self_signed_certificate", "certificate_der",
-             "certificate_public_der", "certificate_pem", "certificate_subject", "csr_pem"),
+             "certificate_public_der", "certificate_pem", "certificate_subject", "csr_pem",
+             "attestation_ca_certificate", "attestation_certificate"),
     "vendor": ("vendor_keygen", "vendor_sign", "vendor_public_der", "vendor_verify"),
     "otp": ("hotp_sha1",),
 }.items():

@@ -115,3 +115,67 @@ def csr_pem(csr_der: bytes) -> bytes:
     if not req.is_signature_valid:
         raise CryptoError("the certification request signature does not verify")
     return req.public_bytes(serialization.Encoding.PEM)
+
+
+#: the validity of a YubiKey's factory attestation certificate in slot F9 (Yubico PIV Attestation: 2016-03-14 to
+#: 2052-04-17); vsc's own F9 certificate uses the same fixed dates, so issuing it needs no clock
+ATTESTATION_NOT_BEFORE = _dt.datetime(2016, 3, 14, tzinfo=_dt.timezone.utc)
+ATTESTATION_NOT_AFTER = _dt.datetime(2052, 4, 17, tzinfo=_dt.timezone.utc)
+
+
+def attestation_ca_certificate(private_key, common_name: str, serial: int) -> bytes:
+    """
+    The self-signed certificate of a card's attestation key (PIV slot F9, object 5FFF01): subject = issuer =
+    ``common_name``, the fixed validity of ATTESTATION_NOT_BEFORE..AFTER, CA (basic constraints, critical) with
+    keyCertSign. ``private_key``: the key's handle (vsc.crypto.PrivateKeyHandle) or a ``cryptography`` key.
+    """
+    key = getattr(private_key, "openssl_key", private_key)
+    name = _x509.Name([_x509.NameAttribute(_NameOID.COMMON_NAME, common_name)])
+    usage = _x509.KeyUsage(
+        digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
+        key_agreement=False, key_cert_sign=True, crl_sign=False, encipher_only=False, decipher_only=False,
+    )
+    cert = (
+        _x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(ATTESTATION_NOT_BEFORE)
+        .not_valid_after(ATTESTATION_NOT_AFTER)
+        .add_extension(_x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage, critical=True)
+        .sign(key, hashes.SHA256())  # RSA: SHA256-PKCS#1 v1.5, EC: ECDSA-SHA256, as a YubiKey signs attestations
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def attestation_certificate(private_key, issuer_der: bytes, public_der: bytes, common_name: str, serial: int,
+                            extensions: tuple[tuple[str, bytes], ...]) -> bytes:
+    """
+    A YubiKey-style PIV attestation certificate (developers.yubico.com/PIV/Introduction/PIV_attestation.html, and
+    a YubiKey 5's answer in Yubico.NET.SDK apdu/attest.md): the attested ``public_der``, subject ``common_name``
+    ("YubiKey PIV Attestation 9a"), issuer and validity copied from the attesting certificate ``issuer_der`` (the
+    F9 certificate), serial ``serial``, the ``extensions`` (OID text, raw extnValue) non-critical and in the given
+    order and no others, signed by ``private_key`` (the F9 key) with SHA-256. CryptoError for an issuer
+    certificate that does not parse.
+    """
+    key = getattr(private_key, "openssl_key", private_key)
+    try:
+        issuer = _x509.load_der_x509_certificate(bytes(issuer_der))
+        subject_key = serialization.load_der_public_key(bytes(public_der))
+    except ValueError as e:
+        raise CryptoError(f"attestation: {e}") from None
+    builder = (
+        _x509.CertificateBuilder()
+        .subject_name(_x509.Name([_x509.NameAttribute(_NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(issuer.subject)
+        .public_key(subject_key)
+        .serial_number(serial)
+        .not_valid_before(issuer.not_valid_before_utc)
+        .not_valid_after(issuer.not_valid_after_utc)
+    )
+    for oid, value in extensions:
+        builder = builder.add_extension(_x509.UnrecognizedExtension(_x509.ObjectIdentifier(oid), bytes(value)),
+                                        critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)

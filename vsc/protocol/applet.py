@@ -92,6 +92,24 @@ class Generate:
 
 
 @attrs.frozen
+class Certify:
+    """
+    Issue an X.509 certificate signed by slot ``signer``'s key (the PIV attestation key, F9; vsc.crypto.x509):
+    with ``issuer`` empty, the signer's own self-signed attestation CA certificate named ``subject``; otherwise an
+    attestation certificate for the public key ``public`` named ``subject``, its issuer and validity copied from
+    the certificate ``issuer``, with ``extensions`` ((OID, raw value), ...). ``serial``: the certificate's serial
+    number. The result is the certificate's DER; nothing is stored.
+    """
+
+    signer: str
+    subject: str
+    serial: int
+    public: bytes = b""
+    issuer: bytes = b""
+    extensions: tuple = ()
+
+
+@attrs.frozen
 class Clear:
     """Remove every item whose name starts with ``prefix``, synced (one upload); result None, or EffectFailed."""
 
@@ -114,7 +132,7 @@ class EffectFailed(Exception):
         self.sw = sw
 
 
-Effect = Load | Store | KeyInfo | PrivateOp | Generate | Clear | Notice
+Effect = Load | Store | KeyInfo | PrivateOp | Generate | Certify | Clear | Notice
 Step = Generator[Effect, Any, tuple[bytes, int]]
 
 

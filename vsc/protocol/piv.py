@@ -21,9 +21,10 @@ information and are read per command.
 
 Instructions: SELECT (A4), GET DATA (CB), VERIFY (20), CHANGE REFERENCE
 DATA (24), RESET RETRY COUNTER (2C), GENERAL AUTHENTICATE (87), GENERATE
-ASYMMETRIC KEY PAIR (47), PUT DATA (DB), GET RESPONSE (C0); and five
+ASYMMETRIC KEY PAIR (47), PUT DATA (DB), GET RESPONSE (C0); and six
 YubiKey extensions yubico-piv-tool and ykman use: GET VERSION (FD), GET SERIAL
-(F8), SET MANAGEMENT KEY (FF), IMPORT ASYMMETRIC KEY (FE), GET METADATA (F7).
+(F8), SET MANAGEMENT KEY (FF), IMPORT ASYMMETRIC KEY (FE), GET METADATA (F7),
+ATTEST (F9).
 
 Which key needs the PIN is the card's PIN policy (vsc.wire.pinpolicy, chosen
 at enrolment; decided by vsc.protocol.pins.authorize, the same decision the
@@ -59,6 +60,7 @@ from vsc.wire.pinpolicy import RETIRED_SLOTS, encode_policy, slot_text
 from vsc.wire.protected import ItemKind, KeyAlg
 from vsc.protocol import pins
 from vsc.protocol.applet import (  # noqa: F401  (the effects and status words are the applet framework's)
+    Certify,
     CommandFront,
     SW_BLOCKED,
     SW_CHAIN_UNSUPPORTED,
@@ -107,6 +109,7 @@ INS_GET_SERIAL = 0xF8
 INS_SET_MGMT = 0xFF
 INS_IMPORT = 0xFE
 INS_GET_METADATA = 0xF7
+INS_ATTEST = 0xF9
 
 CHAINABLE = frozenset({INS_GET_DATA, INS_VERIFY, INS_CHANGE, INS_RESET_RETRY, INS_GENERAL_AUTH, INS_GENERATE,
                        INS_PUT_DATA, INS_SET_MGMT, INS_IMPORT})
@@ -153,6 +156,23 @@ KEY_ALG = {v: k for k, v in PIV_ALG.items()}
 SLOTS = {0x9A: 0x5FC105, 0x9C: 0x5FC10A, 0x9D: 0x5FC10B, 0x9E: 0x5FC101,
          **{ref: 0x5FC10D + i for i, ref in enumerate(RETIRED_SLOTS)}}
 CERT_SLOT = {tag: slot for slot, tag in SLOTS.items()}
+
+#: the attestation key (YubiKey slot F9; not a key slot for GENERAL AUTHENTICATE, the local API or the ssh-agent)
+#: and its certificate object 5FFF01. A YubiKey's F9 holds a key certified by Yubico's PIV CA; vsc cannot, so the
+#: card makes its own F9 key (RSA-2048, as a YubiKey's) and a self-signed certificate for it, the first time an
+#: ATTEST needs them: an attestation from vsc chains to the card's own key, never to Yubico's root.
+ATTEST_REF = 0xF9
+ATTEST_KEY = "f9"
+ATTEST_KEY_ALG = KeyAlg.RSA2048
+TAG_ATTEST_CERT = 0x5FFF01
+#: Yubico's PIV attestation extensions (developers.yubico.com/PIV/Introduction/PIV_attestation.html; a YubiKey 5's
+#: certificate in Yubico.NET.SDK apdu/attest.md): firmware version (3 bytes), serial (DER INTEGER), PIN and touch
+#: policy (2 bytes), form factor (1 byte; 00 "not specified": vsc is no USB device)
+OID_FIRMWARE = "1.3.6.1.4.1.41482.3.3"
+OID_SERIAL = "1.3.6.1.4.1.41482.3.7"
+OID_POLICY = "1.3.6.1.4.1.41482.3.8"
+OID_FORM_FACTOR = "1.3.6.1.4.1.41482.3.9"
+FORM_FACTOR = 0x00
 
 TAG_DISCOVERY = 0x7E
 TAG_CHUID = 0x5FC102
@@ -810,10 +830,90 @@ class PivApplet(CommandFront):
         yield from ()
         return apdu.Version.build(dict(major=self.version[0], minor=self.version[1], patch=self.version[2])), SW_OK
 
+    def serial_number(self) -> int:
+        """The YubiKey serial number (GET SERIAL, the attestation's 1.3.6.1.4.1.41482.3.7), derived from the serial."""
+        return int.from_bytes(self._id_bytes(b"serial", 4), "big") & 0x7FFFFFFF
+
     def _get_serial(self, cmd: Command, data: bytes) -> Step:
         yield from ()
-        number = int.from_bytes(self._id_bytes(b"serial", 4), "big") & 0x7FFFFFFF
-        return apdu.Serial32.build(number), SW_OK
+        return apdu.Serial32.build(self.serial_number()), SW_OK
+
+    # ---------------------------------------------------------------- ATTEST (YubiKey)
+
+    def _attest(self, cmd: Command, data: bytes) -> Step:
+        """
+        YubiKey ATTEST (firmware 4.3+): ``00 F9 slot 00``, no PIN nor
+        management key needed (yubico-piv-tool -a attest, ykman piv keys
+        attest). The answer is an X.509 certificate, plain DER: the slot's
+        public key, subject "YubiKey PIV Attestation <slot>", issuer and
+        validity those of the F9 certificate (object 5FFF01), a random
+        16-byte serial, Yubico's extensions 3.3 firmware, 3.7 serial, 3.8
+        (PIN policy, touch policy) and 3.9 form factor, signed by the F9 key
+        with SHA-256 (developers.yubico.com PIV_attestation; Yubico.NET.SDK
+        apdu/attest.md). A key that came in by IMPORT and an empty slot answer
+        6A80, as a YubiKey (Yubico.NET.SDK issue 9: "no private key in the
+        slot" or "imported"; go-piv maps Attest's 6A80 to ErrNotFound); a P1
+        that is no key slot, or P2 other than 00, answers 6A86.
+
+        The F9 key is the card's own (made here, on the first ATTEST that
+        needs it: a card enrolled before attestation existed gets one without
+        re-enrolment, and enrolment stays as fast as before); it is sealed
+        and synced like any key, its self-signed certificate is written to
+        5FFF01 (synced) before the first attestation is answered.
+        """
+        if cmd.p1 not in SLOTS or cmd.p2 != 0x00:
+            return b"", SW_WRONG_P1P2
+        slot = slot_name(cmd.p1)
+        info = yield KeyInfo(slot)
+        if info is None or info[0] not in PIV_ALG or not info[1]:
+            return b"", SW_WRONG_DATA
+        if cmd.p1 in (yield from self._imported_slots()):
+            return b"", SW_WRONG_DATA  # only a key generated on the card is attested
+        policy = (yield from pins.load_policy()).of(cmd.p1)
+        issuer = yield from self._attestation_certificate()
+        serial = self.serial_number()
+        extensions = (
+            (OID_FIRMWARE, bytes(self.version)),
+            (OID_SERIAL, tlv.encode(0x02, serial.to_bytes(serial.bit_length() // 8 + 1, "big"))),  # DER INTEGER
+            (OID_POLICY, bytes([int(policy), TOUCH_NEVER])),
+            (OID_FORM_FACTOR, bytes([FORM_FACTOR])),
+        )
+        cert = yield Certify(ATTEST_KEY, f"YubiKey PIV Attestation {slot}", self._certificate_serial(),
+                             bytes(info[1]), issuer, extensions)
+        yield Notice("key-attested", {"slot": slot})
+        return bytes(cert), SW_OK
+
+    def _certificate_serial(self) -> int:
+        """A random positive 16-byte certificate serial number (what a YubiKey's attestations carry)."""
+        return (int.from_bytes(self.rand(16), "big") >> 1) | (1 << 120)
+
+    def _attestation_certificate(self) -> Generator[Effect, Any, bytes]:
+        """
+        The F9 certificate (5FFF01) the attestation is issued under; the F9
+        key and its self-signed certificate are made first if the card has
+        none (a new key: whatever 5FFF01 held belongs to no key here). A
+        5FFF01 that is not a certificate object answers 6A80.
+        """
+        info = yield KeyInfo(ATTEST_KEY)
+        stored = None
+        if info is None:
+            yield Generate(ATTEST_KEY, ATTEST_KEY_ALG)  # sealed and synced by the glue
+            yield Notice("attestation-key-generated", {"alg": ATTEST_KEY_ALG.name.lower()})
+        else:
+            stored = yield Load(ItemKind.DATA, object_name(TAG_ATTEST_CERT))
+        if stored:
+            try:
+                fields = tlv.to_dict(bytes(stored), allowed=(0x70, 0x71, 0xFE))
+            except WireError:
+                fields = {}
+            if not fields.get(0x70):
+                raise ApduError(SW_WRONG_DATA, "5FFF01 is not a certificate object")
+            return fields[0x70]
+        cert = yield Certify(ATTEST_KEY, f"vsc PIV Attestation {self.serial}", self._certificate_serial())
+        yield Store(ItemKind.DATA, object_name(TAG_ATTEST_CERT),
+                    tlv.encode_many([(0x70, bytes(cert)), (0x71, b"\x00"), (0xFE, b"")]))
+        yield Notice("attestation-certificate-stored", {"bytes": len(cert)})
+        return bytes(cert)
 
 
 #: PivApplet._dispatch's handler of each INS after SELECT (a dict of bound methods per APDU cost about 1 us)
@@ -830,4 +930,5 @@ _HANDLERS = {
     INS_SET_MGMT: PivApplet._set_mgmt,
     INS_IMPORT: PivApplet._import_key,
     INS_GET_METADATA: PivApplet._get_metadata,
+    INS_ATTEST: PivApplet._attest,
 }
