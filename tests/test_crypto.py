@@ -204,3 +204,48 @@ def test_hkdf_expand_one_block_agrees_with_cryptography():
     info = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9")
     assert hkdf_expand(prk, info, 32) == okm[:32]
     assert hkdf_expand(prk, info, 42) == okm
+
+
+def test_p384_keys_sign_digests_and_agree():
+    """
+    P-384 card keys (PIV algorithm 14): generated and imported from a scalar
+    as PKCS#8; ``sign_digest`` takes a 32-byte digest as SHA-256 and a
+    48-byte one as SHA-384 (what ``openssl dgst -sha256|-sha384 -verify``
+    checks), for EC and RSA keys alike; ECDH gives cryptography's shared x
+    (48 bytes); the OpenSSH form is nistp384 (RFC 5656 3.1); a scalar that
+    is 0 or not below the order n is refused.
+    """
+    from cryptography.hazmat.primitives import hashes as _h
+    from cryptography.hazmat.primitives import serialization as _s
+    from cryptography.hazmat.primitives.asymmetric import ec as _ec
+    from cryptography.hazmat.primitives.asymmetric import padding as _p
+
+    der = crypto.generate_private_der(crypto.KEY_P384)
+    public = crypto.public_der_of(der)
+    assert crypto.public_kind(public) == crypto.KEY_P384 == "p384"
+    key = _s.load_der_public_key(public)
+    assert isinstance(key.curve, _ec.SECP384R1)
+    data = b"signed by a p-384 key"
+    with crypto.PrivateKeyHandle(bytearray(der)) as handle:
+        key.verify(handle.sign_digest(hashlib.sha256(data).digest()), data, _ec.ECDSA(_h.SHA256()))
+        key.verify(handle.sign_digest(hashlib.sha384(data).digest()), data, _ec.ECDSA(_h.SHA384()))
+        with pytest.raises(crypto.CryptoError):
+            handle.sign_digest(hashlib.sha512(data).digest())
+        peer = _ec.generate_private_key(_ec.SECP384R1())
+        point = peer.public_key().public_bytes(_s.Encoding.X962, _s.PublicFormat.UncompressedPoint)
+        assert handle.ecdh(point) == peer.exchange(_ec.ECDH(), key)
+    kind, q = crypto.ssh_public_parts(public)
+    assert kind == "nistp384" and q == key.public_bytes(_s.Encoding.X962, _s.PublicFormat.UncompressedPoint)
+
+    scalar = peer.private_numbers().private_value.to_bytes(48, "big")
+    assert crypto.public_der_of(crypto.p384_private_der_from_scalar(scalar)) == peer.public_key().public_bytes(
+        _s.Encoding.DER, _s.PublicFormat.SubjectPublicKeyInfo)
+    n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973
+    for bad in (bytes(48), n.to_bytes(48, "big")):
+        with pytest.raises(crypto.CryptoError):
+            crypto.p384_private_der_from_scalar(bad)
+
+    rsa_der = crypto.generate_private_der(crypto.KEY_RSA2048)
+    rsa_pub = _s.load_der_public_key(crypto.public_der_of(rsa_der))
+    with crypto.PrivateKeyHandle(bytearray(rsa_der)) as handle:
+        rsa_pub.verify(handle.sign_digest(hashlib.sha384(data).digest()), data, _p.PKCS1v15(), _h.SHA384())

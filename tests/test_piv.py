@@ -112,7 +112,8 @@ class FakeCard:
                 except (crypto.CryptoError, ValueError) as e:
                     raise piv.EffectFailed(str(e), piv.SW_WRONG_DATA) from None
         if isinstance(effect, piv.Generate):
-            der = crypto.generate_private_der(crypto.KEY_RSA2048 if effect.alg is KeyAlg.RSA2048 else crypto.KEY_P256)
+            kind = {KeyAlg.RSA2048: crypto.KEY_RSA2048, KeyAlg.P384: crypto.KEY_P384}.get(effect.alg, crypto.KEY_P256)
+            der = crypto.generate_private_der(kind)
             public = crypto.public_der_of(der)
             self.items[(ItemKind.KEY, effect.slot)] = (der, effect.alg, public)
             return public
@@ -868,7 +869,7 @@ def test_generate_rsa_and_ec(card):
 def test_generate_refusals(card):
     """An unknown algorithm or template is 6A80; a reference that is no key slot (9A/9C/9D/9E, 82-95) is 6A88; P1 not 00 is 6A86."""
     card.mgmt_auth()
-    assert card.send(0x47, 0x00, 0x9A, tlv.encode(0xAC, tlv.encode(0x80, b"\x14")))[1] == 0x6A80
+    assert card.send(0x47, 0x00, 0x9A, tlv.encode(0xAC, tlv.encode(0x80, b"\x13")))[1] == 0x6A80
     assert card.send(0x47, 0x00, 0x9A, tlv.encode(0xAB, tlv.encode(0x80, b"\x07")))[1] == 0x6A80
     assert card.send(0x47, 0x00, 0x96, tlv.encode(0xAC, tlv.encode(0x80, b"\x07")))[1] == 0x6A88
     assert card.send(0x47, 0x01, 0x9A, tlv.encode(0xAC, tlv.encode(0x80, b"\x07")))[1] == 0x6A86

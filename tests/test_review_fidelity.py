@@ -203,7 +203,7 @@ def test_import_asymmetric_key_refusals(card):
     assert card.send(0xFE, 0x07, 0x9A, _import_data(EC_KEY))[1] == 0x6A80
     assert card.send(0xFE, 0x11, 0x9A, rsa_parts)[1] == 0x6A80
     assert card.send(0xFE, 0x11, 0x9A, tlv.encode(0x06, b"\x00" * 32))[1] == 0x6A80
-    assert card.send(0xFE, 0x14, 0x9A, tlv.encode(0x06, b"\x01" * 48))[1] == 0x6A86
+    assert card.send(0xFE, 0x13, 0x9A, tlv.encode(0x06, b"\x01" * 48))[1] == 0x6A86  # 14 is P-384 (test_piv_p384)
     assert card.send(0xFE, 0x11, 0x9B, _import_data(EC_KEY))[1] == 0x6A88
     assert card.send(0xFE, 0x11, 0x9A, _import_data(EC_KEY) + tlv.encode(0xAA, b"\x07"))[1] == 0x6A80
     assert card.stores == []

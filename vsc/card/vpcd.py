@@ -56,7 +56,8 @@ HISTORICAL = bytes.fromhex("80") + bytes.fromhex("67") + b"vsc-piv" + bytes.from
 ATR = apdu.build_atr(HISTORICAL)
 DEFAULT_ENDPOINT = "tcp:127.0.0.1:35963"
 
-_KIND = {KeyAlg.RSA2048: crypto.KEY_RSA2048, KeyAlg.P256: crypto.KEY_P256, KeyAlg.ED25519: crypto.KEY_ED25519,
+_KIND = {KeyAlg.RSA2048: crypto.KEY_RSA2048, KeyAlg.P256: crypto.KEY_P256, KeyAlg.P384: crypto.KEY_P384,
+         KeyAlg.ED25519: crypto.KEY_ED25519,
          KeyAlg.X25519: crypto.KEY_X25519}
 
 

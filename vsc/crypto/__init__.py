@@ -16,7 +16,7 @@ aead            record ciphers (AES-GCM, ChaCha20-Poly1305, AES-CBC+HMAC, the
 block           single block ciphers: the PIV card management key (3DES/AES)
                 and the legacy suite's single DES
 rsa             RSA: server key, OAEP, PSS, PKCS#1 v1.5, the PIV raw operation
-ec              X25519, ECDSA, ECDH
+ec              X25519, ECDSA, ECDH (P-256, P-384)
 keys            card key pairs: generation, loading for one operation
                 (``PrivateKeyHandle``), public key forms, signature checks
 x509            certificates, subjects, certification requests
@@ -106,8 +106,8 @@ for _module, _names in {
             "rsa_private_block", "pkcs1_signature_hash", "pkcs1_sign_payload", "rsa_private_der_from_parts",
             "rsa_private_der_from_crt"),
     "ec": ("X25519Ephemeral", "x25519_public", "x25519_shared", "ecdsa_sign_hash", "ecdsa_der_to_rs",
-           "p256_private_der_from_scalar"),
-    "keys": ("KEY_RSA2048", "KEY_P256", "KEY_ED25519", "KEY_X25519", "PrivateKeyHandle", "generate_private_der",
+           "p256_private_der_from_scalar", "p384_private_der_from_scalar"),
+    "keys": ("KEY_RSA2048", "KEY_P256", "KEY_P384", "KEY_ED25519", "KEY_X25519", "PrivateKeyHandle", "generate_private_der",
              "public_der_of",
              "public_pem", "public_kind", "public_numbers", "public_der_from_pem", "verify_sha256",
              "ssh_public_parts"),

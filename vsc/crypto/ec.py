@@ -1,6 +1,6 @@
 """
 Elliptic curves: X25519 (the channel's forward secrecy, keyfiles sealed to a
-card) and P-256 ECDSA / ECDH with card keys.
+card) and P-256 / P-384 ECDSA / ECDH with card keys.
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ def ecdsa_sign_sha256_digest(key: _ec.EllipticCurvePrivateKey, digest: bytes) ->
     return key.sign(digest, _ec.ECDSA(Prehashed(hashes.SHA256())))
 
 
+def ecdsa_sign_sha384_digest(key: _ec.EllipticCurvePrivateKey, digest: bytes) -> bytes:
+    return key.sign(digest, _ec.ECDSA(Prehashed(hashes.SHA384())))
+
+
 def ecdh(key: _ec.EllipticCurvePrivateKey, peer_point: bytes) -> bytes:
     """ECDH with an uncompressed peer point on the key's curve; CryptoError for a point not on it."""
     try:
@@ -73,9 +77,10 @@ def ecdh(key: _ec.EllipticCurvePrivateKey, peer_point: bytes) -> bytes:
 
 def ecdsa_sign_hash(handle: "PrivateKeyHandle", digest: bytes) -> bytes:
     """
-    ECDSA (P-256) over a hash of any length, as a PIV card signs what the
-    host sends: the leftmost 256 bits are used (FIPS 186-4 6.4), a shorter
-    hash is taken as its integer value. Returns the DER ECDSA-Sig-Value.
+    ECDSA (P-256, P-384) over a hash of any length, as a PIV card signs what
+    the host sends: the leftmost 256 (384) bits are used (FIPS 186-4 6.4), a
+    shorter hash is taken as its integer value (left-padded with zeros, the
+    same number). Returns the DER ECDSA-Sig-Value.
     """
     key = handle.openssl_key
     if not isinstance(key, _ec.EllipticCurvePrivateKey):
@@ -98,11 +103,20 @@ def ecdsa_der_to_rs(signature: bytes) -> tuple[int, int]:
         raise CryptoError("not a DER ECDSA signature") from e
 
 
-def p256_private_der_from_scalar(scalar: bytes) -> bytes:
-    """PKCS#8 DER of a P-256 key imported as its private scalar (OpenPGP key import, tag 92)."""
+def _private_der_from_scalar(scalar: bytes, curve: _ec.EllipticCurve, name: str) -> bytes:
     try:
-        key = _ec.derive_private_key(int.from_bytes(bytes(scalar), "big"), _ec.SECP256R1())
+        key = _ec.derive_private_key(int.from_bytes(bytes(scalar), "big"), curve)
     except ValueError as e:
-        raise CryptoError("not a P-256 private scalar") from e
+        raise CryptoError(f"not a {name} private scalar") from e
     return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
+
+
+def p256_private_der_from_scalar(scalar: bytes) -> bytes:
+    """PKCS#8 DER of a P-256 key imported as its private scalar (OpenPGP key import, tag 92; PIV import, tag 06)."""
+    return _private_der_from_scalar(scalar, _ec.SECP256R1(), "P-256")
+
+
+def p384_private_der_from_scalar(scalar: bytes) -> bytes:
+    """PKCS#8 DER of a P-384 key imported as its private scalar (PIV import, tag 06); CryptoError for 0 or >= n."""
+    return _private_der_from_scalar(scalar, _ec.SECP384R1(), "P-384")

@@ -19,6 +19,7 @@ from vsc.crypto.errors import CryptoError
 
 KEY_RSA2048 = "rsa2048"
 KEY_P256 = "p256"
+KEY_P384 = "p384"
 KEY_ED25519 = "ed25519"
 KEY_X25519 = "x25519"
 
@@ -29,6 +30,8 @@ def generate_private_der(kind: str) -> bytes:
         key = _rsa.generate_private_key(public_exponent=65537, key_size=2048)
     elif kind == KEY_P256:
         key = _ec.generate_private_key(_ec.SECP256R1())
+    elif kind == KEY_P384:
+        key = _ec.generate_private_key(_ec.SECP384R1())
     elif kind == KEY_ED25519:
         key = _ed25519.Ed25519PrivateKey.generate()
     elif kind == KEY_X25519:
@@ -91,14 +94,24 @@ class PrivateKeyHandle:
 
     def sign_digest(self, digest: bytes) -> bytes:
         """
-        Sign a precomputed SHA-256 digest: the same signature ``sign_sha256``
-        gives over the data (PKCS#1 v1.5 for RSA, DER ECDSA for EC).
+        Sign a precomputed SHA-256 digest (32 bytes): the same signature
+        ``sign_sha256`` gives over the data (PKCS#1 v1.5 for RSA, DER ECDSA
+        for EC, P-256 or P-384), i.e. ``openssl dgst -sha256 -sign``. A
+        48-byte digest is taken as SHA-384 (``openssl dgst -sha384 -sign``:
+        the natural hash of a P-384 key, FIPS 186-4 / SP 800-57's matching
+        strength), for RSA and EC keys alike.
         """
-        if len(digest) != 32:
-            raise CryptoError("a SHA-256 digest is 32 bytes")
+        if len(digest) not in (32, 48):
+            raise CryptoError("a SHA-256 digest is 32 bytes (SHA-384: 48)")
         key = self.openssl_key
         if isinstance(key, _rsa.RSAPrivateKey):
+            if len(digest) == 48:
+                return rsa.pkcs1_sign_sha384_digest(key, digest)
             return rsa.pkcs1_sign_sha256_digest(key, digest)
+        if not isinstance(key, _ec.EllipticCurvePrivateKey):
+            raise CryptoError("signing a digest needs an RSA or EC key")
+        if len(digest) == 48:
+            return ec.ecdsa_sign_sha384_digest(key, digest)
         return ec.ecdsa_sign_sha256_digest(key, digest)
 
     def sign_pkcs1(self, data: bytes, hash_name: str) -> bytes:
@@ -171,7 +184,7 @@ def public_kind(public_der: bytes) -> str:
     if isinstance(key, _rsa.RSAPublicKey):
         return f"rsa{key.key_size}"
     if isinstance(key, _ec.EllipticCurvePublicKey):
-        return {"secp256r1": KEY_P256}.get(key.curve.name, key.curve.name)
+        return {"secp256r1": KEY_P256, "secp384r1": KEY_P384}.get(key.curve.name, key.curve.name)
     if isinstance(key, _ed25519.Ed25519PublicKey):
         return KEY_ED25519
     if isinstance(key, _x25519.X25519PublicKey):
@@ -199,15 +212,18 @@ def public_numbers(public_der: bytes) -> dict:
 def ssh_public_parts(public_der: bytes) -> tuple:
     """
     The numbers of an OpenSSH public key blob (RFC 4253 6.6, RFC 5656 3.1):
-    ``("rsa", e, n)`` for RSA, ``("nistp256", uncompressed point)`` for P-256.
+    ``("rsa", e, n)`` for RSA, ``("nistp256", uncompressed point)`` for
+    P-256, ``("nistp384", uncompressed point)`` for P-384.
     """
     key = _load_public(public_der)
     if isinstance(key, _rsa.RSAPublicKey):
         nums = key.public_numbers()
         return ("rsa", nums.e, nums.n)
-    if isinstance(key, _ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1":
-        return ("nistp256", key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint))
-    raise CryptoError("no OpenSSH form for this public key (RSA and P-256 only)")
+    curve = {"secp256r1": "nistp256", "secp384r1": "nistp384"}.get(key.curve.name) \
+        if isinstance(key, _ec.EllipticCurvePublicKey) else None
+    if curve is not None:
+        return (curve, key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint))
+    raise CryptoError("no OpenSSH form for this public key (RSA, P-256 and P-384 only)")
 
 
 def verify_sha256(public_der: bytes, data: bytes, signature: bytes) -> bool:

@@ -175,6 +175,10 @@ def pkcs1_sign_sha256_digest(key: _rsa.RSAPrivateKey, digest: bytes) -> bytes:
     return key.sign(digest, _padding.PKCS1v15(), Prehashed(hashes.SHA256()))
 
 
+def pkcs1_sign_sha384_digest(key: _rsa.RSAPrivateKey, digest: bytes) -> bytes:
+    return key.sign(digest, _padding.PKCS1v15(), Prehashed(hashes.SHA384()))
+
+
 def decrypt(key: _rsa.RSAPrivateKey, ciphertext: bytes, padding_name: str = "pkcs1") -> bytes:
     """PKCS#1 v1.5 or ``"oaep"`` (SHA-256) decryption; CryptoError if it fails."""
     try:

@@ -134,6 +134,7 @@ DEFAULT_MGMT = ManagementKeyRecord(crypto.PIV_MGMT_3DES, bytes.fromhex("01020304
 
 ALG_RSA2048 = 0x07
 ALG_P256 = 0x11
+ALG_P384 = 0x14  # SP 800-78-4 table 6-2; a YubiKey 4/5 has it (yubikit KEY_TYPE.ECCP384)
 ALG_PIN = 0xFF  # GET METADATA's algorithm of the PIN and the PUK
 
 #: YubiKey GET METADATA (INS F7) tags (yubikit.piv TAG_METADATA_*) and values
@@ -146,8 +147,13 @@ TAG_METADATA_RETRIES = 0x06  # total, remaining
 ORIGIN_GENERATED = 0x01
 ORIGIN_IMPORTED = 0x02
 TOUCH_NEVER = 0x01  # vsc has no touch sensor: every key and the management key are touch policy "never"
-PIV_ALG = {KeyAlg.RSA2048: ALG_RSA2048, KeyAlg.P256: ALG_P256}
+PIV_ALG = {KeyAlg.RSA2048: ALG_RSA2048, KeyAlg.P256: ALG_P256, KeyAlg.P384: ALG_P384}
 KEY_ALG = {v: k for k, v in PIV_ALG.items()}
+#: an EC key's field size in bytes: the private scalar (IMPORT tag 06), the shared x (ECDH), half the point
+EC_SIZE = {KeyAlg.P256: 32, KeyAlg.P384: 48}
+#: the longest value GENERAL AUTHENTICATE signs with an EC key (a SHA-512 hash; the leftmost field-size bytes
+#: are used, FIPS 186-4 6.4); yubico-piv-tool and yubikit truncate to the field size before sending
+MAX_EC_SIGN_INPUT = 64
 
 #: slot (key reference) -> certificate object tag; whether a key needs the PIN is the card's PIN policy
 #: (vsc.wire.pinpolicy, chosen at enrolment; YubiKey's defaults 9A once, 9C always, 9D once, 9E never, and once
@@ -652,11 +658,14 @@ class PivApplet(CommandFront):
                 return b"", SW_WRONG_DATA
             op, arg = "rsa", challenge
         elif point is not None:
-            if len(point) != 65 or point[0] != 0x04:
+            # the uncompressed point on the slot's curve: 04 X Y, 65 bytes (P-256) or 97 (P-384)
+            if len(point) != 1 + 2 * EC_SIZE[alg] or point[0] != 0x04:
                 return b"", SW_WRONG_DATA
             op, arg = "ecdh", point
         else:
-            if not 1 <= len(challenge) <= 64:
+            # a hash shorter than the field is signed as its integer value (yubikit sends a SHA-256 hash to a
+            # P-384 key unpadded), a longer one truncated to the field size
+            if not 1 <= len(challenge) <= MAX_EC_SIGN_INPUT:
                 return b"", SW_WRONG_DATA
             op, arg = "ecdsa", challenge
         result = yield PrivateOp(slot, op, arg)
@@ -726,8 +735,9 @@ class PivApplet(CommandFront):
     def _import_key(self, cmd: Command, data: bytes) -> Step:
         """
         YubiKey IMPORT ASYMMETRIC KEY: ``00 FE alg slot`` with RSA-2048's CRT
-        parts (01 p, 02 q, 03 dP, 04 dQ, 05 qInv; exponent 65537) or
-        P-256's private scalar (06), optional PIN policy AA and touch policy
+        parts (01 p, 02 q, 03 dP, 04 dQ, 05 qInv; exponent 65537) or the EC
+        private scalar (06; P-384: exactly 48 bytes, as yubico-piv-tool and
+        yubikit send it), optional PIN policy AA and touch policy
         AB (accepted, no touch here); behind the management key, as
         GENERATE. The key is sealed into the slot like a generated one.
         """
@@ -746,9 +756,13 @@ class PivApplet(CommandFront):
         rsa = alg is KeyAlg.RSA2048
         if set(parts) != ({0x01, 0x02, 0x03, 0x04, 0x05} if rsa else {0x06}):
             return b"", SW_WRONG_DATA
+        if alg is KeyAlg.P384 and len(parts[0x06]) != EC_SIZE[alg]:
+            return b"", SW_WRONG_DATA
         try:
             if rsa:
                 der = bytearray(crypto.rsa_private_der_from_crt(*(parts[t] for t in (0x01, 0x02, 0x03, 0x04, 0x05))))
+            elif alg is KeyAlg.P384:
+                der = bytearray(crypto.p384_private_der_from_scalar(parts[0x06]))
             else:
                 der = bytearray(crypto.p256_private_der_from_scalar(parts[0x06]))
         except crypto.CryptoError:
@@ -756,7 +770,8 @@ class PivApplet(CommandFront):
         slot = slot_name(cmd.p2)
         try:
             public = crypto.public_der_of(der)
-            if crypto.public_kind(public) != (crypto.KEY_RSA2048 if rsa else crypto.KEY_P256):
+            kind = {KeyAlg.RSA2048: crypto.KEY_RSA2048, KeyAlg.P256: crypto.KEY_P256, KeyAlg.P384: crypto.KEY_P384}
+            if crypto.public_kind(public) != kind[alg]:
                 return b"", SW_WRONG_DATA
             # the origin before the key: if the key's store fails, the old key is called imported, never the
             # imported one generated
@@ -782,7 +797,7 @@ class PivApplet(CommandFront):
         * 9B management key: 01 algorithm (03 3DES, 08/0A/0C AES), 02 policy
           (PIN policy 00: none applies, touch 01 never), 05 default (01: the
           key bytes are 0102..08 three times, whatever the algorithm);
-        * 9A/9C/9D/9E and the retired 82-95: 01 algorithm (07 RSA-2048, 11 P-256), 02 policy (the
+        * 9A/9C/9D/9E and the retired 82-95: 01 algorithm (07 RSA-2048, 11 P-256, 14 P-384), 02 policy (the
           slot's PIN policy, touch 01 never), 03 origin (01 generated, 02
           imported), 04 public key (81 n 82 e, or 86 point).
 

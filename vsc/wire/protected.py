@@ -44,6 +44,9 @@ class KeyAlg(enum.IntEnum):
     P256 = 2
     ED25519 = 3  # the OpenPGP application's EdDSA keys
     X25519 = 4  # the OpenPGP application's Cv25519 (ECDH) decryption key
+    # a new value, never reused: an index written before P-384 never holds 5, and a card that does not know a
+    # value refuses the whole index as MALFORMED (StrictEnum) rather than guessing what the key is
+    P384 = 5  # PIV algorithm 14 (SP 800-78-4 table 6-2)
 
 
 @attrs.frozen
