@@ -661,3 +661,37 @@ def test_custom_agent_socket_and_slot_subset(card_env):
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.wait_exit() in (0, -signal.SIGTERM)  # twistd re-raises the signal once shut down
     assert "removed" in daemon.text() and not path.exists()
+
+
+def test_p384_slot_is_ecdsa_sha2_nistp384_over_sha384(tmp_path):
+    """
+    A P-384 slot (PIV algorithm 14) is listed as ecdsa-sha2-nistp384 with
+    the curve name nistp384 and its 97-byte point (RFC 5656 3.1), and signs
+    with ECDSA over SHA-384 (RFC 5656 6.2.1: the hash follows the curve):
+    the signature blob (mpint r, mpint s) verifies with ECDSA(SHA-384) and
+    not with ECDSA(SHA-256). The authorized_keys line names the same type.
+    """
+    der = crypto.generate_private_der(crypto.KEY_P384)
+    public_der = crypto.public_der_of(der)
+    protection_key = _rand(32)
+    envelope = seal_envelope(SERIAL, protection_key, [PlainItem(ItemKind.KEY, "9a", der, KeyAlg.P384, public_der)],
+                             _rand)
+    cfg = CardConfig(home=tmp_path, server="tcp:127.0.0.1:1", server_key="SHA256:unused", serial=SERIAL)
+    s = in_use_session(cfg, MemoryStorage(SERIAL, envelope, protection_key, _rand), _rand)
+    try:
+        client = Client(s)
+        (identity,) = client.identities()
+        key = w.decode_public_key(identity.key_blob)
+        public = serialization.load_der_public_key(public_der)
+        assert key == w.EcdsaPublicKey("nistp384", public.public_bytes(serialization.Encoding.X962,
+                                                                         serialization.PublicFormat.UncompressedPoint))
+        assert key.algorithm == "ecdsa-sha2-nistp384" and len(key.point) == 97
+        assert sshagent.openssh_line(public_der, "c").startswith("ecdsa-sha2-nistp384 ")
+        sig = w.decode_signature(client.ask(w.SignRequest(identity.key_blob, DATA, 0)).signature)
+        assert sig.algorithm == "ecdsa-sha2-nistp384"
+        rs = w.decode_ecdsa_signature(sig.blob)
+        public.verify(encode_dss_signature(rs.r, rs.s), DATA, ec.ECDSA(hashes.SHA384()))
+        with pytest.raises(InvalidSignature):
+            public.verify(encode_dss_signature(rs.r, rs.s), DATA, ec.ECDSA(hashes.SHA256()))
+    finally:
+        release(s)

@@ -233,8 +233,9 @@ class CardSession:
 
     async def sign_digest(self, slot: str, digest: bytes) -> bytes:
         """
-        Sign a SHA-256 digest (PKCS#1 v1.5 or ECDSA): the signature
-        ``openssl dgst -sha256 -sign`` gives over the data it came from.
+        Sign a SHA-256 digest (PKCS#1 v1.5 or ECDSA, P-256 or P-384): the
+        signature ``openssl dgst -sha256 -sign`` gives over the data it came
+        from; a 48-byte digest is SHA-384 (``openssl dgst -sha384 -sign``).
         """
 
         _not_openpgp(slot)

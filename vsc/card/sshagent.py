@@ -15,7 +15,8 @@ socket, served by the card daemon (``twistd vsc-card``) from its CardSession.
       default in 8.8, and every OpenSSH client since 7.2 asks for rsa-sha2-*.
       A card key should not produce signatures an attacker could reuse.
     - P-256 slots: ecdsa-sha2-nistp256 (ECDSA over SHA-256; signature blob
-      ``mpint r, mpint s``), RFC 5656.
+      ``mpint r, mpint s``), RFC 5656; P-384 slots: ecdsa-sha2-nistp384
+      (ECDSA over SHA-384, RFC 5656 6.2.1).
 * The PIN policy (vsc.card.pin, chosen at enrolment) rules every
   signature: a slot that needs the PIN signs only while the local PIN
   verification is open (the insert, or ``vsc card verify-pin``); a slot of
@@ -75,7 +76,7 @@ from vsc.wire.sshagent import (
     encode_signature,
 )
 
-SSH_ALGORITHMS = {KeyAlg.RSA2048: "ssh-rsa", KeyAlg.P256: "ecdsa-sha2-nistp256"}
+SSH_ALGORITHMS = {KeyAlg.RSA2048: "ssh-rsa", KeyAlg.P256: "ecdsa-sha2-nistp256", KeyAlg.P384: "ecdsa-sha2-nistp384"}
 
 
 def agent_socket_for(home) -> Path:
@@ -115,7 +116,7 @@ def key_blob(public_der: bytes) -> bytes:
 
 
 def openssh_line(public_der: bytes, comment: str) -> str:
-    """The authorized_keys line: ``ssh-rsa AAAA... comment`` / ``ecdsa-sha2-nistp256 AAAA... comment``."""
+    """The authorized_keys line: ``ssh-rsa AAAA... comment`` / ``ecdsa-sha2-nistp256|384 AAAA... comment``."""
     key = ssh_public_key(public_der)
     blob = base64.b64encode(encode_public_key(key)).decode("ascii")
     return f"{key.algorithm} {blob} {comment}".rstrip()
@@ -219,10 +220,12 @@ class CardAgent:
             else:
                 raise AgentRefused(f"slot {key.slot}: legacy ssh-rsa (SHA-1) signatures are refused; use rsa-sha2-256/512")
         else:
-            algorithm = "ecdsa-sha2-nistp256"
+            # RFC 5656 6.2.1: the hash follows the curve (nistp256 SHA-256, nistp384 SHA-384)
+            algorithm = SSH_ALGORITHMS[key.alg]
+            digest_of = crypto.sha384 if key.alg is KeyAlg.P384 else crypto.sha256
 
             def op(handle):
-                r, s = crypto.ecdsa_der_to_rs(handle.sign_digest(crypto.sha256(data)))
+                r, s = crypto.ecdsa_der_to_rs(handle.sign_digest(digest_of(data)))
                 return encode_ecdsa_signature(EcdsaSignature(r=r, s=s))
 
         # the PIN policy (vsc.card.pin): a slot that needs the PIN signs only while the local verification is

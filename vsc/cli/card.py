@@ -211,7 +211,10 @@ def cmd_public_key(args) -> int:
 def cmd_sign(args) -> int:
     from vsc import crypto
 
-    digest = crypto.sha256_light(_read_in(args.input))
+    data = _read_in(args.input)
+    # SHA-256 by default, for every key type (a P-384 key too: ECDSA with SHA-256, what openssl dgst -sha256 -sign
+    # gives); --sha384 sends a SHA-384 digest, which the card signs as SHA-384 (RSA PKCS#1 v1.5 or ECDSA)
+    digest = crypto.sha384(data) if getattr(args, "sha384", False) else crypto.sha256_light(data)
     sig = _key_call(args, control.SIGN_DIGEST, slot=args.slot, digest=digest)["signature"]
     _write_out(args.output, sig)
     emit(args, {"slot": args.slot, "signature_bytes": len(sig), "out": args.output},
@@ -397,7 +400,10 @@ _PIN = Option("--pin-file", "verify the PIN for this one request first (a slot o
 REQUESTS = {
     "status": (cmd_status, "state, serial, slots, counters", ()),
     "public-key": (cmd_public_key, "print a slot's public key (PEM)", (_SLOT,)),
-    "sign": (cmd_sign, "sign a file (SHA-256), as openssl dgst -sha256 -sign", (_SLOT, _IN, _OUT, _PIN)),
+    "sign": (cmd_sign, "sign a file (SHA-256), as openssl dgst -sha256 -sign", (
+        _SLOT, _IN, _OUT, _PIN,
+        Option("--sha384", "hash with SHA-384 instead, as openssl dgst -sha384 -sign (the natural hash of a P-384 "
+               "key)", switch=True))),
     "decrypt": (cmd_decrypt, "decrypt a file with a slot's RSA key", (
         _SLOT, _IN, _OUT, _PIN,
         Option("--padding", "pkcs1 (openssl pkeyutl -encrypt default) or oaep (SHA-256)", choices=("pkcs1", "oaep"),
@@ -478,6 +484,7 @@ def configure(card) -> None:
     p = add("unblock-pin", cmd_unblock_pin, "set a new PIN with the PUK (restores its tries)")
     p.add_argument("--puk-file", help="read the PUK from this file or fd:N")
     p.add_argument("--new-file", help="read the new PIN (6-8 characters) from this file or fd:N")
-    p = add("ssh-pubkey", cmd_ssh_pubkey, "print the card's keys as authorized_keys lines (ssh-rsa, ecdsa-sha2-nistp256)")
+    p = add("ssh-pubkey", cmd_ssh_pubkey, "print the card's keys as authorized_keys lines (ssh-rsa, "
+                                          "ecdsa-sha2-nistp256, ecdsa-sha2-nistp384)")
     p.add_argument("--slot", choices=SLOTS, help="only this slot (default: every slot)")
     add("ssh-agent-env", *REQUESTS["ssh-agent-env"])

@@ -95,7 +95,7 @@ _WHERE: dict[str, str] = {}
 for _module, _names in {
     "errors": ("CryptoError",),
     "random": ("RandomBytes", "system_random", "token_urlsafe"),
-    "hashes": ("sha256", "md5", "hmac_sha256", "constant_time_equal", "fingerprint", "is_fingerprint"),
+    "hashes": ("sha256", "sha384", "md5", "hmac_sha256", "constant_time_equal", "fingerprint", "is_fingerprint"),
     "kdf": ("hkdf_extract_expand", "hkdf_extract", "hkdf_expand", "scrypt", "scrypt_refusal"),
     "aead": ("RecordCipher", "AEADRecordCipher", "CBCHMACRecordCipher", "LegacyDESMD5RecordCipher",
              "GCM_NONCE", "GCM_TAG", "gcm_seal_into", "gcm_open_into", "gcm_seal_joined_into", "gcm_open_joined_into",

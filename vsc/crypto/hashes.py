@@ -15,6 +15,11 @@ def sha256(data) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def sha384(data) -> bytes:
+    """SHA-384: the hash of P-384 signatures (ecdsa-sha2-nistp384, RFC 5656 6.2.1; vsc card sign --sha384)."""
+    return hashlib.sha384(data).digest()
+
+
 def md5(data) -> bytes:
     """MD5, only for the patent's legacy constructions (Figure 9, [0078])."""
     return hashlib.md5(data, usedforsecurity=False).digest()

@@ -95,7 +95,7 @@ STATUS = Command("Status", (), (
    "data object names, and its PIN policy and state")
 PUBLIC_KEY = Command("PublicKey", (("slot", TEXT),), (("pem", BYTES),), "a slot's public key (PEM)")
 SIGN_DIGEST = Command("SignDigest", (("slot", TEXT), ("digest", BYTES)), (("signature", BYTES),),
-                      "sign a SHA-256 digest with a slot's key")
+                      "sign a SHA-256 digest (32 bytes; 48: SHA-384) with a slot's key")
 DECRYPT = Command("Decrypt", (("slot", TEXT), ("ciphertext", BYTES), ("padding", TEXT)), (("plaintext", BYTES),),
                   "decrypt with a slot's RSA key; padding pkcs1 or oaep")
 COUNTER = Command("Counter", (("name", TEXT), ("delta", INT)), (("value", INT),),
