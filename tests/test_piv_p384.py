@@ -38,7 +38,6 @@ from tests.test_piv import (  # noqa: F401  (session: the glue fixture)
 )
 from tests.test_review_fidelity import SealingCard
 from vsc import crypto
-from vsc.protocol import piv
 from vsc.wire import apdu, tlv
 from vsc.wire.protected import ItemKind, KeyAlg
 
@@ -287,8 +286,3 @@ def test_import_algorithm_must_match_the_key(card):
     assert card.send(0xFE, 0x11, 0x9A, tlv.encode(0x06, _scalar(P384_KEY)))[1] == 0x6A80
     assert card.stores == []
 
-
-def test_piv_algorithm_table():
-    """The slot key types and their PIV algorithm bytes (SP 800-78-4 table 6-2; yubikit KEY_TYPE)."""
-    assert piv.PIV_ALG == {KeyAlg.RSA2048: 0x07, KeyAlg.P256: 0x11, KeyAlg.P384: 0x14}
-    assert piv.KEY_ALG[0x14] is KeyAlg.P384
