@@ -309,7 +309,7 @@ def test_the_piv_ins_table_names_the_applets_own_handlers():
              piv.INS_RESET_RETRY: "_reset_retry", piv.INS_GENERAL_AUTH: "_general_authenticate",
              piv.INS_GENERATE: "_generate", piv.INS_PUT_DATA: "_put_data", piv.INS_GET_VERSION: "_get_version",
              piv.INS_GET_SERIAL: "_get_serial", piv.INS_SET_MGMT: "_set_mgmt", piv.INS_IMPORT: "_import_key",
-             piv.INS_GET_METADATA: "_get_metadata"}
+             piv.INS_GET_METADATA: "_get_metadata", piv.INS_ATTEST: "_attest"}
     assert {ins: fn.__name__ for ins, fn in piv._HANDLERS.items()} == names
     assert all(getattr(piv.PivApplet, name) is piv._HANDLERS[ins] for ins, name in names.items())
 

@@ -16,7 +16,7 @@ from vsc.card import paths
 from vsc.cli import CommandError, emit
 from vsc.cli.argspec import Namespace, Option, add_options, parse_plain
 from vsc.wire import control
-from vsc.wire.pinpolicy import SLOT_REFS, slot_order
+from vsc.wire.slots import SLOT_REFS, slot_order
 
 SLOT_KEYS = {"9a": "rsa2048", "9c": "p256", "9d": "rsa2048", "9e": "p256"}
 
