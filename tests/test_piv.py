@@ -248,7 +248,8 @@ def test_atr_is_t1_with_a_valid_tck():
     """The card's ATR indicates T=1 only and its TCK makes the XOR of T0..TCK zero."""
     from vsc.card.vpcd import ATR, HISTORICAL
 
-    assert ATR[:3] == bytes([0x3B, 0x80 | len(HISTORICAL), 0x01])
+    assert ATR[:2] == bytes([0x3B, 0xF0 | len(HISTORICAL)])
+    assert ATR[5] == 0x81 and ATR[6] == 0x31  # TD1, TD2: T=1, and nothing but T=1
     x = 0
     for b in ATR[1:]:
         x ^= b

@@ -46,13 +46,15 @@ from vsc.protocol.card_lifecycle import CardError
 from vsc.wire import apdu
 from vsc.wire.protected import ItemKind, KeyAlg
 
-#: 3B 8D 01 | 80 (compact TLV) 67 "vsc-piv" (pre-issuing data) 73 00 00 C0 (card capabilities: command
-#: chaining and extended Lc/Le, ISO/IEC 7816-4 8.1.1.2.7) | TCK — T=1 only. The PIV application answers an
-#: extended-length command in one response APDU (an RSA-2048 GENERAL AUTHENTICATE is then one APDU) and
-#: keeps chaining and 61xx + GET RESPONSE for short ones: OpenSC 0.23's PIV driver and yubico-piv-tool 2.2
-#: never send extended APDUs (they chain), so both still take the 3-APDU path. The status indicator
-#: (82 90 00, optional) was dropped to stay within the 15 historical bytes.
-HISTORICAL = bytes.fromhex("80") + bytes.fromhex("67") + b"vsc-piv" + bytes.fromhex("730000C0")
+#: A YubiKey 5's historical bytes (its ATR over USB CCID, 3B FD 13 00 00 81 31 FE 15 80 73 C0 21 C0 57 59 75 62 69 4B
+#: 65 79 40: pcsc-tools' smartcard_list.txt "Yubico YubiKey 5 NFC (PKI)", OpenSC 0.23 card-openpgp.c "Yubikey 5"):
+#: 80 (compact TLV) 73 C0 21 C0 (card capabilities: selection by full and partial DF name; data coding 21;
+#: command chaining and extended Lc/Le, ISO/IEC 7816-4 8.1.1.2.7) 57 "YubiKey" (tag 5, 7 bytes). OpenSC's PIV
+#: driver takes the card for a YubiKey from that tag (card-piv.c piv_match_card_continued), asks GET VERSION and
+#: treats it as one (docs/pcsc.md "The ATR"). The PIV application answers an extended-length command in one
+#: response APDU and keeps chaining and 61xx + GET RESPONSE for short ones: OpenSC 0.23's PIV driver and
+#: yubico-piv-tool 2.2 never send extended APDUs (they chain), so both still take the 3-APDU path.
+HISTORICAL = bytes.fromhex("80") + bytes.fromhex("73C021C0") + bytes.fromhex("57") + b"YubiKey"
 ATR = apdu.build_atr(HISTORICAL)
 DEFAULT_ENDPOINT = "tcp:127.0.0.1:35963"
 

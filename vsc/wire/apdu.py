@@ -275,10 +275,15 @@ def control_of(payload: bytes) -> VpcdControl | None:
 
 # ---------------------------------------------------------------- ATR
 
+#: A YubiKey 5's interface bytes over USB CCID (3B FD 13 00 00 81 31 FE 15 ...): TA1 13 (Fi 372, Di 4), TB1 00,
+#: TC1 00, TD1 81 (T=1, TD2 follows), TD2 31 (T=1, TA3 and TB3 follow), TA3 FE (IFSC 254), TB3 15 (BWI 1, CWI 5).
+#: T=1 only, so pcscd and OpenSC never fall back to T=0 and its case-4 rewriting.
+YUBIKEY_INTERFACE_BYTES = bytes.fromhex("13000081 31FE15".replace(" ", ""))
+
 _Atr = c.Struct(
     "ts" / c.Const(b"\x3b"),
-    "t0" / c.Rebuild(U8, lambda ctx: 0x80 | len(ctx.historical)),
-    "td1" / c.Const(b"\x01"),  # T=1 only; no further interface bytes
+    "t0" / c.Rebuild(U8, lambda ctx: 0xF0 | len(ctx.historical)),
+    "interface" / c.Const(YUBIKEY_INTERFACE_BYTES),
     "historical" / c.Bytes(c.this.t0 & 0x0F),
     "tck" / c.Checksum(U8, lambda data: _xor(data), lambda ctx: _tck_input(ctx)),
 )
@@ -292,12 +297,12 @@ def _xor(data: bytes) -> int:
 
 
 def _tck_input(ctx) -> bytes:
-    return bytes([ctx.t0, 0x01]) + bytes(ctx.historical)
+    return bytes([ctx.t0]) + YUBIKEY_INTERFACE_BYTES + bytes(ctx.historical)
 
 
 def build_atr(historical: bytes) -> bytes:
-    """``3B 8K 01 <K historical bytes> TCK``: T=1 only (so pcscd and OpenSC never fall back to T=0 and its
-    case-4 rewriting), hence TCK (XOR of T0..the last historical byte)."""
+    """``3B FK 13 00 00 81 31 FE 15 <K historical bytes> TCK``: a YubiKey 5's interface bytes over USB (T=1 only),
+    hence TCK (XOR of T0..the last historical byte, ISO/IEC 7816-3 8.2.5)."""
     if len(historical) > 15:
         raise WireError(ErrorCode.MALFORMED, "at most 15 historical bytes")
     return _Atr.build(dict(historical=historical))
