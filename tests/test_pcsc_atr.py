@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 
 import pytest
 
 from bench.latency import opensc_apdus
-from tests.test_pcsc import PIN, PKCS11, _cert_public_pem, _reader_index, _run, stack  # noqa: F401  (the fixture)
+from tests.integration import missing
+from tests.test_pcsc import EXTENDED_CLIENT, PIN, PKCS11, READER, _cert_public_pem, _reader_index, _run, stack  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -68,3 +70,31 @@ def test_opensc_takes_the_card_for_a_yubikey_and_signs(stack):
     assert len(apdus) <= MAX_SIGN_APDUS, [a["cmd"] for a in apdus]
     pub = _cert_public_pem(stack, "01")
     assert "Verified OK" in _run(["openssl", "dgst", "-sha256", "-verify", pub, "-signature", sig, data]).stdout
+
+
+def test_the_management_application_through_pcscd(stack):
+    """
+    Through pcscd + vpcd (pyscard in the system python3, one connection): SELECT A0 00 00 05 27 47 11 17 answers
+    "5.4.3"; READ CONFIG's DeviceInfo, parsed by yubikit's own DeviceInfo.parse, names the PIV GET SERIAL number,
+    firmware 5.4.3, PIV and OpenPGP only, locked; WRITE CONFIG (enable OTP) answers 6982 and DeviceInfo reads the
+    same afterwards; PIV answers again once selected, and the OpenPGP application is untouched.
+    """
+    from tests.test_review_atr import _yubikit_management
+
+    if subprocess.run(["/usr/bin/python3", "-c", "import smartcard"], capture_output=True).returncode:
+        missing("the system python3 has no pyscard (apt-get install python3-pyscard)")
+    ym = _yubikit_management()
+    from yubikit.core import TRANSPORT, Version
+
+    apdus = ["00a4040009a00000030800001000", "00f8000000", "00a4040008a000000527471117", "001d000000",
+             "001c0000050403020019", "001d000000", "00a4040009a00000030800001000", "00f8000000"]
+    responses = _run(["/usr/bin/python3", "-c", EXTENDED_CLIENT, READER, *apdus]).stdout.split()
+    sws = [r[-4:] for r in responses]
+    assert sws == ["9000", "9000", "9000", "9000", "6982", "9000", "9000", "9000"], responses
+    body = [bytes.fromhex(r[:-4]) for r in responses]
+    assert body[2] == b"5.4.3" and Version.from_string(body[2].decode()) == (5, 4, 3)
+    info = ym.DeviceInfo.parse(body[3], Version(5, 4, 3))
+    assert info.serial == int.from_bytes(body[1], "big") == int.from_bytes(body[7], "big")
+    assert tuple(info.version) == (5, 4, 3) and info.is_locked
+    assert info.supported_capabilities == {TRANSPORT.USB: ym.CAPABILITY.PIV | ym.CAPABILITY.OPENPGP}
+    assert body[5] == body[3]

@@ -73,3 +73,214 @@ def test_pcsc_tools_names_the_card_a_yubikey_5():
     spaced = " ".join(f"{b:02X}" for b in ATR)
     i = lines.index(spaced)
     assert "YubiKey 5" in lines[i + 1]
+
+
+# ================================================================ the management application
+
+import sys  # noqa: E402
+import types  # noqa: E402
+from enum import IntEnum, IntFlag  # noqa: E402
+
+from vsc.card.vpcd import build_router  # noqa: E402
+from vsc.protocol import piv  # noqa: E402
+from vsc.protocol.applet import run_sync  # noqa: E402
+from vsc.wire import management as mwire  # noqa: E402
+
+MGMT_SELECT = bytes.fromhex("00a4040008a000000527471117")
+PIV_SELECT = bytes.fromhex("00a4040009a00000030800001000")
+SERIALS = ("pcsc-card-1", "mgmt-unit-1", "another card")
+
+
+class _Drbg:
+    def __call__(self, n: int) -> bytes:
+        return bytes(n)
+
+
+def _no_effect(effect):
+    raise AssertionError(f"the management application yielded {effect!r}")
+
+
+class _Card:
+    """A card's router (vpcd.build_router, the glue's own) driven synchronously; PIV effects answered as absent."""
+
+    def __init__(self, serial: str, names=("piv", "openpgp")):
+        self.router = build_router(serial, list(names), _Drbg())
+        self.effects: list = []
+
+    def raw(self, cmd: bytes) -> bytes:
+        def perform(effect):
+            self.effects.append(effect)
+            return None
+        return run_sync(self.router.process(bytes(cmd)), perform)
+
+    def sw(self, cmd: bytes) -> tuple[bytes, int]:
+        r = self.raw(cmd)
+        return r[:-2], int.from_bytes(r[-2:], "big")
+
+
+def _yubikit_management():
+    """yubikit.management (yubikey-manager 5.9.2, installed with --no-deps). It imports python-fido2 for its CTAP
+    backend only; where fido2 is missing, a stand-in with the four names it imports lets the module load (the
+    smart-card backend these tests use never touches them)."""
+    try:
+        import yubikit.core  # noqa: F401
+    except ImportError:
+        from tests.integration import missing
+        missing("yubikit is not installed (./quickstart test installs yubikey-manager 5.9.2 with --no-deps)")
+    try:
+        import fido2.hid  # noqa: F401
+    except ImportError:
+        ctap, hid, pkg = types.ModuleType("fido2.ctap"), types.ModuleType("fido2.hid"), types.ModuleType("fido2")
+        ctap.STATUS = IntEnum("STATUS", {"PROCESSING": 1, "UPNEEDED": 2})
+        ctap.CtapDevice = type("CtapDevice", (), {})
+        ctap.CtapError = type("CtapError", (Exception,), {})
+        hid.CAPABILITY = IntFlag("CAPABILITY", {"WINK": 1, "LOCK": 2, "CBOR": 4, "NMSG": 8})
+        hid.CTAPHID = IntEnum("CTAPHID", {"PING": 0x01, "MSG": 0x03, "CBOR": 0x10})
+        pkg.ctap, pkg.hid = ctap, hid
+        saved = {k: sys.modules.get(k) for k in ("fido2", "fido2.ctap", "fido2.hid")}
+        sys.modules.update({"fido2": pkg, "fido2.ctap": ctap, "fido2.hid": hid})
+        try:
+            import yubikit.management  # noqa: F401
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    sys.modules.pop(k, None)
+                else:
+                    sys.modules[k] = v
+    import yubikit.management
+
+    return yubikit.management
+
+
+def _session(card: _Card):
+    ym = _yubikit_management()
+    from yubikit.core import TRANSPORT
+    from yubikit.core.smartcard import SmartCardConnection
+
+    class Connection(SmartCardConnection):
+        transport = TRANSPORT.USB
+
+        def close(self) -> None:
+            pass
+
+        def send_and_receive(self, data):
+            r = card.raw(bytes(data))
+            return r[:-2], int.from_bytes(r[-2:], "big")
+
+    return ym, ym.ManagementSession(Connection())
+
+
+def test_yubikit_reads_a_yubikey_5_4_3s_device_info():
+    """
+    yubikit's ManagementSession (``ykman info``) over the card's router: SELECT answers "5.4.3" (yubikit
+    ``Version.from_string``), DeviceInfo (READ CONFIG 00 1D) parses with yubikit's own ``DeviceInfo.parse``:
+    serial = the PIV GET SERIAL number (a YubiKey has one serial), firmware 5.4.3, the form factor the PIV
+    attestation names, USB supported = enabled = PIV and OpenPGP only (what vsc has: no OTP, FIDO, OATH, HSM
+    auth), no NFC, configuration locked. A card enrolled with PIV only shows PIV only.
+    """
+    from yubikit.core import TRANSPORT
+
+    for serial in SERIALS:
+        card = _Card(serial)
+        assert card.sw(PIV_SELECT)[1] == 0x9000
+        body, sw = card.sw(bytes.fromhex("00f80000"))
+        piv_number = int.from_bytes(body, "big")
+        ym, session = _session(card)
+        assert tuple(session.version) == (5, 4, 3)
+        info = session.read_device_info()
+        assert info.serial == piv_number
+        assert tuple(info.version) == (5, 4, 3) and info.version_name == "5.4.3"
+        assert info.form_factor == ym.FORM_FACTOR.from_code(piv.FORM_FACTOR)
+        assert info.supported_capabilities == {TRANSPORT.USB: ym.CAPABILITY.PIV | ym.CAPABILITY.OPENPGP}
+        assert info.config.enabled_capabilities == {TRANSPORT.USB: ym.CAPABILITY.PIV | ym.CAPABILITY.OPENPGP}
+        assert not info.has_transport(TRANSPORT.NFC)
+        assert info.is_locked and not info.is_fips and not info.is_sky
+    _ym, session = _session(_Card("piv only", ["piv"]))
+    assert session.read_device_info().supported_capabilities[TRANSPORT.USB] == ym.CAPABILITY.PIV
+
+
+def test_gnupg_reads_the_serial_and_version_from_the_config():
+    """
+    GnuPG 2.2 scd/app.c app_new_register, after SELECT of A0 00 00 05 27 47 11 17 with P2 00: READ CONFIG
+    ``00 1D 00 00 00``, skip the first byte (the total length), find tag 02 (serial, at most 4 bytes), 04 (form
+    factor, 1 byte) and 05 (version, exactly 3 bytes: cardversion 0x050403, so app_get_dispserialno prints the
+    serial as "%lu %03lu %03lu").
+    """
+    card = _Card(SERIALS[0])
+    card.sw(PIV_SELECT)
+    number = int.from_bytes(card.sw(bytes.fromhex("00f80000"))[0], "big")
+    assert card.sw(MGMT_SELECT[:4] + b"\x08" + mwire.AID) == (b"5.4.3", 0x9000)
+    buf, sw = card.sw(bytes.fromhex("001d000000"))
+    assert sw == 0x9000 and buf[0] == len(buf) - 1
+    tlvs, i = {}, 1
+    while i < len(buf):
+        tlvs[buf[i]] = buf[i + 2:i + 2 + buf[i + 1]]
+        i += 2 + buf[i + 1]
+    assert len(tlvs[0x02]) <= 4 and int.from_bytes(tlvs[0x02], "big") == number
+    assert tlvs[0x05] == bytes([5, 4, 3]) and len(tlvs[0x04]) == 1
+
+
+def test_writes_are_refused_as_by_a_locked_yubikey_and_change_nothing():
+    """
+    A configuration-locked YubiKey refuses WRITE CONFIG and SET MODE without its lock code (yubikit
+    ManagementSession.write_device_config / set_mode; Yubico.NET.SDK "Set device info": a lock code set blocks
+    every change); vsc answers 6982 with or without a lock code (tag 0B) and changes nothing. DEVICE RESET (1F)
+    is a YubiKey Bio command (yubikit device_reset): a YubiKey 5 does not know it, 6D00. DeviceInfo reads the
+    same afterwards, and no command of the application ever reaches the protected information (no effect).
+    """
+    from yubikit.core import TRANSPORT
+    from yubikit.core.smartcard import ApduError
+
+    card = _Card(SERIALS[1])
+    ym, session = _session(card)
+    before = card.sw(bytes.fromhex("001d000000"))
+    with pytest.raises(ApduError) as e:
+        session.write_device_config(ym.DeviceConfig({TRANSPORT.USB: ym.CAPABILITY.PIV}, None, None, None))
+    assert e.value.sw == 0x6982
+    with pytest.raises(ApduError) as e:
+        session.write_device_config(None, False, bytes(16), bytes(16))  # "clear the lock code" with a guess
+    assert e.value.sw == 0x6982
+    with pytest.raises(ApduError) as e:
+        session.set_mode(ym.Mode(ym.USB_INTERFACE.CCID))
+    assert e.value.sw == 0x6982
+    with pytest.raises(ApduError) as e:
+        session.device_reset()
+    assert e.value.sw == 0x6D00
+    assert card.sw(bytes.fromhex("001d000000")) == before
+    applet = card.router.current
+    for ins in range(256):
+        for p1p2 in (b"\x00\x00", b"\x11\x00"):
+            run_sync(applet.process(bytes([0x00, ins]) + p1p2 + b"\x02\x0b\x00"), _no_effect)
+    assert card.sw(bytes.fromhex("001d000000")) == before
+
+
+def test_selecting_it_deselects_piv_as_on_a_yubikey():
+    """
+    Selecting another application clears PIV's security status (ISO/IEC 7816-4 7.1.1; on a YubiKey too: OpenSC
+    card-piv.c flags every YubiKey CI_OTHER_AID_LOSE_STATE): after SELECT of the management application a PIV
+    command is no longer PIV's (GET SERIAL is 6D00 there) until PIV is selected again. PIV stays the application
+    current after a reset: the management application is never the default one. A shorter AID (the Yubico RID
+    alone) selects nothing: 6A82.
+    """
+    card = _Card(SERIALS[0])
+    assert card.sw(PIV_SELECT)[1] == 0x9000
+    assert card.sw(MGMT_SELECT)[1] == 0x9000
+    assert card.sw(bytes.fromhex("00f80000"))[1] == 0x6D00
+    assert card.sw(bytes.fromhex("00a4040005a000000527"))[1] == 0x6A82
+    card.router.reset()
+    assert isinstance(card.router.current, piv.PivApplet)
+    assert card.sw(bytes.fromhex("001d000000"))[1] == 0x6D00  # PIV's answer, not the management application's
+    assert card.sw(PIV_SELECT)[1] == 0x9000 and card.sw(bytes.fromhex("00f80000"))[1] == 0x9000
+
+
+def test_device_info_schema_round_trips_and_is_strict():
+    """vsc.wire.management: DeviceInfo's bytes (yubikit tag numbers and sizes) parse back; a wrong length byte or a
+    trailing byte is malformed."""
+    info = mwire.DeviceInfo(0x18, 2_000_000_000, 0x18, 0x00, (5, 4, 3))
+    raw = mwire.build_device_info(info)
+    assert mwire.parse_device_info(raw) == info
+    assert raw[:5] == bytes.fromhex("2301020018")
+    with pytest.raises(WireError):
+        mwire.parse_device_info(raw + b"\x00")
+    with pytest.raises(WireError):
+        mwire.parse_device_info(bytes([raw[0] + 1]) + raw[1:] + b"\x00")

@@ -17,7 +17,8 @@ driver / resource manager / service provider chain of the patent
   side and delayed ACKs on ours every APDU would otherwise cost ~44 ms.
 * The card's applications — PIV (vsc.protocol.piv) and OpenPGP
   (vsc.protocol.openpgp), those the card was enrolled with (card.ini
-  ``applications``) — sit behind one sans-IO router
+  ``applications``), and a YubiKey's read-only management application
+  (vsc.protocol.management) — sit behind one sans-IO router
   (vsc.protocol.router: SELECT by AID picks one); ``PivCard`` performs
   their effects on the CardSession: items are read from the locked card
   memory, every change goes through ``CardSession.put_item`` (synced to the
@@ -40,7 +41,7 @@ from twisted.python.failure import Failure
 from vsc import crypto
 from vsc.card.config import applications_of
 from vsc.net.transport import write_now
-from vsc.protocol import openpgp, piv, router
+from vsc.protocol import management, openpgp, piv, router
 from vsc.protocol.applet import Certify, Clear
 from vsc.protocol.card_lifecycle import CardError
 from vsc.wire import apdu
@@ -66,10 +67,15 @@ _KIND = {KeyAlg.RSA2048: crypto.KEY_RSA2048, KeyAlg.P256: crypto.KEY_P256, KeyAl
 def build_router(serial: str, names, rand: crypto.RandomBytes) -> router.AppletRouter:
     """The applications ``names`` in the card's order (PIV first: it is current until something is selected)."""
     applets = []
+    number = openpgp.yubikey_serial(serial)
     if "piv" in names:
-        applets.append((router.piv_matches, piv.PivApplet(serial, rand)))
+        piv_applet = piv.PivApplet(serial, rand)
+        number = piv_applet.serial_number()  # a YubiKey has one serial number: its PIV GET SERIAL's
+        applets.append((router.piv_matches, piv_applet))
     if "openpgp" in names:
         applets.append((openpgp.matches, openpgp.OpenPgpApplet(serial, rand)))
+    # the YubiKey management application, read-only (ykman info, scdaemon): never the default application
+    applets.append((management.matches, management.ManagementApplet(number, names, form_factor=piv.FORM_FACTOR)))
     return router.AppletRouter(applets)
 
 
