@@ -24,7 +24,8 @@ import pytest
 
 from bench.latency import opensc_apdus
 from tests.integration import missing
-from tests.test_pcsc import EXTENDED_CLIENT, PIN, PKCS11, READER, _cert_public_pem, _reader_index, _run, stack  # noqa: F401
+from tests.test_pcsc import (  # noqa: F401  (stack: the fixture)
+    EXTENDED_CLIENT, PIN, PKCS11, READER, _cert_public_pem, _reader_index, _run, stack)
 
 pytestmark = pytest.mark.integration
 

@@ -8,15 +8,26 @@ selected, and the YubiKey management application.
   (its ATR table: "Yubikey 5 (OpenPGP v3.4)") and card-piv.c
   ``piv_match_card_continued`` (compact-TLV tag 5 holding "YubiKey" makes
   the card a YubiKey). The real tools are in tests/test_pcsc_atr.py.
+* The management application (vsc.protocol.management): yubikit
+  (yubikey-manager 5.9.2, yubikit/management.py ManagementSession,
+  DeviceInfo.parse) drives it in-process; GnuPG 2.2 scd/app.c
+  app_new_register's reading of its configuration.
 """
 
 from __future__ import annotations
 
+import sys
+import types
+from enum import IntEnum, IntFlag
 from pathlib import Path
 
 import pytest
 
+from vsc.card.vpcd import build_router
+from vsc.protocol import piv
+from vsc.protocol.applet import run_sync
 from vsc.wire import apdu
+from vsc.wire import management as mwire
 from vsc.wire.errors import WireError
 
 #: OpenSC card-openpgp.c 0.23, pgp_atrs[]: "3b:fd:13:00:00:81:31:fe:15:80:73:c0:21:c0:57:59:75:62:69:4b:65:79:40"
@@ -76,15 +87,6 @@ def test_pcsc_tools_names_the_card_a_yubikey_5():
 
 
 # ================================================================ the management application
-
-import sys  # noqa: E402
-import types  # noqa: E402
-from enum import IntEnum, IntFlag  # noqa: E402
-
-from vsc.card.vpcd import build_router  # noqa: E402
-from vsc.protocol import piv  # noqa: E402
-from vsc.protocol.applet import run_sync  # noqa: E402
-from vsc.wire import management as mwire  # noqa: E402
 
 MGMT_SELECT = bytes.fromhex("00a4040008a000000527471117")
 PIV_SELECT = bytes.fromhex("00a4040009a00000030800001000")
