@@ -1065,7 +1065,9 @@ on one request; the shares are of the daemon's busy samples).
   nothing holds the card: P-256 in-process 210 -> 72 us per call, RSA-2048 local API 1.7x -> 1.3x the
   load-and-sign floor. What is left is Python around the request (box parsing, the PIN decision, the
   answer) and Twisted's per-event path, about 60-90 us of CPU on the two sides.
-* `pkcs11-tool --sign`: 42-46 APDUs per process (OpenSC's driver matching, Discovery read several times,
+* `pkcs11-tool --sign`: 42-46 APDUs per process with vsc's former ATR, 41 since the card answers a YubiKey 5's
+  ATR (OpenSC then skips the CCC and the protected-object reads for the PIN state and asks GET VERSION once;
+  tests/test_pcsc_atr.py, docs/pcsc.md "The ATR") (OpenSC's driver matching, Discovery read several times,
   every certificate read as 8 bytes then whole in 256-byte GET RESPONSE pieces, VERIFY status twice,
   VERIFY, the chained signature). The one slow answer is VERIFY with the PIN: one sync to the
   server (anti-hammering: every try is stored, right or wrong, before it is answered; the sync re-seals
