@@ -16,9 +16,6 @@ selected, and the YubiKey management application.
 
 from __future__ import annotations
 
-import sys
-import types
-from enum import IntEnum, IntFlag
 from pathlib import Path
 
 import pytest
@@ -121,36 +118,12 @@ class _Card:
 
 
 def _yubikit_management():
-    """yubikit.management (yubikey-manager 5.9.2, installed with --no-deps). It imports python-fido2 for its CTAP
-    backend only; where fido2 is missing, a stand-in with the four names it imports lets the module load (the
-    smart-card backend these tests use never touches them)."""
+    """yubikit.management (yubikey-manager 5.9.2 and fido2 2.2.1, which ./quickstart test installs with --no-deps)."""
     try:
-        import yubikit.core  # noqa: F401
+        import yubikit.management
     except ImportError:
         from tests.integration import missing
-        missing("yubikit is not installed (./quickstart test installs yubikey-manager 5.9.2 with --no-deps)")
-    try:
-        import fido2.hid  # noqa: F401
-    except ImportError:
-        ctap, hid, pkg = types.ModuleType("fido2.ctap"), types.ModuleType("fido2.hid"), types.ModuleType("fido2")
-        ctap.STATUS = IntEnum("STATUS", {"PROCESSING": 1, "UPNEEDED": 2})
-        ctap.CtapDevice = type("CtapDevice", (), {})
-        ctap.CtapError = type("CtapError", (Exception,), {})
-        hid.CAPABILITY = IntFlag("CAPABILITY", {"WINK": 1, "LOCK": 2, "CBOR": 4, "NMSG": 8})
-        hid.CTAPHID = IntEnum("CTAPHID", {"PING": 0x01, "MSG": 0x03, "CBOR": 0x10})
-        pkg.ctap, pkg.hid = ctap, hid
-        saved = {k: sys.modules.get(k) for k in ("fido2", "fido2.ctap", "fido2.hid")}
-        sys.modules.update({"fido2": pkg, "fido2.ctap": ctap, "fido2.hid": hid})
-        try:
-            import yubikit.management  # noqa: F401
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    sys.modules.pop(k, None)
-                else:
-                    sys.modules[k] = v
-    import yubikit.management
-
+        missing("yubikit is not installed (./quickstart test installs yubikey-manager 5.9.2 and fido2 with --no-deps)")
     return yubikit.management
 
 
