@@ -399,9 +399,6 @@ def test_a_second_daemon_never_deletes_the_running_daemons_sockets(tmp_path, mon
 # ---------------------------------------------------------------- the TOTP duplicate scan
 
 
-@pytest.mark.xfail(strict=True, reason="an index-friendly form needs a schema decision (an indexed seed tag "
-                                       "column, or an expression index on the JSON seed, kept by every write of "
-                                       "auth_info, and a migration): see the review report")
 def test_the_totp_seed_lookup_of_every_totp_authentication_uses_an_index(tmp_path):
     """
     Rule (vsc.server.store ``_totp_fresh``: each TOTP code is accepted once
@@ -415,7 +412,12 @@ def test_the_totp_seed_lookup_of_every_totp_authentication_uses_an_index(tmp_pat
     most ~6 TOTP authentications a second, every other write waiting) and
     ~135 ms on PostgreSQL, growing with the number of cards; an indexed
     equality look-up of the same seed takes 0.1-0.6 ms. Shown here on
-    SQLite by the query plan of the statement it runs.
+    SQLite by the query plan of the statement it runs. Now (schema 3) each
+    card's row holds an indexed tag of its seed (``totp_tag``: SHA-256 of
+    it, not a second copy), written with auth_info by every write of it and
+    filled in by the migration, and the copies are looked up by it
+    (tests/test_review_totpidx.py: the tag after every kind of write, the
+    index on PostgreSQL, the migration).
     """
     from twisted.internet.task import Clock
 

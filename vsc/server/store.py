@@ -66,7 +66,7 @@ from vsc.protocol.lifecycle import (
 from vsc.protocol.lockout import LockoutPolicy
 from vsc.wire.ops import Status
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 CardState = State  # the life-cycle states of Figure 4 (vsc.protocol.lifecycle)
 
@@ -169,7 +169,8 @@ _SCHEMA = [
         last_session {blob},
         last_muk {blob},
         machine_failures INTEGER NOT NULL DEFAULT 0,
-        machine_locked_until DOUBLE PRECISION NOT NULL DEFAULT 0
+        machine_locked_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+        totp_tag TEXT
     )""",
     """CREATE TABLE IF NOT EXISTS history (
         id {serial_pk},
@@ -194,7 +195,10 @@ _SCHEMA = [
 #: the tables of vsc's schema besides schema_version: a database holding one of them without a version is not vsc's
 _TABLES = frozenset({"cards", "history", "enrolment_codes", "leases"})
 
-#: Migrations from version N to N+1, appended as the schema evolves.
+#: the index of the cards' TOTP seed tags (``_totp_fresh``): made with the column (a new database, migration 3)
+_TOTP_TAG_INDEX = "CREATE INDEX IF NOT EXISTS cards_totp_tag ON cards (totp_tag)"
+
+#: Migrations from version N to N+1, appended as the schema evolves: SQL, or "fill totp tags" (``_fill_totp_tags``).
 _MIGRATIONS: dict[int, list[str]] = {
     # 2: the owner's-machine lockout bucket (vsc.protocol.lockout); per-serial leases are gone
     1: [
@@ -203,7 +207,37 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE cards ADD COLUMN machine_locked_until DOUBLE PRECISION NOT NULL DEFAULT 0",
         "DROP TABLE IF EXISTS leases",
     ],
+    # 3: the indexed tag of each card's TOTP seed, so the look-up of the copies sharing it is not a scan
+    2: [
+        "ALTER TABLE cards ADD COLUMN totp_tag TEXT",
+        _TOTP_TAG_INDEX,
+        "fill totp tags",
+    ],
 }
+
+
+def _totp_secret(info: dict) -> str | None:
+    """The card's TOTP seed as stored in auth_info (lower-case hex), or None: no seed to share."""
+    totp = info.get("totp") if isinstance(info, dict) else None
+    secret = str(totp.get("secret", "")) if isinstance(totp, dict) else ""
+    return secret if secret and all(c in "0123456789abcdef" for c in secret) else None
+
+
+def _totp_tag(info: dict) -> str | None:
+    """
+    The ``totp_tag`` column of a card whose auth_info is ``info``: SHA-256
+    of its TOTP seed (domain-separated), or NULL without one. The cards
+    holding one seed (a card, its duplicates, a replacement's original)
+    share the tag, which is indexed: ``_totp_fresh`` finds them without
+    reading every row. A tag, not a second copy of the seed: the index
+    holds nothing that answers a TOTP challenge (the seed itself stays
+    where it was, in auth_info). Written with auth_info by every statement
+    that writes it (enrol, re-enrol, duplicate, reissue, a consumed step),
+    and filled in for existing rows by migration 3.
+    """
+    secret = _totp_secret(info)
+    return None if secret is None else crypto.sha256(b"vsc totp seed tag\x00" + secret.encode()).hex()
+
 
 def _identical_enrolment(card: CardRecord, verifier: bytes, kdf: bytes, protected: bytes, registration: bytes) -> bool:
     """Whether the stored card is exactly this enrolment, untouched since (idle, version 1): a retry of it."""
@@ -453,6 +487,7 @@ class Store:
                     raise StoreError(
                         f"the database {redact(self.url)} holds a table named {sorted(found & _TABLES)[0]} but no "
                         f"vsc schema version: it is not a vsc database (or it is damaged); name an empty one")
+                self._x(cur, _TOTP_TAG_INDEX)  # the column is in the new cards table
                 self._x(cur, "INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 return SCHEMA_VERSION
             version = rows[0][0]
@@ -463,12 +498,31 @@ class Store:
                 raise StoreError(f"database schema {version} is newer than this vsc ({SCHEMA_VERSION}); upgrade vsc")
             while version < SCHEMA_VERSION:
                 for stmt in _MIGRATIONS[version]:
-                    self._x(cur, stmt.format(blob=blob, serial_pk=serial_pk))
+                    if stmt == "fill totp tags":
+                        self._fill_totp_tags(cur)
+                    else:
+                        self._x(cur, stmt.format(blob=blob, serial_pk=serial_pk))
                 version += 1
             self._x(cur, "UPDATE schema_version SET version = ?", (version,))
             return version
 
+    def _fill_totp_tags(self, cur) -> None:
+        """Migration 3: every existing card's ``totp_tag``, in the migration's transaction (one scan, once)."""
+        rows = self._x(cur, "SELECT serial, auth_info FROM cards").fetchall()
+        for serial, auth_info in rows:
+            try:
+                tag = _totp_tag(json.loads(auth_info or "{}"))
+            except ValueError:
+                continue
+            if tag is not None:
+                self._x(cur, "UPDATE cards SET totp_tag = ? WHERE serial = ?", (tag, serial))
+
     # ------------------------------------------------------------ rows
+
+    def _set_auth_info(self, cur, serial: str, info: dict) -> None:
+        """Write a card's auth_info and, with it, the tag of its TOTP seed (``_totp_tag``)."""
+        self._x(cur, "UPDATE cards SET auth_info = ?, totp_tag = ? WHERE serial = ?",
+                (json.dumps(info, sort_keys=True), _totp_tag(info), serial))
 
     def _card(self, row) -> CardRecord:
         (serial, state, muk, protected, channel_info, verifier, kdf, auth_info, version,
@@ -692,16 +746,16 @@ class Store:
                 self._x(cur, "DELETE FROM enrolment_codes WHERE serial = ?", (e.serial,))
                 self._x(
                     cur,
-                    f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES "
-                    "(?, 'idle', NULL, ?, NULL, ?, ?, ?, 1, 0, 0, ?, ?, NULL, NULL, 0, 0)",
-                    (e.serial, e.protected, e.verifier, e.kdf, json.dumps(info, sort_keys=True), now, now),
+                    f"INSERT INTO cards ({_CARD_COLUMNS}, totp_tag) VALUES "
+                    "(?, 'idle', NULL, ?, NULL, ?, ?, ?, 1, 0, 0, ?, ?, NULL, NULL, 0, 0, ?)",
+                    (e.serial, e.protected, e.verifier, e.kdf, json.dumps(info, sort_keys=True), now, now,
+                     _totp_tag(info)),
                 )
                 detail = ""
             elif decision.status is Status.OK:  # the identical enrolment retried
                 if e.auth_extra:
                     self._merge_material(info, e.auth_extra)
-                    self._x(cur, "UPDATE cards SET auth_info = ? WHERE serial = ?",
-                            (json.dumps(info, sort_keys=True), e.serial))
+                    self._set_auth_info(cur, e.serial, info)
                 detail = "same enrolment retried; answered again"
             else:
                 detail = "no valid enrolment code"
@@ -852,7 +906,7 @@ class Store:
         card = self._get_for_update(cur, serial)
         info = json.loads(card.auth_info or "{}")
         self._merge_material(info, e.auth_extra)
-        self._x(cur, "UPDATE cards SET auth_info = ? WHERE serial = ?", (json.dumps(info, sort_keys=True), serial))
+        self._set_auth_info(cur, serial, info)
         names = ", ".join(m.name.lower().replace("_", "-") for m in e.reissue)
         self._history(cur, serial, "reissue", "ok", peer, muk, f"{names} issued with this insert")
 
@@ -899,20 +953,23 @@ class Store:
         """
         if step is None:
             return True
-        totp = json.loads(card.auth_info or "{}").get("totp")
+        info = json.loads(card.auth_info or "{}")
+        totp = info.get("totp")
         if not isinstance(totp, dict):
             return False
         last = int(totp.get("last_step", -1))
-        secret = str(totp.get("secret", ""))
-        if secret and all(c in "0123456789abcdef" for c in secret):
+        secret = _totp_secret(info)
+        if secret is not None:
             if self.kind == "postgresql":
                 key = int.from_bytes(crypto.sha256(b"vsc totp " + secret.encode())[:8], "big", signed=True)
                 self._x(cur, "SELECT pg_advisory_xact_lock(?)", (key,)).fetchall()
-            rows = self._x(cur, "SELECT auth_info FROM cards WHERE serial <> ? AND auth_info LIKE ?",
-                           (card.serial, f"%{secret}%")).fetchall()
-            for (info,) in rows:
+            # the copies are found by the indexed tag of the seed (not a scan of every card's auth_info),
+            # then compared by the seed itself
+            rows = self._x(cur, "SELECT auth_info FROM cards WHERE totp_tag = ? AND serial <> ?",
+                           (_totp_tag(info), card.serial)).fetchall()
+            for (other_info,) in rows:
                 try:
-                    other = json.loads(info or "{}").get("totp")
+                    other = json.loads(other_info or "{}").get("totp")
                 except ValueError:
                     continue
                 if isinstance(other, dict) and other.get("secret") == secret:
@@ -924,7 +981,7 @@ class Store:
         if totp_step is not None:
             info = json.loads(card.auth_info or "{}")
             info["totp"]["last_step"] = totp_step
-            self._x(cur, "UPDATE cards SET auth_info = ? WHERE serial = ?", (json.dumps(info, sort_keys=True), card.serial))
+            self._set_auth_info(cur, card.serial, info)
         if own_machine and (card.machine_failures or card.machine_locked_until):
             self._x(cur, "UPDATE cards SET machine_failures = 0, machine_locked_until = 0 WHERE serial = ?", (card.serial,))
         elif not own_machine and (card.failures or card.locked_until):
@@ -1036,9 +1093,10 @@ class Store:
             detail += "; a keyfile for this serial is issued at its first insert"
         self._x(
             cur,
-            f"INSERT INTO cards ({_CARD_COLUMNS}) VALUES (?, 'idle', NULL, ?, NULL, ?, ?, ?, ?, 0, 0, ?, ?, NULL, NULL, 0, 0)",
+            f"INSERT INTO cards ({_CARD_COLUMNS}, totp_tag) VALUES "
+            "(?, 'idle', NULL, ?, NULL, ?, ?, ?, ?, 0, 0, ?, ?, NULL, NULL, 0, 0, ?)",
             (new_serial, card.protected, card.verifier, card.kdf, json.dumps(info, sort_keys=True), card.version,
-             now, now),
+             now, now, _totp_tag(info)),
         )
         self._history(cur, serial, "duplicate", "ok", peer, detail=f"copied to {new_serial}")
         self._history(cur, new_serial, "duplicate", "ok", peer, detail=detail)
