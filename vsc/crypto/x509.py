@@ -64,24 +64,30 @@ def self_signed_certificate(private_der, common_name: str, now: float, rand: Ran
     serial number from ``rand``.
     """
     key = serialization.load_der_private_key(private_der, password=None)
-    name = _x509.Name([_x509.NameAttribute(_NameOID.COMMON_NAME, common_name)])
     start = _dt.datetime.fromtimestamp(int(now), _dt.timezone.utc)
     serial = int.from_bytes(rand(16), "big") >> 1 or 1
     is_rsa = isinstance(key, _rsa.RSAPrivateKey)
-    usage = _x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=is_rsa, data_encipherment=False,
-        key_agreement=not is_rsa, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
-    )
+    return _self_signed(key, common_name, serial, start - _dt.timedelta(minutes=5), start + _dt.timedelta(days=days),
+                        ca=False, usage=dict(digital_signature=True, key_encipherment=is_rsa, key_agreement=not is_rsa))
+
+
+def _self_signed(key, common_name: str, serial: int, not_before, not_after, ca: bool, usage: dict) -> bytes:
+    """A self-signed certificate (DER): subject = issuer = CN ``common_name``, basic constraints and key usage
+    (the ``usage`` flags set, every other off) critical, signed with SHA-256 (RSA: PKCS#1 v1.5, EC: ECDSA)."""
+    name = _x509.Name([_x509.NameAttribute(_NameOID.COMMON_NAME, common_name)])
+    flags = dict(digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                 key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False)
+    flags.update(usage)
     cert = (
         _x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(serial)
-        .not_valid_before(start - _dt.timedelta(minutes=5))
-        .not_valid_after(start + _dt.timedelta(days=days))
-        .add_extension(_x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(usage, critical=True)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(_x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(_x509.KeyUsage(**flags), critical=True)
         .sign(key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.DER)
@@ -130,24 +136,9 @@ def attestation_ca_certificate(private_key, common_name: str, serial: int) -> by
     keyCertSign. ``private_key``: the key's handle (vsc.crypto.PrivateKeyHandle) or a ``cryptography`` key.
     """
     key = getattr(private_key, "openssl_key", private_key)
-    name = _x509.Name([_x509.NameAttribute(_NameOID.COMMON_NAME, common_name)])
-    usage = _x509.KeyUsage(
-        digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
-        key_agreement=False, key_cert_sign=True, crl_sign=False, encipher_only=False, decipher_only=False,
-    )
-    cert = (
-        _x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(serial)
-        .not_valid_before(ATTESTATION_NOT_BEFORE)
-        .not_valid_after(ATTESTATION_NOT_AFTER)
-        .add_extension(_x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(usage, critical=True)
-        .sign(key, hashes.SHA256())  # RSA: SHA256-PKCS#1 v1.5, EC: ECDSA-SHA256, as a YubiKey signs attestations
-    )
-    return cert.public_bytes(serialization.Encoding.DER)
+    # RSA: SHA256-PKCS#1 v1.5, EC: ECDSA-SHA256, as a YubiKey signs attestations
+    return _self_signed(key, common_name, serial, ATTESTATION_NOT_BEFORE, ATTESTATION_NOT_AFTER,
+                        ca=True, usage=dict(key_cert_sign=True))
 
 
 def attestation_certificate(private_key, issuer_der: bytes, public_der: bytes, common_name: str, serial: int,
